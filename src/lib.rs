@@ -1,0 +1,12 @@
+//! nanokit: race-free shared package repositories, a service reconciliation
+//! engine, and small shared state with named locks.
+//!
+//! Everything here is plain Rust; the Node-API glue lives in `node/` behind the
+//! `node` feature.
+
+pub mod error;
+pub mod cli;
+pub mod fsutil;
+
+#[cfg(feature = "node")]
+mod node;
