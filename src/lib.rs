@@ -8,6 +8,7 @@ pub mod cli;
 pub mod error;
 pub mod fsutil;
 pub mod lock;
+pub mod repo;
 
 #[cfg(feature = "node")]
 mod node;

@@ -15,8 +15,15 @@ struct Entry {
 }
 
 struct Registry {
-    entries: Mutex<Vec<Entry>>,
+    entries: Mutex<Entries>,
     wake: Condvar,
+}
+
+#[derive(Default)]
+struct Entries {
+    list: Vec<Entry>,
+    /// When the thread is due to wake up next (None: running or idle forever).
+    wakes_at: Option<Instant>,
 }
 
 fn registry() -> &'static Registry {
@@ -27,7 +34,7 @@ fn registry() -> &'static Registry {
             .spawn(run)
             .expect("spawn the lock heartbeat thread");
         Registry {
-            entries: Mutex::new(Vec::new()),
+            entries: Mutex::new(Entries::default()),
             wake: Condvar::new(),
         }
     })
@@ -42,8 +49,13 @@ pub(super) fn interval(stale: Duration) -> Duration {
 pub(super) fn register(held: Arc<Held>) {
     let reg = registry();
     let next = Instant::now() + interval(held.stale);
-    reg.entries.lock().unwrap().push(Entry { held, next });
-    reg.wake.notify_one();
+    let mut entries = reg.entries.lock().unwrap();
+    entries.list.push(Entry { held, next });
+    // Wake the thread only if it would otherwise sleep past this lease's
+    // first renewal: a thread wake-up costs more than the whole acquisition.
+    if entries.wakes_at.is_none_or(|at| next < at) {
+        reg.wake.notify_one();
+    }
 }
 
 pub(super) fn unregister(held: &Held) {
@@ -51,6 +63,7 @@ pub(super) fn unregister(held: &Held) {
     reg.entries
         .lock()
         .unwrap()
+        .list
         .retain(|e| !std::ptr::eq(Arc::as_ptr(&e.held), held));
 }
 
@@ -60,6 +73,7 @@ pub(super) fn all() -> Vec<Arc<Held>> {
         .entries
         .lock()
         .unwrap()
+        .list
         .iter()
         .map(|e| e.held.clone())
         .collect()
@@ -70,7 +84,9 @@ fn run() {
     let mut entries = reg.entries.lock().unwrap();
     loop {
         let now = Instant::now();
+        entries.wakes_at = None;
         let due: Vec<Arc<Held>> = entries
+            .list
             .iter()
             .filter(|e| e.next <= now)
             .map(|e| e.held.clone())
@@ -80,17 +96,19 @@ fn run() {
             let lost: Vec<Arc<Held>> = due.into_iter().filter(|h| !h.renew()).collect();
             entries = reg.entries.lock().unwrap();
             let now = Instant::now();
-            entries.retain(|e| !lost.iter().any(|l| Arc::ptr_eq(l, &e.held)));
-            for e in entries.iter_mut().filter(|e| e.next <= now) {
+            entries
+                .list
+                .retain(|e| !lost.iter().any(|l| Arc::ptr_eq(l, &e.held)));
+            for e in entries.list.iter_mut().filter(|e| e.next <= now) {
                 e.next = now + interval(e.held.stale);
             }
             continue;
         }
-        let wait = entries
-            .iter()
-            .map(|e| e.next.saturating_duration_since(now))
-            .min()
-            .unwrap_or(Duration::from_secs(3600));
+        let next = entries.list.iter().map(|e| e.next).min();
+        entries.wakes_at = next;
+        let wait = next.map_or(Duration::from_secs(3600), |n| {
+            n.saturating_duration_since(now)
+        });
         entries = reg.wake.wait_timeout(entries, wait).unwrap().0;
     }
 }

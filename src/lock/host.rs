@@ -18,6 +18,9 @@ pub struct HostIdentity {
     pub id: String,
     /// Human-readable host name, for display.
     pub hostname: String,
+    /// This process's id and start time (as recorded in lock files).
+    pub pid: u32,
+    pub pid_start: Option<u64>,
 }
 
 /// This process's host identity. `NANOKIT_HOST_ID` overrides the id (tests use
@@ -44,7 +47,13 @@ pub fn this_host() -> &'static HostIdentity {
                 }
             }
         };
-        HostIdentity { id, hostname }
+        let pid = std::process::id();
+        HostIdentity {
+            id,
+            hostname,
+            pid,
+            pid_start: process_start_time(pid),
+        }
     })
 }
 

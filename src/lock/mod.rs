@@ -3,10 +3,9 @@
 //!
 //! # Protocol
 //!
-//! * **Acquire** writes the holder's record ([`LockInfo`]) to a unique
-//!   temporary file and hard-links it to the lock path. `link` fails if the
-//!   path exists, so exactly one contender wins, and the record is complete
-//!   the instant the lock is visible (this also holds on NFS).
+//! * **Acquire** creates the lock file exclusively (`O_CREAT|O_EXCL`, atomic
+//!   locally and on NFS v3+), so exactly one contender wins, and writes the
+//!   holder's record ([`LockInfo`]) into it.
 //! * **Heartbeat**: while held, a background thread touches the lock file's
 //!   mtime through the holder's own file descriptor, several times per stale
 //!   period.
@@ -449,13 +448,12 @@ pub fn release_all() {
 /// Makes the holder's record for a new acquisition.
 fn new_info(opts: &LockOptions) -> LockInfo {
     let host = this_host();
-    let pid = std::process::id();
     LockInfo {
-        token: uuid::Uuid::new_v4().simple().to_string(),
+        token: format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
         host_id: host.id.clone(),
         hostname: host.hostname.clone(),
-        pid,
-        pid_start: host::process_start_time(pid),
+        pid: host.pid,
+        pid_start: host.pid_start,
         holder: opts.holder.clone(),
         acquired_at_ms: now_ms(),
         stale_ms: opts.stale.as_millis() as u64,
@@ -473,49 +471,41 @@ fn create_new(path: &Path) -> io::Result<File> {
 }
 
 /// One attempt to create the lock file. `Ok(None)` if it already exists.
+///
+/// The file is created with `O_CREAT|O_EXCL` (atomic on local filesystems and
+/// on NFS v3 and later) and the record written with one `write`. A reader can
+/// see the file before the record is in it; it then treats the holder as
+/// unknown (never as dead) and reads again at its next poll.
 fn attempt_create(path: &Path, opts: &LockOptions) -> Result<Option<Lease>, LockError> {
-    let info = new_info(opts);
-    let record = serde_json::to_vec(&info).expect("a lock record serialises");
-    let tmp = with_suffix(path, &format!(".{}.tmp", info.token));
-    let mut file = match create_new(&tmp) {
+    let mut file = match create_new(path) {
         Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(None),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 fs::create_dir_all(dir).map_err(io_err("create the lock directory", dir))?;
             }
-            create_new(&tmp).map_err(io_err("create", &tmp))?
-        }
-        Err(e) => return Err(io_err("create", &tmp)(e)),
-    };
-    let written = file.write_all(&record);
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(io_err("write", &tmp)(e));
-    }
-    let linked = fs::hard_link(&tmp, path);
-    let _ = fs::remove_file(&tmp);
-    match linked {
-        Ok(()) => Lease::new(path, info, file, opts.stale).map(Some),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(None),
-        // Filesystems without hard links: exclusive create, then write. A
-        // reader may briefly see an empty record; it then judges by staleness.
-        Err(e)
-            if matches!(
-                e.raw_os_error(),
-                Some(libc::EPERM | libc::EOPNOTSUPP | libc::ENOSYS | libc::EMLINK)
-            ) =>
-        {
             match create_new(path) {
-                Ok(mut f) => {
-                    f.write_all(&record).map_err(io_err("write", path))?;
-                    Lease::new(path, info, f, opts.stale).map(Some)
-                }
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(None),
-                Err(e) => Err(io_err("create", path)(e)),
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(None),
+                Err(e) => return Err(io_err("create", path)(e)),
             }
         }
-        Err(e) => Err(io_err("create", path)(e)),
+        Err(e) => return Err(io_err("create", path)(e)),
+    };
+    let info = new_info(opts);
+    let record = serde_json::to_vec(&info).expect("a lock record serialises");
+    if let Err(e) = file.write_all(&record) {
+        // Give the half-made lock back; nobody else can have removed it yet
+        // except through the guard, so check it is still ours.
+        let ours = file.metadata().ok().map(|m| FileId::of(&m));
+        if let Ok(_guard) = Guard::lock(path, GUARD_WAIT) {
+            if fs::metadata(path).ok().map(|m| FileId::of(&m)) == ours {
+                let _ = fs::remove_file(path);
+            }
+        }
+        return Err(io_err("write", path)(e));
     }
+    Lease::new(path, info, file, opts.stale).map(Some)
 }
 
 fn read_info(path: &Path) -> Option<LockInfo> {
@@ -597,6 +587,13 @@ impl<'a> Waiter<'a> {
     /// One round: acquire if free, take over if stale or dead, else say how
     /// long to wait before the next round.
     fn step(&mut self) -> Result<Step, LockError> {
+        // The first round tries to create before looking: uncontended, that
+        // is the whole acquisition.
+        if self.polls == 0 {
+            if let Some(lease) = attempt_create(self.path, self.opts)? {
+                return Ok(Step::Acquired(lease));
+            }
+        }
         // A vanished or taken-over lock lets us retry at once, a few times.
         for _ in 0..4 {
             let m = match fs::metadata(self.path) {
