@@ -11,4 +11,7 @@ pub mod lock;
 pub mod repo;
 
 #[cfg(feature = "node")]
+// napi-derive registers exports only outside `cfg(test)`, so the unit-test
+// build sees them as unused.
+#[cfg_attr(test, allow(dead_code))]
 mod node;
