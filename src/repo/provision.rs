@@ -132,6 +132,9 @@ pub async fn provision(
         .kill_on_drop(true);
     if opts.capture {
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    } else {
+        cmd.stdout(crate::fsutil::child_stdout())
+            .stderr(crate::fsutil::child_stderr());
     }
     let child = cmd
         .spawn()
