@@ -509,13 +509,19 @@ fn attempt_create(path: &Path, opts: &LockOptions) -> Result<Option<Lease>, Lock
 }
 
 fn read_info(path: &Path) -> Option<LockInfo> {
+    read_record(path).ok().and_then(|(_, info)| info)
+}
+
+/// Reads the lock file's record together with the observation of the very
+/// file it came from (one open descriptor), so the two always belong to the
+/// same acquisition, even when a released lock's inode number is reused at
+/// once by the next one. `Err(NotFound)` if there is no lock file.
+fn read_record(path: &Path) -> io::Result<(Observation, Option<LockInfo>)> {
+    let file = File::open(path)?;
+    let obs = Observation::of(&file.metadata()?);
     let mut buf = Vec::with_capacity(512);
-    File::open(path)
-        .ok()?
-        .take(64 * 1024)
-        .read_to_end(&mut buf)
-        .ok()?;
-    serde_json::from_slice(&buf).ok()
+    file.take(64 * 1024).read_to_end(&mut buf)?;
+    Ok((obs, serde_json::from_slice(&buf).ok()))
 }
 
 enum Takeover {
@@ -606,16 +612,21 @@ impl<'a> Waiter<'a> {
                 Err(e) => return Err(io_err("stat", self.path)(e)),
                 Ok(m) => m,
             };
-            let obs = Observation::of(&m);
-            if self.seen != Some(obs) {
-                if self.seen.map(|s| s.id) != Some(obs.id) || self.info.is_none() {
-                    self.info = read_info(self.path);
+            if self.seen != Some(Observation::of(&m)) || self.info.is_none() {
+                // Something changed (or the record was not readable yet):
+                // progress. Take the record and its observation together.
+                let (obs, info) = match read_record(self.path) {
+                    Ok(r) => r,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io_err("read", self.path)(e)),
+                };
+                if self.seen != Some(obs) {
+                    self.since = Instant::now();
                 }
                 self.seen = Some(obs);
-                self.since = Instant::now();
-            } else if self.info.is_none() {
-                self.info = read_info(self.path);
+                self.info = info;
             }
+            let obs = self.seen.expect("observed above");
             let here = this_host();
             let dead = self
                 .info
