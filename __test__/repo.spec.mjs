@@ -1,6 +1,7 @@
 // Shared package repository coordination with real processes and real npm.
 import assert from 'node:assert/strict'
-import { execFileSync } from 'node:child_process'
+import { execFile, execFileSync } from 'node:child_process'
+import { promisify } from 'node:util'
 import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, writeFileSync } from 'node:fs'
 import { createRequire } from 'node:module'
 import { tmpdir } from 'node:os'
@@ -13,6 +14,8 @@ import { ev, killAll, worker } from './helpers/spawn.mjs'
 const require = createRequire(import.meta.url)
 const nk = require('../nanokit.js')
 const CLI = join(import.meta.dirname, '..', 'bin', 'nanokit.js')
+// Async: the registry these tests use is served from this very process.
+const cli = async (...args) => (await promisify(execFile)(process.execPath, [CLI, ...args], { encoding: 'utf8' })).stdout
 
 afterEach(killAll)
 
@@ -263,7 +266,7 @@ describe('repo: real npm against a local registry', () => {
 
   it('the CLI installs, reports status, and inspects locks', async () => {
     const repo = tmp('cli')
-    const out = execFileSync(process.execPath, [CLI, 'repo', 'install', repo, 'nk-fixture-dep@1.0.0', '@nkfix/scoped@2.0.0', ...registry.npmArgs.map((a) => `--npm-arg=${a}`), '--output', 'json'], { encoding: 'utf8' })
+    const out = await cli('repo', 'install', repo, 'nk-fixture-dep@1.0.0', '@nkfix/scoped@2.0.0', ...registry.npmArgs.map((a) => `--npm-arg=${a}`), '--output', 'json')
     const results = JSON.parse(out)
     assert.deepEqual(results.map((r) => r.installed), [true, true])
     const status = JSON.parse(execFileSync(process.execPath, [CLI, 'repo', 'status', repo, '--output', 'json'], { encoding: 'utf8' }))
