@@ -55,7 +55,7 @@ describe('repo: custom installer, many processes', () => {
     assert.equal(manifest.dependencies[alias], 'npm:@openfn/language-http@7.2.0')
     assert.equal(require(join(repo, 'node_modules', alias)), spec)
     assert.ok(existsSync(join(repo, '.sentinels', '@openfn+language-http_7.2.0.done')))
-    assert.ok(existsSync(join(repo, '.locks', '@openfn+language-http_7.2.0.lock.guard')))
+    assert.equal(nk.inspectLock(join(repo, '.locks', '@openfn+language-http_7.2.0.lock')), null, 'the lock is free')
     assert.deepEqual(readdirSync(join(repo, '.staging')), [], 'no staging left behind')
   })
 

@@ -57,7 +57,10 @@ fn acquire_excludes_and_release_frees() {
     assert_eq!(status.holder_alive, Some(true));
     assert!(!status.stale);
     lease.release().unwrap();
-    assert!(!path.exists());
+    assert!(
+        fs::read(&path).unwrap().iter().all(|&b| b == b' '),
+        "the file stays, blank: free"
+    );
     assert!(lock::inspect(&path, Duration::from_secs(30))
         .unwrap()
         .is_none());
@@ -150,7 +153,16 @@ async fn broken_lease_is_reported_lost() {
     let other = lock::try_acquire(&path, &opts(30_000)).unwrap().unwrap();
     let err = lease.release().unwrap_err();
     assert_eq!(err.code(), "ENKLOCKLOST");
-    assert!(path.exists());
+    assert_eq!(
+        lock::inspect(&path, Duration::from_secs(30))
+            .unwrap()
+            .unwrap()
+            .info
+            .unwrap()
+            .token,
+        other.token(),
+        "a lost holder's release leaves the new holder's lock alone"
+    );
     other.release().unwrap();
 }
 

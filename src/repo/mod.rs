@@ -94,7 +94,7 @@ pub struct Sentinel {
     pub alias: String,
     /// `sha256:<hex>` of the installed package's `package.json`.
     pub hash: String,
-    /// Size of that `package.json`, checked on every `is_installed`.
+    /// Size of that `package.json`.
     pub package_json_size: u64,
     pub installed_at_ms: u64,
 }
@@ -138,18 +138,23 @@ impl Repo {
         self.dir.join(".locks").join(".package-json.lock")
     }
 
-    /// Whether `spec` is completely installed. Lock-free: one small read and
-    /// one `stat`.
+    /// Whether `spec` is completely installed. Lock-free, two `stat`s: the
+    /// sentinel exists and carries the modification time of the package's
+    /// own `package.json` as installed (set when the sentinel is written), and
+    /// that `package.json` still has it. A missing, replaced or rewritten
+    /// package therefore reads as not installed. `repo status` additionally
+    /// verifies the content hash recorded in the sentinel.
     pub fn is_installed(&self, spec: &PackageSpec) -> bool {
-        let Ok(bytes) = fs::read(self.sentinel_path(spec)) else {
+        let Ok(sentinel) = fs::metadata(self.sentinel_path(spec)) else {
             return false;
         };
-        let Ok(sentinel) = serde_json::from_slice::<Sentinel>(&bytes) else {
+        let Ok(pkg) = fs::metadata(self.package_dir(spec).join("package.json")) else {
             return false;
         };
-        sentinel.alias == spec.alias()
-            && fs::metadata(self.package_dir(spec).join("package.json"))
-                .is_ok_and(|m| m.len() == sentinel.package_json_size)
+        use std::os::unix::fs::MetadataExt;
+        sentinel.len() > 0
+            && sentinel.mtime() == pkg.mtime()
+            && sentinel.mtime_nsec() == pkg.mtime_nsec()
     }
 }
 
@@ -406,6 +411,16 @@ impl InstallTxn {
             0o644,
         )
         .map_err(io_err("write the sentinel", &path))?;
+        // The sentinel carries the package.json's mtime: `is_installed` compares
+        // the two with two stats. Until this is set, it reads as not installed.
+        let pkg_mtime = fs::metadata(target.join("package.json"))
+            .and_then(|m| m.modified())
+            .map_err(io_err("stat", &target.join("package.json")))?;
+        fs::File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_modified(pkg_mtime))
+            .map_err(io_err("stamp the sentinel", &path))?;
 
         let _ = fs::remove_dir_all(&self.staging);
         let lease = self
@@ -618,7 +633,7 @@ pub fn status(repo_dir: &Path) -> Result<RepoStatus, RepoError> {
     let mut locks = Vec::new();
     for path in list_dir(&repo.dir.join(".locks"))? {
         let name = path.file_name().unwrap_or_default().to_string_lossy();
-        if lock::is_bookkeeping_file(&name) || !name.ends_with(".lock") {
+        if !name.ends_with(".lock") {
             continue;
         }
         if let Some(status) = lock::inspect(&path, lock::DEFAULT_STALE)? {
