@@ -217,3 +217,27 @@ async fn waiter_acquires_after_release() {
     assert!(got >= released);
     lease.release().unwrap();
 }
+
+#[tokio::test]
+async fn a_lock_file_deleted_by_hand_is_reported_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("deleted.lock");
+    let lease = lock::try_acquire(&path, &opts(40)).unwrap().unwrap();
+    fs::remove_file(&path).unwrap();
+    let newcomer = lock::try_acquire(&path, &opts(30_000))
+        .unwrap()
+        .expect("the path is free");
+    tokio::time::timeout(Duration::from_secs(5), lease.lost_token().cancelled())
+        .await
+        .expect("the old holder learns its file is gone");
+    assert_eq!(lease.release().unwrap_err().code(), "ENKLOCKLOST");
+    assert_eq!(
+        lock::inspect(&path, Duration::from_secs(30))
+            .unwrap()
+            .unwrap()
+            .info
+            .unwrap()
+            .token,
+        newcomer.token()
+    );
+}

@@ -369,10 +369,7 @@ impl Held {
             let Some(_section) = Section::enter(&self.path, &self.file, GUARD_WAIT)? else {
                 return Ok(None);
             };
-            let content = read_content(&self.file).map_err(io_err("read", &self.path))?;
-            if content.get(..self.record.len()) != Some(&self.record[..])
-                || !is_free(&content[self.record.len()..])
-            {
+            if !self.is_ours()? {
                 return Ok(Some(false));
             }
             // SAFETY: futimens with NULL sets both times to now on our own fd.
@@ -395,6 +392,21 @@ impl Held {
         }
     }
 
+    /// Inside a section: the path still names our file (it was not deleted
+    /// and recreated by hand) and the file still holds our record.
+    fn is_ours(&self) -> Result<bool, LockError> {
+        let ours = self.file.metadata().map_err(io_err("stat", &self.path))?;
+        match fs::metadata(&self.path) {
+            Ok(m) if FileId::of(&m) == FileId::of(&ours) => {}
+            Ok(_) => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io_err("stat", &self.path)(e)),
+        }
+        let content = read_content(&self.file).map_err(io_err("read", &self.path))?;
+        Ok(content.get(..self.record.len()) == Some(&self.record[..])
+            && is_free(&content[self.record.len()..]))
+    }
+
     fn release(&self) -> Result<(), LockError> {
         if self.released.swap(true, Ordering::AcqRel) {
             return Ok(());
@@ -406,11 +418,14 @@ impl Held {
                 "the lock file stayed locked by another process (is one stopped?)",
             ))
         })?;
-        let content = read_content(&self.file).map_err(io_err("read", &self.path))?;
-        let ours = content.get(..self.record.len()) == Some(&self.record[..])
-            && is_free(&content[self.record.len()..]);
+        let ours = self.is_ours()?;
         if ours {
-            overwrite(&self.file, b"", content.len())
+            let len = self
+                .file
+                .metadata()
+                .map_err(io_err("stat", &self.path))?
+                .len();
+            overwrite(&self.file, b"", len as usize)
                 .map_err(io_err("release the lock", &self.path))?;
         }
         drop(section);
