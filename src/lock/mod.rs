@@ -43,7 +43,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::error::ErrorCode;
+use crate::error::{ErrorCode, IoError};
 pub use host::{this_host, HostIdentity};
 
 /// Default stale period: a lease not renewed for this long may be taken over.
@@ -79,13 +79,8 @@ pub enum LockError {
     #[error("invalid lock path {path:?}: {reason}")]
     InvalidPath { path: String, reason: &'static str },
     /// A filesystem operation failed.
-    #[error("cannot {op} {}: {source}", path.display())]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
 }
 
 impl ErrorCode for LockError {
@@ -95,17 +90,14 @@ impl ErrorCode for LockError {
             LockError::Lost { .. } => "ENKLOCKLOST",
             LockError::Aborted { .. } => "ENKABORTED",
             LockError::InvalidPath { .. } => "ENKSPEC",
-            LockError::Io { .. } => "ENKIO",
+            LockError::Io(_) => "ENKIO",
         }
     }
 }
 
+/// [`crate::error::io_err`] for this module's error type.
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> LockError + 'a {
-    move |source| LockError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
+    crate::error::io_err(op, path)
 }
 
 /// How to take a lock.

@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
-use crate::error::ErrorCode;
+use crate::error::{ErrorCode, IoError};
 use crate::fsutil::atomic_write;
 use crate::lock::{self, Lease, LockError, LockOptions, LockStatus};
 
@@ -47,13 +47,8 @@ pub enum RepoError {
     Spec(#[from] SpecError),
     #[error(transparent)]
     Lock(#[from] LockError),
-    #[error("cannot {op} {}: {source}", path.display())]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error("installing {spec} failed: {message}")]
     InstallFailed { spec: String, message: String },
     #[error("{} is not valid JSON ({message}); fix or remove it (nanokit will not overwrite it)", path.display())]
@@ -67,7 +62,7 @@ impl ErrorCode for RepoError {
         match self {
             RepoError::Spec(_) => "ENKSPEC",
             RepoError::Lock(e) => e.code(),
-            RepoError::Io { .. } => "ENKIO",
+            RepoError::Io(_) => "ENKIO",
             RepoError::InstallFailed { .. } => "ENKINSTALL",
             RepoError::Corrupt { .. } => "ENKREPO",
             RepoError::Provision(_) => "ENKPROVISION",
@@ -75,15 +70,12 @@ impl ErrorCode for RepoError {
     }
 }
 
+/// [`crate::error::io_err`] for this module's error type.
 pub(crate) fn io_err<'a>(
     op: &'static str,
     path: &'a Path,
 ) -> impl FnOnce(io::Error) -> RepoError + 'a {
-    move |source| RepoError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
+    crate::error::io_err(op, path)
 }
 
 /// The sentinel's record of a complete install.
