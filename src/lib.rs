@@ -7,6 +7,7 @@
 pub mod error;
 pub mod cli;
 pub mod fsutil;
+pub mod kv;
 
 #[cfg(feature = "node")]
 mod node;

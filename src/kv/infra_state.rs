@@ -1,0 +1,1 @@
+//! Remote infra state on PostgreSQL (see below).
