@@ -835,4 +835,7 @@ function __napiStampBindingTarget(exportsObject, target) {
 // linked import resolves to `undefined`.
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
+module.exports.StateStore = nativeBinding.StateStore
 module.exports.cli = nativeBinding.cli
+module.exports.openState = nativeBinding.openState
+module.exports.openStateSync = nativeBinding.openStateSync

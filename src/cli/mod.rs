@@ -1,6 +1,8 @@
 //! The `nanokit` command line, parsed with clap. `bin/nanokit.js` hands argv
 //! to the native `cli()`, which calls [`run`].
 
+pub mod state;
+
 use clap::{Parser, Subcommand};
 
 /// Process exit codes used by every command.
@@ -26,7 +28,10 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Shared key/value state with named locks (embedded SQLite or PostgreSQL).
+    State(state::StateArgs),
+}
 
 /// Parses `args` (without the program name) and runs the command. Returns
 /// the process exit code; errors are printed to stderr without debug noise.
@@ -39,5 +44,7 @@ pub async fn run(args: Vec<String>) -> i32 {
             return code;
         }
     };
-    match cli.command {}
+    match cli.command {
+        Command::State(args) => state::run(args).await,
+    }
 }

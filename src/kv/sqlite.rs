@@ -151,6 +151,20 @@ impl SqliteStore {
                 detail: format!("it is an SQLite database of another application (application_id {app_id:#x})"),
             });
         }
+        // Check before the first write (the switch to WAL writes the header),
+        // so that a foreign database is left byte for byte as it was.
+        if app_id == 0 {
+            let tables: i64 = conn
+                .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+                .map_err(m)?;
+            if tables != 0 {
+                return Err(KvError::Corrupt {
+                    location: loc.clone(),
+                    detail: "it is an SQLite database with tables that nanokit did not create"
+                        .into(),
+                });
+            }
+        }
         let mode: String = conn
             .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
             .map_err(m)?;
