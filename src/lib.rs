@@ -4,8 +4,8 @@
 //! Everything here is plain Rust; the Node-API glue lives in `node/` behind the
 //! `node` feature.
 
-pub mod error;
 pub mod cli;
+pub mod error;
 pub mod fsutil;
 pub mod kv;
 

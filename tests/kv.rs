@@ -97,16 +97,22 @@ impl Ctx {
         let mut kids = Vec::new();
         for id in 0..n {
             let mut cmd = Command::new(&exe);
-            cmd.args(["--exact", "child_worker", "--ignored", "--nocapture", "--test-threads=1"])
-                .env("NK_CHILD_MODE", mode)
-                .env("NK_CHILD_ID", id.to_string())
-                .env("NK_CHILD_N", per_child.to_string())
-                .env("NK_CHILD_AGENT", self.opts.agent.clone().unwrap())
-                .env("NK_CHILD_DIR", self.opts.state_dir.clone().unwrap())
-                .env("NK_CHILD_URL", self.opts.url.clone().unwrap_or_default())
-                .env("NK_CHILD_MARKER_DIR", &marker_dir)
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped());
+            cmd.args([
+                "--exact",
+                "child_worker",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("NK_CHILD_MODE", mode)
+            .env("NK_CHILD_ID", id.to_string())
+            .env("NK_CHILD_N", per_child.to_string())
+            .env("NK_CHILD_AGENT", self.opts.agent.clone().unwrap())
+            .env("NK_CHILD_DIR", self.opts.state_dir.clone().unwrap())
+            .env("NK_CHILD_URL", self.opts.url.clone().unwrap_or_default())
+            .env("NK_CHILD_MARKER_DIR", &marker_dir)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
             kids.push(cmd.spawn().unwrap());
         }
         kids.into_iter()
@@ -192,7 +198,11 @@ async fn set_get_exists_delete(ctx: Ctx) {
         other.get("package:installed:nginx").await.unwrap(),
         Some(Value::Text("1.26".into()))
     );
-    let entry = other.get_entry("package:installed:nginx").await.unwrap().unwrap();
+    let entry = other
+        .get_entry("package:installed:nginx")
+        .await
+        .unwrap()
+        .unwrap();
     assert!(entry.updated_at_ms > 1_600_000_000_000, "{entry:?}");
     assert!(s.delete("package:installed:nginx").await.unwrap());
     assert!(!s.delete("package:installed:nginx").await.unwrap());
@@ -216,7 +226,9 @@ async fn values_are_strings_or_json(ctx: Ctx) {
     s.set("null", &Value::Json(json!(null))).await.unwrap();
     assert_eq!(s.get("null").await.unwrap(), Some(Value::Json(json!(null))));
     let unicode = "ünïcødé ✓ 🚀 with\nnewlines\tand \"quotes\"";
-    s.set("ü/key 🚀", &Value::Text(unicode.into())).await.unwrap();
+    s.set("ü/key 🚀", &Value::Text(unicode.into()))
+        .await
+        .unwrap();
     assert_eq!(
         s.get("ü/key 🚀").await.unwrap(),
         Some(Value::Text(unicode.into()))
@@ -234,10 +246,7 @@ async fn list_by_prefix(ctx: Ctx) {
         s.set(k, &Value::Text(format!("v-{k}"))).await.unwrap();
     }
     let keys = |v: Vec<nanokit::kv::Entry>| v.into_iter().map(|e| e.key).collect::<Vec<_>>();
-    assert_eq!(
-        keys(s.list("a:").await.unwrap()),
-        vec!["a:1", "a:2", "a:3"]
-    );
+    assert_eq!(keys(s.list("a:").await.unwrap()), vec!["a:1", "a:2", "a:3"]);
     // LIKE wildcards in a prefix are literal.
     assert_eq!(keys(s.list("a%").await.unwrap()), vec!["a%"]);
     assert_eq!(keys(s.list("a_").await.unwrap()), vec!["a_x"]);
@@ -255,7 +264,10 @@ async fn increment_semantics(ctx: Ctx) {
     assert_eq!(s.increment("counter", 1).await.unwrap(), 1);
     assert_eq!(s.increment("counter", 41).await.unwrap(), 42);
     assert_eq!(s.increment("counter", -50).await.unwrap(), -8);
-    assert_eq!(s.get("counter").await.unwrap(), Some(Value::Json(json!(-8))));
+    assert_eq!(
+        s.get("counter").await.unwrap(),
+        Some(Value::Json(json!(-8)))
+    );
     assert_eq!(s.increment("fresh", -3).await.unwrap(), -3);
     // A string holding an integer counts.
     s.set("textnum", &Value::Text("10".into())).await.unwrap();
@@ -263,13 +275,19 @@ async fn increment_semantics(ctx: Ctx) {
     // Not an integer: coded error, value unchanged.
     s.set("word", &Value::Text("hello".into())).await.unwrap();
     assert_eq!(code(s.increment("word", 1).await), "ENKNOTINTEGER");
-    assert_eq!(s.get("word").await.unwrap(), Some(Value::Text("hello".into())));
+    assert_eq!(
+        s.get("word").await.unwrap(),
+        Some(Value::Text("hello".into()))
+    );
     s.set("float", &Value::Json(json!(1.5))).await.unwrap();
     assert_eq!(code(s.increment("float", 1).await), "ENKNOTINTEGER");
     // Overflow: coded error, value unchanged.
     s.set("big", &Value::Json(json!(i64::MAX))).await.unwrap();
     assert_eq!(code(s.increment("big", 1).await), "ENKNOTINTEGER");
-    assert_eq!(s.get("big").await.unwrap(), Some(Value::Json(json!(i64::MAX))));
+    assert_eq!(
+        s.get("big").await.unwrap(),
+        Some(Value::Json(json!(i64::MAX)))
+    );
 }
 
 async fn clear_and_stats(ctx: Ctx) {
@@ -306,7 +324,10 @@ async fn lock_is_exclusive(ctx: Ctx) {
     }
     // Waiting a little does not help while it is held.
     assert_eq!(
-        code(b.lock("deploy", "worker-b", 60.0, Duration::from_millis(50)).await),
+        code(
+            b.lock("deploy", "worker-b", 60.0, Duration::from_millis(50))
+                .await
+        ),
         "ENKLOCKED"
     );
     let info = b.is_locked("deploy").await.unwrap();
@@ -364,7 +385,9 @@ async fn lock_expiry_really_expires(ctx: Ctx) {
     assert_eq!(info.holder.as_deref(), Some("successor"));
     // The expired holder can no longer unlock it.
     match a.unlock("lease", "short-lived").await {
-        Err(KvError::NotHolder { current, .. }) => assert_eq!(current.as_deref(), Some("successor")),
+        Err(KvError::NotHolder { current, .. }) => {
+            assert_eq!(current.as_deref(), Some("successor"))
+        }
         other => panic!("expected ENKNOTHOLDER, got {other:?}"),
     }
     // An expired lock is reported as not locked.
@@ -413,7 +436,9 @@ async fn with_lock_releases_on_error(ctx: Ctx) {
     // Held by someone else: ENKLOCKED and the closure does not run.
     s.lock("wl", "other", 60.0, NO_WAIT).await.unwrap();
     let r = s
-        .with_lock("wl", "me", 60.0, NO_WAIT, || async { panic!("must not run") })
+        .with_lock("wl", "me", 60.0, NO_WAIT, || async {
+            panic!("must not run")
+        })
         .await;
     assert_eq!(code(r.map(|_: ()| ())), "ENKLOCKED");
 }
@@ -425,14 +450,23 @@ async fn bad_input_is_refused_and_nothing_written(ctx: Ctx) {
     assert_eq!(code(s.set(&"k".repeat(1025), &v).await), "ENKKEY");
     assert_eq!(code(s.set("nul\0key", &v).await), "ENKKEY");
     assert_eq!(
-        code(s.set("big", &Value::Text("v".repeat(1024 * 1024 + 1))).await),
+        code(
+            s.set("big", &Value::Text("v".repeat(1024 * 1024 + 1)))
+                .await
+        ),
         "ENKKEY"
     );
     assert_eq!(
-        code(s.set("bigjson", &Value::Json(json!(["v".repeat(1024 * 1024)]))).await),
+        code(
+            s.set("bigjson", &Value::Json(json!(["v".repeat(1024 * 1024)])))
+                .await
+        ),
         "ENKKEY"
     );
-    assert_eq!(code(s.set("empty", &Value::Text(String::new())).await), "ENKKEY");
+    assert_eq!(
+        code(s.set("empty", &Value::Text(String::new())).await),
+        "ENKKEY"
+    );
     assert_eq!(code(s.get("").await), "ENKKEY");
     assert_eq!(code(s.exists(&"k".repeat(2000)).await), "ENKKEY");
     assert_eq!(code(s.delete("").await), "ENKKEY");
@@ -444,12 +478,26 @@ async fn bad_input_is_refused_and_nothing_written(ctx: Ctx) {
     assert_eq!(code(s.lock("n", "h", f64::NAN, NO_WAIT).await), "ENKARG");
     assert_eq!(code(s.unlock("n", "").await), "ENKARG");
     assert_eq!(code(s.list(&"p".repeat(1025)).await), "ENKKEY");
-    for agent in ["", "../etc", "a/b", "..", ".hidden", "a\\b", "a b", "x\0", &"a".repeat(65)] {
+    for agent in [
+        "",
+        "../etc",
+        "a/b",
+        "..",
+        ".hidden",
+        "a\\b",
+        "a b",
+        "x\0",
+        &"a".repeat(65),
+    ] {
         let opts = OpenOptions {
             agent: Some(agent.to_string()),
             ..ctx.opts.clone()
         };
-        assert_eq!(code(Store::open(&opts).await.map(|_| ())), "ENKAGENT", "{agent:?}");
+        assert_eq!(
+            code(Store::open(&opts).await.map(|_| ())),
+            "ENKAGENT",
+            "{agent:?}"
+        );
     }
     // Nothing was written.
     assert!(s.list("").await.unwrap().is_empty());
@@ -474,7 +522,10 @@ async fn agents_are_separate_namespaces(ctx: Ctx) {
         ..ctx.opts.clone()
     };
     let other = Store::open(&other_opts).await.unwrap();
-    ctx.store.set("k", &Value::Text("mine".into())).await.unwrap();
+    ctx.store
+        .set("k", &Value::Text("mine".into()))
+        .await
+        .unwrap();
     ctx.store.lock("l", "me", 60.0, NO_WAIT).await.unwrap();
     assert_eq!(other.get("k").await.unwrap(), None);
     assert!(!other.is_locked("l").await.unwrap().locked);
@@ -492,7 +543,10 @@ async fn processes_increment_exactly(ctx: Ctx) {
     let results = ctx.children("incr", 8, 1000);
     assert_eq!(results.len(), 8);
     assert_eq!(ctx.store.increment("counter", 0).await.unwrap(), 8000);
-    assert_eq!(ctx.store.get("counter").await.unwrap(), Some(Value::Json(json!(8000))));
+    assert_eq!(
+        ctx.store.get("counter").await.unwrap(),
+        Some(Value::Json(json!(8000)))
+    );
 }
 
 async fn processes_never_overlap_in_critical_section(ctx: Ctx) {
@@ -557,7 +611,10 @@ fn child_worker() {
                 let holder = format!("child-{id}-{}", std::process::id());
                 let (mut acquired, mut overlaps) = (0, 0);
                 for _ in 0..n {
-                    store.lock("critical", &holder, 60.0, LONG_WAIT).await.unwrap();
+                    store
+                        .lock("critical", &holder, 60.0, LONG_WAIT)
+                        .await
+                        .unwrap();
                     acquired += 1;
                     if !critical_section(&marker_dir) {
                         overlaps += 1;

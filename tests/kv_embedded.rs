@@ -41,7 +41,11 @@ fn a_file_that_is_not_a_database_is_reported_and_left_alone() {
         .expect("opening a garbage file must fail");
     assert_eq!(err.code(), "ENKSTATECORRUPT", "{err}");
     assert!(err.to_string().contains("local.db"), "{err}");
-    assert_eq!(std::fs::read(&path).unwrap(), garbage, "the file was modified");
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        garbage,
+        "the file was modified"
+    );
     assert!(!tmp.path().join("local.db-wal").exists());
 }
 
@@ -57,7 +61,11 @@ fn a_foreign_sqlite_database_is_reported_and_left_alone() {
     let before = std::fs::read(&path).unwrap();
     let err = SqliteStore::open(tmp.path(), "local").err().unwrap();
     assert_eq!(err.code(), "ENKSTATECORRUPT", "{err}");
-    assert_eq!(std::fs::read(&path).unwrap(), before, "the file was modified");
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        before,
+        "the file was modified"
+    );
 
     // Another application's id.
     let path2 = tmp.path().join("other.db");
@@ -65,7 +73,10 @@ fn a_foreign_sqlite_database_is_reported_and_left_alone() {
         let c = rusqlite::Connection::open(&path2).unwrap();
         c.execute_batch("PRAGMA application_id = 1234;").unwrap();
     }
-    assert_eq!(code(SqliteStore::open(tmp.path(), "other")), "ENKSTATECORRUPT");
+    assert_eq!(
+        code(SqliteStore::open(tmp.path(), "other")),
+        "ENKSTATECORRUPT"
+    );
 }
 
 #[test]
@@ -82,7 +93,10 @@ fn a_database_with_a_broken_header_is_reported() {
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[..16].copy_from_slice(b"NOT SQLITE AT A\0");
     std::fs::write(&path, &bytes).unwrap();
-    assert_eq!(code(SqliteStore::open(tmp.path(), "local")), "ENKSTATECORRUPT");
+    assert_eq!(
+        code(SqliteStore::open(tmp.path(), "local")),
+        "ENKSTATECORRUPT"
+    );
     assert_eq!(std::fs::read(&path).unwrap(), bytes);
 }
 
@@ -108,7 +122,10 @@ fn files_are_private_and_reopening_keeps_data() {
         s.set("k", &Value::Text("v".into())).unwrap();
         assert_eq!(s.path(), dir.join("worker-1.db"));
     }
-    let mode = std::fs::metadata(dir.join("worker-1.db")).unwrap().permissions().mode();
+    let mode = std::fs::metadata(dir.join("worker-1.db"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
     let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o700);
@@ -157,7 +174,10 @@ async fn a_url_that_refuses_is_unavailable_and_nothing_is_written() {
     };
     let err = Store::open(&opts).await.err().unwrap();
     assert_eq!(err.code(), "ENKSTATEUNAVAILABLE", "{err}");
-    assert!(!err.to_string().contains("secret"), "password leaked: {err}");
+    assert!(
+        !err.to_string().contains("secret"),
+        "password leaked: {err}"
+    );
     assert!(!tmp.path().join("state").exists());
 }
 
@@ -185,7 +205,10 @@ async fn a_url_that_never_answers_times_out_as_unavailable() {
 
 #[tokio::test]
 async fn a_malformed_url_is_refused() {
-    for url in ["mysql://x@127.0.0.1/db", "postgres://u@127.0.0.1:notaport/db"] {
+    for url in [
+        "mysql://x@127.0.0.1/db",
+        "postgres://u@127.0.0.1:notaport/db",
+    ] {
         let opts = OpenOptions {
             agent: Some("local".into()),
             state_dir: None,

@@ -39,7 +39,11 @@ pub async fn run(args: Vec<String>) -> i32 {
     let cli = match Cli::try_parse_from(std::iter::once("nanokit".to_string()).chain(args)) {
         Ok(cli) => cli,
         Err(e) => {
-            let code = if e.use_stderr() { exit::ERROR } else { exit::OK };
+            let code = if e.use_stderr() {
+                exit::ERROR
+            } else {
+                exit::OK
+            };
             let _ = e.print();
             return code;
         }

@@ -251,9 +251,20 @@ async fn run_inner(args: &StateArgs) -> Result<i32, CliError> {
                     .collect();
                 println!("{}", serde_json::Value::Array(v));
             } else if entries.is_empty() {
-                eprintln!("(no keys{})", prefix.as_ref().map(|p| format!(" starting with {p:?}")).unwrap_or_default());
+                eprintln!(
+                    "(no keys{})",
+                    prefix
+                        .as_ref()
+                        .map(|p| format!(" starting with {p:?}"))
+                        .unwrap_or_default()
+                );
             } else {
-                let mut rows = vec![vec!["KEY".into(), "TYPE".into(), "UPDATED".into(), "VALUE".into()]];
+                let mut rows = vec![vec![
+                    "KEY".into(),
+                    "TYPE".into(),
+                    "UPDATED".into(),
+                    "VALUE".into(),
+                ]];
                 for e in &entries {
                     rows.push(vec![
                         one_line(&e.key, 60),
@@ -276,7 +287,10 @@ async fn run_inner(args: &StateArgs) -> Result<i32, CliError> {
             let bytes = e.value.display_text().len();
             if json_out {
                 if show {
-                    println!("{}", json!({"key": e.key, "type": kind(&e.value), "bytes": bytes, "updatedAt": fmt_ms(e.updated_at_ms), "value": e.value.into_json()}));
+                    println!(
+                        "{}",
+                        json!({"key": e.key, "type": kind(&e.value), "bytes": bytes, "updatedAt": fmt_ms(e.updated_at_ms), "value": e.value.into_json()})
+                    );
                 } else {
                     println!("{}", e.value.into_json());
                 }
@@ -380,7 +394,10 @@ async fn run_inner(args: &StateArgs) -> Result<i32, CliError> {
             let wait = kv::wait_duration(wait * 1000.0)?;
             let a = store.lock(name, holder, *timeout, wait).await?;
             if json_out {
-                println!("{}", json!({"name": a.name, "holder": a.holder, "expiresAt": fmt_ms(a.expires_at_ms)}));
+                println!(
+                    "{}",
+                    json!({"name": a.name, "holder": a.holder, "expiresAt": fmt_ms(a.expires_at_ms)})
+                );
             } else {
                 println!(
                     "locked {:?} for {:?} until {}",
@@ -410,7 +427,10 @@ async fn run_inner(args: &StateArgs) -> Result<i32, CliError> {
                 }
                 let prev = store.force_unlock(name).await?;
                 if json_out {
-                    println!("{}", json!({"name": name, "unlocked": true, "previousHolder": prev}));
+                    println!(
+                        "{}",
+                        json!({"name": name, "unlocked": true, "previousHolder": prev})
+                    );
                 } else {
                     match prev {
                         Some(h) => println!("removed lock {name:?} held by {h:?}"),
@@ -430,7 +450,10 @@ async fn run_inner(args: &StateArgs) -> Result<i32, CliError> {
         StateCommand::Locked { name } => {
             let i = store.is_locked(name).await?;
             if json_out {
-                println!("{}", json!({"name": name, "locked": i.locked, "holder": i.holder, "expiresAt": i.expires_at_ms.map(fmt_ms)}));
+                println!(
+                    "{}",
+                    json!({"name": name, "locked": i.locked, "holder": i.holder, "expiresAt": i.expires_at_ms.map(fmt_ms)})
+                );
             } else if i.locked {
                 println!(
                     "{name:?} is locked by {:?} until {}",

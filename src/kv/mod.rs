@@ -220,11 +220,14 @@ impl OpenOptions {
         if let Some(d) = std::env::var_os("NANOKIT_STATE_DIR").filter(|d| !d.is_empty()) {
             return Ok(PathBuf::from(d));
         }
-        let home = std::env::var_os("HOME").filter(|h| !h.is_empty()).ok_or_else(|| {
-            KvError::Invalid(
-                "cannot find the state directory: HOME is not set; set NANOKIT_STATE_DIR".into(),
-            )
-        })?;
+        let home = std::env::var_os("HOME")
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| {
+                KvError::Invalid(
+                    "cannot find the state directory: HOME is not set; set NANOKIT_STATE_DIR"
+                        .into(),
+                )
+            })?;
         Ok(Path::new(&home).join(".nanokit").join("state"))
     }
 }

@@ -82,7 +82,10 @@ pub async fn connect(url: &str) -> Result<Client> {
     let mut config: tokio_postgres::Config = url
         .parse()
         .map_err(|e| KvError::BadUrl(format!("{location:?}: {e}")))?;
-    let timeout = config.get_connect_timeout().copied().unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+    let timeout = config
+        .get_connect_timeout()
+        .copied()
+        .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
     config.connect_timeout(timeout);
     if config.get_application_name().is_none() {
         config.application_name("nanokit");
@@ -124,7 +127,10 @@ pub fn map_pg_err(location: &str, e: tokio_postgres::Error) -> KvError {
         {
             return KvError::Corrupt {
                 location: location.to_string(),
-                detail: format!("a nanokit table does not have the expected schema: {}", db.message()),
+                detail: format!(
+                    "a nanokit table does not have the expected schema: {}",
+                    db.message()
+                ),
             };
         }
         return KvError::Backend {
@@ -292,11 +298,9 @@ impl PgStore {
         match res {
             Ok(row) => Ok(row.get(0)),
             Err(e) => match e.code() {
-                Some(c) if *c == SqlState::INVALID_TEXT_REPRESENTATION => {
-                    Err(KvError::NotInteger(format!(
-                        "cannot increment {key:?}: its value is not an integer"
-                    )))
-                }
+                Some(c) if *c == SqlState::INVALID_TEXT_REPRESENTATION => Err(KvError::NotInteger(
+                    format!("cannot increment {key:?}: its value is not an integer"),
+                )),
                 Some(c) if *c == SqlState::NUMERIC_VALUE_OUT_OF_RANGE => {
                     Err(KvError::NotInteger(format!(
                         "cannot increment {key:?} by {delta}: the result overflows a 64-bit integer"

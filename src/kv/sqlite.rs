@@ -57,7 +57,9 @@ fn busy_handler(attempt: i32) -> bool {
     if attempt > 15_000 {
         return false;
     }
-    std::thread::sleep(Duration::from_micros((50u64 * (attempt as u64 + 1)).min(2000)));
+    std::thread::sleep(Duration::from_micros(
+        (50u64 * (attempt as u64 + 1)).min(2000),
+    ));
     true
 }
 
@@ -148,7 +150,9 @@ impl SqliteStore {
         if app_id != 0 && app_id != APPLICATION_ID {
             return Err(KvError::Corrupt {
                 location: loc.clone(),
-                detail: format!("it is an SQLite database of another application (application_id {app_id:#x})"),
+                detail: format!(
+                    "it is an SQLite database of another application (application_id {app_id:#x})"
+                ),
             });
         }
         // Check before the first write (the switch to WAL writes the header),
@@ -408,8 +412,10 @@ impl SqliteStore {
         let current = tx
             .prepare_cached("SELECT holder, expires_at FROM locks WHERE name = ?1")
             .and_then(|mut st| {
-                st.query_row([name], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
-                    .optional()
+                st.query_row([name], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+                })
+                .optional()
             })
             .map_err(&m)?;
         if let Some((h, expires_at)) = current {
@@ -478,8 +484,10 @@ impl SqliteStore {
         let current = tx
             .prepare_cached("SELECT holder, expires_at FROM locks WHERE name = ?1")
             .and_then(|mut st| {
-                st.query_row([name], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
-                    .optional()
+                st.query_row([name], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+                })
+                .optional()
             })
             .map_err(&m)?;
         match current {
@@ -510,8 +518,10 @@ impl SqliteStore {
         let conn = self.conn();
         conn.prepare_cached("DELETE FROM locks WHERE name = ?1 RETURNING holder, expires_at")
             .and_then(|mut st| {
-                st.query_row([name], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
-                    .optional()
+                st.query_row([name], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+                })
+                .optional()
             })
             .map(|row| row.filter(|(_, e)| *e > now_ms()).map(|(h, _)| h))
             .map_err(self.m())
@@ -521,7 +531,9 @@ impl SqliteStore {
         validate_key("lock name", name)?;
         let conn = self.conn();
         let row = conn
-            .prepare_cached("SELECT holder, expires_at FROM locks WHERE name = ?1 AND expires_at > ?2")
+            .prepare_cached(
+                "SELECT holder, expires_at FROM locks WHERE name = ?1 AND expires_at > ?2",
+            )
             .and_then(|mut st| {
                 st.query_row(params![name, now_ms()], |r| {
                     Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
@@ -556,9 +568,11 @@ impl SqliteStore {
     pub fn stats(&self) -> Result<Stats> {
         let conn = self.conn();
         let (keys, value_bytes): (i64, i64) = conn
-            .query_row("SELECT count(*), coalesce(sum(length(CAST(value AS BLOB))), 0) FROM kv", [], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
+            .query_row(
+                "SELECT count(*), coalesce(sum(length(CAST(value AS BLOB))), 0) FROM kv",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .map_err(self.m())?;
         let locks: i64 = conn
             .query_row(

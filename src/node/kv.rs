@@ -293,11 +293,7 @@ impl StateStore {
     /// Deletes every key of this agent (locks are kept); resolves to how many.
     #[napi]
     pub async fn clear(&self) -> Result<i64> {
-        self.inner
-            .clear()
-            .await
-            .map(|n| n as i64)
-            .map_err(js_err)
+        self.inner.clear().await.map(|n| n as i64).map_err(js_err)
     }
 
     #[napi]
@@ -380,10 +376,7 @@ impl StateStore {
 
     #[napi]
     pub fn clear_sync(&self) -> Result<i64, String> {
-        self.sync()?
-            .clear()
-            .map(|n| n as i64)
-            .map_err(js_err_sync)
+        self.sync()?.clear().map(|n| n as i64).map_err(js_err_sync)
     }
 
     #[napi]
