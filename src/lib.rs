@@ -10,4 +10,7 @@ pub mod fsutil;
 pub mod kv;
 
 #[cfg(feature = "node")]
+// napi-derive registers exports only outside `cfg(test)`, so the unit-test
+// build sees them as unused.
+#[cfg_attr(test, allow(dead_code))]
 mod node;

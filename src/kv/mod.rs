@@ -299,7 +299,7 @@ pub fn timeout_ms(timeout_secs: f64) -> Result<i64> {
 
 /// Converts a wait in milliseconds (`waitMs`) to a duration.
 pub fn wait_duration(wait_ms: f64) -> Result<Duration> {
-    if !wait_ms.is_finite() || wait_ms < 0.0 || wait_ms > 1e12 {
+    if !wait_ms.is_finite() || !(0.0..=1e12).contains(&wait_ms) {
         return Err(KvError::Invalid(format!(
             "waitMs must be a number of milliseconds of at least 0, got {wait_ms}"
         )));
