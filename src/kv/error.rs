@@ -59,6 +59,24 @@ pub enum KvError {
     #[error("{0}")]
     Unsupported(String),
 
+    /// A compare-and-swap of the remote infra state found another serial:
+    /// someone else wrote the state in between.
+    #[error("state of {workspace:?} changed underneath: expected serial {}, found {}{}; nothing was written: re-read the state and plan again", .expected.map(|s| s.to_string()).unwrap_or_else(|| "none (new state)".into()), .actual.map(|s| s.to_string()).unwrap_or_else(|| "none".into()), if .writer.is_empty() { String::new() } else { format!(" written by {:?}", .writer) })]
+    StaleState {
+        workspace: String,
+        expected: Option<i64>,
+        actual: Option<i64>,
+        writer: String,
+    },
+
+    /// The remote infra state has another lineage (a different history).
+    #[error("state of {workspace:?} has lineage {actual:?}, not {expected:?}: it is a different state history; nothing was written")]
+    LineageMismatch {
+        workspace: String,
+        expected: String,
+        actual: String,
+    },
+
     /// Any other database or file-system failure.
     #[error("state database {location}: {detail}")]
     Backend { location: String, detail: String },
@@ -77,6 +95,8 @@ impl ErrorCode for KvError {
             KvError::Unavailable { .. } => "ENKSTATEUNAVAILABLE",
             KvError::BadUrl(_) => "ENKSTATEURL",
             KvError::Unsupported(_) => "ENKUNSUPPORTED",
+            KvError::StaleState { .. } => "ENKSTATESTALE",
+            KvError::LineageMismatch { .. } => "ENKSTATELINEAGE",
             KvError::Backend { .. } => "ENKSTATE",
         }
     }
