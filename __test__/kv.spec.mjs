@@ -258,6 +258,14 @@ for (const backend of backends) {
       assert.equal(await st.get('counter'), 8000)
     })
 
+    test('8 processes opening a brand-new namespace at once all work', async () => {
+      const options = { ...ctx.options, agent: `${ctx.options.agent ?? 'local'}-fresh-${randomUUID().slice(0, 6)}` }
+      const { results, dir } = await children('incr', 8, 50, options, { sync: true })
+      rmSync(dir, { recursive: true, force: true })
+      assert.equal(results.length, 8)
+      assert.equal(await (await openState(options)).get('counter'), 400)
+    })
+
     test('8 processes contending for one lock never overlap', async () => {
       const options = { ...ctx.options, agent: `${ctx.options.agent ?? 'local'}-cs` }
       const per = 25
