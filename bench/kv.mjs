@@ -176,7 +176,8 @@ try {
     s.setSync(`key:${i}`, v)
     js.set(`key:${i}`, v)
   }
-  const keyOf = (i) => `key:${i % KEYS}`
+  const keyNames = Array.from({ length: KEYS }, (_, i) => `key:${i}`)
+  const keyOf = (i) => keyNames[i % KEYS]
   const jsonBytes = readFileSync(join(work, 'state.json')).length
 
   // get

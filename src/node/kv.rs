@@ -311,12 +311,19 @@ impl StateStore {
     }
 
     #[napi(ts_return_type = "unknown")]
-    pub fn get_sync(&self, key: String) -> Result<Option<serde_json::Value>, String> {
+    pub fn get_sync(
+        &self,
+        key: String,
+    ) -> Result<Option<Either<String, serde_json::Value>>, String> {
+        // Text values go straight to a JS string (the hot path).
         Ok(self
             .sync()?
             .get(&key)
             .map_err(js_err_sync)?
-            .map(Value::into_json))
+            .map(|v| match v {
+                Value::Text(s) => Either::A(s),
+                Value::Json(j) => Either::B(j),
+            }))
     }
 
     #[napi]
