@@ -320,6 +320,24 @@ describe('embedded only', () => {
     assert.throws(() => openStateSync({ stateDir: dir, agent: '../x' }), (e) => e.code === 'ENKAGENT')
   })
 
+  test('getSync sees a write by another process as soon as that returned', () => {
+    const d = mkdtempSync(join(tmpdir(), 'nk-kv-fresh-'))
+    const s = openStateSync({ stateDir: d, url: '' })
+    s.setSync('x', 'start')
+    for (let i = 0; i < 5; i++) {
+      // Two gets in a row, so that the second may reuse a read snapshot.
+      s.getSync('x')
+      s.getSync('x')
+      const r = spawnSync(process.execPath, [BIN, 'state', 'set', 'x', `v${i}`], {
+        env: { ...process.env, NANOKIT_STATE_DIR: d, NANOKIT_STATE_URL: '' },
+        stdio: ['ignore', 'pipe', 'pipe'],
+      })
+      assert.equal(r.status, 0, String(r.stderr))
+      assert.equal(s.getSync('x'), `v${i}`)
+    }
+    rmSync(d, { recursive: true, force: true })
+  })
+
   test('a corrupt database file is reported, never reset', async () => {
     const d = mkdtempSync(join(tmpdir(), 'nk-kv-corrupt-'))
     const file = join(d, 'local.db')

@@ -233,3 +233,73 @@ fn sync_and_async_paths_see_the_same_data() {
     assert_eq!(got, Some(Value::Text("v".into())));
     let _ = std::io::stderr().flush();
 }
+
+#[test]
+fn get_always_sees_writes_that_returned_before_it() {
+    // `get` reuses its read transaction while nobody commits; every write by
+    // another connection (here: another store on the same file, which is
+    // what another process is to SQLite) must be visible to the next get.
+    let tmp = tempfile::tempdir().unwrap();
+    let a = SqliteStore::open(tmp.path(), "local").unwrap();
+    let b = SqliteStore::open(tmp.path(), "local").unwrap();
+    b.set("k", &Value::Text("v0".into())).unwrap();
+    for i in 1..=300 {
+        // Two gets in a row: the second may reuse the first's snapshot.
+        assert_eq!(
+            a.get("k").unwrap(),
+            Some(Value::Text(format!("v{}", i - 1)))
+        );
+        assert_eq!(
+            a.get("k").unwrap(),
+            Some(Value::Text(format!("v{}", i - 1)))
+        );
+        match i % 3 {
+            0 => b.set("k", &Value::Text(format!("v{i}"))).unwrap(),
+            1 => {
+                // A write through `a` itself ends its snapshot first.
+                a.set("k", &Value::Text(format!("v{i}"))).unwrap()
+            }
+            _ => {
+                b.set("k", &Value::Text(format!("v{i}"))).unwrap();
+                assert!(b.delete("other").is_ok());
+            }
+        }
+    }
+    let n = b.increment("n", 1).unwrap();
+    assert_eq!(a.get("n").unwrap(), Some(Value::Json(serde_json::json!(n))));
+    assert!(b.delete("n").unwrap());
+    assert_eq!(a.get("n").unwrap(), None);
+}
+
+#[test]
+fn an_idle_get_snapshot_is_released_so_checkpoints_can_finish() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = SqliteStore::open(tmp.path(), "local").unwrap();
+    let b = SqliteStore::open(tmp.path(), "local").unwrap();
+    a.set("k", &Value::Text("v".into())).unwrap();
+    a.get("k").unwrap();
+    for i in 0..200 {
+        b.set(&format!("x{i}"), &Value::Text("y".repeat(500)))
+            .unwrap();
+    }
+    // The reaper ends a's idle snapshot (no assertion on how long it takes).
+    let mut spins = 0;
+    while a.has_open_snapshot() {
+        std::thread::sleep(Duration::from_millis(1));
+        spins += 1;
+        assert!(spins < 60_000, "the idle snapshot was never released");
+    }
+    let c = rusqlite::Connection::open(tmp.path().join("local.db")).unwrap();
+    let (busy, _log, _done): (i64, i64, i64) = c
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .unwrap();
+    assert_eq!(busy, 0, "a checkpoint could not finish");
+    assert_eq!(
+        std::fs::metadata(tmp.path().join("local.db-wal"))
+            .unwrap()
+            .len(),
+        0
+    );
+}

@@ -16,6 +16,7 @@
 pub mod error;
 pub mod infra_state;
 pub mod pg;
+pub mod snapshot;
 pub mod sqlite;
 
 use std::path::{Path, PathBuf};

@@ -10,11 +10,12 @@
 use std::fs;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, ErrorCode as SqlCode, OpenFlags, OptionalExtension};
 
+use super::snapshot::{self, Reapable, ShmHeader, Snapshot};
 use super::{
     backoff, now_ms, timeout_ms, validate_agent, validate_holder, validate_key, Acquired, Entry,
     KvError, LockInfo, Result, Stats, Value,
@@ -42,9 +43,69 @@ CREATE TABLE IF NOT EXISTS locks (
 ) WITHOUT ROWID;
 ";
 
+/// The connection and the read transaction `get` may keep open.
+struct ConnState {
+    conn: Connection,
+    snap: Option<Snapshot>,
+}
+
+impl ConnState {
+    fn end_snapshot(&mut self) {
+        if self.snap.take().is_some() && self.conn.execute_batch("COMMIT").is_err() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+    }
+}
+
+struct Shared {
+    conn: Mutex<ConnState>,
+    shm: OnceLockShm,
+}
+
+type OnceLockShm = std::sync::OnceLock<Option<ShmHeader>>;
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, ConnState> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Reapable for Shared {
+    fn reap(&self, idle: Duration) -> bool {
+        match self.conn.try_lock() {
+            Ok(mut g) => {
+                if g.snap
+                    .as_ref()
+                    .is_some_and(|s| s.last_used.elapsed() >= idle)
+                {
+                    g.end_snapshot();
+                }
+                g.snap.is_some()
+            }
+            Err(_) => true,
+        }
+    }
+}
+
+/// The connection with no read snapshot open (every operation but `get`).
+struct ConnGuard<'a>(MutexGuard<'a, ConnState>);
+
+impl std::ops::Deref for ConnGuard<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.0.conn
+    }
+}
+
+impl std::ops::DerefMut for ConnGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Connection {
+        &mut self.0.conn
+    }
+}
+
 /// The embedded state store of one agent.
 pub struct SqliteStore {
-    conn: Mutex<Connection>,
+    shared: Arc<Shared>,
     path: PathBuf,
     location: String,
     agent: String,
@@ -130,12 +191,17 @@ impl SqliteStore {
         conn.busy_handler(Some(busy_handler))
             .map_err(|e| map_err(&location, e))?;
         let store = SqliteStore {
-            conn: Mutex::new(conn),
+            shared: Arc::new(Shared {
+                conn: Mutex::new(ConnState { conn, snap: None }),
+                shm: OnceLockShm::new(),
+            }),
             path,
             location,
             agent: agent.to_string(),
         };
         store.init()?;
+        let shared: Arc<dyn Reapable> = store.shared.clone();
+        snapshot::register(Arc::downgrade(&shared));
         Ok(store)
     }
 
@@ -232,12 +298,33 @@ impl SqliteStore {
         Ok(())
     }
 
-    fn conn(&self) -> MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    fn conn(&self) -> ConnGuard<'_> {
+        let mut g = self.shared.lock();
+        g.end_snapshot();
+        ConnGuard(g)
+    }
+
+    /// The mapped WAL-index header (mapped on first use, after the database
+    /// is in WAL mode).
+    fn shm(&self) -> Option<&ShmHeader> {
+        self.shared
+            .shm
+            .get_or_init(|| {
+                let mut p = self.path.clone().into_os_string();
+                p.push("-shm");
+                ShmHeader::map(Path::new(&p))
+            })
+            .as_ref()
     }
 
     fn m(&self) -> impl Fn(rusqlite::Error) -> KvError + '_ {
         move |e| map_err(&self.location, e)
+    }
+
+    /// Whether `get` currently keeps a read transaction open (see
+    /// [`super::snapshot`]); for tests and diagnostics.
+    pub fn has_open_snapshot(&self) -> bool {
+        self.shared.lock().snap.is_some()
     }
 
     /// The agent (namespace) of this store.
@@ -265,6 +352,55 @@ impl SqliteStore {
 
     pub fn get(&self, key: &str) -> Result<Option<Value>> {
         validate_key("key", key)?;
+        let Some(shm) = self.shm() else {
+            return self.get_fresh(key);
+        };
+        let mut g = self.shared.lock();
+        let before = shm.read();
+        let reuse = g.snap.as_ref().is_some_and(|s| s.header == before);
+        if !reuse {
+            g.end_snapshot();
+            g.conn.execute_batch("BEGIN").map_err(self.m())?;
+        }
+        let row = g
+            .conn
+            .prepare_cached("SELECT kind, value FROM kv WHERE key = ?1")
+            .and_then(|mut st| {
+                st.query_row([key], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+                    .optional()
+            });
+        let row = match row {
+            Ok(row) => row,
+            Err(e) => {
+                if g.snap.is_none() {
+                    let _ = g.conn.execute_batch("ROLLBACK");
+                }
+                g.end_snapshot();
+                return Err(self.m()(e));
+            }
+        };
+        if reuse {
+            if let Some(s) = g.snap.as_mut() {
+                s.last_used = Instant::now();
+            }
+        } else if shm.read() == before {
+            // Nobody committed while the transaction began: it is at the
+            // newest commit and may serve the next gets.
+            g.snap = Some(Snapshot {
+                header: before,
+                last_used: Instant::now(),
+            });
+            snapshot::opened();
+        } else {
+            let _ = g.conn.execute_batch("COMMIT");
+        }
+        drop(g);
+        row.map(|(kind, text)| Value::decode(kind, text, &self.location))
+            .transpose()
+    }
+
+    /// `get` in its own read transaction.
+    fn get_fresh(&self, key: &str) -> Result<Option<Value>> {
         let conn = self.conn();
         let row = conn
             .prepare_cached("SELECT kind, value FROM kv WHERE key = ?1")
