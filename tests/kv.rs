@@ -651,3 +651,38 @@ fn critical_section(dir: &Path) -> bool {
     }
     alone
 }
+
+/// PostgreSQL only: a lost connection (server restart, killed backend) is
+/// reported as ENKSTATEUNAVAILABLE at most once, then the store reconnects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_store_reconnects_after_a_lost_connection() {
+    let Some(url) = pg_url() else { return };
+    let app = format!("nk-reconnect-{}", uuid::Uuid::new_v4().simple());
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let opts = OpenOptions {
+        agent: Some(format!("t-{}", uuid::Uuid::new_v4().simple())),
+        state_dir: None,
+        url: Some(format!("{url}{sep}application_name={app}")),
+    };
+    let store = Store::open(&opts).await.unwrap();
+    store.set("k", &Value::Text("v".into())).await.unwrap();
+    // Kill our backend from another session.
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let killed = client
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
+            &[&app],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(killed, 1);
+    match store.get("k").await {
+        Ok(v) => assert_eq!(v, Some(Value::Text("v".into()))),
+        Err(e) => assert_eq!(e.code(), "ENKSTATEUNAVAILABLE", "{e}"),
+    }
+    assert_eq!(store.get("k").await.unwrap(), Some(Value::Text("v".into())));
+}

@@ -6,6 +6,7 @@
 //! PostgreSQL serialises per row. Lock expiry is decided by the database's
 //! clock (`now()`), so machines with skewed clocks still agree.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::error::SqlState;
@@ -44,7 +45,12 @@ COMMIT;
 
 /// A connected PostgreSQL store of one agent.
 pub struct PgStore {
-    client: Client,
+    /// Replaced by a new connection when the old one was lost (the call that
+    /// saw it lost fails with ENKSTATEUNAVAILABLE; the next one reconnects).
+    client: std::sync::Mutex<Arc<Client>>,
+    /// Set when a call saw the connection fail; the next call reconnects.
+    broken: std::sync::atomic::AtomicBool,
+    url: String,
     agent: String,
     location: String,
 }
@@ -121,6 +127,14 @@ pub fn map_pg_err(location: &str, e: tokio_postgres::Error) -> KvError {
     }
     if let Some(db) = e.as_db_error() {
         let code = db.code();
+        // 08: connection exceptions; 57: operator intervention (server
+        // shutting down, backend terminated, cannot connect now).
+        if code.code().starts_with("08") || code.code().starts_with("57") {
+            return KvError::Unavailable {
+                location: location.to_string(),
+                detail: format!("{} ({})", db.message(), code.code()),
+            };
+        }
         if *code == SqlState::UNDEFINED_COLUMN
             || *code == SqlState::DATATYPE_MISMATCH
             || *code == SqlState::UNDEFINED_TABLE
@@ -156,18 +170,22 @@ impl PgStore {
         validate_agent(agent)?;
         let client = connect(url).await?;
         let store = PgStore {
-            client,
+            client: std::sync::Mutex::new(Arc::new(client)),
+            broken: std::sync::atomic::AtomicBool::new(false),
+            url: url.to_string(),
             agent: agent.to_string(),
             location: redact_url(url),
         };
         store
-            .client
+            .client()
+            .await?
             .batch_execute(SCHEMA)
             .await
             .map_err(|e| store.m(e))?;
         // A foreign table of the same name fails here.
         store
-            .client
+            .client()
+            .await?
             .batch_execute(
                 "SELECT agent, key, kind, value, updated_at FROM nanokit_kv LIMIT 0;
                  SELECT agent, name, holder, acquired_at, expires_at FROM nanokit_kv_locks LIMIT 0;",
@@ -178,7 +196,28 @@ impl PgStore {
     }
 
     fn m(&self, e: tokio_postgres::Error) -> KvError {
-        map_pg_err(&self.location, e)
+        let err = map_pg_err(&self.location, e);
+        if matches!(err, KvError::Unavailable { .. }) {
+            self.broken.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        err
+    }
+
+    /// The live connection, reconnecting when the previous one was lost.
+    async fn client(&self) -> Result<Arc<Client>> {
+        let current = self
+            .client
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if !current.is_closed() && !self.broken.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(current);
+        }
+        self.broken
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let fresh = Arc::new(connect(&self.url).await?);
+        *self.client.lock().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&fresh);
+        Ok(fresh)
     }
 
     pub fn agent(&self) -> &str {
@@ -188,7 +227,7 @@ impl PgStore {
     pub async fn set(&self, key: &str, value: &Value) -> Result<()> {
         validate_key("key", key)?;
         let (kind, text) = value.encode()?;
-        self.client
+        self.client().await?
             .execute(
                 "INSERT INTO nanokit_kv (agent, key, kind, value, updated_at) VALUES ($1, $2, $3, $4, now())
                  ON CONFLICT (agent, key) DO UPDATE SET kind = EXCLUDED.kind, value = EXCLUDED.value, updated_at = now()",
@@ -206,7 +245,8 @@ impl PgStore {
     pub async fn get_entry(&self, key: &str) -> Result<Option<Entry>> {
         validate_key("key", key)?;
         let row = self
-            .client
+            .client()
+            .await?
             .query_opt(
                 &format!(
                     "SELECT kind, value, {} FROM nanokit_kv WHERE agent = $1 AND key = $2",
@@ -229,7 +269,8 @@ impl PgStore {
     pub async fn exists(&self, key: &str) -> Result<bool> {
         validate_key("key", key)?;
         let row = self
-            .client
+            .client()
+            .await?
             .query_opt(
                 "SELECT 1 FROM nanokit_kv WHERE agent = $1 AND key = $2",
                 &[&self.agent, &key],
@@ -242,7 +283,8 @@ impl PgStore {
     pub async fn delete(&self, key: &str) -> Result<bool> {
         validate_key("key", key)?;
         let n = self
-            .client
+            .client()
+            .await?
             .execute(
                 "DELETE FROM nanokit_kv WHERE agent = $1 AND key = $2",
                 &[&self.agent, &key],
@@ -257,7 +299,8 @@ impl PgStore {
             validate_key("prefix", prefix)?;
         }
         let rows = self
-            .client
+            .client()
+            .await?
             .query(
                 &format!(
                     "SELECT key, kind, value, {} FROM nanokit_kv
@@ -285,7 +328,8 @@ impl PgStore {
         // increments. A non-integer value fails the cast (22P02), an overflow
         // fails the addition (22003).
         let res = self
-            .client
+            .client()
+            .await?
             .query_one(
                 "INSERT INTO nanokit_kv AS t (agent, key, kind, value, updated_at)
                  VALUES ($1, $2, 1, $3::bigint::text, now())
@@ -319,7 +363,8 @@ impl PgStore {
         timeout: i64,
     ) -> Result<std::result::Result<Acquired, (String, i64)>> {
         let row = self
-            .client
+            .client()
+            .await?
             .query_opt(
                 &format!(
                     "INSERT INTO nanokit_kv_locks AS l (agent, name, holder, acquired_at, expires_at)
@@ -388,7 +433,8 @@ impl PgStore {
         validate_holder(holder)?;
         // Ours, even if expired: nobody took it since, so releasing is right.
         let n = self
-            .client
+            .client()
+            .await?
             .execute(
                 "DELETE FROM nanokit_kv_locks WHERE agent = $1 AND name = $2 AND holder = $3",
                 &[&self.agent, &name, &holder],
@@ -409,7 +455,8 @@ impl PgStore {
     pub async fn force_unlock(&self, name: &str) -> Result<Option<String>> {
         validate_key("lock name", name)?;
         let row = self
-            .client
+            .client()
+            .await?
             .query_opt(
                 "DELETE FROM nanokit_kv_locks WHERE agent = $1 AND name = $2
                  RETURNING holder, expires_at > now()",
@@ -429,7 +476,8 @@ impl PgStore {
     pub async fn is_locked(&self, name: &str) -> Result<LockInfo> {
         validate_key("lock name", name)?;
         let row = self
-            .client
+            .client()
+            .await?
             .query_opt(
                 &format!(
                     "SELECT holder, {} FROM nanokit_kv_locks
@@ -452,11 +500,13 @@ impl PgStore {
 
     pub async fn clear(&self) -> Result<u64> {
         let n = self
-            .client
+            .client()
+            .await?
             .execute("DELETE FROM nanokit_kv WHERE agent = $1", &[&self.agent])
             .await
             .map_err(|e| self.m(e))?;
-        self.client
+        self.client()
+            .await?
             .execute(
                 "DELETE FROM nanokit_kv_locks WHERE agent = $1 AND expires_at <= now()",
                 &[&self.agent],
@@ -468,7 +518,8 @@ impl PgStore {
 
     pub async fn stats(&self) -> Result<Stats> {
         let row = self
-            .client
+            .client()
+            .await?
             .query_one(
                 "SELECT (SELECT count(*) FROM nanokit_kv WHERE agent = $1),
                         (SELECT coalesce(sum(octet_length(value)), 0)::bigint FROM nanokit_kv WHERE agent = $1),
