@@ -117,9 +117,9 @@ impl Value {
         }
     }
 
-    /// The integer this value holds, for `increment`.
-    pub(crate) fn parse_integer(kind: i64, text: &str) -> Option<i64> {
-        let _ = kind;
+    /// The integer a stored value holds, for `increment`: a JSON integer or
+    /// a string of one (either kind).
+    pub(crate) fn parse_integer(text: &str) -> Option<i64> {
         text.trim().parse::<i64>().ok()
     }
 }

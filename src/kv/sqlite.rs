@@ -509,7 +509,7 @@ impl SqliteStore {
             .map_err(&m)?;
         let base = match &current {
             None => 0,
-            Some((kind, text)) => Value::parse_integer(*kind, text).ok_or_else(|| {
+            Some((_, text)) => Value::parse_integer(text).ok_or_else(|| {
                 KvError::NotInteger(format!(
                     "cannot increment {key:?}: its value is not an integer ({})",
                     text.chars().take(60).collect::<String>()
