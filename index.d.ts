@@ -62,6 +62,62 @@ export declare class LockHandle {
   release(): void
 }
 
+/** A key/value state store with named locks (see `openState()`). */
+export declare class StateStore {
+  /** `embedded` or `postgres`. */
+  get backend(): string
+  /** The namespace of this store. */
+  get agent(): string
+  /**
+   * Stores a string, or any other JSON value. Keys are 1 to 1024 bytes,
+   * values at most 1 MiB.
+   */
+  set(key: string, value: unknown): Promise<void>
+  /** The value of `key`, or `null`. */
+  get(key: string): Promise<unknown>
+  exists(key: string): Promise<boolean>
+  /** Deletes `key`; resolves to whether it existed. */
+  delete(key: string): Promise<boolean>
+  /** Keys starting with `prefix` (all when omitted), sorted. */
+  list(prefix?: string | undefined | null): Promise<Array<StateEntry>>
+  /**
+   * Atomically adds `delta` (default 1) to the integer at `key` (missing
+   * = 0); resolves to the new value.
+   */
+  increment(key: string, delta?: number | undefined | null): Promise<number>
+  /**
+   * Acquires the lock `name` for `holder` for `timeoutSeconds`, waiting up
+   * to `options.waitMs`; rejects with `ENKLOCKED` naming the holder.
+   */
+  lock(name: string, holder: string, timeoutSeconds: number, options?: StateLockOptions | undefined | null): Promise<LockAcquired>
+  /** Releases `name`; only its holder may (`ENKNOTHOLDER` otherwise). */
+  unlock(name: string, holder: string): Promise<void>
+  /**
+   * Removes the lock `name` whoever holds it; resolves to the holder it
+   * had (or `null`).
+   */
+  forceUnlock(name: string): Promise<string | null>
+  isLocked(name: string): Promise<LockState>
+  /** Deletes every key of this agent (locks are kept); resolves to how many. */
+  clear(): Promise<number>
+  stats(): Promise<StateStats>
+  setSync(key: string, value: unknown): void
+  getSync(key: string): unknown
+  existsSync(key: string): boolean
+  deleteSync(key: string): boolean
+  listSync(prefix?: string | undefined | null): Array<StateEntry>
+  incrementSync(key: string, delta?: number | undefined | null): number
+  /**
+   * Like `lock()`, blocking the thread while it waits (keep `waitMs`
+   * small on the main thread).
+   */
+  lockSync(name: string, holder: string, timeoutSeconds: number, options?: StateLockOptions | undefined | null): LockAcquired
+  unlockSync(name: string, holder: string): void
+  isLockedSync(name: string): LockState
+  clearSync(): number
+  statsSync(): StateStats
+}
+
 /** Waits for the lock at `path` and takes it. */
 export declare function acquireLock(path: string, options?: LockOptions | undefined | null, abort?: AbortHandle | undefined | null): Promise<LockHandle>
 
@@ -126,6 +182,14 @@ export interface InstallResult {
  */
 export declare function isInstalled(repoDir: string, specifier: string): boolean
 
+/** A lock just acquired. */
+export interface LockAcquired {
+  name: string
+  holder: string
+  /** Expiry, milliseconds since the Unix epoch. */
+  expiresAt: number
+}
+
 /** Who holds a lock. */
 export interface LockHolder {
   token: string
@@ -166,6 +230,42 @@ export interface LockOptions {
   holder?: string
 }
 
+/** The state of a lock. */
+export interface LockState {
+  locked: boolean
+  holder?: string
+  /** Expiry, milliseconds since the Unix epoch. */
+  expiresAt?: number
+}
+
+/**
+ * Opens the state store: PostgreSQL when `url` (or `NANOKIT_STATE_URL`) is
+ * set, else the embedded database of `agent`.
+ */
+export declare function openState(options?: OpenStateOptions | undefined | null): Promise<StateStore>
+
+/** Options of `openState()`. */
+export interface OpenStateOptions {
+  /** Namespace (default `local`): letters, digits, `.`, `_`, `-`. */
+  agent?: string
+  /**
+   * Directory of the embedded databases (default `NANOKIT_STATE_DIR`, then
+   * `~/.nanokit/state`).
+   */
+  stateDir?: string
+  /**
+   * `postgres://…` to use PostgreSQL (default `NANOKIT_STATE_URL`); an
+   * empty string forces the embedded backend.
+   */
+  url?: string
+}
+
+/**
+ * Opens the embedded state store synchronously (PostgreSQL needs
+ * `openState()`).
+ */
+export declare function openStateSync(options?: OpenStateOptions | undefined | null): StateStore
+
 /**
  * Runs `command` in `dir` once per manifest hash, under the global lock
  * `<dir>/.nk-install-lock` and the sentinel `<dir>/.nk-installed-<hash>`.
@@ -200,6 +300,37 @@ export interface ProvisionResult {
   durationMs: number
   /** The command's output, when captured and run. */
   output?: string
+}
+
+/** One key of `list()`. */
+export interface StateEntry {
+  key: string
+  value: any
+  /** Last write, milliseconds since the Unix epoch. */
+  updatedAt: number
+}
+
+/** Options of `lock()`. */
+export interface StateLockOptions {
+  /**
+   * How long to wait for the current holder, in ms (default 0: fail at
+   * once with `ENKLOCKED`).
+   */
+  waitMs?: number
+}
+
+/** Counts of `stats()`. */
+export interface StateStats {
+  /** `embedded` or `postgres`. */
+  backend: string
+  agent: string
+  /** The database file, or the server URL without its password. */
+  location: string
+  keys: number
+  valueBytes: number
+  /** Locks currently held. */
+  locks: number
+  fileBytes?: number
 }
 
 /**

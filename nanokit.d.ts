@@ -110,3 +110,7 @@ export declare function provision(dir: string, options: ProvisionOptions): Promi
 
 /** Runs the nanokit command line; resolves to the exit code. */
 export declare function cli(args: string[]): Promise<number>
+
+// Shared key/value state with named locks: see kv-wrapper.d.ts.
+export { openState, openStateSync, State } from './kv-wrapper'
+export type { StateError } from './kv-wrapper'

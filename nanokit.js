@@ -6,16 +6,8 @@
 
 const native = require('./index.js')
 
-const CODE = /^(ENK[A-Z]+): /
-
-/** Copies the stable code at the start of a native error's message to `err.code`. */
-function coded(err) {
-  if (err && typeof err.message === 'string') {
-    const m = CODE.exec(err.message)
-    if (m) err.code = m[1]
-  }
-  return err
-}
+const { withCode: coded } = require('./errors.js')
+const kv = require('./kv-wrapper.js')
 
 function call(fn, ...args) {
   try {
@@ -37,9 +29,7 @@ async function callAsync(fn, ...args) {
 async function withSignal(signal, start) {
   if (!signal) return callAsync(start, undefined)
   if (signal.aborted) {
-    const e = new Error('ENKABORTED: the operation was aborted before it started')
-    e.code = 'ENKABORTED'
-    throw e
+    throw coded(new Error('ENKABORTED: the operation was aborted before it started'))
   }
   const handle = new native.AbortHandle()
   const onAbort = () => handle.abort()
@@ -93,9 +83,7 @@ class LockHandle {
       const check = () => {
         if (this.#native.lost) {
           this.#stopWatching()
-          const e = new Error(`ENKLOCKLOST: the lease on ${this.path} was lost while held`)
-          e.code = 'ENKLOCKLOST'
-          this.#controller.abort(e)
+          this.#controller.abort(coded(new Error(`ENKLOCKLOST: the lease on ${this.path} was lost while held`)))
         } else if (this.#native.released) {
           this.#stopWatching()
         }
@@ -266,4 +254,8 @@ module.exports = {
   provision,
   cli,
   LockHandle,
+  // Shared key/value state with named locks (kv-wrapper.js).
+  openState: kv.openState,
+  openStateSync: kv.openStateSync,
+  State: kv.State,
 }

@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod error;
 pub mod fsutil;
+pub mod kv;
 pub mod lock;
 pub mod repo;
 

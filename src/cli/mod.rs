@@ -3,6 +3,7 @@
 
 mod lock;
 mod repo;
+pub mod state;
 
 use std::fmt::Display;
 use std::io::{BufRead, IsTerminal, Write};
@@ -46,6 +47,8 @@ pub enum Command {
     Repo(repo::RepoCommand),
     /// Run an install command once per manifest hash in a shared directory
     Provision(repo::ProvisionArgs),
+    /// Shared key/value state with named locks (embedded SQLite or PostgreSQL)
+    State(state::StateArgs),
 }
 
 /// How listing commands print.
@@ -160,6 +163,7 @@ pub async fn run(args: Vec<String>) -> i32 {
         Command::Lock(cmd) => lock::run(cmd).await,
         Command::Repo(cmd) => repo::run(cmd).await,
         Command::Provision(args) => repo::provision(args).await,
+        Command::State(args) => Ok(state::run(args).await),
     };
     match result {
         Ok(code) => code,

@@ -2,9 +2,9 @@
 //! values and the engine's Rust types. No engine logic belongs in this module.
 //!
 //! Errors cross into JS as `Error`s whose message starts with the stable code
-//! (`ENKLOCKED: …`, like Node's own `ENOENT: …`); the public entry
-//! `nanokit.js` copies that code onto `err.code`.
+//! (`ENKLOCKED: …`); `errors.js` moves it to `err.code` for the public API.
 
+mod kv;
 mod lock;
 mod repo;
 
@@ -16,9 +16,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::ErrorCode;
 
-/// Converts an engine error into a JS error carrying its code.
+/// Converts an engine error into a JS error whose message starts with its
+/// code (promise rejections can only carry napi's fixed status).
 pub(crate) fn js_err<E: ErrorCode + Display>(e: E) -> napi::Error {
     napi::Error::from_reason(format!("{}: {e}", e.code()))
+}
+
+/// For synchronous calls: the code is also `err.code` natively.
+pub(crate) fn js_err_sync<E: ErrorCode + Display>(e: E) -> napi::Error<String> {
+    napi::Error::new(e.code().to_string(), format!("{}: {e}", e.code()))
 }
 
 /// A JS number of milliseconds as a duration (negative and NaN are zero).

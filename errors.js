@@ -1,0 +1,24 @@
+'use strict'
+// Native errors arrive with their stable code in front of the message
+// (`ENKLOCKED: lock … is held by …`): napi-rs rejects promises with a fixed
+// status. `withCode` moves that code to `err.code`, the one place callers
+// match on.
+
+const CODE_PREFIX = /^(ENK[A-Z]+): /
+
+function withCode(err) {
+  if (err && typeof err.message === 'string') {
+    const m = CODE_PREFIX.exec(err.message)
+    if (m) {
+      try {
+        err.code = m[1]
+        err.message = err.message.slice(m[0].length)
+      } catch {
+        // A frozen error keeps its prefixed message.
+      }
+    }
+  }
+  return err
+}
+
+module.exports = { withCode }

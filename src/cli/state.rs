@@ -1,0 +1,469 @@
+//! `nanokit state …`: the key/value state store and its named locks from the
+//! command line.
+
+use std::io::{BufRead, IsTerminal, Write};
+
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::json;
+
+use super::exit;
+use crate::error::ErrorCode;
+use crate::kv::{self, error::fmt_ms, KvError, OpenOptions, Store, Value};
+
+const AFTER_HELP: &str = "\
+Backends:
+  embedded (default)  one SQLite file per agent in the state directory
+                      ($NANOKIT_STATE_DIR, default ~/.nanokit/state/<agent>.db),
+                      safe for many processes on this machine
+  postgres            --state-url postgres://user:pass@host:port/db (or
+                      $NANOKIT_STATE_URL): shared by many machines; lock
+                      expiry follows the database's clock
+
+Examples:
+  nanokit state set package:installed:nginx 1.25
+  nanokit state set config '{\"replicas\":3}' --json
+  nanokit state get package:installed:nginx
+  nanokit state list package: --output json
+  nanokit state incr deploys
+  nanokit state lock deploy --holder \"$(hostname)\" --timeout 300 --wait 60
+  nanokit state unlock deploy --holder \"$(hostname)\"
+  nanokit state delete config --yes
+
+Errors print their code (ENKLOCKED, ENKNOTHOLDER, ENKKEY, ENKAGENT,
+ENKSTATECORRUPT, ENKSTATEUNAVAILABLE, …) and exit with status 1.";
+
+/// `nanokit state`: shared key/value state with named locks.
+#[derive(Debug, Args)]
+#[command(after_long_help = AFTER_HELP)]
+pub struct StateArgs {
+    /// Namespace of keys and locks: letters, digits, '.', '_', '-'.
+    #[arg(long, global = true, env = "NANOKIT_STATE_AGENT", default_value = kv::DEFAULT_AGENT)]
+    pub agent: String,
+
+    /// Use the PostgreSQL backend at this URL (postgres://user:pass@host:port/db).
+    #[arg(long, global = true, env = "NANOKIT_STATE_URL", hide_env_values = true)]
+    pub state_url: Option<String>,
+
+    /// Directory of the embedded databases (default ~/.nanokit/state).
+    #[arg(long, global = true, env = "NANOKIT_STATE_DIR")]
+    pub state_dir: Option<std::path::PathBuf>,
+
+    /// Output format.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+
+    #[command(subcommand)]
+    pub command: StateCommand,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StateCommand {
+    /// List keys (with values) starting with PREFIX, or all keys.
+    List {
+        /// Only keys that start with this.
+        prefix: Option<String>,
+    },
+    /// Show one key: its value, type, size and last write.
+    Show { key: String },
+    /// Print the value of KEY (text as is, JSON compact). Exit 1 when missing.
+    Get { key: String },
+    /// Set KEY to VALUE (a string; with --json, a JSON value).
+    Set {
+        key: String,
+        value: String,
+        /// Parse VALUE as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete KEY (asks for confirmation unless --yes).
+    Delete {
+        key: String,
+        /// Do not ask.
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+    /// Delete every key of the agent (asks unless --yes). Locks are kept.
+    Clear {
+        /// Do not ask.
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+    /// Counts: keys, bytes, held locks, file size.
+    Stats,
+    /// Atomically add DELTA (default 1, may be negative) to the integer at KEY.
+    Incr {
+        key: String,
+        #[arg(default_value_t = 1, allow_negative_numbers = true)]
+        delta: i64,
+    },
+    /// Acquire the named lock NAME for --holder (fails with ENKLOCKED naming
+    /// the current holder, after waiting up to --wait seconds).
+    Lock {
+        name: String,
+        /// Who holds it (e.g. a hostname or job id); needed to unlock.
+        #[arg(long)]
+        holder: String,
+        /// Seconds until the lock expires by itself.
+        #[arg(long, default_value_t = 60.0)]
+        timeout: f64,
+        /// Seconds to wait for the current holder to release it.
+        #[arg(long, default_value_t = 0.0)]
+        wait: f64,
+    },
+    /// Release the lock NAME held by --holder, or clear it whoever holds it
+    /// with --force (asks unless --yes).
+    Unlock {
+        name: String,
+        /// The holder that acquired it.
+        #[arg(long, required_unless_present = "force", conflicts_with = "force")]
+        holder: Option<String>,
+        /// Remove the lock whoever holds it (e.g. a stale lock of a dead job).
+        #[arg(long)]
+        force: bool,
+        /// With --force: do not ask.
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+    /// Show whether the lock NAME is held, by whom and until when.
+    Locked { name: String },
+}
+
+enum CliError {
+    Kv(KvError),
+    Msg(String),
+}
+
+impl From<KvError> for CliError {
+    fn from(e: KvError) -> Self {
+        CliError::Kv(e)
+    }
+}
+
+/// Runs `nanokit state …`; returns the exit code.
+pub async fn run(args: StateArgs) -> i32 {
+    match run_inner(&args).await {
+        Ok(code) => code,
+        Err(CliError::Kv(e)) => {
+            if args.output == Output::Json {
+                println!(
+                    "{}",
+                    json!({"error": {"code": e.code(), "message": e.to_string()}})
+                );
+            }
+            eprintln!("nanokit: {}: {e}", e.code());
+            exit::ERROR
+        }
+        Err(CliError::Msg(m)) => {
+            eprintln!("nanokit: {m}");
+            exit::ERROR
+        }
+    }
+}
+
+fn one_line(s: &str, max: usize) -> String {
+    let flat: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if flat.chars().count() > max {
+        format!("{}…", flat.chars().take(max - 1).collect::<String>())
+    } else {
+        flat
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Text(_) => "text",
+        Value::Json(_) => "json",
+    }
+}
+
+fn table(rows: &[Vec<String>]) {
+    let cols = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = std::io::stdout().lock();
+    for r in rows {
+        let mut line = String::new();
+        for (c, cell) in r.iter().enumerate() {
+            if c + 1 == r.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(cell);
+                line.push_str(&" ".repeat(widths[c] - cell.chars().count() + 2));
+            }
+        }
+        let _ = writeln!(out, "{}", line.trim_end());
+    }
+}
+
+/// Asks `question` on the terminal; refuses without a terminal.
+fn confirm(question: &str) -> Result<bool, CliError> {
+    let stdin = std::io::stdin();
+    if !stdin.is_terminal() {
+        return Err(CliError::Msg(format!(
+            "{question} needs confirmation but there is no terminal to ask on; pass --yes to proceed"
+        )));
+    }
+    eprint!("{question} [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    stdin
+        .lock()
+        .read_line(&mut answer)
+        .map_err(|e| CliError::Msg(format!("cannot read the answer: {e}")))?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
+}
+
+async fn run_inner(args: &StateArgs) -> Result<i32, CliError> {
+    let opts = OpenOptions {
+        agent: Some(args.agent.clone()),
+        state_dir: args.state_dir.clone(),
+        // Some("") forces the embedded backend even if the variable is set in
+        // a way clap did not see.
+        url: Some(args.state_url.clone().unwrap_or_default()),
+    };
+    let json_out = args.output == Output::Json;
+    let store = Store::open(&opts).await?;
+    match &args.command {
+        StateCommand::List { prefix } => {
+            let entries = store.list(prefix.as_deref().unwrap_or("")).await?;
+            if json_out {
+                let v: Vec<_> = entries
+                    .into_iter()
+                    .map(|e| {
+                        json!({"key": e.key, "type": kind(&e.value), "value": e.value.into_json(), "updatedAt": fmt_ms(e.updated_at_ms)})
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else if entries.is_empty() {
+                eprintln!(
+                    "(no keys{})",
+                    prefix
+                        .as_ref()
+                        .map(|p| format!(" starting with {p:?}"))
+                        .unwrap_or_default()
+                );
+            } else {
+                let mut rows = vec![vec![
+                    "KEY".into(),
+                    "TYPE".into(),
+                    "UPDATED".into(),
+                    "VALUE".into(),
+                ]];
+                for e in &entries {
+                    rows.push(vec![
+                        one_line(&e.key, 60),
+                        kind(&e.value).into(),
+                        fmt_ms(e.updated_at_ms),
+                        one_line(&e.value.display_text(), 60),
+                    ]);
+                }
+                table(&rows);
+            }
+        }
+        StateCommand::Show { key } | StateCommand::Get { key } => {
+            let show = matches!(args.command, StateCommand::Show { .. });
+            let Some(e) = store.get_entry(key).await? else {
+                return Err(CliError::Msg(format!(
+                    "key {key:?} not found in agent {:?} (ENKNOTFOUND)",
+                    store.agent()
+                )));
+            };
+            let bytes = e.value.display_text().len();
+            if json_out {
+                if show {
+                    println!(
+                        "{}",
+                        json!({"key": e.key, "type": kind(&e.value), "bytes": bytes, "updatedAt": fmt_ms(e.updated_at_ms), "value": e.value.into_json()})
+                    );
+                } else {
+                    println!("{}", e.value.into_json());
+                }
+            } else if show {
+                let pretty = match &e.value {
+                    Value::Text(s) => s.clone(),
+                    Value::Json(v) => serde_json::to_string_pretty(v).unwrap_or_default(),
+                };
+                println!("key:      {}", e.key);
+                println!("type:     {}", kind(&e.value));
+                println!("bytes:    {bytes}");
+                println!("updated:  {}", fmt_ms(e.updated_at_ms));
+                println!("value:\n{pretty}");
+            } else {
+                println!("{}", e.value.display_text());
+            }
+        }
+        StateCommand::Set { key, value, json } => {
+            let v = if *json {
+                Value::from_json(serde_json::from_str(value).map_err(|e| {
+                    CliError::Kv(KvError::Invalid(format!(
+                        "--json: the value is not valid JSON ({e})"
+                    )))
+                })?)
+            } else {
+                Value::Text(value.clone())
+            };
+            store.set(key, &v).await?;
+            if json_out {
+                println!("{}", json!({"key": key, "set": true}));
+            }
+        }
+        StateCommand::Delete { key, yes } => {
+            if !yes
+                && !confirm(&format!(
+                    "delete key {key:?} from agent {:?}?",
+                    store.agent()
+                ))?
+            {
+                eprintln!("nanokit: not deleted");
+                return Ok(exit::ERROR);
+            }
+            let existed = store.delete(key).await?;
+            if json_out {
+                println!("{}", json!({"key": key, "deleted": existed}));
+            } else if !existed {
+                eprintln!("key {key:?} did not exist");
+            }
+        }
+        StateCommand::Clear { yes } => {
+            if !yes
+                && !confirm(&format!(
+                    "delete every key of agent {:?} ({})?",
+                    store.agent(),
+                    store.backend()
+                ))?
+            {
+                eprintln!("nanokit: not cleared");
+                return Ok(exit::ERROR);
+            }
+            let n = store.clear().await?;
+            if json_out {
+                println!("{}", json!({"deleted": n}));
+            } else {
+                println!("deleted {n} key(s)");
+            }
+        }
+        StateCommand::Stats => {
+            let s = store.stats().await?;
+            if json_out {
+                println!("{}", serde_json::to_value(&s).unwrap_or_default());
+            } else {
+                let mut rows = vec![
+                    vec!["backend".to_string(), s.backend.clone()],
+                    vec!["agent".into(), s.agent.clone()],
+                    vec!["location".into(), s.location.clone()],
+                    vec!["keys".into(), s.keys.to_string()],
+                    vec!["value bytes".into(), s.value_bytes.to_string()],
+                    vec!["locks held".into(), s.locks.to_string()],
+                ];
+                if let Some(f) = s.file_bytes {
+                    rows.push(vec!["file bytes".into(), f.to_string()]);
+                }
+                table(&rows);
+            }
+        }
+        StateCommand::Incr { key, delta } => {
+            let n = store.increment(key, *delta).await?;
+            if json_out {
+                println!("{}", json!({"key": key, "value": n}));
+            } else {
+                println!("{n}");
+            }
+        }
+        StateCommand::Lock {
+            name,
+            holder,
+            timeout,
+            wait,
+        } => {
+            let wait = kv::wait_duration(wait * 1000.0)?;
+            let a = store.lock(name, holder, *timeout, wait).await?;
+            if json_out {
+                println!(
+                    "{}",
+                    json!({"name": a.name, "holder": a.holder, "expiresAt": fmt_ms(a.expires_at_ms)})
+                );
+            } else {
+                println!(
+                    "locked {:?} for {:?} until {}",
+                    a.name,
+                    a.holder,
+                    fmt_ms(a.expires_at_ms)
+                );
+            }
+        }
+        StateCommand::Unlock {
+            name,
+            holder,
+            force,
+            yes,
+        } => {
+            if *force {
+                let info = store.is_locked(name).await?;
+                let who = info.holder.as_deref().unwrap_or("nobody");
+                if !yes
+                    && !confirm(&format!(
+                        "remove lock {name:?} (held by {who:?}) of agent {:?}?",
+                        store.agent()
+                    ))?
+                {
+                    eprintln!("nanokit: not unlocked");
+                    return Ok(exit::ERROR);
+                }
+                let prev = store.force_unlock(name).await?;
+                if json_out {
+                    println!(
+                        "{}",
+                        json!({"name": name, "unlocked": true, "previousHolder": prev})
+                    );
+                } else {
+                    match prev {
+                        Some(h) => println!("removed lock {name:?} held by {h:?}"),
+                        None => println!("lock {name:?} was not held"),
+                    }
+                }
+            } else {
+                let holder = holder.as_deref().unwrap_or_default();
+                store.unlock(name, holder).await?;
+                if json_out {
+                    println!("{}", json!({"name": name, "unlocked": true}));
+                } else {
+                    println!("unlocked {name:?}");
+                }
+            }
+        }
+        StateCommand::Locked { name } => {
+            let i = store.is_locked(name).await?;
+            if json_out {
+                println!(
+                    "{}",
+                    json!({"name": name, "locked": i.locked, "holder": i.holder, "expiresAt": i.expires_at_ms.map(fmt_ms)})
+                );
+            } else if i.locked {
+                println!(
+                    "{name:?} is locked by {:?} until {}",
+                    i.holder.unwrap_or_default(),
+                    i.expires_at_ms.map(fmt_ms).unwrap_or_default()
+                );
+            } else {
+                println!("{name:?} is not locked");
+            }
+        }
+    }
+    Ok(exit::OK)
+}
