@@ -163,7 +163,7 @@ pub async fn run(args: Vec<String>) -> i32 {
         Command::Lock(cmd) => lock::run(cmd).await,
         Command::Repo(cmd) => repo::run(cmd).await,
         Command::Provision(args) => repo::provision(args).await,
-        Command::State(args) => Ok(state::run(args).await),
+        Command::State(args) => state::run(args).await,
     };
     match result {
         Ok(code) => code,

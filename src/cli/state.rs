@@ -1,13 +1,12 @@
 //! `nanokit state …`: the key/value state store and its named locks from the
 //! command line.
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::Write;
 
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand};
 use serde_json::json;
 
-use super::exit;
-use crate::error::ErrorCode;
+use super::{confirm, exit, CliError, CliResult, OutputFormat};
 use crate::kv::{self, error::fmt_ms, KvError, OpenOptions, Store, Value};
 
 const AFTER_HELP: &str = "\
@@ -49,17 +48,11 @@ pub struct StateArgs {
     pub state_dir: Option<std::path::PathBuf>,
 
     /// Output format.
-    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
-    pub output: Output,
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t)]
+    pub output: OutputFormat,
 
     #[command(subcommand)]
     pub command: StateCommand,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Output {
-    Table,
-    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -134,36 +127,17 @@ pub enum StateCommand {
     Locked { name: String },
 }
 
-enum CliError {
-    Kv(KvError),
-    Msg(String),
-}
-
-impl From<KvError> for CliError {
-    fn from(e: KvError) -> Self {
-        CliError::Kv(e)
+/// Runs `nanokit state …`. With `--output json`, an error is also printed as
+/// JSON on stdout, for scripts.
+pub async fn run(args: StateArgs) -> CliResult {
+    let result = run_inner(&args).await;
+    if let (Err(e), OutputFormat::Json) = (&result, args.output) {
+        println!(
+            "{}",
+            json!({"error": {"code": e.code, "message": e.message}})
+        );
     }
-}
-
-/// Runs `nanokit state …`; returns the exit code.
-pub async fn run(args: StateArgs) -> i32 {
-    match run_inner(&args).await {
-        Ok(code) => code,
-        Err(CliError::Kv(e)) => {
-            if args.output == Output::Json {
-                println!(
-                    "{}",
-                    json!({"error": {"code": e.code(), "message": e.to_string()}})
-                );
-            }
-            eprintln!("nanokit: {}: {e}", e.code());
-            exit::ERROR
-        }
-        Err(CliError::Msg(m)) => {
-            eprintln!("nanokit: {m}");
-            exit::ERROR
-        }
-    }
+    result
 }
 
 fn one_line(s: &str, max: usize) -> String {
@@ -211,25 +185,7 @@ fn table(rows: &[Vec<String>]) {
     }
 }
 
-/// Asks `question` on the terminal; refuses without a terminal.
-fn confirm(question: &str) -> Result<bool, CliError> {
-    let stdin = std::io::stdin();
-    if !stdin.is_terminal() {
-        return Err(CliError::Msg(format!(
-            "{question} needs confirmation but there is no terminal to ask on; pass --yes to proceed"
-        )));
-    }
-    eprint!("{question} [y/N] ");
-    let _ = std::io::stderr().flush();
-    let mut answer = String::new();
-    stdin
-        .lock()
-        .read_line(&mut answer)
-        .map_err(|e| CliError::Msg(format!("cannot read the answer: {e}")))?;
-    Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
-}
-
-async fn run_inner(args: &StateArgs) -> Result<i32, CliError> {
+async fn run_inner(args: &StateArgs) -> CliResult {
     let opts = OpenOptions {
         agent: Some(args.agent.clone()),
         state_dir: args.state_dir.clone(),
@@ -237,7 +193,7 @@ async fn run_inner(args: &StateArgs) -> Result<i32, CliError> {
         // a way clap did not see.
         url: Some(args.state_url.clone().unwrap_or_default()),
     };
-    let json_out = args.output == Output::Json;
+    let json_out = args.output == OutputFormat::Json;
     let store = Store::open(&opts).await?;
     match &args.command {
         StateCommand::List { prefix } => {
@@ -279,10 +235,10 @@ async fn run_inner(args: &StateArgs) -> Result<i32, CliError> {
         StateCommand::Show { key } | StateCommand::Get { key } => {
             let show = matches!(args.command, StateCommand::Show { .. });
             let Some(e) = store.get_entry(key).await? else {
-                return Err(CliError::Msg(format!(
-                    "key {key:?} not found in agent {:?} (ENKNOTFOUND)",
-                    store.agent()
-                )));
+                return Err(CliError::new(
+                    "ENKNOTFOUND",
+                    format!("key {key:?} not found in agent {:?}", store.agent()),
+                ));
             };
             let bytes = e.value.display_text().len();
             if json_out {
@@ -311,7 +267,7 @@ async fn run_inner(args: &StateArgs) -> Result<i32, CliError> {
         StateCommand::Set { key, value, json } => {
             let v = if *json {
                 Value::from_json(serde_json::from_str(value).map_err(|e| {
-                    CliError::Kv(KvError::Invalid(format!(
+                    CliError::from(KvError::Invalid(format!(
                         "--json: the value is not valid JSON ({e})"
                     )))
                 })?)
@@ -324,14 +280,12 @@ async fn run_inner(args: &StateArgs) -> Result<i32, CliError> {
             }
         }
         StateCommand::Delete { key, yes } => {
-            if !yes
-                && !confirm(&format!(
+            if !yes {
+                confirm(&format!(
                     "delete key {key:?} from agent {:?}?",
                     store.agent()
-                ))?
-            {
-                eprintln!("nanokit: not deleted");
-                return Ok(exit::ERROR);
+                ))
+                .await?;
             }
             let existed = store.delete(key).await?;
             if json_out {
@@ -341,15 +295,13 @@ async fn run_inner(args: &StateArgs) -> Result<i32, CliError> {
             }
         }
         StateCommand::Clear { yes } => {
-            if !yes
-                && !confirm(&format!(
+            if !yes {
+                confirm(&format!(
                     "delete every key of agent {:?} ({})?",
                     store.agent(),
                     store.backend()
-                ))?
-            {
-                eprintln!("nanokit: not cleared");
-                return Ok(exit::ERROR);
+                ))
+                .await?;
             }
             let n = store.clear().await?;
             if json_out {
@@ -416,14 +368,12 @@ async fn run_inner(args: &StateArgs) -> Result<i32, CliError> {
             if *force {
                 let info = store.is_locked(name).await?;
                 let who = info.holder.as_deref().unwrap_or("nobody");
-                if !yes
-                    && !confirm(&format!(
+                if !yes {
+                    confirm(&format!(
                         "remove lock {name:?} (held by {who:?}) of agent {:?}?",
                         store.agent()
-                    ))?
-                {
-                    eprintln!("nanokit: not unlocked");
-                    return Ok(exit::ERROR);
+                    ))
+                    .await?;
                 }
                 let prev = store.force_unlock(name).await?;
                 if json_out {
