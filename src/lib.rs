@@ -4,9 +4,18 @@
 //! Everything here is plain Rust; the Node-API glue lives in `node/` behind the
 //! `node` feature.
 
-pub mod error;
 pub mod cli;
+pub mod error;
 pub mod fsutil;
+
+pub mod config;
+pub mod drift;
+pub mod exec;
+pub mod foundation;
+pub mod graph;
+pub mod plan;
+pub mod provider;
+pub mod state;
 
 #[cfg(feature = "node")]
 mod node;

@@ -3,6 +3,8 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod infra;
+
 /// Process exit codes used by every command.
 pub mod exit {
     /// Success (and "no changes" for commands with detailed exit codes).
@@ -26,7 +28,10 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {}
+pub enum Command {
+    #[command(flatten)]
+    Infra(infra::InfraCommand),
+}
 
 /// Parses `args` (without the program name) and runs the command. Returns
 /// the process exit code; errors are printed to stderr without debug noise.
@@ -34,10 +39,27 @@ pub async fn run(args: Vec<String>) -> i32 {
     let cli = match Cli::try_parse_from(std::iter::once("nanokit".to_string()).chain(args)) {
         Ok(cli) => cli,
         Err(e) => {
-            let code = if e.use_stderr() { exit::ERROR } else { exit::OK };
+            let code = if e.use_stderr() {
+                exit::ERROR
+            } else {
+                exit::OK
+            };
             let _ = e.print();
             return code;
         }
     };
-    match cli.command {}
+    init_tracing();
+    match cli.command {
+        Command::Infra(cmd) => infra::run(cmd).await,
+    }
+}
+
+/// `NANOKIT_LOG=debug` turns logs up; they go to stderr.
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("NANOKIT_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
