@@ -202,7 +202,7 @@ fn cycles_print_the_path_and_unknown_dependencies_name_both_services() {
         m.contains("service `api` depends on `dbb`") && m.contains("did you mean `db`?"),
         "{m}"
     );
-    assert!(m.starts_with("nanokit.yml:3:32"), "{m}");
+    assert!(m.starts_with("nanokit.yml:3:33"), "{m}");
     assert_eq!(nanokit::error::ErrorCode::code(&e), "ENKDEP");
 }
 
@@ -215,8 +215,8 @@ fn layers_order_and_dot() {
         d.layers(),
         vec![vec!["cache", "db", "lone"], vec!["api"], vec!["web"]]
     );
-    assert_eq!(d.order(), ["cache", "db", "lone", "api", "web"]);
-    assert_eq!(d.reverse_order(), ["web", "api", "lone", "db", "cache"]);
+    assert_eq!(d.order(), ["cache", "db", "api", "lone", "web"]);
+    assert_eq!(d.reverse_order(), ["web", "lone", "api", "db", "cache"]);
     assert_eq!(d.closure(&["api".into()]), ["cache", "db", "api"]);
     assert!(d.to_dot("x").contains("\"api\" -> \"db\";"));
 }
