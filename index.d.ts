@@ -10,7 +10,200 @@
 export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-wasip1'
 
 /**
+ * Cancels a pending native operation; `nanokit.js` connects it to an
+ * `AbortSignal`.
+ */
+export declare class AbortHandle {
+  constructor()
+  /** Aborts the operations this handle was passed to. */
+  abort(): void
+}
+
+/**
+ * An install in progress (package lock held, staging directory ready), or
+ * the news that there is nothing to install.
+ */
+export declare class InstallTransaction {
+  /** True if the package was (or became, while waiting) installed: nothing to do. */
+  get alreadyInstalled(): boolean
+  /** The outcome when already installed. */
+  get result(): InstallResult | null
+  /**
+   * Where to install: the installer must produce
+   * `<stagingDir>/node_modules/<name>_<version>`.
+   */
+  get stagingDir(): string | null
+  /**
+   * Publishes the staged package, records it, writes the sentinel and
+   * releases the lock.
+   */
+  commit(): Promise<InstallResult>
+  /** Gives up: removes the staging directory and releases the lock. */
+  abort(): void
+}
+
+/**
+ * A held lock. Release it with `release()`; if it is never released it stays
+ * held until the process exits.
+ */
+export declare class LockHandle {
+  /** Unique token of this acquisition. */
+  get token(): string
+  /** The lock file's path. */
+  get path(): string
+  /** True once the lease was found taken over or broken. */
+  get lost(): boolean
+  /** True once `release()` was called. */
+  get released(): boolean
+  /**
+   * Releases the lock. Throws `ENKLOCKLOST` if the lease had been lost.
+   * Calling it again does nothing.
+   */
+  release(): void
+}
+
+/** Waits for the lock at `path` and takes it. */
+export declare function acquireLock(path: string, options?: LockOptions | undefined | null, abort?: AbortHandle | undefined | null): Promise<LockHandle>
+
+/**
+ * Takes the package's lock and prepares a staging directory, unless the
+ * package is (or, while waiting, becomes) installed. For callers that bring
+ * their own installer.
+ */
+export declare function beginInstall(repoDir: string, specifier: string, options?: InstallOptions | undefined | null, abort?: AbortHandle | undefined | null): Promise<InstallTransaction>
+
+/**
+ * Removes the lock at `path` whoever holds it; returns the removed holder,
+ * or null if it was not held. For manual intervention.
+ */
+export declare function breakLock(path: string): LockHolder | null
+
+/**
  * Runs the `nanokit` command line with `args` (argv without node and the
  * script) and resolves to the process exit code.
  */
 export declare function cli(args: Array<string>): Promise<number>
+
+/** Describes the lock at `path`, or null if it is not held. */
+export declare function inspectLock(path: string): LockInspection | null
+
+/**
+ * Installs `specifier` into `repoDir` with nanokit's npm installer, exactly
+ * once across all processes sharing the directory.
+ */
+export declare function installNative(repoDir: string, specifier: string, options?: InstallOptions | undefined | null, abort?: AbortHandle | undefined | null): Promise<InstallResult>
+
+/** Options of `install` / `beginInstall`. */
+export interface InstallOptions {
+  /** Stale period of the package lock (ms). Default 30000. */
+  staleMs?: number
+  /** Give up waiting for another installer after this long (`ENKLOCKED`). */
+  timeoutMs?: number
+  /** Label shown to others while we install. */
+  holder?: string
+  /** The npm executable. Default `npm` on PATH. */
+  npmPath?: string
+  /** Extra arguments for `npm install`. */
+  npmArgs?: Array<string>
+}
+
+/** The result of an install call. */
+export interface InstallResult {
+  /**
+   * True if this call installed it; false if it already was installed
+   * (possibly by another process while this one waited).
+   */
+  installed: boolean
+  /** Time spent waiting for another process's install (ms). */
+  waitedMs: number
+  /** Time of the whole call (ms). */
+  durationMs: number
+}
+
+/**
+ * Whether `specifier` (`name@version`) is completely installed in `repoDir`.
+ * Lock-free and synchronous. Throws `ENKSPEC` for a malformed specifier.
+ */
+export declare function isInstalled(repoDir: string, specifier: string): boolean
+
+/** Who holds a lock. */
+export interface LockHolder {
+  token: string
+  hostname: string
+  hostId: string
+  pid: number
+  label?: string
+  /** Wall-clock acquisition time, ms since the epoch. */
+  acquiredAt: number
+  staleMs: number
+}
+
+/** What `inspectLock` tells about a held lock. */
+export interface LockInspection {
+  path: string
+  /** The holder's record (null if unreadable). */
+  holder?: LockHolder
+  /** Wall-clock ms since the last heartbeat (display only). */
+  heartbeatAgeMs: number
+  /** The holder runs on this host (same boot and pid namespace). */
+  sameHost: boolean
+  /** For a holder on this host: whether its process is alive. */
+  holderAlive?: boolean
+  /** The holder is dead or its heartbeat is older than its stale period. */
+  stale: boolean
+}
+
+/** Options of `acquireLock` / `tryAcquireLock` / `withLock`. */
+export interface LockOptions {
+  /**
+   * A lease not renewed for this long (as observed by the waiter) may be
+   * taken over. Default 30000.
+   */
+  staleMs?: number
+  /** Give up with `ENKLOCKED` after this long. Default: wait forever. */
+  timeoutMs?: number
+  /** A label shown to others who find the lock held. */
+  holder?: string
+}
+
+/**
+ * Runs `command` in `dir` once per manifest hash, under the global lock
+ * `<dir>/.nk-install-lock` and the sentinel `<dir>/.nk-installed-<hash>`.
+ */
+export declare function provisionNative(dir: string, options: ProvisionOptions, abort?: AbortHandle | undefined | null): Promise<ProvisionResult>
+
+/** Options of `provision`. */
+export interface ProvisionOptions {
+  /** The install command as an argument vector (no shell). */
+  command: Array<string>
+  /** Files whose contents decide whether to install again. */
+  manifests?: Array<string>
+  /** Working directory of the command (default: the provisioned directory). */
+  cwd?: string
+  staleMs?: number
+  timeoutMs?: number
+  holder?: string
+  /**
+   * Capture the command's output into the result instead of inheriting
+   * stdout/stderr. Default true.
+   */
+  capture?: boolean
+}
+
+/** What `provision` did. */
+export interface ProvisionResult {
+  /** True if this call ran the command; false if it was already done. */
+  ran: boolean
+  /** The manifest hash; the sentinel is `.nk-installed-<hash>`. */
+  hash: string
+  waitedMs: number
+  durationMs: number
+  /** The command's output, when captured and run. */
+  output?: string
+}
+
+/**
+ * Takes the lock if it is free now (or its holder on this host is dead);
+ * returns null otherwise. Never waits.
+ */
+export declare function tryAcquireLock(path: string, options?: LockOptions | undefined | null): LockHandle | null

@@ -835,4 +835,15 @@ function __napiStampBindingTarget(exportsObject, target) {
 // linked import resolves to `undefined`.
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
+module.exports.AbortHandle = nativeBinding.AbortHandle
+module.exports.InstallTransaction = nativeBinding.InstallTransaction
+module.exports.LockHandle = nativeBinding.LockHandle
+module.exports.acquireLock = nativeBinding.acquireLock
+module.exports.beginInstall = nativeBinding.beginInstall
+module.exports.breakLock = nativeBinding.breakLock
 module.exports.cli = nativeBinding.cli
+module.exports.inspectLock = nativeBinding.inspectLock
+module.exports.installNative = nativeBinding.installNative
+module.exports.isInstalled = nativeBinding.isInstalled
+module.exports.provisionNative = nativeBinding.provisionNative
+module.exports.tryAcquireLock = nativeBinding.tryAcquireLock

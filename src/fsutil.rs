@@ -43,3 +43,25 @@ pub fn sync_dir(dir: &Path) {
         let _ = d.sync_all();
     }
 }
+
+/// A `Stdio` that makes a child write to our stdout. Inside Node the standard
+/// descriptors may be close-on-exec, so plain `Stdio::inherit()` can hand the
+/// child a closed fd 1; a duplicate is installed as the child's fd 1 instead.
+pub fn child_stdout() -> std::process::Stdio {
+    dup_stdio(libc::STDOUT_FILENO)
+}
+
+/// Like [`child_stdout`], for stderr.
+pub fn child_stderr() -> std::process::Stdio {
+    dup_stdio(libc::STDERR_FILENO)
+}
+
+fn dup_stdio(fd: i32) -> std::process::Stdio {
+    use std::os::fd::BorrowedFd;
+    // SAFETY: fds 1 and 2 stay open for the life of the process.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    match fd.try_clone_to_owned() {
+        Ok(owned) => std::process::Stdio::from(owned),
+        Err(_) => std::process::Stdio::null(),
+    }
+}

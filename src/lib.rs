@@ -7,6 +7,8 @@
 pub mod cli;
 pub mod error;
 pub mod fsutil;
+pub mod lock;
+pub mod repo;
 
 pub mod config;
 pub mod drift;
@@ -18,4 +20,7 @@ pub mod provider;
 pub mod state;
 
 #[cfg(feature = "node")]
+// napi-derive registers exports only outside `cfg(test)`, so the unit-test
+// build sees them as unused.
+#[cfg_attr(test, allow(dead_code))]
 mod node;

@@ -623,7 +623,9 @@ pub async fn run(cmd: InfraCommand) -> i32 {
                     }
                     match crate::foundation::break_deploy_lock(&path) {
                         Ok(_) => {
-                            println!("Cleared.");
+                            println!(
+                                "Cleared. The holder, if still running, will find its lease lost."
+                            );
                             exit::OK
                         }
                         Err(e) => {

@@ -1,9 +1,17 @@
 //! The `nanokit` command line, parsed with clap. `bin/nanokit.js` hands argv
 //! to the native `cli()`, which calls [`run`].
 
-use clap::{Parser, Subcommand};
-
 pub mod infra;
+mod lock;
+mod repo;
+
+use std::fmt::Display;
+use std::io::{BufRead, IsTerminal, Write};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::error::ErrorCode;
 
 /// Process exit codes used by every command.
 pub mod exit {
@@ -20,6 +28,8 @@ pub mod exit {
     name = "nanokit",
     version,
     about = "Race-free shared package repositories, service reconciliation, and shared state with named locks",
+    long_about = "Race-free shared package repositories, service reconciliation, and shared state with named locks.\n\n\
+        Set NANOKIT_LOG=debug to see what nanokit is doing.",
     propagate_version = true
 )]
 pub struct Cli {
@@ -31,10 +41,110 @@ pub struct Cli {
 pub enum Command {
     #[command(flatten)]
     Infra(infra::InfraCommand),
+    /// Inspect or break lease lock files
+    #[command(subcommand)]
+    Lock(lock::LockCommand),
+    /// Shared package repositories: status, and installs coordinated across processes
+    #[command(subcommand)]
+    Repo(repo::RepoCommand),
+    /// Run an install command once per manifest hash in a shared directory
+    Provision(repo::ProvisionArgs),
+}
+
+/// How listing commands print.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Human-readable text
+    #[default]
+    #[value(alias = "table")]
+    Text,
+    /// JSON on stdout, for scripts
+    Json,
+}
+
+/// A command's failure: the message and its stable code.
+#[derive(Debug)]
+pub struct CliError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl<E: ErrorCode + Display> From<E> for CliError {
+    fn from(e: E) -> Self {
+        CliError {
+            code: e.code(),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl CliError {
+    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+        CliError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// What a command returns: its exit code, or an error to print.
+pub type CliResult = Result<i32, CliError>;
+
+/// Parses a duration such as `500ms`, `30s` or `2m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 2m)"))
+}
+
+/// Prints `value` as pretty JSON on stdout.
+pub fn print_json<T: serde::Serialize>(value: &T) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("output serialises")
+    );
+}
+
+/// Asks `question` on the terminal; without a terminal, refuses and says how
+/// to proceed. Destructive commands call this unless `--yes` was given.
+pub async fn confirm(question: &str) -> Result<(), CliError> {
+    if !std::io::stdin().is_terminal() {
+        return Err(CliError::new(
+            "ENKCONFIRM",
+            format!("{question} Refusing without a terminal to ask on; pass --yes to confirm."),
+        ));
+    }
+    let question = question.to_string();
+    let answer = tokio::task::spawn_blocking(move || {
+        eprint!("{question} [y/N] ");
+        let _ = std::io::stderr().flush();
+        let mut line = String::new();
+        let _ = std::io::stdin().lock().read_line(&mut line);
+        line
+    })
+    .await
+    .unwrap_or_default();
+    if matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes") {
+        Ok(())
+    } else {
+        Err(CliError::new(
+            "ENKCONFIRM",
+            "not confirmed; nothing was changed",
+        ))
+    }
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("NANOKIT_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
 }
 
 /// Parses `args` (without the program name) and runs the command. Returns
-/// the process exit code; errors are printed to stderr without debug noise.
+/// the process exit code; errors are printed to stderr as
+/// `error[CODE]: message`, without debug noise.
 pub async fn run(args: Vec<String>) -> i32 {
     let cli = match Cli::try_parse_from(std::iter::once("nanokit".to_string()).chain(args)) {
         Ok(cli) => cli,
@@ -49,17 +159,17 @@ pub async fn run(args: Vec<String>) -> i32 {
         }
     };
     init_tracing();
-    match cli.command {
-        Command::Infra(cmd) => infra::run(cmd).await,
+    let result = match cli.command {
+        Command::Infra(cmd) => Ok(infra::run(cmd).await),
+        Command::Lock(cmd) => lock::run(cmd).await,
+        Command::Repo(cmd) => repo::run(cmd).await,
+        Command::Provision(args) => repo::provision(args).await,
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error[{}]: {}", e.code, e.message);
+            exit::ERROR
+        }
     }
-}
-
-/// `NANOKIT_LOG=debug` turns logs up; they go to stderr.
-fn init_tracing() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("NANOKIT_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
 }

@@ -901,19 +901,20 @@ impl Cx {
                 }
                 _ => {
                     for (k, v) in self.map(e, "env")? {
-                        let value =
-                            match &v.value {
-                                Value::Scalar { .. } if v.is_null() => String::new(),
-                                Value::Scalar { text, .. } => text.clone(),
-                                _ => return Err(self.err(
+                        let value = match &v.value {
+                            Value::Scalar { .. } if v.is_null() => String::new(),
+                            Value::Scalar { text, .. } => text.clone(),
+                            _ => {
+                                return Err(self.err(
                                     v.loc,
                                     format!(
                                         "env `{}` must be a string, number or boolean, found {}",
                                         k.name,
                                         v.kind()
                                     ),
-                                )),
-                            };
+                                ))
+                            }
+                        };
                         env.insert(k.name.clone(), value);
                     }
                 }

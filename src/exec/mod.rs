@@ -586,10 +586,8 @@ impl Run {
                 .map(|m| svc.path.join(m))
                 .filter(|p| p.exists())
                 .collect();
-            let mut env: Vec<(String, String)> = spec.env.clone().into_iter().collect();
-            env.extend(spec.labels.clone());
             let argv = vec!["sh".to_string(), "-c".to_string(), install.clone()];
-            let r = crate::foundation::provision(&svc.path, &argv, &manifests, &env)
+            let r = crate::foundation::provision(&svc.path, &argv, &manifests, &self.opts.cancel)
                 .await
                 .map_err(|e| format!("provisioning `{install}` failed: {e}"))?;
             if !r.ran {

@@ -1,7 +1,66 @@
 //! Node-API glue: every `#[napi]` item lives here, converting between JS
 //! values and the engine's Rust types. No engine logic belongs in this module.
+//!
+//! Errors cross into JS as `Error`s whose message starts with the stable code
+//! (`ENKLOCKED: …`, like Node's own `ENOENT: …`); the public entry
+//! `nanokit.js` copies that code onto `err.code`.
+
+mod lock;
+mod repo;
+
+use std::fmt::Display;
+use std::time::Duration;
 
 use napi_derive::napi;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::ErrorCode;
+
+/// Converts an engine error into a JS error carrying its code.
+pub(crate) fn js_err<E: ErrorCode + Display>(e: E) -> napi::Error {
+    napi::Error::from_reason(format!("{}: {e}", e.code()))
+}
+
+/// A JS number of milliseconds as a duration (negative and NaN are zero).
+pub(crate) fn ms(v: f64) -> Duration {
+    Duration::from_secs_f64(if v.is_finite() && v > 0.0 {
+        v / 1000.0
+    } else {
+        0.0
+    })
+}
+
+pub(crate) fn duration_ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Cancels a pending native operation; `nanokit.js` connects it to an
+/// `AbortSignal`.
+#[napi]
+pub struct AbortHandle {
+    token: CancellationToken,
+}
+
+#[napi]
+impl AbortHandle {
+    #[napi(constructor)]
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
+        AbortHandle {
+            token: CancellationToken::new(),
+        }
+    }
+
+    /// Aborts the operations this handle was passed to.
+    #[napi]
+    pub fn abort(&self) {
+        self.token.cancel();
+    }
+}
+
+pub(crate) fn cancel_token(abort: Option<&AbortHandle>) -> CancellationToken {
+    abort.map(|a| a.token.clone()).unwrap_or_default()
+}
 
 /// Runs the `nanokit` command line with `args` (argv without node and the
 /// script) and resolves to the process exit code.

@@ -1,0 +1,235 @@
+//! `nanokit repo …` and `nanokit provision`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use super::{exit, lock::describe, parse_duration, print_json, CliError, CliResult, OutputFormat};
+use crate::lock::LockOptions;
+use crate::repo::{self, InstallOptions, NpmOptions, ProvisionOptions};
+
+#[derive(Debug, Subcommand)]
+pub enum RepoCommand {
+    /// Show installed packages, held locks and their holders, and leftovers of interrupted installs
+    Status {
+        /// The package repository directory
+        repo_dir: PathBuf,
+        #[arg(long, short, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+    /// Install packages (name@version) exactly once across all processes sharing the repository
+    ///
+    /// Each package is installed with npm into a private staging directory and
+    /// published into <repo>/node_modules/<name>_<version> with one rename, so
+    /// it is visible only when complete. If another process is installing it,
+    /// this waits and then skips. Different packages install in parallel.
+    Install {
+        repo_dir: PathBuf,
+        /// Package specifiers, e.g. @openfn/language-http@7.2.0
+        #[arg(required = true)]
+        specs: Vec<String>,
+        /// The npm executable
+        #[arg(long, default_value = "npm", env = "NANOKIT_NPM")]
+        npm: PathBuf,
+        /// Extra argument for `npm install` (repeatable), e.g. --npm-arg=--registry=http://…
+        #[arg(long = "npm-arg", allow_hyphen_values = true)]
+        npm_args: Vec<String>,
+        /// Give up waiting for another installer after this long
+        #[arg(long, value_parser = parse_duration)]
+        timeout: Option<Duration>,
+        /// Take over a lock whose heartbeat stopped for this long
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        stale: Duration,
+        #[arg(long, short, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+}
+
+/// `nanokit provision`
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Example:\n  nanokit provision --dir /data/app --manifest package.json --manifest package-lock.json -- npm ci"
+)]
+pub struct ProvisionArgs {
+    /// The shared directory (holds .nk-install-lock and .nk-installed-<hash>)
+    #[arg(long)]
+    dir: PathBuf,
+    /// A file whose content decides whether to install again (repeatable)
+    #[arg(long = "manifest")]
+    manifests: Vec<PathBuf>,
+    /// Working directory of the command (default: --dir)
+    #[arg(long)]
+    cwd: Option<PathBuf>,
+    /// Give up waiting for another installer after this long
+    #[arg(long, value_parser = parse_duration)]
+    timeout: Option<Duration>,
+    /// Take over a lock whose heartbeat stopped for this long
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    stale: Duration,
+    #[arg(long, short, value_enum, default_value_t)]
+    output: OutputFormat,
+    /// The install command and its arguments (run without a shell)
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+fn when(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+pub async fn run(cmd: RepoCommand) -> CliResult {
+    match cmd {
+        RepoCommand::Status { repo_dir, output } => {
+            let status = repo::status(&repo_dir)?;
+            if output == OutputFormat::Json {
+                print_json(&status);
+                return Ok(exit::OK);
+            }
+            println!("repository {}", status.dir.display());
+            println!("\ninstalled ({})", status.installed.len());
+            for p in &status.installed {
+                println!(
+                    "  {:<48} {}{}",
+                    p.specifier,
+                    when(p.installed_at_ms),
+                    if p.verified {
+                        ""
+                    } else {
+                        "  MODIFIED: package.json differs from the install"
+                    }
+                );
+            }
+            println!("\nlocks held ({})", status.locks.len());
+            for l in &status.locks {
+                println!("  {}", l.path.display());
+                for line in describe(l).lines() {
+                    println!("    {line}");
+                }
+            }
+            println!(
+                "\nleftovers of interrupted installs ({})",
+                status.leftovers.len()
+            );
+            for p in &status.leftovers {
+                println!("  {}", p.display());
+            }
+            if !status.leftovers.is_empty() {
+                println!("  (removed by the next install of the same package)");
+            }
+            Ok(exit::OK)
+        }
+        RepoCommand::Install {
+            repo_dir,
+            specs,
+            npm,
+            npm_args,
+            timeout,
+            stale,
+            output,
+        } => {
+            let opts = InstallOptions {
+                lock: LockOptions {
+                    stale,
+                    timeout,
+                    holder: Some(format!("nanokit repo install (pid {})", std::process::id())),
+                },
+                npm: NpmOptions {
+                    npm,
+                    extra_args: npm_args,
+                },
+            };
+            // Validate every specifier before installing any.
+            for s in &specs {
+                repo::PackageSpec::parse(s).map_err(repo::RepoError::from)?;
+            }
+            let cancel = CancellationToken::new();
+            let jobs = specs.iter().map(|s| {
+                let (repo_dir, opts, cancel) = (&repo_dir, &opts, &cancel);
+                async move { (s, repo::install(repo_dir, s, opts, cancel).await) }
+            });
+            let results = futures::future::join_all(jobs).await;
+            let mut failed = None;
+            let mut json = Vec::new();
+            for (spec, r) in results {
+                match r {
+                    Ok(o) => {
+                        if output == OutputFormat::Text {
+                            let what = if o.installed {
+                                "installed"
+                            } else {
+                                "already installed"
+                            };
+                            println!(
+                                "{spec}: {what} ({} ms, waited {} ms)",
+                                o.duration.as_millis(),
+                                o.waited.as_millis()
+                            );
+                        }
+                        json.push(serde_json::json!({"specifier": spec, "installed": o.installed,
+                            "waitedMs": o.waited.as_millis() as u64, "durationMs": o.duration.as_millis() as u64}));
+                    }
+                    Err(e) => {
+                        json.push(serde_json::json!({"specifier": spec, "error": e.to_string()}));
+                        if output == OutputFormat::Text {
+                            eprintln!("error[{}]: {e}", crate::error::ErrorCode::code(&e));
+                        }
+                        failed.get_or_insert(CliError::from(e));
+                    }
+                }
+            }
+            if output == OutputFormat::Json {
+                print_json(&json);
+            }
+            match failed {
+                Some(e) if output == OutputFormat::Json => Err(e),
+                Some(_) => Ok(exit::ERROR),
+                None => Ok(exit::OK),
+            }
+        }
+    }
+}
+
+pub async fn provision(args: ProvisionArgs) -> CliResult {
+    let opts = ProvisionOptions {
+        lock: LockOptions {
+            stale: args.stale,
+            timeout: args.timeout,
+            holder: Some(format!("nanokit provision (pid {})", std::process::id())),
+        },
+        cwd: args.cwd,
+        capture: false,
+    };
+    let o = repo::provision(
+        &args.dir,
+        &args.command,
+        &args.manifests,
+        &opts,
+        &CancellationToken::new(),
+    )
+    .await?;
+    match args.output {
+        OutputFormat::Json => print_json(&o),
+        OutputFormat::Text if o.ran => println!(
+            "provisioned {} (hash {}) in {} ms",
+            args.dir.display(),
+            o.hash,
+            o.duration.as_millis()
+        ),
+        OutputFormat::Text => println!(
+            "already provisioned {} (hash {}); skipped{}",
+            args.dir.display(),
+            o.hash,
+            if o.waited > Duration::from_millis(1) {
+                format!(
+                    " after waiting {} ms for another installer",
+                    o.waited.as_millis()
+                )
+            } else {
+                String::new()
+            }
+        ),
+    }
+    Ok(exit::OK)
+}

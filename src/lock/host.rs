@@ -1,0 +1,108 @@
+//! Who we are (host identity) and whether another process is still alive.
+//!
+//! Process ids are only comparable inside one pid namespace of one boot, so
+//! the host id combines the kernel's boot id with the pid namespace inode.
+//! Two containers on one host get different ids (and so never judge each
+//! other's pids); a rebooted host gets a new id (its old locks are then
+//! judged by staleness, like a foreign host's).
+
+use std::fs;
+use std::sync::OnceLock;
+
+use sha2::{Digest, Sha256};
+
+/// Identity of this host (more exactly: of this boot and pid namespace).
+#[derive(Debug, Clone)]
+pub struct HostIdentity {
+    /// Stable for the lifetime of the boot and pid namespace; compared for equality only.
+    pub id: String,
+    /// Human-readable host name, for display.
+    pub hostname: String,
+    /// This process's id and start time (as recorded in lock files).
+    pub pid: u32,
+    pub pid_start: Option<u64>,
+}
+
+/// This process's host identity. `NANOKIT_HOST_ID` overrides the id (tests use
+/// it to play a process on another host).
+pub fn this_host() -> &'static HostIdentity {
+    static HOST: OnceLock<HostIdentity> = OnceLock::new();
+    HOST.get_or_init(|| {
+        let hostname = hostname();
+        let id = match std::env::var("NANOKIT_HOST_ID") {
+            Ok(v) if !v.is_empty() => v,
+            _ => {
+                let boot =
+                    fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+                let pidns = fs::read_link("/proc/self/ns/pid")
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                if boot.trim().is_empty() {
+                    // No way to tell pid namespaces apart: make the id unique to
+                    // this process so no other process ever judges our pid.
+                    format!("unknown-{}", uuid::Uuid::new_v4().simple())
+                } else {
+                    let digest = Sha256::digest(format!("{}|{}", boot.trim(), pidns).as_bytes());
+                    hex::encode(&digest[..12])
+                }
+            }
+        };
+        let pid = std::process::id();
+        HostIdentity {
+            id,
+            hostname,
+            pid,
+            pid_start: process_start_time(pid),
+        }
+    })
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: buf is valid for buf.len() bytes; gethostname NUL-terminates on success.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        "unknown".to_string()
+    }
+}
+
+/// Start time of `pid` in clock ticks since boot (field 22 of
+/// `/proc/<pid>/stat`), and whether it is a zombie. `None` if it does not exist.
+fn proc_stat(pid: u32) -> Option<(u64, bool)> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may contain spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split(' ');
+    let state = fields.next()?;
+    // `rest` starts at field 3; field 22 is 19 further on.
+    let start = fields.nth(18)?.parse().ok()?;
+    Some((start, state == "Z"))
+}
+
+/// The start time of `pid`, recorded in lock files so that a reused pid is
+/// not mistaken for the original holder.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    proc_stat(pid).map(|(start, _)| start)
+}
+
+/// Whether process `pid` (on this host) is alive and, when `start_time` is
+/// known, is the same process that recorded it. Zombies count as dead.
+pub fn process_alive(pid: u32, start_time: Option<u64>) -> bool {
+    if pid == 0 || pid > i32::MAX as u32 {
+        return false;
+    }
+    // SAFETY: kill with signal 0 performs only the existence/permission check.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, 0) };
+    if rc != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EPERM) {
+        return false;
+    }
+    match proc_stat(pid) {
+        Some((_, true)) => false,
+        Some((start, false)) => start_time.is_none_or(|s| s == start),
+        // No /proc (not Linux): trust kill().
+        None => !std::path::Path::new("/proc/self/stat").exists(),
+    }
+}

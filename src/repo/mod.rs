@@ -1,0 +1,679 @@
+//! Shared package repositories: each package installed exactly once, safely,
+//! by many processes on many hosts sharing one directory.
+//!
+//! Layout (what OpenFn's runtime reads, plus nanokit's bookkeeping):
+//!
+//! ```text
+//! <repo>/package.json                      dependencies: { "<alias>": "npm:<name>@<version>" }
+//! <repo>/node_modules/<alias>/             the package, complete or absent
+//! <repo>/.locks/<key>.lock                 per-package lease lock
+//! <repo>/.locks/.package-json.lock         short repo-wide lock for package.json
+//! <repo>/.sentinels/<key>.done             written last: the install is complete
+//! <repo>/.staging/<key>.<token>/           private install directory of one attempt
+//! ```
+//!
+//! An install runs in its private staging directory (so two installs never
+//! share an npm tree), is published into `node_modules` with one `rename`,
+//! then recorded in `package.json` (atomic write under the repo-wide lock), and
+//! only then is the sentinel written. "Installed" means: the sentinel exists
+//! and the package's own `package.json` is the one it describes. A crash at any
+//! instant therefore leaves either nothing or a complete install visible.
+
+mod provision;
+mod spec;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::ErrorCode;
+use crate::fsutil::atomic_write;
+use crate::lock::{self, Lease, LockError, LockOptions, LockStatus};
+
+pub use provision::{provision, ProvisionOptions, ProvisionOutcome};
+pub use spec::{PackageSpec, SpecError};
+
+/// Errors of repository operations.
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error("{0}")]
+    Spec(#[from] SpecError),
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error("cannot {op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("installing {spec} failed: {message}")]
+    InstallFailed { spec: String, message: String },
+    #[error("{} is not valid JSON ({message}); fix or remove it (nanokit will not overwrite it)", path.display())]
+    Corrupt { path: PathBuf, message: String },
+    #[error("{0}")]
+    Provision(String),
+}
+
+impl ErrorCode for RepoError {
+    fn code(&self) -> &'static str {
+        match self {
+            RepoError::Spec(_) => "ENKSPEC",
+            RepoError::Lock(e) => e.code(),
+            RepoError::Io { .. } => "ENKIO",
+            RepoError::InstallFailed { .. } => "ENKINSTALL",
+            RepoError::Corrupt { .. } => "ENKREPO",
+            RepoError::Provision(_) => "ENKPROVISION",
+        }
+    }
+}
+
+pub(crate) fn io_err<'a>(
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> RepoError + 'a {
+    move |source| RepoError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The sentinel's record of a complete install.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Sentinel {
+    pub specifier: String,
+    pub alias: String,
+    /// `sha256:<hex>` of the installed package's `package.json`.
+    pub hash: String,
+    /// Size of that `package.json`, checked on every `is_installed`.
+    pub package_json_size: u64,
+    pub installed_at_ms: u64,
+}
+
+/// Paths of one package repository.
+#[derive(Debug, Clone)]
+pub struct Repo {
+    dir: PathBuf,
+}
+
+impl Repo {
+    pub fn new(dir: impl Into<PathBuf>) -> Repo {
+        Repo { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn package_dir(&self, spec: &PackageSpec) -> PathBuf {
+        self.dir.join("node_modules").join(spec.alias())
+    }
+
+    pub fn lock_path(&self, spec: &PackageSpec) -> PathBuf {
+        self.dir
+            .join(".locks")
+            .join(format!("{}.lock", spec.file_key()))
+    }
+
+    pub fn sentinel_path(&self, spec: &PackageSpec) -> PathBuf {
+        self.dir
+            .join(".sentinels")
+            .join(format!("{}.done", spec.file_key()))
+    }
+
+    fn staging_root(&self) -> PathBuf {
+        self.dir.join(".staging")
+    }
+
+    fn manifest_lock_path(&self) -> PathBuf {
+        self.dir.join(".locks").join(".package-json.lock")
+    }
+
+    /// Whether `spec` is completely installed. Lock-free: one small read and
+    /// one `stat`.
+    pub fn is_installed(&self, spec: &PackageSpec) -> bool {
+        let Ok(bytes) = fs::read(self.sentinel_path(spec)) else {
+            return false;
+        };
+        let Ok(sentinel) = serde_json::from_slice::<Sentinel>(&bytes) else {
+            return false;
+        };
+        sentinel.alias == spec.alias()
+            && fs::metadata(self.package_dir(spec).join("package.json"))
+                .is_ok_and(|m| m.len() == sentinel.package_json_size)
+    }
+}
+
+/// Whether `specifier` is completely installed in `repo_dir`.
+pub fn is_installed(repo_dir: &Path, specifier: &str) -> Result<bool, RepoError> {
+    let spec = PackageSpec::parse(specifier)?;
+    Ok(Repo::new(repo_dir).is_installed(&spec))
+}
+
+/// How nanokit's own installer runs npm.
+#[derive(Debug, Clone)]
+pub struct NpmOptions {
+    /// The npm executable (default `npm`, found on `PATH`).
+    pub npm: PathBuf,
+    /// Extra arguments appended to `npm install` (e.g. `--registry=…`).
+    pub extra_args: Vec<String>,
+}
+
+impl Default for NpmOptions {
+    fn default() -> Self {
+        NpmOptions {
+            npm: PathBuf::from("npm"),
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+/// Options of [`install`] and [`begin_install`].
+#[derive(Debug, Clone, Default)]
+pub struct InstallOptions {
+    pub lock: LockOptions,
+    pub npm: NpmOptions,
+}
+
+/// The result of an install call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InstallOutcome {
+    /// True if this call installed the package; false if it was already
+    /// installed (possibly by another process while we waited).
+    pub installed: bool,
+    /// Time spent waiting for another process's install.
+    pub waited: Duration,
+    /// Time of the whole call.
+    pub duration: Duration,
+}
+
+/// The outcome of [`begin_install`]: nothing to do, or an open transaction.
+pub enum Begin {
+    AlreadyInstalled(InstallOutcome),
+    Started(InstallTxn),
+}
+
+/// An install in progress: the package lock is held and a private staging
+/// directory is ready. Install into [`InstallTxn::staging_dir`] (so that the
+/// package ends up in `<staging>/node_modules/<alias>`), then [`commit`].
+/// Dropping it without committing aborts it.
+///
+/// [`commit`]: InstallTxn::commit
+pub struct InstallTxn {
+    repo: Repo,
+    spec: PackageSpec,
+    lease: Option<Lease>,
+    staging: PathBuf,
+    start: Instant,
+    waited: Duration,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Takes the package's lock and prepares a staging directory, unless the
+/// package is (or, while waiting, becomes) installed.
+pub async fn begin_install(
+    repo_dir: &Path,
+    spec: &PackageSpec,
+    opts: &InstallOptions,
+    cancel: &CancellationToken,
+) -> Result<Begin, RepoError> {
+    let start = Instant::now();
+    let repo = Repo::new(repo_dir);
+    let done = |waited| {
+        Ok(Begin::AlreadyInstalled(InstallOutcome {
+            installed: false,
+            waited,
+            duration: start.elapsed(),
+        }))
+    };
+    if repo.is_installed(spec) {
+        return done(Duration::ZERO);
+    }
+    let mut lock_opts = opts.lock.clone();
+    lock_opts
+        .holder
+        .get_or_insert_with(|| format!("install {spec}"));
+    let lease = lock::acquire_unless(&repo.lock_path(spec), &lock_opts, cancel, || {
+        repo.is_installed(spec)
+    })
+    .await?;
+    let waited = start.elapsed();
+    let Some(lease) = lease else {
+        return done(waited);
+    };
+    if repo.is_installed(spec) {
+        lease.release()?;
+        return done(waited);
+    }
+    // We hold the package lock: anything left by an earlier attempt at this
+    // package is dead. Clear it so only complete work can become visible.
+    let key = spec.file_key();
+    remove_leftovers(&repo.staging_root(), &key)?;
+    match fs::remove_file(repo.sentinel_path(spec)) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            return Err(io_err("remove the old sentinel", &repo.sentinel_path(spec))(e))
+        }
+        _ => {}
+    }
+    let staging = repo.staging_root().join(format!("{key}.{}", lease.token()));
+    fs::create_dir_all(&staging).map_err(io_err("create the staging directory", &staging))?;
+    atomic_write(
+        &staging.join("package.json"),
+        br#"{"name":"nanokit-staging","private":true}"#,
+        0o644,
+    )
+    .map_err(io_err("write", &staging.join("package.json")))?;
+    Ok(Begin::Started(InstallTxn {
+        repo,
+        spec: spec.clone(),
+        lease: Some(lease),
+        staging,
+        start,
+        waited,
+    }))
+}
+
+/// Removes `<root>/<key>.*` (staging directories of dead attempts).
+fn remove_leftovers(root: &Path, key: &str) -> Result<(), RepoError> {
+    let entries = match fs::read_dir(root) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err("list", root)(e)),
+    };
+    let prefix = format!("{key}.");
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let path = entry.path();
+            fs::remove_dir_all(&path).map_err(io_err("remove the leftover", &path))?;
+        }
+    }
+    Ok(())
+}
+
+impl InstallTxn {
+    /// Where the installer must install: it must produce
+    /// `<staging>/node_modules/<alias>`.
+    pub fn staging_dir(&self) -> &Path {
+        &self.staging
+    }
+
+    pub fn spec(&self) -> &PackageSpec {
+        &self.spec
+    }
+
+    /// Runs nanokit's npm installer into the staging directory.
+    pub async fn run_npm(&self, npm: &NpmOptions) -> Result<(), RepoError> {
+        let mut cmd = tokio::process::Command::new(&npm.npm);
+        cmd.arg("install")
+            .arg(self.spec.npm_install_arg())
+            .args(["--no-audit", "--no-fund", "--no-package-lock", "--no-save"])
+            .args(["--loglevel", "error"])
+            .args(&npm.extra_args)
+            .current_dir(&self.staging)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        tracing::info!(spec = %self.spec, staging = %self.staging.display(), "running npm install");
+        let output = cmd.output().await.map_err(|e| RepoError::InstallFailed {
+            spec: self.spec.to_string(),
+            message: format!("could not run {}: {e}", npm.npm.display()),
+        })?;
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let tail: Vec<&str> = stderr.lines().rev().take(20).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            return Err(RepoError::InstallFailed {
+                spec: self.spec.to_string(),
+                message: format!(
+                    "{} install exited with {}: {}",
+                    npm.npm.display(),
+                    output.status,
+                    tail.join("\n")
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Publishes the staged package, records it in the repo's `package.json`,
+    /// writes the sentinel, and releases the lock.
+    pub async fn commit(mut self) -> Result<InstallOutcome, RepoError> {
+        // On any error below, dropping `self` aborts: the staging directory
+        // is removed and the lock released; no sentinel is written.
+        if self.lease.as_ref().is_none_or(Lease::is_lost) {
+            return Err(LockError::Lost {
+                path: self.repo.lock_path(&self.spec),
+            }
+            .into());
+        }
+        let alias = self.spec.alias();
+        let staged = self.staging.join("node_modules").join(&alias);
+        if !staged.join("package.json").is_file() {
+            return Err(RepoError::InstallFailed {
+                spec: self.spec.to_string(),
+                message: format!(
+                    "the installer did not produce {}",
+                    Path::new("node_modules")
+                        .join(&alias)
+                        .join("package.json")
+                        .display()
+                ),
+            });
+        }
+        fold_hoisted(&self.staging.join("node_modules"), &staged, &alias)?;
+
+        // Publish: one rename makes the complete package visible.
+        let target = self.repo.package_dir(&self.spec);
+        let parent = target.parent().expect("package dir has a parent");
+        fs::create_dir_all(parent).map_err(io_err("create", parent))?;
+        if fs::symlink_metadata(&target).is_ok() {
+            let old = self.staging.join(".replaced");
+            fs::rename(&target, &old).map_err(io_err("move aside the incomplete", &target))?;
+        }
+        fs::rename(&staged, &target).map_err(io_err("publish the package to", &target))?;
+
+        self.record_dependency().await?;
+
+        let pkg_json = fs::read(target.join("package.json"))
+            .map_err(io_err("read", &target.join("package.json")))?;
+        let sentinel = Sentinel {
+            specifier: self.spec.to_string(),
+            alias,
+            hash: format!("sha256:{}", hex::encode(Sha256::digest(&pkg_json))),
+            package_json_size: pkg_json.len() as u64,
+            installed_at_ms: now_ms(),
+        };
+        let path = self.repo.sentinel_path(&self.spec);
+        let dir = path.parent().expect("sentinel has a parent");
+        fs::create_dir_all(dir).map_err(io_err("create", dir))?;
+        atomic_write(
+            &path,
+            &serde_json::to_vec_pretty(&sentinel).expect("sentinel serialises"),
+            0o644,
+        )
+        .map_err(io_err("write the sentinel", &path))?;
+
+        let _ = fs::remove_dir_all(&self.staging);
+        let lease = self
+            .lease
+            .take()
+            .expect("an open transaction holds its lease");
+        if let Err(e) = lease.release() {
+            // The install is complete and recorded; only say what happened.
+            tracing::warn!(error = %e, spec = %self.spec, "the package lock was lost before release");
+        }
+        Ok(InstallOutcome {
+            installed: true,
+            waited: self.waited,
+            duration: self.start.elapsed(),
+        })
+    }
+
+    /// Adds the dependency entry to `<repo>/package.json`, atomically, under
+    /// the short repo-wide lock.
+    async fn record_dependency(&self) -> Result<(), RepoError> {
+        let opts = LockOptions {
+            holder: Some(format!("record {}", self.spec)),
+            timeout: Some(Duration::from_secs(120)),
+            ..LockOptions::default()
+        };
+        let lease = lock::acquire(
+            &self.repo.manifest_lock_path(),
+            &opts,
+            &CancellationToken::new(),
+        )
+        .await?;
+        let path = self.repo.dir.join("package.json");
+        let mut manifest: serde_json::Map<String, serde_json::Value> = match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| RepoError::Corrupt {
+                path: path.clone(),
+                message: e.to_string(),
+            })?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let mut m = serde_json::Map::new();
+                m.insert("name".into(), "nanokit-repo".into());
+                m.insert("private".into(), true.into());
+                m
+            }
+            Err(e) => return Err(io_err("read", &path)(e)),
+        };
+        let deps = manifest
+            .entry("dependencies")
+            .or_insert_with(|| serde_json::Value::Object(Default::default()));
+        let Some(deps) = deps.as_object_mut() else {
+            return Err(RepoError::Corrupt {
+                path,
+                message: "\"dependencies\" is not an object".into(),
+            });
+        };
+        deps.insert(
+            self.spec.alias(),
+            format!("npm:{}@{}", self.spec.name, self.spec.version).into(),
+        );
+        let mut bytes = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
+        bytes.push(b'\n');
+        atomic_write(&path, &bytes, 0o644).map_err(io_err("write", &path))?;
+        lease.release()?;
+        Ok(())
+    }
+
+    /// Gives up: removes the staging directory and releases the lock.
+    pub fn abort(mut self) {
+        self.abort_in_place();
+    }
+
+    fn abort_in_place(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            let _ = fs::remove_dir_all(&self.staging);
+            let _ = lease.release();
+        }
+    }
+}
+
+impl Drop for InstallTxn {
+    fn drop(&mut self) {
+        self.abort_in_place();
+    }
+}
+
+/// Moves packages npm hoisted next to `alias` in the staging `node_modules`
+/// into the package's own `node_modules`, so the published directory is
+/// self-contained (Node resolves them from there). Never overwrites.
+fn fold_hoisted(node_modules: &Path, package: &Path, alias: &str) -> Result<(), RepoError> {
+    let alias_scope = alias.split_once('/').map(|(scope, _)| scope);
+    let mut moves = Vec::new();
+    for entry in fs::read_dir(node_modules)
+        .map_err(io_err("list", node_modules))?
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
+        if name.starts_with('@') {
+            let scope_dir = entry.path();
+            for inner in fs::read_dir(&scope_dir)
+                .map_err(io_err("list", &scope_dir))?
+                .flatten()
+            {
+                let inner_name = inner.file_name().to_string_lossy().into_owned();
+                let full = format!("{name}/{inner_name}");
+                if full != alias {
+                    moves.push((inner.path(), full));
+                }
+            }
+        } else if name != alias && Some(name.as_str()) != alias_scope {
+            moves.push((entry.path(), name));
+        }
+    }
+    for (from, name) in moves {
+        let to = package.join("node_modules").join(&name);
+        if to.exists() {
+            continue;
+        }
+        let parent = to.parent().expect("has a parent");
+        fs::create_dir_all(parent).map_err(io_err("create", parent))?;
+        fs::rename(&from, &to).map_err(io_err("move a dependency into", &to))?;
+    }
+    Ok(())
+}
+
+/// Installs `spec` into the repo with nanokit's npm installer, exactly once
+/// across all processes sharing `repo_dir`.
+pub async fn install(
+    repo_dir: &Path,
+    specifier: &str,
+    opts: &InstallOptions,
+    cancel: &CancellationToken,
+) -> Result<InstallOutcome, RepoError> {
+    let spec = PackageSpec::parse(specifier)?;
+    match begin_install(repo_dir, &spec, opts, cancel).await? {
+        Begin::AlreadyInstalled(outcome) => Ok(outcome),
+        Begin::Started(txn) => {
+            tokio::select! {
+                r = txn.run_npm(&opts.npm) => r?,
+                _ = cancel.cancelled() => {
+                    return Err(LockError::Aborted { path: txn.repo.lock_path(&spec) }.into());
+                }
+            }
+            txn.commit().await
+        }
+    }
+}
+
+/// One installed package as `repo status` shows it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InstalledPackage {
+    pub alias: String,
+    pub specifier: String,
+    pub hash: String,
+    pub installed_at_ms: u64,
+    /// The package's `package.json` still matches the sentinel's hash.
+    pub verified: bool,
+}
+
+/// What `repo status` shows.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RepoStatus {
+    pub dir: PathBuf,
+    pub installed: Vec<InstalledPackage>,
+    pub locks: Vec<LockStatus>,
+    /// Staging directories and unrecorded packages left by interrupted
+    /// installs (cleaned up by the next install of that package).
+    pub leftovers: Vec<PathBuf>,
+}
+
+/// Lists installed packages, held locks and leftovers of interrupted installs.
+pub fn status(repo_dir: &Path) -> Result<RepoStatus, RepoError> {
+    let repo = Repo::new(repo_dir);
+    if !repo_dir.is_dir() {
+        return Err(io_err("open the repository", repo_dir)(io::Error::from(
+            io::ErrorKind::NotFound,
+        )));
+    }
+    let mut installed = Vec::new();
+    let mut sentinel_aliases = BTreeMap::new();
+    for path in list_dir(&repo.dir.join(".sentinels"))? {
+        let Ok(sentinel) = fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Sentinel>(&b).ok())
+            .ok_or(())
+        else {
+            continue;
+        };
+        let pkg_json = repo
+            .dir
+            .join("node_modules")
+            .join(&sentinel.alias)
+            .join("package.json");
+        let verified = fs::read(&pkg_json)
+            .map(|b| format!("sha256:{}", hex::encode(Sha256::digest(&b))) == sentinel.hash)
+            .unwrap_or(false);
+        sentinel_aliases.insert(sentinel.alias.clone(), ());
+        installed.push(InstalledPackage {
+            alias: sentinel.alias,
+            specifier: sentinel.specifier,
+            hash: sentinel.hash,
+            installed_at_ms: sentinel.installed_at_ms,
+            verified,
+        });
+    }
+    installed.sort_by(|a, b| a.alias.cmp(&b.alias));
+    let mut locks = Vec::new();
+    for path in list_dir(&repo.dir.join(".locks"))? {
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        if lock::is_bookkeeping_file(&name) || !name.ends_with(".lock") {
+            continue;
+        }
+        if let Some(status) = lock::inspect(&path, lock::DEFAULT_STALE)? {
+            locks.push(status);
+        }
+    }
+    let mut leftovers = list_dir(&repo.staging_root())?;
+    // Packages in node_modules without a sentinel: published by an install
+    // that was interrupted before it completed.
+    for path in list_dir(&repo.dir.join("node_modules"))? {
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let candidates: Vec<(String, PathBuf)> = if name.starts_with('@') {
+            list_dir(&path)?
+                .into_iter()
+                .map(|p| {
+                    let inner = p
+                        .file_name()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .into_owned();
+                    (format!("{name}/{inner}"), p)
+                })
+                .collect()
+        } else {
+            vec![(name, path)]
+        };
+        for (alias, path) in candidates {
+            if alias.contains('_')
+                && !alias.starts_with('.')
+                && !sentinel_aliases.contains_key(&alias)
+            {
+                leftovers.push(path);
+            }
+        }
+    }
+    Ok(RepoStatus {
+        dir: repo.dir,
+        installed,
+        locks,
+        leftovers,
+    })
+}
+
+fn list_dir(dir: &Path) -> Result<Vec<PathBuf>, RepoError> {
+    match fs::read_dir(dir) {
+        Ok(entries) => {
+            let mut v: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+            v.sort();
+            Ok(v)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(io_err("list", dir)(e)),
+    }
+}

@@ -1,0 +1,207 @@
+//! Manifest provisioning: run an install command once per manifest hash in a
+//! directory shared by many services or replicas (a volume).
+//!
+//! The global lock `<dir>/.nk-install-lock` serialises installers; the
+//! sentinel `<dir>/.nk-installed-<hash>` records that the command succeeded
+//! for exactly these manifests (and this command). Sentinels of other hashes
+//! are removed *before* the command runs, so a crash mid-install never leaves
+//! a sentinel that claims the directory's content.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+use super::{io_err, RepoError};
+use crate::fsutil::atomic_write;
+use crate::lock::{self, LockError, LockOptions};
+
+/// Options of [`provision`].
+#[derive(Debug, Clone, Default)]
+pub struct ProvisionOptions {
+    pub lock: LockOptions,
+    /// Working directory of the command (default: the provisioned directory).
+    pub cwd: Option<PathBuf>,
+    /// Capture the command's output (returned, and quoted on failure) instead
+    /// of letting it through to our stdout/stderr.
+    pub capture: bool,
+}
+
+/// What [`provision`] did.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProvisionOutcome {
+    /// True if this call ran the command; false if the sentinel was there.
+    pub ran: bool,
+    /// The manifest hash (the sentinel is `.nk-installed-<hash>`).
+    pub hash: String,
+    #[serde(serialize_with = "as_ms")]
+    pub waited: Duration,
+    #[serde(serialize_with = "as_ms")]
+    pub duration: Duration,
+    /// The command's combined output, when captured and run.
+    pub output: Option<String>,
+}
+
+fn as_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_millis() as u64)
+}
+
+/// The sentinel name prefix.
+pub const SENTINEL_PREFIX: &str = ".nk-installed-";
+
+/// Hash of the manifests' names and contents and of the command.
+pub fn manifest_hash(command: &[String], manifests: &[PathBuf]) -> Result<String, RepoError> {
+    let mut h = Sha256::new();
+    h.update(b"nanokit-provision-v1\0");
+    for arg in command {
+        h.update(arg.as_bytes());
+        h.update(b"\0");
+    }
+    for path in manifests {
+        let bytes = fs::read(path).map_err(|e| {
+            RepoError::Provision(format!("cannot read the manifest {}: {e}", path.display()))
+        })?;
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        h.update(b"\x01");
+        h.update(name.as_bytes());
+        h.update(b"\0");
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(&bytes);
+    }
+    Ok(hex::encode(&h.finalize()[..12]))
+}
+
+/// Runs `command` in `dir` unless `<dir>/.nk-installed-<hash of manifests>`
+/// exists, under the global lock `<dir>/.nk-install-lock`, then writes the
+/// sentinel. Concurrent callers on the same directory run it once; the
+/// others wait and skip.
+pub async fn provision(
+    dir: &Path,
+    command: &[String],
+    manifests: &[PathBuf],
+    opts: &ProvisionOptions,
+    cancel: &CancellationToken,
+) -> Result<ProvisionOutcome, RepoError> {
+    let start = Instant::now();
+    if command.is_empty() {
+        return Err(RepoError::Provision("no command to run was given".into()));
+    }
+    let hash = manifest_hash(command, manifests)?;
+    fs::create_dir_all(dir).map_err(io_err("create", dir))?;
+    let sentinel = dir.join(format!("{SENTINEL_PREFIX}{hash}"));
+    let skip = |waited| ProvisionOutcome {
+        ran: false,
+        hash: hash.clone(),
+        waited,
+        duration: start.elapsed(),
+        output: None,
+    };
+    if sentinel.exists() {
+        return Ok(skip(Duration::ZERO));
+    }
+    let mut lock_opts = opts.lock.clone();
+    lock_opts
+        .holder
+        .get_or_insert_with(|| format!("provision {}", command.join(" ")));
+    let lease = lock::acquire_unless(&dir.join(".nk-install-lock"), &lock_opts, cancel, || {
+        sentinel.exists()
+    })
+    .await?;
+    let waited = start.elapsed();
+    let Some(lease) = lease else {
+        return Ok(skip(waited));
+    };
+    if sentinel.exists() {
+        lease.release()?;
+        return Ok(skip(waited));
+    }
+    remove_sentinels(dir)?;
+
+    let mut cmd = tokio::process::Command::new(&command[0]);
+    cmd.args(&command[1..])
+        .current_dir(opts.cwd.as_deref().unwrap_or(dir))
+        .env("NANOKIT_PROVISION_DIR", dir)
+        .env("NANOKIT_PROVISION_HASH", &hash)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    if opts.capture {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    } else {
+        cmd.stdout(crate::fsutil::child_stdout())
+            .stderr(crate::fsutil::child_stderr());
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| RepoError::Provision(format!("cannot run {:?}: {e}", command[0])))?;
+    let output = tokio::select! {
+        r = child.wait_with_output() => r.map_err(|e| RepoError::Provision(format!("waiting for {:?}: {e}", command[0])))?,
+        _ = cancel.cancelled() => {
+            return Err(LockError::Aborted { path: dir.join(".nk-install-lock") }.into());
+        }
+    };
+    let text = opts.capture.then(|| {
+        let mut s = String::from_utf8_lossy(&output.stdout).into_owned();
+        s.push_str(&String::from_utf8_lossy(&output.stderr));
+        s
+    });
+    if !output.status.success() {
+        let tail = text
+            .as_deref()
+            .map(|t| {
+                let lines: Vec<&str> = t.lines().collect();
+                format!(": {}", lines[lines.len().saturating_sub(20)..].join("\n"))
+            })
+            .unwrap_or_default();
+        return Err(RepoError::Provision(format!(
+            "the install command `{}` failed ({}){tail}; no sentinel was written, the next run retries",
+            command.join(" "),
+            output.status
+        )));
+    }
+    if lease.is_lost() {
+        return Err(LockError::Lost {
+            path: dir.join(".nk-install-lock"),
+        }
+        .into());
+    }
+    let record = serde_json::json!({
+        "hash": hash,
+        "command": command,
+        "manifests": manifests,
+        "installedAtMs": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+    });
+    atomic_write(&sentinel, record.to_string().as_bytes(), 0o644)
+        .map_err(io_err("write the sentinel", &sentinel))?;
+    lease.release()?;
+    Ok(ProvisionOutcome {
+        ran: true,
+        hash,
+        waited,
+        duration: start.elapsed(),
+        output: text,
+    })
+}
+
+fn remove_sentinels(dir: &Path) -> Result<(), RepoError> {
+    for entry in fs::read_dir(dir).map_err(io_err("list", dir))?.flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(SENTINEL_PREFIX)
+        {
+            match fs::remove_file(entry.path()) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(io_err("remove the old sentinel", &entry.path())(e))
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
