@@ -295,6 +295,9 @@ pub fn load(opts: &LoadOptions) -> Result<Config, ConfigError> {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
+    // Canonical, so the state file (and the instance labels derived from its
+    // path) are the same however the file was named.
+    let dir = dir.canonicalize().unwrap_or(dir);
     let process = opts
         .vars
         .clone()

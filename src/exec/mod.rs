@@ -186,10 +186,7 @@ impl Report {
 /// The scope (labels) of a config's instances.
 pub fn scope(config: &Config) -> Scope {
     use sha2::{Digest, Sha256};
-    let p = config
-        .state_file
-        .canonicalize()
-        .unwrap_or_else(|_| config.state_file.clone());
+    let p = &config.state_file;
     Scope {
         project: config.name.clone(),
         env: config.env.clone(),

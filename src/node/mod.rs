@@ -5,6 +5,7 @@
 //! (`ENKLOCKED: …`, like Node's own `ENOENT: …`); the public entry
 //! `nanokit.js` copies that code onto `err.code`.
 
+mod infra;
 mod lock;
 mod repo;
 
