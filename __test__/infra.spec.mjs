@@ -47,7 +47,7 @@ function labelled(name) {
     } catch {
       continue
     }
-    if (!env.includes(`NK_PROJECT=${name}`)) continue
+    if (!env.includes(`NK_PROJECT=${name}`) || !env.some((e) => e.startsWith('NK_STATE_ID='))) continue
     const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ')
     if (f[0] === 'Z' || Number(f[2]) !== Number(d)) continue
     const svc = env.find((e) => e.startsWith('NK_SERVICE='))?.slice(11)
@@ -195,7 +195,7 @@ function run(args, env) {
   })
 }
 
-test('crash safety: up SIGKILLed at random moments, 24 trials', { timeout: 600_000 }, async () => {
+test('crash safety: up SIGKILLed at random moments, 24 trials', { timeout: 600_000 }, async (t) => {
   const dir = tmp('nk-crash-')
   const file = join(dir, 'nanokit.yml')
   const name = `crash${process.pid}`
@@ -255,6 +255,7 @@ services:
         assert.equal(st.resources[p.service].status, 'healthy')
       }
     }
+    t.diagnostic(`${killedMidway} of 24 kills landed while up was running`)
     assert.ok(killedMidway >= 12, `only ${killedMidway} kills landed while up was running`)
   } finally {
     const r = cli(['down', '-f', file], { env })

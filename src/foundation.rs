@@ -105,6 +105,11 @@ impl DeployLock {
         self.lease.is_lost()
     }
 
+    /// Cancelled when the lease is found lost.
+    pub fn lost_token(&self) -> CancellationToken {
+        self.lease.lost_token()
+    }
+
     pub fn release(self) -> Result<(), LockError> {
         self.lease.release()
     }

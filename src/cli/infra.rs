@@ -476,8 +476,8 @@ pub async fn run(cmd: InfraCommand) -> i32 {
                     println!("Nothing deployed (run `nanokit up`).");
                 } else {
                     println!(
-                        "{:<20} {:<13} {:<8} {:<7} {}",
-                        "SERVICE", "STATUS", "PID", "PORT", "UPDATED"
+                        "{:<20} {:<13} {:<8} {:<7} UPDATED",
+                        "SERVICE", "STATUS", "PID", "PORT"
                     );
                     for r in &rows {
                         println!(

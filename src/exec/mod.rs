@@ -325,7 +325,7 @@ impl Run {
                 Some(format!("{which}: {cmd}")),
             );
             let mut env = spec.env.clone();
-            env.extend(spec.labels.clone());
+            env.extend(provider::command_labels(&spec.labels));
             let argv = vec!["sh".to_string(), "-c".to_string(), cmd.clone()];
             let out = provider::process::run_command(
                 &argv,
@@ -664,6 +664,15 @@ fn append_log(path: &std::path::Path, text: &str) {
     }
 }
 
+/// Aborts a background task when dropped (every exit path of a run).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 #[derive(Clone, PartialEq)]
 enum Done {
     Pending,
@@ -784,6 +793,15 @@ pub async fn up(
 ) -> Result<Report, ExecError> {
     let dag = Dag::build(&config)?;
     let lock = lock(&config, &opts, "up").await?;
+    // A lost deploy lease (broken by `infra unlock`, taken over) stops the
+    // run like Ctrl-C: nothing new starts.
+    let _watch_lost = {
+        let (lost, cancel) = (lock.lost_token(), opts.cancel.clone());
+        AbortOnDrop(tokio::spawn(async move {
+            lost.cancelled().await;
+            cancel.cancel();
+        }))
+    };
     let store = Store::open(&config.state_file, &config.name, &config.env)?;
     let scope = scope(&config);
     let observed = provider.observe(&scope).await?;

@@ -54,6 +54,17 @@ pub struct Scope {
     pub state_id: String,
 }
 
+/// The labels a command run for an instance (hook, probe) sees: all but the
+/// state id, so such short-lived processes are never taken for instances.
+pub fn command_labels(
+    labels: &BTreeMap<String, String>,
+) -> impl Iterator<Item = (String, String)> + '_ {
+    labels
+        .iter()
+        .filter(|(k, _)| k.as_str() != LABEL_STATE_ID)
+        .map(|(k, v)| (k.clone(), v.clone()))
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct InstanceSpec {

@@ -296,7 +296,7 @@ impl Provider for ProcessProvider {
         timeout: Duration,
     ) -> Result<ExecOutput, ProviderError> {
         let mut env = spec.env.clone();
-        env.extend(spec.labels.clone());
+        env.extend(command_labels(&spec.labels));
         run_command(argv, &spec.dir, &env, timeout).await
     }
 
