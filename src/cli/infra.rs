@@ -244,16 +244,89 @@ fn progress_printer() -> exec::EventSink {
     })
 }
 
-fn ctrl_c_token() -> CancellationToken {
-    let token = CancellationToken::new();
-    let t = token.clone();
-    tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!("interrupted: finishing the steps in progress, starting nothing new…");
-            t.cancel();
+/// Ctrl-C handling for one command. Not tokio's `ctrl_c`: inside Node,
+/// signal-hook chains to Node's own SIGINT handler, which re-raises the
+/// signal and loops. This installs a plain handler that writes to a pipe; a
+/// thread reading it cancels the token and restores the default action, so a
+/// second Ctrl-C ends the process at once. Dropping the guard restores the
+/// previous handler.
+mod interrupt {
+    use std::sync::atomic::{AtomicI32, Ordering};
+
+    use tokio_util::sync::CancellationToken;
+
+    static PIPE_W: AtomicI32 = AtomicI32::new(-1);
+
+    extern "C" fn on_sigint(_: libc::c_int) {
+        let fd = PIPE_W.load(Ordering::SeqCst);
+        if fd >= 0 {
+            // SAFETY: write(2) is async-signal-safe.
+            unsafe {
+                libc::write(fd, b"x".as_ptr().cast(), 1);
+            }
         }
-    });
-    token
+    }
+
+    pub struct Guard {
+        old: Option<libc::sigaction>,
+        write_fd: libc::c_int,
+    }
+
+    pub fn install(token: CancellationToken) -> Guard {
+        let mut fds = [0; 2];
+        // SAFETY: plain libc calls on valid pointers.
+        unsafe {
+            if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+                return Guard {
+                    old: None,
+                    write_fd: -1,
+                };
+            }
+            PIPE_W.store(fds[1], Ordering::SeqCst);
+            let mut new: libc::sigaction = std::mem::zeroed();
+            new.sa_sigaction = on_sigint as *const () as usize;
+            new.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut new.sa_mask);
+            let mut old: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(libc::SIGINT, &new, &mut old);
+            let read_fd = fds[0];
+            std::thread::spawn(move || {
+                let mut b = [0u8; 1];
+                if libc::read(read_fd, b.as_mut_ptr().cast(), 1) == 1 {
+                    eprintln!("interrupted: finishing the steps in progress, starting nothing new (Ctrl-C again to quit at once)…");
+                    let mut dfl: libc::sigaction = std::mem::zeroed();
+                    dfl.sa_sigaction = libc::SIG_DFL;
+                    libc::sigaction(libc::SIGINT, &dfl, std::ptr::null_mut());
+                    token.cancel();
+                }
+                libc::close(read_fd);
+            });
+            Guard {
+                old: Some(old),
+                write_fd: fds[1],
+            }
+        }
+    }
+
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            if let Some(old) = self.old.take() {
+                PIPE_W.store(-1, Ordering::SeqCst);
+                // SAFETY: restoring the handler we replaced; closing our pipe end.
+                unsafe {
+                    libc::sigaction(libc::SIGINT, &old, std::ptr::null_mut());
+                    libc::close(self.write_fd);
+                }
+            }
+        }
+    }
+}
+
+/// A token cancelled by Ctrl-C while the returned guard lives.
+fn ctrl_c_token() -> (CancellationToken, interrupt::Guard) {
+    let token = CancellationToken::new();
+    let guard = interrupt::install(token.clone());
+    (token, guard)
 }
 
 fn confirm(question: &str) -> bool {
@@ -426,7 +499,8 @@ pub async fn run(cmd: InfraCommand) -> i32 {
                     return exit::ERROR;
                 }
             };
-            let mut opts = exec_opts(&run, Some(progress_printer()), ctrl_c_token());
+            let (cancel, _sigint) = ctrl_c_token();
+            let mut opts = exec_opts(&run, Some(progress_printer()), cancel);
             opts.force = force;
             opts.targets = services;
             match exec::up(Arc::new(cfg), provider, opts).await {
@@ -460,7 +534,8 @@ pub async fn run(cmd: InfraCommand) -> i32 {
                     return exit::ERROR;
                 }
             };
-            let mut opts = exec_opts(&run, Some(progress_printer()), ctrl_c_token());
+            let (cancel, _sigint) = ctrl_c_token();
+            let mut opts = exec_opts(&run, Some(progress_printer()), cancel);
             opts.targets = services;
             opts.volumes = volumes;
             match exec::down(Arc::new(cfg), provider, opts).await {
@@ -522,7 +597,7 @@ pub async fn run(cmd: InfraCommand) -> i32 {
             let text = std::fs::read(&path).unwrap_or_default();
             println!("{}", exec::tail(&String::from_utf8_lossy(&text), lines));
             if follow {
-                let cancel = ctrl_c_token();
+                let (cancel, _sigint) = ctrl_c_token();
                 let mut pos = text.len() as u64;
                 while !cancel.is_cancelled() {
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -583,9 +658,10 @@ pub async fn run(cmd: InfraCommand) -> i32 {
                 return exit::OK;
             }
             if restore {
+                let (cancel, _sigint) = ctrl_c_token();
                 let opts = ExecOptions {
                     events: Some(progress_printer()),
-                    cancel: ctrl_c_token(),
+                    cancel,
                     ..ExecOptions::default()
                 };
                 return match exec::up(Arc::new(cfg), provider, opts).await {
