@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
-use super::exit;
+use super::{exit, print_json as json, OutputFormat as Output};
 use crate::config::{self, Config, LoadOptions};
 use crate::error::ErrorCode;
 use crate::exec::{self, Event, ExecError, ExecOptions, Phase};
@@ -31,12 +31,6 @@ pub struct Project {
     /// Environment whose `environments.<env>` block is merged over the globals
     #[arg(short = 'e', long = "env", default_value = config::DEFAULT_ENV, env = "NANOKIT_ENV")]
     pub env: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Output {
-    Text,
-    Json,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -181,10 +175,6 @@ fn load(project: &Project) -> Result<Config, config::ConfigError> {
     Ok(cfg)
 }
 
-fn json(v: &impl serde::Serialize) {
-    println!("{}", serde_json::to_string_pretty(v).expect("json"));
-}
-
 fn exec_opts(
     run: &RunArgs,
     events: Option<exec::EventSink>,
@@ -327,16 +317,6 @@ fn ctrl_c_token() -> (CancellationToken, interrupt::Guard) {
     let token = CancellationToken::new();
     let guard = interrupt::install(token.clone());
     (token, guard)
-}
-
-fn confirm(question: &str) -> bool {
-    if !std::io::stdin().is_terminal() {
-        return false;
-    }
-    eprint!("{question} [y/N] ");
-    let _ = std::io::stderr().flush();
-    let mut line = String::new();
-    std::io::stdin().read_line(&mut line).is_ok() && matches!(line.trim(), "y" | "Y" | "yes")
 }
 
 fn exec_exit(e: ExecError) -> i32 {
@@ -523,9 +503,11 @@ pub async fn run(cmd: InfraCommand) -> i32 {
                     return exit::ERROR;
                 }
             };
-            if volumes && !yes && !confirm("Delete all named volumes and their data?") {
-                eprintln!("error[ENKFORCE]: deleting volumes needs confirmation: pass --yes");
-                return exit::ERROR;
+            if volumes && !yes {
+                if let Err(e) = super::confirm("Delete all named volumes and their data?").await {
+                    eprintln!("error[{}]: {}", e.code, e.message);
+                    return exit::ERROR;
+                }
             }
             let provider = match exec::provider_for(&cfg) {
                 Ok(p) => p,
@@ -693,9 +675,14 @@ pub async fn run(cmd: InfraCommand) -> i32 {
                 }
                 Ok(Some(holder)) => {
                     println!("The deploy lock {} is held by {holder}.", path.display());
-                    if !yes && !confirm("Clear it? Only do this when that run is really gone.") {
-                        eprintln!("error[ENKLOCKED]: not cleared: pass --yes to clear it");
-                        return exit::ERROR;
+                    if !yes {
+                        if let Err(e) =
+                            super::confirm("Clear it? Only do this when that run is really gone.")
+                                .await
+                        {
+                            eprintln!("error[{}]: {}", e.code, e.message);
+                            return exit::ERROR;
+                        }
                     }
                     match crate::foundation::break_deploy_lock(&path) {
                         Ok(_) => {
