@@ -72,10 +72,6 @@ writeFileSync(join(nkDir, 'nanokit.yml'), yml)
 const nkFile = join(nkDir, 'nanokit.yml')
 run(process.execPath, [BIN, 'plan', '-f', nkFile]) // warm the page cache
 const nkPlanMs = time(() => run(process.execPath, [BIN, 'plan', '-f', nkFile]))
-const nkPlanApiMs = (() => {
-  const xs = []
-  return xs
-})()
 
 let tfPlanMs = null
 const tf = spawnSync('terraform', ['version'], { encoding: 'utf8' })
@@ -161,4 +157,3 @@ console.log(`  JS API in-process:                                 ${f(upApiMs)}`
 console.log('')
 console.log(`peak memory (max RSS) of a process planning ${N} services: ${withPlan.toFixed(1)} MiB`)
 console.log(`  same process without the plan: ${base.toFixed(1)} MiB; plan adds ${(withPlan - base).toFixed(1)} MiB`)
-void nkPlanApiMs

@@ -14,7 +14,7 @@ use crate::config::{self, Config, LoadOptions};
 use crate::error::ErrorCode;
 use crate::exec::{self, Event, ExecError, ExecOptions, Phase};
 use crate::graph::Dag;
-use crate::plan::{ActionKind, PlanOptions};
+use crate::plan::PlanOptions;
 use crate::state;
 
 /// Which project: the file and the environment.
@@ -746,6 +746,5 @@ pub async fn status_of(cfg: &Config) -> Result<Vec<StatusRow>, ExecError> {
             error: r.error.clone(),
         });
     }
-    let _ = ActionKind::Noop;
     Ok(rows)
 }

@@ -715,7 +715,6 @@ where
         let on_skip = on_skip.clone();
         let cancel = cancel.clone();
         set.spawn(async move {
-            let started = Instant::now();
             for (dep, mut rx) in rxs {
                 let v = rx
                     .wait_for(|d| *d != Done::Pending)
@@ -739,7 +738,6 @@ where
                 Ok(_) => Done::Ok,
                 Err(e) => Done::NotOk(e.clone()),
             });
-            let _ = started;
             (name, r, started_work.elapsed().as_millis() as u64)
         });
     }
@@ -852,7 +850,6 @@ pub async fn up(
         .cloned()
         .collect();
     if !deletes.is_empty() {
-        let names: Vec<String> = deletes.iter().map(|a| a.service.clone()).collect();
         let nodes = deletes
             .iter()
             .map(|a| {
@@ -889,7 +886,6 @@ pub async fn up(
             }
             results.push(to_result(ActionKind::Delete, n, r, ms));
         }
-        let _ = names;
     }
     // Creates / updates / noops in dependency order.
     let ups: Vec<plan::Action> = plan
