@@ -57,7 +57,10 @@ fn acquire_excludes_and_release_frees() {
     assert_eq!(status.holder_alive, Some(true));
     assert!(!status.stale);
     lease.release().unwrap();
-    assert!(!path.exists());
+    assert!(
+        fs::read(&path).unwrap().iter().all(|&b| b == b' '),
+        "the file stays, blank: free"
+    );
     assert!(lock::inspect(&path, Duration::from_secs(30))
         .unwrap()
         .is_none());
@@ -150,7 +153,16 @@ async fn broken_lease_is_reported_lost() {
     let other = lock::try_acquire(&path, &opts(30_000)).unwrap().unwrap();
     let err = lease.release().unwrap_err();
     assert_eq!(err.code(), "ENKLOCKLOST");
-    assert!(path.exists());
+    assert_eq!(
+        lock::inspect(&path, Duration::from_secs(30))
+            .unwrap()
+            .unwrap()
+            .info
+            .unwrap()
+            .token,
+        other.token(),
+        "a lost holder's release leaves the new holder's lock alone"
+    );
     other.release().unwrap();
 }
 
@@ -204,4 +216,28 @@ async fn waiter_acquires_after_release() {
     // How fast is measured by bench/, not asserted here.
     assert!(got >= released);
     lease.release().unwrap();
+}
+
+#[tokio::test]
+async fn a_lock_file_deleted_by_hand_is_reported_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("deleted.lock");
+    let lease = lock::try_acquire(&path, &opts(40)).unwrap().unwrap();
+    fs::remove_file(&path).unwrap();
+    let newcomer = lock::try_acquire(&path, &opts(30_000))
+        .unwrap()
+        .expect("the path is free");
+    tokio::time::timeout(Duration::from_secs(5), lease.lost_token().cancelled())
+        .await
+        .expect("the old holder learns its file is gone");
+    assert_eq!(lease.release().unwrap_err().code(), "ENKLOCKLOST");
+    assert_eq!(
+        lock::inspect(&path, Duration::from_secs(30))
+            .unwrap()
+            .unwrap()
+            .info
+            .unwrap()
+            .token,
+        newcomer.token()
+    );
 }

@@ -3,50 +3,54 @@
 //!
 //! # Protocol
 //!
-//! * **Acquire** creates the lock file exclusively (`O_CREAT|O_EXCL`, atomic
-//!   locally and on NFS v3+), so exactly one contender wins, and writes the
-//!   holder's record ([`LockInfo`]) into it.
-//! * **Heartbeat**: while held, a background thread touches the lock file's
-//!   mtime through the holder's own file descriptor, several times per stale
-//!   period.
-//! * **Stale** is judged by *observed progress*: a waiter records the lock
-//!   file's identity and mtime and starts its own monotonic clock; when nothing
-//!   changed for `stale` of *its* time, the lease is stale. Clocks of other
-//!   hosts are never compared with ours, so clock skew cannot break it.
-//!   A holder on this host whose process is gone (or whose pid now belongs to
-//!   another process) is judged dead at once.
-//! * **Every removal** of a lock file (release, takeover, break) and every
-//!   renewal happens under a short kernel lock (`flock`) on a companion
-//!   `<path>.guard` file, after re-checking that the file is still the one
-//!   observed. So a takeover can only remove the very lease it judged stale,
-//!   never a fresh one that replaced it: two contenders can never both win,
-//!   and a holder that renews learns at once if its lease was taken.
-//!   The guard is held for microseconds and released by the kernel if its
-//!   owner dies. Guard files are never deleted.
+//! * The lock file is **persistent**: blank (empty or spaces) means free, a
+//!   holder's record ([`LockInfo`], JSON, padded with spaces) means held.
+//!   Creating and unlinking inodes, and growing and shrinking files, are the
+//!   expensive parts of a file lock (tens of µs on ext4), so acquisitions
+//!   overwrite the content in place and never do either after the first.
+//! * Every transition is a **compare-and-swap of the content under a brief
+//!   kernel lock** (`flock`) on that same file, held for a few syscalls and
+//!   released by the kernel if its owner dies: acquire writes our record only
+//!   if the file is empty; takeover replaces a record only if it is still
+//!   exactly the one judged stale or dead; renewal and release act only if
+//!   the record is still ours. Two contenders can never both win, and a
+//!   holder learns at its next renewal that its lease was taken.
+//! * **Heartbeat**: while held, a background thread touches the file's mtime
+//!   several times per stale period.
+//! * **Stale** is judged by *observed progress*: a waiter records the file's
+//!   mtime and size and starts its own monotonic clock; when nothing changed
+//!   for `stale` of *its* time, the lease is stale. Clocks of other hosts are
+//!   never compared with ours, so clock skew cannot break it. A holder on this
+//!   host whose process is gone (or whose pid now belongs to another process)
+//!   is judged dead at once.
+//! * Within one process the kernel-lock sections are also serialised by a
+//!   process-local mutex: on NFS, `flock` is emulated with POSIX locks, which
+//!   belong to the process rather than to the open file.
 
 mod heartbeat;
 pub mod host;
 
 use std::fs::{self, File, Metadata, OpenOptions};
-use std::io::{self, Read, Write};
+use std::hash::{Hash, Hasher};
+use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::error::ErrorCode;
+use crate::error::{ErrorCode, IoError};
 pub use host::{this_host, HostIdentity};
 
 /// Default stale period: a lease not renewed for this long may be taken over.
 pub const DEFAULT_STALE: Duration = Duration::from_secs(30);
 
-/// How long release and renewal wait for the guard before giving up. The
-/// guard is only ever held for a few syscalls, so this is generous.
+/// How long release and renewal wait for another process's kernel-lock
+/// section. Sections last a few syscalls, so this is generous.
 const GUARD_WAIT: Duration = Duration::from_secs(5);
 
 /// Errors of the lock primitive.
@@ -75,13 +79,8 @@ pub enum LockError {
     #[error("invalid lock path {path:?}: {reason}")]
     InvalidPath { path: String, reason: &'static str },
     /// A filesystem operation failed.
-    #[error("cannot {op} {}: {source}", path.display())]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
 }
 
 impl ErrorCode for LockError {
@@ -91,17 +90,14 @@ impl ErrorCode for LockError {
             LockError::Lost { .. } => "ENKLOCKLOST",
             LockError::Aborted { .. } => "ENKABORTED",
             LockError::InvalidPath { .. } => "ENKSPEC",
-            LockError::Io { .. } => "ENKIO",
+            LockError::Io(_) => "ENKIO",
         }
     }
 }
 
+/// [`crate::error::io_err`] for this module's error type.
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> LockError + 'a {
-    move |source| LockError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
+    crate::error::io_err(op, path)
 }
 
 /// How to take a lock.
@@ -182,7 +178,7 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Identity of one lock file (a new acquisition is a new inode).
+/// Identity of one lock file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct FileId {
     dev: u64,
@@ -216,12 +212,6 @@ impl Observation {
     }
 }
 
-fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(suffix);
-    PathBuf::from(s)
-}
-
 fn validate(path: &Path) -> Result<(), LockError> {
     let bad = |reason| LockError::InvalidPath {
         path: path.to_string_lossy().into_owned(),
@@ -240,55 +230,112 @@ fn validate(path: &Path) -> Result<(), LockError> {
     Ok(())
 }
 
-/// The kernel lock that serialises removals and renewals of one lock file.
-struct Guard {
-    _file: File,
+/// Serialises this process's kernel-lock sections on one path (see the
+/// module docs: on NFS, `flock` does not exclude threads of one process).
+fn local_section(path: &Path) -> MutexGuard<'static, ()> {
+    static STRIPES: [Mutex<()>; 64] = [const { Mutex::new(()) }; 64];
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    path.hash(&mut h);
+    STRIPES[(h.finish() % 64) as usize]
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
 }
 
-impl Guard {
-    fn open(lock: &Path) -> Result<File, LockError> {
-        let path = with_suffix(lock, ".guard");
+/// The brief kernel lock on an open lock file, released on drop. Every read
+/// that decides a write, and that write, happen inside one section.
+struct Section<'f> {
+    file: &'f File,
+    _local: MutexGuard<'static, ()>,
+}
+
+impl<'f> Section<'f> {
+    /// Enters the section, waiting up to `wait` for another process's
+    /// (brief) one; `None` if it stayed busy.
+    fn enter(
+        path: &Path,
+        file: &'f File,
+        wait: Duration,
+    ) -> Result<Option<Section<'f>>, LockError> {
+        let local = local_section(path);
+        let start = Instant::now();
+        loop {
+            // SAFETY: flock on a valid descriptor we own.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                return Ok(Some(Section {
+                    file,
+                    _local: local,
+                }));
+            }
+            let err = io::Error::last_os_error();
+            if !matches!(err.raw_os_error(), Some(libc::EWOULDBLOCK | libc::EINTR)) {
+                return Err(io_err("lock", path)(err));
+            }
+            if start.elapsed() >= wait {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+}
+
+impl Drop for Section<'_> {
+    fn drop(&mut self) {
+        // SAFETY: unlocking our own descriptor.
+        unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+/// Opens (creating if needed, with its directory) the lock file.
+fn open_lock(path: &Path) -> Result<File, LockError> {
+    let open = || {
         OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o644)
-            .open(&path)
-            .map_err(io_err("open the lock guard", &path))
-    }
-
-    /// Takes the guard if it is free right now.
-    fn try_lock(lock: &Path) -> Result<Option<Guard>, LockError> {
-        let file = Self::open(lock)?;
-        // SAFETY: flock on a valid, owned descriptor.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            return Ok(Some(Guard { _file: file }));
-        }
-        let err = io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EWOULDBLOCK) || err.raw_os_error() == Some(libc::EINTR)
-        {
-            Ok(None)
-        } else {
-            Err(io_err("lock the guard of", lock)(err))
-        }
-    }
-
-    /// Takes the guard, waiting up to `wait` for its (brief) holder.
-    fn lock(lock: &Path, wait: Duration) -> Result<Guard, LockError> {
-        let start = Instant::now();
-        loop {
-            if let Some(g) = Self::try_lock(lock)? {
-                return Ok(g);
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+    };
+    match open() {
+        Ok(f) => Ok(f),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                fs::create_dir_all(dir).map_err(io_err("create the lock directory", dir))?;
             }
-            if start.elapsed() >= wait {
-                return Err(io_err("lock the guard of", lock)(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "the guard stayed held (is a holder process stopped?)",
-                )));
-            }
-            std::thread::sleep(Duration::from_micros(500));
+            open().map_err(io_err("create", path))
         }
+        Err(e) => Err(io_err("open", path)(e)),
+    }
+}
+
+/// Whether lock file content means "free".
+fn is_free(content: &[u8]) -> bool {
+    content.iter().all(|&b| b == b' ' || b == b'\n')
+}
+
+/// Writes `record` over `old` content, padded with spaces to the old length
+/// (JSON allows trailing whitespace), so the file never shrinks.
+fn overwrite(file: &File, record: &[u8], old_len: usize) -> io::Result<()> {
+    if record.len() >= old_len {
+        return file.write_all_at(record, 0);
+    }
+    let mut padded = Vec::with_capacity(old_len);
+    padded.extend_from_slice(record);
+    padded.resize(old_len, b' ');
+    file.write_all_at(&padded, 0)
+}
+
+/// The whole content of an open lock file (at most 64 KiB).
+fn read_content(file: &File) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = file.read_at(&mut chunk, buf.len() as u64)?;
+        if n == 0 || buf.len() > 64 * 1024 {
+            return Ok(buf);
+        }
+        buf.extend_from_slice(&chunk[..n]);
     }
 }
 
@@ -296,8 +343,9 @@ impl Guard {
 pub(crate) struct Held {
     path: PathBuf,
     info: LockInfo,
+    /// Exactly what we wrote: the lease is ours while the file holds it.
+    record: Vec<u8>,
     file: File,
-    id: FileId,
     stale: Duration,
     lost: CancellationToken,
     released: AtomicBool,
@@ -309,31 +357,46 @@ impl Held {
         if self.released.load(Ordering::Acquire) {
             return true;
         }
-        let result = (|| -> Result<bool, LockError> {
-            let _guard = Guard::lock(&self.path, GUARD_WAIT)?;
-            match fs::metadata(&self.path) {
-                Ok(m) if FileId::of(&m) == self.id => {
-                    // SAFETY: futimens with NULL sets both times to now on our own fd.
-                    unsafe { libc::futimens(self.file.as_raw_fd(), std::ptr::null()) };
-                    Ok(true)
-                }
-                _ => Ok(false),
+        let result = (|| -> Result<Option<bool>, LockError> {
+            let Some(_section) = Section::enter(&self.path, &self.file, GUARD_WAIT)? else {
+                return Ok(None);
+            };
+            if !self.is_ours()? {
+                return Ok(Some(false));
             }
+            // SAFETY: futimens with NULL sets both times to now on our own fd.
+            unsafe { libc::futimens(self.file.as_raw_fd(), std::ptr::null()) };
+            Ok(Some(true))
         })();
         match result {
-            Ok(true) => true,
-            Ok(false) => {
-                tracing::warn!(path = %self.path.display(), "lease lost: the lock file was taken over or removed");
+            Ok(Some(true)) => true,
+            Ok(Some(false)) => {
+                tracing::warn!(path = %self.path.display(), "lease lost: the lock was taken over or broken");
                 self.lost.cancel();
                 false
             }
-            Err(e) => {
-                // Could not check this time (e.g. a transient NFS error): keep
-                // trying; a waiter will judge us stale if this persists.
-                tracing::warn!(path = %self.path.display(), error = %e, "lease renewal failed");
+            Ok(None) | Err(_) => {
+                // Could not check this time (a stuck section, a transient NFS
+                // error): keep trying; a waiter judges us stale if it persists.
+                tracing::warn!(path = %self.path.display(), error = ?result.err(), "lease renewal skipped");
                 true
             }
         }
+    }
+
+    /// Inside a section: the path still names our file (it was not deleted
+    /// and recreated by hand) and the file still holds our record.
+    fn is_ours(&self) -> Result<bool, LockError> {
+        let ours = self.file.metadata().map_err(io_err("stat", &self.path))?;
+        match fs::metadata(&self.path) {
+            Ok(m) if FileId::of(&m) == FileId::of(&ours) => {}
+            Ok(_) => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io_err("stat", &self.path)(e)),
+        }
+        let content = read_content(&self.file).map_err(io_err("read", &self.path))?;
+        Ok(content.get(..self.record.len()) == Some(&self.record[..])
+            && is_free(&content[self.record.len()..]))
     }
 
     fn release(&self) -> Result<(), LockError> {
@@ -341,12 +404,23 @@ impl Held {
             return Ok(());
         }
         heartbeat::unregister(self);
-        let guard = Guard::lock(&self.path, GUARD_WAIT)?;
-        let ours = matches!(fs::metadata(&self.path), Ok(m) if FileId::of(&m) == self.id);
+        let section = Section::enter(&self.path, &self.file, GUARD_WAIT)?.ok_or_else(|| {
+            io_err("lock", &self.path)(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the lock file stayed locked by another process (is one stopped?)",
+            ))
+        })?;
+        let ours = self.is_ours()?;
         if ours {
-            fs::remove_file(&self.path).map_err(io_err("remove the lock", &self.path))?;
+            let len = self
+                .file
+                .metadata()
+                .map_err(io_err("stat", &self.path))?
+                .len();
+            overwrite(&self.file, b"", len as usize)
+                .map_err(io_err("release the lock", &self.path))?;
         }
-        drop(guard);
+        drop(section);
         if !ours || self.lost.is_cancelled() {
             self.lost.cancel();
             return Err(LockError::Lost {
@@ -373,19 +447,18 @@ impl std::fmt::Debug for Lease {
 }
 
 impl Lease {
-    fn new(path: &Path, info: LockInfo, file: File, stale: Duration) -> Result<Lease, LockError> {
-        let id = FileId::of(&file.metadata().map_err(io_err("stat the lock", path))?);
+    fn new(path: &Path, info: LockInfo, record: Vec<u8>, file: File, stale: Duration) -> Lease {
         let held = Arc::new(Held {
             path: path.to_path_buf(),
             info,
+            record,
             file,
-            id,
             stale,
             lost: CancellationToken::new(),
             released: AtomicBool::new(false),
         });
         heartbeat::register(held.clone());
-        Ok(Lease { held, owned: true })
+        Lease { held, owned: true }
     }
 
     /// The unique token of this acquisition.
@@ -414,7 +487,7 @@ impl Lease {
     }
 
     /// Releases the lock. Fails with [`LockError::Lost`] if the lease had been
-    /// lost in the meantime (the lock file is then left to its new owner).
+    /// lost in the meantime (the lock is then left to its new owner).
     pub fn release(mut self) -> Result<(), LockError> {
         self.owned = false;
         self.held.release()
@@ -460,100 +533,75 @@ fn new_info(opts: &LockOptions) -> LockInfo {
     }
 }
 
-fn create_new(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(path)
-}
-
-/// One attempt to create the lock file. `Ok(None)` if it already exists.
-///
-/// The file is created with `O_CREAT|O_EXCL` (atomic on local filesystems and
-/// on NFS v3 and later) and the record written with one `write`. A reader can
-/// see the file before the record is in it; it then treats the holder as
-/// unknown (never as dead) and reads again at its next poll.
-fn attempt_create(path: &Path, opts: &LockOptions) -> Result<Option<Lease>, LockError> {
-    let mut file = match create_new(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(None),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                fs::create_dir_all(dir).map_err(io_err("create the lock directory", dir))?;
-            }
-            match create_new(path) {
-                Ok(f) => f,
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(None),
-                Err(e) => return Err(io_err("create", path)(e)),
-            }
-        }
-        Err(e) => return Err(io_err("create", path)(e)),
-    };
-    let info = new_info(opts);
-    let record = serde_json::to_vec(&info).expect("a lock record serialises");
-    if let Err(e) = file.write_all(&record) {
-        // Give the half-made lock back; nobody else can have removed it yet
-        // except through the guard, so check it is still ours.
-        let ours = file.metadata().ok().map(|m| FileId::of(&m));
-        if let Ok(_guard) = Guard::lock(path, GUARD_WAIT) {
-            if fs::metadata(path).ok().map(|m| FileId::of(&m)) == ours {
-                let _ = fs::remove_file(path);
-            }
-        }
-        return Err(io_err("write", path)(e));
-    }
-    Lease::new(path, info, file, opts.stale).map(Some)
-}
-
-fn read_info(path: &Path) -> Option<LockInfo> {
-    let mut buf = Vec::with_capacity(512);
-    File::open(path)
-        .ok()?
-        .take(64 * 1024)
-        .read_to_end(&mut buf)
-        .ok()?;
-    serde_json::from_slice(&buf).ok()
-}
-
-enum Takeover {
-    /// The stale file was removed (by us) or was already gone.
-    Cleared,
-    /// The file changed since we judged it: it is alive after all.
-    Changed,
-    /// Someone else is in the middle of a removal or renewal.
+enum Attempt {
+    Acquired(Lease),
+    /// Someone holds it (or the record changed since it was judged).
+    Held,
+    /// Another process is inside its brief section right now.
     Busy,
 }
 
-/// Removes the lock file if and only if it is still exactly what we observed.
-fn take_over(
+/// One compare-and-swap, inside the kernel-lock section: writes our record if
+/// the lock is free, or, given `replace`, if the file is still exactly as
+/// observed when its holder was judged stale or dead.
+fn attempt(
     path: &Path,
-    seen: &Observation,
-    why: &str,
-    info: Option<&LockInfo>,
-) -> Result<Takeover, LockError> {
-    let Some(_guard) = Guard::try_lock(path)? else {
-        return Ok(Takeover::Busy);
+    opts: &LockOptions,
+    replace: Option<(&Observation, &str)>,
+) -> Result<Attempt, LockError> {
+    let file = open_lock(path)?;
+    let Some(section) = Section::enter(path, &file, Duration::from_millis(20))? else {
+        return Ok(Attempt::Busy);
     };
-    match fs::metadata(path) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Takeover::Cleared),
-        Err(e) => Err(io_err("stat", path)(e)),
-        Ok(m) if Observation::of(&m) == *seen => match fs::remove_file(path) {
-            Ok(()) => {
-                tracing::warn!(
-                    path = %path.display(),
-                    holder = %info.map(LockInfo::describe).unwrap_or_else(|| "unknown".into()),
-                    "taking over a {why} lock"
-                );
-                Ok(Takeover::Cleared)
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Takeover::Cleared),
-            Err(e) => Err(io_err("remove the stale lock", path)(e)),
-        },
-        Ok(_) => Ok(Takeover::Changed),
+    let content = read_content(&file).map_err(io_err("read", path))?;
+    if !is_free(&content) {
+        let (seen, why) = match replace {
+            Some(r) => r,
+            None => return Ok(Attempt::Held),
+        };
+        let now = Observation::of(&file.metadata().map_err(io_err("stat", path))?);
+        if now != *seen {
+            return Ok(Attempt::Held);
+        }
+        let old = serde_json::from_slice::<LockInfo>(&content).ok();
+        tracing::warn!(
+            path = %path.display(),
+            holder = %old.as_ref().map(LockInfo::describe).unwrap_or_else(|| "unknown".into()),
+            "taking over a {why} lock"
+        );
     }
+    let info = new_info(opts);
+    let record = serde_json::to_vec(&info).expect("a lock record serialises");
+    if let Err(e) = overwrite(&file, &record, content.len()) {
+        if is_free(&content) {
+            let _ = overwrite(&file, b"", content.len().max(record.len()));
+        }
+        return Err(io_err("write", path)(e));
+    }
+    drop(section);
+    Ok(Attempt::Acquired(Lease::new(
+        path, info, record, file, opts.stale,
+    )))
+}
+
+/// Reads the lock's record together with the observation of the file it came
+/// from (one open descriptor). `Err(NotFound)` if there is no lock file.
+/// `free` is true when the content is blank.
+fn read_record(path: &Path) -> io::Result<Record> {
+    let file = File::open(path)?;
+    let obs = Observation::of(&file.metadata()?);
+    let content = read_content(&file)?;
+    Ok(Record {
+        obs,
+        free: is_free(&content),
+        info: serde_json::from_slice(&content).ok(),
+    })
+}
+
+struct Record {
+    obs: Observation,
+    free: bool,
+    info: Option<LockInfo>,
 }
 
 /// What a waiter should do next.
@@ -587,35 +635,49 @@ impl<'a> Waiter<'a> {
     /// One round: acquire if free, take over if stale or dead, else say how
     /// long to wait before the next round.
     fn step(&mut self) -> Result<Step, LockError> {
-        // The first round tries to create before looking: uncontended, that
-        // is the whole acquisition.
+        // The first round tries before looking: uncontended, that is the
+        // whole acquisition.
         if self.polls == 0 {
-            if let Some(lease) = attempt_create(self.path, self.opts)? {
+            if let Attempt::Acquired(lease) = attempt(self.path, self.opts, None)? {
                 return Ok(Step::Acquired(lease));
             }
         }
-        // A vanished or taken-over lock lets us retry at once, a few times.
+        // A release seen or a takeover lets us go again at once, a few times.
         for _ in 0..4 {
             let m = match fs::metadata(self.path) {
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    if let Some(lease) = attempt_create(self.path, self.opts)? {
-                        return Ok(Step::Acquired(lease));
-                    }
-                    continue;
-                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
                 Err(e) => return Err(io_err("stat", self.path)(e)),
-                Ok(m) => m,
+                Ok(m) => Some(m),
             };
-            let obs = Observation::of(&m);
-            if self.seen != Some(obs) {
-                if self.seen.map(|s| s.id) != Some(obs.id) || self.info.is_none() {
-                    self.info = read_info(self.path);
+            let changed = match &m {
+                None => true,
+                Some(m) => self.seen != Some(Observation::of(m)) || self.info.is_none(),
+            };
+            if changed {
+                // Something changed (or the record was not readable yet):
+                // progress. Take the record and its observation together.
+                let record = match read_record(self.path) {
+                    Ok(r) => Some(r),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                    Err(e) => return Err(io_err("read", self.path)(e)),
+                };
+                if record.as_ref().is_none_or(|r| r.free) {
+                    self.seen = None;
+                    self.info = None;
+                    match attempt(self.path, self.opts, None)? {
+                        Attempt::Acquired(lease) => return Ok(Step::Acquired(lease)),
+                        Attempt::Held => continue,
+                        Attempt::Busy => break,
+                    }
                 }
-                self.seen = Some(obs);
-                self.since = Instant::now();
-            } else if self.info.is_none() {
-                self.info = read_info(self.path);
+                let record = record.expect("checked above");
+                if self.seen != Some(record.obs) {
+                    self.since = Instant::now();
+                }
+                self.seen = Some(record.obs);
+                self.info = record.info;
             }
+            let obs = self.seen.expect("observed above");
             let here = this_host();
             let dead = self
                 .info
@@ -626,12 +688,9 @@ impl<'a> Waiter<'a> {
                 break;
             }
             let why = if dead { "dead holder's" } else { "stale" };
-            match take_over(self.path, &obs, why, self.info.as_ref())? {
-                Takeover::Cleared => {
-                    self.seen = None;
-                    self.info = None;
-                }
-                Takeover::Changed | Takeover::Busy => break,
+            match attempt(self.path, self.opts, Some((&obs, why)))? {
+                Attempt::Acquired(lease) => return Ok(Step::Acquired(lease)),
+                Attempt::Held | Attempt::Busy => break,
             }
         }
         self.polls += 1;
@@ -746,16 +805,21 @@ pub struct LockStatus {
 /// when the holder's record does not state its own stale period.
 pub fn inspect(path: &Path, stale: Duration) -> Result<Option<LockStatus>, LockError> {
     validate(path)?;
-    let m = match fs::metadata(path) {
+    let Record { obs, free, info } = match read_record(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err("stat", path)(e)),
-        Ok(m) => m,
+        Err(e) => return Err(io_err("read", path)(e)),
+        Ok(r) => r,
     };
-    let info = read_info(path);
-    let heartbeat_age_ms = m
-        .modified()
-        .ok()
-        .and_then(|t| SystemTime::now().duration_since(t).ok())
+    if free {
+        return Ok(None);
+    }
+    let mtime = UNIX_EPOCH
+        + Duration::new(
+            obs.mtime.0.max(0) as u64,
+            obs.mtime.1.clamp(0, 999_999_999) as u32,
+        );
+    let heartbeat_age_ms = SystemTime::now()
+        .duration_since(mtime)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
     let same_host = info.as_ref().is_some_and(|i| i.host_id == this_host().id);
@@ -778,15 +842,29 @@ pub fn inspect(path: &Path, stale: Duration) -> Result<Option<LockStatus>, LockE
     }))
 }
 
-/// Removes the lock at `path` whoever holds it (manual intervention). Returns
+/// Clears the lock at `path` whoever holds it (manual intervention). Returns
 /// the record of the holder that was removed, `None` if it was not held. The
 /// holder learns of it at its next renewal ([`LockError::Lost`]).
 pub fn break_lock(path: &Path) -> Result<Option<LockInfo>, LockError> {
     validate(path)?;
-    let _guard = Guard::lock(path, GUARD_WAIT)?;
-    let info = read_info(path);
-    match fs::remove_file(path) {
-        Ok(()) => Ok(Some(info.unwrap_or_else(|| LockInfo {
+    let file = match OpenOptions::new().read(true).write(true).open(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err("open", path)(e)),
+        Ok(f) => f,
+    };
+    let _section = Section::enter(path, &file, GUARD_WAIT)?.ok_or_else(|| {
+        io_err("lock", path)(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the lock file stayed locked by another process (is one stopped?)",
+        ))
+    })?;
+    let content = read_content(&file).map_err(io_err("read", path))?;
+    if is_free(&content) {
+        return Ok(None);
+    }
+    overwrite(&file, b"", content.len()).map_err(io_err("clear the lock", path))?;
+    Ok(Some(serde_json::from_slice(&content).unwrap_or_else(
+        |_| LockInfo {
             token: String::new(),
             host_id: String::new(),
             hostname: "unknown".into(),
@@ -795,14 +873,6 @@ pub fn break_lock(path: &Path) -> Result<Option<LockInfo>, LockError> {
             holder: None,
             acquired_at_ms: 0,
             stale_ms: 0,
-        }))),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io_err("remove the lock", path)(e)),
-    }
-}
-
-/// Whether `name` is a lock's bookkeeping file (guard or temporary record)
-/// rather than a lock, for listings.
-pub fn is_bookkeeping_file(name: &str) -> bool {
-    name.ends_with(".guard") || name.ends_with(".tmp")
+        },
+    )))
 }

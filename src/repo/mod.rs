@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
-use crate::error::ErrorCode;
+use crate::error::{ErrorCode, IoError};
 use crate::fsutil::atomic_write;
 use crate::lock::{self, Lease, LockError, LockOptions, LockStatus};
 
@@ -47,13 +47,8 @@ pub enum RepoError {
     Spec(#[from] SpecError),
     #[error(transparent)]
     Lock(#[from] LockError),
-    #[error("cannot {op} {}: {source}", path.display())]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error("installing {spec} failed: {message}")]
     InstallFailed { spec: String, message: String },
     #[error("{} is not valid JSON ({message}); fix or remove it (nanokit will not overwrite it)", path.display())]
@@ -67,7 +62,7 @@ impl ErrorCode for RepoError {
         match self {
             RepoError::Spec(_) => "ENKSPEC",
             RepoError::Lock(e) => e.code(),
-            RepoError::Io { .. } => "ENKIO",
+            RepoError::Io(_) => "ENKIO",
             RepoError::InstallFailed { .. } => "ENKINSTALL",
             RepoError::Corrupt { .. } => "ENKREPO",
             RepoError::Provision(_) => "ENKPROVISION",
@@ -75,15 +70,12 @@ impl ErrorCode for RepoError {
     }
 }
 
+/// [`crate::error::io_err`] for this module's error type.
 pub(crate) fn io_err<'a>(
     op: &'static str,
     path: &'a Path,
 ) -> impl FnOnce(io::Error) -> RepoError + 'a {
-    move |source| RepoError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
+    crate::error::io_err(op, path)
 }
 
 /// The sentinel's record of a complete install.
@@ -94,7 +86,7 @@ pub struct Sentinel {
     pub alias: String,
     /// `sha256:<hex>` of the installed package's `package.json`.
     pub hash: String,
-    /// Size of that `package.json`, checked on every `is_installed`.
+    /// Size of that `package.json`.
     pub package_json_size: u64,
     pub installed_at_ms: u64,
 }
@@ -138,18 +130,23 @@ impl Repo {
         self.dir.join(".locks").join(".package-json.lock")
     }
 
-    /// Whether `spec` is completely installed. Lock-free: one small read and
-    /// one `stat`.
+    /// Whether `spec` is completely installed. Lock-free, two `stat`s: the
+    /// sentinel exists and carries the modification time of the package's
+    /// own `package.json` as installed (set when the sentinel is written), and
+    /// that `package.json` still has it. A missing, replaced or rewritten
+    /// package therefore reads as not installed. `repo status` additionally
+    /// verifies the content hash recorded in the sentinel.
     pub fn is_installed(&self, spec: &PackageSpec) -> bool {
-        let Ok(bytes) = fs::read(self.sentinel_path(spec)) else {
+        let Ok(sentinel) = fs::metadata(self.sentinel_path(spec)) else {
             return false;
         };
-        let Ok(sentinel) = serde_json::from_slice::<Sentinel>(&bytes) else {
+        let Ok(pkg) = fs::metadata(self.package_dir(spec).join("package.json")) else {
             return false;
         };
-        sentinel.alias == spec.alias()
-            && fs::metadata(self.package_dir(spec).join("package.json"))
-                .is_ok_and(|m| m.len() == sentinel.package_json_size)
+        use std::os::unix::fs::MetadataExt;
+        sentinel.len() > 0
+            && sentinel.mtime() == pkg.mtime()
+            && sentinel.mtime_nsec() == pkg.mtime_nsec()
     }
 }
 
@@ -406,6 +403,16 @@ impl InstallTxn {
             0o644,
         )
         .map_err(io_err("write the sentinel", &path))?;
+        // The sentinel carries the package.json's mtime: `is_installed` compares
+        // the two with two stats. Until this is set, it reads as not installed.
+        let pkg_mtime = fs::metadata(target.join("package.json"))
+            .and_then(|m| m.modified())
+            .map_err(io_err("stat", &target.join("package.json")))?;
+        fs::File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_modified(pkg_mtime))
+            .map_err(io_err("stamp the sentinel", &path))?;
 
         let _ = fs::remove_dir_all(&self.staging);
         let lease = self
@@ -618,7 +625,7 @@ pub fn status(repo_dir: &Path) -> Result<RepoStatus, RepoError> {
     let mut locks = Vec::new();
     for path in list_dir(&repo.dir.join(".locks"))? {
         let name = path.file_name().unwrap_or_default().to_string_lossy();
-        if lock::is_bookkeeping_file(&name) || !name.ends_with(".lock") {
+        if !name.ends_with(".lock") {
             continue;
         }
         if let Some(status) = lock::inspect(&path, lock::DEFAULT_STALE)? {

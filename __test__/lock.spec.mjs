@@ -1,0 +1,198 @@
+// The lease lock primitive from JS, with real processes.
+import assert from 'node:assert/strict'
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
+import { createRequire } from 'node:module'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { afterEach, describe, it } from 'node:test'
+import { setTimeout as sleep } from 'node:timers/promises'
+
+import { ev, killAll, worker } from './helpers/spawn.mjs'
+
+const require = createRequire(import.meta.url)
+const nk = require('../nanokit.js')
+
+afterEach(killAll)
+
+const tmp = (prefix) => mkdtempSync(join(tmpdir(), `nk-${prefix}-`))
+
+function thisHostId(dir) {
+  const h = nk.tryAcquireLock(join(dir, 'probe.lock'))
+  const id = nk.inspectLock(h.path).holder.hostId
+  h.release()
+  return id
+}
+
+function deadPid() {
+  const r = require('node:child_process').spawnSync('true')
+  return r.pid
+}
+
+function writeRecord(path, { hostId, pid, label = 'ghost' }) {
+  writeFileSync(
+    path,
+    JSON.stringify({ token: `t${Math.random()}`, hostId, hostname: 'ghost-host', pid, holder: label, acquiredAtMs: 0, staleMs: 1000 }),
+  )
+}
+
+describe('lock API', () => {
+  it('acquires, excludes, reports the holder, releases', async () => {
+    const dir = tmp('api')
+    const path = join(dir, 'a.lock')
+    const h = await nk.acquireLock(path, { holder: 'api-test' })
+    assert.match(h.token, /^[0-9a-f]{32}$/)
+    assert.equal(h.path, path)
+    assert.equal(h.lost, false)
+    assert.equal(nk.tryAcquireLock(path), null)
+    const info = nk.inspectLock(path)
+    assert.equal(info.holder.pid, process.pid)
+    assert.equal(info.holder.label, 'api-test')
+    assert.equal(info.sameHost, true)
+    assert.equal(info.holderAlive, true)
+    assert.equal(info.stale, false)
+    await assert.rejects(nk.acquireLock(path, { timeoutMs: 30 }), (e) => e.code === 'ENKLOCKED' && /api-test/.test(e.message))
+    h.release()
+    h.release() // idempotent
+    assert.equal(nk.inspectLock(path), null)
+  })
+
+  it('withLock releases when fn throws and returns fn value', async () => {
+    const path = join(tmp('with'), 'w.lock')
+    await assert.rejects(
+      nk.withLock(path, async () => {
+        assert.notEqual(nk.inspectLock(path), null)
+        throw new Error('inside')
+      }),
+      /inside/,
+    )
+    assert.equal(nk.inspectLock(path), null)
+    assert.equal(await nk.withLock(path, async (h) => h.token.length), 32)
+    assert.equal(nk.inspectLock(path), null)
+  })
+
+  it('an AbortSignal cancels a wait with ENKABORTED', async () => {
+    const path = join(tmp('abort'), 'a.lock')
+    const h = nk.tryAcquireLock(path)
+    const ac = new AbortController()
+    setTimeout(() => ac.abort(), 30)
+    await assert.rejects(nk.acquireLock(path, { signal: ac.signal }), (e) => e.code === 'ENKABORTED')
+    await assert.rejects(nk.acquireLock(path, { signal: AbortSignal.abort() }), (e) => e.code === 'ENKABORTED')
+    h.release()
+  })
+
+  it('a lost lease is reported through lost, signal and release()', async () => {
+    const path = join(tmp('lost'), 'l.lock')
+    const h = await nk.acquireLock(path, { staleMs: 100 })
+    const signal = h.signal
+    const broken = nk.breakLock(path)
+    assert.equal(broken.token, h.token)
+    // The watcher is unref'd by design; keep this test's loop alive meanwhile.
+    const keepAlive = setInterval(() => {}, 1000)
+    await new Promise((resolve) => signal.addEventListener('abort', resolve, { once: true }))
+    clearInterval(keepAlive)
+    assert.equal(signal.reason.code, 'ENKLOCKLOST')
+    assert.equal(h.lost, true)
+    const other = nk.tryAcquireLock(path)
+    assert.throws(() => h.release(), (e) => e.code === 'ENKLOCKLOST')
+    assert.equal(nk.inspectLock(path).holder.token, other.token, 'a lost holder never removes the new lock')
+    other.release()
+  })
+
+  it('rejects unusable paths with ENKSPEC', () => {
+    for (const bad of ['', 'dir/', 'a\0b']) {
+      assert.throws(() => nk.tryAcquireLock(bad), (e) => e.code === 'ENKSPEC', JSON.stringify(bad))
+    }
+  })
+})
+
+describe('lock across processes', () => {
+  it('a holder killed on this host is taken over at once, without waiting for staleMs', async () => {
+    const path = join(tmp('dead'), 'd.lock')
+    const holder = worker({ op: 'hold', path, staleMs: 60000, holder: 'doomed' })
+    await holder.next(ev('acquired'))
+    holder.child.kill('SIGKILL')
+    await holder.exited
+    const info = nk.inspectLock(path)
+    assert.equal(info.holderAlive, false)
+    assert.equal(info.stale, true)
+    // staleMs is a minute: only dead-holder detection can let this through.
+    const h = await nk.acquireLock(path, { staleMs: 60000, timeoutMs: 20000 })
+    h.release()
+  })
+
+  it('a holder on another host whose heartbeat stopped is taken over after staleMs, not before', async () => {
+    const path = join(tmp('foreign'), 'f.lock')
+    const staleMs = 800
+    const holder = worker({ op: 'hold', path, staleMs, holder: 'far away' }, { env: { NANOKIT_HOST_ID: 'another-host' } })
+    await holder.next(ev('acquired'))
+    // While it is alive and renewing, it is never taken over.
+    await assert.rejects(nk.acquireLock(path, { staleMs, timeoutMs: staleMs * 3 }), (e) => e.code === 'ENKLOCKED')
+    holder.child.kill('SIGKILL')
+    await holder.exited
+    assert.equal(nk.inspectLock(path).sameHost, false)
+    const start = performance.now()
+    const h = await nk.acquireLock(path, { staleMs, timeoutMs: 20000 })
+    const waited = performance.now() - start
+    h.release()
+    assert.ok(waited >= staleMs, `taken over after ${waited} ms, before the stale period of ${staleMs} ms`)
+  })
+
+  it('16 processes racing to take over one stale lock, 200 rounds: never two holders', { timeout: 300_000 }, async () => {
+    const dir = tmp('race')
+    const path = join(dir, 'r.lock')
+    const hostId = thisHostId(dir)
+    const dead = deadPid()
+    const staleMs = 40
+    const racers = Array.from({ length: 16 }, () => worker({ op: "race", path, staleMs, timeoutMs: 150 }))
+    await Promise.all(racers.map((r) => r.next(ev('ready'))))
+    const ROUNDS = 200
+    for (let round = 0; round < ROUNDS; round++) {
+      // Alternate the two takeover paths: a dead holder on this host (taken at
+      // once) and a silent holder on another host (taken after staleMs).
+      writeRecord(path, round % 2 ? { hostId: 'another-host', pid: 1 } : { hostId, pid: dead })
+      for (const r of racers) r.send(`go ${round}`)
+      const results = await Promise.all(racers.map((r) => r.next((e) => e.event === 'round' && e.round === round)))
+      const winners = results.filter((r) => r.won)
+      assert.equal(winners.length, 1, `round ${round}: ${winners.length} holders`)
+      const winner = racers.find((r) => r.child.pid === winners[0].pid)
+      const before = winner.events.filter(ev('released')).length
+      winner.send('release')
+      await winner.next((e) => e.event === 'released' && winner.events.filter(ev('released')).indexOf(e) === before)
+    }
+    for (const r of racers) r.send('quit')
+    await Promise.all(racers.map((r) => r.exited))
+  })
+
+  it('8 processes × 300 acquire/release cycles: zero overlaps, no deadlock', { timeout: 300_000 }, async () => {
+    const dir = tmp('cycles')
+    const path = join(dir, 'c.lock')
+    const log = join(dir, 'log')
+    writeFileSync(log, '')
+    const cmd = { op: 'cycles', path, marker: join(dir, 'inside'), log, cycles: 300 }
+    const ws = Array.from({ length: 8 }, () => worker(cmd))
+    const done = await Promise.all(ws.map((w) => w.next(ev('done'))))
+    assert.deepEqual(
+      done.map((d) => d.overlaps),
+      Array(8).fill(0),
+    )
+    assert.equal(readFileSync(log, 'utf8').trim().split('\n').length, 2400)
+  })
+
+  it('Node exits promptly after locks are released, and even when one is still held', async () => {
+    const dir = tmp('exit')
+    for (const release of [true, false]) {
+      const path = join(dir, `e-${release}.lock`)
+      const w = worker({ op: 'lock-and-exit', path, release })
+      await w.next(ev('done'))
+      // A heartbeat that kept the event loop alive would hang here until the
+      // test's timeout.
+      const { code } = await w.exited
+      assert.equal(code, 0)
+      if (!release) {
+        // Left behind by an exited process: the next taker does not wait.
+        const h = await nk.acquireLock(path, { staleMs: 60000, timeoutMs: 20000 })
+        h.release()
+      }
+    }
+  })
+})

@@ -1,0 +1,112 @@
+// Types of nanokit's public JS API (nanokit.js). The native binding's own
+// types are generated into index.d.ts by @napi-rs/cli.
+import type {
+  InstallOptions as NativeInstallOptions,
+  InstallResult,
+  LockHolder,
+  LockInspection,
+  LockOptions as NativeLockOptions,
+  ProvisionResult,
+} from './index'
+
+export type { InstallResult, LockHolder, LockInspection, ProvisionResult }
+
+/** Stable error codes carried in `err.code`. */
+export type NanokitErrorCode =
+  | 'ENKLOCKED'
+  | 'ENKLOCKLOST'
+  | 'ENKABORTED'
+  | 'ENKSPEC'
+  | 'ENKIO'
+  | 'ENKINSTALL'
+  | 'ENKREPO'
+  | 'ENKPROVISION'
+  | (string & {})
+
+export interface NanokitError extends Error {
+  code: NanokitErrorCode
+}
+
+export interface LockOptions extends NativeLockOptions {
+  /** Aborts a wait with `ENKABORTED`. */
+  signal?: AbortSignal
+}
+
+/** A held lock. */
+export declare class LockHandle {
+  /** Unique token of this acquisition. */
+  readonly token: string
+  /** The lock file's path. */
+  readonly path: string
+  /** True once the lease was found taken over or broken. */
+  readonly lost: boolean
+  /** True once released. */
+  readonly released: boolean
+  /** Aborted (reason: an `ENKLOCKLOST` error) if the lease is lost while held. Never keeps the event loop alive. */
+  readonly signal: AbortSignal
+  /** Releases the lock; throws `ENKLOCKLOST` if the lease had been lost. Idempotent. */
+  release(): void
+}
+
+/** Waits for the lock at `path` and takes it. */
+export declare function acquireLock(path: string, options?: LockOptions): Promise<LockHandle>
+/** Takes the lock if it is free now (or its holder on this host is dead); null otherwise. Never waits. */
+export declare function tryAcquireLock(path: string, options?: Omit<LockOptions, 'signal' | 'timeoutMs'>): LockHandle | null
+/** Runs `fn` holding the lock; releases it afterwards, also when `fn` throws. */
+export declare function withLock<T>(path: string, fn: (lock: LockHandle) => T | Promise<T>, options?: LockOptions): Promise<T>
+/** Who holds the lock at `path`, or null if it is free. */
+export declare function inspectLock(path: string): LockInspection | null
+/** Clears the lock at `path` whoever holds it; returns the removed holder or null. */
+export declare function breakLock(path: string): LockHolder | null
+
+/** OpenFn-style logger: any of these methods may be present. */
+export interface Logger {
+  info?(message: string): void
+  debug?(message: string): void
+  log?(message: string): void
+  warn?(message: string): void
+  error?(message: string): void
+}
+
+/** Installs `specifier` into `dir`, producing `<dir>/node_modules/<name>_<version>`. */
+export type Installer = (specifier: string, dir: string, logger?: Logger) => Promise<void>
+
+export interface InstallOptions extends NativeInstallOptions {
+  /** Replaces nanokit's npm installer; it is given a private staging directory. */
+  install?: Installer
+  logger?: Logger
+  /** Aborts waiting for another installer with `ENKABORTED`. */
+  signal?: AbortSignal
+}
+
+/** Whether `specifier` (name@version) is completely installed. Synchronous, lock-free. */
+export declare function isInstalled(repoDir: string, specifier: string): boolean
+/** Installs `specifier` exactly once across every process sharing `repoDir`. */
+export declare function install(repoDir: string, specifier: string, options?: InstallOptions): Promise<InstallResult>
+
+/** The `autoinstall` option of `@openfn/engine-multi`. */
+export interface LockedHandlers {
+  handleInstall(specifier: string, repoDir?: string, logger?: Logger): Promise<void>
+  handleIsInstalled(specifier: string, repoDir?: string, logger?: Logger): Promise<boolean>
+}
+export declare function createLockedHandlers(repoDir: string, options?: InstallOptions): LockedHandlers
+
+export interface ProvisionOptions {
+  /** The install command: an argument vector, or a string run with `sh -c`. */
+  command: string | string[]
+  /** Files whose contents decide whether to install again. */
+  manifests?: string[]
+  /** Working directory of the command (default: `dir`). */
+  cwd?: string
+  staleMs?: number
+  timeoutMs?: number
+  holder?: string
+  /** Capture output into the result (default true) instead of inheriting stdout/stderr. */
+  capture?: boolean
+  signal?: AbortSignal
+}
+/** Runs `options.command` in `dir` once per manifest hash, under `<dir>/.nk-install-lock`. */
+export declare function provision(dir: string, options: ProvisionOptions): Promise<ProvisionResult>
+
+/** Runs the nanokit command line; resolves to the exit code. */
+export declare function cli(args: string[]): Promise<number>
