@@ -102,7 +102,7 @@ export interface ConfigInfo {
 }
 
 /** Stops and removes services, dependents first. */
-export declare function down(options?: InfraOptions | undefined | null, onEvent?: EventFn | undefined | null): Promise<RunResult>
+export declare function down(options?: InfraOptions, onEvent?: (event: InfraEvent) => void): Promise<RunResult>
 
 /** Compares state with the running world. */
 export declare function drift(options?: InfraOptions | undefined | null): Promise<DriftResult>
@@ -362,4 +362,4 @@ export declare function tryAcquireLock(path: string, options?: LockOptions | und
  * `ENKLOCKED` when another run holds the deploy lock, `ENKFORCE` when
  * volumes would be deleted without `force`.
  */
-export declare function up(options?: InfraOptions | undefined | null, onEvent?: EventFn | undefined | null, abort?: AbortHandle | undefined | null): Promise<RunResult>
+export declare function up(options?: InfraOptions, onEvent?: (event: InfraEvent) => void, abort?: AbortHandle): Promise<RunResult>

@@ -60,11 +60,7 @@ pub async fn acquire_deploy_lock(
         ..LockOptions::default()
     };
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|source| LockError::Io {
-            op: "create the directory of",
-            path: path.to_path_buf(),
-            source,
-        })?;
+        std::fs::create_dir_all(dir).map_err(crate::error::io_err::<LockError>("create", dir))?;
     }
     let lease = lock::acquire(path, &opts, cancel).await?;
     Ok(DeployLock { lease })

@@ -305,12 +305,19 @@ async fn second_up_is_refused_with_holder_details_and_infra_unlock_clears_it() {
     assert_eq!(nanokit::cli::run(p.args(&["up"])).await, 1);
     // Without --yes on a non-terminal, unlock refuses.
     assert_eq!(nanokit::cli::run(p.args(&["infra", "unlock"])).await, 1);
-    assert!(lock_path.exists());
+    assert!(nanokit::foundation::inspect_deploy_lock(&lock_path)
+        .unwrap()
+        .is_some());
     assert_eq!(
         nanokit::cli::run(p.args(&["infra", "unlock", "--yes"])).await,
         0
     );
-    assert!(!lock_path.exists());
+    assert!(
+        nanokit::foundation::inspect_deploy_lock(&lock_path)
+            .unwrap()
+            .is_none(),
+        "unlock must free the lock"
+    );
     assert!(
         held.release().is_err(),
         "the old holder finds its lease lost"

@@ -310,7 +310,9 @@ fn run_result(r: exec::Report) -> Result<RunResult> {
 /// Rejects with `ENKFAILED` naming each failed or skipped service,
 /// `ENKLOCKED` when another run holds the deploy lock, `ENKFORCE` when
 /// volumes would be deleted without `force`.
-#[napi]
+#[napi(
+    ts_args_type = "options?: InfraOptions, onEvent?: (event: InfraEvent) => void, abort?: AbortHandle"
+)]
 pub async fn up(
     options: Option<InfraOptions>,
     on_event: Option<EventFn>,
@@ -327,7 +329,7 @@ pub async fn up(
 }
 
 /// Stops and removes services, dependents first.
-#[napi]
+#[napi(ts_args_type = "options?: InfraOptions, onEvent?: (event: InfraEvent) => void")]
 pub async fn down(options: Option<InfraOptions>, on_event: Option<EventFn>) -> Result<RunResult> {
     let o = options.unwrap_or_default();
     let cfg = o.load()?;
