@@ -140,6 +140,75 @@ export declare function breakLock(path: string): LockHolder | null
  */
 export declare function cli(args: Array<string>): Promise<number>
 
+export interface ConfigInfo {
+  name: string
+  env: string
+  file: string
+  provider: string
+  stateFile: string
+  services: Array<ServiceInfo>
+  /** Services disabled in this environment (`instances: 0`). */
+  disabled: Array<string>
+  volumes: Array<string>
+  /** Start order (dependencies first). */
+  order: Array<string>
+  layers: Array<Array<string>>
+  /** `file:line:col: message` for each unknown or unsupported key. */
+  warnings: Array<string>
+}
+
+/** Stops and removes services, dependents first. */
+export declare function down(options?: InfraOptions, onEvent?: (event: InfraEvent) => void): Promise<RunResult>
+
+/** Compares state with the running world. */
+export declare function drift(options?: InfraOptions | undefined | null): Promise<DriftResult>
+
+export interface DriftItem {
+  service: string
+  /** gone, pid_reused, config_changed, not_deployed, not_healthy, unmanaged. */
+  kind: string
+  detail: string
+}
+
+export interface DriftResult {
+  drifted: boolean
+  items: Array<DriftItem>
+}
+
+/** A progress event of `up` / `down`. */
+export interface InfraEvent {
+  service: string
+  /**
+   * waiting, starting, hook, provisioning, health, healthy, unchanged,
+   * failed, skipped, stopping, deleted, cancelled.
+   */
+  phase: string
+  elapsedMs: number
+  message?: string
+}
+
+/** Which project and how to run it. */
+export interface InfraOptions {
+  /** Path to nanokit.yml. Default `nanokit.yml` in the working directory. */
+  file?: string
+  /** Environment (`environments.<env>`). Default `local`. */
+  env?: string
+  /** Variables for `${VAR}` instead of `process.env`. */
+  vars?: Record<string, string>
+  /** Only these services (and what they depend on; for `down`, what depends on them). */
+  services?: Array<string>
+  /** Start at most this many services at once. Default 8. */
+  concurrency?: number
+  /** Allow deleting volumes no longer in the configuration (`up`). */
+  force?: boolean
+  /** Wait this long for the deploy lock (ms); default: fail at once if held. */
+  lockTimeoutMs?: number
+  /** SIGTERM → SIGKILL grace period (ms). Default 10000. */
+  stopGraceMs?: number
+  /** `down`: also delete named volumes. */
+  volumes?: boolean
+}
+
 /** Describes the lock at `path`, or null if it is not held. */
 export declare function inspectLock(path: string): LockInspection | null
 
@@ -181,6 +250,12 @@ export interface InstallResult {
  * Lock-free and synchronous. Throws `ENKSPEC` for a malformed specifier.
  */
 export declare function isInstalled(repoDir: string, specifier: string): boolean
+
+/**
+ * Loads, interpolates, merges and validates a nanokit.yml, and checks its
+ * dependency graph. Rejects with `ENKCONFIG`, `ENKDEP` or `ENKCYCLE`.
+ */
+export declare function loadConfig(options?: InfraOptions | undefined | null): Promise<ConfigInfo>
 
 /** A lock just acquired. */
 export interface LockAcquired {
@@ -266,6 +341,37 @@ export interface OpenStateOptions {
  */
 export declare function openStateSync(options?: OpenStateOptions | undefined | null): StateStore
 
+/** Computes what `up` would do and saves it to `.nanokit/plans/latest.json`. */
+export declare function plan(options?: InfraOptions | undefined | null): Promise<PlanResult>
+
+export interface PlanAction {
+  service: string
+  /** `create`, `update`, `delete` or `noop`. */
+  action: string
+  /** Why: `new service`, `env.TOKEN changed`, … */
+  reasons: Array<string>
+  configHash?: string
+  dependsOn: Array<string>
+}
+
+export interface PlanResult {
+  project: string
+  env: string
+  hasChanges: boolean
+  actions: Array<PlanAction>
+  volumes: Array<PlanVolume>
+  /** The plan as `nanokit plan` prints it. */
+  text: string
+  /** Where it was saved (`.nanokit/plans/latest.json`). */
+  savedTo: string
+}
+
+export interface PlanVolume {
+  volume: string
+  action: string
+  needsForce: boolean
+}
+
 /**
  * Runs `command` in `dir` once per manifest hash, under the global lock
  * `<dir>/.nk-install-lock` and the sentinel `<dir>/.nk-installed-<hash>`.
@@ -302,6 +408,45 @@ export interface ProvisionResult {
   output?: string
 }
 
+export interface RunResult {
+  plan: PlanResult
+  services: Array<ServiceOutcome>
+}
+
+export interface ServiceInfo {
+  name: string
+  start?: string
+  image?: string
+  port?: number
+  path: string
+  dependsOn: Array<string>
+  /** Names of the env variables (values are never returned: they may be secrets). */
+  envKeys: Array<string>
+  hasHealthcheck: boolean
+  instances: number
+}
+
+export interface ServiceOutcome {
+  service: string
+  action: string
+  /** healthy, unchanged, deleted, failed, skipped, cancelled. */
+  outcome: string
+  error?: string
+  elapsedMs: number
+}
+
+export interface ServiceStatus {
+  service: string
+  /** Recorded status (`healthy`, `failed`, …) or `dead` when its process is gone. */
+  status: string
+  alive: boolean
+  pid?: number
+  port?: number
+  providerId?: string
+  updatedAt: string
+  error?: string
+}
+
 /** One key of `list()`. */
 export interface StateEntry {
   key: string
@@ -333,8 +478,19 @@ export interface StateStats {
   fileBytes?: number
 }
 
+/** Each recorded service's status and whether its process is alive. */
+export declare function status(options?: InfraOptions | undefined | null): Promise<Array<ServiceStatus>>
+
 /**
  * Takes the lock if it is free now (or its holder on this host is dead);
  * returns null otherwise. Never waits.
  */
 export declare function tryAcquireLock(path: string, options?: LockOptions | undefined | null): LockHandle | null
+
+/**
+ * Brings services up (each as soon as its dependencies are healthy).
+ * Rejects with `ENKFAILED` naming each failed or skipped service,
+ * `ENKLOCKED` when another run holds the deploy lock, `ENKFORCE` when
+ * volumes would be deleted without `force`.
+ */
+export declare function up(options?: InfraOptions, onEvent?: (event: InfraEvent) => void, abort?: AbortHandle): Promise<RunResult>

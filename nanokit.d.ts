@@ -7,9 +7,17 @@ import type {
   LockInspection,
   LockOptions as NativeLockOptions,
   ProvisionResult,
+  InfraOptions,
+  InfraEvent,
+  ConfigInfo,
+  PlanResult,
+  RunResult,
+  ServiceStatus,
+  DriftResult,
 } from './index'
 
 export type { InstallResult, LockHolder, LockInspection, ProvisionResult }
+export type { InfraOptions, InfraEvent, ConfigInfo, PlanResult, RunResult, ServiceStatus, DriftResult }
 
 /** Stable error codes carried in `err.code`. */
 export type NanokitErrorCode =
@@ -21,6 +29,15 @@ export type NanokitErrorCode =
   | 'ENKINSTALL'
   | 'ENKREPO'
   | 'ENKPROVISION'
+  | 'ENKCONFIG'
+  | 'ENKDEP'
+  | 'ENKCYCLE'
+  | 'ENKFORCE'
+  | 'ENKFAILED'
+  | 'ENKCANCELLED'
+  | 'ENKTARGET'
+  | 'ENKSTATE'
+  | 'ENKPROVIDER'
   | (string & {})
 
 export interface NanokitError extends Error {
@@ -110,6 +127,29 @@ export declare function provision(dir: string, options: ProvisionOptions): Promi
 
 /** Runs the nanokit command line; resolves to the exit code. */
 export declare function cli(args: string[]): Promise<number>
+
+// ---- Reconciliation engine (nanokit.yml → plan → up/down) ----------------
+// Errors carry `err.code`: ENKCONFIG, ENKDEP, ENKCYCLE (configuration),
+// ENKLOCKED (another run holds the deploy lock), ENKFORCE (volume deletion
+// without `force`), ENKFAILED (a service failed or was skipped),
+// ENKCANCELLED, ENKTARGET, ENKSTATE, ENKPROVIDER.
+
+export interface RunOptions extends InfraOptions {
+  /** Progress of each service: waiting, starting, hook, provisioning, health, healthy, failed, … */
+  onEvent?: (event: InfraEvent) => void
+}
+/** Loads, interpolates, merges and validates a nanokit.yml and its dependency graph. */
+export declare function loadConfig(options?: InfraOptions): Promise<ConfigInfo>
+/** What `up` would do; saved to `.nanokit/plans/latest.json`. */
+export declare function plan(options?: InfraOptions): Promise<PlanResult>
+/** Brings services up, each as soon as its dependencies are healthy. `signal` stops it gracefully. */
+export declare function up(options?: RunOptions & { signal?: AbortSignal }): Promise<RunResult>
+/** Stops and removes services, dependents first. */
+export declare function down(options?: RunOptions): Promise<RunResult>
+/** Recorded status of each service and whether its process is alive. */
+export declare function status(options?: InfraOptions): Promise<ServiceStatus[]>
+/** Compares state with the running world. */
+export declare function drift(options?: InfraOptions): Promise<DriftResult>
 
 // Shared key/value state with named locks: see kv-wrapper.d.ts.
 export { openState, openStateSync, State } from './kv-wrapper'

@@ -237,6 +237,49 @@ async function provision(dir, options) {
   return withSignal(signal, (abort) => native.provisionNative(dir, { ...rest, command: argv }, abort))
 }
 
+// ---- Reconciliation engine (nanokit.yml → plan → up/down) ----------------
+// Each takes `{ file, env, vars, services, concurrency, force, lockTimeoutMs,
+// stopGraceMs, volumes }`; `up`/`down` also take `onEvent(event)` for
+// progress and `up` an AbortSignal (`signal`) that stops it gracefully.
+
+/** Loads and validates a nanokit.yml; rejects with ENKCONFIG / ENKDEP / ENKCYCLE. */
+function loadConfig(options) {
+  return callAsync(native.loadConfig, options)
+}
+
+/** What `up` would do (saved to .nanokit/plans/latest.json). */
+function plan(options) {
+  return callAsync(native.plan, options)
+}
+
+function splitRun(options = {}) {
+  const { onEvent, signal, ...rest } = options
+  const cb = typeof onEvent === 'function' ? (e) => onEvent(e) : undefined
+  return { rest, cb, signal }
+}
+
+/** Brings services up; rejects with ENKFAILED / ENKLOCKED / ENKFORCE / ENKCONFIG… */
+function up(options) {
+  const { rest, cb, signal } = splitRun(options)
+  return withSignal(signal, (abort) => native.up(rest, cb, abort))
+}
+
+/** Stops and removes services, dependents first. */
+function down(options) {
+  const { rest, cb } = splitRun(options)
+  return callAsync(native.down, rest, cb)
+}
+
+/** Recorded status of each service and whether its process is alive. */
+function status(options) {
+  return callAsync(native.status, options)
+}
+
+/** Compares state with the running world: `{ drifted, items }`. */
+function drift(options) {
+  return callAsync(native.drift, options)
+}
+
 /** Runs the nanokit command line with `args`; resolves to the exit code. */
 function cli(args) {
   return native.cli(args)
@@ -254,6 +297,12 @@ module.exports = {
   provision,
   cli,
   LockHandle,
+  loadConfig,
+  plan,
+  up,
+  down,
+  status,
+  drift,
   // Shared key/value state with named locks (kv-wrapper.js).
   openState: kv.openState,
   openStateSync: kv.openStateSync,

@@ -11,6 +11,15 @@ pub mod kv;
 pub mod lock;
 pub mod repo;
 
+pub mod config;
+pub mod drift;
+pub mod exec;
+pub mod foundation;
+pub mod graph;
+pub mod plan;
+pub mod provider;
+pub mod state;
+
 #[cfg(feature = "node")]
 // napi-derive registers exports only outside `cfg(test)`, so the unit-test
 // build sees them as unused.

@@ -1,6 +1,7 @@
 //! The `nanokit` command line, parsed with clap. `bin/nanokit.js` hands argv
 //! to the native `cli()`, which calls [`run`].
 
+pub mod infra;
 mod lock;
 mod repo;
 pub mod state;
@@ -39,6 +40,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    #[command(flatten)]
+    Infra(infra::InfraCommand),
     /// Inspect or break lease lock files
     #[command(subcommand)]
     Lock(lock::LockCommand),
@@ -160,6 +163,7 @@ pub async fn run(args: Vec<String>) -> i32 {
     };
     init_tracing();
     let result = match cli.command {
+        Command::Infra(cmd) => Ok(infra::run(cmd).await),
         Command::Lock(cmd) => lock::run(cmd).await,
         Command::Repo(cmd) => repo::run(cmd).await,
         Command::Provision(args) => repo::provision(args).await,

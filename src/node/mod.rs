@@ -4,6 +4,7 @@
 //! Errors cross into JS as `Error`s whose message starts with the stable code
 //! (`ENKLOCKED: …`); `errors.js` moves it to `err.code` for the public API.
 
+mod infra;
 mod kv;
 mod lock;
 mod repo;

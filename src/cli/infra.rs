@@ -1,0 +1,750 @@
+//! Reconciliation commands: validate, graph, plan, up, down, status, logs,
+//! drift, infra unlock.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use super::{exit, print_json as json, OutputFormat as Output};
+use crate::config::{self, Config, LoadOptions};
+use crate::error::ErrorCode;
+use crate::exec::{self, Event, ExecError, ExecOptions, Phase};
+use crate::graph::Dag;
+use crate::plan::PlanOptions;
+use crate::state;
+
+/// Which project: the file and the environment.
+#[derive(Debug, Args, Clone)]
+pub struct Project {
+    /// Path to the nanokit.yml
+    #[arg(
+        short = 'f',
+        long = "file",
+        default_value = "nanokit.yml",
+        env = "NANOKIT_FILE"
+    )]
+    pub file: PathBuf,
+    /// Environment whose `environments.<env>` block is merged over the globals
+    #[arg(short = 'e', long = "env", default_value = config::DEFAULT_ENV, env = "NANOKIT_ENV")]
+    pub env: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GraphFormat {
+    Text,
+    Dot,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Start at most this many services at once
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Wait up to this many seconds for the deploy lock instead of failing at once
+    #[arg(long, value_name = "SECS")]
+    pub lock_timeout: Option<f64>,
+    /// Seconds between SIGTERM and SIGKILL when stopping a service
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    pub stop_grace: f64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InfraCommand {
+    /// Check a nanokit.yml: syntax, types, interpolation, dependencies. Prints warnings for keys nanokit ignores.
+    Validate {
+        #[command(flatten)]
+        project: Project,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Show the dependency graph by layers (or Graphviz with --format dot)
+    Graph {
+        #[command(flatten)]
+        project: Project,
+        #[arg(long, value_enum, default_value_t = GraphFormat::Text)]
+        format: GraphFormat,
+    },
+    /// Show what `up` would do (+ create, ~ update with the fields that changed, - delete); saved to .nanokit/plans/latest.json
+    Plan {
+        #[command(flatten)]
+        project: Project,
+        /// Plan only these services and what they depend on
+        services: Vec<String>,
+        /// Exit 0 when there is nothing to do, 2 when there are changes, 1 on error
+        #[arg(long)]
+        detailed_exitcode: bool,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Bring services up: start each as soon as its dependencies are healthy, with lifecycle hooks.
+    /// With service names, reconcile only those and what they depend on.
+    Up {
+        #[command(flatten)]
+        project: Project,
+        services: Vec<String>,
+        #[command(flatten)]
+        run: RunArgs,
+        /// Allow deleting volumes that are no longer in the configuration (their data is lost)
+        #[arg(long)]
+        force: bool,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Stop and remove services, dependents first (prestop → stop → poststop)
+    Down {
+        #[command(flatten)]
+        project: Project,
+        /// Only these services (and the services that depend on them)
+        services: Vec<String>,
+        #[command(flatten)]
+        run: RunArgs,
+        /// Also delete named volumes and their data
+        #[arg(long)]
+        volumes: bool,
+        /// Do not ask before deleting volumes
+        #[arg(long, short = 'y')]
+        yes: bool,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Show each service's recorded status and whether its process is alive
+    Status {
+        #[command(flatten)]
+        project: Project,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Print a service's log (.nanokit/logs/<env>/<service>.log)
+    Logs {
+        #[command(flatten)]
+        project: Project,
+        service: String,
+        /// Number of lines from the end
+        #[arg(short = 'n', long, default_value_t = 100)]
+        lines: usize,
+        /// Keep printing new lines
+        #[arg(long, short = 'F')]
+        follow: bool,
+    },
+    /// Compare state with the running world; exit 0 when in sync, 2 on drift
+    Drift {
+        #[command(flatten)]
+        project: Project,
+        /// Bring the world back to the configuration (runs `up`)
+        #[arg(long)]
+        restore: bool,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Deploy-state maintenance
+    Infra {
+        #[command(subcommand)]
+        command: InfraSub,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InfraSub {
+    /// Show who holds the deploy lock and clear it (asks unless --yes)
+    Unlock {
+        #[command(flatten)]
+        project: Project,
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+}
+
+/// Prints an error the way users should see it: code and message, no debug noise.
+pub fn print_error(e: &(impl std::fmt::Display + ErrorCode)) {
+    eprintln!("error[{}]: {e}", e.code());
+}
+
+fn load(project: &Project) -> Result<Config, config::ConfigError> {
+    let cfg = config::load(&LoadOptions {
+        file: project.file.clone(),
+        env: project.env.clone(),
+        vars: None,
+    })?;
+    for w in &cfg.warnings {
+        eprintln!("warning: {w}");
+    }
+    Ok(cfg)
+}
+
+fn exec_opts(
+    run: &RunArgs,
+    events: Option<exec::EventSink>,
+    cancel: CancellationToken,
+) -> ExecOptions {
+    ExecOptions {
+        concurrency: run.concurrency.max(1),
+        lock_timeout: run
+            .lock_timeout
+            .map(|s| Duration::from_secs_f64(s.max(0.0))),
+        stop_grace: Duration::from_secs_f64(run.stop_grace.max(0.0)),
+        events,
+        cancel,
+        ..ExecOptions::default()
+    }
+}
+
+/// Plain progress lines: `[ 1.2s] api          healthy`.
+fn progress_printer() -> exec::EventSink {
+    let t0 = Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    Arc::new(move |e: &Event| {
+        let (pre, post) = if tty {
+            match e.phase {
+                Phase::Healthy | Phase::Deleted | Phase::Stopped => ("\x1b[32m", "\x1b[0m"),
+                Phase::Failed => ("\x1b[31m", "\x1b[0m"),
+                Phase::Skipped | Phase::Cancelled => ("\x1b[33m", "\x1b[0m"),
+                _ => ("", ""),
+            }
+        } else {
+            ("", "")
+        };
+        let mut line = format!(
+            "[{:>6.1}s] {:<20} {pre}{:<12}{post}",
+            t0.elapsed().as_secs_f64(),
+            e.service,
+            e.phase.as_str()
+        );
+        if matches!(e.phase, Phase::Healthy | Phase::Deleted | Phase::Failed) {
+            line.push_str(&format!(" ({:.1}s)", e.elapsed_ms as f64 / 1000.0));
+        }
+        if let Some(m) = &e.message {
+            if e.phase == Phase::Failed {
+                line.push('\n');
+                line.push_str(
+                    &m.lines()
+                        .map(|l| format!("    {l}"))
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                );
+            } else {
+                line.push_str(&format!(" {m}"));
+            }
+        }
+        let mut err = std::io::stderr().lock();
+        let _ = writeln!(err, "{line}");
+    })
+}
+
+/// Ctrl-C handling for one command. Not tokio's `ctrl_c`: inside Node,
+/// signal-hook chains to Node's own SIGINT handler, which re-raises the
+/// signal and loops. This installs a plain handler that writes to a pipe; a
+/// thread reading it cancels the token and restores the default action, so a
+/// second Ctrl-C ends the process at once. Dropping the guard restores the
+/// previous handler.
+mod interrupt {
+    use std::sync::atomic::{AtomicI32, Ordering};
+
+    use tokio_util::sync::CancellationToken;
+
+    static PIPE_W: AtomicI32 = AtomicI32::new(-1);
+
+    extern "C" fn on_sigint(_: libc::c_int) {
+        let fd = PIPE_W.load(Ordering::SeqCst);
+        if fd >= 0 {
+            // SAFETY: write(2) is async-signal-safe.
+            unsafe {
+                libc::write(fd, b"x".as_ptr().cast(), 1);
+            }
+        }
+    }
+
+    pub struct Guard {
+        old: Option<libc::sigaction>,
+        write_fd: libc::c_int,
+    }
+
+    pub fn install(token: CancellationToken) -> Guard {
+        let mut fds = [0; 2];
+        // SAFETY: plain libc calls on valid pointers.
+        unsafe {
+            if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+                return Guard {
+                    old: None,
+                    write_fd: -1,
+                };
+            }
+            PIPE_W.store(fds[1], Ordering::SeqCst);
+            let mut new: libc::sigaction = std::mem::zeroed();
+            new.sa_sigaction = on_sigint as *const () as usize;
+            new.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut new.sa_mask);
+            let mut old: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(libc::SIGINT, &new, &mut old);
+            let read_fd = fds[0];
+            std::thread::spawn(move || {
+                let mut b = [0u8; 1];
+                if libc::read(read_fd, b.as_mut_ptr().cast(), 1) == 1 {
+                    eprintln!("interrupted: finishing the steps in progress, starting nothing new (Ctrl-C again to quit at once)…");
+                    let mut dfl: libc::sigaction = std::mem::zeroed();
+                    dfl.sa_sigaction = libc::SIG_DFL;
+                    libc::sigaction(libc::SIGINT, &dfl, std::ptr::null_mut());
+                    token.cancel();
+                }
+                libc::close(read_fd);
+            });
+            Guard {
+                old: Some(old),
+                write_fd: fds[1],
+            }
+        }
+    }
+
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            if let Some(old) = self.old.take() {
+                PIPE_W.store(-1, Ordering::SeqCst);
+                // SAFETY: restoring the handler we replaced; closing our pipe end.
+                unsafe {
+                    libc::sigaction(libc::SIGINT, &old, std::ptr::null_mut());
+                    libc::close(self.write_fd);
+                }
+            }
+        }
+    }
+}
+
+/// A token cancelled by Ctrl-C while the returned guard lives.
+fn ctrl_c_token() -> (CancellationToken, interrupt::Guard) {
+    let token = CancellationToken::new();
+    let guard = interrupt::install(token.clone());
+    (token, guard)
+}
+
+fn exec_exit(e: ExecError) -> i32 {
+    print_error(&e);
+    if matches!(e, ExecError::Cancelled) {
+        130
+    } else {
+        exit::ERROR
+    }
+}
+
+fn report_exit(report: &exec::Report, output: Output, verb: &str) -> i32 {
+    if output == Output::Json {
+        json(report);
+    }
+    let failures = report.failures();
+    if failures.is_empty() {
+        if output == Output::Text {
+            let changed = report
+                .results
+                .iter()
+                .filter(|r| r.outcome != Phase::Unchanged)
+                .count();
+            eprintln!(
+                "{verb}: {} service(s), {changed} changed.",
+                report.results.len()
+            );
+        }
+        exit::OK
+    } else {
+        for f in &failures {
+            eprintln!(
+                "error[ENKFAILED]: {} {}: {}",
+                f.service,
+                f.outcome.as_str(),
+                f.error.as_deref().unwrap_or("")
+            );
+        }
+        exit::ERROR
+    }
+}
+
+/// Runs one reconciliation command; returns the exit code.
+pub async fn run(cmd: InfraCommand) -> i32 {
+    match cmd {
+        InfraCommand::Validate { project, output } => {
+            let cfg = match load(&project) {
+                Ok(c) => c,
+                Err(e) => {
+                    print_error(&e);
+                    return exit::ERROR;
+                }
+            };
+            let dag = match Dag::build(&cfg) {
+                Ok(d) => d,
+                Err(e) => {
+                    print_error(&e);
+                    return exit::ERROR;
+                }
+            };
+            if output == Output::Json {
+                json(&serde_json::json!({
+                    "valid": true,
+                    "project": cfg.name,
+                    "env": cfg.env,
+                    "provider": cfg.provider,
+                    "services": dag.order(),
+                    "disabled": cfg.disabled,
+                    "warnings": cfg.warnings,
+                }));
+            } else {
+                println!(
+                    "{} is valid: project `{}`, environment `{}`, {} service(s), provider {}",
+                    project.file.display(),
+                    cfg.name,
+                    cfg.env,
+                    cfg.services.len(),
+                    cfg.provider.as_str()
+                );
+            }
+            exit::OK
+        }
+        InfraCommand::Graph { project, format } => {
+            let cfg = match load(&project) {
+                Ok(c) => c,
+                Err(e) => {
+                    print_error(&e);
+                    return exit::ERROR;
+                }
+            };
+            match Dag::build(&cfg) {
+                Ok(d) => {
+                    match format {
+                        GraphFormat::Dot => print!("{}", d.to_dot(&cfg.name)),
+                        GraphFormat::Text => print!("{d}"),
+                    }
+                    exit::OK
+                }
+                Err(e) => {
+                    print_error(&e);
+                    exit::ERROR
+                }
+            }
+        }
+        InfraCommand::Plan {
+            project,
+            services,
+            detailed_exitcode,
+            output,
+        } => {
+            let r = async {
+                let cfg = load(&project)?;
+                let provider = exec::provider_for(&cfg)?;
+                let plan =
+                    exec::make_plan(&cfg, provider.as_ref(), &PlanOptions { targets: services })
+                        .await?;
+                let path = exec::save_plan(&cfg, &plan)
+                    .map_err(|e| ExecError::Failed(format!("cannot save the plan: {e}")))?;
+                Ok::<_, ExecError>((plan, path))
+            }
+            .await;
+            match r {
+                Err(e) => exec_exit(e),
+                Ok((plan, path)) => {
+                    if output == Output::Json {
+                        json(&plan);
+                    } else {
+                        print!("{}", plan.render());
+                        if !plan.blocked(false).is_empty() {
+                            println!("Deleting volumes needs `nanokit up --force`.");
+                        }
+                        eprintln!("Saved to {}", path.display());
+                    }
+                    if detailed_exitcode && plan.has_changes() {
+                        exit::CHANGES
+                    } else {
+                        exit::OK
+                    }
+                }
+            }
+        }
+        InfraCommand::Up {
+            project,
+            services,
+            run,
+            force,
+            output,
+        } => {
+            let cfg = match load(&project) {
+                Ok(c) => c,
+                Err(e) => {
+                    print_error(&e);
+                    return exit::ERROR;
+                }
+            };
+            let provider = match exec::provider_for(&cfg) {
+                Ok(p) => p,
+                Err(e) => {
+                    print_error(&e);
+                    return exit::ERROR;
+                }
+            };
+            let (cancel, _sigint) = ctrl_c_token();
+            let mut opts = exec_opts(&run, Some(progress_printer()), cancel);
+            opts.force = force;
+            opts.targets = services;
+            match exec::up(Arc::new(cfg), provider, opts).await {
+                Ok(report) => report_exit(&report, output, "up"),
+                Err(e) => exec_exit(e),
+            }
+        }
+        InfraCommand::Down {
+            project,
+            services,
+            run,
+            volumes,
+            yes,
+            output,
+        } => {
+            let cfg = match load(&project) {
+                Ok(c) => c,
+                Err(e) => {
+                    print_error(&e);
+                    return exit::ERROR;
+                }
+            };
+            if volumes && !yes {
+                if let Err(e) = super::confirm("Delete all named volumes and their data?").await {
+                    eprintln!("error[{}]: {}", e.code, e.message);
+                    return exit::ERROR;
+                }
+            }
+            let provider = match exec::provider_for(&cfg) {
+                Ok(p) => p,
+                Err(e) => {
+                    print_error(&e);
+                    return exit::ERROR;
+                }
+            };
+            let (cancel, _sigint) = ctrl_c_token();
+            let mut opts = exec_opts(&run, Some(progress_printer()), cancel);
+            opts.targets = services;
+            opts.volumes = volumes;
+            match exec::down(Arc::new(cfg), provider, opts).await {
+                Ok(report) => report_exit(&report, output, "down"),
+                Err(e) => exec_exit(e),
+            }
+        }
+        InfraCommand::Status { project, output } => match status(&project).await {
+            Ok(rows) => {
+                if output == Output::Json {
+                    json(&rows);
+                } else if rows.is_empty() {
+                    println!("Nothing deployed (run `nanokit up`).");
+                } else {
+                    println!(
+                        "{:<20} {:<13} {:<8} {:<7} UPDATED",
+                        "SERVICE", "STATUS", "PID", "PORT"
+                    );
+                    for r in &rows {
+                        println!(
+                            "{:<20} {:<13} {:<8} {:<7} {}",
+                            r.service,
+                            r.status,
+                            r.pid.map_or("-".into(), |p| p.to_string()),
+                            r.port.map_or("-".into(), |p| p.to_string()),
+                            r.updated_at
+                        );
+                        if let Some(e) = &r.error {
+                            println!("    {}", e.lines().next().unwrap_or(""));
+                        }
+                    }
+                }
+                exit::OK
+            }
+            Err(e) => exec_exit(e),
+        },
+        InfraCommand::Logs {
+            project,
+            service,
+            lines,
+            follow,
+        } => {
+            let cfg = match load(&project) {
+                Ok(c) => c,
+                Err(e) => {
+                    print_error(&e);
+                    return exit::ERROR;
+                }
+            };
+            let path = cfg.log_file(&service);
+            if !path.exists() {
+                eprintln!(
+                    "error[ENKNOLOGS]: no logs for `{service}` in environment `{}` ({} does not exist)",
+                    cfg.env,
+                    path.display()
+                );
+                return exit::ERROR;
+            }
+            let text = std::fs::read(&path).unwrap_or_default();
+            println!("{}", exec::tail(&String::from_utf8_lossy(&text), lines));
+            if follow {
+                let (cancel, _sigint) = ctrl_c_token();
+                let mut pos = text.len() as u64;
+                while !cancel.is_cancelled() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    if let Ok(bytes) = std::fs::read(&path) {
+                        if (bytes.len() as u64) > pos {
+                            print!("{}", String::from_utf8_lossy(&bytes[pos as usize..]));
+                            let _ = std::io::stdout().flush();
+                            pos = bytes.len() as u64;
+                        } else if (bytes.len() as u64) < pos {
+                            pos = 0;
+                        }
+                    }
+                }
+            }
+            exit::OK
+        }
+        InfraCommand::Drift {
+            project,
+            restore,
+            output,
+        } => {
+            let cfg = match load(&project) {
+                Ok(c) => c,
+                Err(e) => {
+                    print_error(&e);
+                    return exit::ERROR;
+                }
+            };
+            let provider = match exec::provider_for(&cfg) {
+                Ok(p) => p,
+                Err(e) => {
+                    print_error(&e);
+                    return exit::ERROR;
+                }
+            };
+            let report = match crate::drift::detect(&cfg, provider.as_ref()).await {
+                Ok(r) => r,
+                Err(e) => return exec_exit(e),
+            };
+            if output == Output::Json {
+                json(&report);
+            } else if !report.drifted {
+                println!("No drift: every recorded service is running with its configuration.");
+            } else {
+                for i in &report.items {
+                    println!(
+                        "{:<20} {:<15} {}",
+                        i.service,
+                        serde_json::to_value(i.kind)
+                            .expect("kind")
+                            .as_str()
+                            .unwrap_or(""),
+                        i.detail
+                    );
+                }
+            }
+            if !report.drifted {
+                return exit::OK;
+            }
+            if restore {
+                let (cancel, _sigint) = ctrl_c_token();
+                let opts = ExecOptions {
+                    events: Some(progress_printer()),
+                    cancel,
+                    ..ExecOptions::default()
+                };
+                return match exec::up(Arc::new(cfg), provider, opts).await {
+                    Ok(r) => report_exit(&r, Output::Text, "restored"),
+                    Err(e) => exec_exit(e),
+                };
+            }
+            exit::CHANGES
+        }
+        InfraCommand::Infra {
+            command: InfraSub::Unlock { project, yes },
+        } => {
+            let cfg = match load(&project) {
+                Ok(c) => c,
+                Err(e) => {
+                    print_error(&e);
+                    return exit::ERROR;
+                }
+            };
+            let path = state::lock_path(&cfg.state_file);
+            match crate::foundation::inspect_deploy_lock(&path) {
+                Err(e) => {
+                    print_error(&e);
+                    exit::ERROR
+                }
+                Ok(None) => {
+                    println!("The deploy lock {} is not held.", path.display());
+                    exit::OK
+                }
+                Ok(Some(holder)) => {
+                    println!("The deploy lock {} is held by {holder}.", path.display());
+                    if !yes {
+                        if let Err(e) =
+                            super::confirm("Clear it? Only do this when that run is really gone.")
+                                .await
+                        {
+                            eprintln!("error[{}]: {}", e.code, e.message);
+                            return exit::ERROR;
+                        }
+                    }
+                    match crate::foundation::break_deploy_lock(&path) {
+                        Ok(_) => {
+                            println!(
+                                "Cleared. The holder, if still running, will find its lease lost."
+                            );
+                            exit::OK
+                        }
+                        Err(e) => {
+                            print_error(&e);
+                            exit::ERROR
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One row of `status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StatusRow {
+    pub service: String,
+    /// Recorded status, or `dead` when the recorded process is gone.
+    pub status: String,
+    pub alive: bool,
+    pub pid: Option<u32>,
+    pub port: Option<u16>,
+    pub provider_id: Option<String>,
+    pub updated_at: String,
+    pub error: Option<String>,
+}
+
+/// Status rows of every recorded service.
+pub async fn status(project: &Project) -> Result<Vec<StatusRow>, ExecError> {
+    let cfg = load(project)?;
+    status_of(&cfg).await
+}
+
+pub async fn status_of(cfg: &Config) -> Result<Vec<StatusRow>, ExecError> {
+    let provider = exec::provider_for(cfg)?;
+    let st = state::read(&cfg.state_file, &cfg.name, &cfg.env)?;
+    let mut rows = Vec::new();
+    for (name, r) in &st.resources {
+        let live = match &r.provider_id {
+            Some(id) => provider.inspect(id).await?,
+            None => None,
+        };
+        rows.push(StatusRow {
+            service: name.clone(),
+            status: if live.is_none() && r.status != state::Status::Stopped {
+                "dead".into()
+            } else {
+                r.status.as_str().into()
+            },
+            alive: live.is_some(),
+            pid: live.as_ref().and_then(|i| i.pid),
+            port: cfg.services.get(name).and_then(|s| s.port),
+            provider_id: r.provider_id.clone(),
+            updated_at: r.updated_at.clone(),
+            error: r.error.clone(),
+        });
+    }
+    Ok(rows)
+}

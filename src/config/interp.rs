@@ -1,0 +1,208 @@
+//! `${VAR}`, `${VAR:-default}` and `${VAR:?message}` interpolation.
+//!
+//! Variables come from the process environment first, then the `.env` file
+//! beside nanokit.yml (as in Docker Compose: the shell wins). `$$` is a
+//! literal `$`; a `$` not followed by `{` is kept as is. Values are never
+//! echoed in errors, so a secret cannot leak through a message.
+
+use std::collections::HashMap;
+
+/// Where variables come from.
+#[derive(Debug, Default, Clone)]
+pub struct Vars {
+    process: HashMap<String, String>,
+    dotenv: HashMap<String, String>,
+}
+
+impl Vars {
+    pub fn new(process: HashMap<String, String>, dotenv: HashMap<String, String>) -> Self {
+        Vars { process, dotenv }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.process
+            .get(name)
+            .or_else(|| self.dotenv.get(name))
+            .map(String::as_str)
+    }
+}
+
+/// An interpolation error; `offset` is the byte offset of the `${` in the
+/// input so the caller can point at the exact column.
+#[derive(Debug, PartialEq, Eq)]
+pub struct InterpError {
+    pub offset: usize,
+    pub message: String,
+}
+
+/// Interpolates `input`.
+pub fn interpolate(input: &str, vars: &Vars) -> Result<String, InterpError> {
+    if !input.contains('$') {
+        return Ok(input.to_string());
+    }
+    let bytes = input.as_bytes();
+    let mut out = String::with_capacity(input.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'$' {
+            let next = input[i..].find('$').map_or(bytes.len(), |n| i + n);
+            out.push_str(&input[i..next]);
+            i = next;
+            continue;
+        }
+        match bytes.get(i + 1) {
+            Some(b'$') => {
+                out.push('$');
+                i += 2;
+            }
+            Some(b'{') => {
+                let end = matching_brace(input, i + 2).ok_or_else(|| InterpError {
+                    offset: i,
+                    message: "unclosed `${`: add the closing `}` (or write `$$` for a literal `$`)"
+                        .into(),
+                })?;
+                out.push_str(&expand(&input[i + 2..end], vars, i)?);
+                i = end + 1;
+            }
+            _ => {
+                out.push('$');
+                i += 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Index of the `}` closing a `${` whose body starts at `from`, allowing
+/// nested `${…}` in defaults.
+fn matching_brace(s: &str, from: usize) -> Option<usize> {
+    let b = s.as_bytes();
+    let mut depth = 0usize;
+    let mut i = from;
+    while i < b.len() {
+        match b[i] {
+            b'$' if b.get(i + 1) == Some(&b'{') => {
+                depth += 1;
+                i += 2;
+                continue;
+            }
+            b'}' if depth == 0 => return Some(i),
+            b'}' => depth -= 1,
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c == '_' || c.is_ascii_alphabetic())
+        && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())
+}
+
+fn expand(body: &str, vars: &Vars, offset: usize) -> Result<String, InterpError> {
+    let err = |message: String| InterpError { offset, message };
+    let name_end = body
+        .find(|c: char| !(c == '_' || c.is_ascii_alphanumeric()))
+        .unwrap_or(body.len());
+    let (name, rest) = body.split_at(name_end);
+    if name.is_empty() {
+        return Err(err(format!(
+            "`${{{body}}}` has no variable name: write `${{NAME}}`, `${{NAME:-default}}` or `${{NAME:?message}}`"
+        )));
+    }
+    if !valid_name(name) {
+        return Err(err(format!(
+            "`{name}` is not a valid variable name (letters, digits and `_`, not starting with a digit)"
+        )));
+    }
+    let value = vars.get(name);
+    if rest.is_empty() {
+        return Ok(value.unwrap_or("").to_string());
+    }
+    if let Some(default) = rest.strip_prefix(":-") {
+        return match value {
+            Some(v) if !v.is_empty() => Ok(v.to_string()),
+            _ => interpolate(default, vars).map_err(|e| InterpError {
+                offset,
+                message: e.message,
+            }),
+        };
+    }
+    if let Some(message) = rest.strip_prefix(":?") {
+        return match value {
+            Some(v) if !v.is_empty() => Ok(v.to_string()),
+            _ => {
+                let why = if message.is_empty() {
+                    "it is required".to_string()
+                } else {
+                    message.to_string()
+                };
+                Err(err(format!(
+                    "required variable `{name}` is not set: {why} (set it in the environment or in .env)"
+                )))
+            }
+        };
+    }
+    Err(err(format!(
+        "unsupported form `${{{body}}}`: use `${{{name}}}`, `${{{name}:-default}}` or `${{{name}:?message}}`"
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars() -> Vars {
+        Vars::new(
+            [
+                ("A".to_string(), "1".to_string()),
+                ("E".to_string(), String::new()),
+            ]
+            .into(),
+            [
+                ("A".to_string(), "dot".to_string()),
+                ("B".to_string(), "2".to_string()),
+            ]
+            .into(),
+        )
+    }
+
+    #[test]
+    fn forms() {
+        let v = vars();
+        assert_eq!(interpolate("x${A}y", &v).unwrap(), "x1y");
+        assert_eq!(interpolate("${B}", &v).unwrap(), "2");
+        assert_eq!(interpolate("${C:-d}", &v).unwrap(), "d");
+        assert_eq!(interpolate("${E:-d}", &v).unwrap(), "d");
+        assert_eq!(interpolate("${C:-${B}x}", &v).unwrap(), "2x");
+        assert_eq!(interpolate("$$A $A", &v).unwrap(), "$A $A");
+        assert_eq!(interpolate("${A:?need}", &v).unwrap(), "1");
+        assert_eq!(interpolate("${C}", &v).unwrap(), "");
+    }
+
+    #[test]
+    fn errors() {
+        let v = vars();
+        let e = interpolate("ab${C:?set C please}", &v).unwrap_err();
+        assert_eq!(e.offset, 2);
+        assert!(e.message.contains("set C please"), "{}", e.message);
+        assert!(interpolate("${A", &v)
+            .unwrap_err()
+            .message
+            .contains("unclosed"));
+        assert!(interpolate("${}", &v)
+            .unwrap_err()
+            .message
+            .contains("no variable name"));
+        assert!(interpolate("${1A}", &v)
+            .unwrap_err()
+            .message
+            .contains("not a valid"));
+        assert!(interpolate("${A:+x}", &v)
+            .unwrap_err()
+            .message
+            .contains("unsupported"));
+    }
+}

@@ -1,0 +1,1184 @@
+//! Ingestion of `nanokit.yml`: parse (with locations), merge
+//! `environments.<env>` over the global blocks, interpolate `${VAR}`, apply
+//! runtime inheritance, validate into a typed [`Config`].
+//!
+//! Order matters in one place: the environment block is merged *before*
+//! interpolation, so a `${PROD_DB:?…}` that only the `prod` block uses does
+//! not fail a `local` run.
+//!
+//! Every error names the file, line and column and says what to fix. Keys
+//! nanokit does not know or does not support produce a [`Warning`] naming the
+//! key. Environment values are never put in messages.
+
+pub mod interp;
+pub mod yaml;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+
+pub use yaml::Loc;
+use yaml::{Key, Node, Value};
+
+use crate::error::ErrorCode;
+
+/// Default environment when `-e` is not given.
+pub const DEFAULT_ENV: &str = "local";
+
+/// A configuration error with its location.
+#[derive(Debug, Clone)]
+pub struct ConfigError {
+    pub code: &'static str,
+    pub file: PathBuf,
+    pub loc: Option<Loc>,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn at(file: &Path, loc: Loc, message: impl Into<String>) -> Self {
+        ConfigError {
+            code: "ENKCONFIG",
+            file: file.to_path_buf(),
+            loc: Some(loc),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.loc {
+            Some(l) => write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file.display(),
+                l.line,
+                l.col,
+                self.message
+            ),
+            None => write!(f, "{}: {}", self.file.display(), self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl ErrorCode for ConfigError {
+    fn code(&self) -> &'static str {
+        self.code
+    }
+}
+
+/// A warning about the configuration (unknown or unsupported key, …).
+#[derive(Debug, Clone, Serialize)]
+pub struct Warning {
+    pub file: PathBuf,
+    pub line: usize,
+    pub col: usize,
+    pub message: String,
+}
+
+impl fmt::Display for Warning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.col,
+            self.message
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    Process,
+    Docker,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Process => "process",
+            ProviderKind::Docker => "docker",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpdateStrategy {
+    Recreate,
+    Rolling,
+}
+
+/// A health check (Docker Compose style).
+#[derive(Debug, Clone, Serialize)]
+pub struct Healthcheck {
+    /// Command run in the instance; exit 0 means healthy.
+    pub test: Vec<String>,
+    #[serde(with = "dur_ms")]
+    pub interval: Duration,
+    #[serde(with = "dur_ms")]
+    pub timeout: Duration,
+    pub retries: u32,
+    #[serde(with = "dur_ms")]
+    pub start_period: Duration,
+}
+
+mod dur_ms {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+}
+
+/// Lifecycle hooks; each is a list of shell commands run in order.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Hooks {
+    /// On the host, before the instance is created.
+    pub prestart: Vec<String>,
+    /// Inside the instance, after it started (before provisioning).
+    pub prestart_container: Vec<String>,
+    /// On the host, once the instance is healthy.
+    pub poststart: Vec<String>,
+    /// Inside the instance, before it is stopped.
+    pub prestop: Vec<String>,
+    /// On the host, after the instance is stopped.
+    pub poststop: Vec<String>,
+}
+
+/// A `source:target` volume mapping of a service.
+#[derive(Debug, Clone, Serialize)]
+pub struct VolumeMount {
+    pub source: String,
+    pub target: String,
+    /// True when `source` names an entry of the top-level `volumes`.
+    pub named: bool,
+}
+
+/// One dependency edge as written.
+#[derive(Debug, Clone, Serialize)]
+pub struct Dep {
+    pub name: String,
+    #[serde(skip)]
+    pub loc: Loc,
+}
+
+/// A service after merging, interpolation and runtime inheritance.
+#[derive(Debug, Clone, Serialize)]
+pub struct Service {
+    pub name: String,
+    #[serde(skip)]
+    pub loc: Loc,
+    pub image: Option<String>,
+    pub runtime: Option<String>,
+    pub start: Option<String>,
+    pub port: Option<u16>,
+    pub expose: Option<u16>,
+    /// Absolute working directory (the service's `path`, or the project dir).
+    pub path: PathBuf,
+    pub depends_on: Vec<Dep>,
+    /// Environment; values may be secrets and are never printed.
+    #[serde(skip)]
+    pub env: BTreeMap<String, String>,
+    pub volumes: Vec<VolumeMount>,
+    pub instances: u32,
+    pub update_strategy: UpdateStrategy,
+    pub install: Option<String>,
+    pub hooks: Hooks,
+    pub healthcheck: Option<Healthcheck>,
+    pub cpu: Option<f64>,
+    pub memory: Option<u64>,
+}
+
+impl Service {
+    pub fn dep_names(&self) -> impl Iterator<Item = &str> {
+        self.depends_on.iter().map(|d| d.name.as_str())
+    }
+}
+
+/// A named volume.
+#[derive(Debug, Clone, Serialize)]
+pub struct Volume {
+    pub name: String,
+    #[serde(skip)]
+    pub loc: Loc,
+}
+
+/// The validated configuration for one environment.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    pub name: String,
+    pub env: String,
+    pub file: PathBuf,
+    /// The directory of the file: relative paths resolve against it.
+    pub dir: PathBuf,
+    pub provider: ProviderKind,
+    /// Where state.json lives.
+    pub state_file: PathBuf,
+    /// Enabled services (`instances > 0`).
+    pub services: BTreeMap<String, Service>,
+    /// Services disabled in this environment (`instances: 0`).
+    pub disabled: Vec<String>,
+    pub volumes: BTreeMap<String, Volume>,
+    pub networks: Vec<String>,
+    pub warnings: Vec<Warning>,
+}
+
+impl Config {
+    /// `.nanokit` beside the file.
+    pub fn work_dir(&self) -> PathBuf {
+        self.dir.join(".nanokit")
+    }
+    pub fn log_file(&self, service: &str) -> PathBuf {
+        self.work_dir()
+            .join("logs")
+            .join(&self.env)
+            .join(format!("{service}.log"))
+    }
+    pub fn volume_dir(&self, volume: &str) -> PathBuf {
+        self.work_dir().join("volumes").join(&self.env).join(volume)
+    }
+    pub fn plan_file(&self) -> PathBuf {
+        self.work_dir().join("plans").join("latest.json")
+    }
+}
+
+/// What to load.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub file: PathBuf,
+    pub env: String,
+    /// Variables to use instead of the process environment (tests, JS API).
+    pub vars: Option<HashMap<String, String>>,
+}
+
+impl LoadOptions {
+    pub fn new(file: impl Into<PathBuf>) -> Self {
+        LoadOptions {
+            file: file.into(),
+            env: DEFAULT_ENV.into(),
+            vars: None,
+        }
+    }
+}
+
+/// Loads, merges, interpolates and validates a nanokit.yml.
+pub fn load(opts: &LoadOptions) -> Result<Config, ConfigError> {
+    let file = if opts.file.is_absolute() {
+        opts.file.clone()
+    } else {
+        std::env::current_dir()
+            .map(|d| d.join(&opts.file))
+            .unwrap_or_else(|_| opts.file.clone())
+    };
+    let src = std::fs::read_to_string(&file).map_err(|e| ConfigError {
+        code: "ENKCONFIG",
+        file: opts.file.clone(),
+        loc: None,
+        message: if e.kind() == std::io::ErrorKind::NotFound {
+            "file not found: create a nanokit.yml or pass its path with -f <file>".into()
+        } else {
+            format!("cannot read the file: {e}")
+        },
+    })?;
+    let shown = opts.file.clone();
+    let dir = file
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    // Canonical, so the state file (and the instance labels derived from its
+    // path) are the same however the file was named.
+    let dir = dir.canonicalize().unwrap_or(dir);
+    let process = opts
+        .vars
+        .clone()
+        .unwrap_or_else(|| std::env::vars().collect());
+    let dotenv = read_dotenv(&dir.join(".env"))?;
+    let vars = interp::Vars::new(process, dotenv);
+    load_str(&src, &shown, &dir, &opts.env, &vars)
+}
+
+fn read_dotenv(path: &Path) -> Result<HashMap<String, String>, ConfigError> {
+    let mut out = HashMap::new();
+    let iter = match dotenvy::from_path_iter(path) {
+        Ok(it) => it,
+        Err(_) => return Ok(out),
+    };
+    for item in iter {
+        match item {
+            Ok((k, v)) => {
+                out.insert(k, v);
+            }
+            Err(dotenvy::Error::LineParse(line, pos)) => {
+                let content = std::fs::read_to_string(path).unwrap_or_default();
+                let n = content
+                    .lines()
+                    .position(|l| l.contains(line.trim()))
+                    .map_or(0, |i| i + 1);
+                return Err(ConfigError::at(
+                    path,
+                    Loc {
+                        line: n,
+                        col: pos + 1,
+                    },
+                    "cannot parse this line of the .env file: write KEY=value",
+                ));
+            }
+            Err(e) => {
+                return Err(ConfigError {
+                    code: "ENKCONFIG",
+                    file: path.to_path_buf(),
+                    loc: None,
+                    message: format!("cannot read the .env file: {e}"),
+                })
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Loads from a string (the file name is only used in messages; `dir`
+/// resolves relative paths).
+pub fn load_str(
+    src: &str,
+    file: &Path,
+    dir: &Path,
+    env: &str,
+    vars: &interp::Vars,
+) -> Result<Config, ConfigError> {
+    let root = yaml::parse(src).map_err(|e| ConfigError::at(file, e.loc, e.message))?;
+    let mut cx = Cx {
+        file: file.to_path_buf(),
+        warnings: Vec::new(),
+    };
+    let root = cx.merge_env(root, env)?;
+    let root = cx.interpolate(root, vars)?;
+    cx.build(&root, env, dir)
+}
+
+struct Cx {
+    file: PathBuf,
+    warnings: Vec<Warning>,
+}
+
+const TOP_KEYS: &[&str] = &[
+    "name",
+    "version",
+    "infra",
+    "runtimes",
+    "services",
+    "volumes",
+    "networks",
+    "environments",
+];
+const SERVICE_KEYS: &[&str] = &[
+    "image",
+    "runtime",
+    "start",
+    "port",
+    "expose",
+    "path",
+    "depends_on",
+    "env",
+    "volumes",
+    "instances",
+    "updateStrategy",
+    "provisioning",
+    "hooks",
+    "healthcheck",
+    "cpu",
+    "memory",
+];
+const HOOK_KEYS: &[&str] = &[
+    "prestart",
+    "prestart_container",
+    "poststart",
+    "prestop",
+    "poststop",
+];
+const HEALTH_KEYS: &[&str] = &["test", "interval", "timeout", "retries", "start_period"];
+
+fn valid_name(s: &str) -> bool {
+    let mut c = s.chars();
+    matches!(c.next(), Some(f) if f.is_ascii_lowercase() || f.is_ascii_digit())
+        && c.all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '-' || ch == '_')
+}
+
+impl Cx {
+    fn err(&self, loc: Loc, message: impl Into<String>) -> ConfigError {
+        ConfigError::at(&self.file, loc, message)
+    }
+
+    fn warn(&mut self, loc: Loc, message: impl Into<String>) {
+        self.warnings.push(Warning {
+            file: self.file.clone(),
+            line: loc.line,
+            col: loc.col,
+            message: message.into(),
+        });
+    }
+
+    fn map<'a>(&self, node: &'a Node, what: &str) -> Result<&'a [(Key, Node)], ConfigError> {
+        match &node.value {
+            Value::Map(e) => Ok(e),
+            _ if node.is_null() => Ok(&[]),
+            _ => Err(self.err(
+                node.loc,
+                format!(
+                    "`{what}` must be a mapping (key: value), found {}",
+                    node.kind()
+                ),
+            )),
+        }
+    }
+
+    /// Warns about keys not in `known`, with a suggestion when one is close.
+    fn check_keys(&mut self, entries: &[(Key, Node)], known: &[&str], context: &str) {
+        for (k, _) in entries {
+            if known.contains(&k.name.as_str()) {
+                continue;
+            }
+            let best = known
+                .iter()
+                .map(|c| (strsim::jaro_winkler(c, &k.name), *c))
+                .fold((0.0, ""), |a, b| if b.0 > a.0 { b } else { a });
+            let hint = if best.0 > 0.8 {
+                format!("; did you mean `{}`?", best.1)
+            } else {
+                String::new()
+            };
+            self.warn(
+                k.loc,
+                format!("unknown key `{}` in {context} is ignored{hint}", k.name),
+            );
+        }
+    }
+
+    fn string(&self, node: &Node, what: &str) -> Result<String, ConfigError> {
+        match &node.value {
+            Value::Scalar { text, .. } if !node.is_null() => Ok(text.clone()),
+            _ => Err(self.err(
+                node.loc,
+                format!("`{what}` must be a string, found {}", node.kind()),
+            )),
+        }
+    }
+
+    fn opt_string(&self, node: Option<&Node>, what: &str) -> Result<Option<String>, ConfigError> {
+        match node {
+            None => Ok(None),
+            Some(n) if n.is_null() => Ok(None),
+            Some(n) => self.string(n, what).map(Some),
+        }
+    }
+
+    fn int(&self, node: &Node, what: &str, min: i64, max: i64) -> Result<i64, ConfigError> {
+        let v = match &node.value {
+            Value::Scalar { text, plain: true } => text.trim().parse::<i64>().ok(),
+            _ => None,
+        };
+        match v {
+            Some(v) if v >= min && v <= max => Ok(v),
+            Some(v) => Err(self.err(
+                node.loc,
+                format!("`{what}` is {v}, it must be between {min} and {max}"),
+            )),
+            None => Err(self.err(
+                node.loc,
+                format!("`{what}` must be a whole number, found {}", node.kind()),
+            )),
+        }
+    }
+
+    fn duration(&self, node: &Node, what: &str) -> Result<Duration, ConfigError> {
+        let text = self.string(node, what)?;
+        let t = text.trim();
+        if let Ok(secs) = t.parse::<f64>() {
+            if secs >= 0.0 && secs.is_finite() {
+                return Ok(Duration::from_secs_f64(secs));
+            }
+        }
+        humantime::parse_duration(t).map_err(|_| {
+            self.err(
+                node.loc,
+                format!("`{what}` must be a duration such as `500ms`, `5s` or `2m`, found `{t}`"),
+            )
+        })
+    }
+
+    /// One command (string) or several (list of strings).
+    fn commands(&self, node: Option<&Node>, what: &str) -> Result<Vec<String>, ConfigError> {
+        match node {
+            None => Ok(Vec::new()),
+            Some(n) if n.is_null() => Ok(Vec::new()),
+            Some(Node {
+                value: Value::Seq(items),
+                ..
+            }) => items.iter().map(|i| self.string(i, what)).collect(),
+            Some(n) => Ok(vec![self.string(n, what)?]),
+        }
+    }
+
+    fn merge_env(&mut self, root: Node, env: &str) -> Result<Node, ConfigError> {
+        let entries = match root.value {
+            Value::Map(e) => e,
+            _ => {
+                return Err(self.err(
+                    root.loc,
+                    format!(
+                        "the file must be a mapping with `name` and `services`, found {}",
+                        root.kind()
+                    ),
+                ))
+            }
+        };
+        let mut rest = Vec::new();
+        let mut envs = None;
+        for (k, v) in entries {
+            if k.name == "environments" {
+                envs = Some(v);
+            } else {
+                rest.push((k, v));
+            }
+        }
+        let base = Node {
+            value: Value::Map(rest),
+            loc: root.loc,
+        };
+        let Some(envs) = envs else {
+            return if env == DEFAULT_ENV {
+                Ok(base)
+            } else {
+                Err(ConfigError {
+                    code: "ENKCONFIG",
+                    file: self.file.clone(),
+                    loc: None,
+                    message: format!("environment `{env}` is not defined: add `environments.{env}` or choose another with -e"),
+                })
+            };
+        };
+        let list = self.map(&envs, "environments")?;
+        let names: Vec<String> = list.iter().map(|(k, _)| k.name.clone()).collect();
+        let Some((_, block)) = list.iter().find(|(k, _)| k.name == env) else {
+            return if env == DEFAULT_ENV {
+                Ok(base)
+            } else {
+                Err(self.err(
+                    envs.loc,
+                    format!(
+                        "environment `{env}` is not defined; defined here: {}",
+                        if names.is_empty() {
+                            "none".into()
+                        } else {
+                            names.join(", ")
+                        }
+                    ),
+                ))
+            };
+        };
+        let block = block.clone();
+        let keys = self.map(&block, &format!("environments.{env}"))?.to_vec();
+        let allowed: Vec<&str> = TOP_KEYS
+            .iter()
+            .copied()
+            .filter(|k| *k != "environments")
+            .collect();
+        self.check_keys(&keys, &allowed, &format!("environments.{env}"));
+        if block.is_null() {
+            return Ok(base);
+        }
+        Ok(yaml::deep_merge(base, block))
+    }
+
+    fn interpolate(&self, node: Node, vars: &interp::Vars) -> Result<Node, ConfigError> {
+        let loc = node.loc;
+        let value = match node.value {
+            Value::Scalar { text, plain } => {
+                let new = interp::interpolate(&text, vars).map_err(|e| {
+                    // Point at the `${` when the scalar is on one line.
+                    let mut l = loc;
+                    if !text[..e.offset].contains('\n') {
+                        l.col += text[..e.offset].chars().count() + usize::from(!plain);
+                    }
+                    self.err(l, e.message)
+                })?;
+                Value::Scalar { text: new, plain }
+            }
+            Value::Seq(items) => Value::Seq(
+                items
+                    .into_iter()
+                    .map(|n| self.interpolate(n, vars))
+                    .collect::<Result<_, _>>()?,
+            ),
+            Value::Map(entries) => Value::Map(
+                entries
+                    .into_iter()
+                    .map(|(k, v)| Ok((k, self.interpolate(v, vars)?)))
+                    .collect::<Result<_, ConfigError>>()?,
+            ),
+        };
+        Ok(Node { value, loc })
+    }
+
+    fn build(mut self, root: &Node, env: &str, dir: &Path) -> Result<Config, ConfigError> {
+        let top = self.map(root, "the file")?.to_vec();
+        self.check_keys(&top, TOP_KEYS, "the top level");
+        let name_node = root.get("name").ok_or_else(|| {
+            self.err(
+                root.loc,
+                "missing required key `name`: add `name: <project>` at the top level",
+            )
+        })?;
+        let name = self.string(name_node, "name")?;
+        if !valid_name(&name) {
+            return Err(self.err(
+                name_node.loc,
+                format!("project name `{name}` must be lowercase letters, digits, `-` or `_`, starting with a letter or digit"),
+            ));
+        }
+        if let Some((k, _)) = top.iter().find(|(k, _)| k.name == "version") {
+            self.warn(k.loc, "key `version` is not used by nanokit and is ignored");
+        }
+
+        // infra
+        let mut provider = ProviderKind::Process;
+        let mut state_file = None;
+        if let Some(infra) = root.get("infra") {
+            let entries = self.map(infra, "infra")?.to_vec();
+            self.check_keys(&entries, &["provider", "state"], "infra");
+            if let Some(p) = infra.get("provider") {
+                provider = match self.string(p, "infra.provider")?.as_str() {
+                    "process" => ProviderKind::Process,
+                    "docker" => ProviderKind::Docker,
+                    other => {
+                        return Err(self.err(
+                            p.loc,
+                            format!("unknown provider `{other}`: use `process` (local processes) or `docker`"),
+                        ))
+                    }
+                };
+            }
+            if let Some(s) = self.opt_string(infra.get("state"), "infra.state")? {
+                state_file = Some(dir.join(s));
+            }
+        }
+        let state_file = state_file.unwrap_or_else(|| {
+            let n = if env == DEFAULT_ENV {
+                "state.json".to_string()
+            } else {
+                format!("state.{env}.json")
+            };
+            dir.join(".nanokit").join(n)
+        });
+
+        // volumes / networks
+        let mut volumes = BTreeMap::new();
+        if let Some(v) = root.get("volumes") {
+            for (k, body) in self.map(v, "volumes")?.to_vec() {
+                if !valid_name(&k.name) {
+                    return Err(self.err(
+                        k.loc,
+                        format!(
+                            "volume name `{}` must be lowercase letters, digits, `-` or `_`",
+                            k.name
+                        ),
+                    ));
+                }
+                if !body.is_null() {
+                    let e = self.map(&body, &format!("volumes.{}", k.name))?.to_vec();
+                    self.check_keys(&e, &[], &format!("volume `{}`", k.name));
+                }
+                volumes.insert(
+                    k.name.clone(),
+                    Volume {
+                        name: k.name.clone(),
+                        loc: k.loc,
+                    },
+                );
+            }
+        }
+        let mut networks = Vec::new();
+        if let Some(n) = root.get("networks") {
+            for (k, _) in self.map(n, "networks")? {
+                networks.push(k.name.clone());
+            }
+            if provider == ProviderKind::Process && !networks.is_empty() {
+                self.warn(n.loc, "`networks` are not used by the process provider (every service shares the host network)");
+            }
+        }
+
+        // runtimes
+        let runtimes: Vec<(Key, Node)> = match root.get("runtimes") {
+            Some(r) => self.map(r, "runtimes")?.to_vec(),
+            None => Vec::new(),
+        };
+        for (k, body) in &runtimes {
+            let e = self.map(body, &format!("runtimes.{}", k.name))?.to_vec();
+            self.check_keys(&e, SERVICE_KEYS, &format!("runtime `{}`", k.name));
+        }
+
+        // services
+        let services_node = root.get("services").ok_or_else(|| {
+            self.err(
+                root.loc,
+                "missing required key `services`: declare at least one service under `services:`",
+            )
+        })?;
+        let entries = self.map(services_node, "services")?.to_vec();
+        if entries.is_empty() {
+            self.warn(
+                services_node.loc,
+                "`services` is empty: there is nothing to run",
+            );
+        }
+        let mut services = BTreeMap::new();
+        let mut disabled = Vec::new();
+        for (k, body) in entries {
+            if !valid_name(&k.name) {
+                return Err(self.err(
+                    k.loc,
+                    format!("service name `{}` must be lowercase letters, digits, `-` or `_`, starting with a letter or digit", k.name),
+                ));
+            }
+            let svc = self.service(&k, &body, &runtimes, &volumes, provider, dir)?;
+            if svc.instances == 0 {
+                disabled.push(svc.name);
+            } else {
+                services.insert(svc.name.clone(), svc);
+            }
+        }
+        for svc in services.values() {
+            for d in &svc.depends_on {
+                if disabled.contains(&d.name) {
+                    return Err(ConfigError {
+                        code: "ENKDEP",
+                        file: self.file.clone(),
+                        loc: Some(d.loc),
+                        message: format!(
+                            "service `{}` depends on `{}`, which is disabled in environment `{env}` (instances: 0); enable it or drop the dependency",
+                            svc.name, d.name
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(Config {
+            name,
+            env: env.to_string(),
+            file: self.file.clone(),
+            dir: dir.to_path_buf(),
+            provider,
+            state_file,
+            services,
+            disabled,
+            volumes,
+            networks,
+            warnings: self.warnings,
+        })
+    }
+
+    fn service(
+        &mut self,
+        key: &Key,
+        body: &Node,
+        runtimes: &[(Key, Node)],
+        volumes: &BTreeMap<String, Volume>,
+        provider: ProviderKind,
+        dir: &Path,
+    ) -> Result<Service, ConfigError> {
+        let name = key.name.clone();
+        let ctx = format!("service `{name}`");
+        if !matches!(body.value, Value::Map(_)) && !body.is_null() {
+            return Err(self.err(
+                body.loc,
+                format!("{ctx} must be a mapping of settings, found {}", body.kind()),
+            ));
+        }
+        let own = self.map(body, &format!("services.{name}"))?.to_vec();
+        self.check_keys(&own, SERVICE_KEYS, &ctx);
+
+        // Runtime inheritance: the runtime's block under the service's own.
+        let runtime = self.opt_string(body.get("runtime"), "runtime")?;
+        let mut runtime_deps = Vec::new();
+        let merged = match &runtime {
+            None => body.clone(),
+            Some(rt) => {
+                let Some((_, rnode)) = runtimes.iter().find(|(k, _)| &k.name == rt) else {
+                    let known: Vec<&str> = runtimes.iter().map(|(k, _)| k.name.as_str()).collect();
+                    return Err(self.err(
+                        body.get("runtime").map_or(key.loc, |n| n.loc),
+                        format!(
+                            "{ctx} uses runtime `{rt}`, which is not defined under `runtimes` (defined: {})",
+                            if known.is_empty() { "none".into() } else { known.join(", ") }
+                        ),
+                    ));
+                };
+                if let Some(d) = rnode.get("depends_on") {
+                    runtime_deps = self.deps(d)?;
+                }
+                yaml::deep_merge(rnode.clone(), body.clone())
+            }
+        };
+        let b = &merged;
+
+        let image = self.opt_string(b.get("image"), "image")?;
+        let start = self.opt_string(b.get("start"), "start")?;
+        if provider == ProviderKind::Process && start.is_none() {
+            return Err(self.err(
+                key.loc,
+                format!("{ctx} has no `start` command: the process provider runs `start` as a local process; add `start: <command>`"),
+            ));
+        }
+        if provider == ProviderKind::Docker && image.is_none() {
+            return Err(self.err(
+                key.loc,
+                format!("{ctx} has no `image`: the docker provider needs one"),
+            ));
+        }
+        if provider == ProviderKind::Process {
+            if let Some(n) = b.get("image") {
+                self.warn(
+                    n.loc,
+                    format!("`image` of {ctx} is not used by the process provider"),
+                );
+            }
+        }
+        let port = match b.get("port") {
+            Some(n) if !n.is_null() => Some(self.int(n, "port", 1, 65535)? as u16),
+            _ => None,
+        };
+        let expose = match b.get("expose") {
+            Some(n) if !n.is_null() => Some(self.int(n, "expose", 1, 65535)? as u16),
+            _ => port,
+        };
+        let path = match self.opt_string(b.get("path"), "path")? {
+            None => dir.to_path_buf(),
+            Some(p) => {
+                let abs = dir.join(&p);
+                if !abs.is_dir() {
+                    return Err(self.err(
+                        b.get("path").map_or(key.loc, |n| n.loc),
+                        format!("`path` of {ctx} is `{p}`, which is not a directory (relative paths start at the nanokit.yml's folder)"),
+                    ));
+                }
+                abs
+            }
+        };
+        let mut depends_on = runtime_deps;
+        if let Some(d) = body.get("depends_on") {
+            for dep in self.deps(d)? {
+                if !depends_on.iter().any(|x: &Dep| x.name == dep.name) {
+                    depends_on.push(dep);
+                }
+            }
+        }
+        if let Some(d) = depends_on.iter().find(|d| d.name == name) {
+            return Err(ConfigError {
+                code: "ENKCYCLE",
+                file: self.file.clone(),
+                loc: Some(d.loc),
+                message: format!("{ctx} depends on itself: dependency cycle {name} → {name}"),
+            });
+        }
+
+        let mut env = BTreeMap::new();
+        if let Some(e) = b.get("env") {
+            match &e.value {
+                Value::Seq(items) => {
+                    for item in items {
+                        let s = self.string(item, "env entry")?;
+                        let (k, v) = s.split_once('=').ok_or_else(|| {
+                            self.err(item.loc, "an `env` list entry must be `KEY=value`")
+                        })?;
+                        env.insert(k.to_string(), v.to_string());
+                    }
+                }
+                _ => {
+                    for (k, v) in self.map(e, "env")? {
+                        let value = match &v.value {
+                            Value::Scalar { .. } if v.is_null() => String::new(),
+                            Value::Scalar { text, .. } => text.clone(),
+                            _ => {
+                                return Err(self.err(
+                                    v.loc,
+                                    format!(
+                                        "env `{}` must be a string, number or boolean, found {}",
+                                        k.name,
+                                        v.kind()
+                                    ),
+                                ))
+                            }
+                        };
+                        env.insert(k.name.clone(), value);
+                    }
+                }
+            }
+            for k in env.keys() {
+                if k.is_empty() || k.contains('=') || k.contains('\0') {
+                    return Err(self.err(
+                        e.loc,
+                        format!("`{k}` is not a valid environment variable name"),
+                    ));
+                }
+            }
+        }
+
+        let mut mounts = Vec::new();
+        if let Some(v) = b.get("volumes") {
+            let Value::Seq(items) = &v.value else {
+                return Err(self.err(
+                    v.loc,
+                    format!("`volumes` of {ctx} must be a list of `source:target`"),
+                ));
+            };
+            for item in items {
+                let s = self.string(item, "volume")?;
+                let (source, target) = s.split_once(':').ok_or_else(|| {
+                    self.err(item.loc, format!("volume `{s}` must be `source:target` (a named volume or a path, then where it appears)"))
+                })?;
+                let is_path =
+                    source.starts_with('.') || source.starts_with('/') || source.starts_with('~');
+                if !is_path && !volumes.contains_key(source) {
+                    return Err(self.err(
+                        item.loc,
+                        format!("{ctx} mounts volume `{source}`, which is not declared under top-level `volumes`; declare it or use a path like `./{source}`"),
+                    ));
+                }
+                mounts.push(VolumeMount {
+                    source: source.to_string(),
+                    target: target.to_string(),
+                    named: !is_path,
+                });
+            }
+        }
+
+        let instances = match b.get("instances") {
+            Some(n) if !n.is_null() => self.int(n, "instances", 0, 1000)? as u32,
+            _ => 1,
+        };
+        if instances > 1 && provider == ProviderKind::Process {
+            self.warn(
+                b.get("instances").map_or(key.loc, |n| n.loc),
+                format!("`instances: {instances}` of {ctx}: the process provider runs one instance per service"),
+            );
+        }
+        let update_strategy = match self
+            .opt_string(b.get("updateStrategy"), "updateStrategy")?
+            .as_deref()
+        {
+            None | Some("recreate") => UpdateStrategy::Recreate,
+            Some("rolling") => {
+                if provider == ProviderKind::Process {
+                    self.warn(
+                        b.get("updateStrategy").map_or(key.loc, |n| n.loc),
+                        format!("`updateStrategy: rolling` of {ctx} is not supported by the process provider; it recreates"),
+                    );
+                }
+                UpdateStrategy::Rolling
+            }
+            Some(other) => {
+                return Err(self.err(
+                    b.get("updateStrategy").map_or(key.loc, |n| n.loc),
+                    format!("`updateStrategy` is `{other}`: use `recreate` or `rolling`"),
+                ))
+            }
+        };
+        let mut install = None;
+        if let Some(p) = b.get("provisioning") {
+            let e = self.map(p, "provisioning")?.to_vec();
+            self.check_keys(&e, &["install"], &format!("provisioning of {ctx}"));
+            install = self.opt_string(p.get("install"), "provisioning.install")?;
+        }
+        let mut hooks = Hooks::default();
+        if let Some(h) = b.get("hooks") {
+            let e = self.map(h, "hooks")?.to_vec();
+            self.check_keys(&e, HOOK_KEYS, &format!("hooks of {ctx}"));
+            hooks.prestart = self.commands(h.get("prestart"), "hooks.prestart")?;
+            hooks.prestart_container =
+                self.commands(h.get("prestart_container"), "hooks.prestart_container")?;
+            hooks.poststart = self.commands(h.get("poststart"), "hooks.poststart")?;
+            hooks.prestop = self.commands(h.get("prestop"), "hooks.prestop")?;
+            hooks.poststop = self.commands(h.get("poststop"), "hooks.poststop")?;
+        }
+        let healthcheck = match b.get("healthcheck") {
+            Some(h) if !h.is_null() => Some(self.healthcheck(h, &ctx)?),
+            _ => None,
+        };
+        let cpu = match b.get("cpu") {
+            Some(n) if !n.is_null() => {
+                let s = self.string(n, "cpu")?;
+                let v: f64 = s
+                    .trim()
+                    .parse()
+                    .ok()
+                    .filter(|v: &f64| *v > 0.0 && v.is_finite())
+                    .ok_or_else(|| {
+                        self.err(
+                            n.loc,
+                            format!("`cpu` must be a positive number such as `0.5`, found `{s}`"),
+                        )
+                    })?;
+                if provider == ProviderKind::Process {
+                    self.warn(
+                        n.loc,
+                        format!("`cpu` of {ctx} is not enforced by the process provider"),
+                    );
+                }
+                Some(v)
+            }
+            _ => None,
+        };
+        let memory = match b.get("memory") {
+            Some(n) if !n.is_null() => {
+                let s = self.string(n, "memory")?;
+                let v = parse_memory(&s).ok_or_else(|| {
+                    self.err(
+                        n.loc,
+                        format!("`memory` must be a size such as `512mb` or `1gb`, found `{s}`"),
+                    )
+                })?;
+                if provider == ProviderKind::Process {
+                    self.warn(
+                        n.loc,
+                        format!("`memory` of {ctx} is not enforced by the process provider"),
+                    );
+                }
+                Some(v)
+            }
+            _ => None,
+        };
+        Ok(Service {
+            name,
+            loc: key.loc,
+            image,
+            runtime,
+            start,
+            port,
+            expose,
+            path,
+            depends_on,
+            env,
+            volumes: mounts,
+            instances,
+            update_strategy,
+            install,
+            hooks,
+            healthcheck,
+            cpu,
+            memory,
+        })
+    }
+
+    fn deps(&self, node: &Node) -> Result<Vec<Dep>, ConfigError> {
+        let mut out = Vec::new();
+        match &node.value {
+            _ if node.is_null() => {}
+            Value::Seq(items) => {
+                for i in items {
+                    out.push(Dep {
+                        name: self.string(i, "depends_on entry")?,
+                        loc: i.loc,
+                    });
+                }
+            }
+            // Compose's long form: `depends_on: { db: { condition: … } }`.
+            Value::Map(entries) => {
+                for (k, _) in entries {
+                    out.push(Dep {
+                        name: k.name.clone(),
+                        loc: k.loc,
+                    });
+                }
+            }
+            Value::Scalar { .. } => {
+                return Err(self.err(
+                    node.loc,
+                    "`depends_on` must be a list of service names, e.g. `depends_on: [db]`",
+                ))
+            }
+        }
+        Ok(out)
+    }
+
+    fn healthcheck(&mut self, h: &Node, ctx: &str) -> Result<Healthcheck, ConfigError> {
+        let e = self.map(h, "healthcheck")?.to_vec();
+        self.check_keys(&e, HEALTH_KEYS, &format!("healthcheck of {ctx}"));
+        let test_node = h.get("test").ok_or_else(|| {
+            self.err(
+                h.loc,
+                format!(
+                    "healthcheck of {ctx} has no `test`: add `test: <command>` (exit 0 = healthy)"
+                ),
+            )
+        })?;
+        let test = match &test_node.value {
+            Value::Seq(items) => {
+                let mut argv: Vec<String> = items
+                    .iter()
+                    .map(|i| self.string(i, "healthcheck.test"))
+                    .collect::<Result<_, _>>()?;
+                match argv.first().map(String::as_str) {
+                    Some("CMD") => {
+                        argv.remove(0);
+                    }
+                    Some("CMD-SHELL") => {
+                        argv = vec!["sh".into(), "-c".into(), argv[1..].join(" ")];
+                    }
+                    _ => {}
+                }
+                argv
+            }
+            _ => vec![
+                "sh".into(),
+                "-c".into(),
+                self.string(test_node, "healthcheck.test")?,
+            ],
+        };
+        if test.is_empty() {
+            return Err(self.err(test_node.loc, "`healthcheck.test` is empty"));
+        }
+        let dur = |key: &str, default: Duration| -> Result<Duration, ConfigError> {
+            match h.get(key) {
+                Some(n) if !n.is_null() => self.duration(n, &format!("healthcheck.{key}")),
+                _ => Ok(default),
+            }
+        };
+        Ok(Healthcheck {
+            test,
+            interval: dur("interval", Duration::from_millis(500))?,
+            timeout: dur("timeout", Duration::from_secs(5))?,
+            start_period: dur("start_period", Duration::ZERO)?,
+            retries: match h.get("retries") {
+                Some(n) if !n.is_null() => self.int(n, "healthcheck.retries", 1, 10_000)? as u32,
+                _ => 3,
+            },
+        })
+    }
+}
+
+/// `512mb`, `1gb`, `1024k`, `100` (bytes).
+fn parse_memory(s: &str) -> Option<u64> {
+    let t = s.trim().to_ascii_lowercase();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let mult: f64 = match unit.trim() {
+        "" | "b" => 1.0,
+        "k" | "kb" | "kib" => 1024.0,
+        "m" | "mb" | "mib" => 1024.0 * 1024.0,
+        "g" | "gb" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    (n > 0.0).then_some((n * mult) as u64)
+}

@@ -1,0 +1,1173 @@
+//! ExecutionEngine: runs a plan with tokio.
+//!
+//! Each service starts as soon as every service it depends on is healthy (no
+//! waiting for a whole layer), under a concurrency limit. Per service:
+//! host `prestart` → provider create/start → `prestart_container` in the
+//! instance → `provisioning.install` → health check → host `poststart`.
+//! Down, in reverse dependency order: `prestop` in the instance → stop →
+//! `poststop` on the host. A failing step fails that service and skips its
+//! dependents; independent branches go on. Cancelling (Ctrl-C) starts
+//! nothing new; state is saved after every step, so a kill loses nothing
+//! already done.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::{watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, Service};
+use crate::error::ErrorCode;
+use crate::graph::{Dag, GraphError};
+use crate::plan::{self, ActionKind, Plan, PlanError, PlanOptions};
+use crate::provider::process::ProcessProvider;
+use crate::provider::{self, InstanceSpec, Probe, Provider, ProviderError, Scope};
+use crate::state::{self, Resource, StateError, Status, Store};
+
+/// The last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Graph(#[from] GraphError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+    #[error(transparent)]
+    Lock(#[from] crate::foundation::LockFailure),
+    #[error("the plan deletes volume(s) {0}, which destroys their data; re-run with --force to allow it")]
+    NeedsForce(String),
+    #[error("{0}")]
+    Failed(String),
+    #[error("interrupted: no new services were started; state is saved (run `nanokit up` again to finish)")]
+    Cancelled,
+}
+
+impl ErrorCode for ExecError {
+    fn code(&self) -> &'static str {
+        match self {
+            ExecError::Config(e) => e.code(),
+            ExecError::Graph(e) => e.code(),
+            ExecError::Plan(e) => e.code(),
+            ExecError::State(e) => e.code(),
+            ExecError::Provider(e) => e.code(),
+            ExecError::Lock(e) => e.code(),
+            ExecError::NeedsForce(_) => "ENKFORCE",
+            ExecError::Failed(_) => "ENKFAILED",
+            ExecError::Cancelled => "ENKCANCELLED",
+        }
+    }
+}
+
+/// Progress of one service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    Waiting,
+    Stopping,
+    Stopped,
+    Starting,
+    Hook,
+    Provisioning,
+    Health,
+    Healthy,
+    Unchanged,
+    Failed,
+    Skipped,
+    Deleted,
+    Cancelled,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Waiting => "waiting",
+            Phase::Stopping => "stopping",
+            Phase::Stopped => "stopped",
+            Phase::Starting => "starting",
+            Phase::Hook => "hook",
+            Phase::Provisioning => "provisioning",
+            Phase::Health => "health",
+            Phase::Healthy => "healthy",
+            Phase::Unchanged => "unchanged",
+            Phase::Failed => "failed",
+            Phase::Skipped => "skipped",
+            Phase::Deleted => "deleted",
+            Phase::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// A progress event.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    pub service: String,
+    pub phase: Phase,
+    /// Milliseconds since this service's work began.
+    pub elapsed_ms: u64,
+    pub message: Option<String>,
+}
+
+pub type EventSink = Arc<dyn Fn(&Event) + Send + Sync>;
+
+/// Options of `up` / `down`.
+#[derive(Clone)]
+pub struct ExecOptions {
+    pub concurrency: usize,
+    pub force: bool,
+    pub targets: Vec<String>,
+    /// Wait this long for the deploy lock (none: fail at once if held).
+    pub lock_timeout: Option<Duration>,
+    pub stop_grace: Duration,
+    pub hook_timeout: Duration,
+    /// Cap on waiting for a port / running check.
+    pub health_timeout: Duration,
+    pub events: Option<EventSink>,
+    pub cancel: CancellationToken,
+    /// `down`: also delete named volumes.
+    pub volumes: bool,
+}
+
+impl Default for ExecOptions {
+    fn default() -> Self {
+        ExecOptions {
+            concurrency: 8,
+            force: false,
+            targets: Vec::new(),
+            lock_timeout: None,
+            stop_grace: Duration::from_secs(10),
+            hook_timeout: Duration::from_secs(300),
+            health_timeout: Duration::from_secs(60),
+            events: None,
+            cancel: CancellationToken::new(),
+            volumes: false,
+        }
+    }
+}
+
+/// How one service ended.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceResult {
+    pub service: String,
+    pub action: ActionKind,
+    pub outcome: Phase,
+    pub error: Option<String>,
+    pub elapsed_ms: u64,
+}
+
+/// The result of `up` / `down`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub plan: Plan,
+    pub results: Vec<ServiceResult>,
+}
+
+impl Report {
+    pub fn failures(&self) -> Vec<&ServiceResult> {
+        self.results
+            .iter()
+            .filter(|r| matches!(r.outcome, Phase::Failed | Phase::Skipped | Phase::Cancelled))
+            .collect()
+    }
+}
+
+/// The scope (labels) of a config's instances.
+pub fn scope(config: &Config) -> Scope {
+    use sha2::{Digest, Sha256};
+    let p = &config.state_file;
+    Scope {
+        project: config.name.clone(),
+        env: config.env.clone(),
+        state_id: hex::encode(&Sha256::digest(p.to_string_lossy().as_bytes())[..8]),
+    }
+}
+
+/// The provider a config asks for.
+pub fn provider_for(config: &Config) -> Result<Arc<dyn Provider>, ProviderError> {
+    match config.provider {
+        crate::config::ProviderKind::Process => Ok(Arc::new(ProcessProvider::new(
+            config.work_dir().join("logs").join(&config.env),
+            config.work_dir().join("volumes").join(&config.env),
+        ))),
+        crate::config::ProviderKind::Docker => Err(ProviderError::Unavailable("docker".into())),
+    }
+}
+
+/// Computes the plan against state and the live world (no lock, no change).
+pub async fn make_plan(
+    config: &Config,
+    provider: &dyn Provider,
+    opts: &PlanOptions,
+) -> Result<Plan, ExecError> {
+    let dag = Dag::build(config)?;
+    let state = state::read(&config.state_file, &config.name, &config.env)?;
+    let observed = provider.observe(&scope(config)).await?;
+    Ok(plan::plan(config, &dag, &state, &observed, opts)?)
+}
+
+/// Saves `plan` to `.nanokit/plans/latest.json`.
+pub fn save_plan(config: &Config, plan: &Plan) -> std::io::Result<PathBuf> {
+    let path = config.plan_file();
+    std::fs::create_dir_all(path.parent().expect("plan dir"))?;
+    let mut bytes = serde_json::to_vec_pretty(plan).expect("plan serializes");
+    bytes.push(b'\n');
+    crate::fsutil::atomic_write(&path, &bytes, 0o644)?;
+    Ok(path)
+}
+
+struct Run {
+    config: Arc<Config>,
+    provider: Arc<dyn Provider>,
+    store: Mutex<Store>,
+    opts: ExecOptions,
+    scope: Scope,
+}
+
+impl Run {
+    fn emit(&self, service: &str, phase: Phase, started: Instant, message: Option<String>) {
+        if let Some(sink) = &self.opts.events {
+            sink(&Event {
+                service: service.to_string(),
+                phase,
+                elapsed_ms: started.elapsed().as_millis() as u64,
+                message,
+            });
+        }
+    }
+
+    fn save(&self, f: impl FnOnce(&mut state::State)) -> Result<(), String> {
+        self.store
+            .lock()
+            .expect("state lock")
+            .update(f)
+            .map_err(|e| e.to_string())
+    }
+
+    fn set_status(&self, name: &str, status: Status, error: Option<String>) -> Result<(), String> {
+        self.save(|s| {
+            if let Some(r) = s.resources.get_mut(name) {
+                r.status = status;
+                r.error = error;
+                r.updated_at = state::now();
+            }
+        })
+    }
+
+    fn spec(&self, svc: &Service, hash: &str) -> InstanceSpec {
+        let mut labels = BTreeMap::new();
+        labels.insert(provider::LABEL_PROJECT.into(), self.scope.project.clone());
+        labels.insert(provider::LABEL_ENV.into(), self.scope.env.clone());
+        labels.insert(provider::LABEL_STATE_ID.into(), self.scope.state_id.clone());
+        labels.insert(provider::LABEL_SERVICE.into(), svc.name.clone());
+        labels.insert(provider::LABEL_HASH.into(), hash.to_string());
+        let mut env = svc.env.clone();
+        let mut mounts = Vec::new();
+        for m in &svc.volumes {
+            let host = if m.named {
+                self.provider.volume_path(&m.source)
+            } else {
+                self.config.dir.join(&m.source)
+            };
+            if m.named {
+                env.insert(
+                    format!(
+                        "NK_VOLUME_{}",
+                        m.source.to_ascii_uppercase().replace('-', "_")
+                    ),
+                    host.to_string_lossy().into_owned(),
+                );
+            }
+            mounts.push((host, m.target.clone()));
+        }
+        if let Some(p) = svc.port {
+            env.entry("PORT".into()).or_insert_with(|| p.to_string());
+        }
+        InstanceSpec {
+            service: svc.name.clone(),
+            config_hash: hash.to_string(),
+            image: svc.image.clone(),
+            command: svc.start.clone(),
+            dir: svc.path.clone(),
+            env,
+            labels,
+            log_file: self.config.log_file(&svc.name),
+            port: svc.port,
+            mounts,
+        }
+    }
+
+    /// Host hooks: `sh -c` in the project directory with the service's env.
+    async fn host_hooks(
+        &self,
+        svc: &Service,
+        spec: &InstanceSpec,
+        which: &str,
+        cmds: &[String],
+        started: Instant,
+    ) -> Result<(), String> {
+        for cmd in cmds {
+            self.emit(
+                &svc.name,
+                Phase::Hook,
+                started,
+                Some(format!("{which}: {cmd}")),
+            );
+            let mut env = spec.env.clone();
+            env.extend(provider::command_labels(&spec.labels));
+            let argv = vec!["sh".to_string(), "-c".to_string(), cmd.clone()];
+            let out = provider::process::run_command(
+                &argv,
+                &self.config.dir,
+                &env,
+                self.opts.hook_timeout,
+            )
+            .await
+            .map_err(|e| format!("hook {which} `{cmd}`: {e}"))?;
+            append_log(
+                &spec.log_file,
+                &format!("--- hook {which}: {cmd} ---\n{}", out.output),
+            );
+            if !out.success() {
+                return Err(format!(
+                    "hook {which} `{cmd}` failed ({}):\n{}",
+                    exit_text(&out),
+                    indent(&tail(&out.output, 20))
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn instance_hooks(
+        &self,
+        id: &str,
+        svc: &Service,
+        spec: &InstanceSpec,
+        which: &str,
+        cmds: &[String],
+        started: Instant,
+    ) -> Result<(), String> {
+        for cmd in cmds {
+            self.emit(
+                &svc.name,
+                Phase::Hook,
+                started,
+                Some(format!("{which}: {cmd}")),
+            );
+            let argv = vec!["sh".to_string(), "-c".to_string(), cmd.clone()];
+            let out = self
+                .provider
+                .exec(id, spec, &argv, self.opts.hook_timeout)
+                .await
+                .map_err(|e| format!("hook {which} `{cmd}`: {e}"))?;
+            append_log(
+                &spec.log_file,
+                &format!("--- hook {which}: {cmd} ---\n{}", out.output),
+            );
+            if !out.success() {
+                return Err(format!(
+                    "hook {which} `{cmd}` failed ({}):\n{}",
+                    exit_text(&out),
+                    indent(&tail(&out.output, 20))
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until healthy; the error carries the last probe output.
+    async fn wait_healthy(
+        &self,
+        id: &str,
+        svc: &Service,
+        spec: &InstanceSpec,
+        started: Instant,
+    ) -> Result<(), String> {
+        self.emit(&svc.name, Phase::Health, started, None);
+        let t0 = Instant::now();
+        let (probe, interval, timeout, retries, start_period) = match (&svc.healthcheck, svc.port) {
+            (Some(h), _) => (
+                Probe::Command(h.test.clone()),
+                h.interval,
+                h.timeout,
+                h.retries,
+                h.start_period,
+            ),
+            (None, Some(p)) => (
+                Probe::Port(p),
+                Duration::from_millis(50),
+                Duration::from_secs(1),
+                u32::MAX,
+                Duration::ZERO,
+            ),
+            (None, None) => (
+                Probe::Running,
+                Duration::from_millis(100),
+                Duration::from_secs(1),
+                1,
+                Duration::from_millis(200),
+            ),
+        };
+        let mut failures = 0u32;
+        let mut last = String::new();
+        loop {
+            if self.opts.cancel.is_cancelled() {
+                return Err("cancelled".into());
+            }
+            if self.provider.inspect(id).await.ok().flatten().is_none() {
+                let logs = self.provider.logs(&svc.name, 20).await.unwrap_or_default();
+                return Err(format!(
+                    "the instance exited while starting; last log lines:\n{}",
+                    indent(&logs)
+                ));
+            }
+            let in_grace = t0.elapsed() < start_period;
+            if !(matches!(probe, Probe::Running) && in_grace) {
+                let r = self
+                    .provider
+                    .probe(id, spec, &probe, timeout)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if r.ok {
+                    return Ok(());
+                }
+                last = r.output;
+                if !in_grace {
+                    failures += 1;
+                }
+            }
+            let capped =
+                matches!(probe, Probe::Port(_)) && t0.elapsed() >= self.opts.health_timeout;
+            if failures >= retries || capped {
+                let what = match &probe {
+                    Probe::Command(argv) => format!("health check `{}`", argv.join(" ")),
+                    Probe::Port(p) => format!("port {p} check"),
+                    Probe::Running => "running check".into(),
+                };
+                return Err(format!(
+                    "{what} failed after {failures} attempt(s) in {:.1}s; last probe output:\n{}",
+                    t0.elapsed().as_secs_f64(),
+                    indent(&tail(&last, 20))
+                ));
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = self.opts.cancel.cancelled() => return Err("cancelled".into()),
+            }
+        }
+    }
+
+    /// Stops one instance: prestop in it (failure is reported, the stop goes on), stop.
+    async fn stop_instance(
+        &self,
+        name: &str,
+        id: &str,
+        svc: Option<&Service>,
+        started: Instant,
+    ) -> Result<(), String> {
+        self.emit(name, Phase::Stopping, started, Some(id.to_string()));
+        if let Some(svc) = svc {
+            if !svc.hooks.prestop.is_empty()
+                && self.provider.inspect(id).await.ok().flatten().is_some()
+            {
+                let spec = self.spec(svc, "");
+                if let Err(e) = self
+                    .instance_hooks(id, svc, &spec, "prestop", &svc.hooks.prestop, started)
+                    .await
+                {
+                    self.emit(name, Phase::Hook, started, Some(format!("warning: {e}")));
+                }
+            }
+        }
+        self.provider
+            .stop(id, self.opts.stop_grace)
+            .await
+            .map_err(|e| format!("stopping {id}: {e}"))
+    }
+
+    /// The whole up lifecycle of one service.
+    async fn up_service(&self, action: &plan::Action, started: Instant) -> Result<Phase, String> {
+        let name = &action.service;
+        let svc = &self.config.services[name];
+        let hash = action.config_hash.clone().unwrap_or_default();
+        if action.action == ActionKind::Noop {
+            self.emit(name, Phase::Unchanged, started, None);
+            return Ok(Phase::Unchanged);
+        }
+        let spec = self.spec(svc, &hash);
+        for id in &action.stop {
+            // The old instance of an update gets its stop hooks; orphans do not.
+            let recorded = self
+                .store
+                .lock()
+                .expect("state")
+                .state()
+                .resources
+                .get(name)
+                .and_then(|r| r.provider_id.clone());
+            let hooks = (recorded.as_deref() == Some(id.as_str())).then_some(svc);
+            self.stop_instance(name, id, hooks, started).await?;
+            if hooks.is_some() {
+                self.host_hooks(svc, &spec, "poststop", &svc.hooks.poststop, started)
+                    .await?;
+            }
+        }
+        self.emit(name, Phase::Starting, started, None);
+        self.host_hooks(svc, &spec, "prestart", &svc.hooks.prestart, started)
+            .await?;
+        if self.opts.cancel.is_cancelled() {
+            return Err("cancelled".into());
+        }
+        let now = state::now();
+        self.save(|s| {
+            let created_at = s
+                .resources
+                .get(name)
+                .map_or(now.clone(), |r| r.created_at.clone());
+            s.resources.insert(
+                name.clone(),
+                Resource {
+                    provider: self.provider.name().to_string(),
+                    provider_id: None,
+                    config_hash: hash.clone(),
+                    fields: action.fields.clone(),
+                    depends_on: action.depends_on.clone(),
+                    status: Status::Creating,
+                    error: None,
+                    created_at,
+                    updated_at: now.clone(),
+                },
+            );
+        })?;
+        for m in &spec.mounts {
+            std::fs::create_dir_all(&m.0).map_err(|e| format!("volume {}: {e}", m.0.display()))?;
+        }
+        let inst = self
+            .provider
+            .create(&spec)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.save(|s| {
+            if let Some(r) = s.resources.get_mut(name) {
+                r.provider_id = Some(inst.id.clone());
+                r.status = Status::Starting;
+                r.updated_at = state::now();
+            }
+        })?;
+        self.instance_hooks(
+            &inst.id,
+            svc,
+            &spec,
+            "prestart_container",
+            &svc.hooks.prestart_container,
+            started,
+        )
+        .await?;
+        if let Some(install) = &svc.install {
+            self.set_status(name, Status::Provisioning, None)?;
+            self.emit(name, Phase::Provisioning, started, Some(install.clone()));
+            let manifests: Vec<PathBuf> = ["package.json", "package-lock.json"]
+                .iter()
+                .map(|m| svc.path.join(m))
+                .filter(|p| p.exists())
+                .collect();
+            let argv = vec!["sh".to_string(), "-c".to_string(), install.clone()];
+            let r = crate::foundation::provision(&svc.path, &argv, &manifests, &self.opts.cancel)
+                .await
+                .map_err(|e| format!("provisioning `{install}` failed: {e}"))?;
+            if !r.ran {
+                self.emit(
+                    name,
+                    Phase::Provisioning,
+                    started,
+                    Some("already installed".into()),
+                );
+            }
+        }
+        self.wait_healthy(&inst.id, svc, &spec, started).await?;
+        self.host_hooks(svc, &spec, "poststart", &svc.hooks.poststart, started)
+            .await?;
+        self.set_status(name, Status::Healthy, None)?;
+        self.emit(name, Phase::Healthy, started, None);
+        Ok(Phase::Healthy)
+    }
+
+    /// Deletes one service: stop its instances, poststop, drop from state.
+    async fn delete_service(
+        &self,
+        action: &plan::Action,
+        started: Instant,
+    ) -> Result<Phase, String> {
+        let name = &action.service;
+        let svc = self.config.services.get(name);
+        self.set_status(name, Status::Stopping, None)?;
+        for id in &action.stop {
+            self.stop_instance(name, id, svc, started).await?;
+        }
+        if let Some(svc) = svc {
+            let spec = self.spec(svc, "");
+            self.host_hooks(svc, &spec, "poststop", &svc.hooks.poststop, started)
+                .await?;
+        }
+        self.save(|s| {
+            s.resources.remove(name);
+        })?;
+        self.emit(name, Phase::Deleted, started, None);
+        Ok(Phase::Deleted)
+    }
+}
+
+fn exit_text(out: &provider::ExecOutput) -> String {
+    if out.timed_out {
+        "timed out".into()
+    } else {
+        match out.code {
+            Some(c) => format!("exit code {c}"),
+            None => "killed by a signal".into(),
+        }
+    }
+}
+
+fn indent(s: &str) -> String {
+    s.lines()
+        .map(|l| format!("    {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn append_log(path: &std::path::Path, text: &str) {
+    use std::io::Write;
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = f.write_all(text.as_bytes());
+        if !text.ends_with('\n') {
+            let _ = f.write_all(b"\n");
+        }
+    }
+}
+
+/// Aborts a background task when dropped (every exit path of a run).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[derive(Clone, PartialEq)]
+enum Done {
+    Pending,
+    Ok,
+    NotOk(String),
+}
+
+/// Runs `work` for every node, each after the nodes in its `waits` ended
+/// well, at most `limit` at a time. A node whose wait failed is skipped.
+async fn schedule<F, Fut>(
+    nodes: Vec<(String, Vec<String>)>,
+    limit: usize,
+    cancel: CancellationToken,
+    on_skip: impl Fn(&str, String) + Send + Sync + 'static,
+    work: F,
+) -> Vec<(String, Result<Phase, String>, u64)>
+where
+    F: Fn(String, Instant) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Phase, String>> + Send + 'static,
+{
+    let mut senders = HashMap::new();
+    let mut receivers = HashMap::new();
+    for (n, _) in &nodes {
+        let (tx, rx) = watch::channel(Done::Pending);
+        senders.insert(n.clone(), tx);
+        receivers.insert(n.clone(), rx);
+    }
+    let sem = Arc::new(Semaphore::new(limit.max(1)));
+    let work = Arc::new(work);
+    let on_skip = Arc::new(on_skip);
+    let mut set = tokio::task::JoinSet::new();
+    for (name, waits) in nodes {
+        let tx = senders.remove(&name).expect("sender");
+        let rxs: Vec<(String, watch::Receiver<Done>)> = waits
+            .iter()
+            .filter_map(|w| receivers.get(w).map(|r| (w.clone(), r.clone())))
+            .collect();
+        let sem = sem.clone();
+        let work = work.clone();
+        let on_skip = on_skip.clone();
+        let cancel = cancel.clone();
+        set.spawn(async move {
+            for (dep, mut rx) in rxs {
+                let v = rx
+                    .wait_for(|d| *d != Done::Pending)
+                    .await
+                    .map(|d| d.clone());
+                if let Ok(Done::NotOk(_)) | Err(_) = v {
+                    let why = format!("skipped: `{dep}` did not come up");
+                    on_skip(&name, why.clone());
+                    let _ = tx.send(Done::NotOk(why.clone()));
+                    return (name, Err(format!("skip:{why}")), 0);
+                }
+            }
+            let _permit = sem.acquire().await.expect("semaphore");
+            if cancel.is_cancelled() {
+                let _ = tx.send(Done::NotOk("cancelled".into()));
+                return (name, Err("cancelled".into()), 0);
+            }
+            let started_work = Instant::now();
+            let r = work(name.clone(), started_work).await;
+            let _ = tx.send(match &r {
+                Ok(_) => Done::Ok,
+                Err(e) => Done::NotOk(e.clone()),
+            });
+            (name, r, started_work.elapsed().as_millis() as u64)
+        });
+    }
+    let mut out = Vec::new();
+    while let Some(r) = set.join_next().await {
+        if let Ok(r) = r {
+            out.push(r);
+        }
+    }
+    out
+}
+
+fn to_result(action: ActionKind, name: String, r: Result<Phase, String>, ms: u64) -> ServiceResult {
+    let (outcome, error) = match r {
+        Ok(p) => (p, None),
+        Err(e) if e == "cancelled" => (Phase::Cancelled, None),
+        Err(e) => match e.strip_prefix("skip:") {
+            Some(why) => (Phase::Skipped, Some(why.to_string())),
+            None => (Phase::Failed, Some(e)),
+        },
+    };
+    ServiceResult {
+        service: name,
+        action,
+        outcome,
+        error,
+        elapsed_ms: ms,
+    }
+}
+
+async fn lock(
+    config: &Config,
+    opts: &ExecOptions,
+    what: &str,
+) -> Result<crate::foundation::DeployLock, ExecError> {
+    let label = format!("nanokit {what} ({} / {})", config.name, config.env);
+    Ok(crate::foundation::acquire_deploy_lock(
+        &state::lock_path(&config.state_file),
+        &label,
+        opts.lock_timeout,
+        &opts.cancel,
+    )
+    .await?)
+}
+
+/// Brings the world to `config`: plan, then execute.
+pub async fn up(
+    config: Arc<Config>,
+    provider: Arc<dyn Provider>,
+    opts: ExecOptions,
+) -> Result<Report, ExecError> {
+    let dag = Dag::build(&config)?;
+    let lock = lock(&config, &opts, "up").await?;
+    // A lost deploy lease (broken by `infra unlock`, taken over) stops the
+    // run like Ctrl-C: nothing new starts.
+    let _watch_lost = {
+        let (lost, cancel) = (lock.lost_token(), opts.cancel.clone());
+        AbortOnDrop(tokio::spawn(async move {
+            lost.cancelled().await;
+            cancel.cancel();
+        }))
+    };
+    let store = Store::open(&config.state_file, &config.name, &config.env)?;
+    let scope = scope(&config);
+    let observed = provider.observe(&scope).await?;
+    let plan = plan::plan(
+        &config,
+        &dag,
+        store.state(),
+        &observed,
+        &PlanOptions {
+            targets: opts.targets.clone(),
+        },
+    )?;
+    let blocked = plan.blocked(opts.force);
+    if !blocked.is_empty() {
+        return Err(ExecError::NeedsForce(blocked.join(", ")));
+    }
+    let run = Arc::new(Run {
+        config: config.clone(),
+        provider: provider.clone(),
+        store: Mutex::new(store),
+        opts: opts.clone(),
+        scope,
+    });
+    // Volumes first: services mount them.
+    for v in plan
+        .volumes
+        .iter()
+        .filter(|v| v.action == ActionKind::Create)
+    {
+        let id = provider.create_volume(&v.volume).await?;
+        run.save(|s| {
+            s.volumes.insert(
+                v.volume.clone(),
+                state::VolumeRecord {
+                    provider_id: id,
+                    created_at: state::now(),
+                },
+            );
+        })
+        .map_err(ExecError::Failed)?;
+    }
+    let mut results = Vec::new();
+    // Deletes: dependents first.
+    let deletes: Vec<plan::Action> = plan
+        .actions
+        .iter()
+        .filter(|a| a.action == ActionKind::Delete)
+        .cloned()
+        .collect();
+    if !deletes.is_empty() {
+        let nodes = deletes
+            .iter()
+            .map(|a| {
+                let waits = deletes
+                    .iter()
+                    .filter(|b| b.depends_on.contains(&a.service))
+                    .map(|b| b.service.clone())
+                    .collect();
+                (a.service.clone(), waits)
+            })
+            .collect();
+        let by_name: Arc<HashMap<String, plan::Action>> = Arc::new(
+            deletes
+                .into_iter()
+                .map(|a| (a.service.clone(), a))
+                .collect(),
+        );
+        let r2 = run.clone();
+        let out = schedule(
+            nodes,
+            opts.concurrency,
+            CancellationToken::new(),
+            |_, _| {},
+            move |name, started| {
+                let run = r2.clone();
+                let by_name = by_name.clone();
+                async move { run.delete_service(&by_name[&name], started).await }
+            },
+        )
+        .await;
+        for (n, r, ms) in out {
+            if let Err(e) = &r {
+                run.emit(&n, Phase::Failed, Instant::now(), Some(e.clone()));
+            }
+            results.push(to_result(ActionKind::Delete, n, r, ms));
+        }
+    }
+    // Creates / updates / noops in dependency order.
+    let ups: Vec<plan::Action> = plan
+        .actions
+        .iter()
+        .filter(|a| a.action != ActionKind::Delete)
+        .cloned()
+        .collect();
+    let kinds: HashMap<String, ActionKind> =
+        ups.iter().map(|a| (a.service.clone(), a.action)).collect();
+    let in_plan: std::collections::HashSet<String> =
+        ups.iter().map(|a| a.service.clone()).collect();
+    for a in &ups {
+        if a.action != ActionKind::Noop {
+            let deps: Vec<&str> = a
+                .depends_on
+                .iter()
+                .map(String::as_str)
+                .filter(|d| in_plan.contains(*d))
+                .collect();
+            let msg = (!deps.is_empty()).then(|| format!("waiting for {}", deps.join(", ")));
+            run.emit(&a.service, Phase::Waiting, Instant::now(), msg);
+        }
+    }
+    let nodes = ups
+        .iter()
+        .map(|a| {
+            (
+                a.service.clone(),
+                a.depends_on
+                    .iter()
+                    .filter(|d| in_plan.contains(*d))
+                    .cloned()
+                    .collect(),
+            )
+        })
+        .collect();
+    let by_name: Arc<HashMap<String, plan::Action>> =
+        Arc::new(ups.into_iter().map(|a| (a.service.clone(), a)).collect());
+    let r2 = run.clone();
+    let r3 = run.clone();
+    let out = schedule(
+        nodes,
+        opts.concurrency,
+        opts.cancel.clone(),
+        move |name, why| r3.emit(name, Phase::Skipped, Instant::now(), Some(why)),
+        move |name, started| {
+            let run = r2.clone();
+            let by_name = by_name.clone();
+            async move {
+                let r = run.up_service(&by_name[&name], started).await;
+                if let Err(e) = &r {
+                    let cancelled = e == "cancelled";
+                    if !cancelled {
+                        let _ = run.set_status(&name, Status::Failed, Some(e.clone()));
+                    }
+                    run.emit(
+                        &name,
+                        if cancelled {
+                            Phase::Cancelled
+                        } else {
+                            Phase::Failed
+                        },
+                        started,
+                        Some(e.clone()),
+                    );
+                }
+                r
+            }
+        },
+    )
+    .await;
+    for (n, r, ms) in out {
+        results.push(to_result(kinds[&n], n, r, ms));
+    }
+    // Refresh recorded dependencies of unchanged services (one write).
+    let stale_deps: Vec<(String, Vec<String>)> = plan
+        .actions
+        .iter()
+        .filter(|a| a.action == ActionKind::Noop)
+        .filter(|a| {
+            run.store
+                .lock()
+                .expect("state")
+                .state()
+                .resources
+                .get(&a.service)
+                .is_some_and(|r| r.depends_on != a.depends_on)
+        })
+        .map(|a| (a.service.clone(), a.depends_on.clone()))
+        .collect();
+    if !stale_deps.is_empty() {
+        run.save(|s| {
+            for (n, d) in stale_deps {
+                if let Some(r) = s.resources.get_mut(&n) {
+                    r.depends_on = d;
+                }
+            }
+        })
+        .map_err(ExecError::Failed)?;
+    }
+    // Volume deletes (only reached with --force).
+    for v in plan
+        .volumes
+        .iter()
+        .filter(|v| v.action == ActionKind::Delete)
+    {
+        let id = run
+            .store
+            .lock()
+            .expect("state")
+            .state()
+            .volumes
+            .get(&v.volume)
+            .map(|r| r.provider_id.clone());
+        if let Some(id) = id {
+            provider.delete_volume(&id).await?;
+        }
+        run.save(|s| {
+            s.volumes.remove(&v.volume);
+        })
+        .map_err(ExecError::Failed)?;
+    }
+    results.sort_by_key(|r| plan.actions.iter().position(|a| a.service == r.service));
+    drop(run);
+    let _ = lock.release();
+    if opts.cancel.is_cancelled() {
+        return Err(ExecError::Cancelled);
+    }
+    Ok(Report { plan, results })
+}
+
+/// Stops and removes every service in state (or `targets` and their
+/// dependents), dependents first.
+pub async fn down(
+    config: Arc<Config>,
+    provider: Arc<dyn Provider>,
+    opts: ExecOptions,
+) -> Result<Report, ExecError> {
+    let lock = lock(&config, &opts, "down").await?;
+    let store = Store::open(&config.state_file, &config.name, &config.env)?;
+    let scope = scope(&config);
+    let observed = provider.observe(&scope).await?;
+    let state = store.state().clone();
+    let mut names: std::collections::BTreeSet<String> = state.resources.keys().cloned().collect();
+    names.extend(observed.iter().map(|i| i.service.clone()));
+    if !opts.targets.is_empty() {
+        for t in &opts.targets {
+            if !names.contains(t) {
+                return Err(ExecError::Plan(PlanError::UnknownTarget(t.clone())));
+            }
+        }
+        // The targets and everything that depends on them.
+        let dag = Dag::from_edges(state.resources.iter().map(|(n, r)| {
+            (
+                n.as_str(),
+                r.depends_on.iter().map(String::as_str).collect(),
+            )
+        }));
+        let mut keep = std::collections::BTreeSet::new();
+        let mut stack = opts.targets.clone();
+        while let Some(n) = stack.pop() {
+            if keep.insert(n.clone()) {
+                stack.extend(dag.dependents(&n));
+            }
+        }
+        names.retain(|n| keep.contains(n));
+    }
+    let actions: Vec<plan::Action> = names
+        .iter()
+        .map(|n| {
+            let rec = state.resources.get(n);
+            let mut stop: Vec<String> = observed
+                .iter()
+                .filter(|i| &i.service == n)
+                .map(|i| i.id.clone())
+                .collect();
+            if let Some(id) = rec.and_then(|r| r.provider_id.clone()) {
+                if !stop.contains(&id) {
+                    stop.push(id);
+                }
+            }
+            plan::Action {
+                service: n.clone(),
+                action: ActionKind::Delete,
+                reasons: vec!["down".into()],
+                config_hash: None,
+                fields: BTreeMap::new(),
+                depends_on: rec.map(|r| r.depends_on.clone()).unwrap_or_default(),
+                stop,
+            }
+        })
+        .collect();
+    let mut volumes = Vec::new();
+    if opts.volumes && opts.targets.is_empty() {
+        for v in state.volumes.keys() {
+            volumes.push(plan::VolumeAction {
+                volume: v.clone(),
+                action: ActionKind::Delete,
+                needs_force: false,
+            });
+        }
+    }
+    let plan = Plan {
+        project: config.name.clone(),
+        env: config.env.clone(),
+        created_at: state::now(),
+        lineage: state.lineage.clone(),
+        state_serial: state.serial,
+        actions: actions.clone(),
+        volumes,
+    };
+    let run = Arc::new(Run {
+        config: config.clone(),
+        provider: provider.clone(),
+        store: Mutex::new(store),
+        opts: opts.clone(),
+        scope,
+    });
+    let nodes = actions
+        .iter()
+        .map(|a| {
+            let waits = actions
+                .iter()
+                .filter(|b| b.depends_on.contains(&a.service))
+                .map(|b| b.service.clone())
+                .collect();
+            (a.service.clone(), waits)
+        })
+        .collect();
+    let by_name: Arc<HashMap<String, plan::Action>> = Arc::new(
+        actions
+            .into_iter()
+            .map(|a| (a.service.clone(), a))
+            .collect(),
+    );
+    let r2 = run.clone();
+    let r3 = run.clone();
+    let out = schedule(
+        nodes,
+        opts.concurrency,
+        CancellationToken::new(),
+        move |name, why| r3.emit(name, Phase::Skipped, Instant::now(), Some(why)),
+        move |name, started| {
+            let run = r2.clone();
+            let by_name = by_name.clone();
+            async move {
+                let r = run.delete_service(&by_name[&name], started).await;
+                if let Err(e) = &r {
+                    let _ = run.set_status(&name, Status::Failed, Some(e.clone()));
+                    run.emit(&name, Phase::Failed, started, Some(e.clone()));
+                }
+                r
+            }
+        },
+    )
+    .await;
+    let mut results: Vec<ServiceResult> = out
+        .into_iter()
+        .map(|(n, r, ms)| to_result(ActionKind::Delete, n, r, ms))
+        .collect();
+    for v in &plan.volumes {
+        let id = run
+            .store
+            .lock()
+            .expect("state")
+            .state()
+            .volumes
+            .get(&v.volume)
+            .map(|r| r.provider_id.clone());
+        if let Some(id) = id {
+            provider.delete_volume(&id).await?;
+        }
+        run.save(|s| {
+            s.volumes.remove(&v.volume);
+        })
+        .map_err(ExecError::Failed)?;
+    }
+    results.sort_by_key(|r| {
+        std::cmp::Reverse(plan.actions.iter().position(|a| a.service == r.service))
+    });
+    drop(run);
+    let _ = lock.release();
+    Ok(Report { plan, results })
+}

@@ -1,0 +1,419 @@
+//! JS bindings of the reconciliation engine: `loadConfig`, `plan`, `up`,
+//! `down`, `status`, `drift`. Promise-returning, typed results, coded errors
+//! (`ENKCONFIG: …`, `ENKCYCLE: …`), progress through an event callback.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
+use napi::{Result, Status};
+use napi_derive::napi;
+
+use super::{cancel_token, js_err, ms, AbortHandle};
+use crate::config::{self, Config, LoadOptions};
+use crate::exec::{self, ExecError, ExecOptions};
+use crate::graph::Dag;
+use crate::plan::PlanOptions;
+
+/// Which project and how to run it.
+#[napi(object)]
+#[derive(Default, Clone)]
+pub struct InfraOptions {
+    /// Path to nanokit.yml. Default `nanokit.yml` in the working directory.
+    pub file: Option<String>,
+    /// Environment (`environments.<env>`). Default `local`.
+    pub env: Option<String>,
+    /// Variables for `${VAR}` instead of `process.env`.
+    pub vars: Option<HashMap<String, String>>,
+    /// Only these services (and what they depend on; for `down`, what depends on them).
+    pub services: Option<Vec<String>>,
+    /// Start at most this many services at once. Default 8.
+    pub concurrency: Option<u32>,
+    /// Allow deleting volumes no longer in the configuration (`up`).
+    pub force: Option<bool>,
+    /// Wait this long for the deploy lock (ms); default: fail at once if held.
+    pub lock_timeout_ms: Option<f64>,
+    /// SIGTERM → SIGKILL grace period (ms). Default 10000.
+    pub stop_grace_ms: Option<f64>,
+    /// `down`: also delete named volumes.
+    pub volumes: Option<bool>,
+}
+
+impl InfraOptions {
+    fn load(&self) -> Result<Config> {
+        config::load(&LoadOptions {
+            file: PathBuf::from(self.file.clone().unwrap_or_else(|| "nanokit.yml".into())),
+            env: self
+                .env
+                .clone()
+                .unwrap_or_else(|| config::DEFAULT_ENV.into()),
+            vars: self.vars.clone(),
+        })
+        .map_err(js_err)
+    }
+
+    fn exec(
+        &self,
+        events: Option<exec::EventSink>,
+        cancel: tokio_util::sync::CancellationToken,
+    ) -> ExecOptions {
+        ExecOptions {
+            concurrency: self.concurrency.unwrap_or(8).max(1) as usize,
+            force: self.force.unwrap_or(false),
+            targets: self.services.clone().unwrap_or_default(),
+            lock_timeout: self.lock_timeout_ms.map(ms),
+            stop_grace: self
+                .stop_grace_ms
+                .map(ms)
+                .unwrap_or(Duration::from_secs(10)),
+            volumes: self.volumes.unwrap_or(false),
+            events,
+            cancel,
+            ..ExecOptions::default()
+        }
+    }
+}
+
+#[napi(object)]
+pub struct ServiceInfo {
+    pub name: String,
+    pub start: Option<String>,
+    pub image: Option<String>,
+    pub port: Option<u32>,
+    pub path: String,
+    pub depends_on: Vec<String>,
+    /// Names of the env variables (values are never returned: they may be secrets).
+    pub env_keys: Vec<String>,
+    pub has_healthcheck: bool,
+    pub instances: u32,
+}
+
+#[napi(object)]
+pub struct ConfigInfo {
+    pub name: String,
+    pub env: String,
+    pub file: String,
+    pub provider: String,
+    pub state_file: String,
+    pub services: Vec<ServiceInfo>,
+    /// Services disabled in this environment (`instances: 0`).
+    pub disabled: Vec<String>,
+    pub volumes: Vec<String>,
+    /// Start order (dependencies first).
+    pub order: Vec<String>,
+    pub layers: Vec<Vec<String>>,
+    /// `file:line:col: message` for each unknown or unsupported key.
+    pub warnings: Vec<String>,
+}
+
+/// Loads, interpolates, merges and validates a nanokit.yml, and checks its
+/// dependency graph. Rejects with `ENKCONFIG`, `ENKDEP` or `ENKCYCLE`.
+#[napi]
+pub async fn load_config(options: Option<InfraOptions>) -> Result<ConfigInfo> {
+    let o = options.unwrap_or_default();
+    let cfg = o.load()?;
+    let dag = Dag::build(&cfg).map_err(js_err)?;
+    Ok(ConfigInfo {
+        name: cfg.name.clone(),
+        env: cfg.env.clone(),
+        file: cfg.file.to_string_lossy().into_owned(),
+        provider: cfg.provider.as_str().into(),
+        state_file: cfg.state_file.to_string_lossy().into_owned(),
+        services: dag
+            .order()
+            .iter()
+            .map(|n| {
+                let s = &cfg.services[n];
+                ServiceInfo {
+                    name: s.name.clone(),
+                    start: s.start.clone(),
+                    image: s.image.clone(),
+                    port: s.port.map(u32::from),
+                    path: s.path.to_string_lossy().into_owned(),
+                    depends_on: s.dep_names().map(str::to_string).collect(),
+                    env_keys: s.env.keys().cloned().collect(),
+                    has_healthcheck: s.healthcheck.is_some(),
+                    instances: s.instances,
+                }
+            })
+            .collect(),
+        disabled: cfg.disabled.clone(),
+        volumes: cfg.volumes.keys().cloned().collect(),
+        order: dag.order().to_vec(),
+        layers: dag.layers(),
+        warnings: cfg.warnings.iter().map(|w| w.to_string()).collect(),
+    })
+}
+
+#[napi(object)]
+pub struct PlanAction {
+    pub service: String,
+    /// `create`, `update`, `delete` or `noop`.
+    pub action: String,
+    /// Why: `new service`, `env.TOKEN changed`, …
+    pub reasons: Vec<String>,
+    pub config_hash: Option<String>,
+    pub depends_on: Vec<String>,
+}
+
+#[napi(object)]
+pub struct PlanVolume {
+    pub volume: String,
+    pub action: String,
+    pub needs_force: bool,
+}
+
+#[napi(object)]
+pub struct PlanResult {
+    pub project: String,
+    pub env: String,
+    pub has_changes: bool,
+    pub actions: Vec<PlanAction>,
+    pub volumes: Vec<PlanVolume>,
+    /// The plan as `nanokit plan` prints it.
+    pub text: String,
+    /// Where it was saved (`.nanokit/plans/latest.json`).
+    pub saved_to: String,
+}
+
+fn plan_result(p: &crate::plan::Plan, saved_to: String) -> PlanResult {
+    PlanResult {
+        project: p.project.clone(),
+        env: p.env.clone(),
+        has_changes: p.has_changes(),
+        actions: p
+            .actions
+            .iter()
+            .map(|a| PlanAction {
+                service: a.service.clone(),
+                action: a.action.as_str().into(),
+                reasons: a.reasons.clone(),
+                config_hash: a.config_hash.clone(),
+                depends_on: a.depends_on.clone(),
+            })
+            .collect(),
+        volumes: p
+            .volumes
+            .iter()
+            .map(|v| PlanVolume {
+                volume: v.volume.clone(),
+                action: v.action.as_str().into(),
+                needs_force: v.needs_force,
+            })
+            .collect(),
+        text: p.render(),
+        saved_to,
+    }
+}
+
+/// Computes what `up` would do and saves it to `.nanokit/plans/latest.json`.
+#[napi]
+pub async fn plan(options: Option<InfraOptions>) -> Result<PlanResult> {
+    let o = options.unwrap_or_default();
+    let cfg = o.load()?;
+    let provider = exec::provider_for(&cfg).map_err(js_err)?;
+    let p = exec::make_plan(
+        &cfg,
+        provider.as_ref(),
+        &PlanOptions {
+            targets: o.services.clone().unwrap_or_default(),
+        },
+    )
+    .await
+    .map_err(js_err)?;
+    let saved = exec::save_plan(&cfg, &p)
+        .map_err(|e| js_err(ExecError::Failed(format!("cannot save the plan: {e}"))))?;
+    Ok(plan_result(&p, saved.to_string_lossy().into_owned()))
+}
+
+/// A progress event of `up` / `down`.
+#[napi(object)]
+#[derive(Clone)]
+pub struct InfraEvent {
+    pub service: String,
+    /// waiting, starting, hook, provisioning, health, healthy, unchanged,
+    /// failed, skipped, stopping, deleted, cancelled.
+    pub phase: String,
+    pub elapsed_ms: f64,
+    pub message: Option<String>,
+}
+
+#[napi(object)]
+pub struct ServiceOutcome {
+    pub service: String,
+    pub action: String,
+    /// healthy, unchanged, deleted, failed, skipped, cancelled.
+    pub outcome: String,
+    pub error: Option<String>,
+    pub elapsed_ms: f64,
+}
+
+#[napi(object)]
+pub struct RunResult {
+    pub plan: PlanResult,
+    pub services: Vec<ServiceOutcome>,
+}
+
+type EventFn = ThreadsafeFunction<InfraEvent, (), InfraEvent, Status, false>;
+
+fn sink(f: Option<EventFn>) -> Option<exec::EventSink> {
+    let f = Arc::new(f?);
+    Some(Arc::new(move |e: &exec::Event| {
+        f.call(
+            InfraEvent {
+                service: e.service.clone(),
+                phase: e.phase.as_str().into(),
+                elapsed_ms: e.elapsed_ms as f64,
+                message: e.message.clone(),
+            },
+            ThreadsafeFunctionCallMode::NonBlocking,
+        );
+    }))
+}
+
+fn run_result(r: exec::Report) -> Result<RunResult> {
+    let failures = r.failures();
+    if !failures.is_empty() {
+        let msg = failures
+            .iter()
+            .map(|f| {
+                format!(
+                    "{} {}: {}",
+                    f.service,
+                    f.outcome.as_str(),
+                    f.error.as_deref().unwrap_or("")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        return Err(js_err(ExecError::Failed(msg)));
+    }
+    Ok(RunResult {
+        plan: plan_result(&r.plan, String::new()),
+        services: r
+            .results
+            .iter()
+            .map(|s| ServiceOutcome {
+                service: s.service.clone(),
+                action: s.action.as_str().into(),
+                outcome: s.outcome.as_str().into(),
+                error: s.error.clone(),
+                elapsed_ms: s.elapsed_ms as f64,
+            })
+            .collect(),
+    })
+}
+
+/// Brings services up (each as soon as its dependencies are healthy).
+/// Rejects with `ENKFAILED` naming each failed or skipped service,
+/// `ENKLOCKED` when another run holds the deploy lock, `ENKFORCE` when
+/// volumes would be deleted without `force`.
+#[napi(
+    ts_args_type = "options?: InfraOptions, onEvent?: (event: InfraEvent) => void, abort?: AbortHandle"
+)]
+pub async fn up(
+    options: Option<InfraOptions>,
+    on_event: Option<EventFn>,
+    abort: Option<&AbortHandle>,
+) -> Result<RunResult> {
+    let o = options.unwrap_or_default();
+    let cancel = cancel_token(abort);
+    let cfg = o.load()?;
+    let provider = exec::provider_for(&cfg).map_err(js_err)?;
+    let r = exec::up(Arc::new(cfg), provider, o.exec(sink(on_event), cancel))
+        .await
+        .map_err(js_err)?;
+    run_result(r)
+}
+
+/// Stops and removes services, dependents first.
+#[napi(ts_args_type = "options?: InfraOptions, onEvent?: (event: InfraEvent) => void")]
+pub async fn down(options: Option<InfraOptions>, on_event: Option<EventFn>) -> Result<RunResult> {
+    let o = options.unwrap_or_default();
+    let cfg = o.load()?;
+    let provider = exec::provider_for(&cfg).map_err(js_err)?;
+    let r = exec::down(
+        Arc::new(cfg),
+        provider,
+        o.exec(sink(on_event), Default::default()),
+    )
+    .await
+    .map_err(js_err)?;
+    run_result(r)
+}
+
+#[napi(object)]
+pub struct ServiceStatus {
+    pub service: String,
+    /// Recorded status (`healthy`, `failed`, …) or `dead` when its process is gone.
+    pub status: String,
+    pub alive: bool,
+    pub pid: Option<u32>,
+    pub port: Option<u32>,
+    pub provider_id: Option<String>,
+    pub updated_at: String,
+    pub error: Option<String>,
+}
+
+/// Each recorded service's status and whether its process is alive.
+#[napi]
+pub async fn status(options: Option<InfraOptions>) -> Result<Vec<ServiceStatus>> {
+    let o = options.unwrap_or_default();
+    let cfg = o.load()?;
+    let rows = crate::cli::infra::status_of(&cfg).await.map_err(js_err)?;
+    Ok(rows
+        .into_iter()
+        .map(|r| ServiceStatus {
+            service: r.service,
+            status: r.status,
+            alive: r.alive,
+            pid: r.pid,
+            port: r.port.map(u32::from),
+            provider_id: r.provider_id,
+            updated_at: r.updated_at,
+            error: r.error,
+        })
+        .collect())
+}
+
+#[napi(object)]
+pub struct DriftItem {
+    pub service: String,
+    /// gone, pid_reused, config_changed, not_deployed, not_healthy, unmanaged.
+    pub kind: String,
+    pub detail: String,
+}
+
+#[napi(object)]
+pub struct DriftResult {
+    pub drifted: bool,
+    pub items: Vec<DriftItem>,
+}
+
+/// Compares state with the running world.
+#[napi]
+pub async fn drift(options: Option<InfraOptions>) -> Result<DriftResult> {
+    let o = options.unwrap_or_default();
+    let cfg = o.load()?;
+    let provider = exec::provider_for(&cfg).map_err(js_err)?;
+    let r = crate::drift::detect(&cfg, provider.as_ref())
+        .await
+        .map_err(js_err)?;
+    Ok(DriftResult {
+        drifted: r.drifted,
+        items: r
+            .items
+            .into_iter()
+            .map(|i| DriftItem {
+                service: i.service,
+                kind: serde_json::to_value(i.kind)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default(),
+                detail: i.detail,
+            })
+            .collect(),
+    })
+}

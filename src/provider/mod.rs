@@ -1,0 +1,176 @@
+//! Runtime providers: what actually runs a service instance.
+//!
+//! The engines only see [`Provider`]. An instance is found again by its
+//! provider id (recorded in state) or by its labels (project, env, state id,
+//! service, config hash), so instances created by a run that was killed
+//! before it could record them are still found. The local-process provider
+//! lives in [`process`]; a Docker provider maps the same calls onto
+//! containers (labels, create/start, exec, inspect, stop/remove, logs).
+
+pub mod process;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::error::ErrorCode;
+
+/// Label keys every instance carries (process env vars / container labels).
+pub const LABEL_PROJECT: &str = "NK_PROJECT";
+pub const LABEL_ENV: &str = "NK_ENV";
+pub const LABEL_STATE_ID: &str = "NK_STATE_ID";
+pub const LABEL_SERVICE: &str = "NK_SERVICE";
+pub const LABEL_HASH: &str = "NK_CONFIG_HASH";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    #[error("{0}")]
+    Io(String),
+    #[error("provider `{0}` is not available in this build; use `infra.provider: process`")]
+    Unavailable(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl ErrorCode for ProviderError {
+    fn code(&self) -> &'static str {
+        match self {
+            ProviderError::Io(_) => "ENKIO",
+            ProviderError::Unavailable(_) => "ENKPROVIDER",
+            ProviderError::Failed(_) => "ENKPROVIDER",
+        }
+    }
+}
+
+/// Which instances belong to one state file.
+#[derive(Debug, Clone)]
+pub struct Scope {
+    pub project: String,
+    pub env: String,
+    /// Stable id of the state file (hash of its path).
+    pub state_id: String,
+}
+
+/// The labels a command run for an instance (hook, probe) sees: all but the
+/// state id, so such short-lived processes are never taken for instances.
+pub fn command_labels(
+    labels: &BTreeMap<String, String>,
+) -> impl Iterator<Item = (String, String)> + '_ {
+    labels
+        .iter()
+        .filter(|(k, _)| k.as_str() != LABEL_STATE_ID)
+        .map(|(k, v)| (k.clone(), v.clone()))
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct InstanceSpec {
+    pub service: String,
+    pub config_hash: String,
+    /// Provider-specific "what" (image for Docker).
+    pub image: Option<String>,
+    /// Shell command to run.
+    pub command: Option<String>,
+    pub dir: PathBuf,
+    /// Environment of the instance (may hold secrets).
+    pub env: BTreeMap<String, String>,
+    /// Labels, also exported to the instance.
+    pub labels: BTreeMap<String, String>,
+    pub log_file: PathBuf,
+    pub port: Option<u16>,
+    /// (host path, target) mounts.
+    pub mounts: Vec<(PathBuf, String)>,
+}
+
+/// One live instance as the provider sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Instance {
+    pub id: String,
+    pub service: String,
+    pub config_hash: String,
+    pub running: bool,
+    pub pid: Option<u32>,
+}
+
+/// Output of a command run in an instance.
+#[derive(Debug, Clone)]
+pub struct ExecOutput {
+    /// Exit code; `None` when killed by a signal or the timeout.
+    pub code: Option<i32>,
+    pub timed_out: bool,
+    pub output: String,
+}
+
+impl ExecOutput {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+/// One health probe.
+#[derive(Debug, Clone)]
+pub enum Probe {
+    /// Run this argv in the instance; exit 0 = healthy.
+    Command(Vec<String>),
+    /// The port accepts TCP connections.
+    Port(u16),
+    /// The instance is running.
+    Running,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProbeResult {
+    pub ok: bool,
+    pub output: String,
+}
+
+#[async_trait]
+pub trait Provider: Send + Sync {
+    fn name(&self) -> &'static str;
+
+    /// Every live instance labelled with `scope`.
+    async fn observe(&self, scope: &Scope) -> Result<Vec<Instance>, ProviderError>;
+
+    /// The instance with provider id `id`, if it still exists (and is ours:
+    /// a reused pid is not).
+    async fn inspect(&self, id: &str) -> Result<Option<Instance>, ProviderError>;
+
+    /// Creates and starts an instance.
+    async fn create(&self, spec: &InstanceSpec) -> Result<Instance, ProviderError>;
+
+    /// Runs `argv` inside the instance.
+    async fn exec(
+        &self,
+        id: &str,
+        spec: &InstanceSpec,
+        argv: &[String],
+        timeout: Duration,
+    ) -> Result<ExecOutput, ProviderError>;
+
+    /// One health probe.
+    async fn probe(
+        &self,
+        id: &str,
+        spec: &InstanceSpec,
+        probe: &Probe,
+        timeout: Duration,
+    ) -> Result<ProbeResult, ProviderError>;
+
+    /// Stops (gracefully, then forcibly after `grace`) and removes.
+    async fn stop(&self, id: &str, grace: Duration) -> Result<(), ProviderError>;
+
+    /// The last `lines` lines of a service's logs.
+    async fn logs(&self, service: &str, lines: usize) -> Result<String, ProviderError>;
+
+    /// Creates a named volume; returns its provider id.
+    async fn create_volume(&self, name: &str) -> Result<String, ProviderError>;
+
+    /// Deletes a named volume and its data.
+    async fn delete_volume(&self, id: &str) -> Result<(), ProviderError>;
+
+    /// Host path of a named volume (for mounts).
+    fn volume_path(&self, name: &str) -> PathBuf;
+}

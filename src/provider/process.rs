@@ -1,0 +1,413 @@
+//! The local-process provider: each service's `start` runs as `sh -c` in its
+//! own session and process group (detached from the terminal and from
+//! nanokit, so it outlives the command that started it), with its env and
+//! the labels exported as environment variables, logging to
+//! `.nanokit/logs/<env>/<service>.log`.
+//!
+//! An instance id is `<pid>@<start time>` (start time in clock ticks since
+//! boot, from `/proc/<pid>/stat`), so a pid reused by another process is
+//! never mistaken for ours. Instances are also found by their labels, read
+//! from `/proc/<pid>/environ`. Stop sends SIGTERM to the group, then SIGKILL
+//! after the grace period, then sweeps any member left in the group.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::*;
+
+/// Fields of `/proc/<pid>/stat` after the command name.
+struct Stat {
+    state: char,
+    pgrp: i32,
+    start_time: u64,
+}
+
+fn read_stat(pid: u32) -> Option<Stat> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(Stat {
+        state: f.first()?.chars().next()?,
+        pgrp: f.get(2)?.parse().ok()?,
+        start_time: f.get(19)?.parse().ok()?,
+    })
+}
+
+/// Start time of `pid` (clock ticks since boot), if it exists and is not a
+/// zombie.
+pub fn proc_start_time(pid: u32) -> Option<u64> {
+    read_stat(pid)
+        .filter(|s| s.state != 'Z' && s.state != 'X')
+        .map(|s| s.start_time)
+}
+
+/// `pid@start` → (pid, start).
+pub fn parse_id(id: &str) -> Option<(u32, u64)> {
+    let (p, s) = id.split_once('@')?;
+    Some((p.parse().ok()?, s.parse().ok()?))
+}
+
+/// Whether the process named by `id` still runs (same pid *and* start time).
+pub fn id_alive(id: &str) -> bool {
+    parse_id(id).is_some_and(|(pid, st)| proc_start_time(pid) == Some(st))
+}
+
+fn environ(pid: u32) -> Option<BTreeMap<String, String>> {
+    let bytes = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    Some(
+        bytes
+            .split(|b| *b == 0)
+            .filter_map(|kv| {
+                let s = std::str::from_utf8(kv).ok()?;
+                let (k, v) = s.split_once('=')?;
+                k.starts_with("NK_").then(|| (k.to_string(), v.to_string()))
+            })
+            .collect(),
+    )
+}
+
+fn all_pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Processes whose process group is `pgid`.
+fn group_members(pgid: u32) -> Vec<u32> {
+    all_pids()
+        .into_iter()
+        .filter(|p| read_stat(*p).is_some_and(|s| s.pgrp == pgid as i32 && s.state != 'Z'))
+        .collect()
+}
+
+fn kill_group(pgid: u32, sig: i32) {
+    // SAFETY: kill(2) with a negative pid signals the process group.
+    unsafe {
+        libc::kill(-(pgid as i32), sig);
+    }
+}
+
+/// Runs on the host or "in" a process instance: `argv` in `dir` with `env`,
+/// in its own process group, killed (the whole group) at `timeout`.
+pub async fn run_command(
+    argv: &[String],
+    dir: &Path,
+    env: &BTreeMap<String, String>,
+    timeout: Duration,
+) -> Result<ExecOutput, ProviderError> {
+    let mut cmd = tokio::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .current_dir(dir)
+        .envs(env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let child = cmd.spawn().map_err(|e| {
+        ProviderError::Io(format!(
+            "cannot run `{}` in {}: {e}",
+            argv.join(" "),
+            dir.display()
+        ))
+    })?;
+    let pid = child.id();
+    match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(Ok(out)) => {
+            if let Some(pid) = pid {
+                // Do not leave background children of the command behind.
+                kill_group(pid, libc::SIGKILL);
+            }
+            let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.push_str(&String::from_utf8_lossy(&out.stderr));
+            Ok(ExecOutput {
+                code: out.status.code(),
+                timed_out: false,
+                output: text,
+            })
+        }
+        Ok(Err(e)) => Err(ProviderError::Io(format!(
+            "waiting for `{}`: {e}",
+            argv.join(" ")
+        ))),
+        Err(_) => {
+            if let Some(pid) = pid {
+                kill_group(pid, libc::SIGKILL);
+            }
+            Ok(ExecOutput {
+                code: None,
+                timed_out: true,
+                output: format!("timed out after {}", humantime::format_duration(timeout)),
+            })
+        }
+    }
+}
+
+/// The local-process provider.
+#[derive(Debug, Clone)]
+pub struct ProcessProvider {
+    log_dir: PathBuf,
+    volume_dir: PathBuf,
+}
+
+impl ProcessProvider {
+    /// `log_dir`: `.nanokit/logs/<env>`; `volume_dir`: `.nanokit/volumes/<env>`.
+    pub fn new(log_dir: PathBuf, volume_dir: PathBuf) -> Self {
+        ProcessProvider {
+            log_dir,
+            volume_dir,
+        }
+    }
+
+    fn instance(pid: u32, start: u64, env: &BTreeMap<String, String>) -> Instance {
+        Instance {
+            id: format!("{pid}@{start}"),
+            service: env.get(LABEL_SERVICE).cloned().unwrap_or_default(),
+            config_hash: env.get(LABEL_HASH).cloned().unwrap_or_default(),
+            running: true,
+            pid: Some(pid),
+        }
+    }
+}
+
+#[async_trait]
+impl Provider for ProcessProvider {
+    fn name(&self) -> &'static str {
+        "process"
+    }
+
+    async fn observe(&self, scope: &Scope) -> Result<Vec<Instance>, ProviderError> {
+        let scope = scope.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            for pid in all_pids() {
+                // Only group leaders are instances; their children share labels.
+                let Some(st) = read_stat(pid) else { continue };
+                if st.pgrp != pid as i32 || st.state == 'Z' {
+                    continue;
+                }
+                let Some(env) = environ(pid) else { continue };
+                if env.get(LABEL_STATE_ID) == Some(&scope.state_id)
+                    && env.get(LABEL_ENV) == Some(&scope.env)
+                {
+                    out.push(Self::instance(pid, st.start_time, &env));
+                }
+            }
+            out.sort_by(|a, b| a.service.cmp(&b.service).then(a.id.cmp(&b.id)));
+            out
+        })
+        .await
+        .map_err(|e| ProviderError::Io(e.to_string()))
+    }
+
+    async fn inspect(&self, id: &str) -> Result<Option<Instance>, ProviderError> {
+        let Some((pid, start)) = parse_id(id) else {
+            return Ok(None);
+        };
+        if proc_start_time(pid) != Some(start) {
+            return Ok(None);
+        }
+        let env = environ(pid).unwrap_or_default();
+        Ok(Some(Self::instance(pid, start, &env)))
+    }
+
+    async fn create(&self, spec: &InstanceSpec) -> Result<Instance, ProviderError> {
+        let command = spec.command.clone().ok_or_else(|| {
+            ProviderError::Failed(format!("service `{}` has no start command", spec.service))
+        })?;
+        let io = |what: &str, e: std::io::Error| ProviderError::Io(format!("{what}: {e}"));
+        if let Some(dir) = spec.log_file.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| io("cannot create the log directory", e))?;
+        }
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&spec.log_file)
+            .map_err(|e| io(&format!("cannot open log {}", spec.log_file.display()), e))?;
+        let _ = writeln!(
+            log,
+            "--- nanokit: starting `{}` at {} ---",
+            spec.service,
+            crate::state::now()
+        );
+        let err_log = log.try_clone().map_err(|e| io("log", e))?;
+        let mut cmd = std::process::Command::new("sh");
+        cmd.arg("-c")
+            .arg(&command)
+            .current_dir(&spec.dir)
+            .envs(&spec.env)
+            .envs(&spec.labels)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err_log);
+        // SAFETY: setsid is async-signal-safe; it detaches the child into its
+        // own session and process group (so Ctrl-C on nanokit does not reach it).
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(|e| {
+            io(
+                &format!("cannot start `{}` in {}", spec.service, spec.dir.display()),
+                e,
+            )
+        })?;
+        let pid = child.id();
+        // Reap it when it exits, so it never lingers as a zombie of ours.
+        std::thread::spawn(move || {
+            let _ = child.wait();
+        });
+        let start = read_stat(pid).map(|s| s.start_time).ok_or_else(|| {
+            ProviderError::Failed(format!(
+                "`{}` exited immediately; see {}",
+                spec.service,
+                spec.log_file.display()
+            ))
+        })?;
+        Ok(Instance {
+            id: format!("{pid}@{start}"),
+            service: spec.service.clone(),
+            config_hash: spec.config_hash.clone(),
+            running: true,
+            pid: Some(pid),
+        })
+    }
+
+    async fn exec(
+        &self,
+        _id: &str,
+        spec: &InstanceSpec,
+        argv: &[String],
+        timeout: Duration,
+    ) -> Result<ExecOutput, ProviderError> {
+        let mut env = spec.env.clone();
+        env.extend(command_labels(&spec.labels));
+        run_command(argv, &spec.dir, &env, timeout).await
+    }
+
+    async fn probe(
+        &self,
+        id: &str,
+        spec: &InstanceSpec,
+        probe: &Probe,
+        timeout: Duration,
+    ) -> Result<ProbeResult, ProviderError> {
+        match probe {
+            Probe::Running => Ok(ProbeResult {
+                ok: id_alive(id),
+                output: String::new(),
+            }),
+            Probe::Port(port) => {
+                let port = *port;
+                tokio::task::spawn_blocking(move || {
+                    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+                    match TcpStream::connect_timeout(&addr, timeout) {
+                        Ok(_) => ProbeResult {
+                            ok: true,
+                            output: String::new(),
+                        },
+                        Err(e) => ProbeResult {
+                            ok: false,
+                            output: format!("127.0.0.1:{port}: {e}"),
+                        },
+                    }
+                })
+                .await
+                .map_err(|e| ProviderError::Io(e.to_string()))
+            }
+            Probe::Command(argv) => {
+                let out = self.exec(id, spec, argv, timeout).await?;
+                Ok(ProbeResult {
+                    ok: out.success(),
+                    output: out.output,
+                })
+            }
+        }
+    }
+
+    async fn stop(&self, id: &str, grace: Duration) -> Result<(), ProviderError> {
+        let Some((pid, start)) = parse_id(id) else {
+            return Ok(());
+        };
+        let alive = || proc_start_time(pid) == Some(start);
+        if alive() {
+            kill_group(pid, libc::SIGTERM);
+            let deadline = tokio::time::Instant::now() + grace;
+            while alive() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if alive() {
+                kill_group(pid, libc::SIGKILL);
+            }
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while alive() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if alive() {
+                return Err(ProviderError::Failed(format!(
+                    "process {pid} did not exit after SIGKILL"
+                )));
+            }
+        }
+        // Sweep members left in the group (children that ignored SIGTERM or
+        // outlived their leader). Only members started after the leader can
+        // belong to it.
+        for member in group_members(pid) {
+            if read_stat(member).is_some_and(|s| s.start_time >= start) {
+                // SAFETY: signalling one process.
+                unsafe {
+                    libc::kill(member as i32, libc::SIGKILL);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn logs(&self, service: &str, lines: usize) -> Result<String, ProviderError> {
+        let path = self.log_dir.join(format!("{service}.log"));
+        match std::fs::read(&path) {
+            Ok(b) => Ok(crate::exec::tail(&String::from_utf8_lossy(&b), lines)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(ProviderError::Failed(format!(
+                    "no logs for `{service}` yet ({} does not exist)",
+                    path.display()
+                )))
+            }
+            Err(e) => Err(ProviderError::Io(format!("{}: {e}", path.display()))),
+        }
+    }
+
+    async fn create_volume(&self, name: &str) -> Result<String, ProviderError> {
+        let p = self.volume_path(name);
+        std::fs::create_dir_all(&p)
+            .map_err(|e| ProviderError::Io(format!("{}: {e}", p.display())))?;
+        Ok(p.to_string_lossy().into_owned())
+    }
+
+    async fn delete_volume(&self, id: &str) -> Result<(), ProviderError> {
+        match std::fs::remove_dir_all(id) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(ProviderError::Io(format!("{id}: {e}"))),
+        }
+    }
+
+    fn volume_path(&self, name: &str) -> PathBuf {
+        self.volume_dir.join(name)
+    }
+}

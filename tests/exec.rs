@@ -1,0 +1,388 @@
+//! ExecutionEngine with real processes: start order, hooks, failures,
+//! targeted up, deploy lock, unlock, drift after kill -9.
+
+mod common;
+
+use common::{free_port, recorder, Project};
+use nanokit::exec::{ExecError, ExecOptions, Phase};
+use nanokit::plan::ActionKind;
+use nanokit::state::Status;
+
+fn ns(p: &Project, f: &str) -> u128 {
+    p.read(f)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("timestamp file {f} missing or bad: {:?}", p.read(f)))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dependents_start_after_dependencies_are_healthy_and_independent_ones_concurrently() {
+    // a becomes healthy only after it wrote `a.ready` (1.5 s after start);
+    // b depends on a; c depends on nothing.
+    let p = Project::new(
+        r#"
+name: order
+services:
+  a:
+    start: "date +%s%N > a.start; sleep 1.5; date +%s%N > a.ready; exec sleep 600"
+    healthcheck: { test: "test -f a.ready", interval: 50ms, retries: 200 }
+  b:
+    start: "date +%s%N > b.start; exec sleep 600"
+    depends_on: [a]
+  c:
+    start: "date +%s%N > c.start; exec sleep 600"
+"#,
+    );
+    let report = p.up(ExecOptions::default()).await.expect("up");
+    assert!(report.failures().is_empty(), "{:?}", report.results);
+    assert!(
+        ns(&p, "b.start") > ns(&p, "a.ready"),
+        "b started before a was healthy"
+    );
+    assert!(
+        ns(&p, "c.start") < ns(&p, "a.ready"),
+        "c (independent) waited for a"
+    );
+    let st = p.state();
+    assert!(st.resources.values().all(|r| r.status == Status::Healthy));
+    assert_eq!(st.resources["b"].depends_on, vec!["a".to_string()]);
+    // A second up changes nothing.
+    let again = p.up(ExecOptions::default()).await.expect("up again");
+    assert!(
+        again.results.iter().all(|r| r.outcome == Phase::Unchanged),
+        "{:?}",
+        again.results
+    );
+    p.down().await;
+    assert!(p.state().resources.is_empty());
+    assert!(common::labelled(&nanokit::exec::scope(&p.config()).state_id).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hooks_run_in_lifecycle_order() {
+    let p = Project::new(
+        r#"
+name: hooks
+services:
+  svc:
+    start: "echo start >> ev; exec sleep 600"
+    hooks:
+      prestart: "echo prestart >> ev"
+      prestart_container: "echo prestart_container >> ev"
+      poststart: ["echo poststart1 >> ev", "echo poststart2 >> ev"]
+      prestop: "echo prestop >> ev"
+      poststop: "echo poststop >> ev"
+    provisioning:
+      install: "echo install >> ev"
+"#,
+    );
+    let (sink, events) = recorder();
+    let opts = ExecOptions {
+        events: Some(sink),
+        ..ExecOptions::default()
+    };
+    p.up(opts).await.expect("up");
+    let lines: Vec<String> = p.read("ev").lines().map(str::to_string).collect();
+    assert_eq!(
+        lines,
+        [
+            "prestart",
+            "start",
+            "prestart_container",
+            "install",
+            "poststart1",
+            "poststart2"
+        ]
+    );
+    let phases: Vec<Phase> = events.lock().unwrap().iter().map(|e| e.phase).collect();
+    assert!(
+        phases.contains(&Phase::Provisioning) && phases.last() == Some(&Phase::Healthy),
+        "{phases:?}"
+    );
+    // Provisioning is skipped when already done (sentinel).
+    std::fs::write(p.path().join("ev"), "").unwrap();
+    let mut cfg_src = std::fs::read_to_string(p.file()).unwrap();
+    cfg_src = cfg_src.replace("exec sleep 600", "exec sleep 601");
+    p.write(&cfg_src);
+    let r = p.up(ExecOptions::default()).await.expect("up update");
+    assert_eq!(r.plan.actions[0].action, ActionKind::Update);
+    assert_eq!(r.plan.actions[0].reasons, vec!["start changed".to_string()]);
+    let lines: Vec<String> = p.read("ev").lines().map(str::to_string).collect();
+    assert_eq!(
+        lines,
+        [
+            "prestop",
+            "poststop",
+            "prestart",
+            "start",
+            "prestart_container",
+            "poststart1",
+            "poststart2"
+        ],
+        "update = stop hooks of the old instance, then the start lifecycle; install skipped"
+    );
+    std::fs::write(p.path().join("ev"), "").unwrap();
+    p.down().await;
+    assert_eq!(
+        p.read("ev").lines().collect::<Vec<_>>(),
+        ["prestop", "poststop"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_hook_stops_dependents_but_independent_branches_finish() {
+    let p = Project::new(
+        r#"
+name: fail
+services:
+  a:
+    start: "exec sleep 600"
+    hooks:
+      prestart: "echo migration exploded >&2; exit 3"
+  b:
+    start: "exec sleep 600"
+    depends_on: [a]
+  c:
+    start: "sleep 0.3; touch c.done; exec sleep 600"
+    healthcheck: { test: "test -f c.done", interval: 50ms, retries: 100 }
+"#,
+    );
+    let report = p
+        .up(ExecOptions::default())
+        .await
+        .expect("up returns a report");
+    let by = |n: &str| {
+        report
+            .results
+            .iter()
+            .find(|r| r.service == n)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(by("a").outcome, Phase::Failed);
+    let err = by("a").error.unwrap();
+    assert!(
+        err.contains("hook prestart")
+            && err.contains("exit code 3")
+            && err.contains("migration exploded"),
+        "{err}"
+    );
+    assert_eq!(by("b").outcome, Phase::Skipped);
+    assert!(by("b").error.unwrap().contains("`a`"));
+    assert_eq!(by("c").outcome, Phase::Healthy);
+    let st = p.state();
+    assert!(!st.resources.contains_key("b"), "b must not be started");
+    assert_eq!(st.resources["c"].status, Status::Healthy);
+    p.down().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_timeout_reports_the_last_probe_output() {
+    let p = Project::new(
+        r#"
+name: health
+services:
+  a:
+    start: "exec sleep 600"
+    healthcheck: { test: "echo not ready yet; exit 1", interval: 20ms, retries: 3 }
+"#,
+    );
+    let report = p.up(ExecOptions::default()).await.unwrap();
+    let err = report.results[0].error.clone().unwrap();
+    assert!(
+        err.contains("failed after 3 attempt(s)") && err.contains("not ready yet"),
+        "{err}"
+    );
+    assert_eq!(p.state().resources["a"].status, Status::Failed);
+    // The next up retries it (it is not healthy).
+    let plan = nanokit::exec::make_plan(
+        &p.config(),
+        nanokit::exec::provider_for(&p.config()).unwrap().as_ref(),
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(plan.actions[0].action, ActionKind::Update);
+    p.down().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_process_that_exits_during_startup_fails_with_its_log() {
+    let port = free_port();
+    let p = Project::new(&format!(
+        "name: crashy\nservices:\n  a:\n    start: \"echo boom: missing config >&2; exit 1\"\n    port: {port}\n"
+    ));
+    let report = p.up(ExecOptions::default()).await.unwrap();
+    let err = report.results[0].error.clone().unwrap();
+    assert!(
+        err.contains("exited while starting") && err.contains("boom: missing config"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn port_health_and_targeted_up_leave_others_alone() {
+    let port = free_port();
+    let p = Project::new(&format!(
+        r#"
+name: target
+services:
+  db:
+    start: "exec node -e \"require('net').createServer().listen(process.env.PORT, '127.0.0.1')\""
+    port: {port}
+  api:
+    start: "exec sleep 600"
+    depends_on: [db]
+  other:
+    start: "exec sleep 600"
+"#
+    ));
+    let r = p
+        .up(ExecOptions {
+            targets: vec!["api".into()],
+            ..ExecOptions::default()
+        })
+        .await
+        .unwrap();
+    assert!(r.failures().is_empty(), "{:?}", r.results);
+    let names: Vec<&str> = r.plan.actions.iter().map(|a| a.service.as_str()).collect();
+    assert_eq!(names, ["db", "api"]);
+    let st = p.state();
+    assert!(st.resources.contains_key("db") && st.resources.contains_key("api"));
+    assert!(
+        !st.resources.contains_key("other"),
+        "targeted up touched `other`"
+    );
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    // Unknown target.
+    let e = p
+        .up(ExecOptions {
+            targets: vec!["nope".into()],
+            ..ExecOptions::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("unknown service `nope`"));
+    // Removing `api` from the config deletes it on the next full up.
+    p.write(&std::fs::read_to_string(p.file()).unwrap().replace(
+        "  api:\n    start: \"exec sleep 600\"\n    depends_on: [db]\n",
+        "",
+    ));
+    let r = p.up(ExecOptions::default()).await.unwrap();
+    let del = r.plan.actions.iter().find(|a| a.service == "api").unwrap();
+    assert_eq!(del.action, ActionKind::Delete);
+    assert_eq!(
+        del.reasons,
+        vec!["no longer in the configuration".to_string()]
+    );
+    assert!(!p.state().resources.contains_key("api"));
+    p.down().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn second_up_is_refused_with_holder_details_and_infra_unlock_clears_it() {
+    let p = Project::new("name: locked\nservices:\n  a:\n    start: \"exec sleep 600\"\n");
+    let cfg = p.config();
+    let lock_path = nanokit::state::lock_path(&cfg.state_file);
+    let token = tokio_util::sync::CancellationToken::new();
+    let held = nanokit::foundation::acquire_deploy_lock(
+        &lock_path,
+        "nanokit up (ci job 42)",
+        None,
+        &token,
+    )
+    .await
+    .unwrap();
+    let e = p.up(ExecOptions::default()).await.unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, ExecError::Lock(_)), "{e:?}");
+    assert!(
+        msg.contains("ci job 42") && msg.contains(&format!("pid {}", std::process::id())),
+        "{msg}"
+    );
+    assert_eq!(nanokit::error::ErrorCode::code(&e), "ENKLOCKED");
+    // The CLI says the same and exits 1.
+    assert_eq!(nanokit::cli::run(p.args(&["up"])).await, 1);
+    // Without --yes on a non-terminal, unlock refuses.
+    assert_eq!(nanokit::cli::run(p.args(&["infra", "unlock"])).await, 1);
+    assert!(nanokit::foundation::inspect_deploy_lock(&lock_path)
+        .unwrap()
+        .is_some());
+    assert_eq!(
+        nanokit::cli::run(p.args(&["infra", "unlock", "--yes"])).await,
+        0
+    );
+    assert!(
+        nanokit::foundation::inspect_deploy_lock(&lock_path)
+            .unwrap()
+            .is_none(),
+        "unlock must free the lock"
+    );
+    assert!(
+        held.release().is_err(),
+        "the old holder finds its lease lost"
+    );
+    let r = p.up(ExecOptions::default()).await.expect("up after unlock");
+    assert!(r.failures().is_empty());
+    p.down().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn drift_after_kill_9_is_detected_and_restored() {
+    let p = Project::new("name: drifty\nservices:\n  a:\n    start: \"exec sleep 600\"\n  b:\n    start: \"exec sleep 600\"\n");
+    p.up(ExecOptions::default()).await.unwrap();
+    let cfg = p.config();
+    let provider = nanokit::exec::provider_for(&cfg).unwrap();
+    let d = nanokit::drift::detect(&cfg, provider.as_ref())
+        .await
+        .unwrap();
+    assert!(!d.drifted, "{:?}", d.items);
+    assert_eq!(nanokit::cli::run(p.args(&["drift"])).await, 0);
+
+    let id = p.state().resources["a"].provider_id.clone().unwrap();
+    let pid: i32 = id.split('@').next().unwrap().parse().unwrap();
+    unsafe {
+        libc::kill(-pid, libc::SIGKILL);
+    }
+    while nanokit::provider::process::id_alive(&id) {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let d = nanokit::drift::detect(&cfg, provider.as_ref())
+        .await
+        .unwrap();
+    assert!(d.drifted);
+    assert_eq!(d.items.len(), 1, "{:?}", d.items);
+    assert_eq!(d.items[0].service, "a");
+    assert_eq!(nanokit::cli::run(p.args(&["drift"])).await, 2);
+    assert_eq!(nanokit::cli::run(p.args(&["drift", "--restore"])).await, 0);
+    assert_eq!(nanokit::cli::run(p.args(&["drift"])).await, 0);
+    let st = p.state();
+    assert_ne!(st.resources["a"].provider_id.as_deref(), Some(id.as_str()));
+    // b was not touched by the restore.
+    p.down().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn orphans_from_an_interrupted_run_are_found_by_label_and_stopped() {
+    let p = Project::new("name: orphan\nservices:\n  a:\n    start: \"exec sleep 600\"\n");
+    p.up(ExecOptions::default()).await.unwrap();
+    let first = p.state().resources["a"].provider_id.clone().unwrap();
+    // Lose the state, as a run killed between spawn and save would.
+    std::fs::remove_file(p.config().state_file).unwrap();
+    let r = p.up(ExecOptions::default()).await.unwrap();
+    assert_eq!(r.plan.actions[0].action, ActionKind::Create);
+    assert!(
+        r.plan.actions[0].stop.contains(&first),
+        "{:?}",
+        r.plan.actions[0]
+    );
+    assert!(
+        !nanokit::provider::process::id_alive(&first),
+        "the orphan still runs"
+    );
+    assert_eq!(
+        common::labelled(&nanokit::exec::scope(&p.config()).state_id).len(),
+        1
+    );
+    p.down().await;
+}
