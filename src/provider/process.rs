@@ -273,10 +273,13 @@ impl Provider for ProcessProvider {
             let _ = child.wait();
         });
         let start = read_stat(pid).map(|s| s.start_time).ok_or_else(|| {
+            // Gone before we could even read its start time: say why, as the
+            // engine does for an instance that dies while starting.
+            let log = std::fs::read_to_string(&spec.log_file).unwrap_or_default();
             ProviderError::Failed(format!(
-                "`{}` exited immediately; see {}",
-                spec.service,
-                spec.log_file.display()
+                "the instance exited while starting; last log lines (of {}):\n{}",
+                spec.log_file.display(),
+                crate::exec::tail(&log, 20)
             ))
         })?;
         Ok(Instance {
