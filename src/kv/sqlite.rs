@@ -210,9 +210,19 @@ impl SqliteStore {
         let loc = self.location.clone();
         let m = |e| map_err(&loc, e);
         // The header check: a foreign file fails here with NotADatabase.
-        let app_id: i32 = conn
-            .query_row("PRAGMA application_id", [], |r| r.get(0))
-            .map_err(m)?;
+        // Both reads in one read transaction: another process creating the
+        // schema right now must be seen either not at all or completely.
+        let (app_id, tables) = {
+            let tx = conn.transaction().map_err(m)?;
+            let app_id: i32 = tx
+                .query_row("PRAGMA application_id", [], |r| r.get(0))
+                .map_err(m)?;
+            let tables: i64 = tx
+                .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+                .map_err(m)?;
+            tx.commit().map_err(m)?;
+            (app_id, tables)
+        };
         if app_id != 0 && app_id != APPLICATION_ID {
             return Err(KvError::Corrupt {
                 location: loc.clone(),
@@ -224,9 +234,6 @@ impl SqliteStore {
         // Check before the first write (the switch to WAL writes the header),
         // so that a foreign database is left byte for byte as it was.
         if app_id == 0 {
-            let tables: i64 = conn
-                .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
-                .map_err(m)?;
             if tables != 0 {
                 return Err(KvError::Corrupt {
                     location: loc.clone(),
