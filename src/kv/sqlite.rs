@@ -233,14 +233,11 @@ impl SqliteStore {
         }
         // Check before the first write (the switch to WAL writes the header),
         // so that a foreign database is left byte for byte as it was.
-        if app_id == 0 {
-            if tables != 0 {
-                return Err(KvError::Corrupt {
-                    location: loc.clone(),
-                    detail: "it is an SQLite database with tables that nanokit did not create"
-                        .into(),
-                });
-            }
+        if app_id == 0 && tables != 0 {
+            return Err(KvError::Corrupt {
+                location: loc.clone(),
+                detail: "it is an SQLite database with tables that nanokit did not create".into(),
+            });
         }
         let mode: String = conn
             .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
