@@ -195,7 +195,7 @@ pub async fn acquire_remote_deploy_lock(
                 match db.renew(&ws, &holder, ttl.as_secs_f64()).await {
                     Ok(true) => last_ok = Instant::now(),
                     Ok(false) => {
-                        tracing::warn!("the deploy lock of {ws} was cleared or taken over");
+                        tracing::warn!("the deploy lock of {ws} was cleared (`nanokit infra unlock`) or expired: stopping, nothing new starts");
                         lost.cancel();
                         return;
                     }
@@ -298,6 +298,9 @@ impl DeployLock {
             Inner::Remote(mut r) => {
                 if let Some(t) = r.renewer.take() {
                     t.abort();
+                }
+                if r.lost.is_cancelled() {
+                    return Ok(()); // not ours any more
                 }
                 r.db.unlock(&r.workspace, &r.holder)
                     .await
