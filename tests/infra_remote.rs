@@ -481,3 +481,32 @@ async fn without_a_database_the_state_url_is_reported_without_its_password() {
     assert_eq!(e.code(), "ENKSTATEUNAVAILABLE", "{e}");
     assert!(!e.to_string().contains("s3cret-pw"), "{e}");
 }
+
+#[test]
+fn infra_state_wins_over_nanokit_state_url_which_applies_when_it_is_unset() {
+    // Every other test here sets `infra.state`, so this variable cannot
+    // change them.
+    let url = "postgres://nk@127.0.0.1:1/nk";
+    std::env::set_var("NANOKIT_STATE_URL", url);
+    let unset = Dir::new("name: prec\nservices:\n  a:\n    start: \"exec sleep 600\"\n");
+    let file = Dir::new(
+        "name: prec\ninfra:\n  state: my-state.json\nservices:\n  a:\n    start: \"exec sleep 600\"\n",
+    );
+    let (c_unset, c_file) = (unset.config(), file.config());
+    std::env::remove_var("NANOKIT_STATE_URL");
+    assert_eq!(
+        nanokit::state::Location::of(&c_unset),
+        nanokit::state::Location::Postgres {
+            url: url.into(),
+            workspace: "prec/local".into()
+        }
+    );
+    assert_eq!(
+        nanokit::state::Location::of(&c_file),
+        nanokit::state::Location::File(file.path().join("my-state.json"))
+    );
+    assert_eq!(
+        nanokit::state::Location::of(&unset.config()),
+        nanokit::state::Location::File(unset.path().join(".nanokit/state.json"))
+    );
+}
