@@ -42,7 +42,7 @@ pub struct DriftReport {
 
 /// Compares state with what runs.
 pub async fn detect(config: &Config, provider: &dyn Provider) -> Result<DriftReport, ExecError> {
-    let st = state::read(&config.state_file, &config.name, &config.env)?;
+    let st = state::load(config).await?;
     let observed = provider.observe(&scope(config)).await?;
     let mut items = Vec::new();
     let item = |service: &str, kind, detail: String| DriftItem {

@@ -3,12 +3,16 @@
 //! provisioning (`crate::repo::provision`).
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::kv::infra_state::InfraStateStore;
+use crate::kv::KvError;
 use crate::lock::{self, Lease, LockError, LockOptions};
+use crate::state::StateError;
 
 /// Who holds a lock, for messages and `infra unlock`.
 #[derive(Debug, Clone, Serialize)]
@@ -40,10 +44,183 @@ impl std::fmt::Display for Holder {
 
 pub type LockFailure = LockError;
 
-/// A held deploy lock (a lease, renewed in the background).
+/// A held deploy lock (a lease file, or a row in the remote state
+/// database), renewed in the background.
 #[derive(Debug)]
 pub struct DeployLock {
-    lease: Lease,
+    inner: Inner,
+}
+
+#[derive(Debug)]
+enum Inner {
+    File(Lease),
+    Remote(RemoteLock),
+}
+
+/// How long a remote deploy lock lives without renewal; renewed every third
+/// of it. `NANOKIT_DEPLOY_LOCK_TTL` (seconds) overrides it.
+pub const REMOTE_LOCK_TTL: Duration = Duration::from_secs(60);
+
+fn remote_ttl() -> Duration {
+    std::env::var("NANOKIT_DEPLOY_LOCK_TTL")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 1.0)
+        .map(Duration::from_secs_f64)
+        .unwrap_or(REMOTE_LOCK_TTL)
+}
+
+struct RemoteLock {
+    db: Arc<InfraStateStore>,
+    location: String,
+    workspace: String,
+    holder: String,
+    lost: CancellationToken,
+    renewer: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for RemoteLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteLock")
+            .field("location", &self.location)
+            .field("workspace", &self.workspace)
+            .field("holder", &self.holder)
+            .finish()
+    }
+}
+
+impl Drop for RemoteLock {
+    fn drop(&mut self) {
+        if let Some(r) = self.renewer.take() {
+            r.abort();
+            // Not released through `release` (a panic, a dropped future):
+            // release it in the background if a runtime is still there; else
+            // it expires after its TTL.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let (db, ws, holder) =
+                    (self.db.clone(), self.workspace.clone(), self.holder.clone());
+                rt.spawn(async move {
+                    let _ = db.unlock(&ws, &holder).await;
+                });
+            }
+        }
+    }
+}
+
+/// A holder id unique to this run: `host:pid:random`.
+pub fn run_holder() -> String {
+    let me = lock::this_host();
+    let token = uuid::Uuid::new_v4().simple().to_string();
+    format!("{}:{}:{}", me.hostname, me.pid, &token[..12])
+}
+
+/// What `nanokit infra unlock` shows about a run: host, pid, working
+/// directory and command.
+pub fn run_info(what: &str) -> String {
+    let me = lock::this_host();
+    let cwd = std::env::current_dir()
+        .map(|d| d.display().to_string())
+        .unwrap_or_else(|_| "?".into());
+    let mut argv: String = std::env::args().collect::<Vec<_>>().join(" ");
+    if argv.len() > 300 {
+        let mut end = 300;
+        while !argv.is_char_boundary(end) {
+            end -= 1;
+        }
+        argv.truncate(end);
+        argv.push('…');
+    }
+    format!(
+        "{what}; host {}, pid {}, cwd {cwd}, command `{argv}`",
+        me.hostname, me.pid
+    )
+}
+
+/// Takes the deploy lock of `workspace` in the remote state database,
+/// waiting up to `timeout` (none: fail at once with `ENKLOCKED` naming the
+/// holder). It is renewed every third of its TTL; when a renewal finds it
+/// gone (cleared by `nanokit infra unlock`, expired and taken) the lock's
+/// [`lost_token`](DeployLock::lost_token) fires.
+pub async fn acquire_remote_deploy_lock(
+    db: Arc<InfraStateStore>,
+    location: &str,
+    workspace: &str,
+    holder: &str,
+    info: &str,
+    timeout: Option<Duration>,
+) -> Result<DeployLock, StateError> {
+    let ttl = remote_ttl();
+    let remote_err = |source| StateError::Remote {
+        location: location.to_string(),
+        source,
+    };
+    match db
+        .lock(
+            workspace,
+            holder,
+            info,
+            ttl.as_secs_f64(),
+            timeout.unwrap_or(Duration::ZERO),
+        )
+        .await
+    {
+        Ok(_) => {}
+        Err(KvError::Locked {
+            holder,
+            expires_at_ms,
+            ..
+        }) => {
+            return Err(StateError::Locked {
+                location: location.to_string(),
+                workspace: workspace.to_string(),
+                holder,
+                expires_at_ms,
+            })
+        }
+        Err(e) => return Err(remote_err(e)),
+    }
+    let lost = CancellationToken::new();
+    let renewer = {
+        let (db, ws, holder, lost) = (
+            db.clone(),
+            workspace.to_string(),
+            holder.to_string(),
+            lost.clone(),
+        );
+        tokio::spawn(async move {
+            let every = ttl / 3;
+            let mut last_ok = Instant::now();
+            loop {
+                tokio::time::sleep(every).await;
+                match db.renew(&ws, &holder, ttl.as_secs_f64()).await {
+                    Ok(true) => last_ok = Instant::now(),
+                    Ok(false) => {
+                        tracing::warn!("the deploy lock of {ws} was cleared (`nanokit infra unlock`) or expired: stopping, nothing new starts");
+                        lost.cancel();
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!("cannot renew the deploy lock of {ws}: {e}");
+                        // Past this point another run may already have it.
+                        if last_ok.elapsed() + every >= ttl {
+                            lost.cancel();
+                            return;
+                        }
+                    }
+                }
+            }
+        })
+    };
+    Ok(DeployLock {
+        inner: Inner::Remote(RemoteLock {
+            db,
+            location: location.to_string(),
+            workspace: workspace.to_string(),
+            holder: holder.to_string(),
+            lost,
+            renewer: Some(renewer),
+        }),
+    })
 }
 
 /// Takes the deploy lock at `path`, waiting up to `timeout` (none: fail at
@@ -63,7 +240,9 @@ pub async fn acquire_deploy_lock(
         std::fs::create_dir_all(dir).map_err(crate::error::io_err::<LockError>("create", dir))?;
     }
     let lease = lock::acquire(path, &opts, cancel).await?;
-    Ok(DeployLock { lease })
+    Ok(DeployLock {
+        inner: Inner::File(lease),
+    })
 }
 
 /// Who holds the lock at `path`, if anyone.
@@ -98,16 +277,36 @@ pub fn break_deploy_lock(path: &Path) -> Result<Option<String>, LockError> {
 impl DeployLock {
     /// Whether the lease was lost (broken by `infra unlock` or taken over).
     pub fn is_lost(&self) -> bool {
-        self.lease.is_lost()
+        match &self.inner {
+            Inner::File(l) => l.is_lost(),
+            Inner::Remote(r) => r.lost.is_cancelled(),
+        }
     }
 
     /// Cancelled when the lease is found lost.
     pub fn lost_token(&self) -> CancellationToken {
-        self.lease.lost_token()
+        match &self.inner {
+            Inner::File(l) => l.lost_token(),
+            Inner::Remote(r) => r.lost.clone(),
+        }
     }
 
-    pub fn release(self) -> Result<(), LockError> {
-        self.lease.release()
+    /// Releases the lock (a remote one only if this run still holds it).
+    pub async fn release(self) -> Result<(), String> {
+        match self.inner {
+            Inner::File(l) => l.release().map_err(|e| e.to_string()),
+            Inner::Remote(mut r) => {
+                if let Some(t) = r.renewer.take() {
+                    t.abort();
+                }
+                if r.lost.is_cancelled() {
+                    return Ok(()); // not ours any more
+                }
+                r.db.unlock(&r.workspace, &r.holder)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        }
     }
 }
 

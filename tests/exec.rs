@@ -319,7 +319,7 @@ async fn second_up_is_refused_with_holder_details_and_infra_unlock_clears_it() {
         "unlock must free the lock"
     );
     assert!(
-        held.release().is_err(),
+        held.release().await.is_err(),
         "the old holder finds its lease lost"
     );
     let r = p.up(ExecOptions::default()).await.expect("up after unlock");

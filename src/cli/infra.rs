@@ -82,6 +82,14 @@ pub enum InfraCommand {
     },
     /// Bring services up: start each as soon as its dependencies are healthy, with lifecycle hooks.
     /// With service names, reconcile only those and what they depend on.
+    ///
+    /// State: `infra.state` in nanokit.yml names a file (default .nanokit/state.json) or a
+    /// PostgreSQL database (`postgres://…` / `postgresql://…`). When `infra.state` is not set and
+    /// NANOKIT_STATE_URL is, the state lives in that database. `infra.state` always wins over
+    /// NANOKIT_STATE_URL. In PostgreSQL the state is keyed by `<project>/<env>`; every write is a
+    /// compare-and-swap on its serial, and the deploy lock is a row there too (renewed while the
+    /// run lasts; a second run fails with ENKLOCKED naming the holder, or waits with
+    /// --lock-timeout; `nanokit infra unlock` clears a stale one).
     Up {
         #[command(flatten)]
         project: Project,
@@ -663,6 +671,9 @@ pub async fn run(cmd: InfraCommand) -> i32 {
                     return exit::ERROR;
                 }
             };
+            if let state::Location::Postgres { url, workspace } = state::Location::of(&cfg) {
+                return unlock_remote(&url, &workspace, yes).await;
+            }
             let path = state::lock_path(&cfg.state_file);
             match crate::foundation::inspect_deploy_lock(&path) {
                 Err(e) => {
@@ -702,6 +713,57 @@ pub async fn run(cmd: InfraCommand) -> i32 {
     }
 }
 
+/// `nanokit infra unlock` on a PostgreSQL state: show the lock, ask, clear.
+async fn unlock_remote(url: &str, workspace: &str, yes: bool) -> i32 {
+    let location = crate::kv::pg::redact_url(url);
+    let db = match state::connect(url).await {
+        Ok(db) => db,
+        Err(e) => {
+            print_error(&e);
+            return exit::ERROR;
+        }
+    };
+    let remote_err = |source| state::StateError::Remote {
+        location: location.clone(),
+        source,
+    };
+    let held = match db.lock_info(workspace).await {
+        Ok(l) => l,
+        Err(e) => {
+            print_error(&remote_err(e));
+            return exit::ERROR;
+        }
+    };
+    let Some(held) = held else {
+        println!("The deploy lock of {workspace} in {location} is not held.");
+        return exit::OK;
+    };
+    println!(
+        "The deploy lock of {workspace} in {location} is held by {} ({}), since {}, expiring at {} unless renewed.",
+        held.holder,
+        held.info,
+        crate::kv::error::fmt_ms(held.acquired_at_ms),
+        crate::kv::error::fmt_ms(held.expires_at_ms),
+    );
+    if !yes {
+        if let Err(e) = super::confirm("Clear it? Only do this when that run is really gone.").await
+        {
+            eprintln!("error[{}]: {}", e.code, e.message);
+            return exit::ERROR;
+        }
+    }
+    match db.force_unlock(workspace).await {
+        Ok(_) => {
+            println!("Cleared. The holder, if still running, will find its lock lost and stop.");
+            exit::OK
+        }
+        Err(e) => {
+            print_error(&remote_err(e));
+            exit::ERROR
+        }
+    }
+}
+
 /// One row of `status`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct StatusRow {
@@ -724,7 +786,7 @@ pub async fn status(project: &Project) -> Result<Vec<StatusRow>, ExecError> {
 
 pub async fn status_of(cfg: &Config) -> Result<Vec<StatusRow>, ExecError> {
     let provider = exec::provider_for(cfg)?;
-    let st = state::read(&cfg.state_file, &cfg.name, &cfg.env)?;
+    let st = state::load(cfg).await?;
     let mut rows = Vec::new();
     for (name, r) in &st.resources {
         let live = match &r.provider_id {

@@ -213,6 +213,15 @@ pub struct Volume {
     pub loc: Loc,
 }
 
+/// The environment variable naming a PostgreSQL state when `infra.state` is
+/// not set in nanokit.yml.
+pub const STATE_URL_ENV: &str = "NANOKIT_STATE_URL";
+
+/// Whether `infra.state` names a PostgreSQL database rather than a file.
+pub fn is_state_url(s: &str) -> bool {
+    s.starts_with("postgres://") || s.starts_with("postgresql://")
+}
+
 /// The validated configuration for one environment.
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
@@ -222,8 +231,14 @@ pub struct Config {
     /// The directory of the file: relative paths resolve against it.
     pub dir: PathBuf,
     pub provider: ProviderKind,
-    /// Where state.json lives.
+    /// Where state.json lives (a local file; also the default when the
+    /// state is remote, for nothing but naming).
     pub state_file: PathBuf,
+    /// The PostgreSQL URL of a remote state: `infra.state` when it is a
+    /// `postgres://` / `postgresql://` URL, else `NANOKIT_STATE_URL` when
+    /// `infra.state` is not set. Never serialised (it can hold a password).
+    #[serde(skip)]
+    pub state_url: Option<String>,
     /// Enabled services (`instances > 0`).
     pub services: BTreeMap<String, Service>,
     /// Services disabled in this environment (`instances: 0`).
@@ -652,6 +667,8 @@ impl Cx {
         // infra
         let mut provider = ProviderKind::Process;
         let mut state_file = None;
+        let mut state_url = None;
+        let mut state_set = false;
         if let Some(infra) = root.get("infra") {
             let entries = self.map(infra, "infra")?.to_vec();
             self.check_keys(&entries, &["provider", "state"], "infra");
@@ -668,8 +685,19 @@ impl Cx {
                 };
             }
             if let Some(s) = self.opt_string(infra.get("state"), "infra.state")? {
-                state_file = Some(dir.join(s));
+                state_set = true;
+                if is_state_url(&s) {
+                    state_url = Some(s);
+                } else {
+                    state_file = Some(dir.join(s));
+                }
             }
+        }
+        // `infra.state` wins; NANOKIT_STATE_URL applies only when it is unset.
+        if !state_set {
+            state_url = std::env::var(STATE_URL_ENV)
+                .ok()
+                .filter(|u| !u.trim().is_empty());
         }
         let state_file = state_file.unwrap_or_else(|| {
             let n = if env == DEFAULT_ENV {
@@ -778,6 +806,7 @@ impl Cx {
             dir: dir.to_path_buf(),
             provider,
             state_file,
+            state_url,
             services,
             disabled,
             volumes,

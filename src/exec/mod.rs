@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -186,11 +186,15 @@ impl Report {
 /// The scope (labels) of a config's instances.
 pub fn scope(config: &Config) -> Scope {
     use sha2::{Digest, Sha256};
-    let p = &config.state_file;
+    // The same remote state from any working directory is one scope.
+    let id = match state::Location::of(config) {
+        state::Location::File(p) => p.to_string_lossy().into_owned(),
+        remote => remote.display(),
+    };
     Scope {
         project: config.name.clone(),
         env: config.env.clone(),
-        state_id: hex::encode(&Sha256::digest(p.to_string_lossy().as_bytes())[..8]),
+        state_id: hex::encode(&Sha256::digest(id.as_bytes())[..8]),
     }
 }
 
@@ -212,7 +216,7 @@ pub async fn make_plan(
     opts: &PlanOptions,
 ) -> Result<Plan, ExecError> {
     let dag = Dag::build(config)?;
-    let state = state::read(&config.state_file, &config.name, &config.env)?;
+    let state = state::load(config).await?;
     let observed = provider.observe(&scope(config)).await?;
     Ok(plan::plan(config, &dag, &state, &observed, opts)?)
 }
@@ -230,7 +234,7 @@ pub fn save_plan(config: &Config, plan: &Plan) -> std::io::Result<PathBuf> {
 struct Run {
     config: Arc<Config>,
     provider: Arc<dyn Provider>,
-    store: Mutex<Store>,
+    store: tokio::sync::Mutex<Store>,
     opts: ExecOptions,
     scope: Scope,
 }
@@ -247,15 +251,21 @@ impl Run {
         }
     }
 
-    fn save(&self, f: impl FnOnce(&mut state::State)) -> Result<(), String> {
+    async fn save(&self, f: impl FnOnce(&mut state::State)) -> Result<(), String> {
         self.store
             .lock()
-            .expect("state lock")
+            .await
             .update(f)
+            .await
             .map_err(|e| e.to_string())
     }
 
-    fn set_status(&self, name: &str, status: Status, error: Option<String>) -> Result<(), String> {
+    async fn set_status(
+        &self,
+        name: &str,
+        status: Status,
+        error: Option<String>,
+    ) -> Result<(), String> {
         self.save(|s| {
             if let Some(r) = s.resources.get_mut(name) {
                 r.status = status;
@@ -263,6 +273,7 @@ impl Run {
                 r.updated_at = state::now();
             }
         })
+        .await
     }
 
     fn spec(&self, svc: &Service, hash: &str) -> InstanceSpec {
@@ -512,7 +523,7 @@ impl Run {
             let recorded = self
                 .store
                 .lock()
-                .expect("state")
+                .await
                 .state()
                 .resources
                 .get(name)
@@ -550,7 +561,8 @@ impl Run {
                     updated_at: now.clone(),
                 },
             );
-        })?;
+        })
+        .await?;
         for m in &spec.mounts {
             std::fs::create_dir_all(&m.0).map_err(|e| format!("volume {}: {e}", m.0.display()))?;
         }
@@ -565,7 +577,8 @@ impl Run {
                 r.status = Status::Starting;
                 r.updated_at = state::now();
             }
-        })?;
+        })
+        .await?;
         self.instance_hooks(
             &inst.id,
             svc,
@@ -576,7 +589,7 @@ impl Run {
         )
         .await?;
         if let Some(install) = &svc.install {
-            self.set_status(name, Status::Provisioning, None)?;
+            self.set_status(name, Status::Provisioning, None).await?;
             self.emit(name, Phase::Provisioning, started, Some(install.clone()));
             let manifests: Vec<PathBuf> = ["package.json", "package-lock.json"]
                 .iter()
@@ -599,7 +612,7 @@ impl Run {
         self.wait_healthy(&inst.id, svc, &spec, started).await?;
         self.host_hooks(svc, &spec, "poststart", &svc.hooks.poststart, started)
             .await?;
-        self.set_status(name, Status::Healthy, None)?;
+        self.set_status(name, Status::Healthy, None).await?;
         self.emit(name, Phase::Healthy, started, None);
         Ok(Phase::Healthy)
     }
@@ -612,7 +625,7 @@ impl Run {
     ) -> Result<Phase, String> {
         let name = &action.service;
         let svc = self.config.services.get(name);
-        self.set_status(name, Status::Stopping, None)?;
+        self.set_status(name, Status::Stopping, None).await?;
         for id in &action.stop {
             self.stop_instance(name, id, svc, started).await?;
         }
@@ -623,7 +636,8 @@ impl Run {
         }
         self.save(|s| {
             s.resources.remove(name);
-        })?;
+        })
+        .await?;
         self.emit(name, Phase::Deleted, started, None);
         Ok(Phase::Deleted)
     }
@@ -768,19 +782,58 @@ fn to_result(action: ActionKind, name: String, r: Result<Phase, String>, ms: u64
     }
 }
 
-async fn lock(
+/// Takes the deploy lock and opens the state, wherever it lives.
+async fn begin(
     config: &Config,
     opts: &ExecOptions,
     what: &str,
-) -> Result<crate::foundation::DeployLock, ExecError> {
+) -> Result<(crate::foundation::DeployLock, Store), ExecError> {
     let label = format!("nanokit {what} ({} / {})", config.name, config.env);
-    Ok(crate::foundation::acquire_deploy_lock(
-        &state::lock_path(&config.state_file),
-        &label,
-        opts.lock_timeout,
-        &opts.cancel,
-    )
-    .await?)
+    match state::Location::of(config) {
+        state::Location::File(path) => {
+            let lock = crate::foundation::acquire_deploy_lock(
+                &state::lock_path(&path),
+                &label,
+                opts.lock_timeout,
+                &opts.cancel,
+            )
+            .await?;
+            let store = Store::open(&path, &config.name, &config.env)?;
+            Ok((lock, store))
+        }
+        state::Location::Postgres { url, workspace } => {
+            let location = crate::kv::pg::redact_url(&url);
+            let db = state::connect(&url).await?;
+            let holder = crate::foundation::run_holder();
+            let info = crate::foundation::run_info(&label);
+            let lock = tokio::select! {
+                r = crate::foundation::acquire_remote_deploy_lock(
+                    db.clone(), &location, &workspace, &holder, &info, opts.lock_timeout,
+                ) => r?,
+                _ = opts.cancel.cancelled() => return Err(ExecError::Cancelled),
+            };
+            match Store::open_remote(db, &url, &workspace, &config.name, &config.env, &holder).await
+            {
+                Ok(store) => Ok((lock, store)),
+                Err(e) => {
+                    let _ = lock.release().await;
+                    Err(e.into())
+                }
+            }
+        }
+    }
+}
+
+/// Releases the deploy lock whatever `r` is (a failure to release is only
+/// logged: the lock then expires or is cleared with `infra unlock`).
+async fn finish<T>(
+    lock: crate::foundation::DeployLock,
+    r: Result<T, ExecError>,
+) -> Result<T, ExecError> {
+    if let Err(e) = lock.release().await {
+        tracing::warn!("cannot release the deploy lock: {e}");
+    }
+    r
 }
 
 /// Brings the world to `config`: plan, then execute.
@@ -790,17 +843,28 @@ pub async fn up(
     opts: ExecOptions,
 ) -> Result<Report, ExecError> {
     let dag = Dag::build(&config)?;
-    let lock = lock(&config, &opts, "up").await?;
-    // A lost deploy lease (broken by `infra unlock`, taken over) stops the
-    // run like Ctrl-C: nothing new starts.
-    let _watch_lost = {
+    let (lock, store) = begin(&config, &opts, "up").await?;
+    // A lost deploy lease (broken by `infra unlock`, taken over, expired)
+    // stops the run like Ctrl-C: nothing new starts.
+    let watch_lost = {
         let (lost, cancel) = (lock.lost_token(), opts.cancel.clone());
         AbortOnDrop(tokio::spawn(async move {
             lost.cancelled().await;
             cancel.cancel();
         }))
     };
-    let store = Store::open(&config.state_file, &config.name, &config.env)?;
+    let r = up_locked(config, provider, opts, dag, store).await;
+    drop(watch_lost);
+    finish(lock, r).await
+}
+
+async fn up_locked(
+    config: Arc<Config>,
+    provider: Arc<dyn Provider>,
+    opts: ExecOptions,
+    dag: Dag,
+    store: Store,
+) -> Result<Report, ExecError> {
     let scope = scope(&config);
     let observed = provider.observe(&scope).await?;
     let plan = plan::plan(
@@ -819,7 +883,7 @@ pub async fn up(
     let run = Arc::new(Run {
         config: config.clone(),
         provider: provider.clone(),
-        store: Mutex::new(store),
+        store: tokio::sync::Mutex::new(store),
         opts: opts.clone(),
         scope,
     });
@@ -839,6 +903,7 @@ pub async fn up(
                 },
             );
         })
+        .await
         .map_err(ExecError::Failed)?;
     }
     let mut results = Vec::new();
@@ -940,7 +1005,7 @@ pub async fn up(
                 if let Err(e) = &r {
                     let cancelled = e == "cancelled";
                     if !cancelled {
-                        let _ = run.set_status(&name, Status::Failed, Some(e.clone()));
+                        let _ = run.set_status(&name, Status::Failed, Some(e.clone())).await;
                     }
                     run.emit(
                         &name,
@@ -962,21 +1027,21 @@ pub async fn up(
         results.push(to_result(kinds[&n], n, r, ms));
     }
     // Refresh recorded dependencies of unchanged services (one write).
-    let stale_deps: Vec<(String, Vec<String>)> = plan
-        .actions
-        .iter()
-        .filter(|a| a.action == ActionKind::Noop)
-        .filter(|a| {
-            run.store
-                .lock()
-                .expect("state")
-                .state()
-                .resources
-                .get(&a.service)
-                .is_some_and(|r| r.depends_on != a.depends_on)
-        })
-        .map(|a| (a.service.clone(), a.depends_on.clone()))
-        .collect();
+    let stale_deps: Vec<(String, Vec<String>)> = {
+        let store = run.store.lock().await;
+        plan.actions
+            .iter()
+            .filter(|a| a.action == ActionKind::Noop)
+            .filter(|a| {
+                store
+                    .state()
+                    .resources
+                    .get(&a.service)
+                    .is_some_and(|r| r.depends_on != a.depends_on)
+            })
+            .map(|a| (a.service.clone(), a.depends_on.clone()))
+            .collect()
+    };
     if !stale_deps.is_empty() {
         run.save(|s| {
             for (n, d) in stale_deps {
@@ -985,6 +1050,7 @@ pub async fn up(
                 }
             }
         })
+        .await
         .map_err(ExecError::Failed)?;
     }
     // Volume deletes (only reached with --force).
@@ -996,7 +1062,7 @@ pub async fn up(
         let id = run
             .store
             .lock()
-            .expect("state")
+            .await
             .state()
             .volumes
             .get(&v.volume)
@@ -1007,11 +1073,11 @@ pub async fn up(
         run.save(|s| {
             s.volumes.remove(&v.volume);
         })
+        .await
         .map_err(ExecError::Failed)?;
     }
     results.sort_by_key(|r| plan.actions.iter().position(|a| a.service == r.service));
     drop(run);
-    let _ = lock.release();
     if opts.cancel.is_cancelled() {
         return Err(ExecError::Cancelled);
     }
@@ -1025,8 +1091,17 @@ pub async fn down(
     provider: Arc<dyn Provider>,
     opts: ExecOptions,
 ) -> Result<Report, ExecError> {
-    let lock = lock(&config, &opts, "down").await?;
-    let store = Store::open(&config.state_file, &config.name, &config.env)?;
+    let (lock, store) = begin(&config, &opts, "down").await?;
+    let r = down_locked(config, provider, opts, store).await;
+    finish(lock, r).await
+}
+
+async fn down_locked(
+    config: Arc<Config>,
+    provider: Arc<dyn Provider>,
+    opts: ExecOptions,
+    store: Store,
+) -> Result<Report, ExecError> {
     let scope = scope(&config);
     let observed = provider.observe(&scope).await?;
     let state = store.state().clone();
@@ -1101,7 +1176,7 @@ pub async fn down(
     let run = Arc::new(Run {
         config: config.clone(),
         provider: provider.clone(),
-        store: Mutex::new(store),
+        store: tokio::sync::Mutex::new(store),
         opts: opts.clone(),
         scope,
     });
@@ -1135,7 +1210,7 @@ pub async fn down(
             async move {
                 let r = run.delete_service(&by_name[&name], started).await;
                 if let Err(e) = &r {
-                    let _ = run.set_status(&name, Status::Failed, Some(e.clone()));
+                    let _ = run.set_status(&name, Status::Failed, Some(e.clone())).await;
                     run.emit(&name, Phase::Failed, started, Some(e.clone()));
                 }
                 r
@@ -1151,7 +1226,7 @@ pub async fn down(
         let id = run
             .store
             .lock()
-            .expect("state")
+            .await
             .state()
             .volumes
             .get(&v.volume)
@@ -1162,12 +1237,12 @@ pub async fn down(
         run.save(|s| {
             s.volumes.remove(&v.volume);
         })
+        .await
         .map_err(ExecError::Failed)?;
     }
     results.sort_by_key(|r| {
         std::cmp::Reverse(plan.actions.iter().position(|a| a.service == r.service))
     });
     drop(run);
-    let _ = lock.release();
     Ok(Report { plan, results })
 }

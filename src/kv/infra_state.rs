@@ -273,6 +273,26 @@ impl InfraStateStore {
         }
     }
 
+    /// Extends the live deploy lock `holder` holds by `timeout_secs` from
+    /// now. Unlike calling [`lock`](Self::lock) again, this never takes a
+    /// lock that expired or was cleared with `nanokit infra unlock`: it
+    /// returns `false` then (the lock is lost).
+    pub async fn renew(&self, workspace: &str, holder: &str, timeout_secs: f64) -> Result<bool> {
+        validate_key("workspace", workspace)?;
+        let timeout = timeout_ms(timeout_secs)?;
+        let n = self
+            .client
+            .execute(
+                "UPDATE nanokit_infra_lock
+                 SET expires_at = now() + $3::bigint * interval '1 millisecond'
+                 WHERE workspace = $1 AND holder = $2 AND expires_at > now()",
+                &[&workspace, &holder, &timeout],
+            )
+            .await
+            .map_err(|e| self.m(e))?;
+        Ok(n == 1)
+    }
+
     /// Releases the deploy lock held by `holder` (`ENKNOTHOLDER` otherwise).
     pub async fn unlock(&self, workspace: &str, holder: &str) -> Result<()> {
         validate_key("workspace", workspace)?;

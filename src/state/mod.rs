@@ -3,14 +3,23 @@
 //! Written atomically (temp file + fsync + rename, mode 0600) after every
 //! resource step, with a serial that grows on every write and a lineage id
 //! fixed at creation. The deploy lock lives beside it (`state.json.lock`).
+//!
+//! The same state can instead live in PostgreSQL ([`Location::Postgres`],
+//! see [`crate::kv::infra_state`]): every write is then a compare-and-swap
+//! on the serial and lineage the run holds, so two machines or working
+//! directories can never overwrite each other's state.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::Config;
 use crate::error::ErrorCode;
+use crate::kv::infra_state::InfraStateStore;
+use crate::kv::KvError;
 
 pub const STATE_VERSION: u32 = 1;
 
@@ -39,11 +48,31 @@ pub enum StateError {
         found: String,
         expected: String,
     },
+    /// The remote state database refused or failed (ENKSTATESTALE,
+    /// ENKSTATELINEAGE, ENKSTATEUNAVAILABLE, …: the inner code).
+    #[error("remote state {location}: {source}")]
+    Remote { location: String, source: KvError },
+    /// The stored remote document does not match its own row.
+    #[error("remote state {location} is inconsistent: {detail}; nanokit will not overwrite it")]
+    RemoteCorrupt { location: String, detail: String },
+    /// The remote deploy lock is held by another run.
+    #[error("the deploy lock of {workspace:?} in {location} is held by {holder} (expires at {}); wait for it with `--lock-timeout SECS`, or, if that run is gone, clear it with `nanokit infra unlock`", crate::kv::error::fmt_ms(*.expires_at_ms))]
+    Locked {
+        location: String,
+        workspace: String,
+        holder: String,
+        expires_at_ms: i64,
+    },
 }
 
 impl ErrorCode for StateError {
     fn code(&self) -> &'static str {
-        "ENKSTATE"
+        match self {
+            StateError::Remote { source, .. } => source.code(),
+            StateError::RemoteCorrupt { .. } => "ENKSTATECORRUPT",
+            StateError::Locked { .. } => "ENKLOCKED",
+            _ => "ENKSTATE",
+        }
     }
 }
 
@@ -165,48 +194,249 @@ pub fn read(path: &Path, project: &str, env: &str) -> Result<State, StateError> 
     Ok(state)
 }
 
+/// Where a project's state lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// A local `state.json`.
+    File(PathBuf),
+    /// A PostgreSQL database (the URL may hold a password: never print it,
+    /// use [`Location::display`]).
+    Postgres { url: String, workspace: String },
+}
+
+impl Location {
+    /// Where `config`'s state lives: `infra.state` when it is a
+    /// `postgres://` URL, else `NANOKIT_STATE_URL` when `infra.state` is not
+    /// set, else the file.
+    pub fn of(config: &Config) -> Location {
+        match &config.state_url {
+            Some(url) => Location::Postgres {
+                url: url.clone(),
+                workspace: workspace(&config.name, &config.env),
+            },
+            None => Location::File(config.state_file.clone()),
+        }
+    }
+
+    /// For messages: the file, or the URL without its password and the
+    /// workspace.
+    pub fn display(&self) -> String {
+        match self {
+            Location::File(p) => p.display().to_string(),
+            Location::Postgres { url, workspace } => {
+                format!("{} (workspace {workspace})", crate::kv::pg::redact_url(url))
+            }
+        }
+    }
+}
+
+/// The remote workspace key of a project and environment.
+pub fn workspace(project: &str, env: &str) -> String {
+    format!("{project}/{env}")
+}
+
+/// Connects to a remote state.
+pub async fn connect(url: &str) -> Result<Arc<InfraStateStore>, StateError> {
+    InfraStateStore::connect(url)
+        .await
+        .map(Arc::new)
+        .map_err(|source| StateError::Remote {
+            location: crate::kv::pg::redact_url(url),
+            source,
+        })
+}
+
+/// Reads `config`'s state wherever it lives (a fresh one when there is none).
+pub async fn load(config: &Config) -> Result<State, StateError> {
+    match Location::of(config) {
+        Location::File(p) => read(&p, &config.name, &config.env),
+        Location::Postgres { url, workspace } => {
+            let db = connect(&url).await?;
+            Ok(
+                read_remote(&db, &url, &workspace, &config.name, &config.env)
+                    .await?
+                    .0,
+            )
+        }
+    }
+}
+
+/// Reads the remote state of `workspace`: the state and the serial stored in
+/// its row (`None` before the first write).
+async fn read_remote(
+    db: &InfraStateStore,
+    url: &str,
+    workspace: &str,
+    project: &str,
+    env: &str,
+) -> Result<(State, Option<i64>), StateError> {
+    let location = crate::kv::pg::redact_url(url);
+    let doc = db
+        .read(workspace)
+        .await
+        .map_err(|source| StateError::Remote {
+            location: location.clone(),
+            source,
+        })?;
+    let Some(doc) = doc else {
+        return Ok((State::new(project, env), None));
+    };
+    let state: State =
+        serde_json::from_str(&doc.document).map_err(|e| StateError::RemoteCorrupt {
+            location: location.clone(),
+            detail: format!("the document of workspace {workspace:?} is not a nanokit state ({e})"),
+        })?;
+    if state.version > STATE_VERSION {
+        return Err(StateError::Version {
+            path: PathBuf::from(&location),
+            version: state.version,
+        });
+    }
+    if state.serial as i64 != doc.serial || state.lineage != doc.lineage {
+        return Err(StateError::RemoteCorrupt {
+            location,
+            detail: format!(
+                "workspace {workspace:?} has serial {} / lineage {} in its row but {} / {} in its document",
+                doc.serial, doc.lineage, state.serial, state.lineage
+            ),
+        });
+    }
+    if state.project != project {
+        return Err(StateError::Project {
+            path: PathBuf::from(format!("{location} (workspace {workspace})")),
+            found: state.project,
+            expected: project.to_string(),
+        });
+    }
+    Ok((state, Some(doc.serial)))
+}
+
+#[derive(Debug)]
+enum Backend {
+    File(PathBuf),
+    Remote {
+        db: Arc<InfraStateStore>,
+        location: String,
+        workspace: String,
+        /// Recorded as the writer of every document.
+        writer: String,
+        /// The serial in the database row, as far as this run knows.
+        stored: Option<i64>,
+    },
+}
+
+impl std::fmt::Debug for InfraStateStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InfraStateStore")
+    }
+}
+
 /// The state of one run, saved after every change.
 #[derive(Debug)]
 pub struct Store {
-    path: PathBuf,
+    backend: Backend,
     state: State,
 }
 
 impl Store {
+    /// The local file at `path`.
     pub fn open(path: &Path, project: &str, env: &str) -> Result<Store, StateError> {
         Ok(Store {
-            path: path.to_path_buf(),
+            backend: Backend::File(path.to_path_buf()),
             state: read(path, project, env)?,
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The remote state of `workspace` in `db` (connected to `url`); every
+    /// write is recorded as made by `writer`.
+    pub async fn open_remote(
+        db: Arc<InfraStateStore>,
+        url: &str,
+        workspace: &str,
+        project: &str,
+        env: &str,
+        writer: &str,
+    ) -> Result<Store, StateError> {
+        let (state, stored) = read_remote(&db, url, workspace, project, env).await?;
+        Ok(Store {
+            backend: Backend::Remote {
+                db,
+                location: crate::kv::pg::redact_url(url),
+                workspace: workspace.to_string(),
+                writer: writer.to_string(),
+                stored,
+            },
+            state,
+        })
+    }
+
+    /// Where the state lives, for messages.
+    pub fn location(&self) -> String {
+        match &self.backend {
+            Backend::File(p) => p.display().to_string(),
+            Backend::Remote {
+                location,
+                workspace,
+                ..
+            } => format!("{location} (workspace {workspace})"),
+        }
     }
 
     pub fn state(&self) -> &State {
         &self.state
     }
 
-    /// Applies `f` and writes the state atomically (serial + 1).
-    pub fn update<R>(&mut self, f: impl FnOnce(&mut State) -> R) -> Result<R, StateError> {
+    /// Applies `f` and writes the state (serial + 1): atomically to the
+    /// file, or as a compare-and-swap on the serial and lineage this run
+    /// holds. A failed write leaves the stored state as it was, and (for the
+    /// remote state) every later write of this run fails too.
+    pub async fn update<R>(&mut self, f: impl FnOnce(&mut State) -> R) -> Result<R, StateError> {
         let r = f(&mut self.state);
         self.state.serial += 1;
-        self.save()?;
+        self.save().await?;
         Ok(r)
     }
 
-    fn save(&self) -> Result<(), StateError> {
-        let err = |source| StateError::Write {
-            path: self.path.clone(),
-            source,
-        };
-        if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir).map_err(err)?;
-        }
+    async fn save(&mut self) -> Result<(), StateError> {
         let mut bytes = serde_json::to_vec_pretty(&self.state).expect("state serializes");
         bytes.push(b'\n');
-        crate::fsutil::atomic_write(&self.path, &bytes, 0o600).map_err(err)
+        match &mut self.backend {
+            Backend::File(path) => {
+                let err = |source| StateError::Write {
+                    path: path.clone(),
+                    source,
+                };
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).map_err(err)?;
+                }
+                crate::fsutil::atomic_write(path, &bytes, 0o600).map_err(err)
+            }
+            Backend::Remote {
+                db,
+                location,
+                workspace,
+                writer,
+                stored,
+            } => {
+                let text = String::from_utf8(bytes).expect("JSON is UTF-8");
+                let serial = self.state.serial as i64;
+                db.compare_and_swap(
+                    workspace,
+                    *stored,
+                    &self.state.lineage,
+                    serial,
+                    &text,
+                    writer,
+                )
+                .await
+                .map_err(|source| StateError::Remote {
+                    location: location.clone(),
+                    source,
+                })?;
+                *stored = Some(serial);
+                Ok(())
+            }
+        }
     }
 }
 
