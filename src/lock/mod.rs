@@ -329,13 +329,14 @@ fn overwrite(file: &File, record: &[u8], old_len: usize) -> io::Result<()> {
 /// The whole content of an open lock file (at most 64 KiB).
 fn read_content(file: &File) -> io::Result<Vec<u8>> {
     let mut buf = Vec::new();
-    let mut chunk = [0u8; 1024];
+    let mut chunk = [0u8; 4096];
     loop {
         let n = file.read_at(&mut chunk, buf.len() as u64)?;
-        if n == 0 || buf.len() > 64 * 1024 {
+        buf.extend_from_slice(&chunk[..n]);
+        // A short read of a regular file is its end: one pread for a record.
+        if n < chunk.len() || buf.len() > 64 * 1024 {
             return Ok(buf);
         }
-        buf.extend_from_slice(&chunk[..n]);
     }
 }
 
@@ -361,7 +362,7 @@ impl Held {
             let Some(_section) = Section::enter(&self.path, &self.file, GUARD_WAIT)? else {
                 return Ok(None);
             };
-            if !self.is_ours()? {
+            if self.is_ours()?.is_none() {
                 return Ok(Some(false));
             }
             // SAFETY: futimens with NULL sets both times to now on our own fd.
@@ -385,18 +386,20 @@ impl Held {
     }
 
     /// Inside a section: the path still names our file (it was not deleted
-    /// and recreated by hand) and the file still holds our record.
-    fn is_ours(&self) -> Result<bool, LockError> {
+    /// and recreated by hand) and the file still holds our record. Returns
+    /// the file's length when it is ours.
+    fn is_ours(&self) -> Result<Option<usize>, LockError> {
         let ours = self.file.metadata().map_err(io_err("stat", &self.path))?;
         match fs::metadata(&self.path) {
             Ok(m) if FileId::of(&m) == FileId::of(&ours) => {}
-            Ok(_) => return Ok(false),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Ok(_) => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err("stat", &self.path)(e)),
         }
         let content = read_content(&self.file).map_err(io_err("read", &self.path))?;
-        Ok(content.get(..self.record.len()) == Some(&self.record[..])
-            && is_free(&content[self.record.len()..]))
+        let ours = content.get(..self.record.len()) == Some(&self.record[..])
+            && is_free(&content[self.record.len()..]);
+        Ok(ours.then_some(content.len()))
     }
 
     fn release(&self) -> Result<(), LockError> {
@@ -410,15 +413,10 @@ impl Held {
                 "the lock file stayed locked by another process (is one stopped?)",
             ))
         })?;
-        let ours = self.is_ours()?;
-        if ours {
-            let len = self
-                .file
-                .metadata()
-                .map_err(io_err("stat", &self.path))?
-                .len();
-            overwrite(&self.file, b"", len as usize)
-                .map_err(io_err("release the lock", &self.path))?;
+        let len = self.is_ours()?;
+        let ours = len.is_some();
+        if let Some(len) = len {
+            overwrite(&self.file, b"", len).map_err(io_err("release the lock", &self.path))?;
         }
         drop(section);
         if !ours || self.lost.is_cancelled() {
