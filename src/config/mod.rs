@@ -645,8 +645,8 @@ impl Cx {
     }
 
     fn build(mut self, root: &Node, env: &str, dir: &Path) -> Result<Config, ConfigError> {
-        let top = self.map(root, "the file")?.to_vec();
-        self.check_keys(&top, TOP_KEYS, "the top level");
+        let top = self.map(root, "the file")?;
+        self.check_keys(top, TOP_KEYS, "the top level");
         let name_node = root.get("name").ok_or_else(|| {
             self.err(
                 root.loc,
@@ -670,8 +670,8 @@ impl Cx {
         let mut state_url = None;
         let mut state_set = false;
         if let Some(infra) = root.get("infra") {
-            let entries = self.map(infra, "infra")?.to_vec();
-            self.check_keys(&entries, &["provider", "state"], "infra");
+            let entries = self.map(infra, "infra")?;
+            self.check_keys(entries, &["provider", "state"], "infra");
             if let Some(p) = infra.get("provider") {
                 provider = match self.string(p, "infra.provider")?.as_str() {
                     "process" => ProviderKind::Process,
@@ -711,7 +711,7 @@ impl Cx {
         // volumes / networks
         let mut volumes = BTreeMap::new();
         if let Some(v) = root.get("volumes") {
-            for (k, body) in self.map(v, "volumes")?.to_vec() {
+            for (k, body) in self.map(v, "volumes")? {
                 if !valid_name(&k.name) {
                     return Err(self.err(
                         k.loc,
@@ -722,8 +722,8 @@ impl Cx {
                     ));
                 }
                 if !body.is_null() {
-                    let e = self.map(&body, &format!("volumes.{}", k.name))?.to_vec();
-                    self.check_keys(&e, &[], &format!("volume `{}`", k.name));
+                    let e = self.map(body, &format!("volumes.{}", k.name))?;
+                    self.check_keys(e, &[], &format!("volume `{}`", k.name));
                 }
                 volumes.insert(
                     k.name.clone(),
@@ -745,13 +745,13 @@ impl Cx {
         }
 
         // runtimes
-        let runtimes: Vec<(Key, Node)> = match root.get("runtimes") {
-            Some(r) => self.map(r, "runtimes")?.to_vec(),
-            None => Vec::new(),
+        let runtimes: &[(Key, Node)] = match root.get("runtimes") {
+            Some(r) => self.map(r, "runtimes")?,
+            None => &[],
         };
-        for (k, body) in &runtimes {
-            let e = self.map(body, &format!("runtimes.{}", k.name))?.to_vec();
-            self.check_keys(&e, SERVICE_KEYS, &format!("runtime `{}`", k.name));
+        for (k, body) in runtimes {
+            let e = self.map(body, &format!("runtimes.{}", k.name))?;
+            self.check_keys(e, SERVICE_KEYS, &format!("runtime `{}`", k.name));
         }
 
         // services
@@ -761,7 +761,7 @@ impl Cx {
                 "missing required key `services`: declare at least one service under `services:`",
             )
         })?;
-        let entries = self.map(services_node, "services")?.to_vec();
+        let entries = self.map(services_node, "services")?;
         if entries.is_empty() {
             self.warn(
                 services_node.loc,
@@ -777,7 +777,7 @@ impl Cx {
                     format!("service name `{}` must be lowercase letters, digits, `-` or `_`, starting with a letter or digit", k.name),
                 ));
             }
-            let svc = self.service(&k, &body, &runtimes, &volumes, provider, dir)?;
+            let svc = self.service(k, body, runtimes, &volumes, provider, dir)?;
             if svc.instances == 0 {
                 disabled.push(svc.name);
             } else {
@@ -832,8 +832,8 @@ impl Cx {
                 format!("{ctx} must be a mapping of settings, found {}", body.kind()),
             ));
         }
-        let own = self.map(body, &format!("services.{name}"))?.to_vec();
-        self.check_keys(&own, SERVICE_KEYS, &ctx);
+        let own = self.map(body, &format!("services.{name}"))?;
+        self.check_keys(own, SERVICE_KEYS, &ctx);
 
         // Runtime inheritance: the runtime's block under the service's own.
         let runtime = self.opt_string(body.get("runtime"), "runtime")?;

@@ -110,6 +110,8 @@ enum Frame {
     },
     Map {
         entries: Vec<(Key, Node)>,
+        /// Key name → index in `entries`, to find duplicates in O(1).
+        seen: HashMap<String, usize>,
         pending: Option<Key>,
         loc: Loc,
         anchor: usize,
@@ -137,7 +139,10 @@ impl Builder {
             None => self.root = Some(node),
             Some(Frame::Seq { items, .. }) => items.push(node),
             Some(Frame::Map {
-                entries, pending, ..
+                entries,
+                seen,
+                pending,
+                ..
             }) => match pending.take() {
                 None => {
                     let name = match node.value {
@@ -152,7 +157,7 @@ impl Builder {
                             return;
                         }
                     };
-                    if let Some((first, _)) = entries.iter().find(|(k, _)| k.name == name) {
+                    if let Some((first, _)) = seen.get(&name).map(|&i| &entries[i]) {
                         self.error = Some(SyntaxError {
                             loc: node.loc,
                             message: format!(
@@ -167,7 +172,10 @@ impl Builder {
                         loc: node.loc,
                     });
                 }
-                Some(key) => entries.push((key, node)),
+                Some(key) => {
+                    seen.insert(key.name.clone(), entries.len());
+                    entries.push((key, node));
+                }
             },
         }
     }
@@ -215,6 +223,7 @@ impl MarkedEventReceiver for Builder {
             }),
             Event::MappingStart(anchor, _) => self.stack.push(Frame::Map {
                 entries: Vec::new(),
+                seen: HashMap::new(),
                 pending: None,
                 loc,
                 anchor,
