@@ -9,9 +9,8 @@ use std::time::{Duration, Instant};
 use clap::{Args, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
-use super::{exit, print_json as json, OutputFormat as Output};
+use super::{exit, print_json as json, CliError, CliResult, OutputFormat as Output};
 use crate::config::{self, Config, LoadOptions};
-use crate::error::ErrorCode;
 use crate::exec::{self, Event, ExecError, ExecOptions, Phase};
 use crate::graph::Dag;
 use crate::plan::PlanOptions;
@@ -167,10 +166,6 @@ pub enum InfraSub {
 }
 
 /// Prints an error the way users should see it: code and message, no debug noise.
-pub fn print_error(e: &(impl std::fmt::Display + ErrorCode)) {
-    eprintln!("error[{}]: {e}", e.code());
-}
-
 fn load(project: &Project) -> Result<Config, config::ConfigError> {
     let cfg = config::load(&LoadOptions {
         file: project.file.clone(),
@@ -327,16 +322,14 @@ fn ctrl_c_token() -> (CancellationToken, interrupt::Guard) {
     (token, guard)
 }
 
-fn exec_exit(e: ExecError) -> i32 {
-    print_error(&e);
-    if matches!(e, ExecError::Cancelled) {
-        130
-    } else {
-        exit::ERROR
-    }
+/// An engine error; a cancelled run (Ctrl-C, lost deploy lease) exits 130.
+fn exec_exit(e: ExecError) -> CliResult {
+    let cancelled = matches!(e, ExecError::Cancelled);
+    let err = CliError::from(e);
+    Err(if cancelled { err.with_exit(130) } else { err })
 }
 
-fn report_exit(report: &exec::Report, output: Output, verb: &str) -> i32 {
+fn report_exit(report: &exec::Report, output: Output, verb: &str) -> CliResult {
     if output == Output::Json {
         json(report);
     }
@@ -353,7 +346,7 @@ fn report_exit(report: &exec::Report, output: Output, verb: &str) -> i32 {
                 report.results.len()
             );
         }
-        exit::OK
+        Ok(exit::OK)
     } else {
         for f in &failures {
             eprintln!(
@@ -363,28 +356,16 @@ fn report_exit(report: &exec::Report, output: Output, verb: &str) -> i32 {
                 f.error.as_deref().unwrap_or("")
             );
         }
-        exit::ERROR
+        Ok(exit::ERROR)
     }
 }
 
-/// Runs one reconciliation command; returns the exit code.
-pub async fn run(cmd: InfraCommand) -> i32 {
+/// Runs one reconciliation command.
+pub async fn run(cmd: InfraCommand) -> CliResult {
     match cmd {
         InfraCommand::Validate { project, output } => {
-            let cfg = match load(&project) {
-                Ok(c) => c,
-                Err(e) => {
-                    print_error(&e);
-                    return exit::ERROR;
-                }
-            };
-            let dag = match Dag::build(&cfg) {
-                Ok(d) => d,
-                Err(e) => {
-                    print_error(&e);
-                    return exit::ERROR;
-                }
-            };
+            let cfg = load(&project)?;
+            let dag = Dag::build(&cfg)?;
             if output == Output::Json {
                 json(&serde_json::json!({
                     "valid": true,
@@ -405,28 +386,19 @@ pub async fn run(cmd: InfraCommand) -> i32 {
                     cfg.provider.as_str()
                 );
             }
-            exit::OK
+            Ok(exit::OK)
         }
         InfraCommand::Graph { project, format } => {
-            let cfg = match load(&project) {
-                Ok(c) => c,
-                Err(e) => {
-                    print_error(&e);
-                    return exit::ERROR;
-                }
-            };
+            let cfg = load(&project)?;
             match Dag::build(&cfg) {
                 Ok(d) => {
                     match format {
                         GraphFormat::Dot => print!("{}", d.to_dot(&cfg.name)),
                         GraphFormat::Text => print!("{d}"),
                     }
-                    exit::OK
+                    Ok(exit::OK)
                 }
-                Err(e) => {
-                    print_error(&e);
-                    exit::ERROR
-                }
+                Err(e) => Err(CliError::from(e)),
             }
         }
         InfraCommand::Plan {
@@ -459,9 +431,9 @@ pub async fn run(cmd: InfraCommand) -> i32 {
                         eprintln!("Saved to {}", path.display());
                     }
                     if detailed_exitcode && plan.has_changes() {
-                        exit::CHANGES
+                        Ok(exit::CHANGES)
                     } else {
-                        exit::OK
+                        Ok(exit::OK)
                     }
                 }
             }
@@ -473,20 +445,8 @@ pub async fn run(cmd: InfraCommand) -> i32 {
             force,
             output,
         } => {
-            let cfg = match load(&project) {
-                Ok(c) => c,
-                Err(e) => {
-                    print_error(&e);
-                    return exit::ERROR;
-                }
-            };
-            let provider = match exec::provider_for(&cfg) {
-                Ok(p) => p,
-                Err(e) => {
-                    print_error(&e);
-                    return exit::ERROR;
-                }
-            };
+            let cfg = load(&project)?;
+            let provider = exec::provider_for(&cfg)?;
             let (cancel, _sigint) = ctrl_c_token();
             let mut opts = exec_opts(&run, Some(progress_printer()), cancel);
             opts.force = force;
@@ -504,26 +464,11 @@ pub async fn run(cmd: InfraCommand) -> i32 {
             yes,
             output,
         } => {
-            let cfg = match load(&project) {
-                Ok(c) => c,
-                Err(e) => {
-                    print_error(&e);
-                    return exit::ERROR;
-                }
-            };
+            let cfg = load(&project)?;
             if volumes && !yes {
-                if let Err(e) = super::confirm("Delete all named volumes and their data?").await {
-                    eprintln!("error[{}]: {}", e.code, e.message);
-                    return exit::ERROR;
-                }
+                super::confirm("Delete all named volumes and their data?").await?;
             }
-            let provider = match exec::provider_for(&cfg) {
-                Ok(p) => p,
-                Err(e) => {
-                    print_error(&e);
-                    return exit::ERROR;
-                }
-            };
+            let provider = exec::provider_for(&cfg)?;
             let (cancel, _sigint) = ctrl_c_token();
             let mut opts = exec_opts(&run, Some(progress_printer()), cancel);
             opts.targets = services;
@@ -558,7 +503,7 @@ pub async fn run(cmd: InfraCommand) -> i32 {
                         }
                     }
                 }
-                exit::OK
+                Ok(exit::OK)
             }
             Err(e) => exec_exit(e),
         },
@@ -568,21 +513,17 @@ pub async fn run(cmd: InfraCommand) -> i32 {
             lines,
             follow,
         } => {
-            let cfg = match load(&project) {
-                Ok(c) => c,
-                Err(e) => {
-                    print_error(&e);
-                    return exit::ERROR;
-                }
-            };
+            let cfg = load(&project)?;
             let path = cfg.log_file(&service);
             if !path.exists() {
-                eprintln!(
-                    "error[ENKNOLOGS]: no logs for `{service}` in environment `{}` ({} does not exist)",
-                    cfg.env,
-                    path.display()
-                );
-                return exit::ERROR;
+                return Err(CliError::new(
+                    "ENKNOLOGS",
+                    format!(
+                        "no logs for `{service}` in environment `{}` ({} does not exist)",
+                        cfg.env,
+                        path.display()
+                    ),
+                ));
             }
             let text = std::fs::read(&path).unwrap_or_default();
             println!("{}", exec::tail(&String::from_utf8_lossy(&text), lines));
@@ -602,27 +543,15 @@ pub async fn run(cmd: InfraCommand) -> i32 {
                     }
                 }
             }
-            exit::OK
+            Ok(exit::OK)
         }
         InfraCommand::Drift {
             project,
             restore,
             output,
         } => {
-            let cfg = match load(&project) {
-                Ok(c) => c,
-                Err(e) => {
-                    print_error(&e);
-                    return exit::ERROR;
-                }
-            };
-            let provider = match exec::provider_for(&cfg) {
-                Ok(p) => p,
-                Err(e) => {
-                    print_error(&e);
-                    return exit::ERROR;
-                }
-            };
+            let cfg = load(&project)?;
+            let provider = exec::provider_for(&cfg)?;
             let report = match crate::drift::detect(&cfg, provider.as_ref()).await {
                 Ok(r) => r,
                 Err(e) => return exec_exit(e),
@@ -645,7 +574,7 @@ pub async fn run(cmd: InfraCommand) -> i32 {
                 }
             }
             if !report.drifted {
-                return exit::OK;
+                return Ok(exit::OK);
             }
             if restore {
                 let (cancel, _sigint) = ctrl_c_token();
@@ -659,53 +588,36 @@ pub async fn run(cmd: InfraCommand) -> i32 {
                     Err(e) => exec_exit(e),
                 };
             }
-            exit::CHANGES
+            Ok(exit::CHANGES)
         }
         InfraCommand::Infra {
             command: InfraSub::Unlock { project, yes },
         } => {
-            let cfg = match load(&project) {
-                Ok(c) => c,
-                Err(e) => {
-                    print_error(&e);
-                    return exit::ERROR;
-                }
-            };
+            let cfg = load(&project)?;
             if let state::Location::Postgres { url, workspace } = state::Location::of(&cfg) {
                 return unlock_remote(&url, &workspace, yes).await;
             }
             let path = state::lock_path(&cfg.state_file);
             match crate::foundation::inspect_deploy_lock(&path) {
-                Err(e) => {
-                    print_error(&e);
-                    exit::ERROR
-                }
+                Err(e) => Err(CliError::from(e)),
                 Ok(None) => {
                     println!("The deploy lock {} is not held.", path.display());
-                    exit::OK
+                    Ok(exit::OK)
                 }
                 Ok(Some(holder)) => {
                     println!("The deploy lock {} is held by {holder}.", path.display());
                     if !yes {
-                        if let Err(e) =
-                            super::confirm("Clear it? Only do this when that run is really gone.")
-                                .await
-                        {
-                            eprintln!("error[{}]: {}", e.code, e.message);
-                            return exit::ERROR;
-                        }
+                        super::confirm("Clear it? Only do this when that run is really gone.")
+                            .await?;
                     }
                     match crate::foundation::break_deploy_lock(&path) {
                         Ok(_) => {
                             println!(
                                 "Cleared. The holder, if still running, will find its lease lost."
                             );
-                            exit::OK
+                            Ok(exit::OK)
                         }
-                        Err(e) => {
-                            print_error(&e);
-                            exit::ERROR
-                        }
+                        Err(e) => Err(CliError::from(e)),
                     }
                 }
             }
@@ -714,29 +626,17 @@ pub async fn run(cmd: InfraCommand) -> i32 {
 }
 
 /// `nanokit infra unlock` on a PostgreSQL state: show the lock, ask, clear.
-async fn unlock_remote(url: &str, workspace: &str, yes: bool) -> i32 {
+async fn unlock_remote(url: &str, workspace: &str, yes: bool) -> CliResult {
     let location = crate::kv::pg::redact_url(url);
-    let db = match state::connect(url).await {
-        Ok(db) => db,
-        Err(e) => {
-            print_error(&e);
-            return exit::ERROR;
-        }
-    };
+    let db = state::connect(url).await?;
     let remote_err = |source| state::StateError::Remote {
         location: location.clone(),
         source,
     };
-    let held = match db.lock_info(workspace).await {
-        Ok(l) => l,
-        Err(e) => {
-            print_error(&remote_err(e));
-            return exit::ERROR;
-        }
-    };
+    let held = db.lock_info(workspace).await.map_err(remote_err)?;
     let Some(held) = held else {
         println!("The deploy lock of {workspace} in {location} is not held.");
-        return exit::OK;
+        return Ok(exit::OK);
     };
     println!(
         "The deploy lock of {workspace} in {location} is held by {} ({}), since {}, expiring at {} unless renewed.",
@@ -746,21 +646,14 @@ async fn unlock_remote(url: &str, workspace: &str, yes: bool) -> i32 {
         crate::kv::error::fmt_ms(held.expires_at_ms),
     );
     if !yes {
-        if let Err(e) = super::confirm("Clear it? Only do this when that run is really gone.").await
-        {
-            eprintln!("error[{}]: {}", e.code, e.message);
-            return exit::ERROR;
-        }
+        super::confirm("Clear it? Only do this when that run is really gone.").await?;
     }
     match db.force_unlock(workspace).await {
         Ok(_) => {
             println!("Cleared. The holder, if still running, will find its lock lost and stop.");
-            exit::OK
+            Ok(exit::OK)
         }
-        Err(e) => {
-            print_error(&remote_err(e));
-            exit::ERROR
-        }
+        Err(e) => Err(CliError::from(remote_err(e))),
     }
 }
 

@@ -65,19 +65,18 @@ pub enum OutputFormat {
     Json,
 }
 
-/// A command's failure: the message and its stable code.
+/// A command's failure: the message, its stable code, and the exit code.
 #[derive(Debug)]
 pub struct CliError {
     pub code: &'static str,
     pub message: String,
+    /// The process exit code (default [`exit::ERROR`]).
+    pub exit: i32,
 }
 
 impl<E: ErrorCode + Display> From<E> for CliError {
     fn from(e: E) -> Self {
-        CliError {
-            code: e.code(),
-            message: e.to_string(),
-        }
+        CliError::new(e.code(), e.to_string())
     }
 }
 
@@ -86,7 +85,14 @@ impl CliError {
         CliError {
             code,
             message: message.into(),
+            exit: exit::ERROR,
         }
+    }
+
+    /// The same error, exiting with `code`.
+    pub fn with_exit(mut self, code: i32) -> Self {
+        self.exit = code;
+        self
     }
 }
 
@@ -163,7 +169,7 @@ pub async fn run(args: Vec<String>) -> i32 {
     };
     init_tracing();
     let result = match cli.command {
-        Command::Infra(cmd) => Ok(infra::run(cmd).await),
+        Command::Infra(cmd) => infra::run(cmd).await,
         Command::Lock(cmd) => lock::run(cmd).await,
         Command::Repo(cmd) => repo::run(cmd).await,
         Command::Provision(args) => repo::provision(args).await,
@@ -173,7 +179,7 @@ pub async fn run(args: Vec<String>) -> i32 {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error[{}]: {}", e.code, e.message);
-            exit::ERROR
+            e.exit
         }
     }
 }
