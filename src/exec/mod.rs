@@ -27,6 +27,15 @@ use crate::provider::process::ProcessProvider;
 use crate::provider::{self, InstanceSpec, Probe, Provider, ProviderError, Scope};
 use crate::state::{self, Resource, StateError, Status, Store};
 
+/// Where a lifecycle hook runs.
+#[derive(Clone, Copy)]
+enum HookSite<'a> {
+    /// On the host, in the project directory.
+    Host,
+    /// Inside the instance with this provider id.
+    Instance(&'a str),
+}
+
 /// The last `n` lines of `text`.
 pub fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
@@ -319,9 +328,12 @@ impl Run {
         }
     }
 
-    /// Host hooks: `sh -c` in the project directory with the service's env.
-    async fn host_hooks(
+    /// Runs lifecycle hooks (`sh -c`, in order, stopping at the first
+    /// failure): on the host in the project directory with the service's env,
+    /// or inside the instance through the provider.
+    async fn hooks(
         &self,
+        site: HookSite<'_>,
         svc: &Service,
         spec: &InstanceSpec,
         which: &str,
@@ -335,54 +347,26 @@ impl Run {
                 started,
                 Some(format!("{which}: {cmd}")),
             );
-            let mut env = spec.env.clone();
-            env.extend(provider::command_labels(&spec.labels));
             let argv = vec!["sh".to_string(), "-c".to_string(), cmd.clone()];
-            let out = provider::process::run_command(
-                &argv,
-                &self.config.dir,
-                &env,
-                self.opts.hook_timeout,
-            )
-            .await
-            .map_err(|e| format!("hook {which} `{cmd}`: {e}"))?;
-            append_log(
-                &spec.log_file,
-                &format!("--- hook {which}: {cmd} ---\n{}", out.output),
-            );
-            if !out.success() {
-                return Err(format!(
-                    "hook {which} `{cmd}` failed ({}):\n{}",
-                    exit_text(&out),
-                    indent(&tail(&out.output, 20))
-                ));
+            let out = match site {
+                HookSite::Host => {
+                    let mut env = spec.env.clone();
+                    env.extend(provider::command_labels(&spec.labels));
+                    provider::process::run_command(
+                        &argv,
+                        &self.config.dir,
+                        &env,
+                        self.opts.hook_timeout,
+                    )
+                    .await
+                }
+                HookSite::Instance(id) => {
+                    self.provider
+                        .exec(id, spec, &argv, self.opts.hook_timeout)
+                        .await
+                }
             }
-        }
-        Ok(())
-    }
-
-    async fn instance_hooks(
-        &self,
-        id: &str,
-        svc: &Service,
-        spec: &InstanceSpec,
-        which: &str,
-        cmds: &[String],
-        started: Instant,
-    ) -> Result<(), String> {
-        for cmd in cmds {
-            self.emit(
-                &svc.name,
-                Phase::Hook,
-                started,
-                Some(format!("{which}: {cmd}")),
-            );
-            let argv = vec!["sh".to_string(), "-c".to_string(), cmd.clone()];
-            let out = self
-                .provider
-                .exec(id, spec, &argv, self.opts.hook_timeout)
-                .await
-                .map_err(|e| format!("hook {which} `{cmd}`: {e}"))?;
+            .map_err(|e| format!("hook {which} `{cmd}`: {e}"))?;
             append_log(
                 &spec.log_file,
                 &format!("--- hook {which}: {cmd} ---\n{}", out.output),
@@ -495,7 +479,14 @@ impl Run {
             {
                 let spec = self.spec(svc, "");
                 if let Err(e) = self
-                    .instance_hooks(id, svc, &spec, "prestop", &svc.hooks.prestop, started)
+                    .hooks(
+                        HookSite::Instance(id),
+                        svc,
+                        &spec,
+                        "prestop",
+                        &svc.hooks.prestop,
+                        started,
+                    )
                     .await
                 {
                     self.emit(name, Phase::Hook, started, Some(format!("warning: {e}")));
@@ -531,13 +522,27 @@ impl Run {
             let hooks = (recorded.as_deref() == Some(id.as_str())).then_some(svc);
             self.stop_instance(name, id, hooks, started).await?;
             if hooks.is_some() {
-                self.host_hooks(svc, &spec, "poststop", &svc.hooks.poststop, started)
-                    .await?;
+                self.hooks(
+                    HookSite::Host,
+                    svc,
+                    &spec,
+                    "poststop",
+                    &svc.hooks.poststop,
+                    started,
+                )
+                .await?;
             }
         }
         self.emit(name, Phase::Starting, started, None);
-        self.host_hooks(svc, &spec, "prestart", &svc.hooks.prestart, started)
-            .await?;
+        self.hooks(
+            HookSite::Host,
+            svc,
+            &spec,
+            "prestart",
+            &svc.hooks.prestart,
+            started,
+        )
+        .await?;
         if self.opts.cancel.is_cancelled() {
             return Err("cancelled".into());
         }
@@ -579,8 +584,8 @@ impl Run {
             }
         })
         .await?;
-        self.instance_hooks(
-            &inst.id,
+        self.hooks(
+            HookSite::Instance(&inst.id),
             svc,
             &spec,
             "prestart_container",
@@ -610,8 +615,15 @@ impl Run {
             }
         }
         self.wait_healthy(&inst.id, svc, &spec, started).await?;
-        self.host_hooks(svc, &spec, "poststart", &svc.hooks.poststart, started)
-            .await?;
+        self.hooks(
+            HookSite::Host,
+            svc,
+            &spec,
+            "poststart",
+            &svc.hooks.poststart,
+            started,
+        )
+        .await?;
         self.set_status(name, Status::Healthy, None).await?;
         self.emit(name, Phase::Healthy, started, None);
         Ok(Phase::Healthy)
@@ -631,8 +643,15 @@ impl Run {
         }
         if let Some(svc) = svc {
             let spec = self.spec(svc, "");
-            self.host_hooks(svc, &spec, "poststop", &svc.hooks.poststop, started)
-                .await?;
+            self.hooks(
+                HookSite::Host,
+                svc,
+                &spec,
+                "poststop",
+                &svc.hooks.poststop,
+                started,
+            )
+            .await?;
         }
         self.save(|s| {
             s.resources.remove(name);
