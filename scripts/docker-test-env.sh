@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Makes a Docker engine and nanokit's test images available, and prints the
+# line
+#   export NANOKIT_TEST_DOCKER=1
+# so that `eval "$(bash scripts/docker-test-env.sh)"` tells the Docker tests
+# they may run. Idempotent and cheap when everything is already there:
+#
+#   1. installs Debian's `docker.io` (and `docker-compose`, the benchmark's
+#      anchor, and `busybox-static`) when `dockerd` is missing (needs root);
+#   2. starts `dockerd` in the background when `docker info` fails, and waits
+#      for it (log: /tmp/nanokit-dockerd.log);
+#   3. builds the test images locally (no registry is reachable):
+#        nk-busybox:latest  a busybox-static rootfs (sh, nc, httpd, wget, …)
+#        nk-node:latest     the same plus this machine's `node` binary, its
+#                           shared libraries and npm
+#      Each image is labelled with a hash of what went into it and rebuilt
+#      only when that changes.
+#
+# When Docker cannot be had (no root, no apt, the daemon does not start), it
+# prints a reason on stderr and no export line, so the Docker tests report
+# themselves as SKIPPED instead of passing silently.
+set -uo pipefail
+
+log() { echo "docker-test-env: $*" >&2; }
+
+if ! command -v dockerd >/dev/null 2>&1 || ! command -v busybox >/dev/null 2>&1 \
+  || ! command -v docker-compose >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing docker.io, docker-compose and busybox-static"
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get update -qq && apt-get install -y -qq docker.io docker-compose busybox-static; } >&2 \
+      || { log "apt-get install failed; Docker tests will be skipped"; exit 0; }
+  else
+    log "dockerd is not installed and cannot be installed here; Docker tests will be skipped"
+    exit 0
+  fi
+fi
+
+if ! docker info >/dev/null 2>&1; then
+  log "starting dockerd"
+  nohup /usr/sbin/dockerd >/tmp/nanokit-dockerd.log 2>&1 &
+  for _ in $(seq 1 60); do
+    docker info >/dev/null 2>&1 && break
+    sleep 0.5
+  done
+  if ! docker info >/dev/null 2>&1; then
+    log "dockerd did not come up (see /tmp/nanokit-dockerd.log); Docker tests will be skipped"
+    tail -n 20 /tmp/nanokit-dockerd.log >&2 || true
+    exit 0
+  fi
+fi
+
+# Builds image $1 from the rootfs folder $2 unless an image with the same
+# content hash label already exists.
+import_rootfs() {
+  local image="$1" root="$2" hash
+  hash=$(cd "$root" && find . -printf '%p %s %m %l\n' | LC_ALL=C sort | sha256sum | cut -c1-16)
+  if [ "$(docker image inspect -f '{{ index .Config.Labels "nk.rootfs" }}' "$image" 2>/dev/null)" = "$hash" ]; then
+    return 0
+  fi
+  log "building $image"
+  tar -C "$root" -c . | docker import \
+    -c "LABEL nk.rootfs=$hash" -c 'ENV PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin' \
+    -c 'CMD ["sh"]' - "$image" >/dev/null
+}
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+# nk-busybox: busybox-static with every applet linked, and /tmp.
+bb="$work/busybox"
+mkdir -p "$bb/bin" "$bb/tmp" "$bb/etc" "$bb/root"
+chmod 1777 "$bb/tmp"
+cp "$(command -v busybox)" "$bb/bin/busybox"
+for applet in $("$bb/bin/busybox" --list); do
+  [ -e "$bb/bin/$applet" ] || ln -s busybox "$bb/bin/$applet"
+done
+printf 'root:x:0:0:root:/root:/bin/sh\n' >"$bb/etc/passwd"
+printf 'root:x:0:\n' >"$bb/etc/group"
+printf '127.0.0.1 localhost\n' >"$bb/etc/hosts"
+import_rootfs nk-busybox:latest "$bb" || { log "docker import failed"; exit 0; }
+
+# nk-node: the busybox rootfs plus node, its libraries and npm.
+node_bin=$(readlink -f "$(command -v node)")
+nd="$work/node"
+cp -a "$bb" "$nd"
+mkdir -p "$nd/usr/local/bin" "$nd/usr/bin"
+ln -s /bin/busybox "$nd/usr/bin/env"  # for `#!/usr/bin/env node` scripts
+cp "$node_bin" "$nd/usr/local/bin/node"
+for lib in $(ldd "$node_bin" | awk '/=>/ { print $3 } /^[ \t]*\/lib/ { print $1 }'); do
+  mkdir -p "$nd$(dirname "$lib")"
+  cp -L "$lib" "$nd$lib"
+done
+npm_dir=$(dirname "$(dirname "$(readlink -f "$(command -v npm)")")")
+if [ -d "$npm_dir" ]; then
+  mkdir -p "$nd/usr/local/lib/node_modules"
+  cp -a "$npm_dir" "$nd/usr/local/lib/node_modules/npm"
+  ln -s ../lib/node_modules/npm/bin/npm-cli.js "$nd/usr/local/bin/npm"
+fi
+import_rootfs nk-node:latest "$nd" || { log "docker import failed"; exit 0; }
+
+echo "export NANOKIT_TEST_DOCKER=1"
