@@ -1,0 +1,162 @@
+#!/usr/bin/env node
+// nanokit's Docker provider against Docker Compose, measured in one run on
+// the same Docker engine and printed as figures and ratios (never asserted).
+//
+// The project: 12 services in 3 layers of 4. Every service of a layer
+// depends on every service of the previous layer with
+// `condition: service_healthy`; each has a Docker healthcheck with a 1 s
+// interval. Both tools run identical containers (the local nk-busybox image,
+// a shell that exits on SIGTERM, the same healthcheck).
+//
+//   up        from nothing until all 12 containers are healthy. nanokit's
+//             `up` returns then; for compose, `up -d` returns once the last
+//             layer is started, so the bench then polls `docker inspect`
+//             until the last layer is healthy too (what a user waits for).
+//   no-change `up` again with everything running and unchanged.
+//   down      everything removed (containers and the network).
+//
+// Targets (issue #4): up ≤ 0.8×, no-change up ≤ 0.3×, down ≤ 0.8× of
+// compose's wall time. Both CLIs are started as processes each time (node
+// for nanokit, python for docker-compose), so start-up costs count for both.
+//
+// Usage: node bench/docker.mjs       (BENCH_RUNS=n, default 3; median)
+// Needs: a running Docker engine, docker-compose, and the nk-busybox image
+// (`eval "$(bash scripts/docker-test-env.sh)"` provides all three).
+import { spawnSync } from 'node:child_process'
+import { mkdirSync, rmSync, writeFileSync } from 'node:fs'
+import { dirname, join } from 'node:path'
+import { fileURLToPath } from 'node:url'
+
+const root = join(dirname(fileURLToPath(import.meta.url)), '..')
+const work = join(root, 'bench', '.work', 'docker')
+const BIN = join(root, 'bin', 'nanokit.js')
+const RUNS = Number(process.env.BENCH_RUNS || 3)
+const IMAGE = 'nk-busybox:latest'
+const LAYERS = 3
+const WIDTH = 4
+
+function skip(why) {
+  console.log(`SKIPPED: bench/docker.mjs: ${why}`)
+  process.exit(0)
+}
+
+function run(cmd, args, opts = {}) {
+  const r = spawnSync(cmd, args, { encoding: 'utf8', maxBuffer: 1 << 26, ...opts })
+  if (r.error) throw r.error
+  if (r.status !== 0 && !opts.allowFail) {
+    throw new Error(`${cmd} ${args.join(' ')} exited ${r.status}:\n${(r.stderr || '').slice(-3000)}`)
+  }
+  return r
+}
+
+function timed(fn) {
+  const t = process.hrtime.bigint()
+  fn()
+  return Number(process.hrtime.bigint() - t) / 1e6
+}
+
+function median(xs) {
+  const s = [...xs].sort((a, b) => a - b)
+  return s[Math.floor(s.length / 2)]
+}
+
+if (spawnSync('docker', ['info'], { encoding: 'utf8' }).status !== 0) skip('no Docker engine (docker info failed)')
+if (spawnSync('docker-compose', ['version'], { encoding: 'utf8' }).status !== 0) skip('docker-compose is not installed')
+if (spawnSync('docker', ['image', 'inspect', IMAGE], { encoding: 'utf8' }).status !== 0) {
+  skip(`image ${IMAGE} is missing (run: bash scripts/docker-test-env.sh)`)
+}
+
+rmSync(work, { recursive: true, force: true })
+const nkDir = join(work, 'nanokit')
+const dcDir = join(work, 'compose')
+mkdirSync(nkDir, { recursive: true })
+mkdirSync(dcDir, { recursive: true })
+
+// The same container for both tools: exits at once on SIGTERM (a shell as
+// PID 1 ignores signals it has no trap for, which would make every stop wait
+// out the grace period), healthy when `true` runs.
+const COMMAND = 'trap "exit 0" TERM; sleep 86400 & wait'
+const names = []
+for (let l = 0; l < LAYERS; l++) for (let i = 0; i < WIDTH; i++) names.push({ name: `l${l}s${i}`, layer: l })
+const deps = (layer) => (layer === 0 ? [] : names.filter((n) => n.layer === layer - 1).map((n) => n.name))
+
+let nkYml = 'name: nkbench\ninfra:\n  provider: docker\nservices:\n'
+for (const { name, layer } of names) {
+  nkYml += `  ${name}:\n    image: ${IMAGE}\n    start: ${JSON.stringify(COMMAND)}\n`
+  nkYml += '    healthcheck:\n      test: ["CMD", "true"]\n      interval: 1s\n      timeout: 1s\n      retries: 3\n'
+  const d = deps(layer)
+  if (d.length) nkYml += `    depends_on: [${d.join(', ')}]\n`
+}
+writeFileSync(join(nkDir, 'nanokit.yml'), nkYml)
+
+let dcYml = 'version: "2.4"\nservices:\n'
+for (const { name, layer } of names) {
+  dcYml += `  ${name}:\n    image: ${IMAGE}\n    command: ["sh", "-c", ${JSON.stringify(COMMAND)}]\n`
+  dcYml += '    healthcheck:\n      test: ["CMD", "true"]\n      interval: 1s\n      timeout: 1s\n      retries: 3\n'
+  const d = deps(layer)
+  if (d.length) {
+    dcYml += '    depends_on:\n'
+    for (const dep of d) dcYml += `      ${dep}:\n        condition: service_healthy\n`
+  }
+}
+writeFileSync(join(dcDir, 'docker-compose.yml'), dcYml)
+
+const nk = (...args) => run(process.execPath, [BIN, ...args, '-f', join(nkDir, 'nanokit.yml')], { cwd: nkDir })
+const dc = (...args) => run('docker-compose', ['-p', 'nkbenchdc', ...args], { cwd: dcDir })
+
+/** Containers of a compose project that are not yet healthy. */
+function composeUnhealthy() {
+  const ids = run('docker', ['ps', '-aq', '--filter', 'label=com.docker.compose.project=nkbenchdc']).stdout.split(/\s+/).filter(Boolean)
+  if (ids.length < names.length) return names.length
+  const states = run('docker', ['inspect', '-f', '{{.State.Health.Status}}', ...ids]).stdout.split(/\s+/).filter(Boolean)
+  return states.filter((s) => s !== 'healthy').length
+}
+
+function composeUpHealthy() {
+  dc('up', '-d', '--quiet-pull')
+  while (composeUnhealthy() > 0) spawnSync('sleep', ['0.05'])
+}
+
+function nkContainers() {
+  return run('docker', ['ps', '-aq', '--filter', 'label=nk-project=nkbench']).stdout.split(/\s+/).filter(Boolean).length
+}
+
+// Leftovers of an interrupted earlier run.
+nk('down', '--yes', '--volumes')
+dc('down', '--remove-orphans', '-t', '10')
+
+const t = { nk: { up: [], noop: [], down: [] }, dc: { up: [], noop: [], down: [] } }
+for (let r = 0; r < RUNS; r++) {
+  // Alternate which tool goes first, so neither always gets the warmer daemon.
+  const order = r % 2 === 0 ? ['nk', 'dc'] : ['dc', 'nk']
+  for (const tool of order) {
+    if (tool === 'nk') {
+      t.nk.up.push(timed(() => nk('up')))
+      if (nkContainers() !== names.length) throw new Error(`nanokit: expected ${names.length} containers, found ${nkContainers()}`)
+      t.nk.noop.push(timed(() => nk('up')))
+      t.nk.down.push(timed(() => nk('down')))
+      if (nkContainers() !== 0) throw new Error('nanokit down left containers behind')
+    } else {
+      t.dc.up.push(timed(composeUpHealthy))
+      t.dc.noop.push(timed(() => dc('up', '-d')))
+      t.dc.down.push(timed(() => dc('down', '-t', '10')))
+    }
+  }
+}
+
+const row = (what, key, target) => {
+  const a = median(t.nk[key])
+  const b = median(t.dc[key])
+  const ratio = a / b
+  const verdict = ratio <= target ? 'met' : 'NOT MET'
+  console.log(
+    `${what.padEnd(30)} nanokit ${a.toFixed(0).padStart(6)} ms   compose ${b.toFixed(0).padStart(6)} ms   ${ratio.toFixed(2)}×  (target ≤ ${target}×: ${verdict})`,
+  )
+}
+const composeVersion = run('docker-compose', ['version', '--short']).stdout.trim()
+const engine = run('docker', ['version', '-f', '{{.Server.Version}} (API {{.Server.APIVersion}})']).stdout.trim()
+console.log(`12 services, 3 layers of 4, service_healthy dependencies, 1 s health interval`)
+console.log(`docker engine ${engine}, docker-compose ${composeVersion}; median of ${RUNS} run(s)`)
+row('up (until all healthy)', 'up', 0.8)
+row('no-change up', 'noop', 0.3)
+row('down', 'down', 0.8)
