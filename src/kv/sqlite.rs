@@ -549,15 +549,7 @@ impl SqliteStore {
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(&m)?;
         let now = now_ms();
-        let current = tx
-            .prepare_cached("SELECT holder, expires_at FROM locks WHERE name = ?1")
-            .and_then(|mut st| {
-                st.query_row([name], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
-                })
-                .optional()
-            })
-            .map_err(&m)?;
+        let current = lock_row(&tx, name).map_err(&m)?;
         if let Some((h, expires_at)) = current {
             if expires_at > now && h != holder {
                 return Ok(Err((h, expires_at)));
@@ -621,15 +613,7 @@ impl SqliteStore {
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(&m)?;
-        let current = tx
-            .prepare_cached("SELECT holder, expires_at FROM locks WHERE name = ?1")
-            .and_then(|mut st| {
-                st.query_row([name], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
-                })
-                .optional()
-            })
-            .map_err(&m)?;
+        let current = lock_row(&tx, name).map_err(&m)?;
         match current {
             // Ours, even if expired: nobody else took it since, so releasing
             // it is correct.
@@ -735,4 +719,15 @@ impl SqliteStore {
             file_bytes: Some(size(&self.path) + size(Path::new(&wal))),
         })
     }
+}
+
+/// The holder and expiry (ms) of lock `name`, expired or not.
+fn lock_row(tx: &rusqlite::Transaction<'_>, name: &str) -> rusqlite::Result<Option<(String, i64)>> {
+    tx.prepare_cached("SELECT holder, expires_at FROM locks WHERE name = ?1")
+        .and_then(|mut st| {
+            st.query_row([name], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+            })
+            .optional()
+        })
 }
