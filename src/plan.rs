@@ -193,6 +193,7 @@ pub fn field_hashes(svc: &Service, config: &Config, salt: &str) -> BTreeMap<Stri
     put("volumes", json!(svc.volumes));
     put("provisioning.install", json!(svc.install));
     put("provisioning.image", json!(svc.install_image));
+    put("provisioning.manifests", json!(svc.manifest_digest));
     // Only when not the default, so hashes of existing deployments stay.
     put(
         "instances",

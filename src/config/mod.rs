@@ -199,6 +199,14 @@ pub struct Service {
     /// `provisioning.image`: the image the install runs in (a full image
     /// with build tools), when it differs from the one the service runs.
     pub install_image: Option<String>,
+    /// The manifests `provisioning.install` installs from (`package.json`,
+    /// `package-lock.json` in `path`, those that exist) and a digest of
+    /// their content: a changed manifest changes the service, so `up`
+    /// reinstalls.
+    #[serde(skip)]
+    pub manifests: Vec<PathBuf>,
+    #[serde(skip)]
+    pub manifest_digest: Option<String>,
     pub hooks: Hooks,
     pub healthcheck: Option<Healthcheck>,
     pub cpu: Option<f64>,
@@ -1083,6 +1091,25 @@ impl Cx {
                 );
             }
         }
+        let mut manifests = Vec::new();
+        let mut manifest_digest = None;
+        if install.is_some() {
+            use sha2::{Digest, Sha256};
+            let mut h = Sha256::new();
+            for m in ["package.json", "package-lock.json"] {
+                let p = path.join(m);
+                if let Ok(bytes) = std::fs::read(&p) {
+                    h.update(m.as_bytes());
+                    h.update([0]);
+                    h.update((bytes.len() as u64).to_le_bytes());
+                    h.update(&bytes);
+                    manifests.push(p);
+                }
+            }
+            if !manifests.is_empty() {
+                manifest_digest = Some(hex::encode(&h.finalize()[..12]));
+            }
+        }
         let mut hooks = Hooks::default();
         if let Some(h) = b.get("hooks") {
             let e = self.map(h, "hooks")?.to_vec();
@@ -1158,6 +1185,8 @@ impl Cx {
             update_strategy,
             install,
             install_image,
+            manifests,
+            manifest_digest,
             hooks,
             healthcheck,
             cpu,

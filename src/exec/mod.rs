@@ -714,14 +714,9 @@ impl Run {
         if let (Some(install), true) = (&svc.install, creating > 0) {
             self.set_status(name, Status::Provisioning, None).await?;
             self.emit(name, Phase::Provisioning, started, Some(install.clone()));
-            let manifests: Vec<PathBuf> = ["package.json", "package-lock.json"]
-                .iter()
-                .map(|m| svc.path.join(m))
-                .filter(|p| p.exists())
-                .collect();
             let r = self
                 .provider
-                .provision(&spec, install, &manifests, &self.opts.cancel)
+                .provision(&spec, install, &svc.manifests, &self.opts.cancel)
                 .await
                 .map_err(|e| format!("provisioning `{install}` failed: {e}"))?;
             if !r.ran {
