@@ -987,3 +987,26 @@ services:
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_docker_example_comes_up_healthy_and_goes_down() {
+    if !docker_ok() {
+        return;
+    }
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/docker");
+    let yml = std::fs::read_to_string(src.join("nanokit.yml"))
+        .unwrap()
+        .replace("name: dockerdemo", "name: NAME")
+        .replace("${WEB_PORT:-8088}", &common::free_port().to_string());
+    let p = DProject::new("example", &yml);
+    std::fs::create_dir_all(p.p.path().join("app")).unwrap();
+    for f in ["package.json", "server.js"] {
+        std::fs::copy(src.join("app").join(f), p.p.path().join("app").join(f)).unwrap();
+    }
+    ok(&p.up(quick()).await);
+    assert_eq!(p.names().len(), 4);
+    let r = p.up(quick()).await;
+    assert!(r.plan.actions.iter().all(|a| a.action == ActionKind::Noop));
+    p.p.down().await;
+    assert!(p.names().is_empty());
+}
