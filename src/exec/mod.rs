@@ -589,8 +589,18 @@ impl Run {
             .create(&spec)
             .await
             .map_err(|e| e.to_string())?;
-        self.save_ids(&svc.name, |ids| ids.push(inst.id.clone()))
-            .await?;
+        self.save(|s| {
+            if let Some(r) = s.resources.get_mut(&svc.name) {
+                let mut ids = r.ids();
+                ids.push(inst.id.clone());
+                r.set_ids(ids);
+                if r.status == Status::Creating {
+                    r.status = Status::Starting;
+                }
+                r.updated_at = state::now();
+            }
+        })
+        .await?;
         self.hooks(
             HookSite::Instance(&inst.id),
             svc,
