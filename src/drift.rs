@@ -13,8 +13,13 @@ use crate::state;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DriftKind {
-    /// The recorded process no longer exists.
+    /// The recorded process / container no longer exists.
     Gone,
+    /// The recorded container exists but is not running (`docker stop`).
+    Stopped,
+    /// The recorded instance runs with labels of another configuration
+    /// (replaced or changed outside nanokit).
+    Changed,
     /// The recorded pid exists but is another process (start time differs).
     PidReused,
     /// The configuration changed since the service was deployed.
@@ -51,14 +56,36 @@ pub async fn detect(config: &Config, provider: &dyn Provider) -> Result<DriftRep
         detail,
     };
     for (name, r) in &st.resources {
-        match &r.provider_id {
-            None => items.push(item(
+        let ids = r.ids();
+        if ids.is_empty() {
+            items.push(item(
                 name,
                 DriftKind::NotHealthy,
                 format!("creation did not finish (status {})", r.status.as_str()),
-            )),
-            Some(id) => {
-                if provider.inspect(id).await?.is_none() {
+            ));
+        }
+        let mut all_live = !ids.is_empty();
+        for id in &ids {
+            match observed.iter().find(|i| &i.id == id) {
+                Some(i) if !i.running => {
+                    all_live = false;
+                    items.push(item(
+                        name,
+                        DriftKind::Stopped,
+                        format!("instance {id} exists but is not running"),
+                    ));
+                }
+                Some(i) if i.config_hash != r.config_hash => {
+                    all_live = false;
+                    items.push(item(
+                        name,
+                        DriftKind::Changed,
+                        format!("instance {id} was changed outside nanokit (its configuration label differs)"),
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    all_live = false;
                     let reused = crate::provider::process::parse_id(id).and_then(|(pid, _)| {
                         crate::provider::process::proc_start_time(pid).map(|_| pid)
                     });
@@ -70,13 +97,24 @@ pub async fn detect(config: &Config, provider: &dyn Provider) -> Result<DriftRep
                         )),
                         _ => items.push(item(name, DriftKind::Gone, format!("instance {id} is not running"))),
                     }
-                } else if r.status != state::Status::Healthy {
-                    items.push(item(
-                        name,
-                        DriftKind::NotHealthy,
-                        format!("status {}", r.status.as_str()),
-                    ));
                 }
+            }
+        }
+        if all_live && r.status != state::Status::Healthy {
+            items.push(item(
+                name,
+                DriftKind::NotHealthy,
+                format!("status {}", r.status.as_str()),
+            ));
+        }
+        if let Some(svc) = config.services.get(name) {
+            let want = svc.instances.max(1) as usize;
+            if !ids.is_empty() && ids.len() != want {
+                items.push(item(
+                    name,
+                    DriftKind::NotHealthy,
+                    format!("{} of {want} instance(s) recorded", ids.len()),
+                ));
             }
         }
         if let Some(svc) = config.services.get(name) {
@@ -111,13 +149,17 @@ pub async fn detect(config: &Config, provider: &dyn Provider) -> Result<DriftRep
         let known = st
             .resources
             .get(&i.service)
-            .and_then(|r| r.provider_id.as_deref())
-            == Some(i.id.as_str());
+            .is_some_and(|r| r.ids().contains(&i.id));
         if !known {
+            let why = if config.services.contains_key(&i.service) {
+                "not recorded in state"
+            } else {
+                "an orphan: its service is not in the configuration (`nanokit up` removes it)"
+            };
             items.push(item(
                 &i.service,
                 DriftKind::Unmanaged,
-                format!("instance {} is running but not recorded in state", i.id),
+                format!("instance {} exists but is {why}", i.id),
             ));
         }
     }

@@ -55,9 +55,15 @@ pub struct Action {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub fields: BTreeMap<String, String>,
     pub depends_on: Vec<String>,
-    /// Provider ids to stop before acting: the recorded instance (update,
-    /// delete) and orphans found by label (from an interrupted run).
+    /// Provider ids to stop before acting: the recorded instances (update,
+    /// delete), recorded instances that are stopped or were changed outside
+    /// nanokit, and orphans found by label (from an interrupted run).
     pub stop: Vec<String>,
+    /// Running instances with the desired configuration that stay: the
+    /// healthy replicas of a service that lost only some, or instances
+    /// adopted by label when the state had no record of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keep: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -186,6 +192,13 @@ pub fn field_hashes(svc: &Service, config: &Config, salt: &str) -> BTreeMap<Stri
     );
     put("volumes", json!(svc.volumes));
     put("provisioning.install", json!(svc.install));
+    put("provisioning.image", json!(svc.install_image));
+    put("provisioning.manifests", json!(svc.manifest_digest));
+    // Only when not the default, so hashes of existing deployments stay.
+    put(
+        "instances",
+        json!((svc.instances != 1).then_some(svc.instances)),
+    );
     put("hooks", json!(svc.hooks));
     put("healthcheck", json!(svc.healthcheck));
     put("cpu", json!(svc.cpu));
@@ -256,60 +269,112 @@ pub fn plan(
         let svc = &config.services[name];
         let fields = field_hashes(svc, config, &state.lineage);
         let hash = config_hash(&fields);
+        let want = svc.instances.max(1) as usize;
         let rec = state.resources.get(name);
-        let live = by_service.get(name.as_str()).cloned().unwrap_or_default();
-        let rec_live = rec
-            .and_then(|r| r.provider_id.as_deref())
-            .filter(|id| live.iter().any(|i| i.id == *id));
-        let orphans: Vec<String> = live
-            .iter()
-            .filter(|i| Some(i.id.as_str()) != rec_live)
-            .map(|i| i.id.clone())
-            .collect();
+        let mut live = by_service.get(name.as_str()).cloned().unwrap_or_default();
+        live.sort_by(|a, b| a.replica.cmp(&b.replica).then(a.id.cmp(&b.id)));
+        let recorded: Vec<String> = rec.map(|r| r.ids()).unwrap_or_default();
         let mut reasons = Vec::new();
-        let kind = match (rec, rec_live) {
-            (None, _) => {
-                reasons.push("new service".to_string());
-                ActionKind::Create
-            }
-            (Some(r), None) => {
-                reasons.push(match &r.provider_id {
-                    None => format!(
-                        "the last run did not finish creating it (status {})",
-                        r.status.as_str()
-                    ),
-                    Some(id) => format!("recorded instance {id} is not running"),
-                });
-                ActionKind::Create
-            }
-            (Some(r), Some(_)) => {
-                if r.config_hash != hash {
-                    reasons = diff_reasons(&r.fields, &fields);
-                    if reasons.is_empty() {
-                        reasons.push("config hash changed".into());
+        let mut keep: Vec<String> = Vec::new();
+        let mut stop: Vec<String> = Vec::new();
+        let kind = match rec {
+            None => {
+                // No record: a new service, or a state that was lost. Running
+                // instances with exactly this configuration are adopted
+                // (their labels carry the lineage the hash is salted with),
+                // anything else found by label is stopped.
+                for i in &live {
+                    if i.running && i.config_hash == hash && keep.len() < want {
+                        keep.push(i.id.clone());
+                    } else {
+                        stop.push(i.id.clone());
+                        reasons.push(format!(
+                            "stop orphaned instance {} (from an interrupted run)",
+                            i.id
+                        ));
                     }
-                    ActionKind::Update
-                } else if r.status != Status::Healthy {
-                    reasons.push(format!("the last run left it {}", r.status.as_str()));
-                    ActionKind::Update
+                }
+                if keep.is_empty() {
+                    reasons.insert(0, "new service".to_string());
+                    ActionKind::Create
                 } else {
-                    ActionKind::Noop
+                    reasons.insert(
+                        0,
+                        format!(
+                            "adopt {} running instance(s) found by label ({})",
+                            keep.len(),
+                            keep.join(", ")
+                        ),
+                    );
+                    ActionKind::Update
                 }
             }
-        };
-        for o in &orphans {
-            reasons.push(format!(
-                "stop orphaned instance {o} (from an interrupted run)"
-            ));
-        }
-        let mut stop = orphans;
-        if kind == ActionKind::Update {
-            stop.extend(rec_live.map(str::to_string));
-        }
-        let kind = if kind == ActionKind::Noop && !stop.is_empty() {
-            ActionKind::Update
-        } else {
-            kind
+            Some(r) => {
+                let changed = r.config_hash != hash;
+                let unfinished = r.status != Status::Healthy;
+                let mut rec_live = Vec::new();
+                for i in &live {
+                    if !recorded.contains(&i.id) {
+                        stop.push(i.id.clone());
+                        reasons.push(format!(
+                            "stop orphaned instance {} (from an interrupted run)",
+                            i.id
+                        ));
+                    } else if !i.running {
+                        stop.push(i.id.clone());
+                        reasons.push(format!("recorded instance {} is stopped", i.id));
+                    } else if i.config_hash != r.config_hash {
+                        stop.push(i.id.clone());
+                        reasons.push(format!(
+                            "recorded instance {} was changed outside nanokit",
+                            i.id
+                        ));
+                    } else {
+                        rec_live.push(i.id.clone());
+                    }
+                }
+                for id in &recorded {
+                    if !live.iter().any(|i| &i.id == id) {
+                        reasons.push(format!("recorded instance {id} is not running"));
+                    }
+                }
+                if r.provider_id.is_none() {
+                    reasons.push(format!(
+                        "the last run did not finish creating it (status {})",
+                        r.status.as_str()
+                    ));
+                }
+                if changed || unfinished {
+                    if changed {
+                        let diff = diff_reasons(&r.fields, &fields);
+                        if diff.is_empty() {
+                            reasons.push("config hash changed".into());
+                        }
+                        reasons.extend(diff);
+                    } else if r.provider_id.is_some() && !rec_live.is_empty() {
+                        reasons.push(format!("the last run left it {}", r.status.as_str()));
+                    }
+                    stop.extend(rec_live.iter().cloned());
+                } else {
+                    keep = rec_live;
+                    if keep.len() > want {
+                        for id in keep.split_off(want) {
+                            reasons.push(format!("scale down: stop {id}"));
+                            stop.push(id);
+                        }
+                    } else if !keep.is_empty() && keep.len() < want {
+                        reasons.push(format!("{} of {want} instance(s) running", keep.len()));
+                    }
+                }
+                let any_running = live.iter().any(|i| i.running && recorded.contains(&i.id));
+                if keep.len() == want && stop.is_empty() && reasons.is_empty() {
+                    ActionKind::Noop
+                } else if !any_running {
+                    ActionKind::Create
+                } else {
+                    ActionKind::Update
+                }
+            }
         };
         actions.push(Action {
             service: name.clone(),
@@ -319,6 +384,7 @@ pub fn plan(
             fields,
             depends_on: svc.dep_names().map(str::to_string).collect(),
             stop,
+            keep,
         });
     }
     if !targeted {
@@ -351,7 +417,7 @@ pub fn plan(
                 .get(name.as_str())
                 .map(|v| v.iter().map(|i| i.id.clone()).collect())
                 .unwrap_or_default();
-            if let Some(id) = rec.and_then(|r| r.provider_id.clone()) {
+            for id in rec.map(|r| r.ids()).unwrap_or_default() {
                 if !stop.contains(&id) {
                     stop.push(id);
                 }
@@ -371,6 +437,7 @@ pub fn plan(
                 fields: BTreeMap::new(),
                 depends_on: rec.map(|r| r.depends_on.clone()).unwrap_or_default(),
                 stop,
+                keep: Vec::new(),
             });
         }
     }

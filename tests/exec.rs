@@ -87,12 +87,13 @@ services:
         lines,
         [
             "prestart",
+            "install",
             "start",
             "prestart_container",
-            "install",
             "poststart1",
             "poststart2"
-        ]
+        ],
+        "provisioning comes before the start: the instance runs what it installs"
     );
     let phases: Vec<Phase> = events.lock().unwrap().iter().map(|e| e.phase).collect();
     assert!(
@@ -363,12 +364,26 @@ async fn drift_after_kill_9_is_detected_and_restored() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn orphans_from_an_interrupted_run_are_found_by_label_and_stopped() {
+async fn lost_state_adopts_matching_instances_and_stops_other_orphans() {
     let p = Project::new("name: orphan\nservices:\n  a:\n    start: \"exec sleep 600\"\n");
     p.up(ExecOptions::default()).await.unwrap();
     let first = p.state().resources["a"].provider_id.clone().unwrap();
-    // Lose the state, as a run killed between spawn and save would.
+    // Lose the state: the running instance (same configuration, labelled
+    // with the old lineage) is adopted, not duplicated.
     std::fs::remove_file(p.config().state_file).unwrap();
+    let r = p.up(ExecOptions::default()).await.unwrap();
+    assert_eq!(r.plan.actions[0].action, ActionKind::Update);
+    assert_eq!(r.plan.actions[0].keep, vec![first.clone()]);
+    assert!(r.plan.actions[0].stop.is_empty(), "{:?}", r.plan.actions[0]);
+    assert!(nanokit::provider::process::id_alive(&first));
+    assert_eq!(
+        p.state().resources["a"].provider_id.as_deref(),
+        Some(first.as_str())
+    );
+    // Lose it again after a config change: the instance no longer matches
+    // and is stopped as an orphan.
+    std::fs::remove_file(p.config().state_file).unwrap();
+    p.write("name: orphan\nservices:\n  a:\n    start: \"exec sleep 601\"\n");
     let r = p.up(ExecOptions::default()).await.unwrap();
     assert_eq!(r.plan.actions[0].action, ActionKind::Create);
     assert!(

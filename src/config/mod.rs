@@ -185,6 +185,9 @@ pub struct Service {
     pub expose: Option<u16>,
     /// Absolute working directory (the service's `path`, or the project dir).
     pub path: PathBuf,
+    /// Whether `path` was given (the Docker provider mounts it at `/app`).
+    #[serde(skip)]
+    pub path_given: bool,
     pub depends_on: Vec<Dep>,
     /// Environment; values may be secrets and are never printed.
     #[serde(skip)]
@@ -193,6 +196,17 @@ pub struct Service {
     pub instances: u32,
     pub update_strategy: UpdateStrategy,
     pub install: Option<String>,
+    /// `provisioning.image`: the image the install runs in (a full image
+    /// with build tools), when it differs from the one the service runs.
+    pub install_image: Option<String>,
+    /// The manifests `provisioning.install` installs from (`package.json`,
+    /// `package-lock.json` in `path`, those that exist) and a digest of
+    /// their content: a changed manifest changes the service, so `up`
+    /// reinstalls.
+    #[serde(skip)]
+    pub manifests: Vec<PathBuf>,
+    #[serde(skip)]
+    pub manifest_digest: Option<String>,
     pub hooks: Hooks,
     pub healthcheck: Option<Healthcheck>,
     pub cpu: Option<f64>,
@@ -209,6 +223,10 @@ impl Service {
 #[derive(Debug, Clone, Serialize)]
 pub struct Volume {
     pub name: String,
+    /// `volumes.<name>.name`: the runtime's name for it (a Docker volume
+    /// shared with other projects); by default the provider derives one
+    /// from the project and environment.
+    pub external_name: Option<String>,
     #[serde(skip)]
     pub loc: Loc,
 }
@@ -721,14 +739,30 @@ impl Cx {
                         ),
                     ));
                 }
+                let mut external_name = None;
                 if !body.is_null() {
                     let e = self.map(body, &format!("volumes.{}", k.name))?;
-                    self.check_keys(e, &[], &format!("volume `{}`", k.name));
+                    self.check_keys(e, &["name"], &format!("volume `{}`", k.name));
+                    if let Some(n) = body.get("name") {
+                        let v = self.string(n, "name")?;
+                        let ok = !v.is_empty()
+                            && v.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+                            && v.chars()
+                                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+                        if !ok {
+                            return Err(self.err(
+                                n.loc,
+                                format!("`volumes.{}.name` is `{v}`: a volume name is letters, digits, `_`, `.` or `-`, starting with a letter or digit", k.name),
+                            ));
+                        }
+                        external_name = Some(v);
+                    }
                 }
                 volumes.insert(
                     k.name.clone(),
                     Volume {
                         name: k.name.clone(),
+                        external_name,
                         loc: k.loc,
                     },
                 );
@@ -889,6 +923,7 @@ impl Cx {
             Some(n) if !n.is_null() => Some(self.int(n, "expose", 1, 65535)? as u16),
             _ => port,
         };
+        let path_given = b.get("path").is_some_and(|n| !n.is_null());
         let path = match self.opt_string(b.get("path"), "path")? {
             None => dir.to_path_buf(),
             Some(p) => {
@@ -976,6 +1011,12 @@ impl Cx {
                 })?;
                 let is_path =
                     source.starts_with('.') || source.starts_with('/') || source.starts_with('~');
+                if provider == ProviderKind::Docker && !target.starts_with('/') {
+                    return Err(self.err(
+                        item.loc,
+                        format!("volume `{s}` of {ctx}: the target `{target}` must be an absolute path inside the container, such as `/data`"),
+                    ));
+                }
                 if !is_path && !volumes.contains_key(source) {
                     return Err(self.err(
                         item.loc,
@@ -990,7 +1031,7 @@ impl Cx {
             }
         }
 
-        let instances = match b.get("instances") {
+        let mut instances = match b.get("instances") {
             Some(n) if !n.is_null() => self.int(n, "instances", 0, 1000)? as u32,
             _ => 1,
         };
@@ -999,6 +1040,13 @@ impl Cx {
                 b.get("instances").map_or(key.loc, |n| n.loc),
                 format!("`instances: {instances}` of {ctx}: the process provider runs one instance per service"),
             );
+            instances = 1;
+        }
+        if instances > 1 && provider == ProviderKind::Docker && port.is_some() {
+            return Err(self.err(
+                b.get("instances").map_or(key.loc, |n| n.loc),
+                format!("{ctx} has `instances: {instances}` and publishes host `port` {}: only one container can bind a host port; drop `port` and keep `expose` (replicas are reachable by the service name on the project network)", port.unwrap_or_default()),
+            ));
         }
         let update_strategy = match self
             .opt_string(b.get("updateStrategy"), "updateStrategy")?
@@ -1011,8 +1059,16 @@ impl Cx {
                         b.get("updateStrategy").map_or(key.loc, |n| n.loc),
                         format!("`updateStrategy: rolling` of {ctx} is not supported by the process provider; it recreates"),
                     );
+                    UpdateStrategy::Recreate
+                } else if port.is_some() {
+                    self.warn(
+                        b.get("updateStrategy").map_or(key.loc, |n| n.loc),
+                        format!("`updateStrategy: rolling` of {ctx} needs two containers at once, but only one can bind host `port`; it recreates (drop `port` and keep `expose` to roll)"),
+                    );
+                    UpdateStrategy::Recreate
+                } else {
+                    UpdateStrategy::Rolling
                 }
-                UpdateStrategy::Rolling
             }
             Some(other) => {
                 return Err(self.err(
@@ -1022,10 +1078,37 @@ impl Cx {
             }
         };
         let mut install = None;
+        let mut install_image = None;
         if let Some(p) = b.get("provisioning") {
             let e = self.map(p, "provisioning")?.to_vec();
-            self.check_keys(&e, &["install"], &format!("provisioning of {ctx}"));
+            self.check_keys(&e, &["install", "image"], &format!("provisioning of {ctx}"));
             install = self.opt_string(p.get("install"), "provisioning.install")?;
+            install_image = self.opt_string(p.get("image"), "provisioning.image")?;
+            if install_image.is_some() && provider == ProviderKind::Process {
+                self.warn(
+                    p.get("image").map_or(key.loc, |n| n.loc),
+                    format!("`provisioning.image` of {ctx} is not used by the process provider"),
+                );
+            }
+        }
+        let mut manifests = Vec::new();
+        let mut manifest_digest = None;
+        if install.is_some() {
+            use sha2::{Digest, Sha256};
+            let mut h = Sha256::new();
+            for m in ["package.json", "package-lock.json"] {
+                let p = path.join(m);
+                if let Ok(bytes) = std::fs::read(&p) {
+                    h.update(m.as_bytes());
+                    h.update([0]);
+                    h.update((bytes.len() as u64).to_le_bytes());
+                    h.update(&bytes);
+                    manifests.push(p);
+                }
+            }
+            if !manifests.is_empty() {
+                manifest_digest = Some(hex::encode(&h.finalize()[..12]));
+            }
         }
         let mut hooks = Hooks::default();
         if let Some(h) = b.get("hooks") {
@@ -1094,12 +1177,16 @@ impl Cx {
             port,
             expose,
             path,
+            path_given,
             depends_on,
             env,
             volumes: mounts,
             instances,
             update_strategy,
             install,
+            install_image,
+            manifests,
+            manifest_digest,
             hooks,
             healthcheck,
             cpu,

@@ -2,8 +2,15 @@
 //!
 //! Each service starts as soon as every service it depends on is healthy (no
 //! waiting for a whole layer), under a concurrency limit. Per service:
-//! host `prestart` → provider create/start → `prestart_container` in the
-//! instance → `provisioning.install` → health check → host `poststart`.
+//! host `prestart` → `provisioning.install` → provider create/start of each
+//! replica → `prestart_container` in it → health check → host `poststart`.
+//! Provisioning comes before the start because what it installs (into the
+//! service's directory or shared volume) is what the instance runs: started
+//! first, it would race the install or crash without it.
+//! A changed service is replaced by `recreate` (stop the old instances, then
+//! start new ones) or `rolling` (per replica: start the new one, wait until
+//! it is healthy, then stop an old one; a new replica that fails leaves the
+//! old ones running).
 //! Down, in reverse dependency order: `prestop` in the instance → stop →
 //! `poststop` on the host. A failing step fails that service and skips its
 //! dependents; independent branches go on. Cancelling (Ctrl-C) starts
@@ -214,7 +221,9 @@ pub fn provider_for(config: &Config) -> Result<Arc<dyn Provider>, ProviderError>
             config.work_dir().join("logs").join(&config.env),
             config.work_dir().join("volumes").join(&config.env),
         ))),
-        crate::config::ProviderKind::Docker => Err(ProviderError::Unavailable("docker".into())),
+        crate::config::ProviderKind::Docker => Ok(Arc::new(
+            crate::provider::docker::DockerProvider::new(config)?,
+        )),
     }
 }
 
@@ -246,6 +255,8 @@ struct Run {
     store: tokio::sync::Mutex<Store>,
     opts: ExecOptions,
     scope: Scope,
+    /// The state's lineage, labelled on every instance.
+    lineage: String,
 }
 
 impl Run {
@@ -285,8 +296,10 @@ impl Run {
         .await
     }
 
-    fn spec(&self, svc: &Service, hash: &str) -> InstanceSpec {
+    fn spec(&self, svc: &Service, hash: &str, replica: u32) -> InstanceSpec {
         let mut labels = BTreeMap::new();
+        labels.insert(provider::LABEL_LINEAGE.into(), self.lineage.clone());
+        labels.insert(provider::LABEL_REPLICA.into(), replica.to_string());
         labels.insert(provider::LABEL_PROJECT.into(), self.scope.project.clone());
         labels.insert(provider::LABEL_ENV.into(), self.scope.env.clone());
         labels.insert(provider::LABEL_STATE_ID.into(), self.scope.state_id.clone());
@@ -294,22 +307,23 @@ impl Run {
         labels.insert(provider::LABEL_HASH.into(), hash.to_string());
         let mut env = svc.env.clone();
         let mut mounts = Vec::new();
+        let mut volumes = Vec::new();
         for m in &svc.volumes {
-            let host = if m.named {
-                self.provider.volume_path(&m.source)
-            } else {
-                self.config.dir.join(&m.source)
-            };
             if m.named {
+                volumes.push((m.source.clone(), m.target.clone()));
                 env.insert(
                     format!(
                         "NK_VOLUME_{}",
                         m.source.to_ascii_uppercase().replace('-', "_")
                     ),
-                    host.to_string_lossy().into_owned(),
+                    self.provider
+                        .volume_path(&m.source)
+                        .to_string_lossy()
+                        .into_owned(),
                 );
+            } else {
+                mounts.push((self.config.dir.join(&m.source), m.target.clone()));
             }
-            mounts.push((host, m.target.clone()));
         }
         if let Some(p) = svc.port {
             env.entry("PORT".into()).or_insert_with(|| p.to_string());
@@ -325,6 +339,15 @@ impl Run {
             log_file: self.config.log_file(&svc.name),
             port: svc.port,
             mounts,
+            volumes,
+            expose: svc.expose,
+            path_given: svc.path_given,
+            replica,
+            replicas: svc.instances.max(1),
+            healthcheck: svc.healthcheck.clone(),
+            cpu: svc.cpu,
+            memory: svc.memory,
+            install_image: svc.install_image.clone(),
         }
     }
 
@@ -392,36 +415,57 @@ impl Run {
     ) -> Result<(), String> {
         self.emit(&svc.name, Phase::Health, started, None);
         let t0 = Instant::now();
-        let (probe, interval, timeout, retries, start_period) = match (&svc.healthcheck, svc.port) {
-            (Some(h), _) => (
-                Probe::Command(h.test.clone()),
-                h.interval,
-                h.timeout,
-                h.retries,
-                h.start_period,
-            ),
-            (None, Some(p)) => (
-                Probe::Port(p),
-                Duration::from_millis(50),
-                Duration::from_secs(1),
-                u32::MAX,
-                Duration::ZERO,
-            ),
-            (None, None) => (
-                Probe::Running,
-                Duration::from_millis(100),
-                Duration::from_secs(1),
-                1,
-                Duration::from_millis(200),
-            ),
-        };
+        let native = self.provider.native_healthcheck();
+        // With a runtime-evaluated check the runtime counts retries; we only
+        // poll its verdict, often, until this cap.
+        let native_cap = svc.healthcheck.as_ref().filter(|_| native).map(|h| {
+            h.start_period + (h.interval + h.timeout) * (h.retries + 1) + Duration::from_secs(10)
+        });
+        let (probe, interval, timeout, retries, start_period) =
+            match (&svc.healthcheck, svc.port.or(svc.expose)) {
+                (Some(h), _) if native => (
+                    Probe::Command(h.test.clone()),
+                    Duration::from_millis(100),
+                    h.timeout,
+                    u32::MAX,
+                    Duration::ZERO,
+                ),
+                (Some(h), _) => (
+                    Probe::Command(h.test.clone()),
+                    h.interval,
+                    h.timeout,
+                    h.retries,
+                    h.start_period,
+                ),
+                (None, Some(p)) => (
+                    Probe::Port(p),
+                    Duration::from_millis(50),
+                    Duration::from_secs(1),
+                    u32::MAX,
+                    Duration::ZERO,
+                ),
+                (None, None) => (
+                    Probe::Running,
+                    Duration::from_millis(100),
+                    Duration::from_secs(1),
+                    1,
+                    Duration::from_millis(200),
+                ),
+            };
         let mut failures = 0u32;
         let mut last = String::new();
         loop {
             if self.opts.cancel.is_cancelled() {
                 return Err("cancelled".into());
             }
-            if self.provider.inspect(id).await.ok().flatten().is_none() {
+            if !self
+                .provider
+                .inspect(id)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|i| i.running)
+            {
                 let logs = self.provider.logs(&svc.name, 20).await.unwrap_or_default();
                 return Err(format!(
                     "the instance exited while starting; last log lines:\n{}",
@@ -439,12 +483,24 @@ impl Run {
                     return Ok(());
                 }
                 last = r.output;
+                if r.fatal {
+                    return Err(format!(
+                        "health check `{}` reported unhealthy after {:.1}s; last probe output:\n{}",
+                        match &probe {
+                            Probe::Command(argv) => argv.join(" "),
+                            _ => String::new(),
+                        },
+                        t0.elapsed().as_secs_f64(),
+                        indent(&tail(&last, 20))
+                    ));
+                }
                 if !in_grace {
                     failures += 1;
                 }
             }
-            let capped =
-                matches!(probe, Probe::Port(_)) && t0.elapsed() >= self.opts.health_timeout;
+            let capped = (matches!(probe, Probe::Port(_))
+                && t0.elapsed() >= self.opts.health_timeout)
+                || native_cap.is_some_and(|c| t0.elapsed() >= c);
             if failures >= retries || capped {
                 let what = match &probe {
                     Probe::Command(argv) => format!("health check `{}`", argv.join(" ")),
@@ -475,9 +531,15 @@ impl Run {
         self.emit(name, Phase::Stopping, started, Some(id.to_string()));
         if let Some(svc) = svc {
             if !svc.hooks.prestop.is_empty()
-                && self.provider.inspect(id).await.ok().flatten().is_some()
+                && self
+                    .provider
+                    .inspect(id)
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|i| i.running)
             {
-                let spec = self.spec(svc, "");
+                let spec = self.spec(svc, "", 1);
                 if let Err(e) = self
                     .hooks(
                         HookSite::Instance(id),
@@ -499,87 +561,42 @@ impl Run {
             .map_err(|e| format!("stopping {id}: {e}"))
     }
 
-    /// The whole up lifecycle of one service.
-    async fn up_service(&self, action: &plan::Action, started: Instant) -> Result<Phase, String> {
-        let name = &action.service;
-        let svc = &self.config.services[name];
-        let hash = action.config_hash.clone().unwrap_or_default();
-        if action.action == ActionKind::Noop {
-            self.emit(name, Phase::Unchanged, started, None);
-            return Ok(Phase::Unchanged);
-        }
-        let spec = self.spec(svc, &hash);
-        for id in &action.stop {
-            // The old instance of an update gets its stop hooks; orphans do not.
-            let recorded = self
-                .store
-                .lock()
-                .await
-                .state()
-                .resources
-                .get(name)
-                .and_then(|r| r.provider_id.clone());
-            let hooks = (recorded.as_deref() == Some(id.as_str())).then_some(svc);
-            self.stop_instance(name, id, hooks, started).await?;
-            if hooks.is_some() {
-                self.hooks(
-                    HookSite::Host,
-                    svc,
-                    &spec,
-                    "poststop",
-                    &svc.hooks.poststop,
-                    started,
-                )
-                .await?;
-            }
-        }
-        self.emit(name, Phase::Starting, started, None);
-        self.hooks(
-            HookSite::Host,
-            svc,
-            &spec,
-            "prestart",
-            &svc.hooks.prestart,
-            started,
-        )
-        .await?;
-        if self.opts.cancel.is_cancelled() {
-            return Err("cancelled".into());
-        }
-        let now = state::now();
+    /// Records `f` applied to the service's instance ids.
+    async fn save_ids(&self, name: &str, f: impl FnOnce(&mut Vec<String>)) -> Result<(), String> {
         self.save(|s| {
-            let created_at = s
-                .resources
-                .get(name)
-                .map_or(now.clone(), |r| r.created_at.clone());
-            s.resources.insert(
-                name.clone(),
-                Resource {
-                    provider: self.provider.name().to_string(),
-                    provider_id: None,
-                    config_hash: hash.clone(),
-                    fields: action.fields.clone(),
-                    depends_on: action.depends_on.clone(),
-                    status: Status::Creating,
-                    error: None,
-                    created_at,
-                    updated_at: now.clone(),
-                },
-            );
+            if let Some(r) = s.resources.get_mut(name) {
+                let mut ids = r.ids();
+                f(&mut ids);
+                r.set_ids(ids);
+                r.updated_at = state::now();
+            }
         })
-        .await?;
-        for m in &spec.mounts {
-            std::fs::create_dir_all(&m.0).map_err(|e| format!("volume {}: {e}", m.0.display()))?;
-        }
+        .await
+    }
+
+    /// Creates and starts replica `replica`, records it, runs the
+    /// instance-side prestart in it.
+    async fn start_replica(
+        &self,
+        svc: &Service,
+        hash: &str,
+        replica: u32,
+        started: Instant,
+    ) -> Result<(String, InstanceSpec), String> {
+        let spec = self.spec(svc, hash, replica);
         let inst = self
             .provider
             .create(&spec)
             .await
             .map_err(|e| e.to_string())?;
         self.save(|s| {
-            if let Some(r) = s.resources.get_mut(name) {
-                r.provider_id = Some(inst.id.clone());
-                r.status = Status::Starting;
+            if let Some(r) = s.resources.get_mut(&svc.name) {
+                let mut ids = r.ids();
+                ids.push(inst.id.clone());
+                r.set_ids(ids);
+                if r.status == Status::Creating {
+                    r.status = Status::Starting;
+                }
                 r.updated_at = state::now();
             }
         })
@@ -593,16 +610,123 @@ impl Run {
             started,
         )
         .await?;
-        if let Some(install) = &svc.install {
+        Ok((inst.id, spec))
+    }
+
+    /// The whole up lifecycle of one service.
+    async fn up_service(&self, action: &plan::Action, started: Instant) -> Result<Phase, String> {
+        let name = &action.service;
+        let svc = &self.config.services[name];
+        let hash = action.config_hash.clone().unwrap_or_default();
+        if action.action == ActionKind::Noop {
+            self.emit(name, Phase::Unchanged, started, None);
+            return Ok(Phase::Unchanged);
+        }
+        let want = svc.instances.max(1) as usize;
+        let spec = self.spec(svc, &hash, 1);
+        // The recorded instances being replaced get their stop hooks;
+        // orphans (and stopped or foreign instances) are just removed.
+        let recorded = self
+            .store
+            .lock()
+            .await
+            .state()
+            .resources
+            .get(name)
+            .map(|r| r.ids())
+            .unwrap_or_default();
+        let mut old = Vec::new();
+        for id in &action.stop {
+            let running = recorded.contains(id)
+                && self
+                    .provider
+                    .inspect(id)
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|i| i.running);
+            if running {
+                old.push(id.clone());
+            } else {
+                self.stop_instance(name, id, None, started).await?;
+                self.save_ids(name, |ids| ids.retain(|x| x != id)).await?;
+            }
+        }
+        let rolling = svc.update_strategy == crate::config::UpdateStrategy::Rolling
+            && !old.is_empty()
+            && action.keep.is_empty();
+        if !rolling {
+            for id in &old {
+                self.stop_instance(name, id, Some(svc), started).await?;
+                self.save_ids(name, |ids| ids.retain(|x| x != id)).await?;
+            }
+            if !old.is_empty() {
+                self.hooks(
+                    HookSite::Host,
+                    svc,
+                    &spec,
+                    "poststop",
+                    &svc.hooks.poststop,
+                    started,
+                )
+                .await?;
+            }
+        }
+        let creating = want.saturating_sub(action.keep.len());
+        self.emit(name, Phase::Starting, started, None);
+        if creating > 0 {
+            self.hooks(
+                HookSite::Host,
+                svc,
+                &spec,
+                "prestart",
+                &svc.hooks.prestart,
+                started,
+            )
+            .await?;
+        }
+        if self.opts.cancel.is_cancelled() {
+            return Err("cancelled".into());
+        }
+        let now = state::now();
+        let mut ids = action.keep.clone();
+        if rolling {
+            ids.extend(old.iter().cloned());
+        }
+        self.save(|s| {
+            let created_at = s
+                .resources
+                .get(name)
+                .map_or(now.clone(), |r| r.created_at.clone());
+            let mut r = Resource {
+                provider: self.provider.name().to_string(),
+                provider_id: None,
+                instances: Vec::new(),
+                config_hash: hash.clone(),
+                fields: action.fields.clone(),
+                depends_on: action.depends_on.clone(),
+                status: if creating > 0 {
+                    Status::Creating
+                } else {
+                    Status::Starting
+                },
+                error: None,
+                created_at,
+                updated_at: now.clone(),
+            };
+            r.set_ids(ids);
+            s.resources.insert(name.clone(), r);
+        })
+        .await?;
+        for m in &spec.mounts {
+            std::fs::create_dir_all(&m.0).map_err(|e| format!("volume {}: {e}", m.0.display()))?;
+        }
+        if let (Some(install), true) = (&svc.install, creating > 0) {
             self.set_status(name, Status::Provisioning, None).await?;
             self.emit(name, Phase::Provisioning, started, Some(install.clone()));
-            let manifests: Vec<PathBuf> = ["package.json", "package-lock.json"]
-                .iter()
-                .map(|m| svc.path.join(m))
-                .filter(|p| p.exists())
-                .collect();
-            let argv = vec!["sh".to_string(), "-c".to_string(), install.clone()];
-            let r = crate::foundation::provision(&svc.path, &argv, &manifests, &self.opts.cancel)
+            let r = self
+                .provider
+                .provision(&spec, install, &svc.manifests, &self.opts.cancel)
                 .await
                 .map_err(|e| format!("provisioning `{install}` failed: {e}"))?;
             if !r.ran {
@@ -613,17 +737,85 @@ impl Run {
                     Some("already installed".into()),
                 );
             }
+            self.set_status(name, Status::Starting, None).await?;
         }
-        self.wait_healthy(&inst.id, svc, &spec, started).await?;
-        self.hooks(
-            HookSite::Host,
-            svc,
-            &spec,
-            "poststart",
-            &svc.hooks.poststart,
-            started,
-        )
-        .await?;
+        // Replica numbers not taken by the instances that stay.
+        let mut used = Vec::new();
+        for id in &action.keep {
+            if let Ok(Some(i)) = self.provider.inspect(id).await {
+                used.push(i.replica);
+            }
+        }
+        let slots: Vec<u32> = (1..).filter(|n| !used.contains(n)).take(creating).collect();
+        if rolling {
+            // One replica at a time: the new one healthy before an old one goes.
+            let mut old = old.into_iter();
+            for slot in slots {
+                if self.opts.cancel.is_cancelled() {
+                    return Err("cancelled".into());
+                }
+                let (id, rspec) = self.start_replica(svc, &hash, slot, started).await?;
+                if let Err(e) = self.wait_healthy(&id, svc, &rspec, started).await {
+                    // Keep serving from the old instances.
+                    let _ = self.stop_instance(name, &id, None, started).await;
+                    self.save_ids(name, |ids| ids.retain(|x| x != &id)).await?;
+                    return Err(format!(
+                        "rolling update: the new replica failed, the old instance(s) keep running: {e}"
+                    ));
+                }
+                if let Some(o) = old.next() {
+                    self.stop_instance(name, &o, Some(svc), started).await?;
+                    self.save_ids(name, |ids| ids.retain(|x| x != &o)).await?;
+                }
+            }
+            let rest: Vec<String> = old.collect();
+            for o in &rest {
+                self.stop_instance(name, o, Some(svc), started).await?;
+                self.save_ids(name, |ids| ids.retain(|x| x != o)).await?;
+            }
+            self.hooks(
+                HookSite::Host,
+                svc,
+                &spec,
+                "poststop",
+                &svc.hooks.poststop,
+                started,
+            )
+            .await?;
+        } else {
+            let created = futures::future::join_all(
+                slots
+                    .iter()
+                    .map(|slot| self.start_replica(svc, &hash, *slot, started)),
+            )
+            .await;
+            let mut all = Vec::new();
+            for id in &action.keep {
+                all.push((id.clone(), spec.clone()));
+            }
+            for r in created {
+                all.push(r?);
+            }
+            let waits = futures::future::join_all(
+                all.iter()
+                    .map(|(id, rspec)| self.wait_healthy(id, svc, rspec, started)),
+            )
+            .await;
+            for w in waits {
+                w?;
+            }
+        }
+        if creating > 0 {
+            self.hooks(
+                HookSite::Host,
+                svc,
+                &spec,
+                "poststart",
+                &svc.hooks.poststart,
+                started,
+            )
+            .await?;
+        }
         self.set_status(name, Status::Healthy, None).await?;
         self.emit(name, Phase::Healthy, started, None);
         Ok(Phase::Healthy)
@@ -642,7 +834,7 @@ impl Run {
             self.stop_instance(name, id, svc, started).await?;
         }
         if let Some(svc) = svc {
-            let spec = self.spec(svc, "");
+            let spec = self.spec(svc, "", 1);
             self.hooks(
                 HookSite::Host,
                 svc,
@@ -882,10 +1074,23 @@ async fn up_locked(
     provider: Arc<dyn Provider>,
     opts: ExecOptions,
     dag: Dag,
-    store: Store,
+    mut store: Store,
 ) -> Result<Report, ExecError> {
     let scope = scope(&config);
     let observed = provider.observe(&scope).await?;
+    // A state that was lost (a fresh one, never written) takes the lineage
+    // its instances were labelled with, so their config hashes compare
+    // equal and they are adopted rather than duplicated.
+    if store.state().serial == 0 {
+        let found = observed
+            .iter()
+            .filter_map(|i| i.lineage.clone())
+            .find(|l| !l.is_empty());
+        if let Some(l) = found.filter(|l| *l != store.state().lineage) {
+            store.update(|s| s.lineage = l).await?;
+        }
+    }
+    let lineage = store.state().lineage.clone();
     let plan = plan::plan(
         &config,
         &dag,
@@ -905,6 +1110,7 @@ async fn up_locked(
         store: tokio::sync::Mutex::new(store),
         opts: opts.clone(),
         scope,
+        lineage,
     });
     // Volumes first: services mount them.
     for v in plan
@@ -1124,6 +1330,7 @@ async fn down_locked(
     let scope = scope(&config);
     let observed = provider.observe(&scope).await?;
     let state = store.state().clone();
+    let lineage = state.lineage.clone();
     let mut names: std::collections::BTreeSet<String> = state.resources.keys().cloned().collect();
     names.extend(observed.iter().map(|i| i.service.clone()));
     if !opts.targets.is_empty() {
@@ -1157,7 +1364,7 @@ async fn down_locked(
                 .filter(|i| &i.service == n)
                 .map(|i| i.id.clone())
                 .collect();
-            if let Some(id) = rec.and_then(|r| r.provider_id.clone()) {
+            for id in rec.map(|r| r.ids()).unwrap_or_default() {
                 if !stop.contains(&id) {
                     stop.push(id);
                 }
@@ -1170,6 +1377,7 @@ async fn down_locked(
                 fields: BTreeMap::new(),
                 depends_on: rec.map(|r| r.depends_on.clone()).unwrap_or_default(),
                 stop,
+                keep: Vec::new(),
             }
         })
         .collect();
@@ -1198,6 +1406,7 @@ async fn down_locked(
         store: tokio::sync::Mutex::new(store),
         opts: opts.clone(),
         scope,
+        lineage,
     });
     let nodes = actions
         .iter()

@@ -4,9 +4,11 @@
 //! provider id (recorded in state) or by its labels (project, env, state id,
 //! service, config hash), so instances created by a run that was killed
 //! before it could record them are still found. The local-process provider
-//! lives in [`process`]; a Docker provider maps the same calls onto
-//! containers (labels, create/start, exec, inspect, stop/remove, logs).
+//! lives in [`process`]; the Docker provider ([`docker`]) maps the same
+//! calls onto containers (labels, create/start, exec, inspect, stop/remove,
+//! logs).
 
+pub mod docker;
 pub mod process;
 
 use std::collections::BTreeMap;
@@ -24,6 +26,12 @@ pub const LABEL_ENV: &str = "NK_ENV";
 pub const LABEL_STATE_ID: &str = "NK_STATE_ID";
 pub const LABEL_SERVICE: &str = "NK_SERVICE";
 pub const LABEL_HASH: &str = "NK_CONFIG_HASH";
+/// The state lineage the instance was created under: lets a run whose
+/// `state.json` was lost recompute the same (salted) config hashes and
+/// adopt the instances instead of duplicating them.
+pub const LABEL_LINEAGE: &str = "NK_LINEAGE";
+/// Replica number (1-based) of the instance within its service.
+pub const LABEL_REPLICA: &str = "NK_REPLICA";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
@@ -33,6 +41,9 @@ pub enum ProviderError {
     Unavailable(String),
     #[error("{0}")]
     Failed(String),
+    /// The runtime (Docker daemon) cannot be reached.
+    #[error("{0}")]
+    Unreachable(String),
 }
 
 impl ErrorCode for ProviderError {
@@ -41,6 +52,7 @@ impl ErrorCode for ProviderError {
             ProviderError::Io(_) => "ENKIO",
             ProviderError::Unavailable(_) => "ENKPROVIDER",
             ProviderError::Failed(_) => "ENKPROVIDER",
+            ProviderError::Unreachable(_) => "ENKUNREACHABLE",
         }
     }
 }
@@ -83,6 +95,22 @@ pub struct InstanceSpec {
     pub port: Option<u16>,
     /// (host path, target) mounts.
     pub mounts: Vec<(PathBuf, String)>,
+    /// (named volume as declared in the config, target) mounts. The process
+    /// provider sees them in `mounts` as host directories as well.
+    pub volumes: Vec<(String, String)>,
+    /// Port the service listens on inside the instance (`expose`).
+    pub expose: Option<u16>,
+    /// Whether `path` was given (the Docker provider bind-mounts it).
+    pub path_given: bool,
+    /// Replica number, 1-based.
+    pub replica: u32,
+    /// Replica count of the service.
+    pub replicas: u32,
+    pub healthcheck: Option<crate::config::Healthcheck>,
+    pub cpu: Option<f64>,
+    pub memory: Option<u64>,
+    /// Image for `provisioning.install` (defaults to `image`).
+    pub install_image: Option<String>,
 }
 
 /// One live instance as the provider sees it.
@@ -93,6 +121,12 @@ pub struct Instance {
     pub config_hash: String,
     pub running: bool,
     pub pid: Option<u32>,
+    /// Replica number from the instance's labels (0 when unknown).
+    #[serde(default)]
+    pub replica: u32,
+    /// State lineage from the instance's labels.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lineage: Option<String>,
 }
 
 /// Output of a command run in an instance.
@@ -125,6 +159,16 @@ pub enum Probe {
 pub struct ProbeResult {
     pub ok: bool,
     pub output: String,
+    /// The runtime itself judged the instance unhealthy for good (its own
+    /// retries are exhausted): stop waiting.
+    pub fatal: bool,
+}
+
+/// Result of [`Provider::provision`].
+#[derive(Debug, Clone)]
+pub struct Provisioned {
+    /// False when the sentinel showed the same install already done.
+    pub ran: bool,
 }
 
 #[async_trait]
@@ -173,4 +217,29 @@ pub trait Provider: Send + Sync {
 
     /// Host path of a named volume (for mounts).
     fn volume_path(&self, name: &str) -> PathBuf;
+
+    /// Whether the runtime evaluates `healthcheck` itself (a Docker
+    /// HEALTHCHECK): [`probe`](Provider::probe) with [`Probe::Command`] then
+    /// reports the runtime's verdict instead of running the command, and the
+    /// engine polls it at a short interval rather than at the check's own.
+    fn native_healthcheck(&self) -> bool {
+        false
+    }
+
+    /// Runs `install` (`sh -c`) once per manifest hash for `spec`, under the
+    /// global provisioning lock and sentinel of its shared directory. The
+    /// process provider provisions the service's `path` on the host.
+    async fn provision(
+        &self,
+        spec: &InstanceSpec,
+        install: &str,
+        manifests: &[PathBuf],
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<Provisioned, ProviderError> {
+        let argv = vec!["sh".to_string(), "-c".to_string(), install.to_string()];
+        crate::foundation::provision(&spec.dir, &argv, manifests, cancel)
+            .await
+            .map(|p| Provisioned { ran: p.ran })
+            .map_err(ProviderError::Failed)
+    }
 }

@@ -177,6 +177,11 @@ impl ProcessProvider {
             config_hash: env.get(LABEL_HASH).cloned().unwrap_or_default(),
             running: true,
             pid: Some(pid),
+            replica: env
+                .get(LABEL_REPLICA)
+                .and_then(|r| r.parse().ok())
+                .unwrap_or(1),
+            lineage: env.get(LABEL_LINEAGE).cloned(),
         }
     }
 }
@@ -227,6 +232,11 @@ impl Provider for ProcessProvider {
             ProviderError::Failed(format!("service `{}` has no start command", spec.service))
         })?;
         let io = |what: &str, e: std::io::Error| ProviderError::Io(format!("{what}: {e}"));
+        for (name, _) in &spec.volumes {
+            let dir = self.volume_path(name);
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| io(&format!("cannot create volume {}", dir.display()), e))?;
+        }
         if let Some(dir) = spec.log_file.parent() {
             std::fs::create_dir_all(dir).map_err(|e| io("cannot create the log directory", e))?;
         }
@@ -288,6 +298,8 @@ impl Provider for ProcessProvider {
             config_hash: spec.config_hash.clone(),
             running: true,
             pid: Some(pid),
+            replica: spec.replica,
+            lineage: spec.labels.get(LABEL_LINEAGE).cloned(),
         })
     }
 
@@ -314,6 +326,7 @@ impl Provider for ProcessProvider {
             Probe::Running => Ok(ProbeResult {
                 ok: id_alive(id),
                 output: String::new(),
+                fatal: false,
             }),
             Probe::Port(port) => {
                 let port = *port;
@@ -323,10 +336,12 @@ impl Provider for ProcessProvider {
                         Ok(_) => ProbeResult {
                             ok: true,
                             output: String::new(),
+                            fatal: false,
                         },
                         Err(e) => ProbeResult {
                             ok: false,
                             output: format!("127.0.0.1:{port}: {e}"),
+                            fatal: false,
                         },
                     }
                 })
@@ -338,6 +353,7 @@ impl Provider for ProcessProvider {
                 Ok(ProbeResult {
                     ok: out.success(),
                     output: out.output,
+                    fatal: false,
                 })
             }
         }

@@ -37,7 +37,7 @@ use crate::error::{ErrorCode, IoError};
 use crate::fsutil::atomic_write;
 use crate::lock::{self, Lease, LockError, LockOptions, LockStatus};
 
-pub use provision::{provision, ProvisionOptions, ProvisionOutcome};
+pub use provision::{provision, provision_with, InstallRun, ProvisionOptions, ProvisionOutcome};
 pub use spec::{PackageSpec, SpecError};
 
 /// Errors of repository operations.

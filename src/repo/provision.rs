@@ -77,6 +77,16 @@ pub fn manifest_hash(command: &[String], manifests: &[PathBuf]) -> Result<String
     Ok(hex::encode(&h.finalize()[..12]))
 }
 
+/// How an install command ended, as [`provision_with`]'s runner reports it.
+#[derive(Debug, Clone)]
+pub struct InstallRun {
+    pub success: bool,
+    /// Exit status in words (`exit status: 1`), for the error message.
+    pub status: String,
+    /// Combined output, when captured.
+    pub output: Option<String>,
+}
+
 /// Runs `command` in `dir` unless `<dir>/.nk-installed-<hash of manifests>`
 /// exists, under the global lock `<dir>/.nk-install-lock`, then writes the
 /// sentinel. Concurrent callers on the same directory run it once; the
@@ -88,6 +98,68 @@ pub async fn provision(
     opts: &ProvisionOptions,
     cancel: &CancellationToken,
 ) -> Result<ProvisionOutcome, RepoError> {
+    let cwd = opts.cwd.clone().unwrap_or_else(|| dir.to_path_buf());
+    let capture = opts.capture;
+    provision_with(dir, command, manifests, opts, cancel, |hash| async move {
+        run_on_host(dir, &cwd, command, &hash, capture).await
+    })
+    .await
+}
+
+async fn run_on_host(
+    dir: &Path,
+    cwd: &Path,
+    command: &[String],
+    hash: &str,
+    capture: bool,
+) -> Result<InstallRun, RepoError> {
+    let mut cmd = tokio::process::Command::new(&command[0]);
+    cmd.args(&command[1..])
+        .current_dir(cwd)
+        .env("NANOKIT_PROVISION_DIR", dir)
+        .env("NANOKIT_PROVISION_HASH", hash)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    if capture {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    } else {
+        cmd.stdout(crate::fsutil::child_stdout())
+            .stderr(crate::fsutil::child_stderr());
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| RepoError::Provision(format!("cannot run {:?}: {e}", command[0])))?;
+    let output = child
+        .wait_with_output()
+        .await
+        .map_err(|e| RepoError::Provision(format!("waiting for {:?}: {e}", command[0])))?;
+    Ok(InstallRun {
+        success: output.status.success(),
+        status: output.status.to_string(),
+        output: capture.then(|| {
+            let mut s = String::from_utf8_lossy(&output.stdout).into_owned();
+            s.push_str(&String::from_utf8_lossy(&output.stderr));
+            s
+        }),
+    })
+}
+
+/// [`provision`] with the command run by `run` (given the manifest hash),
+/// called only while holding the lock and only when the sentinel is
+/// missing: e.g. in a container that mounts the directory. `dir` must be
+/// reachable from this host (the lock and sentinel live there).
+pub async fn provision_with<F, Fut>(
+    dir: &Path,
+    command: &[String],
+    manifests: &[PathBuf],
+    opts: &ProvisionOptions,
+    cancel: &CancellationToken,
+    run: F,
+) -> Result<ProvisionOutcome, RepoError>
+where
+    F: FnOnce(String) -> Fut,
+    Fut: std::future::Future<Output = Result<InstallRun, RepoError>>,
+{
     let start = Instant::now();
     if command.is_empty() {
         return Err(RepoError::Provision("no command to run was given".into()));
@@ -123,34 +195,14 @@ pub async fn provision(
     }
     remove_sentinels(dir)?;
 
-    let mut cmd = tokio::process::Command::new(&command[0]);
-    cmd.args(&command[1..])
-        .current_dir(opts.cwd.as_deref().unwrap_or(dir))
-        .env("NANOKIT_PROVISION_DIR", dir)
-        .env("NANOKIT_PROVISION_HASH", &hash)
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    if opts.capture {
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    } else {
-        cmd.stdout(crate::fsutil::child_stdout())
-            .stderr(crate::fsutil::child_stderr());
-    }
-    let child = cmd
-        .spawn()
-        .map_err(|e| RepoError::Provision(format!("cannot run {:?}: {e}", command[0])))?;
-    let output = tokio::select! {
-        r = child.wait_with_output() => r.map_err(|e| RepoError::Provision(format!("waiting for {:?}: {e}", command[0])))?,
+    let outcome = tokio::select! {
+        r = run(hash.clone()) => r?,
         _ = cancel.cancelled() => {
             return Err(LockError::Aborted { path: dir.join(".nk-install-lock") }.into());
         }
     };
-    let text = opts.capture.then(|| {
-        let mut s = String::from_utf8_lossy(&output.stdout).into_owned();
-        s.push_str(&String::from_utf8_lossy(&output.stderr));
-        s
-    });
-    if !output.status.success() {
+    let text = outcome.output;
+    if !outcome.success {
         let tail = text
             .as_deref()
             .map(|t| {
@@ -161,7 +213,7 @@ pub async fn provision(
         return Err(RepoError::Provision(format!(
             "the install command `{}` failed ({}){tail}; no sentinel was written, the next run retries",
             command.join(" "),
-            output.status
+            outcome.status
         )));
     }
     if lease.is_lost() {

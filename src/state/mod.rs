@@ -108,8 +108,14 @@ impl Status {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Resource {
     pub provider: String,
-    /// The provider's id (process: `<pid>@<start time>`).
+    /// The provider's id (process: `<pid>@<start time>`) of the first
+    /// instance (kept for readers of older states; see [`Resource::ids`]).
     pub provider_id: Option<String>,
+    /// Every instance's provider id, when the service runs several replicas
+    /// (or is mid rolling update). Empty in states written before replicas:
+    /// `provider_id` is then the only instance.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub instances: Vec<String>,
     pub config_hash: String,
     /// Per-field hashes, so a plan can say which fields changed.
     #[serde(default)]
@@ -121,6 +127,23 @@ pub struct Resource {
     pub error: Option<String>,
     pub created_at: String,
     pub updated_at: String,
+}
+
+impl Resource {
+    /// The provider ids of all recorded instances.
+    pub fn ids(&self) -> Vec<String> {
+        if self.instances.is_empty() {
+            self.provider_id.iter().cloned().collect()
+        } else {
+            self.instances.clone()
+        }
+    }
+
+    /// Records `ids` as the service's instances.
+    pub fn set_ids(&mut self, ids: Vec<String>) {
+        self.provider_id = ids.first().cloned();
+        self.instances = if ids.len() > 1 { ids } else { Vec::new() };
+    }
 }
 
 /// A named volume nanokit created.

@@ -1,0 +1,1012 @@
+//! The Docker provider against a real daemon. Needs `NANOKIT_TEST_DOCKER=1`
+//! (printed by `eval "$(bash scripts/docker-test-env.sh)"`, which also builds
+//! the local images `nk-busybox` and `nk-node`); without it, or when the
+//! daemon does not answer, every test prints `SKIPPED` and returns.
+//!
+//! Each test uses a project name of its own, so they run concurrently
+//! without colliding, and removes every container and volume labelled with
+//! it when it ends (also on failure). Multi-process cases re-run this test
+//! binary as child processes (the ignored `child_cli` test).
+
+mod common;
+
+use std::io::Write;
+use std::process::Command;
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use common::Project;
+use nanokit::exec::{self, ExecOptions, Phase};
+use nanokit::plan::ActionKind;
+
+fn docker_ok() -> bool {
+    static WARN: Once = Once::new();
+    let why = if std::env::var("NANOKIT_TEST_DOCKER").map_or(true, |v| v.is_empty()) {
+        Some("NANOKIT_TEST_DOCKER is not set")
+    } else if !Command::new("docker")
+        .args(["image", "inspect", "nk-busybox:latest", "nk-node:latest"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        Some("the Docker daemon or the test images are not available")
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        WARN.call_once(|| {
+            let _ = writeln!(
+                std::io::stderr(),
+                "\n*** Docker tests SKIPPED: {why}; run `eval \"$(bash scripts/docker-test-env.sh)\"` first ***\n"
+            );
+        });
+        println!("SKIPPED: {why}");
+        return false;
+    }
+    true
+}
+
+fn docker(args: &[&str]) -> String {
+    let o = Command::new("docker").args(args).output().expect("docker");
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+/// Removes everything labelled with `project` (containers, volumes).
+fn sweep(project: &str) {
+    let ids = docker(&[
+        "ps",
+        "-aq",
+        "--filter",
+        &format!("label=nk-project={project}"),
+    ]);
+    let ids: Vec<&str> = ids.lines().filter(|l| !l.is_empty()).collect();
+    if !ids.is_empty() {
+        let mut args = vec!["rm", "-f"];
+        args.extend(ids);
+        docker(&args);
+    }
+    let vols = docker(&[
+        "volume",
+        "ls",
+        "-q",
+        "--filter",
+        &format!("label=nk-project={project}"),
+    ]);
+    for v in vols.lines().filter(|l| !l.is_empty()) {
+        docker(&["volume", "rm", "-f", v]);
+    }
+}
+
+/// A project with a unique name, swept on drop.
+struct DProject {
+    p: Project,
+    name: String,
+    extra_volumes: Vec<String>,
+}
+
+impl DProject {
+    /// `yml` uses `NAME` for the project name.
+    fn new(prefix: &str, yml: &str) -> DProject {
+        let name = format!("t{prefix}{:05x}", fastrand::u32(..0x10_0000));
+        let p = Project::new(&yml.replace("NAME", &name));
+        DProject {
+            p,
+            name,
+            extra_volumes: Vec::new(),
+        }
+    }
+    fn write(&self, yml: &str) {
+        self.p.write(&yml.replace("NAME", &self.name));
+    }
+    /// Containers of this project: name → labels (JSON).
+    fn containers(&self) -> Vec<(String, serde_json::Value)> {
+        let ids = docker(&[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=nk-project={}", self.name),
+            "--filter",
+            "label=nk-service",
+        ]);
+        ids.lines()
+            .filter(|l| !l.is_empty())
+            .map(|id| {
+                let j: serde_json::Value =
+                    serde_json::from_str(&docker(&["inspect", id])).expect("inspect json");
+                (
+                    j[0]["Name"]
+                        .as_str()
+                        .unwrap()
+                        .trim_start_matches('/')
+                        .to_string(),
+                    j[0].clone(),
+                )
+            })
+            .collect()
+    }
+    fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.containers().into_iter().map(|c| c.0).collect();
+        v.sort();
+        v
+    }
+    async fn up(&self, opts: ExecOptions) -> exec::Report {
+        self.p.up(opts).await.expect("up")
+    }
+}
+
+impl Drop for DProject {
+    fn drop(&mut self) {
+        sweep(&self.name);
+        for v in &self.extra_volumes {
+            docker(&["volume", "rm", "-f", v]);
+        }
+    }
+}
+
+fn ok(r: &exec::Report) {
+    assert!(r.failures().is_empty(), "failures: {:#?}", r.failures());
+}
+
+fn action<'a>(r: &'a exec::Report, svc: &str) -> &'a nanokit::plan::Action {
+    r.plan
+        .actions
+        .iter()
+        .find(|a| a.service == svc)
+        .expect("action")
+}
+
+fn quick() -> ExecOptions {
+    ExecOptions {
+        stop_grace: Duration::from_secs(1),
+        health_timeout: Duration::from_secs(20),
+        ..ExecOptions::default()
+    }
+}
+
+fn volume_dir(volume: &str) -> std::path::PathBuf {
+    docker(&["volume", "inspect", "-f", "{{.Mountpoint}}", volume]).into()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn create_observe_update_delete_with_names_labels_and_limits() {
+    if !docker_ok() {
+        return;
+    }
+    let yml = r#"
+name: NAME
+infra: { provider: docker }
+volumes: { data: }
+services:
+  web:
+    image: nk-busybox:latest
+    start: "exec httpd -f -p 8080"
+    expose: 8080
+  worker:
+    image: nk-busybox:latest
+    start: "exec sleep 600"
+    instances: 2
+    depends_on: [web]
+    env: { FOO: "1" }
+    cpu: 0.5
+    memory: 64mb
+    volumes: ["data:/data"]
+    healthcheck: { test: "test -d /data", interval: 200ms, retries: 5 }
+"#;
+    let p = DProject::new("life", yml);
+    let r = p.up(quick()).await;
+    ok(&r);
+    let n = &p.name;
+    assert_eq!(
+        p.names(),
+        [
+            format!("nk-{n}-local-web"),
+            format!("nk-{n}-local-worker-1"),
+            format!("nk-{n}-local-worker-2")
+        ]
+    );
+    let cs = p.containers();
+    let w1 = &cs.iter().find(|c| c.0.ends_with("worker-1")).unwrap().1;
+    let labels = &w1["Config"]["Labels"];
+    assert_eq!(labels["nk-project"], n.as_str());
+    assert_eq!(labels["nk-env"], "local");
+    assert_eq!(labels["nk-service"], "worker");
+    assert_eq!(labels["nk-replica"], "1");
+    assert_eq!(labels["nk-config-hash"].as_str().unwrap().len(), 64);
+    assert_eq!(w1["HostConfig"]["Memory"], 64 * 1024 * 1024);
+    assert_eq!(w1["HostConfig"]["NanoCpus"], 500_000_000i64);
+    assert!(w1["Config"]["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e == "FOO=1"));
+    assert!(w1["NetworkSettings"]["Networks"]["nanokit-net-local"].is_object());
+    assert_eq!(w1["State"]["Health"]["Status"], "healthy");
+    // Observe: by label, all three.
+    let cfg = p.p.config();
+    let provider = exec::provider_for(&cfg).unwrap();
+    let seen = provider.observe(&exec::scope(&cfg)).await.unwrap();
+    assert_eq!(seen.len(), 3);
+    let st = p.p.state();
+    assert_eq!(st.resources["worker"].ids().len(), 2);
+    let web_id = st.resources["web"].provider_id.clone().unwrap();
+    // No change: untouched.
+    let r = p.up(quick()).await;
+    assert!(r.plan.actions.iter().all(|a| a.action == ActionKind::Noop));
+    // Update the worker only.
+    p.write(&yml.replace("FOO: \"1\"", "FOO: \"2\""));
+    let r = p.up(quick()).await;
+    ok(&r);
+    assert_eq!(action(&r, "worker").action, ActionKind::Update);
+    assert_eq!(action(&r, "worker").reasons, ["env.FOO changed"]);
+    assert_eq!(action(&r, "web").action, ActionKind::Noop);
+    let st2 = p.p.state();
+    assert_eq!(
+        st2.resources["web"].provider_id.as_deref(),
+        Some(web_id.as_str())
+    );
+    for old in st.resources["worker"].ids() {
+        assert!(!st2.resources["worker"].ids().contains(&old));
+    }
+    assert_eq!(p.names().len(), 3);
+    // Delete.
+    p.p.down().await;
+    assert!(p.names().is_empty());
+    assert!(p.p.state().resources.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_wait_port_probe_and_health_failure_with_last_output() {
+    if !docker_ok() {
+        return;
+    }
+    let port = common::free_port();
+    let p = DProject::new(
+        "health",
+        &format!(
+            r#"
+name: NAME
+infra: {{ provider: docker }}
+services:
+  slow:
+    image: nk-busybox:latest
+    start: "sleep 1; touch /tmp/ready; exec sleep 600"
+    healthcheck: {{ test: "test -f /tmp/ready", interval: 200ms, retries: 20 }}
+  web:
+    image: nk-busybox:latest
+    start: "sleep 1; exec httpd -f -p 8080"
+    port: {port}
+    expose: 8080
+  bad:
+    image: nk-busybox:latest
+    start: "exec sleep 600"
+    healthcheck: {{ test: "echo not-ready-yet-output; exit 1", interval: 200ms, retries: 2 }}
+  after_bad:
+    image: nk-busybox:latest
+    start: "exec sleep 600"
+    depends_on: [bad]
+"#
+        ),
+    );
+    let t0 = Instant::now();
+    let r = p.p.up(quick()).await.expect("up");
+    let res = |s: &str| r.results.iter().find(|x| x.service == s).unwrap().clone();
+    assert_eq!(res("slow").outcome, Phase::Healthy);
+    assert!(res("slow").elapsed_ms >= 1000, "{:?}", res("slow"));
+    assert_eq!(res("web").outcome, Phase::Healthy);
+    assert!(
+        res("web").elapsed_ms >= 900,
+        "port probe waited for httpd: {:?}",
+        res("web")
+    );
+    std::net::TcpStream::connect(("127.0.0.1", port)).expect("published port");
+    let bad = res("bad");
+    assert_eq!(bad.outcome, Phase::Failed);
+    let e = bad.error.unwrap();
+    assert!(e.contains("not-ready-yet-output"), "{e}");
+    assert!(e.contains("unhealthy"), "{e}");
+    assert_eq!(res("after_bad").outcome, Phase::Skipped);
+    assert!(t0.elapsed() < Duration::from_secs(20));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn container_hooks_run_inside_and_their_failure_shows_output() {
+    if !docker_ok() {
+        return;
+    }
+    let p = DProject::new(
+        "hooks",
+        r#"
+name: NAME
+infra: { provider: docker }
+services:
+  svc:
+    image: nk-busybox:latest
+    path: .
+    start: "exec sleep 600"
+    hooks:
+      prestart: "echo host-prestart >> ev"
+      prestart_container: "echo inside-$NK_SERVICE > /tmp/marker; cat /tmp/marker >> /app/ev"
+      poststart: "echo host-poststart >> ev"
+      prestop: "echo inside-prestop >> /app/ev"
+      poststop: "echo host-poststop >> ev"
+"#,
+    );
+    ok(&p.up(quick()).await);
+    let (name, _) = p.containers().remove(0);
+    assert_eq!(docker(&["exec", &name, "cat", "/tmp/marker"]), "inside-svc");
+    p.p.down().await;
+    assert_eq!(
+        p.p.read("ev").lines().collect::<Vec<_>>(),
+        [
+            "host-prestart",
+            "inside-svc",
+            "host-poststart",
+            "inside-prestop",
+            "host-poststop"
+        ]
+    );
+    // A failing container hook fails the service with its output.
+    p.write(
+        r#"
+name: NAME
+infra: { provider: docker }
+services:
+  svc:
+    image: nk-busybox:latest
+    start: "exec sleep 600"
+    hooks:
+      prestart_container: "echo boom-from-inside; exit 3"
+"#,
+    );
+    let r = p.p.up(quick()).await.unwrap();
+    let f = r.failures();
+    assert_eq!(f.len(), 1);
+    let e = f[0].error.clone().unwrap();
+    assert!(
+        e.contains("boom-from-inside") && e.contains("exit code 3"),
+        "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn targeted_up_leaves_the_others_alone() {
+    if !docker_ok() {
+        return;
+    }
+    let yml = r#"
+name: NAME
+infra: { provider: docker }
+services:
+  a: { image: "nk-busybox:latest", start: "exec sleep 600", env: { V: "1" } }
+  b: { image: "nk-busybox:latest", start: "exec sleep 600", env: { V: "1" } }
+"#;
+    let p = DProject::new("target", yml);
+    ok(&p.up(quick()).await);
+    let before = p.p.state();
+    p.write(&yml.replace("V: \"1\"", "V: \"2\""));
+    let r = p
+        .up(ExecOptions {
+            targets: vec!["b".into()],
+            ..quick()
+        })
+        .await;
+    ok(&r);
+    assert_eq!(r.plan.actions.len(), 1);
+    let after = p.p.state();
+    assert_eq!(
+        after.resources["a"].provider_id,
+        before.resources["a"].provider_id
+    );
+    assert_ne!(
+        after.resources["b"].provider_id,
+        before.resources["b"].provider_id
+    );
+    assert_eq!(p.names().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rolling_starts_new_replicas_before_stopping_old_ones_recreate_does_not() {
+    if !docker_ok() {
+        return;
+    }
+    // Every instance appends `start <hostname>` to a host file when it
+    // starts and `stop <hostname>` in its prestop hook.
+    let yml = r#"
+name: NAME
+infra: { provider: docker }
+services:
+  roll:
+    image: nk-busybox:latest
+    path: .
+    updateStrategy: rolling
+    instances: 2
+    start: "echo start-roll >> /app/ev; exec sleep 600"
+    env: { V: "1" }
+    healthcheck: { test: "true", interval: 200ms }
+    hooks: { prestop: "echo stop-roll >> /app/ev" }
+  re:
+    image: nk-busybox:latest
+    path: .
+    instances: 2
+    start: "echo start-re >> /app/re; exec sleep 600"
+    env: { V: "1" }
+    healthcheck: { test: "true", interval: 200ms }
+    hooks: { prestop: "echo stop-re >> /app/re" }
+"#;
+    let p = DProject::new("roll", yml);
+    ok(&p.up(quick()).await);
+    std::fs::write(p.p.path().join("ev"), "").unwrap();
+    std::fs::write(p.p.path().join("re"), "").unwrap();
+    p.write(&yml.replace("V: \"1\"", "V: \"2\""));
+    ok(&p.up(quick()).await);
+    assert_eq!(
+        p.p.read("ev").lines().collect::<Vec<_>>(),
+        ["start-roll", "stop-roll", "start-roll", "stop-roll"],
+        "rolling: each new replica is up before an old one stops"
+    );
+    assert_eq!(
+        p.p.read("re").lines().collect::<Vec<_>>(),
+        ["stop-re", "stop-re", "start-re", "start-re"],
+        "recreate: stop all, then start"
+    );
+    let st = p.p.state();
+    let hash = &st.resources["roll"].config_hash;
+    let cs = p.containers();
+    assert_eq!(cs.len(), 4);
+    for (_, c) in cs
+        .iter()
+        .filter(|c| c.1["Config"]["Labels"]["nk-service"] == "roll")
+    {
+        assert_eq!(c["Config"]["Labels"]["nk-config-hash"], hash.as_str());
+    }
+    let mut replicas: Vec<String> = cs
+        .iter()
+        .filter(|c| c.1["Config"]["Labels"]["nk-service"] == "roll")
+        .map(|c| {
+            c.1["Config"]["Labels"]["nk-replica"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    replicas.sort();
+    assert_eq!(replicas, ["1", "2"]);
+    // A rolling update whose new replica fails keeps the old ones serving.
+    let before = st.resources["roll"].ids();
+    p.write(&yml.replace("V: \"1\"", "V: \"3\"").replace(
+        "test: \"true\", interval: 200ms }\n    hooks: { prestop: \"echo stop-roll",
+        "test: \"false\", interval: 200ms, retries: 1 }\n    hooks: { prestop: \"echo stop-roll",
+    ));
+    let r = p.p.up(quick()).await.unwrap();
+    let f = r.failures();
+    assert!(f.iter().any(|x| x.service == "roll"), "{f:?}");
+    assert!(f[0].error.as_ref().unwrap().contains("keep running"));
+    let st = p.p.state();
+    assert_eq!(st.resources["roll"].ids(), before);
+    assert_eq!(
+        p.containers()
+            .iter()
+            .filter(|c| c.1["Config"]["Labels"]["nk-service"] == "roll")
+            .count(),
+        2
+    );
+}
+
+const SHARED: &str = r#"
+name: NAME
+infra: { provider: docker }
+volumes:
+  deps: { name: VOLNAME }
+runtimes:
+  app:
+    image: nk-busybox:latest
+    path: .
+    volumes: ["deps:/deps"]
+    # Needs what the install produced: proves the install ran first.
+    start: "test -f /deps/done && exec sleep 600"
+    provisioning:
+      image: nk-node:latest
+      install: "node -e \"require('fs').appendFileSync('/deps/installs.log', 'run\\n')\"; sleep SLEEP; echo ok > /deps/done"
+services:
+  a: { runtime: app }
+  b: { runtime: app }
+  c: { runtime: app }
+"#;
+
+fn shared_yml(vol: &str, sleep: &str) -> String {
+    SHARED.replace("VOLNAME", vol).replace("SLEEP", sleep)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_services_on_one_volume_install_once_and_reinstall_once_on_manifest_change() {
+    if !docker_ok() {
+        return;
+    }
+    let vol = format!("nk-test-deps-{:06x}", fastrand::u32(..0x100_0000));
+    let mut p = DProject::new("prov", &shared_yml(&vol, "2"));
+    p.extra_volumes.push(vol.clone());
+    std::fs::write(p.p.path().join("package.json"), r#"{"dependencies":{}}"#).unwrap();
+    let (sink, events) = common::recorder();
+    let r = p
+        .up(ExecOptions {
+            events: Some(sink),
+            ..quick()
+        })
+        .await;
+    ok(&r);
+    let dir = volume_dir(&vol);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("installs.log")).unwrap(),
+        "run\n"
+    );
+    let skipped = events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e.message.as_deref() == Some("already installed"))
+        .count();
+    assert_eq!(skipped, 2, "the two others skip");
+    let sentinels = |d: &std::path::Path| {
+        std::fs::read_dir(d)
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(".nk-installed-")
+            })
+            .count()
+    };
+    assert_eq!(sentinels(&dir), 1);
+    assert!(
+        dir.join(".nk-install-lock").exists(),
+        "the lock lives on the volume"
+    );
+    // The installer image had node; the services' image does not.
+    let (c, _) = p.containers().remove(0);
+    assert!(docker(&["exec", &c, "sh", "-c", "command -v node || echo none"]).ends_with("none"));
+    // A manifest change: every service updates, exactly one reinstall.
+    std::fs::write(
+        p.p.path().join("package.json"),
+        r#"{"dependencies":{"x":"1"}}"#,
+    )
+    .unwrap();
+    let r = p.up(quick()).await;
+    ok(&r);
+    assert!(r
+        .plan
+        .actions
+        .iter()
+        .all(|a| a.action == ActionKind::Update));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("installs.log")).unwrap(),
+        "run\nrun\n"
+    );
+    assert_eq!(sentinels(&dir), 1);
+    // No installer container is left.
+    assert!(docker(&[
+        "ps",
+        "-aq",
+        "--filter",
+        &format!("label=nk-install-target={vol}")
+    ])
+    .is_empty());
+}
+
+/// Runs `nanokit <args>` in a child process (this test binary).
+fn spawn_cli(args: &[String], envs: &[(&str, &str)]) -> std::process::Child {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--exact",
+        "child_cli",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env("NK_CHILD_ARGS", serde_json::to_string(args).unwrap())
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("spawn child")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "run as a child process by the multi-process tests"]
+async fn child_cli() {
+    let args: Vec<String> = serde_json::from_str(&std::env::var("NK_CHILD_ARGS").unwrap()).unwrap();
+    let code = nanokit::cli::run(args).await;
+    std::process::exit(code);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_concurrent_up_processes_on_projects_sharing_a_volume_install_once() {
+    if !docker_ok() {
+        return;
+    }
+    let vol = format!("nk-test-deps-{:06x}", fastrand::u32(..0x100_0000));
+    let mut p1 = DProject::new("conc", &shared_yml(&vol, "2"));
+    let p2 = DProject::new("conc", &shared_yml(&vol, "2"));
+    p1.extra_volumes.push(vol.clone());
+    for p in [&p1, &p2] {
+        std::fs::write(p.p.path().join("package.json"), "{}").unwrap();
+    }
+    let children: Vec<_> = [&p1, &p2]
+        .iter()
+        .map(|p| spawn_cli(&p.p.args(&["up"]), &[]))
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(volume_dir(&vol).join("installs.log")).unwrap(),
+        "run\n",
+        "two runs, six services, one install"
+    );
+    assert_eq!(p1.names().len() + p2.names().len(), 6);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_installer_is_recovered_by_the_next_run() {
+    if !docker_ok() {
+        return;
+    }
+    let vol = format!("nk-test-deps-{:06x}", fastrand::u32(..0x100_0000));
+    let yml = format!(
+        r#"
+name: NAME
+infra: {{ provider: docker }}
+volumes:
+  deps: {{ name: {vol} }}
+services:
+  a:
+    image: nk-busybox:latest
+    volumes: ["deps:/deps"]
+    start: "test -f /deps/done && exec sleep 600"
+    provisioning:
+      install: "if [ -f /deps/attempt ]; then echo second >> /deps/log; else touch /deps/attempt; echo first >> /deps/log; sleep 60; fi; touch /deps/done"
+"#
+    );
+    let mut p = DProject::new("kill", &yml);
+    p.extra_volumes.push(vol.clone());
+    let mut child = spawn_cli(&p.p.args(&["up"]), &[]);
+    // Wait until the installer is mid-install, then SIGKILL nanokit.
+    let t0 = Instant::now();
+    loop {
+        let dir = volume_dir(&vol);
+        if !dir.as_os_str().is_empty() && dir.join("attempt").exists() {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the install never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Its installer container still runs, orphaned.
+    assert!(!docker(&[
+        "ps",
+        "-q",
+        "--filter",
+        &format!("label=nk-install-target={vol}")
+    ])
+    .is_empty());
+    let t1 = Instant::now();
+    let r = p.up(quick()).await;
+    ok(&r);
+    assert!(
+        t1.elapsed() < Duration::from_secs(30),
+        "took over the dead holder's lock at once"
+    );
+    let dir = volume_dir(&vol);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("log")).unwrap(),
+        "first\nsecond\n"
+    );
+    assert!(docker(&[
+        "ps",
+        "-aq",
+        "--filter",
+        &format!("label=nk-install-target={vol}")
+    ])
+    .is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn drift_after_docker_rm_and_stop_is_detected_and_restored() {
+    if !docker_ok() {
+        return;
+    }
+    let p = DProject::new(
+        "drift",
+        r#"
+name: NAME
+infra: { provider: docker }
+services:
+  a: { image: "nk-busybox:latest", start: "exec sleep 600" }
+  b: { image: "nk-busybox:latest", start: "exec sleep 600" }
+  c: { image: "nk-busybox:latest", start: "exec sleep 600" }
+"#,
+    );
+    ok(&p.up(quick()).await);
+    assert_eq!(nanokit::cli::run(p.p.args(&["drift"])).await, 0);
+    let n = &p.name;
+    docker(&["rm", "-f", &format!("nk-{n}-local-a")]);
+    docker(&["stop", "-t", "0", &format!("nk-{n}-local-b")]);
+    let cfg = p.p.config();
+    let provider = exec::provider_for(&cfg).unwrap();
+    let report = nanokit::drift::detect(&cfg, provider.as_ref())
+        .await
+        .unwrap();
+    let kinds: Vec<(String, nanokit::drift::DriftKind)> = report
+        .items
+        .iter()
+        .map(|i| (i.service.clone(), i.kind))
+        .collect();
+    assert!(
+        kinds.contains(&("a".into(), nanokit::drift::DriftKind::Gone)),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.contains(&("b".into(), nanokit::drift::DriftKind::Stopped)),
+        "{kinds:?}"
+    );
+    assert_eq!(kinds.len(), 2, "{kinds:?}");
+    assert_eq!(nanokit::cli::run(p.p.args(&["drift"])).await, 2);
+    assert_eq!(
+        nanokit::cli::run(p.p.args(&["drift", "--restore"])).await,
+        0
+    );
+    assert_eq!(nanokit::cli::run(p.p.args(&["drift"])).await, 0);
+    assert_eq!(p.names().len(), 3);
+    // A container of this project whose service left the configuration is
+    // an orphan: reported, then removed by `up`.
+    p.write(
+        r#"
+name: NAME
+infra: { provider: docker }
+services:
+  a: { image: "nk-busybox:latest", start: "exec sleep 600" }
+  b: { image: "nk-busybox:latest", start: "exec sleep 600" }
+"#,
+    );
+    std::fs::remove_file(p.p.config().state_file).unwrap();
+    let cfg = p.p.config();
+    let report = nanokit::drift::detect(&cfg, provider.as_ref())
+        .await
+        .unwrap();
+    assert!(
+        report
+            .items
+            .iter()
+            .any(|i| i.service == "c" && i.detail.contains("orphan")),
+        "{:?}",
+        report.items
+    );
+    ok(&p.up(quick()).await);
+    assert_eq!(p.names().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lost_state_json_adopts_running_containers_by_label() {
+    if !docker_ok() {
+        return;
+    }
+    let p = DProject::new(
+        "adopt",
+        r#"
+name: NAME
+infra: { provider: docker }
+services:
+  a: { image: "nk-busybox:latest", start: "exec sleep 600", instances: 2 }
+  b: { image: "nk-busybox:latest", start: "exec sleep 600", depends_on: [a] }
+"#,
+    );
+    ok(&p.up(quick()).await);
+    let before: Vec<String> = p
+        .containers()
+        .into_iter()
+        .map(|c| c.1["Id"].as_str().unwrap().to_string())
+        .collect();
+    std::fs::remove_file(p.p.config().state_file).unwrap();
+    let r = p.up(quick()).await;
+    ok(&r);
+    assert_eq!(action(&r, "a").keep.len(), 2);
+    assert!(action(&r, "a").stop.is_empty());
+    let mut after: Vec<String> = p
+        .containers()
+        .into_iter()
+        .map(|c| c.1["Id"].as_str().unwrap().to_string())
+        .collect();
+    let mut before = before;
+    before.sort();
+    after.sort();
+    assert_eq!(before, after, "adopted, not duplicated");
+    let r = p.up(quick()).await;
+    assert!(r.plan.actions.iter().all(|a| a.action == ActionKind::Noop));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkilled_up_at_random_moments_converges_without_duplicates() {
+    if !docker_ok() {
+        return;
+    }
+    let p = DProject::new(
+        "crash",
+        r#"
+name: NAME
+infra: { provider: docker }
+services:
+  db: { image: "nk-busybox:latest", start: "exec sleep 600", healthcheck: { test: "true", interval: 100ms } }
+  api:
+    image: nk-busybox:latest
+    start: "exec sleep 600"
+    instances: 2
+    depends_on: [db]
+    healthcheck: { test: "true", interval: 100ms }
+  web: { image: "nk-busybox:latest", start: "exec sleep 600", depends_on: [api] }
+"#,
+    );
+    let n = p.name.clone();
+    for trial in 0..10 {
+        // Alternate a changed configuration so kills land in updates too.
+        let cfg_src = std::fs::read_to_string(p.p.file()).unwrap();
+        let v = format!("V{trial}");
+        let src = match cfg_src.find("env:") {
+            Some(_) => cfg_src.replace(&format!("V{}", trial - 1), &v),
+            None => cfg_src.replace(
+                "depends_on: [api] }",
+                &format!("depends_on: [api], env: {{ X: {v} }} }}"),
+            ),
+        };
+        std::fs::write(p.p.file(), src).unwrap();
+        let mut child = spawn_cli(&p.p.args(&["up"]), &[]);
+        std::thread::sleep(Duration::from_millis(fastrand::u64(50..1500)));
+        let _ = child.kill();
+        let _ = child.wait();
+        let r =
+            p.p.up(quick())
+                .await
+                .unwrap_or_else(|e| panic!("trial {trial}: {e}"));
+        ok(&r);
+        let cs = p.containers();
+        let mut keys: Vec<(String, String)> = cs
+            .iter()
+            .map(|c| {
+                let l = &c.1["Config"]["Labels"];
+                (
+                    l["nk-service"].as_str().unwrap().to_string(),
+                    l["nk-replica"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [("api", "1"), ("api", "2"), ("db", "1"), ("web", "1")]
+                .map(|(a, b)| (a.to_string(), b.to_string())),
+            "trial {trial}: no duplicates"
+        );
+        // Nothing of this project's name without our labels.
+        let all = docker(&[
+            "ps",
+            "-a",
+            "--format",
+            "{{.Names}}",
+            "--filter",
+            &format!("name=nk-{n}-"),
+        ]);
+        let unlabelled: Vec<&str> = all
+            .lines()
+            .filter(|l| !cs.iter().any(|c| c.0 == *l))
+            .collect();
+        assert!(unlabelled.is_empty(), "trial {trial}: {unlabelled:?}");
+        assert!(
+            p.p.state()
+                .resources
+                .values()
+                .all(|r| r.status == nanokit::state::Status::Healthy),
+            "trial {trial}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_fails_with_the_service_named_and_leaves_nothing_unrecorded() {
+    if !docker_ok() {
+        return;
+    }
+    // A missing image.
+    let p = DProject::new(
+        "bad",
+        r#"
+name: NAME
+infra: { provider: docker }
+services:
+  ghost: { image: "nk-no-such-image:1", start: "sleep 1" }
+"#,
+    );
+    let r = p.p.up(quick()).await.unwrap();
+    let e = r.failures()[0].error.clone().unwrap();
+    assert!(
+        e.contains("service `ghost`") && e.contains("nk-no-such-image:1"),
+        "{e}"
+    );
+    assert!(p.names().is_empty());
+    assert_eq!(nanokit::cli::run(p.p.args(&["up"])).await, 1);
+    // A port already in use.
+    let busy = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    p.write(&format!(
+        "name: NAME\ninfra: {{ provider: docker }}\nservices:\n  web: {{ image: \"nk-busybox:latest\", start: \"exec httpd -f -p 80\", port: {port}, expose: 80 }}\n"
+    ));
+    let r = p.p.up(quick()).await.unwrap();
+    let e = r.failures()[0].error.clone().unwrap();
+    assert!(
+        e.contains("service `web`") && e.contains(&port.to_string()),
+        "{e}"
+    );
+    assert!(
+        p.names().is_empty(),
+        "the container that could not start was removed"
+    );
+    assert!(p.p.state().resources["web"].provider_id.is_none());
+    drop(busy);
+    // An invalid volume spec.
+    p.write("name: NAME\ninfra: { provider: docker }\nservices:\n  w: { image: \"nk-busybox:latest\", volumes: [\"./x:relative\"] }\n");
+    let e = nanokit::config::load(&nanokit::config::LoadOptions::new(p.p.file())).unwrap_err();
+    assert!(
+        e.to_string().contains("service `w`") && e.to_string().contains("absolute"),
+        "{e}"
+    );
+    assert_eq!(nanokit::cli::run(p.p.args(&["up"])).await, 1);
+    // An unreachable daemon (in a child: DOCKER_HOST is process-wide).
+    p.write("name: NAME\ninfra: { provider: docker }\nservices:\n  w: { image: \"nk-busybox:latest\" }\n");
+    let out = spawn_cli(
+        &p.p.args(&["up"]),
+        &[("DOCKER_HOST", "unix:///nonexistent/docker.sock")],
+    )
+    .wait_with_output()
+    .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("ENKUNREACHABLE") && text.contains("nonexistent"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_docker_example_comes_up_healthy_and_goes_down() {
+    if !docker_ok() {
+        return;
+    }
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/docker");
+    let yml = std::fs::read_to_string(src.join("nanokit.yml"))
+        .unwrap()
+        .replace("name: dockerdemo", "name: NAME")
+        .replace("${WEB_PORT:-8088}", &common::free_port().to_string());
+    let p = DProject::new("example", &yml);
+    std::fs::create_dir_all(p.p.path().join("app")).unwrap();
+    for f in ["package.json", "server.js"] {
+        std::fs::copy(src.join("app").join(f), p.p.path().join("app").join(f)).unwrap();
+    }
+    ok(&p.up(quick()).await);
+    assert_eq!(p.names().len(), 4);
+    let r = p.up(quick()).await;
+    assert!(r.plan.actions.iter().all(|a| a.action == ActionKind::Noop));
+    p.p.down().await;
+    assert!(p.names().is_empty());
+}
