@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tracing::instrument::WithSubscriber;
+use tracing::{info_span, Instrument, Span};
 
 use crate::config::{Config, Service};
 use crate::error::ErrorCode;
@@ -26,6 +28,7 @@ use crate::plan::{self, ActionKind, Plan, PlanError, PlanOptions};
 use crate::provider::process::ProcessProvider;
 use crate::provider::{self, InstanceSpec, Probe, Provider, ProviderError, Scope};
 use crate::state::{self, Resource, StateError, Status, Store};
+use crate::trace;
 
 /// Where a lifecycle hook runs.
 #[derive(Clone, Copy)]
@@ -340,44 +343,60 @@ impl Run {
         cmds: &[String],
         started: Instant,
     ) -> Result<(), String> {
-        for cmd in cmds {
+        for (i, cmd) in cmds.iter().enumerate() {
             self.emit(
                 &svc.name,
                 Phase::Hook,
                 started,
                 Some(format!("{which}: {cmd}")),
             );
-            let argv = vec!["sh".to_string(), "-c".to_string(), cmd.clone()];
-            let out = match site {
-                HookSite::Host => {
-                    let mut env = spec.env.clone();
-                    env.extend(provider::command_labels(&spec.labels));
-                    provider::process::run_command(
-                        &argv,
-                        &self.config.dir,
-                        &env,
-                        self.opts.hook_timeout,
-                    )
-                    .await
-                }
-                HookSite::Instance(id) => {
-                    self.provider
-                        .exec(id, spec, &argv, self.opts.hook_timeout)
-                        .await
-                }
-            }
-            .map_err(|e| format!("hook {which} `{cmd}`: {e}"))?;
-            append_log(
-                &spec.log_file,
-                &format!("--- hook {which}: {cmd} ---\n{}", out.output),
+            let span = info_span!(
+                "hook",
+                otel.name = which,
+                nanokit.service = %svc.name,
+                nanokit.hook = which,
+                nanokit.hook_index = i,
+                nanokit.site = if matches!(site, HookSite::Host) { "host" } else { "instance" },
             );
-            if !out.success() {
-                return Err(format!(
-                    "hook {which} `{cmd}` failed ({}):\n{}",
-                    exit_text(&out),
-                    indent(&tail(&out.output, 20))
-                ));
-            }
+            trace::set(&span, "nanokit.command", trace::redact(cmd, &spec.env));
+            trace::step_env(span, &spec.env, async {
+                let argv = vec!["sh".to_string(), "-c".to_string(), cmd.clone()];
+                let out = match site {
+                    HookSite::Host => {
+                        let mut env = spec.env.clone();
+                        env.extend(provider::command_labels(&spec.labels));
+                        trace::propagate(&mut env);
+                        provider::process::run_command(
+                            &argv,
+                            &self.config.dir,
+                            &env,
+                            self.opts.hook_timeout,
+                        )
+                        .await
+                    }
+                    HookSite::Instance(id) => {
+                        let mut spec = spec.clone();
+                        trace::propagate(&mut spec.env);
+                        self.provider
+                            .exec(id, &spec, &argv, self.opts.hook_timeout)
+                            .await
+                    }
+                }
+                .map_err(|e| format!("hook {which} `{cmd}`: {e}"))?;
+                append_log(
+                    &spec.log_file,
+                    &format!("--- hook {which}: {cmd} ---\n{}", out.output),
+                );
+                if !out.success() {
+                    return Err(format!(
+                        "hook {which} `{cmd}` failed ({}):\n{}",
+                        exit_text(&out),
+                        indent(&tail(&out.output, 20))
+                    ));
+                }
+                Ok(())
+            })
+            .await?;
         }
         Ok(())
     }
@@ -493,10 +512,14 @@ impl Run {
                 }
             }
         }
-        self.provider
-            .stop(id, self.opts.stop_grace)
-            .await
-            .map_err(|e| format!("stopping {id}: {e}"))
+        let span = info_span!("stop", nanokit.service = %name, nanokit.instance = id);
+        trace::step(span, async {
+            self.provider
+                .stop(id, self.opts.stop_grace)
+                .await
+                .map_err(|e| format!("stopping {id}: {e}"))
+        })
+        .await
     }
 
     /// The whole up lifecycle of one service.
@@ -504,6 +527,7 @@ impl Run {
         let name = &action.service;
         let svc = &self.config.services[name];
         let hash = action.config_hash.clone().unwrap_or_default();
+        trace::set(&Span::current(), "nanokit.action", action.action.as_str());
         if action.action == ActionKind::Noop {
             self.emit(name, Phase::Unchanged, started, None);
             return Ok(Phase::Unchanged);
@@ -571,11 +595,16 @@ impl Run {
         for m in &spec.mounts {
             std::fs::create_dir_all(&m.0).map_err(|e| format!("volume {}: {e}", m.0.display()))?;
         }
-        let inst = self
-            .provider
-            .create(&spec)
-            .await
-            .map_err(|e| e.to_string())?;
+        let create = info_span!(
+            "create",
+            nanokit.service = %name,
+            nanokit.provider = self.provider.name(),
+        );
+        let inst = trace::step(create.clone(), async {
+            self.provider.create(&spec).await.map_err(|e| e.to_string())
+        })
+        .await?;
+        trace::set(&create, "nanokit.instance", inst.id.clone());
         self.save(|s| {
             if let Some(r) = s.resources.get_mut(name) {
                 r.provider_id = Some(inst.id.clone());
@@ -602,9 +631,14 @@ impl Run {
                 .filter(|p| p.exists())
                 .collect();
             let argv = vec!["sh".to_string(), "-c".to_string(), install.clone()];
-            let r = crate::foundation::provision(&svc.path, &argv, &manifests, &self.opts.cancel)
-                .await
-                .map_err(|e| format!("provisioning `{install}` failed: {e}"))?;
+            let span = info_span!("provisioning", nanokit.service = %name);
+            let r = trace::step_env(span.clone(), &spec.env, async {
+                crate::foundation::provision(&svc.path, &argv, &manifests, &self.opts.cancel)
+                    .await
+                    .map_err(|e| format!("provisioning `{install}` failed: {e}"))
+            })
+            .await?;
+            trace::set(&span, "nanokit.provision.ran", r.ran);
             if !r.ran {
                 self.emit(
                     name,
@@ -614,7 +648,12 @@ impl Run {
                 );
             }
         }
-        self.wait_healthy(&inst.id, svc, &spec, started).await?;
+        trace::step_env(
+            info_span!("health", nanokit.service = %name),
+            &spec.env,
+            self.wait_healthy(&inst.id, svc, &spec, started),
+        )
+        .await?;
         self.hooks(
             HookSite::Host,
             svc,
@@ -637,6 +676,7 @@ impl Run {
     ) -> Result<Phase, String> {
         let name = &action.service;
         let svc = self.config.services.get(name);
+        trace::set(&Span::current(), "nanokit.action", action.action.as_str());
         self.set_status(name, Status::Stopping, None).await?;
         for id in &action.stop {
             self.stop_instance(name, id, svc, started).await?;
@@ -747,32 +787,67 @@ where
         let work = work.clone();
         let on_skip = on_skip.clone();
         let cancel = cancel.clone();
-        set.spawn(async move {
-            for (dep, mut rx) in rxs {
-                let v = rx
-                    .wait_for(|d| *d != Done::Pending)
-                    .await
-                    .map(|d| d.clone());
-                if let Ok(Done::NotOk(_)) | Err(_) = v {
-                    let why = format!("skipped: `{dep}` did not come up");
-                    on_skip(&name, why.clone());
-                    let _ = tx.send(Done::NotOk(why.clone()));
-                    return (name, Err(format!("skip:{why}")), 0);
+        let span = info_span!("service", nanokit.service = %name);
+        let task = async move {
+            let deps = rxs.iter().map(|(d, _)| d.as_str()).collect::<Vec<_>>().join(", ");
+            let wait = async {
+                for (dep, mut rx) in rxs {
+                    let v = rx
+                        .wait_for(|d| *d != Done::Pending)
+                        .await
+                        .map(|d| d.clone());
+                    if let Ok(Done::NotOk(_)) | Err(_) = v {
+                        return Some(dep);
+                    }
                 }
+                None
+            };
+            let failed_dep = if deps.is_empty() {
+                wait.await
+            } else {
+                let s = info_span!("dependencies", nanokit.service = %name, nanokit.waits_for = %deps);
+                wait.instrument(s).await
+            };
+            if let Some(dep) = failed_dep {
+                let why = format!("skipped: `{dep}` did not come up");
+                trace::set(&Span::current(), "nanokit.outcome", "skipped");
+                trace::set(&Span::current(), "nanokit.skip_reason", why.clone());
+                on_skip(&name, why.clone());
+                let _ = tx.send(Done::NotOk(why.clone()));
+                return (name, Err(format!("skip:{why}")), 0);
             }
-            let _permit = sem.acquire().await.expect("semaphore");
+            let _permit = match sem.try_acquire() {
+                Ok(p) => p,
+                Err(_) => sem
+                    .acquire()
+                    .instrument(info_span!("concurrency", nanokit.service = %name))
+                    .await
+                    .expect("semaphore"),
+            };
             if cancel.is_cancelled() {
+                trace::set(&Span::current(), "nanokit.outcome", "cancelled");
                 let _ = tx.send(Done::NotOk("cancelled".into()));
                 return (name, Err("cancelled".into()), 0);
             }
             let started_work = Instant::now();
             let r = work(name.clone(), started_work).await;
+            match &r {
+                Ok(p) => trace::set(&Span::current(), "nanokit.outcome", p.as_str()),
+                Err(e) if e == "cancelled" => {
+                    trace::set(&Span::current(), "nanokit.outcome", "cancelled")
+                }
+                Err(e) => {
+                    trace::set(&Span::current(), "nanokit.outcome", "failed");
+                    trace::fail(&Span::current(), e);
+                }
+            }
             let _ = tx.send(match &r {
                 Ok(_) => Done::Ok,
                 Err(e) => Done::NotOk(e.clone()),
             });
             (name, r, started_work.elapsed().as_millis() as u64)
-        });
+        };
+        set.spawn(task.instrument(span).with_current_subscriber());
     }
     let mut out = Vec::new();
     while let Some(r) = set.join_next().await {
@@ -861,8 +936,10 @@ pub async fn up(
     provider: Arc<dyn Provider>,
     opts: ExecOptions,
 ) -> Result<Report, ExecError> {
-    let dag = Dag::build(&config)?;
-    let (lock, store) = begin(&config, &opts, "up").await?;
+    let dag = info_span!("graph").in_scope(|| Dag::build(&config))?;
+    let (lock, store) = begin(&config, &opts, "up")
+        .instrument(info_span!("deploy_lock"))
+        .await?;
     // A lost deploy lease (broken by `infra unlock`, taken over, expired)
     // stops the run like Ctrl-C: nothing new starts.
     let watch_lost = {
@@ -885,16 +962,20 @@ async fn up_locked(
     store: Store,
 ) -> Result<Report, ExecError> {
     let scope = scope(&config);
-    let observed = provider.observe(&scope).await?;
-    let plan = plan::plan(
-        &config,
-        &dag,
-        store.state(),
-        &observed,
-        &PlanOptions {
-            targets: opts.targets.clone(),
-        },
-    )?;
+    let plan = async {
+        let observed = provider.observe(&scope).await?;
+        Ok::<_, ExecError>(plan::plan(
+            &config,
+            &dag,
+            store.state(),
+            &observed,
+            &PlanOptions {
+                targets: opts.targets.clone(),
+            },
+        )?)
+    }
+    .instrument(info_span!("plan"))
+    .await?;
     let blocked = plan.blocked(opts.force);
     if !blocked.is_empty() {
         return Err(ExecError::NeedsForce(blocked.join(", ")));
@@ -1110,7 +1191,9 @@ pub async fn down(
     provider: Arc<dyn Provider>,
     opts: ExecOptions,
 ) -> Result<Report, ExecError> {
-    let (lock, store) = begin(&config, &opts, "down").await?;
+    let (lock, store) = begin(&config, &opts, "down")
+        .instrument(info_span!("deploy_lock"))
+        .await?;
     let r = down_locked(config, provider, opts, store).await;
     finish(lock, r).await
 }
@@ -1122,7 +1205,10 @@ async fn down_locked(
     store: Store,
 ) -> Result<Report, ExecError> {
     let scope = scope(&config);
-    let observed = provider.observe(&scope).await?;
+    let observed = provider
+        .observe(&scope)
+        .instrument(info_span!("observe"))
+        .await?;
     let state = store.state().clone();
     let mut names: std::collections::BTreeSet<String> = state.resources.keys().cloned().collect();
     names.extend(observed.iter().map(|i| i.service.clone()));

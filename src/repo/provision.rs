@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::{io_err, RepoError};
 use crate::fsutil::atomic_write;
@@ -139,12 +140,21 @@ pub async fn provision(
     let child = cmd
         .spawn()
         .map_err(|e| RepoError::Provision(format!("cannot run {:?}: {e}", command[0])))?;
-    let output = tokio::select! {
-        r = child.wait_with_output() => r.map_err(|e| RepoError::Provision(format!("waiting for {:?}: {e}", command[0])))?,
-        _ = cancel.cancelled() => {
-            return Err(LockError::Aborted { path: dir.join(".nk-install-lock") }.into());
+    let install_span = tracing::info_span!("install", nanokit.provision.hash = %hash);
+    let output = async {
+        tokio::select! {
+            r = child.wait_with_output() => r.map_err(|e| RepoError::Provision(format!("waiting for {:?}: {e}", command[0]))),
+            _ = cancel.cancelled() => Err(LockError::Aborted { path: dir.join(".nk-install-lock") }.into()),
         }
-    };
+    }
+    .instrument(install_span.clone())
+    .await?;
+    if !output.status.success() {
+        crate::trace::fail(
+            &install_span,
+            &format!("the install command failed ({})", output.status),
+        );
+    }
     let text = opts.capture.then(|| {
         let mut s = String::from_utf8_lossy(&output.stdout).into_owned();
         s.push_str(&String::from_utf8_lossy(&output.stderr));

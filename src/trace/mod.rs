@@ -276,8 +276,15 @@ pub fn fail(span: &Span, message: &str) {
 }
 
 /// Runs `fut` inside `span` and records its outcome on it.
-pub async fn step<T>(
+pub async fn step<T>(span: Span, fut: impl Future<Output = Result<T, String>>) -> Result<T, String> {
+    step_env(span, &BTreeMap::new(), fut).await
+}
+
+/// [`step`], with the values of `env` redacted from a recorded error (hook
+/// and probe output may print them).
+pub async fn step_env<T>(
     span: Span,
+    env: &BTreeMap<String, String>,
     fut: impl Future<Output = Result<T, String>>,
 ) -> Result<T, String> {
     let r = fut.instrument(span.clone()).await;
@@ -286,8 +293,29 @@ pub async fn step<T>(
         Err(e) if e == "cancelled" => set(&span, "nanokit.outcome", "cancelled"),
         Err(e) => {
             set(&span, "nanokit.outcome", "failed");
-            fail(&span, e);
+            if !span.is_disabled() {
+                fail(&span, &redact(e, env));
+            }
         }
+    }
+    r
+}
+
+/// Loads the configuration inside a `config.load` span and notes the
+/// project and provider on the run's root span (the current span).
+pub fn load_config<E: std::fmt::Display>(
+    f: impl FnOnce() -> Result<crate::config::Config, E>,
+) -> Result<crate::config::Config, E> {
+    let root = Span::current();
+    let span = tracing::info_span!("config.load");
+    let r = span.in_scope(f);
+    match &r {
+        Ok(c) => {
+            set(&root, "nanokit.project", c.name.clone());
+            set(&root, "nanokit.provider", c.provider.as_str());
+            set(&span, "nanokit.services", c.services.len() as i64);
+        }
+        Err(e) => fail(&span, &e.to_string()),
     }
     r
 }
