@@ -328,7 +328,10 @@ async fn traced<F>(
     command: &'static str,
     project: &Project,
     fut: F,
-) -> (Result<exec::Report, ExecError>, Option<crate::trace::RunTrace>)
+) -> (
+    Result<exec::Report, ExecError>,
+    Option<crate::trace::RunTrace>,
+)
 where
     F: std::future::Future<Output = Result<exec::Report, ExecError>>,
 {

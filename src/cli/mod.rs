@@ -144,7 +144,6 @@ pub async fn confirm(question: &str) -> Result<(), CliError> {
     }
 }
 
-
 /// Parses `args` (without the program name) and runs the command. Returns
 /// the process exit code; errors are printed to stderr as
 /// `error[CODE]: message`, without debug noise.

@@ -789,7 +789,11 @@ where
         let cancel = cancel.clone();
         let span = info_span!("service", nanokit.service = %name);
         let task = async move {
-            let deps = rxs.iter().map(|(d, _)| d.as_str()).collect::<Vec<_>>().join(", ");
+            let deps = rxs
+                .iter()
+                .map(|(d, _)| d.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
             let wait = async {
                 for (dep, mut rx) in rxs {
                     let v = rx
@@ -805,7 +809,8 @@ where
             let failed_dep = if deps.is_empty() {
                 wait.await
             } else {
-                let s = info_span!("dependencies", nanokit.service = %name, nanokit.waits_for = %deps);
+                let s =
+                    info_span!("dependencies", nanokit.service = %name, nanokit.waits_for = %deps);
                 wait.instrument(s).await
             };
             if let Some(dep) = failed_dep {

@@ -149,6 +149,80 @@ fn resource() -> opentelemetry_sdk::Resource {
     .build()
 }
 
+/// Values that must never leave the process in a span (every service's env
+/// values, the state URL): filled by [`load_config`], applied by
+/// [`Redacting`] to every span of the run before it is kept or exported.
+type Secrets = Arc<std::sync::RwLock<Vec<String>>>;
+
+tokio::task_local! {
+    static RUN_SECRETS: Secrets;
+}
+
+fn scrub(text: &str, secrets: &[String]) -> Option<String> {
+    secrets.iter().any(|s| text.contains(s.as_str())).then(|| {
+        secrets
+            .iter()
+            .fold(text.to_string(), |t, s| t.replace(s.as_str(), "***"))
+    })
+}
+
+fn scrub_kv(kv: &mut opentelemetry::KeyValue, secrets: &[String]) {
+    if let opentelemetry::Value::String(v) = &kv.value {
+        if let Some(clean) = scrub(v.as_str(), secrets) {
+            kv.value = opentelemetry::Value::String(clean.into());
+        }
+    }
+}
+
+/// A span processor that redacts the run's secrets, then hands on.
+#[derive(Debug)]
+struct Redacting<P> {
+    inner: P,
+    secrets: Secrets,
+}
+
+impl<P: SpanProcessor> SpanProcessor for Redacting<P> {
+    fn on_start(&self, span: &mut opentelemetry_sdk::trace::Span, cx: &opentelemetry::Context) {
+        self.inner.on_start(span, cx);
+    }
+
+    fn on_end(&self, mut span: SpanData) {
+        let secrets = self.secrets.read().unwrap_or_else(|e| e.into_inner());
+        if !secrets.is_empty() {
+            for kv in &mut span.attributes {
+                scrub_kv(kv, &secrets);
+            }
+            for e in &mut span.events.events {
+                for kv in &mut e.attributes {
+                    scrub_kv(kv, &secrets);
+                }
+                if let Some(clean) = scrub(&e.name, &secrets) {
+                    e.name = clean.into();
+                }
+            }
+            if let Status::Error { description } = &span.status {
+                if let Some(clean) = scrub(description, &secrets) {
+                    span.status = Status::error(clean);
+                }
+            }
+        }
+        drop(secrets);
+        self.inner.on_end(span);
+    }
+
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
 /// Keeps every ended span of one run (for the local trace file).
 #[derive(Debug, Clone, Default)]
 struct Collector(Arc<Mutex<Vec<SpanData>>>);
@@ -276,7 +350,10 @@ pub fn fail(span: &Span, message: &str) {
 }
 
 /// Runs `fut` inside `span` and records its outcome on it.
-pub async fn step<T>(span: Span, fut: impl Future<Output = Result<T, String>>) -> Result<T, String> {
+pub async fn step<T>(
+    span: Span,
+    fut: impl Future<Output = Result<T, String>>,
+) -> Result<T, String> {
     step_env(span, &BTreeMap::new(), fut).await
 }
 
@@ -311,6 +388,18 @@ pub fn load_config<E: std::fmt::Display>(
     let r = span.in_scope(f);
     match &r {
         Ok(c) => {
+            let _ = RUN_SECRETS.try_with(|s| {
+                let mut s = s.write().unwrap_or_else(|e| e.into_inner());
+                let values = c.services.values().flat_map(|svc| svc.env.values());
+                s.extend(
+                    values
+                        .chain(c.state_url.as_ref())
+                        .filter(|v| v.len() >= 4)
+                        .cloned(),
+                );
+                s.sort_by(|a, b| b.len().cmp(&a.len()).then(a.cmp(b)));
+                s.dedup();
+            });
             set(&root, "nanokit.project", c.name.clone());
             set(&root, "nanokit.provider", c.provider.as_str());
             set(&span, "nanokit.services", c.services.len() as i64);
@@ -409,10 +498,14 @@ where
         return (fut.await, None);
     }
     let collector = Collector::default();
+    let secrets = Secrets::default();
     let mut builder = SdkTracerProvider::builder()
         .with_resource(resource())
         .with_sampler(opentelemetry_sdk::trace::Sampler::AlwaysOn)
-        .with_span_processor(collector.clone());
+        .with_span_processor(Redacting {
+            inner: collector.clone(),
+            secrets: secrets.clone(),
+        });
     let exporter = match &settings.export {
         Export::Off => None,
         Export::FromEnv => otlp_configured().then(|| otlp_exporter(None)).flatten(),
@@ -420,7 +513,10 @@ where
     };
     let exporting = exporter.is_some();
     if let Some(e) = exporter {
-        builder = builder.with_batch_exporter(e);
+        builder = builder.with_span_processor(Redacting {
+            inner: opentelemetry_sdk::trace::BatchSpanProcessor::builder(e).build(),
+            secrets: secrets.clone(),
+        });
     }
     let provider = builder.build();
     let dispatch = if settings.log_to_stderr {
@@ -455,7 +551,12 @@ where
         let id = cx.span().span_context().trace_id();
         id.to_string()
     };
-    let out = fut.instrument(root.clone()).with_subscriber(dispatch).await;
+    let out = RUN_SECRETS
+        .scope(
+            secrets,
+            fut.instrument(root.clone()).with_subscriber(dispatch),
+        )
+        .await;
     let failure = out.failure();
     match &failure {
         Some(f) => {
