@@ -88,7 +88,7 @@ test('CLI: nanokit timeline renders the latest run and prints the slowest steps'
   assert.equal(r.status, 0, r.stderr)
   assert.match(r.stdout, /nanokit up of traced \(local\).*FAILED/)
   assert.match(r.stdout, /Slowest steps:/)
-  assert.match(r.stdout, /b › poststart: hook poststart `echo token \*\*\*; exit 4` failed \(exit code 4\)/)
+  assert.match(r.stdout, /b › poststart: hook poststart `echo token \$SECRET_TOKEN; exit 4` failed \(exit code 4\)/)
   const html = r.stdout.match(/Timeline: (.+\.html)/)[1]
   assert.ok(existsSync(html))
   const list = spawnSync(process.execPath, [BIN, 'timeline', '--list', '--output', 'json', '-f', file], { encoding: 'utf8' })
