@@ -852,7 +852,9 @@ where
             });
             (name, r, started_work.elapsed().as_millis() as u64)
         };
-        set.spawn(task.instrument(span).with_current_subscriber());
+        // Awaited inside, so the span is dropped while the run's subscriber
+        // is the default (a span's parent is released through the default).
+        set.spawn(async move { task.instrument(span).await }.with_current_subscriber());
     }
     let mut out = Vec::new();
     while let Some(r) = set.join_next().await {

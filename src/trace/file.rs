@@ -83,9 +83,10 @@ fn nanos(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-/// `20250102T030405Z` (UTC), for run names that sort by time.
+/// `20250102T030405.678Z` (UTC), for run names that sort by time (also two
+/// runs within one second).
 pub fn compact_utc(t: SystemTime) -> String {
-    let s = humantime::format_rfc3339_seconds(t).to_string(); // 2025-01-02T03:04:05Z
+    let s = humantime::format_rfc3339_millis(t).to_string(); // 2025-01-02T03:04:05.678Z
     s.chars().filter(|c| *c != '-' && *c != ':').collect()
 }
 

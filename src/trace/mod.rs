@@ -551,11 +551,15 @@ where
         let id = cx.span().span_context().trace_id();
         id.to_string()
     };
+    // The instrumented future is awaited (and so dropped) inside the run's
+    // dispatcher: a closing span releases its parent through the default
+    // subscriber, which must be this run's.
+    let inner = {
+        let root = root.clone();
+        async move { fut.instrument(root).await }
+    };
     let out = RUN_SECRETS
-        .scope(
-            secrets,
-            fut.instrument(root.clone()).with_subscriber(dispatch),
-        )
+        .scope(secrets, inner.with_subscriber(dispatch))
         .await;
     let failure = out.failure();
     match &failure {

@@ -166,6 +166,7 @@ h1{font-size:18px;margin:0 0 4px}
 .tick{position:absolute;top:0;bottom:0;border-left:1px dashed var(--grid)}
 .axis .track{height:22px}
 .axis .tick span{position:absolute;top:3px;left:3px;color:var(--muted);font-size:11px}
+.axis .tick.end span{left:auto;right:3px}
 .bar{position:absolute;top:4px;height:14px;min-width:2px;border-radius:3px;background:var(--step)}
 .bar.root{background:var(--root)}
 .bar.service{background:var(--svc)}
@@ -216,10 +217,12 @@ pub fn html(t: &TraceFile) -> String {
     let mut ticks = String::new();
     let mut x = 0.0;
     while x <= total_ms + 0.001 {
+        let at = x / total_ms * 100.0;
         let _ = write!(
             ticks,
-            "<div class=\"tick\" style=\"left:{:.3}%\"><span>{}</span></div>",
-            x / total_ms * 100.0,
+            "<div class=\"tick{}\" style=\"left:{at:.3}%\"><span>{}</span></div>",
+            // Labels near the right edge go left of their tick.
+            if at > 92.0 { " end" } else { "" },
             secs(x)
         );
         x += step;
