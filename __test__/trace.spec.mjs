@@ -174,3 +174,43 @@ test('timeline page in headless Chromium: one bar per span, failures marked, lai
     await browser.close()
   }
 })
+
+test('JS install: its spans reach an OTLP/HTTP collector when OTEL_EXPORTER_OTLP_ENDPOINT is set', async () => {
+  const { createServer } = await import('node:http')
+  const { spawn } = await import('node:child_process')
+  const bodies = []
+  const server = createServer((req, res) => {
+    const chunks = []
+    req.on('data', (c) => chunks.push(c))
+    req.on('end', () => {
+      bodies.push({ url: req.url, type: req.headers['content-type'], body: Buffer.concat(chunks) })
+      res.writeHead(200, { 'content-type': 'application/x-protobuf' }).end()
+    })
+  })
+  await new Promise((r) => server.listen(0, '127.0.0.1', r))
+  const repo = mkdtempSync(join(tmpdir(), 'nk-trace-repo-'))
+  const script = `
+    const nk = require(${JSON.stringify(join(root, 'nanokit.js'))})
+    const { mkdirSync, writeFileSync } = require('node:fs')
+    const { join } = require('node:path')
+    nk.install(${JSON.stringify(repo)}, 'traced-pkg@1.0.0', {
+      install: async (_s, dir) => {
+        const pkg = join(dir, 'node_modules', 'traced-pkg_1.0.0')
+        mkdirSync(pkg, { recursive: true })
+        writeFileSync(join(pkg, 'package.json'), JSON.stringify({ name: 'traced-pkg', version: '1.0.0' }))
+      },
+    }).then(() => nk.flushTraces()).then(() => process.exit(0), (e) => { console.error(e); process.exit(1) })`
+  const env = { ...process.env, OTEL_EXPORTER_OTLP_ENDPOINT: `http://127.0.0.1:${server.address().port}` }
+  delete env.NANOKIT_TRACE
+  const child = spawn(process.execPath, ['-e', script], { env, stdio: ['ignore', 'inherit', 'inherit'] })
+  const code = await new Promise((r) => child.on('exit', r))
+  server.close()
+  assert.equal(code, 0)
+  assert.ok(bodies.length >= 1, 'an export request arrived')
+  assert.ok(bodies.every((b) => b.url === '/v1/traces' && b.type === 'application/x-protobuf'))
+  // Span names are protobuf strings: present verbatim in the request.
+  const all = Buffer.concat(bodies.map((b) => b.body)).toString('latin1')
+  for (const name of ['repo.begin_install', 'lock.wait', 'repo.publish', 'traced-pkg@1.0.0']) {
+    assert.ok(all.includes(name), `${name} exported`)
+  }
+})
