@@ -421,3 +421,41 @@ async fn a_run_that_fails_before_starting_still_writes_its_trace_and_export_fail
         t.error
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn provisioning_records_its_lock_wait_and_install_separately() {
+    let p = common::Project::new(
+        "name: prov\nservices:\n  svc:\n    start: \"exec sleep 600\"\n    provisioning:\n      install: \"sleep 0.2\"\n",
+    );
+    let load = LoadOptions::new(p.file());
+    let (r, run) = trace::record_run(
+        RunMeta {
+            command: "up",
+            file: p.file(),
+            env: "local".into(),
+        },
+        Settings {
+            export: Export::Off,
+            ..Settings::default()
+        },
+        async {
+            let cfg = trace::load_config(|| config::load(&load))?;
+            let provider = exec::provider_for(&cfg)?;
+            exec::up(Arc::new(cfg), provider, ExecOptions::default()).await
+        },
+    )
+    .await;
+    assert!(r.expect("up").failures().is_empty());
+    let t = TraceFile::read(&run.unwrap().file.unwrap()).unwrap();
+    let prov = t
+        .spans
+        .iter()
+        .find(|s| s.name == "provisioning")
+        .expect("provisioning span");
+    assert_eq!(prov.attr("nanokit.service"), Some("svc"));
+    let steps: Vec<&str> = t.children(&prov.span_id).map(|s| s.name.as_str()).collect();
+    assert_eq!(steps, ["lock.wait", "install"]);
+    let install = t.children(&prov.span_id).nth(1).unwrap();
+    assert!(install.duration_ms() >= 150.0, "{}", install.duration_ms());
+    p.down().await;
+}
