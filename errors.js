@@ -5,6 +5,8 @@
 // match on.
 
 const CODE_PREFIX = /^(ENK[A-Z]+): /
+// `up` / `down` rejections end with the run's trace: `\n[trace <id> <file>]`.
+const TRACE_SUFFIX = /\n\[trace ([0-9a-f]{32})(?: (.+))?\]$/
 
 function withCode(err) {
   if (err && typeof err.message === 'string') {
@@ -13,6 +15,12 @@ function withCode(err) {
       try {
         err.code = m[1]
         err.message = err.message.slice(m[0].length)
+        const t = TRACE_SUFFIX.exec(err.message)
+        if (t) {
+          err.traceId = t[1]
+          if (t[2]) err.traceFile = t[2]
+          err.message = err.message.slice(0, t.index)
+        }
       } catch {
         // A frozen error keeps its prefixed message.
       }

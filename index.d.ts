@@ -175,6 +175,13 @@ export interface DriftResult {
   items: Array<DriftItem>
 }
 
+/**
+ * Exports the spans still buffered for OTLP (install, lock waits; `up` and
+ * `down` flush their own). Resolves when delivered or given up on; never
+ * rejects. Nothing to do unless `OTEL_EXPORTER_OTLP_*ENDPOINT` is set.
+ */
+export declare function flushTraces(): Promise<void>
+
 /** A progress event of `up` / `down`. */
 export interface InfraEvent {
   service: string
@@ -411,6 +418,15 @@ export interface ProvisionResult {
 export interface RunResult {
   plan: PlanResult
   services: Array<ServiceOutcome>
+  /**
+   * The run's trace id (W3C, 32 hex digits); also on rejections as
+   * `err.traceId`. None when tracing is off (`NANOKIT_TRACE=off`).
+   */
+  traceId?: string
+  /** The run's name (`nanokit timeline <run>`). */
+  run?: string
+  /** The local trace file (`.nanokit/traces/<run>.json`). */
+  traceFile?: string
 }
 
 export interface ServiceInfo {

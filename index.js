@@ -845,6 +845,7 @@ module.exports.breakLock = nativeBinding.breakLock
 module.exports.cli = nativeBinding.cli
 module.exports.down = nativeBinding.down
 module.exports.drift = nativeBinding.drift
+module.exports.flushTraces = nativeBinding.flushTraces
 module.exports.inspectLock = nativeBinding.inspectLock
 module.exports.installNative = nativeBinding.installNative
 module.exports.isInstalled = nativeBinding.isInstalled

@@ -38,6 +38,7 @@ export type NanokitErrorCode =
   | 'ENKTARGET'
   | 'ENKSTATE'
   | 'ENKPROVIDER'
+  | 'ENKTRACE'
   | (string & {})
 
 export interface NanokitError extends Error {
@@ -125,6 +126,13 @@ export interface ProvisionOptions {
 /** Runs `options.command` in `dir` once per manifest hash, under `<dir>/.nk-install-lock`. */
 export declare function provision(dir: string, options: ProvisionOptions): Promise<ProvisionResult>
 
+/**
+ * Exports the spans still buffered for OpenTelemetry (installs, lock waits)
+ * when `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is
+ * set; `up` and `down` flush their own before resolving. Never rejects.
+ */
+export declare function flushTraces(): Promise<void>
+
 /** Runs the nanokit command line; resolves to the exit code. */
 export declare function cli(args: string[]): Promise<number>
 
@@ -133,6 +141,18 @@ export declare function cli(args: string[]): Promise<number>
 // ENKLOCKED (another run holds the deploy lock), ENKFORCE (volume deletion
 // without `force`), ENKFAILED (a service failed or was skipped),
 // ENKCANCELLED, ENKTARGET, ENKSTATE, ENKPROVIDER.
+// Every `up` / `down` is traced (OpenTelemetry; `.nanokit/traces/<run>.json`):
+// the result carries `traceId`, `run` and `traceFile`, and a rejection
+// `err.traceId` / `err.traceFile`. `NANOKIT_TRACE=off` turns tracing off.
+
+/** An `up` / `down` rejection. */
+export interface RunError extends Error {
+  code: NanokitErrorCode
+  /** The failed run's trace id (W3C), unless tracing is off. */
+  traceId?: string
+  /** Its local trace file (`nanokit timeline` renders it). */
+  traceFile?: string
+}
 
 export interface RunOptions extends InfraOptions {
   /** Progress of each service: waiting, starting, hook, provisioning, health, healthy, failed, … */

@@ -280,6 +280,15 @@ function drift(options) {
   return callAsync(native.drift, options)
 }
 
+/**
+ * Exports the spans still buffered for OpenTelemetry (installs, lock waits)
+ * when OTEL_EXPORTER_OTLP_ENDPOINT is set; `up` and `down` flush their own.
+ * Never rejects.
+ */
+function flushTraces() {
+  return native.flushTraces()
+}
+
 /** Runs the nanokit command line with `args`; resolves to the exit code. */
 function cli(args) {
   return native.cli(args)
@@ -296,6 +305,7 @@ module.exports = {
   createLockedHandlers,
   provision,
   cli,
+  flushTraces,
   LockHandle,
   loadConfig,
   plan,

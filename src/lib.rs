@@ -19,6 +19,7 @@ pub mod graph;
 pub mod plan;
 pub mod provider;
 pub mod state;
+pub mod trace;
 
 #[cfg(feature = "node")]
 // napi-derive registers exports only outside `cfg(test)`, so the unit-test

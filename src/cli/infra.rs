@@ -322,6 +322,44 @@ fn ctrl_c_token() -> (CancellationToken, interrupt::Guard) {
     (token, guard)
 }
 
+/// Runs an `up` / `down` as a recorded trace (local file, OTLP export when
+/// configured).
+async fn traced<F>(
+    command: &'static str,
+    project: &Project,
+    fut: F,
+) -> (
+    Result<exec::Report, ExecError>,
+    Option<crate::trace::RunTrace>,
+)
+where
+    F: std::future::Future<Output = Result<exec::Report, ExecError>>,
+{
+    let meta = crate::trace::RunMeta {
+        command,
+        file: project.file.clone(),
+        env: project.env.clone(),
+    };
+    let settings = crate::trace::Settings {
+        log_to_stderr: true,
+        ..Default::default()
+    };
+    crate::trace::record_run(meta, settings, fut).await
+}
+
+fn print_trace(t: Option<&crate::trace::RunTrace>) {
+    if let Some(t) = t {
+        if let Some(f) = &t.file {
+            eprintln!(
+                "trace {}: {} (see `nanokit timeline {}`)",
+                t.trace_id,
+                f.display(),
+                t.run
+            );
+        }
+    }
+}
+
 /// An engine error; a cancelled run (Ctrl-C, lost deploy lease) exits 130.
 fn exec_exit(e: ExecError) -> CliResult {
     let cancelled = matches!(e, ExecError::Cancelled);
@@ -445,13 +483,18 @@ pub async fn run(cmd: InfraCommand) -> CliResult {
             force,
             output,
         } => {
-            let cfg = load(&project)?;
-            let provider = exec::provider_for(&cfg)?;
             let (cancel, _sigint) = ctrl_c_token();
             let mut opts = exec_opts(&run, Some(progress_printer()), cancel);
             opts.force = force;
             opts.targets = services;
-            match exec::up(Arc::new(cfg), provider, opts).await {
+            let (r, tr) = traced("up", &project, async {
+                let cfg = crate::trace::load_config(|| load(&project))?;
+                let provider = exec::provider_for(&cfg)?;
+                exec::up(Arc::new(cfg), provider, opts).await
+            })
+            .await;
+            print_trace(tr.as_ref());
+            match r {
                 Ok(report) => report_exit(&report, output, "up"),
                 Err(e) => exec_exit(e),
             }
@@ -464,16 +507,21 @@ pub async fn run(cmd: InfraCommand) -> CliResult {
             yes,
             output,
         } => {
-            let cfg = load(&project)?;
             if volumes && !yes {
                 super::confirm("Delete all named volumes and their data?").await?;
             }
-            let provider = exec::provider_for(&cfg)?;
             let (cancel, _sigint) = ctrl_c_token();
             let mut opts = exec_opts(&run, Some(progress_printer()), cancel);
             opts.targets = services;
             opts.volumes = volumes;
-            match exec::down(Arc::new(cfg), provider, opts).await {
+            let (r, tr) = traced("down", &project, async {
+                let cfg = crate::trace::load_config(|| load(&project))?;
+                let provider = exec::provider_for(&cfg)?;
+                exec::down(Arc::new(cfg), provider, opts).await
+            })
+            .await;
+            print_trace(tr.as_ref());
+            match r {
                 Ok(report) => report_exit(&report, output, "down"),
                 Err(e) => exec_exit(e),
             }
@@ -583,7 +631,13 @@ pub async fn run(cmd: InfraCommand) -> CliResult {
                     cancel,
                     ..ExecOptions::default()
                 };
-                return match exec::up(Arc::new(cfg), provider, opts).await {
+                let (r, tr) = traced("up", &project, async {
+                    let cfg = crate::trace::load_config(|| Ok::<_, ExecError>(cfg))?;
+                    exec::up(Arc::new(cfg), provider, opts).await
+                })
+                .await;
+                print_trace(tr.as_ref());
+                return match r {
                     Ok(r) => report_exit(&r, Output::Text, "restored"),
                     Err(e) => exec_exit(e),
                 };

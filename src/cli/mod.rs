@@ -5,6 +5,7 @@ pub mod infra;
 mod lock;
 mod repo;
 pub mod state;
+mod timeline;
 
 use std::fmt::Display;
 use std::io::{BufRead, IsTerminal, Write};
@@ -52,6 +53,8 @@ pub enum Command {
     Provision(repo::ProvisionArgs),
     /// Shared key/value state with named locks (embedded SQLite or PostgreSQL)
     State(state::StateArgs),
+    /// Render a run's trace (.nanokit/traces/<run>.json) as an HTML timeline and print its slowest steps
+    Timeline(timeline::TimelineArgs),
 }
 
 /// How listing commands print.
@@ -141,16 +144,6 @@ pub async fn confirm(question: &str) -> Result<(), CliError> {
     }
 }
 
-fn init_tracing() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("NANOKIT_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
-}
-
 /// Parses `args` (without the program name) and runs the command. Returns
 /// the process exit code; errors are printed to stderr as
 /// `error[CODE]: message`, without debug noise.
@@ -167,14 +160,18 @@ pub async fn run(args: Vec<String>) -> i32 {
             return code;
         }
     };
-    init_tracing();
+    // NANOKIT_LOG logging, and OTLP export of spans outside `up`/`down`
+    // runs when the OTEL_EXPORTER_OTLP_* variables ask for it.
+    crate::trace::init_global(true);
     let result = match cli.command {
         Command::Infra(cmd) => infra::run(cmd).await,
         Command::Lock(cmd) => lock::run(cmd).await,
         Command::Repo(cmd) => repo::run(cmd).await,
         Command::Provision(args) => repo::provision(args).await,
         Command::State(args) => state::run(args).await,
+        Command::Timeline(args) => timeline::run(args),
     };
+    let _ = tokio::task::spawn_blocking(crate::trace::flush_global).await;
     match result {
         Ok(code) => code,
         Err(e) => {

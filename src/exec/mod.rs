@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tracing::instrument::WithSubscriber;
+use tracing::{info_span, Instrument, Span};
 
 use crate::config::{Config, Service};
 use crate::error::ErrorCode;
@@ -33,6 +35,7 @@ use crate::plan::{self, ActionKind, Plan, PlanError, PlanOptions};
 use crate::provider::process::ProcessProvider;
 use crate::provider::{self, InstanceSpec, Probe, Provider, ProviderError, Scope};
 use crate::state::{self, Resource, StateError, Status, Store};
+use crate::trace;
 
 /// Where a lifecycle hook runs.
 #[derive(Clone, Copy)]
@@ -363,46 +366,74 @@ impl Run {
         cmds: &[String],
         started: Instant,
     ) -> Result<(), String> {
-        for cmd in cmds {
+        for (i, cmd) in cmds.iter().enumerate() {
             self.emit(
                 &svc.name,
                 Phase::Hook,
                 started,
                 Some(format!("{which}: {cmd}")),
             );
-            let argv = vec!["sh".to_string(), "-c".to_string(), cmd.clone()];
-            let out = match site {
-                HookSite::Host => {
-                    let mut env = spec.env.clone();
-                    env.extend(provider::command_labels(&spec.labels));
-                    provider::process::run_command(
-                        &argv,
-                        &self.config.dir,
-                        &env,
-                        self.opts.hook_timeout,
-                    )
-                    .await
-                }
-                HookSite::Instance(id) => {
-                    self.provider
-                        .exec(id, spec, &argv, self.opts.hook_timeout)
-                        .await
-                }
-            }
-            .map_err(|e| format!("hook {which} `{cmd}`: {e}"))?;
-            append_log(
-                &spec.log_file,
-                &format!("--- hook {which}: {cmd} ---\n{}", out.output),
+            let span = info_span!(
+                "hook",
+                otel.name = which,
+                nanokit.service = %svc.name,
+                nanokit.hook = which,
+                nanokit.hook_index = i,
+                nanokit.site = if matches!(site, HookSite::Host) { "host" } else { "instance" },
             );
-            if !out.success() {
-                return Err(format!(
-                    "hook {which} `{cmd}` failed ({}):\n{}",
-                    exit_text(&out),
-                    indent(&tail(&out.output, 20))
-                ));
-            }
+            trace::set(&span, "nanokit.command", trace::redact(cmd, &spec.env));
+            trace::step_env(span, &spec.env, async {
+                let argv = vec!["sh".to_string(), "-c".to_string(), cmd.clone()];
+                let out = match site {
+                    HookSite::Host => {
+                        let mut env = spec.env.clone();
+                        env.extend(provider::command_labels(&spec.labels));
+                        trace::propagate(&mut env);
+                        provider::process::run_command(
+                            &argv,
+                            &self.config.dir,
+                            &env,
+                            self.opts.hook_timeout,
+                        )
+                        .await
+                    }
+                    HookSite::Instance(id) => {
+                        let mut spec = spec.clone();
+                        trace::propagate(&mut spec.env);
+                        self.provider
+                            .exec(id, &spec, &argv, self.opts.hook_timeout)
+                            .await
+                    }
+                }
+                .map_err(|e| format!("hook {which} `{cmd}`: {e}"))?;
+                append_log(
+                    &spec.log_file,
+                    &format!("--- hook {which}: {cmd} ---\n{}", out.output),
+                );
+                if !out.success() {
+                    return Err(format!(
+                        "hook {which} `{cmd}` failed ({}):\n{}",
+                        exit_text(&out),
+                        indent(&tail(&out.output, 20))
+                    ));
+                }
+                Ok(())
+            })
+            .await?;
         }
         Ok(())
+    }
+
+    /// [`Self::wait_healthy`] in a `health` span.
+    async fn health(
+        &self,
+        id: &str,
+        svc: &Service,
+        spec: &InstanceSpec,
+        started: Instant,
+    ) -> Result<(), String> {
+        let span = info_span!("health", nanokit.service = %svc.name, nanokit.instance = id);
+        trace::step_env(span, &spec.env, self.wait_healthy(id, svc, spec, started)).await
     }
 
     /// Waits until healthy; the error carries the last probe output.
@@ -555,10 +586,14 @@ impl Run {
                 }
             }
         }
-        self.provider
-            .stop(id, self.opts.stop_grace)
-            .await
-            .map_err(|e| format!("stopping {id}: {e}"))
+        let span = info_span!("stop", nanokit.service = %name, nanokit.instance = id);
+        trace::step(span, async {
+            self.provider
+                .stop(id, self.opts.stop_grace)
+                .await
+                .map_err(|e| format!("stopping {id}: {e}"))
+        })
+        .await
     }
 
     /// Records `f` applied to the service's instance ids.
@@ -584,11 +619,17 @@ impl Run {
         started: Instant,
     ) -> Result<(String, InstanceSpec), String> {
         let spec = self.spec(svc, hash, replica);
-        let inst = self
-            .provider
-            .create(&spec)
-            .await
-            .map_err(|e| e.to_string())?;
+        let create = info_span!(
+            "create",
+            nanokit.service = %svc.name,
+            nanokit.provider = self.provider.name(),
+            nanokit.replica = replica,
+        );
+        let inst = trace::step(create.clone(), async {
+            self.provider.create(&spec).await.map_err(|e| e.to_string())
+        })
+        .await?;
+        trace::set(&create, "nanokit.instance", inst.id.clone());
         self.save(|s| {
             if let Some(r) = s.resources.get_mut(&svc.name) {
                 let mut ids = r.ids();
@@ -618,6 +659,7 @@ impl Run {
         let name = &action.service;
         let svc = &self.config.services[name];
         let hash = action.config_hash.clone().unwrap_or_default();
+        trace::set(&Span::current(), "nanokit.action", action.action.as_str());
         if action.action == ActionKind::Noop {
             self.emit(name, Phase::Unchanged, started, None);
             return Ok(Phase::Unchanged);
@@ -724,11 +766,15 @@ impl Run {
         if let (Some(install), true) = (&svc.install, creating > 0) {
             self.set_status(name, Status::Provisioning, None).await?;
             self.emit(name, Phase::Provisioning, started, Some(install.clone()));
-            let r = self
-                .provider
-                .provision(&spec, install, &svc.manifests, &self.opts.cancel)
-                .await
-                .map_err(|e| format!("provisioning `{install}` failed: {e}"))?;
+            let span = info_span!("provisioning", nanokit.service = %name);
+            let r = trace::step_env(span.clone(), &spec.env, async {
+                self.provider
+                    .provision(&spec, install, &svc.manifests, &self.opts.cancel)
+                    .await
+                    .map_err(|e| format!("provisioning `{install}` failed: {e}"))
+            })
+            .await?;
+            trace::set(&span, "nanokit.provision.ran", r.ran);
             if !r.ran {
                 self.emit(
                     name,
@@ -755,7 +801,7 @@ impl Run {
                     return Err("cancelled".into());
                 }
                 let (id, rspec) = self.start_replica(svc, &hash, slot, started).await?;
-                if let Err(e) = self.wait_healthy(&id, svc, &rspec, started).await {
+                if let Err(e) = self.health(&id, svc, &rspec, started).await {
                     // Keep serving from the old instances.
                     let _ = self.stop_instance(name, &id, None, started).await;
                     self.save_ids(name, |ids| ids.retain(|x| x != &id)).await?;
@@ -798,7 +844,7 @@ impl Run {
             }
             let waits = futures::future::join_all(
                 all.iter()
-                    .map(|(id, rspec)| self.wait_healthy(id, svc, rspec, started)),
+                    .map(|(id, rspec)| self.health(id, svc, rspec, started)),
             )
             .await;
             for w in waits {
@@ -829,6 +875,7 @@ impl Run {
     ) -> Result<Phase, String> {
         let name = &action.service;
         let svc = self.config.services.get(name);
+        trace::set(&Span::current(), "nanokit.action", action.action.as_str());
         self.set_status(name, Status::Stopping, None).await?;
         for id in &action.stop {
             self.stop_instance(name, id, svc, started).await?;
@@ -939,32 +986,74 @@ where
         let work = work.clone();
         let on_skip = on_skip.clone();
         let cancel = cancel.clone();
-        set.spawn(async move {
-            for (dep, mut rx) in rxs {
-                let v = rx
-                    .wait_for(|d| *d != Done::Pending)
-                    .await
-                    .map(|d| d.clone());
-                if let Ok(Done::NotOk(_)) | Err(_) = v {
-                    let why = format!("skipped: `{dep}` did not come up");
-                    on_skip(&name, why.clone());
-                    let _ = tx.send(Done::NotOk(why.clone()));
-                    return (name, Err(format!("skip:{why}")), 0);
+        let span = info_span!("service", nanokit.service = %name);
+        let task = async move {
+            let deps = rxs
+                .iter()
+                .map(|(d, _)| d.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
+            let wait = async {
+                for (dep, mut rx) in rxs {
+                    let v = rx
+                        .wait_for(|d| *d != Done::Pending)
+                        .await
+                        .map(|d| d.clone());
+                    if let Ok(Done::NotOk(_)) | Err(_) = v {
+                        return Some(dep);
+                    }
                 }
+                None
+            };
+            let failed_dep = if deps.is_empty() {
+                wait.await
+            } else {
+                let s =
+                    info_span!("dependencies", nanokit.service = %name, nanokit.waits_for = %deps);
+                wait.instrument(s).await
+            };
+            if let Some(dep) = failed_dep {
+                let why = format!("skipped: `{dep}` did not come up");
+                trace::set(&Span::current(), "nanokit.outcome", "skipped");
+                trace::set(&Span::current(), "nanokit.skip_reason", why.clone());
+                on_skip(&name, why.clone());
+                let _ = tx.send(Done::NotOk(why.clone()));
+                return (name, Err(format!("skip:{why}")), 0);
             }
-            let _permit = sem.acquire().await.expect("semaphore");
+            let _permit = match sem.try_acquire() {
+                Ok(p) => p,
+                Err(_) => sem
+                    .acquire()
+                    .instrument(info_span!("concurrency", nanokit.service = %name))
+                    .await
+                    .expect("semaphore"),
+            };
             if cancel.is_cancelled() {
+                trace::set(&Span::current(), "nanokit.outcome", "cancelled");
                 let _ = tx.send(Done::NotOk("cancelled".into()));
                 return (name, Err("cancelled".into()), 0);
             }
             let started_work = Instant::now();
             let r = work(name.clone(), started_work).await;
+            match &r {
+                Ok(p) => trace::set(&Span::current(), "nanokit.outcome", p.as_str()),
+                Err(e) if e == "cancelled" => {
+                    trace::set(&Span::current(), "nanokit.outcome", "cancelled")
+                }
+                Err(e) => {
+                    trace::set(&Span::current(), "nanokit.outcome", "failed");
+                    trace::fail(&Span::current(), e);
+                }
+            }
             let _ = tx.send(match &r {
                 Ok(_) => Done::Ok,
                 Err(e) => Done::NotOk(e.clone()),
             });
             (name, r, started_work.elapsed().as_millis() as u64)
-        });
+        };
+        // Awaited inside, so the span is dropped while the run's subscriber
+        // is the default (a span's parent is released through the default).
+        set.spawn(async move { task.instrument(span).await }.with_current_subscriber());
     }
     let mut out = Vec::new();
     while let Some(r) = set.join_next().await {
@@ -1053,8 +1142,10 @@ pub async fn up(
     provider: Arc<dyn Provider>,
     opts: ExecOptions,
 ) -> Result<Report, ExecError> {
-    let dag = Dag::build(&config)?;
-    let (lock, store) = begin(&config, &opts, "up").await?;
+    let dag = info_span!("graph").in_scope(|| Dag::build(&config))?;
+    let (lock, store) = begin(&config, &opts, "up")
+        .instrument(info_span!("deploy_lock"))
+        .await?;
     // A lost deploy lease (broken by `infra unlock`, taken over, expired)
     // stops the run like Ctrl-C: nothing new starts.
     let watch_lost = {
@@ -1316,7 +1407,9 @@ pub async fn down(
     provider: Arc<dyn Provider>,
     opts: ExecOptions,
 ) -> Result<Report, ExecError> {
-    let (lock, store) = begin(&config, &opts, "down").await?;
+    let (lock, store) = begin(&config, &opts, "down")
+        .instrument(info_span!("deploy_lock"))
+        .await?;
     let r = down_locked(config, provider, opts, store).await;
     finish(lock, r).await
 }
@@ -1328,7 +1421,10 @@ async fn down_locked(
     store: Store,
 ) -> Result<Report, ExecError> {
     let scope = scope(&config);
-    let observed = provider.observe(&scope).await?;
+    let observed = provider
+        .observe(&scope)
+        .instrument(info_span!("observe"))
+        .await?;
     let state = store.state().clone();
     let lineage = state.lineage.clone();
     let mut names: std::collections::BTreeSet<String> = state.resources.keys().cloned().collect();

@@ -738,6 +738,7 @@ pub async fn acquire(
 /// Like [`acquire`], but gives up without error (`Ok(None)`) as soon as `done`
 /// returns true, checked before every attempt: waiters for work that another
 /// process is doing stop waiting the moment that work is complete.
+#[tracing::instrument(name = "lock.wait", level = "info", skip_all, fields(nanokit.lock = %path.display()))]
 pub async fn acquire_unless(
     path: &Path,
     opts: &LockOptions,

@@ -42,16 +42,47 @@ pub struct InfraOptions {
 }
 
 impl InfraOptions {
-    fn load(&self) -> Result<Config> {
-        config::load(&LoadOptions {
+    fn load_options(&self) -> LoadOptions {
+        LoadOptions {
             file: PathBuf::from(self.file.clone().unwrap_or_else(|| "nanokit.yml".into())),
             env: self
                 .env
                 .clone()
                 .unwrap_or_else(|| config::DEFAULT_ENV.into()),
             vars: self.vars.clone(),
+        }
+    }
+
+    fn load(&self) -> Result<Config> {
+        config::load(&self.load_options()).map_err(js_err)
+    }
+
+    /// Runs an `up` / `down` as a recorded trace (`.nanokit/traces`, OTLP
+    /// when configured): config load, provider, then `run`.
+    async fn traced<F, Fut>(
+        &self,
+        command: &'static str,
+        run: F,
+    ) -> (
+        std::result::Result<exec::Report, ExecError>,
+        Option<crate::trace::RunTrace>,
+    )
+    where
+        F: FnOnce(Arc<Config>, Arc<dyn crate::provider::Provider>) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<exec::Report, ExecError>>,
+    {
+        let load = self.load_options();
+        let meta = crate::trace::RunMeta {
+            command,
+            file: load.file.clone(),
+            env: load.env.clone(),
+        };
+        crate::trace::record_run(meta, crate::trace::Settings::default(), async move {
+            let cfg = crate::trace::load_config(|| config::load(&load))?;
+            let provider = exec::provider_for(&cfg)?;
+            run(Arc::new(cfg), provider).await
         })
-        .map_err(js_err)
+        .await
     }
 
     fn exec(
@@ -254,6 +285,13 @@ pub struct ServiceOutcome {
 pub struct RunResult {
     pub plan: PlanResult,
     pub services: Vec<ServiceOutcome>,
+    /// The run's trace id (W3C, 32 hex digits); also on rejections as
+    /// `err.traceId`. None when tracing is off (`NANOKIT_TRACE=off`).
+    pub trace_id: Option<String>,
+    /// The run's name (`nanokit timeline <run>`).
+    pub run: Option<String>,
+    /// The local trace file (`.nanokit/traces/<run>.json`).
+    pub trace_file: Option<String>,
 }
 
 type EventFn = ThreadsafeFunction<InfraEvent, (), InfraEvent, Status, false>;
@@ -273,7 +311,28 @@ fn sink(f: Option<EventFn>) -> Option<exec::EventSink> {
     }))
 }
 
-fn run_result(r: exec::Report) -> Result<RunResult> {
+/// `ENK…: message` plus the run's trace, which `errors.js` moves to
+/// `err.traceId` / `err.traceFile`.
+fn run_err<E: crate::error::ErrorCode + std::fmt::Display>(
+    e: E,
+    t: Option<&crate::trace::RunTrace>,
+) -> napi::Error {
+    let mut msg = format!("{}: {e}", e.code());
+    if let Some(t) = t {
+        msg.push_str(&format!("\n[trace {}", t.trace_id));
+        if let Some(f) = &t.file {
+            msg.push_str(&format!(" {}", f.display()));
+        }
+        msg.push(']');
+    }
+    napi::Error::from_reason(msg)
+}
+
+fn run_result(
+    r: std::result::Result<exec::Report, ExecError>,
+    t: Option<crate::trace::RunTrace>,
+) -> Result<RunResult> {
+    let r = r.map_err(|e| run_err(e, t.as_ref()))?;
     let failures = r.failures();
     if !failures.is_empty() {
         let msg = failures
@@ -288,9 +347,15 @@ fn run_result(r: exec::Report) -> Result<RunResult> {
             })
             .collect::<Vec<_>>()
             .join("\n");
-        return Err(js_err(ExecError::Failed(msg)));
+        return Err(run_err(ExecError::Failed(msg), t.as_ref()));
     }
     Ok(RunResult {
+        trace_id: t.as_ref().map(|t| t.trace_id.clone()),
+        run: t.as_ref().map(|t| t.run.clone()),
+        trace_file: t
+            .as_ref()
+            .and_then(|t| t.file.as_ref())
+            .map(|f| f.to_string_lossy().into_owned()),
         plan: plan_result(&r.plan, String::new()),
         services: r
             .results
@@ -320,28 +385,22 @@ pub async fn up(
 ) -> Result<RunResult> {
     let o = options.unwrap_or_default();
     let cancel = cancel_token(abort);
-    let cfg = o.load()?;
-    let provider = exec::provider_for(&cfg).map_err(js_err)?;
-    let r = exec::up(Arc::new(cfg), provider, o.exec(sink(on_event), cancel))
-        .await
-        .map_err(js_err)?;
-    run_result(r)
+    let opts = o.exec(sink(on_event), cancel);
+    let (r, t) = o
+        .traced("up", |cfg, provider| exec::up(cfg, provider, opts))
+        .await;
+    run_result(r, t)
 }
 
 /// Stops and removes services, dependents first.
 #[napi(ts_args_type = "options?: InfraOptions, onEvent?: (event: InfraEvent) => void")]
 pub async fn down(options: Option<InfraOptions>, on_event: Option<EventFn>) -> Result<RunResult> {
     let o = options.unwrap_or_default();
-    let cfg = o.load()?;
-    let provider = exec::provider_for(&cfg).map_err(js_err)?;
-    let r = exec::down(
-        Arc::new(cfg),
-        provider,
-        o.exec(sink(on_event), Default::default()),
-    )
-    .await
-    .map_err(js_err)?;
-    run_result(r)
+    let opts = o.exec(sink(on_event), Default::default());
+    let (r, t) = o
+        .traced("down", |cfg, provider| exec::down(cfg, provider, opts))
+        .await;
+    run_result(r, t)
 }
 
 #[napi(object)]

@@ -109,6 +109,7 @@ pub fn acquire_lock<'env>(
     options: Option<LockOptions>,
     abort: Option<&AbortHandle>,
 ) -> Result<PromiseRaw<'env, LockHandle>> {
+    crate::trace::init_global(false);
     let opts = options.unwrap_or_default().to_engine();
     let cancel = cancel_token(abort);
     env.spawn_future(async move {

@@ -69,6 +69,14 @@ pub(crate) fn cancel_token(abort: Option<&AbortHandle>) -> CancellationToken {
     abort.map(|a| a.token.clone()).unwrap_or_default()
 }
 
+/// Exports the spans still buffered for OTLP (install, lock waits; `up` and
+/// `down` flush their own). Resolves when delivered or given up on; never
+/// rejects. Nothing to do unless `OTEL_EXPORTER_OTLP_*ENDPOINT` is set.
+#[napi]
+pub async fn flush_traces() {
+    let _ = tokio::task::spawn_blocking(crate::trace::flush_global).await;
+}
+
 /// Runs the `nanokit` command line with `args` (argv without node and the
 /// script) and resolves to the process exit code.
 #[napi]

@@ -86,6 +86,7 @@ pub fn install<'env>(
     options: Option<InstallOptions>,
     abort: Option<&AbortHandle>,
 ) -> Result<PromiseRaw<'env, InstallResult>> {
+    crate::trace::init_global(false);
     let opts = options.unwrap_or_default().to_engine();
     let cancel = cancel_token(abort);
     env.spawn_future(async move {
@@ -159,6 +160,7 @@ pub fn begin_install<'env>(
     options: Option<InstallOptions>,
     abort: Option<&AbortHandle>,
 ) -> Result<PromiseRaw<'env, InstallTransaction>> {
+    crate::trace::init_global(false);
     let opts = options.unwrap_or_default().to_engine();
     let cancel = cancel_token(abort);
     let spec = PackageSpec::parse(&specifier).map_err(|e| js_err(repo::RepoError::from(e)))?;
@@ -218,6 +220,7 @@ pub fn provision<'env>(
     options: ProvisionOptions,
     abort: Option<&AbortHandle>,
 ) -> Result<PromiseRaw<'env, ProvisionResult>> {
+    crate::trace::init_global(false);
     let opts = repo::ProvisionOptions {
         lock: LockOptions {
             stale_ms: options.stale_ms,

@@ -223,6 +223,7 @@ fn now_ms() -> u64 {
 
 /// Takes the package's lock and prepares a staging directory, unless the
 /// package is (or, while waiting, becomes) installed.
+#[tracing::instrument(name = "repo.begin_install", level = "info", skip_all, fields(nanokit.package = %spec, nanokit.repo = %repo_dir.display()))]
 pub async fn begin_install(
     repo_dir: &Path,
     spec: &PackageSpec,
@@ -314,6 +315,7 @@ impl InstallTxn {
     }
 
     /// Runs nanokit's npm installer into the staging directory.
+    #[tracing::instrument(name = "npm install", level = "info", skip_all, fields(nanokit.package = %self.spec))]
     pub async fn run_npm(&self, npm: &NpmOptions) -> Result<(), RepoError> {
         let mut cmd = tokio::process::Command::new(&npm.npm);
         cmd.arg("install")
@@ -348,6 +350,7 @@ impl InstallTxn {
 
     /// Publishes the staged package, records it in the repo's `package.json`,
     /// writes the sentinel, and releases the lock.
+    #[tracing::instrument(name = "repo.publish", level = "info", skip_all, fields(nanokit.package = %self.spec))]
     pub async fn commit(mut self) -> Result<InstallOutcome, RepoError> {
         // On any error below, dropping `self` aborts: the staging directory
         // is removed and the lock released; no sentinel is written.
@@ -541,6 +544,7 @@ fn fold_hoisted(node_modules: &Path, package: &Path, alias: &str) -> Result<(), 
 
 /// Installs `spec` into the repo with nanokit's npm installer, exactly once
 /// across all processes sharing `repo_dir`.
+#[tracing::instrument(name = "repo.install", level = "info", skip_all, fields(nanokit.package = specifier, nanokit.repo = %repo_dir.display()))]
 pub async fn install(
     repo_dir: &Path,
     specifier: &str,

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::{io_err, RepoError};
 use crate::fsutil::atomic_write;
@@ -195,12 +196,21 @@ where
     }
     remove_sentinels(dir)?;
 
-    let outcome = tokio::select! {
-        r = run(hash.clone()) => r?,
-        _ = cancel.cancelled() => {
-            return Err(LockError::Aborted { path: dir.join(".nk-install-lock") }.into());
+    let install_span = tracing::info_span!("install", nanokit.provision.hash = %hash);
+    let outcome = async {
+        tokio::select! {
+            r = run(hash.clone()) => r,
+            _ = cancel.cancelled() => Err(LockError::Aborted { path: dir.join(".nk-install-lock") }.into()),
         }
-    };
+    }
+    .instrument(install_span.clone())
+    .await?;
+    if !outcome.success {
+        crate::trace::fail(
+            &install_span,
+            &format!("the install command failed ({})", outcome.status),
+        );
+    }
     let text = outcome.output;
     if !outcome.success {
         let tail = text

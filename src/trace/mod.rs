@@ -1,0 +1,673 @@
+//! Tracing of reconciliations: OpenTelemetry spans, OTLP export, and a
+//! local trace file per `up` / `down`.
+//!
+//! The engine is instrumented with plain `tracing` spans (see
+//! `crate::exec`, `crate::repo`, `crate::lock`). What records them:
+//!
+//! - **A run** (`up` / `down`, CLI or JS API) goes through [`record_run`]: it
+//!   builds a tracer provider for that run alone with two processors, a
+//!   collector that keeps every span of the run for the local trace file
+//!   (`.nanokit/traces/<run>.json`, written whether the run succeeds or
+//!   fails), and, when `OTEL_EXPORTER_OTLP_ENDPOINT` /
+//!   `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set, a batch OTLP/HTTP
+//!   (protobuf) exporter. The run's future runs under a scoped `tracing`
+//!   dispatcher, so concurrent runs in one process never mix their spans.
+//! - **Outside runs** (JS `install`, `createLockedHandlers`, `provision`,
+//!   lock waits; other CLI commands) spans are exported only when the OTLP
+//!   variables are set ([`init_global`]). When they are not, no subscriber
+//!   listens to them: each span costs one atomic load of `tracing`'s cached
+//!   max level.
+//!
+//! `NANOKIT_TRACE=off` turns all of it off (no trace file, no export, no
+//! `TRACEPARENT` in hooks). Export failures are logged, never returned.
+
+pub mod file;
+pub mod timeline;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use opentelemetry::trace::{Status, TraceContextExt, TracerProvider as _};
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanProcessor};
+use tracing::instrument::WithSubscriber;
+use tracing::{Dispatch, Instrument, Span};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::Layer;
+
+pub use file::{SpanRecord, TraceFile};
+
+/// The name of the instrumentation scope of every nanokit span.
+pub const SCOPE: &str = "nanokit";
+
+/// Whether tracing is switched off with `NANOKIT_TRACE=off` (also `0`,
+/// `false`, `none`). Read once per process.
+pub fn disabled() -> bool {
+    static OFF: OnceLock<bool> = OnceLock::new();
+    *OFF.get_or_init(|| {
+        std::env::var("NANOKIT_TRACE").is_ok_and(|v| {
+            matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "off" | "0" | "false" | "none" | "no"
+            )
+        })
+    })
+}
+
+fn env_set(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| !v.trim().is_empty())
+}
+
+/// Whether the standard OpenTelemetry variables ask for a trace exporter
+/// (and `OTEL_SDK_DISABLED` does not forbid it).
+pub fn otlp_configured() -> bool {
+    if std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.trim().eq_ignore_ascii_case("true")) {
+        return false;
+    }
+    env_set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") || env_set("OTEL_EXPORTER_OTLP_ENDPOINT")
+}
+
+/// Where a run's spans go besides the local trace file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Export {
+    /// OTLP/HTTP when the standard variables are set, else nowhere.
+    #[default]
+    FromEnv,
+    /// OTLP/HTTP (protobuf) to this traces URL, e.g.
+    /// `http://127.0.0.1:4318/v1/traces` (other `OTEL_EXPORTER_OTLP_*`
+    /// settings still apply).
+    To(String),
+    /// Nowhere.
+    Off,
+}
+
+/// How [`record_run`] records.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub export: Export,
+    /// Write `.nanokit/traces/<run>.json`.
+    pub local_file: bool,
+    /// Also print `tracing` log events to stderr, filtered by `NANOKIT_LOG`
+    /// (default `warn`): the CLI's logging while the run's dispatcher is active.
+    pub log_to_stderr: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            export: Export::FromEnv,
+            local_file: true,
+            log_to_stderr: false,
+        }
+    }
+}
+
+fn otlp_exporter(endpoint: Option<&str>) -> Option<opentelemetry_otlp::SpanExporter> {
+    use opentelemetry_otlp::{Protocol, WithExportConfig};
+    let mut b = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(Protocol::HttpBinary);
+    if let Some(e) = endpoint {
+        b = b.with_endpoint(e);
+    }
+    if !env_set("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT") && !env_set("OTEL_EXPORTER_OTLP_TIMEOUT") {
+        // A collector that is down must not hold up a deploy for long.
+        b = b.with_timeout(Duration::from_secs(5));
+    }
+    match b.build() {
+        Ok(e) => Some(e),
+        Err(e) => {
+            warn_once(&format!(
+                "nanokit: OpenTelemetry export is off: cannot set up the OTLP exporter: {e}"
+            ));
+            None
+        }
+    }
+}
+
+fn warn_once(msg: &str) {
+    static SEEN: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if !seen.iter().any(|m| m == msg) {
+        seen.push(msg.to_string());
+        eprintln!("{msg}");
+    }
+}
+
+fn resource() -> opentelemetry_sdk::Resource {
+    let mut b = opentelemetry_sdk::Resource::builder();
+    if !env_set("OTEL_SERVICE_NAME") {
+        b = b.with_service_name("nanokit");
+    }
+    b.with_attribute(opentelemetry::KeyValue::new(
+        "service.version",
+        env!("CARGO_PKG_VERSION"),
+    ))
+    .build()
+}
+
+/// Values that must never leave the process in a span (every service's env
+/// values, the state URL): filled by [`load_config`], applied by
+/// [`Redacting`] to every span of the run before it is kept or exported.
+type Secrets = Arc<std::sync::RwLock<Vec<String>>>;
+
+tokio::task_local! {
+    static RUN_SECRETS: Secrets;
+}
+
+fn scrub(text: &str, secrets: &[String]) -> Option<String> {
+    secrets.iter().any(|s| text.contains(s.as_str())).then(|| {
+        secrets
+            .iter()
+            .fold(text.to_string(), |t, s| t.replace(s.as_str(), "***"))
+    })
+}
+
+fn scrub_kv(kv: &mut opentelemetry::KeyValue, secrets: &[String]) {
+    if let opentelemetry::Value::String(v) = &kv.value {
+        if let Some(clean) = scrub(v.as_str(), secrets) {
+            kv.value = opentelemetry::Value::String(clean.into());
+        }
+    }
+}
+
+/// A span processor that redacts the run's secrets, then hands on.
+#[derive(Debug)]
+struct Redacting<P> {
+    inner: P,
+    secrets: Secrets,
+}
+
+impl<P: SpanProcessor> SpanProcessor for Redacting<P> {
+    fn on_start(&self, span: &mut opentelemetry_sdk::trace::Span, cx: &opentelemetry::Context) {
+        self.inner.on_start(span, cx);
+    }
+
+    fn on_end(&self, mut span: SpanData) {
+        let secrets = self.secrets.read().unwrap_or_else(|e| e.into_inner());
+        if !secrets.is_empty() {
+            for kv in &mut span.attributes {
+                scrub_kv(kv, &secrets);
+            }
+            for e in &mut span.events.events {
+                for kv in &mut e.attributes {
+                    scrub_kv(kv, &secrets);
+                }
+                if let Some(clean) = scrub(&e.name, &secrets) {
+                    e.name = clean.into();
+                }
+            }
+            if let Status::Error { description } = &span.status {
+                if let Some(clean) = scrub(description, &secrets) {
+                    span.status = Status::error(clean);
+                }
+            }
+        }
+        drop(secrets);
+        self.inner.on_end(span);
+    }
+
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+/// Keeps every ended span of one run (for the local trace file).
+#[derive(Debug, Clone, Default)]
+struct Collector(Arc<Mutex<Vec<SpanData>>>);
+
+impl SpanProcessor for Collector {
+    fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &opentelemetry::Context) {}
+
+    fn on_end(&self, span: SpanData) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(span);
+    }
+
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        Ok(())
+    }
+
+    fn shutdown_with_timeout(&self, _timeout: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
+        Ok(())
+    }
+}
+
+fn otel_layer<S>(provider: &SdkTracerProvider) -> impl Layer<S> + Send + Sync
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a> + Send + Sync,
+{
+    tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer(SCOPE))
+        .with_location(false)
+        .with_threads(false)
+        .with_target(false)
+        .with_level(false)
+        .with_tracked_inactivity(false)
+        .with_filter(tracing_subscriber::filter::LevelFilter::INFO)
+}
+
+fn stderr_layer<S>() -> impl Layer<S> + Send + Sync
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("NANOKIT_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_filter(filter)
+}
+
+static GLOBAL: OnceLock<Option<SdkTracerProvider>> = OnceLock::new();
+
+/// Installs the process-wide subscriber: NANOKIT_LOG logging to stderr when
+/// `log_to_stderr` (the CLI), and an OTLP exporter when the standard
+/// variables ask for one. Without either, nothing is installed and spans
+/// outside runs cost nothing. Idempotent (the first call decides).
+pub fn init_global(log_to_stderr: bool) {
+    GLOBAL.get_or_init(|| {
+        let provider = (!disabled() && otlp_configured())
+            .then(|| otlp_exporter(None))
+            .flatten()
+            .map(|exporter| {
+                SdkTracerProvider::builder()
+                    .with_resource(resource())
+                    .with_batch_exporter(exporter)
+                    .build()
+            });
+        let registry = tracing_subscriber::registry();
+        let _ = match (&provider, log_to_stderr) {
+            (Some(p), true) => tracing::subscriber::set_global_default(
+                registry.with(otel_layer(p)).with(stderr_layer()),
+            ),
+            (Some(p), false) => {
+                tracing::subscriber::set_global_default(registry.with(otel_layer(p)))
+            }
+            (None, true) => tracing::subscriber::set_global_default(registry.with(stderr_layer())),
+            (None, false) => Ok(()),
+        };
+        provider
+    });
+}
+
+/// Exports the spans the process-wide exporter still holds (blocking, bounded
+/// by the exporter's timeout). Errors are logged, never returned.
+pub fn flush_global() {
+    if let Some(Some(p)) = GLOBAL.get() {
+        if let Err(e) = p.force_flush() {
+            warn_once(&format!("nanokit: OpenTelemetry export failed: {e}"));
+        }
+    }
+}
+
+/// The W3C `traceparent` of the current span, when a trace is being recorded.
+pub fn traceparent() -> Option<String> {
+    let cx = Span::current().context();
+    let span = cx.span();
+    let sc = span.span_context();
+    sc.is_valid().then(|| {
+        format!(
+            "00-{}-{}-{:02x}",
+            sc.trace_id(),
+            sc.span_id(),
+            sc.trace_flags().to_u8()
+        )
+    })
+}
+
+/// Adds `TRACEPARENT` (the current span) to a child's environment.
+pub fn propagate(env: &mut BTreeMap<String, String>) {
+    if let Some(tp) = traceparent() {
+        env.insert("TRACEPARENT".into(), tp);
+    }
+}
+
+/// Sets an attribute on `span` (nothing when the span is not recorded).
+pub fn set(span: &Span, key: &'static str, value: impl Into<opentelemetry::Value>) {
+    if !span.is_disabled() {
+        span.set_attribute(key, value);
+    }
+}
+
+/// Marks `span` failed with `message` (status ERROR, `error` attribute).
+pub fn fail(span: &Span, message: &str) {
+    if !span.is_disabled() {
+        let first = message.lines().next().unwrap_or("").to_string();
+        span.set_attribute("error", message.to_string());
+        span.set_status(Status::error(first));
+    }
+}
+
+/// Runs `fut` inside `span` and records its outcome on it.
+pub async fn step<T>(
+    span: Span,
+    fut: impl Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    step_env(span, &BTreeMap::new(), fut).await
+}
+
+/// [`step`], with the values of `env` redacted from a recorded error (hook
+/// and probe output may print them).
+pub async fn step_env<T>(
+    span: Span,
+    env: &BTreeMap<String, String>,
+    fut: impl Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    let r = fut.instrument(span.clone()).await;
+    match &r {
+        Ok(_) => set(&span, "nanokit.outcome", "ok"),
+        Err(e) if e == "cancelled" => set(&span, "nanokit.outcome", "cancelled"),
+        Err(e) => {
+            set(&span, "nanokit.outcome", "failed");
+            if !span.is_disabled() {
+                fail(&span, &redact(e, env));
+            }
+        }
+    }
+    r
+}
+
+/// Loads the configuration inside a `config.load` span and notes the
+/// project and provider on the run's root span (the current span).
+pub fn load_config<E: std::fmt::Display>(
+    f: impl FnOnce() -> Result<crate::config::Config, E>,
+) -> Result<crate::config::Config, E> {
+    let root = Span::current();
+    let span = tracing::info_span!("config.load");
+    let r = span.in_scope(f);
+    match &r {
+        Ok(c) => {
+            let _ = RUN_SECRETS.try_with(|s| {
+                let mut s = s.write().unwrap_or_else(|e| e.into_inner());
+                let values = c.services.values().flat_map(|svc| svc.env.values());
+                s.extend(
+                    values
+                        .chain(c.state_url.as_ref())
+                        .filter(|v| v.len() >= 4)
+                        .cloned(),
+                );
+                s.sort_by(|a, b| b.len().cmp(&a.len()).then(a.cmp(b)));
+                s.dedup();
+            });
+            set(&root, "nanokit.project", c.name.clone());
+            set(&root, "nanokit.provider", c.provider.as_str());
+            set(&span, "nanokit.services", c.services.len() as i64);
+        }
+        Err(e) => fail(&span, &e.to_string()),
+    }
+    r
+}
+
+/// Replaces every value of `env` (at least 4 characters long) found in
+/// `text` with `***`: hook commands and their output may contain secrets.
+pub fn redact(text: &str, env: &BTreeMap<String, String>) -> String {
+    let mut values: Vec<&str> = env
+        .values()
+        .map(String::as_str)
+        .filter(|v| v.len() >= 4)
+        .collect();
+    values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+    let mut out = text.to_string();
+    for v in values {
+        if out.contains(v) {
+            out = out.replace(v, "***");
+        }
+    }
+    out
+}
+
+/// What a traced run was, for naming its trace.
+#[derive(Debug, Clone)]
+pub struct RunMeta {
+    /// `up` or `down`.
+    pub command: &'static str,
+    /// The nanokit.yml (its directory holds `.nanokit/traces`).
+    pub file: PathBuf,
+    pub env: String,
+}
+
+/// The trace of a finished run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunTrace {
+    /// `<UTC time>-<command>-<first 8 hex digits of the trace id>`.
+    pub run: String,
+    pub trace_id: String,
+    /// The local trace file, when it was written.
+    pub file: Option<PathBuf>,
+}
+
+/// How a run ended, for the root span.
+pub trait RunOutcome {
+    /// None when everything went well; else what failed.
+    fn failure(&self) -> Option<String>;
+}
+
+impl<E: std::fmt::Display> RunOutcome for Result<crate::exec::Report, E> {
+    fn failure(&self) -> Option<String> {
+        match self {
+            Err(e) => Some(e.to_string()),
+            Ok(r) => {
+                let f = r.failures();
+                (!f.is_empty()).then(|| {
+                    f.iter()
+                        .map(|f| {
+                            format!(
+                                "{} {}: {}",
+                                f.service,
+                                f.outcome.as_str(),
+                                f.error.as_deref().unwrap_or("")
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                })
+            }
+        }
+    }
+}
+
+/// The directory of a project's traces: `.nanokit/traces` beside the file.
+pub fn traces_dir(file: &Path) -> PathBuf {
+    let dir = file.parent().filter(|d| !d.as_os_str().is_empty());
+    dir.unwrap_or(Path::new("."))
+        .join(".nanokit")
+        .join("traces")
+}
+
+/// Runs one `up` / `down` (`fut`: config load included) as a trace with a
+/// root span `nanokit <command>`, writes the local trace file (also when the
+/// run fails) and exports to OTLP when configured. Returns the run's result
+/// and its trace (None when tracing is off).
+pub async fn record_run<T, F>(meta: RunMeta, settings: Settings, fut: F) -> (T, Option<RunTrace>)
+where
+    F: Future<Output = T>,
+    T: RunOutcome,
+{
+    if disabled() {
+        return (fut.await, None);
+    }
+    let collector = Collector::default();
+    let secrets = Secrets::default();
+    let mut builder = SdkTracerProvider::builder()
+        .with_resource(resource())
+        .with_sampler(opentelemetry_sdk::trace::Sampler::AlwaysOn)
+        .with_span_processor(Redacting {
+            inner: collector.clone(),
+            secrets: secrets.clone(),
+        });
+    let exporter = match &settings.export {
+        Export::Off => None,
+        Export::FromEnv => otlp_configured().then(|| otlp_exporter(None)).flatten(),
+        Export::To(url) => otlp_exporter(Some(url)),
+    };
+    let exporting = exporter.is_some();
+    if let Some(e) = exporter {
+        builder = builder.with_span_processor(Redacting {
+            inner: opentelemetry_sdk::trace::BatchSpanProcessor::builder(e).build(),
+            secrets: secrets.clone(),
+        });
+    }
+    let provider = builder.build();
+    let dispatch = if settings.log_to_stderr {
+        Dispatch::new(
+            tracing_subscriber::registry()
+                .with(otel_layer(&provider))
+                .with(stderr_layer()),
+        )
+    } else {
+        Dispatch::new(tracing_subscriber::registry().with(otel_layer(&provider)))
+    };
+    let started = SystemTime::now();
+    let root = tracing::dispatcher::with_default(&dispatch, || {
+        let span = tracing::info_span!(
+            "run",
+            otel.name = format!("nanokit {}", meta.command),
+            nanokit.command = meta.command,
+            nanokit.env = %meta.env,
+        );
+        // Join the caller's trace when nanokit itself runs in one (a hook
+        // of another run, a CI job).
+        if let Some(parent) = std::env::var("TRACEPARENT")
+            .ok()
+            .and_then(|v| parse_traceparent(&v))
+        {
+            let _ = span.set_parent(parent);
+        }
+        span
+    });
+    let trace_id = {
+        let cx = root.context();
+        let id = cx.span().span_context().trace_id();
+        id.to_string()
+    };
+    // The instrumented future is awaited (and so dropped) inside the run's
+    // dispatcher: a closing span releases its parent through the default
+    // subscriber, which must be this run's.
+    let inner = {
+        let root = root.clone();
+        async move { fut.instrument(root).await }
+    };
+    let out = RUN_SECRETS
+        .scope(secrets, inner.with_subscriber(dispatch))
+        .await;
+    let failure = out.failure();
+    match &failure {
+        Some(f) => {
+            set(&root, "nanokit.outcome", "failed");
+            fail(&root, f);
+        }
+        None => set(&root, "nanokit.outcome", "ok"),
+    }
+    drop(root);
+    let run = format!(
+        "{}-{}-{}",
+        file::compact_utc(started),
+        meta.command,
+        &trace_id[..8.min(trace_id.len())]
+    );
+    let spans = std::mem::take(&mut *collector.0.lock().unwrap_or_else(|e| e.into_inner()));
+    let mut written = None;
+    if settings.local_file {
+        let trace = TraceFile::from_spans(&run, &meta, &trace_id, failure.as_deref(), spans);
+        let dir = traces_dir(&meta.file);
+        match trace.write(&dir) {
+            Ok(p) => written = Some(p),
+            Err(e) => warn_once(&format!(
+                "nanokit: cannot write the trace to {}: {e}",
+                dir.display()
+            )),
+        }
+    }
+    // Deliver the batch before returning (a CLI exits right after); bounded
+    // by the exporter's timeout, and failures are only reported.
+    let flush = tokio::task::spawn_blocking(move || {
+        let r = if exporting {
+            provider.force_flush()
+        } else {
+            Ok(())
+        };
+        let _ = provider.shutdown();
+        r
+    });
+    if let Ok(Err(e)) = flush.await {
+        warn_once(&format!("nanokit: OpenTelemetry export failed: {e}"));
+    }
+    (
+        out,
+        Some(RunTrace {
+            run,
+            trace_id,
+            file: written,
+        }),
+    )
+}
+
+/// Parses a W3C `traceparent` (version 00) into a remote parent context.
+pub fn parse_traceparent(v: &str) -> Option<opentelemetry::Context> {
+    use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+    let parts: Vec<&str> = v.trim().split('-').collect();
+    if parts.len() < 4 || parts[0].len() != 2 || parts[0] == "ff" {
+        return None;
+    }
+    if parts[1].len() != 32 || parts[2].len() != 16 || parts[3].len() != 2 {
+        return None;
+    }
+    let trace_id = TraceId::from_hex(parts[1]).ok()?;
+    let span_id = SpanId::from_hex(parts[2]).ok()?;
+    let flags = u8::from_str_radix(parts[3], 16).ok()?;
+    let sc = SpanContext::new(
+        trace_id,
+        span_id,
+        TraceFlags::new(flags),
+        true,
+        TraceState::default(),
+    );
+    sc.is_valid()
+        .then(|| opentelemetry::Context::new().with_remote_span_context(sc))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_env_values_longest_first() {
+        let mut env = BTreeMap::new();
+        env.insert("TOKEN".into(), "s3cr3t-value".into());
+        env.insert("SHORT".into(), "s3cr3t".into());
+        env.insert("PORT".into(), "80".into());
+        assert_eq!(
+            redact("curl -H 'x: s3cr3t-value' :80 s3cr3t", &env),
+            "curl -H 'x: ***' :80 ***"
+        );
+    }
+
+    #[test]
+    fn parses_traceparent() {
+        let cx = parse_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+            .expect("valid");
+        let span = cx.span();
+        let sc = span.span_context();
+        assert_eq!(
+            sc.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(sc.span_id().to_string(), "00f067aa0ba902b7");
+        assert!(sc.is_remote());
+        assert!(
+            parse_traceparent("00-00000000000000000000000000000000-00f067aa0ba902b7-01").is_none()
+        );
+        assert!(parse_traceparent("garbage").is_none());
+    }
+}
