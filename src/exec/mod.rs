@@ -1168,7 +1168,11 @@ async fn up_locked(
     mut store: Store,
 ) -> Result<Report, ExecError> {
     let scope = scope(&config);
-    let observed = provider.observe(&scope).await?;
+    let plan_span = info_span!("plan");
+    let observed = provider
+        .observe(&scope)
+        .instrument(plan_span.clone())
+        .await?;
     // A state that was lost (a fresh one, never written) takes the lineage
     // its instances were labelled with, so their config hashes compare
     // equal and they are adopted rather than duplicated.
@@ -1182,15 +1186,18 @@ async fn up_locked(
         }
     }
     let lineage = store.state().lineage.clone();
-    let plan = plan::plan(
-        &config,
-        &dag,
-        store.state(),
-        &observed,
-        &PlanOptions {
-            targets: opts.targets.clone(),
-        },
-    )?;
+    let plan = plan_span.in_scope(|| {
+        plan::plan(
+            &config,
+            &dag,
+            store.state(),
+            &observed,
+            &PlanOptions {
+                targets: opts.targets.clone(),
+            },
+        )
+    })?;
+    drop(plan_span);
     let blocked = plan.blocked(opts.force);
     if !blocked.is_empty() {
         return Err(ExecError::NeedsForce(blocked.join(", ")));
