@@ -596,6 +596,22 @@ impl Run {
         .await
     }
 
+    /// Stops instances `ids` of service `name` (with `svc`'s stop hooks when
+    /// given) and drops each from state once it is gone.
+    async fn retire(
+        &self,
+        name: &str,
+        ids: &[String],
+        svc: Option<&Service>,
+        started: Instant,
+    ) -> Result<(), String> {
+        for id in ids {
+            self.stop_instance(name, id, svc, started).await?;
+            self.save_ids(name, |ids| ids.retain(|x| x != id)).await?;
+        }
+        Ok(())
+    }
+
     /// Records `f` applied to the service's instance ids.
     async fn save_ids(&self, name: &str, f: impl FnOnce(&mut Vec<String>)) -> Result<(), String> {
         self.save(|s| {
@@ -690,18 +706,15 @@ impl Run {
             if running {
                 old.push(id.clone());
             } else {
-                self.stop_instance(name, id, None, started).await?;
-                self.save_ids(name, |ids| ids.retain(|x| x != id)).await?;
+                self.retire(name, std::slice::from_ref(id), None, started)
+                    .await?;
             }
         }
         let rolling = svc.update_strategy == crate::config::UpdateStrategy::Rolling
             && !old.is_empty()
             && action.keep.is_empty();
         if !rolling {
-            for id in &old {
-                self.stop_instance(name, id, Some(svc), started).await?;
-                self.save_ids(name, |ids| ids.retain(|x| x != id)).await?;
-            }
+            self.retire(name, &old, Some(svc), started).await?;
             if !old.is_empty() {
                 self.hooks(
                     HookSite::Host,
@@ -810,15 +823,11 @@ impl Run {
                     ));
                 }
                 if let Some(o) = old.next() {
-                    self.stop_instance(name, &o, Some(svc), started).await?;
-                    self.save_ids(name, |ids| ids.retain(|x| x != &o)).await?;
+                    self.retire(name, &[o], Some(svc), started).await?;
                 }
             }
             let rest: Vec<String> = old.collect();
-            for o in &rest {
-                self.stop_instance(name, o, Some(svc), started).await?;
-                self.save_ids(name, |ids| ids.retain(|x| x != o)).await?;
-            }
+            self.retire(name, &rest, Some(svc), started).await?;
             self.hooks(
                 HookSite::Host,
                 svc,

@@ -313,6 +313,22 @@ impl DockerProvider {
         })
     }
 
+    /// Every container, running or not, carrying all of `labels` (`key=value`).
+    async fn list_labelled(
+        &self,
+        labels: Vec<String>,
+    ) -> Result<Vec<bollard::models::ContainerSummary>, ProviderError> {
+        let d = self.docker().await?;
+        let filters = HashMap::from([("label".to_string(), labels)]);
+        d.list_containers(Some(ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        }))
+        .await
+        .map_err(|e| docker_err("listing containers", e))
+    }
+
     async fn remove_quietly(&self, id: &str) {
         if let Ok(d) = self.docker().await {
             let _ = d
@@ -383,19 +399,9 @@ impl DockerProvider {
         let d = self.docker().await?;
         // We hold the lock: any installer still there belongs to a holder
         // that died; it must not write alongside ours.
-        let mut filters = HashMap::new();
-        filters.insert(
-            "label".to_string(),
-            vec![format!("{LABEL_INSTALL_TARGET}={target}")],
-        );
-        let leftovers = d
-            .list_containers(Some(ListContainersOptions {
-                all: true,
-                filters: Some(filters),
-                ..Default::default()
-            }))
-            .await
-            .map_err(|e| docker_err("listing installer containers", e))?;
+        let leftovers = self
+            .list_labelled(vec![format!("{LABEL_INSTALL_TARGET}={target}")])
+            .await?;
         for c in leftovers {
             if let Some(id) = c.id {
                 tracing::info!("removing installer container {id} left by a dead run");
@@ -525,23 +531,12 @@ impl Provider for DockerProvider {
     }
 
     async fn observe(&self, scope: &Scope) -> Result<Vec<Instance>, ProviderError> {
-        let d = self.docker().await?;
-        let mut filters = HashMap::new();
-        filters.insert(
-            "label".to_string(),
-            vec![
+        let list = self
+            .list_labelled(vec![
                 format!("{}={}", docker_label(LABEL_STATE_ID), scope.state_id),
                 format!("{}={}", docker_label(LABEL_ENV), scope.env),
-            ],
-        );
-        let list = d
-            .list_containers(Some(ListContainersOptions {
-                all: true,
-                filters: Some(filters),
-                ..Default::default()
-            }))
-            .await
-            .map_err(|e| docker_err("listing containers", e))?;
+            ])
+            .await?;
         let mut out: Vec<Instance> = list
             .into_iter()
             .filter_map(|c| {
@@ -871,23 +866,12 @@ impl Provider for DockerProvider {
     }
 
     async fn logs(&self, service: &str, lines: usize) -> Result<String, ProviderError> {
-        let d = self.docker().await?;
-        let mut filters = HashMap::new();
-        filters.insert(
-            "label".to_string(),
-            vec![
+        let list = self
+            .list_labelled(vec![
                 format!("{}={}", docker_label(LABEL_STATE_ID), self.state_id),
                 format!("{}={service}", docker_label(LABEL_SERVICE)),
-            ],
-        );
-        let list = d
-            .list_containers(Some(ListContainersOptions {
-                all: true,
-                filters: Some(filters),
-                ..Default::default()
-            }))
-            .await
-            .map_err(|e| docker_err("listing containers", e))?;
+            ])
+            .await?;
         let newest = list
             .into_iter()
             .max_by_key(|c| c.created.unwrap_or(0))
