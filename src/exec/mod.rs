@@ -596,8 +596,10 @@ impl Run {
         .await
     }
 
-    /// Stops instances `ids` of service `name` (with `svc`'s stop hooks when
-    /// given) and drops each from state once it is gone.
+    /// Stops instances `ids` of service `name` together (with `svc`'s stop
+    /// hooks when given: replicas each wait out their own grace period at
+    /// the same time, not one after another) and drops from state each one
+    /// that is gone. Every stop is attempted; the first error is returned.
     async fn retire(
         &self,
         name: &str,
@@ -605,11 +607,21 @@ impl Run {
         svc: Option<&Service>,
         started: Instant,
     ) -> Result<(), String> {
-        for id in ids {
-            self.stop_instance(name, id, svc, started).await?;
-            self.save_ids(name, |ids| ids.retain(|x| x != id)).await?;
+        let stops = futures::future::join_all(
+            ids.iter()
+                .map(|id| self.stop_instance(name, id, svc, started)),
+        )
+        .await;
+        let mut first_error = None;
+        for (id, r) in ids.iter().zip(stops) {
+            match r {
+                Ok(()) => self.save_ids(name, |ids| ids.retain(|x| x != id)).await?,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Records `f` applied to the service's instance ids.
@@ -886,9 +898,7 @@ impl Run {
         let svc = self.config.services.get(name);
         trace::set(&Span::current(), "nanokit.action", action.action.as_str());
         self.set_status(name, Status::Stopping, None).await?;
-        for id in &action.stop {
-            self.stop_instance(name, id, svc, started).await?;
-        }
+        self.retire(name, &action.stop, svc, started).await?;
         if let Some(svc) = svc {
             let spec = self.spec(svc, "", 1);
             self.hooks(

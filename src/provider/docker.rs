@@ -626,6 +626,11 @@ impl Provider for DockerProvider {
             exposed_ports: exposed,
             healthcheck,
             host_config: Some(HostConfig {
+                // Docker's init (tini) as PID 1: `start` runs under `sh -c`,
+                // and a shell or program as PID 1 ignores SIGTERM unless it
+                // installs a handler, so every stop would wait out the whole
+                // grace period. The init forwards the signal and reaps zombies.
+                init: Some(true),
                 binds: Some(binds),
                 mounts: Some(mounts),
                 port_bindings,
