@@ -432,7 +432,13 @@ impl Run {
         spec: &InstanceSpec,
         started: Instant,
     ) -> Result<(), String> {
-        let span = info_span!("health", nanokit.service = %svc.name, nanokit.instance = id);
+        let span = info_span!(
+            "health",
+            nanokit.service = %svc.name,
+            nanokit.instance = id,
+            nanokit.replica = spec.replica,
+            nanokit.replicas = spec.replicas,
+        );
         trace::step_env(span, &spec.env, self.wait_healthy(id, svc, spec, started)).await
     }
 
@@ -652,6 +658,7 @@ impl Run {
             nanokit.service = %svc.name,
             nanokit.provider = self.provider.name(),
             nanokit.replica = replica,
+            nanokit.replicas = svc.instances.max(1),
         );
         let inst = trace::step(create.clone(), async {
             self.provider.create(&spec).await.map_err(|e| e.to_string())
@@ -858,7 +865,10 @@ impl Run {
             .await;
             let mut all = Vec::new();
             for id in &action.keep {
-                all.push((id.clone(), spec.clone()));
+                // Instances that stay: their replica number is not known here.
+                let mut kept = spec.clone();
+                kept.replica = 0;
+                all.push((id.clone(), kept));
             }
             for r in created {
                 all.push(r?);

@@ -22,14 +22,24 @@ fn service_of(t: &TraceFile, s: &SpanRecord) -> Option<String> {
     })
 }
 
+/// A step's name, with the replica it ran for when the service has
+/// several (`create #2`).
+fn step_name(s: &SpanRecord) -> String {
+    let num = |k: &str| s.attributes.get(k).and_then(|v| v.as_u64());
+    match (num("nanokit.replica"), num("nanokit.replicas")) {
+        (Some(r), Some(n)) if r > 0 && n > 1 => format!("{} #{r}", s.name),
+        _ => s.name.clone(),
+    }
+}
+
 /// `api › health`, or the name alone outside services.
 pub fn label(t: &TraceFile, s: &SpanRecord) -> String {
     if s.name == "service" {
         return format!("service {}", s.attr("nanokit.service").unwrap_or("?"));
     }
     match service_of(t, s) {
-        Some(svc) => format!("{svc} › {}", s.name),
-        None => s.name.clone(),
+        Some(svc) => format!("{svc} › {}", step_name(s)),
+        None => step_name(s),
     }
 }
 
@@ -270,7 +280,7 @@ pub fn html(t: &TraceFile) -> String {
         } else if s.name == "service" {
             s.attr("nanokit.service").unwrap_or("?").to_string()
         } else {
-            s.name.clone()
+            step_name(s)
         };
         let mark = if s.failed() {
             "<span class=\"mark\">✖ failed</span>".to_string()
@@ -434,5 +444,20 @@ mod tests {
     fn ticks_are_round() {
         assert_eq!(tick_ms(3000.0), 500.0);
         assert_eq!(tick_ms(80.0), 10.0);
+    }
+
+    #[test]
+    fn replicas_are_numbered_only_when_there_are_several() {
+        let mut one = span("a", None, "create", 0, 1, Some("api"), false);
+        one.attributes.insert("nanokit.replica".into(), 1.into());
+        one.attributes.insert("nanokit.replicas".into(), 1.into());
+        assert_eq!(step_name(&one), "create");
+        let mut two = one.clone();
+        two.attributes.insert("nanokit.replica".into(), 2.into());
+        two.attributes.insert("nanokit.replicas".into(), 2.into());
+        assert_eq!(step_name(&two), "create #2");
+        let mut kept = two.clone();
+        kept.attributes.insert("nanokit.replica".into(), 0.into());
+        assert_eq!(step_name(&kept), "create");
     }
 }
