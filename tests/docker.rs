@@ -734,6 +734,7 @@ services:
   a: { image: "nk-busybox:latest", start: "exec sleep 600" }
   b: { image: "nk-busybox:latest", start: "exec sleep 600" }
   c: { image: "nk-busybox:latest", start: "exec sleep 600" }
+  d: { image: "nk-busybox:latest", start: "exec sleep 600", instances: 2 }
 "#,
     );
     ok(&p.up(quick()).await);
@@ -741,7 +742,19 @@ services:
     let n = &p.name;
     docker(&["rm", "-f", &format!("nk-{n}-local-a")]);
     docker(&["stop", "-t", "0", &format!("nk-{n}-local-b")]);
+    docker(&["stop", "-t", "0", &format!("nk-{n}-local-d-2")]);
     let cfg = p.p.config();
+    // `status` counts every replica: none running is dead, some is degraded.
+    let rows = nanokit::cli::infra::status_of(&cfg).await.unwrap();
+    let row = |svc: &str| rows.iter().find(|r| r.service == svc).unwrap();
+    assert_eq!((row("a").status.as_str(), row("a").running), ("dead", 0));
+    assert_eq!((row("b").status.as_str(), row("b").alive), ("dead", false));
+    assert_eq!((row("c").status.as_str(), row("c").running), ("healthy", 1));
+    let d = row("d");
+    assert_eq!(
+        (d.status.as_str(), d.running, d.instances.len(), d.alive),
+        ("degraded", 1, 2, false)
+    );
     let provider = exec::provider_for(&cfg).unwrap();
     let report = nanokit::drift::detect(&cfg, provider.as_ref())
         .await
@@ -759,14 +772,24 @@ services:
         kinds.contains(&("b".into(), nanokit::drift::DriftKind::Stopped)),
         "{kinds:?}"
     );
-    assert_eq!(kinds.len(), 2, "{kinds:?}");
+    assert!(
+        kinds.contains(&("d".into(), nanokit::drift::DriftKind::Stopped)),
+        "{kinds:?}"
+    );
+    assert_eq!(kinds.len(), 3, "{kinds:?}");
     assert_eq!(nanokit::cli::run(p.p.args(&["drift"])).await, 2);
     assert_eq!(
         nanokit::cli::run(p.p.args(&["drift", "--restore"])).await,
         0
     );
     assert_eq!(nanokit::cli::run(p.p.args(&["drift"])).await, 0);
-    assert_eq!(p.names().len(), 3);
+    assert_eq!(p.names().len(), 5);
+    let rows = nanokit::cli::infra::status_of(&cfg).await.unwrap();
+    assert!(
+        rows.iter()
+            .all(|r| r.status == "healthy" && r.alive && r.running == r.instances.len()),
+        "{rows:?}"
+    );
     // A container of this project whose service left the configuration is
     // an orphan: reported, then removed by `up`.
     p.write(
@@ -776,6 +799,7 @@ infra: { provider: docker }
 services:
   a: { image: "nk-busybox:latest", start: "exec sleep 600" }
   b: { image: "nk-busybox:latest", start: "exec sleep 600" }
+  d: { image: "nk-busybox:latest", start: "exec sleep 600", instances: 2 }
 "#,
     );
     std::fs::remove_file(p.p.config().state_file).unwrap();
@@ -792,7 +816,7 @@ services:
         report.items
     );
     ok(&p.up(quick()).await);
-    assert_eq!(p.names().len(), 2);
+    assert_eq!(p.names().len(), 4);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -534,14 +534,15 @@ pub async fn run(cmd: InfraCommand) -> CliResult {
                     println!("Nothing deployed (run `nanokit up`).");
                 } else {
                     println!(
-                        "{:<20} {:<13} {:<8} {:<7} UPDATED",
-                        "SERVICE", "STATUS", "PID", "PORT"
+                        "{:<20} {:<13} {:<8} {:<8} {:<7} UPDATED",
+                        "SERVICE", "STATUS", "RUNNING", "PID", "PORT"
                     );
                     for r in &rows {
                         println!(
-                            "{:<20} {:<13} {:<8} {:<7} {}",
+                            "{:<20} {:<13} {:<8} {:<8} {:<7} {}",
                             r.service,
                             r.status,
+                            format!("{}/{}", r.running, r.instances.len()),
                             r.pid.map_or("-".into(), |p| p.to_string()),
                             r.port.map_or("-".into(), |p| p.to_string()),
                             r.updated_at
@@ -715,12 +716,19 @@ async fn unlock_remote(url: &str, workspace: &str, yes: bool) -> CliResult {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct StatusRow {
     pub service: String,
-    /// Recorded status, or `dead` when the recorded process is gone.
+    /// Recorded status; `dead` when none of its recorded instances is
+    /// running, `degraded` when only some are.
     pub status: String,
+    /// Whether every recorded instance is running.
     pub alive: bool,
     pub pid: Option<u32>,
     pub port: Option<u16>,
+    /// The first instance's provider id.
     pub provider_id: Option<String>,
+    /// Every recorded instance's provider id (replicas).
+    pub instances: Vec<String>,
+    /// How many of `instances` are running.
+    pub running: usize,
     pub updated_at: String,
     pub error: Option<String>,
 }
@@ -736,21 +744,29 @@ pub async fn status_of(cfg: &Config) -> Result<Vec<StatusRow>, ExecError> {
     let st = state::load(cfg).await?;
     let mut rows = Vec::new();
     for (name, r) in &st.resources {
-        let live = match &r.provider_id {
-            Some(id) => provider.inspect(id).await?,
-            None => None,
-        };
+        let ids = r.ids();
+        let mut live = Vec::new();
+        for id in &ids {
+            if let Some(i) = provider.inspect(id).await?.filter(|i| i.running) {
+                live.push(i);
+            }
+        }
+        let stopped = r.status == state::Status::Stopped;
         rows.push(StatusRow {
             service: name.clone(),
-            status: if live.is_none() && r.status != state::Status::Stopped {
+            status: if live.is_empty() && !stopped {
                 "dead".into()
+            } else if live.len() < ids.len() && !stopped {
+                "degraded".into()
             } else {
                 r.status.as_str().into()
             },
-            alive: live.is_some(),
-            pid: live.as_ref().and_then(|i| i.pid),
+            alive: !ids.is_empty() && live.len() == ids.len(),
+            pid: live.first().and_then(|i| i.pid),
             port: cfg.services.get(name).and_then(|s| s.port),
             provider_id: r.provider_id.clone(),
+            running: live.len(),
+            instances: ids,
             updated_at: r.updated_at.clone(),
             error: r.error.clone(),
         });

@@ -406,12 +406,19 @@ pub async fn down(options: Option<InfraOptions>, on_event: Option<EventFn>) -> R
 #[napi(object)]
 pub struct ServiceStatus {
     pub service: String,
-    /// Recorded status (`healthy`, `failed`, …) or `dead` when its process is gone.
+    /// Recorded status (`healthy`, `failed`, …); `dead` when none of its
+    /// instances is running, `degraded` when only some are.
     pub status: String,
+    /// Whether every recorded instance is running.
     pub alive: bool,
     pub pid: Option<u32>,
     pub port: Option<u32>,
+    /// The first instance's provider id.
     pub provider_id: Option<String>,
+    /// Every recorded instance's provider id (replicas).
+    pub instances: Vec<String>,
+    /// How many of `instances` are running.
+    pub running: u32,
     pub updated_at: String,
     pub error: Option<String>,
 }
@@ -431,6 +438,8 @@ pub async fn status(options: Option<InfraOptions>) -> Result<Vec<ServiceStatus>>
             pid: r.pid,
             port: r.port.map(u32::from),
             provider_id: r.provider_id,
+            instances: r.instances,
+            running: r.running as u32,
             updated_at: r.updated_at,
             error: r.error,
         })
