@@ -453,12 +453,21 @@ export interface ServiceOutcome {
 
 export interface ServiceStatus {
   service: string
-  /** Recorded status (`healthy`, `failed`, …) or `dead` when its process is gone. */
+  /**
+   * Recorded status (`healthy`, `failed`, …); `dead` when none of its
+   * instances is running, `degraded` when only some are.
+   */
   status: string
+  /** Whether every recorded instance is running. */
   alive: boolean
   pid?: number
   port?: number
+  /** The first instance's provider id. */
   providerId?: string
+  /** Every recorded instance's provider id (replicas). */
+  instances: Array<string>
+  /** How many of `instances` are running. */
+  running: number
   updatedAt: string
   error?: string
 }
