@@ -200,6 +200,25 @@ impl Report {
             .filter(|r| matches!(r.outcome, Phase::Failed | Phase::Skipped | Phase::Cancelled))
             .collect()
     }
+
+    /// One line per failed, skipped or cancelled service (`api failed: …`);
+    /// None when every service came through.
+    pub fn failure_summary(&self) -> Option<String> {
+        let f = self.failures();
+        (!f.is_empty()).then(|| {
+            f.iter()
+                .map(|f| {
+                    format!(
+                        "{} {}: {}",
+                        f.service,
+                        f.outcome.as_str(),
+                        f.error.as_deref().unwrap_or("")
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+    }
 }
 
 /// The scope (labels) of a config's instances.

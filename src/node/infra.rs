@@ -333,20 +333,7 @@ fn run_result(
     t: Option<crate::trace::RunTrace>,
 ) -> Result<RunResult> {
     let r = r.map_err(|e| run_err(e, t.as_ref()))?;
-    let failures = r.failures();
-    if !failures.is_empty() {
-        let msg = failures
-            .iter()
-            .map(|f| {
-                format!(
-                    "{} {}: {}",
-                    f.service,
-                    f.outcome.as_str(),
-                    f.error.as_deref().unwrap_or("")
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("\n");
+    if let Some(msg) = r.failure_summary() {
         return Err(run_err(ExecError::Failed(msg), t.as_ref()));
     }
     Ok(RunResult {

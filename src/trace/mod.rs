@@ -457,22 +457,7 @@ impl<E: std::fmt::Display> RunOutcome for Result<crate::exec::Report, E> {
     fn failure(&self) -> Option<String> {
         match self {
             Err(e) => Some(e.to_string()),
-            Ok(r) => {
-                let f = r.failures();
-                (!f.is_empty()).then(|| {
-                    f.iter()
-                        .map(|f| {
-                            format!(
-                                "{} {}: {}",
-                                f.service,
-                                f.outcome.as_str(),
-                                f.error.as_deref().unwrap_or("")
-                            )
-                        })
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                })
-            }
+            Ok(r) => r.failure_summary(),
         }
     }
 }
