@@ -323,15 +323,15 @@ fn ctrl_c_token() -> (CancellationToken, interrupt::Guard) {
 }
 
 /// Runs an `up` / `down` as a recorded trace (local file, OTLP export when
-/// configured).
+/// configured), then says where the trace is and how the run went
+/// (`verb`: 2 services … `up` / `restored`).
 async fn traced<F>(
     command: &'static str,
     project: &Project,
+    output: Output,
+    verb: &str,
     fut: F,
-) -> (
-    Result<exec::Report, ExecError>,
-    Option<crate::trace::RunTrace>,
-)
+) -> CliResult
 where
     F: std::future::Future<Output = Result<exec::Report, ExecError>>,
 {
@@ -344,7 +344,12 @@ where
         log_to_stderr: true,
         ..Default::default()
     };
-    crate::trace::record_run(meta, settings, fut).await
+    let (r, tr) = crate::trace::record_run(meta, settings, fut).await;
+    print_trace(tr.as_ref());
+    match r {
+        Ok(report) => report_exit(&report, output, verb),
+        Err(e) => exec_exit(e),
+    }
 }
 
 fn print_trace(t: Option<&crate::trace::RunTrace>) {
@@ -487,17 +492,12 @@ pub async fn run(cmd: InfraCommand) -> CliResult {
             let mut opts = exec_opts(&run, Some(progress_printer()), cancel);
             opts.force = force;
             opts.targets = services;
-            let (r, tr) = traced("up", &project, async {
+            traced("up", &project, output, "up", async {
                 let cfg = crate::trace::load_config(|| load(&project))?;
                 let provider = exec::provider_for(&cfg)?;
                 exec::up(Arc::new(cfg), provider, opts).await
             })
-            .await;
-            print_trace(tr.as_ref());
-            match r {
-                Ok(report) => report_exit(&report, output, "up"),
-                Err(e) => exec_exit(e),
-            }
+            .await
         }
         InfraCommand::Down {
             project,
@@ -514,17 +514,12 @@ pub async fn run(cmd: InfraCommand) -> CliResult {
             let mut opts = exec_opts(&run, Some(progress_printer()), cancel);
             opts.targets = services;
             opts.volumes = volumes;
-            let (r, tr) = traced("down", &project, async {
+            traced("down", &project, output, "down", async {
                 let cfg = crate::trace::load_config(|| load(&project))?;
                 let provider = exec::provider_for(&cfg)?;
                 exec::down(Arc::new(cfg), provider, opts).await
             })
-            .await;
-            print_trace(tr.as_ref());
-            match r {
-                Ok(report) => report_exit(&report, output, "down"),
-                Err(e) => exec_exit(e),
-            }
+            .await
         }
         InfraCommand::Status { project, output } => match status(&project).await {
             Ok(rows) => {
@@ -632,16 +627,11 @@ pub async fn run(cmd: InfraCommand) -> CliResult {
                     cancel,
                     ..ExecOptions::default()
                 };
-                let (r, tr) = traced("up", &project, async {
+                return traced("up", &project, Output::Text, "restored", async {
                     let cfg = crate::trace::load_config(|| Ok::<_, ExecError>(cfg))?;
                     exec::up(Arc::new(cfg), provider, opts).await
                 })
                 .await;
-                print_trace(tr.as_ref());
-                return match r {
-                    Ok(r) => report_exit(&r, Output::Text, "restored"),
-                    Err(e) => exec_exit(e),
-                };
             }
             Ok(exit::CHANGES)
         }

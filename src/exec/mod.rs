@@ -621,6 +621,26 @@ impl Run {
         .await
     }
 
+    /// Deletes named volume `name` (and its data) and forgets it.
+    async fn delete_volume(&self, name: &str) -> Result<(), ExecError> {
+        let id = self
+            .store
+            .lock()
+            .await
+            .state()
+            .volumes
+            .get(name)
+            .map(|r| r.provider_id.clone());
+        if let Some(id) = id {
+            self.provider.delete_volume(&id).await?;
+        }
+        self.save(|s| {
+            s.volumes.remove(name);
+        })
+        .await
+        .map_err(ExecError::Failed)
+    }
+
     /// Stops instances `ids` of service `name` together (with `svc`'s stop
     /// hooks when given: replicas each wait out their own grace period at
     /// the same time, not one after another) and drops from state each one
@@ -1112,6 +1132,54 @@ where
     out
 }
 
+/// Deletes the services of `actions`, each once every service that depends
+/// on it is gone (dependents first), at most `limit` at a time. A failure is
+/// recorded in state and reported; what depended on it is skipped.
+async fn delete_services(
+    run: &Arc<Run>,
+    actions: Vec<plan::Action>,
+    limit: usize,
+) -> Vec<(String, Result<Phase, String>, u64)> {
+    let nodes = actions
+        .iter()
+        .map(|a| {
+            let waits = actions
+                .iter()
+                .filter(|b| b.depends_on.contains(&a.service))
+                .map(|b| b.service.clone())
+                .collect();
+            (a.service.clone(), waits)
+        })
+        .collect();
+    let by_name: Arc<HashMap<String, plan::Action>> = Arc::new(
+        actions
+            .into_iter()
+            .map(|a| (a.service.clone(), a))
+            .collect(),
+    );
+    let r2 = run.clone();
+    let r3 = run.clone();
+    schedule(
+        nodes,
+        limit,
+        CancellationToken::new(),
+        move |name, why| r3.emit(name, Phase::Skipped, Instant::now(), Some(why)),
+        move |name, started| {
+            let run = r2.clone();
+            let by_name = by_name.clone();
+            async move {
+                let r = run.delete_service(&by_name[&name], started).await;
+                if let Err(e) = &r {
+                    let _ = run.set_status(&name, Status::Failed, Some(e.clone())).await;
+                    run.emit(&name, Phase::Failed, started, Some(e.clone()));
+                }
+                r
+            }
+        },
+    )
+    .await
+}
+
 fn to_result(action: ActionKind, name: String, r: Result<Phase, String>, ms: u64) -> ServiceResult {
     let (outcome, error) = match r {
         Ok(p) => (p, None),
@@ -1286,40 +1354,7 @@ async fn up_locked(
         .cloned()
         .collect();
     if !deletes.is_empty() {
-        let nodes = deletes
-            .iter()
-            .map(|a| {
-                let waits = deletes
-                    .iter()
-                    .filter(|b| b.depends_on.contains(&a.service))
-                    .map(|b| b.service.clone())
-                    .collect();
-                (a.service.clone(), waits)
-            })
-            .collect();
-        let by_name: Arc<HashMap<String, plan::Action>> = Arc::new(
-            deletes
-                .into_iter()
-                .map(|a| (a.service.clone(), a))
-                .collect(),
-        );
-        let r2 = run.clone();
-        let out = schedule(
-            nodes,
-            opts.concurrency,
-            CancellationToken::new(),
-            |_, _| {},
-            move |name, started| {
-                let run = r2.clone();
-                let by_name = by_name.clone();
-                async move { run.delete_service(&by_name[&name], started).await }
-            },
-        )
-        .await;
-        for (n, r, ms) in out {
-            if let Err(e) = &r {
-                run.emit(&n, Phase::Failed, Instant::now(), Some(e.clone()));
-            }
+        for (n, r, ms) in delete_services(&run, deletes, opts.concurrency).await {
             results.push(to_result(ActionKind::Delete, n, r, ms));
         }
     }
@@ -1430,22 +1465,7 @@ async fn up_locked(
         .iter()
         .filter(|v| v.action == ActionKind::Delete)
     {
-        let id = run
-            .store
-            .lock()
-            .await
-            .state()
-            .volumes
-            .get(&v.volume)
-            .map(|r| r.provider_id.clone());
-        if let Some(id) = id {
-            provider.delete_volume(&id).await?;
-        }
-        run.save(|s| {
-            s.volumes.remove(&v.volume);
-        })
-        .await
-        .map_err(ExecError::Failed)?;
+        run.delete_volume(&v.volume).await?;
     }
     results.sort_by_key(|r| plan.actions.iter().position(|a| a.service == r.service));
     drop(run);
@@ -1559,65 +1579,13 @@ async fn down_locked(
         scope,
         lineage,
     });
-    let nodes = actions
-        .iter()
-        .map(|a| {
-            let waits = actions
-                .iter()
-                .filter(|b| b.depends_on.contains(&a.service))
-                .map(|b| b.service.clone())
-                .collect();
-            (a.service.clone(), waits)
-        })
-        .collect();
-    let by_name: Arc<HashMap<String, plan::Action>> = Arc::new(
-        actions
-            .into_iter()
-            .map(|a| (a.service.clone(), a))
-            .collect(),
-    );
-    let r2 = run.clone();
-    let r3 = run.clone();
-    let out = schedule(
-        nodes,
-        opts.concurrency,
-        CancellationToken::new(),
-        move |name, why| r3.emit(name, Phase::Skipped, Instant::now(), Some(why)),
-        move |name, started| {
-            let run = r2.clone();
-            let by_name = by_name.clone();
-            async move {
-                let r = run.delete_service(&by_name[&name], started).await;
-                if let Err(e) = &r {
-                    let _ = run.set_status(&name, Status::Failed, Some(e.clone())).await;
-                    run.emit(&name, Phase::Failed, started, Some(e.clone()));
-                }
-                r
-            }
-        },
-    )
-    .await;
+    let out = delete_services(&run, actions, opts.concurrency).await;
     let mut results: Vec<ServiceResult> = out
         .into_iter()
         .map(|(n, r, ms)| to_result(ActionKind::Delete, n, r, ms))
         .collect();
     for v in &plan.volumes {
-        let id = run
-            .store
-            .lock()
-            .await
-            .state()
-            .volumes
-            .get(&v.volume)
-            .map(|r| r.provider_id.clone());
-        if let Some(id) = id {
-            provider.delete_volume(&id).await?;
-        }
-        run.save(|s| {
-            s.volumes.remove(&v.volume);
-        })
-        .await
-        .map_err(ExecError::Failed)?;
+        run.delete_volume(&v.volume).await?;
     }
     results.sort_by_key(|r| {
         std::cmp::Reverse(plan.actions.iter().position(|a| a.service == r.service))
