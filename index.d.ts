@@ -42,26 +42,6 @@ export declare class InstallTransaction {
   abort(): void
 }
 
-/**
- * A held lock. Release it with `release()`; if it is never released it stays
- * held until the process exits.
- */
-export declare class LockHandle {
-  /** Unique token of this acquisition. */
-  get token(): string
-  /** The lock file's path. */
-  get path(): string
-  /** True once the lease was found taken over or broken. */
-  get lost(): boolean
-  /** True once `release()` was called. */
-  get released(): boolean
-  /**
-   * Releases the lock. Throws `ENKLOCKLOST` if the lease had been lost.
-   * Calling it again does nothing.
-   */
-  release(): void
-}
-
 /** A key/value state store with named locks (see `openState()`). */
 export declare class StateStore {
   /** `embedded` or `postgres`. */
@@ -118,8 +98,8 @@ export declare class StateStore {
   statsSync(): StateStats
 }
 
-/** Waits for the lock at `path` and takes it. */
-export declare function acquireLock(path: string, options?: LockOptions | undefined | null, abort?: AbortHandle | undefined | null): Promise<LockHandle>
+/** Waits for the lock at `path` and takes it; resolves to the lease's token. */
+export declare function acquireLock(path: string, staleMs?: number | undefined | null, timeoutMs?: number | undefined | null, holder?: string | undefined | null, abort?: AbortHandle | undefined | null): Promise<string>
 
 /**
  * Takes the package's lock and prepares a staging directory, unless the
@@ -239,6 +219,12 @@ export interface InstallOptions {
   npmArgs?: Array<string>
 }
 
+/**
+ * The id of the install probe for `specifier` (`name@version`) in `repoDir`,
+ * for `probeInstalled`. Throws `ENKSPEC` for a malformed specifier.
+ */
+export declare function installProbe(repoDir: string, specifier: string): number
+
 /** The result of an install call. */
 export interface InstallResult {
   /**
@@ -251,12 +237,6 @@ export interface InstallResult {
   /** Time of the whole call (ms). */
   durationMs: number
 }
-
-/**
- * Whether `specifier` (`name@version`) is completely installed in `repoDir`.
- * Lock-free and synchronous. Throws `ENKSPEC` for a malformed specifier.
- */
-export declare function isInstalled(repoDir: string, specifier: string): boolean
 
 /**
  * Loads, interpolates, merges and validates a nanokit.yml, and checks its
@@ -299,18 +279,8 @@ export interface LockInspection {
   stale: boolean
 }
 
-/** Options of `acquireLock` / `tryAcquireLock` / `withLock`. */
-export interface LockOptions {
-  /**
-   * A lease not renewed for this long (as observed by the waiter) may be
-   * taken over. Default 30000.
-   */
-  staleMs?: number
-  /** Give up with `ENKLOCKED` after this long. Default: wait forever. */
-  timeoutMs?: number
-  /** A label shown to others who find the lock held. */
-  holder?: string
-}
+/** Whether the lease `token` was found taken over or broken while held. */
+export declare function lockLost(token: string): boolean
 
 /** The state of a lock. */
 export interface LockState {
@@ -380,6 +350,12 @@ export interface PlanVolume {
 }
 
 /**
+ * Whether the package of install probe `id` is completely installed now.
+ * Lock-free and synchronous.
+ */
+export declare function probeInstalled(id: number): boolean
+
+/**
  * Runs `command` in `dir` once per manifest hash, under the global lock
  * `<dir>/.nk-install-lock` and the sentinel `<dir>/.nk-installed-<hash>`.
  */
@@ -414,6 +390,12 @@ export interface ProvisionResult {
   /** The command's output, when captured and run. */
   output?: string
 }
+
+/**
+ * Releases the lease `token`. Throws `ENKLOCKLOST` if it had been lost;
+ * an unknown (already released) token does nothing.
+ */
+export declare function releaseLock(token: string): void
 
 export interface RunResult {
   plan: PlanResult
@@ -507,10 +489,10 @@ export interface StateStats {
 export declare function status(options?: InfraOptions | undefined | null): Promise<Array<ServiceStatus>>
 
 /**
- * Takes the lock if it is free now (or its holder on this host is dead);
- * returns null otherwise. Never waits.
+ * Takes the lock if it is free now (or its holder on this host is dead) and
+ * returns the lease's token; null otherwise. Never waits.
  */
-export declare function tryAcquireLock(path: string, options?: LockOptions | undefined | null): LockHandle | null
+export declare function tryAcquireLock(path: string, staleMs?: number | undefined | null, holder?: string | undefined | null): string | null
 
 /**
  * Brings services up (each as soon as its dependencies are healthy).

@@ -5,7 +5,6 @@ import type {
   InstallResult,
   LockHolder,
   LockInspection,
-  LockOptions as NativeLockOptions,
   ProvisionResult,
   InfraOptions,
   InfraEvent,
@@ -45,7 +44,14 @@ export interface NanokitError extends Error {
   code: NanokitErrorCode
 }
 
-export interface LockOptions extends NativeLockOptions {
+/** Options of `acquireLock` / `tryAcquireLock` / `withLock`. */
+export interface LockOptions {
+  /** A lease not renewed for this long (as observed by the waiter) may be taken over. Default 30000. */
+  staleMs?: number
+  /** Give up with `ENKLOCKED` after this long. Default: wait forever. */
+  timeoutMs?: number
+  /** A label shown to others who find the lock held. */
+  holder?: string
   /** Aborts a wait with `ENKABORTED`. */
   signal?: AbortSignal
 }

@@ -45,32 +45,37 @@ const LOST_POLL_MS = 100
 
 /** A held lock. */
 class LockHandle {
-  #native
+  #token
+  #path
+  #released = false
+  #lost = false
   #controller = null
   #timer = null
 
-  constructor(nativeHandle) {
-    this.#native = nativeHandle
+  constructor(token, path) {
+    this.#token = token
+    this.#path = path
   }
 
   /** Unique token of this acquisition. */
   get token() {
-    return this.#native.token
+    return this.#token
   }
 
   /** The lock file's path. */
   get path() {
-    return this.#native.path
+    return this.#path
   }
 
   /** True once the lease was found taken over or broken. */
   get lost() {
-    return this.#native.lost
+    if (!this.#lost && !this.#released) this.#lost = native.lockLost(this.#token)
+    return this.#lost
   }
 
   /** True once released. */
   get released() {
-    return this.#native.released
+    return this.#released
   }
 
   /**
@@ -81,10 +86,10 @@ class LockHandle {
     if (!this.#controller) {
       this.#controller = new AbortController()
       const check = () => {
-        if (this.#native.lost) {
+        if (this.lost) {
           this.#stopWatching()
           this.#controller.abort(coded(new Error(`ENKLOCKLOST: the lease on ${this.path} was lost while held`)))
-        } else if (this.#native.released) {
+        } else if (this.#released) {
           this.#stopWatching()
         }
       }
@@ -102,32 +107,35 @@ class LockHandle {
 
   /** Releases the lock; throws `ENKLOCKLOST` if the lease had been lost. Idempotent. */
   release() {
+    if (this.#released) return
+    this.#released = true
     this.#stopWatching()
-    call(() => this.#native.release())
+    try {
+      native.releaseLock(this.#token)
+    } catch (e) {
+      const err = coded(e)
+      if (err.code === 'ENKLOCKLOST') this.#lost = true
+      throw err
+    }
   }
-}
-
-function lockOptions(options = {}) {
-  const { signal, ...rest } = options
-  return { native: rest, signal }
 }
 
 /** Waits for the lock at `path` and takes it. */
 async function acquireLock(path, options) {
-  const { native: opts, signal } = lockOptions(options)
+  const { staleMs, timeoutMs, holder, signal } = options ?? {}
   if (signal?.aborted) return withSignal(signal)
   // Uncontended: take it right here, without a trip to the thread pool.
-  const now = call(native.tryAcquireLock, path, opts)
-  if (now) return new LockHandle(now)
-  const handle = await withSignal(signal, (abort) => native.acquireLock(path, opts, abort))
-  return new LockHandle(handle)
+  const now = call(native.tryAcquireLock, path, staleMs, holder)
+  if (now) return new LockHandle(now, path)
+  const token = await withSignal(signal, (abort) => native.acquireLock(path, staleMs, timeoutMs, holder, abort))
+  return new LockHandle(token, path)
 }
 
 /** Takes the lock if it is free now; returns null otherwise. Synchronous, never waits. */
 function tryAcquireLock(path, options) {
-  const { native: opts } = lockOptions(options)
-  const handle = call(native.tryAcquireLock, path, opts)
-  return handle ? new LockHandle(handle) : null
+  const { staleMs, holder } = options ?? {}
+  const token = call(native.tryAcquireLock, path, staleMs, holder)
+  return token ? new LockHandle(token, path) : null
 }
 
 /**
@@ -162,9 +170,25 @@ function breakLock(path) {
   return call(native.breakLock, path)
 }
 
+// Install probes by repo dir and specifier (see installProbe in
+// src/node/repo.rs): a worker asks about the same few packages over and over,
+// and a probe's id answers with two stats and nothing else.
+const probes = new Map()
+
+function probe(repoDir, specifier) {
+  let bySpec = probes.get(repoDir)
+  if (!bySpec) probes.set(repoDir, (bySpec = new Map()))
+  let id = bySpec.get(specifier)
+  if (id === undefined) {
+    id = call(native.installProbe, repoDir, specifier)
+    bySpec.set(specifier, id)
+  }
+  return id
+}
+
 /** Whether `specifier` (name@version) is completely installed in `repoDir`. Synchronous, lock-free. */
 function isInstalled(repoDir, specifier) {
-  return call(native.isInstalled, repoDir, specifier)
+  return native.probeInstalled(probe(repoDir, specifier))
 }
 
 function installOptions(options = {}) {
@@ -221,7 +245,7 @@ function createLockedHandlers(repoDir, options = {}) {
       }
     },
     async handleIsInstalled(specifier, dir) {
-      return call(native.isInstalled, dir || repoDir, specifier)
+      return native.probeInstalled(probe(dir || repoDir, specifier))
     },
   }
 }

@@ -241,3 +241,31 @@ async fn a_lock_file_deleted_by_hand_is_reported_lost() {
         newcomer.token()
     );
 }
+
+#[test]
+fn a_lock_file_replaced_by_hand_is_never_locked_through_an_old_descriptor() {
+    // This process keeps lock files open between acquisitions; a file
+    // replaced at the path must be read afresh, not through the old one.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("replaced.lock");
+    lock::try_acquire(&path, &opts(30_000))
+        .unwrap()
+        .unwrap()
+        .release()
+        .unwrap();
+    // A holder on another host, in a new file renamed over the old one.
+    let other = dir.path().join("other.lock");
+    write_record(&other, "another-host", 1);
+    fs::rename(&other, &path).unwrap();
+    assert!(
+        lock::try_acquire(&path, &opts(30_000)).unwrap().is_none(),
+        "the new file's holder holds it"
+    );
+    // Deleted by hand: a new file is made and taken.
+    fs::remove_file(&path).unwrap();
+    let lease = lock::try_acquire(&path, &opts(30_000)).unwrap().unwrap();
+    let on_disk: LockInfo =
+        serde_json::from_slice(fs::read(&path).unwrap().trim_ascii_end()).unwrap();
+    assert_eq!(on_disk.token, lease.token());
+    lease.release().unwrap();
+}

@@ -26,12 +26,18 @@
 //! * Within one process the kernel-lock sections are also serialised by a
 //!   process-local mutex: on NFS, `flock` is emulated with POSIX locks, which
 //!   belong to the process rather than to the open file.
+//! * A process keeps its lock files open between acquisitions (a small
+//!   cache), and every section first checks that the path still names the
+//!   open file: a lock file deleted or replaced by hand is reopened, never
+//!   locked through a stale descriptor. Reads do not update the access time
+//!   (`O_NOATIME` where allowed): on ext4 that is an inode write per read.
 
 mod heartbeat;
 pub mod host;
 
+use std::collections::HashMap;
+use std::ffi::OsString;
 use std::fs::{self, File, Metadata, OpenOptions};
-use std::hash::{Hash, Hasher};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
@@ -44,6 +50,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{ErrorCode, IoError};
+use crate::fsutil;
 pub use host::{this_host, HostIdentity};
 
 /// Default stale period: a lease not renewed for this long may be taken over.
@@ -192,6 +199,16 @@ impl FileId {
             ino: m.ino(),
         }
     }
+
+    /// The identity of the file at `path`, asking for nothing else (see
+    /// [`fsutil::stat`]: the lock's own writes stay cheap).
+    fn at(path: &Path) -> io::Result<FileId> {
+        let s = fsutil::stat(&fsutil::c_path(path)?, fsutil::StatFields::ID)?;
+        Ok(FileId {
+            dev: s.dev,
+            ino: s.ino,
+        })
+    }
 }
 
 /// What a waiter saw of a lock file: any change is progress.
@@ -230,22 +247,11 @@ fn validate(path: &Path) -> Result<(), LockError> {
     Ok(())
 }
 
-/// Serialises this process's kernel-lock sections on one path (see the
-/// module docs: on NFS, `flock` does not exclude threads of one process).
-fn local_section(path: &Path) -> MutexGuard<'static, ()> {
-    static STRIPES: [Mutex<()>; 64] = [const { Mutex::new(()) }; 64];
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    path.hash(&mut h);
-    STRIPES[(h.finish() % 64) as usize]
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-}
-
 /// The brief kernel lock on an open lock file, released on drop. Every read
 /// that decides a write, and that write, happen inside one section.
 struct Section<'f> {
     file: &'f File,
-    _local: MutexGuard<'static, ()>,
+    _local: MutexGuard<'f, ()>,
 }
 
 impl<'f> Section<'f> {
@@ -253,10 +259,11 @@ impl<'f> Section<'f> {
     /// (brief) one; `None` if it stayed busy.
     fn enter(
         path: &Path,
-        file: &'f File,
+        lock_file: &'f LockFile,
         wait: Duration,
     ) -> Result<Option<Section<'f>>, LockError> {
-        let local = local_section(path);
+        let local = lock_file.local.lock().unwrap_or_else(|e| e.into_inner());
+        let file = &lock_file.file;
         let start = Instant::now();
         loop {
             // SAFETY: flock on a valid descriptor we own.
@@ -285,27 +292,109 @@ impl Drop for Section<'_> {
     }
 }
 
-/// Opens (creating if needed, with its directory) the lock file.
-fn open_lock(path: &Path) -> Result<File, LockError> {
-    let open = || {
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o644)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(path)
-    };
-    match open() {
-        Ok(f) => Ok(f),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                fs::create_dir_all(dir).map_err(io_err("create the lock directory", dir))?;
+/// `O_NOATIME`: only the file's owner (or a privileged process) may use it.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const NOATIME: libc::c_int = libc::O_NOATIME;
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+const NOATIME: libc::c_int = 0;
+
+/// An open lock file and the identity it had when opened. This process
+/// uses one per path (see [`OpenFiles`]), and `local` serialises its
+/// sections: on NFS, `flock` is emulated with POSIX locks, which do not
+/// exclude threads of one process (and closing any descriptor of the file
+/// would drop them, another reason for one descriptor per file).
+struct LockFile {
+    file: File,
+    id: FileId,
+    local: Mutex<()>,
+}
+
+impl LockFile {
+    /// Opens (creating if needed, with its directory) the lock file.
+    fn open(path: &Path) -> Result<LockFile, LockError> {
+        let open = |flags| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o644)
+                .custom_flags(libc::O_CLOEXEC | flags)
+                .open(path)
+        };
+        let open = || match open(NOATIME) {
+            // Not the file's owner: reads will update its access time.
+            Err(e) if NOATIME != 0 && e.raw_os_error() == Some(libc::EPERM) => open(0),
+            r => r,
+        };
+        let file = match open() {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    fs::create_dir_all(dir).map_err(io_err("create the lock directory", dir))?;
+                }
+                open().map_err(io_err("create", path))?
             }
-            open().map_err(io_err("create", path))
+            Err(e) => return Err(io_err("open", path)(e)),
+        };
+        let id = FileId::of(&file.metadata().map_err(io_err("stat", path))?);
+        Ok(LockFile {
+            file,
+            id,
+            local: Mutex::new(()),
+        })
+    }
+
+    /// Whether `path` still names this file (it was not deleted, or replaced
+    /// by hand, since it was opened).
+    fn is_at(&self, path: &Path) -> Result<bool, LockError> {
+        match FileId::at(path) {
+            Ok(id) => Ok(id == self.id),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_err("stat", path)(e)),
         }
-        Err(e) => Err(io_err("open", path)(e)),
+    }
+}
+
+/// This process's open lock files, reused across acquisitions: opening and
+/// closing cost more than the rest of an uncontended acquire + release. The
+/// caller checks [`LockFile::is_at`] inside its section before trusting one.
+/// Keyed by the path's bytes (hashing a `Path` goes component by component).
+struct OpenFiles(Mutex<HashMap<OsString, Arc<LockFile>>>);
+
+/// Files beyond this many that no lease uses are closed.
+const OPEN_FILES_KEPT: usize = 64;
+
+static OPEN_FILES: std::sync::LazyLock<OpenFiles> =
+    std::sync::LazyLock::new(|| OpenFiles(Mutex::default()));
+
+impl OpenFiles {
+    fn get(&self, path: &Path) -> Result<Arc<LockFile>, LockError> {
+        if let Some(f) = self.lock().get(path.as_os_str()) {
+            return Ok(f.clone());
+        }
+        let file = Arc::new(LockFile::open(path)?);
+        let mut files = self.lock();
+        if files.len() >= OPEN_FILES_KEPT {
+            files.retain(|_, f| Arc::strong_count(f) > 1);
+        }
+        files.insert(path.as_os_str().to_owned(), file.clone());
+        Ok(file)
+    }
+
+    /// Drops `file` from the cache (it no longer is the file at `path`).
+    fn forget(&self, path: &Path, file: &Arc<LockFile>) {
+        let mut files = self.lock();
+        if files
+            .get(path.as_os_str())
+            .is_some_and(|f| Arc::ptr_eq(f, file))
+        {
+            files.remove(path.as_os_str());
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<OsString, Arc<LockFile>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -329,7 +418,8 @@ fn overwrite(file: &File, record: &[u8], old_len: usize) -> io::Result<()> {
 /// The whole content of an open lock file (at most 64 KiB).
 fn read_content(file: &File) -> io::Result<Vec<u8>> {
     let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
+    // Records are a few hundred bytes; a larger buffer only costs zeroing.
+    let mut chunk = [0u8; 1024];
     loop {
         let n = file.read_at(&mut chunk, buf.len() as u64)?;
         buf.extend_from_slice(&chunk[..n]);
@@ -346,7 +436,7 @@ pub(crate) struct Held {
     info: LockInfo,
     /// Exactly what we wrote: the lease is ours while the file holds it.
     record: Vec<u8>,
-    file: File,
+    file: Arc<LockFile>,
     stale: Duration,
     lost: CancellationToken,
     released: AtomicBool,
@@ -366,7 +456,7 @@ impl Held {
                 return Ok(Some(false));
             }
             // SAFETY: futimens with NULL sets both times to now on our own fd.
-            unsafe { libc::futimens(self.file.as_raw_fd(), std::ptr::null()) };
+            unsafe { libc::futimens(self.file.file.as_raw_fd(), std::ptr::null()) };
             Ok(Some(true))
         })();
         match result {
@@ -389,14 +479,10 @@ impl Held {
     /// and recreated by hand) and the file still holds our record. Returns
     /// the file's length when it is ours.
     fn is_ours(&self) -> Result<Option<usize>, LockError> {
-        let ours = self.file.metadata().map_err(io_err("stat", &self.path))?;
-        match fs::metadata(&self.path) {
-            Ok(m) if FileId::of(&m) == FileId::of(&ours) => {}
-            Ok(_) => return Ok(None),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err("stat", &self.path)(e)),
+        if !self.file.is_at(&self.path)? {
+            return Ok(None);
         }
-        let content = read_content(&self.file).map_err(io_err("read", &self.path))?;
+        let content = read_content(&self.file.file).map_err(io_err("read", &self.path))?;
         let ours = content.get(..self.record.len()) == Some(&self.record[..])
             && is_free(&content[self.record.len()..]);
         Ok(ours.then_some(content.len()))
@@ -416,7 +502,7 @@ impl Held {
         let len = self.is_ours()?;
         let ours = len.is_some();
         if let Some(len) = len {
-            overwrite(&self.file, b"", len).map_err(io_err("release the lock", &self.path))?;
+            overwrite(&self.file.file, b"", len).map_err(io_err("release the lock", &self.path))?;
         }
         drop(section);
         if !ours || self.lost.is_cancelled() {
@@ -445,7 +531,13 @@ impl std::fmt::Debug for Lease {
 }
 
 impl Lease {
-    fn new(path: &Path, info: LockInfo, record: Vec<u8>, file: File, stale: Duration) -> Lease {
+    fn new(
+        path: &Path,
+        info: LockInfo,
+        record: Vec<u8>,
+        file: Arc<LockFile>,
+        stale: Duration,
+    ) -> Lease {
         let held = Arc::new(Held {
             path: path.to_path_buf(),
             info,
@@ -520,7 +612,7 @@ pub fn release_all() {
 fn new_info(opts: &LockOptions) -> LockInfo {
     let host = this_host();
     LockInfo {
-        token: format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
+        token: hex::encode(fastrand::u128(..).to_le_bytes()),
         host_id: host.id.clone(),
         hostname: host.hostname.clone(),
         pid: host.pid,
@@ -547,11 +639,47 @@ fn attempt(
     opts: &LockOptions,
     replace: Option<(&Observation, &str)>,
 ) -> Result<Attempt, LockError> {
-    let file = open_lock(path)?;
-    let Some(section) = Section::enter(path, &file, Duration::from_millis(20))? else {
-        return Ok(Attempt::Busy);
-    };
-    let content = read_content(&file).map_err(io_err("read", path))?;
+    // A cached file that the path no longer names (deleted or replaced by
+    // hand; on NFS, a stale file handle) is reopened; give up for this round
+    // if that keeps happening.
+    for _ in 0..3 {
+        let lock_file = OPEN_FILES.get(path)?;
+        let section = match Section::enter(path, &lock_file, Duration::from_millis(20)) {
+            Ok(Some(section)) => section,
+            Ok(None) => return Ok(Attempt::Busy),
+            Err(e) if is_stale_handle(&e) => {
+                OPEN_FILES.forget(path, &lock_file);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        match lock_file.is_at(path) {
+            Ok(true) => return swap(path, opts, replace, &lock_file, section),
+            Ok(false) => {}
+            Err(e) if is_stale_handle(&e) => {}
+            Err(e) => return Err(e),
+        }
+        drop(section);
+        OPEN_FILES.forget(path, &lock_file);
+    }
+    Ok(Attempt::Busy)
+}
+
+/// NFS's answer for a file deleted on the server while we had it open.
+fn is_stale_handle(e: &LockError) -> bool {
+    matches!(e, LockError::Io(e) if e.source.raw_os_error() == Some(libc::ESTALE))
+}
+
+/// The compare-and-swap of [`attempt`], inside its section.
+fn swap(
+    path: &Path,
+    opts: &LockOptions,
+    replace: Option<(&Observation, &str)>,
+    lock_file: &Arc<LockFile>,
+    section: Section<'_>,
+) -> Result<Attempt, LockError> {
+    let file = &lock_file.file;
+    let content = read_content(file).map_err(io_err("read", path))?;
     if !is_free(&content) {
         let (seen, why) = match replace {
             Some(r) => r,
@@ -570,15 +698,19 @@ fn attempt(
     }
     let info = new_info(opts);
     let record = serde_json::to_vec(&info).expect("a lock record serialises");
-    if let Err(e) = overwrite(&file, &record, content.len()) {
+    if let Err(e) = overwrite(file, &record, content.len()) {
         if is_free(&content) {
-            let _ = overwrite(&file, b"", content.len().max(record.len()));
+            let _ = overwrite(file, b"", content.len().max(record.len()));
         }
         return Err(io_err("write", path)(e));
     }
     drop(section);
     Ok(Attempt::Acquired(Lease::new(
-        path, info, record, file, opts.stale,
+        path,
+        info,
+        record,
+        lock_file.clone(),
+        opts.stale,
     )))
 }
 
@@ -846,22 +978,33 @@ pub fn inspect(path: &Path, stale: Duration) -> Result<Option<LockStatus>, LockE
 /// holder learns of it at its next renewal ([`LockError::Lost`]).
 pub fn break_lock(path: &Path) -> Result<Option<LockInfo>, LockError> {
     validate(path)?;
-    let file = match OpenOptions::new().read(true).write(true).open(path) {
+    match FileId::at(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err("open", path)(e)),
-        Ok(f) => f,
-    };
-    let _section = Section::enter(path, &file, GUARD_WAIT)?.ok_or_else(|| {
+        Err(e) => return Err(io_err("stat", path)(e)),
+        Ok(_) => {}
+    }
+    // The same descriptor as this process's acquisitions (see `LockFile`).
+    let lock_file = OPEN_FILES.get(path)?;
+    let _section = Section::enter(path, &lock_file, GUARD_WAIT)?.ok_or_else(|| {
         io_err("lock", path)(io::Error::new(
             io::ErrorKind::TimedOut,
             "the lock file stayed locked by another process (is one stopped?)",
         ))
     })?;
-    let content = read_content(&file).map_err(io_err("read", path))?;
+    if !lock_file.is_at(path)? {
+        // Replaced or deleted meanwhile: the next call looks at the new file.
+        OPEN_FILES.forget(path, &lock_file);
+        return Err(io_err("lock", path)(io::Error::new(
+            io::ErrorKind::Interrupted,
+            "the lock file was replaced while breaking it; try again",
+        )));
+    }
+    let file = &lock_file.file;
+    let content = read_content(file).map_err(io_err("read", path))?;
     if is_free(&content) {
         return Ok(None);
     }
-    overwrite(&file, b"", content.len()).map_err(io_err("clear the lock", path))?;
+    overwrite(file, b"", content.len()).map_err(io_err("clear the lock", path))?;
     Ok(Some(serde_json::from_slice(&content).unwrap_or_else(
         |_| LockInfo {
             token: String::new(),

@@ -1,133 +1,96 @@
 //! JS bindings of the lease lock primitive (`crate::lock`).
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{LazyLock, Mutex};
 
 use napi::bindgen_prelude::PromiseRaw;
 use napi::{Env, Result};
 use napi_derive::napi;
-use tokio_util::sync::CancellationToken;
 
 use super::{cancel_token, js_err, ms, AbortHandle};
 use crate::lock::{self, Lease, LockInfo, LockStatus};
 
-/// Options of `acquireLock` / `tryAcquireLock` / `withLock`.
-#[napi(object)]
-#[derive(Default)]
-pub struct LockOptions {
-    /// A lease not renewed for this long (as observed by the waiter) may be
-    /// taken over. Default 30000.
-    pub stale_ms: Option<f64>,
-    /// Give up with `ENKLOCKED` after this long. Default: wait forever.
-    pub timeout_ms: Option<f64>,
-    /// A label shown to others who find the lock held.
-    pub holder: Option<String>,
-}
-
-impl LockOptions {
-    pub(crate) fn to_engine(&self) -> lock::LockOptions {
-        lock::LockOptions {
-            stale: self.stale_ms.map(ms).unwrap_or(lock::DEFAULT_STALE),
-            timeout: self.timeout_ms.map(ms),
-            holder: self.holder.clone(),
-        }
+/// Engine lock options from the JS ones (`staleMs`, `timeoutMs`, `holder`).
+pub(crate) fn lock_options(
+    stale_ms: Option<f64>,
+    timeout_ms: Option<f64>,
+    holder: Option<String>,
+) -> lock::LockOptions {
+    lock::LockOptions {
+        stale: stale_ms.map(ms).unwrap_or(lock::DEFAULT_STALE),
+        timeout: timeout_ms.map(ms),
+        holder,
     }
 }
 
-/// A held lock. Release it with `release()`; if it is never released it stays
-/// held until the process exits.
-#[napi]
-pub struct LockHandle {
-    lease: Option<Lease>,
-    token: String,
-    path: String,
-    lost: CancellationToken,
+/// The leases held through JS, by token. JS holds only the token (a string
+/// is far cheaper to hand across than a native object with a finalizer).
+/// A handle that JS drops without releasing keeps its lease until the
+/// process exits: never released at an unpredictable garbage-collection.
+static LEASES: LazyLock<Mutex<HashMap<String, Lease>>> = LazyLock::new(Default::default);
+
+fn leases() -> std::sync::MutexGuard<'static, HashMap<String, Lease>> {
+    LEASES.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl LockHandle {
-    fn new(lease: Lease) -> Self {
-        LockHandle {
-            token: lease.token().to_string(),
-            path: lease.path().to_string_lossy().into_owned(),
-            lost: lease.lost_token(),
-            lease: Some(lease),
-        }
-    }
+/// Keeps `lease` for JS; returns its token.
+fn hold(lease: Lease) -> String {
+    let token = lease.token().to_string();
+    leases().insert(token.clone(), lease);
+    token
 }
 
-#[napi]
-impl LockHandle {
-    /// Unique token of this acquisition.
-    #[napi(getter)]
-    pub fn token(&self) -> String {
-        self.token.clone()
-    }
-
-    /// The lock file's path.
-    #[napi(getter)]
-    pub fn path(&self) -> String {
-        self.path.clone()
-    }
-
-    /// True once the lease was found taken over or broken.
-    #[napi(getter)]
-    pub fn lost(&self) -> bool {
-        self.lost.is_cancelled()
-    }
-
-    /// True once `release()` was called.
-    #[napi(getter)]
-    pub fn released(&self) -> bool {
-        self.lease.is_none()
-    }
-
-    /// Releases the lock. Throws `ENKLOCKLOST` if the lease had been lost.
-    /// Calling it again does nothing.
-    #[napi]
-    pub fn release(&mut self) -> Result<()> {
-        match self.lease.take() {
-            Some(lease) => lease.release().map_err(js_err),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for LockHandle {
-    fn drop(&mut self) {
-        // Garbage-collected while held: keep the lock until process exit
-        // rather than releasing it at an unpredictable moment.
-        if let Some(lease) = self.lease.take() {
-            lease.detach();
-        }
-    }
-}
-
-/// Waits for the lock at `path` and takes it.
+/// Waits for the lock at `path` and takes it; resolves to the lease's token.
 #[napi]
 pub fn acquire_lock<'env>(
     env: &'env Env,
     path: String,
-    options: Option<LockOptions>,
+    stale_ms: Option<f64>,
+    timeout_ms: Option<f64>,
+    holder: Option<String>,
     abort: Option<&AbortHandle>,
-) -> Result<PromiseRaw<'env, LockHandle>> {
+) -> Result<PromiseRaw<'env, String>> {
     crate::trace::init_global(false);
-    let opts = options.unwrap_or_default().to_engine();
+    let opts = lock_options(stale_ms, timeout_ms, holder);
     let cancel = cancel_token(abort);
     env.spawn_future(async move {
         lock::acquire(Path::new(&path), &opts, &cancel)
             .await
-            .map(LockHandle::new)
+            .map(hold)
             .map_err(js_err)
     })
 }
 
-/// Takes the lock if it is free now (or its holder on this host is dead);
-/// returns null otherwise. Never waits.
+/// Takes the lock if it is free now (or its holder on this host is dead) and
+/// returns the lease's token; null otherwise. Never waits.
 #[napi]
-pub fn try_acquire_lock(path: String, options: Option<LockOptions>) -> Result<Option<LockHandle>> {
-    let opts = options.unwrap_or_default().to_engine();
+pub fn try_acquire_lock(
+    path: String,
+    stale_ms: Option<f64>,
+    holder: Option<String>,
+) -> Result<Option<String>> {
+    let opts = lock_options(stale_ms, None, holder);
     lock::try_acquire(Path::new(&path), &opts)
-        .map(|l| l.map(LockHandle::new))
+        .map(|l| l.map(hold))
         .map_err(js_err)
+}
+
+/// Releases the lease `token`. Throws `ENKLOCKLOST` if it had been lost;
+/// an unknown (already released) token does nothing.
+#[napi]
+pub fn release_lock(token: String) -> Result<()> {
+    let lease = leases().remove(&token);
+    match lease {
+        Some(lease) => lease.release().map_err(js_err),
+        None => Ok(()),
+    }
+}
+
+/// Whether the lease `token` was found taken over or broken while held.
+#[napi]
+pub fn lock_lost(token: String) -> bool {
+    leases().get(&token).is_some_and(Lease::is_lost)
 }
 
 /// Who holds a lock.

@@ -1,12 +1,14 @@
 //! JS bindings of package repository coordination (`crate::repo`).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{LazyLock, RwLock};
 
 use napi::bindgen_prelude::PromiseRaw;
 use napi::{Env, Result};
 use napi_derive::napi;
 
-use super::lock::LockOptions;
+use super::lock::lock_options;
 use super::{cancel_token, duration_ms, js_err, AbortHandle};
 use crate::repo::{self, Begin, InstallOutcome, InstallTxn, NpmOptions, PackageSpec};
 
@@ -29,12 +31,7 @@ pub struct InstallOptions {
 impl InstallOptions {
     fn to_engine(&self) -> repo::InstallOptions {
         repo::InstallOptions {
-            lock: LockOptions {
-                stale_ms: self.stale_ms,
-                timeout_ms: self.timeout_ms,
-                holder: self.holder.clone(),
-            }
-            .to_engine(),
+            lock: lock_options(self.stale_ms, self.timeout_ms, self.holder.clone()),
             npm: NpmOptions {
                 npm: self
                     .npm_path
@@ -69,11 +66,51 @@ impl From<InstallOutcome> for InstallResult {
     }
 }
 
-/// Whether `specifier` (`name@version`) is completely installed in `repoDir`.
-/// Lock-free and synchronous. Throws `ENKSPEC` for a malformed specifier.
+/// Install probes made for JS, by id (see [`repo::InstallProbe`]): JS keeps
+/// the id of each (repo, specifier) it asked about, so a repeated question
+/// crosses into Rust with one number and costs two stats.
+#[derive(Default)]
+struct Probes {
+    list: Vec<repo::InstallProbe>,
+    ids: HashMap<(String, String), u32>,
+}
+
+static PROBES: LazyLock<RwLock<Probes>> = LazyLock::new(Default::default);
+
+/// The id of the install probe for `specifier` (`name@version`) in `repoDir`,
+/// for `probeInstalled`. Throws `ENKSPEC` for a malformed specifier.
 #[napi]
-pub fn is_installed(repo_dir: String, specifier: String) -> Result<bool> {
-    repo::is_installed(Path::new(&repo_dir), &specifier).map_err(js_err)
+pub fn install_probe(repo_dir: String, specifier: String) -> Result<u32> {
+    let key = (repo_dir, specifier);
+    if let Some(&id) = PROBES
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .ids
+        .get(&key)
+    {
+        return Ok(id);
+    }
+    let probe = repo::InstallProbe::new(Path::new(&key.0), &key.1).map_err(js_err)?;
+    let mut probes = PROBES.write().unwrap_or_else(|e| e.into_inner());
+    if let Some(&id) = probes.ids.get(&key) {
+        return Ok(id);
+    }
+    let id = probes.list.len() as u32;
+    probes.list.push(probe);
+    probes.ids.insert(key, id);
+    Ok(id)
+}
+
+/// Whether the package of install probe `id` is completely installed now.
+/// Lock-free and synchronous.
+#[napi]
+pub fn probe_installed(id: u32) -> bool {
+    PROBES
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .list
+        .get(id as usize)
+        .is_some_and(repo::InstallProbe::installed)
 }
 
 /// Installs `specifier` into `repoDir` with nanokit's npm installer, exactly
@@ -222,12 +259,7 @@ pub fn provision<'env>(
 ) -> Result<PromiseRaw<'env, ProvisionResult>> {
     crate::trace::init_global(false);
     let opts = repo::ProvisionOptions {
-        lock: LockOptions {
-            stale_ms: options.stale_ms,
-            timeout_ms: options.timeout_ms,
-            holder: options.holder.clone(),
-        }
-        .to_engine(),
+        lock: lock_options(options.stale_ms, options.timeout_ms, options.holder.clone()),
         cwd: options.cwd.map(PathBuf::from),
         capture: options.capture.unwrap_or(true),
     };

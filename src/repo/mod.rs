@@ -23,6 +23,7 @@ mod provision;
 mod spec;
 
 use std::collections::BTreeMap;
+use std::ffi::CString;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -34,7 +35,7 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{ErrorCode, IoError};
-use crate::fsutil::atomic_write;
+use crate::fsutil::{self, atomic_write};
 use crate::lock::{self, Lease, LockError, LockOptions, LockStatus};
 
 pub use provision::{provision, provision_with, InstallRun, ProvisionOptions, ProvisionOutcome};
@@ -137,23 +138,55 @@ impl Repo {
     /// package therefore reads as not installed. `repo status` additionally
     /// verifies the content hash recorded in the sentinel.
     pub fn is_installed(&self, spec: &PackageSpec) -> bool {
-        let Ok(sentinel) = fs::metadata(self.sentinel_path(spec)) else {
-            return false;
-        };
-        let Ok(pkg) = fs::metadata(self.package_dir(spec).join("package.json")) else {
-            return false;
-        };
-        use std::os::unix::fs::MetadataExt;
-        sentinel.len() > 0
-            && sentinel.mtime() == pkg.mtime()
-            && sentinel.mtime_nsec() == pkg.mtime_nsec()
+        InstallProbe::of(self, spec).installed()
     }
 }
 
-/// Whether `specifier` is completely installed in `repo_dir`.
+/// The two files that tell whether one package is installed, ready to be
+/// looked at again and again: [`Repo::is_installed`] without parsing the
+/// specifier or joining paths each time (which costs about as much as one of
+/// its two stats). A worker asks about the same few packages over and over.
+#[derive(Debug)]
+pub struct InstallProbe {
+    /// The sentinel and the package's own `package.json`; `None` when the
+    /// repo path cannot name a file (it contains a NUL byte).
+    files: Option<(CString, CString)>,
+}
+
+impl InstallProbe {
+    pub fn new(repo_dir: &Path, specifier: &str) -> Result<InstallProbe, RepoError> {
+        let spec = PackageSpec::parse(specifier)?;
+        Ok(InstallProbe::of(&Repo::new(repo_dir), &spec))
+    }
+
+    fn of(repo: &Repo, spec: &PackageSpec) -> InstallProbe {
+        let sentinel = fsutil::c_path(&repo.sentinel_path(spec));
+        let package_json = fsutil::c_path(&repo.package_dir(spec).join("package.json"));
+        InstallProbe {
+            files: sentinel.ok().zip(package_json.ok()),
+        }
+    }
+
+    /// Whether the package is completely installed now (see
+    /// [`Repo::is_installed`]). Lock-free; two stats.
+    pub fn installed(&self) -> bool {
+        use fsutil::StatFields;
+        let Some((sentinel, package_json)) = &self.files else {
+            return false;
+        };
+        let Ok(sentinel) = fsutil::stat(sentinel, StatFields::SIZE.and(StatFields::MTIME)) else {
+            return false;
+        };
+        let Ok(pkg) = fsutil::stat(package_json, StatFields::MTIME) else {
+            return false;
+        };
+        sentinel.size > 0 && sentinel.mtime == pkg.mtime
+    }
+}
+
+/// Whether `specifier` is completely installed in `repo_dir`. Lock-free.
 pub fn is_installed(repo_dir: &Path, specifier: &str) -> Result<bool, RepoError> {
-    let spec = PackageSpec::parse(specifier)?;
-    Ok(Repo::new(repo_dir).is_installed(&spec))
+    Ok(InstallProbe::new(repo_dir, specifier)?.installed())
 }
 
 /// How nanokit's own installer runs npm.
