@@ -180,6 +180,16 @@ fn unknown_and_unsupported_keys_warn_by_name() {
         has("`networks` are not used by the process provider"),
         "{w:#?}"
     );
+    let docker =
+        "name: x\ninfra: { provider: docker }\nservices:\n  s: { image: i }\nnetworks:\n  n: {}\n";
+    let c = load(docker, "local", &vars(&[])).unwrap();
+    assert!(
+        c.warnings.iter().any(|w| w
+            .to_string()
+            .contains("every service joins the network `nanokit-net-<env>`")),
+        "{:#?}",
+        c.warnings
+    );
 }
 
 #[test]

@@ -365,6 +365,37 @@ services:
         e.contains("boom-from-inside") && e.contains("exit code 3"),
         "{e}"
     );
+    // A container hook that outlives its timeout is killed, with its children.
+    p.write(
+        r#"
+name: NAME
+infra: { provider: docker }
+services:
+  svc:
+    image: nk-busybox:latest
+    start: "exec sleep 600"
+    hooks:
+      prestart_container: "echo started-slow; sleep 300 & sleep 301; echo never"
+"#,
+    );
+    let r =
+        p.p.up(ExecOptions {
+            hook_timeout: Duration::from_secs(1),
+            ..quick()
+        })
+        .await
+        .unwrap();
+    let e = r.failures()[0].error.clone().unwrap();
+    assert!(
+        e.contains("started-slow") && e.contains("timed out after 1s (it was killed)"),
+        "{e}"
+    );
+    let (name, _) = p.containers().remove(0);
+    let ps = docker(&["exec", &name, "ps", "-o", "args"]);
+    assert!(
+        !ps.contains("sleep 30"),
+        "the hook's processes are gone: {ps}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1033,4 +1064,71 @@ async fn the_docker_example_comes_up_healthy_and_goes_down() {
     assert!(r.plan.actions.iter().all(|a| a.action == ActionKind::Noop));
     p.p.down().await;
     assert!(p.names().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn down_removes_the_env_network_once_no_container_of_the_env_is_left() {
+    if !docker_ok() {
+        return;
+    }
+    // An env of its own: the network is shared by every project of an env.
+    let env = format!("nt{:05x}", fastrand::u32(..0x10_0000));
+    let network = format!("nanokit-net-{env}");
+    let yml = format!(
+        r#"
+name: NAME
+infra: {{ provider: docker }}
+services:
+  s: {{ image: "nk-busybox:latest", start: "exec sleep 600" }}
+environments:
+  {env}: {{}}
+"#
+    );
+    let a = DProject::new("neta", &yml);
+    let b = DProject::new("netb", &yml);
+    let config = |p: &DProject| {
+        let mut o = nanokit::config::LoadOptions::new(p.p.file());
+        o.env = env.clone();
+        std::sync::Arc::new(nanokit::config::load(&o).expect("config"))
+    };
+    let up = |p: &DProject| {
+        let cfg = config(p);
+        async move {
+            let provider = exec::provider_for(&cfg).expect("provider");
+            exec::up(cfg, provider, quick()).await.expect("up")
+        }
+    };
+    let down = |p: &DProject| {
+        let cfg = config(p);
+        async move {
+            let provider = exec::provider_for(&cfg).expect("provider");
+            exec::down(cfg, provider, quick()).await.expect("down")
+        }
+    };
+    let network_exists = || {
+        !docker(&[
+            "network",
+            "ls",
+            "-q",
+            "--filter",
+            &format!("name=^{network}$"),
+        ])
+        .is_empty()
+    };
+
+    ok(&up(&a).await);
+    ok(&up(&b).await);
+    assert!(network_exists());
+    ok(&down(&a).await);
+    assert!(network_exists(), "project b still has a container on it");
+    ok(&down(&b).await);
+    assert!(
+        !network_exists(),
+        "the last container of the env is gone, so is its network"
+    );
+    // And the next up makes it again.
+    ok(&up(&a).await);
+    assert!(network_exists());
+    ok(&down(&a).await);
+    assert!(!network_exists());
 }

@@ -773,8 +773,11 @@ impl Cx {
             for (k, _) in self.map(n, "networks")? {
                 networks.push(k.name.clone());
             }
-            if provider == ProviderKind::Process && !networks.is_empty() {
-                self.warn(n.loc, "`networks` are not used by the process provider (every service shares the host network)");
+            if !networks.is_empty() {
+                match provider {
+                    ProviderKind::Process => self.warn(n.loc, "`networks` are not used by the process provider (every service shares the host network)"),
+                    ProviderKind::Docker => self.warn(n.loc, "`networks` are not used yet by the docker provider: every service joins the network `nanokit-net-<env>`, where services reach each other by name"),
+                }
             }
         }
 

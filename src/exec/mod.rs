@@ -1587,6 +1587,11 @@ async fn down_locked(
     for v in &plan.volumes {
         run.delete_volume(&v.volume).await?;
     }
+    if opts.targets.is_empty() && results.iter().all(|r| r.error.is_none()) {
+        if let Err(e) = provider.down_complete(&run.scope).await {
+            tracing::warn!(error = %e, "down: cleaning up after the last instance");
+        }
+    }
     results.sort_by_key(|r| {
         std::cmp::Reverse(plan.actions.iter().position(|a| a.service == r.service))
     });

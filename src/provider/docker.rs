@@ -124,6 +124,51 @@ fn status_of(e: &DockerError) -> Option<u16> {
     }
 }
 
+/// SIGKILLs a timed-out exec's process and its descendants, if `pid` (its
+/// pid as Docker reports it, in the host's pid namespace) is visible here and
+/// runs the command we started: nanokit may run elsewhere than the daemon.
+fn kill_exec_tree(pid: i64, argv: &[String]) -> bool {
+    let Ok(pid) = u32::try_from(pid) else {
+        return false;
+    };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let expected: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain([0])).collect();
+    if pid == 0 || cmdline != expected {
+        return false;
+    }
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while i < tree.len() {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", tree[i]));
+        for task in tasks.into_iter().flatten().flatten() {
+            let children =
+                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            tree.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+        i += 1;
+    }
+    for p in tree {
+        // SAFETY: kill with a pid we just read from /proc.
+        unsafe { libc::kill(p as libc::pid_t, libc::SIGKILL) };
+    }
+    true
+}
+
+/// Docker's answer for a container whose network no longer exists.
+fn network_gone(e: &DockerError) -> bool {
+    match e {
+        DockerError::DockerResponseServerError {
+            status_code,
+            message,
+        } => *status_code == 404 && message.contains("network"),
+        _ => false,
+    }
+}
+
 fn nanos(d: Duration) -> i64 {
     d.as_nanos().min(i64::MAX as u128) as i64
 }
@@ -214,40 +259,44 @@ impl DockerProvider {
         })
     }
 
+    /// The env's network exists (checked once per provider).
     async fn ensure_network(&self) -> Result<(), ProviderError> {
-        let d = self.docker().await?;
         self.network_ready
-            .get_or_try_init(|| async {
-                match d
-                    .inspect_network(&self.network, None::<InspectNetworkOptions>)
-                    .await
-                {
-                    Ok(_) => return Ok(()),
-                    Err(e) if status_of(&e) == Some(404) => {}
-                    Err(e) => return Err(docker_err(&format!("network {}", self.network), e)),
-                }
-                let mut labels = HashMap::new();
-                labels.insert(docker_label(LABEL_ENV), self.env.clone());
-                match d
-                    .create_network(NetworkCreateRequest {
-                        name: self.network.clone(),
-                        driver: Some("bridge".into()),
-                        labels: Some(labels),
-                        ..Default::default()
-                    })
-                    .await
-                {
-                    Ok(_) => Ok(()),
-                    // Created meanwhile by another run.
-                    Err(e) if status_of(&e) == Some(409) => Ok(()),
-                    Err(e) => Err(docker_err(
-                        &format!("cannot create network {}", self.network),
-                        e,
-                    )),
-                }
-            })
+            .get_or_try_init(|| self.make_network())
             .await
             .map(|_| ())
+    }
+
+    /// Creates the env's network unless it exists.
+    async fn make_network(&self) -> Result<(), ProviderError> {
+        let d = self.docker().await?;
+        match d
+            .inspect_network(&self.network, None::<InspectNetworkOptions>)
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(e) if status_of(&e) == Some(404) => {}
+            Err(e) => return Err(docker_err(&format!("network {}", self.network), e)),
+        }
+        let mut labels = HashMap::new();
+        labels.insert(docker_label(LABEL_ENV), self.env.clone());
+        match d
+            .create_network(NetworkCreateRequest {
+                name: self.network.clone(),
+                driver: Some("bridge".into()),
+                labels: Some(labels),
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(_) => Ok(()),
+            // Created meanwhile by another run.
+            Err(e) if status_of(&e) == Some(409) => Ok(()),
+            Err(e) => Err(docker_err(
+                &format!("cannot create network {}", self.network),
+                e,
+            )),
+        }
     }
 
     /// Binds and volume mounts of `spec`, and its working directory.
@@ -279,6 +328,14 @@ impl DockerProvider {
     }
 
     /// Creates a container named `name` (or `name-<suffix>` when taken).
+    ///
+    /// A container holding `name` that carries the very labels of the one
+    /// being created (same state, service, replica and configuration) is a
+    /// leftover of an interrupted run that nothing recorded: a killed `up`'s
+    /// last create request still completes in the daemon, possibly after the
+    /// next run looked. It is removed and the name reused, instead of
+    /// running twice. (The old container of a rolling update differs in its
+    /// configuration hash, so it keeps the name and the new one is suffixed.)
     async fn create_named(
         &self,
         name: &str,
@@ -289,6 +346,7 @@ impl DockerProvider {
             .await
             .map_err(|_| DockerError::RequestTimeoutError)?;
         let mut attempt = name.to_string();
+        let mut cleared = false;
         for _ in 0..5 {
             match d
                 .create_container(
@@ -302,6 +360,15 @@ impl DockerProvider {
             {
                 Ok(r) => return Ok(r.id),
                 Err(e) if status_of(&e) == Some(409) => {
+                    if !cleared && attempt == name && self.is_leftover(name, &body).await {
+                        cleared = true;
+                        tracing::warn!(
+                            container = name,
+                            "removing an unrecorded copy left by an interrupted run"
+                        );
+                        self.remove_quietly(name).await;
+                        continue;
+                    }
                     attempt = format!("{name}-{:06x}", fastrand::u32(..0x0100_0000));
                 }
                 Err(e) => return Err(e),
@@ -311,6 +378,26 @@ impl DockerProvider {
             status_code: 409,
             message: format!("the container name {name} and its alternatives are all taken"),
         })
+    }
+
+    /// Whether the container `name` carries the same instance labels as
+    /// `body` (see [`Self::create_named`]).
+    async fn is_leftover(&self, name: &str, body: &ContainerCreateBody) -> bool {
+        let Ok(d) = self.docker().await else {
+            return false;
+        };
+        let Ok(c) = d
+            .inspect_container(name, None::<InspectContainerOptions>)
+            .await
+        else {
+            return false;
+        };
+        let theirs = c.config.and_then(|c| c.labels).unwrap_or_default();
+        let ours = body.labels.clone().unwrap_or_default();
+        [LABEL_STATE_ID, LABEL_SERVICE, LABEL_REPLICA, LABEL_HASH]
+            .iter()
+            .map(|k| docker_label(k))
+            .all(|k| ours.contains_key(&k) && ours.get(&k) == theirs.get(&k))
     }
 
     /// Every container, running or not, carrying all of `labels` (`key=value`).
@@ -644,26 +731,45 @@ impl Provider for DockerProvider {
             ..Default::default()
         };
         let name = self.base_name(spec);
-        let what = format!("service `{}`: cannot create container {name}", spec.service);
-        let id = self
-            .create_named(&name, body)
-            .await
-            .map_err(|e| image_hint(&image, docker_err(&what, e)))?;
         let d = self.docker().await?;
-        if let Err(e) = d
-            .start_container(
-                &id,
-                None::<bollard::query_parameters::StartContainerOptions>,
-            )
-            .await
-        {
-            // Nothing half-created stays behind unrecorded.
-            self.remove_quietly(&id).await;
-            return Err(docker_err(
-                &format!("service `{}`: cannot start container {name}", spec.service),
-                e,
-            ));
-        }
+        // The env's network may be removed by another project's `down` right
+        // after we made sure of it (it goes once no container of the env is
+        // left): make it again and retry once.
+        let mut retried = false;
+        let id = loop {
+            let what = format!("service `{}`: cannot create container {name}", spec.service);
+            let id = match self.create_named(&name, body.clone()).await {
+                Ok(id) => id,
+                Err(e) if !retried && network_gone(&e) => {
+                    retried = true;
+                    self.make_network().await?;
+                    continue;
+                }
+                Err(e) => return Err(image_hint(&image, docker_err(&what, e))),
+            };
+            match d
+                .start_container(
+                    &id,
+                    None::<bollard::query_parameters::StartContainerOptions>,
+                )
+                .await
+            {
+                Ok(()) => break id,
+                Err(e) => {
+                    // Nothing half-created stays behind unrecorded.
+                    self.remove_quietly(&id).await;
+                    if !retried && network_gone(&e) {
+                        retried = true;
+                        self.make_network().await?;
+                        continue;
+                    }
+                    return Err(docker_err(
+                        &format!("service `{}`: cannot start container {name}", spec.service),
+                        e,
+                    ));
+                }
+            }
+        };
         Ok(Instance {
             id,
             service: spec.service.clone(),
@@ -673,6 +779,27 @@ impl Provider for DockerProvider {
             replica: spec.replica,
             lineage: spec.labels.get(LABEL_LINEAGE).cloned(),
         })
+    }
+
+    /// Removes the env's network once no container of the env (of any
+    /// project, in any state) is left, as Compose removes its project
+    /// network. A network something else still uses stays.
+    async fn down_complete(&self, scope: &Scope) -> Result<(), ProviderError> {
+        let env_label = format!("{}={}", docker_label(LABEL_ENV), scope.env);
+        if !self.list_labelled(vec![env_label]).await?.is_empty() {
+            return Ok(());
+        }
+        let d = self.docker().await?;
+        match d.remove_network(&self.network).await {
+            Ok(()) => Ok(()),
+            // Gone already, or in use (another project's container was
+            // created meanwhile, or something outside nanokit joined it).
+            Err(e) if matches!(status_of(&e), Some(403 | 404 | 409)) => Ok(()),
+            Err(e) => Err(docker_err(
+                &format!("cannot remove network {}", self.network),
+                e,
+            )),
+        }
     }
 
     async fn exec(
@@ -698,8 +825,8 @@ impl Provider for DockerProvider {
             )
             .await
             .map_err(|e| docker_err(&format!("exec in {id}"), e))?;
+        let mut text = String::new();
         let run = async {
-            let mut text = String::new();
             if let StartExecResults::Attached { mut output, .. } = d
                 .start_exec(&exec.id, None::<StartExecOptions>)
                 .await
@@ -712,29 +839,47 @@ impl Provider for DockerProvider {
                     }
                 }
             }
-            Ok(text)
+            Ok(())
         };
-        match tokio::time::timeout(timeout, run).await {
+        let finished = tokio::time::timeout(timeout, run).await;
+        let info = d
+            .inspect_exec(&exec.id)
+            .await
+            .map_err(|e| docker_err(&format!("exec in {id}"), e))?;
+        match finished {
             Ok(r) => {
-                let output = r?;
-                let info = d
-                    .inspect_exec(&exec.id)
-                    .await
-                    .map_err(|e| docker_err(&format!("exec in {id}"), e))?;
+                r?;
                 Ok(ExecOutput {
                     code: info.exit_code.map(|c| c as i32),
                     timed_out: false,
-                    output,
+                    output: text,
                 })
             }
-            Err(_) => Ok(ExecOutput {
-                code: None,
-                timed_out: true,
-                output: format!(
-                    "timed out after {} (the command may still run in the container)",
+            Err(_) => {
+                // Docker has no way to stop an exec; its process is ours to
+                // kill when it runs on this host.
+                let killed = info.running == Some(true)
+                    && info.pid.is_some_and(|pid| kill_exec_tree(pid, argv));
+                let what = if killed {
+                    "it was killed"
+                } else if info.running == Some(true) {
+                    "it may still run in the container: nanokit is not on the Docker host"
+                } else {
+                    "it has ended since"
+                };
+                if !text.is_empty() && !text.ends_with('\n') {
+                    text.push('\n');
+                }
+                text.push_str(&format!(
+                    "timed out after {} ({what})",
                     humantime::format_duration(timeout)
-                ),
-            }),
+                ));
+                Ok(ExecOutput {
+                    code: None,
+                    timed_out: true,
+                    output: text,
+                })
+            }
         }
     }
 

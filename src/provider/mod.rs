@@ -226,6 +226,12 @@ pub trait Provider: Send + Sync {
         false
     }
 
+    /// Called after `down` removed every instance of the scope's project:
+    /// frees what the provider set up for them and nobody uses any more.
+    async fn down_complete(&self, _scope: &Scope) -> Result<(), ProviderError> {
+        Ok(())
+    }
+
     /// Runs `install` (`sh -c`) once per manifest hash for `spec`, under the
     /// global provisioning lock and sentinel of its shared directory. The
     /// process provider provisions the service's `path` on the host.
