@@ -275,6 +275,16 @@ pub fn break_deploy_lock(path: &Path) -> Result<Option<String>, LockError> {
 }
 
 impl DeployLock {
+    /// Whether the lock was taken over from a run that died holding it: the
+    /// runtime may still be finishing requests that run sent. (A remote
+    /// lock's expiry is not reported here yet.)
+    pub fn recovered(&self) -> bool {
+        match &self.inner {
+            Inner::File(l) => l.took_over(),
+            Inner::Remote(_) => false,
+        }
+    }
+
     /// Whether the lease was lost (broken by `infra unlock` or taken over).
     pub fn is_lost(&self) -> bool {
         match &self.inner {

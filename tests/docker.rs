@@ -944,11 +944,25 @@ services:
             })
             .collect();
         keys.sort();
+        let seen: Vec<String> = cs
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} {} hash={} created={}",
+                    c.0,
+                    c.1["State"]["Status"],
+                    c.1["Config"]["Labels"]["nk-config-hash"],
+                    c.1["Created"]
+                )
+            })
+            .collect();
         assert_eq!(
             keys,
             [("api", "1"), ("api", "2"), ("db", "1"), ("web", "1")]
                 .map(|(a, b)| (a.to_string(), b.to_string())),
-            "trial {trial}: no duplicates"
+            "trial {trial}: no duplicates; containers: {seen:#?}; state: {:?}; run: {:#?}",
+            p.p.state().resources.get("web"),
+            r.results
         );
         // Nothing of this project's name without our labels.
         let all = docker(&[

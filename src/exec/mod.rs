@@ -1271,6 +1271,13 @@ pub async fn up(
             cancel.cancel();
         }))
     };
+    if lock.recovered() {
+        let scope = scope(&config);
+        provider
+            .settle(&scope)
+            .instrument(info_span!("settle"))
+            .await?;
+    }
     let r = up_locked(config, provider, opts, dag, store).await;
     drop(watch_lost);
     finish(lock, r).await
@@ -1485,6 +1492,12 @@ pub async fn down(
     let (lock, store) = begin(&config, &opts, "down")
         .instrument(info_span!("deploy_lock"))
         .await?;
+    if lock.recovered() {
+        provider
+            .settle(&scope(&config))
+            .instrument(info_span!("settle"))
+            .await?;
+    }
     let r = down_locked(config, provider, opts, store).await;
     finish(lock, r).await
 }

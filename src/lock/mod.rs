@@ -440,6 +440,8 @@ pub(crate) struct Held {
     stale: Duration,
     lost: CancellationToken,
     released: AtomicBool,
+    /// Acquired by taking over a dead or stale holder's lease.
+    took_over: bool,
 }
 
 impl Held {
@@ -537,6 +539,7 @@ impl Lease {
         record: Vec<u8>,
         file: Arc<LockFile>,
         stale: Duration,
+        took_over: bool,
     ) -> Lease {
         let held = Arc::new(Held {
             path: path.to_path_buf(),
@@ -546,6 +549,7 @@ impl Lease {
             stale,
             lost: CancellationToken::new(),
             released: AtomicBool::new(false),
+            took_over,
         });
         heartbeat::register(held.clone());
         Lease { held, owned: true }
@@ -564,6 +568,12 @@ impl Lease {
     /// The record written into the lock file.
     pub fn info(&self) -> &LockInfo {
         &self.held.info
+    }
+
+    /// Whether this lease was taken over from a holder that died or went
+    /// stale (whose work may have been left half-done).
+    pub fn took_over(&self) -> bool {
+        self.held.took_over
     }
 
     /// Whether the lease has been found taken over or broken.
@@ -711,6 +721,7 @@ fn swap(
         record,
         lock_file.clone(),
         opts.stale,
+        !is_free(&content),
     )))
 }
 

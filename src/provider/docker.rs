@@ -781,6 +781,33 @@ impl Provider for DockerProvider {
         })
     }
 
+    /// A killed client's last create or start request still completes in
+    /// the daemon, possibly after the next run looked: look until two looks
+    /// a moment apart agree (at most a few seconds).
+    async fn settle(&self, scope: &Scope) -> Result<(), ProviderError> {
+        let look = || async {
+            let mut seen: Vec<(String, bool)> = self
+                .observe(scope)
+                .await?
+                .into_iter()
+                .map(|i| (i.id, i.running))
+                .collect();
+            seen.sort();
+            Ok::<_, ProviderError>(seen)
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        let mut before = look().await?;
+        while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let now = look().await?;
+            if now == before {
+                break;
+            }
+            before = now;
+        }
+        Ok(())
+    }
+
     /// Removes the env's network once no container of the env (of any
     /// project, in any state) is left, as Compose removes its project
     /// network. A network something else still uses stays.

@@ -226,6 +226,13 @@ pub trait Provider: Send + Sync {
         false
     }
 
+    /// Called before `up` looks at a scope whose previous run died: waits
+    /// until requests that run sent and the runtime is still finishing have
+    /// landed, so that what they create is seen (and cleaned up) now.
+    async fn settle(&self, _scope: &Scope) -> Result<(), ProviderError> {
+        Ok(())
+    }
+
     /// Called after `down` removed every instance of the scope's project:
     /// frees what the provider set up for them and nobody uses any more.
     async fn down_complete(&self, _scope: &Scope) -> Result<(), ProviderError> {
