@@ -344,19 +344,22 @@ services:
             "host-poststop"
         ]
     );
-    // A failing container hook fails the service with its output.
-    p.write(
-        r#"
+    let with_hook = |hook: &str| {
+        format!(
+            r#"
 name: NAME
-infra: { provider: docker }
+infra: {{ provider: docker }}
 services:
   svc:
     image: nk-busybox:latest
     start: "exec sleep 600"
     hooks:
-      prestart_container: "echo boom-from-inside; exit 3"
-"#,
-    );
+      prestart_container: "{hook}"
+"#
+        )
+    };
+    // A failing container hook fails the service with its output.
+    p.write(&with_hook("echo boom-from-inside; exit 3"));
     let r = p.p.up(quick()).await.unwrap();
     let f = r.failures();
     assert_eq!(f.len(), 1);
@@ -366,18 +369,9 @@ services:
         "{e}"
     );
     // A container hook that outlives its timeout is killed, with its children.
-    p.write(
-        r#"
-name: NAME
-infra: { provider: docker }
-services:
-  svc:
-    image: nk-busybox:latest
-    start: "exec sleep 600"
-    hooks:
-      prestart_container: "echo started-slow; sleep 300 & sleep 301; echo never"
-"#,
-    );
+    p.write(&with_hook(
+        "echo started-slow; sleep 300 & sleep 301; echo never",
+    ));
     let r =
         p.p.up(ExecOptions {
             hook_timeout: Duration::from_secs(1),
