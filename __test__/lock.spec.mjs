@@ -142,15 +142,19 @@ describe('lock across processes', () => {
     const path = join(dir, 'r.lock')
     const hostId = thisHostId(dir)
     const dead = deadPid()
-    const staleMs = 40
-    const racers = Array.from({ length: 16 }, () => worker({ op: "race", path, staleMs, timeoutMs: 150 }))
+    const racers = Array.from({ length: 16 }, () => worker({ op: 'race', path }))
     await Promise.all(racers.map((r) => r.next(ev('ready'))))
     const ROUNDS = 200
     for (let round = 0; round < ROUNDS; round++) {
       // Alternate the two takeover paths: a dead holder on this host (taken at
       // once) and a silent holder on another host (taken after staleMs).
-      writeRecord(path, round % 2 ? { hostId: 'another-host', pid: 1 } : { hostId, pid: dead })
-      for (const r of racers) r.send(`go ${round}`)
+      // The stale period is also how long a winner may stall (16 processes
+      // on a busy machine) before the others may rightly take its lease over:
+      // long where the takeover does not depend on it.
+      const foreign = round % 2 === 1
+      writeRecord(path, foreign ? { hostId: 'another-host', pid: 1 } : { hostId, pid: dead })
+      const [staleMs, timeoutMs] = foreign ? [150, 400] : [60_000, 150]
+      for (const r of racers) r.send(`go ${round} ${staleMs} ${timeoutMs}`)
       const results = await Promise.all(racers.map((r) => r.next((e) => e.event === 'round' && e.round === round)))
       const winners = results.filter((r) => r.won)
       assert.equal(winners.length, 1, `round ${round}: ${winners.length} holders`)

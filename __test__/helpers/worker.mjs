@@ -76,11 +76,11 @@ async function main() {
       const rl = createInterface({ input: process.stdin })
       emit({ event: 'ready' })
       for await (const line of rl) {
-        const [verb, arg] = line.split(' ')
+        const [verb, arg, staleMs, timeoutMs] = line.split(' ')
         if (verb === 'go') {
           let won = false
           try {
-            held = await nk.acquireLock(cmd.path, { staleMs: cmd.staleMs, timeoutMs: cmd.timeoutMs })
+            held = await nk.acquireLock(cmd.path, { staleMs: Number(staleMs), timeoutMs: Number(timeoutMs) })
             won = true
           } catch (e) {
             if (e.code !== 'ENKLOCKED') throw e
