@@ -94,6 +94,16 @@ impl DProject {
             extra_volumes: Vec::new(),
         }
     }
+    /// A project on the Docker provider: `body` follows `name: NAME` and
+    /// `infra: { provider: docker }`. `None` (after saying so) without Docker.
+    fn docker(prefix: &str, body: &str) -> Option<DProject> {
+        docker_ok().then(|| {
+            DProject::new(
+                prefix,
+                &format!("name: NAME\ninfra: {{ provider: docker }}\n{body}"),
+            )
+        })
+    }
     fn write(&self, yml: &str) {
         self.p.write(&yml.replace("NAME", &self.name));
     }
@@ -309,14 +319,9 @@ services:
 
 #[tokio::test(flavor = "multi_thread")]
 async fn container_hooks_run_inside_and_their_failure_shows_output() {
-    if !docker_ok() {
-        return;
-    }
-    let p = DProject::new(
+    let Some(p) = DProject::docker(
         "hooks",
         r#"
-name: NAME
-infra: { provider: docker }
 services:
   svc:
     image: nk-busybox:latest
@@ -329,7 +334,9 @@ services:
       prestop: "echo inside-prestop >> /app/ev"
       poststop: "echo host-poststop >> ev"
 "#,
-    );
+    ) else {
+        return;
+    };
     ok(&p.up(quick()).await);
     let (name, _) = p.containers().remove(0);
     assert_eq!(docker(&["exec", &name, "cat", "/tmp/marker"]), "inside-svc");
@@ -747,21 +754,18 @@ services:
 
 #[tokio::test(flavor = "multi_thread")]
 async fn drift_after_docker_rm_and_stop_is_detected_and_restored() {
-    if !docker_ok() {
-        return;
-    }
-    let p = DProject::new(
+    let Some(p) = DProject::docker(
         "drift",
         r#"
-name: NAME
-infra: { provider: docker }
 services:
   a: { image: "nk-busybox:latest", start: "exec sleep 600" }
   b: { image: "nk-busybox:latest", start: "exec sleep 600" }
   c: { image: "nk-busybox:latest", start: "exec sleep 600" }
   d: { image: "nk-busybox:latest", start: "exec sleep 600", instances: 2 }
 "#,
-    );
+    ) else {
+        return;
+    };
     ok(&p.up(quick()).await);
     assert_eq!(nanokit::cli::run(p.p.args(&["drift"])).await, 0);
     let n = &p.name;
@@ -846,19 +850,16 @@ services:
 
 #[tokio::test(flavor = "multi_thread")]
 async fn lost_state_json_adopts_running_containers_by_label() {
-    if !docker_ok() {
-        return;
-    }
-    let p = DProject::new(
+    let Some(p) = DProject::docker(
         "adopt",
         r#"
-name: NAME
-infra: { provider: docker }
 services:
   a: { image: "nk-busybox:latest", start: "exec sleep 600", instances: 2 }
   b: { image: "nk-busybox:latest", start: "exec sleep 600", depends_on: [a] }
 "#,
-    );
+    ) else {
+        return;
+    };
     ok(&p.up(quick()).await);
     let before: Vec<String> = p
         .containers()
@@ -885,14 +886,9 @@ services:
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkilled_up_at_random_moments_converges_without_duplicates() {
-    if !docker_ok() {
-        return;
-    }
-    let p = DProject::new(
+    let Some(p) = DProject::docker(
         "crash",
         r#"
-name: NAME
-infra: { provider: docker }
 services:
   db: { image: "nk-busybox:latest", start: "exec sleep 600", healthcheck: { test: "true", interval: 100ms } }
   api:
@@ -903,7 +899,9 @@ services:
     healthcheck: { test: "true", interval: 100ms }
   web: { image: "nk-busybox:latest", start: "exec sleep 600", depends_on: [api] }
 "#,
-    );
+    ) else {
+        return;
+    };
     let n = p.name.clone();
     for trial in 0..10 {
         // Alternate a changed configuration so kills land in updates too.

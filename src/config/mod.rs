@@ -155,6 +155,42 @@ pub struct Hooks {
     pub poststop: Vec<String>,
 }
 
+/// One of a service's lifecycle hooks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    Prestart,
+    PrestartContainer,
+    Poststart,
+    Prestop,
+    Poststop,
+}
+
+impl Hook {
+    /// The hook's key in `hooks:`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Hook::Prestart => "prestart",
+            Hook::PrestartContainer => "prestart_container",
+            Hook::Poststart => "poststart",
+            Hook::Prestop => "prestop",
+            Hook::Poststop => "poststop",
+        }
+    }
+}
+
+impl Hooks {
+    /// The commands of `hook`.
+    pub fn of(&self, hook: Hook) -> &[String] {
+        match hook {
+            Hook::Prestart => &self.prestart,
+            Hook::PrestartContainer => &self.prestart_container,
+            Hook::Poststart => &self.poststart,
+            Hook::Prestop => &self.prestop,
+            Hook::Poststop => &self.poststop,
+        }
+    }
+}
+
 /// A `source:target` volume mapping of a service.
 #[derive(Debug, Clone, Serialize)]
 pub struct VolumeMount {

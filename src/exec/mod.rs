@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::instrument::WithSubscriber;
 use tracing::{info_span, Instrument, Span};
 
-use crate::config::{Config, Service};
+use crate::config::{Config, Hook, Service};
 use crate::error::ErrorCode;
 use crate::graph::{Dag, GraphError};
 use crate::plan::{self, ActionKind, Plan, PlanError, PlanOptions};
@@ -381,11 +381,11 @@ impl Run {
         site: HookSite<'_>,
         svc: &Service,
         spec: &InstanceSpec,
-        which: &str,
-        cmds: &[String],
+        hook: Hook,
         started: Instant,
     ) -> Result<(), String> {
-        for (i, cmd) in cmds.iter().enumerate() {
+        let which = hook.name();
+        for (i, cmd) in svc.hooks.of(hook).iter().enumerate() {
             self.emit(
                 &svc.name,
                 Phase::Hook,
@@ -597,14 +597,7 @@ impl Run {
             {
                 let spec = self.spec(svc, "", 1);
                 if let Err(e) = self
-                    .hooks(
-                        HookSite::Instance(id),
-                        svc,
-                        &spec,
-                        "prestop",
-                        &svc.hooks.prestop,
-                        started,
-                    )
+                    .hooks(HookSite::Instance(id), svc, &spec, Hook::Prestop, started)
                     .await
                 {
                     self.emit(name, Phase::Hook, started, Some(format!("warning: {e}")));
@@ -720,8 +713,7 @@ impl Run {
             HookSite::Instance(&inst.id),
             svc,
             &spec,
-            "prestart_container",
-            &svc.hooks.prestart_container,
+            Hook::PrestartContainer,
             started,
         )
         .await?;
@@ -774,29 +766,15 @@ impl Run {
         if !rolling {
             self.retire(name, &old, Some(svc), started).await?;
             if !old.is_empty() {
-                self.hooks(
-                    HookSite::Host,
-                    svc,
-                    &spec,
-                    "poststop",
-                    &svc.hooks.poststop,
-                    started,
-                )
-                .await?;
+                self.hooks(HookSite::Host, svc, &spec, Hook::Poststop, started)
+                    .await?;
             }
         }
         let creating = want.saturating_sub(action.keep.len());
         self.emit(name, Phase::Starting, started, None);
         if creating > 0 {
-            self.hooks(
-                HookSite::Host,
-                svc,
-                &spec,
-                "prestart",
-                &svc.hooks.prestart,
-                started,
-            )
-            .await?;
+            self.hooks(HookSite::Host, svc, &spec, Hook::Prestart, started)
+                .await?;
         }
         if self.opts.cancel.is_cancelled() {
             return Err("cancelled".into());
@@ -886,15 +864,8 @@ impl Run {
             }
             let rest: Vec<String> = old.collect();
             self.retire(name, &rest, Some(svc), started).await?;
-            self.hooks(
-                HookSite::Host,
-                svc,
-                &spec,
-                "poststop",
-                &svc.hooks.poststop,
-                started,
-            )
-            .await?;
+            self.hooks(HookSite::Host, svc, &spec, Hook::Poststop, started)
+                .await?;
         } else {
             let created = futures::future::join_all(
                 slots
@@ -922,15 +893,8 @@ impl Run {
             }
         }
         if creating > 0 {
-            self.hooks(
-                HookSite::Host,
-                svc,
-                &spec,
-                "poststart",
-                &svc.hooks.poststart,
-                started,
-            )
-            .await?;
+            self.hooks(HookSite::Host, svc, &spec, Hook::Poststart, started)
+                .await?;
         }
         self.set_status(name, Status::Healthy, None).await?;
         self.emit(name, Phase::Healthy, started, None);
@@ -950,15 +914,8 @@ impl Run {
         self.retire(name, &action.stop, svc, started).await?;
         if let Some(svc) = svc {
             let spec = self.spec(svc, "", 1);
-            self.hooks(
-                HookSite::Host,
-                svc,
-                &spec,
-                "poststop",
-                &svc.hooks.poststop,
-                started,
-            )
-            .await?;
+            self.hooks(HookSite::Host, svc, &spec, Hook::Poststop, started)
+                .await?;
         }
         self.save(|s| {
             s.resources.remove(name);
@@ -1151,27 +1108,59 @@ async fn delete_services(
             (a.service.clone(), waits)
         })
         .collect();
-    let by_name: Arc<HashMap<String, plan::Action>> = Arc::new(
-        actions
-            .into_iter()
-            .map(|a| (a.service.clone(), a))
-            .collect(),
-    );
-    let r2 = run.clone();
-    let r3 = run.clone();
+    run_actions(
+        run,
+        nodes,
+        actions,
+        limit,
+        CancellationToken::new(),
+        |run, action, started| async move { run.delete_service(&action, started).await },
+    )
+    .await
+}
+
+/// Runs `step` for each action as soon as the actions it waits for
+/// (`nodes`: action → what it waits for) are done, at most `limit` at once.
+/// A failure is recorded in state and reported, and what waits for it is
+/// skipped; a cancelled step is reported as such.
+async fn run_actions<F, Fut>(
+    run: &Arc<Run>,
+    nodes: Vec<(String, Vec<String>)>,
+    actions: Vec<plan::Action>,
+    limit: usize,
+    cancel: CancellationToken,
+    step: F,
+) -> Vec<(String, Result<Phase, String>, u64)>
+where
+    F: Fn(Arc<Run>, plan::Action, Instant) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Phase, String>> + Send + 'static,
+{
+    let by_name: HashMap<String, plan::Action> = actions
+        .into_iter()
+        .map(|a| (a.service.clone(), a))
+        .collect();
+    let (r2, r3) = (run.clone(), run.clone());
     schedule(
         nodes,
         limit,
-        CancellationToken::new(),
+        cancel,
         move |name, why| r3.emit(name, Phase::Skipped, Instant::now(), Some(why)),
         move |name, started| {
             let run = r2.clone();
-            let by_name = by_name.clone();
+            let work = step(run.clone(), by_name[&name].clone(), started);
             async move {
-                let r = run.delete_service(&by_name[&name], started).await;
+                let r = work.await;
                 if let Err(e) = &r {
-                    let _ = run.set_status(&name, Status::Failed, Some(e.clone())).await;
-                    run.emit(&name, Phase::Failed, started, Some(e.clone()));
+                    let cancelled = e == "cancelled";
+                    if !cancelled {
+                        let _ = run.set_status(&name, Status::Failed, Some(e.clone())).await;
+                    }
+                    let phase = if cancelled {
+                        Phase::Cancelled
+                    } else {
+                        Phase::Failed
+                    };
+                    run.emit(&name, phase, started, Some(e.clone()));
                 }
                 r
             }
@@ -1401,39 +1390,13 @@ async fn up_locked(
             )
         })
         .collect();
-    let by_name: Arc<HashMap<String, plan::Action>> =
-        Arc::new(ups.into_iter().map(|a| (a.service.clone(), a)).collect());
-    let r2 = run.clone();
-    let r3 = run.clone();
-    let out = schedule(
+    let out = run_actions(
+        &run,
         nodes,
+        ups,
         opts.concurrency,
         opts.cancel.clone(),
-        move |name, why| r3.emit(name, Phase::Skipped, Instant::now(), Some(why)),
-        move |name, started| {
-            let run = r2.clone();
-            let by_name = by_name.clone();
-            async move {
-                let r = run.up_service(&by_name[&name], started).await;
-                if let Err(e) = &r {
-                    let cancelled = e == "cancelled";
-                    if !cancelled {
-                        let _ = run.set_status(&name, Status::Failed, Some(e.clone())).await;
-                    }
-                    run.emit(
-                        &name,
-                        if cancelled {
-                            Phase::Cancelled
-                        } else {
-                            Phase::Failed
-                        },
-                        started,
-                        Some(e.clone()),
-                    );
-                }
-                r
-            }
-        },
+        |run, action, started| async move { run.up_service(&action, started).await },
     )
     .await;
     for (n, r, ms) in out {

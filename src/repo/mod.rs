@@ -184,11 +184,6 @@ impl InstallProbe {
     }
 }
 
-/// Whether `specifier` is completely installed in `repo_dir`. Lock-free.
-pub fn is_installed(repo_dir: &Path, specifier: &str) -> Result<bool, RepoError> {
-    Ok(InstallProbe::new(repo_dir, specifier)?.installed())
-}
-
 /// How nanokit's own installer runs npm.
 #[derive(Debug, Clone)]
 pub struct NpmOptions {
