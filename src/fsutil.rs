@@ -52,6 +52,8 @@ pub struct Stat {
     pub size: u64,
     /// Seconds and nanoseconds.
     pub mtime: (i64, u32),
+    /// Hard links: 0 once the file was deleted or replaced.
+    pub links: u32,
 }
 
 /// What [`stat`] should ask the filesystem for (`statx` mask bits).
@@ -63,6 +65,7 @@ impl StatFields {
     pub const ID: StatFields = StatFields(libc::STATX_INO);
     pub const SIZE: StatFields = StatFields(libc::STATX_SIZE);
     pub const MTIME: StatFields = StatFields(libc::STATX_MTIME);
+    pub const LINKS: StatFields = StatFields(libc::STATX_NLINK);
 
     pub const fn and(self, other: StatFields) -> StatFields {
         StatFields(self.0 | other.0)
@@ -75,13 +78,30 @@ impl StatFields {
 /// stamps), and on NFS may cost a round trip to the server.
 #[cfg(target_os = "linux")]
 pub fn stat(path: &std::ffi::CStr, fields: StatFields) -> io::Result<Stat> {
+    statx(libc::AT_FDCWD, path, 0, fields)
+}
+
+/// [`stat`] of an open file.
+#[cfg(target_os = "linux")]
+pub fn stat_file(file: &File, fields: StatFields) -> io::Result<Stat> {
+    use std::os::fd::AsRawFd;
+    statx(file.as_raw_fd(), c"", libc::AT_EMPTY_PATH, fields)
+}
+
+#[cfg(target_os = "linux")]
+fn statx(
+    dirfd: libc::c_int,
+    path: &std::ffi::CStr,
+    flags: libc::c_int,
+    fields: StatFields,
+) -> io::Result<Stat> {
     let mut stx = std::mem::MaybeUninit::<libc::statx>::uninit();
     // SAFETY: `path` is NUL-terminated and `stx` is valid for writing a statx.
     let rc = unsafe {
         libc::statx(
-            libc::AT_FDCWD,
+            dirfd,
             path.as_ptr(),
-            libc::AT_STATX_SYNC_AS_STAT,
+            flags | libc::AT_STATX_SYNC_AS_STAT,
             fields.0,
             stx.as_mut_ptr(),
         )
@@ -96,20 +116,35 @@ pub fn stat(path: &std::ffi::CStr, fields: StatFields) -> io::Result<Stat> {
         ino: stx.stx_ino,
         size: stx.stx_size,
         mtime: (stx.stx_mtime.tv_sec, stx.stx_mtime.tv_nsec),
+        links: stx.stx_nlink,
     })
 }
 
 #[cfg(not(target_os = "linux"))]
 pub fn stat(path: &std::ffi::CStr, _fields: StatFields) -> io::Result<Stat> {
     use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::MetadataExt;
-    let m = fs::metadata(std::ffi::OsStr::from_bytes(path.to_bytes()))?;
-    Ok(Stat {
-        dev: m.dev(),
-        ino: m.ino(),
-        size: m.len(),
-        mtime: (m.mtime(), m.mtime_nsec() as u32),
-    })
+    Ok(Stat::of(&fs::metadata(std::ffi::OsStr::from_bytes(
+        path.to_bytes(),
+    ))?))
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn stat_file(file: &File, _fields: StatFields) -> io::Result<Stat> {
+    Ok(Stat::of(&file.metadata()?))
+}
+
+#[cfg(not(target_os = "linux"))]
+impl Stat {
+    fn of(m: &fs::Metadata) -> Stat {
+        use std::os::unix::fs::MetadataExt;
+        Stat {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec() as u32),
+            links: m.nlink() as u32,
+        }
+    }
 }
 
 /// `path` as a C string (paths cannot contain NUL bytes; one that does is

@@ -243,6 +243,31 @@ async fn a_lock_file_deleted_by_hand_is_reported_lost() {
 }
 
 #[test]
+fn release_reports_a_lock_file_deleted_or_replaced_while_held() {
+    // Before any renewal could notice (30 s stale period: the first one is
+    // 7.5 s away), release itself tells the holder that the lock file it
+    // held was deleted, or had another renamed over it.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gone.lock");
+    let lease = lock::try_acquire(&path, &opts(30_000)).unwrap().unwrap();
+    fs::remove_file(&path).unwrap();
+    assert_eq!(lease.release().unwrap_err().code(), "ENKLOCKLOST");
+
+    let lease = lock::try_acquire(&path, &opts(30_000)).unwrap().unwrap();
+    let other = dir.path().join("other.lock");
+    fs::write(&other, "").unwrap();
+    fs::rename(&other, &path).unwrap();
+    assert_eq!(lease.release().unwrap_err().code(), "ENKLOCKLOST");
+    // The file now at the path is free and untouched by that release.
+    assert!(fs::read(&path).unwrap().is_empty());
+    lock::try_acquire(&path, &opts(30_000))
+        .unwrap()
+        .expect("free")
+        .release()
+        .unwrap();
+}
+
+#[test]
 fn a_lock_file_replaced_by_hand_is_never_locked_through_an_old_descriptor() {
     // This process keeps lock files open between acquisitions; a file
     // replaced at the path must be read afresh, not through the old one.

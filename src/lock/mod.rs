@@ -36,7 +36,7 @@ mod heartbeat;
 pub mod host;
 
 use std::collections::HashMap;
-use std::ffi::OsString;
+use std::ffi::{CStr, CString, OsString};
 use std::fs::{self, File, Metadata, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
@@ -202,8 +202,8 @@ impl FileId {
 
     /// The identity of the file at `path`, asking for nothing else (see
     /// [`fsutil::stat`]: the lock's own writes stay cheap).
-    fn at(path: &Path) -> io::Result<FileId> {
-        let s = fsutil::stat(&fsutil::c_path(path)?, fsutil::StatFields::ID)?;
+    fn at(path: &CStr) -> io::Result<FileId> {
+        let s = fsutil::stat(path, fsutil::StatFields::ID)?;
         Ok(FileId {
             dev: s.dev,
             ino: s.ino,
@@ -264,7 +264,7 @@ impl<'f> Section<'f> {
     ) -> Result<Option<Section<'f>>, LockError> {
         let local = lock_file.local.lock().unwrap_or_else(|e| e.into_inner());
         let file = &lock_file.file;
-        let start = Instant::now();
+        let mut start = None;
         loop {
             // SAFETY: flock on a valid descriptor we own.
             if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
@@ -277,7 +277,7 @@ impl<'f> Section<'f> {
             if !matches!(err.raw_os_error(), Some(libc::EWOULDBLOCK | libc::EINTR)) {
                 return Err(io_err("lock", path)(err));
             }
-            if start.elapsed() >= wait {
+            if start.get_or_insert_with(Instant::now).elapsed() >= wait {
                 return Ok(None);
             }
             std::thread::sleep(Duration::from_micros(200));
@@ -306,6 +306,8 @@ const NOATIME: libc::c_int = 0;
 struct LockFile {
     file: File,
     id: FileId,
+    /// The path it was opened at, for the identity checks.
+    c_path: CString,
     local: Mutex<()>,
 }
 
@@ -341,6 +343,7 @@ impl LockFile {
         Ok(LockFile {
             file,
             id,
+            c_path: fsutil::c_path(path).map_err(io_err("open", path))?,
             local: Mutex::new(()),
         })
     }
@@ -348,9 +351,20 @@ impl LockFile {
     /// Whether `path` still names this file (it was not deleted, or replaced
     /// by hand, since it was opened).
     fn is_at(&self, path: &Path) -> Result<bool, LockError> {
-        match FileId::at(path) {
+        match FileId::at(&self.c_path) {
             Ok(id) => Ok(id == self.id),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_err("stat", path)(e)),
+        }
+    }
+
+    /// Whether this file is still linked: not deleted, nor replaced by a
+    /// rename over it. Cheaper than [`LockFile::is_at`] (no path walk), but
+    /// blind to the file, or a directory above it, being renamed away.
+    fn is_linked(&self, path: &Path) -> Result<bool, LockError> {
+        match fsutil::stat_file(&self.file, fsutil::StatFields::LINKS) {
+            Ok(s) => Ok(s.links > 0),
+            Err(e) if e.raw_os_error() == Some(libc::ESTALE) => Ok(false),
             Err(e) => Err(io_err("stat", path)(e)),
         }
     }
@@ -400,7 +414,11 @@ impl OpenFiles {
 
 /// Whether lock file content means "free".
 fn is_free(content: &[u8]) -> bool {
-    content.iter().all(|&b| b == b' ' || b == b'\n')
+    // Without an early exit, so that it vectorises: a released record is a
+    // few hundred spaces, looked at on every acquisition.
+    content
+        .iter()
+        .fold(true, |free, &b| free & matches!(b, b' ' | b'\n'))
 }
 
 /// Writes `record` over `old` content, padded with spaces to the old length
@@ -430,6 +448,15 @@ fn read_content(file: &File) -> io::Result<Vec<u8>> {
     }
 }
 
+/// How [`Held::is_ours`] checks that its file is still the lock file.
+#[derive(Clone, Copy)]
+enum Identity {
+    /// The path names it ([`LockFile::is_at`]).
+    Path,
+    /// It is still linked ([`LockFile::is_linked`]).
+    Linked,
+}
+
 /// State of a held lease, shared with the heartbeat thread.
 pub(crate) struct Held {
     path: PathBuf,
@@ -454,7 +481,7 @@ impl Held {
             let Some(_section) = Section::enter(&self.path, &self.file, GUARD_WAIT)? else {
                 return Ok(None);
             };
-            if self.is_ours()?.is_none() {
+            if self.is_ours(Identity::Path)?.is_none() {
                 return Ok(Some(false));
             }
             // SAFETY: futimens with NULL sets both times to now on our own fd.
@@ -477,11 +504,15 @@ impl Held {
         }
     }
 
-    /// Inside a section: the path still names our file (it was not deleted
-    /// and recreated by hand) and the file still holds our record. Returns
-    /// the file's length when it is ours.
-    fn is_ours(&self) -> Result<Option<usize>, LockError> {
-        if !self.file.is_at(&self.path)? {
+    /// Inside a section: our file is still the lock file (it was not
+    /// deleted or replaced by hand, as judged by `identity`) and still holds
+    /// our record. Returns the file's length when it is ours.
+    fn is_ours(&self, identity: Identity) -> Result<Option<usize>, LockError> {
+        let current = match identity {
+            Identity::Path => self.file.is_at(&self.path)?,
+            Identity::Linked => self.file.is_linked(&self.path)?,
+        };
+        if !current {
             return Ok(None);
         }
         let content = read_content(&self.file.file).map_err(io_err("read", &self.path))?;
@@ -501,7 +532,10 @@ impl Held {
                 "the lock file stayed locked by another process (is one stopped?)",
             ))
         })?;
-        let len = self.is_ours()?;
+        // Only reporting depends on this check, not exclusion: whatever we
+        // write to a file that is no longer the lock file, nobody trusts it
+        // (every acquisition checks the path first). So the cheaper one.
+        let len = self.is_ours(Identity::Linked)?;
         let ours = len.is_some();
         if let Some(len) = len {
             overwrite(&self.file.file, b"", len).map_err(io_err("release the lock", &self.path))?;
@@ -618,11 +652,19 @@ pub fn release_all() {
     }
 }
 
+/// 128 random bits in hex.
+fn new_token() -> String {
+    let mut hex = [0u8; 32];
+    hex::encode_to_slice(fastrand::u128(..).to_le_bytes(), &mut hex)
+        .expect("32 hex digits for 16 bytes");
+    String::from_utf8(hex.to_vec()).expect("hex digits are ASCII")
+}
+
 /// Makes the holder's record for a new acquisition.
 fn new_info(opts: &LockOptions) -> LockInfo {
     let host = this_host();
     LockInfo {
-        token: hex::encode(fastrand::u128(..).to_le_bytes()),
+        token: new_token(),
         host_id: host.id.clone(),
         hostname: host.hostname.clone(),
         pid: host.pid,
@@ -690,7 +732,8 @@ fn swap(
 ) -> Result<Attempt, LockError> {
     let file = &lock_file.file;
     let content = read_content(file).map_err(io_err("read", path))?;
-    if !is_free(&content) {
+    let free = is_free(&content);
+    if !free {
         let (seen, why) = match replace {
             Some(r) => r,
             None => return Ok(Attempt::Held),
@@ -709,7 +752,7 @@ fn swap(
     let info = new_info(opts);
     let record = serde_json::to_vec(&info).expect("a lock record serialises");
     if let Err(e) = overwrite(file, &record, content.len()) {
-        if is_free(&content) {
+        if free {
             let _ = overwrite(file, b"", content.len().max(record.len()));
         }
         return Err(io_err("write", path)(e));
@@ -721,7 +764,7 @@ fn swap(
         record,
         lock_file.clone(),
         opts.stale,
-        !is_free(&content),
+        !free,
     )))
 }
 
@@ -989,7 +1032,7 @@ pub fn inspect(path: &Path, stale: Duration) -> Result<Option<LockStatus>, LockE
 /// holder learns of it at its next renewal ([`LockError::Lost`]).
 pub fn break_lock(path: &Path) -> Result<Option<LockInfo>, LockError> {
     validate(path)?;
-    match FileId::at(path) {
+    match FileId::at(&fsutil::c_path(path).map_err(io_err("stat", path))?) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_err("stat", path)(e)),
         Ok(_) => {}
