@@ -350,12 +350,6 @@ export interface PlanVolume {
 }
 
 /**
- * Whether the package of install probe `id` is completely installed now.
- * Lock-free and synchronous.
- */
-export declare function probeInstalled(id: number): boolean
-
-/**
  * Runs `command` in `dir` once per manifest hash, under the global lock
  * `<dir>/.nk-install-lock` and the sentinel `<dir>/.nk-installed-<hash>`.
  */
@@ -390,12 +384,6 @@ export interface ProvisionResult {
   /** The command's output, when captured and run. */
   output?: string
 }
-
-/**
- * Releases the lease `token`. Throws `ENKLOCKLOST` if it had been lost;
- * an unknown (already released) token does nothing.
- */
-export declare function releaseLock(token: string): void
 
 export interface RunResult {
   plan: PlanResult
@@ -487,12 +475,6 @@ export interface StateStats {
 
 /** Each recorded service's status and whether its process is alive. */
 export declare function status(options?: InfraOptions | undefined | null): Promise<Array<ServiceStatus>>
-
-/**
- * Takes the lock if it is free now (or its holder on this host is dead) and
- * returns the lease's token; null otherwise. Never waits.
- */
-export declare function tryAcquireLock(path: string, staleMs?: number | undefined | null, holder?: string | undefined | null): string | null
 
 /**
  * Brings services up (each as soon as its dependencies are healthy).

@@ -186,6 +186,9 @@ function probe(repoDir, specifier) {
   return id
 }
 
+const INSTALLED = Promise.resolve(true)
+const NOT_INSTALLED = Promise.resolve(false)
+
 /** Whether `specifier` (name@version) is completely installed in `repoDir`. Synchronous, lock-free. */
 function isInstalled(repoDir, specifier) {
   return native.probeInstalled(probe(repoDir, specifier))
@@ -244,8 +247,14 @@ function createLockedHandlers(repoDir, options = {}) {
         log(logger, 'debug', `nanokit: ${specifier} was installed by another worker (waited ${Math.round(result.waitedMs)} ms)`)
       }
     },
-    async handleIsInstalled(specifier, dir) {
-      return native.probeInstalled(probe(dir || repoDir, specifier))
+    handleIsInstalled(specifier, dir) {
+      // The engine asks this before every job: answer with a settled promise
+      // made once rather than a new one per call.
+      try {
+        return native.probeInstalled(probe(dir || repoDir, specifier)) ? INSTALLED : NOT_INSTALLED
+      } catch (e) {
+        return Promise.reject(e)
+      }
     },
   }
 }

@@ -103,6 +103,25 @@ describe('lock API', () => {
       assert.throws(() => nk.tryAcquireLock(bad), (e) => e.code === 'ENKSPEC', JSON.stringify(bad))
     }
   })
+
+  it('arguments of the wrong type are TypeErrors; long and non-ASCII paths are taken as given', async () => {
+    const dir = tmp('args')
+    const path = join(dir, 'a.lock')
+    assert.throws(() => nk.tryAcquireLock(5), TypeError)
+    assert.throws(() => nk.tryAcquireLock(path, { staleMs: 'soon' }), TypeError)
+    assert.throws(() => nk.tryAcquireLock(path, { holder: 5 }), TypeError)
+    await assert.rejects(nk.acquireLock(path, { holder: 5 }), TypeError)
+    // Nothing was taken by those calls.
+    nk.tryAcquireLock(path).release()
+    // Longer than the native fast path's buffer, and UTF-8 of several bytes.
+    const long = join(dir, 'ü'.repeat(100), `${'€'.repeat(80)}.lock`)
+    const h = nk.tryAcquireLock(long, { holder: 'ünïcode' })
+    assert.equal(readFileSync(long, 'utf8').includes(h.token), true)
+    assert.equal(nk.inspectLock(long).holder.label, 'ünïcode')
+    assert.equal(nk.tryAcquireLock(long), null)
+    h.release()
+    nk.tryAcquireLock(long).release()
+  })
 })
 
 describe('lock across processes', () => {

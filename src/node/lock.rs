@@ -63,26 +63,23 @@ pub fn acquire_lock<'env>(
 }
 
 /// Takes the lock if it is free now (or its holder on this host is dead) and
-/// returns the lease's token; null otherwise. Never waits.
-#[napi]
-pub fn try_acquire_lock(
-    path: String,
+/// returns the lease's token; `None` otherwise. Never waits
+/// (`tryAcquireLock`, see `raw.rs`).
+pub(super) fn try_acquire(
+    path: &str,
     stale_ms: Option<f64>,
     holder: Option<String>,
-) -> Result<Option<String>> {
+) -> std::result::Result<Option<String>, lock::LockError> {
     let opts = lock_options(stale_ms, None, holder);
-    lock::try_acquire(Path::new(&path), &opts)
-        .map(|l| l.map(hold))
-        .map_err(js_err)
+    lock::try_acquire(Path::new(path), &opts).map(|l| l.map(hold))
 }
 
-/// Releases the lease `token`. Throws `ENKLOCKLOST` if it had been lost;
-/// an unknown (already released) token does nothing.
-#[napi]
-pub fn release_lock(token: String) -> Result<()> {
-    let lease = leases().remove(&token);
+/// Releases the lease `token`: `Lost` if it had been lost; an unknown
+/// (already released) token does nothing (`releaseLock`, see `raw.rs`).
+pub(super) fn release(token: &str) -> std::result::Result<(), lock::LockError> {
+    let lease = leases().remove(token);
     match lease {
-        Some(lease) => lease.release().map_err(js_err),
+        Some(lease) => lease.release(),
         None => Ok(()),
     }
 }

@@ -7,6 +7,7 @@
 mod infra;
 mod kv;
 mod lock;
+mod raw;
 mod repo;
 
 use std::fmt::Display;

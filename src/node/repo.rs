@@ -101,10 +101,9 @@ pub fn install_probe(repo_dir: String, specifier: String) -> Result<u32> {
     Ok(id)
 }
 
-/// Whether the package of install probe `id` is completely installed now.
-/// Lock-free and synchronous.
-#[napi]
-pub fn probe_installed(id: u32) -> bool {
+/// Whether the package of install probe `id` is completely installed now
+/// (`probeInstalled`, see `raw.rs`). Lock-free and synchronous.
+pub(super) fn probe_installed(id: u32) -> bool {
     PROBES
         .read()
         .unwrap_or_else(|e| e.into_inner())
