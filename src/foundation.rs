@@ -77,6 +77,8 @@ struct RemoteLock {
     holder: String,
     lost: CancellationToken,
     renewer: Option<tokio::task::JoinHandle<()>>,
+    /// Taken over from a holder whose lock had expired.
+    took_over: bool,
 }
 
 impl std::fmt::Debug for RemoteLock {
@@ -154,7 +156,7 @@ pub async fn acquire_remote_deploy_lock(
         location: location.to_string(),
         source,
     };
-    match db
+    let took_over = match db
         .lock(
             workspace,
             holder,
@@ -164,7 +166,7 @@ pub async fn acquire_remote_deploy_lock(
         )
         .await
     {
-        Ok(_) => {}
+        Ok(taken) => taken.took_over,
         Err(KvError::Locked {
             holder,
             expires_at_ms,
@@ -178,6 +180,9 @@ pub async fn acquire_remote_deploy_lock(
             })
         }
         Err(e) => return Err(remote_err(e)),
+    };
+    if took_over {
+        tracing::warn!("took over the deploy lock of {workspace}: its holder's lock had expired (did that run die?)");
     }
     let lost = CancellationToken::new();
     let renewer = {
@@ -219,6 +224,7 @@ pub async fn acquire_remote_deploy_lock(
             holder: holder.to_string(),
             lost,
             renewer: Some(renewer),
+            took_over,
         }),
     })
 }
@@ -276,12 +282,11 @@ pub fn break_deploy_lock(path: &Path) -> Result<Option<String>, LockError> {
 
 impl DeployLock {
     /// Whether the lock was taken over from a run that died holding it: the
-    /// runtime may still be finishing requests that run sent. (A remote
-    /// lock's expiry is not reported here yet.)
+    /// runtime may still be finishing requests that run sent.
     pub fn recovered(&self) -> bool {
         match &self.inner {
             Inner::File(l) => l.took_over(),
-            Inner::Remote(_) => false,
+            Inner::Remote(r) => r.took_over,
         }
     }
 

@@ -119,15 +119,17 @@ async fn deploy_lock_names_its_holder_and_can_be_cleared() {
     let Some(url) = pg_url() else { return };
     let s = InfraStateStore::connect(&url).await.unwrap();
     let ws = workspace();
-    s.lock(
-        &ws,
-        "host-a:101",
-        "nanokit up in /srv/a",
-        60.0,
-        Duration::ZERO,
-    )
-    .await
-    .unwrap();
+    let first = s
+        .lock(
+            &ws,
+            "host-a:101",
+            "nanokit up in /srv/a",
+            60.0,
+            Duration::ZERO,
+        )
+        .await
+        .unwrap();
+    assert!(!first.took_over, "a free workspace is not taken over");
     let e = s
         .lock(
             &ws,
@@ -143,15 +145,17 @@ async fn deploy_lock_names_its_holder_and_can_be_cleared() {
     assert!(e.to_string().contains("/srv/a"), "{e}");
     // Renewal by the holder keeps acquired_at.
     let before = s.lock_info(&ws).await.unwrap().unwrap();
-    s.lock(
-        &ws,
-        "host-a:101",
-        "nanokit up in /srv/a",
-        120.0,
-        Duration::ZERO,
-    )
-    .await
-    .unwrap();
+    let renewed = s
+        .lock(
+            &ws,
+            "host-a:101",
+            "nanokit up in /srv/a",
+            120.0,
+            Duration::ZERO,
+        )
+        .await
+        .unwrap();
+    assert!(!renewed.took_over, "renewing one's own lock is no takeover");
     let after = s.lock_info(&ws).await.unwrap().unwrap();
     assert_eq!(before.acquired_at_ms, after.acquired_at_ms);
     assert!(after.expires_at_ms > before.expires_at_ms);
@@ -163,7 +167,8 @@ async fn deploy_lock_names_its_holder_and_can_be_cleared() {
     assert_eq!(removed.holder, "host-a:101");
     assert_eq!(removed.info, "nanokit up in /srv/a");
     assert_eq!(s.lock_info(&ws).await.unwrap(), None);
-    // Expiry by the database's clock.
+    // Expiry by the database's clock; taking an expired lock is a takeover
+    // (its holder died or stopped renewing), taking a released one is not.
     s.lock(&ws, "host-c", "", 0.2, Duration::ZERO)
         .await
         .unwrap();
@@ -172,7 +177,14 @@ async fn deploy_lock_names_its_holder_and_can_be_cleared() {
         .await
         .unwrap();
     assert_eq!(got.holder, "host-d");
+    assert!(got.took_over, "host-c's lock had expired");
     s.unlock(&ws, "host-d").await.unwrap();
+    let after_release = s
+        .lock(&ws, "host-e", "", 60.0, Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(!after_release.took_over, "host-d released it");
+    s.unlock(&ws, "host-e").await.unwrap();
 }
 
 fn run_children(

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 use super::pg::{connect, map_pg_err, redact_url};
-use super::{backoff, timeout_ms, validate_holder, validate_key, Acquired, KvError, Result};
+use super::{backoff, timeout_ms, validate_holder, validate_key, KvError, Result};
 
 const SCHEMA: &str = "
 BEGIN;
@@ -86,6 +86,17 @@ pub struct DeployLock {
     pub info: String,
     pub acquired_at_ms: i64,
     pub expires_at_ms: i64,
+}
+
+/// A deploy lock taken by [`InfraStateStore::lock`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockTaken {
+    pub holder: String,
+    pub expires_at_ms: i64,
+    /// It was taken from another holder whose lock had expired: a run that
+    /// died (or stopped renewing) holding it, whose requests to the runtime
+    /// may still be landing.
+    pub took_over: bool,
 }
 
 /// The remote infra state in one PostgreSQL database.
@@ -222,7 +233,7 @@ impl InfraStateStore {
         info: &str,
         timeout_secs: f64,
         wait: Duration,
-    ) -> Result<Acquired> {
+    ) -> Result<LockTaken> {
         validate_key("workspace", workspace)?;
         validate_holder(holder)?;
         let timeout = timeout_ms(timeout_secs)?;
@@ -232,7 +243,12 @@ impl InfraStateStore {
             let row = self
                 .client
                 .query_opt(
-                    "INSERT INTO nanokit_infra_lock AS l (workspace, holder, info, acquired_at, expires_at)
+                    // `prev` is the row as this statement's snapshot saw it;
+                    // xmax is not 0 on a row the upsert updated rather than
+                    // inserted. Both together: an expired lock of another
+                    // holder was taken over (a released one is deleted).
+                    "WITH prev AS (SELECT holder FROM nanokit_infra_lock WHERE workspace = $1)
+                     INSERT INTO nanokit_infra_lock AS l (workspace, holder, info, acquired_at, expires_at)
                      VALUES ($1, $2, $3, now(), now() + $4::bigint * interval '1 millisecond')
                      ON CONFLICT (workspace) DO UPDATE
                      SET holder = EXCLUDED.holder, info = EXCLUDED.info,
@@ -240,16 +256,17 @@ impl InfraStateStore {
                                             THEN l.acquired_at ELSE EXCLUDED.acquired_at END,
                          expires_at = EXCLUDED.expires_at
                      WHERE l.expires_at <= now() OR l.holder = EXCLUDED.holder
-                     RETURNING (extract(epoch from expires_at)*1000)::bigint",
+                     RETURNING (extract(epoch from expires_at)*1000)::bigint,
+                               NOT (l.xmax = 0) AND coalesce((SELECT holder FROM prev) <> $2, false)",
                     &[&workspace, &holder, &info, &timeout],
                 )
                 .await
                 .map_err(|e| self.m(e))?;
             if let Some(r) = row {
-                return Ok(Acquired {
-                    name: workspace.to_string(),
+                return Ok(LockTaken {
                     holder: holder.to_string(),
                     expires_at_ms: r.get(0),
+                    took_over: r.get(1),
                 });
             }
             let Some(current) = self.lock_info(workspace).await? else {
