@@ -59,9 +59,16 @@ import_rootfs() {
     return 0
   fi
   log "building $image"
+  local old
+  old=$(docker image inspect -f '{{ .Id }}' "$image" 2>/dev/null || true)
   tar -C "$root" -c . | docker import \
     -c "LABEL nk.rootfs=$hash" -c 'ENV PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin' \
     -c 'CMD ["sh"]' - "$image" >/dev/null
+  # The previous build, if that left it without any tag: remove it unless a
+  # container uses it.
+  if [ -n "$old" ] && [ "$(docker image inspect -f '{{ len .RepoTags }}' "$old" 2>/dev/null)" = 0 ]; then
+    docker image rm "$old" >/dev/null 2>&1 || true
+  fi
 }
 
 work=$(mktemp -d)
