@@ -46,9 +46,9 @@ export interface NanokitError extends Error {
 
 /** Options of `acquireLock` / `tryAcquireLock` / `withLock`. */
 export interface LockOptions {
-  /** A lease not renewed for this long (as observed by the waiter) may be taken over. Default 30000. */
+  /** A lease not renewed for this long (as observed by the waiter) may be taken over. Default 30000; must be positive (else `ENKSPEC`). */
   staleMs?: number
-  /** Give up with `ENKLOCKED` after this long. Default: wait forever. */
+  /** Give up with `ENKLOCKED` after this long; 0 tries once. Default (or `Infinity`): wait as long as it takes. */
   timeoutMs?: number
   /** A label shown to others who find the lock held. */
   holder?: string

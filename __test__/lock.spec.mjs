@@ -104,15 +104,25 @@ describe('lock API', () => {
     }
   })
 
-  it('arguments of the wrong type are TypeErrors; long and non-ASCII paths are taken as given', async () => {
+  it('wrong argument types are TypeErrors, unusable staleMs is ENKSPEC, timeoutMs Infinity waits; long and non-ASCII paths work', async () => {
     const dir = tmp('args')
     const path = join(dir, 'a.lock')
     assert.throws(() => nk.tryAcquireLock(5), TypeError)
     assert.throws(() => nk.tryAcquireLock(path, { staleMs: 'soon' }), TypeError)
     assert.throws(() => nk.tryAcquireLock(path, { holder: 5 }), TypeError)
     await assert.rejects(nk.acquireLock(path, { holder: 5 }), TypeError)
+    // A stale period that is not positive would let any waiter take over at once.
+    for (const staleMs of [0, -1, NaN]) {
+      assert.throws(() => nk.tryAcquireLock(path, { staleMs }), (e) => e.code === 'ENKSPEC', String(staleMs))
+      await assert.rejects(nk.acquireLock(path, { staleMs }), (e) => e.code === 'ENKSPEC', String(staleMs))
+    }
+    await assert.rejects(nk.install(dir, 'x@1.0.0', { staleMs: 0, install: async () => {} }), (e) => e.code === 'ENKSPEC')
     // Nothing was taken by those calls.
     nk.tryAcquireLock(path).release()
+    // timeoutMs: Infinity waits for the holder (it used to be read as 0: try once).
+    const held = nk.tryAcquireLock(path)
+    setTimeout(() => held.release(), 100)
+    ;(await nk.acquireLock(path, { timeoutMs: Infinity, staleMs: 1e300 })).release()
     // Longer than the native fast path's buffer, and UTF-8 of several bytes.
     const long = join(dir, 'ü'.repeat(100), `${'€'.repeat(80)}.lock`)
     const h = nk.tryAcquireLock(long, { holder: 'ünïcode' })

@@ -43,12 +43,24 @@ pub struct RunArgs {
     /// Start at most this many services at once
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
-    /// Wait up to this many seconds for the deploy lock instead of failing at once
-    #[arg(long, value_name = "SECS")]
-    pub lock_timeout: Option<f64>,
+    /// Wait up to this many seconds for the deploy lock instead of failing at once (`inf`: as long as it takes)
+    #[arg(long, value_name = "SECS", value_parser = seconds)]
+    pub lock_timeout: Option<Duration>,
     /// Seconds between SIGTERM and SIGKILL when stopping a service
-    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
-    pub stop_grace: f64,
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = seconds)]
+    pub stop_grace: Duration,
+}
+
+/// A number of seconds from the command line: 0 or more, fractions allowed;
+/// `inf` (or anything past about 30 years) is about 30 years.
+fn seconds(arg: &str) -> Result<Duration, String> {
+    let v: f64 = arg
+        .parse()
+        .map_err(|_| format!("`{arg}` is not a number of seconds"))?;
+    if v.is_nan() || v < 0.0 {
+        return Err(format!("`{arg}`: the number of seconds must be 0 or more"));
+    }
+    Ok(Duration::from_secs_f64(v.min(1e9)))
 }
 
 #[derive(Debug, Subcommand)]
@@ -185,10 +197,8 @@ fn exec_opts(
 ) -> ExecOptions {
     ExecOptions {
         concurrency: run.concurrency.max(1),
-        lock_timeout: run
-            .lock_timeout
-            .map(|s| Duration::from_secs_f64(s.max(0.0))),
-        stop_grace: Duration::from_secs_f64(run.stop_grace.max(0.0)),
+        lock_timeout: run.lock_timeout,
+        stop_grace: run.stop_grace,
         events,
         cancel,
         ..ExecOptions::default()
@@ -762,4 +772,19 @@ pub async fn status_of(cfg: &Config) -> Result<Vec<StatusRow>, ExecError> {
         });
     }
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seconds_accept_fractions_and_inf_and_refuse_the_rest() {
+        assert_eq!(seconds("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(seconds("0"), Ok(Duration::ZERO));
+        assert_eq!(seconds("inf"), Ok(Duration::from_secs(1_000_000_000)));
+        for bad in ["-1", "nan", "soon", ""] {
+            assert!(seconds(bad).is_err(), "{bad}");
+        }
+    }
 }

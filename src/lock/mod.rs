@@ -85,6 +85,12 @@ pub enum LockError {
     /// The lock path cannot be used.
     #[error("invalid lock path {path:?}: {reason}")]
     InvalidPath { path: String, reason: &'static str },
+    /// A lock option has a value that cannot work.
+    #[error("invalid {option}: {reason}")]
+    InvalidOption {
+        option: &'static str,
+        reason: &'static str,
+    },
     /// A filesystem operation failed.
     #[error(transparent)]
     Io(#[from] IoError),
@@ -96,7 +102,7 @@ impl ErrorCode for LockError {
             LockError::Locked { .. } => "ENKLOCKED",
             LockError::Lost { .. } => "ENKLOCKLOST",
             LockError::Aborted { .. } => "ENKABORTED",
-            LockError::InvalidPath { .. } => "ENKSPEC",
+            LockError::InvalidPath { .. } | LockError::InvalidOption { .. } => "ENKSPEC",
             LockError::Io(_) => "ENKIO",
         }
     }

@@ -12,16 +12,29 @@ use super::{cancel_token, js_err, ms, AbortHandle};
 use crate::lock::{self, Lease, LockInfo, LockStatus};
 
 /// Engine lock options from the JS ones (`staleMs`, `timeoutMs`, `holder`).
+/// A stale period that is not a positive number would let any waiter take
+/// over at its first look: `ENKSPEC`. (`timeoutMs`: 0 tries once, `Infinity`
+/// waits as long as it takes.)
 pub(crate) fn lock_options(
     stale_ms: Option<f64>,
     timeout_ms: Option<f64>,
     holder: Option<String>,
-) -> lock::LockOptions {
-    lock::LockOptions {
-        stale: stale_ms.map(ms).unwrap_or(lock::DEFAULT_STALE),
+) -> std::result::Result<lock::LockOptions, lock::LockError> {
+    let stale = match stale_ms {
+        None => lock::DEFAULT_STALE,
+        Some(v) if v > 0.0 => ms(v),
+        Some(_) => {
+            return Err(lock::LockError::InvalidOption {
+                option: "staleMs",
+                reason: "it must be a positive number of milliseconds",
+            })
+        }
+    };
+    Ok(lock::LockOptions {
+        stale,
         timeout: timeout_ms.map(ms),
         holder,
-    }
+    })
 }
 
 /// The leases held through JS, by token. JS holds only the token (a string
@@ -52,7 +65,7 @@ pub fn acquire_lock<'env>(
     abort: Option<&AbortHandle>,
 ) -> Result<PromiseRaw<'env, String>> {
     crate::trace::init_global(false);
-    let opts = lock_options(stale_ms, timeout_ms, holder);
+    let opts = lock_options(stale_ms, timeout_ms, holder).map_err(js_err)?;
     let cancel = cancel_token(abort);
     env.spawn_future(async move {
         lock::acquire(Path::new(&path), &opts, &cancel)
@@ -70,7 +83,7 @@ pub(super) fn try_acquire(
     stale_ms: Option<f64>,
     holder: Option<String>,
 ) -> std::result::Result<Option<String>, lock::LockError> {
-    let opts = lock_options(stale_ms, None, holder);
+    let opts = lock_options(stale_ms, None, holder)?;
     lock::try_acquire(Path::new(path), &opts).map(|l| l.map(hold))
 }
 

@@ -29,13 +29,15 @@ pub(crate) fn js_err_sync<E: ErrorCode + Display>(e: E) -> napi::Error<String> {
     napi::Error::new(e.code().to_string(), format!("{}: {e}", e.code()))
 }
 
-/// A JS number of milliseconds as a duration (negative and NaN are zero).
+/// A JS number of milliseconds as a duration: negative and NaN are zero,
+/// and anything from 10^12 ms (about 32 years) up to `Infinity` is that long,
+/// so that "forever" works and no deadline overflows.
 pub(crate) fn ms(v: f64) -> Duration {
-    Duration::from_secs_f64(if v.is_finite() && v > 0.0 {
-        v / 1000.0
-    } else {
-        0.0
-    })
+    const MAX_MS: f64 = 1e12;
+    if v.is_nan() || v <= 0.0 {
+        return Duration::ZERO;
+    }
+    Duration::from_secs_f64(v.min(MAX_MS) / 1000.0)
 }
 
 pub(crate) fn duration_ms(d: Duration) -> f64 {

@@ -29,9 +29,10 @@ pub struct InstallOptions {
 }
 
 impl InstallOptions {
-    fn to_engine(&self) -> repo::InstallOptions {
-        repo::InstallOptions {
-            lock: lock_options(self.stale_ms, self.timeout_ms, self.holder.clone()),
+    fn to_engine(&self) -> Result<repo::InstallOptions> {
+        Ok(repo::InstallOptions {
+            lock: lock_options(self.stale_ms, self.timeout_ms, self.holder.clone())
+                .map_err(js_err)?,
             npm: NpmOptions {
                 npm: self
                     .npm_path
@@ -40,7 +41,7 @@ impl InstallOptions {
                     .unwrap_or_else(|| PathBuf::from("npm")),
                 extra_args: self.npm_args.clone().unwrap_or_default(),
             },
-        }
+        })
     }
 }
 
@@ -123,7 +124,7 @@ pub fn install<'env>(
     abort: Option<&AbortHandle>,
 ) -> Result<PromiseRaw<'env, InstallResult>> {
     crate::trace::init_global(false);
-    let opts = options.unwrap_or_default().to_engine();
+    let opts = options.unwrap_or_default().to_engine()?;
     let cancel = cancel_token(abort);
     env.spawn_future(async move {
         repo::install(Path::new(&repo_dir), &specifier, &opts, &cancel)
@@ -197,7 +198,7 @@ pub fn begin_install<'env>(
     abort: Option<&AbortHandle>,
 ) -> Result<PromiseRaw<'env, InstallTransaction>> {
     crate::trace::init_global(false);
-    let opts = options.unwrap_or_default().to_engine();
+    let opts = options.unwrap_or_default().to_engine()?;
     let cancel = cancel_token(abort);
     let spec = PackageSpec::parse(&specifier).map_err(|e| js_err(repo::RepoError::from(e)))?;
     env.spawn_future(async move {
@@ -258,7 +259,8 @@ pub fn provision<'env>(
 ) -> Result<PromiseRaw<'env, ProvisionResult>> {
     crate::trace::init_global(false);
     let opts = repo::ProvisionOptions {
-        lock: lock_options(options.stale_ms, options.timeout_ms, options.holder.clone()),
+        lock: lock_options(options.stale_ms, options.timeout_ms, options.holder.clone())
+            .map_err(js_err)?,
         cwd: options.cwd.map(PathBuf::from),
         capture: options.capture.unwrap_or(true),
     };
