@@ -214,3 +214,37 @@ test('JS install: its spans reach an OTLP/HTTP collector when OTEL_EXPORTER_OTLP
     assert.ok(all.includes(name), `${name} exported`)
   }
 })
+
+test('an https:// OTLP endpoint is refused up front with one clear warning, and nothing is sent', async () => {
+  const { createServer } = await import('node:net')
+  const { spawn } = await import('node:child_process')
+  let connections = 0
+  const server = createServer((s) => {
+    connections++
+    s.destroy()
+  })
+  await new Promise((r) => server.listen(0, '127.0.0.1', r))
+  const repo = mkdtempSync(join(tmpdir(), 'nk-trace-tls-'))
+  const script = `
+    const nk = require(${JSON.stringify(join(root, 'nanokit.js'))})
+    const { mkdirSync, writeFileSync } = require('node:fs')
+    const { join } = require('node:path')
+    const install = async (_s, dir) => {
+      const pkg = join(dir, 'node_modules', 'tls-pkg_1.0.0')
+      mkdirSync(pkg, { recursive: true })
+      writeFileSync(join(pkg, 'package.json'), '{}')
+    }
+    nk.install(${JSON.stringify(repo)}, 'tls-pkg@1.0.0', { install })
+      .then(() => nk.flushTraces())
+      .then(() => process.exit(0), (e) => { console.error(e); process.exit(1) })`
+  const env = { ...process.env, OTEL_EXPORTER_OTLP_ENDPOINT: `https://127.0.0.1:${server.address().port}` }
+  delete env.NANOKIT_TRACE
+  const child = spawn(process.execPath, ['-e', script], { env, stdio: ['ignore', 'inherit', 'pipe'] })
+  let stderr = ''
+  child.stderr.on('data', (d) => (stderr += d))
+  const code = await new Promise((r) => child.on('exit', r))
+  server.close()
+  assert.equal(code, 0, stderr)
+  assert.equal(stderr.match(/no TLS/g)?.length, 1, stderr)
+  assert.equal(connections, 0, 'no connection to the https endpoint')
+})

@@ -107,6 +107,23 @@ impl Default for Settings {
 
 fn otlp_exporter(endpoint: Option<&str>) -> Option<opentelemetry_otlp::SpanExporter> {
     use opentelemetry_otlp::{Protocol, WithExportConfig};
+    let target = endpoint.map(str::to_string).or_else(|| {
+        [
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        ]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|v| !v.trim().is_empty()))
+    });
+    if target.is_some_and(|t| t.trim().to_ascii_lowercase().starts_with("https:")) {
+        // Said up front rather than as a network error after every run.
+        warn_once(
+            "nanokit: OpenTelemetry export is off: this nanokit has no TLS, so it cannot send to an \
+             https:// OTLP endpoint; send to a collector on http:// (an OpenTelemetry Collector next \
+             to nanokit can forward over TLS)",
+        );
+        return None;
+    }
     let mut b = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .with_protocol(Protocol::HttpBinary);
