@@ -220,8 +220,8 @@ export interface InstallOptions {
 }
 
 /**
- * The id of the install probe for `specifier` (`name@version`) in `repoDir`,
- * for `probeInstalled`. Throws `ENKSPEC` for a malformed specifier.
+ * A new install probe for `specifier` (`name@version`) in `repoDir`; its id
+ * is for `probeInstalled`. Throws `ENKSPEC` for a malformed specifier.
  */
 export declare function installProbe(repoDir: string, specifier: string): number
 

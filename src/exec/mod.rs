@@ -1187,8 +1187,31 @@ fn to_result(action: ActionKind, name: String, r: Result<Phase, String>, ms: u64
     }
 }
 
-/// Takes the deploy lock and opens the state, wherever it lives.
+/// Takes the deploy lock and opens the state, wherever it lives. When the
+/// lock was taken over from a run that died holding it, first lets the
+/// runtime finish what that run had asked of it ([`Provider::settle`]), so
+/// that what it creates late is seen now.
 async fn begin(
+    config: &Config,
+    provider: &dyn Provider,
+    opts: &ExecOptions,
+    what: &str,
+) -> Result<(crate::foundation::DeployLock, Store), ExecError> {
+    let (lock, store) = lock_and_open(config, opts, what).await?;
+    if lock.recovered() {
+        let settled = provider
+            .settle(&scope(config))
+            .instrument(info_span!("settle"))
+            .await;
+        if let Err(e) = settled {
+            let _ = lock.release().await;
+            return Err(e.into());
+        }
+    }
+    Ok((lock, store))
+}
+
+async fn lock_and_open(
     config: &Config,
     opts: &ExecOptions,
     what: &str,
@@ -1248,7 +1271,7 @@ pub async fn up(
     opts: ExecOptions,
 ) -> Result<Report, ExecError> {
     let dag = info_span!("graph").in_scope(|| Dag::build(&config))?;
-    let (lock, store) = begin(&config, &opts, "up")
+    let (lock, store) = begin(&config, provider.as_ref(), &opts, "up")
         .instrument(info_span!("deploy_lock"))
         .await?;
     // A lost deploy lease (broken by `infra unlock`, taken over, expired)
@@ -1260,13 +1283,6 @@ pub async fn up(
             cancel.cancel();
         }))
     };
-    if lock.recovered() {
-        let scope = scope(&config);
-        provider
-            .settle(&scope)
-            .instrument(info_span!("settle"))
-            .await?;
-    }
     let r = up_locked(config, provider, opts, dag, store).await;
     drop(watch_lost);
     finish(lock, r).await
@@ -1452,15 +1468,9 @@ pub async fn down(
     provider: Arc<dyn Provider>,
     opts: ExecOptions,
 ) -> Result<Report, ExecError> {
-    let (lock, store) = begin(&config, &opts, "down")
+    let (lock, store) = begin(&config, provider.as_ref(), &opts, "down")
         .instrument(info_span!("deploy_lock"))
         .await?;
-    if lock.recovered() {
-        provider
-            .settle(&scope(&config))
-            .instrument(info_span!("settle"))
-            .await?;
-    }
     let r = down_locked(config, provider, opts, store).await;
     finish(lock, r).await
 }

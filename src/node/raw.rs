@@ -155,10 +155,9 @@ impl<const N: usize> Args<N> {
         Thrown
     }
 
-    /// Throws `e` as an `Error` whose message starts with its code, like
-    /// [`super::js_err`] makes them.
+    /// Throws `e` as the `Error` [`super::js_err`] makes of it.
     fn throw<E: ErrorCode + std::fmt::Display>(&self, e: E) -> Thrown {
-        let message = format!("{}: {e}", e.code()).replace('\0', " ");
+        let message = super::js_err(e).reason.replace('\0', " ");
         let message = std::ffi::CString::new(message).expect("NUL bytes replaced");
         // SAFETY: NUL-terminated message; a null code.
         unsafe { sys::napi_throw_error(self.env, ptr::null(), message.as_ptr()) };
@@ -204,9 +203,19 @@ fn utf8(bytes: Vec<u8>) -> String {
 /// A JS exception is pending; the callback returns null to let it throw.
 struct Thrown;
 
-/// Ends a callback: its value, or null with the exception pending.
-fn finish(r: std::result::Result<sys::napi_value, Thrown>) -> sys::napi_value {
-    r.unwrap_or(ptr::null_mut())
+/// Runs a callback's `body` with its (at most `N`) arguments; returns its
+/// value, or null with the exception pending.
+///
+/// # Safety
+/// `env` and `info` are those Node passed to the running callback.
+unsafe fn callback<const N: usize>(
+    env: sys::napi_env,
+    info: sys::napi_callback_info,
+    body: impl FnOnce(&Args<N>) -> std::result::Result<sys::napi_value, Thrown>,
+) -> sys::napi_value {
+    // SAFETY: the caller's.
+    let args = unsafe { Args::<N>::new(env, info) };
+    body(&args).unwrap_or(ptr::null_mut())
 }
 
 /// `probeInstalled(id) → boolean`: whether the package of install probe `id`
@@ -216,9 +225,12 @@ unsafe extern "C" fn probe_installed(
     info: sys::napi_callback_info,
 ) -> sys::napi_value {
     // SAFETY: Node's own arguments for this callback.
-    let args = unsafe { Args::<1>::new(env, info) };
-    let installed = args.u32(0).is_some_and(super::repo::probe_installed);
-    args.boolean(installed)
+    unsafe {
+        callback::<1>(env, info, |args| {
+            let installed = args.u32(0).is_some_and(super::repo::probe_installed);
+            Ok(args.boolean(installed))
+        })
+    }
 }
 
 /// `tryAcquireLock(path, staleMs?, holder?) → token | null`.
@@ -227,17 +239,18 @@ unsafe extern "C" fn try_acquire_lock(
     info: sys::napi_callback_info,
 ) -> sys::napi_value {
     // SAFETY: Node's own arguments for this callback.
-    let args = unsafe { Args::<3>::new(env, info) };
-    finish((|| {
-        let path = args.string(0, "path")?;
-        let stale_ms = args.opt_f64(1, "staleMs")?;
-        let holder = args.opt_string(2, "holder")?;
-        match super::lock::try_acquire(&path, stale_ms, holder) {
-            Ok(Some(token)) => Ok(args.string_value(&token)),
-            Ok(None) => Ok(args.null()),
-            Err(e) => Err(args.throw(e)),
-        }
-    })())
+    unsafe {
+        callback::<3>(env, info, |args| {
+            let path = args.string(0, "path")?;
+            let stale_ms = args.opt_f64(1, "staleMs")?;
+            let holder = args.opt_string(2, "holder")?;
+            match super::lock::try_acquire(&path, stale_ms, holder) {
+                Ok(Some(token)) => Ok(args.string_value(&token)),
+                Ok(None) => Ok(args.null()),
+                Err(e) => Err(args.throw(e)),
+            }
+        })
+    }
 }
 
 /// `releaseLock(token)`: throws `ENKLOCKLOST` if the lease had been lost; an
@@ -247,14 +260,14 @@ unsafe extern "C" fn release_lock(
     info: sys::napi_callback_info,
 ) -> sys::napi_value {
     // SAFETY: Node's own arguments for this callback.
-    let args = unsafe { Args::<1>::new(env, info) };
-    finish((|| {
-        let token = args.string(0, "token")?;
-        match super::lock::release(&token) {
-            Ok(()) => Ok(args.undefined()),
-            Err(e) => Err(args.throw(e)),
-        }
-    })())
+    unsafe {
+        callback::<1>(env, info, |args| {
+            let token = args.string(0, "token")?;
+            super::lock::release(&token)
+                .map(|()| args.undefined())
+                .map_err(|e| args.throw(e))
+        })
+    }
 }
 
 type Callback = unsafe extern "C" fn(sys::napi_env, sys::napi_callback_info) -> sys::napi_value;

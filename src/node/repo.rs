@@ -1,6 +1,5 @@
 //! JS bindings of package repository coordination (`crate::repo`).
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{LazyLock, RwLock};
 
@@ -67,39 +66,20 @@ impl From<InstallOutcome> for InstallResult {
     }
 }
 
-/// Install probes made for JS, by id (see [`repo::InstallProbe`]): JS keeps
-/// the id of each (repo, specifier) it asked about, so a repeated question
-/// crosses into Rust with one number and costs two stats.
-#[derive(Default)]
-struct Probes {
-    list: Vec<repo::InstallProbe>,
-    ids: HashMap<(String, String), u32>,
-}
+/// Install probes made for JS, by id (see [`repo::InstallProbe`]). JS keeps
+/// the id of each (repo, specifier) it asked about (`probe` in nanokit.js),
+/// so a repeated question crosses into Rust with one number and costs two
+/// stats.
+static PROBES: LazyLock<RwLock<Vec<repo::InstallProbe>>> = LazyLock::new(Default::default);
 
-static PROBES: LazyLock<RwLock<Probes>> = LazyLock::new(Default::default);
-
-/// The id of the install probe for `specifier` (`name@version`) in `repoDir`,
-/// for `probeInstalled`. Throws `ENKSPEC` for a malformed specifier.
+/// A new install probe for `specifier` (`name@version`) in `repoDir`; its id
+/// is for `probeInstalled`. Throws `ENKSPEC` for a malformed specifier.
 #[napi]
 pub fn install_probe(repo_dir: String, specifier: String) -> Result<u32> {
-    let key = (repo_dir, specifier);
-    if let Some(&id) = PROBES
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .ids
-        .get(&key)
-    {
-        return Ok(id);
-    }
-    let probe = repo::InstallProbe::new(Path::new(&key.0), &key.1).map_err(js_err)?;
+    let probe = repo::InstallProbe::new(Path::new(&repo_dir), &specifier).map_err(js_err)?;
     let mut probes = PROBES.write().unwrap_or_else(|e| e.into_inner());
-    if let Some(&id) = probes.ids.get(&key) {
-        return Ok(id);
-    }
-    let id = probes.list.len() as u32;
-    probes.list.push(probe);
-    probes.ids.insert(key, id);
-    Ok(id)
+    probes.push(probe);
+    Ok(probes.len() as u32 - 1)
 }
 
 /// Whether the package of install probe `id` is completely installed now
@@ -108,7 +88,6 @@ pub(super) fn probe_installed(id: u32) -> bool {
     PROBES
         .read()
         .unwrap_or_else(|e| e.into_inner())
-        .list
         .get(id as usize)
         .is_some_and(repo::InstallProbe::installed)
 }

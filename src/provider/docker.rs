@@ -732,44 +732,43 @@ impl Provider for DockerProvider {
         };
         let name = self.base_name(spec);
         let d = self.docker().await?;
-        // The env's network may be removed by another project's `down` right
-        // after we made sure of it (it goes once no container of the env is
-        // left): make it again and retry once.
-        let mut retried = false;
-        let id = loop {
-            let what = format!("service `{}`: cannot create container {name}", spec.service);
-            let id = match self.create_named(&name, body.clone()).await {
-                Ok(id) => id,
-                Err(e) if !retried && network_gone(&e) => {
-                    retried = true;
-                    self.make_network().await?;
-                    continue;
-                }
-                Err(e) => return Err(image_hint(&image, docker_err(&what, e))),
-            };
-            match d
+        // An error names the step that failed; nothing half-created stays
+        // behind unrecorded.
+        let create_and_start = || async {
+            let id = self
+                .create_named(&name, body.clone())
+                .await
+                .map_err(|e| ("create", e))?;
+            let started = d
                 .start_container(
                     &id,
                     None::<bollard::query_parameters::StartContainerOptions>,
                 )
-                .await
-            {
-                Ok(()) => break id,
-                Err(e) => {
-                    // Nothing half-created stays behind unrecorded.
-                    self.remove_quietly(&id).await;
-                    if !retried && network_gone(&e) {
-                        retried = true;
-                        self.make_network().await?;
-                        continue;
-                    }
-                    return Err(docker_err(
-                        &format!("service `{}`: cannot start container {name}", spec.service),
-                        e,
-                    ));
-                }
+                .await;
+            if let Err(e) = started {
+                self.remove_quietly(&id).await;
+                return Err(("start", e));
             }
+            Ok(id)
         };
+        let mut made = create_and_start().await;
+        // The env's network may be removed by another project's `down` right
+        // after we made sure of it (it goes once no container of the env is
+        // left): make it again and retry once.
+        if matches!(&made, Err((_, e)) if network_gone(e)) {
+            self.make_network().await?;
+            made = create_and_start().await;
+        }
+        let id = made.map_err(|(step, e)| {
+            let err = docker_err(
+                &format!("service `{}`: cannot {step} container {name}", spec.service),
+                e,
+            );
+            match step {
+                "create" => image_hint(&image, err),
+                _ => err,
+            }
+        })?;
         Ok(Instance {
             id,
             service: spec.service.clone(),
