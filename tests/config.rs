@@ -291,3 +291,470 @@ async fn broken_corpus_each_fails_with_a_location() {
         assert_eq!(code, 1, "{}", f.display());
     }
 }
+
+// ---------------------------------------------------------------------------
+// Parser limits: hostile files end in ENKCONFIG at the place of the breach.
+// Run on the test harness's threads (2 MiB stacks), so a deep recursion
+// anywhere (parse, merge, interpolation, validation, Drop) crashes the test.
+
+fn ok_tail() -> &'static str {
+    "name: x\nservices:\n  s:\n    start: run\n"
+}
+
+fn at(src: &str, e: &ConfigError) -> (usize, usize) {
+    let l = e.loc.unwrap_or_else(|| panic!("no location: {e}"));
+    assert_eq!(e.code, "ENKCONFIG", "{e}");
+    assert!(
+        e.to_string()
+            .starts_with(&format!("nanokit.yml:{}:{}: ", l.line, l.col)),
+        "{e}"
+    );
+    let _ = src;
+    (l.line, l.col)
+}
+
+/// The character at a 1-based line and column.
+fn char_at(src: &str, line: usize, col: usize) -> char {
+    src.lines()
+        .nth(line - 1)
+        .and_then(|l| l.chars().nth(col - 1))
+        .unwrap_or_else(|| panic!("no character at {line}:{col}"))
+}
+
+/// The classic bomb: 9 items a level, 10 levels of anchors (9^10 values).
+fn alias_bomb() -> String {
+    let mut s = String::from("x-bomb:\n  l0: &l0 [a, a, a, a, a, a, a, a, a]\n");
+    for i in 1..10 {
+        let p = format!("*l{}", i - 1);
+        s.push_str(&format!(
+            "  l{i}: &l{i} [{}]\n",
+            std::iter::repeat_n(p.as_str(), 9)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    s.push_str(ok_tail());
+    s
+}
+
+#[test]
+fn alias_bomb_is_refused_at_the_alias_that_passes_the_limit() {
+    let src = alias_bomb();
+    let e = load(&src, "local", &vars(&[])).unwrap_err();
+    let (line, col) = at(&src, &e);
+    assert!(e.message.contains("alias bomb"), "{e}");
+    assert!(
+        e.message.contains(&format!("{}", config::yaml::MAX_NODES)),
+        "{e}"
+    );
+    // Level 5 (line 7) is where 200 000 values are passed: levels 0..4 with
+    // their anchor copies cost about 150 000.
+    assert_eq!(line, 7, "{e}");
+    assert_eq!(char_at(&src, line, col), '*', "points at an alias: {e}");
+}
+
+#[test]
+fn alias_count_and_copied_text_are_capped() {
+    // Many aliases of a scalar: cheap each, capped in number.
+    let n = config::yaml::MAX_ALIASES + 1;
+    let src = format!(
+        "x-a: &a v\nx-list: [{}]\n{}",
+        vec!["*a"; n].join(", "),
+        ok_tail()
+    );
+    let e = load(&src, "local", &vars(&[])).unwrap_err();
+    let (line, col) = at(&src, &e);
+    assert!(e.message.contains("aliases"), "{e}");
+    assert_eq!(line, 2);
+    assert_eq!(col, 10 + 4 * (n - 1), "the alias past the count: {e}");
+    // Few aliases of a large scalar: capped in copied text.
+    let big = "y".repeat(100_000);
+    let src = format!(
+        "x-a: &a {big}\nx-list:\n{}{}",
+        "  - *a\n".repeat(100),
+        ok_tail()
+    );
+    let e = load(&src, "local", &vars(&[])).unwrap_err();
+    let (line, col) = at(&src, &e);
+    assert!(e.message.contains("MiB of text"), "{e}");
+    // 8 MiB / 100 000 bytes: the anchor's copy and 82 aliases fit, the
+    // 83rd (on line 2 + 83) does not.
+    assert_eq!((line, col), (2 + 83, 5), "{e}");
+    // A reasonable use of anchors still loads.
+    let src = "x-env: &env { A: '1', B: '2' }\nname: x\nservices:\n  s: { start: run, env: *env }\n  t: { start: run, env: { <<: *env, C: '3' } }\n";
+    let c = load(src, "local", &vars(&[])).unwrap();
+    assert_eq!(c.services["t"].env.len(), 3);
+}
+
+#[test]
+fn ten_thousand_levels_of_block_nesting_stop_at_the_depth_limit() {
+    let max = config::yaml::MAX_DEPTH;
+    // Compact block sequences: 10 000 levels on one line.
+    let src = format!("x-deep:\n  {}x\n{}", "- ".repeat(10_000), ok_tail());
+    let e = load(&src, "local", &vars(&[])).unwrap_err();
+    let (line, col) = at(&src, &e);
+    assert!(e.message.contains("nested more than"), "{e}");
+    // The root mapping is level 1; the (max)th `- ` opens level max + 1.
+    assert_eq!((line, col), (2, 3 + 2 * (max - 1)), "{e}");
+    // Block mappings, one space of indentation a level, 1 000 levels.
+    let mut src = String::new();
+    for i in 0..1000 {
+        src.push_str(&" ".repeat(i));
+        src.push_str("k:\n");
+    }
+    let e = load(&src, "local", &vars(&[])).unwrap_err();
+    assert!(e.message.contains("nested more than"), "{e}");
+    // yaml-rust2 marks a block mapping at its first key's `:`.
+    assert_eq!(at(&src, &e), (max + 1, max + 2), "{e}");
+    // Flow style.
+    let src = format!("x: {}{}\n", "[".repeat(10_000), "]".repeat(10_000));
+    let e = load(&src, "local", &vars(&[])).unwrap_err();
+    assert_eq!(at(&src, &e).0, 1, "{e}");
+    // Exactly the limit is fine.
+    let src = format!("x-deep:\n  {}x\n{}", "- ".repeat(max - 1), ok_tail());
+    load(&src, "local", &vars(&[])).unwrap();
+}
+
+#[test]
+fn ten_thousand_level_block_mapping_is_refused_by_size_then_depth() {
+    // 10 000 levels of block mappings need ~50 MB of indentation: refused
+    // before parsing, at the line and column of the 1 MiB mark.
+    let mut src = String::new();
+    for i in 0..10_000 {
+        src.push_str(&" ".repeat(i));
+        src.push_str("k:\n");
+    }
+    let e = load(&src, "local", &vars(&[])).unwrap_err();
+    assert!(e.message.contains("larger than 1 MiB"), "{e}");
+    let (line, col) = at(&src, &e);
+    let prefix = &src.as_bytes()[..config::yaml::MAX_FILE_BYTES];
+    let want_line = prefix.iter().filter(|&&b| b == b'\n').count() + 1;
+    assert_eq!(line, want_line);
+    assert_eq!(
+        col,
+        prefix.len() - prefix.iter().rposition(|&b| b == b'\n').unwrap()
+    );
+    // The same from a file, which is not read past the limit.
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("nanokit.yml");
+    std::fs::write(&f, &src).unwrap();
+    let e = config::load(&config::LoadOptions {
+        file: f.clone(),
+        env: "local".into(),
+        vars: Some(HashMap::new()),
+    })
+    .unwrap_err();
+    assert_eq!(e.code, "ENKCONFIG");
+    assert_eq!(e.loc.map(|l| (l.line, l.col)), Some((line, col)), "{e}");
+    // An endless file is not read to its end either.
+    let e = config::load(&config::LoadOptions {
+        file: "/dev/zero".into(),
+        env: "local".into(),
+        vars: Some(HashMap::new()),
+    })
+    .unwrap_err();
+    assert!(e.message.contains("larger than 1 MiB"), "{e}");
+    assert_eq!(e.loc.map(|l| l.line), Some(1));
+}
+
+#[test]
+fn aliases_cannot_nest_past_the_depth_limit() {
+    let max = config::yaml::MAX_DEPTH;
+    // An anchored list 40 deep, used inside 30 more levels.
+    let src = format!(
+        "x-a: &a\n  {}x\nx-b:\n  {}*a\n{}",
+        "- ".repeat(40),
+        "- ".repeat(30),
+        ok_tail()
+    );
+    let e = load(&src, "local", &vars(&[])).unwrap_err();
+    let (line, col) = at(&src, &e);
+    assert!(e.message.contains("alias nests"), "{e}");
+    assert_eq!((line, char_at(&src, line, col)), (4, '*'), "{e}");
+    assert!(40 + 30 + 1 > max);
+}
+
+#[test]
+fn interpolation_is_bounded_in_nesting_and_size() {
+    let nested = format!("{}x{}", "${U:-".repeat(20), "}".repeat(20));
+    let src = format!("name: x\nservices:\n  s:\n    start: \"{nested}\"\n");
+    let e = load(&src, "local", &vars(&[])).unwrap_err();
+    assert!(e.message.contains("nested more than"), "{e}");
+    assert_eq!(e.loc.unwrap().line, 4);
+    let ok = format!("{}x{}", "${U:-".repeat(8), "}".repeat(8));
+    let src = format!("name: x\nservices:\n  s:\n    start: \"{ok}\"\n");
+    assert_eq!(
+        load(&src, "local", &vars(&[])).unwrap().services["s"]
+            .start
+            .as_deref(),
+        Some("x")
+    );
+    // A 64 KiB variable repeated 300 times in a value (19 MB).
+    let big = "v".repeat(64 << 10);
+    let src = format!(
+        "name: x\nservices:\n  s:\n    start: run\n    env: {{ K: \"{}\" }}\n",
+        "${BIG}".repeat(300)
+    );
+    let e = load(&src, "local", &vars(&[("BIG", &big)])).unwrap_err();
+    assert!(e.message.contains("MiB"), "{e}");
+    assert_eq!(e.loc.unwrap().line, 5);
+    assert!(!e.to_string().contains(&big[..100]), "never the value");
+    // … and spread over many values.
+    let src = format!(
+        "name: x\nservices:\n  s:\n    start: run\n    env:\n{}",
+        (0..300)
+            .map(|i| format!("      K{i}: ${{BIG}}\n"))
+            .collect::<String>()
+    );
+    let e = load(&src, "local", &vars(&[("BIG", &big)])).unwrap_err();
+    assert!(e.message.contains("16 MiB in total"), "{e}");
+    // The 256th value reaches 16 MiB with the file's other few bytes.
+    assert_eq!(e.loc.unwrap().line, 6 + (16 << 20) / (64 << 10) - 1, "{e}");
+}
+
+#[test]
+fn runtime_inheritance_is_bounded() {
+    let env: String = (0..10_000).map(|i| format!("      K{i}: v\n")).collect();
+    let services: String = (0..20)
+        .map(|i| format!("  s{i}: {{ runtime: big }}\n"))
+        .collect();
+    let src =
+        format!("name: x\nruntimes:\n  big:\n    start: run\n    env:\n{env}services:\n{services}");
+    let e = load(&src, "local", &vars(&[])).unwrap_err();
+    assert!(e.message.contains("runtime inheritance"), "{e}");
+    // Each use copies 20 004 values; the 10th passes 200 000.
+    let line = 5 + 10_000 + 1 + 10;
+    assert_eq!(e.loc.map(|l| l.line), Some(line), "{e}");
+}
+
+// ---------------------------------------------------------------------------
+// Validation covers what `up` needs.
+
+fn svc(body: &str) -> String {
+    format!("name: demo\nservices:\n  api:\n{body}")
+}
+
+#[test]
+fn durations_are_between_1ms_and_24h_and_timeouts_are_positive() {
+    let hc = |k: &str, v: &str| {
+        svc(&format!(
+            "    start: run\n    healthcheck:\n      test: 'true'\n      {k}: {v}\n"
+        ))
+    };
+    for (k, v) in [
+        ("interval", "99999999999999h"),
+        ("interval", "25h"),
+        ("interval", "0s"),
+        ("interval", "500us"),
+        ("interval", "1e300"),
+        ("interval", "-1"),
+        ("interval", "nan"),
+        ("interval", "inf"),
+        ("timeout", "0s"),
+        ("timeout", "0"),
+        ("timeout", "86401"),
+        ("start_period", "24h 1s"),
+        ("start_period", "0.5ms"),
+    ] {
+        let src = hc(k, v);
+        let e = load(&src, "local", &vars(&[]))
+            .map(|_| ())
+            .expect_err(&format!("{k}: {v} must be refused"));
+        assert_eq!(e.code, "ENKCONFIG");
+        assert_eq!(
+            e.loc.map(|l| (l.line, l.col)),
+            Some((7, 9 + k.len())),
+            "{k}: {v}: {e}"
+        );
+        assert!(
+            e.message.contains(&format!("healthcheck.{k}")) && e.message.contains("1ms and 24h"),
+            "{k}: {v}: {e}"
+        );
+    }
+    for (k, v, ms) in [
+        ("interval", "1ms", 1),
+        ("interval", "24h", 86_400_000),
+        ("timeout", "0.25", 250),
+        ("start_period", "0", 0),
+        ("start_period", "2m", 120_000),
+    ] {
+        let c = load(&hc(k, v), "local", &vars(&[])).unwrap_or_else(|e| panic!("{k}: {v}: {e}"));
+        let h = c.services["api"].healthcheck.clone().unwrap();
+        let got = match k {
+            "interval" => h.interval,
+            "timeout" => h.timeout,
+            _ => h.start_period,
+        };
+        assert_eq!(got.as_millis(), ms, "{k}: {v}");
+    }
+}
+
+#[test]
+fn service_names_fit_docker_container_names_and_files() {
+    // Project `demo` and environment `local`: room for 34 characters, so
+    // that the longest container name nanokit makes has 63.
+    let room = config::MAX_NAME_TOTAL - "demo".len() - "local".len();
+    assert_eq!(room, 34);
+    let longest = format!("nk-demo-local-{}-install-abcdef", "a".repeat(room));
+    assert_eq!(longest.len(), config::MAX_CONTAINER_NAME);
+    let named = |n: &str| format!("name: demo\nservices:\n  {n}:\n    start: run\n");
+    load(&named(&"a".repeat(room)), "local", &vars(&[])).unwrap();
+    for n in ["a".repeat(room + 1), "a".repeat(300)] {
+        let src = named(&n);
+        let e = load(&src, "local", &vars(&[])).unwrap_err();
+        assert_eq!(at(&src, &e), (3, 3), "{e}");
+        assert!(
+            e.message.contains("too long")
+                && e.message.contains("at most 34")
+                && e.message.contains("63"),
+            "{e}"
+        );
+        assert!(e.message.len() < 400, "a long name is cut: {e}");
+    }
+    // A longer environment leaves less room, and is pointed at when it is
+    // the one that leaves none.
+    let src = format!(
+        "name: demo\nservices:\n  {}:\n    start: run\nenvironments:\n  production: {{}}\n",
+        "a".repeat(room)
+    );
+    let e = load(&src, "production", &vars(&[])).unwrap_err();
+    assert!(e.message.contains("at most 29"), "{e}");
+    let src = format!(
+        "name: demo\nservices:\n  a:\n    start: run\nenvironments:\n  {}: {{}}\n",
+        "e".repeat(40)
+    );
+    let e = load(&src, &"e".repeat(40), &vars(&[])).unwrap_err();
+    assert_eq!(at(&src, &e), (6, 3), "{e}");
+    // Environment names become file, container and network names.
+    let src = "name: demo\nservices:\n  a:\n    start: run\nenvironments:\n  \"pr/od\": {}\n";
+    let e = load(src, "pr/od", &vars(&[])).unwrap_err();
+    assert_eq!(at(src, &e), (6, 3), "{e}");
+    assert!(e.message.contains("letters, digits"), "{e}");
+    let src = "name: demo\nservices:\n  a:\n    start: run\nenvironments:\n  Prod.eu-1: {}\n";
+    load(src, "Prod.eu-1", &vars(&[])).unwrap();
+}
+
+#[test]
+fn volume_names_fit_docker_and_the_file_system() {
+    let src = format!(
+        "name: demo\nvolumes:\n  {}: {{}}\nservices:\n  a:\n    start: run\n",
+        "v".repeat(250)
+    );
+    let e = load(&src, "local", &vars(&[])).unwrap_err();
+    assert_eq!(at(&src, &e), (3, 3), "{e}");
+    assert!(e.message.contains("at most 241"), "{e}");
+    let src = format!(
+        "name: demo\nvolumes:\n  {}: {{}}\nservices:\n  a:\n    start: run\n",
+        "v".repeat(241)
+    );
+    load(&src, "local", &vars(&[])).unwrap();
+    for bad in ["a", "-x", "a b", &"n".repeat(256)] {
+        let src = format!(
+            "name: demo\nvolumes:\n  v:\n    name: \"{bad}\"\nservices:\n  a:\n    start: run\n"
+        );
+        let e = load(&src, "local", &vars(&[])).unwrap_err();
+        assert_eq!(at(&src, &e), (4, 11), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn start_must_be_a_command_where_the_provider_runs_it() {
+    for v in ["\"\"", "'   '"] {
+        let src = svc(&format!("    start: {v}\n"));
+        let e = load(&src, "local", &vars(&[])).unwrap_err();
+        assert_eq!(at(&src, &e), (4, 12), "{e}");
+        assert!(
+            e.message.contains("`start` of service `api` is empty"),
+            "{e}"
+        );
+        // Docker runs the image's command without `start`, but an empty
+        // one is still a mistake.
+        let src = format!(
+            "name: demo\ninfra: {{ provider: docker }}\nservices:\n  api:\n    image: node\n    start: {v}\n"
+        );
+        let e = load(&src, "local", &vars(&[])).unwrap_err();
+        assert_eq!(at(&src, &e), (6, 12), "{e}");
+        assert!(e.message.contains("omit `start`"), "{e}");
+    }
+    // Inherited from a runtime: pointed at where it is written.
+    let src = "name: demo\nruntimes:\n  r: { start: '' }\nservices:\n  api: { runtime: r }\n";
+    let e = load(src, "local", &vars(&[])).unwrap_err();
+    assert_eq!(at(src, &e), (3, 15), "{e}");
+    let docker = |body: &str| {
+        format!("name: demo\ninfra: {{ provider: docker }}\nservices:\n  api:\n{body}")
+    };
+    let c = load(&docker("    image: node\n"), "local", &vars(&[])).unwrap();
+    assert_eq!(c.services["api"].start, None, "Docker: the image's command");
+    let src = docker("    image: ''\n");
+    let e = load(&src, "local", &vars(&[])).unwrap_err();
+    assert_eq!(at(&src, &e), (5, 12), "{e}");
+    let src = svc("    start: run\n    healthcheck: { test: '  ' }\n");
+    let e = load(&src, "local", &vars(&[])).unwrap_err();
+    assert!(e.message.contains("empty command"), "{e}");
+    let src = svc("    start: run\n    provisioning: { install: '' }\n");
+    let e = load(&src, "local", &vars(&[])).unwrap_err();
+    assert!(e.message.contains("`provisioning.install`"), "{e}");
+}
+
+#[test]
+fn numbers_say_the_range_they_must_be_in() {
+    for (k, v) in [("instances", "1e23"), ("instances", "2.5"), ("port", "1e3")] {
+        let src = svc(&format!("    start: run\n    {k}: {v}\n"));
+        let e = load(&src, "local", &vars(&[])).unwrap_err();
+        assert_eq!(at(&src, &e), (5, 7 + k.len()), "{e}");
+        assert!(
+            e.message.contains("must be a whole number between")
+                && e.message.contains(&format!("`{v}` is not"))
+                && !e.message.contains("found a number"),
+            "{e}"
+        );
+    }
+    let src = svc("    start: run\n    instances: 1e23\n");
+    let e = load(&src, "local", &vars(&[])).unwrap_err();
+    assert!(e.message.contains("between 0 and 1000"), "{e}");
+    for (k, v) in [
+        ("cpu", "1e300"),
+        ("cpu", "0.001"),
+        ("memory", "1kb"),
+        ("memory", "99999tb"),
+    ] {
+        let src = svc(&format!("    start: run\n    {k}: {v}\n"));
+        let e = load(&src, "local", &vars(&[])).unwrap_err();
+        assert_eq!(at(&src, &e).0, 5, "{e}");
+    }
+}
+
+fn load_dir(dir: &Path) -> Result<Config, ConfigError> {
+    config::load(&config::LoadOptions {
+        file: dir.join("nanokit.yml"),
+        env: "local".into(),
+        vars: Some(HashMap::new()),
+    })
+}
+
+#[test]
+fn dotenv_errors_name_their_line() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("nanokit.yml"), ok_tail()).unwrap();
+    let cases: [(&[u8], (usize, usize)); 5] = [
+        (b"A=1\n# comment\n\nB=2\nthis is garbage\nC=3\n", (5, 6)),
+        (b"A=1\nB=\"multi\nline\"\nC D\n", (4, 3)),
+        (b"A=1\nB='never closed\nC=2\nD=3\n", (2, 1)),
+        (b"A=1\n\n  \nthis\n", (4, 1)),
+        (b"A=1\nB=\xff\xfe\n", (2, 3)),
+    ];
+    for (content, want) in cases {
+        std::fs::write(dir.path().join(".env"), content).unwrap();
+        let e = load_dir(dir.path()).unwrap_err();
+        assert_eq!(e.code, "ENKCONFIG");
+        assert!(e.file.ends_with(".env"), "{e}");
+        assert_eq!(
+            e.loc.map(|l| (l.line, l.col)),
+            Some(want),
+            "{:?}: {e}",
+            String::from_utf8_lossy(content)
+        );
+    }
+    std::fs::write(dir.path().join(".env"), "A=1\nB=\"two\nlines\"\n").unwrap();
+    load_dir(dir.path()).unwrap();
+}

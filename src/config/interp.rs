@@ -35,8 +35,26 @@ pub struct InterpError {
     pub message: String,
 }
 
+/// How deep `${A:-${B:-…}}` defaults may nest.
+pub const MAX_NESTING: usize = 16;
+
 /// Interpolates `input`.
 pub fn interpolate(input: &str, vars: &Vars) -> Result<String, InterpError> {
+    interpolate_capped(input, vars, usize::MAX)
+}
+
+/// Interpolates `input`, failing once the result would pass `max_len`
+/// bytes (so one scalar cannot repeat a large variable without bound).
+pub fn interpolate_capped(input: &str, vars: &Vars, max_len: usize) -> Result<String, InterpError> {
+    interpolate_at(input, vars, max_len, 0)
+}
+
+fn interpolate_at(
+    input: &str,
+    vars: &Vars,
+    max_len: usize,
+    depth: usize,
+) -> Result<String, InterpError> {
     if !input.contains('$') {
         return Ok(input.to_string());
     }
@@ -61,7 +79,22 @@ pub fn interpolate(input: &str, vars: &Vars) -> Result<String, InterpError> {
                     message: "unclosed `${`: add the closing `}` (or write `$$` for a literal `$`)"
                         .into(),
                 })?;
-                out.push_str(&expand(&input[i + 2..end], vars, i)?);
+                if depth >= MAX_NESTING {
+                    return Err(InterpError {
+                        offset: i,
+                        message: format!("`${{…}}` defaults are nested more than {MAX_NESTING} levels deep: flatten them"),
+                    });
+                }
+                out.push_str(&expand(&input[i + 2..end], vars, i, max_len, depth)?);
+                if out.len() > max_len {
+                    return Err(InterpError {
+                        offset: i,
+                        message: format!(
+                            "interpolating this value makes it longer than {} MiB: a variable is repeated too often or is too large",
+                            max_len >> 20
+                        ),
+                    });
+                }
                 i = end + 1;
             }
             _ => {
@@ -101,7 +134,13 @@ fn valid_name(name: &str) -> bool {
         && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())
 }
 
-fn expand(body: &str, vars: &Vars, offset: usize) -> Result<String, InterpError> {
+fn expand(
+    body: &str,
+    vars: &Vars,
+    offset: usize,
+    max_len: usize,
+    depth: usize,
+) -> Result<String, InterpError> {
     let err = |message: String| InterpError { offset, message };
     let name_end = body
         .find(|c: char| !(c == '_' || c.is_ascii_alphanumeric()))
@@ -124,7 +163,7 @@ fn expand(body: &str, vars: &Vars, offset: usize) -> Result<String, InterpError>
     if let Some(default) = rest.strip_prefix(":-") {
         return match value {
             Some(v) if !v.is_empty() => Ok(v.to_string()),
-            _ => interpolate(default, vars).map_err(|e| InterpError {
+            _ => interpolate_at(default, vars, max_len, depth + 1).map_err(|e| InterpError {
                 offset,
                 message: e.message,
             }),

@@ -349,15 +349,18 @@ pub fn load(opts: &LoadOptions) -> Result<Config, ConfigError> {
             .map(|d| d.join(&opts.file))
             .unwrap_or_else(|_| opts.file.clone())
     };
-    let src = std::fs::read_to_string(&file).map_err(|e| ConfigError {
-        code: "ENKCONFIG",
-        file: opts.file.clone(),
-        loc: None,
-        message: if e.kind() == std::io::ErrorKind::NotFound {
-            "file not found: create a nanokit.yml or pass its path with -f <file>".into()
-        } else {
-            format!("cannot read the file: {e}")
+    let src = read_capped(&file).map_err(|e| match e {
+        ReadError::Io(e) => ConfigError {
+            code: "ENKCONFIG",
+            file: opts.file.clone(),
+            loc: None,
+            message: if e.kind() == std::io::ErrorKind::NotFound {
+                "file not found: create a nanokit.yml or pass its path with -f <file>".into()
+            } else {
+                format!("cannot read the file: {e}")
+            },
         },
+        ReadError::Located(loc, message) => ConfigError::at(&opts.file, loc, message),
     })?;
     let shown = opts.file.clone();
     let dir = file
@@ -376,30 +379,75 @@ pub fn load(opts: &LoadOptions) -> Result<Config, ConfigError> {
     load_str(&src, &shown, &dir, &opts.env, &vars)
 }
 
+enum ReadError {
+    Io(std::io::Error),
+    Located(Loc, String),
+}
+
+/// Reads a UTF-8 text file of at most [`yaml::MAX_FILE_BYTES`]; a longer
+/// file (or `/dev/zero`) is refused at the byte where the limit is passed,
+/// invalid UTF-8 at its first bad byte.
+fn read_capped(path: &Path) -> Result<String, ReadError> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).map_err(ReadError::Io)?;
+    let mut bytes = Vec::new();
+    f.take(yaml::MAX_FILE_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(ReadError::Io)?;
+    if bytes.len() > yaml::MAX_FILE_BYTES {
+        return Err(ReadError::Located(
+            yaml::loc_of_offset(&bytes, yaml::MAX_FILE_BYTES),
+            format!(
+                "the file is larger than {} MiB, where nanokit stops reading: this is not a configuration file",
+                yaml::MAX_FILE_BYTES >> 20
+            ),
+        ));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        ReadError::Located(
+            yaml::loc_of_offset(e.as_bytes(), at),
+            "the file is not valid UTF-8 here: save it as UTF-8 text".into(),
+        )
+    })
+}
+
+/// Reads `.env` (Docker Compose's format, parsed by dotenvy). A line that
+/// does not parse is reported at its own line (and the column dotenvy
+/// points at), a multi-line quoted value that never closes at its opening
+/// line.
 fn read_dotenv(path: &Path) -> Result<HashMap<String, String>, ConfigError> {
     let mut out = HashMap::new();
-    let iter = match dotenvy::from_path_iter(path) {
-        Ok(it) => it,
-        Err(_) => return Ok(out),
+    let content = match read_capped(path) {
+        Ok(c) => c,
+        Err(ReadError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(ReadError::Io(e)) => {
+            return Err(ConfigError {
+                code: "ENKCONFIG",
+                file: path.to_path_buf(),
+                loc: None,
+                message: format!("cannot read the .env file: {e}"),
+            })
+        }
+        Err(ReadError::Located(loc, message)) => {
+            return Err(ConfigError::at(
+                path,
+                loc,
+                message.replace("file", ".env file"),
+            ))
+        }
     };
-    for item in iter {
+    for item in dotenvy::from_read_iter(content.as_bytes()) {
         match item {
             Ok((k, v)) => {
                 out.insert(k, v);
             }
-            Err(dotenvy::Error::LineParse(line, pos)) => {
-                let content = std::fs::read_to_string(path).unwrap_or_default();
-                let n = content
-                    .lines()
-                    .position(|l| l.contains(line.trim()))
-                    .map_or(0, |i| i + 1);
+            Err(dotenvy::Error::LineParse(_, _)) => {
+                let loc = dotenv_error_loc(&content);
                 return Err(ConfigError::at(
                     path,
-                    Loc {
-                        line: n,
-                        col: pos + 1,
-                    },
-                    "cannot parse this line of the .env file: write KEY=value",
+                    loc,
+                    "cannot parse this line of the .env file: write KEY=value (quote values with spaces or `#`, close every quote)",
                 ));
             }
             Err(e) => {
@@ -415,6 +463,103 @@ fn read_dotenv(path: &Path) -> Result<HashMap<String, String>, ConfigError> {
     Ok(out)
 }
 
+/// Where the first line of `content` that dotenvy refuses is. dotenvy
+/// reports only the text of the (logical, possibly multi-line) line, so
+/// the file is split into logical lines the way dotenvy does and each is
+/// parsed alone (syntax does not depend on earlier lines) until one fails.
+fn dotenv_error_loc(content: &str) -> Loc {
+    for (first_line, text) in dotenv_logical_lines(content) {
+        if let Some(Err(dotenvy::Error::LineParse(_, pos))) =
+            dotenvy::from_read_iter(text.as_bytes()).find(|r| r.is_err())
+        {
+            let pos = pos.min(text.len());
+            // An unclosed quote: dotenvy points at the end; the quote's
+            // line is more useful, so stay on the first line.
+            let inner = if pos >= text.trim_end().len() && text.contains('\n') {
+                Loc { line: 1, col: 1 }
+            } else {
+                yaml::loc_of_offset(text.as_bytes(), pos)
+            };
+            return Loc {
+                line: first_line + inner.line - 1,
+                col: inner.col,
+            };
+        }
+    }
+    Loc { line: 1, col: 1 }
+}
+
+/// `.env`'s logical lines with the 1-based number of their first physical
+/// line: a line continues while a quote is open or it ends in `\`
+/// (dotenvy's rule); comment and blank lines are skipped.
+fn dotenv_logical_lines(content: &str) -> Vec<(usize, String)> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum St {
+        Complete,
+        Escape,
+        Strong,
+        StrongEsc,
+        Weak,
+        WeakEsc,
+        White,
+    }
+    let content = content.strip_prefix('\u{feff}').unwrap_or(content);
+    let mut out = Vec::new();
+    let mut buf = String::new();
+    let mut start = 0;
+    let mut st = St::Complete;
+    for (i, line) in content.split_inclusive('\n').enumerate() {
+        if buf.is_empty() {
+            start = i + 1;
+            if line.trim_start().starts_with('#') || line.trim().is_empty() {
+                continue;
+            }
+        }
+        buf.push_str(line);
+        for c in line.chars() {
+            st = match st {
+                St::White => match c {
+                    '#' => {
+                        st = St::Complete;
+                        break;
+                    }
+                    '\\' => St::Escape,
+                    '"' => St::Weak,
+                    '\'' => St::Strong,
+                    _ => St::Complete,
+                },
+                St::Escape => St::Complete,
+                St::Complete => match c {
+                    c if c.is_whitespace() && c != '\n' && c != '\r' => St::White,
+                    '\\' => St::Escape,
+                    '"' => St::Weak,
+                    '\'' => St::Strong,
+                    _ => St::Complete,
+                },
+                St::Weak => match c {
+                    '\\' => St::WeakEsc,
+                    '"' => St::Complete,
+                    _ => St::Weak,
+                },
+                St::WeakEsc => St::Weak,
+                St::Strong => match c {
+                    '\\' => St::StrongEsc,
+                    '\'' => St::Complete,
+                    _ => St::Strong,
+                },
+                St::StrongEsc => St::Strong,
+            };
+        }
+        if st == St::Complete {
+            out.push((start, std::mem::take(&mut buf)));
+        }
+    }
+    if !buf.is_empty() {
+        out.push((start, buf));
+    }
+    out
+}
+
 /// Loads from a string (the file name is only used in messages; `dir`
 /// resolves relative paths).
 pub fn load_str(
@@ -428,6 +573,9 @@ pub fn load_str(
     let mut cx = Cx {
         file: file.to_path_buf(),
         warnings: Vec::new(),
+        env_loc: None,
+        interpolated: std::cell::Cell::new(0),
+        inherited: 0,
     };
     let root = cx.merge_env(root, env)?;
     let root = cx.interpolate(root, vars)?;
@@ -437,6 +585,12 @@ pub fn load_str(
 struct Cx {
     file: PathBuf,
     warnings: Vec<Warning>,
+    /// Where the chosen environment is declared (`environments.<env>`).
+    env_loc: Option<Loc>,
+    /// Text produced by interpolation so far.
+    interpolated: std::cell::Cell<usize>,
+    /// Values copied into services by runtime inheritance so far.
+    inherited: usize,
 }
 
 const TOP_KEYS: &[&str] = &[
@@ -481,6 +635,58 @@ fn valid_name(s: &str) -> bool {
     matches!(c.next(), Some(f) if f.is_ascii_lowercase() || f.is_ascii_digit())
         && c.all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '-' || ch == '_')
 }
+
+/// Docker's rule for container, volume and network names
+/// (`[a-zA-Z0-9][a-zA-Z0-9_.-]*`), which also keeps them plain file names.
+fn docker_name(s: &str) -> bool {
+    let mut c = s.chars();
+    matches!(c.next(), Some(f) if f.is_ascii_alphanumeric())
+        && c.all(|ch| ch.is_ascii_alphanumeric() || "_.-".contains(ch))
+}
+
+/// A name or value for a message: long ones are cut.
+fn shown(s: &str) -> String {
+    const MAX: usize = 60;
+    match s.char_indices().nth(MAX) {
+        None => s.to_string(),
+        Some((i, _)) => format!("{}… ({} characters)", &s[..i], s.chars().count()),
+    }
+}
+
+/// `1ms`, `5s`, `24h`: a bound as a user would write it.
+fn short_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    match ms {
+        _ if ms % 3_600_000 == 0 && ms > 0 => format!("{}h", ms / 3_600_000),
+        _ if ms % 60_000 == 0 && ms > 0 => format!("{}m", ms / 60_000),
+        _ if ms % 1000 == 0 && ms > 0 => format!("{}s", ms / 1000),
+        _ => format!("{ms}ms"),
+    }
+}
+
+/// The shortest duration a setting takes (Docker's minimum for health
+/// check times) and the longest (a day: past that a wait looks like a hang).
+pub const MIN_DURATION: Duration = Duration::from_millis(1);
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
+/// The longest container name nanokit makes may have this many characters:
+/// a DNS label, since Docker's embedded DNS resolves container names on the
+/// project network (and the service name, a network alias, is one too).
+pub const MAX_CONTAINER_NAME: usize = 63;
+/// What the longest container name nanokit makes adds to `<project>`,
+/// `<env>` and `<service>`: `nk-<project>-<env>-<service>-install-<6 hex>`
+/// (the installer container, with the suffix added when the name is taken;
+/// a replica's `-<n>-<6 hex>` is shorter, as `instances` is at most 1000).
+pub const CONTAINER_NAME_OVERHEAD: usize = "nk---".len() + "-install-".len() + 6;
+/// One path component (NAME_MAX): a log file `<service>.log`, a volume
+/// directory, Docker's directory of a volume.
+pub const MAX_FILE_NAME: usize = 255;
+/// Most characters `<project>`, `<env>` and `<service>` may have together.
+pub const MAX_NAME_TOTAL: usize = MAX_CONTAINER_NAME - CONTAINER_NAME_OVERHEAD;
+/// The most text `${VAR}` interpolation may produce over the whole file.
+pub const MAX_INTERPOLATED_BYTES: usize = 16 << 20;
+/// The most values runtime inheritance may copy into services in total.
+pub const MAX_INHERITED_NODES: usize = 200_000;
 
 impl Cx {
     fn err(&self, loc: Loc, message: impl Into<String>) -> ConfigError {
@@ -551,10 +757,11 @@ impl Cx {
     }
 
     fn int(&self, node: &Node, what: &str, min: i64, max: i64) -> Result<i64, ConfigError> {
-        let v = match &node.value {
-            Value::Scalar { text, plain: true } => text.trim().parse::<i64>().ok(),
-            _ => None,
+        let (v, text) = match &node.value {
+            Value::Scalar { text, plain: true } => (text.trim().parse::<i64>().ok(), Some(text)),
+            _ => (None, None),
         };
+        let range = format!("a whole number between {min} and {max}");
         match v {
             Some(v) if v >= min && v <= max => Ok(v),
             Some(v) => Err(self.err(
@@ -563,25 +770,56 @@ impl Cx {
             )),
             None => Err(self.err(
                 node.loc,
-                format!("`{what}` must be a whole number, found {}", node.kind()),
+                match text {
+                    // A number, but not a whole one in i64 (`1e23`, `2.5`).
+                    Some(t) if node.kind() == "a number" => {
+                        format!("`{what}` must be {range}; `{}` is not", shown(t.trim()))
+                    }
+                    _ => format!("`{what}` must be {range}, found {}", node.kind()),
+                },
             )),
         }
     }
 
-    fn duration(&self, node: &Node, what: &str) -> Result<Duration, ConfigError> {
+    /// A duration within `[min, max]`; `allow_zero` also admits 0 (off).
+    fn duration(
+        &self,
+        node: &Node,
+        what: &str,
+        min: Duration,
+        max: Duration,
+        allow_zero: bool,
+    ) -> Result<Duration, ConfigError> {
         let text = self.string(node, what)?;
         let t = text.trim();
-        if let Ok(secs) = t.parse::<f64>() {
-            if secs >= 0.0 && secs.is_finite() {
-                return Ok(Duration::from_secs_f64(secs));
-            }
-        }
-        humantime::parse_duration(t).map_err(|_| {
-            self.err(
+        let range = format!(
+            "between {} and {}{}",
+            short_duration(min),
+            short_duration(max),
+            if allow_zero { " (or 0 for none)" } else { "" }
+        );
+        let d = match t.parse::<f64>() {
+            // A bare number is seconds; NaN, negatives and values too large
+            // for a Duration fail here, never panic.
+            Ok(secs) => Duration::try_from_secs_f64(secs).ok(),
+            Err(_) => humantime::parse_duration(t).ok(),
+        };
+        let Some(d) = d else {
+            return Err(self.err(
                 node.loc,
-                format!("`{what}` must be a duration such as `500ms`, `5s` or `2m`, found `{t}`"),
-            )
-        })
+                format!(
+                    "`{what}` must be a duration such as `500ms`, `5s` or `2m` ({range}), found `{}`",
+                    shown(t)
+                ),
+            ));
+        };
+        if (allow_zero && d.is_zero()) || (d >= min && d <= max) {
+            return Ok(d);
+        }
+        Err(self.err(
+            node.loc,
+            format!("`{what}` is `{}`: it must be {range}", shown(t)),
+        ))
     }
 
     /// One command (string) or several (list of strings).
@@ -637,7 +875,7 @@ impl Cx {
         };
         let list = self.map(&envs, "environments")?;
         let names: Vec<String> = list.iter().map(|(k, _)| k.name.clone()).collect();
-        let Some((_, block)) = list.iter().find(|(k, _)| k.name == env) else {
+        let Some((env_key, block)) = list.iter().find(|(k, _)| k.name == env) else {
             return if env == DEFAULT_ENV {
                 Ok(base)
             } else {
@@ -654,6 +892,13 @@ impl Cx {
                 ))
             };
         };
+        if !docker_name(env) {
+            return Err(self.err(
+                env_key.loc,
+                format!("environment name `{}` must be letters, digits, `_`, `.` or `-`, starting with a letter or digit: it becomes part of file, container and network names", shown(env)),
+            ));
+        }
+        self.env_loc = Some(env_key.loc);
         let block = block.clone();
         let keys = self.map(&block, &format!("environments.{env}"))?.to_vec();
         let allowed: Vec<&str> = TOP_KEYS
@@ -672,14 +917,27 @@ impl Cx {
         let loc = node.loc;
         let value = match node.value {
             Value::Scalar { text, plain } => {
-                let new = interp::interpolate(&text, vars).map_err(|e| {
-                    // Point at the `${` when the scalar is on one line.
-                    let mut l = loc;
-                    if !text[..e.offset].contains('\n') {
-                        l.col += text[..e.offset].chars().count() + usize::from(!plain);
-                    }
-                    self.err(l, e.message)
-                })?;
+                let new = interp::interpolate_capped(&text, vars, MAX_INTERPOLATED_BYTES).map_err(
+                    |e| {
+                        // Point at the `${` when the scalar is on one line.
+                        let mut l = loc;
+                        if !text[..e.offset].contains('\n') {
+                            l.col += text[..e.offset].chars().count() + usize::from(!plain);
+                        }
+                        self.err(l, e.message)
+                    },
+                )?;
+                let total = self.interpolated.get() + new.len();
+                if total > MAX_INTERPOLATED_BYTES {
+                    return Err(self.err(
+                        loc,
+                        format!(
+                            "interpolating `${{…}}` makes the file's values larger than {} MiB in total here: a variable is repeated too often or is too large",
+                            MAX_INTERPOLATED_BYTES >> 20
+                        ),
+                    ));
+                }
+                self.interpolated.set(total);
                 Value::Scalar { text: new, plain }
             }
             Value::Seq(items) => Value::Seq(
@@ -712,6 +970,15 @@ impl Cx {
             return Err(self.err(
                 name_node.loc,
                 format!("project name `{name}` must be lowercase letters, digits, `-` or `_`, starting with a letter or digit"),
+            ));
+        }
+        if name.len() + env.len() >= MAX_NAME_TOTAL {
+            return Err(self.err(
+                self.env_loc.filter(|_| env.len() > name.len()).unwrap_or(name_node.loc),
+                format!(
+                    "project name `{}` and environment `{}` are {} characters together, which leaves no room for service names: Docker container names `nk-<project>-<env>-<service>-install-<suffix>` have at most {MAX_CONTAINER_NAME} characters, so project, environment and service names have {MAX_NAME_TOTAL} together; shorten them",
+                    shown(&name), shown(env), name.len() + env.len()
+                ),
             ));
         }
         if let Some((k, _)) = top.iter().find(|(k, _)| k.name == "version") {
@@ -770,8 +1037,21 @@ impl Cx {
                     return Err(self.err(
                         k.loc,
                         format!(
-                            "volume name `{}` must be lowercase letters, digits, `-` or `_`",
-                            k.name
+                            "volume name `{}` must be lowercase letters, digits, `-` or `_`, starting with a letter or digit",
+                            shown(&k.name)
+                        ),
+                    ));
+                }
+                // `nk-<project>-<env>-<volume>` is Docker's volume name and a
+                // directory of Docker's; `<volume>` a directory of nanokit's.
+                let derived = "nk---".len() + name.len() + env.len() + k.name.len();
+                if derived > MAX_FILE_NAME {
+                    return Err(self.err(
+                        k.loc,
+                        format!(
+                            "volume name `{}` is too long: the Docker volume `nk-<project>-<env>-<volume>` would have {derived} characters, and a volume name is a directory name of at most {MAX_FILE_NAME}; use at most {} characters",
+                            shown(&k.name),
+                            MAX_FILE_NAME.saturating_sub(derived - k.name.len())
                         ),
                     ));
                 }
@@ -781,14 +1061,11 @@ impl Cx {
                     self.check_keys(e, &["name"], &format!("volume `{}`", k.name));
                     if let Some(n) = body.get("name") {
                         let v = self.string(n, "name")?;
-                        let ok = !v.is_empty()
-                            && v.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-                            && v.chars()
-                                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+                        let ok = docker_name(&v) && (2..=MAX_FILE_NAME).contains(&v.len());
                         if !ok {
                             return Err(self.err(
                                 n.loc,
-                                format!("`volumes.{}.name` is `{v}`: a volume name is letters, digits, `_`, `.` or `-`, starting with a letter or digit", k.name),
+                                format!("`volumes.{}.name` is `{}`: a Docker volume name is 2 to {MAX_FILE_NAME} letters, digits, `_`, `.` or `-`, starting with a letter or digit", k.name, shown(&v)),
                             ));
                         }
                         external_name = Some(v);
@@ -841,25 +1118,42 @@ impl Cx {
                 "`services` is empty: there is nothing to run",
             );
         }
+        let runtime_index: HashMap<&str, &Node> =
+            runtimes.iter().map(|(k, v)| (k.name.as_str(), v)).collect();
         let mut services = BTreeMap::new();
         let mut disabled = Vec::new();
         for (k, body) in entries {
             if !valid_name(&k.name) {
                 return Err(self.err(
                     k.loc,
-                    format!("service name `{}` must be lowercase letters, digits, `-` or `_`, starting with a letter or digit", k.name),
+                    format!("service name `{}` must be lowercase letters, digits, `-` or `_`, starting with a letter or digit", shown(&k.name)),
                 ));
             }
-            let svc = self.service(k, body, runtimes, &volumes, provider, dir)?;
+            // Checked for every provider, so a file that validates with one
+            // works with the other.
+            let room = MAX_NAME_TOTAL - name.len() - env.len();
+            if k.name.len() > room {
+                return Err(self.err(
+                    k.loc,
+                    format!(
+                        "service name `{}` is too long ({} characters): its Docker container `nk-{name}-{env}-<service>-install-<suffix>` may have at most {MAX_CONTAINER_NAME} characters, so with project `{name}` and environment `{env}` a service name has at most {room}",
+                        shown(&k.name),
+                        k.name.len()
+                    ),
+                ));
+            }
+            let svc = self.service(k, body, &runtime_index, &volumes, provider, dir)?;
             if svc.instances == 0 {
                 disabled.push(svc.name);
             } else {
                 services.insert(svc.name.clone(), svc);
             }
         }
+        let disabled_set: std::collections::HashSet<&str> =
+            disabled.iter().map(String::as_str).collect();
         for svc in services.values() {
             for d in &svc.depends_on {
-                if disabled.contains(&d.name) {
+                if disabled_set.contains(d.name.as_str()) {
                     return Err(ConfigError {
                         code: "ENKDEP",
                         file: self.file.clone(),
@@ -892,7 +1186,7 @@ impl Cx {
         &mut self,
         key: &Key,
         body: &Node,
-        runtimes: &[(Key, Node)],
+        runtime_index: &HashMap<&str, &Node>,
         volumes: &BTreeMap<String, Volume>,
         provider: ProviderKind,
         dir: &Path,
@@ -914,8 +1208,9 @@ impl Cx {
         let merged = match &runtime {
             None => body.clone(),
             Some(rt) => {
-                let Some((_, rnode)) = runtimes.iter().find(|(k, _)| &k.name == rt) else {
-                    let known: Vec<&str> = runtimes.iter().map(|(k, _)| k.name.as_str()).collect();
+                let Some(rnode) = runtime_index.get(rt.as_str()).copied() else {
+                    let mut known: Vec<&str> = runtime_index.keys().copied().collect();
+                    known.sort_unstable();
                     return Err(self.err(
                         body.get("runtime").map_or(key.loc, |n| n.loc),
                         format!(
@@ -927,6 +1222,15 @@ impl Cx {
                 if let Some(d) = rnode.get("depends_on") {
                     runtime_deps = self.deps(d)?;
                 }
+                // Every service copies its runtime: bounded in total, or a
+                // large runtime used by many services multiplies.
+                self.inherited += yaml::count_nodes(rnode);
+                if self.inherited > MAX_INHERITED_NODES {
+                    return Err(self.err(
+                        body.get("runtime").map_or(key.loc, |n| n.loc),
+                        format!("runtime inheritance copies more than {MAX_INHERITED_NODES} values into services in total (runtime `{}` is copied into each service that uses it): make the runtime smaller", shown(rt)),
+                    ));
+                }
                 yaml::deep_merge(rnode.clone(), body.clone())
             }
         };
@@ -934,17 +1238,41 @@ impl Cx {
 
         let image = self.opt_string(b.get("image"), "image")?;
         let start = self.opt_string(b.get("start"), "start")?;
+        // Which provider needs what: the process provider runs `start` (it
+        // has nothing else to run); Docker runs `image`, and `start` only
+        // replaces the image's command. Whether an image has a command of
+        // its own is not checked here (`validate` does not talk to the
+        // daemon): an image without one fails at `up`, naming the service.
         if provider == ProviderKind::Process && start.is_none() {
             return Err(self.err(
                 key.loc,
                 format!("{ctx} has no `start` command: the process provider runs `start` as a local process; add `start: <command>`"),
             ));
         }
+        if let (Some(s), Some(n)) = (&start, b.get("start")) {
+            if s.trim().is_empty() {
+                return Err(self.err(
+                    n.loc,
+                    match provider {
+                        ProviderKind::Process => format!("`start` of {ctx} is empty: the process provider runs it as the service's command; write one, such as `start: node server.js`"),
+                        ProviderKind::Docker => format!("`start` of {ctx} is empty: omit `start` to run the image's own command, or write one"),
+                    },
+                ));
+            }
+        }
         if provider == ProviderKind::Docker && image.is_none() {
             return Err(self.err(
                 key.loc,
                 format!("{ctx} has no `image`: the docker provider needs one"),
             ));
+        }
+        if let (ProviderKind::Docker, Some(i), Some(n)) = (provider, &image, b.get("image")) {
+            if i.trim().is_empty() || i.chars().any(char::is_whitespace) {
+                return Err(self.err(
+                    n.loc,
+                    format!("`image` of {ctx} is `{}`: name the image to run, such as `image: node:22-alpine` (no spaces)", shown(i)),
+                ));
+            }
         }
         if provider == ProviderKind::Process {
             if let Some(n) = b.get("image") {
@@ -977,9 +1305,11 @@ impl Cx {
             }
         };
         let mut depends_on = runtime_deps;
+        let mut dep_names: std::collections::HashSet<String> =
+            depends_on.iter().map(|d| d.name.clone()).collect();
         if let Some(d) = body.get("depends_on") {
             for dep in self.deps(d)? {
-                if !depends_on.iter().any(|x: &Dep| x.name == dep.name) {
+                if dep_names.insert(dep.name.clone()) {
                     depends_on.push(dep);
                 }
             }
@@ -1122,6 +1452,14 @@ impl Cx {
             let e = self.map(p, "provisioning")?.to_vec();
             self.check_keys(&e, &["install", "image"], &format!("provisioning of {ctx}"));
             install = self.opt_string(p.get("install"), "provisioning.install")?;
+            if let (Some(i), Some(n)) = (&install, p.get("install")) {
+                if i.trim().is_empty() {
+                    return Err(self.err(
+                        n.loc,
+                        format!("`provisioning.install` of {ctx} is empty: write the install command, or drop the key"),
+                    ));
+                }
+            }
             install_image = self.opt_string(p.get("image"), "provisioning.image")?;
             if install_image.is_some() && provider == ProviderKind::Process {
                 self.warn(
@@ -1171,11 +1509,11 @@ impl Cx {
                     .trim()
                     .parse()
                     .ok()
-                    .filter(|v: &f64| *v > 0.0 && v.is_finite())
+                    .filter(|v: &f64| (0.01..=1024.0).contains(v))
                     .ok_or_else(|| {
                         self.err(
                             n.loc,
-                            format!("`cpu` must be a positive number such as `0.5`, found `{s}`"),
+                            format!("`cpu` must be a number of CPUs between 0.01 (Docker's least) and 1024, such as `0.5`, found `{}`", shown(&s)),
                         )
                     })?;
                 if provider == ProviderKind::Process {
@@ -1191,12 +1529,14 @@ impl Cx {
         let memory = match b.get("memory") {
             Some(n) if !n.is_null() => {
                 let s = self.string(n, "memory")?;
-                let v = parse_memory(&s).ok_or_else(|| {
-                    self.err(
-                        n.loc,
-                        format!("`memory` must be a size such as `512mb` or `1gb`, found `{s}`"),
-                    )
-                })?;
+                let v = parse_memory(&s)
+                    .filter(|v| (MIN_MEMORY..=MAX_MEMORY).contains(v))
+                    .ok_or_else(|| {
+                        self.err(
+                            n.loc,
+                            format!("`memory` must be a size between 6mb (Docker's least) and 16tb, such as `512mb` or `1gb`, found `{}`", shown(&s)),
+                        )
+                    })?;
                 if provider == ProviderKind::Process {
                     self.warn(
                         n.loc,
@@ -1301,17 +1641,33 @@ impl Cx {
         if test.is_empty() {
             return Err(self.err(test_node.loc, "`healthcheck.test` is empty"));
         }
-        let dur = |key: &str, default: Duration| -> Result<Duration, ConfigError> {
-            match h.get(key) {
-                Some(n) if !n.is_null() => self.duration(n, &format!("healthcheck.{key}")),
-                _ => Ok(default),
-            }
-        };
+        let shell = test.len() == 3 && test[0] == "sh" && test[1] == "-c";
+        if (shell && test[2].trim().is_empty()) || test.iter().all(|a| a.trim().is_empty()) {
+            return Err(self.err(
+                test_node.loc,
+                format!("`healthcheck.test` of {ctx} is an empty command: write the command that exits 0 when the service is healthy"),
+            ));
+        }
+        // Docker takes 0 (inherit) or at least 1 ms for each; a day is far
+        // past any sane wait, and a longer one would make `up` look hung.
+        let dur =
+            |key: &str, default: Duration, allow_zero: bool| -> Result<Duration, ConfigError> {
+                match h.get(key) {
+                    Some(n) if !n.is_null() => self.duration(
+                        n,
+                        &format!("healthcheck.{key}"),
+                        MIN_DURATION,
+                        MAX_DURATION,
+                        allow_zero,
+                    ),
+                    _ => Ok(default),
+                }
+            };
         Ok(Healthcheck {
             test,
-            interval: dur("interval", Duration::from_millis(500))?,
-            timeout: dur("timeout", Duration::from_secs(5))?,
-            start_period: dur("start_period", Duration::ZERO)?,
+            interval: dur("interval", Duration::from_millis(500), false)?,
+            timeout: dur("timeout", Duration::from_secs(5), false)?,
+            start_period: dur("start_period", Duration::ZERO, true)?,
             retries: match h.get("retries") {
                 Some(n) if !n.is_null() => self.int(n, "healthcheck.retries", 1, 10_000)? as u32,
                 _ => 3,
@@ -1319,6 +1675,10 @@ impl Cx {
         })
     }
 }
+
+/// Docker's smallest memory limit, and a bound far past any host.
+const MIN_MEMORY: u64 = 6 << 20;
+const MAX_MEMORY: u64 = 16 << 40;
 
 /// `512mb`, `1gb`, `1024k`, `100` (bytes).
 fn parse_memory(s: &str) -> Option<u64> {
@@ -1333,7 +1693,9 @@ fn parse_memory(s: &str) -> Option<u64> {
         "k" | "kb" | "kib" => 1024.0,
         "m" | "mb" | "mib" => 1024.0 * 1024.0,
         "g" | "gb" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "t" | "tb" | "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
         _ => return None,
     };
-    (n > 0.0).then_some((n * mult) as u64)
+    let bytes = n * mult;
+    (bytes > 0.0 && bytes < u64::MAX as f64).then_some(bytes as u64)
 }

@@ -6,10 +6,17 @@
 //! Scalars are kept as text with their style: a plain scalar's type (null,
 //! bool, number) is decided only when a typed value is read, after
 //! interpolation, so `port: ${PORT:-8080}` becomes a number.
+//!
+//! Hostile input cannot take the process down: the file size, the nesting
+//! depth (also through aliases), the number of aliases and the values and
+//! text that anchors and aliases copy are capped (the `MAX_*` constants, as
+//! serde_yaml and libyaml-based loaders cap alias expansion), each breach an
+//! error at the line and column where it happens; nothing here recurses
+//! deeper than [`MAX_DEPTH`].
 
 use std::collections::HashMap;
 
-use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
+use yaml_rust2::parser::{Event, Parser};
 use yaml_rust2::scanner::{Marker, TScalarStyle};
 
 /// A 1-based line and column in the source file.
@@ -102,11 +109,44 @@ pub struct SyntaxError {
     pub message: String,
 }
 
+/// The largest nanokit.yml (and `.env`) read, in bytes.
+pub const MAX_FILE_BYTES: usize = 1 << 20;
+/// The deepest nesting of mappings and lists, counting the top level, also
+/// through aliases (a real nanokit.yml needs about 7).
+pub const MAX_DEPTH: usize = 64;
+/// The most values (scalars, lists, mappings) the document may hold,
+/// counting each copy an anchor or an alias makes.
+pub const MAX_NODES: usize = 200_000;
+/// The most aliases (`*name`) in one document.
+pub const MAX_ALIASES: usize = 10_000;
+/// The most text (scalars and keys) anchors and aliases may copy in total.
+pub const MAX_COPIED_BYTES: usize = 8 << 20;
+
+/// A subtree's size, kept for every anchor so an alias knows what it costs
+/// before it copies anything.
+#[derive(Clone, Copy, Default)]
+struct Size {
+    /// Levels of nesting: 0 for a scalar, 1 + the deepest child for a list
+    /// or mapping.
+    height: usize,
+    nodes: usize,
+    bytes: usize,
+}
+
+impl Size {
+    fn add_child(&mut self, child: Size) {
+        self.height = self.height.max(child.height + 1);
+        self.nodes += child.nodes;
+        self.bytes += child.bytes;
+    }
+}
+
 enum Frame {
     Seq {
         items: Vec<Node>,
         loc: Loc,
         anchor: usize,
+        size: Size,
     },
     Map {
         entries: Vec<(Key, Node)>,
@@ -115,28 +155,92 @@ enum Frame {
         pending: Option<Key>,
         loc: Loc,
         anchor: usize,
+        size: Size,
     },
 }
 
 #[derive(Default)]
 struct Builder {
     stack: Vec<Frame>,
-    anchors: HashMap<usize, Node>,
+    anchors: HashMap<usize, (Node, Size)>,
     root: Option<Node>,
     error: Option<SyntaxError>,
     documents: usize,
+    /// Values materialised so far, copies included.
+    nodes: usize,
+    aliases: usize,
+    copied_bytes: usize,
 }
 
 impl Builder {
-    fn push_node(&mut self, node: Node, anchor: usize) {
+    fn fail(&mut self, loc: Loc, message: String) {
+        if self.error.is_none() {
+            self.error = Some(SyntaxError { loc, message });
+        }
+    }
+
+    /// Spends `nodes` values and `bytes` of copied text; false (and the
+    /// error set) when that breaks a limit.
+    fn spend(&mut self, loc: Loc, nodes: usize, copied: usize) -> bool {
+        self.nodes += nodes;
+        self.copied_bytes += copied;
+        if self.nodes > MAX_NODES {
+            self.fail(
+                loc,
+                format!(
+                    "the file expands to more than {MAX_NODES} values (every copy an anchor `&name` or alias `*name` makes counts): \
+                     is this an alias bomb? Repeat less through aliases, or split the file"
+                ),
+            );
+            return false;
+        }
+        if self.copied_bytes > MAX_COPIED_BYTES {
+            self.fail(
+                loc,
+                format!(
+                    "anchors and aliases copy more than {} MiB of text: is this an alias bomb? Repeat less through aliases",
+                    MAX_COPIED_BYTES >> 20
+                ),
+            );
+            return false;
+        }
+        true
+    }
+
+    fn open(&mut self, loc: Loc) -> bool {
+        if self.stack.len() >= MAX_DEPTH {
+            self.fail(
+                loc,
+                format!(
+                    "mappings and lists are nested more than {MAX_DEPTH} levels deep here: nanokit.yml needs far fewer; flatten the file"
+                ),
+            );
+            return false;
+        }
+        self.spend(loc, 1, 0)
+    }
+
+    fn push_node(&mut self, node: Node, anchor: usize, size: Size) {
         if self.error.is_some() {
             return;
         }
         if anchor > 0 {
-            self.anchors.insert(anchor, node.clone());
+            // The copy kept for later aliases is paid for like an alias.
+            if !self.spend(node.loc, size.nodes, size.bytes) {
+                return;
+            }
+            self.anchors.insert(anchor, (node.clone(), size));
         }
+        let frame_size = match self.stack.last_mut() {
+            None => {
+                self.root = Some(node);
+                return;
+            }
+            Some(Frame::Seq { size, .. }) | Some(Frame::Map { size, .. }) => size,
+        };
+        frame_size.add_child(size);
         match self.stack.last_mut() {
-            None => self.root = Some(node),
+            None => {}
             Some(Frame::Seq { items, .. }) => items.push(node),
             Some(Frame::Map {
                 entries,
@@ -179,9 +283,7 @@ impl Builder {
             },
         }
     }
-}
 
-impl MarkedEventReceiver for Builder {
     fn on_event(&mut self, ev: Event, mark: Marker) {
         if self.error.is_some() {
             return;
@@ -198,44 +300,98 @@ impl MarkedEventReceiver for Builder {
                 }
             }
             Event::Scalar(text, style, anchor, _tag) => {
+                if !self.spend(loc, 1, 0) {
+                    return;
+                }
                 let plain = style == TScalarStyle::Plain;
+                let size = Size {
+                    height: 0,
+                    nodes: 1,
+                    bytes: text.len(),
+                };
                 self.push_node(
                     Node {
                         value: Value::Scalar { text, plain },
                         loc,
                     },
                     anchor,
+                    size,
                 );
             }
-            Event::Alias(id) => match self.anchors.get(&id).cloned() {
-                Some(node) => self.push_node(node, 0),
-                None => {
-                    self.error = Some(SyntaxError {
+            Event::Alias(id) => {
+                let Some(size) = self.anchors.get(&id).map(|(_, s)| *s) else {
+                    self.fail(loc, "alias refers to an unknown anchor".into());
+                    return;
+                };
+                self.aliases += 1;
+                if self.aliases > MAX_ALIASES {
+                    self.fail(
                         loc,
-                        message: "alias refers to an unknown anchor".into(),
+                        format!("more than {MAX_ALIASES} aliases (`*name`) in the file: is this an alias bomb? Use fewer aliases"),
+                    );
+                    return;
+                }
+                if self.stack.len() + size.height > MAX_DEPTH {
+                    self.fail(
+                        loc,
+                        format!(
+                            "this alias nests mappings and lists more than {MAX_DEPTH} levels deep: nanokit.yml needs far fewer; flatten the file"
+                        ),
+                    );
+                    return;
+                }
+                // Checked before the copy is made.
+                if !self.spend(loc, size.nodes, size.bytes) {
+                    return;
+                }
+                let node = self.anchors[&id].0.clone();
+                self.push_node(node, 0, size);
+            }
+            Event::SequenceStart(anchor, _) => {
+                if self.open(loc) {
+                    self.stack.push(Frame::Seq {
+                        items: Vec::new(),
+                        loc,
+                        anchor,
+                        size: Size {
+                            height: 1,
+                            nodes: 1,
+                            bytes: 0,
+                        },
                     })
                 }
-            },
-            Event::SequenceStart(anchor, _) => self.stack.push(Frame::Seq {
-                items: Vec::new(),
-                loc,
-                anchor,
-            }),
-            Event::MappingStart(anchor, _) => self.stack.push(Frame::Map {
-                entries: Vec::new(),
-                seen: HashMap::new(),
-                pending: None,
-                loc,
-                anchor,
-            }),
+            }
+            Event::MappingStart(anchor, _) => {
+                if self.open(loc) {
+                    self.stack.push(Frame::Map {
+                        entries: Vec::new(),
+                        seen: HashMap::new(),
+                        pending: None,
+                        loc,
+                        anchor,
+                        size: Size {
+                            height: 1,
+                            nodes: 1,
+                            bytes: 0,
+                        },
+                    })
+                }
+            }
             Event::SequenceEnd => {
-                if let Some(Frame::Seq { items, loc, anchor }) = self.stack.pop() {
+                if let Some(Frame::Seq {
+                    items,
+                    loc,
+                    anchor,
+                    size,
+                }) = self.stack.pop()
+                {
                     self.push_node(
                         Node {
                             value: Value::Seq(items),
                             loc,
                         },
                         anchor,
+                        size,
                     );
                 }
             }
@@ -244,6 +400,7 @@ impl MarkedEventReceiver for Builder {
                     entries,
                     loc,
                     anchor,
+                    size,
                     ..
                 }) = self.stack.pop()
                 {
@@ -254,6 +411,7 @@ impl MarkedEventReceiver for Builder {
                                 loc,
                             },
                             anchor,
+                            size,
                         ),
                         Err(e) => self.error = Some(e),
                     }
@@ -288,11 +446,13 @@ fn apply_merge_keys(entries: Vec<(Key, Node)>) -> Result<Vec<(Key, Node)>, Synta
             own.push((k, v));
         }
     }
+    let mut names: std::collections::HashSet<String> =
+        own.iter().map(|(k, _)| k.name.clone()).collect();
     for m in merged {
         match m.value {
             Value::Map(items) => {
                 for (k, v) in items {
-                    if !own.iter().any(|(o, _)| o.name == k.name) {
+                    if names.insert(k.name.clone()) {
                         own.push((k, v));
                     }
                 }
@@ -308,20 +468,54 @@ fn apply_merge_keys(entries: Vec<(Key, Node)>) -> Result<Vec<(Key, Node)>, Synta
     Ok(own)
 }
 
+/// Where byte `offset` of `src` is (1-based line and column in characters).
+pub fn loc_of_offset(src: &[u8], offset: usize) -> Loc {
+    let before = &src[..offset.min(src.len())];
+    let line_start = before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let col = String::from_utf8_lossy(&before[line_start..])
+        .chars()
+        .count()
+        + 1;
+    Loc { line, col }
+}
+
 /// Parses one YAML document. An empty document is an empty mapping.
+///
+/// The limits above hold whatever the input: the file is refused past
+/// [`MAX_FILE_BYTES`], parsing stops at the first event that breaks a limit
+/// (the parser is driven event by event, without recursion), and no tree
+/// deeper than [`MAX_DEPTH`] is ever built, so the recursive stages after
+/// this one (merge, interpolation, validation, `Drop`) stay shallow.
 pub fn parse(src: &str) -> Result<Node, SyntaxError> {
-    let mut builder = Builder::default();
-    let mut parser = Parser::new_from_str(src);
-    if let Err(e) = parser.load(&mut builder, true) {
+    if src.len() > MAX_FILE_BYTES {
         return Err(SyntaxError {
-            loc: Loc::from_marker(*e.marker()),
-            message: format!("YAML syntax error: {}", e.info()),
+            loc: loc_of_offset(src.as_bytes(), MAX_FILE_BYTES),
+            message: format!(
+                "the file is larger than {} MiB, where nanokit stops reading: a nanokit.yml is a few KiB",
+                MAX_FILE_BYTES >> 20
+            ),
         });
     }
-    if let Some(e) = builder.error {
-        return Err(e);
+    let mut builder = Builder::default();
+    let mut parser = Parser::new_from_str(src);
+    loop {
+        let (ev, mark) = parser.next_token().map_err(|e| SyntaxError {
+            loc: Loc::from_marker(*e.marker()),
+            message: format!("YAML syntax error: {}", e.info()),
+        })?;
+        if ev == Event::StreamEnd {
+            break;
+        }
+        builder.on_event(ev, mark);
+        if let Some(e) = builder.error.take() {
+            return Err(e);
+        }
     }
-    Ok(builder.root.unwrap_or(Node {
+    Ok(builder.root.take().unwrap_or(Node {
         value: Value::Map(Vec::new()),
         loc: Loc { line: 1, col: 1 },
     }))
@@ -332,11 +526,23 @@ pub fn parse(src: &str) -> Result<Node, SyntaxError> {
 pub fn deep_merge(base: Node, over: Node) -> Node {
     match (base.value, over.value) {
         (Value::Map(mut b), Value::Map(o)) => {
+            let mut index: HashMap<String, usize> = b
+                .iter()
+                .enumerate()
+                .map(|(i, (k, _))| (k.name.clone(), i))
+                .collect();
             for (k, v) in o {
-                if let Some(pos) = b.iter().position(|(bk, _)| bk.name == k.name) {
-                    let (_, old) = b.remove(pos);
-                    b.insert(pos, (k, deep_merge(old, v)));
+                if let Some(&pos) = index.get(&k.name) {
+                    let old = std::mem::replace(
+                        &mut b[pos].1,
+                        Node {
+                            value: Value::Seq(Vec::new()),
+                            loc: Loc::default(),
+                        },
+                    );
+                    b[pos] = (k, deep_merge(old, v));
                 } else {
+                    index.insert(k.name.clone(), b.len());
                     b.push((k, v));
                 }
             }
@@ -349,5 +555,14 @@ pub fn deep_merge(base: Node, over: Node) -> Node {
             value,
             loc: over.loc,
         },
+    }
+}
+
+/// Values in `node`'s tree, itself included.
+pub fn count_nodes(node: &Node) -> usize {
+    1 + match &node.value {
+        Value::Scalar { .. } => 0,
+        Value::Seq(items) => items.iter().map(count_nodes).sum(),
+        Value::Map(entries) => entries.iter().map(|(_, v)| 1 + count_nodes(v)).sum(),
     }
 }
