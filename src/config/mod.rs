@@ -576,6 +576,7 @@ pub fn load_str(
         env_loc: None,
         interpolated: std::cell::Cell::new(0),
         inherited: 0,
+        interpolated_at: Default::default(),
     };
     let root = cx.merge_env(root, env)?;
     let root = cx.interpolate(root, vars)?;
@@ -591,6 +592,9 @@ struct Cx {
     interpolated: std::cell::Cell<usize>,
     /// Values copied into services by runtime inheritance so far.
     inherited: usize,
+    /// Where scalars that interpolation changed are: their text may hold
+    /// a secret, so messages do not show it.
+    interpolated_at: std::cell::RefCell<std::collections::HashSet<Loc>>,
 }
 
 const TOP_KEYS: &[&str] = &[
@@ -693,6 +697,16 @@ impl Cx {
         ConfigError::at(&self.file, loc, message)
     }
 
+    /// `text` (read from `node`) for a message, in backticks and cut when
+    /// long; a value that came from `${…}` is not shown.
+    fn val(&self, node: &Node, text: &str) -> String {
+        if self.interpolated_at.borrow().contains(&node.loc) {
+            "the value from `${…}` (not shown)".into()
+        } else {
+            format!("`{}`", shown(text))
+        }
+    }
+
     fn warn(&mut self, loc: Loc, message: impl Into<String>) {
         self.warnings.push(Warning {
             file: self.file.clone(),
@@ -766,14 +780,20 @@ impl Cx {
             Some(v) if v >= min && v <= max => Ok(v),
             Some(v) => Err(self.err(
                 node.loc,
-                format!("`{what}` is {v}, it must be between {min} and {max}"),
+                format!(
+                    "`{what}` is {}, it must be between {min} and {max}",
+                    self.val(node, &v.to_string()).trim_matches('`')
+                ),
             )),
             None => Err(self.err(
                 node.loc,
                 match text {
                     // A number, but not a whole one in i64 (`1e23`, `2.5`).
                     Some(t) if node.kind() == "a number" => {
-                        format!("`{what}` must be {range}; `{}` is not", shown(t.trim()))
+                        format!(
+                            "`{what}` must be {range}; {} is not",
+                            self.val(node, t.trim())
+                        )
                     }
                     _ => format!("`{what}` must be {range}, found {}", node.kind()),
                 },
@@ -808,8 +828,8 @@ impl Cx {
             return Err(self.err(
                 node.loc,
                 format!(
-                    "`{what}` must be a duration such as `500ms`, `5s` or `2m` ({range}), found `{}`",
-                    shown(t)
+                    "`{what}` must be a duration such as `500ms`, `5s` or `2m` ({range}), found {}",
+                    self.val(node, t)
                 ),
             ));
         };
@@ -818,7 +838,7 @@ impl Cx {
         }
         Err(self.err(
             node.loc,
-            format!("`{what}` is `{}`: it must be {range}", shown(t)),
+            format!("`{what}` is {}: it must be {range}", self.val(node, t)),
         ))
     }
 
@@ -938,6 +958,9 @@ impl Cx {
                     ));
                 }
                 self.interpolated.set(total);
+                if new != text {
+                    self.interpolated_at.borrow_mut().insert(loc);
+                }
                 Value::Scalar { text: new, plain }
             }
             Value::Seq(items) => Value::Seq(
@@ -969,7 +992,7 @@ impl Cx {
         if !valid_name(&name) {
             return Err(self.err(
                 name_node.loc,
-                format!("project name `{name}` must be lowercase letters, digits, `-` or `_`, starting with a letter or digit"),
+                format!("project name {} must be lowercase letters, digits, `-` or `_`, starting with a letter or digit", self.val(name_node, &name)),
             ));
         }
         if name.len() + env.len() >= MAX_NAME_TOTAL {
@@ -994,13 +1017,21 @@ impl Cx {
             let entries = self.map(infra, "infra")?;
             self.check_keys(entries, &["provider", "state"], "infra");
             if let Some(p) = infra.get("provider") {
+                let shown_p = self.val(p, &self.string(p, "infra.provider")?);
                 provider = match self.string(p, "infra.provider")?.as_str() {
                     "process" => ProviderKind::Process,
                     "docker" => ProviderKind::Docker,
                     other => {
                         return Err(self.err(
                             p.loc,
-                            format!("unknown provider `{other}`: use `process` (local processes) or `docker`"),
+                            format!(
+                                "unknown provider {}: use `process` (local processes) or `docker`",
+                                if other.is_empty() {
+                                    "``".into()
+                                } else {
+                                    shown_p
+                                }
+                            ),
                         ))
                     }
                 };
@@ -1065,7 +1096,7 @@ impl Cx {
                         if !ok {
                             return Err(self.err(
                                 n.loc,
-                                format!("`volumes.{}.name` is `{}`: a Docker volume name is 2 to {MAX_FILE_NAME} letters, digits, `_`, `.` or `-`, starting with a letter or digit", k.name, shown(&v)),
+                                format!("`volumes.{}.name` is {}: a Docker volume name is 2 to {MAX_FILE_NAME} letters, digits, `_`, `.` or `-`, starting with a letter or digit", k.name, self.val(n, &v)),
                             ));
                         }
                         external_name = Some(v);
@@ -1214,7 +1245,8 @@ impl Cx {
                     return Err(self.err(
                         body.get("runtime").map_or(key.loc, |n| n.loc),
                         format!(
-                            "{ctx} uses runtime `{rt}`, which is not defined under `runtimes` (defined: {})",
+                            "{ctx} uses runtime {}, which is not defined under `runtimes` (defined: {})",
+                            body.get("runtime").map_or_else(|| shown(rt), |n| self.val(n, rt)),
                             if known.is_empty() { "none".into() } else { known.join(", ") }
                         ),
                     ));
@@ -1228,7 +1260,7 @@ impl Cx {
                 if self.inherited > MAX_INHERITED_NODES {
                     return Err(self.err(
                         body.get("runtime").map_or(key.loc, |n| n.loc),
-                        format!("runtime inheritance copies more than {MAX_INHERITED_NODES} values into services in total (runtime `{}` is copied into each service that uses it): make the runtime smaller", shown(rt)),
+                        format!("runtime inheritance copies more than {MAX_INHERITED_NODES} values into services in total (runtime {} is copied into each service that uses it): make the runtime smaller", body.get("runtime").map_or_else(|| shown(rt), |n| self.val(n, rt))),
                     ));
                 }
                 yaml::deep_merge(rnode.clone(), body.clone())
@@ -1270,7 +1302,7 @@ impl Cx {
             if i.trim().is_empty() || i.chars().any(char::is_whitespace) {
                 return Err(self.err(
                     n.loc,
-                    format!("`image` of {ctx} is `{}`: name the image to run, such as `image: node:22-alpine` (no spaces)", shown(i)),
+                    format!("`image` of {ctx} is {}: name the image to run, such as `image: node:22-alpine` (no spaces)", self.val(n, i)),
                 ));
             }
         }
@@ -1298,7 +1330,7 @@ impl Cx {
                 if !abs.is_dir() {
                     return Err(self.err(
                         b.get("path").map_or(key.loc, |n| n.loc),
-                        format!("`path` of {ctx} is `{p}`, which is not a directory (relative paths start at the nanokit.yml's folder)"),
+                        format!("`path` of {ctx} is {}, which is not a directory (relative paths start at the nanokit.yml's folder)", b.get("path").map_or_else(|| shown(&p), |n| self.val(n, &p))),
                     ));
                 }
                 abs
@@ -1376,20 +1408,20 @@ impl Cx {
             for item in items {
                 let s = self.string(item, "volume")?;
                 let (source, target) = s.split_once(':').ok_or_else(|| {
-                    self.err(item.loc, format!("volume `{s}` must be `source:target` (a named volume or a path, then where it appears)"))
+                    self.err(item.loc, format!("volume {} must be `source:target` (a named volume or a path, then where it appears)", self.val(item, &s)))
                 })?;
                 let is_path =
                     source.starts_with('.') || source.starts_with('/') || source.starts_with('~');
                 if provider == ProviderKind::Docker && !target.starts_with('/') {
                     return Err(self.err(
                         item.loc,
-                        format!("volume `{s}` of {ctx}: the target `{target}` must be an absolute path inside the container, such as `/data`"),
+                        format!("volume {} of {ctx}: the target must be an absolute path inside the container, such as `/data`", self.val(item, &s)),
                     ));
                 }
                 if !is_path && !volumes.contains_key(source) {
                     return Err(self.err(
                         item.loc,
-                        format!("{ctx} mounts volume `{source}`, which is not declared under top-level `volumes`; declare it or use a path like `./{source}`"),
+                        format!("{ctx} mounts volume {}, which is not declared under top-level `volumes`; declare it, or write a path such as `./data:/data`", self.val(item, source)),
                     ));
                 }
                 mounts.push(VolumeMount {
@@ -1442,7 +1474,11 @@ impl Cx {
             Some(other) => {
                 return Err(self.err(
                     b.get("updateStrategy").map_or(key.loc, |n| n.loc),
-                    format!("`updateStrategy` is `{other}`: use `recreate` or `rolling`"),
+                    format!(
+                        "`updateStrategy` is {}: use `recreate` or `rolling`",
+                        b.get("updateStrategy")
+                            .map_or_else(|| shown(other), |n| self.val(n, other))
+                    ),
                 ))
             }
         };
@@ -1513,7 +1549,7 @@ impl Cx {
                     .ok_or_else(|| {
                         self.err(
                             n.loc,
-                            format!("`cpu` must be a number of CPUs between 0.01 (Docker's least) and 1024, such as `0.5`, found `{}`", shown(&s)),
+                            format!("`cpu` must be a number of CPUs between 0.01 (Docker's least) and 1024, such as `0.5`, found {}", self.val(n, &s)),
                         )
                     })?;
                 if provider == ProviderKind::Process {
@@ -1534,7 +1570,7 @@ impl Cx {
                     .ok_or_else(|| {
                         self.err(
                             n.loc,
-                            format!("`memory` must be a size between 6mb (Docker's least) and 16tb, such as `512mb` or `1gb`, found `{}`", shown(&s)),
+                            format!("`memory` must be a size between 6mb (Docker's least) and 16tb, such as `512mb` or `1gb`, found {}", self.val(n, &s)),
                         )
                     })?;
                 if provider == ProviderKind::Process {

@@ -20,7 +20,7 @@ use yaml_rust2::parser::{Event, Parser};
 use yaml_rust2::scanner::{Marker, TScalarStyle};
 
 /// A 1-based line and column in the source file.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize)]
 pub struct Loc {
     pub line: usize,
     pub col: usize,
@@ -491,6 +491,27 @@ pub fn loc_of_offset(src: &[u8], offset: usize) -> Loc {
 /// deeper than [`MAX_DEPTH`] is ever built, so the recursive stages after
 /// this one (merge, interpolation, validation, `Drop`) stay shallow.
 pub fn parse(src: &str) -> Result<Node, SyntaxError> {
+    parse_unclamped(src).map_err(|mut e| {
+        e.loc = clamp(src, e.loc);
+        e
+    })
+}
+
+/// `loc`, moved back inside `src` (yaml-rust2 reports an error at the end
+/// of the input on the line after the last).
+fn clamp(src: &str, loc: Loc) -> Loc {
+    let lines = src.split('\n').count();
+    if loc.line > lines {
+        let last = src.rsplit('\n').next().unwrap_or("");
+        return Loc {
+            line: lines,
+            col: last.chars().count() + 1,
+        };
+    }
+    loc
+}
+
+fn parse_unclamped(src: &str) -> Result<Node, SyntaxError> {
     if src.len() > MAX_FILE_BYTES {
         return Err(SyntaxError {
             loc: loc_of_offset(src.as_bytes(), MAX_FILE_BYTES),
