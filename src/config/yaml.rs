@@ -170,6 +170,9 @@ struct Builder {
     nodes: usize,
     aliases: usize,
     copied_bytes: usize,
+    /// Just past the input's last character: yaml-rust2 marks what ends
+    /// at the end of the input on the line after the last.
+    end: Loc,
 }
 
 impl Builder {
@@ -288,7 +291,10 @@ impl Builder {
         if self.error.is_some() {
             return;
         }
-        let loc = Loc::from_marker(mark);
+        let mut loc = Loc::from_marker(mark);
+        if loc.line > self.end.line {
+            loc = self.end;
+        }
         match ev {
             Event::DocumentStart => {
                 self.documents += 1;
@@ -500,15 +506,21 @@ pub fn parse(src: &str) -> Result<Node, SyntaxError> {
 /// `loc`, moved back inside `src` (yaml-rust2 reports an error at the end
 /// of the input on the line after the last).
 fn clamp(src: &str, loc: Loc) -> Loc {
-    let lines = src.split('\n').count();
-    if loc.line > lines {
-        let last = src.rsplit('\n').next().unwrap_or("");
-        return Loc {
-            line: lines,
-            col: last.chars().count() + 1,
-        };
+    let end = end_of(src);
+    if loc.line > end.line {
+        end
+    } else {
+        loc
     }
-    loc
+}
+
+/// The location just past the last character of `src`.
+fn end_of(src: &str) -> Loc {
+    let last = src.rsplit('\n').next().unwrap_or("");
+    Loc {
+        line: src.split('\n').count(),
+        col: last.chars().count() + 1,
+    }
 }
 
 fn parse_unclamped(src: &str) -> Result<Node, SyntaxError> {
@@ -521,7 +533,10 @@ fn parse_unclamped(src: &str) -> Result<Node, SyntaxError> {
             ),
         });
     }
-    let mut builder = Builder::default();
+    let mut builder = Builder {
+        end: end_of(src),
+        ..Builder::default()
+    };
     let mut parser = Parser::new_from_str(src);
     loop {
         let (ev, mark) = parser.next_token().map_err(|e| SyntaxError {
