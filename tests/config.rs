@@ -758,3 +758,27 @@ fn dotenv_errors_name_their_line() {
     std::fs::write(dir.path().join(".env"), "A=1\nB=\"two\nlines\"\n").unwrap();
     load_dir(dir.path()).unwrap();
 }
+
+#[test]
+fn messages_do_not_show_values_from_variables() {
+    let secret = "hunter2-very-secret";
+    let v = vars(&[("S", secret)]);
+    for body in [
+        "    start: run\n    healthcheck: { test: 'true', interval: '${S}' }\n",
+        "    start: run\n    instances: '${S}'\n",
+        "    start: run\n    updateStrategy: 'x${S}'\n",
+        "    start: run\n    cpu: '${S}'\n",
+        "    start: run\n    memory: '${S}'\n",
+        "    start: run\n    volumes: ['${S}']\n",
+        "    runtime: '${S}'\n",
+    ] {
+        let src = svc(body);
+        let e = load(&src, "local", &v).unwrap_err();
+        assert!(!e.to_string().contains(secret), "{e}");
+        assert_eq!(e.loc.map(|l| l.line), Some(src.lines().count()), "{e}");
+    }
+    // Written in the file, a value is shown.
+    let src = svc("    start: run\n    healthcheck: { test: 'true', interval: soon }\n");
+    let e = load(&src, "local", &v).unwrap_err();
+    assert!(e.message.contains("found `soon`"), "{e}");
+}

@@ -8,7 +8,16 @@
 //!
 //! Every error names the file, line and column and says what to fix. Keys
 //! nanokit does not know or does not support produce a [`Warning`] naming the
-//! key. Environment values are never put in messages.
+//! key. Environment values are never put in messages (a value that came
+//! from `${…}` is described, not shown).
+//!
+//! A configuration that loads is one `up` can run: durations within
+//! [`MIN_DURATION`]..=[`MAX_DURATION`], names that fit every container and
+//! file name the providers derive from them ([`MAX_NAME_TOTAL`],
+//! [`MAX_FILE_NAME`]), a non-empty `start` where the provider runs one.
+//! Hostile input is bounded (file size, nesting, aliases: see
+//! [`yaml`]; interpolated text and runtime inheritance here), so loading
+//! takes bounded time, memory and stack.
 
 pub mod interp;
 pub mod yaml;
