@@ -353,36 +353,30 @@ impl Builder {
                 let node = self.anchors[&id].0.clone();
                 self.push_node(node, 0, size);
             }
-            Event::SequenceStart(anchor, _) => {
-                if self.open(loc) {
-                    self.stack.push(Frame::Seq {
-                        items: Vec::new(),
-                        loc,
-                        anchor,
-                        size: Size {
-                            height: 1,
-                            nodes: 1,
-                            bytes: 0,
-                        },
-                    })
-                }
-            }
-            Event::MappingStart(anchor, _) => {
-                if self.open(loc) {
-                    self.stack.push(Frame::Map {
-                        entries: Vec::new(),
-                        seen: HashMap::new(),
-                        pending: None,
-                        loc,
-                        anchor,
-                        size: Size {
-                            height: 1,
-                            nodes: 1,
-                            bytes: 0,
-                        },
-                    })
-                }
-            }
+            // `open` refuses a level past the limit (the error is set, and
+            // the event falls through to `_`).
+            Event::SequenceStart(anchor, _) if self.open(loc) => self.stack.push(Frame::Seq {
+                items: Vec::new(),
+                loc,
+                anchor,
+                size: Size {
+                    height: 1,
+                    nodes: 1,
+                    bytes: 0,
+                },
+            }),
+            Event::MappingStart(anchor, _) if self.open(loc) => self.stack.push(Frame::Map {
+                entries: Vec::new(),
+                seen: HashMap::new(),
+                pending: None,
+                loc,
+                anchor,
+                size: Size {
+                    height: 1,
+                    nodes: 1,
+                    bytes: 0,
+                },
+            }),
             Event::SequenceEnd => {
                 if let Some(Frame::Seq {
                     items,
