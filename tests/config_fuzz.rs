@@ -507,7 +507,11 @@ fn check_error(src: &str, e: &ConfigError) {
     assert!(shown.starts_with("nanokit.yml"), "{shown}");
     assert!(!shown.contains(SECRET), "a variable's value in: {shown}");
     if let Some(l) = e.loc {
-        let lines: Vec<&str> = src.split('\n').collect();
+        // YAML's line breaks: `\n`, `\r\n`, a lone `\r`.
+        let lines: Vec<&str> = src
+            .split("\r\n")
+            .flat_map(|l| l.split(['\r', '\n']))
+            .collect();
         assert!(
             l.line >= 1 && l.line <= lines.len(),
             "line {} outside the input's {} lines: {shown}",

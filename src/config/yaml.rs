@@ -468,19 +468,27 @@ fn apply_merge_keys(entries: Vec<(Key, Node)>) -> Result<Vec<(Key, Node)>, Synta
     Ok(own)
 }
 
-/// Where byte `offset` of `src` is (1-based line and column in characters).
+/// Where byte `offset` of `src` is (1-based line and column in
+/// characters), with YAML's line breaks: `\n`, `\r\n` and a lone `\r`.
 pub fn loc_of_offset(src: &[u8], offset: usize) -> Loc {
     let before = &src[..offset.min(src.len())];
-    let line_start = before
-        .iter()
-        .rposition(|&b| b == b'\n')
-        .map_or(0, |i| i + 1);
-    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let (mut breaks, mut line_start) = (0, 0);
+    for (i, &b) in before.iter().enumerate() {
+        if b == b'\r' || (b == b'\n' && (i == 0 || before[i - 1] != b'\r')) {
+            breaks += 1;
+        }
+        if b == b'\r' || b == b'\n' {
+            line_start = i + 1;
+        }
+    }
     let col = String::from_utf8_lossy(&before[line_start..])
         .chars()
         .count()
         + 1;
-    Loc { line, col }
+    Loc {
+        line: breaks + 1,
+        col,
+    }
 }
 
 /// Parses one YAML document. An empty document is an empty mapping.
@@ -510,11 +518,7 @@ fn clamp(src: &str, loc: Loc) -> Loc {
 
 /// The location just past the last character of `src`.
 fn end_of(src: &str) -> Loc {
-    let last = src.rsplit('\n').next().unwrap_or("");
-    Loc {
-        line: src.split('\n').count(),
-        col: last.chars().count() + 1,
-    }
+    loc_of_offset(src.as_bytes(), src.len())
 }
 
 fn parse_unclamped(src: &str) -> Result<Node, SyntaxError> {
