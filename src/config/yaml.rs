@@ -188,13 +188,16 @@ impl Builder {
         self.nodes += nodes;
         self.copied_bytes += copied;
         if self.nodes > MAX_NODES {
-            self.fail(
-                loc,
+            let message = if self.aliases == 0 && self.copied_bytes == 0 && self.anchors.is_empty()
+            {
+                format!("the file holds more than {MAX_NODES} values: a nanokit.yml needs far fewer; split it")
+            } else {
                 format!(
                     "the file expands to more than {MAX_NODES} values (every copy an anchor `&name` or alias `*name` makes counts): \
                      is this an alias bomb? Repeat less through aliases, or split the file"
-                ),
-            );
+                )
+            };
+            self.fail(loc, message);
             return false;
         }
         if self.copied_bytes > MAX_COPIED_BYTES {
