@@ -189,11 +189,10 @@ impl TraceFile {
     /// Writes `<dir>/<run>.json` atomically (0600: errors can quote hook
     /// output).
     pub fn write(&self, dir: &Path) -> std::io::Result<PathBuf> {
-        std::fs::create_dir_all(dir)?;
         let path = dir.join(format!("{}.json", self.run));
         let mut bytes = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
         bytes.push(b'\n');
-        crate::fsutil::atomic_write(&path, &bytes, 0o600)?;
+        crate::state::private::write(&path, &bytes)?;
         Ok(path)
     }
 
