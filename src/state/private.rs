@@ -2,7 +2,9 @@
 //! creates there is 0700 and every file 0600 (state, plans, hook logs,
 //! traces, timeline pages, the deploy lock), since they can quote commands,
 //! output and errors of the services. Folders and files left with wider
-//! modes by older versions are tightened when nanokit next writes there.
+//! modes by older versions are tightened the first time a process writes
+//! under that `.nanokit` (the whole tree, once per process; the content of
+//! a volume's folder is the service's data and is left as it is).
 //!
 //! Only folders at or below a `.nanokit` folder are ever tightened: a state
 //! file configured elsewhere (`infra.state: states/prod.json`) gets new
@@ -10,10 +12,12 @@
 //! create outside `.nanokit`. Symbolic links are never followed to change
 //! a mode.
 
+use std::collections::HashSet;
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
 
 /// The mode of every folder nanokit creates under `.nanokit/`.
 pub const DIR_MODE: u32 = 0o700;
@@ -41,7 +45,50 @@ pub fn dir(dir: &Path) -> io::Result<()> {
     for a in dir.ancestors().take(depth + 1) {
         tighten(a, DIR_MODE)?;
     }
+    if let Some(root) = dir.ancestors().nth(depth) {
+        sweep_once(root);
+    }
     Ok(())
+}
+
+/// Tightens everything under the `.nanokit` folder `root`, once per
+/// process (best effort: what cannot be changed is left for the next run).
+fn sweep_once(root: &Path) {
+    static SWEPT: OnceLock<Mutex<HashSet<PathBuf>>> = OnceLock::new();
+    let key = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
+    let first = SWEPT
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key);
+    if first {
+        sweep(root, 0);
+    }
+}
+
+/// `depth` 0 is `.nanokit`; `volumes/<env>/<volume>` (depth 3 under
+/// `volumes`) is tightened but not entered.
+fn sweep(dir: &Path, depth: usize) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let in_volumes = dir
+        .ancestors()
+        .take(depth + 1)
+        .any(|a| a.file_name().is_some_and(|n| n == "volumes"))
+        && depth >= 2;
+    for e in entries.flatten() {
+        let Ok(t) = e.file_type() else { continue };
+        let p = e.path();
+        if t.is_dir() {
+            let _ = tighten(&p, DIR_MODE);
+            if !in_volumes {
+                sweep(&p, depth + 1);
+            }
+        } else if t.is_file() && !in_volumes {
+            let _ = tighten(&p, FILE_MODE);
+        }
+    }
 }
 
 /// Sets `path`'s mode to `mode` when it is a folder or file (not a link)
