@@ -2,8 +2,9 @@
 //!
 //! The same spans the OTLP exporter sends, in a small JSON shape that
 //! `nanokit timeline` renders. It holds only what nanokit put on its spans
-//! (names, times, ids, nanokit.* attributes, errors with env values
-//! redacted); never env values or the state.
+//! (names, times, ids, nanokit.* attributes, errors), with every secret
+//! masked (see [`super::mask`]); never env values or the state. Written
+//! 0600 in a 0700 folder.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
