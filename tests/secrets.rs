@@ -378,3 +378,74 @@ async fn events_and_results_of_the_engine_are_masked() {
     assert!(!state.contains("tok-abcdef-123456"), "{state}");
     p.down().await;
 }
+
+#[test]
+fn what_an_older_nanokit_wrote_unmasked_is_masked_when_shown() {
+    // A trace and a state written before masking covered `.env` values.
+    let p = Project::new(
+        "name: olderfiles\nservices:\n  a:\n    start: \"exec sleep 600 ${DBPASS}\"\n",
+    );
+    std::fs::write(p.path().join(".env"), format!("DBPASS={DOTENV_SECRET}\n")).unwrap();
+    let traces = p.path().join(".nanokit/traces");
+    std::fs::create_dir_all(&traces).unwrap();
+    let leaked = format!(
+        "hook poststart `echo {DOTENV_SECRET}; exit 3` failed (exit code 3):\n    {DOTENV_SECRET}"
+    );
+    let trace = serde_json::json!({
+        "version": 1, "run": "20260101T000000.000Z-up-0123abcd", "command": "up",
+        "project": "olderfiles", "env": "local", "file": "nanokit.yml",
+        "trace_id": "0123abcd0123abcd0123abcd0123abcd", "started_at": "2026-01-01T00:00:00Z",
+        "start_unix_nano": 1_000_000_000u64, "end_unix_nano": 2_000_000_000u64,
+        "outcome": "failed", "error": format!("a failed: {leaked}"),
+        "spans": [
+            {"span_id": "00000000000000a1", "parent_span_id": null, "name": "nanokit up",
+             "start_unix_nano": 1_000_000_000u64, "end_unix_nano": 2_000_000_000u64,
+             "status": "error", "status_message": "a failed", "attributes": {"error": format!("a failed: {leaked}")}, "events": []},
+            {"span_id": "00000000000000a2", "parent_span_id": "00000000000000a1", "name": "poststart",
+             "start_unix_nano": 1_100_000_000u64, "end_unix_nano": 1_900_000_000u64,
+             "status": "error", "status_message": leaked.lines().next().unwrap(),
+             "attributes": {"nanokit.service": "a", "nanokit.command": format!("echo {DOTENV_SECRET}; exit 3"), "error": leaked}, "events": []}
+        ]
+    });
+    std::fs::write(
+        traces.join("20260101T000000.000Z-up-0123abcd.json"),
+        serde_json::to_vec(&trace).unwrap(),
+    )
+    .unwrap();
+    let state = serde_json::json!({
+        "version": 1, "serial": 3, "lineage": "9b2b3c1e-1111-4222-8333-444455556666",
+        "project": "olderfiles", "env": "local",
+        "resources": {"a": {"provider": "process", "provider_id": null, "config_hash": "x",
+            "status": "failed", "error": leaked, "created_at": "t", "updated_at": "t"}}
+    });
+    std::fs::write(
+        p.path().join(".nanokit/state.json"),
+        serde_json::to_vec(&state).unwrap(),
+    )
+    .unwrap();
+
+    let timeline = cli(&p, &["timeline", "-o", "page.html"]);
+    assert_eq!(timeline.code, Some(0), "{}", timeline.stderr);
+    assert_clean("timeline of an older trace", &timeline);
+    assert!(
+        timeline.stdout.contains("echo ***; exit 3"),
+        "{}",
+        timeline.stdout
+    );
+    let html = p.read("page.html");
+    assert!(html.contains("echo ***; exit 3"), "{html}");
+    assert!(!html.contains(DOTENV_SECRET), "the page shows the secret");
+    let json = cli(&p, &["timeline", "--output", "json"]);
+    assert_clean("timeline --output json of an older trace", &json);
+    let list = cli(&p, &["timeline", "--list", "--output", "json"]);
+    assert_clean("timeline --list", &list);
+    for args in [&["status"][..], &["status", "--output", "json"]] {
+        let status = cli(&p, args);
+        assert_clean("status of an older state", &status);
+        assert!(
+            status.stdout.contains("echo ***; exit 3"),
+            "{}",
+            status.stdout
+        );
+    }
+}
