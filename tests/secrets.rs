@@ -449,3 +449,40 @@ fn what_an_older_nanokit_wrote_unmasked_is_masked_when_shown() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn anything_recorded_in_a_run_is_masked_even_where_its_call_site_did_not() {
+    // A log line and a span attribute inside a run, written by code that
+    // masks nothing itself: the run's span processor masks them.
+    let p = Project::new("name: anyspan\nservices:\n  a:\n    start: \"exec sleep 600\"\n");
+    std::fs::write(p.path().join(".env"), format!("DBPASS={DOTENV_SECRET}\n")).unwrap();
+    let file = p.file();
+    let meta = nanokit::trace::RunMeta {
+        command: "up",
+        file: file.clone(),
+        env: "local".into(),
+    };
+    let settings = nanokit::trace::Settings {
+        export: nanokit::trace::Export::Off,
+        ..Default::default()
+    };
+    let (r, t) = nanokit::trace::record_run(meta, settings, async {
+        let cfg = nanokit::trace::load_config(|| {
+            nanokit::config::load(&nanokit::config::LoadOptions::new(file.clone()))
+        })?;
+        let span =
+            tracing::info_span!("custom", detail = %format!("url http://u:{DOTENV_SECRET}@h/"));
+        let _g = span.enter();
+        tracing::warn!("something about {DOTENV_SECRET}");
+        drop(_g);
+        let provider = exec::provider_for(&cfg)?;
+        exec::up(Arc::new(cfg), provider, ExecOptions::default()).await
+    })
+    .await;
+    r.unwrap();
+    let text = std::fs::read_to_string(t.unwrap().file.unwrap()).unwrap();
+    assert!(text.contains("url http://u:***@h/"), "{text}");
+    assert!(text.contains("something about ***"), "{text}");
+    assert!(!text.contains(DOTENV_SECRET), "{text}");
+    p.down().await;
+}

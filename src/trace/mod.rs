@@ -579,10 +579,8 @@ where
     let spans = std::mem::take(&mut *collector.0.lock().unwrap_or_else(|e| e.into_inner()));
     let mut written = None;
     if settings.local_file {
+        // Spans were masked as they ended (`Redacting`), the failure above.
         let trace = TraceFile::from_spans(&run, &meta, &trace_id, failure.as_deref(), spans);
-        // Spans are masked as they end; the file is masked as a whole too
-        // (the run's name, file and error are not spans).
-        let trace = masker.masked(&trace);
         let dir = traces_dir(&meta.file);
         match trace.write(&dir) {
             Ok(p) => written = Some(p),
