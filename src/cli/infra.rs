@@ -9,12 +9,13 @@ use std::time::{Duration, Instant};
 use clap::{Args, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
-use super::{exit, print_json as json, CliError, CliResult, OutputFormat as Output};
+use super::{exit, CliError, CliResult, OutputFormat as Output};
 use crate::config::{self, Config, LoadOptions};
 use crate::exec::{self, Event, ExecError, ExecOptions, Phase};
 use crate::graph::Dag;
 use crate::plan::PlanOptions;
 use crate::state;
+use crate::trace::mask;
 
 /// Which project: the file and the environment.
 #[derive(Debug, Args, Clone)]
@@ -177,17 +178,30 @@ pub enum InfraSub {
     },
 }
 
-/// Prints an error the way users should see it: code and message, no debug noise.
+/// Loads the configuration, prints its warnings, and registers its secrets
+/// with the process-wide masker: everything these commands print (stdout,
+/// stderr, `NANOKIT_LOG` lines, errors) is masked with it.
 fn load(project: &Project) -> Result<Config, config::ConfigError> {
     let cfg = config::load(&LoadOptions {
         file: project.file.clone(),
         env: project.env.clone(),
         vars: None,
     })?;
+    mask::register(&mask::Masker::of(&cfg));
     for w in &cfg.warnings {
         eprintln!("warning: {w}");
     }
     Ok(cfg)
+}
+
+/// Prints `value` as pretty JSON on stdout, secrets masked.
+fn json<T: serde::Serialize>(value: &T) {
+    super::print_json(&mask::registered().to_json(value));
+}
+
+/// `text` with the loaded configurations' secrets masked.
+fn masked(text: &str) -> String {
+    mask::registered().mask(text)
 }
 
 fn exec_opts(
@@ -368,7 +382,7 @@ fn print_trace(t: Option<&crate::trace::RunTrace>) {
             eprintln!(
                 "trace {}: {} (see `nanokit timeline {}`)",
                 t.trace_id,
-                f.display(),
+                masked(&f.display().to_string()),
                 t.run
             );
         }
@@ -406,15 +420,23 @@ fn report_exit(report: &exec::Report, output: Output, verb: &str) -> CliResult {
                 "error[ENKFAILED]: {} {}: {}",
                 f.service,
                 f.outcome.as_str(),
-                f.error.as_deref().unwrap_or("")
+                masked(f.error.as_deref().unwrap_or(""))
             );
         }
         Ok(exit::ERROR)
     }
 }
 
-/// Runs one reconciliation command.
+/// Runs one reconciliation command. Its error, printed by the caller, is
+/// masked like everything else the command prints.
 pub async fn run(cmd: InfraCommand) -> CliResult {
+    run_command(cmd).await.map_err(|mut e| {
+        e.message = masked(&e.message);
+        e
+    })
+}
+
+async fn run_command(cmd: InfraCommand) -> CliResult {
     match cmd {
         InfraCommand::Validate { project, output } => {
             let cfg = load(&project)?;
@@ -477,11 +499,11 @@ pub async fn run(cmd: InfraCommand) -> CliResult {
                     if output == Output::Json {
                         json(&plan);
                     } else {
-                        print!("{}", plan.render());
+                        print!("{}", masked(&plan.render()));
                         if !plan.blocked(false).is_empty() {
                             println!("Deleting volumes needs `nanokit up --force`.");
                         }
-                        eprintln!("Saved to {}", path.display());
+                        eprintln!("Saved to {}", masked(&path.display().to_string()));
                     }
                     if detailed_exitcode && plan.has_changes() {
                         Ok(exit::CHANGES)
@@ -553,7 +575,9 @@ pub async fn run(cmd: InfraCommand) -> CliResult {
                             r.updated_at
                         );
                         if let Some(e) = &r.error {
-                            println!("    {}", e.lines().next().unwrap_or(""));
+                            // Masked again: a state written by an older
+                            // nanokit may hold an unmasked error.
+                            println!("    {}", masked(e.lines().next().unwrap_or("")));
                         }
                     }
                 }
@@ -580,7 +604,12 @@ pub async fn run(cmd: InfraCommand) -> CliResult {
                 ));
             }
             let text = std::fs::read(&path).unwrap_or_default();
-            println!("{}", exec::tail(&String::from_utf8_lossy(&text), lines));
+            // The service's own output is in the log as it wrote it: masked
+            // here, when it is shown.
+            println!(
+                "{}",
+                masked(&exec::tail(&String::from_utf8_lossy(&text), lines))
+            );
             if follow {
                 let (cancel, _sigint) = ctrl_c_token();
                 let mut pos = text.len() as u64;
@@ -588,7 +617,10 @@ pub async fn run(cmd: InfraCommand) -> CliResult {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     if let Ok(bytes) = std::fs::read(&path) {
                         if (bytes.len() as u64) > pos {
-                            print!("{}", String::from_utf8_lossy(&bytes[pos as usize..]));
+                            print!(
+                                "{}",
+                                masked(&String::from_utf8_lossy(&bytes[pos as usize..]))
+                            );
                             let _ = std::io::stdout().flush();
                             pos = bytes.len() as u64;
                         } else if (bytes.len() as u64) < pos {
@@ -623,7 +655,7 @@ pub async fn run(cmd: InfraCommand) -> CliResult {
                             .expect("kind")
                             .as_str()
                             .unwrap_or(""),
-                        i.detail
+                        masked(&i.detail)
                     );
                 }
             }

@@ -1,12 +1,17 @@
 //! `nanokit timeline [run]`: renders a run's trace as an HTML page and
 //! prints the slowest steps.
+//!
+//! Trace files are masked when written; what this command shows and writes
+//! is masked again with the secrets of the run's configuration (when it
+//! still loads), so a trace written by an older nanokit shows none either.
 
 use std::path::PathBuf;
 
 use clap::Args;
 
 use super::{exit, print_json, CliError, CliResult, OutputFormat};
-use crate::trace::{self, file, timeline, TraceFile};
+use crate::config::{self, LoadOptions};
+use crate::trace::{self, file, mask, timeline, TraceFile};
 
 #[derive(Debug, Args)]
 pub struct TimelineArgs {
@@ -39,12 +44,41 @@ fn err(message: String) -> CliError {
     CliError::new("ENKTRACE", message)
 }
 
+/// The secrets of the nanokit.yml at `file` for `env` (none when it does not
+/// load), with those already registered.
+fn masker(file: &std::path::Path, env: &str) -> mask::Masker {
+    let loaded = config::load(&LoadOptions {
+        file: file.to_path_buf(),
+        env: env.to_string(),
+        vars: None,
+    });
+    if let Ok(cfg) = loaded {
+        mask::register(&mask::Masker::of(&cfg));
+    }
+    mask::registered()
+}
+
 pub fn run(args: TimelineArgs) -> CliResult {
+    let r = run_masked(args);
+    r.map_err(|mut e| {
+        e.message = mask::registered().mask(&e.message);
+        e
+    })
+}
+
+fn run_masked(args: TimelineArgs) -> CliResult {
     let dir = trace::traces_dir(&args.file);
     if args.list {
+        let mut maskers = std::collections::HashMap::new();
         let runs: Vec<serde_json::Value> = file::list(&dir)
             .iter()
             .filter_map(|p| TraceFile::read(p).ok())
+            .map(|t| {
+                let m = maskers
+                    .entry(t.env.clone())
+                    .or_insert_with(|| masker(&args.file, &t.env));
+                m.masked(&t)
+            })
             .map(|t| {
                 serde_json::json!({
                     "run": t.run,
@@ -77,16 +111,14 @@ pub fn run(args: TimelineArgs) -> CliResult {
     }
     let path = file::find(&dir, args.run.as_deref()).map_err(err)?;
     let t = TraceFile::read(&path).map_err(err)?;
+    let t = masker(&args.file, &t.env).masked(&t);
     if args.output == OutputFormat::Json {
         print_json(&t);
         return Ok(exit::OK);
     }
     let out = args.out.unwrap_or_else(|| path.with_extension("html"));
-    if let Some(d) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(d)
-            .map_err(|e| err(format!("cannot create {}: {e}", d.display())))?;
-    }
-    crate::fsutil::atomic_write(&out, timeline::html(&t).as_bytes(), 0o600)
+    // 0600 in a 0700 folder (private under .nanokit/traces).
+    crate::state::private::write(&out, timeline::html(&t).as_bytes())
         .map_err(|e| err(format!("cannot write {}: {e}", out.display())))?;
     print!("{}", timeline::summary(&t, args.top));
     println!("Timeline: {}", out.display());

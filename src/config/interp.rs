@@ -8,22 +8,60 @@
 use std::collections::HashMap;
 
 /// Where variables come from.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 pub struct Vars {
     process: HashMap<String, String>,
     dotenv: HashMap<String, String>,
+    /// Every value [`Vars::get`] handed out: what interpolation took from
+    /// the environment or `.env` (masked as secrets, see
+    /// `crate::trace::mask`).
+    used: std::sync::Mutex<Vec<String>>,
+}
+
+impl Clone for Vars {
+    fn clone(&self) -> Self {
+        Vars {
+            process: self.process.clone(),
+            dotenv: self.dotenv.clone(),
+            used: std::sync::Mutex::new(self.used_values()),
+        }
+    }
 }
 
 impl Vars {
     pub fn new(process: HashMap<String, String>, dotenv: HashMap<String, String>) -> Self {
-        Vars { process, dotenv }
+        Vars {
+            process,
+            dotenv,
+            used: Default::default(),
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.process
+        let v = self
+            .process
             .get(name)
             .or_else(|| self.dotenv.get(name))
-            .map(String::as_str)
+            .map(String::as_str);
+        if let Some(v) = v.filter(|v| !v.is_empty()) {
+            let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+            if !used.iter().any(|u| u == v) {
+                used.push(v.to_string());
+            }
+        }
+        v
+    }
+
+    /// The values interpolation took (see [`Vars::get`]) and every value of
+    /// the `.env` file: what may be a secret.
+    pub fn secret_values(&self) -> Vec<String> {
+        let mut v = self.used_values();
+        v.extend(self.dotenv.values().filter(|v| !v.is_empty()).cloned());
+        v
+    }
+
+    fn used_values(&self) -> Vec<String> {
+        self.used.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 

@@ -309,6 +309,11 @@ pub struct Config {
     pub volumes: BTreeMap<String, Volume>,
     pub networks: Vec<String>,
     pub warnings: Vec<Warning>,
+    /// Values that came from `.env` or, through `${VAR}`, from the
+    /// environment: secrets to mask in everything nanokit records or prints
+    /// (`crate::trace::mask::Masker::of`). Never serialised.
+    #[serde(skip)]
+    pub secrets: Vec<String>,
 }
 
 impl Config {
@@ -589,7 +594,9 @@ pub fn load_str(
     };
     let root = cx.merge_env(root, env)?;
     let root = cx.interpolate(root, vars)?;
-    cx.build(&root, env, dir)
+    let mut config = cx.build(&root, env, dir)?;
+    config.secrets = vars.secret_values();
+    Ok(config)
 }
 
 struct Cx {
@@ -1219,6 +1226,7 @@ impl Cx {
             volumes,
             networks,
             warnings: self.warnings,
+            secrets: Vec::new(),
         })
     }
 

@@ -35,7 +35,7 @@ use crate::plan::{self, ActionKind, Plan, PlanError, PlanOptions};
 use crate::provider::process::ProcessProvider;
 use crate::provider::{self, InstanceSpec, Probe, Provider, ProviderError, Scope};
 use crate::state::{self, Resource, StateError, Status, Store};
-use crate::trace;
+use crate::trace::{self, Masker};
 
 /// Where a lifecycle hook runs.
 #[derive(Clone, Copy)]
@@ -256,18 +256,37 @@ pub async fn make_plan(
     opts: &PlanOptions,
 ) -> Result<Plan, ExecError> {
     let dag = Dag::build(config)?;
-    let state = state::load(config).await?;
+    let mut state = state::load(config).await?;
     let observed = provider.observe(&scope(config)).await?;
+    if state.serial == 0 {
+        // No state yet: salt with the lineage the first state will have, as
+        // `up` does (the one its instances carry when the state was lost,
+        // else the one reserved for it), so this plan is the one `up` makes.
+        match observed
+            .iter()
+            .filter_map(|i| i.lineage.clone())
+            .find(|l| !l.is_empty())
+        {
+            Some(l) => state.lineage = l,
+            None => match state::reserved_lineage(&config.state_file) {
+                Ok(l) => state.lineage = l,
+                Err(e) => tracing::warn!(
+                    "cannot reserve the state lineage beside {}: {e}",
+                    config.state_file.display()
+                ),
+            },
+        }
+    }
     Ok(plan::plan(config, &dag, &state, &observed, opts)?)
 }
 
-/// Saves `plan` to `.nanokit/plans/latest.json`.
+/// Saves `plan` to `.nanokit/plans/latest.json` (0600, secrets masked).
 pub fn save_plan(config: &Config, plan: &Plan) -> std::io::Result<PathBuf> {
     let path = config.plan_file();
-    std::fs::create_dir_all(path.parent().expect("plan dir"))?;
-    let mut bytes = serde_json::to_vec_pretty(plan).expect("plan serializes");
+    let mut bytes =
+        serde_json::to_vec_pretty(&Masker::of(config).to_json(plan)).expect("plan serializes");
     bytes.push(b'\n');
-    crate::fsutil::atomic_write(&path, &bytes, 0o644)?;
+    state::private::write(&path, &bytes)?;
     Ok(path)
 }
 
@@ -279,16 +298,38 @@ struct Run {
     scope: Scope,
     /// The state's lineage, labelled on every instance.
     lineage: String,
+    /// The config's secrets, masked in every event, log line, recorded
+    /// error and span this run writes.
+    mask: Masker,
 }
 
 impl Run {
+    fn new(
+        config: Arc<Config>,
+        provider: Arc<dyn Provider>,
+        store: Store,
+        opts: ExecOptions,
+        scope: Scope,
+        lineage: String,
+    ) -> Run {
+        Run {
+            mask: Masker::of(&config),
+            config,
+            provider,
+            store: tokio::sync::Mutex::new(store),
+            opts,
+            scope,
+            lineage,
+        }
+    }
+
     fn emit(&self, service: &str, phase: Phase, started: Instant, message: Option<String>) {
         if let Some(sink) = &self.opts.events {
             sink(&Event {
                 service: service.to_string(),
                 phase,
                 elapsed_ms: started.elapsed().as_millis() as u64,
-                message,
+                message: message.map(|m| self.mask.mask(&m)),
             });
         }
     }
@@ -400,8 +441,8 @@ impl Run {
                 nanokit.hook_index = i,
                 nanokit.site = if matches!(site, HookSite::Host) { "host" } else { "instance" },
             );
-            trace::set(&span, "nanokit.command", trace::redact(cmd, &spec.env));
-            trace::step_env(span, &spec.env, async {
+            trace::set(&span, "nanokit.command", self.mask.mask(cmd));
+            trace::step_masked(span, &self.mask, async {
                 let argv = vec!["sh".to_string(), "-c".to_string(), cmd.clone()];
                 let out = match site {
                     HookSite::Host => {
@@ -427,7 +468,9 @@ impl Run {
                 .map_err(|e| format!("hook {which} `{cmd}`: {e}"))?;
                 append_log(
                     &spec.log_file,
-                    &format!("--- hook {which}: {cmd} ---\n{}", out.output),
+                    &self
+                        .mask
+                        .mask(&format!("--- hook {which}: {cmd} ---\n{}", out.output)),
                 );
                 if !out.success() {
                     return Err(format!(
@@ -458,7 +501,7 @@ impl Run {
             nanokit.replica = spec.replica,
             nanokit.replicas = spec.replicas,
         );
-        trace::step_env(span, &spec.env, self.wait_healthy(id, svc, spec, started)).await
+        trace::step_masked(span, &self.mask, self.wait_healthy(id, svc, spec, started)).await
     }
 
     /// Waits until healthy; the error carries the last probe output.
@@ -816,7 +859,7 @@ impl Run {
             self.set_status(name, Status::Provisioning, None).await?;
             self.emit(name, Phase::Provisioning, started, Some(install.clone()));
             let span = info_span!("provisioning", nanokit.service = %name);
-            let r = trace::step_env(span.clone(), &spec.env, async {
+            let r = trace::step_masked(span.clone(), &self.mask, async {
                 self.provider
                     .provision(&spec, install, &svc.manifests, &self.opts.cancel)
                     .await
@@ -944,16 +987,10 @@ fn indent(s: &str) -> String {
         .join("\n")
 }
 
+/// Appends `text` (already masked) to a log under `.nanokit/logs` (0600).
 fn append_log(path: &std::path::Path, text: &str) {
     use std::io::Write;
-    if let Some(dir) = path.parent() {
-        let _ = std::fs::create_dir_all(dir);
-    }
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-    {
+    if let Ok(mut f) = state::private::open_append(path) {
         let _ = f.write_all(text.as_bytes());
         if !text.ends_with('\n') {
             let _ = f.write_all(b"\n");
@@ -1149,7 +1186,9 @@ where
             let run = r2.clone();
             let work = step(run.clone(), by_name[&name].clone(), started);
             async move {
-                let r = work.await;
+                // Errors quote commands and their output: masked before they
+                // are recorded in state, sent as events or reported.
+                let r = work.await.map_err(|e| run.mask.mask(&e));
                 if let Err(e) = &r {
                     let cancelled = e == "cancelled";
                     if !cancelled {
@@ -1217,8 +1256,13 @@ async fn lock_and_open(
     what: &str,
 ) -> Result<(crate::foundation::DeployLock, Store), ExecError> {
     let label = format!("nanokit {what} ({} / {})", config.name, config.env);
-    match state::Location::of(config) {
+    let (lock, mut store) = match state::Location::of(config) {
         state::Location::File(path) => {
+            // The lock file is one of the project's private files (0600).
+            let lock_path = state::lock_path(&path);
+            if let Err(e) = state::private::touch(&lock_path) {
+                tracing::debug!("cannot prepare {}: {e}", lock_path.display());
+            }
             let lock = crate::foundation::acquire_deploy_lock(
                 &state::lock_path(&path),
                 &label,
@@ -1226,8 +1270,13 @@ async fn lock_and_open(
                 &opts.cancel,
             )
             .await?;
-            let store = Store::open(&path, &config.name, &config.env)?;
-            Ok((lock, store))
+            match Store::open(&path, &config.name, &config.env) {
+                Ok(store) => (lock, store),
+                Err(e) => {
+                    let _ = lock.release().await;
+                    return Err(e.into());
+                }
+            }
         }
         state::Location::Postgres { url, workspace } => {
             let location = crate::kv::pg::redact_url(&url);
@@ -1242,14 +1291,17 @@ async fn lock_and_open(
             };
             match Store::open_remote(db, &url, &workspace, &config.name, &config.env, &holder).await
             {
-                Ok(store) => Ok((lock, store)),
+                Ok(store) => (lock, store),
                 Err(e) => {
                     let _ = lock.release().await;
-                    Err(e.into())
+                    return Err(e.into());
                 }
             }
         }
-    }
+    };
+    // A state never written takes the lineage a plan made before it used.
+    store.take_reserved_lineage(&config.state_file);
+    Ok((lock, store))
 }
 
 /// Releases the deploy lock whatever `r` is (a failure to release is only
@@ -1330,14 +1382,14 @@ async fn up_locked(
     if !blocked.is_empty() {
         return Err(ExecError::NeedsForce(blocked.join(", ")));
     }
-    let run = Arc::new(Run {
-        config: config.clone(),
-        provider: provider.clone(),
-        store: tokio::sync::Mutex::new(store),
-        opts: opts.clone(),
+    let run = Arc::new(Run::new(
+        config.clone(),
+        provider.clone(),
+        store,
+        opts.clone(),
         scope,
         lineage,
-    });
+    ));
     // Volumes first: services mount them.
     for v in plan
         .volumes
@@ -1557,14 +1609,14 @@ async fn down_locked(
         actions: actions.clone(),
         volumes,
     };
-    let run = Arc::new(Run {
-        config: config.clone(),
-        provider: provider.clone(),
-        store: tokio::sync::Mutex::new(store),
-        opts: opts.clone(),
+    let run = Arc::new(Run::new(
+        config.clone(),
+        provider.clone(),
+        store,
+        opts.clone(),
         scope,
         lineage,
-    });
+    ));
     let out = delete_services(&run, actions, opts.concurrency).await;
     let mut results: Vec<ServiceResult> = out
         .into_iter()

@@ -16,6 +16,7 @@ use crate::config::{self, Config, LoadOptions};
 use crate::exec::{self, ExecError, ExecOptions};
 use crate::graph::Dag;
 use crate::plan::PlanOptions;
+use crate::trace::Masker;
 
 /// Which project and how to run it.
 #[napi(object)]
@@ -58,7 +59,8 @@ impl InfraOptions {
     }
 
     /// Runs an `up` / `down` as a recorded trace (`.nanokit/traces`, OTLP
-    /// when configured): config load, provider, then `run`.
+    /// when configured): config load, provider, then `run`. Also returns
+    /// the config's secrets, to mask the result with.
     async fn traced<F, Fut>(
         &self,
         command: &'static str,
@@ -66,6 +68,7 @@ impl InfraOptions {
     ) -> (
         std::result::Result<exec::Report, ExecError>,
         Option<crate::trace::RunTrace>,
+        Masker,
     )
     where
         F: FnOnce(Arc<Config>, Arc<dyn crate::provider::Provider>) -> Fut,
@@ -77,12 +80,18 @@ impl InfraOptions {
             file: load.file.clone(),
             env: load.env.clone(),
         };
-        crate::trace::record_run(meta, crate::trace::Settings::default(), async move {
-            let cfg = crate::trace::load_config(|| config::load(&load))?;
-            let provider = exec::provider_for(&cfg)?;
-            run(Arc::new(cfg), provider).await
-        })
-        .await
+        let mask = Arc::new(std::sync::Mutex::new(Masker::default()));
+        let m = mask.clone();
+        let (r, t) =
+            crate::trace::record_run(meta, crate::trace::Settings::default(), async move {
+                let cfg = crate::trace::load_config(|| config::load(&load))?;
+                *m.lock().unwrap_or_else(|e| e.into_inner()) = Masker::of(&cfg);
+                let provider = exec::provider_for(&cfg)?;
+                run(Arc::new(cfg), provider).await
+            })
+            .await;
+        let mask = mask.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        (r, t, mask)
     }
 
     fn exec(
@@ -146,6 +155,7 @@ pub async fn load_config(options: Option<InfraOptions>) -> Result<ConfigInfo> {
     let o = options.unwrap_or_default();
     let cfg = o.load()?;
     let dag = Dag::build(&cfg).map_err(js_err)?;
+    let m = Masker::of(&cfg);
     Ok(ConfigInfo {
         name: cfg.name.clone(),
         env: cfg.env.clone(),
@@ -159,10 +169,10 @@ pub async fn load_config(options: Option<InfraOptions>) -> Result<ConfigInfo> {
                 let s = &cfg.services[n];
                 ServiceInfo {
                     name: s.name.clone(),
-                    start: s.start.clone(),
+                    start: s.start.as_deref().map(|c| m.mask(c)),
                     image: s.image.clone(),
                     port: s.port.map(u32::from),
-                    path: s.path.to_string_lossy().into_owned(),
+                    path: m.mask(&s.path.to_string_lossy()),
                     depends_on: s.dep_names().map(str::to_string).collect(),
                     env_keys: s.env.keys().cloned().collect(),
                     has_healthcheck: s.healthcheck.is_some(),
@@ -209,7 +219,7 @@ pub struct PlanResult {
     pub saved_to: String,
 }
 
-fn plan_result(p: &crate::plan::Plan, saved_to: String) -> PlanResult {
+fn plan_result(p: &crate::plan::Plan, saved_to: String, m: &Masker) -> PlanResult {
     PlanResult {
         project: p.project.clone(),
         env: p.env.clone(),
@@ -220,7 +230,7 @@ fn plan_result(p: &crate::plan::Plan, saved_to: String) -> PlanResult {
             .map(|a| PlanAction {
                 service: a.service.clone(),
                 action: a.action.as_str().into(),
-                reasons: a.reasons.clone(),
+                reasons: a.reasons.iter().map(|r| m.mask(r)).collect(),
                 config_hash: a.config_hash.clone(),
                 depends_on: a.depends_on.clone(),
             })
@@ -234,7 +244,7 @@ fn plan_result(p: &crate::plan::Plan, saved_to: String) -> PlanResult {
                 needs_force: v.needs_force,
             })
             .collect(),
-        text: p.render(),
+        text: m.mask(&p.render()),
         saved_to,
     }
 }
@@ -244,6 +254,7 @@ fn plan_result(p: &crate::plan::Plan, saved_to: String) -> PlanResult {
 pub async fn plan(options: Option<InfraOptions>) -> Result<PlanResult> {
     let o = options.unwrap_or_default();
     let cfg = o.load()?;
+    let m = Masker::of(&cfg);
     let provider = exec::provider_for(&cfg).map_err(js_err)?;
     let p = exec::make_plan(
         &cfg,
@@ -253,10 +264,13 @@ pub async fn plan(options: Option<InfraOptions>) -> Result<PlanResult> {
         },
     )
     .await
-    .map_err(js_err)?;
-    let saved = exec::save_plan(&cfg, &p)
-        .map_err(|e| js_err(ExecError::Failed(format!("cannot save the plan: {e}"))))?;
-    Ok(plan_result(&p, saved.to_string_lossy().into_owned()))
+    .map_err(|e| masked_err(e, &m))?;
+    let saved = exec::save_plan(&cfg, &p).map_err(|e| {
+        js_err(ExecError::Failed(
+            m.mask(&format!("cannot save the plan: {e}")),
+        ))
+    })?;
+    Ok(plan_result(&p, m.mask(&saved.to_string_lossy()), &m))
 }
 
 /// A progress event of `up` / `down`.
@@ -316,8 +330,9 @@ fn sink(f: Option<EventFn>) -> Option<exec::EventSink> {
 fn run_err<E: crate::error::ErrorCode + std::fmt::Display>(
     e: E,
     t: Option<&crate::trace::RunTrace>,
+    m: &Masker,
 ) -> napi::Error {
-    let mut msg = format!("{}: {e}", e.code());
+    let mut msg = m.mask(&format!("{}: {e}", e.code()));
     if let Some(t) = t {
         msg.push_str(&format!("\n[trace {}", t.trace_id));
         if let Some(f) = &t.file {
@@ -328,13 +343,19 @@ fn run_err<E: crate::error::ErrorCode + std::fmt::Display>(
     napi::Error::from_reason(msg)
 }
 
+/// [`js_err`], masked.
+fn masked_err<E: crate::error::ErrorCode + std::fmt::Display>(e: E, m: &Masker) -> napi::Error {
+    napi::Error::from_reason(m.mask(&format!("{}: {e}", e.code())))
+}
+
 fn run_result(
     r: std::result::Result<exec::Report, ExecError>,
     t: Option<crate::trace::RunTrace>,
+    m: Masker,
 ) -> Result<RunResult> {
-    let r = r.map_err(|e| run_err(e, t.as_ref()))?;
+    let r = r.map_err(|e| run_err(e, t.as_ref(), &m))?;
     if let Some(msg) = r.failure_summary() {
-        return Err(run_err(ExecError::Failed(msg), t.as_ref()));
+        return Err(run_err(ExecError::Failed(msg), t.as_ref(), &m));
     }
     Ok(RunResult {
         trace_id: t.as_ref().map(|t| t.trace_id.clone()),
@@ -343,7 +364,7 @@ fn run_result(
             .as_ref()
             .and_then(|t| t.file.as_ref())
             .map(|f| f.to_string_lossy().into_owned()),
-        plan: plan_result(&r.plan, String::new()),
+        plan: plan_result(&r.plan, String::new(), &m),
         services: r
             .results
             .iter()
@@ -351,7 +372,7 @@ fn run_result(
                 service: s.service.clone(),
                 action: s.action.as_str().into(),
                 outcome: s.outcome.as_str().into(),
-                error: s.error.clone(),
+                error: s.error.as_deref().map(|e| m.mask(e)),
                 elapsed_ms: s.elapsed_ms as f64,
             })
             .collect(),
@@ -373,10 +394,10 @@ pub async fn up(
     let o = options.unwrap_or_default();
     let cancel = cancel_token(abort);
     let opts = o.exec(sink(on_event), cancel);
-    let (r, t) = o
+    let (r, t, m) = o
         .traced("up", |cfg, provider| exec::up(cfg, provider, opts))
         .await;
-    run_result(r, t)
+    run_result(r, t, m)
 }
 
 /// Stops and removes services, dependents first.
@@ -384,10 +405,10 @@ pub async fn up(
 pub async fn down(options: Option<InfraOptions>, on_event: Option<EventFn>) -> Result<RunResult> {
     let o = options.unwrap_or_default();
     let opts = o.exec(sink(on_event), Default::default());
-    let (r, t) = o
+    let (r, t, m) = o
         .traced("down", |cfg, provider| exec::down(cfg, provider, opts))
         .await;
-    run_result(r, t)
+    run_result(r, t, m)
 }
 
 #[napi(object)]
@@ -415,7 +436,10 @@ pub struct ServiceStatus {
 pub async fn status(options: Option<InfraOptions>) -> Result<Vec<ServiceStatus>> {
     let o = options.unwrap_or_default();
     let cfg = o.load()?;
-    let rows = crate::cli::infra::status_of(&cfg).await.map_err(js_err)?;
+    let m = Masker::of(&cfg);
+    let rows = crate::cli::infra::status_of(&cfg)
+        .await
+        .map_err(|e| masked_err(e, &m))?;
     Ok(rows
         .into_iter()
         .map(|r| ServiceStatus {
@@ -428,7 +452,7 @@ pub async fn status(options: Option<InfraOptions>) -> Result<Vec<ServiceStatus>>
             instances: r.instances,
             running: r.running as u32,
             updated_at: r.updated_at,
-            error: r.error,
+            error: r.error.as_deref().map(|e| m.mask(e)),
         })
         .collect())
 }
@@ -452,10 +476,11 @@ pub struct DriftResult {
 pub async fn drift(options: Option<InfraOptions>) -> Result<DriftResult> {
     let o = options.unwrap_or_default();
     let cfg = o.load()?;
+    let m = Masker::of(&cfg);
     let provider = exec::provider_for(&cfg).map_err(js_err)?;
     let r = crate::drift::detect(&cfg, provider.as_ref())
         .await
-        .map_err(js_err)?;
+        .map_err(|e| masked_err(e, &m))?;
     Ok(DriftResult {
         drifted: r.drifted,
         items: r
@@ -467,7 +492,7 @@ pub async fn drift(options: Option<InfraOptions>) -> Result<DriftResult> {
                     .ok()
                     .and_then(|v| v.as_str().map(str::to_string))
                     .unwrap_or_default(),
-                detail: i.detail,
+                detail: m.mask(&i.detail),
             })
             .collect(),
     })

@@ -11,7 +11,6 @@
 //! after the grace period, then sweeps any member left in the group.
 
 use std::collections::BTreeMap;
-use std::fs::OpenOptions;
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
@@ -234,16 +233,11 @@ impl Provider for ProcessProvider {
         let io = |what: &str, e: std::io::Error| ProviderError::Io(format!("{what}: {e}"));
         for (name, _) in &spec.volumes {
             let dir = self.volume_path(name);
-            std::fs::create_dir_all(&dir)
+            crate::state::private::dir(&dir)
                 .map_err(|e| io(&format!("cannot create volume {}", dir.display()), e))?;
         }
-        if let Some(dir) = spec.log_file.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| io("cannot create the log directory", e))?;
-        }
-        let mut log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&spec.log_file)
+        // 0600 in a 0700 folder: the service's output may quote secrets.
+        let mut log = crate::state::private::open_append(&spec.log_file)
             .map_err(|e| io(&format!("cannot open log {}", spec.log_file.display()), e))?;
         let _ = writeln!(
             log,
@@ -413,7 +407,7 @@ impl Provider for ProcessProvider {
 
     async fn create_volume(&self, name: &str) -> Result<String, ProviderError> {
         let p = self.volume_path(name);
-        std::fs::create_dir_all(&p)
+        crate::state::private::dir(&p)
             .map_err(|e| ProviderError::Io(format!("{}: {e}", p.display())))?;
         Ok(p.to_string_lossy().into_owned())
     }

@@ -9,6 +9,8 @@
 //! on the serial and lineage the run holds, so two machines or working
 //! directories can never overwrite each other's state.
 
+pub mod private;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -177,6 +179,59 @@ impl State {
             resources: BTreeMap::new(),
             volumes: BTreeMap::new(),
         }
+    }
+}
+
+/// Where the lineage of a state that does not exist yet is reserved:
+/// `<state file>.lineage` (for a remote state, beside the local default
+/// state file).
+pub fn lineage_file(state_file: &Path) -> PathBuf {
+    let mut s = state_file.as_os_str().to_owned();
+    s.push(".lineage");
+    PathBuf::from(s)
+}
+
+/// The lineage the first state written at `state_file` will have. A `plan`
+/// made before any state exists salts its hashes with it, so that the
+/// first `up` (which takes the same lineage) agrees with that plan; the
+/// reservation is removed once that state is written. Created once (0600),
+/// atomically: concurrent callers all get the same lineage.
+pub fn reserved_lineage(state_file: &Path) -> std::io::Result<String> {
+    let path = lineage_file(state_file);
+    let valid = |s: &str| uuid::Uuid::parse_str(s.trim()).is_ok();
+    match std::fs::read_to_string(&path) {
+        Ok(s) if valid(&s) => return Ok(s.trim().to_string()),
+        Ok(_) => {
+            // Unreadable: replace it.
+            let _ = std::fs::remove_file(&path);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let fresh = uuid::Uuid::new_v4().to_string();
+    let tmp = {
+        let mut s = path.as_os_str().to_owned();
+        s.push(format!(".{}.tmp", uuid::Uuid::new_v4().simple()));
+        PathBuf::from(s)
+    };
+    private::write(&tmp, format!("{fresh}\n").as_bytes())?;
+    // A hard link creates the name only if it is free, with the whole content.
+    let linked = std::fs::hard_link(&tmp, &path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(fresh),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let s = std::fs::read_to_string(&path)?;
+            if valid(&s) {
+                Ok(s.trim().to_string())
+            } else {
+                Err(std::io::Error::other(format!(
+                    "{} does not hold a lineage id",
+                    path.display()
+                )))
+            }
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -359,6 +414,9 @@ impl std::fmt::Debug for InfraStateStore {
 pub struct Store {
     backend: Backend,
     state: State,
+    /// The lineage reservation this (not yet written) state took, removed
+    /// once the state is written.
+    reservation: Option<PathBuf>,
 }
 
 impl Store {
@@ -367,6 +425,7 @@ impl Store {
         Ok(Store {
             backend: Backend::File(path.to_path_buf()),
             state: read(path, project, env)?,
+            reservation: None,
         })
     }
 
@@ -390,7 +449,27 @@ impl Store {
                 stored,
             },
             state,
+            reservation: None,
         })
+    }
+
+    /// A state that was never written takes the lineage reserved for it
+    /// beside `state_file` (see [`reserved_lineage`]); a written one keeps
+    /// its own. The reservation is removed once the state is written.
+    pub fn take_reserved_lineage(&mut self, state_file: &Path) {
+        if self.state.serial != 0 {
+            return;
+        }
+        match reserved_lineage(state_file) {
+            Ok(l) => {
+                self.state.lineage = l;
+                self.reservation = Some(lineage_file(state_file));
+            }
+            Err(e) => tracing::warn!(
+                "cannot reserve the state lineage beside {}: {e}",
+                state_file.display()
+            ),
+        }
     }
 
     /// Where the state lives, for messages.
@@ -417,6 +496,9 @@ impl Store {
         let r = f(&mut self.state);
         self.state.serial += 1;
         self.save().await?;
+        if let Some(p) = self.reservation.take() {
+            let _ = std::fs::remove_file(p);
+        }
         Ok(r)
     }
 
@@ -429,10 +511,7 @@ impl Store {
                     path: path.clone(),
                     source,
                 };
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir).map_err(err)?;
-                }
-                crate::fsutil::atomic_write(path, &bytes, 0o600).map_err(err)
+                private::write(path, &bytes).map_err(err)
             }
             Backend::Remote {
                 db,

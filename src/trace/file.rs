@@ -2,8 +2,9 @@
 //!
 //! The same spans the OTLP exporter sends, in a small JSON shape that
 //! `nanokit timeline` renders. It holds only what nanokit put on its spans
-//! (names, times, ids, nanokit.* attributes, errors with env values
-//! redacted); never env values or the state.
+//! (names, times, ids, nanokit.* attributes, errors), with every secret
+//! masked (see [`super::mask`]); never env values or the state. Written
+//! 0600 in a 0700 folder.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -189,11 +190,10 @@ impl TraceFile {
     /// Writes `<dir>/<run>.json` atomically (0600: errors can quote hook
     /// output).
     pub fn write(&self, dir: &Path) -> std::io::Result<PathBuf> {
-        std::fs::create_dir_all(dir)?;
         let path = dir.join(format!("{}.json", self.run));
         let mut bytes = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
         bytes.push(b'\n');
-        crate::fsutil::atomic_write(&path, &bytes, 0o600)?;
+        crate::state::private::write(&path, &bytes)?;
         Ok(path)
     }
 

@@ -22,6 +22,7 @@
 //! `TRACEPARENT` in hooks). Export failures are logged, never returned.
 
 pub mod file;
+pub mod mask;
 pub mod timeline;
 
 use std::collections::BTreeMap;
@@ -39,6 +40,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::Layer;
 
 pub use file::{SpanRecord, TraceFile};
+pub use mask::Masker;
 
 /// The name of the instrumentation scope of every nanokit span.
 pub const SCOPE: &str = "nanokit";
@@ -166,28 +168,34 @@ fn resource() -> opentelemetry_sdk::Resource {
     .build()
 }
 
-/// Values that must never leave the process in a span (every service's env
-/// values, the state URL): filled by [`load_config`], applied by
+/// Values that must never leave the process in a span (see [`mask`]):
+/// filled by [`load_config`] with the run's [`Masker`], applied by
 /// [`Redacting`] to every span of the run before it is kept or exported.
-type Secrets = Arc<std::sync::RwLock<Vec<String>>>;
+type Secrets = Arc<std::sync::RwLock<Masker>>;
 
 tokio::task_local! {
     static RUN_SECRETS: Secrets;
 }
 
-fn scrub(text: &str, secrets: &[String]) -> Option<String> {
-    secrets.iter().any(|s| text.contains(s.as_str())).then(|| {
-        secrets
-            .iter()
-            .fold(text.to_string(), |t, s| t.replace(s.as_str(), "***"))
-    })
+fn scrub(text: &str, secrets: &Masker) -> Option<String> {
+    secrets.mask_opt(text)
 }
 
-fn scrub_kv(kv: &mut opentelemetry::KeyValue, secrets: &[String]) {
-    if let opentelemetry::Value::String(v) = &kv.value {
-        if let Some(clean) = scrub(v.as_str(), secrets) {
-            kv.value = opentelemetry::Value::String(clean.into());
+fn scrub_kv(kv: &mut opentelemetry::KeyValue, secrets: &Masker) {
+    match &kv.value {
+        opentelemetry::Value::String(v) => {
+            if let Some(clean) = scrub(v.as_str(), secrets) {
+                kv.value = opentelemetry::Value::String(clean.into());
+            }
         }
+        opentelemetry::Value::Array(opentelemetry::Array::String(items)) => {
+            let clean: Vec<opentelemetry::StringValue> = items
+                .iter()
+                .map(|v| secrets.mask(v.as_str()).into())
+                .collect();
+            kv.value = opentelemetry::Value::Array(opentelemetry::Array::String(clean));
+        }
+        _ => {}
     }
 }
 
@@ -204,8 +212,15 @@ impl<P: SpanProcessor> SpanProcessor for Redacting<P> {
     }
 
     fn on_end(&self, mut span: SpanData) {
-        let secrets = self.secrets.read().unwrap_or_else(|e| e.into_inner());
+        let secrets = self
+            .secrets
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         if !secrets.is_empty() {
+            if let Some(clean) = scrub(&span.name, &secrets) {
+                span.name = clean.into();
+            }
             for kv in &mut span.attributes {
                 scrub_kv(kv, &secrets);
             }
@@ -223,7 +238,6 @@ impl<P: SpanProcessor> SpanProcessor for Redacting<P> {
                 }
             }
         }
-        drop(secrets);
         self.inner.on_end(span);
     }
 
@@ -281,7 +295,7 @@ where
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("NANOKIT_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
     tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
+        .with_writer(mask::MaskedStderr::default)
         .with_target(false)
         .with_filter(filter)
 }
@@ -371,14 +385,15 @@ pub async fn step<T>(
     span: Span,
     fut: impl Future<Output = Result<T, String>>,
 ) -> Result<T, String> {
-    step_env(span, &BTreeMap::new(), fut).await
+    step_masked(span, &Masker::default(), fut).await
 }
 
-/// [`step`], with the values of `env` redacted from a recorded error (hook
-/// and probe output may print them).
-pub async fn step_env<T>(
+/// [`step`], with `mask`'s secrets masked in a recorded error (hook and
+/// probe output may print them). The run's [`Redacting`] processor masks
+/// every span again; this keeps them out of spans recorded outside a run.
+pub async fn step_masked<T>(
     span: Span,
-    env: &BTreeMap<String, String>,
+    mask: &Masker,
     fut: impl Future<Output = Result<T, String>>,
 ) -> Result<T, String> {
     let r = fut.instrument(span.clone()).await;
@@ -388,7 +403,7 @@ pub async fn step_env<T>(
         Err(e) => {
             set(&span, "nanokit.outcome", "failed");
             if !span.is_disabled() {
-                fail(&span, &redact(e, env));
+                fail(&span, &mask.mask(e));
             }
         }
     }
@@ -407,15 +422,7 @@ pub fn load_config<E: std::fmt::Display>(
         Ok(c) => {
             let _ = RUN_SECRETS.try_with(|s| {
                 let mut s = s.write().unwrap_or_else(|e| e.into_inner());
-                let values = c.services.values().flat_map(|svc| svc.env.values());
-                s.extend(
-                    values
-                        .chain(c.state_url.as_ref())
-                        .filter(|v| v.len() >= 4)
-                        .cloned(),
-                );
-                s.sort_by(|a, b| b.len().cmp(&a.len()).then(a.cmp(b)));
-                s.dedup();
+                *s = s.merged(&Masker::of(c));
             });
             set(&root, "nanokit.project", c.name.clone());
             set(&root, "nanokit.provider", c.provider.as_str());
@@ -426,22 +433,12 @@ pub fn load_config<E: std::fmt::Display>(
     r
 }
 
-/// Replaces every value of `env` (at least 4 characters long) found in
-/// `text` with `***`: hook commands and their output may contain secrets.
-pub fn redact(text: &str, env: &BTreeMap<String, String>) -> String {
-    let mut values: Vec<&str> = env
-        .values()
-        .map(String::as_str)
-        .filter(|v| v.len() >= 4)
-        .collect();
-    values.sort_by_key(|v| std::cmp::Reverse(v.len()));
-    let mut out = text.to_string();
-    for v in values {
-        if out.contains(v) {
-            out = out.replace(v, "***");
-        }
-    }
-    out
+/// The masker of the run this task belongs to (empty outside runs, or
+/// before the run's configuration is loaded).
+pub fn run_masker() -> Masker {
+    RUN_SECRETS
+        .try_with(|s| s.read().unwrap_or_else(|e| e.into_inner()).clone())
+        .unwrap_or_default()
 }
 
 /// What a traced run was, for naming its trace.
@@ -561,9 +558,10 @@ where
         async move { fut.instrument(root).await }
     };
     let out = RUN_SECRETS
-        .scope(secrets, inner.with_subscriber(dispatch))
+        .scope(secrets.clone(), inner.with_subscriber(dispatch))
         .await;
-    let failure = out.failure();
+    let masker = secrets.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let failure = out.failure().map(|f| masker.mask(&f));
     match &failure {
         Some(f) => {
             set(&root, "nanokit.outcome", "failed");
@@ -581,6 +579,7 @@ where
     let spans = std::mem::take(&mut *collector.0.lock().unwrap_or_else(|e| e.into_inner()));
     let mut written = None;
     if settings.local_file {
+        // Spans were masked as they ended (`Redacting`), the failure above.
         let trace = TraceFile::from_spans(&run, &meta, &trace_id, failure.as_deref(), spans);
         let dir = traces_dir(&meta.file);
         match trace.write(&dir) {
@@ -642,18 +641,6 @@ pub fn parse_traceparent(v: &str) -> Option<opentelemetry::Context> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn redacts_env_values_longest_first() {
-        let mut env = BTreeMap::new();
-        env.insert("TOKEN".into(), "s3cr3t-value".into());
-        env.insert("SHORT".into(), "s3cr3t".into());
-        env.insert("PORT".into(), "80".into());
-        assert_eq!(
-            redact("curl -H 'x: s3cr3t-value' :80 s3cr3t", &env),
-            "curl -H 'x: ***' :80 ***"
-        );
-    }
 
     #[test]
     fn parses_traceparent() {
