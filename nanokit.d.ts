@@ -1,4 +1,4 @@
-// Types of nanokit's public JS API (nanokit.js). The native binding's own
+// Types of nanokit's public JS API (nanokit.js, `require('nanokit-engine')`). The native binding's own
 // types are generated into index.d.ts by @napi-rs/cli.
 import type {
   InstallOptions as NativeInstallOptions,

@@ -56,16 +56,33 @@ pub struct Stat {
     pub links: u32,
 }
 
-/// What [`stat`] should ask the filesystem for (`statx` mask bits).
+/// What [`stat`] should ask the filesystem for (`statx` mask bits; ignored
+/// where there is no `statx`, which reports every field).
 #[derive(Debug, Clone, Copy)]
 pub struct StatFields(u32);
 
+#[cfg(target_os = "linux")]
+mod mask {
+    use rustix::fs::StatxFlags as F;
+    pub const INO: u32 = F::INO.bits();
+    pub const SIZE: u32 = F::SIZE.bits();
+    pub const MTIME: u32 = F::MTIME.bits();
+    pub const NLINK: u32 = F::NLINK.bits();
+}
+#[cfg(not(target_os = "linux"))]
+mod mask {
+    pub const INO: u32 = 0;
+    pub const SIZE: u32 = 0;
+    pub const MTIME: u32 = 0;
+    pub const NLINK: u32 = 0;
+}
+
 impl StatFields {
     /// Device and inode: which file the path names (always reported).
-    pub const ID: StatFields = StatFields(libc::STATX_INO);
-    pub const SIZE: StatFields = StatFields(libc::STATX_SIZE);
-    pub const MTIME: StatFields = StatFields(libc::STATX_MTIME);
-    pub const LINKS: StatFields = StatFields(libc::STATX_NLINK);
+    pub const ID: StatFields = StatFields(mask::INO);
+    pub const SIZE: StatFields = StatFields(mask::SIZE);
+    pub const MTIME: StatFields = StatFields(mask::MTIME);
+    pub const LINKS: StatFields = StatFields(mask::NLINK);
 
     pub const fn and(self, other: StatFields) -> StatFields {
         StatFields(self.0 | other.0)
@@ -76,43 +93,50 @@ impl StatFields {
 /// matters: asking for a file's times makes Linux give its next write a
 /// fine-grained time stamp (an inode update per write, with multigrain time
 /// stamps), and on NFS may cost a round trip to the server.
+///
+/// The `statx` system call is made directly (rustix), not through glibc's
+/// wrapper, which only exists from glibc 2.28: the shipped binaries run on
+/// glibc 2.17. Kernels older than 4.11 have no `statx`: there it is `fstatat`.
 #[cfg(target_os = "linux")]
 pub fn stat(path: &std::ffi::CStr, fields: StatFields) -> io::Result<Stat> {
-    statx(libc::AT_FDCWD, path, 0, fields)
+    statx(rustix::fs::CWD, path, rustix::fs::AtFlags::empty(), fields)
 }
 
 /// [`stat`] of an open file.
 #[cfg(target_os = "linux")]
 pub fn stat_file(file: &File, fields: StatFields) -> io::Result<Stat> {
-    use std::os::fd::AsRawFd;
-    statx(file.as_raw_fd(), c"", libc::AT_EMPTY_PATH, fields)
+    statx(file, c"", rustix::fs::AtFlags::EMPTY_PATH, fields)
 }
 
 #[cfg(target_os = "linux")]
-fn statx(
-    dirfd: libc::c_int,
+fn statx<Fd: std::os::fd::AsFd>(
+    dirfd: Fd,
     path: &std::ffi::CStr,
-    flags: libc::c_int,
+    flags: rustix::fs::AtFlags,
     fields: StatFields,
 ) -> io::Result<Stat> {
-    let mut stx = std::mem::MaybeUninit::<libc::statx>::uninit();
-    // SAFETY: `path` is NUL-terminated and `stx` is valid for writing a statx.
-    let rc = unsafe {
-        libc::statx(
-            dirfd,
-            path.as_ptr(),
-            flags | libc::AT_STATX_SYNC_AS_STAT,
-            fields.0,
-            stx.as_mut_ptr(),
-        )
+    let stx = match rustix::fs::statx(
+        &dirfd,
+        path,
+        flags | rustix::fs::AtFlags::STATX_SYNC_AS_STAT,
+        rustix::fs::StatxFlags::from_bits_retain(fields.0),
+    ) {
+        Ok(stx) => stx,
+        // Linux < 4.11: no statx; fstatat reports every field.
+        Err(rustix::io::Errno::NOSYS) => {
+            let st = rustix::fs::statat(&dirfd, path, flags)?;
+            return Ok(Stat {
+                dev: st.st_dev,
+                ino: st.st_ino,
+                size: st.st_size as u64,
+                mtime: (st.st_mtime, st.st_mtime_nsec as u32),
+                links: st.st_nlink as u32,
+            });
+        }
+        Err(e) => return Err(e.into()),
     };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: statx succeeded, so it filled the struct.
-    let stx = unsafe { stx.assume_init() };
     Ok(Stat {
-        dev: libc::makedev(stx.stx_dev_major, stx.stx_dev_minor),
+        dev: rustix::fs::makedev(stx.stx_dev_major, stx.stx_dev_minor),
         ino: stx.stx_ino,
         size: stx.stx_size,
         mtime: (stx.stx_mtime.tv_sec, stx.stx_mtime.tv_nsec),

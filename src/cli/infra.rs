@@ -289,16 +289,33 @@ mod interrupt {
         write_fd: libc::c_int,
     }
 
+    /// A close-on-exec pipe, as raw fds (the signal handler needs a plain fd).
+    /// On Linux atomically (`pipe2`); elsewhere `pipe` then `FD_CLOEXEC`, so a
+    /// child forked by another thread in between could inherit the pipe.
+    fn cloexec_pipe() -> std::io::Result<[libc::c_int; 2]> {
+        use std::os::fd::IntoRawFd;
+        #[cfg(target_os = "linux")]
+        let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+        #[cfg(not(target_os = "linux"))]
+        let (r, w) = {
+            let (r, w) = rustix::pipe::pipe()?;
+            for fd in [&r, &w] {
+                rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::CLOEXEC)?;
+            }
+            (r, w)
+        };
+        Ok([r.into_raw_fd(), w.into_raw_fd()])
+    }
+
     pub fn install(token: CancellationToken) -> Guard {
-        let mut fds = [0; 2];
+        let Ok(fds) = cloexec_pipe() else {
+            return Guard {
+                old: None,
+                write_fd: -1,
+            };
+        };
         // SAFETY: plain libc calls on valid pointers.
         unsafe {
-            if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
-                return Guard {
-                    old: None,
-                    write_fd: -1,
-                };
-            }
             PIPE_W.store(fds[1], Ordering::SeqCst);
             let mut new: libc::sigaction = std::mem::zeroed();
             new.sa_sigaction = on_sigint as *const () as usize;

@@ -5,6 +5,11 @@
 //! Two containers on one host get different ids (and so never judge each
 //! other's pids); a rebooted host gets a new id (its old locks are then
 //! judged by staleness, like a foreign host's).
+//!
+//! Boot id, pid namespace and process start times come from `/proc` (Linux
+//! only). Elsewhere the host id is unique to the process (so every other
+//! holder is judged by staleness, as if on another host) and a pid's
+//! liveness is `kill(pid, 0)` alone (a reused pid is not detected).
 
 use std::fs;
 use std::sync::OnceLock;
@@ -32,11 +37,7 @@ pub fn this_host() -> &'static HostIdentity {
         let id = match std::env::var("NANOKIT_HOST_ID") {
             Ok(v) if !v.is_empty() => v,
             _ => {
-                let boot =
-                    fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-                let pidns = fs::read_link("/proc/self/ns/pid")
-                    .map(|p| p.to_string_lossy().into_owned())
-                    .unwrap_or_default();
+                let (boot, pidns) = boot_and_pid_namespace();
                 if boot.trim().is_empty() {
                     // No way to tell pid namespaces apart: make the id unique to
                     // this process so no other process ever judges our pid.
@@ -57,6 +58,21 @@ pub fn this_host() -> &'static HostIdentity {
     })
 }
 
+/// The kernel's boot id and this process's pid namespace (empty if unknown).
+#[cfg(target_os = "linux")]
+fn boot_and_pid_namespace() -> (String, String) {
+    let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let pidns = fs::read_link("/proc/self/ns/pid")
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    (boot, pidns)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn boot_and_pid_namespace() -> (String, String) {
+    (String::new(), String::new())
+}
+
 fn hostname() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: buf is valid for buf.len() bytes; gethostname NUL-terminates on success.
@@ -71,6 +87,7 @@ fn hostname() -> String {
 
 /// Start time of `pid` in clock ticks since boot (field 22 of
 /// `/proc/<pid>/stat`), and whether it is a zombie. `None` if it does not exist.
+#[cfg(target_os = "linux")]
 fn proc_stat(pid: u32) -> Option<(u64, bool)> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) is in parentheses and may contain spaces.
@@ -80,6 +97,11 @@ fn proc_stat(pid: u32) -> Option<(u64, bool)> {
     // `rest` starts at field 3; field 22 is 19 further on.
     let start = fields.nth(18)?.parse().ok()?;
     Some((start, state == "Z"))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn proc_stat(_pid: u32) -> Option<(u64, bool)> {
+    None
 }
 
 /// The start time of `pid`, recorded in lock files so that a reused pid is

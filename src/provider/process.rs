@@ -9,6 +9,9 @@
 //! never mistaken for ours. Instances are also found by their labels, read
 //! from `/proc/<pid>/environ`. Stop sends SIGTERM to the group, then SIGKILL
 //! after the grace period, then sweeps any member left in the group.
+//!
+//! Linux only: without `/proc` (other systems, which are not supported) no
+//! instance can be found or verified, so every service looks stopped.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -29,6 +32,12 @@ struct Stat {
     start_time: u64,
 }
 
+#[cfg(not(target_os = "linux"))]
+fn read_stat(_pid: u32) -> Option<Stat> {
+    None
+}
+
+#[cfg(target_os = "linux")]
 fn read_stat(pid: u32) -> Option<Stat> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &s[s.rfind(')')? + 2..];
@@ -59,6 +68,12 @@ pub fn id_alive(id: &str) -> bool {
     parse_id(id).is_some_and(|(pid, st)| proc_start_time(pid) == Some(st))
 }
 
+#[cfg(not(target_os = "linux"))]
+fn environ(_pid: u32) -> Option<BTreeMap<String, String>> {
+    None
+}
+
+#[cfg(target_os = "linux")]
 fn environ(pid: u32) -> Option<BTreeMap<String, String>> {
     let bytes = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
     Some(
@@ -73,6 +88,12 @@ fn environ(pid: u32) -> Option<BTreeMap<String, String>> {
     )
 }
 
+#[cfg(not(target_os = "linux"))]
+fn all_pids() -> Vec<u32> {
+    Vec::new()
+}
+
+#[cfg(target_os = "linux")]
 fn all_pids() -> Vec<u32> {
     std::fs::read_dir("/proc")
         .map(|rd| {
