@@ -18,7 +18,7 @@ pub fn pg_url() -> String {
         Ok(u) if !u.trim().is_empty() => u,
         _ => panic!(
             "this test needs PostgreSQL, and NANOKIT_TEST_PG_URL is not set{}: run `eval \"$(bash scripts/pg-test-cluster.sh)\"` first (outside CI, without it, cargo reports this test as ignored)",
-            if std::env::var_os("CI").is_some() { " (CI is set, so PostgreSQL tests must run)" } else { " (it was set when this test binary was built)" }
+            if in_ci() { " (CI is set, so PostgreSQL tests must run)" } else { " (it was set when this test binary was built)" }
         ),
     }
 }
@@ -47,6 +47,30 @@ pub fn require_docker() {
     if let Err(why) = probe {
         panic!(
             "this test needs Docker: {why}; run `eval \"$(bash scripts/docker-test-env.sh)\"` first (outside CI, without NANOKIT_TEST_DOCKER, cargo reports this test as ignored)"
+        );
+    }
+}
+
+/// Whether `CI` says this is a CI run — the rule of build.rs and
+/// `__test__/helpers/services.mjs`.
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| {
+        let v = v.trim().to_ascii_lowercase();
+        !(v.is_empty() || v == "0" || v == "false")
+    })
+}
+
+/// The gate itself: in CI this test binary must have been built with every
+/// service cfg, so that no service test is ignored there. (Each binary that
+/// includes this module checks its own build.)
+#[test]
+fn in_ci_no_service_test_is_ignored() {
+    if in_ci() {
+        assert!(
+            cfg!(nk_pg) && cfg!(nk_docker),
+            "CI is set, but this test binary was built without cfg nk_pg/nk_docker (pg: {}, docker: {}), so its service tests would be ignored: build.rs must set both when CI is set",
+            cfg!(nk_pg),
+            cfg!(nk_docker)
         );
     }
 }
