@@ -270,6 +270,24 @@ async fn increment_semantics(ctx: Ctx) {
         s.get("big").await.unwrap(),
         Some(Value::Json(json!(i64::MAX)))
     );
+    // With a bound (JS passes 2^53 - 1, so its numbers stay exact): a result
+    // beyond it is refused with a coded error and nothing is written.
+    let b = nanokit::kv::JS_SAFE_INTEGER;
+    s.set("js", &Value::Json(json!(b - 1))).await.unwrap();
+    assert_eq!(s.increment_within("js", 1, Some(b)).await.unwrap(), b);
+    assert_eq!(
+        code(s.increment_within("js", 1, Some(b)).await),
+        "ENKNOTINTEGER"
+    );
+    assert_eq!(s.get("js").await.unwrap(), Some(Value::Json(json!(b))));
+    assert_eq!(
+        code(s.increment_within("jsneg", -b - 1, Some(b)).await),
+        "ENKNOTINTEGER"
+    );
+    assert_eq!(s.get("jsneg").await.unwrap(), None, "nothing inserted");
+    assert_eq!(s.increment_within("jsneg", -b, Some(b)).await.unwrap(), -b);
+    // Unbounded (Rust, the CLI), the same step is fine.
+    assert_eq!(s.increment("js", 1).await.unwrap(), b + 1);
 }
 
 async fn clear_and_stats(ctx: Ctx) {
