@@ -64,6 +64,7 @@ fn in_ci() -> bool {
 /// service cfg, so that no service test is ignored there. (Each binary that
 /// includes this module checks its own build.)
 #[test]
+#[allow(clippy::assertions_on_constants)] // the constant is this build's cfg: that is what is checked
 fn in_ci_no_service_test_is_ignored() {
     if in_ci() {
         assert!(
