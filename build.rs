@@ -1,3 +1,51 @@
+//! Build script: napi-rs's link setup, plus the cfgs that decide which
+//! service-backed tests run.
+//!
+//! `nk_pg` / `nk_docker` are set when the test build is meant to reach
+//! PostgreSQL / Docker: `NANOKIT_TEST_PG_URL` / `NANOKIT_TEST_DOCKER` is set,
+//! or `CI` is. Tests that need a service carry
+//! `#[cfg_attr(not(nk_pg), ignore = "SKIPPED: …")]`: without the service and
+//! outside CI, cargo lists them as *ignored* with the reason, never as passed;
+//! with the cfg on they run, and fail loudly if the service cannot be reached
+//! (tests/services/mod.rs). Cargo re-runs this script when one of those
+//! variables changes, so `cargo test` always builds for the current
+//! environment. The addon build (`--features node`) contains no tests and is
+//! not made to depend on them.
+
+use std::env;
+
+/// The variables that decide the test cfgs.
+const TEST_ENV: [&str; 3] = ["CI", "NANOKIT_TEST_PG_URL", "NANOKIT_TEST_DOCKER"];
+
+/// Whether `CI` says this is a CI run (`true`, `1`, anything but empty,
+/// `0` or `false`) — the same rule as `__test__/helpers/services.mjs`.
+fn in_ci() -> bool {
+    env::var("CI").is_ok_and(|v| {
+        let v = v.trim().to_ascii_lowercase();
+        !(v.is_empty() || v == "0" || v == "false")
+    })
+}
+
+fn set(var: &str) -> bool {
+    env::var(var).is_ok_and(|v| !v.trim().is_empty())
+}
+
 fn main() {
     napi_build::setup();
+
+    println!("cargo::rustc-check-cfg=cfg(nk_pg)");
+    println!("cargo::rustc-check-cfg=cfg(nk_docker)");
+    if env::var_os("CARGO_FEATURE_NODE").is_some() {
+        return;
+    }
+    for var in TEST_ENV {
+        println!("cargo::rerun-if-env-changed={var}");
+    }
+    let ci = in_ci();
+    if ci || set("NANOKIT_TEST_PG_URL") {
+        println!("cargo::rustc-cfg=nk_pg");
+    }
+    if ci || set("NANOKIT_TEST_DOCKER") {
+        println!("cargo::rustc-cfg=nk_docker");
+    }
 }

@@ -24,7 +24,10 @@ export declare class State {
   exists(key: string): Promise<boolean>
   delete(key: string): Promise<boolean>
   list(prefix?: string): Promise<StateEntry[]>
-  /** Atomically adds `delta` (default 1); missing = 0. */
+  /**
+   * Atomically adds `delta` (default 1, a safe integer); missing = 0. The result stays exact: one beyond
+   * ±Number.MAX_SAFE_INTEGER is refused with ENKNOTINTEGER and nothing changes.
+   */
   increment(key: string, delta?: number): Promise<number>
   /** Acquires (or, for the same holder, renews) a named lock; ENKLOCKED names the holder. */
   lock(name: string, holder: string, timeoutSeconds: number, options?: StateLockOptions): Promise<LockAcquired>

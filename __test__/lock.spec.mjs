@@ -166,32 +166,63 @@ describe('lock across processes', () => {
     assert.ok(waited >= staleMs, `taken over after ${waited} ms, before the stale period of ${staleMs} ms`)
   })
 
-  it('16 processes racing to take over one stale lock, 200 rounds: never two holders', { timeout: 300_000 }, async () => {
+  it('16 processes racing to take over one stale lock, 200 rounds: never two holders', { timeout: 900_000 }, async () => {
     const dir = tmp('race')
     const path = join(dir, 'r.lock')
     const hostId = thisHostId(dir)
     const dead = deadPid()
     const racers = Array.from({ length: 16 }, () => worker({ op: 'race', path }))
     await Promise.all(racers.map((r) => r.next(ev('ready'))))
+    // Three takeover paths:
+    // - 'killed': the previous round's winner was SIGKILLed while holding the
+    //   lock; its real record is left behind (taken at once: dead holder);
+    // - 'dead': a record of an exited process on this host (taken at once);
+    // - 'foreign': a silent holder on another host (taken after staleMs).
+    // The racers' staleMs is also the lease of whoever wins: a winner whose
+    // heartbeat stalls that long may rightly be taken over by a racer still
+    // trying. So the stale window is far longer than any stall of a loaded
+    // 2-core machine (60 s where takeover does not depend on it, 2 s for the
+    // foreign path), and the racers keep trying against the live winner for
+    // a while (GRACE_MS, well inside that window) before they are stopped.
+    // A second winner is then a broken lock, never a legitimate takeover; the
+    // winner's own lease must also be intact when it releases.
+    const FOREIGN_STALE_MS = 2000
     const ROUNDS = 200
+    let killedLast = false
+    const counts = { killed: 0, dead: 0, foreign: 0 }
     for (let round = 0; round < ROUNDS; round++) {
-      // Alternate the two takeover paths: a dead holder on this host (taken at
-      // once) and a silent holder on another host (taken after staleMs).
-      // The stale period is also how long a winner may stall (16 processes
-      // on a busy machine) before the others may rightly take its lease over:
-      // long where the takeover does not depend on it.
-      const foreign = round % 2 === 1
-      writeRecord(path, foreign ? { hostId: 'another-host', pid: 1 } : { hostId, pid: dead })
-      const [staleMs, timeoutMs] = foreign ? [150, 400] : [60_000, 150]
-      for (const r of racers) r.send(`go ${round} ${staleMs} ${timeoutMs}`)
-      const results = await Promise.all(racers.map((r) => r.next((e) => e.event === 'round' && e.round === round)))
+      const kind = killedLast ? 'killed' : round % 8 === 7 ? 'foreign' : 'dead'
+      counts[kind]++
+      if (kind === 'dead') writeRecord(path, { hostId, pid: dead })
+      if (kind === 'foreign') writeRecord(path, { hostId: 'another-host', pid: 1 })
+      if (kind === 'killed') assert.equal(nk.inspectLock(path).holderAlive, false, `round ${round}: the killed winner's record`)
+      const staleMs = kind === 'foreign' ? FOREIGN_STALE_MS : 60_000
+      const graceMs = kind === 'foreign' ? FOREIGN_STALE_MS / 4 : 50
+      for (const r of racers) r.send(`go ${round} ${staleMs}`)
+      const mine = (e) => e.event === 'round' && e.round === round
+      await Promise.race(racers.map((r) => r.next((e) => mine(e) && e.won)))
+      await sleep(graceMs)
+      for (const r of racers) r.send(`stop ${round}`)
+      const results = await Promise.all(racers.map((r) => r.next(mine)))
       const winners = results.filter((r) => r.won)
-      assert.equal(winners.length, 1, `round ${round}: ${winners.length} holders`)
-      const winner = racers.find((r) => r.child.pid === winners[0].pid)
-      const before = winner.events.filter(ev('released')).length
-      winner.send('release')
-      await winner.next((e) => e.event === 'released' && winner.events.filter(ev('released')).indexOf(e) === before)
+      assert.equal(winners.length, 1, `round ${round} (${kind}): ${winners.length} holders`)
+      const at = racers.findIndex((r) => r.child.pid === winners[0].pid)
+      const winner = racers[at]
+      killedLast = round % 10 === 4
+      if (killedLast) {
+        // Killed while holding: the next round takes over a real dead holder.
+        winner.child.kill('SIGKILL')
+        await winner.exited
+        racers[at] = worker({ op: 'race', path })
+        await racers[at].next(ev('ready'))
+      } else {
+        const before = winner.events.filter(ev('released')).length
+        winner.send('release')
+        const rel = await winner.next((e) => e.event === 'released' && winner.events.filter(ev('released')).indexOf(e) === before)
+        assert.equal(rel.lost, false, `round ${round} (${kind}): the winner's lease was taken over while it held it`)
+      }
     }
+    assert.deepEqual(counts, { killed: 20, dead: 160, foreign: 20 })
     for (const r of racers) r.send('quit')
     await Promise.all(racers.map((r) => r.exited))
   })

@@ -11,11 +11,12 @@ import { join, dirname } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { createRequire } from 'node:module'
 
+import { needsChromium, requireChromium } from './helpers/services.mjs'
+
 const require = createRequire(import.meta.url)
 const root = join(dirname(fileURLToPath(import.meta.url)), '..')
 const nk = require(join(root, 'nanokit.js'))
 const BIN = join(root, 'bin', 'nanokit.js')
-const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium'
 
 function project(yml) {
   const dir = mkdtempSync(join(tmpdir(), 'nk-trace-'))
@@ -96,13 +97,8 @@ test('CLI: nanokit timeline renders the latest run and prints the slowest steps'
   assert.deepEqual(runs.map((x) => x.command), ['up', 'down'])
 })
 
-test('timeline page in headless Chromium: one bar per span, failures marked, laid out in time', async (t) => {
-  if (!existsSync(CHROMIUM)) {
-    const why = `SKIPPED: ${CHROMIUM} not found (apt-get install -y chromium, or set CHROMIUM)`
-    console.log(why)
-    t.skip(why)
-    return
-  }
+test('timeline page in headless Chromium: one bar per span, failures marked, laid out in time', needsChromium(), async () => {
+  const CHROMIUM = requireChromium()
   const { chromium } = require('playwright-core')
   const { file, trace } = await failingUp()
   const out = join(dirname(file), 'timeline.html')

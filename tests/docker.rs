@@ -1,7 +1,8 @@
 //! The Docker provider against a real daemon. Needs `NANOKIT_TEST_DOCKER=1`
 //! (printed by `eval "$(bash scripts/docker-test-env.sh)"`, which also builds
-//! the local images `nk-busybox` and `nk-node`); without it, or when the
-//! daemon does not answer, every test prints `SKIPPED` and returns.
+//! the local images `nk-busybox` and `nk-node`); without it, outside CI,
+//! every test is *ignored* with a `SKIPPED:` reason. With it, or in CI, they
+//! run, and a daemon that does not answer fails them (tests/services/mod.rs).
 //!
 //! Each test uses a project name of its own, so they run concurrently
 //! without colliding, and removes every container and volume labelled with
@@ -9,41 +10,14 @@
 //! binary as child processes (the ignored `child_cli` test).
 
 mod common;
+mod services;
 
-use std::io::Write;
 use std::process::Command;
-use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use common::Project;
 use nanokit::exec::{self, ExecOptions, Phase};
 use nanokit::plan::ActionKind;
-
-fn docker_ok() -> bool {
-    static WARN: Once = Once::new();
-    let why = if std::env::var("NANOKIT_TEST_DOCKER").map_or(true, |v| v.is_empty()) {
-        Some("NANOKIT_TEST_DOCKER is not set")
-    } else if !Command::new("docker")
-        .args(["image", "inspect", "nk-busybox:latest", "nk-node:latest"])
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
-        Some("the Docker daemon or the test images are not available")
-    } else {
-        None
-    };
-    if let Some(why) = why {
-        WARN.call_once(|| {
-            let _ = writeln!(
-                std::io::stderr(),
-                "\n*** Docker tests SKIPPED: {why}; run `eval \"$(bash scripts/docker-test-env.sh)\"` first ***\n"
-            );
-        });
-        println!("SKIPPED: {why}");
-        return false;
-    }
-    true
-}
 
 fn docker(args: &[&str]) -> String {
     let o = Command::new("docker").args(args).output().expect("docker");
@@ -95,14 +69,13 @@ impl DProject {
         }
     }
     /// A project on the Docker provider: `body` follows `name: NAME` and
-    /// `infra: { provider: docker }`. `None` (after saying so) without Docker.
-    fn docker(prefix: &str, body: &str) -> Option<DProject> {
-        docker_ok().then(|| {
-            DProject::new(
-                prefix,
-                &format!("name: NAME\ninfra: {{ provider: docker }}\n{body}"),
-            )
-        })
+    /// `infra: { provider: docker }`. Panics without Docker.
+    fn docker(prefix: &str, body: &str) -> DProject {
+        services::require_docker();
+        DProject::new(
+            prefix,
+            &format!("name: NAME\ninfra: {{ provider: docker }}\n{body}"),
+        )
     }
     fn write(&self, yml: &str) {
         self.p.write(&yml.replace("NAME", &self.name));
@@ -177,10 +150,12 @@ fn volume_dir(volume: &str) -> std::path::PathBuf {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(nk_docker),
+    ignore = "SKIPPED: needs NANOKIT_TEST_DOCKER (eval \"$(bash scripts/docker-test-env.sh)\")"
+)]
 async fn create_observe_update_delete_with_names_labels_and_limits() {
-    if !docker_ok() {
-        return;
-    }
+    services::require_docker();
     let yml = r#"
 name: NAME
 infra: { provider: docker }
@@ -264,10 +239,12 @@ services:
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(nk_docker),
+    ignore = "SKIPPED: needs NANOKIT_TEST_DOCKER (eval \"$(bash scripts/docker-test-env.sh)\")"
+)]
 async fn health_wait_port_probe_and_health_failure_with_last_output() {
-    if !docker_ok() {
-        return;
-    }
+    services::require_docker();
     let port = common::free_port();
     let p = DProject::new(
         "health",
@@ -318,8 +295,12 @@ services:
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(nk_docker),
+    ignore = "SKIPPED: needs NANOKIT_TEST_DOCKER (eval \"$(bash scripts/docker-test-env.sh)\")"
+)]
 async fn container_hooks_run_inside_and_their_failure_shows_output() {
-    let Some(p) = DProject::docker(
+    let p = DProject::docker(
         "hooks",
         r#"
 services:
@@ -334,9 +315,7 @@ services:
       prestop: "echo inside-prestop >> /app/ev"
       poststop: "echo host-poststop >> ev"
 "#,
-    ) else {
-        return;
-    };
+    );
     ok(&p.up(quick()).await);
     let (name, _) = p.containers().remove(0);
     assert_eq!(docker(&["exec", &name, "cat", "/tmp/marker"]), "inside-svc");
@@ -400,10 +379,12 @@ services:
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(nk_docker),
+    ignore = "SKIPPED: needs NANOKIT_TEST_DOCKER (eval \"$(bash scripts/docker-test-env.sh)\")"
+)]
 async fn targeted_up_leaves_the_others_alone() {
-    if !docker_ok() {
-        return;
-    }
+    services::require_docker();
     let yml = r#"
 name: NAME
 infra: { provider: docker }
@@ -436,10 +417,12 @@ services:
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(nk_docker),
+    ignore = "SKIPPED: needs NANOKIT_TEST_DOCKER (eval \"$(bash scripts/docker-test-env.sh)\")"
+)]
 async fn rolling_starts_new_replicas_before_stopping_old_ones_recreate_does_not() {
-    if !docker_ok() {
-        return;
-    }
+    services::require_docker();
     // Every instance appends `start <hostname>` to a host file when it
     // starts and `stop <hostname>` in its prestop hook.
     let yml = r#"
@@ -549,10 +532,12 @@ fn shared_yml(vol: &str, sleep: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(nk_docker),
+    ignore = "SKIPPED: needs NANOKIT_TEST_DOCKER (eval \"$(bash scripts/docker-test-env.sh)\")"
+)]
 async fn three_services_on_one_volume_install_once_and_reinstall_once_on_manifest_change() {
-    if !docker_ok() {
-        return;
-    }
+    services::require_docker();
     let vol = format!("nk-test-deps-{:06x}", fastrand::u32(..0x100_0000));
     let mut p = DProject::new("prov", &shared_yml(&vol, "2"));
     p.extra_volumes.push(vol.clone());
@@ -652,10 +637,12 @@ async fn child_cli() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(nk_docker),
+    ignore = "SKIPPED: needs NANOKIT_TEST_DOCKER (eval \"$(bash scripts/docker-test-env.sh)\")"
+)]
 async fn two_concurrent_up_processes_on_projects_sharing_a_volume_install_once() {
-    if !docker_ok() {
-        return;
-    }
+    services::require_docker();
     let vol = format!("nk-test-deps-{:06x}", fastrand::u32(..0x100_0000));
     let mut p1 = DProject::new("conc", &shared_yml(&vol, "2"));
     let p2 = DProject::new("conc", &shared_yml(&vol, "2"));
@@ -685,10 +672,12 @@ async fn two_concurrent_up_processes_on_projects_sharing_a_volume_install_once()
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(nk_docker),
+    ignore = "SKIPPED: needs NANOKIT_TEST_DOCKER (eval \"$(bash scripts/docker-test-env.sh)\")"
+)]
 async fn a_killed_installer_is_recovered_by_the_next_run() {
-    if !docker_ok() {
-        return;
-    }
+    services::require_docker();
     let vol = format!("nk-test-deps-{:06x}", fastrand::u32(..0x100_0000));
     let yml = format!(
         r#"
@@ -753,8 +742,12 @@ services:
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(nk_docker),
+    ignore = "SKIPPED: needs NANOKIT_TEST_DOCKER (eval \"$(bash scripts/docker-test-env.sh)\")"
+)]
 async fn drift_after_docker_rm_and_stop_is_detected_and_restored() {
-    let Some(p) = DProject::docker(
+    let p = DProject::docker(
         "drift",
         r#"
 services:
@@ -763,9 +756,7 @@ services:
   c: { image: "nk-busybox:latest", start: "exec sleep 600" }
   d: { image: "nk-busybox:latest", start: "exec sleep 600", instances: 2 }
 "#,
-    ) else {
-        return;
-    };
+    );
     ok(&p.up(quick()).await);
     assert_eq!(nanokit::cli::run(p.p.args(&["drift"])).await, 0);
     let n = &p.name;
@@ -849,17 +840,19 @@ services:
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(nk_docker),
+    ignore = "SKIPPED: needs NANOKIT_TEST_DOCKER (eval \"$(bash scripts/docker-test-env.sh)\")"
+)]
 async fn lost_state_json_adopts_running_containers_by_label() {
-    let Some(p) = DProject::docker(
+    let p = DProject::docker(
         "adopt",
         r#"
 services:
   a: { image: "nk-busybox:latest", start: "exec sleep 600", instances: 2 }
   b: { image: "nk-busybox:latest", start: "exec sleep 600", depends_on: [a] }
 "#,
-    ) else {
-        return;
-    };
+    );
     ok(&p.up(quick()).await);
     let before: Vec<String> = p
         .containers()
@@ -885,8 +878,12 @@ services:
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(nk_docker),
+    ignore = "SKIPPED: needs NANOKIT_TEST_DOCKER (eval \"$(bash scripts/docker-test-env.sh)\")"
+)]
 async fn sigkilled_up_at_random_moments_converges_without_duplicates() {
-    let Some(p) = DProject::docker(
+    let p = DProject::docker(
         "crash",
         r#"
 services:
@@ -899,9 +896,7 @@ services:
     healthcheck: { test: "true", interval: 100ms }
   web: { image: "nk-busybox:latest", start: "exec sleep 600", depends_on: [api] }
 "#,
-    ) else {
-        return;
-    };
+    );
     let n = p.name.clone();
     for trial in 0..10 {
         // Alternate a changed configuration so kills land in updates too.
@@ -981,10 +976,12 @@ services:
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(nk_docker),
+    ignore = "SKIPPED: needs NANOKIT_TEST_DOCKER (eval \"$(bash scripts/docker-test-env.sh)\")"
+)]
 async fn bad_input_fails_with_the_service_named_and_leaves_nothing_unrecorded() {
-    if !docker_ok() {
-        return;
-    }
+    services::require_docker();
     // A missing image.
     let p = DProject::new(
         "bad",
@@ -1050,10 +1047,12 @@ services:
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(nk_docker),
+    ignore = "SKIPPED: needs NANOKIT_TEST_DOCKER (eval \"$(bash scripts/docker-test-env.sh)\")"
+)]
 async fn the_docker_example_comes_up_healthy_and_goes_down() {
-    if !docker_ok() {
-        return;
-    }
+    services::require_docker();
     let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/docker");
     let yml = std::fs::read_to_string(src.join("nanokit.yml"))
         .unwrap()
@@ -1073,10 +1072,12 @@ async fn the_docker_example_comes_up_healthy_and_goes_down() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(nk_docker),
+    ignore = "SKIPPED: needs NANOKIT_TEST_DOCKER (eval \"$(bash scripts/docker-test-env.sh)\")"
+)]
 async fn down_removes_the_env_network_once_no_container_of_the_env_is_left() {
-    if !docker_ok() {
-        return;
-    }
+    services::require_docker();
     // An env of its own: the network is shared by every project of an env.
     let env = format!("nt{:05x}", fastrand::u32(..0x10_0000));
     let network = format!("nanokit-net-{env}");

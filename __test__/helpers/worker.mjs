@@ -70,26 +70,45 @@ async function main() {
       break
     }
     case 'race': {
-      // Rounds driven by the parent over stdin: "go N" → try to take the
-      // (stale) lock; "release" → release what we hold.
+      // Rounds driven by the parent over stdin: "go N staleMs" → try to take
+      // the (stale) lock, until we win or "stop N" aborts the attempt;
+      // "release" → release what we hold, reporting whether the lease had
+      // been lost (taken over) meanwhile.
       let held = null
+      let attempt = null
       const rl = createInterface({ input: process.stdin })
       emit({ event: 'ready' })
       for await (const line of rl) {
-        const [verb, arg, staleMs, timeoutMs] = line.split(' ')
+        const [verb, arg, staleMs] = line.split(' ')
         if (verb === 'go') {
-          let won = false
-          try {
-            held = await nk.acquireLock(cmd.path, { staleMs: Number(staleMs), timeoutMs: Number(timeoutMs) })
-            won = true
-          } catch (e) {
-            if (e.code !== 'ENKLOCKED') throw e
-          }
-          emit({ event: 'round', round: Number(arg), won })
+          const round = Number(arg)
+          const abort = new AbortController()
+          attempt = { round, abort }
+          nk.acquireLock(cmd.path, { staleMs: Number(staleMs), timeoutMs: 120_000, signal: abort.signal }).then(
+            (h) => {
+              held = h
+              emit({ event: 'round', round, won: true })
+            },
+            (e) => {
+              if (e.code !== 'ENKABORTED') {
+                emit({ event: 'crash', message: e.stack, code: e.code })
+                process.exit(1)
+              }
+              emit({ event: 'round', round, won: false })
+            },
+          )
+        } else if (verb === 'stop') {
+          if (attempt?.round === Number(arg)) attempt.abort.abort()
         } else if (verb === 'release') {
-          if (held) held.release()
+          let lost = false
+          try {
+            held?.release()
+          } catch (e) {
+            if (e.code !== 'ENKLOCKLOST') throw e
+            lost = true
+          }
           held = null
-          emit({ event: 'released' })
+          emit({ event: 'released', lost })
         } else if (verb === 'quit') {
           break
         }

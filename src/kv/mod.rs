@@ -124,6 +124,22 @@ impl Value {
     }
 }
 
+/// The largest integer a JavaScript number holds exactly (2^53 − 1,
+/// `Number.MAX_SAFE_INTEGER`): the bound of increments made from JS.
+pub const JS_SAFE_INTEGER: i64 = (1 << 53) - 1;
+
+/// The error for an increment whose result would leave `-bound..=bound`.
+pub(crate) fn out_of_bound(key: &str, delta: i64, bound: i64) -> KvError {
+    let what = if bound == JS_SAFE_INTEGER {
+        " (Number.MAX_SAFE_INTEGER, the largest integer a JavaScript number holds exactly)"
+    } else {
+        ""
+    };
+    KvError::NotInteger(format!(
+        "cannot increment {key:?} by {delta}: the result would be beyond \u{b1}{bound}{what}; nothing was changed (keep the counter within that range, or count from Rust or the CLI, which go to \u{b1}(2^63 - 1))"
+    ))
+}
+
 /// One key with its value, from [`Store::list`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
@@ -467,12 +483,19 @@ impl Store {
     /// Atomically adds `delta` to the integer at `key` (missing = 0) and
     /// returns the new value.
     pub async fn increment(&self, key: &str, delta: i64) -> Result<i64> {
+        self.increment_within(key, delta, None).await
+    }
+
+    /// Like [`Store::increment`], but a result outside `-bound..=bound` is
+    /// refused (`ENKNOTINTEGER`, nothing written). JavaScript passes
+    /// [`JS_SAFE_INTEGER`], so a counter never comes back inexact.
+    pub async fn increment_within(&self, key: &str, delta: i64, bound: Option<i64>) -> Result<i64> {
         match self {
             Store::Embedded(s) => {
                 let key = key.to_string();
-                blocking(s, move |s| s.increment(&key, delta)).await
+                blocking(s, move |s| s.increment_within(&key, delta, bound)).await
             }
-            Store::Postgres(s) => s.increment(key, delta).await,
+            Store::Postgres(s) => s.increment_within(key, delta, bound).await,
         }
     }
 

@@ -323,25 +323,41 @@ impl PgStore {
     }
 
     pub async fn increment(&self, key: &str, delta: i64) -> Result<i64> {
+        self.increment_within(key, delta, None).await
+    }
+
+    /// `increment`, refusing (in the same statement) a result beyond `±bound`.
+    pub async fn increment_within(&self, key: &str, delta: i64, bound: Option<i64>) -> Result<i64> {
         validate_key("key", key)?;
         // One statement: the row lock of ON CONFLICT serialises concurrent
         // increments. A non-integer value fails the cast (22P02), an overflow
-        // fails the addition (22003).
+        // fails the addition (22003), and a result beyond the bound becomes
+        // NULL, which the NOT NULL column refuses (23502): nothing is written.
         let res = self
             .client()
             .await?
             .query_one(
                 "INSERT INTO nanokit_kv AS t (agent, key, kind, value, updated_at)
-                 VALUES ($1, $2, 1, $3::bigint::text, now())
+                 VALUES ($1, $2, 1,
+                         CASE WHEN $4::bigint IS NULL OR $3::bigint BETWEEN -$4::bigint AND $4::bigint
+                              THEN $3::bigint::text END,
+                         now())
                  ON CONFLICT (agent, key) DO UPDATE
-                 SET kind = 1, value = (trim(t.value)::bigint + $3::bigint)::text, updated_at = now()
+                 SET kind = 1,
+                     value = CASE WHEN $4::bigint IS NULL
+                                       OR trim(t.value)::bigint + $3::bigint BETWEEN -$4::bigint AND $4::bigint
+                                  THEN (trim(t.value)::bigint + $3::bigint)::text END,
+                     updated_at = now()
                  RETURNING value::bigint",
-                &[&self.agent, &key, &delta],
+                &[&self.agent, &key, &delta, &bound],
             )
             .await;
         match res {
             Ok(row) => Ok(row.get(0)),
             Err(e) => match e.code() {
+                Some(c) if *c == SqlState::NOT_NULL_VIOLATION && bound.is_some() => {
+                    Err(super::out_of_bound(key, delta, bound.unwrap_or_default()))
+                }
                 Some(c) if *c == SqlState::INVALID_TEXT_REPRESENTATION => Err(KvError::NotInteger(
                     format!("cannot increment {key:?}: its value is not an integer"),
                 )),

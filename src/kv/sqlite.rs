@@ -498,6 +498,11 @@ impl SqliteStore {
     }
 
     pub fn increment(&self, key: &str, delta: i64) -> Result<i64> {
+        self.increment_within(key, delta, None)
+    }
+
+    /// `increment`, refusing (before writing) a result beyond `±bound`.
+    pub fn increment_within(&self, key: &str, delta: i64, bound: Option<i64>) -> Result<i64> {
         validate_key("key", key)?;
         let mut conn = self.conn();
         let m = self.m();
@@ -525,6 +530,11 @@ impl SqliteStore {
                 "cannot increment {key:?} by {delta}: the result overflows a 64-bit integer"
             ))
         })?;
+        if let Some(bound) = bound {
+            if !(-bound..=bound).contains(&next) {
+                return Err(super::out_of_bound(key, delta, bound));
+            }
+        }
         tx.prepare_cached(
             "INSERT INTO kv (key, kind, value, updated_at) VALUES (?1, 1, ?2, ?3)
              ON CONFLICT (key) DO UPDATE SET kind = 1, value = excluded.value, updated_at = excluded.updated_at",

@@ -239,7 +239,10 @@ impl StateStore {
     #[napi]
     pub async fn increment(&self, key: String, delta: Option<f64>) -> Result<i64> {
         let d = self::delta(delta).map_err(js_err)?;
-        self.inner.increment(&key, d).await.map_err(js_err)
+        self.inner
+            .increment_within(&key, d, Some(kv::JS_SAFE_INTEGER))
+            .await
+            .map_err(js_err)
     }
 
     /// Acquires the lock `name` for `holder` for `timeoutSeconds`, waiting up
@@ -340,7 +343,9 @@ impl StateStore {
     #[napi]
     pub fn increment_sync(&self, key: String, delta: Option<f64>) -> Result<i64, String> {
         let d = self::delta(delta).map_err(js_err_sync)?;
-        self.sync()?.increment(&key, d).map_err(js_err_sync)
+        self.sync()?
+            .increment_within(&key, d, Some(kv::JS_SAFE_INTEGER))
+            .map_err(js_err_sync)
     }
 
     /// Like `lock()`, blocking the thread while it waits (keep `waitMs`
