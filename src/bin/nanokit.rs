@@ -48,7 +48,8 @@ pub fn standalone_main(default_name: &'static str) -> ! {
     .build();
     let code = match runtime {
         Ok(rt) => {
-            let run = std::panic::AssertUnwindSafe(|| rt.block_on(nanokit::cli::run_as(name, args)));
+            let run =
+                std::panic::AssertUnwindSafe(|| rt.block_on(nanokit::cli::run_as(name, args)));
             match std::panic::catch_unwind(run) {
                 Ok(code) => code,
                 Err(panic) => {
