@@ -13,8 +13,14 @@
 //! `validate`, `graph`, `timeline`, `lock`, `--help`, `--version`) run on a
 //! single-threaded runtime; the others get napi's multi-threaded one.
 
+#[cfg(not(feature = "node"))]
 fn main() {
     standalone_main(nanokit::cli::NAME)
+}
+
+#[cfg(feature = "node")]
+fn main() {
+    built_with_node()
 }
 
 /// Runs the command line as `default_name` (`nanokit`, or `nkapp` for the
@@ -89,10 +95,12 @@ fn single_threaded(args: &[String]) -> bool {
 }
 
 /// Built with the `node` feature (`napi build` builds every target), the
-/// executable would need Node-API symbols that only Node provides; it only
-/// says how to build the real one.
+/// executable cannot work: the engine would pull in Node-API symbols that only
+/// Node provides, and the link would fail. So this variant does not touch the
+/// `nanokit` library at all (rustc then does not link it) and only says how to
+/// build the real executable.
 #[cfg(feature = "node")]
-pub fn standalone_main(_default_name: &'static str) -> ! {
+pub fn built_with_node() -> ! {
     eprintln!(
         "nanokit: this executable was built with the `node` feature; build the standalone one with `cargo build --release --bin nanokit`"
     );

@@ -6,6 +6,12 @@
 #[path = "nanokit.rs"]
 mod nanokit_bin;
 
+#[cfg(not(feature = "node"))]
 fn main() {
     nanokit_bin::standalone_main(nanokit::cli::ALIAS)
+}
+
+#[cfg(feature = "node")]
+fn main() {
+    nanokit_bin::built_with_node()
 }
