@@ -5,7 +5,6 @@
 // moments: state.json always parses, the next `up` converges, no orphans).
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
-import { spawn, spawnSync } from 'node:child_process'
 import { cpSync, mkdtempSync, readFileSync, readdirSync, existsSync, writeFileSync, rmSync } from 'node:fs'
 import { createServer } from 'node:net'
 import { tmpdir } from 'node:os'
@@ -13,18 +12,18 @@ import { join, dirname } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { createRequire } from 'node:module'
 
+import { CLIS, runSync, start } from './helpers/clis.mjs'
+
 const require = createRequire(import.meta.url)
 const root = join(dirname(fileURLToPath(import.meta.url)), '..')
 const nk = require(join(root, 'nanokit.js'))
-const BIN = join(root, 'bin', 'nanokit.js')
 
 function tmp(prefix) {
   return mkdtempSync(join(tmpdir(), prefix))
 }
 
-function cli(args, opts = {}) {
-  return spawnSync(process.execPath, [BIN, ...args], { encoding: 'utf8', ...opts })
-}
+/** Runs CLI `c` (npm or standalone, helpers/clis.mjs) to completion. */
+const cli = runSync
 
 async function freePort() {
   return new Promise((resolve) => {
@@ -124,70 +123,72 @@ test('JS API: coded errors', async () => {
   await assert.rejects(nk.loadConfig({ file: join(dir, 'missing.yml') }), (e) => e.code === 'ENKCONFIG')
 })
 
-test('CLI: README main command, status, second up refused with holder, infra unlock, down', async () => {
+for (const c of CLIS)
+test(`${c.name} CLI: README main command, status, second up refused with holder, infra unlock, down`, async () => {
   const ex = await exampleCopy()
   const env = ex.vars
-  let r = cli(['up', '-f', ex.file], { env })
+  let r = cli(c, ['up', '-f', ex.file], { env })
   assert.equal(r.status, 0, r.stderr)
   assert.match(r.stderr, /worker\s+healthy/)
   try {
-    r = cli(['status', '-f', ex.file, '--output', 'json'], { env })
+    r = cli(c, ['status', '-f', ex.file, '--output', 'json'], { env })
     assert.equal(r.status, 0, r.stderr)
     assert.deepEqual(JSON.parse(r.stdout).map((s) => s.status), ['healthy', 'healthy', 'healthy'])
 
     // Someone else holds the deploy lock: a second up fails fast naming it.
     const lockPath = join(ex.dir, '.nanokit', 'state.json.lock')
     const held = await nk.acquireLock(lockPath, { holder: 'deploy from laptop-7' })
-    r = cli(['up', '-f', ex.file], { env })
+    r = cli(c, ['up', '-f', ex.file], { env })
     assert.equal(r.status, 1)
     assert.match(r.stderr, /error\[ENKLOCKED\].*deploy from laptop-7.*pid \d+/s)
     assert.doesNotMatch(r.stderr, /panicked|RUST_BACKTRACE/)
     // unlock without --yes refuses when it cannot ask; with --yes clears it.
-    r = cli(['infra', 'unlock', '-f', ex.file], { env, stdio: ['ignore', 'pipe', 'pipe'] })
+    r = cli(c, ['infra', 'unlock', '-f', ex.file], { env, stdio: ['ignore', 'pipe', 'pipe'] })
     assert.equal(r.status, 1)
     assert.match(r.stdout, /held by .*deploy from laptop-7/)
-    r = cli(['infra', 'unlock', '-f', ex.file, '--yes'], { env })
+    r = cli(c, ['infra', 'unlock', '-f', ex.file, '--yes'], { env })
     assert.equal(r.status, 0, r.stderr)
     assert.throws(() => held.release(), (e) => e.code === 'ENKLOCKLOST')
-    r = cli(['up', '-f', ex.file], { env })
+    r = cli(c, ['up', '-f', ex.file], { env })
     assert.equal(r.status, 0, r.stderr)
     assert.match(r.stderr, /up: 3 service\(s\), 0 changed/)
 
     // A concurrent up (two processes at once): exactly one proceeds at a time;
     // the other is refused with the holder's details or finds nothing to do.
-    const [a, b] = await Promise.all([run(['up', '-f', ex.file], env), run(['up', '-f', ex.file], env)])
+    const [a, b] = await Promise.all([run(c, ['up', '-f', ex.file], env), run(c, ['up', '-f', ex.file], env)])
     assert.ok([a, b].every((x) => x.code === 0 || /ENKLOCKED/.test(x.stderr)), a.stderr + b.stderr)
 
-    r = cli(['plan', '-f', ex.file, '--detailed-exitcode'], { env })
+    r = cli(c, ['plan', '-f', ex.file, '--detailed-exitcode'], { env })
     assert.equal(r.status, 0, r.stdout + r.stderr)
-    r = cli(['logs', 'api', '-f', ex.file, '-n', '50'], { env })
+    r = cli(c, ['logs', 'api', '-f', ex.file, '-n', '50'], { env })
     assert.equal(r.status, 0)
     assert.match(r.stdout, /api listening on/)
   } finally {
-    r = cli(['down', '-f', ex.file], { env })
+    r = cli(c, ['down', '-f', ex.file], { env })
     assert.equal(r.status, 0, r.stderr)
   }
-  r = cli(['status', '-f', ex.file], { env })
+  r = cli(c, ['status', '-f', ex.file], { env })
   assert.match(r.stdout, /Nothing deployed/)
 })
 
-test('CLI: validate, graph --format dot, --help', () => {
-  let r = cli(['validate', '-f', join(root, 'examples/basic/nanokit.yml')])
+for (const c of CLIS)
+test(`${c.name} CLI: validate, graph --format dot, --help`, () => {
+  let r = cli(c, ['validate', '-f', join(root, 'examples/basic/nanokit.yml')])
   assert.equal(r.status, 0, r.stderr)
-  r = cli(['graph', '-f', join(root, 'examples/basic/nanokit.yml'), '--format', 'dot'])
+  r = cli(c, ['graph', '-f', join(root, 'examples/basic/nanokit.yml'), '--format', 'dot'])
   assert.equal(r.status, 0)
   assert.match(r.stdout, /"api" -> "db";/)
-  r = cli(['up', '--help'])
+  r = cli(c, ['up', '--help'])
   assert.equal(r.status, 0)
   assert.match(r.stdout, /as soon as its dependencies are healthy/)
-  r = cli(['validate', '-f', join(root, 'tests/fixtures/broken/22-cycle-3.yml')])
+  r = cli(c, ['validate', '-f', join(root, 'tests/fixtures/broken/22-cycle-3.yml')])
   assert.equal(r.status, 1)
   assert.match(r.stderr, /^error\[ENKCYCLE\]: .*22-cycle-3\.yml:\d+:\d+: dependency cycle a → b → c → a/)
 })
 
-function run(args, env) {
+function run(c, args, env) {
   return new Promise((resolve) => {
-    const child = spawn(process.execPath, [BIN, ...args], { env, stdio: ['ignore', 'pipe', 'pipe'] })
+    const child = start(c, args, { env, stdio: ['ignore', 'pipe', 'pipe'] })
     let stderr = ''
     child.stderr.on('data', (d) => (stderr += d))
     child.stdout.resume()
@@ -195,10 +196,11 @@ function run(args, env) {
   })
 }
 
-test('crash safety: up SIGKILLed at random moments, 24 trials', { timeout: 600_000 }, async (t) => {
+for (const c of CLIS)
+test(`${c.name} CLI: crash safety: up SIGKILLed at random moments, 24 trials`, { timeout: 600_000 }, async (t) => {
   const dir = tmp('nk-crash-')
   const file = join(dir, 'nanokit.yml')
-  const name = `crash${process.pid}`
+  const name = `crash${c.name}${process.pid}`
   const port = await freePort()
   writeFileSync(
     file,
@@ -230,17 +232,17 @@ services:
   }
   try {
     // How long an up that restarts services takes here: kills are spread over it.
-    assert.equal(cli(['up', '-f', file], { env }).status, 0)
+    assert.equal(cli(c, ['up', '-f', file], { env }).status, 0)
     toggle()
     const t0 = Date.now()
-    assert.equal(cli(['up', '-f', file], { env }).status, 0)
+    assert.equal(cli(c, ['up', '-f', file], { env }).status, 0)
     const span = Date.now() - t0
     for (let trial = 0; trial < 24; trial++) {
       // Every trial changes the config (start command toggles), so each up
       // stops and restarts services: kills land in create, hook, health and
       // stop paths alike.
       toggle()
-      const child = spawn(process.execPath, [BIN, 'up', '-f', file], { env, stdio: 'ignore' })
+      const child = start(c, ['up', '-f', file], { env, stdio: 'ignore' })
       const delay = Math.floor(Math.random() * span)
       await new Promise((res) => setTimeout(res, delay))
       const wasRunning = child.exitCode === null
@@ -252,7 +254,7 @@ services:
         assert.equal(typeof st.serial, 'number')
       }
       // A killed holder on this host does not block the next run.
-      const r = cli(['up', '-f', file], { env })
+      const r = cli(c, ['up', '-f', file], { env })
       assert.equal(r.status, 0, `trial ${trial} (killed after ${delay} ms): ${r.stderr}`)
       const st = JSON.parse(readFileSync(statePath, 'utf8'))
       const live = labelled(name)
@@ -265,19 +267,20 @@ services:
     t.diagnostic(`${killedMidway} of 24 kills landed while up was running`)
     assert.ok(killedMidway >= 8, `only ${killedMidway} kills landed while up was running`)
   } finally {
-    const r = cli(['down', '-f', file], { env })
+    const r = cli(c, ['down', '-f', file], { env })
     assert.equal(r.status, 0, r.stderr)
   }
   assert.deepEqual(labelled(name), [])
   rmSync(dir, { recursive: true, force: true })
 })
 
-test('Ctrl-C (SIGINT) during up: nothing new starts, state saved, exit 130', async () => {
+for (const c of CLIS)
+test(`${c.name} CLI: Ctrl-C (SIGINT) during up: nothing new starts, state saved, exit 130`, async () => {
   const dir = tmp('nk-sigint-')
   const file = join(dir, 'nanokit.yml')
   writeFileSync(
     file,
-    `name: sigint${process.pid}
+    `name: sigint${c.name}${process.pid}
 services:
   a:
     start: "exec sleep 600"
@@ -287,7 +290,7 @@ services:
     depends_on: [a]
 `,
   )
-  const child = spawn(process.execPath, [BIN, 'up', '-f', file], { stdio: ['ignore', 'pipe', 'pipe'] })
+  const child = start(c, ['up', '-f', file], { stdio: ['ignore', 'pipe', 'pipe'] })
   let stderr = ''
   await new Promise((resolve) => {
     child.stderr.on('data', (d) => {
@@ -304,9 +307,9 @@ services:
   assert.equal(st.resources.a.status, 'starting')
   assert.equal(st.resources.b, undefined, 'b must not start after Ctrl-C')
   writeFileSync(join(dir, 'ready'), '')
-  let r = cli(['up', '-f', file])
+  let r = cli(c, ['up', '-f', file])
   assert.equal(r.status, 0, r.stderr)
-  r = cli(['down', '-f', file])
+  r = cli(c, ['down', '-f', file])
   assert.equal(r.status, 0, r.stderr)
-  assert.deepEqual(labelled(`sigint${process.pid}`), [])
+  assert.deepEqual(labelled(`sigint${c.name}${process.pid}`), [])
 })

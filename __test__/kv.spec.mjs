@@ -15,13 +15,13 @@ import { createRequire } from 'node:module'
 import { randomUUID } from 'node:crypto'
 
 import { needsPg, requirePg } from './helpers/services.mjs'
+import { CLIS } from './helpers/clis.mjs'
 
 const require = createRequire(import.meta.url)
 const { openState, openStateSync } = require('../kv-wrapper.js')
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url))
 const CHILD = fileURLToPath(new URL('./helpers/kv-child.mjs', import.meta.url))
-const BIN = join(ROOT, 'bin', 'nanokit.js')
 
 async function rejectsWith(promiseOrFn, code) {
   let err
@@ -339,7 +339,8 @@ describe('embedded only', () => {
     assert.throws(() => openStateSync({ stateDir: dir, agent: '../x' }), (e) => e.code === 'ENKAGENT')
   })
 
-  test('getSync sees a write by another process as soon as that returned', () => {
+  for (const c of CLIS)
+  test(`getSync sees a write by another process (${c.name} CLI) as soon as that returned`, () => {
     const d = mkdtempSync(join(tmpdir(), 'nk-kv-fresh-'))
     const s = openStateSync({ stateDir: d, url: '' })
     s.setSync('x', 'start')
@@ -347,7 +348,7 @@ describe('embedded only', () => {
       // Two gets in a row, so that the second may reuse a read snapshot.
       s.getSync('x')
       s.getSync('x')
-      const r = spawnSync(process.execPath, [BIN, 'state', 'set', 'x', `v${i}`], {
+      const r = spawnSync(c.cmd, [...c.pre, 'state', 'set', 'x', `v${i}`], {
         env: { ...process.env, NANOKIT_STATE_DIR: d, NANOKIT_STATE_URL: '' },
         stdio: ['ignore', 'pipe', 'pipe'],
       })
@@ -388,10 +389,11 @@ describe('embedded only', () => {
   })
 })
 
-describe('CLI: nanokit state', () => {
+for (const c of CLIS)
+describe(`${c.name} CLI: nanokit state`, () => {
   let dir
   const run = (args, opts = {}) =>
-    spawnSync(process.execPath, [BIN, 'state', ...args], {
+    spawnSync(c.cmd, [...c.pre, 'state', ...args], {
       env: { ...process.env, NANOKIT_STATE_DIR: dir, NANOKIT_STATE_URL: '' },
       encoding: 'utf8',
       stdio: ['ignore', 'pipe', 'pipe'],

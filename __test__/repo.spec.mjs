@@ -10,12 +10,13 @@ import { after, afterEach, before, describe, it } from 'node:test'
 
 import { startRegistry } from './helpers/registry.mjs'
 import { ev, killAll, worker } from './helpers/spawn.mjs'
+import { CLIS } from './helpers/clis.mjs'
 
 const require = createRequire(import.meta.url)
 const nk = require('../nanokit.js')
-const CLI = join(import.meta.dirname, '..', 'bin', 'nanokit.js')
 // Async: the registry these tests use is served from this very process.
-const cli = async (...args) => (await promisify(execFile)(process.execPath, [CLI, ...args], { encoding: 'utf8' })).stdout
+const cli = async (c, ...args) => (await promisify(execFile)(c.cmd, [...c.pre, ...args], { encoding: 'utf8' })).stdout
+const cliSync = (c, args, opts = {}) => execFileSync(c.cmd, [...c.pre, ...args], { encoding: 'utf8', ...opts })
 
 afterEach(killAll)
 
@@ -264,12 +265,13 @@ describe('repo: real npm against a local registry', () => {
     await assert.rejects(nk.install(repo, 'x@1.0.0', { npmPath: '/nonexistent/npm' }), (e) => e.code === 'ENKINSTALL' && /nonexistent/.test(e.message))
   })
 
-  it('the CLI installs, reports status, and inspects locks', async () => {
+  for (const c of CLIS)
+  it(`${c.name} CLI: installs, reports status, and inspects locks`, async () => {
     const repo = tmp('cli')
-    const out = await cli('repo', 'install', repo, 'nk-fixture-dep@1.0.0', '@nkfix/scoped@2.0.0', ...registry.npmArgs.map((a) => `--npm-arg=${a}`), '--output', 'json')
+    const out = await cli(c, 'repo', 'install', repo, 'nk-fixture-dep@1.0.0', '@nkfix/scoped@2.0.0', ...registry.npmArgs.map((a) => `--npm-arg=${a}`), '--output', 'json')
     const results = JSON.parse(out)
     assert.deepEqual(results.map((r) => r.installed), [true, true])
-    const status = JSON.parse(execFileSync(process.execPath, [CLI, 'repo', 'status', repo, '--output', 'json'], { encoding: 'utf8' }))
+    const status = JSON.parse(cliSync(c, ['repo', 'status', repo, '--output', 'json']))
     assert.deepEqual(status.installed.map((p) => [p.specifier, p.verified]), [
       ['@nkfix/scoped@2.0.0', true],
       ['nk-fixture-dep@1.0.0', true],
@@ -277,17 +279,17 @@ describe('repo: real npm against a local registry', () => {
     assert.deepEqual(status.locks, [])
     assert.deepEqual(status.leftovers, [])
     const held = nk.tryAcquireLock(join(repo, '.locks', 'nk-fixture-dep_9.9.9.lock'), { holder: 'cli-test' })
-    const text = execFileSync(process.execPath, [CLI, 'repo', 'status', repo], { encoding: 'utf8' })
+    const text = cliSync(c, ['repo', 'status', repo])
     assert.match(text, /locks held \(1\)/)
     assert.match(text, /'cli-test'/)
-    const inspected = JSON.parse(execFileSync(process.execPath, [CLI, 'lock', 'inspect', held.path, '-o', 'json'], { encoding: 'utf8' }))
+    const inspected = JSON.parse(cliSync(c, ['lock', 'inspect', held.path, '-o', 'json']))
     assert.equal(inspected.info.token, held.token)
     // Without a terminal and without --yes, break refuses.
-    assert.throws(() => execFileSync(process.execPath, [CLI, 'lock', 'break', held.path], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] }), (e) => e.status === 1 && /--yes/.test(e.stderr))
-    assert.match(execFileSync(process.execPath, [CLI, 'lock', 'break', held.path, '--yes'], { encoding: 'utf8' }), /broke/)
+    assert.throws(() => cliSync(c, ['lock', 'break', held.path], { stdio: ['ignore', 'pipe', 'pipe'] }), (e) => e.status === 1 && /--yes/.test(e.stderr))
+    assert.match(cliSync(c, ['lock', 'break', held.path, '--yes']), /broke/)
     assert.equal(nk.inspectLock(held.path), null)
     assert.throws(() => held.release(), (e) => e.code === 'ENKLOCKLOST')
-    assert.throws(() => execFileSync(process.execPath, [CLI, 'repo', 'install', repo, '../evil@1.0.0'], { stdio: 'pipe' }), (e) => e.status === 1 && /error\[ENKSPEC\]/.test(e.stderr))
+    assert.throws(() => cliSync(c, ['repo', 'install', repo, '../evil@1.0.0'], { stdio: 'pipe' }), (e) => e.status === 1 && /error\[ENKSPEC\]/.test(e.stderr))
   })
 })
 

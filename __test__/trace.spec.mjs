@@ -4,7 +4,6 @@
 // span, failures marked, bars laid out on the time axis).
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
-import { spawnSync } from 'node:child_process'
 import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join, dirname } from 'node:path'
@@ -12,11 +11,11 @@ import { fileURLToPath } from 'node:url'
 import { createRequire } from 'node:module'
 
 import { needsChromium, requireChromium } from './helpers/services.mjs'
+import { CLIS, runSync } from './helpers/clis.mjs'
 
 const require = createRequire(import.meta.url)
 const root = join(dirname(fileURLToPath(import.meta.url)), '..')
 const nk = require(join(root, 'nanokit.js'))
-const BIN = join(root, 'bin', 'nanokit.js')
 
 function project(yml) {
   const dir = mkdtempSync(join(tmpdir(), 'nk-trace-'))
@@ -82,27 +81,29 @@ test('JS API: up/down resolve with their trace id and file; a rejection carries 
   assert.equal(tp, `00-${trace.trace_id}-${pre.span_id}-01`)
 })
 
-test('CLI: nanokit timeline renders the latest run and prints the slowest steps', async () => {
+for (const c of CLIS)
+test(`${c.name} CLI: nanokit timeline renders the latest run and prints the slowest steps`, async () => {
   const { file, trace } = await failingUp()
   // The latest run is the `down` after the failing up; name the up.
-  const r = spawnSync(process.execPath, [BIN, 'timeline', trace.run, '-f', file], { encoding: 'utf8' })
+  const r = runSync(c, ['timeline', trace.run, '-f', file])
   assert.equal(r.status, 0, r.stderr)
   assert.match(r.stdout, /nanokit up of traced \(local\).*FAILED/)
   assert.match(r.stdout, /Slowest steps:/)
   assert.match(r.stdout, /b › poststart: hook poststart `echo token \$SECRET_TOKEN; exit 4` failed \(exit code 4\)/)
   const html = r.stdout.match(/Timeline: (.+\.html)/)[1]
   assert.ok(existsSync(html))
-  const list = spawnSync(process.execPath, [BIN, 'timeline', '--list', '--output', 'json', '-f', file], { encoding: 'utf8' })
+  const list = runSync(c, ['timeline', '--list', '--output', 'json', '-f', file])
   const runs = JSON.parse(list.stdout)
   assert.deepEqual(runs.map((x) => x.command), ['up', 'down'])
 })
 
-test('timeline page in headless Chromium: one bar per span, failures marked, laid out in time', needsChromium(), async () => {
+for (const c of CLIS)
+test(`${c.name} CLI: timeline page in headless Chromium: one bar per span, failures marked, laid out in time`, needsChromium(), async () => {
   const CHROMIUM = requireChromium()
   const { chromium } = require('playwright-core')
   const { file, trace } = await failingUp()
   const out = join(dirname(file), 'timeline.html')
-  const r = spawnSync(process.execPath, [BIN, 'timeline', trace.run, '-f', file, '-o', out], { encoding: 'utf8' })
+  const r = runSync(c, ['timeline', trace.run, '-f', file, '-o', out])
   assert.equal(r.status, 0, r.stderr)
   const browser = await chromium.launch({
     executablePath: CHROMIUM,

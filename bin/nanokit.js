@@ -1,7 +1,9 @@
 #!/usr/bin/env node
 'use strict'
 // The npx entry (`nanokit`, alias `nkapp`): hand argv to the native CLI
-// (parsed with clap in Rust).
+// (parsed with clap in Rust). `--help` and `--version` use the name it was
+// started under.
+const { basename } = require('node:path')
 let native
 try {
   native = require('../index.js')
@@ -13,12 +15,13 @@ try {
   process.exit(1)
 }
 
-native.cli(process.argv.slice(2)).then(
+const name = basename(process.argv[1] || '', '.js') === 'nkapp' ? 'nkapp' : 'nanokit'
+native.cli(process.argv.slice(2), name).then(
   (code) => {
     process.exitCode = code
   },
   (err) => {
-    console.error(`nanokit: ${err.message}`)
+    console.error(`${name}: ${err.message}`)
     process.exitCode = 1
   },
 )

@@ -1,5 +1,7 @@
 //! The `nanokit` command line, parsed with clap. `bin/nanokit.js` hands argv
-//! to the native `cli()`, which calls [`run`].
+//! to the native `cli()`, which calls [`run_as`]; the standalone binary
+//! (`src/bin/nanokit.rs`, also installed as `nkapp`) calls it too, so both
+//! print the same output and return the same exit codes.
 
 pub mod infra;
 mod lock;
@@ -148,7 +150,28 @@ pub async fn confirm(question: &str) -> Result<(), CliError> {
 /// the process exit code; errors are printed to stderr as
 /// `error[CODE]: message`, without debug noise.
 pub async fn run(args: Vec<String>) -> i32 {
-    let cli = match Cli::try_parse_from(std::iter::once("nanokit".to_string()).chain(args)) {
+    run_as(NAME, args).await
+}
+
+/// The command's own name; [`ALIAS`] is the same command under Nanokit's name.
+pub const NAME: &str = "nanokit";
+/// `nkapp`: an alias of `nanokit` (the name Nanokit's docs use).
+pub const ALIAS: &str = "nkapp";
+
+/// Like [`run`], with `--help`, `--version` and usage errors naming the
+/// program `name` (`nanokit` or its alias `nkapp`; anything else is shown
+/// as `nanokit`).
+pub async fn run_as(name: &str, args: Vec<String>) -> i32 {
+    let name = if name == ALIAS { ALIAS } else { NAME };
+    let mut cmd = <Cli as clap::CommandFactory>::command()
+        .name(name)
+        .bin_name(name);
+    let parsed = cmd
+        .try_get_matches_from_mut(std::iter::once(name.to_string()).chain(args))
+        .and_then(|m| {
+            <Cli as clap::FromArgMatches>::from_arg_matches(&m).map_err(|e| e.format(&mut cmd))
+        });
+    let cli = match parsed {
         Ok(cli) => cli,
         Err(e) => {
             let code = if e.use_stderr() {
