@@ -6,9 +6,14 @@
 //! for exactly these manifests (and this command). Sentinels of other hashes
 //! are removed *before* the command runs, so a crash mid-install never leaves
 //! a sentinel that claims the directory's content.
+//!
+//! The directory is the caller's choice; the lock and sentinels inside it may
+//! be replaced by co-tenants of the volume. The lock file is never followed
+//! (see [`crate::lock`]), sentinels are looked at without following them and
+//! written as fresh files renamed into place: a link, FIFO or device planted
+//! at either is refused (`ENKFOREIGN`), never written through or blocked on.
 
 use std::fs;
-use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -19,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::{io_err, RepoError};
-use crate::fsutil::atomic_write;
+use crate::beneath::Dir;
 use crate::lock::{self, LockError, LockOptions};
 
 /// Options of [`provision`].
@@ -166,8 +171,13 @@ where
         return Err(RepoError::Provision("no command to run was given".into()));
     }
     let hash = manifest_hash(command, manifests)?;
-    fs::create_dir_all(dir).map_err(io_err("create", dir))?;
-    let sentinel = dir.join(format!("{SENTINEL_PREFIX}{hash}"));
+    let root = Dir::root(dir, true).map_err(io_err("create", dir))?;
+    let sentinel_name = format!("{SENTINEL_PREFIX}{hash}");
+    let sentinel = dir.join(&sentinel_name);
+    let installed = || {
+        root.has_file(&sentinel_name)
+            .map_err(io_err("check the sentinel", &sentinel))
+    };
     let skip = |waited| ProvisionOutcome {
         ran: false,
         hash: hash.clone(),
@@ -175,26 +185,28 @@ where
         duration: start.elapsed(),
         output: None,
     };
-    if sentinel.exists() {
+    if installed()? {
         return Ok(skip(Duration::ZERO));
     }
     let mut lock_opts = opts.lock.clone();
     lock_opts
         .holder
         .get_or_insert_with(|| format!("provision {}", command.join(" ")));
+    // A foreign sentinel makes `installed` fail: keep waiting, the check
+    // after taking the lock reports it.
     let lease = lock::acquire_unless(&dir.join(".nk-install-lock"), &lock_opts, cancel, || {
-        sentinel.exists()
+        installed().unwrap_or(false)
     })
     .await?;
     let waited = start.elapsed();
     let Some(lease) = lease else {
         return Ok(skip(waited));
     };
-    if sentinel.exists() {
+    if installed()? {
         lease.release()?;
         return Ok(skip(waited));
     }
-    remove_sentinels(dir)?;
+    remove_sentinels(&root)?;
 
     let install_span = tracing::info_span!("install", nanokit.provision.hash = %hash);
     let outcome = async {
@@ -238,7 +250,7 @@ where
         "manifests": manifests,
         "installedAtMs": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
     });
-    atomic_write(&sentinel, record.to_string().as_bytes(), 0o644)
+    root.atomic_write(&sentinel_name, record.to_string().as_bytes(), 0o644, None)
         .map_err(io_err("write the sentinel", &sentinel))?;
     lease.release()?;
     Ok(ProvisionOutcome {
@@ -250,19 +262,12 @@ where
     })
 }
 
-fn remove_sentinels(dir: &Path) -> Result<(), RepoError> {
-    for entry in fs::read_dir(dir).map_err(io_err("list", dir))?.flatten() {
-        if entry
-            .file_name()
-            .to_string_lossy()
-            .starts_with(SENTINEL_PREFIX)
-        {
-            match fs::remove_file(entry.path()) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                    return Err(io_err("remove the old sentinel", &entry.path())(e))
-                }
-                _ => {}
-            }
+/// Removes every sentinel entry (a link is removed as itself).
+fn remove_sentinels(root: &Dir) -> Result<(), RepoError> {
+    for name in root.entries().map_err(io_err("list", root.path()))? {
+        if name.to_string_lossy().starts_with(SENTINEL_PREFIX) {
+            root.remove_file(&name)
+                .map_err(io_err("remove the old sentinel", &root.join(&name)))?;
         }
     }
     Ok(())
