@@ -19,6 +19,7 @@
 //! and the package's own `package.json` is the one it describes. A crash at any
 //! instant therefore leaves either nothing or a complete install visible.
 
+mod installer;
 mod provision;
 mod spec;
 
@@ -38,6 +39,7 @@ use crate::error::{ErrorCode, IoError};
 use crate::fsutil::{self, atomic_write};
 use crate::lock::{self, Lease, LockError, LockOptions, LockStatus};
 
+pub use installer::{OwnerRecord, StagingEntry};
 pub use provision::{provision, provision_with, InstallRun, ProvisionOptions, ProvisionOutcome};
 pub use spec::{PackageSpec, SpecError};
 
@@ -46,6 +48,8 @@ pub use spec::{PackageSpec, SpecError};
 pub enum RepoError {
     #[error("{0}")]
     Spec(#[from] SpecError),
+    #[error("invalid repository directory {shown}: {reason}; pass the path of the shared repository directory")]
+    RepoDir { shown: String, reason: String },
     #[error(transparent)]
     Lock(#[from] LockError),
     #[error(transparent)]
@@ -61,7 +65,7 @@ pub enum RepoError {
 impl ErrorCode for RepoError {
     fn code(&self) -> &'static str {
         match self {
-            RepoError::Spec(_) => "ENKSPEC",
+            RepoError::Spec(_) | RepoError::RepoDir { .. } => "ENKSPEC",
             RepoError::Lock(e) => e.code(),
             RepoError::Io(_) => "ENKIO",
             RepoError::InstallFailed { .. } => "ENKINSTALL",
@@ -77,6 +81,41 @@ pub(crate) fn io_err<'a>(
     path: &'a Path,
 ) -> impl FnOnce(io::Error) -> RepoError + 'a {
     crate::error::io_err(op, path)
+}
+
+/// Longest repository path accepted (Linux `PATH_MAX` minus the NUL).
+const MAX_REPO_DIR: usize = 4095;
+
+/// Refuses a repository path that cannot name a directory: empty, with a
+/// NUL byte, or longer than `PATH_MAX` (`ENKSPEC`).
+pub fn validate_repo_dir(dir: &Path) -> Result<(), RepoError> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = dir.as_os_str().as_bytes();
+    let shown = {
+        let s = dir.to_string_lossy();
+        if s.chars().count() > 80 {
+            format!(
+                "{:?}… ({} bytes)",
+                s.chars().take(60).collect::<String>(),
+                bytes.len()
+            )
+        } else {
+            format!("{s:?}")
+        }
+    };
+    let reason = if bytes.is_empty() {
+        "it is empty"
+    } else if bytes.contains(&0) {
+        "it contains a NUL byte"
+    } else if bytes.len() > MAX_REPO_DIR {
+        "it is longer than PATH_MAX (4095 bytes)"
+    } else {
+        return Ok(());
+    };
+    Err(RepoError::RepoDir {
+        shown,
+        reason: reason.into(),
+    })
 }
 
 /// The sentinel's record of a complete install.
@@ -155,6 +194,7 @@ pub struct InstallProbe {
 
 impl InstallProbe {
     pub fn new(repo_dir: &Path, specifier: &str) -> Result<InstallProbe, RepoError> {
+        validate_repo_dir(repo_dir)?;
         let spec = PackageSpec::parse(specifier)?;
         Ok(InstallProbe::of(&Repo::new(repo_dir), &spec))
     }
@@ -240,6 +280,8 @@ pub struct InstallTxn {
     staging: PathBuf,
     start: Instant,
     waited: Duration,
+    /// Removal of earlier attempts' leftovers, running meanwhile.
+    sweeper: Option<installer::Sweeper>,
 }
 
 fn now_ms() -> u64 {
@@ -259,6 +301,7 @@ pub async fn begin_install(
     cancel: &CancellationToken,
 ) -> Result<Begin, RepoError> {
     let start = Instant::now();
+    validate_repo_dir(repo_dir)?;
     let repo = Repo::new(repo_dir);
     let done = |waited| {
         Ok(Begin::AlreadyInstalled(InstallOutcome {
@@ -287,48 +330,42 @@ pub async fn begin_install(
         return done(waited);
     }
     // We hold the package lock: anything left by an earlier attempt at this
-    // package is dead. Clear it so only complete work can become visible.
+    // package is dead, and so is any attempt at another package whose owner
+    // died. Move it all aside and remove it in the background: a leftover
+    // never fails this install.
     let key = spec.file_key();
-    remove_leftovers(&repo.staging_root(), &key)?;
+    let staging_root = repo.staging_root();
+    let locks = repo.dir.join(".locks");
+    let sweeper = installer::sweep(&staging_root, &|k| locks.join(format!("{k}.lock")));
     match fs::remove_file(repo.sentinel_path(spec)) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => {
             return Err(io_err("remove the old sentinel", &repo.sentinel_path(spec))(e))
         }
         _ => {}
     }
-    let staging = repo.staging_root().join(format!("{key}.{}", lease.token()));
+    let staging = staging_root.join(format!("{key}.{}", lease.token()));
     fs::create_dir_all(&staging).map_err(io_err("create the staging directory", &staging))?;
-    atomic_write(
-        &staging.join("package.json"),
-        br#"{"name":"nanokit-staging","private":true}"#,
-        0o644,
-    )
-    .map_err(io_err("write", &staging.join("package.json")))?;
-    Ok(Begin::Started(InstallTxn {
+    let txn = InstallTxn {
         repo,
         spec: spec.clone(),
         lease: Some(lease),
         staging,
         start,
         waited,
-    }))
-}
-
-/// Removes `<root>/<key>.*` (staging directories of dead attempts).
-fn remove_leftovers(root: &Path, key: &str) -> Result<(), RepoError> {
-    let entries = match fs::read_dir(root) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(io_err("list", root)(e)),
+        sweeper: Some(sweeper),
     };
-    let prefix = format!("{key}.");
-    for entry in entries.flatten() {
-        if entry.file_name().to_string_lossy().starts_with(&prefix) {
-            let path = entry.path();
-            fs::remove_dir_all(&path).map_err(io_err("remove the leftover", &path))?;
-        }
-    }
-    Ok(())
+    // From here on, dropping `txn` on an error removes the staging directory.
+    let token = txn.lease.as_ref().expect("held").token().to_string();
+    OwnerRecord::ours(&token)
+        .write(&txn.staging)
+        .map_err(io_err("write", &txn.staging.join(installer::OWNER_FILE)))?;
+    atomic_write(
+        &txn.staging.join("package.json"),
+        br#"{"name":"nanokit-staging","private":true}"#,
+        0o644,
+    )
+    .map_err(io_err("write", &txn.staging.join("package.json")))?;
+    Ok(Begin::Started(txn))
 }
 
 impl InstallTxn {
@@ -345,7 +382,19 @@ impl InstallTxn {
     /// Runs nanokit's npm installer into the staging directory.
     #[tracing::instrument(name = "npm install", level = "info", skip_all, fields(nanokit.package = %self.spec))]
     pub async fn run_npm(&self, npm: &NpmOptions) -> Result<(), RepoError> {
-        let mut cmd = tokio::process::Command::new(&npm.npm);
+        let failed = |message: String| RepoError::InstallFailed {
+            spec: self.spec.to_string(),
+            message,
+        };
+        // npm's messages go to a file in the staging directory, not a pipe:
+        // nothing can block on a pipe held open by a straggler.
+        let log_path = self.staging.join(".nanokit-installer.log");
+        let log = fs::File::options()
+            .write(true)
+            .create_new(true)
+            .open(&log_path)
+            .map_err(io_err("create", &log_path))?;
+        let mut cmd = std::process::Command::new(&npm.npm);
         cmd.arg("install")
             .arg(self.spec.npm_install_arg())
             .args(["--no-audit", "--no-fund", "--no-package-lock", "--no-save"])
@@ -353,25 +402,34 @@ impl InstallTxn {
             .args(&npm.extra_args)
             .current_dir(&self.staging)
             .stdin(Stdio::null())
-            .kill_on_drop(true);
+            .stdout(Stdio::null())
+            .stderr(log);
         tracing::info!(spec = %self.spec, staging = %self.staging.display(), "running npm install");
-        let output = cmd.output().await.map_err(|e| RepoError::InstallFailed {
-            spec: self.spec.to_string(),
-            message: format!("could not run {}: {e}", npm.npm.display()),
-        })?;
-        if !output.status.success() {
-            let stderr = String::from_utf8_lossy(&output.stderr);
+        // Own process group, killed with us (and when this future is dropped).
+        let mut child = installer::GroupChild::spawn(cmd)
+            .map_err(|e| failed(format!("could not run {}: {e}", npm.npm.display())))?;
+        if let Some(token) = self.lease.as_ref().map(|l| l.token().to_string()) {
+            let mut record = OwnerRecord::ours(&token);
+            record.installer_pid = Some(child.pid());
+            record.installer_start = crate::lock::host::process_start_time(child.pid());
+            if let Err(e) = record.write(&self.staging) {
+                tracing::warn!(error = %e, "cannot record the installer's pid");
+            }
+        }
+        let status = child
+            .wait()
+            .await
+            .map_err(|e| failed(format!("waiting for {}: {e}", npm.npm.display())))?;
+        if !status.success() {
+            let stderr = fs::read(&log_path).unwrap_or_default();
+            let stderr = String::from_utf8_lossy(&stderr);
             let tail: Vec<&str> = stderr.lines().rev().take(20).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
-            return Err(RepoError::InstallFailed {
-                spec: self.spec.to_string(),
-                message: format!(
-                    "{} install exited with {}: {}",
-                    npm.npm.display(),
-                    output.status,
-                    tail.join("\n")
-                ),
-            });
+            return Err(failed(format!(
+                "{} install exited with {status}: {}",
+                npm.npm.display(),
+                tail.join("\n")
+            )));
         }
         Ok(())
     }
@@ -413,8 +471,10 @@ impl InstallTxn {
             fs::rename(&target, &old).map_err(io_err("move aside the incomplete", &target))?;
         }
         fs::rename(&staged, &target).map_err(io_err("publish the package to", &target))?;
+        installer::test_pause("publish").await;
 
         self.record_dependency().await?;
+        installer::test_pause("manifest").await;
 
         let pkg_json = fs::read(target.join("package.json"))
             .map_err(io_err("read", &target.join("package.json")))?;
@@ -434,6 +494,7 @@ impl InstallTxn {
             0o644,
         )
         .map_err(io_err("write the sentinel", &path))?;
+        installer::test_pause("sentinel").await;
         // The sentinel carries the package.json's mtime: `is_installed` compares
         // the two with two stats. Until this is set, it reads as not installed.
         let pkg_mtime = fs::metadata(target.join("package.json"))
@@ -445,7 +506,7 @@ impl InstallTxn {
             .and_then(|f| f.set_modified(pkg_mtime))
             .map_err(io_err("stamp the sentinel", &path))?;
 
-        let _ = fs::remove_dir_all(&self.staging);
+        installer::remove_tree(&self.staging);
         let lease = self
             .lease
             .take()
@@ -453,6 +514,10 @@ impl InstallTxn {
         if let Err(e) = lease.release() {
             // The install is complete and recorded; only say what happened.
             tracing::warn!(error = %e, spec = %self.spec, "the package lock was lost before release");
+        }
+        // Earlier attempts' leftovers are gone (or logged) when we return.
+        if let Some(sweeper) = self.sweeper.take() {
+            sweeper.finish().await;
         }
         Ok(InstallOutcome {
             installed: true,
@@ -516,7 +581,7 @@ impl InstallTxn {
 
     fn abort_in_place(&mut self) {
         if let Some(lease) = self.lease.take() {
-            let _ = fs::remove_dir_all(&self.staging);
+            installer::remove_tree(&self.staging);
             let _ = lease.release();
         }
     }
@@ -616,6 +681,9 @@ pub struct RepoStatus {
     /// Staging directories and unrecorded packages left by interrupted
     /// installs (cleaned up by the next install of that package).
     pub leftovers: Vec<PathBuf>,
+    /// Every staging directory with its owner (pid, alive or not) and whether
+    /// it is orphaned (removed by the next install of any package).
+    pub staging: Vec<StagingEntry>,
 }
 
 /// Lists installed packages, held locks and leftovers of interrupted installs.
@@ -664,6 +732,10 @@ pub fn status(repo_dir: &Path) -> Result<RepoStatus, RepoError> {
             locks.push(status);
         }
     }
+    let locks_dir = repo.dir.join(".locks");
+    let staging = installer::list(&repo.staging_root(), &|k| {
+        locks_dir.join(format!("{k}.lock"))
+    });
     let mut leftovers = list_dir(&repo.staging_root())?;
     // Packages in node_modules without a sentinel: published by an install
     // that was interrupted before it completed.
@@ -702,6 +774,7 @@ pub fn status(repo_dir: &Path) -> Result<RepoStatus, RepoError> {
         installed,
         locks,
         leftovers,
+        staging,
     })
 }
 
