@@ -74,4 +74,5 @@ while (!stop) {
   await pass()
   await new Promise((r) => setImmediate(r))
 }
+process.stdin.destroy() // let the process exit
 process.stdout.write(JSON.stringify({ passes, violations }) + '\n')
