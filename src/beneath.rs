@@ -19,6 +19,10 @@
 //!   file elsewhere, planted in its place, is refused rather than written.
 //! * New files appear whole: [`Dir::atomic_write`] writes a fresh file
 //!   (`O_EXCL`, never an existing one) and renames it into place.
+//! * [`Dir::remove_tree`] removes a tree one entry at a time relative to each
+//!   directory's descriptor (`unlinkat`): a link inside the tree, or planted
+//!   in place of one of its directories, is removed as itself, never
+//!   followed, so nothing outside the tree is touched.
 //!
 //! What it cannot do: stop a co-tenant from replacing, deleting or renaming
 //! entries (they own the directory as much as we do), or stop another program
@@ -96,6 +100,9 @@ pub enum Access {
     /// Read and write, created (with this mode) if missing. The file must
     /// have exactly one link.
     ReadWriteCreate(u32),
+    /// Write only, a new file (with this mode): `O_EXCL`, so an existing
+    /// file or link there is an error, never opened.
+    CreateNew(u32),
 }
 
 /// An open directory beneath a trusted root (or the root itself), and the
@@ -166,6 +173,14 @@ impl Dir {
     /// The path this directory was reached by.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The same directory on a second descriptor (for another thread).
+    pub fn try_clone(&self) -> io::Result<Dir> {
+        Ok(Dir {
+            fd: self.fd.try_clone()?,
+            path: self.path.clone(),
+        })
     }
 
     /// `path()/name`, for messages and for handing to other programs.
@@ -255,6 +270,7 @@ impl Dir {
         let (flags, mode) = match access {
             Access::Read => (OFlags::RDONLY, 0),
             Access::ReadWriteCreate(mode) => (OFlags::RDWR | OFlags::CREATE, mode),
+            Access::CreateNew(mode) => (OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL, mode),
         };
         let flags = flags | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
         let open = |flags| rustix::fs::openat(&self.fd, name, flags, Mode::from_raw_mode(mode));
@@ -268,7 +284,7 @@ impl Dir {
         if ft != FileType::RegularFile {
             return Err(foreign(self.join(name), describe(ft), "a regular file"));
         }
-        if matches!(access, Access::ReadWriteCreate(_)) && st.st_nlink != 1 {
+        if !matches!(access, Access::Read) && st.st_nlink != 1 {
             return Err(foreign(
                 self.join(name),
                 "a file with more than one hard link",
@@ -287,14 +303,21 @@ impl Dir {
         Ok(buf)
     }
 
-    /// What `name` is, without following it; `None` if it does not exist.
-    pub fn file_type(&self, name: impl AsRef<OsStr>) -> io::Result<Option<FileType>> {
+    /// `lstat` of `name` (never followed); `None` if it does not exist.
+    pub fn stat(&self, name: impl AsRef<OsStr>) -> io::Result<Option<rustix::fs::Stat>> {
         let name = component(&self.path, name.as_ref())?;
         match rustix::fs::statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(st) => Ok(Some(FileType::from_raw_mode(st.st_mode))),
+            Ok(st) => Ok(Some(st)),
             Err(rustix::io::Errno::NOENT) => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// What `name` is, without following it; `None` if it does not exist.
+    pub fn file_type(&self, name: impl AsRef<OsStr>) -> io::Result<Option<FileType>> {
+        Ok(self
+            .stat(name)?
+            .map(|st| FileType::from_raw_mode(st.st_mode)))
     }
 
     /// Whether the regular file `name` exists; anything else there is refused.
@@ -316,6 +339,64 @@ impl Dir {
             Err(rustix::io::Errno::NOENT) => Ok(false),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Removes the entry `name` and, if it is a directory, everything in it.
+    /// Every entry is removed relative to its own directory's descriptor and
+    /// never followed: a symlink (inside the tree, or swapped in for one of
+    /// its directories meanwhile) is unlinked as itself. One descriptor is
+    /// open per level of depth. Fails with `ENOTEMPTY` if someone adds an
+    /// entry meanwhile (the caller may retry). Returns whether `name` existed.
+    pub fn remove_tree(&self, name: impl AsRef<OsStr>) -> io::Result<bool> {
+        struct Level {
+            dir: Dir,
+            name: OsString,
+            pending: Vec<OsString>,
+        }
+        let name = component(&self.path, name.as_ref())?;
+        // Opens `name` in `parent` as a directory to descend into, or removes
+        // it as a non-directory; `None` when there is nothing to descend into.
+        let enter = |parent: &Dir, name: &OsStr| -> io::Result<Option<Level>> {
+            match parent.file_type(name)? {
+                None => return Ok(None),
+                Some(FileType::Directory) => match parent.dir(name, false) {
+                    Ok(dir) => {
+                        let pending = dir.entries()?;
+                        return Ok(Some(Level {
+                            dir,
+                            name: name.to_os_string(),
+                            pending,
+                        }));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                    // Replaced by a link or a file meanwhile: unlinked below.
+                    Err(e) if is_foreign(&e) => {}
+                    Err(e) => return Err(e),
+                },
+                Some(_) => {}
+            }
+            parent.remove_file(name)?;
+            Ok(None)
+        };
+        if self.file_type(name)?.is_none() {
+            return Ok(false);
+        }
+        let mut stack: Vec<Level> = enter(self, name)?.into_iter().collect();
+        while let Some(top) = stack.last_mut() {
+            if let Some(child) = top.pending.pop() {
+                if let Some(level) = enter(&top.dir, &child)? {
+                    stack.push(level);
+                }
+                continue;
+            }
+            let done = stack.pop().expect("a level is open");
+            let parent = stack.last().map_or(self, |l| &l.dir);
+            match rustix::fs::unlinkat(&parent.fd, done.name.as_os_str(), AtFlags::REMOVEDIR) {
+                Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(true)
     }
 
     /// Renames the entry `from` of this directory to `to` in `dest`. Neither
@@ -427,5 +508,40 @@ mod tests {
             b"keep"
         );
         assert_eq!(root.read_file("f").unwrap(), b"new");
+    }
+
+    #[test]
+    fn remove_tree_never_follows_a_link_inside_the_tree() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::create_dir(outside.path().join("keep")).unwrap();
+        std::fs::write(outside.path().join("keep/victim"), b"keep").unwrap();
+        let t = tmp.path().join("t");
+        std::fs::create_dir_all(t.join("a/b/c")).unwrap();
+        std::fs::write(t.join("a/b/c/file"), b"x").unwrap();
+        std::fs::write(t.join("top"), b"x").unwrap();
+        std::os::unix::fs::symlink(outside.path().join("keep"), t.join("a/link")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("keep"), t.join("a/b/c/link")).unwrap();
+        let root = Dir::root(tmp.path(), false).unwrap();
+        rustix::fs::mknodat(
+            &root,
+            "t/fifo",
+            FileType::Fifo,
+            Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+        assert!(root.remove_tree("t").unwrap());
+        assert!(!t.exists());
+        assert_eq!(
+            std::fs::read(outside.path().join("keep/victim")).unwrap(),
+            b"keep"
+        );
+        assert!(!root.remove_tree("t").unwrap(), "nothing left to remove");
+        // The top entry itself a link: removed as a link, its target kept.
+        std::os::unix::fs::symlink(outside.path().join("keep"), tmp.path().join("l")).unwrap();
+        assert!(root.remove_tree("l").unwrap());
+        assert!(outside.path().join("keep/victim").exists());
+        assert!(root.entries().unwrap().is_empty());
     }
 }

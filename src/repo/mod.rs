@@ -26,12 +26,12 @@
 //! `node_modules`, `package.json` or any file inside them is refused
 //! (`ENKFOREIGN`), never written through or blocked on.
 
+mod installer;
 mod provision;
 mod spec;
 
 use std::collections::BTreeMap;
 use std::ffi::{CString, OsStr, OsString};
-use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -46,6 +46,7 @@ use crate::error::{ErrorCode, IoError};
 use crate::fsutil;
 use crate::lock::{self, Lease, LockError, LockOptions, LockStatus};
 
+pub use installer::{OwnerRecord, StagingEntry};
 pub use provision::{provision, provision_with, InstallRun, ProvisionOptions, ProvisionOutcome};
 pub use spec::{PackageSpec, SpecError};
 
@@ -54,6 +55,8 @@ pub use spec::{PackageSpec, SpecError};
 pub enum RepoError {
     #[error("{0}")]
     Spec(#[from] SpecError),
+    #[error("invalid repository directory {shown}: {reason}; pass the path of the shared repository directory")]
+    RepoDir { shown: String, reason: String },
     #[error(transparent)]
     Lock(#[from] LockError),
     #[error(transparent)]
@@ -69,7 +72,7 @@ pub enum RepoError {
 impl ErrorCode for RepoError {
     fn code(&self) -> &'static str {
         match self {
-            RepoError::Spec(_) => "ENKSPEC",
+            RepoError::Spec(_) | RepoError::RepoDir { .. } => "ENKSPEC",
             RepoError::Lock(e) => e.code(),
             RepoError::Io(e) => beneath::io_code(&e.source),
             RepoError::InstallFailed { .. } => "ENKINSTALL",
@@ -85,6 +88,41 @@ pub(crate) fn io_err<'a>(
     path: &'a Path,
 ) -> impl FnOnce(io::Error) -> RepoError + 'a {
     crate::error::io_err(op, path)
+}
+
+/// Longest repository path accepted (Linux `PATH_MAX` minus the NUL).
+const MAX_REPO_DIR: usize = 4095;
+
+/// Refuses a repository path that cannot name a directory: empty, with a
+/// NUL byte, or longer than `PATH_MAX` (`ENKSPEC`).
+pub fn validate_repo_dir(dir: &Path) -> Result<(), RepoError> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = dir.as_os_str().as_bytes();
+    let shown = {
+        let s = dir.to_string_lossy();
+        if s.chars().count() > 80 {
+            format!(
+                "{:?}… ({} bytes)",
+                s.chars().take(60).collect::<String>(),
+                bytes.len()
+            )
+        } else {
+            format!("{s:?}")
+        }
+    };
+    let reason = if bytes.is_empty() {
+        "it is empty"
+    } else if bytes.contains(&0) {
+        "it contains a NUL byte"
+    } else if bytes.len() > MAX_REPO_DIR {
+        "it is longer than PATH_MAX (4095 bytes)"
+    } else {
+        return Ok(());
+    };
+    Err(RepoError::RepoDir {
+        shown,
+        reason: reason.into(),
+    })
 }
 
 /// The sentinel's record of a complete install.
@@ -126,6 +164,13 @@ impl Repo {
     /// [`Repo::lock_path`] relative to the repo root.
     fn lock_rel(spec: &PackageSpec) -> PathBuf {
         Path::new(".locks").join(format!("{}.lock", spec.file_key()))
+    }
+
+    /// The state of the package lock of the file key `key` (see
+    /// [`PackageSpec::file_key`]).
+    fn lock_of_key(&self, key: &str) -> Result<Option<LockStatus>, LockError> {
+        let rel = Path::new(".locks").join(format!("{key}.lock"));
+        lock::inspect_in(&self.dir, &rel, lock::DEFAULT_STALE)
     }
 
     fn sentinel_name(spec: &PackageSpec) -> String {
@@ -176,6 +221,7 @@ pub struct InstallProbe {
 
 impl InstallProbe {
     pub fn new(repo_dir: &Path, specifier: &str) -> Result<InstallProbe, RepoError> {
+        validate_repo_dir(repo_dir)?;
         let spec = PackageSpec::parse(specifier)?;
         Ok(InstallProbe::of(&Repo::new(repo_dir), &spec))
     }
@@ -261,6 +307,8 @@ pub struct InstallTxn {
     staging: PathBuf,
     start: Instant,
     waited: Duration,
+    /// Removal of earlier attempts' leftovers, running meanwhile.
+    sweeper: Option<installer::Sweeper>,
 }
 
 fn now_ms() -> u64 {
@@ -280,6 +328,7 @@ pub async fn begin_install(
     cancel: &CancellationToken,
 ) -> Result<Begin, RepoError> {
     let start = Instant::now();
+    validate_repo_dir(repo_dir)?;
     let repo = Repo::new(repo_dir);
     let done = |waited| {
         Ok(Begin::AlreadyInstalled(InstallOutcome {
@@ -309,14 +358,17 @@ pub async fn begin_install(
         return done(waited);
     }
     // We hold the package lock: anything left by an earlier attempt at this
-    // package is dead. Clear it so only complete work can become visible.
+    // package is dead, and so is any attempt at another package whose owner
+    // died. Move it all aside and remove it in the background: a leftover
+    // never fails this install.
     let key = spec.file_key();
     let root = repo.root(true)?;
     // Refuse a planted `.staging` link before anything looks inside it.
     let staging_root = root
         .dir(".staging", true)
         .map_err(io_err("create the staging directory", &repo.staging_root()))?;
-    remove_leftovers(&repo.staging_root(), &key)?;
+    let lock_of_key = |k: &str| repo.lock_of_key(k);
+    let sweeper = installer::sweep(&staging_root, &lock_of_key);
     let sentinel = repo.sentinel_path(spec);
     match root.dir(".sentinels", false) {
         Ok(dir) => {
@@ -326,10 +378,25 @@ pub async fn begin_install(
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err("remove the old sentinel", &sentinel)(e)),
     }
+    let staging_name = format!("{key}.{}", lease.token());
     let staging_dir = staging_root
-        .dir(format!("{key}.{}", lease.token()), true)
+        .dir(&staging_name, true)
         .map_err(io_err("create the staging directory", &repo.staging_root()))?;
     let staging = staging_dir.path().to_path_buf();
+    let txn = InstallTxn {
+        repo,
+        spec: spec.clone(),
+        lease: Some(lease),
+        staging,
+        start,
+        waited,
+        sweeper: Some(sweeper),
+    };
+    // From here on, dropping `txn` on an error removes the staging directory.
+    let token = txn.lease.as_ref().expect("held").token().to_string();
+    OwnerRecord::ours(&token)
+        .write(&staging_dir)
+        .map_err(io_err("write", &txn.staging.join(installer::OWNER_FILE)))?;
     staging_dir
         .atomic_write(
             "package.json",
@@ -337,32 +404,8 @@ pub async fn begin_install(
             0o644,
             None,
         )
-        .map_err(io_err("write", &staging.join("package.json")))?;
-    Ok(Begin::Started(InstallTxn {
-        repo,
-        spec: spec.clone(),
-        lease: Some(lease),
-        staging,
-        start,
-        waited,
-    }))
-}
-
-/// Removes `<root>/<key>.*` (staging directories of dead attempts).
-fn remove_leftovers(root: &Path, key: &str) -> Result<(), RepoError> {
-    let entries = match fs::read_dir(root) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(io_err("list", root)(e)),
-    };
-    let prefix = format!("{key}.");
-    for entry in entries.flatten() {
-        if entry.file_name().to_string_lossy().starts_with(&prefix) {
-            let path = entry.path();
-            fs::remove_dir_all(&path).map_err(io_err("remove the leftover", &path))?;
-        }
-    }
-    Ok(())
+        .map_err(io_err("write", &txn.staging.join("package.json")))?;
+    Ok(Begin::Started(txn))
 }
 
 impl InstallTxn {
@@ -376,10 +419,37 @@ impl InstallTxn {
         &self.spec
     }
 
+    /// The staging directory's name inside `.staging`.
+    fn staging_name(&self) -> &OsStr {
+        self.staging.file_name().expect("staging has a name")
+    }
+
+    /// This attempt's directory, reached from the repo root's descriptor
+    /// (never through a link).
+    fn open_staging(&self) -> io::Result<Dir> {
+        Dir::root(&self.repo.dir, false)?
+            .dir(".staging", false)?
+            .dir(self.staging_name(), false)
+    }
+
     /// Runs nanokit's npm installer into the staging directory.
     #[tracing::instrument(name = "npm install", level = "info", skip_all, fields(nanokit.package = %self.spec))]
     pub async fn run_npm(&self, npm: &NpmOptions) -> Result<(), RepoError> {
-        let mut cmd = tokio::process::Command::new(&npm.npm);
+        let failed = |message: String| RepoError::InstallFailed {
+            spec: self.spec.to_string(),
+            message,
+        };
+        // npm's messages go to a file in the staging directory, not a pipe:
+        // nothing can block on a pipe held open by a straggler.
+        const LOG: &str = ".nanokit-installer.log";
+        let log_path = self.staging.join(LOG);
+        let staging = self
+            .open_staging()
+            .map_err(io_err("open the staging directory", &self.staging))?;
+        let log = staging
+            .open_file(LOG, Access::CreateNew(0o644), rustix::fs::OFlags::empty())
+            .map_err(io_err("create", &log_path))?;
+        let mut cmd = std::process::Command::new(&npm.npm);
         cmd.arg("install")
             .arg(self.spec.npm_install_arg())
             .args(["--no-audit", "--no-fund", "--no-package-lock", "--no-save"])
@@ -387,25 +457,34 @@ impl InstallTxn {
             .args(&npm.extra_args)
             .current_dir(&self.staging)
             .stdin(Stdio::null())
-            .kill_on_drop(true);
+            .stdout(Stdio::null())
+            .stderr(log);
         tracing::info!(spec = %self.spec, staging = %self.staging.display(), "running npm install");
-        let output = cmd.output().await.map_err(|e| RepoError::InstallFailed {
-            spec: self.spec.to_string(),
-            message: format!("could not run {}: {e}", npm.npm.display()),
-        })?;
-        if !output.status.success() {
-            let stderr = String::from_utf8_lossy(&output.stderr);
+        // Own process group, killed with us (and when this future is dropped).
+        let mut child = installer::GroupChild::spawn(cmd)
+            .map_err(|e| failed(format!("could not run {}: {e}", npm.npm.display())))?;
+        if let Some(token) = self.lease.as_ref().map(|l| l.token().to_string()) {
+            let mut record = OwnerRecord::ours(&token);
+            record.installer_pid = Some(child.pid());
+            record.installer_start = crate::lock::host::process_start_time(child.pid());
+            if let Err(e) = record.write(&staging) {
+                tracing::warn!(error = %e, "cannot record the installer's pid");
+            }
+        }
+        let status = child
+            .wait()
+            .await
+            .map_err(|e| failed(format!("waiting for {}: {e}", npm.npm.display())))?;
+        if !status.success() {
+            let stderr = staging.read_file(LOG).unwrap_or_default();
+            let stderr = String::from_utf8_lossy(&stderr);
             let tail: Vec<&str> = stderr.lines().rev().take(20).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
-            return Err(RepoError::InstallFailed {
-                spec: self.spec.to_string(),
-                message: format!(
-                    "{} install exited with {}: {}",
-                    npm.npm.display(),
-                    output.status,
-                    tail.join("\n")
-                ),
-            });
+            return Err(failed(format!(
+                "{} install exited with {status}: {}",
+                npm.npm.display(),
+                tail.join("\n")
+            )));
         }
         Ok(())
     }
@@ -431,10 +510,12 @@ impl InstallTxn {
         // through a link: a `.staging` or `node_modules` replaced by one is
         // refused, not followed.
         let root = self.repo.root(false)?;
-        let staging_name = self.staging.file_name().expect("staging has a name");
-        let staging = root
+        let staging_name = self.staging_name();
+        let staging_root = root
             .dir(".staging", false)
-            .and_then(|d| d.dir(staging_name, false))
+            .map_err(io_err("open the staging directory", &self.staging))?;
+        let staging = staging_root
+            .dir(staging_name, false)
             .map_err(io_err("open the staging directory", &self.staging))?;
         let not_produced = || RepoError::InstallFailed {
             spec: self.spec.to_string(),
@@ -484,8 +565,10 @@ impl InstallTxn {
         staged_parent
             .rename(leaf, target_parent, leaf)
             .map_err(io_err("publish the package to", &target))?;
+        installer::test_pause("publish").await;
 
         self.record_dependency(&root).await?;
+        installer::test_pause("manifest").await;
 
         // `staged` is the published directory now (a descriptor follows
         // the directory it names through the rename).
@@ -518,8 +601,11 @@ impl InstallTxn {
                 Some(pkg_mtime),
             )
             .map_err(io_err("write the sentinel", &path))?;
+        // Complete and visible from here on: a kill now leaves an installed
+        // package and this attempt's staging tree (swept by the next install).
+        installer::test_pause("sentinel").await;
 
-        let _ = fs::remove_dir_all(&self.staging);
+        installer::remove_tree(&staging_root, staging_name);
         let lease = self
             .lease
             .take()
@@ -527,6 +613,10 @@ impl InstallTxn {
         if let Err(e) = lease.release() {
             // The install is complete and recorded; only say what happened.
             tracing::warn!(error = %e, spec = %self.spec, "the package lock was lost before release");
+        }
+        // Earlier attempts' leftovers are gone (or logged) when we return.
+        if let Some(sweeper) = self.sweeper.take() {
+            sweeper.finish().await;
         }
         Ok(InstallOutcome {
             installed: true,
@@ -593,7 +683,12 @@ impl InstallTxn {
 
     fn abort_in_place(&mut self) {
         if let Some(lease) = self.lease.take() {
-            let _ = fs::remove_dir_all(&self.staging);
+            match Dir::root(&self.repo.dir, false).and_then(|r| r.dir(".staging", false)) {
+                Ok(root) => installer::remove_tree(&root, self.staging_name()),
+                Err(e) => {
+                    tracing::warn!(error = %e, staging = %self.staging.display(), "cannot open the staging directory to remove it; the next install sweeps it")
+                }
+            }
             let _ = lease.release();
         }
     }
@@ -711,6 +806,9 @@ pub struct RepoStatus {
     /// Staging directories and unrecorded packages left by interrupted
     /// installs (cleaned up by the next install of that package).
     pub leftovers: Vec<PathBuf>,
+    /// Every staging directory with its owner (pid, alive or not) and whether
+    /// it is orphaned (removed by the next install of any package).
+    pub staging: Vec<StagingEntry>,
 }
 
 /// Lists installed packages, held locks and leftovers of interrupted installs.
@@ -762,6 +860,12 @@ pub fn status(repo_dir: &Path) -> Result<RepoStatus, RepoError> {
             locks.push(status);
         }
     }
+    let lock_of_key = |k: &str| repo.lock_of_key(k);
+    let staging = match root.dir(".staging", false) {
+        Ok(dir) => installer::list(&dir, &lock_of_key),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(io_err("list", &repo.staging_root())(e)),
+    };
     let mut leftovers = list_in(&root, Path::new(".staging"))?;
     // Packages in node_modules without a sentinel: published by an install
     // that was interrupted before it completed.
@@ -800,6 +904,7 @@ pub fn status(repo_dir: &Path) -> Result<RepoStatus, RepoError> {
         installed,
         locks,
         leftovers,
+        staging,
     })
 }
 

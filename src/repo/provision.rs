@@ -119,34 +119,55 @@ async fn run_on_host(
     hash: &str,
     capture: bool,
 ) -> Result<InstallRun, RepoError> {
-    let mut cmd = tokio::process::Command::new(&command[0]);
+    use std::io::{Read, Seek};
+    let mut cmd = std::process::Command::new(&command[0]);
     cmd.args(&command[1..])
         .current_dir(cwd)
         .env("NANOKIT_PROVISION_DIR", dir)
         .env("NANOKIT_PROVISION_HASH", hash)
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
+        .stdin(Stdio::null());
+    // Captured output goes to an unlinked temporary file, not a pipe: a
+    // straggler holding a pipe open can never block us.
+    let mut capture_file = None;
     if capture {
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let path = std::env::temp_dir().join(format!(
+            ".nanokit-provision-{}-{:016x}.log",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        let file = fs::File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| RepoError::Provision(format!("cannot create {}: {e}", path.display())))?;
+        let _ = fs::remove_file(&path);
+        let dup = |f: &fs::File| {
+            f.try_clone()
+                .map_err(|e| RepoError::Provision(format!("cannot capture the output: {e}")))
+        };
+        cmd.stdout(dup(&file)?).stderr(dup(&file)?);
+        capture_file = Some(file);
     } else {
         cmd.stdout(crate::fsutil::child_stdout())
             .stderr(crate::fsutil::child_stderr());
     }
-    let child = cmd
-        .spawn()
+    // Own process group, killed with us and when this future is dropped.
+    let mut child = super::installer::GroupChild::spawn(cmd)
         .map_err(|e| RepoError::Provision(format!("cannot run {:?}: {e}", command[0])))?;
-    let output = child
-        .wait_with_output()
+    let status = child
+        .wait()
         .await
         .map_err(|e| RepoError::Provision(format!("waiting for {:?}: {e}", command[0])))?;
+    let output = capture_file.map(|mut f| {
+        let mut bytes = Vec::new();
+        let _ = f.rewind().and_then(|_| f.read_to_end(&mut bytes));
+        String::from_utf8_lossy(&bytes).into_owned()
+    });
     Ok(InstallRun {
-        success: output.status.success(),
-        status: output.status.to_string(),
-        output: capture.then(|| {
-            let mut s = String::from_utf8_lossy(&output.stdout).into_owned();
-            s.push_str(&String::from_utf8_lossy(&output.stderr));
-            s
-        }),
+        success: status.success(),
+        status: status.to_string(),
+        output,
     })
 }
 
