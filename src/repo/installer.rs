@@ -259,15 +259,10 @@ impl GroupChild {
                 // a zombie its pid, and so the group id, cannot be reused.
                 if let Some(p) = pid_of(pid) {
                     use rustix::process::{waitid, WaitId, WaitIdOptions};
-                    loop {
-                        match waitid(
-                            WaitId::Pid(p),
-                            WaitIdOptions::EXITED | WaitIdOptions::NOWAIT,
-                        ) {
-                            Err(rustix::io::Errno::INTR) => continue,
-                            _ => break,
-                        }
-                    }
+                    while let Err(rustix::io::Errno::INTR) = waitid(
+                        WaitId::Pid(p),
+                        WaitIdOptions::EXITED | WaitIdOptions::NOWAIT,
+                    ) {}
                 }
                 let mut state = thread_state.lock().unwrap_or_else(|e| e.into_inner());
                 // Stragglers (scripts npm started) die with the installer.
