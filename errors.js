@@ -2,7 +2,9 @@
 // Native errors arrive with their stable code in front of the message
 // (`ENKLOCKED: lock … is held by …`): napi-rs rejects promises with a fixed
 // status. `withCode` moves that code to `err.code`, the one place callers
-// match on.
+// match on. The codes are listed in the README ("Lease locks"); ENKFOREIGN
+// means a symlink, FIFO, device or hard link was found where nanokit expects
+// its own file or directory (in a shared repo, a volume, or at a lock path).
 
 const CODE_PREFIX = /^(ENK[A-Z]+): /
 // `up` / `down` rejections end with the run's trace: `\n[trace <id> <file>]`.

@@ -4,6 +4,7 @@
 //! Everything here is plain Rust; the Node-API glue lives in `node/` behind the
 //! `node` feature.
 
+pub mod beneath;
 pub mod cli;
 pub mod error;
 pub mod fsutil;

@@ -72,21 +72,25 @@ function pack(fixture, workdir) {
 }
 
 /**
- * Packs the fixtures and serves them. Returns { url, close, npmArgs } where
- * npmArgs point npm at this registry with a private cache.
+ * Packs the fixtures (plus `extra`, same shape; `tarballDelayMs` on one makes
+ * its tarball answer that late) and serves them. Returns { url, close, npmArgs }
+ * where npmArgs point npm at this registry with a private cache.
  */
-export async function startRegistry() {
+export async function startRegistry({ extra = [] } = {}) {
   const workdir = mkdtempSync(join(tmpdir(), 'nk-registry-'))
   const packages = new Map()
-  for (const fixture of FIXTURES) packages.set(fixture.name, pack(fixture, workdir))
+  for (const fixture of [...FIXTURES, ...extra]) packages.set(fixture.name, { ...pack(fixture, workdir), delayMs: fixture.tarballDelayMs || 0 })
   const server = createServer((req, res) => {
     const path = decodeURIComponent(req.url.split('?')[0]).replace(/^\//, '')
     if (path.startsWith('-/tarballs/')) {
       const name = path.slice('-/tarballs/'.length)
       const pkg = packages.get(name)
       if (!pkg) return res.writeHead(404).end()
-      res.writeHead(200, { 'content-type': 'application/octet-stream' })
-      return res.end(readFileSync(pkg.file))
+      const send = () => {
+        res.writeHead(200, { 'content-type': 'application/octet-stream' })
+        res.end(readFileSync(pkg.file))
+      }
+      return pkg.delayMs ? setTimeout(send, pkg.delayMs) : send()
     }
     const pkg = packages.get(path)
     if (!pkg) {

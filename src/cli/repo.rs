@@ -118,6 +118,34 @@ pub async fn run(cmd: RepoCommand) -> CliResult {
             if !status.leftovers.is_empty() {
                 println!("  (removed by the next install of the same package)");
             }
+            println!("\nstaging directories ({})", status.staging.len());
+            for s in &status.staging {
+                println!("  {}", s.path.display());
+                if s.trash {
+                    println!("    trash of an earlier attempt, being removed");
+                } else if let Some(o) = &s.owner {
+                    let alive = match s.owner_alive {
+                        Some(true) => "alive",
+                        Some(false) => "dead",
+                        None => "on another host",
+                    };
+                    let installer = match (o.installer_pid, s.installer_running) {
+                        (Some(p), Some(true)) => format!(", installer pid {p} running"),
+                        (Some(p), Some(false)) => format!(", installer pid {p} gone"),
+                        (Some(p), None) => format!(", installer pid {p}"),
+                        (None, _) => String::new(),
+                    };
+                    println!(
+                        "    owner pid {} on {} ({alive}){installer}",
+                        o.pid, o.hostname
+                    );
+                } else {
+                    println!("    no owner record");
+                }
+                if s.orphaned {
+                    println!("    orphaned: removed by the next install of any package");
+                }
+            }
             Ok(exit::OK)
         }
         RepoCommand::Install {

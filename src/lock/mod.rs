@@ -31,16 +31,23 @@
 //!   open file: a lock file deleted or replaced by hand is reopened, never
 //!   locked through a stale descriptor. Reads do not update the access time
 //!   (`O_NOATIME` where allowed): on ext4 that is an inode write per read.
+//! * **Co-tenants** (see [`crate::beneath`]): the lock file itself, and for
+//!   locks inside a shared repository every directory beneath the repo root,
+//!   is opened with `O_NOFOLLOW` relative to its parent's descriptor, with
+//!   `O_NONBLOCK`, and checked with `fstat` (a regular file with one link)
+//!   before it is read or written. A symlink, FIFO, device or hard link there
+//!   is refused (`ENKFOREIGN`), never written through and never blocked on.
+//!   Writes only ever go to a descriptor opened that way.
 
 mod heartbeat;
 pub mod host;
 
 use std::collections::HashMap;
 use std::ffi::{CStr, CString, OsString};
-use std::fs::{self, File, Metadata, OpenOptions};
+use std::fs::{self, File, Metadata};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -49,6 +56,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use crate::beneath::{self, Access, Dir};
 use crate::error::{ErrorCode, IoError};
 use crate::fsutil;
 pub use host::{this_host, HostIdentity};
@@ -103,7 +111,7 @@ impl ErrorCode for LockError {
             LockError::Lost { .. } => "ENKLOCKLOST",
             LockError::Aborted { .. } => "ENKABORTED",
             LockError::InvalidPath { .. } | LockError::InvalidOption { .. } => "ENKSPEC",
-            LockError::Io(_) => "ENKIO",
+            LockError::Io(e) => beneath::io_code(&e.source),
         }
     }
 }
@@ -253,6 +261,47 @@ fn validate(path: &Path) -> Result<(), LockError> {
     Ok(())
 }
 
+/// A lock file's path, and how many of its last components lock users make
+/// (and so co-tenants may have replaced): those are opened one at a time
+/// without following symlinks; the rest is the caller's choice, followed.
+#[derive(Debug, Clone, Copy)]
+struct Target<'a> {
+    path: &'a Path,
+    /// At least 1: the lock file itself.
+    owned: usize,
+}
+
+impl<'a> Target<'a> {
+    /// A user's lock path: only its last component is never followed.
+    fn user(path: &'a Path) -> Target<'a> {
+        Target { path, owned: 1 }
+    }
+
+    /// The directory holding the lock file, reached from the trusted part
+    /// without following anything, and the file's name. With `create`,
+    /// missing directories are made.
+    fn parent(&self, create: bool) -> io::Result<(Dir, &'a std::ffi::OsStr)> {
+        let name = self.path.file_name().expect("validated: names a file");
+        let root = self
+            .path
+            .ancestors()
+            .nth(self.owned)
+            .expect("validated: the path has this many components");
+        let mut dir = Dir::root(root, create)?;
+        let rel = self.path.strip_prefix(root).expect("an ancestor");
+        if let Some(middle) = rel.parent().filter(|m| !m.as_os_str().is_empty()) {
+            dir = dir.dirs(middle, create)?;
+        }
+        Ok((dir, name))
+    }
+
+    /// Opens the lock file (see [`Dir::open_file`]).
+    fn open(&self, access: Access) -> io::Result<File> {
+        let (dir, name) = self.parent(matches!(access, Access::ReadWriteCreate(_)))?;
+        dir.open_file(name, access, NOATIME)
+    }
+}
+
 /// The brief kernel lock on an open lock file, released on drop. Every read
 /// that decides a write, and that write, happen inside one section.
 struct Section<'f> {
@@ -300,9 +349,9 @@ impl Drop for Section<'_> {
 
 /// `O_NOATIME`: only the file's owner (or a privileged process) may use it.
 #[cfg(any(target_os = "linux", target_os = "android"))]
-const NOATIME: libc::c_int = libc::O_NOATIME;
+const NOATIME: rustix::fs::OFlags = rustix::fs::OFlags::NOATIME;
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
-const NOATIME: libc::c_int = 0;
+const NOATIME: rustix::fs::OFlags = rustix::fs::OFlags::empty();
 
 /// An open lock file and the identity it had when opened. This process
 /// uses one per path (see [`OpenFiles`]), and `local` serialises its
@@ -318,33 +367,13 @@ struct LockFile {
 }
 
 impl LockFile {
-    /// Opens (creating if needed, with its directory) the lock file.
-    fn open(path: &Path) -> Result<LockFile, LockError> {
-        let open = |flags| {
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o644)
-                .custom_flags(libc::O_CLOEXEC | flags)
-                .open(path)
-        };
-        let open = || match open(NOATIME) {
-            // Not the file's owner: reads will update its access time.
-            Err(e) if NOATIME != 0 && e.raw_os_error() == Some(libc::EPERM) => open(0),
-            r => r,
-        };
-        let file = match open() {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    fs::create_dir_all(dir).map_err(io_err("create the lock directory", dir))?;
-                }
-                open().map_err(io_err("create", path))?
-            }
-            Err(e) => return Err(io_err("open", path)(e)),
-        };
+    /// Opens (creating if needed, with its directories) the lock file,
+    /// refusing anything but a regular file of its own (see [`Target`]).
+    fn open(target: Target<'_>) -> Result<LockFile, LockError> {
+        let path = target.path;
+        let file = target
+            .open(Access::ReadWriteCreate(0o644))
+            .map_err(io_err("open the lock file", path))?;
         let id = FileId::of(&file.metadata().map_err(io_err("stat", path))?);
         Ok(LockFile {
             file,
@@ -389,11 +418,12 @@ static OPEN_FILES: std::sync::LazyLock<OpenFiles> =
     std::sync::LazyLock::new(|| OpenFiles(Mutex::default()));
 
 impl OpenFiles {
-    fn get(&self, path: &Path) -> Result<Arc<LockFile>, LockError> {
+    fn get(&self, target: Target<'_>) -> Result<Arc<LockFile>, LockError> {
+        let path = target.path;
         if let Some(f) = self.lock().get(path.as_os_str()) {
             return Ok(f.clone());
         }
-        let file = Arc::new(LockFile::open(path)?);
+        let file = Arc::new(LockFile::open(target)?);
         let mut files = self.lock();
         if files.len() >= OPEN_FILES_KEPT {
             files.retain(|_, f| Arc::strong_count(f) > 1);
@@ -685,15 +715,16 @@ enum Attempt {
 /// the lock is free, or, given `replace`, if the file is still exactly as
 /// observed when its holder was judged stale or dead.
 fn attempt(
-    path: &Path,
+    target: Target<'_>,
     opts: &LockOptions,
     replace: Option<(&Observation, &str)>,
 ) -> Result<Attempt, LockError> {
+    let path = target.path;
     // A cached file that the path no longer names (deleted or replaced by
     // hand; on NFS, a stale file handle) is reopened; give up for this round
     // if that keeps happening.
     for _ in 0..3 {
-        let lock_file = OPEN_FILES.get(path)?;
+        let lock_file = OPEN_FILES.get(target)?;
         let section = match Section::enter(path, &lock_file, Duration::from_millis(20)) {
             Ok(Some(section)) => section,
             Ok(None) => return Ok(Attempt::Busy),
@@ -767,10 +798,11 @@ fn swap(
 }
 
 /// Reads the lock's record together with the observation of the file it came
-/// from (one open descriptor). `Err(NotFound)` if there is no lock file.
+/// from (one open descriptor). `Err(NotFound)` if there is no lock file;
+/// anything but a regular file there is refused without blocking on it.
 /// `free` is true when the content is blank.
-fn read_record(path: &Path) -> io::Result<Record> {
-    let file = File::open(path)?;
+fn read_record(target: Target<'_>) -> io::Result<Record> {
+    let file = target.open(Access::Read)?;
     let obs = Observation::of(&file.metadata()?);
     let content = read_content(&file)?;
     Ok(Record {
@@ -794,6 +826,7 @@ enum Step {
 
 /// The state of one contender: what it saw of the lock and since when.
 struct Waiter<'a> {
+    target: Target<'a>,
     path: &'a Path,
     opts: &'a LockOptions,
     seen: Option<Observation>,
@@ -803,9 +836,10 @@ struct Waiter<'a> {
 }
 
 impl<'a> Waiter<'a> {
-    fn new(path: &'a Path, opts: &'a LockOptions) -> Self {
+    fn new(target: Target<'a>, opts: &'a LockOptions) -> Self {
         Waiter {
-            path,
+            target,
+            path: target.path,
             opts,
             seen: None,
             since: Instant::now(),
@@ -820,13 +854,14 @@ impl<'a> Waiter<'a> {
         // The first round tries before looking: uncontended, that is the
         // whole acquisition.
         if self.polls == 0 {
-            if let Attempt::Acquired(lease) = attempt(self.path, self.opts, None)? {
+            if let Attempt::Acquired(lease) = attempt(self.target, self.opts, None)? {
                 return Ok(Step::Acquired(lease));
             }
         }
         // A release seen or a takeover lets us go again at once, a few times.
         for _ in 0..4 {
-            let m = match fs::metadata(self.path) {
+            // Not following a link there (the record read below refuses it).
+            let m = match fs::symlink_metadata(self.path) {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => None,
                 Err(e) => return Err(io_err("stat", self.path)(e)),
                 Ok(m) => Some(m),
@@ -838,7 +873,7 @@ impl<'a> Waiter<'a> {
             if changed {
                 // Something changed (or the record was not readable yet):
                 // progress. Take the record and its observation together.
-                let record = match read_record(self.path) {
+                let record = match read_record(self.target) {
                     Ok(r) => Some(r),
                     Err(e) if e.kind() == io::ErrorKind::NotFound => None,
                     Err(e) => return Err(io_err("read", self.path)(e)),
@@ -846,7 +881,7 @@ impl<'a> Waiter<'a> {
                 if record.as_ref().is_none_or(|r| r.free) {
                     self.seen = None;
                     self.info = None;
-                    match attempt(self.path, self.opts, None)? {
+                    match attempt(self.target, self.opts, None)? {
                         Attempt::Acquired(lease) => return Ok(Step::Acquired(lease)),
                         Attempt::Held => continue,
                         Attempt::Busy => break,
@@ -870,7 +905,7 @@ impl<'a> Waiter<'a> {
                 break;
             }
             let why = if dead { "dead holder's" } else { "stale" };
-            match attempt(self.path, self.opts, Some((&obs, why)))? {
+            match attempt(self.target, self.opts, Some((&obs, why)))? {
                 Attempt::Acquired(lease) => return Ok(Step::Acquired(lease)),
                 Attempt::Held | Attempt::Busy => break,
             }
@@ -902,7 +937,7 @@ impl<'a> Waiter<'a> {
 /// Never waits; a lock held by another host cannot be judged stale in one look.
 pub fn try_acquire(path: &Path, opts: &LockOptions) -> Result<Option<Lease>, LockError> {
     validate(path)?;
-    match Waiter::new(path, opts).step()? {
+    match Waiter::new(Target::user(path), opts).step()? {
         Step::Acquired(lease) => Ok(Some(lease)),
         Step::Wait(_) => Ok(None),
     }
@@ -922,17 +957,75 @@ pub async fn acquire(
 /// Like [`acquire`], but gives up without error (`Ok(None)`) as soon as `done`
 /// returns true, checked before every attempt: waiters for work that another
 /// process is doing stop waiting the moment that work is complete.
-#[tracing::instrument(name = "lock.wait", level = "info", skip_all, fields(nanokit.lock = %path.display()))]
 pub async fn acquire_unless(
     path: &Path,
     opts: &LockOptions,
     cancel: &CancellationToken,
-    mut done: impl FnMut() -> bool,
+    done: impl FnMut() -> bool,
 ) -> Result<Option<Lease>, LockError> {
     validate(path)?;
+    wait_for(Target::user(path), opts, cancel, done).await
+}
+
+/// A lock file at `root/rel` inside a directory shared with co-tenants:
+/// `root` is the caller's choice (followed as given); every component of
+/// `rel` (plain names only) is opened without following symlinks, so a
+/// directory beneath `root` replaced by a link is refused (`ENKFOREIGN`).
+fn target_in(root: &Path, rel: &Path) -> Result<(PathBuf, usize), LockError> {
+    let bad = |reason| LockError::InvalidPath {
+        path: rel.to_string_lossy().into_owned(),
+        reason,
+    };
+    let mut owned = 0;
+    for c in rel.components() {
+        match c {
+            std::path::Component::Normal(_) => owned += 1,
+            _ => return Err(bad("the path inside the directory must be plain names")),
+        }
+    }
+    if owned == 0 {
+        return Err(bad("the path is empty"));
+    }
+    let path = root.join(rel);
+    validate(&path)?;
+    Ok((path, owned))
+}
+
+/// [`acquire`] of the lock file `root/rel` (see [`target_in`]).
+pub async fn acquire_in(
+    root: &Path,
+    rel: &Path,
+    opts: &LockOptions,
+    cancel: &CancellationToken,
+) -> Result<Lease, LockError> {
+    acquire_unless_in(root, rel, opts, cancel, || false)
+        .await
+        .map(|lease| lease.expect("acquire_unless without a done condition returns a lease"))
+}
+
+/// [`acquire_unless`] of the lock file `root/rel` (see [`target_in`]).
+pub async fn acquire_unless_in(
+    root: &Path,
+    rel: &Path,
+    opts: &LockOptions,
+    cancel: &CancellationToken,
+    done: impl FnMut() -> bool,
+) -> Result<Option<Lease>, LockError> {
+    let (path, owned) = target_in(root, rel)?;
+    wait_for(Target { path: &path, owned }, opts, cancel, done).await
+}
+
+#[tracing::instrument(name = "lock.wait", level = "info", skip_all, fields(nanokit.lock = %target.path.display()))]
+async fn wait_for(
+    target: Target<'_>,
+    opts: &LockOptions,
+    cancel: &CancellationToken,
+    mut done: impl FnMut() -> bool,
+) -> Result<Option<Lease>, LockError> {
+    let path = target.path;
     let start = Instant::now();
     let deadline = opts.timeout.map(|t| start + t);
-    let mut waiter = Waiter::new(path, opts);
+    let mut waiter = Waiter::new(target, opts);
     loop {
         if cancel.is_cancelled() {
             return Err(LockError::Aborted {
@@ -988,7 +1081,22 @@ pub struct LockStatus {
 /// when the holder's record does not state its own stale period.
 pub fn inspect(path: &Path, stale: Duration) -> Result<Option<LockStatus>, LockError> {
     validate(path)?;
-    let Record { obs, free, info } = match read_record(path) {
+    inspect_target(Target::user(path), stale)
+}
+
+/// [`inspect`] of the lock file `root/rel` (see [`target_in`]).
+pub fn inspect_in(
+    root: &Path,
+    rel: &Path,
+    stale: Duration,
+) -> Result<Option<LockStatus>, LockError> {
+    let (path, owned) = target_in(root, rel)?;
+    inspect_target(Target { path: &path, owned }, stale)
+}
+
+fn inspect_target(target: Target<'_>, stale: Duration) -> Result<Option<LockStatus>, LockError> {
+    let path = target.path;
+    let Record { obs, free, info } = match read_record(target) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_err("read", path)(e)),
         Ok(r) => r,
@@ -1030,12 +1138,19 @@ pub fn inspect(path: &Path, stale: Duration) -> Result<Option<LockStatus>, LockE
 /// holder learns of it at its next renewal ([`LockError::Lost`]).
 pub fn break_lock(path: &Path) -> Result<Option<LockInfo>, LockError> {
     validate(path)?;
-    // Not held if there is no lock file (and none is made to find out).
-    if !path.try_exists().map_err(io_err("stat", path))? {
+    let target = Target::user(path);
+    // Not held if there is no lock file (and none is made to find out);
+    // anything but a regular file there is refused.
+    let exists = match target.parent(false) {
+        Ok((dir, name)) => dir.has_file(name),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    };
+    if !exists.map_err(io_err("stat", path))? {
         return Ok(None);
     }
     // The same descriptor as this process's acquisitions (see `LockFile`).
-    let lock_file = OPEN_FILES.get(path)?;
+    let lock_file = OPEN_FILES.get(target)?;
     let _section = Section::enter(path, &lock_file, GUARD_WAIT)?.ok_or_else(|| {
         io_err("lock", path)(io::Error::new(
             io::ErrorKind::TimedOut,

@@ -6,9 +6,14 @@
 //! for exactly these manifests (and this command). Sentinels of other hashes
 //! are removed *before* the command runs, so a crash mid-install never leaves
 //! a sentinel that claims the directory's content.
+//!
+//! The directory is the caller's choice; the lock and sentinels inside it may
+//! be replaced by co-tenants of the volume. The lock file is never followed
+//! (see [`crate::lock`]), sentinels are looked at without following them and
+//! written as fresh files renamed into place: a link, FIFO or device planted
+//! at either is refused (`ENKFOREIGN`), never written through or blocked on.
 
 use std::fs;
-use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -19,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::{io_err, RepoError};
-use crate::fsutil::atomic_write;
+use crate::beneath::Dir;
 use crate::lock::{self, LockError, LockOptions};
 
 /// Options of [`provision`].
@@ -114,34 +119,55 @@ async fn run_on_host(
     hash: &str,
     capture: bool,
 ) -> Result<InstallRun, RepoError> {
-    let mut cmd = tokio::process::Command::new(&command[0]);
+    use std::io::{Read, Seek};
+    let mut cmd = std::process::Command::new(&command[0]);
     cmd.args(&command[1..])
         .current_dir(cwd)
         .env("NANOKIT_PROVISION_DIR", dir)
         .env("NANOKIT_PROVISION_HASH", hash)
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
+        .stdin(Stdio::null());
+    // Captured output goes to an unlinked temporary file, not a pipe: a
+    // straggler holding a pipe open can never block us.
+    let mut capture_file = None;
     if capture {
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let path = std::env::temp_dir().join(format!(
+            ".nanokit-provision-{}-{:016x}.log",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        let file = fs::File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| RepoError::Provision(format!("cannot create {}: {e}", path.display())))?;
+        let _ = fs::remove_file(&path);
+        let dup = |f: &fs::File| {
+            f.try_clone()
+                .map_err(|e| RepoError::Provision(format!("cannot capture the output: {e}")))
+        };
+        cmd.stdout(dup(&file)?).stderr(dup(&file)?);
+        capture_file = Some(file);
     } else {
         cmd.stdout(crate::fsutil::child_stdout())
             .stderr(crate::fsutil::child_stderr());
     }
-    let child = cmd
-        .spawn()
+    // Own process group, killed with us and when this future is dropped.
+    let mut child = super::installer::GroupChild::spawn(cmd)
         .map_err(|e| RepoError::Provision(format!("cannot run {:?}: {e}", command[0])))?;
-    let output = child
-        .wait_with_output()
+    let status = child
+        .wait()
         .await
         .map_err(|e| RepoError::Provision(format!("waiting for {:?}: {e}", command[0])))?;
+    let output = capture_file.map(|mut f| {
+        let mut bytes = Vec::new();
+        let _ = f.rewind().and_then(|_| f.read_to_end(&mut bytes));
+        String::from_utf8_lossy(&bytes).into_owned()
+    });
     Ok(InstallRun {
-        success: output.status.success(),
-        status: output.status.to_string(),
-        output: capture.then(|| {
-            let mut s = String::from_utf8_lossy(&output.stdout).into_owned();
-            s.push_str(&String::from_utf8_lossy(&output.stderr));
-            s
-        }),
+        success: status.success(),
+        status: status.to_string(),
+        output,
     })
 }
 
@@ -166,8 +192,13 @@ where
         return Err(RepoError::Provision("no command to run was given".into()));
     }
     let hash = manifest_hash(command, manifests)?;
-    fs::create_dir_all(dir).map_err(io_err("create", dir))?;
-    let sentinel = dir.join(format!("{SENTINEL_PREFIX}{hash}"));
+    let root = Dir::root(dir, true).map_err(io_err("create", dir))?;
+    let sentinel_name = format!("{SENTINEL_PREFIX}{hash}");
+    let sentinel = dir.join(&sentinel_name);
+    let installed = || {
+        root.has_file(&sentinel_name)
+            .map_err(io_err("check the sentinel", &sentinel))
+    };
     let skip = |waited| ProvisionOutcome {
         ran: false,
         hash: hash.clone(),
@@ -175,26 +206,28 @@ where
         duration: start.elapsed(),
         output: None,
     };
-    if sentinel.exists() {
+    if installed()? {
         return Ok(skip(Duration::ZERO));
     }
     let mut lock_opts = opts.lock.clone();
     lock_opts
         .holder
         .get_or_insert_with(|| format!("provision {}", command.join(" ")));
+    // A foreign sentinel makes `installed` fail: keep waiting, the check
+    // after taking the lock reports it.
     let lease = lock::acquire_unless(&dir.join(".nk-install-lock"), &lock_opts, cancel, || {
-        sentinel.exists()
+        installed().unwrap_or(false)
     })
     .await?;
     let waited = start.elapsed();
     let Some(lease) = lease else {
         return Ok(skip(waited));
     };
-    if sentinel.exists() {
+    if installed()? {
         lease.release()?;
         return Ok(skip(waited));
     }
-    remove_sentinels(dir)?;
+    remove_sentinels(&root)?;
 
     let install_span = tracing::info_span!("install", nanokit.provision.hash = %hash);
     let outcome = async {
@@ -238,7 +271,7 @@ where
         "manifests": manifests,
         "installedAtMs": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
     });
-    atomic_write(&sentinel, record.to_string().as_bytes(), 0o644)
+    root.atomic_write(&sentinel_name, record.to_string().as_bytes(), 0o644, None)
         .map_err(io_err("write the sentinel", &sentinel))?;
     lease.release()?;
     Ok(ProvisionOutcome {
@@ -250,19 +283,12 @@ where
     })
 }
 
-fn remove_sentinels(dir: &Path) -> Result<(), RepoError> {
-    for entry in fs::read_dir(dir).map_err(io_err("list", dir))?.flatten() {
-        if entry
-            .file_name()
-            .to_string_lossy()
-            .starts_with(SENTINEL_PREFIX)
-        {
-            match fs::remove_file(entry.path()) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                    return Err(io_err("remove the old sentinel", &entry.path())(e))
-                }
-                _ => {}
-            }
+/// Removes every sentinel entry (a link is removed as itself).
+fn remove_sentinels(root: &Dir) -> Result<(), RepoError> {
+    for name in root.entries().map_err(io_err("list", root.path()))? {
+        if name.to_string_lossy().starts_with(SENTINEL_PREFIX) {
+            root.remove_file(&name)
+                .map_err(io_err("remove the old sentinel", &root.join(&name)))?;
         }
     }
     Ok(())

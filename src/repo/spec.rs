@@ -43,13 +43,58 @@ fn name_part_ok(part: &str) -> Result<(), String> {
     if part.starts_with('.') || part.starts_with('_') {
         return Err(format!("{part:?} may not start with '.' or '_'"));
     }
+    if let Some(c) = part.chars().find(char::is_ascii_uppercase) {
+        return Err(format!(
+            "npm names are lowercase ({c:?} is not); write {:?}",
+            part.to_ascii_lowercase()
+        ));
+    }
     if let Some(c) = part
         .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '~')))
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.' | '_')))
     {
         return Err(format!("the name may not contain {c:?}"));
     }
+    if matches!(part, "node_modules" | "favicon.ico") {
+        return Err(format!("{part:?} is not a valid npm name"));
+    }
     Ok(())
+}
+
+/// Whether `id` is a dot-separated list of non-empty `[0-9A-Za-z-]`
+/// identifiers, numeric ones without leading zeros when `numeric_strict`.
+fn semver_idents_ok(ids: &str, numeric_strict: bool) -> bool {
+    ids.split('.').all(|id| {
+        !id.is_empty()
+            && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !(numeric_strict
+                && id.len() > 1
+                && id.starts_with('0')
+                && id.chars().all(|c| c.is_ascii_digit()))
+    })
+}
+
+/// Whether `v` is an exact SemVer 2.0 version: `MAJOR.MINOR.PATCH`, then
+/// optionally `-<pre-release>` and `+<build>`.
+fn exact_version(v: &str) -> bool {
+    let (rest, build) = match v.split_once('+') {
+        Some((r, b)) => (r, Some(b)),
+        None => (v, None),
+    };
+    let (core, pre) = match rest.split_once('-') {
+        Some((c, p)) => (c, Some(p)),
+        None => (rest, None),
+    };
+    let parts: Vec<&str> = core.split('.').collect();
+    parts.len() == 3
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.len() <= 16
+                && p.chars().all(|c| c.is_ascii_digit())
+                && !(p.len() > 1 && p.starts_with('0'))
+        })
+        && pre.is_none_or(|p| semver_idents_ok(p, true))
+        && build.is_none_or(|b| semver_idents_ok(b, false))
 }
 
 impl PackageSpec {
@@ -106,6 +151,11 @@ impl PackageSpec {
         if version.starts_with(['.', '-', '+']) || version.contains("..") {
             return Err(fail(format!("{version:?} is not a version")));
         }
+        if !exact_version(version) {
+            return Err(fail(format!(
+                "{version:?} is not an exact version (MAJOR.MINOR.PATCH such as 1.2.3; tags and ranges such as latest or ^1.2.0 are not accepted)"
+            )));
+        }
         Ok(PackageSpec {
             name: name.to_string(),
             version: version.to_string(),
@@ -153,7 +203,15 @@ mod tests {
         );
         let s = PackageSpec::parse("lodash@4.17.21").unwrap();
         assert_eq!(s.alias(), "lodash_4.17.21");
-        assert!(PackageSpec::parse("x@1.0.0-beta.1+build.5").is_ok());
+        for good in [
+            "x@1.0.0-beta.1+build.5",
+            "x@0.0.0",
+            "x@10.20.30-rc.0+001",
+            "x@1.0.0-x-y.7",
+            "a.b-c_d@1.0.0",
+        ] {
+            assert!(PackageSpec::parse(good).is_ok(), "{good:?} should parse");
+        }
     }
 
     #[test]
@@ -191,6 +249,24 @@ mod tests {
             "x\0y@1.0.0",
             "x y@1.0.0",
             "x@1.0.0\n",
+            // Not valid npm names.
+            "A@1.0.0",
+            "@Scope/x@1.0.0",
+            "@s/X@1.0.0",
+            "x~y@1.0.0",
+            "node_modules@1.0.0",
+            // Not exact versions.
+            "a@latest",
+            "a@1",
+            "a@1.0",
+            "a@1.0.0.0",
+            "a@01.0.0",
+            "a@1.0.0-",
+            "a@1.0.0-01",
+            "a@1.0.0+",
+            "a@1.0.0-a..b",
+            "a@v1.0.0",
+            "a@x.y.z",
         ] {
             assert!(
                 PackageSpec::parse(bad).is_err(),

@@ -1,0 +1,653 @@
+//! Installer processes and what they leave behind.
+//!
+//! Guarantees:
+//! * An installer nanokit starts (npm, a `provision` command) runs in its own
+//!   process group, forked by a thread that lives until the child is reaped,
+//!   with `PR_SET_PDEATHSIG(SIGKILL)` on Linux: when this process dies, the
+//!   installer dies with it. (The signal follows the *thread* that forked, so
+//!   the fork never happens on a pool thread that may retire.) When the
+//!   installer exits, is cancelled or its handle is dropped, whatever is left
+//!   of its group is killed.
+//! * Every staging directory records its owner (host, pid and start time) and
+//!   the installer's process group (pid and start time) in
+//!   [`OWNER_FILE`]. The next installer of *any* package on the same host
+//!   kills a still-running group whose owner is dead (start times rule out
+//!   reused pids) and removes the tree.
+//! * Leftovers never fail an install: they are renamed to a unique trash name
+//!   and removed by a background thread; errors are logged, never returned.
+//!   Trash whose remover died is picked up by the next sweep.
+//! * Listing, owner records, the trash rename and the removal go through the
+//!   `.staging` [`Dir`] (descriptor-relative, never following a link): a
+//!   link planted in `.staging` or inside a tree is moved or removed as
+//!   itself, and nothing outside the repo is read, renamed or removed. Only
+//!   the installer itself is handed a path (its working directory).
+
+use std::ffi::{OsStr, OsString};
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::beneath::Dir;
+use crate::lock::host::{self, this_host};
+use crate::lock::{LockError, LockStatus};
+
+/// The state of the package lock of a staging key (the key of
+/// `<key>.<token>`), as [`crate::lock::inspect`] reports it.
+pub type LockOfKey<'a> = &'a dyn Fn(&str) -> Result<Option<LockStatus>, LockError>;
+
+/// The owner record inside each staging directory.
+pub const OWNER_FILE: &str = ".nanokit-owner.json";
+/// Prefix of trash names under `.staging` (hidden, so never a package key).
+const TRASH_PREFIX: &str = ".trash.";
+/// Trash of another host is taken over only when untouched this long.
+const FOREIGN_TRASH_AGE: Duration = Duration::from_secs(600);
+
+/// Who owns a staging directory, and which installer runs in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OwnerRecord {
+    /// See [`host::HostIdentity::id`]; pids are judged only on the same host.
+    pub host_id: String,
+    pub hostname: String,
+    /// The nanokit process that owns the attempt, and its start time.
+    pub pid: u32,
+    #[serde(default)]
+    pub pid_start: Option<u64>,
+    /// The lock token of the attempt (also the directory's suffix).
+    pub token: String,
+    /// The installer's pid (= its process group id) once nanokit started one.
+    #[serde(default)]
+    pub installer_pid: Option<u32>,
+    #[serde(default)]
+    pub installer_start: Option<u64>,
+    pub created_at_ms: u64,
+}
+
+impl OwnerRecord {
+    /// A record for this process and lock `token`.
+    pub fn ours(token: &str) -> OwnerRecord {
+        let here = this_host();
+        OwnerRecord {
+            host_id: here.id.clone(),
+            hostname: here.hostname.clone(),
+            pid: here.pid,
+            pid_start: here.pid_start,
+            token: token.to_string(),
+            installer_pid: None,
+            installer_start: None,
+            created_at_ms: super::now_ms(),
+        }
+    }
+
+    /// The record in the staging directory `staging` (none if missing,
+    /// unreadable, not a regular file, or not a record).
+    pub fn read(staging: &Dir) -> Option<OwnerRecord> {
+        let bytes = staging.read_file(OWNER_FILE).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Writes (or replaces) the record in `staging`, atomically.
+    pub fn write(&self, staging: &Dir) -> io::Result<()> {
+        let bytes = serde_json::to_vec(self).expect("owner record serialises");
+        staging.atomic_write(OWNER_FILE, &bytes, 0o644, None)
+    }
+
+    fn same_host(&self) -> bool {
+        self.host_id == this_host().id
+    }
+
+    /// For an owner on this host: whether it is still alive.
+    pub fn owner_alive(&self) -> Option<bool> {
+        self.same_host()
+            .then(|| host::process_alive(self.pid, self.pid_start))
+    }
+
+    /// For an installer on this host: whether any process of its group runs.
+    pub fn installer_running(&self, staging: &Path) -> Option<bool> {
+        let pid = self.installer_pid?;
+        self.same_host()
+            .then(|| !orphan_members(pid, self.installer_start, staging).is_empty())
+    }
+}
+
+// ---- Installer processes ---------------------------------------------------
+
+fn pid_of(raw: u32) -> Option<rustix::process::Pid> {
+    // Never 0 or 1: kill(-1) / kill(0) mean "everyone" / "our own group".
+    (raw > 1 && raw <= i32::MAX as u32)
+        .then(|| rustix::process::Pid::from_raw(raw as i32))
+        .flatten()
+}
+
+fn kill_group(pgid: u32) {
+    if let Some(pid) = pid_of(pgid) {
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+    }
+}
+
+/// Non-zombie processes in process group `pgid` (from `/proc`), with their
+/// start times.
+fn group_members(pgid: u32) -> Vec<(u32, u64)> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        // Fields after the command name: 3 state, 4 ppid, 5 pgrp, …, 22 start time.
+        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+        if fields.len() < 20 || fields[0] == "Z" || fields[0] == "X" {
+            continue;
+        }
+        if fields[2].parse::<u32>().ok() == Some(pgid) {
+            if let Ok(start) = fields[19].parse::<u64>() {
+                out.push((pid, start));
+            }
+        }
+    }
+    out
+}
+
+/// The live processes of an orphaned installer group: the whole group when
+/// its leader is still the process recorded (same start time); otherwise
+/// only members started after the recorded leader whose working directory is
+/// inside `staging` (a group id reused by a stranger is left alone).
+fn orphan_members(pgid: u32, leader_start: Option<u64>, staging: &Path) -> Vec<u32> {
+    let members = group_members(pgid);
+    let leader_is_ours =
+        leader_start.is_some() && host::process_alive(pgid, leader_start) && pid_of(pgid).is_some();
+    members
+        .into_iter()
+        .filter(|&(pid, start)| {
+            leader_is_ours
+                || (leader_start.is_some_and(|s| start >= s)
+                    && fs::read_link(format!("/proc/{pid}/cwd"))
+                        .is_ok_and(|cwd| cwd.starts_with(staging)))
+        })
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// Kills what still runs of the installer recorded in `staging` (its owner
+/// must be dead) and waits, briefly, until it is gone.
+fn kill_orphan(record: &OwnerRecord, staging: &Path) {
+    let Some(pgid) = record.installer_pid else {
+        return;
+    };
+    let members = orphan_members(pgid, record.installer_start, staging);
+    if members.is_empty() {
+        return;
+    }
+    tracing::warn!(pgid, owner = record.pid, staging = %staging.display(), count = members.len(),
+        "killing the installer of a dead owner");
+    for pid in &members {
+        if let Some(p) = pid_of(*pid) {
+            let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+        }
+    }
+    wait_gone(&members, Duration::from_secs(5));
+}
+
+/// Waits until none of `pids` is a live (non-zombie) process, at most `limit`.
+fn wait_gone(pids: &[u32], limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while pids.iter().any(|&p| host::process_alive(p, None)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+struct GroupState {
+    /// The leader has been reaped: its pid (and group id) may be reused.
+    reaped: bool,
+}
+
+/// A child running in its own process group, forked by (and reaped on) a
+/// dedicated thread that lives exactly as long as the child.
+pub struct GroupChild {
+    pid: u32,
+    state: Arc<Mutex<GroupState>>,
+    done: Option<tokio::sync::oneshot::Receiver<io::Result<ExitStatus>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl GroupChild {
+    /// Spawns `cmd` as the leader of a new process group, with
+    /// `PR_SET_PDEATHSIG(SIGKILL)` (Linux).
+    pub fn spawn(mut cmd: std::process::Command) -> io::Result<GroupChild> {
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+        #[cfg(target_os = "linux")]
+        {
+            let parent = std::process::id() as i32;
+            // SAFETY: the closure runs between fork and exec and only makes
+            // async-signal-safe system calls (prctl, getppid); no allocation.
+            unsafe {
+                cmd.pre_exec(move || {
+                    rustix::process::set_parent_process_death_signal(Some(
+                        rustix::process::Signal::KILL,
+                    ))?;
+                    // We may have died between fork and prctl: then the death
+                    // signal will never come; do not run orphaned.
+                    if rustix::process::getppid().map(|p| p.as_raw_pid()) != Some(parent) {
+                        return Err(io::Error::from_raw_os_error(libc::ESRCH));
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let state = Arc::new(Mutex::new(GroupState { reaped: false }));
+        let (spawned_tx, spawned_rx) = std::sync::mpsc::channel::<io::Result<u32>>();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let thread_state = state.clone();
+        let thread = std::thread::Builder::new()
+            .name("nanokit-installer".into())
+            .spawn(move || {
+                let mut child = match cmd.spawn() {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = spawned_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let pid = child.id();
+                let _ = spawned_tx.send(Ok(pid));
+                // Wait for the leader's exit without reaping it: while it is
+                // a zombie its pid, and so the group id, cannot be reused.
+                if let Some(p) = pid_of(pid) {
+                    use rustix::process::{waitid, WaitId, WaitIdOptions};
+                    while let Err(rustix::io::Errno::INTR) = waitid(
+                        WaitId::Pid(p),
+                        WaitIdOptions::EXITED | WaitIdOptions::NOWAIT,
+                    ) {}
+                }
+                let mut state = thread_state.lock().unwrap_or_else(|e| e.into_inner());
+                // Stragglers (scripts npm started) die with the installer.
+                kill_group(pid);
+                let status = child.wait();
+                state.reaped = true;
+                drop(state);
+                let _ = done_tx.send(status);
+            })?;
+        match spawned_rx.recv() {
+            Ok(Ok(pid)) => Ok(GroupChild {
+                pid,
+                state,
+                done: Some(done_rx),
+                thread: Some(thread),
+            }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            Err(_) => Err(io::Error::other("the installer thread ended early")),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Kills the whole group (if the leader has not been reaped yet).
+    pub fn kill(&self) {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !state.reaped {
+            kill_group(self.pid);
+        }
+    }
+
+    /// Waits for the leader to exit (the rest of the group is killed then).
+    pub async fn wait(&mut self) -> io::Result<ExitStatus> {
+        let done = self
+            .done
+            .as_mut()
+            .ok_or_else(|| io::Error::other("already waited"))?;
+        let status = done
+            .await
+            .unwrap_or_else(|_| Err(io::Error::other("the installer thread ended early")));
+        self.done = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        status
+    }
+}
+
+impl Drop for GroupChild {
+    /// Not waited for (cancelled, aborted, or an error on the way): kill the
+    /// group and wait, briefly, until its processes are gone, so that the
+    /// caller can remove their working directory.
+    fn drop(&mut self) {
+        if self.done.is_none() {
+            return;
+        }
+        self.kill();
+        let members: Vec<u32> = group_members(self.pid)
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        wait_gone(&members, Duration::from_secs(5));
+        let mut members = members;
+        members.push(self.pid);
+        wait_gone(&members, Duration::from_secs(5));
+        // The thread reaps the leader and ends on its own.
+    }
+}
+
+// ---- Leftovers -------------------------------------------------------------
+
+/// One entry of `<repo>/.staging`, as `repo status` shows it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StagingEntry {
+    pub path: PathBuf,
+    /// The owner record, if the directory has a readable one.
+    pub owner: Option<OwnerRecord>,
+    /// For an owner on this host: whether it is alive.
+    pub owner_alive: Option<bool>,
+    /// For an installer nanokit started on this host: whether it still runs.
+    pub installer_running: Option<bool>,
+    /// Left by an attempt that is over (its owner is dead or no longer holds
+    /// the package lock); the next install of any package removes it.
+    pub orphaned: bool,
+    /// Trash being removed (or to be removed by the next install).
+    pub trash: bool,
+}
+
+/// The key and token of a staging directory name `<key>.<token>`.
+fn split_staging_name(name: &str) -> Option<(&str, &str)> {
+    if name.starts_with('.') {
+        return None;
+    }
+    let (key, token) = name.rsplit_once('.')?;
+    (!key.is_empty() && !token.is_empty()).then_some((key, token))
+}
+
+/// Whether the attempt that made `staging` is over. `lock_of_key` names the
+/// package lock of a staging key.
+fn orphaned(
+    staging: &Path,
+    key: &str,
+    token: &str,
+    record: Option<&OwnerRecord>,
+    lock_of_key: LockOfKey<'_>,
+) -> bool {
+    if record.is_some_and(|r| r.owner_alive() == Some(false)) {
+        return true;
+    }
+    // A staging directory exists only while its attempt holds the package
+    // lock with the token it is named after.
+    match lock_of_key(key) {
+        Ok(None) => true,
+        Ok(Some(status)) => status.info.is_some_and(|i| i.token != token),
+        Err(e) => {
+            tracing::debug!(error = %e, staging = %staging.display(), "cannot judge a staging directory");
+            false
+        }
+    }
+}
+
+/// `(host id, pid, start)` of a trash name `.trash.<host>.<pid>.<start>.<rand>`.
+fn trash_owner(name: &str) -> Option<(&str, u32, Option<u64>)> {
+    let mut parts = name.strip_prefix(TRASH_PREFIX)?.split('.');
+    let host = parts.next()?;
+    let pid = parts.next()?.parse().ok()?;
+    let start = parts.next()?.parse().ok();
+    Some((host, pid, start))
+}
+
+fn trash_claimable(root: &Dir, name: &OsStr) -> bool {
+    match trash_owner(&name.to_string_lossy()) {
+        Some((h, pid, start)) if h == this_host().id => !host::process_alive(pid, start),
+        _ => root.stat(name).ok().flatten().is_some_and(|st| {
+            let mtime = SystemTime::UNIX_EPOCH
+                + Duration::new(st.st_mtime.max(0) as u64, st.st_mtime_nsec as u32);
+            SystemTime::now()
+                .duration_since(mtime)
+                .is_ok_and(|age| age > FOREIGN_TRASH_AGE)
+        }),
+    }
+}
+
+fn trash_name() -> String {
+    let here = this_host();
+    format!(
+        "{TRASH_PREFIX}{}.{}.{}.{:016x}",
+        here.id,
+        here.pid,
+        here.pid_start.unwrap_or(0),
+        fastrand::u64(..)
+    )
+}
+
+/// The staging directory `name` of `root`, if it is one (not a link).
+fn open_staging(root: &Dir, name: &OsStr) -> Option<Dir> {
+    root.dir(name, false).ok()
+}
+
+/// Lists `root` (the repo's `.staging`).
+pub fn list(root: &Dir, lock_of_key: LockOfKey<'_>) -> Vec<StagingEntry> {
+    let Ok(entries) = root.entries() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for os_name in entries {
+        let name = os_name.to_string_lossy().into_owned();
+        let path = root.join(&os_name);
+        if name.starts_with(TRASH_PREFIX) {
+            out.push(StagingEntry {
+                path,
+                owner: None,
+                owner_alive: None,
+                installer_running: None,
+                orphaned: true,
+                trash: true,
+            });
+            continue;
+        }
+        let Some((key, token)) = split_staging_name(&name) else {
+            continue;
+        };
+        let record = open_staging(root, &os_name).and_then(|d| OwnerRecord::read(&d));
+        out.push(StagingEntry {
+            orphaned: orphaned(&path, key, token, record.as_ref(), lock_of_key),
+            owner_alive: record.as_ref().and_then(OwnerRecord::owner_alive),
+            installer_running: record.as_ref().and_then(|r| r.installer_running(&path)),
+            owner: record,
+            path,
+            trash: false,
+        });
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    out
+}
+
+/// Background removal of trash; [`Sweeper::finish`] waits for it.
+pub struct Sweeper(Option<JoinHandle<()>>);
+
+impl Sweeper {
+    pub fn none() -> Sweeper {
+        Sweeper(None)
+    }
+
+    /// Waits until the trash this sweep claimed is removed (or given up on).
+    pub async fn finish(mut self) {
+        if let Some(t) = self.0.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+}
+
+/// Makes every finished attempt's staging directory under `root` (of any
+/// package) trash: kills a still-running installer of a dead owner on this
+/// host, renames the directory to a unique trash name, and removes the trash
+/// (also trash abandoned by a dead remover) on a background thread. Never
+/// fails: what cannot be done now is logged and left for the next sweep.
+pub fn sweep(root: &Dir, lock_of_key: LockOfKey<'_>) -> Sweeper {
+    let Ok(entries) = root.entries() else {
+        return Sweeper::none();
+    };
+    let mut trash: Vec<OsString> = Vec::new();
+    for os_name in entries {
+        let name = os_name.to_string_lossy().into_owned();
+        let path = root.join(&os_name);
+        let claim = if name.starts_with(TRASH_PREFIX) {
+            trash_claimable(root, &os_name)
+        } else if let Some((key, token)) = split_staging_name(&name) {
+            let record = open_staging(root, &os_name).and_then(|d| OwnerRecord::read(&d));
+            let over = orphaned(&path, key, token, record.as_ref(), lock_of_key);
+            if over {
+                if let Some(r) = record.as_ref().filter(|r| r.owner_alive() == Some(false)) {
+                    kill_orphan(r, &path);
+                }
+            }
+            over
+        } else {
+            false
+        };
+        if !claim {
+            continue;
+        }
+        let to = OsString::from(trash_name());
+        match root.rename(&os_name, root, &to) {
+            Ok(()) => trash.push(to),
+            // Someone else claimed it first.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(error = %e, path = %path.display(), "cannot move a leftover aside; the next install retries")
+            }
+        }
+    }
+    if trash.is_empty() {
+        return Sweeper::none();
+    }
+    let root = match root.try_clone() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start the leftover remover; the next install retries");
+            return Sweeper::none();
+        }
+    };
+    let thread = std::thread::Builder::new()
+        .name("nanokit-sweep".into())
+        .spawn(move || {
+            for name in trash {
+                remove_tree(&root, &name);
+            }
+        });
+    match thread {
+        Ok(t) => Sweeper(Some(t)),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start the leftover remover; the next install retries");
+            Sweeper::none()
+        }
+    }
+}
+
+/// Removes the tree `name` of `parent` without following any link (see
+/// [`Dir::remove_tree`]), retrying a few times (a dying process may still
+/// add a file); logs and gives up after that.
+pub fn remove_tree(parent: &Dir, name: &OsStr) {
+    let mut delay = Duration::from_millis(20);
+    for attempt in 1..=6 {
+        match parent.remove_tree(name) {
+            Ok(_) => return,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+            Err(e) if attempt == 6 => {
+                tracing::warn!(error = %e, path = %parent.join(name).display(), "cannot remove a leftover; the next install retries");
+            }
+            Err(_) => {
+                std::thread::sleep(delay);
+                delay *= 2;
+            }
+        }
+    }
+}
+
+// ---- Test hook -------------------------------------------------------------
+
+/// `NANOKIT_TEST_PAUSE_AT=<point>` (for the test suite only): when the commit
+/// reaches `point` (`publish`, `manifest` or `sentinel`), say so on stderr
+/// and pause for an hour, so a test can SIGKILL the process exactly there.
+/// Costs one environment lookup per commit point.
+pub async fn test_pause(point: &str) {
+    if std::env::var_os("NANOKIT_TEST_PAUSE_AT").is_some_and(|v| v == point) {
+        eprintln!("NANOKIT_TEST_PAUSED {point} {}", std::process::id());
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staging_and_trash_names() {
+        assert_eq!(
+            split_staging_name("@s+x_1.0.0.abc"),
+            Some(("@s+x_1.0.0", "abc"))
+        );
+        assert_eq!(split_staging_name(".trash.x"), None);
+        assert_eq!(split_staging_name("nodot"), None);
+        let name = trash_name();
+        let (h, pid, start) = trash_owner(&name).unwrap();
+        assert_eq!(h, this_host().id);
+        assert_eq!(pid, std::process::id());
+        assert_eq!(start, this_host().pid_start);
+    }
+
+    #[test]
+    fn a_dropped_child_takes_its_group_with_it() {
+        let mut cmd = std::process::Command::new("sh");
+        // The shell starts a grandchild in the same group, then waits.
+        cmd.args(["-c", "sleep 30 & wait"]);
+        let child = GroupChild::spawn(cmd).unwrap();
+        let pgid = child.pid();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while group_members(pgid).len() < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            group_members(pgid).len(),
+            2,
+            "sh and sleep run in the group"
+        );
+        drop(child);
+        assert!(group_members(pgid).is_empty(), "the whole group is gone");
+    }
+
+    #[tokio::test]
+    async fn stragglers_die_when_the_leader_exits() {
+        let mut cmd = std::process::Command::new("sh");
+        cmd.args(["-c", "sleep 30 & echo started"]);
+        cmd.stdout(std::process::Stdio::null());
+        let mut child = GroupChild::spawn(cmd).unwrap();
+        let pgid = child.pid();
+        assert!(child.wait().await.unwrap().success());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !group_members(pgid).is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            group_members(pgid).is_empty(),
+            "the background sleep was killed"
+        );
+    }
+}
