@@ -38,7 +38,10 @@ export function worker(command, { env } = {}) {
       }
     }
   })
-  const exited = new Promise((resolve) => child.on('exit', (code, signal) => resolve({ code, signal })))
+  // 'close', not 'exit': 'exit' can come before the child's last stdout lines
+  // are read (seen under a CPU hog: a worker that printed its events and
+  // exited 0 looked as if it had printed nothing).
+  const exited = new Promise((resolve) => child.on('close', (code, signal) => resolve({ code, signal })))
   return {
     child,
     events,
