@@ -11,8 +11,10 @@
 //! * Every transition is a **compare-and-swap of the content under a brief
 //!   kernel lock** (`flock`) on that same file, held for a few syscalls and
 //!   released by the kernel if its owner dies: acquire writes our record only
-//!   if the file is empty; takeover replaces a record only if it is still
-//!   exactly the one judged stale or dead; renewal and release act only if
+//!   if the file is empty; takeover replaces a record only if the file is
+//!   still exactly as judged stale or dead: the same observation *and* the
+//!   same bytes (a read outside the section can be torn by a concurrent
+//!   write, so what was judged may never have been a whole record); renewal and release act only if
 //!   the record is still ours. Two contenders can never both win, and a
 //!   holder learns at its next renewal that its lease was taken.
 //! * **Heartbeat**: while held, a background thread touches the file's mtime
@@ -711,13 +713,23 @@ enum Attempt {
     Busy,
 }
 
+/// What a waiter judged stale or dead, and why: a takeover replaces exactly
+/// this, or nothing.
+#[derive(Clone, Copy)]
+struct Judged<'j> {
+    seen: &'j Observation,
+    /// The bytes the judgement was made on.
+    content: &'j [u8],
+    why: &'j str,
+}
+
 /// One compare-and-swap, inside the kernel-lock section: writes our record if
 /// the lock is free, or, given `replace`, if the file is still exactly as
-/// observed when its holder was judged stale or dead.
+/// observed and read when its holder was judged stale or dead.
 fn attempt(
     target: Target<'_>,
     opts: &LockOptions,
-    replace: Option<(&Observation, &str)>,
+    replace: Option<Judged<'_>>,
 ) -> Result<Attempt, LockError> {
     let path = target.path;
     // A cached file that the path no longer names (deleted or replaced by
@@ -755,7 +767,7 @@ fn is_stale_handle(e: &LockError) -> bool {
 fn swap(
     path: &Path,
     opts: &LockOptions,
-    replace: Option<(&Observation, &str)>,
+    replace: Option<Judged<'_>>,
     lock_file: &Arc<LockFile>,
     section: Section<'_>,
 ) -> Result<Attempt, LockError> {
@@ -763,12 +775,19 @@ fn swap(
     let content = read_content(file).map_err(io_err("read", path))?;
     let free = is_free(&content);
     if !free {
-        let (seen, why) = match replace {
-            Some(r) => r,
-            None => return Ok(Attempt::Held),
+        let Some(Judged {
+            seen,
+            content: judged,
+            why,
+        }) = replace
+        else {
+            return Ok(Attempt::Held);
         };
+        // Both checks: the observation alone misses a torn read (the stat
+        // already showing the new write, the bytes still half the old
+        // record, a dead pid in them), the bytes alone an ABA.
         let now = Observation::of(&file.metadata().map_err(io_err("stat", path))?);
-        if now != *seen {
+        if now != *seen || content != judged {
             return Ok(Attempt::Held);
         }
         let old = serde_json::from_slice::<LockInfo>(&content).ok();
@@ -809,6 +828,7 @@ fn read_record(target: Target<'_>) -> io::Result<Record> {
         obs,
         free: is_free(&content),
         info: serde_json::from_slice(&content).ok(),
+        content,
     })
 }
 
@@ -816,6 +836,7 @@ struct Record {
     obs: Observation,
     free: bool,
     info: Option<LockInfo>,
+    content: Vec<u8>,
 }
 
 /// What a waiter should do next.
@@ -832,6 +853,8 @@ struct Waiter<'a> {
     seen: Option<Observation>,
     since: Instant,
     info: Option<LockInfo>,
+    /// The bytes `info` was parsed from.
+    content: Vec<u8>,
     polls: u32,
 }
 
@@ -844,6 +867,7 @@ impl<'a> Waiter<'a> {
             seen: None,
             since: Instant::now(),
             info: None,
+            content: Vec::new(),
             polls: 0,
         }
     }
@@ -893,6 +917,7 @@ impl<'a> Waiter<'a> {
                 }
                 self.seen = Some(record.obs);
                 self.info = record.info;
+                self.content = record.content;
             }
             let obs = self.seen.expect("observed above");
             let here = this_host();
@@ -905,9 +930,20 @@ impl<'a> Waiter<'a> {
                 break;
             }
             let why = if dead { "dead holder's" } else { "stale" };
-            match attempt(self.target, self.opts, Some((&obs, why)))? {
+            let judged = Judged {
+                seen: &obs,
+                content: &self.content,
+                why,
+            };
+            match attempt(self.target, self.opts, Some(judged))? {
                 Attempt::Acquired(lease) => return Ok(Step::Acquired(lease)),
-                Attempt::Held | Attempt::Busy => break,
+                Attempt::Held => {
+                    // Not what was judged: read the record again next time
+                    // (keeping `since` if the observation is unchanged).
+                    self.info = None;
+                    break;
+                }
+                Attempt::Busy => break,
             }
         }
         self.polls += 1;
@@ -1096,7 +1132,9 @@ pub fn inspect_in(
 
 fn inspect_target(target: Target<'_>, stale: Duration) -> Result<Option<LockStatus>, LockError> {
     let path = target.path;
-    let Record { obs, free, info } = match read_record(target) {
+    let Record {
+        obs, free, info, ..
+    } = match read_record(target) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_err("read", path)(e)),
         Ok(r) => r,
@@ -1183,4 +1221,80 @@ pub fn break_lock(path: &Path) -> Result<Option<LockInfo>, LockError> {
             stale_ms: 0,
         },
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(host_id: &str, pid: u32, token: char) -> Vec<u8> {
+        let mut info = new_info(&LockOptions::default());
+        info.host_id = host_id.into();
+        info.pid = pid;
+        info.pid_start = None;
+        info.token = std::iter::repeat_n(token, 32).collect();
+        info.acquired_at_ms = 1;
+        serde_json::to_vec(&info).unwrap()
+    }
+
+    /// A torn read outside the section can yield a dead holder's pid while
+    /// the stat already shows a live holder's write: the takeover must
+    /// compare the bytes it judged, not only the observation.
+    #[test]
+    fn takeover_replaces_only_the_bytes_that_were_judged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.lock");
+        let target = Target::user(&path);
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let here = this_host().id.clone();
+
+        // The judged bytes: a dead holder's record on this host.
+        let judged = record(&here, dead, 'd');
+        fs::write(&path, &judged).unwrap();
+        let seen = read_record(target).unwrap();
+        assert!(!host::process_alive(seen.info.as_ref().unwrap().pid, None));
+
+        // A live holder's record of the same length, at the same mtime: the
+        // same observation, other bytes.
+        let live = record(&here, std::process::id(), 'l');
+        assert_eq!(live.len(), judged.len());
+        let file = fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(&live, 0).unwrap();
+        let mtime = UNIX_EPOCH + Duration::new(seen.obs.mtime.0 as u64, seen.obs.mtime.1 as u32);
+        file.set_times(fs::FileTimes::new().set_modified(mtime))
+            .unwrap();
+        drop(file);
+        assert_eq!(
+            read_record(target).unwrap().obs,
+            seen.obs,
+            "the same observation"
+        );
+
+        let opts = LockOptions::default();
+        let replace = |content: &[u8]| {
+            attempt(
+                target,
+                &opts,
+                Some(Judged {
+                    seen: &seen.obs,
+                    content,
+                    why: "dead holder's",
+                }),
+            )
+            .unwrap()
+        };
+        assert!(
+            matches!(replace(&judged), Attempt::Held),
+            "took over bytes it never judged"
+        );
+        assert_eq!(fs::read(&path).unwrap(), live, "the live record is intact");
+
+        // Judged on what is there, the same call takes it over.
+        match replace(&live) {
+            Attempt::Acquired(lease) => lease.release().unwrap(),
+            _ => panic!("a takeover of exactly what was judged must succeed"),
+        }
+    }
 }
