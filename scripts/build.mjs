@@ -77,6 +77,10 @@ function main() {
     ? ['build', '--release', '--bin', 'nanokit', '--output-dir', join(dirname(standaloneBinaryPath()), 'standalone')]
     : ['build', '--platform', '--release', '--features', 'node', '--js', 'index.js', '--dts', 'index.d.ts']
   if (!native) napiArgs.push('--target', TRIPLE, '--use-napi-cross')
+  // The addon is the library alone: built with the `node` feature, the
+  // `nanokit` bin target would overwrite the standalone binary at the same
+  // path with one that only tells you to build the standalone one.
+  if (!bin) napiArgs.push('--', '--lib')
   const what = bin ? 'the standalone nanokit binary' : 'the native addon'
   const why = force ? 'requested' : output && existsSync(output) ? 'sources changed' : 'not built yet'
   console.error(`nanokit: building ${what} (${why}${native ? ', host toolchain' : ', glibc 2.17 cross toolchain'})…`)

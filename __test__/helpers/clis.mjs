@@ -35,6 +35,12 @@ function standaloneBinary() {
       `the standalone CLI ${bin} could not be built (node scripts/build.mjs --bin: ${why})${process.env.CI ? ' [CI: never skipped]' : ''}`,
     )
   }
+  // A binary built with the `node` feature sits at the same path and only
+  // says so: never test that one as the standalone CLI.
+  const v = spawnSync(bin, ['--version'], { encoding: 'utf8' })
+  if (v.status !== 0) {
+    throw new Error(`${bin} is not a working standalone CLI (--version: exit ${v.status}): ${v.stderr}`)
+  }
   return bin
 }
 
