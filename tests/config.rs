@@ -112,6 +112,18 @@ fn interpolation_errors_name_the_location_and_never_the_value() {
         assert!(e.loc.unwrap().col > 5, "column points into the value: {e}");
         assert!(!e.to_string().contains("topsecret"));
     }
+    // Exactly at the `${`, inside the quotes.
+    let src = "name: x\nservices:\n  s:\n    start: \"x ${A\"\n";
+    let loc = load(src, "local", &vars(&[])).unwrap_err().loc.unwrap();
+    assert_eq!((loc.line, loc.col), (4, 15));
+    // A plain scalar folded over lines (found by the fuzz target): its value
+    // is not its source text, so the error points at the scalar's start.
+    let src =
+        "name: x\nservices:\n  s:\n    start: run\n    env:\n      K: a long\n        value ${U\n";
+    let e = load(src, "local", &vars(&[])).unwrap_err();
+    assert!(e.message.contains("unclosed"), "{e}");
+    let loc = e.loc.unwrap();
+    assert_eq!((loc.line, loc.col), (6, 10), "{e}");
     // Unused environments are not interpolated: a prod-only required var does not fail local.
     let src = "name: x\nservices:\n  s:\n    start: run\nenvironments:\n  prod:\n    services:\n      s:\n        env: { K: '${PROD_ONLY:?needed in prod}' }\n";
     assert!(load(src, "local", &vars(&[])).is_ok());

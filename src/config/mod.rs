@@ -586,6 +586,7 @@ pub fn load_str(
     let root = yaml::parse(src).map_err(|e| ConfigError::at(file, e.loc, e.message))?;
     let mut cx = Cx {
         file: file.to_path_buf(),
+        src: src.to_string(),
         warnings: Vec::new(),
         env_loc: None,
         interpolated: std::cell::Cell::new(0),
@@ -601,6 +602,8 @@ pub fn load_str(
 
 struct Cx {
     file: PathBuf,
+    /// The file's text, to place errors inside a scalar.
+    src: String,
     warnings: Vec<Warning>,
     /// Where the chosen environment is declared (`environments.<env>`).
     env_loc: Option<Loc>,
@@ -949,19 +952,36 @@ impl Cx {
         Ok(yaml::deep_merge(base, block))
     }
 
+    /// Where in the file the scalar starting at `loc` reaches the end of
+    /// `prefix` (its value up to a point): exact when that part is written
+    /// verbatim on the scalar's first line; otherwise (folded lines, escapes,
+    /// block scalars) the scalar's start.
+    fn loc_in_scalar(&self, loc: Loc, prefix: &str, plain: bool) -> Loc {
+        let quote = usize::from(!plain);
+        let line = self
+            .src
+            .split("\r\n")
+            .flat_map(|l| l.split(['\r', '\n']))
+            .nth(loc.line.saturating_sub(1));
+        let verbatim = line.is_some_and(|line| {
+            let mut rest = line.chars().skip(loc.col.saturating_sub(1) + quote);
+            prefix.chars().all(|c| rest.next() == Some(c))
+        });
+        if !verbatim {
+            return loc;
+        }
+        Loc {
+            col: loc.col + quote + prefix.chars().count(),
+            ..loc
+        }
+    }
+
     fn interpolate(&self, node: Node, vars: &interp::Vars) -> Result<Node, ConfigError> {
         let loc = node.loc;
         let value = match node.value {
             Value::Scalar { text, plain } => {
                 let new = interp::interpolate_capped(&text, vars, MAX_INTERPOLATED_BYTES).map_err(
-                    |e| {
-                        // Point at the `${` when the scalar is on one line.
-                        let mut l = loc;
-                        if !text[..e.offset].contains('\n') {
-                            l.col += text[..e.offset].chars().count() + usize::from(!plain);
-                        }
-                        self.err(l, e.message)
-                    },
+                    |e| self.err(self.loc_in_scalar(loc, &text[..e.offset], plain), e.message),
                 )?;
                 let total = self.interpolated.get() + new.len();
                 if total > MAX_INTERPOLATED_BYTES {
