@@ -586,7 +586,7 @@ pub fn load_str(
     let root = yaml::parse(src).map_err(|e| ConfigError::at(file, e.loc, e.message))?;
     let mut cx = Cx {
         file: file.to_path_buf(),
-        src: src.to_string(),
+        src,
         warnings: Vec::new(),
         env_loc: None,
         interpolated: std::cell::Cell::new(0),
@@ -600,10 +600,10 @@ pub fn load_str(
     Ok(config)
 }
 
-struct Cx {
+struct Cx<'s> {
     file: PathBuf,
     /// The file's text, to place errors inside a scalar.
-    src: String,
+    src: &'s str,
     warnings: Vec<Warning>,
     /// Where the chosen environment is declared (`environments.<env>`).
     env_loc: Option<Loc>,
@@ -711,7 +711,7 @@ pub const MAX_INTERPOLATED_BYTES: usize = 16 << 20;
 /// The most values runtime inheritance may copy into services in total.
 pub const MAX_INHERITED_NODES: usize = 200_000;
 
-impl Cx {
+impl Cx<'_> {
     fn err(&self, loc: Loc, message: impl Into<String>) -> ConfigError {
         ConfigError::at(&self.file, loc, message)
     }
