@@ -4,10 +4,8 @@
 //! Everything here is plain Rust; the Node-API glue lives in `node/` behind the
 //! `node` feature.
 
-pub mod beneath;
 pub mod cli;
 pub mod error;
-pub mod fsutil;
 pub mod kv;
 pub mod lock;
 pub mod repo;
@@ -20,6 +18,7 @@ pub mod graph;
 pub mod plan;
 pub mod provider;
 pub mod state;
+pub mod sys;
 pub mod trace;
 
 #[cfg(feature = "node")]

@@ -14,10 +14,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nanokit::beneath::Dir;
 use nanokit::error::ErrorCode;
 use nanokit::lock::{self, LockInfo, LockOptions};
 use nanokit::repo::{self, Begin, InstallOptions, PackageSpec, ProvisionOptions};
+use nanokit::sys::beneath::Dir;
 use tokio_util::sync::CancellationToken;
 
 const VICTIM: &[u8] = b"precious content that nanokit must never touch\n";

@@ -187,7 +187,7 @@ fn load(project: &Project) -> Result<Config, config::ConfigError> {
         env: project.env.clone(),
         vars: None,
     })?;
-    mask::register(&mask::Masker::of(&cfg));
+    mask::register(&cfg.masker());
     for w in &cfg.warnings {
         eprintln!("warning: {w}");
     }

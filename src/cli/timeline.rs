@@ -53,7 +53,7 @@ fn masker(file: &std::path::Path, env: &str) -> mask::Masker {
         vars: None,
     });
     if let Ok(cfg) = loaded {
-        mask::register(&mask::Masker::of(&cfg));
+        mask::register(&cfg.masker());
     }
     mask::registered()
 }
@@ -118,7 +118,7 @@ fn run_masked(args: TimelineArgs) -> CliResult {
     }
     let out = args.out.unwrap_or_else(|| path.with_extension("html"));
     // 0600 in a 0700 folder (private under .nanokit/traces).
-    crate::state::private::write(&out, timeline::html(&t).as_bytes())
+    crate::sys::private::write(&out, timeline::html(&t).as_bytes())
         .map_err(|e| err(format!("cannot write {}: {e}", out.display())))?;
     print!("{}", timeline::summary(&t, args.top));
     println!("Timeline: {}", out.display());

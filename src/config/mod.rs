@@ -20,6 +20,7 @@
 //! takes bounded time, memory and stack.
 
 pub mod interp;
+mod secrets;
 pub mod yaml;
 
 use std::collections::{BTreeMap, HashMap};
@@ -311,7 +312,7 @@ pub struct Config {
     pub warnings: Vec<Warning>,
     /// Values that came from `.env` or, through `${VAR}`, from the
     /// environment: secrets to mask in everything nanokit records or prints
-    /// (`crate::trace::mask::Masker::of`). Never serialised.
+    /// ([`Config::masker`]). Never serialised.
     #[serde(skip)]
     pub secrets: Vec<String>,
 }

@@ -284,9 +284,9 @@ pub async fn make_plan(
 pub fn save_plan(config: &Config, plan: &Plan) -> std::io::Result<PathBuf> {
     let path = config.plan_file();
     let mut bytes =
-        serde_json::to_vec_pretty(&Masker::of(config).to_json(plan)).expect("plan serializes");
+        serde_json::to_vec_pretty(&config.masker().to_json(plan)).expect("plan serializes");
     bytes.push(b'\n');
-    state::private::write(&path, &bytes)?;
+    crate::sys::private::write(&path, &bytes)?;
     Ok(path)
 }
 
@@ -313,7 +313,7 @@ impl Run {
         lineage: String,
     ) -> Run {
         Run {
-            mask: Masker::of(&config),
+            mask: config.masker(),
             config,
             provider,
             store: tokio::sync::Mutex::new(store),
@@ -990,7 +990,7 @@ fn indent(s: &str) -> String {
 /// Appends `text` (already masked) to a log under `.nanokit/logs` (0600).
 fn append_log(path: &std::path::Path, text: &str) {
     use std::io::Write;
-    if let Ok(mut f) = state::private::open_append(path) {
+    if let Ok(mut f) = crate::sys::private::open_append(path) {
         let _ = f.write_all(text.as_bytes());
         if !text.ends_with('\n') {
             let _ = f.write_all(b"\n");
@@ -1260,7 +1260,7 @@ async fn lock_and_open(
         state::Location::File(path) => {
             // The lock file is one of the project's private files (0600).
             let lock_path = state::lock_path(&path);
-            if let Err(e) = state::private::touch(&lock_path) {
+            if let Err(e) = crate::sys::private::touch(&lock_path) {
                 tracing::debug!("cannot prepare {}: {e}", lock_path.display());
             }
             let lock = crate::foundation::acquire_deploy_lock(

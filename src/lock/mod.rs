@@ -33,7 +33,7 @@
 //!   open file: a lock file deleted or replaced by hand is reopened, never
 //!   locked through a stale descriptor. Reads do not update the access time
 //!   (`O_NOATIME` where allowed): on ext4 that is an inode write per read.
-//! * **Co-tenants** (see [`crate::beneath`]): the lock file itself, and for
+//! * **Co-tenants** (see [`crate::sys::beneath`]): the lock file itself, and for
 //!   locks inside a shared repository every directory beneath the repo root,
 //!   is opened with `O_NOFOLLOW` relative to its parent's descriptor, with
 //!   `O_NONBLOCK`, and checked with `fstat` (a regular file with one link)
@@ -42,7 +42,6 @@
 //!   Writes only ever go to a descriptor opened that way.
 
 mod heartbeat;
-pub mod host;
 
 use std::collections::HashMap;
 use std::ffi::{CStr, CString, OsString};
@@ -58,10 +57,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::beneath::{self, Access, Dir};
 use crate::error::{ErrorCode, IoError};
-use crate::fsutil;
-pub use host::{this_host, HostIdentity};
+use crate::sys;
+use crate::sys::beneath::{self, Access, Dir};
+use crate::sys::host;
+pub use crate::sys::host::{this_host, HostIdentity};
 
 /// Default stale period: a lease not renewed for this long may be taken over.
 pub const DEFAULT_STALE: Duration = Duration::from_secs(30);
@@ -217,9 +217,9 @@ impl FileId {
     }
 
     /// The identity of the file at `path`, asking for nothing else (see
-    /// [`fsutil::stat`]: the lock's own writes stay cheap).
+    /// [`sys::fs::stat`]: the lock's own writes stay cheap).
     fn at(path: &CStr) -> io::Result<FileId> {
-        let s = fsutil::stat(path, fsutil::StatFields::ID)?;
+        let s = sys::fs::stat(path, sys::fs::StatFields::ID)?;
         Ok(FileId {
             dev: s.dev,
             ino: s.ino,
@@ -380,7 +380,7 @@ impl LockFile {
         Ok(LockFile {
             file,
             id,
-            c_path: fsutil::c_path(path).map_err(io_err("open", path))?,
+            c_path: sys::fs::c_path(path).map_err(io_err("open", path))?,
             local: Mutex::new(()),
         })
     }
@@ -399,7 +399,7 @@ impl LockFile {
     /// rename over it. Cheaper than [`LockFile::is_at`] (no path walk), but
     /// blind to the file, or a directory above it, being renamed away.
     fn is_linked(&self, path: &Path) -> Result<bool, LockError> {
-        match fsutil::stat_file(&self.file, fsutil::StatFields::LINKS) {
+        match sys::fs::stat_file(&self.file, sys::fs::StatFields::LINKS) {
             Ok(s) => Ok(s.links > 0),
             Err(e) if e.raw_os_error() == Some(libc::ESTALE) => Ok(false),
             Err(e) => Err(io_err("stat", path)(e)),

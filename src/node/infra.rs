@@ -85,7 +85,7 @@ impl InfraOptions {
         let (r, t) =
             crate::trace::record_run(meta, crate::trace::Settings::default(), async move {
                 let cfg = crate::trace::load_config(|| config::load(&load))?;
-                *m.lock().unwrap_or_else(|e| e.into_inner()) = Masker::of(&cfg);
+                *m.lock().unwrap_or_else(|e| e.into_inner()) = cfg.masker();
                 let provider = exec::provider_for(&cfg)?;
                 run(Arc::new(cfg), provider).await
             })
@@ -155,7 +155,7 @@ pub async fn load_config(options: Option<InfraOptions>) -> Result<ConfigInfo> {
     let o = options.unwrap_or_default();
     let cfg = o.load()?;
     let dag = Dag::build(&cfg).map_err(js_err)?;
-    let m = Masker::of(&cfg);
+    let m = cfg.masker();
     Ok(ConfigInfo {
         name: cfg.name.clone(),
         env: cfg.env.clone(),
@@ -254,7 +254,7 @@ fn plan_result(p: &crate::plan::Plan, saved_to: String, m: &Masker) -> PlanResul
 pub async fn plan(options: Option<InfraOptions>) -> Result<PlanResult> {
     let o = options.unwrap_or_default();
     let cfg = o.load()?;
-    let m = Masker::of(&cfg);
+    let m = cfg.masker();
     let provider = exec::provider_for(&cfg).map_err(js_err)?;
     let p = exec::make_plan(
         &cfg,
@@ -436,7 +436,7 @@ pub struct ServiceStatus {
 pub async fn status(options: Option<InfraOptions>) -> Result<Vec<ServiceStatus>> {
     let o = options.unwrap_or_default();
     let cfg = o.load()?;
-    let m = Masker::of(&cfg);
+    let m = cfg.masker();
     let rows = crate::cli::infra::status_of(&cfg)
         .await
         .map_err(|e| masked_err(e, &m))?;
@@ -476,7 +476,7 @@ pub struct DriftResult {
 pub async fn drift(options: Option<InfraOptions>) -> Result<DriftResult> {
     let o = options.unwrap_or_default();
     let cfg = o.load()?;
-    let m = Masker::of(&cfg);
+    let m = cfg.masker();
     let provider = exec::provider_for(&cfg).map_err(js_err)?;
     let r = crate::drift::detect(&cfg, provider.as_ref())
         .await

@@ -254,11 +254,11 @@ impl Provider for ProcessProvider {
         let io = |what: &str, e: std::io::Error| ProviderError::Io(format!("{what}: {e}"));
         for (name, _) in &spec.volumes {
             let dir = self.volume_path(name);
-            crate::state::private::dir(&dir)
+            crate::sys::private::dir(&dir)
                 .map_err(|e| io(&format!("cannot create volume {}", dir.display()), e))?;
         }
         // 0600 in a 0700 folder: the service's output may quote secrets.
-        let mut log = crate::state::private::open_append(&spec.log_file)
+        let mut log = crate::sys::private::open_append(&spec.log_file)
             .map_err(|e| io(&format!("cannot open log {}", spec.log_file.display()), e))?;
         let _ = writeln!(
             log,
@@ -428,7 +428,7 @@ impl Provider for ProcessProvider {
 
     async fn create_volume(&self, name: &str) -> Result<String, ProviderError> {
         let p = self.volume_path(name);
-        crate::state::private::dir(&p)
+        crate::sys::private::dir(&p)
             .map_err(|e| ProviderError::Io(format!("{}: {e}", p.display())))?;
         Ok(p.to_string_lossy().into_owned())
     }

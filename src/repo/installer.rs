@@ -33,9 +33,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use crate::beneath::Dir;
-use crate::lock::host::{self, this_host};
 use crate::lock::{LockError, LockStatus};
+use crate::sys::beneath::Dir;
+use crate::sys::host::{self, this_host};
 
 /// The state of the package lock of a staging key (the key of
 /// `<key>.<token>`), as [`crate::lock::inspect`] reports it.

@@ -21,7 +21,7 @@
 //!
 //! Co-tenants: the repo root is the caller's choice; everything nanokit
 //! creates, opens, renames or removes beneath it is reached relative to the
-//! root's descriptor without following symlinks ([`crate::beneath`]). A link,
+//! root's descriptor without following symlinks ([`crate::sys::beneath`]). A link,
 //! FIFO or device planted at `.locks`, `.sentinels`, `.staging`,
 //! `node_modules`, `package.json` or any file inside them is refused
 //! (`ENKFOREIGN`), never written through or blocked on.
@@ -41,10 +41,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
-use crate::beneath::{self, Access, Dir};
 use crate::error::{ErrorCode, IoError};
-use crate::fsutil;
 use crate::lock::{self, Lease, LockError, LockOptions, LockStatus};
+use crate::sys;
+use crate::sys::beneath::{self, Access, Dir};
 
 pub use installer::{OwnerRecord, StagingEntry};
 pub use provision::{provision, provision_with, InstallRun, ProvisionOptions, ProvisionOutcome};
@@ -227,8 +227,8 @@ impl InstallProbe {
     }
 
     fn of(repo: &Repo, spec: &PackageSpec) -> InstallProbe {
-        let sentinel = fsutil::c_path(&repo.sentinel_path(spec));
-        let package_json = fsutil::c_path(&repo.package_dir(spec).join("package.json"));
+        let sentinel = sys::fs::c_path(&repo.sentinel_path(spec));
+        let package_json = sys::fs::c_path(&repo.package_dir(spec).join("package.json"));
         InstallProbe {
             files: sentinel.ok().zip(package_json.ok()),
         }
@@ -237,14 +237,14 @@ impl InstallProbe {
     /// Whether the package is completely installed now (see
     /// [`Repo::is_installed`]). Lock-free; two stats.
     pub fn installed(&self) -> bool {
-        use fsutil::StatFields;
+        use sys::fs::StatFields;
         let Some((sentinel, package_json)) = &self.files else {
             return false;
         };
-        let Ok(sentinel) = fsutil::stat(sentinel, StatFields::SIZE.and(StatFields::MTIME)) else {
+        let Ok(sentinel) = sys::fs::stat(sentinel, StatFields::SIZE.and(StatFields::MTIME)) else {
             return false;
         };
-        let Ok(pkg) = fsutil::stat(package_json, StatFields::MTIME) else {
+        let Ok(pkg) = sys::fs::stat(package_json, StatFields::MTIME) else {
             return false;
         };
         sentinel.size > 0 && sentinel.mtime == pkg.mtime
@@ -466,7 +466,7 @@ impl InstallTxn {
         if let Some(token) = self.lease.as_ref().map(|l| l.token().to_string()) {
             let mut record = OwnerRecord::ours(&token);
             record.installer_pid = Some(child.pid());
-            record.installer_start = crate::lock::host::process_start_time(child.pid());
+            record.installer_start = crate::sys::host::process_start_time(child.pid());
             if let Err(e) = record.write(&staging) {
                 tracing::warn!(error = %e, "cannot record the installer's pid");
             }

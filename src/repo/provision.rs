@@ -24,8 +24,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::{io_err, RepoError};
-use crate::beneath::Dir;
 use crate::lock::{self, LockError, LockOptions};
+use crate::sys::beneath::Dir;
 
 /// Options of [`provision`].
 #[derive(Debug, Clone, Default)]
@@ -149,8 +149,8 @@ async fn run_on_host(
         cmd.stdout(dup(&file)?).stderr(dup(&file)?);
         capture_file = Some(file);
     } else {
-        cmd.stdout(crate::fsutil::child_stdout())
-            .stderr(crate::fsutil::child_stderr());
+        cmd.stdout(crate::sys::fs::child_stdout())
+            .stderr(crate::sys::fs::child_stderr());
     }
     // Own process group, killed with us and when this future is dropped.
     let mut child = super::installer::GroupChild::spawn(cmd)

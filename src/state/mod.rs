@@ -9,8 +9,6 @@
 //! on the serial and lineage the run holds, so two machines or working
 //! directories can never overwrite each other's state.
 
-pub mod private;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -214,7 +212,7 @@ pub fn reserved_lineage(state_file: &Path) -> std::io::Result<String> {
         s.push(format!(".{}.tmp", uuid::Uuid::new_v4().simple()));
         PathBuf::from(s)
     };
-    private::write(&tmp, format!("{fresh}\n").as_bytes())?;
+    crate::sys::private::write(&tmp, format!("{fresh}\n").as_bytes())?;
     // A hard link creates the name only if it is free, with the whole content.
     let linked = std::fs::hard_link(&tmp, &path);
     let _ = std::fs::remove_file(&tmp);
@@ -511,7 +509,7 @@ impl Store {
                     path: path.clone(),
                     source,
                 };
-                private::write(path, &bytes).map_err(err)
+                crate::sys::private::write(path, &bytes).map_err(err)
             }
             Backend::Remote {
                 db,

@@ -193,7 +193,7 @@ impl TraceFile {
         let path = dir.join(format!("{}.json", self.run));
         let mut bytes = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
         bytes.push(b'\n');
-        crate::state::private::write(&path, &bytes)?;
+        crate::sys::private::write(&path, &bytes)?;
         Ok(path)
     }
 

@@ -1,9 +1,9 @@
 //! The secret masker: every value that may be a secret, built once from a
-//! loaded [`Config`], and applied at every place nanokit records or prints
+//! loaded configuration, and applied at every place nanokit records or prints
 //! a string (trace spans and files, the timeline, hook logs, events, errors
 //! stored in state, saved plans, CLI output, JS results).
 //!
-//! What is a secret (see [`Masker::of`]):
+//! What is a secret (`Config::masker` collects them):
 //! - every value of the `.env` file beside nanokit.yml;
 //! - every value a `${VAR}` interpolation took from the environment (or the
 //!   `vars` given instead of it);
@@ -25,8 +25,6 @@
 //! either is left showing.
 
 use std::sync::{Arc, OnceLock, RwLock};
-
-use crate::config::Config;
 
 /// Values shorter than this (in bytes) are never masked.
 pub const MIN_LEN: usize = 6;
@@ -103,28 +101,6 @@ impl Masker {
         Masker {
             secrets: Arc::new(v),
         }
-    }
-
-    /// The secrets of a loaded configuration (see the module header).
-    pub fn of(config: &Config) -> Masker {
-        let mut values: Vec<String> = config.secrets.clone();
-        for svc in config.services.values() {
-            for (k, v) in &svc.env {
-                if secret_name(k) {
-                    values.push(v.clone());
-                }
-                if let Some(p) = url_password(v) {
-                    values.push(p.to_string());
-                }
-            }
-        }
-        if let Some(url) = &config.state_url {
-            values.push(url.clone());
-            if let Some(p) = url_password(url) {
-                values.push(p.to_string());
-            }
-        }
-        Masker::new(values)
     }
 
     /// This masker and `other`'s secrets together.

@@ -422,7 +422,7 @@ pub fn load_config<E: std::fmt::Display>(
         Ok(c) => {
             let _ = RUN_SECRETS.try_with(|s| {
                 let mut s = s.write().unwrap_or_else(|e| e.into_inner());
-                *s = s.merged(&Masker::of(c));
+                *s = s.merged(&c.masker());
             });
             set(&root, "nanokit.project", c.name.clone());
             set(&root, "nanokit.provider", c.provider.as_str());

@@ -154,7 +154,7 @@ pub fn write(path: &Path, bytes: &[u8]) -> io::Result<()> {
     if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         dir(d)?;
     }
-    crate::fsutil::atomic_write(path, bytes, FILE_MODE)
+    crate::sys::fs::atomic_write(path, bytes, FILE_MODE)
 }
 
 #[cfg(test)]
