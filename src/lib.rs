@@ -11,11 +11,8 @@ pub mod lock;
 pub mod repo;
 
 pub mod config;
-pub mod drift;
-pub mod exec;
-pub mod foundation;
+pub mod engine;
 pub mod graph;
-pub mod plan;
 pub mod provider;
 pub mod state;
 pub mod sys;

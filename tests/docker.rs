@@ -16,8 +16,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::Project;
-use nanokit::exec::{self, ExecOptions, Phase};
-use nanokit::plan::ActionKind;
+use nanokit::engine::plan::ActionKind;
+use nanokit::engine::{self, Phase, RunOptions};
 
 fn docker(args: &[&str]) -> String {
     let o = Command::new("docker").args(args).output().expect("docker");
@@ -111,7 +111,7 @@ impl DProject {
         v.sort();
         v
     }
-    async fn up(&self, opts: ExecOptions) -> exec::Report {
+    async fn up(&self, opts: RunOptions) -> engine::Report {
         self.p.up(opts).await.expect("up")
     }
 }
@@ -125,11 +125,11 @@ impl Drop for DProject {
     }
 }
 
-fn ok(r: &exec::Report) {
+fn ok(r: &engine::Report) {
     assert!(r.failures().is_empty(), "failures: {:#?}", r.failures());
 }
 
-fn action<'a>(r: &'a exec::Report, svc: &str) -> &'a nanokit::plan::Action {
+fn action<'a>(r: &'a engine::Report, svc: &str) -> &'a nanokit::engine::plan::Action {
     r.plan
         .actions
         .iter()
@@ -137,11 +137,11 @@ fn action<'a>(r: &'a exec::Report, svc: &str) -> &'a nanokit::plan::Action {
         .expect("action")
 }
 
-fn quick() -> ExecOptions {
-    ExecOptions {
+fn quick() -> RunOptions {
+    RunOptions {
         stop_grace: Duration::from_secs(1),
         health_timeout: Duration::from_secs(20),
-        ..ExecOptions::default()
+        ..RunOptions::default()
     }
 }
 
@@ -207,8 +207,8 @@ services:
     assert_eq!(w1["State"]["Health"]["Status"], "healthy");
     // Observe: by label, all three.
     let cfg = p.p.config();
-    let provider = exec::provider_for(&cfg).unwrap();
-    let seen = provider.observe(&exec::scope(&cfg)).await.unwrap();
+    let provider = engine::provider_for(&cfg).unwrap();
+    let seen = provider.observe(&engine::scope(&cfg)).await.unwrap();
     assert_eq!(seen.len(), 3);
     let st = p.p.state();
     assert_eq!(st.resources["worker"].ids().len(), 2);
@@ -359,7 +359,7 @@ services:
         "echo started-slow; sleep 300 & sleep 301; echo never",
     ));
     let r =
-        p.p.up(ExecOptions {
+        p.p.up(RunOptions {
             hook_timeout: Duration::from_secs(1),
             ..quick()
         })
@@ -397,7 +397,7 @@ services:
     let before = p.p.state();
     p.write(&yml.replace("V: \"1\"", "V: \"2\""));
     let r = p
-        .up(ExecOptions {
+        .up(RunOptions {
             targets: vec!["b".into()],
             ..quick()
         })
@@ -544,7 +544,7 @@ async fn three_services_on_one_volume_install_once_and_reinstall_once_on_manifes
     std::fs::write(p.p.path().join("package.json"), r#"{"dependencies":{}}"#).unwrap();
     let (sink, events) = common::recorder();
     let r = p
-        .up(ExecOptions {
+        .up(RunOptions {
             events: Some(sink),
             ..quick()
         })
@@ -765,7 +765,7 @@ services:
     docker(&["stop", "-t", "0", &format!("nk-{n}-local-d-2")]);
     let cfg = p.p.config();
     // `status` counts every replica: none running is dead, some is degraded.
-    let rows = nanokit::cli::infra::status_of(&cfg).await.unwrap();
+    let rows = nanokit::engine::status_of(&cfg).await.unwrap();
     let row = |svc: &str| rows.iter().find(|r| r.service == svc).unwrap();
     assert_eq!((row("a").status.as_str(), row("a").running), ("dead", 0));
     assert_eq!((row("b").status.as_str(), row("b").alive), ("dead", false));
@@ -775,25 +775,25 @@ services:
         (d.status.as_str(), d.running, d.instances.len(), d.alive),
         ("degraded", 1, 2, false)
     );
-    let provider = exec::provider_for(&cfg).unwrap();
-    let report = nanokit::drift::detect(&cfg, provider.as_ref())
+    let provider = engine::provider_for(&cfg).unwrap();
+    let report = nanokit::engine::drift::detect(&cfg, provider.as_ref())
         .await
         .unwrap();
-    let kinds: Vec<(String, nanokit::drift::DriftKind)> = report
+    let kinds: Vec<(String, nanokit::engine::drift::DriftKind)> = report
         .items
         .iter()
         .map(|i| (i.service.clone(), i.kind))
         .collect();
     assert!(
-        kinds.contains(&("a".into(), nanokit::drift::DriftKind::Gone)),
+        kinds.contains(&("a".into(), nanokit::engine::drift::DriftKind::Gone)),
         "{kinds:?}"
     );
     assert!(
-        kinds.contains(&("b".into(), nanokit::drift::DriftKind::Stopped)),
+        kinds.contains(&("b".into(), nanokit::engine::drift::DriftKind::Stopped)),
         "{kinds:?}"
     );
     assert!(
-        kinds.contains(&("d".into(), nanokit::drift::DriftKind::Stopped)),
+        kinds.contains(&("d".into(), nanokit::engine::drift::DriftKind::Stopped)),
         "{kinds:?}"
     );
     assert_eq!(kinds.len(), 3, "{kinds:?}");
@@ -804,7 +804,7 @@ services:
     );
     assert_eq!(nanokit::cli::run(p.p.args(&["drift"])).await, 0);
     assert_eq!(p.names().len(), 5);
-    let rows = nanokit::cli::infra::status_of(&cfg).await.unwrap();
+    let rows = nanokit::engine::status_of(&cfg).await.unwrap();
     assert!(
         rows.iter()
             .all(|r| r.status == "healthy" && r.alive && r.running == r.instances.len()),
@@ -824,7 +824,7 @@ services:
     );
     std::fs::remove_file(p.p.config().state_file).unwrap();
     let cfg = p.p.config();
-    let report = nanokit::drift::detect(&cfg, provider.as_ref())
+    let report = nanokit::engine::drift::detect(&cfg, provider.as_ref())
         .await
         .unwrap();
     assert!(
@@ -1101,15 +1101,15 @@ environments:
     let up = |p: &DProject| {
         let cfg = config(p);
         async move {
-            let provider = exec::provider_for(&cfg).expect("provider");
-            exec::up(cfg, provider, quick()).await.expect("up")
+            let provider = engine::provider_for(&cfg).expect("provider");
+            engine::up(cfg, provider, quick()).await.expect("up")
         }
     };
     let down = |p: &DProject| {
         let cfg = config(p);
         async move {
-            let provider = exec::provider_for(&cfg).expect("provider");
-            exec::down(cfg, provider, quick()).await.expect("down")
+            let provider = engine::provider_for(&cfg).expect("provider");
+            engine::down(cfg, provider, quick()).await.expect("down")
         }
     };
     let network_exists = || {

@@ -4,8 +4,8 @@
 mod common;
 
 use common::{free_port, recorder, Project};
-use nanokit::exec::{ExecError, ExecOptions, Phase};
-use nanokit::plan::ActionKind;
+use nanokit::engine::plan::ActionKind;
+use nanokit::engine::{EngineError, Phase, RunOptions};
 use nanokit::state::Status;
 
 fn ns(p: &Project, f: &str) -> u128 {
@@ -33,7 +33,7 @@ services:
     start: "date +%s%N > c.start; exec sleep 600"
 "#,
     );
-    let report = p.up(ExecOptions::default()).await.expect("up");
+    let report = p.up(RunOptions::default()).await.expect("up");
     assert!(report.failures().is_empty(), "{:?}", report.results);
     assert!(
         ns(&p, "b.start") > ns(&p, "a.ready"),
@@ -47,7 +47,7 @@ services:
     assert!(st.resources.values().all(|r| r.status == Status::Healthy));
     assert_eq!(st.resources["b"].depends_on, vec!["a".to_string()]);
     // A second up changes nothing.
-    let again = p.up(ExecOptions::default()).await.expect("up again");
+    let again = p.up(RunOptions::default()).await.expect("up again");
     assert!(
         again.results.iter().all(|r| r.outcome == Phase::Unchanged),
         "{:?}",
@@ -55,7 +55,7 @@ services:
     );
     p.down().await;
     assert!(p.state().resources.is_empty());
-    assert!(common::labelled(&nanokit::exec::scope(&p.config()).state_id).is_empty());
+    assert!(common::labelled(&nanokit::engine::scope(&p.config()).state_id).is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -77,9 +77,9 @@ services:
 "#,
     );
     let (sink, events) = recorder();
-    let opts = ExecOptions {
+    let opts = RunOptions {
         events: Some(sink),
-        ..ExecOptions::default()
+        ..RunOptions::default()
     };
     p.up(opts).await.expect("up");
     let lines: Vec<String> = p.read("ev").lines().map(str::to_string).collect();
@@ -105,7 +105,7 @@ services:
     let mut cfg_src = std::fs::read_to_string(p.file()).unwrap();
     cfg_src = cfg_src.replace("exec sleep 600", "exec sleep 601");
     p.write(&cfg_src);
-    let r = p.up(ExecOptions::default()).await.expect("up update");
+    let r = p.up(RunOptions::default()).await.expect("up update");
     assert_eq!(r.plan.actions[0].action, ActionKind::Update);
     assert_eq!(r.plan.actions[0].reasons, vec!["start changed".to_string()]);
     let lines: Vec<String> = p.read("ev").lines().map(str::to_string).collect();
@@ -149,7 +149,7 @@ services:
 "#,
     );
     let report = p
-        .up(ExecOptions::default())
+        .up(RunOptions::default())
         .await
         .expect("up returns a report");
     let by = |n: &str| {
@@ -188,7 +188,7 @@ services:
     healthcheck: { test: "echo not ready yet; exit 1", interval: 20ms, retries: 3 }
 "#,
     );
-    let report = p.up(ExecOptions::default()).await.unwrap();
+    let report = p.up(RunOptions::default()).await.unwrap();
     let err = report.results[0].error.clone().unwrap();
     assert!(
         err.contains("failed after 3 attempt(s)") && err.contains("not ready yet"),
@@ -196,9 +196,9 @@ services:
     );
     assert_eq!(p.state().resources["a"].status, Status::Failed);
     // The next up retries it (it is not healthy).
-    let plan = nanokit::exec::make_plan(
+    let plan = nanokit::engine::make_plan(
         &p.config(),
-        nanokit::exec::provider_for(&p.config()).unwrap().as_ref(),
+        nanokit::engine::provider_for(&p.config()).unwrap().as_ref(),
         &Default::default(),
     )
     .await
@@ -213,7 +213,7 @@ async fn a_process_that_exits_during_startup_fails_with_its_log() {
     let p = Project::new(&format!(
         "name: crashy\nservices:\n  a:\n    start: \"echo boom: missing config >&2; exit 1\"\n    port: {port}\n"
     ));
-    let report = p.up(ExecOptions::default()).await.unwrap();
+    let report = p.up(RunOptions::default()).await.unwrap();
     let err = report.results[0].error.clone().unwrap();
     assert!(
         err.contains("exited while starting") && err.contains("boom: missing config"),
@@ -239,9 +239,9 @@ services:
 "#
     ));
     let r = p
-        .up(ExecOptions {
+        .up(RunOptions {
             targets: vec!["api".into()],
-            ..ExecOptions::default()
+            ..RunOptions::default()
         })
         .await
         .unwrap();
@@ -257,9 +257,9 @@ services:
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
     // Unknown target.
     let e = p
-        .up(ExecOptions {
+        .up(RunOptions {
             targets: vec!["nope".into()],
-            ..ExecOptions::default()
+            ..RunOptions::default()
         })
         .await
         .unwrap_err();
@@ -269,7 +269,7 @@ services:
         "  api:\n    start: \"exec sleep 600\"\n    depends_on: [db]\n",
         "",
     ));
-    let r = p.up(ExecOptions::default()).await.unwrap();
+    let r = p.up(RunOptions::default()).await.unwrap();
     let del = r.plan.actions.iter().find(|a| a.service == "api").unwrap();
     assert_eq!(del.action, ActionKind::Delete);
     assert_eq!(
@@ -286,7 +286,7 @@ async fn second_up_is_refused_with_holder_details_and_infra_unlock_clears_it() {
     let cfg = p.config();
     let lock_path = nanokit::state::lock_path(&cfg.state_file);
     let token = tokio_util::sync::CancellationToken::new();
-    let held = nanokit::foundation::acquire_deploy_lock(
+    let held = nanokit::state::lock::acquire_deploy_lock(
         &lock_path,
         "nanokit up (ci job 42)",
         None,
@@ -294,9 +294,9 @@ async fn second_up_is_refused_with_holder_details_and_infra_unlock_clears_it() {
     )
     .await
     .unwrap();
-    let e = p.up(ExecOptions::default()).await.unwrap_err();
+    let e = p.up(RunOptions::default()).await.unwrap_err();
     let msg = e.to_string();
-    assert!(matches!(e, ExecError::Lock(_)), "{e:?}");
+    assert!(matches!(e, EngineError::Lock(_)), "{e:?}");
     assert!(
         msg.contains("ci job 42") && msg.contains(&format!("pid {}", std::process::id())),
         "{msg}"
@@ -306,7 +306,7 @@ async fn second_up_is_refused_with_holder_details_and_infra_unlock_clears_it() {
     assert_eq!(nanokit::cli::run(p.args(&["up"])).await, 1);
     // Without --yes on a non-terminal, unlock refuses.
     assert_eq!(nanokit::cli::run(p.args(&["infra", "unlock"])).await, 1);
-    assert!(nanokit::foundation::inspect_deploy_lock(&lock_path)
+    assert!(nanokit::state::lock::inspect_deploy_lock(&lock_path)
         .unwrap()
         .is_some());
     assert_eq!(
@@ -314,7 +314,7 @@ async fn second_up_is_refused_with_holder_details_and_infra_unlock_clears_it() {
         0
     );
     assert!(
-        nanokit::foundation::inspect_deploy_lock(&lock_path)
+        nanokit::state::lock::inspect_deploy_lock(&lock_path)
             .unwrap()
             .is_none(),
         "unlock must free the lock"
@@ -323,7 +323,7 @@ async fn second_up_is_refused_with_holder_details_and_infra_unlock_clears_it() {
         held.release().await.is_err(),
         "the old holder finds its lease lost"
     );
-    let r = p.up(ExecOptions::default()).await.expect("up after unlock");
+    let r = p.up(RunOptions::default()).await.expect("up after unlock");
     assert!(r.failures().is_empty());
     p.down().await;
 }
@@ -331,10 +331,10 @@ async fn second_up_is_refused_with_holder_details_and_infra_unlock_clears_it() {
 #[tokio::test(flavor = "multi_thread")]
 async fn drift_after_kill_9_is_detected_and_restored() {
     let p = Project::new("name: drifty\nservices:\n  a:\n    start: \"exec sleep 600\"\n  b:\n    start: \"exec sleep 600\"\n");
-    p.up(ExecOptions::default()).await.unwrap();
+    p.up(RunOptions::default()).await.unwrap();
     let cfg = p.config();
-    let provider = nanokit::exec::provider_for(&cfg).unwrap();
-    let d = nanokit::drift::detect(&cfg, provider.as_ref())
+    let provider = nanokit::engine::provider_for(&cfg).unwrap();
+    let d = nanokit::engine::drift::detect(&cfg, provider.as_ref())
         .await
         .unwrap();
     assert!(!d.drifted, "{:?}", d.items);
@@ -348,7 +348,7 @@ async fn drift_after_kill_9_is_detected_and_restored() {
     while nanokit::provider::process::id_alive(&id) {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    let d = nanokit::drift::detect(&cfg, provider.as_ref())
+    let d = nanokit::engine::drift::detect(&cfg, provider.as_ref())
         .await
         .unwrap();
     assert!(d.drifted);
@@ -366,12 +366,12 @@ async fn drift_after_kill_9_is_detected_and_restored() {
 #[tokio::test(flavor = "multi_thread")]
 async fn lost_state_adopts_matching_instances_and_stops_other_orphans() {
     let p = Project::new("name: orphan\nservices:\n  a:\n    start: \"exec sleep 600\"\n");
-    p.up(ExecOptions::default()).await.unwrap();
+    p.up(RunOptions::default()).await.unwrap();
     let first = p.state().resources["a"].provider_id.clone().unwrap();
     // Lose the state: the running instance (same configuration, labelled
     // with the old lineage) is adopted, not duplicated.
     std::fs::remove_file(p.config().state_file).unwrap();
-    let r = p.up(ExecOptions::default()).await.unwrap();
+    let r = p.up(RunOptions::default()).await.unwrap();
     assert_eq!(r.plan.actions[0].action, ActionKind::Update);
     assert_eq!(r.plan.actions[0].keep, vec![first.clone()]);
     assert!(r.plan.actions[0].stop.is_empty(), "{:?}", r.plan.actions[0]);
@@ -384,7 +384,7 @@ async fn lost_state_adopts_matching_instances_and_stops_other_orphans() {
     // and is stopped as an orphan.
     std::fs::remove_file(p.config().state_file).unwrap();
     p.write("name: orphan\nservices:\n  a:\n    start: \"exec sleep 601\"\n");
-    let r = p.up(ExecOptions::default()).await.unwrap();
+    let r = p.up(RunOptions::default()).await.unwrap();
     assert_eq!(r.plan.actions[0].action, ActionKind::Create);
     assert!(
         r.plan.actions[0].stop.contains(&first),
@@ -396,7 +396,7 @@ async fn lost_state_adopts_matching_instances_and_stops_other_orphans() {
         "the orphan still runs"
     );
     assert_eq!(
-        common::labelled(&nanokit::exec::scope(&p.config()).state_id).len(),
+        common::labelled(&nanokit::engine::scope(&p.config()).state_id).len(),
         1
     );
     p.down().await;

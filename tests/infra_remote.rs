@@ -14,7 +14,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use nanokit::error::ErrorCode;
-use nanokit::kv::infra_state::InfraStateStore;
+use nanokit::state::remote::InfraStateStore;
 use nanokit::state::{State, Status, Store};
 
 /// Not a test: the `nanokit` CLI in a child process. Runs `cli::run` with
@@ -98,7 +98,7 @@ impl Drop for Dir {
     fn drop(&mut self) {
         // Whatever still runs with this project's labels (a failed test).
         if let Ok(cfg) = nanokit::config::load(&nanokit::config::LoadOptions::new(self.file())) {
-            let needle = format!("NK_STATE_ID={}", nanokit::exec::scope(&cfg).state_id);
+            let needle = format!("NK_STATE_ID={}", nanokit::engine::scope(&cfg).state_id);
             for e in std::fs::read_dir("/proc").unwrap().flatten() {
                 let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
                     continue;
@@ -296,16 +296,16 @@ async fn two_ups_from_two_directories_one_fails_fast_naming_the_holder_one_waits
     let st = stored(&db, &ws).await;
     assert!(st.resources.is_empty(), "{st:?}");
     assert_chain(&history(&hist, &ws).await, &st);
-    assert!(nanokit::exec::make_plan(
+    assert!(nanokit::engine::make_plan(
         &a.config(),
-        nanokit::exec::provider_for(&a.config()).unwrap().as_ref(),
+        nanokit::engine::provider_for(&a.config()).unwrap().as_ref(),
         &Default::default()
     )
     .await
     .unwrap()
     .actions
     .iter()
-    .all(|x| x.action == nanokit::plan::ActionKind::Create));
+    .all(|x| x.action == nanokit::engine::plan::ActionKind::Create));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -476,11 +476,11 @@ async fn without_a_database_the_state_url_is_reported_without_its_password() {
     assert!(cfg.state_url.is_some());
     let shown = serde_json::to_string(&cfg).unwrap();
     assert!(!shown.contains("s3cret-pw"), "{shown}");
-    let p = nanokit::exec::provider_for(&cfg).unwrap();
-    let e = nanokit::exec::up(
+    let p = nanokit::engine::provider_for(&cfg).unwrap();
+    let e = nanokit::engine::up(
         std::sync::Arc::new(cfg),
         p,
-        nanokit::exec::ExecOptions::default(),
+        nanokit::engine::RunOptions::default(),
     )
     .await
     .unwrap_err();

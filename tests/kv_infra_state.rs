@@ -1,4 +1,4 @@
-//! Remote infra state on PostgreSQL (`nanokit::kv::infra_state`): the
+//! Remote infra state on PostgreSQL (`nanokit::state::remote`): the
 //! compare-and-swap on the serial and the deploy lock, including two "up"
 //! runs from different working directories (real child processes). Needs
 //! `NANOKIT_TEST_PG_URL` (scripts/pg-test-cluster.sh); without it, outside
@@ -11,8 +11,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use nanokit::error::ErrorCode;
-use nanokit::kv::infra_state::InfraStateStore;
 use nanokit::kv::KvError;
+use nanokit::state::remote::InfraStateStore;
 use serde_json::json;
 
 fn workspace() -> String {

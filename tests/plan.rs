@@ -4,13 +4,13 @@
 mod common;
 
 use common::Project;
-use nanokit::exec::{self, ExecError, ExecOptions};
-use nanokit::plan::{ActionKind, PlanOptions};
+use nanokit::engine::plan::{ActionKind, PlanOptions};
+use nanokit::engine::{self, EngineError, RunOptions};
 
-async fn plan(p: &Project) -> nanokit::plan::Plan {
+async fn plan(p: &Project) -> nanokit::engine::plan::Plan {
     let cfg = p.config();
-    let provider = exec::provider_for(&cfg).unwrap();
-    exec::make_plan(&cfg, provider.as_ref(), &PlanOptions::default())
+    let provider = engine::provider_for(&cfg).unwrap();
+    engine::make_plan(&cfg, provider.as_ref(), &PlanOptions::default())
         .await
         .unwrap()
 }
@@ -40,7 +40,7 @@ async fn create_update_delete_noop_with_reasons() {
         .iter()
         .all(|a| a.action == ActionKind::Create && a.reasons == ["new service"]));
     assert_eq!(first.volumes[0].action, ActionKind::Create);
-    p.up(ExecOptions::default()).await.unwrap();
+    p.up(RunOptions::default()).await.unwrap();
     let same = plan(&p).await;
     assert!(!same.has_changes(), "{}", same.render());
     // Config hashes are stable across loads.
@@ -91,7 +91,7 @@ async fn create_update_delete_noop_with_reasons() {
 #[tokio::test(flavor = "multi_thread")]
 async fn deleting_a_volume_needs_force() {
     let p = Project::new(V1);
-    p.up(ExecOptions::default()).await.unwrap();
+    p.up(RunOptions::default()).await.unwrap();
     let vol = p.config().volume_dir("data");
     assert!(vol.is_dir());
     std::fs::write(vol.join("precious"), "data").unwrap();
@@ -105,12 +105,12 @@ async fn deleting_a_volume_needs_force() {
     assert!(pl.volumes[0].needs_force);
     assert_eq!(pl.blocked(false), ["data"]);
     assert!(pl.render().contains("needs --force"));
-    let e = p.up(ExecOptions::default()).await.unwrap_err();
-    assert!(matches!(e, ExecError::NeedsForce(_)), "{e}");
+    let e = p.up(RunOptions::default()).await.unwrap_err();
+    assert!(matches!(e, EngineError::NeedsForce(_)), "{e}");
     assert!(vol.join("precious").exists(), "refused up must not delete");
-    p.up(ExecOptions {
+    p.up(RunOptions {
         force: true,
-        ..ExecOptions::default()
+        ..RunOptions::default()
     })
     .await
     .unwrap();
@@ -126,7 +126,7 @@ async fn cli_plan_saves_latest_json_and_detailed_exitcode() {
         nanokit::cli::run(p.args(&["plan", "--detailed-exitcode"])).await,
         2
     );
-    let saved: nanokit::plan::Plan = serde_json::from_slice(
+    let saved: nanokit::engine::plan::Plan = serde_json::from_slice(
         &std::fs::read(p.path().join(".nanokit/plans/latest.json")).unwrap(),
     )
     .unwrap();

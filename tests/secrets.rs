@@ -16,8 +16,8 @@ use std::process::Command;
 use std::sync::Arc;
 
 use common::Project;
-use nanokit::exec::{self, ExecOptions, Phase};
-use nanokit::plan::PlanOptions;
+use nanokit::engine::plan::PlanOptions;
+use nanokit::engine::{self, Phase, RunOptions};
 
 /// From `.env`.
 const DOTENV_SECRET: &str = "Pw-7f3kq9-zz81";
@@ -281,15 +281,15 @@ services:
     env: { SHARED_VALUE: "equal-in-both-services" }
 "#;
 
-async fn plan_of(p: &Project) -> nanokit::plan::Plan {
+async fn plan_of(p: &Project) -> nanokit::engine::plan::Plan {
     let cfg = p.config();
-    let provider = exec::provider_for(&cfg).unwrap();
-    exec::make_plan(&cfg, provider.as_ref(), &PlanOptions::default())
+    let provider = engine::provider_for(&cfg).unwrap();
+    engine::make_plan(&cfg, provider.as_ref(), &PlanOptions::default())
         .await
         .unwrap()
 }
 
-fn field<'a>(plan: &'a nanokit::plan::Plan, service: &str, f: &str) -> &'a str {
+fn field<'a>(plan: &'a nanokit::engine::plan::Plan, service: &str, f: &str) -> &'a str {
     plan.actions
         .iter()
         .find(|a| a.service == service)
@@ -311,7 +311,7 @@ async fn env_hashes_are_salted_per_lineage_and_a_plan_before_any_state_is_the_on
         before.lineage,
         "two plans before any state must agree"
     );
-    let report = one.up(ExecOptions::default()).await.unwrap();
+    let report = one.up(RunOptions::default()).await.unwrap();
     assert!(report.failures().is_empty(), "{:?}", report.results);
     let st = one.state();
     assert_eq!(
@@ -342,7 +342,7 @@ async fn env_hashes_are_salted_per_lineage_and_a_plan_before_any_state_is_the_on
     assert_eq!(field(&other, "a", env), field(&other, "b", env));
 
     // A no-change up stays no-change.
-    let again = one.up(ExecOptions::default()).await.unwrap();
+    let again = one.up(RunOptions::default()).await.unwrap();
     assert!(
         again.results.iter().all(|r| r.outcome == Phase::Unchanged),
         "{:?}",
@@ -358,13 +358,13 @@ async fn events_and_results_of_the_engine_are_masked() {
         "name: events\nservices:\n  a:\n    start: \"exec sleep 600\"\n    env: { API_TOKEN: tok-abcdef-123456 }\n    hooks:\n      prestart: \"echo $API_TOKEN; echo tok-abcdef-123456\"\n      poststart: \"echo failing with tok-abcdef-123456; exit 2\"\n",
     );
     let (sink, log) = common::recorder();
-    let opts = ExecOptions {
+    let opts = RunOptions {
         events: Some(sink),
-        ..ExecOptions::default()
+        ..RunOptions::default()
     };
     let cfg = p.config();
-    let provider = exec::provider_for(&cfg).unwrap();
-    let report = exec::up(Arc::new(cfg), provider, opts).await.unwrap();
+    let provider = engine::provider_for(&cfg).unwrap();
+    let report = engine::up(Arc::new(cfg), provider, opts).await.unwrap();
     let events = format!("{:?}", log.lock().unwrap());
     assert!(!events.contains("tok-abcdef-123456"), "{events}");
     assert!(
@@ -467,7 +467,7 @@ async fn anything_recorded_in_a_run_is_masked_even_where_its_call_site_did_not()
         ..Default::default()
     };
     let (r, t) = nanokit::trace::record_run(meta, settings, async {
-        let cfg = nanokit::trace::load_config(|| {
+        let cfg = nanokit::engine::load_config(|| {
             nanokit::config::load(&nanokit::config::LoadOptions::new(file.clone()))
         })?;
         let span =
@@ -475,8 +475,8 @@ async fn anything_recorded_in_a_run_is_masked_even_where_its_call_site_did_not()
         let _g = span.enter();
         tracing::warn!("something about {DOTENV_SECRET}");
         drop(_g);
-        let provider = exec::provider_for(&cfg)?;
-        exec::up(Arc::new(cfg), provider, ExecOptions::default()).await
+        let provider = engine::provider_for(&cfg)?;
+        engine::up(Arc::new(cfg), provider, RunOptions::default()).await
     })
     .await;
     r.unwrap();

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use nanokit::config::{self, LoadOptions};
-use nanokit::exec::{self, ExecOptions, Phase};
+use nanokit::engine::{self, Phase, RunOptions};
 use nanokit::trace::{self, Export, RunMeta, Settings, TraceFile};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
@@ -168,7 +168,7 @@ async fn traced(
     load: &LoadOptions,
     url: &str,
 ) -> (
-    Result<exec::Report, exec::ExecError>,
+    Result<engine::Report, engine::EngineError>,
     Option<trace::RunTrace>,
 ) {
     let meta = RunMeta {
@@ -181,13 +181,13 @@ async fn traced(
         ..Settings::default()
     };
     trace::record_run(meta, settings, async {
-        let cfg = trace::load_config(|| config::load(load))?;
-        let provider = exec::provider_for(&cfg)?;
+        let cfg = nanokit::engine::load_config(|| config::load(load))?;
+        let provider = engine::provider_for(&cfg)?;
         let cfg = Arc::new(cfg);
         if command == "up" {
-            exec::up(cfg, provider, ExecOptions::default()).await
+            engine::up(cfg, provider, RunOptions::default()).await
         } else {
-            exec::down(cfg, provider, ExecOptions::default()).await
+            engine::down(cfg, provider, RunOptions::default()).await
         }
     })
     .await
@@ -439,9 +439,9 @@ async fn provisioning_records_its_lock_wait_and_install_separately() {
             ..Settings::default()
         },
         async {
-            let cfg = trace::load_config(|| config::load(&load))?;
-            let provider = exec::provider_for(&cfg)?;
-            exec::up(Arc::new(cfg), provider, ExecOptions::default()).await
+            let cfg = nanokit::engine::load_config(|| config::load(&load))?;
+            let provider = engine::provider_for(&cfg)?;
+            engine::up(Arc::new(cfg), provider, RunOptions::default()).await
         },
     )
     .await;

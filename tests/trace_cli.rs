@@ -8,10 +8,10 @@ mod common;
 use std::sync::Arc;
 
 use nanokit::config::{self, LoadOptions};
-use nanokit::exec::{self, ExecOptions, Phase};
+use nanokit::engine::{self, Phase, RunOptions};
 use nanokit::trace::{self, Export, RunMeta, Settings};
 
-async fn up(file: &std::path::Path) -> exec::Report {
+async fn up(file: &std::path::Path) -> engine::Report {
     let meta = RunMeta {
         command: "up",
         file: file.to_path_buf(),
@@ -23,9 +23,10 @@ async fn up(file: &std::path::Path) -> exec::Report {
         ..Settings::default()
     };
     let (r, t) = trace::record_run(meta, settings, async {
-        let cfg = trace::load_config(|| config::load(&LoadOptions::new(file.to_path_buf())))?;
-        let provider = exec::provider_for(&cfg)?;
-        exec::up(Arc::new(cfg), provider, ExecOptions::default()).await
+        let cfg =
+            nanokit::engine::load_config(|| config::load(&LoadOptions::new(file.to_path_buf())))?;
+        let provider = engine::provider_for(&cfg)?;
+        engine::up(Arc::new(cfg), provider, RunOptions::default()).await
     })
     .await;
     assert!(t.expect("trace").file.is_some());

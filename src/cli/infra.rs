@@ -11,10 +11,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::{exit, CliError, CliResult, OutputFormat as Output};
 use crate::config::{self, Config, LoadOptions};
-use crate::exec::{self, Event, ExecError, ExecOptions, Phase};
+use crate::engine::plan::PlanOptions;
+use crate::engine::{self, EngineError, Event, EventSink, Phase, Report, RunOptions};
 use crate::graph::Dag;
-use crate::plan::PlanOptions;
 use crate::state;
+use crate::sys::command::tail;
 use crate::trace::mask;
 
 /// Which project: the file and the environment.
@@ -204,23 +205,19 @@ fn masked(text: &str) -> String {
     mask::registered().mask(text)
 }
 
-fn exec_opts(
-    run: &RunArgs,
-    events: Option<exec::EventSink>,
-    cancel: CancellationToken,
-) -> ExecOptions {
-    ExecOptions {
+fn run_opts(run: &RunArgs, events: Option<EventSink>, cancel: CancellationToken) -> RunOptions {
+    RunOptions {
         concurrency: run.concurrency.max(1),
         lock_timeout: run.lock_timeout,
         stop_grace: run.stop_grace,
         events,
         cancel,
-        ..ExecOptions::default()
+        ..RunOptions::default()
     }
 }
 
 /// Plain progress lines: `[ 1.2s] api          healthy`.
-fn progress_printer() -> exec::EventSink {
+fn progress_printer() -> EventSink {
     let t0 = Instant::now();
     let tty = std::io::stderr().is_terminal();
     Arc::new(move |e: &Event| {
@@ -366,15 +363,18 @@ fn ctrl_c_token() -> (CancellationToken, interrupt::Guard) {
 /// Runs an `up` / `down` as a recorded trace (local file, OTLP export when
 /// configured), then says where the trace is and how the run went
 /// (`verb`: 2 services … `up` / `restored`).
-async fn traced<F>(
+async fn traced<L, F, Fut>(
     command: &'static str,
     project: &Project,
     output: Output,
     verb: &str,
-    fut: F,
+    load: L,
+    run: F,
 ) -> CliResult
 where
-    F: std::future::Future<Output = Result<exec::Report, ExecError>>,
+    L: FnOnce() -> Result<Config, config::ConfigError>,
+    F: FnOnce(Arc<Config>, Arc<dyn crate::provider::Provider>) -> Fut,
+    Fut: std::future::Future<Output = Result<Report, EngineError>>,
 {
     let meta = crate::trace::RunMeta {
         command,
@@ -385,11 +385,11 @@ where
         log_to_stderr: true,
         ..Default::default()
     };
-    let (r, tr) = crate::trace::record_run(meta, settings, fut).await;
+    let (r, tr, _) = engine::traced(meta, settings, load, run).await;
     print_trace(tr.as_ref());
     match r {
         Ok(report) => report_exit(&report, output, verb),
-        Err(e) => exec_exit(e),
+        Err(e) => engine_exit(e),
     }
 }
 
@@ -407,13 +407,13 @@ fn print_trace(t: Option<&crate::trace::RunTrace>) {
 }
 
 /// An engine error; a cancelled run (Ctrl-C, lost deploy lease) exits 130.
-fn exec_exit(e: ExecError) -> CliResult {
-    let cancelled = matches!(e, ExecError::Cancelled);
+fn engine_exit(e: EngineError) -> CliResult {
+    let cancelled = matches!(e, EngineError::Cancelled);
     let err = CliError::from(e);
     Err(if cancelled { err.with_exit(130) } else { err })
 }
 
-fn report_exit(report: &exec::Report, output: Output, verb: &str) -> CliResult {
+fn report_exit(report: &Report, output: Output, verb: &str) -> CliResult {
     if output == Output::Json {
         json(report);
     }
@@ -455,81 +455,14 @@ pub async fn run(cmd: InfraCommand) -> CliResult {
 
 async fn run_command(cmd: InfraCommand) -> CliResult {
     match cmd {
-        InfraCommand::Validate { project, output } => {
-            let cfg = load(&project)?;
-            let dag = Dag::build(&cfg)?;
-            if output == Output::Json {
-                json(&serde_json::json!({
-                    "valid": true,
-                    "project": cfg.name,
-                    "env": cfg.env,
-                    "provider": cfg.provider,
-                    "services": dag.order(),
-                    "disabled": cfg.disabled,
-                    "warnings": cfg.warnings,
-                }));
-            } else {
-                println!(
-                    "{} is valid: project `{}`, environment `{}`, {} service(s), provider {}",
-                    project.file.display(),
-                    cfg.name,
-                    cfg.env,
-                    cfg.services.len(),
-                    cfg.provider.as_str()
-                );
-            }
-            Ok(exit::OK)
-        }
-        InfraCommand::Graph { project, format } => {
-            let cfg = load(&project)?;
-            match Dag::build(&cfg) {
-                Ok(d) => {
-                    match format {
-                        GraphFormat::Dot => print!("{}", d.to_dot(&cfg.name)),
-                        GraphFormat::Text => print!("{d}"),
-                    }
-                    Ok(exit::OK)
-                }
-                Err(e) => Err(CliError::from(e)),
-            }
-        }
+        InfraCommand::Validate { project, output } => validate(&project, output),
+        InfraCommand::Graph { project, format } => graph(&project, format),
         InfraCommand::Plan {
             project,
             services,
             detailed_exitcode,
             output,
-        } => {
-            let r = async {
-                let cfg = load(&project)?;
-                let provider = exec::provider_for(&cfg)?;
-                let plan =
-                    exec::make_plan(&cfg, provider.as_ref(), &PlanOptions { targets: services })
-                        .await?;
-                let path = exec::save_plan(&cfg, &plan)
-                    .map_err(|e| ExecError::Failed(format!("cannot save the plan: {e}")))?;
-                Ok::<_, ExecError>((plan, path))
-            }
-            .await;
-            match r {
-                Err(e) => exec_exit(e),
-                Ok((plan, path)) => {
-                    if output == Output::Json {
-                        json(&plan);
-                    } else {
-                        print!("{}", masked(&plan.render()));
-                        if !plan.blocked(false).is_empty() {
-                            println!("Deleting volumes needs `nanokit up --force`.");
-                        }
-                        eprintln!("Saved to {}", masked(&path.display().to_string()));
-                    }
-                    if detailed_exitcode && plan.has_changes() {
-                        Ok(exit::CHANGES)
-                    } else {
-                        Ok(exit::OK)
-                    }
-                }
-            }
-        }
+        } => plan(&project, services, detailed_exitcode, output).await,
         InfraCommand::Up {
             project,
             services,
@@ -538,13 +471,12 @@ async fn run_command(cmd: InfraCommand) -> CliResult {
             output,
         } => {
             let (cancel, _sigint) = ctrl_c_token();
-            let mut opts = exec_opts(&run, Some(progress_printer()), cancel);
+            let mut opts = run_opts(&run, Some(progress_printer()), cancel);
             opts.force = force;
             opts.targets = services;
-            traced("up", &project, output, "up", async {
-                let cfg = crate::trace::load_config(|| load(&project))?;
-                let provider = exec::provider_for(&cfg)?;
-                exec::up(Arc::new(cfg), provider, opts).await
+            let load = || load(&project);
+            traced("up", &project, output, "up", load, |cfg, provider| {
+                engine::up(cfg, provider, opts)
             })
             .await
         }
@@ -560,173 +492,240 @@ async fn run_command(cmd: InfraCommand) -> CliResult {
                 super::confirm("Delete all named volumes and their data?").await?;
             }
             let (cancel, _sigint) = ctrl_c_token();
-            let mut opts = exec_opts(&run, Some(progress_printer()), cancel);
+            let mut opts = run_opts(&run, Some(progress_printer()), cancel);
             opts.targets = services;
             opts.volumes = volumes;
-            traced("down", &project, output, "down", async {
-                let cfg = crate::trace::load_config(|| load(&project))?;
-                let provider = exec::provider_for(&cfg)?;
-                exec::down(Arc::new(cfg), provider, opts).await
+            let load = || load(&project);
+            traced("down", &project, output, "down", load, |cfg, provider| {
+                engine::down(cfg, provider, opts)
             })
             .await
         }
-        InfraCommand::Status { project, output } => match status(&project).await {
-            Ok(rows) => {
-                if output == Output::Json {
-                    json(&rows);
-                } else if rows.is_empty() {
-                    println!("Nothing deployed (run `nanokit up`).");
-                } else {
-                    println!(
-                        "{:<20} {:<13} {:<8} {:<8} {:<7} UPDATED",
-                        "SERVICE", "STATUS", "RUNNING", "PID", "PORT"
-                    );
-                    for r in &rows {
-                        println!(
-                            "{:<20} {:<13} {:<8} {:<8} {:<7} {}",
-                            r.service,
-                            r.status,
-                            format!("{}/{}", r.running, r.instances.len()),
-                            r.pid.map_or("-".into(), |p| p.to_string()),
-                            r.port.map_or("-".into(), |p| p.to_string()),
-                            r.updated_at
-                        );
-                        if let Some(e) = &r.error {
-                            // Masked again: a state written by an older
-                            // nanokit may hold an unmasked error.
-                            println!("    {}", masked(e.lines().next().unwrap_or("")));
-                        }
-                    }
-                }
-                Ok(exit::OK)
-            }
-            Err(e) => exec_exit(e),
-        },
+        InfraCommand::Status { project, output } => status(&project, output).await,
         InfraCommand::Logs {
             project,
             service,
             lines,
             follow,
-        } => {
-            let cfg = load(&project)?;
-            let path = cfg.log_file(&service);
-            if !path.exists() {
-                return Err(CliError::new(
-                    "ENKNOLOGS",
-                    format!(
-                        "no logs for `{service}` in environment `{}` ({} does not exist)",
-                        cfg.env,
-                        path.display()
-                    ),
-                ));
-            }
-            let text = std::fs::read(&path).unwrap_or_default();
-            // The service's own output is in the log as it wrote it: masked
-            // here, when it is shown.
-            println!(
-                "{}",
-                masked(&exec::tail(&String::from_utf8_lossy(&text), lines))
-            );
-            if follow {
-                let (cancel, _sigint) = ctrl_c_token();
-                let mut pos = text.len() as u64;
-                while !cancel.is_cancelled() {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    if let Ok(bytes) = std::fs::read(&path) {
-                        if (bytes.len() as u64) > pos {
-                            print!(
-                                "{}",
-                                masked(&String::from_utf8_lossy(&bytes[pos as usize..]))
-                            );
-                            let _ = std::io::stdout().flush();
-                            pos = bytes.len() as u64;
-                        } else if (bytes.len() as u64) < pos {
-                            pos = 0;
-                        }
-                    }
-                }
-            }
-            Ok(exit::OK)
-        }
+        } => logs(&project, &service, lines, follow).await,
         InfraCommand::Drift {
             project,
             restore,
             output,
-        } => {
-            let cfg = load(&project)?;
-            let provider = exec::provider_for(&cfg)?;
-            let report = match crate::drift::detect(&cfg, provider.as_ref()).await {
-                Ok(r) => r,
-                Err(e) => return exec_exit(e),
-            };
-            if output == Output::Json {
-                json(&report);
-            } else if !report.drifted {
-                println!("No drift: every recorded service is running with its configuration.");
-            } else {
-                for i in &report.items {
-                    println!(
-                        "{:<20} {:<15} {}",
-                        i.service,
-                        serde_json::to_value(i.kind)
-                            .expect("kind")
-                            .as_str()
-                            .unwrap_or(""),
-                        masked(&i.detail)
-                    );
-                }
-            }
-            if !report.drifted {
-                return Ok(exit::OK);
-            }
-            if restore {
-                let (cancel, _sigint) = ctrl_c_token();
-                let opts = ExecOptions {
-                    events: Some(progress_printer()),
-                    cancel,
-                    ..ExecOptions::default()
-                };
-                return traced("up", &project, Output::Text, "restored", async {
-                    let cfg = crate::trace::load_config(|| Ok::<_, ExecError>(cfg))?;
-                    exec::up(Arc::new(cfg), provider, opts).await
-                })
-                .await;
-            }
-            Ok(exit::CHANGES)
-        }
+        } => drift(&project, restore, output).await,
         InfraCommand::Infra {
             command: InfraSub::Unlock { project, yes },
-        } => {
-            let cfg = load(&project)?;
-            if let state::Location::Postgres { url, workspace } = state::Location::of(&cfg) {
-                return unlock_remote(&url, &workspace, yes).await;
-            }
-            let path = state::lock_path(&cfg.state_file);
-            match crate::foundation::inspect_deploy_lock(&path) {
-                Err(e) => Err(CliError::from(e)),
-                Ok(None) => {
-                    println!("The deploy lock {} is not held.", path.display());
-                    Ok(exit::OK)
-                }
-                Ok(Some(holder)) => {
-                    println!("The deploy lock {} is held by {holder}.", path.display());
-                    if !yes {
-                        super::confirm("Clear it? Only do this when that run is really gone.")
-                            .await?;
-                    }
-                    match crate::foundation::break_deploy_lock(&path) {
-                        Ok(_) => {
-                            println!(
-                                "Cleared. The holder, if still running, will find its lease lost."
-                            );
-                            Ok(exit::OK)
-                        }
-                        Err(e) => Err(CliError::from(e)),
-                    }
-                }
+        } => unlock(&project, yes).await,
+    }
+}
+
+fn validate(project: &Project, output: Output) -> CliResult {
+    let cfg = load(project)?;
+    let dag = Dag::build(&cfg)?;
+    if output == Output::Json {
+        json(&serde_json::json!({
+            "valid": true,
+            "project": cfg.name,
+            "env": cfg.env,
+            "provider": cfg.provider,
+            "services": dag.order(),
+            "disabled": cfg.disabled,
+            "warnings": cfg.warnings,
+        }));
+    } else {
+        println!(
+            "{} is valid: project `{}`, environment `{}`, {} service(s), provider {}",
+            project.file.display(),
+            cfg.name,
+            cfg.env,
+            cfg.services.len(),
+            cfg.provider.as_str()
+        );
+    }
+    Ok(exit::OK)
+}
+
+fn graph(project: &Project, format: GraphFormat) -> CliResult {
+    let cfg = load(project)?;
+    let d = Dag::build(&cfg)?;
+    match format {
+        GraphFormat::Dot => print!("{}", d.to_dot(&cfg.name)),
+        GraphFormat::Text => print!("{d}"),
+    }
+    Ok(exit::OK)
+}
+
+async fn plan(
+    project: &Project,
+    services: Vec<String>,
+    detailed_exitcode: bool,
+    output: Output,
+) -> CliResult {
+    let r = async {
+        let cfg = load(project)?;
+        engine::plan_and_save(&cfg, &PlanOptions { targets: services }).await
+    }
+    .await;
+    let (plan, path) = match r {
+        Ok(r) => r,
+        Err(e) => return engine_exit(e),
+    };
+    if output == Output::Json {
+        json(&plan);
+    } else {
+        print!("{}", masked(&plan.render()));
+        if !plan.blocked(false).is_empty() {
+            println!("Deleting volumes needs `nanokit up --force`.");
+        }
+        eprintln!("Saved to {}", masked(&path.display().to_string()));
+    }
+    if detailed_exitcode && plan.has_changes() {
+        Ok(exit::CHANGES)
+    } else {
+        Ok(exit::OK)
+    }
+}
+
+async fn status(project: &Project, output: Output) -> CliResult {
+    let rows = match async { engine::status_of(&load(project)?).await }.await {
+        Ok(rows) => rows,
+        Err(e) => return engine_exit(e),
+    };
+    if output == Output::Json {
+        json(&rows);
+        return Ok(exit::OK);
+    }
+    if rows.is_empty() {
+        println!("Nothing deployed (run `nanokit up`).");
+        return Ok(exit::OK);
+    }
+    println!(
+        "{:<20} {:<13} {:<8} {:<8} {:<7} UPDATED",
+        "SERVICE", "STATUS", "RUNNING", "PID", "PORT"
+    );
+    for r in &rows {
+        println!(
+            "{:<20} {:<13} {:<8} {:<8} {:<7} {}",
+            r.service,
+            r.status,
+            format!("{}/{}", r.running, r.instances.len()),
+            r.pid.map_or("-".into(), |p| p.to_string()),
+            r.port.map_or("-".into(), |p| p.to_string()),
+            r.updated_at
+        );
+        if let Some(e) = &r.error {
+            // Masked again: a state written by an older nanokit may hold an
+            // unmasked error.
+            println!("    {}", masked(e.lines().next().unwrap_or("")));
+        }
+    }
+    Ok(exit::OK)
+}
+
+async fn logs(project: &Project, service: &str, lines: usize, follow: bool) -> CliResult {
+    let cfg = load(project)?;
+    let path = cfg.log_file(service);
+    if !path.exists() {
+        return Err(CliError::new(
+            "ENKNOLOGS",
+            format!(
+                "no logs for `{service}` in environment `{}` ({} does not exist)",
+                cfg.env,
+                path.display()
+            ),
+        ));
+    }
+    let text = std::fs::read(&path).unwrap_or_default();
+    // The service's own output is in the log as it wrote it: masked here,
+    // when it is shown.
+    println!("{}", masked(&tail(&String::from_utf8_lossy(&text), lines)));
+    if !follow {
+        return Ok(exit::OK);
+    }
+    let (cancel, _sigint) = ctrl_c_token();
+    let mut pos = text.len() as u64;
+    while !cancel.is_cancelled() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if let Ok(bytes) = std::fs::read(&path) {
+            if (bytes.len() as u64) > pos {
+                print!(
+                    "{}",
+                    masked(&String::from_utf8_lossy(&bytes[pos as usize..]))
+                );
+                let _ = std::io::stdout().flush();
+                pos = bytes.len() as u64;
+            } else if (bytes.len() as u64) < pos {
+                pos = 0;
             }
         }
     }
+    Ok(exit::OK)
+}
+
+async fn drift(project: &Project, restore: bool, output: Output) -> CliResult {
+    let cfg = load(project)?;
+    let provider = engine::provider_for(&cfg)?;
+    let report = match engine::drift::detect(&cfg, provider.as_ref()).await {
+        Ok(r) => r,
+        Err(e) => return engine_exit(e),
+    };
+    if output == Output::Json {
+        json(&report);
+    } else if !report.drifted {
+        println!("No drift: every recorded service is running with its configuration.");
+    } else {
+        for i in &report.items {
+            println!(
+                "{:<20} {:<15} {}",
+                i.service,
+                serde_json::to_value(i.kind)
+                    .expect("kind")
+                    .as_str()
+                    .unwrap_or(""),
+                masked(&i.detail)
+            );
+        }
+    }
+    if !report.drifted {
+        return Ok(exit::OK);
+    }
+    if !restore {
+        return Ok(exit::CHANGES);
+    }
+    let (cancel, _sigint) = ctrl_c_token();
+    let opts = RunOptions {
+        events: Some(progress_printer()),
+        cancel,
+        ..RunOptions::default()
+    };
+    traced(
+        "up",
+        project,
+        Output::Text,
+        "restored",
+        || Ok(cfg),
+        |cfg, provider| engine::up(cfg, provider, opts),
+    )
+    .await
+}
+
+async fn unlock(project: &Project, yes: bool) -> CliResult {
+    let cfg = load(project)?;
+    if let state::Location::Postgres { url, workspace } = state::Location::of(&cfg) {
+        return unlock_remote(&url, &workspace, yes).await;
+    }
+    let path = state::lock_path(&cfg.state_file);
+    let Some(holder) = state::lock::inspect_deploy_lock(&path)? else {
+        println!("The deploy lock {} is not held.", path.display());
+        return Ok(exit::OK);
+    };
+    println!("The deploy lock {} is held by {holder}.", path.display());
+    if !yes {
+        super::confirm("Clear it? Only do this when that run is really gone.").await?;
+    }
+    state::lock::break_deploy_lock(&path)?;
+    println!("Cleared. The holder, if still running, will find its lease lost.");
+    Ok(exit::OK)
 }
 
 /// `nanokit infra unlock` on a PostgreSQL state: show the lock, ask, clear.
@@ -759,68 +758,6 @@ async fn unlock_remote(url: &str, workspace: &str, yes: bool) -> CliResult {
         }
         Err(e) => Err(CliError::from(remote_err(e))),
     }
-}
-
-/// One row of `status`.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct StatusRow {
-    pub service: String,
-    /// Recorded status; `dead` when none of its recorded instances is
-    /// running, `degraded` when only some are.
-    pub status: String,
-    /// Whether every recorded instance is running.
-    pub alive: bool,
-    pub pid: Option<u32>,
-    pub port: Option<u16>,
-    /// The first instance's provider id.
-    pub provider_id: Option<String>,
-    /// Every recorded instance's provider id (replicas).
-    pub instances: Vec<String>,
-    /// How many of `instances` are running.
-    pub running: usize,
-    pub updated_at: String,
-    pub error: Option<String>,
-}
-
-/// Status rows of every recorded service.
-pub async fn status(project: &Project) -> Result<Vec<StatusRow>, ExecError> {
-    let cfg = load(project)?;
-    status_of(&cfg).await
-}
-
-pub async fn status_of(cfg: &Config) -> Result<Vec<StatusRow>, ExecError> {
-    let provider = exec::provider_for(cfg)?;
-    let st = state::load(cfg).await?;
-    let mut rows = Vec::new();
-    for (name, r) in &st.resources {
-        let ids = r.ids();
-        let mut live = Vec::new();
-        for id in &ids {
-            if let Some(i) = provider.inspect(id).await?.filter(|i| i.running) {
-                live.push(i);
-            }
-        }
-        let stopped = r.status == state::Status::Stopped;
-        rows.push(StatusRow {
-            service: name.clone(),
-            status: if live.is_empty() && !stopped {
-                "dead".into()
-            } else if live.len() < ids.len() && !stopped {
-                "degraded".into()
-            } else {
-                r.status.as_str().into()
-            },
-            alive: !ids.is_empty() && live.len() == ids.len(),
-            pid: live.first().and_then(|i| i.pid),
-            port: cfg.services.get(name).and_then(|s| s.port),
-            provider_id: r.provider_id.clone(),
-            running: live.len(),
-            instances: ids,
-            updated_at: r.updated_at.clone(),
-            error: r.error.clone(),
-        });
-    }
-    Ok(rows)
 }
 
 #[cfg(test)]

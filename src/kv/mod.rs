@@ -14,7 +14,6 @@
 //! locks.
 
 pub mod error;
-pub mod infra_state;
 pub mod pg;
 pub mod snapshot;
 pub mod sqlite;

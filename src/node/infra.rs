@@ -13,9 +13,9 @@ use napi_derive::napi;
 
 use super::{cancel_token, js_err, ms, AbortHandle};
 use crate::config::{self, Config, LoadOptions};
-use crate::exec::{self, ExecError, ExecOptions};
+use crate::engine::plan::PlanOptions;
+use crate::engine::{self, EngineError, Event, EventSink, Report, RunOptions};
 use crate::graph::Dag;
-use crate::plan::PlanOptions;
 use crate::trace::Masker;
 
 /// Which project and how to run it.
@@ -66,13 +66,13 @@ impl InfraOptions {
         command: &'static str,
         run: F,
     ) -> (
-        std::result::Result<exec::Report, ExecError>,
+        std::result::Result<Report, EngineError>,
         Option<crate::trace::RunTrace>,
         Masker,
     )
     where
         F: FnOnce(Arc<Config>, Arc<dyn crate::provider::Provider>) -> Fut,
-        Fut: std::future::Future<Output = std::result::Result<exec::Report, ExecError>>,
+        Fut: std::future::Future<Output = std::result::Result<Report, EngineError>>,
     {
         let load = self.load_options();
         let meta = crate::trace::RunMeta {
@@ -80,26 +80,16 @@ impl InfraOptions {
             file: load.file.clone(),
             env: load.env.clone(),
         };
-        let mask = Arc::new(std::sync::Mutex::new(Masker::default()));
-        let m = mask.clone();
-        let (r, t) =
-            crate::trace::record_run(meta, crate::trace::Settings::default(), async move {
-                let cfg = crate::trace::load_config(|| config::load(&load))?;
-                *m.lock().unwrap_or_else(|e| e.into_inner()) = cfg.masker();
-                let provider = exec::provider_for(&cfg)?;
-                run(Arc::new(cfg), provider).await
-            })
-            .await;
-        let mask = mask.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        (r, t, mask)
+        let settings = crate::trace::Settings::default();
+        engine::traced(meta, settings, || config::load(&load), run).await
     }
 
-    fn exec(
+    fn run_options(
         &self,
-        events: Option<exec::EventSink>,
+        events: Option<EventSink>,
         cancel: tokio_util::sync::CancellationToken,
-    ) -> ExecOptions {
-        ExecOptions {
+    ) -> RunOptions {
+        RunOptions {
             concurrency: self.concurrency.unwrap_or(8).max(1) as usize,
             force: self.force.unwrap_or(false),
             targets: self.services.clone().unwrap_or_default(),
@@ -111,7 +101,7 @@ impl InfraOptions {
             volumes: self.volumes.unwrap_or(false),
             events,
             cancel,
-            ..ExecOptions::default()
+            ..RunOptions::default()
         }
     }
 }
@@ -219,7 +209,7 @@ pub struct PlanResult {
     pub saved_to: String,
 }
 
-fn plan_result(p: &crate::plan::Plan, saved_to: String, m: &Masker) -> PlanResult {
+fn plan_result(p: &engine::plan::Plan, saved_to: String, m: &Masker) -> PlanResult {
     PlanResult {
         project: p.project.clone(),
         env: p.env.clone(),
@@ -255,21 +245,12 @@ pub async fn plan(options: Option<InfraOptions>) -> Result<PlanResult> {
     let o = options.unwrap_or_default();
     let cfg = o.load()?;
     let m = cfg.masker();
-    let provider = exec::provider_for(&cfg).map_err(js_err)?;
-    let p = exec::make_plan(
-        &cfg,
-        provider.as_ref(),
-        &PlanOptions {
-            targets: o.services.clone().unwrap_or_default(),
-        },
-    )
-    .await
-    .map_err(|e| masked_err(e, &m))?;
-    let saved = exec::save_plan(&cfg, &p).map_err(|e| {
-        js_err(ExecError::Failed(
-            m.mask(&format!("cannot save the plan: {e}")),
-        ))
-    })?;
+    let targets = PlanOptions {
+        targets: o.services.clone().unwrap_or_default(),
+    };
+    let (p, saved) = engine::plan_and_save(&cfg, &targets)
+        .await
+        .map_err(|e| masked_err(e, &m))?;
     Ok(plan_result(&p, m.mask(&saved.to_string_lossy()), &m))
 }
 
@@ -310,9 +291,9 @@ pub struct RunResult {
 
 type EventFn = ThreadsafeFunction<InfraEvent, (), InfraEvent, Status, false>;
 
-fn sink(f: Option<EventFn>) -> Option<exec::EventSink> {
+fn sink(f: Option<EventFn>) -> Option<EventSink> {
     let f = Arc::new(f?);
-    Some(Arc::new(move |e: &exec::Event| {
+    Some(Arc::new(move |e: &Event| {
         f.call(
             InfraEvent {
                 service: e.service.clone(),
@@ -349,13 +330,13 @@ fn masked_err<E: crate::error::ErrorCode + std::fmt::Display>(e: E, m: &Masker) 
 }
 
 fn run_result(
-    r: std::result::Result<exec::Report, ExecError>,
+    r: std::result::Result<Report, EngineError>,
     t: Option<crate::trace::RunTrace>,
     m: Masker,
 ) -> Result<RunResult> {
     let r = r.map_err(|e| run_err(e, t.as_ref(), &m))?;
     if let Some(msg) = r.failure_summary() {
-        return Err(run_err(ExecError::Failed(msg), t.as_ref(), &m));
+        return Err(run_err(EngineError::Failed(msg), t.as_ref(), &m));
     }
     Ok(RunResult {
         trace_id: t.as_ref().map(|t| t.trace_id.clone()),
@@ -393,9 +374,9 @@ pub async fn up(
 ) -> Result<RunResult> {
     let o = options.unwrap_or_default();
     let cancel = cancel_token(abort);
-    let opts = o.exec(sink(on_event), cancel);
+    let opts = o.run_options(sink(on_event), cancel);
     let (r, t, m) = o
-        .traced("up", |cfg, provider| exec::up(cfg, provider, opts))
+        .traced("up", |cfg, provider| engine::up(cfg, provider, opts))
         .await;
     run_result(r, t, m)
 }
@@ -404,9 +385,9 @@ pub async fn up(
 #[napi(ts_args_type = "options?: InfraOptions, onEvent?: (event: InfraEvent) => void")]
 pub async fn down(options: Option<InfraOptions>, on_event: Option<EventFn>) -> Result<RunResult> {
     let o = options.unwrap_or_default();
-    let opts = o.exec(sink(on_event), Default::default());
+    let opts = o.run_options(sink(on_event), Default::default());
     let (r, t, m) = o
-        .traced("down", |cfg, provider| exec::down(cfg, provider, opts))
+        .traced("down", |cfg, provider| engine::down(cfg, provider, opts))
         .await;
     run_result(r, t, m)
 }
@@ -437,7 +418,7 @@ pub async fn status(options: Option<InfraOptions>) -> Result<Vec<ServiceStatus>>
     let o = options.unwrap_or_default();
     let cfg = o.load()?;
     let m = cfg.masker();
-    let rows = crate::cli::infra::status_of(&cfg)
+    let rows = engine::status_of(&cfg)
         .await
         .map_err(|e| masked_err(e, &m))?;
     Ok(rows
@@ -477,8 +458,8 @@ pub async fn drift(options: Option<InfraOptions>) -> Result<DriftResult> {
     let o = options.unwrap_or_default();
     let cfg = o.load()?;
     let m = cfg.masker();
-    let provider = exec::provider_for(&cfg).map_err(js_err)?;
-    let r = crate::drift::detect(&cfg, provider.as_ref())
+    let provider = engine::provider_for(&cfg).map_err(js_err)?;
+    let r = engine::drift::detect(&cfg, provider.as_ref())
         .await
         .map_err(|e| masked_err(e, &m))?;
     Ok(DriftResult {

@@ -174,8 +174,7 @@ fn nanos(d: Duration) -> i64 {
 }
 
 impl DockerProvider {
-    pub fn new(config: &crate::config::Config) -> Result<Self, ProviderError> {
-        let scope = crate::exec::scope(config);
+    pub fn new(config: &crate::config::Config, scope: Scope) -> Result<Self, ProviderError> {
         let volumes = config
             .volumes
             .values()
@@ -1133,11 +1132,7 @@ impl Provider for DockerProvider {
                     .map_err(|e| crate::repo::RepoError::Provision(e.to_string()))
             }
         })
-        .await
-        .map_err(|e| match e {
-            crate::repo::RepoError::Provision(m) => ProviderError::Failed(m),
-            other => ProviderError::Failed(other.to_string()),
-        })?;
+        .await?;
         Ok(Provisioned { ran: r.ran })
     }
 }

@@ -19,6 +19,8 @@ use async_trait::async_trait;
 use serde::Serialize;
 
 use crate::error::ErrorCode;
+use crate::sys::command::CommandError;
+pub use crate::sys::command::ExecOutput;
 
 /// Label keys every instance carries (process env vars / container labels).
 pub const LABEL_PROJECT: &str = "NK_PROJECT";
@@ -44,6 +46,13 @@ pub enum ProviderError {
     /// The runtime (Docker daemon) cannot be reached.
     #[error("{0}")]
     Unreachable(String),
+    /// A command on the host (a hook, a probe of a process instance) could
+    /// not be run to its end.
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    /// Provisioning failed (the install command, its lock or sentinel).
+    #[error(transparent)]
+    Provision(#[from] crate::repo::RepoError),
 }
 
 impl ErrorCode for ProviderError {
@@ -53,6 +62,8 @@ impl ErrorCode for ProviderError {
             ProviderError::Unavailable(_) => "ENKPROVIDER",
             ProviderError::Failed(_) => "ENKPROVIDER",
             ProviderError::Unreachable(_) => "ENKUNREACHABLE",
+            ProviderError::Command(_) => "ENKIO",
+            ProviderError::Provision(e) => e.code(),
         }
     }
 }
@@ -127,21 +138,6 @@ pub struct Instance {
     /// State lineage from the instance's labels.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lineage: Option<String>,
-}
-
-/// Output of a command run in an instance.
-#[derive(Debug, Clone)]
-pub struct ExecOutput {
-    /// Exit code; `None` when killed by a signal or the timeout.
-    pub code: Option<i32>,
-    pub timed_out: bool,
-    pub output: String,
-}
-
-impl ExecOutput {
-    pub fn success(&self) -> bool {
-        self.code == Some(0)
-    }
 }
 
 /// One health probe.
@@ -250,9 +246,17 @@ pub trait Provider: Send + Sync {
         cancel: &tokio_util::sync::CancellationToken,
     ) -> Result<Provisioned, ProviderError> {
         let argv = vec!["sh".to_string(), "-c".to_string(), install.to_string()];
-        crate::foundation::provision(&spec.dir, &argv, manifests, cancel)
-            .await
-            .map(|p| Provisioned { ran: p.ran })
-            .map_err(ProviderError::Failed)
+        let opts = crate::repo::ProvisionOptions {
+            capture: true,
+            ..Default::default()
+        };
+        let done = crate::repo::provision(&spec.dir, &argv, manifests, &opts, cancel).await?;
+        Ok(Provisioned { ran: done.ran })
+    }
+
+    /// For a recorded instance that is gone: the pid it had, when another
+    /// process uses that pid now (a provider whose ids are pids).
+    fn reused_pid(&self, _id: &str) -> Option<u32> {
+        None
     }
 }

@@ -17,45 +17,16 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use rustix::process::Signal;
 
 use super::*;
-
-/// Fields of `/proc/<pid>/stat` after the command name.
-struct Stat {
-    state: char,
-    pgrp: i32,
-    start_time: u64,
-}
-
-#[cfg(not(target_os = "linux"))]
-fn read_stat(_pid: u32) -> Option<Stat> {
-    None
-}
-
-#[cfg(target_os = "linux")]
-fn read_stat(pid: u32) -> Option<Stat> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &s[s.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Some(Stat {
-        state: f.first()?.chars().next()?,
-        pgrp: f.get(2)?.parse().ok()?,
-        start_time: f.get(19)?.parse().ok()?,
-    })
-}
-
-/// Start time of `pid` (clock ticks since boot), if it exists and is not a
-/// zombie.
-pub fn proc_start_time(pid: u32) -> Option<u64> {
-    read_stat(pid)
-        .filter(|s| s.state != 'Z' && s.state != 'X')
-        .map(|s| s.start_time)
-}
+use crate::sys::command::{self, tail, ExecOutput};
+use crate::sys::proc;
 
 /// `pid@start` → (pid, start).
 pub fn parse_id(id: &str) -> Option<(u32, u64)> {
@@ -65,113 +36,12 @@ pub fn parse_id(id: &str) -> Option<(u32, u64)> {
 
 /// Whether the process named by `id` still runs (same pid *and* start time).
 pub fn id_alive(id: &str) -> bool {
-    parse_id(id).is_some_and(|(pid, st)| proc_start_time(pid) == Some(st))
+    parse_id(id).is_some_and(|(pid, st)| proc::start_time(pid) == Some(st))
 }
 
-#[cfg(not(target_os = "linux"))]
-fn environ(_pid: u32) -> Option<BTreeMap<String, String>> {
-    None
-}
-
-#[cfg(target_os = "linux")]
-fn environ(pid: u32) -> Option<BTreeMap<String, String>> {
-    let bytes = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
-    Some(
-        bytes
-            .split(|b| *b == 0)
-            .filter_map(|kv| {
-                let s = std::str::from_utf8(kv).ok()?;
-                let (k, v) = s.split_once('=')?;
-                k.starts_with("NK_").then(|| (k.to_string(), v.to_string()))
-            })
-            .collect(),
-    )
-}
-
-#[cfg(not(target_os = "linux"))]
-fn all_pids() -> Vec<u32> {
-    Vec::new()
-}
-
-#[cfg(target_os = "linux")]
-fn all_pids() -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .map(|rd| {
-            rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Processes whose process group is `pgid`.
-fn group_members(pgid: u32) -> Vec<u32> {
-    all_pids()
-        .into_iter()
-        .filter(|p| read_stat(*p).is_some_and(|s| s.pgrp == pgid as i32 && s.state != 'Z'))
-        .collect()
-}
-
-fn kill_group(pgid: u32, sig: i32) {
-    // SAFETY: kill(2) with a negative pid signals the process group.
-    unsafe {
-        libc::kill(-(pgid as i32), sig);
-    }
-}
-
-/// Runs on the host or "in" a process instance: `argv` in `dir` with `env`,
-/// in its own process group, killed (the whole group) at `timeout`.
-pub async fn run_command(
-    argv: &[String],
-    dir: &Path,
-    env: &BTreeMap<String, String>,
-    timeout: Duration,
-) -> Result<ExecOutput, ProviderError> {
-    let mut cmd = tokio::process::Command::new(&argv[0]);
-    cmd.args(&argv[1..])
-        .current_dir(dir)
-        .envs(env)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    let child = cmd.spawn().map_err(|e| {
-        ProviderError::Io(format!(
-            "cannot run `{}` in {}: {e}",
-            argv.join(" "),
-            dir.display()
-        ))
-    })?;
-    let pid = child.id();
-    match tokio::time::timeout(timeout, child.wait_with_output()).await {
-        Ok(Ok(out)) => {
-            if let Some(pid) = pid {
-                // Do not leave background children of the command behind.
-                kill_group(pid, libc::SIGKILL);
-            }
-            let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-            text.push_str(&String::from_utf8_lossy(&out.stderr));
-            Ok(ExecOutput {
-                code: out.status.code(),
-                timed_out: false,
-                output: text,
-            })
-        }
-        Ok(Err(e)) => Err(ProviderError::Io(format!(
-            "waiting for `{}`: {e}",
-            argv.join(" ")
-        ))),
-        Err(_) => {
-            if let Some(pid) = pid {
-                kill_group(pid, libc::SIGKILL);
-            }
-            Ok(ExecOutput {
-                code: None,
-                timed_out: true,
-                output: format!("timed out after {}", humantime::format_duration(timeout)),
-            })
-        }
-    }
+/// The labels of process `pid` (its `NK_` environment variables).
+fn labels(pid: u32) -> Option<BTreeMap<String, String>> {
+    proc::environ(pid, "NK_")
 }
 
 /// The local-process provider.
@@ -216,13 +86,13 @@ impl Provider for ProcessProvider {
         let scope = scope.clone();
         tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();
-            for pid in all_pids() {
+            for pid in proc::pids() {
                 // Only group leaders are instances; their children share labels.
-                let Some(st) = read_stat(pid) else { continue };
+                let Some(st) = proc::stat(pid) else { continue };
                 if st.pgrp != pid as i32 || st.state == 'Z' {
                     continue;
                 }
-                let Some(env) = environ(pid) else { continue };
+                let Some(env) = labels(pid) else { continue };
                 if env.get(LABEL_STATE_ID) == Some(&scope.state_id)
                     && env.get(LABEL_ENV) == Some(&scope.env)
                 {
@@ -240,10 +110,10 @@ impl Provider for ProcessProvider {
         let Some((pid, start)) = parse_id(id) else {
             return Ok(None);
         };
-        if proc_start_time(pid) != Some(start) {
+        if proc::start_time(pid) != Some(start) {
             return Ok(None);
         }
-        let env = environ(pid).unwrap_or_default();
+        let env = labels(pid).unwrap_or_default();
         Ok(Some(Self::instance(pid, start, &env)))
     }
 
@@ -264,7 +134,7 @@ impl Provider for ProcessProvider {
             log,
             "--- nanokit: starting `{}` at {} ---",
             spec.service,
-            crate::state::now()
+            humantime::format_rfc3339_millis(std::time::SystemTime::now())
         );
         let err_log = log.try_clone().map_err(|e| io("log", e))?;
         let mut cmd = std::process::Command::new("sh");
@@ -297,14 +167,14 @@ impl Provider for ProcessProvider {
         std::thread::spawn(move || {
             let _ = child.wait();
         });
-        let start = read_stat(pid).map(|s| s.start_time).ok_or_else(|| {
+        let start = proc::stat(pid).map(|s| s.start_time).ok_or_else(|| {
             // Gone before we could even read its start time: say why, as the
             // engine does for an instance that dies while starting.
             let log = std::fs::read_to_string(&spec.log_file).unwrap_or_default();
             ProviderError::Failed(format!(
                 "the instance exited while starting; last log lines (of {}):\n{}",
                 spec.log_file.display(),
-                crate::exec::tail(&log, 20)
+                tail(&log, 20)
             ))
         })?;
         Ok(Instance {
@@ -327,7 +197,7 @@ impl Provider for ProcessProvider {
     ) -> Result<ExecOutput, ProviderError> {
         let mut env = spec.env.clone();
         env.extend(command_labels(&spec.labels));
-        run_command(argv, &spec.dir, &env, timeout).await
+        Ok(command::run(argv, &spec.dir, &env, timeout).await?)
     }
 
     async fn probe(
@@ -378,15 +248,15 @@ impl Provider for ProcessProvider {
         let Some((pid, start)) = parse_id(id) else {
             return Ok(());
         };
-        let alive = || proc_start_time(pid) == Some(start);
+        let alive = || proc::start_time(pid) == Some(start);
         if alive() {
-            kill_group(pid, libc::SIGTERM);
+            proc::kill_group(pid, Signal::TERM);
             let deadline = tokio::time::Instant::now() + grace;
             while alive() && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             if alive() {
-                kill_group(pid, libc::SIGKILL);
+                proc::kill_group(pid, Signal::KILL);
             }
             let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
             while alive() && tokio::time::Instant::now() < deadline {
@@ -401,12 +271,9 @@ impl Provider for ProcessProvider {
         // Sweep members left in the group (children that ignored SIGTERM or
         // outlived their leader). Only members started after the leader can
         // belong to it.
-        for member in group_members(pid) {
-            if read_stat(member).is_some_and(|s| s.start_time >= start) {
-                // SAFETY: signalling one process.
-                unsafe {
-                    libc::kill(member as i32, libc::SIGKILL);
-                }
+        for (member, started) in proc::group_members(pid) {
+            if started >= start {
+                proc::kill(member, Signal::KILL);
             }
         }
         Ok(())
@@ -415,7 +282,7 @@ impl Provider for ProcessProvider {
     async fn logs(&self, service: &str, lines: usize) -> Result<String, ProviderError> {
         let path = self.log_dir.join(format!("{service}.log"));
         match std::fs::read(&path) {
-            Ok(b) => Ok(crate::exec::tail(&String::from_utf8_lossy(&b), lines)),
+            Ok(b) => Ok(tail(&String::from_utf8_lossy(&b), lines)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 Err(ProviderError::Failed(format!(
                     "no logs for `{service}` yet ({} does not exist)",
@@ -443,5 +310,10 @@ impl Provider for ProcessProvider {
 
     fn volume_path(&self, name: &str) -> PathBuf {
         self.volume_dir.join(name)
+    }
+
+    fn reused_pid(&self, id: &str) -> Option<u32> {
+        // Not one of ours (observe did not find it): whoever runs it now.
+        parse_id(id).and_then(|(pid, _)| proc::start_time(pid).map(|_| pid))
     }
 }

@@ -1,13 +1,9 @@
 //! Installer processes and what they leave behind.
 //!
 //! Guarantees:
-//! * An installer nanokit starts (npm, a `provision` command) runs in its own
-//!   process group, forked by a thread that lives until the child is reaped,
-//!   with `PR_SET_PDEATHSIG(SIGKILL)` on Linux: when this process dies, the
-//!   installer dies with it. (The signal follows the *thread* that forked, so
-//!   the fork never happens on a pool thread that may retire.) When the
-//!   installer exits, is cancelled or its handle is dropped, whatever is left
-//!   of its group is killed.
+//! * An installer nanokit starts (npm, a `provision` command) runs as a
+//!   [`GroupChild`](crate::sys::command::GroupChild): its whole process group
+//!   dies with it, with its handle, and with this process.
 //! * Every staging directory records its owner (host, pid and start time) and
 //!   the installer's process group (pid and start time) in
 //!   [`OWNER_FILE`]. The next installer of *any* package on the same host
@@ -23,19 +19,17 @@
 //!   the installer itself is handed a path (its working directory).
 
 use std::ffi::{OsStr, OsString};
-use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::ExitStatus;
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
 use crate::lock::{LockError, LockStatus};
 use crate::sys::beneath::Dir;
 use crate::sys::host::{self, this_host};
+use crate::sys::proc;
 
 /// The state of the package lock of a staging key (the key of
 /// `<key>.<token>`), as [`crate::lock::inspect`] reports it.
@@ -118,69 +112,21 @@ impl OwnerRecord {
 
 // ---- Installer processes ---------------------------------------------------
 
-fn pid_of(raw: u32) -> Option<rustix::process::Pid> {
-    // Never 0 or 1: kill(-1) / kill(0) mean "everyone" / "our own group".
-    (raw > 1 && raw <= i32::MAX as u32)
-        .then(|| rustix::process::Pid::from_raw(raw as i32))
-        .flatten()
-}
-
-fn kill_group(pgid: u32) {
-    if let Some(pid) = pid_of(pgid) {
-        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
-    }
-}
-
-/// Non-zombie processes in process group `pgid` (from `/proc`), with their
-/// start times.
-fn group_members(pgid: u32) -> Vec<(u32, u64)> {
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let Some(close) = stat.rfind(')') else {
-            continue;
-        };
-        // Fields after the command name: 3 state, 4 ppid, 5 pgrp, …, 22 start time.
-        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
-        if fields.len() < 20 || fields[0] == "Z" || fields[0] == "X" {
-            continue;
-        }
-        if fields[2].parse::<u32>().ok() == Some(pgid) {
-            if let Ok(start) = fields[19].parse::<u64>() {
-                out.push((pid, start));
-            }
-        }
-    }
-    out
-}
-
 /// The live processes of an orphaned installer group: the whole group when
 /// its leader is still the process recorded (same start time); otherwise
 /// only members started after the recorded leader whose working directory is
 /// inside `staging` (a group id reused by a stranger is left alone).
 fn orphan_members(pgid: u32, leader_start: Option<u64>, staging: &Path) -> Vec<u32> {
-    let members = group_members(pgid);
-    let leader_is_ours =
-        leader_start.is_some() && host::process_alive(pgid, leader_start) && pid_of(pgid).is_some();
+    let members = proc::group_members(pgid);
+    let leader_is_ours = leader_start.is_some()
+        && host::process_alive(pgid, leader_start)
+        && proc::pid(pgid).is_some();
     members
         .into_iter()
         .filter(|&(pid, start)| {
             leader_is_ours
                 || (leader_start.is_some_and(|s| start >= s)
-                    && fs::read_link(format!("/proc/{pid}/cwd"))
-                        .is_ok_and(|cwd| cwd.starts_with(staging)))
+                    && proc::cwd(pid).is_some_and(|cwd| cwd.starts_with(staging)))
         })
         .map(|(pid, _)| pid)
         .collect()
@@ -199,156 +145,9 @@ fn kill_orphan(record: &OwnerRecord, staging: &Path) {
     tracing::warn!(pgid, owner = record.pid, staging = %staging.display(), count = members.len(),
         "killing the installer of a dead owner");
     for pid in &members {
-        if let Some(p) = pid_of(*pid) {
-            let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
-        }
+        proc::kill(*pid, rustix::process::Signal::KILL);
     }
-    wait_gone(&members, Duration::from_secs(5));
-}
-
-/// Waits until none of `pids` is a live (non-zombie) process, at most `limit`.
-fn wait_gone(pids: &[u32], limit: Duration) {
-    let deadline = Instant::now() + limit;
-    while pids.iter().any(|&p| host::process_alive(p, None)) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-struct GroupState {
-    /// The leader has been reaped: its pid (and group id) may be reused.
-    reaped: bool,
-}
-
-/// A child running in its own process group, forked by (and reaped on) a
-/// dedicated thread that lives exactly as long as the child.
-pub struct GroupChild {
-    pid: u32,
-    state: Arc<Mutex<GroupState>>,
-    done: Option<tokio::sync::oneshot::Receiver<io::Result<ExitStatus>>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl GroupChild {
-    /// Spawns `cmd` as the leader of a new process group, with
-    /// `PR_SET_PDEATHSIG(SIGKILL)` (Linux).
-    pub fn spawn(mut cmd: std::process::Command) -> io::Result<GroupChild> {
-        use std::os::unix::process::CommandExt;
-        cmd.process_group(0);
-        #[cfg(target_os = "linux")]
-        {
-            let parent = std::process::id() as i32;
-            // SAFETY: the closure runs between fork and exec and only makes
-            // async-signal-safe system calls (prctl, getppid); no allocation.
-            unsafe {
-                cmd.pre_exec(move || {
-                    rustix::process::set_parent_process_death_signal(Some(
-                        rustix::process::Signal::KILL,
-                    ))?;
-                    // We may have died between fork and prctl: then the death
-                    // signal will never come; do not run orphaned.
-                    if rustix::process::getppid().map(|p| p.as_raw_pid()) != Some(parent) {
-                        return Err(io::Error::from_raw_os_error(libc::ESRCH));
-                    }
-                    Ok(())
-                });
-            }
-        }
-        let state = Arc::new(Mutex::new(GroupState { reaped: false }));
-        let (spawned_tx, spawned_rx) = std::sync::mpsc::channel::<io::Result<u32>>();
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        let thread_state = state.clone();
-        let thread = std::thread::Builder::new()
-            .name("nanokit-installer".into())
-            .spawn(move || {
-                let mut child = match cmd.spawn() {
-                    Ok(c) => c,
-                    Err(e) => {
-                        let _ = spawned_tx.send(Err(e));
-                        return;
-                    }
-                };
-                let pid = child.id();
-                let _ = spawned_tx.send(Ok(pid));
-                // Wait for the leader's exit without reaping it: while it is
-                // a zombie its pid, and so the group id, cannot be reused.
-                if let Some(p) = pid_of(pid) {
-                    use rustix::process::{waitid, WaitId, WaitIdOptions};
-                    while let Err(rustix::io::Errno::INTR) = waitid(
-                        WaitId::Pid(p),
-                        WaitIdOptions::EXITED | WaitIdOptions::NOWAIT,
-                    ) {}
-                }
-                let mut state = thread_state.lock().unwrap_or_else(|e| e.into_inner());
-                // Stragglers (scripts npm started) die with the installer.
-                kill_group(pid);
-                let status = child.wait();
-                state.reaped = true;
-                drop(state);
-                let _ = done_tx.send(status);
-            })?;
-        match spawned_rx.recv() {
-            Ok(Ok(pid)) => Ok(GroupChild {
-                pid,
-                state,
-                done: Some(done_rx),
-                thread: Some(thread),
-            }),
-            Ok(Err(e)) => {
-                let _ = thread.join();
-                Err(e)
-            }
-            Err(_) => Err(io::Error::other("the installer thread ended early")),
-        }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.pid
-    }
-
-    /// Kills the whole group (if the leader has not been reaped yet).
-    pub fn kill(&self) {
-        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if !state.reaped {
-            kill_group(self.pid);
-        }
-    }
-
-    /// Waits for the leader to exit (the rest of the group is killed then).
-    pub async fn wait(&mut self) -> io::Result<ExitStatus> {
-        let done = self
-            .done
-            .as_mut()
-            .ok_or_else(|| io::Error::other("already waited"))?;
-        let status = done
-            .await
-            .unwrap_or_else(|_| Err(io::Error::other("the installer thread ended early")));
-        self.done = None;
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        status
-    }
-}
-
-impl Drop for GroupChild {
-    /// Not waited for (cancelled, aborted, or an error on the way): kill the
-    /// group and wait, briefly, until its processes are gone, so that the
-    /// caller can remove their working directory.
-    fn drop(&mut self) {
-        if self.done.is_none() {
-            return;
-        }
-        self.kill();
-        let members: Vec<u32> = group_members(self.pid)
-            .into_iter()
-            .map(|(p, _)| p)
-            .collect();
-        wait_gone(&members, Duration::from_secs(5));
-        let mut members = members;
-        members.push(self.pid);
-        wait_gone(&members, Duration::from_secs(5));
-        // The thread reaps the leader and ends on its own.
-    }
+    proc::wait_gone(&members, Duration::from_secs(5));
 }
 
 // ---- Leftovers -------------------------------------------------------------
@@ -611,43 +410,5 @@ mod tests {
         assert_eq!(h, this_host().id);
         assert_eq!(pid, std::process::id());
         assert_eq!(start, this_host().pid_start);
-    }
-
-    #[test]
-    fn a_dropped_child_takes_its_group_with_it() {
-        let mut cmd = std::process::Command::new("sh");
-        // The shell starts a grandchild in the same group, then waits.
-        cmd.args(["-c", "sleep 30 & wait"]);
-        let child = GroupChild::spawn(cmd).unwrap();
-        let pgid = child.pid();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while group_members(pgid).len() < 2 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert_eq!(
-            group_members(pgid).len(),
-            2,
-            "sh and sleep run in the group"
-        );
-        drop(child);
-        assert!(group_members(pgid).is_empty(), "the whole group is gone");
-    }
-
-    #[tokio::test]
-    async fn stragglers_die_when_the_leader_exits() {
-        let mut cmd = std::process::Command::new("sh");
-        cmd.args(["-c", "sleep 30 & echo started"]);
-        cmd.stdout(std::process::Stdio::null());
-        let mut child = GroupChild::spawn(cmd).unwrap();
-        let pgid = child.pid();
-        assert!(child.wait().await.unwrap().success());
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !group_members(pgid).is_empty() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(
-            group_members(pgid).is_empty(),
-            "the background sleep was killed"
-        );
     }
 }

@@ -461,7 +461,7 @@ impl InstallTxn {
             .stderr(log);
         tracing::info!(spec = %self.spec, staging = %self.staging.display(), "running npm install");
         // Own process group, killed with us (and when this future is dropped).
-        let mut child = installer::GroupChild::spawn(cmd)
+        let mut child = crate::sys::command::GroupChild::spawn(cmd)
             .map_err(|e| failed(format!("could not run {}: {e}", npm.npm.display())))?;
         if let Some(token) = self.lease.as_ref().map(|l| l.token().to_string()) {
             let mut record = OwnerRecord::ours(&token);

@@ -117,9 +117,9 @@ async fn run_on_host(
     cwd: &Path,
     command: &[String],
     hash: &str,
-    capture: bool,
+    capture_output: bool,
 ) -> Result<InstallRun, RepoError> {
-    use std::io::{Read, Seek};
+    use crate::sys::command::{capture_file, read_capture, GroupChild};
     let mut cmd = std::process::Command::new(&command[0]);
     cmd.args(&command[1..])
         .current_dir(cwd)
@@ -128,42 +128,25 @@ async fn run_on_host(
         .stdin(Stdio::null());
     // Captured output goes to an unlinked temporary file, not a pipe: a
     // straggler holding a pipe open can never block us.
-    let mut capture_file = None;
-    if capture {
-        let path = std::env::temp_dir().join(format!(
-            ".nanokit-provision-{}-{:016x}.log",
-            std::process::id(),
-            fastrand::u64(..)
-        ));
-        let file = fs::File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|e| RepoError::Provision(format!("cannot create {}: {e}", path.display())))?;
-        let _ = fs::remove_file(&path);
-        let dup = |f: &fs::File| {
-            f.try_clone()
-                .map_err(|e| RepoError::Provision(format!("cannot capture the output: {e}")))
-        };
-        cmd.stdout(dup(&file)?).stderr(dup(&file)?);
-        capture_file = Some(file);
+    let mut capture = None;
+    if capture_output {
+        let cannot = |e| RepoError::Provision(format!("cannot capture the output: {e}"));
+        let file = capture_file().map_err(cannot)?;
+        cmd.stdout(file.try_clone().map_err(cannot)?)
+            .stderr(file.try_clone().map_err(cannot)?);
+        capture = Some(file);
     } else {
         cmd.stdout(crate::sys::fs::child_stdout())
             .stderr(crate::sys::fs::child_stderr());
     }
     // Own process group, killed with us and when this future is dropped.
-    let mut child = super::installer::GroupChild::spawn(cmd)
+    let mut child = GroupChild::spawn(cmd)
         .map_err(|e| RepoError::Provision(format!("cannot run {:?}: {e}", command[0])))?;
     let status = child
         .wait()
         .await
         .map_err(|e| RepoError::Provision(format!("waiting for {:?}: {e}", command[0])))?;
-    let output = capture_file.map(|mut f| {
-        let mut bytes = Vec::new();
-        let _ = f.rewind().and_then(|_| f.read_to_end(&mut bytes));
-        String::from_utf8_lossy(&bytes).into_owned()
-    });
+    let output = capture.map(read_capture);
     Ok(InstallRun {
         success: status.success(),
         status: status.to_string(),
@@ -248,10 +231,7 @@ where
     if !outcome.success {
         let tail = text
             .as_deref()
-            .map(|t| {
-                let lines: Vec<&str> = t.lines().collect();
-                format!(": {}", lines[lines.len().saturating_sub(20)..].join("\n"))
-            })
+            .map(|t| format!(": {}", crate::sys::command::tail(t, 20)))
             .unwrap_or_default();
         return Err(RepoError::Provision(format!(
             "the install command `{}` failed ({}){tail}; no sentinel was written, the next run retries",

@@ -2,12 +2,16 @@
 //!
 //! Written atomically (temp file + fsync + rename, mode 0600) after every
 //! resource step, with a serial that grows on every write and a lineage id
-//! fixed at creation. The deploy lock lives beside it (`state.json.lock`).
+//! fixed at creation. The deploy lock lives beside it (`state.json.lock`,
+//! [`lock`]).
 //!
 //! The same state can instead live in PostgreSQL ([`Location::Postgres`],
-//! see [`crate::kv::infra_state`]): every write is then a compare-and-swap
+//! see [`remote`]): every write is then a compare-and-swap
 //! on the serial and lineage the run holds, so two machines or working
 //! directories can never overwrite each other's state.
+
+pub mod lock;
+pub mod remote;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,8 +22,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::error::ErrorCode;
-use crate::kv::infra_state::InfraStateStore;
 use crate::kv::KvError;
+use remote::InfraStateStore;
 
 pub const STATE_VERSION: u32 = 1;
 
@@ -42,6 +46,9 @@ pub enum StateError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The deploy lock file could not be taken or released.
+    #[error(transparent)]
+    Lock(#[from] crate::lock::LockError),
     #[error("state {path} belongs to project `{found}`, not `{expected}`; use another `infra.state` path")]
     Project {
         path: PathBuf,
@@ -71,6 +78,7 @@ impl ErrorCode for StateError {
             StateError::Remote { source, .. } => source.code(),
             StateError::RemoteCorrupt { .. } => "ENKSTATECORRUPT",
             StateError::Locked { .. } => "ENKLOCKED",
+            StateError::Lock(e) => e.code(),
             _ => "ENKSTATE",
         }
     }

@@ -85,29 +85,10 @@ fn hostname() -> String {
     }
 }
 
-/// Start time of `pid` in clock ticks since boot (field 22 of
-/// `/proc/<pid>/stat`), and whether it is a zombie. `None` if it does not exist.
-#[cfg(target_os = "linux")]
-fn proc_stat(pid: u32) -> Option<(u64, bool)> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may contain spaces.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let mut fields = rest.split(' ');
-    let state = fields.next()?;
-    // `rest` starts at field 3; field 22 is 19 further on.
-    let start = fields.nth(18)?.parse().ok()?;
-    Some((start, state == "Z"))
-}
-
-#[cfg(not(target_os = "linux"))]
-fn proc_stat(_pid: u32) -> Option<(u64, bool)> {
-    None
-}
-
 /// The start time of `pid`, recorded in lock files so that a reused pid is
 /// not mistaken for the original holder.
 pub fn process_start_time(pid: u32) -> Option<u64> {
-    proc_stat(pid).map(|(start, _)| start)
+    super::proc::stat(pid).map(|s| s.start_time)
 }
 
 /// Whether process `pid` (on this host) is alive and, when `start_time` is
@@ -121,9 +102,9 @@ pub fn process_alive(pid: u32, start_time: Option<u64>) -> bool {
     if rc != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EPERM) {
         return false;
     }
-    match proc_stat(pid) {
-        Some((_, true)) => false,
-        Some((start, false)) => start_time.is_none_or(|s| s == start),
+    match super::proc::stat(pid) {
+        Some(s) if s.state == 'Z' => false,
+        Some(s) => start_time.is_none_or(|t| t == s.start_time),
         // No /proc (not Linux): trust kill().
         None => !std::path::Path::new("/proc/self/stat").exists(),
     }

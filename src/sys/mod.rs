@@ -3,6 +3,8 @@
 //! of the crate but [`crate::error`].
 
 pub mod beneath;
+pub mod command;
 pub mod fs;
 pub mod host;
 pub mod private;
+pub mod proc;

@@ -2,7 +2,7 @@
 //! local trace file per `up` / `down`.
 //!
 //! The engine is instrumented with plain `tracing` spans (see
-//! `crate::exec`, `crate::repo`, `crate::lock`). What records them:
+//! the engine, `crate::repo`, `crate::lock`). What records them:
 //!
 //! - **A run** (`up` / `down`, CLI or JS API) goes through [`record_run`]: it
 //!   builds a tracer provider for that run alone with two processors, a
@@ -169,7 +169,7 @@ fn resource() -> opentelemetry_sdk::Resource {
 }
 
 /// Values that must never leave the process in a span (see [`mask`]):
-/// filled by [`load_config`] with the run's [`Masker`], applied by
+/// filled by [`add_run_secrets`] with the run's [`Masker`], applied by
 /// [`Redacting`] to every span of the run before it is kept or exported.
 type Secrets = Arc<std::sync::RwLock<Masker>>;
 
@@ -380,57 +380,49 @@ pub fn fail(span: &Span, message: &str) {
     }
 }
 
+/// An error a traced step can end with: a cancelled step is recorded as
+/// `cancelled`, any other as `failed` with its message.
+pub trait StepFailure: std::fmt::Display {
+    fn is_cancelled(&self) -> bool;
+}
+
 /// Runs `fut` inside `span` and records its outcome on it.
-pub async fn step<T>(
+pub async fn step<T, E: StepFailure>(
     span: Span,
-    fut: impl Future<Output = Result<T, String>>,
-) -> Result<T, String> {
+    fut: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
     step_masked(span, &Masker::default(), fut).await
 }
 
 /// [`step`], with `mask`'s secrets masked in a recorded error (hook and
 /// probe output may print them). The run's [`Redacting`] processor masks
 /// every span again; this keeps them out of spans recorded outside a run.
-pub async fn step_masked<T>(
+pub async fn step_masked<T, E: StepFailure>(
     span: Span,
     mask: &Masker,
-    fut: impl Future<Output = Result<T, String>>,
-) -> Result<T, String> {
+    fut: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
     let r = fut.instrument(span.clone()).await;
     match &r {
         Ok(_) => set(&span, "nanokit.outcome", "ok"),
-        Err(e) if e == "cancelled" => set(&span, "nanokit.outcome", "cancelled"),
+        Err(e) if e.is_cancelled() => set(&span, "nanokit.outcome", "cancelled"),
         Err(e) => {
             set(&span, "nanokit.outcome", "failed");
             if !span.is_disabled() {
-                fail(&span, &mask.mask(e));
+                fail(&span, &mask.mask(&e.to_string()));
             }
         }
     }
     r
 }
 
-/// Loads the configuration inside a `config.load` span and notes the
-/// project and provider on the run's root span (the current span).
-pub fn load_config<E: std::fmt::Display>(
-    f: impl FnOnce() -> Result<crate::config::Config, E>,
-) -> Result<crate::config::Config, E> {
-    let root = Span::current();
-    let span = tracing::info_span!("config.load");
-    let r = span.in_scope(f);
-    match &r {
-        Ok(c) => {
-            let _ = RUN_SECRETS.try_with(|s| {
-                let mut s = s.write().unwrap_or_else(|e| e.into_inner());
-                *s = s.merged(&c.masker());
-            });
-            set(&root, "nanokit.project", c.name.clone());
-            set(&root, "nanokit.provider", c.provider.as_str());
-            set(&span, "nanokit.services", c.services.len() as i64);
-        }
-        Err(e) => fail(&span, &e.to_string()),
-    }
-    r
+/// Adds `mask`'s secrets to those of the run this task belongs to (nothing
+/// outside runs): every span of the run is masked with them.
+pub fn add_run_secrets(mask: &Masker) {
+    let _ = RUN_SECRETS.try_with(|s| {
+        let mut s = s.write().unwrap_or_else(|e| e.into_inner());
+        *s = s.merged(mask);
+    });
 }
 
 /// The masker of the run this task belongs to (empty outside runs, or
@@ -465,15 +457,6 @@ pub struct RunTrace {
 pub trait RunOutcome {
     /// None when everything went well; else what failed.
     fn failure(&self) -> Option<String>;
-}
-
-impl<E: std::fmt::Display> RunOutcome for Result<crate::exec::Report, E> {
-    fn failure(&self) -> Option<String> {
-        match self {
-            Err(e) => Some(e.to_string()),
-            Ok(r) => r.failure_summary(),
-        }
-    }
 }
 
 /// The directory of a project's traces: `.nanokit/traces` beside the file.

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use nanokit::config::{self, Config, LoadOptions};
-use nanokit::exec::{self, ExecOptions};
+use nanokit::engine::{self, RunOptions};
 
 pub struct Project {
     pub dir: tempfile::TempDir,
@@ -35,16 +35,16 @@ impl Project {
         config::load(&LoadOptions::new(self.file())).unwrap_or_else(|e| panic!("config: {e}"))
     }
 
-    pub async fn up(&self, opts: ExecOptions) -> Result<exec::Report, exec::ExecError> {
+    pub async fn up(&self, opts: RunOptions) -> Result<engine::Report, engine::EngineError> {
         let cfg = self.config();
-        let p = exec::provider_for(&cfg).expect("provider");
-        exec::up(Arc::new(cfg), p, opts).await
+        let p = engine::provider_for(&cfg).expect("provider");
+        engine::up(Arc::new(cfg), p, opts).await
     }
 
-    pub async fn down(&self) -> exec::Report {
+    pub async fn down(&self) -> engine::Report {
         let cfg = self.config();
-        let p = exec::provider_for(&cfg).expect("provider");
-        exec::down(Arc::new(cfg), p, ExecOptions::default())
+        let p = engine::provider_for(&cfg).expect("provider");
+        engine::down(Arc::new(cfg), p, RunOptions::default())
             .await
             .expect("down")
     }
@@ -70,7 +70,7 @@ impl Drop for Project {
     fn drop(&mut self) {
         // Kill whatever still runs with this project's labels.
         if let Ok(cfg) = config::load(&LoadOptions::new(self.file())) {
-            let scope = exec::scope(&cfg);
+            let scope = engine::scope(&cfg);
             for pid in labelled(&scope.state_id) {
                 unsafe {
                     libc::kill(-(pid as i32), libc::SIGKILL);
@@ -114,11 +114,11 @@ pub fn free_port() -> u16 {
 }
 
 /// Events recorded by an up/down run.
-pub fn recorder() -> (exec::EventSink, Arc<std::sync::Mutex<Vec<exec::Event>>>) {
+pub fn recorder() -> (engine::EventSink, Arc<std::sync::Mutex<Vec<engine::Event>>>) {
     let log = Arc::new(std::sync::Mutex::new(Vec::new()));
     let l = log.clone();
     (
-        Arc::new(move |e: &exec::Event| l.lock().unwrap().push(e.clone())),
+        Arc::new(move |e: &engine::Event| l.lock().unwrap().push(e.clone())),
         log,
     )
 }

@@ -1,15 +1,17 @@
-//! The one place where the reconciliation engine meets the foundation's
-//! primitives: the deploy lock (the lease lock of `crate::lock`) and atomic
-//! provisioning (`crate::repo::provision`).
+//! The deploy lock, kept with the state it guards: a lease file beside
+//! `state.json` (the lease lock of [`crate::lock`]) or a row beside the
+//! remote state in PostgreSQL, renewed in the background. One run holds it
+//! at a time; a run that finds its lease lost is told through
+//! [`DeployLock::lost_token`] and starts nothing new.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::kv::infra_state::InfraStateStore;
+use super::remote::InfraStateStore;
 use crate::kv::KvError;
 use crate::lock::{self, Lease, LockError, LockOptions};
 use crate::state::StateError;
@@ -307,9 +309,9 @@ impl DeployLock {
     }
 
     /// Releases the lock (a remote one only if this run still holds it).
-    pub async fn release(self) -> Result<(), String> {
+    pub async fn release(self) -> Result<(), StateError> {
         match self.inner {
-            Inner::File(l) => l.release().map_err(|e| e.to_string()),
+            Inner::File(l) => Ok(l.release()?),
             Inner::Remote(mut r) => {
                 if let Some(t) = r.renewer.take() {
                     t.abort();
@@ -317,36 +319,12 @@ impl DeployLock {
                 if r.lost.is_cancelled() {
                     return Ok(()); // not ours any more
                 }
+                let location = r.location.clone();
                 r.db.unlock(&r.workspace, &r.holder)
                     .await
-                    .map_err(|e| e.to_string())
+                    .map(|_| ())
+                    .map_err(|source| StateError::Remote { location, source })
             }
         }
-    }
-}
-
-/// Result of a provisioning run.
-#[derive(Debug, Clone)]
-pub struct Provisioned {
-    /// False when the sentinel showed the same install already done.
-    pub ran: bool,
-}
-
-/// Runs `command` (argv) in `dir` once per distinct (command, manifests)
-/// content, under the global provisioning lock: replicas and re-runs sharing
-/// `dir` skip when the sentinel matches.
-pub async fn provision(
-    dir: &Path,
-    command: &[String],
-    manifests: &[PathBuf],
-    cancel: &CancellationToken,
-) -> Result<Provisioned, String> {
-    let opts = crate::repo::ProvisionOptions {
-        capture: true,
-        ..Default::default()
-    };
-    match crate::repo::provision(dir, command, manifests, &opts, cancel).await {
-        Ok(o) => Ok(Provisioned { ran: o.ran }),
-        Err(e) => Err(e.to_string()),
     }
 }

@@ -4,9 +4,8 @@
 
 use serde::Serialize;
 
+use super::{plan, scope, EngineError};
 use crate::config::Config;
-use crate::exec::{scope, ExecError};
-use crate::plan;
 use crate::provider::Provider;
 use crate::state;
 
@@ -46,7 +45,7 @@ pub struct DriftReport {
 }
 
 /// Compares state with what runs.
-pub async fn detect(config: &Config, provider: &dyn Provider) -> Result<DriftReport, ExecError> {
+pub async fn detect(config: &Config, provider: &dyn Provider) -> Result<DriftReport, EngineError> {
     let st = state::load(config).await?;
     let observed = provider.observe(&scope(config)).await?;
     let mut items = Vec::new();
@@ -86,11 +85,8 @@ pub async fn detect(config: &Config, provider: &dyn Provider) -> Result<DriftRep
                 Some(_) => {}
                 None => {
                     all_live = false;
-                    let reused = crate::provider::process::parse_id(id).and_then(|(pid, _)| {
-                        crate::provider::process::proc_start_time(pid).map(|_| pid)
-                    });
-                    match reused {
-                        Some(pid) if provider.name() == "process" => items.push(item(
+                    match provider.reused_pid(id) {
+                        Some(pid) => items.push(item(
                             name,
                             DriftKind::PidReused,
                             format!("pid {pid} now belongs to another process; the service is not running"),

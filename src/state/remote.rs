@@ -40,8 +40,8 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 
-use super::pg::{connect, map_pg_err, redact_url};
-use super::{backoff, timeout_ms, validate_holder, validate_key, KvError, Result};
+use crate::kv::pg::{connect, map_pg_err, redact_url};
+use crate::kv::{backoff, timeout_ms, validate_holder, validate_key, KvError, Result};
 
 const SCHEMA: &str = "
 BEGIN;
@@ -81,7 +81,7 @@ pub struct StateDoc {
 /// The deploy lock of a workspace, as shown by `nanokit infra unlock`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct DeployLock {
+pub struct LockRow {
     pub holder: String,
     pub info: String,
     pub acquired_at_ms: i64,
@@ -332,7 +332,7 @@ impl InfraStateStore {
     }
 
     /// The live deploy lock of `workspace`, if any.
-    pub async fn lock_info(&self, workspace: &str) -> Result<Option<DeployLock>> {
+    pub async fn lock_info(&self, workspace: &str) -> Result<Option<LockRow>> {
         validate_key("workspace", workspace)?;
         let row = self
             .client
@@ -344,7 +344,7 @@ impl InfraStateStore {
             )
             .await
             .map_err(|e| self.m(e))?;
-        Ok(row.map(|r| DeployLock {
+        Ok(row.map(|r| LockRow {
             holder: r.get(0),
             info: r.get(1),
             acquired_at_ms: r.get(2),
@@ -354,7 +354,7 @@ impl InfraStateStore {
 
     /// Removes the deploy lock whoever holds it (`nanokit infra unlock`);
     /// returns the lock it removed, if it was live.
-    pub async fn force_unlock(&self, workspace: &str) -> Result<Option<DeployLock>> {
+    pub async fn force_unlock(&self, workspace: &str) -> Result<Option<LockRow>> {
         validate_key("workspace", workspace)?;
         let row = self
             .client
@@ -366,7 +366,7 @@ impl InfraStateStore {
             )
             .await
             .map_err(|e| self.m(e))?;
-        Ok(row.filter(|r| r.get::<_, bool>(4)).map(|r| DeployLock {
+        Ok(row.filter(|r| r.get::<_, bool>(4)).map(|r| LockRow {
             holder: r.get(0),
             info: r.get(1),
             acquired_at_ms: r.get(2),

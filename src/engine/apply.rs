@@ -1,0 +1,801 @@
+//! Applying a plan: each service's steps, scheduled over the dependency
+//! graph. Per service: host `prestart` → `provisioning.install` → create and
+//! start each replica → `prestart_container` in it → health → host
+//! `poststart`; a changed service is replaced by `recreate` or `rolling`.
+//! Down, in reverse dependency order: `prestop` in the instance → stop →
+//! `poststop` on the host. A failing step fails that service and skips its
+//! dependents; independent branches go on. State is saved after every step,
+//! so a kill loses nothing already done.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info_span, Span};
+
+use super::hooks::HookSite;
+use super::plan::{self, ActionKind};
+use super::report::{to_result, Event, Phase, ServiceResult, StepError, StepResult};
+use super::schedule::schedule;
+use super::{EngineError, RunOptions};
+use crate::config::{Config, Hook, Service};
+use crate::provider::{self, InstanceSpec, Provider, Scope};
+use crate::state::{self, Resource, StateError, Status, Store};
+use crate::trace::{self, Masker};
+
+/// One run's context: what every step of it reads and records.
+pub(super) struct Run {
+    pub(super) config: Arc<Config>,
+    pub(super) provider: Arc<dyn Provider>,
+    pub(super) store: tokio::sync::Mutex<Store>,
+    pub(super) opts: RunOptions,
+    pub(super) scope: Scope,
+    /// The state's lineage, labelled on every instance.
+    pub(super) lineage: String,
+    /// The config's secrets, masked in every event, log line, recorded
+    /// error and span this run writes.
+    pub(super) mask: Masker,
+}
+
+impl Run {
+    pub(super) fn new(
+        config: Arc<Config>,
+        provider: Arc<dyn Provider>,
+        store: Store,
+        opts: RunOptions,
+        scope: Scope,
+        lineage: String,
+    ) -> Run {
+        Run {
+            mask: config.masker(),
+            config,
+            provider,
+            store: tokio::sync::Mutex::new(store),
+            opts,
+            scope,
+            lineage,
+        }
+    }
+
+    pub(super) fn emit(
+        &self,
+        service: &str,
+        phase: Phase,
+        started: Instant,
+        message: Option<String>,
+    ) {
+        if let Some(sink) = &self.opts.events {
+            sink(&Event {
+                service: service.to_string(),
+                phase,
+                elapsed_ms: started.elapsed().as_millis() as u64,
+                message: message.map(|m| self.mask.mask(&m)),
+            });
+        }
+    }
+
+    pub(super) async fn save(&self, f: impl FnOnce(&mut state::State)) -> Result<(), StateError> {
+        self.store.lock().await.update(f).await
+    }
+
+    pub(super) async fn set_status(
+        &self,
+        name: &str,
+        status: Status,
+        error: Option<String>,
+    ) -> Result<(), StateError> {
+        self.save(|s| {
+            if let Some(r) = s.resources.get_mut(name) {
+                r.status = status;
+                r.error = error;
+                r.updated_at = state::now();
+            }
+        })
+        .await
+    }
+
+    pub(super) fn spec(&self, svc: &Service, hash: &str, replica: u32) -> InstanceSpec {
+        let mut labels = BTreeMap::new();
+        labels.insert(provider::LABEL_LINEAGE.into(), self.lineage.clone());
+        labels.insert(provider::LABEL_REPLICA.into(), replica.to_string());
+        labels.insert(provider::LABEL_PROJECT.into(), self.scope.project.clone());
+        labels.insert(provider::LABEL_ENV.into(), self.scope.env.clone());
+        labels.insert(provider::LABEL_STATE_ID.into(), self.scope.state_id.clone());
+        labels.insert(provider::LABEL_SERVICE.into(), svc.name.clone());
+        labels.insert(provider::LABEL_HASH.into(), hash.to_string());
+        let mut env = svc.env.clone();
+        let mut mounts = Vec::new();
+        let mut volumes = Vec::new();
+        for m in &svc.volumes {
+            if m.named {
+                volumes.push((m.source.clone(), m.target.clone()));
+                env.insert(
+                    format!(
+                        "NK_VOLUME_{}",
+                        m.source.to_ascii_uppercase().replace('-', "_")
+                    ),
+                    self.provider
+                        .volume_path(&m.source)
+                        .to_string_lossy()
+                        .into_owned(),
+                );
+            } else {
+                mounts.push((self.config.dir.join(&m.source), m.target.clone()));
+            }
+        }
+        if let Some(p) = svc.port {
+            env.entry("PORT".into()).or_insert_with(|| p.to_string());
+        }
+        InstanceSpec {
+            service: svc.name.clone(),
+            config_hash: hash.to_string(),
+            image: svc.image.clone(),
+            command: svc.start.clone(),
+            dir: svc.path.clone(),
+            env,
+            labels,
+            log_file: self.config.log_file(&svc.name),
+            port: svc.port,
+            mounts,
+            volumes,
+            expose: svc.expose,
+            path_given: svc.path_given,
+            replica,
+            replicas: svc.instances.max(1),
+            healthcheck: svc.healthcheck.clone(),
+            cpu: svc.cpu,
+            memory: svc.memory,
+            install_image: svc.install_image.clone(),
+        }
+    }
+
+    /// Stops one instance: prestop in it (failure is reported, the stop goes on), stop.
+    async fn stop_instance(
+        &self,
+        name: &str,
+        id: &str,
+        svc: Option<&Service>,
+        started: Instant,
+    ) -> Result<(), StepError> {
+        self.emit(name, Phase::Stopping, started, Some(id.to_string()));
+        if let Some(svc) = svc {
+            if !svc.hooks.prestop.is_empty()
+                && self
+                    .provider
+                    .inspect(id)
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|i| i.running)
+            {
+                let spec = self.spec(svc, "", 1);
+                if let Err(e) = self
+                    .hooks(HookSite::Instance(id), svc, &spec, Hook::Prestop, started)
+                    .await
+                {
+                    self.emit(name, Phase::Hook, started, Some(format!("warning: {e}")));
+                }
+            }
+        }
+        let span = info_span!("stop", nanokit.service = %name, nanokit.instance = id);
+        trace::step(span, async {
+            self.provider
+                .stop(id, self.opts.stop_grace)
+                .await
+                .map_err(|e| StepError::failed(format!("stopping {id}: {e}")))
+        })
+        .await
+    }
+
+    /// Deletes named volume `name` (and its data) and forgets it.
+    pub(super) async fn delete_volume(&self, name: &str) -> Result<(), EngineError> {
+        let id = self
+            .store
+            .lock()
+            .await
+            .state()
+            .volumes
+            .get(name)
+            .map(|r| r.provider_id.clone());
+        if let Some(id) = id {
+            self.provider.delete_volume(&id).await?;
+        }
+        self.save(|s| {
+            s.volumes.remove(name);
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Stops instances `ids` of service `name` together (with `svc`'s stop
+    /// hooks when given: replicas each wait out their own grace period at
+    /// the same time, not one after another) and drops from state each one
+    /// that is gone. Every stop is attempted; the first error is returned.
+    async fn retire(
+        &self,
+        name: &str,
+        ids: &[String],
+        svc: Option<&Service>,
+        started: Instant,
+    ) -> Result<(), StepError> {
+        let stops = futures::future::join_all(
+            ids.iter()
+                .map(|id| self.stop_instance(name, id, svc, started)),
+        )
+        .await;
+        let mut first_error = None;
+        for (id, r) in ids.iter().zip(stops) {
+            match r {
+                Ok(()) => self.save_ids(name, |ids| ids.retain(|x| x != id)).await?,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Records `f` applied to the service's instance ids.
+    async fn save_ids(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut Vec<String>),
+    ) -> Result<(), StateError> {
+        self.save(|s| {
+            if let Some(r) = s.resources.get_mut(name) {
+                let mut ids = r.ids();
+                f(&mut ids);
+                r.set_ids(ids);
+                r.updated_at = state::now();
+            }
+        })
+        .await
+    }
+
+    /// Creates and starts replica `replica`, records it, runs the
+    /// instance-side prestart in it.
+    async fn start_replica(
+        &self,
+        svc: &Service,
+        hash: &str,
+        replica: u32,
+        started: Instant,
+    ) -> Result<(String, InstanceSpec), StepError> {
+        let spec = self.spec(svc, hash, replica);
+        let create = info_span!(
+            "create",
+            nanokit.service = %svc.name,
+            nanokit.provider = self.provider.name(),
+            nanokit.replica = replica,
+            nanokit.replicas = svc.instances.max(1),
+        );
+        let inst = trace::step(create.clone(), async {
+            self.provider.create(&spec).await.map_err(StepError::from)
+        })
+        .await?;
+        trace::set(&create, "nanokit.instance", inst.id.clone());
+        self.save(|s| {
+            if let Some(r) = s.resources.get_mut(&svc.name) {
+                let mut ids = r.ids();
+                ids.push(inst.id.clone());
+                r.set_ids(ids);
+                if r.status == Status::Creating {
+                    r.status = Status::Starting;
+                }
+                r.updated_at = state::now();
+            }
+        })
+        .await?;
+        self.hooks(
+            HookSite::Instance(&inst.id),
+            svc,
+            &spec,
+            Hook::PrestartContainer,
+            started,
+        )
+        .await?;
+        Ok((inst.id, spec))
+    }
+
+    /// The whole up lifecycle of one service: stop what the plan replaces
+    /// (unless rolling), prestart, record, provision, start and wait for the
+    /// replicas, poststart.
+    pub(super) async fn up_service(&self, action: &plan::Action, started: Instant) -> StepResult {
+        let name = &action.service;
+        let svc = &self.config.services[name];
+        let hash = action.config_hash.clone().unwrap_or_default();
+        trace::set(&Span::current(), "nanokit.action", action.action.as_str());
+        if action.action == ActionKind::Noop {
+            self.emit(name, Phase::Unchanged, started, None);
+            return Ok(Phase::Unchanged);
+        }
+        let want = svc.instances.max(1) as usize;
+        let spec = self.spec(svc, &hash, 1);
+        let old = self.running_recorded(action, started).await?;
+        let rolling = svc.update_strategy == crate::config::UpdateStrategy::Rolling
+            && !old.is_empty()
+            && action.keep.is_empty();
+        if !rolling {
+            self.retire(name, &old, Some(svc), started).await?;
+            if !old.is_empty() {
+                self.hooks(HookSite::Host, svc, &spec, Hook::Poststop, started)
+                    .await?;
+            }
+        }
+        let creating = want.saturating_sub(action.keep.len());
+        self.emit(name, Phase::Starting, started, None);
+        if creating > 0 {
+            self.hooks(HookSite::Host, svc, &spec, Hook::Prestart, started)
+                .await?;
+        }
+        if self.opts.cancel.is_cancelled() {
+            return Err(StepError::Cancelled);
+        }
+        let mut ids = action.keep.clone();
+        if rolling {
+            ids.extend(old.iter().cloned());
+        }
+        self.record_service(action, &hash, ids, creating > 0)
+            .await?;
+        for m in &spec.mounts {
+            std::fs::create_dir_all(&m.0)
+                .map_err(|e| StepError::failed(format!("volume {}: {e}", m.0.display())))?;
+        }
+        if creating > 0 {
+            self.provision(svc, &spec, started).await?;
+        }
+        let slots = self.free_slots(&action.keep, creating).await;
+        if rolling {
+            self.roll(svc, &hash, slots, old, &spec, started).await?;
+        } else {
+            self.start_all(svc, &hash, &slots, &action.keep, &spec, started)
+                .await?;
+        }
+        if creating > 0 {
+            self.hooks(HookSite::Host, svc, &spec, Hook::Poststart, started)
+                .await?;
+        }
+        self.set_status(name, Status::Healthy, None).await?;
+        self.emit(name, Phase::Healthy, started, None);
+        Ok(Phase::Healthy)
+    }
+
+    /// The instances the plan stops that are recorded and running: these get
+    /// their stop hooks (and, rolling, stay until their replacement is
+    /// healthy). Orphans, stopped or foreign instances are removed at once.
+    async fn running_recorded(
+        &self,
+        action: &plan::Action,
+        started: Instant,
+    ) -> Result<Vec<String>, StepError> {
+        let name = &action.service;
+        let recorded = self
+            .store
+            .lock()
+            .await
+            .state()
+            .resources
+            .get(name)
+            .map(|r| r.ids())
+            .unwrap_or_default();
+        let mut old = Vec::new();
+        for id in &action.stop {
+            let running = recorded.contains(id)
+                && self
+                    .provider
+                    .inspect(id)
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|i| i.running);
+            if running {
+                old.push(id.clone());
+            } else {
+                self.retire(name, std::slice::from_ref(id), None, started)
+                    .await?;
+            }
+        }
+        Ok(old)
+    }
+
+    /// Records the service as being created (or started, when nothing new
+    /// is created) with the instances `ids` that stay.
+    async fn record_service(
+        &self,
+        action: &plan::Action,
+        hash: &str,
+        ids: Vec<String>,
+        creating: bool,
+    ) -> Result<(), StateError> {
+        let now = state::now();
+        self.save(|s| {
+            let created_at = s
+                .resources
+                .get(&action.service)
+                .map_or(now.clone(), |r| r.created_at.clone());
+            let mut r = Resource {
+                provider: self.provider.name().to_string(),
+                provider_id: None,
+                instances: Vec::new(),
+                config_hash: hash.to_string(),
+                fields: action.fields.clone(),
+                depends_on: action.depends_on.clone(),
+                status: if creating {
+                    Status::Creating
+                } else {
+                    Status::Starting
+                },
+                error: None,
+                created_at,
+                updated_at: now.clone(),
+            };
+            r.set_ids(ids);
+            s.resources.insert(action.service.clone(), r);
+        })
+        .await
+    }
+
+    /// `provisioning.install`, once per manifest hash, before any new
+    /// instance starts.
+    async fn provision(
+        &self,
+        svc: &Service,
+        spec: &InstanceSpec,
+        started: Instant,
+    ) -> Result<(), StepError> {
+        let Some(install) = &svc.install else {
+            return Ok(());
+        };
+        let name = &svc.name;
+        self.set_status(name, Status::Provisioning, None).await?;
+        self.emit(name, Phase::Provisioning, started, Some(install.clone()));
+        let span = info_span!("provisioning", nanokit.service = %name);
+        let r = trace::step_masked(span.clone(), &self.mask, async {
+            self.provider
+                .provision(spec, install, &svc.manifests, &self.opts.cancel)
+                .await
+                .map_err(|e| StepError::failed(format!("provisioning `{install}` failed: {e}")))
+        })
+        .await?;
+        trace::set(&span, "nanokit.provision.ran", r.ran);
+        if !r.ran {
+            let msg = Some("already installed".into());
+            self.emit(name, Phase::Provisioning, started, msg);
+        }
+        self.set_status(name, Status::Starting, None).await?;
+        Ok(())
+    }
+
+    /// `count` replica numbers not taken by the instances `keep` that stay.
+    async fn free_slots(&self, keep: &[String], count: usize) -> Vec<u32> {
+        let mut used = Vec::new();
+        for id in keep {
+            if let Ok(Some(i)) = self.provider.inspect(id).await {
+                used.push(i.replica);
+            }
+        }
+        (1..).filter(|n| !used.contains(n)).take(count).collect()
+    }
+
+    /// Rolling update, one replica at a time: the new one healthy before an
+    /// old one goes. A new replica that fails is removed and the old ones
+    /// keep running.
+    async fn roll(
+        &self,
+        svc: &Service,
+        hash: &str,
+        slots: Vec<u32>,
+        old: Vec<String>,
+        spec: &InstanceSpec,
+        started: Instant,
+    ) -> Result<(), StepError> {
+        let name = &svc.name;
+        let mut old = old.into_iter();
+        for slot in slots {
+            if self.opts.cancel.is_cancelled() {
+                return Err(StepError::Cancelled);
+            }
+            let (id, rspec) = self.start_replica(svc, hash, slot, started).await?;
+            if let Err(e) = self.health(&id, svc, &rspec, started).await {
+                // Keep serving from the old instances.
+                let _ = self.stop_instance(name, &id, None, started).await;
+                self.save_ids(name, |ids| ids.retain(|x| x != &id)).await?;
+                return Err(e.context(
+                    "rolling update: the new replica failed, the old instance(s) keep running",
+                ));
+            }
+            if let Some(o) = old.next() {
+                self.retire(name, &[o], Some(svc), started).await?;
+            }
+        }
+        let rest: Vec<String> = old.collect();
+        self.retire(name, &rest, Some(svc), started).await?;
+        self.hooks(HookSite::Host, svc, spec, Hook::Poststop, started)
+            .await
+    }
+
+    /// Starts the replicas of `slots` together, then waits until they and
+    /// the instances `keep` that stay are all healthy.
+    async fn start_all(
+        &self,
+        svc: &Service,
+        hash: &str,
+        slots: &[u32],
+        keep: &[String],
+        spec: &InstanceSpec,
+        started: Instant,
+    ) -> Result<(), StepError> {
+        let created = futures::future::join_all(
+            slots
+                .iter()
+                .map(|slot| self.start_replica(svc, hash, *slot, started)),
+        )
+        .await;
+        let mut all = Vec::new();
+        for id in keep {
+            // Instances that stay: their replica number is not known here.
+            let mut kept = spec.clone();
+            kept.replica = 0;
+            all.push((id.clone(), kept));
+        }
+        for r in created {
+            all.push(r?);
+        }
+        let waits = futures::future::join_all(
+            all.iter()
+                .map(|(id, rspec)| self.health(id, svc, rspec, started)),
+        )
+        .await;
+        waits.into_iter().collect()
+    }
+
+    /// Deletes one service: stop its instances, poststop, drop from state.
+    pub(super) async fn delete_service(
+        &self,
+        action: &plan::Action,
+        started: Instant,
+    ) -> StepResult {
+        let name = &action.service;
+        let svc = self.config.services.get(name);
+        trace::set(&Span::current(), "nanokit.action", action.action.as_str());
+        self.set_status(name, Status::Stopping, None).await?;
+        self.retire(name, &action.stop, svc, started).await?;
+        if let Some(svc) = svc {
+            let spec = self.spec(svc, "", 1);
+            self.hooks(HookSite::Host, svc, &spec, Hook::Poststop, started)
+                .await?;
+        }
+        self.save(|s| {
+            s.resources.remove(name);
+        })
+        .await?;
+        self.emit(name, Phase::Deleted, started, None);
+        Ok(Phase::Deleted)
+    }
+}
+
+/// Deletes the services of `actions`, each once every service that depends
+/// on it is gone (dependents first), at most `limit` at a time. A failure is
+/// recorded in state and reported; what depended on it is skipped.
+pub(super) async fn delete_services(
+    run: &Arc<Run>,
+    actions: Vec<plan::Action>,
+    limit: usize,
+) -> Vec<(String, StepResult, u64)> {
+    let nodes = actions
+        .iter()
+        .map(|a| {
+            let waits = actions
+                .iter()
+                .filter(|b| b.depends_on.contains(&a.service))
+                .map(|b| b.service.clone())
+                .collect();
+            (a.service.clone(), waits)
+        })
+        .collect();
+    run_actions(
+        run,
+        nodes,
+        actions,
+        limit,
+        CancellationToken::new(),
+        |run, action, started| async move { run.delete_service(&action, started).await },
+    )
+    .await
+}
+
+/// Runs `step` for each action as soon as the actions it waits for
+/// (`nodes`: action → what it waits for) are done, at most `limit` at once.
+/// A failure is recorded in state and reported, and what waits for it is
+/// skipped; a cancelled step is reported as such.
+pub(super) async fn run_actions<F, Fut>(
+    run: &Arc<Run>,
+    nodes: Vec<(String, Vec<String>)>,
+    actions: Vec<plan::Action>,
+    limit: usize,
+    cancel: CancellationToken,
+    step: F,
+) -> Vec<(String, StepResult, u64)>
+where
+    F: Fn(Arc<Run>, plan::Action, Instant) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = StepResult> + Send + 'static,
+{
+    let by_name: HashMap<String, plan::Action> = actions
+        .into_iter()
+        .map(|a| (a.service.clone(), a))
+        .collect();
+    let (r2, r3) = (run.clone(), run.clone());
+    schedule(
+        nodes,
+        limit,
+        cancel,
+        move |name, why| r3.emit(name, Phase::Skipped, Instant::now(), Some(why)),
+        move |name, started| {
+            let run = r2.clone();
+            let work = step(run.clone(), by_name[&name].clone(), started);
+            async move {
+                // Errors quote commands and their output: masked before they
+                // are recorded in state, sent as events or reported.
+                let r = work.await.map_err(|e| e.masked(&run.mask));
+                if let Err(e) = &r {
+                    let cancelled = *e == StepError::Cancelled;
+                    if !cancelled {
+                        let _ = run
+                            .set_status(&name, Status::Failed, Some(e.to_string()))
+                            .await;
+                    }
+                    let phase = if cancelled {
+                        Phase::Cancelled
+                    } else {
+                        Phase::Failed
+                    };
+                    run.emit(&name, phase, started, Some(e.to_string()));
+                }
+                r
+            }
+        },
+    )
+    .await
+}
+
+/// Applies the plan of `up`: volumes first (services mount them), then the
+/// deletes (dependents first), then creates, updates and no-ops in
+/// dependency order, then volume deletes (only planned with `--force`).
+/// The results follow the plan's order.
+pub(super) async fn up(
+    run: &Arc<Run>,
+    plan: &plan::Plan,
+) -> Result<Vec<ServiceResult>, EngineError> {
+    let limit = run.opts.concurrency;
+    for v in plan
+        .volumes
+        .iter()
+        .filter(|v| v.action == ActionKind::Create)
+    {
+        let id = run.provider.create_volume(&v.volume).await?;
+        run.save(|s| {
+            let created_at = state::now();
+            let record = state::VolumeRecord {
+                provider_id: id,
+                created_at,
+            };
+            s.volumes.insert(v.volume.clone(), record);
+        })
+        .await?;
+    }
+    let mut results = Vec::new();
+    let (deletes, ups): (Vec<plan::Action>, Vec<plan::Action>) = plan
+        .actions
+        .iter()
+        .cloned()
+        .partition(|a| a.action == ActionKind::Delete);
+    if !deletes.is_empty() {
+        for (n, r, ms) in delete_services(run, deletes, limit).await {
+            results.push(to_result(ActionKind::Delete, n, r, ms));
+        }
+    }
+    let kinds: HashMap<String, ActionKind> =
+        ups.iter().map(|a| (a.service.clone(), a.action)).collect();
+    let nodes = waits_in_plan(run, &ups);
+    let out = run_actions(
+        run,
+        nodes,
+        ups,
+        limit,
+        run.opts.cancel.clone(),
+        |run, action, started| async move { run.up_service(&action, started).await },
+    )
+    .await;
+    for (n, r, ms) in out {
+        results.push(to_result(kinds[&n], n, r, ms));
+    }
+    refresh_dependencies(run, plan).await?;
+    for v in plan
+        .volumes
+        .iter()
+        .filter(|v| v.action == ActionKind::Delete)
+    {
+        run.delete_volume(&v.volume).await?;
+    }
+    results.sort_by_key(|r| plan.actions.iter().position(|a| a.service == r.service));
+    Ok(results)
+}
+
+/// What each action waits for (its dependencies in the plan); announces
+/// each service that will wait.
+fn waits_in_plan(run: &Run, ups: &[plan::Action]) -> Vec<(String, Vec<String>)> {
+    let in_plan: std::collections::HashSet<&str> = ups.iter().map(|a| a.service.as_str()).collect();
+    ups.iter()
+        .map(|a| {
+            let deps: Vec<String> = a
+                .depends_on
+                .iter()
+                .filter(|d| in_plan.contains(d.as_str()))
+                .cloned()
+                .collect();
+            if a.action != ActionKind::Noop {
+                let msg = (!deps.is_empty()).then(|| format!("waiting for {}", deps.join(", ")));
+                run.emit(&a.service, Phase::Waiting, Instant::now(), msg);
+            }
+            (a.service.clone(), deps)
+        })
+        .collect()
+}
+
+/// Records the current dependencies of unchanged services (one write).
+async fn refresh_dependencies(run: &Run, plan: &plan::Plan) -> Result<(), StateError> {
+    let stale: Vec<(String, Vec<String>)> = {
+        let store = run.store.lock().await;
+        plan.actions
+            .iter()
+            .filter(|a| a.action == ActionKind::Noop)
+            .filter(|a| {
+                store
+                    .state()
+                    .resources
+                    .get(&a.service)
+                    .is_some_and(|r| r.depends_on != a.depends_on)
+            })
+            .map(|a| (a.service.clone(), a.depends_on.clone()))
+            .collect()
+    };
+    if stale.is_empty() {
+        return Ok(());
+    }
+    run.save(|s| {
+        for (n, d) in stale {
+            if let Some(r) = s.resources.get_mut(&n) {
+                r.depends_on = d;
+            }
+        }
+    })
+    .await
+}
+
+/// Applies the plan of `down`: services dependents first, then volumes;
+/// when the whole project went (`everything`) without an error, lets the
+/// provider free what it set up for it. The results come dependents first.
+pub(super) async fn down(
+    run: &Arc<Run>,
+    plan: &plan::Plan,
+    everything: bool,
+) -> Result<Vec<ServiceResult>, EngineError> {
+    let out = delete_services(run, plan.actions.clone(), run.opts.concurrency).await;
+    let mut results: Vec<ServiceResult> = out
+        .into_iter()
+        .map(|(n, r, ms)| to_result(ActionKind::Delete, n, r, ms))
+        .collect();
+    for v in &plan.volumes {
+        run.delete_volume(&v.volume).await?;
+    }
+    if everything && results.iter().all(|r| r.error.is_none()) {
+        if let Err(e) = run.provider.down_complete(&run.scope).await {
+            tracing::warn!(error = %e, "down: cleaning up after the last instance");
+        }
+    }
+    results.sort_by_key(|r| {
+        std::cmp::Reverse(plan.actions.iter().position(|a| a.service == r.service))
+    });
+    Ok(results)
+}

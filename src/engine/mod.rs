@@ -1,0 +1,453 @@
+//! The engine: `up`, `down`, `plan`, `status` and `drift` of a project.
+//! Every run goes lock → observe → plan → apply: it takes the deploy lock
+//! (kept with the state, [`crate::state::lock`]), observes what runs under
+//! its labels, plans against `state.json` ([`plan`]), and applies the plan
+//! over the dependency graph ([`apply`], [`schedule`]), saving state after
+//! every step. See docs/architecture.md.
+
+mod apply;
+pub mod drift;
+mod health;
+mod hooks;
+pub mod plan;
+pub mod report;
+mod schedule;
+pub mod status;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info_span, Instrument, Span};
+
+use crate::config::{Config, ConfigError};
+use crate::error::ErrorCode;
+use crate::graph::{Dag, GraphError};
+use crate::provider::process::ProcessProvider;
+use crate::provider::{Instance, Provider, ProviderError, Scope};
+use crate::state::lock::{self, DeployLock};
+use crate::state::{self, StateError, Store};
+use crate::trace::{self, Masker, RunMeta, RunTrace, Settings};
+use apply::Run;
+use plan::{Plan, PlanError, PlanOptions};
+pub use report::{Event, EventSink, Phase, Report, ServiceResult, StepError};
+pub use status::{status_of, StatusRow};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Graph(#[from] GraphError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+    #[error(transparent)]
+    Lock(#[from] crate::lock::LockError),
+    #[error("the plan deletes volume(s) {0}, which destroys their data; re-run with --force to allow it")]
+    NeedsForce(String),
+    #[error("cannot save the plan: {0}")]
+    SavePlan(std::io::Error),
+    #[error("{0}")]
+    Failed(String),
+    #[error("interrupted: no new services were started; state is saved (run `nanokit up` again to finish)")]
+    Cancelled,
+}
+
+impl ErrorCode for EngineError {
+    fn code(&self) -> &'static str {
+        match self {
+            EngineError::Config(e) => e.code(),
+            EngineError::Graph(e) => e.code(),
+            EngineError::Plan(e) => e.code(),
+            EngineError::State(e) => e.code(),
+            EngineError::Provider(e) => e.code(),
+            EngineError::Lock(e) => e.code(),
+            EngineError::NeedsForce(_) => "ENKFORCE",
+            EngineError::SavePlan(_) => "ENKFAILED",
+            EngineError::Failed(_) => "ENKFAILED",
+            EngineError::Cancelled => "ENKCANCELLED",
+        }
+    }
+}
+
+/// Options of `up` / `down`.
+#[derive(Clone)]
+pub struct RunOptions {
+    pub concurrency: usize,
+    pub force: bool,
+    pub targets: Vec<String>,
+    /// Wait this long for the deploy lock (none: fail at once if held).
+    pub lock_timeout: Option<Duration>,
+    pub stop_grace: Duration,
+    pub hook_timeout: Duration,
+    /// Cap on waiting for a port / running check.
+    pub health_timeout: Duration,
+    pub events: Option<EventSink>,
+    pub cancel: CancellationToken,
+    /// `down`: also delete named volumes.
+    pub volumes: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            concurrency: 8,
+            force: false,
+            targets: Vec::new(),
+            lock_timeout: None,
+            stop_grace: Duration::from_secs(10),
+            hook_timeout: Duration::from_secs(300),
+            health_timeout: Duration::from_secs(60),
+            events: None,
+            cancel: CancellationToken::new(),
+            volumes: false,
+        }
+    }
+}
+
+/// The scope (labels) of a config's instances.
+pub fn scope(config: &Config) -> Scope {
+    use sha2::{Digest, Sha256};
+    // The same remote state from any working directory is one scope.
+    let id = match state::Location::of(config) {
+        state::Location::File(p) => p.to_string_lossy().into_owned(),
+        remote => remote.display(),
+    };
+    Scope {
+        project: config.name.clone(),
+        env: config.env.clone(),
+        state_id: hex::encode(&Sha256::digest(id.as_bytes())[..8]),
+    }
+}
+
+/// The provider a config asks for.
+pub fn provider_for(config: &Config) -> Result<Arc<dyn Provider>, ProviderError> {
+    match config.provider {
+        crate::config::ProviderKind::Process => Ok(Arc::new(ProcessProvider::new(
+            config.work_dir().join("logs").join(&config.env),
+            config.work_dir().join("volumes").join(&config.env),
+        ))),
+        crate::config::ProviderKind::Docker => Ok(Arc::new(
+            crate::provider::docker::DockerProvider::new(config, scope(config))?,
+        )),
+    }
+}
+
+/// The lineage a state that was lost (never written) takes: the one its
+/// instances were labelled with, so that their config hashes compare equal
+/// and they are adopted rather than duplicated.
+fn labelled_lineage(observed: &[Instance]) -> Option<String> {
+    observed
+        .iter()
+        .filter_map(|i| i.lineage.clone())
+        .find(|l| !l.is_empty())
+}
+
+/// Computes the plan against state and the live world (no lock, no change).
+pub async fn make_plan(
+    config: &Config,
+    provider: &dyn Provider,
+    opts: &PlanOptions,
+) -> Result<Plan, EngineError> {
+    let dag = Dag::build(config)?;
+    let mut state = state::load(config).await?;
+    let observed = provider.observe(&scope(config)).await?;
+    if state.serial == 0 {
+        // No state yet: salt with the lineage the first state will have, as
+        // `up` does (the one its instances carry when the state was lost,
+        // else the one reserved for it), so this plan is the one `up` makes.
+        match labelled_lineage(&observed) {
+            Some(l) => state.lineage = l,
+            None => match state::reserved_lineage(&config.state_file) {
+                Ok(l) => state.lineage = l,
+                Err(e) => tracing::warn!(
+                    "cannot reserve the state lineage beside {}: {e}",
+                    config.state_file.display()
+                ),
+            },
+        }
+    }
+    Ok(plan::plan(config, &dag, &state, &observed, opts)?)
+}
+
+/// `nanokit plan`: the plan of `up` against state and the live world (no
+/// lock, no change), saved to `.nanokit/plans/latest.json`.
+pub async fn plan_and_save(
+    config: &Config,
+    opts: &PlanOptions,
+) -> Result<(Plan, PathBuf), EngineError> {
+    let provider = provider_for(config)?;
+    let plan = make_plan(config, provider.as_ref(), opts).await?;
+    let path = save_plan(config, &plan).map_err(EngineError::SavePlan)?;
+    Ok((plan, path))
+}
+
+/// Saves `plan` to `.nanokit/plans/latest.json` (0600, secrets masked).
+pub fn save_plan(config: &Config, plan: &Plan) -> std::io::Result<PathBuf> {
+    let path = config.plan_file();
+    let mut bytes =
+        serde_json::to_vec_pretty(&config.masker().to_json(plan)).expect("plan serializes");
+    bytes.push(b'\n');
+    crate::sys::private::write(&path, &bytes)?;
+    Ok(path)
+}
+
+/// Takes the deploy lock and opens the state, wherever it lives. When the
+/// lock was taken over from a run that died holding it, first lets the
+/// runtime finish what that run had asked of it ([`Provider::settle`]), so
+/// that what it creates late is seen now.
+async fn begin(
+    config: &Config,
+    provider: &dyn Provider,
+    opts: &RunOptions,
+    what: &str,
+) -> Result<(DeployLock, Store), EngineError> {
+    let (lock, store) = lock_and_open(config, opts, what).await?;
+    if lock.recovered() {
+        let settled = provider
+            .settle(&scope(config))
+            .instrument(info_span!("settle"))
+            .await;
+        if let Err(e) = settled {
+            let _ = lock.release().await;
+            return Err(e.into());
+        }
+    }
+    Ok((lock, store))
+}
+
+async fn lock_and_open(
+    config: &Config,
+    opts: &RunOptions,
+    what: &str,
+) -> Result<(DeployLock, Store), EngineError> {
+    let label = format!("nanokit {what} ({} / {})", config.name, config.env);
+    let (lock, mut store) = match state::Location::of(config) {
+        state::Location::File(path) => {
+            // The lock file is one of the project's private files (0600).
+            let lock_path = state::lock_path(&path);
+            if let Err(e) = crate::sys::private::touch(&lock_path) {
+                tracing::debug!("cannot prepare {}: {e}", lock_path.display());
+            }
+            let lock = lock::acquire_deploy_lock(
+                &state::lock_path(&path),
+                &label,
+                opts.lock_timeout,
+                &opts.cancel,
+            )
+            .await?;
+            match Store::open(&path, &config.name, &config.env) {
+                Ok(store) => (lock, store),
+                Err(e) => {
+                    let _ = lock.release().await;
+                    return Err(e.into());
+                }
+            }
+        }
+        state::Location::Postgres { url, workspace } => {
+            let location = crate::kv::pg::redact_url(&url);
+            let db = state::connect(&url).await?;
+            let holder = lock::run_holder();
+            let info = lock::run_info(&label);
+            let lock = tokio::select! {
+                r = lock::acquire_remote_deploy_lock(
+                    db.clone(), &location, &workspace, &holder, &info, opts.lock_timeout,
+                ) => r?,
+                _ = opts.cancel.cancelled() => return Err(EngineError::Cancelled),
+            };
+            match Store::open_remote(db, &url, &workspace, &config.name, &config.env, &holder).await
+            {
+                Ok(store) => (lock, store),
+                Err(e) => {
+                    let _ = lock.release().await;
+                    return Err(e.into());
+                }
+            }
+        }
+    };
+    // A state never written takes the lineage a plan made before it used.
+    store.take_reserved_lineage(&config.state_file);
+    Ok((lock, store))
+}
+
+/// Releases the deploy lock whatever `r` is (a failure to release is only
+/// logged: the lock then expires or is cleared with `infra unlock`).
+async fn finish<T>(lock: DeployLock, r: Result<T, EngineError>) -> Result<T, EngineError> {
+    if let Err(e) = lock.release().await {
+        tracing::warn!("cannot release the deploy lock: {e}");
+    }
+    r
+}
+
+/// Brings the world to `config`: plan, then execute.
+pub async fn up(
+    config: Arc<Config>,
+    provider: Arc<dyn Provider>,
+    opts: RunOptions,
+) -> Result<Report, EngineError> {
+    let dag = info_span!("graph").in_scope(|| Dag::build(&config))?;
+    let (lock, store) = begin(&config, provider.as_ref(), &opts, "up")
+        .instrument(info_span!("deploy_lock"))
+        .await?;
+    // A lost deploy lease (broken by `infra unlock`, taken over, expired)
+    // stops the run like Ctrl-C: nothing new starts.
+    let watch_lost = {
+        let (lost, cancel) = (lock.lost_token(), opts.cancel.clone());
+        AbortOnDrop(tokio::spawn(async move {
+            lost.cancelled().await;
+            cancel.cancel();
+        }))
+    };
+    let r = up_locked(config, provider, opts, dag, store).await;
+    drop(watch_lost);
+    finish(lock, r).await
+}
+
+async fn up_locked(
+    config: Arc<Config>,
+    provider: Arc<dyn Provider>,
+    opts: RunOptions,
+    dag: Dag,
+    mut store: Store,
+) -> Result<Report, EngineError> {
+    let scope = scope(&config);
+    let plan_span = info_span!("plan");
+    let observed = provider
+        .observe(&scope)
+        .instrument(plan_span.clone())
+        .await?;
+    if store.state().serial == 0 {
+        let found = labelled_lineage(&observed);
+        if let Some(l) = found.filter(|l| *l != store.state().lineage) {
+            store.update(|s| s.lineage = l).await?;
+        }
+    }
+    let lineage = store.state().lineage.clone();
+    let targets = PlanOptions {
+        targets: opts.targets.clone(),
+    };
+    let plan =
+        plan_span.in_scope(|| plan::plan(&config, &dag, store.state(), &observed, &targets))?;
+    drop(plan_span);
+    let blocked = plan.blocked(opts.force);
+    if !blocked.is_empty() {
+        return Err(EngineError::NeedsForce(blocked.join(", ")));
+    }
+    let run = Arc::new(Run::new(
+        config,
+        provider,
+        store,
+        opts.clone(),
+        scope,
+        lineage,
+    ));
+    let results = apply::up(&run, &plan).await?;
+    drop(run);
+    if opts.cancel.is_cancelled() {
+        return Err(EngineError::Cancelled);
+    }
+    Ok(Report { plan, results })
+}
+
+/// Stops and removes every service in state (or `targets` and their
+/// dependents), dependents first.
+pub async fn down(
+    config: Arc<Config>,
+    provider: Arc<dyn Provider>,
+    opts: RunOptions,
+) -> Result<Report, EngineError> {
+    let (lock, store) = begin(&config, provider.as_ref(), &opts, "down")
+        .instrument(info_span!("deploy_lock"))
+        .await?;
+    let r = down_locked(config, provider, opts, store).await;
+    finish(lock, r).await
+}
+
+async fn down_locked(
+    config: Arc<Config>,
+    provider: Arc<dyn Provider>,
+    opts: RunOptions,
+    store: Store,
+) -> Result<Report, EngineError> {
+    let scope = scope(&config);
+    let observed = provider
+        .observe(&scope)
+        .instrument(info_span!("observe"))
+        .await?;
+    let state = store.state();
+    let plan = plan::down_plan(&config, state, &observed, &opts.targets, opts.volumes)?;
+    let lineage = state.lineage.clone();
+    let run = Arc::new(Run::new(
+        config,
+        provider,
+        store,
+        opts.clone(),
+        scope,
+        lineage,
+    ));
+    let results = apply::down(&run, &plan, opts.targets.is_empty()).await?;
+    drop(run);
+    Ok(Report { plan, results })
+}
+
+/// Aborts a background task when dropped (every exit path of a run).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Loads the configuration with `load` inside a `config.load` span, adds
+/// its secrets to the run's masker, and notes the project and provider on
+/// the run's root span (the current span).
+pub fn load_config<E: std::fmt::Display>(
+    load: impl FnOnce() -> Result<Config, E>,
+) -> Result<Config, E> {
+    let root = Span::current();
+    let span = info_span!("config.load");
+    let r = span.in_scope(load);
+    match &r {
+        Ok(c) => {
+            trace::add_run_secrets(&c.masker());
+            trace::set(&root, "nanokit.project", c.name.clone());
+            trace::set(&root, "nanokit.provider", c.provider.as_str());
+            trace::set(&span, "nanokit.services", c.services.len() as i64);
+        }
+        Err(e) => trace::fail(&span, &e.to_string()),
+    }
+    r
+}
+
+/// A whole traced run, as the CLI and the JS API make it: records a trace
+/// (local file, OTLP when configured), loads the configuration with `load`,
+/// makes its provider, then runs `run` (`up` or `down`). Also returns the
+/// configuration's masker, for what the caller prints or returns.
+pub async fn traced<L, F, Fut>(
+    meta: RunMeta,
+    settings: Settings,
+    load: L,
+    run: F,
+) -> (Result<Report, EngineError>, Option<RunTrace>, Masker)
+where
+    L: FnOnce() -> Result<Config, ConfigError>,
+    F: FnOnce(Arc<Config>, Arc<dyn Provider>) -> Fut,
+    Fut: std::future::Future<Output = Result<Report, EngineError>>,
+{
+    let mask = std::sync::Mutex::new(Masker::default());
+    let (r, t) = trace::record_run(meta, settings, async {
+        let cfg = load_config(load)?;
+        *mask.lock().unwrap_or_else(|e| e.into_inner()) = cfg.masker();
+        let provider = provider_for(&cfg)?;
+        run(Arc::new(cfg), provider).await
+    })
+    .await;
+    let mask = mask.into_inner().unwrap_or_else(|e| e.into_inner());
+    (r, t, mask)
+}

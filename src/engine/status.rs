@@ -1,0 +1,64 @@
+//! `status`: each recorded service with whether its instances run.
+
+use serde::Serialize;
+
+use super::{provider_for, EngineError};
+use crate::config::Config;
+use crate::state;
+
+/// One row of `status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusRow {
+    pub service: String,
+    /// Recorded status; `dead` when none of its recorded instances is
+    /// running, `degraded` when only some are.
+    pub status: String,
+    /// Whether every recorded instance is running.
+    pub alive: bool,
+    pub pid: Option<u32>,
+    pub port: Option<u16>,
+    /// The first instance's provider id.
+    pub provider_id: Option<String>,
+    /// Every recorded instance's provider id (replicas).
+    pub instances: Vec<String>,
+    /// How many of `instances` are running.
+    pub running: usize,
+    pub updated_at: String,
+    pub error: Option<String>,
+}
+
+/// Status rows of every recorded service.
+pub async fn status_of(cfg: &Config) -> Result<Vec<StatusRow>, EngineError> {
+    let provider = provider_for(cfg)?;
+    let st = state::load(cfg).await?;
+    let mut rows = Vec::new();
+    for (name, r) in &st.resources {
+        let ids = r.ids();
+        let mut live = Vec::new();
+        for id in &ids {
+            if let Some(i) = provider.inspect(id).await?.filter(|i| i.running) {
+                live.push(i);
+            }
+        }
+        let stopped = r.status == state::Status::Stopped;
+        rows.push(StatusRow {
+            service: name.clone(),
+            status: if live.is_empty() && !stopped {
+                "dead".into()
+            } else if live.len() < ids.len() && !stopped {
+                "degraded".into()
+            } else {
+                r.status.as_str().into()
+            },
+            alive: !ids.is_empty() && live.len() == ids.len(),
+            pid: live.first().and_then(|i| i.pid),
+            port: cfg.services.get(name).and_then(|s| s.port),
+            provider_id: r.provider_id.clone(),
+            running: live.len(),
+            instances: ids,
+            updated_at: r.updated_at.clone(),
+            error: r.error.clone(),
+        });
+    }
+    Ok(rows)
+}
