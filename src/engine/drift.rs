@@ -49,88 +49,16 @@ pub async fn detect(config: &Config, provider: &dyn Provider) -> Result<DriftRep
     let st = state::load(config).await?;
     let observed = provider.observe(&scope(config)).await?;
     let mut items = Vec::new();
-    let item = |service: &str, kind, detail: String| DriftItem {
-        service: service.to_string(),
-        kind,
-        detail,
-    };
     for (name, r) in &st.resources {
-        let ids = r.ids();
-        if ids.is_empty() {
-            items.push(item(
-                name,
-                DriftKind::NotHealthy,
-                format!("creation did not finish (status {})", r.status.as_str()),
-            ));
-        }
-        let mut all_live = !ids.is_empty();
-        for id in &ids {
-            match observed.iter().find(|i| &i.id == id) {
-                Some(i) if !i.running => {
-                    all_live = false;
-                    items.push(item(
-                        name,
-                        DriftKind::Stopped,
-                        format!("instance {id} exists but is not running"),
-                    ));
-                }
-                Some(i) if i.config_hash != r.config_hash => {
-                    all_live = false;
-                    items.push(item(
-                        name,
-                        DriftKind::Changed,
-                        format!("instance {id} was changed outside nanokit (its configuration label differs)"),
-                    ));
-                }
-                Some(_) => {}
-                None => {
-                    all_live = false;
-                    match provider.reused_pid(id) {
-                        Some(pid) => items.push(item(
-                            name,
-                            DriftKind::PidReused,
-                            format!("pid {pid} now belongs to another process; the service is not running"),
-                        )),
-                        _ => items.push(item(name, DriftKind::Gone, format!("instance {id} is not running"))),
-                    }
-                }
-            }
-        }
-        if all_live && r.status != state::Status::Healthy {
-            items.push(item(
-                name,
-                DriftKind::NotHealthy,
-                format!("status {}", r.status.as_str()),
-            ));
-        }
-        if let Some(svc) = config.services.get(name) {
-            let want = svc.instances.max(1) as usize;
-            if !ids.is_empty() && ids.len() != want {
-                items.push(item(
-                    name,
-                    DriftKind::NotHealthy,
-                    format!("{} of {want} instance(s) recorded", ids.len()),
-                ));
-            }
-        }
-        if let Some(svc) = config.services.get(name) {
-            let fields = plan::field_hashes(svc, config, &st.lineage);
-            if plan::config_hash(&fields) != r.config_hash {
-                let changed: Vec<String> = fields
-                    .keys()
-                    .chain(r.fields.keys())
-                    .filter(|k| fields.get(*k) != r.fields.get(*k))
-                    .cloned()
-                    .collect::<std::collections::BTreeSet<_>>()
-                    .into_iter()
-                    .collect();
-                items.push(item(
-                    name,
-                    DriftKind::ConfigChanged,
-                    format!("changed: {}", changed.join(", ")),
-                ));
-            }
-        }
+        recorded(
+            &mut items,
+            name,
+            r,
+            &observed,
+            provider,
+            config,
+            &st.lineage,
+        );
     }
     for name in config.services.keys() {
         if !st.resources.contains_key(name) {
@@ -163,4 +91,107 @@ pub async fn detect(config: &Config, provider: &dyn Provider) -> Result<DriftRep
         drifted: !items.is_empty(),
         items,
     })
+}
+
+fn item(service: &str, kind: DriftKind, detail: String) -> DriftItem {
+    DriftItem {
+        service: service.to_string(),
+        kind,
+        detail,
+    }
+}
+
+/// The drift of one recorded service: its instances against what runs,
+/// its status, its replica count and its configuration.
+fn recorded(
+    items: &mut Vec<DriftItem>,
+    name: &str,
+    r: &state::Resource,
+    observed: &[crate::provider::Instance],
+    provider: &dyn Provider,
+    config: &Config,
+    lineage: &str,
+) {
+    let ids = r.ids();
+    if ids.is_empty() {
+        items.push(item(
+            name,
+            DriftKind::NotHealthy,
+            format!("creation did not finish (status {})", r.status.as_str()),
+        ));
+    }
+    let mut all_live = !ids.is_empty();
+    for id in &ids {
+        match observed.iter().find(|i| &i.id == id) {
+            Some(i) if !i.running => {
+                all_live = false;
+                items.push(item(
+                    name,
+                    DriftKind::Stopped,
+                    format!("instance {id} exists but is not running"),
+                ));
+            }
+            Some(i) if i.config_hash != r.config_hash => {
+                all_live = false;
+                items.push(item(
+                    name,
+                    DriftKind::Changed,
+                    format!("instance {id} was changed outside nanokit (its configuration label differs)"),
+                ));
+            }
+            Some(_) => {}
+            None => {
+                all_live = false;
+                match provider.reused_pid(id) {
+                    Some(pid) => items.push(item(
+                        name,
+                        DriftKind::PidReused,
+                        format!(
+                            "pid {pid} now belongs to another process; the service is not running"
+                        ),
+                    )),
+                    _ => items.push(item(
+                        name,
+                        DriftKind::Gone,
+                        format!("instance {id} is not running"),
+                    )),
+                }
+            }
+        }
+    }
+    if all_live && r.status != state::Status::Healthy {
+        items.push(item(
+            name,
+            DriftKind::NotHealthy,
+            format!("status {}", r.status.as_str()),
+        ));
+    }
+    if let Some(svc) = config.services.get(name) {
+        let want = svc.instances.max(1) as usize;
+        if !ids.is_empty() && ids.len() != want {
+            items.push(item(
+                name,
+                DriftKind::NotHealthy,
+                format!("{} of {want} instance(s) recorded", ids.len()),
+            ));
+        }
+    }
+    if let Some(svc) = config.services.get(name) {
+        let fields = plan::field_hashes(svc, config, lineage);
+        if plan::config_hash(&fields) != r.config_hash {
+            let changed: Vec<String> = fields
+                .keys()
+                .chain(r.fields.keys())
+                .filter(|k| fields.get(*k) != r.fields.get(*k))
+                .cloned()
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            items.push(item(
+                name,
+                DriftKind::ConfigChanged,
+                format!("changed: {}", changed.join(", ")),
+            ));
+        }
+    }
 }

@@ -43,7 +43,7 @@ pub enum EngineError {
     #[error(transparent)]
     Plan(#[from] PlanError),
     #[error(transparent)]
-    State(#[from] StateError),
+    State(StateError),
     #[error(transparent)]
     Provider(#[from] ProviderError),
     #[error(transparent)]
@@ -56,6 +56,18 @@ pub enum EngineError {
     Failed(String),
     #[error("interrupted: no new services were started; state is saved (run `nanokit up` again to finish)")]
     Cancelled,
+}
+
+impl From<StateError> for EngineError {
+    /// A deploy lock that cannot be taken is a lock error, as a file lock
+    /// is everywhere; an interrupted wait for it cancels the run.
+    fn from(e: StateError) -> Self {
+        match e {
+            StateError::Lock(e) => EngineError::Lock(e),
+            StateError::Interrupted => EngineError::Cancelled,
+            e => EngineError::State(e),
+        }
+    }
 }
 
 impl ErrorCode for EngineError {
@@ -207,7 +219,8 @@ async fn begin(
     opts: &RunOptions,
     what: &str,
 ) -> Result<(DeployLock, Store), EngineError> {
-    let (lock, store) = lock_and_open(config, opts, what).await?;
+    let label = format!("nanokit {what} ({} / {})", config.name, config.env);
+    let (lock, store) = lock::lock_state(config, &label, opts.lock_timeout, &opts.cancel).await?;
     if lock.recovered() {
         let settled = provider
             .settle(&scope(config))
@@ -218,60 +231,6 @@ async fn begin(
             return Err(e.into());
         }
     }
-    Ok((lock, store))
-}
-
-async fn lock_and_open(
-    config: &Config,
-    opts: &RunOptions,
-    what: &str,
-) -> Result<(DeployLock, Store), EngineError> {
-    let label = format!("nanokit {what} ({} / {})", config.name, config.env);
-    let (lock, mut store) = match state::Location::of(config) {
-        state::Location::File(path) => {
-            // The lock file is one of the project's private files (0600).
-            let lock_path = state::lock_path(&path);
-            if let Err(e) = crate::sys::private::touch(&lock_path) {
-                tracing::debug!("cannot prepare {}: {e}", lock_path.display());
-            }
-            let lock = lock::acquire_deploy_lock(
-                &state::lock_path(&path),
-                &label,
-                opts.lock_timeout,
-                &opts.cancel,
-            )
-            .await?;
-            match Store::open(&path, &config.name, &config.env) {
-                Ok(store) => (lock, store),
-                Err(e) => {
-                    let _ = lock.release().await;
-                    return Err(e.into());
-                }
-            }
-        }
-        state::Location::Postgres { url, workspace } => {
-            let location = crate::kv::pg::redact_url(&url);
-            let db = state::connect(&url).await?;
-            let holder = lock::run_holder();
-            let info = lock::run_info(&label);
-            let lock = tokio::select! {
-                r = lock::acquire_remote_deploy_lock(
-                    db.clone(), &location, &workspace, &holder, &info, opts.lock_timeout,
-                ) => r?,
-                _ = opts.cancel.cancelled() => return Err(EngineError::Cancelled),
-            };
-            match Store::open_remote(db, &url, &workspace, &config.name, &config.env, &holder).await
-            {
-                Ok(store) => (lock, store),
-                Err(e) => {
-                    let _ = lock.release().await;
-                    return Err(e.into());
-                }
-            }
-        }
-    };
-    // A state never written takes the lineage a plan made before it used.
-    store.take_reserved_lineage(&config.state_file);
     Ok((lock, store))
 }
 

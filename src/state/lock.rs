@@ -12,9 +12,10 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::remote::InfraStateStore;
+use super::{StateError, Store};
+use crate::config::Config;
 use crate::kv::KvError;
 use crate::lock::{self, Lease, LockError, LockOptions};
-use crate::state::StateError;
 
 /// Who holds a lock, for messages and `infra unlock`.
 #[derive(Debug, Clone, Serialize)]
@@ -327,4 +328,56 @@ impl DeployLock {
             }
         }
     }
+}
+
+/// Takes the deploy lock of `config`'s state (waiting up to `timeout`, none:
+/// fail at once if held) and opens the state under it, wherever it lives.
+/// `label` says who holds it (`nanokit infra unlock` shows it).
+pub async fn lock_state(
+    config: &Config,
+    label: &str,
+    timeout: Option<Duration>,
+    cancel: &CancellationToken,
+) -> Result<(DeployLock, Store), StateError> {
+    let (lock, mut store) = match super::Location::of(config) {
+        super::Location::File(path) => {
+            // The lock file is one of the project's private files (0600).
+            let lock_path = super::lock_path(&path);
+            if let Err(e) = crate::sys::private::touch(&lock_path) {
+                tracing::debug!("cannot prepare {}: {e}", lock_path.display());
+            }
+            let lock =
+                acquire_deploy_lock(&super::lock_path(&path), label, timeout, cancel).await?;
+            match Store::open(&path, &config.name, &config.env) {
+                Ok(store) => (lock, store),
+                Err(e) => {
+                    let _ = lock.release().await;
+                    return Err(e);
+                }
+            }
+        }
+        super::Location::Postgres { url, workspace } => {
+            let location = crate::kv::pg::redact_url(&url);
+            let db = super::connect(&url).await?;
+            let holder = run_holder();
+            let info = run_info(label);
+            let lock = tokio::select! {
+                r = acquire_remote_deploy_lock(
+                    db.clone(), &location, &workspace, &holder, &info, timeout,
+                ) => r?,
+                _ = cancel.cancelled() => return Err(StateError::Interrupted),
+            };
+            match Store::open_remote(db, &url, &workspace, &config.name, &config.env, &holder).await
+            {
+                Ok(store) => (lock, store),
+                Err(e) => {
+                    let _ = lock.release().await;
+                    return Err(e);
+                }
+            }
+        }
+    };
+    // A state never written takes the lineage a plan made before it used.
+    store.take_reserved_lineage(&config.state_file);
+    Ok((lock, store))
 }

@@ -46,6 +46,9 @@ pub enum StateError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// Waiting for the deploy lock was interrupted (Ctrl-C).
+    #[error("interrupted while waiting for the deploy lock")]
+    Interrupted,
     /// The deploy lock file could not be taken or released.
     #[error(transparent)]
     Lock(#[from] crate::lock::LockError),
@@ -79,6 +82,7 @@ impl ErrorCode for StateError {
             StateError::RemoteCorrupt { .. } => "ENKSTATECORRUPT",
             StateError::Locked { .. } => "ENKLOCKED",
             StateError::Lock(e) => e.code(),
+            StateError::Interrupted => "ENKCANCELLED",
             _ => "ENKSTATE",
         }
     }

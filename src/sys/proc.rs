@@ -96,6 +96,31 @@ pub fn group_members(pgid: u32) -> Vec<(u32, u64)> {
         .collect()
 }
 
+/// The raw `/proc/<pid>/cmdline` (arguments, each ended by a NUL).
+pub fn cmdline(pid: u32) -> Vec<u8> {
+    std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default()
+}
+
+/// `pid` and all its descendants (through every thread's `children`).
+pub fn tree(pid: u32) -> Vec<u32> {
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while i < tree.len() {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", tree[i]));
+        for task in tasks.into_iter().flatten().flatten() {
+            let children =
+                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            tree.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+        i += 1;
+    }
+    tree
+}
+
 /// The working directory of `pid`.
 pub fn cwd(pid: u32) -> Option<std::path::PathBuf> {
     std::fs::read_link(format!("/proc/{pid}/cwd")).ok()

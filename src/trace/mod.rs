@@ -467,6 +467,71 @@ pub fn traces_dir(file: &Path) -> PathBuf {
         .join("traces")
 }
 
+/// A tracer provider for one run: the collector of its local trace file,
+/// and the OTLP exporter `export` asks for (returned: whether there is one),
+/// both behind the run's secret masking.
+fn run_provider(
+    export: &Export,
+    collector: &Collector,
+    secrets: &Secrets,
+) -> (SdkTracerProvider, bool) {
+    let mut builder = SdkTracerProvider::builder()
+        .with_resource(resource())
+        .with_sampler(opentelemetry_sdk::trace::Sampler::AlwaysOn)
+        .with_span_processor(Redacting {
+            inner: collector.clone(),
+            secrets: secrets.clone(),
+        });
+    let exporter = match export {
+        Export::Off => None,
+        Export::FromEnv => otlp_configured().then(|| otlp_exporter(None)).flatten(),
+        Export::To(url) => otlp_exporter(Some(url)),
+    };
+    let exporting = exporter.is_some();
+    if let Some(e) = exporter {
+        builder = builder.with_span_processor(Redacting {
+            inner: opentelemetry_sdk::trace::BatchSpanProcessor::builder(e).build(),
+            secrets: secrets.clone(),
+        });
+    }
+    (builder.build(), exporting)
+}
+
+/// The root span `nanokit <command>` of a run, a child of the caller's
+/// trace when nanokit itself runs in one (a hook of another run, a CI job).
+fn root_span(meta: &RunMeta) -> Span {
+    let span = tracing::info_span!(
+        "run",
+        otel.name = format!("nanokit {}", meta.command),
+        nanokit.command = meta.command,
+        nanokit.env = %meta.env,
+    );
+    if let Some(parent) = std::env::var("TRACEPARENT")
+        .ok()
+        .and_then(|v| parse_traceparent(&v))
+    {
+        let _ = span.set_parent(parent);
+    }
+    span
+}
+
+/// Delivers the batch before returning (a CLI exits right after); bounded
+/// by the exporter's timeout, and failures are only reported.
+async fn flush(provider: SdkTracerProvider, exporting: bool) {
+    let flush = tokio::task::spawn_blocking(move || {
+        let r = if exporting {
+            provider.force_flush()
+        } else {
+            Ok(())
+        };
+        let _ = provider.shutdown();
+        r
+    });
+    if let Ok(Err(e)) = flush.await {
+        warn_once(&format!("nanokit: OpenTelemetry export failed: {e}"));
+    }
+}
+
 /// Runs one `up` / `down` (`fut`: config load included) as a trace with a
 /// root span `nanokit <command>`, writes the local trace file (also when the
 /// run fails) and exports to OTLP when configured. Returns the run's result
@@ -481,26 +546,7 @@ where
     }
     let collector = Collector::default();
     let secrets = Secrets::default();
-    let mut builder = SdkTracerProvider::builder()
-        .with_resource(resource())
-        .with_sampler(opentelemetry_sdk::trace::Sampler::AlwaysOn)
-        .with_span_processor(Redacting {
-            inner: collector.clone(),
-            secrets: secrets.clone(),
-        });
-    let exporter = match &settings.export {
-        Export::Off => None,
-        Export::FromEnv => otlp_configured().then(|| otlp_exporter(None)).flatten(),
-        Export::To(url) => otlp_exporter(Some(url)),
-    };
-    let exporting = exporter.is_some();
-    if let Some(e) = exporter {
-        builder = builder.with_span_processor(Redacting {
-            inner: opentelemetry_sdk::trace::BatchSpanProcessor::builder(e).build(),
-            secrets: secrets.clone(),
-        });
-    }
-    let provider = builder.build();
+    let (provider, exporting) = run_provider(&settings.export, &collector, &secrets);
     let dispatch = if settings.log_to_stderr {
         Dispatch::new(
             tracing_subscriber::registry()
@@ -511,23 +557,7 @@ where
         Dispatch::new(tracing_subscriber::registry().with(otel_layer(&provider)))
     };
     let started = SystemTime::now();
-    let root = tracing::dispatcher::with_default(&dispatch, || {
-        let span = tracing::info_span!(
-            "run",
-            otel.name = format!("nanokit {}", meta.command),
-            nanokit.command = meta.command,
-            nanokit.env = %meta.env,
-        );
-        // Join the caller's trace when nanokit itself runs in one (a hook
-        // of another run, a CI job).
-        if let Some(parent) = std::env::var("TRACEPARENT")
-            .ok()
-            .and_then(|v| parse_traceparent(&v))
-        {
-            let _ = span.set_parent(parent);
-        }
-        span
-    });
+    let root = tracing::dispatcher::with_default(&dispatch, || root_span(&meta));
     let trace_id = {
         let cx = root.context();
         let id = cx.span().span_context().trace_id();
@@ -573,20 +603,7 @@ where
             )),
         }
     }
-    // Deliver the batch before returning (a CLI exits right after); bounded
-    // by the exporter's timeout, and failures are only reported.
-    let flush = tokio::task::spawn_blocking(move || {
-        let r = if exporting {
-            provider.force_flush()
-        } else {
-            Ok(())
-        };
-        let _ = provider.shutdown();
-        r
-    });
-    if let Ok(Err(e)) = flush.await {
-        warn_once(&format!("nanokit: OpenTelemetry export failed: {e}"));
-    }
+    flush(provider, exporting).await;
     (
         out,
         Some(RunTrace {

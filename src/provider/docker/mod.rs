@@ -20,25 +20,8 @@
 //!   container's address on its network (`expose`): the published host port
 //!   is answered by Docker's userland proxy even when nothing listens inside,
 //!   so connecting to it proves nothing.
-//! * **Provisioning on shared volumes** (`provisioning.install`): the lock
-//!   `.nk-install-lock` and the sentinel `.nk-installed-<hash>` live in the
-//!   volume itself, reached through its mountpoint on the Docker host
-//!   (`docker volume inspect` → `Mountpoint`); the lock is nanokit's own
-//!   lease lock (`crate::lock`), and the install runs in a short-lived
-//!   installer container that mounts the volume. Why not a shell protocol
-//!   inside the container (`mkdir` lock + sentinel file)? Such a lock cannot
-//!   tell a dead holder from a slow one: a SIGKILLed `nanokit up` would leave
-//!   it held until some timeout, and a timeout-based takeover can let two
-//!   installers run at once. The lease lock records the holder's pid and
-//!   process start time, so a holder killed on this host is detected at
-//!   once, and a holder on another host by its stopped heartbeat; takeover is
-//!   a compare-and-swap. Two separate `nanokit up` runs on the same Docker
-//!   host (two terminals, two CI jobs) coordinate through that file. The new
-//!   holder first removes any installer container left by a dead holder
-//!   (labelled with the volume), so two installs never overlap. This needs
-//!   nanokit to run on the Docker host, with access to `/var/lib/docker`
-//!   (as the daemon's volumes are root-owned); otherwise provisioning fails
-//!   with an error that says so.
+//! * **Provisioning on shared volumes**: [`install`].
+//! * **Execs and probes**: [`probe`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -63,6 +46,9 @@ use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
+
+mod install;
+mod probe;
 
 /// Docker label of an engine label key: `NK_CONFIG_HASH` → `nk-config-hash`.
 pub fn docker_label(key: &str) -> String {
@@ -122,40 +108,6 @@ fn status_of(e: &DockerError) -> Option<u16> {
         DockerError::DockerResponseServerError { status_code, .. } => Some(*status_code),
         _ => None,
     }
-}
-
-/// SIGKILLs a timed-out exec's process and its descendants, if `pid` (its
-/// pid as Docker reports it, in the host's pid namespace) is visible here and
-/// runs the command we started: nanokit may run elsewhere than the daemon.
-fn kill_exec_tree(pid: i64, argv: &[String]) -> bool {
-    let Ok(pid) = u32::try_from(pid) else {
-        return false;
-    };
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let expected: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain([0])).collect();
-    if pid == 0 || cmdline != expected {
-        return false;
-    }
-    let mut tree = vec![pid];
-    let mut i = 0;
-    while i < tree.len() {
-        let tasks = std::fs::read_dir(format!("/proc/{}/task", tree[i]));
-        for task in tasks.into_iter().flatten().flatten() {
-            let children =
-                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-            tree.extend(
-                children
-                    .split_whitespace()
-                    .filter_map(|c| c.parse::<u32>().ok()),
-            );
-        }
-        i += 1;
-    }
-    for p in tree {
-        // SAFETY: kill with a pid we just read from /proc.
-        unsafe { libc::kill(p as libc::pid_t, libc::SIGKILL) };
-    }
-    true
 }
 
 /// Docker's answer for a container whose network no longer exists.
@@ -322,6 +274,77 @@ impl DockerProvider {
         (binds, mounts, workdir)
     }
 
+    /// What to create for `spec`: its image and command under `sh -c`, env
+    /// and labels, mounts, ports, HEALTHCHECK, limits, the env's network.
+    fn container_body(&self, spec: &InstanceSpec, image: &str) -> ContainerCreateBody {
+        let (binds, mounts, workdir) = self.mounts(spec);
+        let container_port = spec.expose.or(spec.port);
+        let exposed = container_port.map(|p| vec![format!("{p}/tcp")]);
+        let port_bindings = match (spec.port, container_port) {
+            (Some(host), Some(inner)) => {
+                let mut m = HashMap::new();
+                m.insert(
+                    format!("{inner}/tcp"),
+                    Some(vec![PortBinding {
+                        host_ip: None,
+                        host_port: Some(host.to_string()),
+                    }]),
+                );
+                Some(m)
+            }
+            _ => None,
+        };
+        let healthcheck = spec.healthcheck.as_ref().map(|h| HealthConfig {
+            test: Some(
+                std::iter::once("CMD".to_string())
+                    .chain(h.test.iter().cloned())
+                    .collect(),
+            ),
+            interval: Some(nanos(h.interval.max(Duration::from_millis(1)))),
+            timeout: Some(nanos(h.timeout.max(Duration::from_millis(1)))),
+            retries: Some(h.retries as i64),
+            start_period: Some(nanos(h.start_period)),
+            start_interval: None,
+        });
+        let mut endpoints = HashMap::new();
+        endpoints.insert(
+            self.network.clone(),
+            EndpointSettings {
+                aliases: Some(vec![spec.service.clone()]),
+                ..Default::default()
+            },
+        );
+        ContainerCreateBody {
+            image: Some(image.to_string()),
+            cmd: spec
+                .command
+                .as_ref()
+                .map(|c| vec!["sh".to_string(), "-c".to_string(), c.clone()]),
+            env: Some(Self::env_list(spec)),
+            labels: Some(self.labels(spec)),
+            working_dir: workdir,
+            exposed_ports: exposed,
+            healthcheck,
+            host_config: Some(HostConfig {
+                // Docker's init (tini) as PID 1: `start` runs under `sh -c`,
+                // and a shell or program as PID 1 ignores SIGTERM unless it
+                // installs a handler, so every stop would wait out the whole
+                // grace period. The init forwards the signal and reaps zombies.
+                init: Some(true),
+                binds: Some(binds),
+                mounts: Some(mounts),
+                port_bindings,
+                nano_cpus: spec.cpu.map(|c| (c * 1e9) as i64),
+                memory: spec.memory.map(|m| m as i64),
+                ..Default::default()
+            }),
+            networking_config: Some(NetworkingConfig {
+                endpoints_config: Some(endpoints),
+            }),
+            ..Default::default()
+        }
+    }
+
     fn env_list(spec: &InstanceSpec) -> Vec<String> {
         spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()
     }
@@ -449,128 +472,6 @@ impl DockerProvider {
         }
         Ok(out)
     }
-
-    /// Host directory holding the provisioning lock and sentinel of `spec`:
-    /// the mountpoint of its first named volume, else its `path`.
-    async fn provision_dir(&self, spec: &InstanceSpec) -> Result<(PathBuf, String), ProviderError> {
-        let Some((vol, _)) = spec.volumes.first() else {
-            return Ok((spec.dir.clone(), spec.dir.display().to_string()));
-        };
-        let name = self.volume_name(vol);
-        let d = self.docker().await?;
-        let v = d
-            .inspect_volume(&name)
-            .await
-            .map_err(|e| docker_err(&format!("volume {name}"), e))?;
-        let dir = PathBuf::from(&v.mountpoint);
-        if v.mountpoint.is_empty() || !dir.is_dir() {
-            return Err(ProviderError::Failed(format!(
-                "service `{}`: the mountpoint `{}` of volume {name} is not reachable from here; provisioning a shared volume needs nanokit to run on the Docker host with access to the daemon's volumes (as root, or a user who may read {})",
-                spec.service,
-                v.mountpoint,
-                Path::new(&v.mountpoint).parent().map(|p| p.display().to_string()).unwrap_or_default()
-            )));
-        }
-        Ok((dir, name))
-    }
-
-    /// Runs the install in a fresh installer container; waits for it.
-    async fn run_installer(
-        &self,
-        spec: &InstanceSpec,
-        install: &str,
-        target: &str,
-        hash: &str,
-    ) -> Result<crate::repo::InstallRun, ProviderError> {
-        let d = self.docker().await?;
-        // We hold the lock: any installer still there belongs to a holder
-        // that died; it must not write alongside ours.
-        let leftovers = self
-            .list_labelled(vec![format!("{LABEL_INSTALL_TARGET}={target}")])
-            .await?;
-        for c in leftovers {
-            if let Some(id) = c.id {
-                tracing::info!("removing installer container {id} left by a dead run");
-                self.remove_quietly(&id).await;
-            }
-        }
-        let image = spec
-            .install_image
-            .clone()
-            .or_else(|| spec.image.clone())
-            .ok_or_else(|| {
-                ProviderError::Failed(format!("service `{}` has no image", spec.service))
-            })?;
-        let (binds, mounts, workdir) = self.mounts(spec);
-        let mut env = Self::env_list(spec);
-        env.push(format!("NANOKIT_PROVISION_HASH={hash}"));
-        let mut labels = HashMap::new();
-        labels.insert(LABEL_ROLE.to_string(), "installer".to_string());
-        labels.insert(LABEL_INSTALL_TARGET.to_string(), target.to_string());
-        labels.insert(docker_label(LABEL_PROJECT), self.project.clone());
-        labels.insert(docker_label(LABEL_ENV), self.env.clone());
-        let body = ContainerCreateBody {
-            image: Some(image.clone()),
-            cmd: Some(vec!["sh".into(), "-c".into(), install.to_string()]),
-            env: Some(env),
-            labels: Some(labels),
-            working_dir: workdir,
-            host_config: Some(HostConfig {
-                binds: Some(binds),
-                mounts: Some(mounts),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let name = format!("nk-{}-{}-{}-install", self.project, self.env, spec.service);
-        let id = self.create_named(&name, body).await.map_err(|e| {
-            image_hint(
-                &image,
-                docker_err(
-                    &format!(
-                        "service `{}`: cannot create the installer container",
-                        spec.service
-                    ),
-                    e,
-                ),
-            )
-        })?;
-        // Removed on every exit path, also when this future is dropped
-        // (Ctrl-C, a lost lease).
-        let guard = RemoveOnDrop {
-            docker: d.clone(),
-            id: Some(id.clone()),
-        };
-        d.start_container(
-            &id,
-            None::<bollard::query_parameters::StartContainerOptions>,
-        )
-        .await
-        .map_err(|e| {
-            docker_err(
-                &format!("service `{}`: cannot start the installer", spec.service),
-                e,
-            )
-        })?;
-        let code = loop {
-            let c = d
-                .inspect_container(&id, None::<InspectContainerOptions>)
-                .await
-                .map_err(|e| docker_err("installer container", e))?;
-            let st = c.state.unwrap_or_default();
-            if !st.running.unwrap_or(false) {
-                break st.exit_code.unwrap_or(-1);
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        };
-        let output = self.logs_of(&id, 200).await.unwrap_or_default();
-        drop(guard);
-        Ok(crate::repo::InstallRun {
-            success: code == 0,
-            status: format!("exit code {code} in the installer container of image {image}"),
-            output: Some(output),
-        })
-    }
 }
 
 /// Adds what to do about a missing image to `e`.
@@ -582,31 +483,6 @@ fn image_hint(image: &str, e: ProviderError) -> ProviderError {
             ))
         }
         other => other,
-    }
-}
-
-/// Force-removes a container when dropped.
-struct RemoveOnDrop {
-    docker: Docker,
-    id: Option<String>,
-}
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        if let (Some(id), Ok(rt)) = (self.id.take(), tokio::runtime::Handle::try_current()) {
-            let d = self.docker.clone();
-            rt.spawn(async move {
-                let _ = d
-                    .remove_container(
-                        &id,
-                        Some(RemoveContainerOptions {
-                            force: true,
-                            ..Default::default()
-                        }),
-                    )
-                    .await;
-            });
-        }
     }
 }
 
@@ -663,72 +539,7 @@ impl Provider for DockerProvider {
             ProviderError::Failed(format!("service `{}` has no image", spec.service))
         })?;
         self.ensure_network().await?;
-        let (binds, mounts, workdir) = self.mounts(spec);
-        let container_port = spec.expose.or(spec.port);
-        let exposed = container_port.map(|p| vec![format!("{p}/tcp")]);
-        let port_bindings = match (spec.port, container_port) {
-            (Some(host), Some(inner)) => {
-                let mut m = HashMap::new();
-                m.insert(
-                    format!("{inner}/tcp"),
-                    Some(vec![PortBinding {
-                        host_ip: None,
-                        host_port: Some(host.to_string()),
-                    }]),
-                );
-                Some(m)
-            }
-            _ => None,
-        };
-        let healthcheck = spec.healthcheck.as_ref().map(|h| HealthConfig {
-            test: Some(
-                std::iter::once("CMD".to_string())
-                    .chain(h.test.iter().cloned())
-                    .collect(),
-            ),
-            interval: Some(nanos(h.interval.max(Duration::from_millis(1)))),
-            timeout: Some(nanos(h.timeout.max(Duration::from_millis(1)))),
-            retries: Some(h.retries as i64),
-            start_period: Some(nanos(h.start_period)),
-            start_interval: None,
-        });
-        let mut endpoints = HashMap::new();
-        endpoints.insert(
-            self.network.clone(),
-            EndpointSettings {
-                aliases: Some(vec![spec.service.clone()]),
-                ..Default::default()
-            },
-        );
-        let body = ContainerCreateBody {
-            image: Some(image.clone()),
-            cmd: spec
-                .command
-                .as_ref()
-                .map(|c| vec!["sh".to_string(), "-c".to_string(), c.clone()]),
-            env: Some(Self::env_list(spec)),
-            labels: Some(self.labels(spec)),
-            working_dir: workdir,
-            exposed_ports: exposed,
-            healthcheck,
-            host_config: Some(HostConfig {
-                // Docker's init (tini) as PID 1: `start` runs under `sh -c`,
-                // and a shell or program as PID 1 ignores SIGTERM unless it
-                // installs a handler, so every stop would wait out the whole
-                // grace period. The init forwards the signal and reaps zombies.
-                init: Some(true),
-                binds: Some(binds),
-                mounts: Some(mounts),
-                port_bindings,
-                nano_cpus: spec.cpu.map(|c| (c * 1e9) as i64),
-                memory: spec.memory.map(|m| m as i64),
-                ..Default::default()
-            }),
-            networking_config: Some(NetworkingConfig {
-                endpoints_config: Some(endpoints),
-            }),
-            ..Default::default()
-        };
+        let body = self.container_body(spec, &image);
         let name = self.base_name(spec);
         let d = self.docker().await?;
         // An error names the step that failed; nothing half-created stays
@@ -834,78 +645,7 @@ impl Provider for DockerProvider {
         argv: &[String],
         timeout: Duration,
     ) -> Result<ExecOutput, ProviderError> {
-        let d = self.docker().await?;
-        let mut env = Self::env_list(spec);
-        env.extend(command_labels(&spec.labels).map(|(k, v)| format!("{k}={v}")));
-        let exec = d
-            .create_exec(
-                id,
-                CreateExecOptions {
-                    cmd: Some(argv.to_vec()),
-                    env: Some(env),
-                    attach_stdout: Some(true),
-                    attach_stderr: Some(true),
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| docker_err(&format!("exec in {id}"), e))?;
-        let mut text = String::new();
-        let run = async {
-            if let StartExecResults::Attached { mut output, .. } = d
-                .start_exec(&exec.id, None::<StartExecOptions>)
-                .await
-                .map_err(|e| docker_err(&format!("exec in {id}"), e))?
-            {
-                while let Some(chunk) = output.next().await {
-                    match chunk {
-                        Ok(c) => text.push_str(&String::from_utf8_lossy(&c.into_bytes())),
-                        Err(e) => return Err(docker_err(&format!("exec in {id}"), e)),
-                    }
-                }
-            }
-            Ok(())
-        };
-        let finished = tokio::time::timeout(timeout, run).await;
-        let info = d
-            .inspect_exec(&exec.id)
-            .await
-            .map_err(|e| docker_err(&format!("exec in {id}"), e))?;
-        match finished {
-            Ok(r) => {
-                r?;
-                Ok(ExecOutput {
-                    code: info.exit_code.map(|c| c as i32),
-                    timed_out: false,
-                    output: text,
-                })
-            }
-            Err(_) => {
-                // Docker has no way to stop an exec; its process is ours to
-                // kill when it runs on this host.
-                let killed = info.running == Some(true)
-                    && info.pid.is_some_and(|pid| kill_exec_tree(pid, argv));
-                let what = if killed {
-                    "it was killed"
-                } else if info.running == Some(true) {
-                    "it may still run in the container: nanokit is not on the Docker host"
-                } else {
-                    "it has ended since"
-                };
-                if !text.is_empty() && !text.ends_with('\n') {
-                    text.push('\n');
-                }
-                text.push_str(&format!(
-                    "timed out after {} ({what})",
-                    humantime::format_duration(timeout)
-                ));
-                Ok(ExecOutput {
-                    code: None,
-                    timed_out: true,
-                    output: text,
-                })
-            }
-        }
+        self.exec_in(id, spec, argv, timeout).await
     }
 
     async fn probe(
@@ -915,95 +655,7 @@ impl Provider for DockerProvider {
         probe: &Probe,
         timeout: Duration,
     ) -> Result<ProbeResult, ProviderError> {
-        let d = self.docker().await?;
-        let c = match d
-            .inspect_container(id, None::<InspectContainerOptions>)
-            .await
-        {
-            Ok(c) => c,
-            Err(e) if status_of(&e) == Some(404) => {
-                return Ok(ProbeResult {
-                    ok: false,
-                    output: format!("container {id} is gone"),
-                    fatal: true,
-                })
-            }
-            Err(e) => return Err(docker_err(&format!("inspecting container {id}"), e)),
-        };
-        let st = c.state.clone().unwrap_or_default();
-        let running = st.running.unwrap_or(false);
-        match probe {
-            Probe::Running => Ok(ProbeResult {
-                ok: running,
-                output: String::new(),
-                fatal: false,
-            }),
-            Probe::Command(_) => {
-                let health = st.health.unwrap_or_default();
-                let last = health
-                    .log
-                    .as_ref()
-                    .and_then(|l| l.last())
-                    .map(|r| {
-                        format!(
-                            "exit code {}: {}",
-                            r.exit_code.unwrap_or(-1),
-                            r.output.clone().unwrap_or_default().trim_end()
-                        )
-                    })
-                    .unwrap_or_else(|| "no health check has completed yet".into());
-                Ok(match health.status {
-                    Some(HealthStatusEnum::HEALTHY) => ProbeResult {
-                        ok: true,
-                        output: last,
-                        fatal: false,
-                    },
-                    Some(HealthStatusEnum::UNHEALTHY) => ProbeResult {
-                        ok: false,
-                        output: last,
-                        fatal: true,
-                    },
-                    _ => ProbeResult {
-                        ok: false,
-                        output: last,
-                        fatal: false,
-                    },
-                })
-            }
-            Probe::Port(p) => {
-                let inner = spec.expose.unwrap_or(*p);
-                let ip = c
-                    .network_settings
-                    .and_then(|n| n.networks)
-                    .and_then(|n| n.get(&self.network).cloned())
-                    .and_then(|e| e.ip_address)
-                    .filter(|ip| !ip.is_empty());
-                let addr: SocketAddr = match ip.and_then(|ip| ip.parse().ok()) {
-                    Some(ip) => SocketAddr::new(ip, inner),
-                    None => SocketAddr::from(([127, 0, 0, 1], *p)),
-                };
-                Ok(
-                    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await
-                    {
-                        Ok(Ok(_)) => ProbeResult {
-                            ok: true,
-                            output: String::new(),
-                            fatal: false,
-                        },
-                        Ok(Err(e)) => ProbeResult {
-                            ok: false,
-                            output: format!("{addr} (port {inner} of container {id}): {e}"),
-                            fatal: false,
-                        },
-                        Err(_) => ProbeResult {
-                            ok: false,
-                            output: format!("{addr}: connect timed out"),
-                            fatal: false,
-                        },
-                    },
-                )
-            }
-        }
+        self.probe_instance(id, spec, probe, timeout).await
     }
 
     async fn stop(&self, id: &str, grace: Duration) -> Result<(), ProviderError> {
@@ -1103,36 +755,7 @@ impl Provider for DockerProvider {
         manifests: &[PathBuf],
         cancel: &CancellationToken,
     ) -> Result<Provisioned, ProviderError> {
-        let (dir, target) = self.provision_dir(spec).await?;
-        let image = spec.install_image.clone().or_else(|| spec.image.clone());
-        // The image is part of what was installed: another image, another
-        // install (its toolchain produced the files).
-        let command = vec![
-            "sh".to_string(),
-            "-c".to_string(),
-            install.to_string(),
-            format!("# image {}", image.unwrap_or_default()),
-        ];
-        let opts = crate::repo::ProvisionOptions {
-            capture: true,
-            lock: crate::lock::LockOptions {
-                holder: Some(format!(
-                    "nanokit install for `{}` ({} / {})",
-                    spec.service, self.project, self.env
-                )),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let r = crate::repo::provision_with(&dir, &command, manifests, &opts, cancel, |hash| {
-            let target = target.clone();
-            async move {
-                self.run_installer(spec, install, &target, &hash)
-                    .await
-                    .map_err(|e| crate::repo::RepoError::Provision(e.to_string()))
-            }
-        })
-        .await?;
-        Ok(Provisioned { ran: r.ran })
+        self.provision_volume(spec, install, manifests, cancel)
+            .await
     }
 }

@@ -1,0 +1,209 @@
+//! Commands and probes in containers: Docker execs with a timeout, the
+//! container's own HEALTHCHECK verdict, and TCP probes of its address on
+//! the env's network (a published host port is answered by Docker's proxy
+//! even when nothing listens inside, so it proves nothing).
+
+use super::*;
+use crate::sys::proc;
+
+impl DockerProvider {
+    /// [`Provider::exec`]: `argv` in the container through a Docker exec;
+    /// at the timeout the exec's process tree is killed where it is visible.
+    pub(super) async fn exec_in(
+        &self,
+        id: &str,
+        spec: &InstanceSpec,
+        argv: &[String],
+        timeout: Duration,
+    ) -> Result<ExecOutput, ProviderError> {
+        let d = self.docker().await?;
+        let mut env = Self::env_list(spec);
+        env.extend(command_labels(&spec.labels).map(|(k, v)| format!("{k}={v}")));
+        let exec = d
+            .create_exec(
+                id,
+                CreateExecOptions {
+                    cmd: Some(argv.to_vec()),
+                    env: Some(env),
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| docker_err(&format!("exec in {id}"), e))?;
+        let mut text = String::new();
+        let run = async {
+            if let StartExecResults::Attached { mut output, .. } = d
+                .start_exec(&exec.id, None::<StartExecOptions>)
+                .await
+                .map_err(|e| docker_err(&format!("exec in {id}"), e))?
+            {
+                while let Some(chunk) = output.next().await {
+                    match chunk {
+                        Ok(c) => text.push_str(&String::from_utf8_lossy(&c.into_bytes())),
+                        Err(e) => return Err(docker_err(&format!("exec in {id}"), e)),
+                    }
+                }
+            }
+            Ok(())
+        };
+        let finished = tokio::time::timeout(timeout, run).await;
+        let info = d
+            .inspect_exec(&exec.id)
+            .await
+            .map_err(|e| docker_err(&format!("exec in {id}"), e))?;
+        match finished {
+            Ok(r) => {
+                r?;
+                Ok(ExecOutput {
+                    code: info.exit_code.map(|c| c as i32),
+                    timed_out: false,
+                    output: text,
+                })
+            }
+            Err(_) => {
+                // Docker has no way to stop an exec; its process is ours to
+                // kill when it runs on this host.
+                let killed = info.running == Some(true)
+                    && info.pid.is_some_and(|pid| kill_exec_tree(pid, argv));
+                let what = if killed {
+                    "it was killed"
+                } else if info.running == Some(true) {
+                    "it may still run in the container: nanokit is not on the Docker host"
+                } else {
+                    "it has ended since"
+                };
+                if !text.is_empty() && !text.ends_with('\n') {
+                    text.push('\n');
+                }
+                text.push_str(&format!(
+                    "timed out after {} ({what})",
+                    humantime::format_duration(timeout)
+                ));
+                Ok(ExecOutput {
+                    code: None,
+                    timed_out: true,
+                    output: text,
+                })
+            }
+        }
+    }
+
+    /// [`Provider::probe`]: the container's Docker health status for a
+    /// command check, a TCP connect to its address for a port.
+    pub(super) async fn probe_instance(
+        &self,
+        id: &str,
+        spec: &InstanceSpec,
+        probe: &Probe,
+        timeout: Duration,
+    ) -> Result<ProbeResult, ProviderError> {
+        let d = self.docker().await?;
+        let c = match d
+            .inspect_container(id, None::<InspectContainerOptions>)
+            .await
+        {
+            Ok(c) => c,
+            Err(e) if status_of(&e) == Some(404) => {
+                return Ok(ProbeResult {
+                    ok: false,
+                    output: format!("container {id} is gone"),
+                    fatal: true,
+                })
+            }
+            Err(e) => return Err(docker_err(&format!("inspecting container {id}"), e)),
+        };
+        let st = c.state.clone().unwrap_or_default();
+        let running = st.running.unwrap_or(false);
+        match probe {
+            Probe::Running => Ok(ProbeResult {
+                ok: running,
+                output: String::new(),
+                fatal: false,
+            }),
+            Probe::Command(_) => {
+                let health = st.health.unwrap_or_default();
+                let last = health
+                    .log
+                    .as_ref()
+                    .and_then(|l| l.last())
+                    .map(|r| {
+                        format!(
+                            "exit code {}: {}",
+                            r.exit_code.unwrap_or(-1),
+                            r.output.clone().unwrap_or_default().trim_end()
+                        )
+                    })
+                    .unwrap_or_else(|| "no health check has completed yet".into());
+                Ok(match health.status {
+                    Some(HealthStatusEnum::HEALTHY) => ProbeResult {
+                        ok: true,
+                        output: last,
+                        fatal: false,
+                    },
+                    Some(HealthStatusEnum::UNHEALTHY) => ProbeResult {
+                        ok: false,
+                        output: last,
+                        fatal: true,
+                    },
+                    _ => ProbeResult {
+                        ok: false,
+                        output: last,
+                        fatal: false,
+                    },
+                })
+            }
+            Probe::Port(p) => {
+                let inner = spec.expose.unwrap_or(*p);
+                let ip = c
+                    .network_settings
+                    .and_then(|n| n.networks)
+                    .and_then(|n| n.get(&self.network).cloned())
+                    .and_then(|e| e.ip_address)
+                    .filter(|ip| !ip.is_empty());
+                let addr: SocketAddr = match ip.and_then(|ip| ip.parse().ok()) {
+                    Some(ip) => SocketAddr::new(ip, inner),
+                    None => SocketAddr::from(([127, 0, 0, 1], *p)),
+                };
+                Ok(
+                    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await
+                    {
+                        Ok(Ok(_)) => ProbeResult {
+                            ok: true,
+                            output: String::new(),
+                            fatal: false,
+                        },
+                        Ok(Err(e)) => ProbeResult {
+                            ok: false,
+                            output: format!("{addr} (port {inner} of container {id}): {e}"),
+                            fatal: false,
+                        },
+                        Err(_) => ProbeResult {
+                            ok: false,
+                            output: format!("{addr}: connect timed out"),
+                            fatal: false,
+                        },
+                    },
+                )
+            }
+        }
+    }
+}
+
+/// SIGKILLs a timed-out exec's process and its descendants, if `pid` (its
+/// pid as Docker reports it, in the host's pid namespace) is visible here and
+/// runs the command we started: nanokit may run elsewhere than the daemon.
+fn kill_exec_tree(pid: i64, argv: &[String]) -> bool {
+    let Ok(pid) = u32::try_from(pid) else {
+        return false;
+    };
+    let expected: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain([0])).collect();
+    if pid == 0 || proc::cmdline(pid) != expected {
+        return false;
+    }
+    for p in proc::tree(pid) {
+        proc::kill(p, rustix::process::Signal::KILL);
+    }
+    true
+}
