@@ -1,6 +1,6 @@
 //! `nanokit repo …` and `nanokit provision`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
@@ -8,7 +8,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::{exit, lock::describe, parse_duration, print_json, CliError, CliResult, OutputFormat};
 use crate::lock::LockOptions;
-use crate::repo::{self, InstallOptions, NpmOptions, ProvisionOptions};
+use crate::repo::{
+    self, InstallOptions, InstallOutcome, NpmOptions, ProvisionOptions, RepoError, StagingEntry,
+};
 
 #[derive(Debug, Subcommand)]
 pub enum RepoCommand {
@@ -81,73 +83,7 @@ fn when(ms: u64) -> String {
 
 pub async fn run(cmd: RepoCommand) -> CliResult {
     match cmd {
-        RepoCommand::Status { repo_dir, output } => {
-            let status = repo::status(&repo_dir)?;
-            if output == OutputFormat::Json {
-                print_json(&status);
-                return Ok(exit::OK);
-            }
-            println!("repository {}", status.dir.display());
-            println!("\ninstalled ({})", status.installed.len());
-            for p in &status.installed {
-                println!(
-                    "  {:<48} {}{}",
-                    p.specifier,
-                    when(p.installed_at_ms),
-                    if p.verified {
-                        ""
-                    } else {
-                        "  MODIFIED: package.json differs from the install"
-                    }
-                );
-            }
-            println!("\nlocks held ({})", status.locks.len());
-            for l in &status.locks {
-                println!("  {}", l.path.display());
-                for line in describe(l).lines() {
-                    println!("    {line}");
-                }
-            }
-            println!(
-                "\nleftovers of interrupted installs ({})",
-                status.leftovers.len()
-            );
-            for p in &status.leftovers {
-                println!("  {}", p.display());
-            }
-            if !status.leftovers.is_empty() {
-                println!("  (removed by the next install of the same package)");
-            }
-            println!("\nstaging directories ({})", status.staging.len());
-            for s in &status.staging {
-                println!("  {}", s.path.display());
-                if s.trash {
-                    println!("    trash of an earlier attempt, being removed");
-                } else if let Some(o) = &s.owner {
-                    let alive = match s.owner_alive {
-                        Some(true) => "alive",
-                        Some(false) => "dead",
-                        None => "on another host",
-                    };
-                    let installer = match (o.installer_pid, s.installer_running) {
-                        (Some(p), Some(true)) => format!(", installer pid {p} running"),
-                        (Some(p), Some(false)) => format!(", installer pid {p} gone"),
-                        (Some(p), None) => format!(", installer pid {p}"),
-                        (None, _) => String::new(),
-                    };
-                    println!(
-                        "    owner pid {} on {} ({alive}){installer}",
-                        o.pid, o.hostname
-                    );
-                } else {
-                    println!("    no owner record");
-                }
-                if s.orphaned {
-                    println!("    orphaned: removed by the next install of any package");
-                }
-            }
-            Ok(exit::OK)
-        }
+        RepoCommand::Status { repo_dir, output } => status(&repo_dir, output),
         RepoCommand::Install {
             repo_dir,
             specs,
@@ -168,54 +104,150 @@ pub async fn run(cmd: RepoCommand) -> CliResult {
                     extra_args: npm_args,
                 },
             };
-            // Validate every specifier before installing any.
-            for s in &specs {
-                repo::PackageSpec::parse(s).map_err(repo::RepoError::from)?;
+            install(&repo_dir, &specs, &opts, output).await
+        }
+    }
+}
+
+/// `nanokit repo status`: installed packages, held locks, leftovers and
+/// staging directories, one section each.
+fn status(repo_dir: &Path, output: OutputFormat) -> CliResult {
+    let status = repo::status(repo_dir)?;
+    if output == OutputFormat::Json {
+        print_json(&status);
+        return Ok(exit::OK);
+    }
+    println!("repository {}", status.dir.display());
+    println!("\ninstalled ({})", status.installed.len());
+    for p in &status.installed {
+        println!(
+            "  {:<48} {}{}",
+            p.specifier,
+            when(p.installed_at_ms),
+            if p.verified {
+                ""
+            } else {
+                "  MODIFIED: package.json differs from the install"
             }
-            let cancel = CancellationToken::new();
-            let jobs = specs.iter().map(|s| {
-                let (repo_dir, opts, cancel) = (&repo_dir, &opts, &cancel);
-                async move { (s, repo::install(repo_dir, s, opts, cancel).await) }
-            });
-            let results = futures::future::join_all(jobs).await;
-            let mut failed = None;
-            let mut json = Vec::new();
-            for (spec, r) in results {
-                match r {
-                    Ok(o) => {
-                        if output == OutputFormat::Text {
-                            let what = if o.installed {
-                                "installed"
-                            } else {
-                                "already installed"
-                            };
-                            println!(
-                                "{spec}: {what} ({} ms, waited {} ms)",
-                                o.duration.as_millis(),
-                                o.waited.as_millis()
-                            );
-                        }
-                        json.push(serde_json::json!({"specifier": spec, "installed": o.installed,
-                            "waitedMs": o.waited.as_millis() as u64, "durationMs": o.duration.as_millis() as u64}));
-                    }
-                    Err(e) => {
-                        json.push(serde_json::json!({"specifier": spec, "error": e.to_string()}));
-                        if output == OutputFormat::Text {
-                            eprintln!("error[{}]: {e}", crate::error::ErrorCode::code(&e));
-                        }
-                        failed.get_or_insert(CliError::from(e));
-                    }
+        );
+    }
+    println!("\nlocks held ({})", status.locks.len());
+    for l in &status.locks {
+        println!("  {}", l.path.display());
+        for line in describe(l).lines() {
+            println!("    {line}");
+        }
+    }
+    println!(
+        "\nleftovers of interrupted installs ({})",
+        status.leftovers.len()
+    );
+    for p in &status.leftovers {
+        println!("  {}", p.display());
+    }
+    if !status.leftovers.is_empty() {
+        println!("  (removed by the next install of the same package)");
+    }
+    println!("\nstaging directories ({})", status.staging.len());
+    for s in &status.staging {
+        print_staging(s);
+    }
+    Ok(exit::OK)
+}
+
+/// One staging directory of `repo status`: its path, then who owns it.
+fn print_staging(s: &StagingEntry) {
+    println!("  {}", s.path.display());
+    if s.trash {
+        println!("    trash of an earlier attempt, being removed");
+    } else if let Some(o) = &s.owner {
+        let alive = match s.owner_alive {
+            Some(true) => "alive",
+            Some(false) => "dead",
+            None => "on another host",
+        };
+        let installer = match (o.installer_pid, s.installer_running) {
+            (Some(p), Some(true)) => format!(", installer pid {p} running"),
+            (Some(p), Some(false)) => format!(", installer pid {p} gone"),
+            (Some(p), None) => format!(", installer pid {p}"),
+            (None, _) => String::new(),
+        };
+        println!(
+            "    owner pid {} on {} ({alive}){installer}",
+            o.pid, o.hostname
+        );
+    } else {
+        println!("    no owner record");
+    }
+    if s.orphaned {
+        println!("    orphaned: removed by the next install of any package");
+    }
+}
+
+/// `nanokit repo install`: every specifier is validated before any install
+/// starts; then all install in parallel and each result is reported.
+async fn install(
+    repo_dir: &Path,
+    specs: &[String],
+    opts: &InstallOptions,
+    output: OutputFormat,
+) -> CliResult {
+    // Validate every specifier before installing any.
+    for s in specs {
+        repo::PackageSpec::parse(s).map_err(repo::RepoError::from)?;
+    }
+    let cancel = CancellationToken::new();
+    let jobs = specs.iter().map(|s| {
+        let cancel = &cancel;
+        async move { (s, repo::install(repo_dir, s, opts, cancel).await) }
+    });
+    let results = futures::future::join_all(jobs).await;
+    report_installs(results, output)
+}
+
+/// Prints one line (text) or one object (JSON) per install. With any failure
+/// the exit status is 1; in JSON mode the first error is also returned, so
+/// it is printed as the command's error.
+fn report_installs(
+    results: Vec<(&String, Result<InstallOutcome, RepoError>)>,
+    output: OutputFormat,
+) -> CliResult {
+    let mut failed = None;
+    let mut json = Vec::new();
+    for (spec, r) in results {
+        match r {
+            Ok(o) => {
+                if output == OutputFormat::Text {
+                    let what = if o.installed {
+                        "installed"
+                    } else {
+                        "already installed"
+                    };
+                    println!(
+                        "{spec}: {what} ({} ms, waited {} ms)",
+                        o.duration.as_millis(),
+                        o.waited.as_millis()
+                    );
                 }
+                json.push(serde_json::json!({"specifier": spec, "installed": o.installed,
+                    "waitedMs": o.waited.as_millis() as u64, "durationMs": o.duration.as_millis() as u64}));
             }
-            if output == OutputFormat::Json {
-                print_json(&json);
-            }
-            match failed {
-                Some(e) if output == OutputFormat::Json => Err(e),
-                Some(_) => Ok(exit::ERROR),
-                None => Ok(exit::OK),
+            Err(e) => {
+                json.push(serde_json::json!({"specifier": spec, "error": e.to_string()}));
+                if output == OutputFormat::Text {
+                    eprintln!("error[{}]: {e}", crate::error::ErrorCode::code(&e));
+                }
+                failed.get_or_insert(CliError::from(e));
             }
         }
+    }
+    if output == OutputFormat::Json {
+        print_json(&json);
+    }
+    match failed {
+        Some(e) if output == OutputFormat::Json => Err(e),
+        Some(_) => Ok(exit::ERROR),
+        None => Ok(exit::OK),
     }
 }
 

@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 
 use super::{confirm, exit, CliError, CliResult, OutputFormat};
-use crate::kv::{self, error::fmt_ms, KvError, OpenOptions, Store, Value};
+use crate::kv::{self, error::fmt_ms, Entry, KvError, OpenOptions, Store, Value};
 
 const AFTER_HELP: &str = "\
 Backends:
@@ -196,169 +196,20 @@ async fn run_inner(args: &StateArgs) -> CliResult {
     let json_out = args.output == OutputFormat::Json;
     let store = Store::open(&opts).await?;
     match &args.command {
-        StateCommand::List { prefix } => {
-            let entries = store.list(prefix.as_deref().unwrap_or("")).await?;
-            if json_out {
-                let v: Vec<_> = entries
-                    .into_iter()
-                    .map(|e| {
-                        json!({"key": e.key, "type": kind(&e.value), "value": e.value.into_json(), "updatedAt": fmt_ms(e.updated_at_ms)})
-                    })
-                    .collect();
-                println!("{}", serde_json::Value::Array(v));
-            } else if entries.is_empty() {
-                eprintln!(
-                    "(no keys{})",
-                    prefix
-                        .as_ref()
-                        .map(|p| format!(" starting with {p:?}"))
-                        .unwrap_or_default()
-                );
-            } else {
-                let mut rows = vec![vec![
-                    "KEY".into(),
-                    "TYPE".into(),
-                    "UPDATED".into(),
-                    "VALUE".into(),
-                ]];
-                for e in &entries {
-                    rows.push(vec![
-                        one_line(&e.key, 60),
-                        kind(&e.value).into(),
-                        fmt_ms(e.updated_at_ms),
-                        one_line(&e.value.display_text(), 60),
-                    ]);
-                }
-                table(&rows);
-            }
-        }
-        StateCommand::Show { key } | StateCommand::Get { key } => {
-            let show = matches!(args.command, StateCommand::Show { .. });
-            let Some(e) = store.get_entry(key).await? else {
-                return Err(CliError::new(
-                    "ENKNOTFOUND",
-                    format!("key {key:?} not found in agent {:?}", store.agent()),
-                ));
-            };
-            let bytes = e.value.display_text().len();
-            if json_out {
-                if show {
-                    println!(
-                        "{}",
-                        json!({"key": e.key, "type": kind(&e.value), "bytes": bytes, "updatedAt": fmt_ms(e.updated_at_ms), "value": e.value.into_json()})
-                    );
-                } else {
-                    println!("{}", e.value.into_json());
-                }
-            } else if show {
-                let pretty = match &e.value {
-                    Value::Text(s) => s.clone(),
-                    Value::Json(v) => serde_json::to_string_pretty(v).unwrap_or_default(),
-                };
-                println!("key:      {}", e.key);
-                println!("type:     {}", kind(&e.value));
-                println!("bytes:    {bytes}");
-                println!("updated:  {}", fmt_ms(e.updated_at_ms));
-                println!("value:\n{pretty}");
-            } else {
-                println!("{}", e.value.display_text());
-            }
-        }
-        StateCommand::Set { key, value, json } => {
-            let v = if *json {
-                Value::from_json(serde_json::from_str(value).map_err(|e| {
-                    CliError::from(KvError::Invalid(format!(
-                        "--json: the value is not valid JSON ({e})"
-                    )))
-                })?)
-            } else {
-                Value::Text(value.clone())
-            };
-            store.set(key, &v).await?;
-            if json_out {
-                println!("{}", json!({"key": key, "set": true}));
-            }
-        }
-        StateCommand::Delete { key, yes } => {
-            if !yes {
-                confirm(&format!(
-                    "delete key {key:?} from agent {:?}?",
-                    store.agent()
-                ))
-                .await?;
-            }
-            let existed = store.delete(key).await?;
-            if json_out {
-                println!("{}", json!({"key": key, "deleted": existed}));
-            } else if !existed {
-                eprintln!("key {key:?} did not exist");
-            }
-        }
-        StateCommand::Clear { yes } => {
-            if !yes {
-                confirm(&format!(
-                    "delete every key of agent {:?} ({})?",
-                    store.agent(),
-                    store.backend()
-                ))
-                .await?;
-            }
-            let n = store.clear().await?;
-            if json_out {
-                println!("{}", json!({"deleted": n}));
-            } else {
-                println!("deleted {n} key(s)");
-            }
-        }
-        StateCommand::Stats => {
-            let s = store.stats().await?;
-            if json_out {
-                println!("{}", serde_json::to_value(&s).unwrap_or_default());
-            } else {
-                let mut rows = vec![
-                    vec!["backend".to_string(), s.backend.clone()],
-                    vec!["agent".into(), s.agent.clone()],
-                    vec!["location".into(), s.location.clone()],
-                    vec!["keys".into(), s.keys.to_string()],
-                    vec!["value bytes".into(), s.value_bytes.to_string()],
-                    vec!["locks held".into(), s.locks.to_string()],
-                ];
-                if let Some(f) = s.file_bytes {
-                    rows.push(vec!["file bytes".into(), f.to_string()]);
-                }
-                table(&rows);
-            }
-        }
-        StateCommand::Incr { key, delta } => {
-            let n = store.increment(key, *delta).await?;
-            if json_out {
-                println!("{}", json!({"key": key, "value": n}));
-            } else {
-                println!("{n}");
-            }
-        }
+        StateCommand::List { prefix } => list(&store, prefix.as_deref(), json_out).await?,
+        StateCommand::Show { key } => show(&store, key, json_out).await?,
+        StateCommand::Get { key } => get(&store, key, json_out).await?,
+        StateCommand::Set { key, value, json } => set(&store, key, value, *json, json_out).await?,
+        StateCommand::Delete { key, yes } => delete(&store, key, *yes, json_out).await?,
+        StateCommand::Clear { yes } => clear(&store, *yes, json_out).await?,
+        StateCommand::Stats => stats(&store, json_out).await?,
+        StateCommand::Incr { key, delta } => incr(&store, key, *delta, json_out).await?,
         StateCommand::Lock {
             name,
             holder,
             timeout,
             wait,
-        } => {
-            let wait = kv::wait_duration(wait * 1000.0)?;
-            let a = store.lock(name, holder, *timeout, wait).await?;
-            if json_out {
-                println!(
-                    "{}",
-                    json!({"name": a.name, "holder": a.holder, "expiresAt": fmt_ms(a.expires_at_ms)})
-                );
-            } else {
-                println!(
-                    "locked {:?} for {:?} until {}",
-                    a.name,
-                    a.holder,
-                    fmt_ms(a.expires_at_ms)
-                );
-            }
-        }
+        } => lock(&store, name, holder, *timeout, *wait, json_out).await?,
         StateCommand::Unlock {
             name,
             holder,
@@ -366,54 +217,264 @@ async fn run_inner(args: &StateArgs) -> CliResult {
             yes,
         } => {
             if *force {
-                let info = store.is_locked(name).await?;
-                let who = info.holder.as_deref().unwrap_or("nobody");
-                if !yes {
-                    confirm(&format!(
-                        "remove lock {name:?} (held by {who:?}) of agent {:?}?",
-                        store.agent()
-                    ))
-                    .await?;
-                }
-                let prev = store.force_unlock(name).await?;
-                if json_out {
-                    println!(
-                        "{}",
-                        json!({"name": name, "unlocked": true, "previousHolder": prev})
-                    );
-                } else {
-                    match prev {
-                        Some(h) => println!("removed lock {name:?} held by {h:?}"),
-                        None => println!("lock {name:?} was not held"),
-                    }
-                }
+                force_unlock(&store, name, *yes, json_out).await?
             } else {
-                let holder = holder.as_deref().unwrap_or_default();
-                store.unlock(name, holder).await?;
-                if json_out {
-                    println!("{}", json!({"name": name, "unlocked": true}));
-                } else {
-                    println!("unlocked {name:?}");
-                }
+                unlock(
+                    &store,
+                    name,
+                    holder.as_deref().unwrap_or_default(),
+                    json_out,
+                )
+                .await?
             }
         }
-        StateCommand::Locked { name } => {
-            let i = store.is_locked(name).await?;
-            if json_out {
-                println!(
-                    "{}",
-                    json!({"name": name, "locked": i.locked, "holder": i.holder, "expiresAt": i.expires_at_ms.map(fmt_ms)})
-                );
-            } else if i.locked {
-                println!(
-                    "{name:?} is locked by {:?} until {}",
-                    i.holder.unwrap_or_default(),
-                    i.expires_at_ms.map(fmt_ms).unwrap_or_default()
-                );
-            } else {
-                println!("{name:?} is not locked");
-            }
-        }
+        StateCommand::Locked { name } => locked(&store, name, json_out).await?,
     }
     Ok(exit::OK)
+}
+
+/// The result of one command; `run_inner` turns success into exit 0.
+type Done = Result<(), CliError>;
+
+async fn list(store: &Store, prefix: Option<&str>, json_out: bool) -> Done {
+    let entries = store.list(prefix.unwrap_or("")).await?;
+    if json_out {
+        let v: Vec<_> = entries
+            .into_iter()
+            .map(|e| {
+                json!({"key": e.key, "type": kind(&e.value), "value": e.value.into_json(), "updatedAt": fmt_ms(e.updated_at_ms)})
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(v));
+    } else if entries.is_empty() {
+        eprintln!(
+            "(no keys{})",
+            prefix
+                .map(|p| format!(" starting with {p:?}"))
+                .unwrap_or_default()
+        );
+    } else {
+        let mut rows = vec![vec![
+            "KEY".into(),
+            "TYPE".into(),
+            "UPDATED".into(),
+            "VALUE".into(),
+        ]];
+        for e in &entries {
+            rows.push(vec![
+                one_line(&e.key, 60),
+                kind(&e.value).into(),
+                fmt_ms(e.updated_at_ms),
+                one_line(&e.value.display_text(), 60),
+            ]);
+        }
+        table(&rows);
+    }
+    Ok(())
+}
+
+/// The entry at `key`, or ENKNOTFOUND (exit 1) for `show` and `get`.
+async fn entry(store: &Store, key: &str) -> Result<Entry, CliError> {
+    store.get_entry(key).await?.ok_or_else(|| {
+        CliError::new(
+            "ENKNOTFOUND",
+            format!("key {key:?} not found in agent {:?}", store.agent()),
+        )
+    })
+}
+
+async fn show(store: &Store, key: &str, json_out: bool) -> Done {
+    let e = entry(store, key).await?;
+    let bytes = e.value.display_text().len();
+    if json_out {
+        println!(
+            "{}",
+            json!({"key": e.key, "type": kind(&e.value), "bytes": bytes, "updatedAt": fmt_ms(e.updated_at_ms), "value": e.value.into_json()})
+        );
+    } else {
+        let pretty = match &e.value {
+            Value::Text(s) => s.clone(),
+            Value::Json(v) => serde_json::to_string_pretty(v).unwrap_or_default(),
+        };
+        println!("key:      {}", e.key);
+        println!("type:     {}", kind(&e.value));
+        println!("bytes:    {bytes}");
+        println!("updated:  {}", fmt_ms(e.updated_at_ms));
+        println!("value:\n{pretty}");
+    }
+    Ok(())
+}
+
+async fn get(store: &Store, key: &str, json_out: bool) -> Done {
+    let e = entry(store, key).await?;
+    if json_out {
+        println!("{}", e.value.into_json());
+    } else {
+        println!("{}", e.value.display_text());
+    }
+    Ok(())
+}
+
+async fn set(store: &Store, key: &str, value: &str, json: bool, json_out: bool) -> Done {
+    let v = if json {
+        Value::from_json(serde_json::from_str(value).map_err(|e| {
+            CliError::from(KvError::Invalid(format!(
+                "--json: the value is not valid JSON ({e})"
+            )))
+        })?)
+    } else {
+        Value::Text(value.to_string())
+    };
+    store.set(key, &v).await?;
+    if json_out {
+        println!("{}", json!({"key": key, "set": true}));
+    }
+    Ok(())
+}
+
+async fn delete(store: &Store, key: &str, yes: bool, json_out: bool) -> Done {
+    if !yes {
+        confirm(&format!(
+            "delete key {key:?} from agent {:?}?",
+            store.agent()
+        ))
+        .await?;
+    }
+    let existed = store.delete(key).await?;
+    if json_out {
+        println!("{}", json!({"key": key, "deleted": existed}));
+    } else if !existed {
+        eprintln!("key {key:?} did not exist");
+    }
+    Ok(())
+}
+
+async fn clear(store: &Store, yes: bool, json_out: bool) -> Done {
+    if !yes {
+        confirm(&format!(
+            "delete every key of agent {:?} ({})?",
+            store.agent(),
+            store.backend()
+        ))
+        .await?;
+    }
+    let n = store.clear().await?;
+    if json_out {
+        println!("{}", json!({"deleted": n}));
+    } else {
+        println!("deleted {n} key(s)");
+    }
+    Ok(())
+}
+
+async fn stats(store: &Store, json_out: bool) -> Done {
+    let s = store.stats().await?;
+    if json_out {
+        println!("{}", serde_json::to_value(&s).unwrap_or_default());
+    } else {
+        let mut rows = vec![
+            vec!["backend".to_string(), s.backend.clone()],
+            vec!["agent".into(), s.agent.clone()],
+            vec!["location".into(), s.location.clone()],
+            vec!["keys".into(), s.keys.to_string()],
+            vec!["value bytes".into(), s.value_bytes.to_string()],
+            vec!["locks held".into(), s.locks.to_string()],
+        ];
+        if let Some(f) = s.file_bytes {
+            rows.push(vec!["file bytes".into(), f.to_string()]);
+        }
+        table(&rows);
+    }
+    Ok(())
+}
+
+async fn incr(store: &Store, key: &str, delta: i64, json_out: bool) -> Done {
+    let n = store.increment(key, delta).await?;
+    if json_out {
+        println!("{}", json!({"key": key, "value": n}));
+    } else {
+        println!("{n}");
+    }
+    Ok(())
+}
+
+async fn lock(
+    store: &Store,
+    name: &str,
+    holder: &str,
+    timeout: f64,
+    wait: f64,
+    json_out: bool,
+) -> Done {
+    let wait = kv::wait_duration(wait * 1000.0)?;
+    let a = store.lock(name, holder, timeout, wait).await?;
+    if json_out {
+        println!(
+            "{}",
+            json!({"name": a.name, "holder": a.holder, "expiresAt": fmt_ms(a.expires_at_ms)})
+        );
+    } else {
+        println!(
+            "locked {:?} for {:?} until {}",
+            a.name,
+            a.holder,
+            fmt_ms(a.expires_at_ms)
+        );
+    }
+    Ok(())
+}
+
+/// `unlock --force`: removes the lock whoever holds it (asks unless `--yes`).
+async fn force_unlock(store: &Store, name: &str, yes: bool, json_out: bool) -> Done {
+    let info = store.is_locked(name).await?;
+    let who = info.holder.as_deref().unwrap_or("nobody");
+    if !yes {
+        confirm(&format!(
+            "remove lock {name:?} (held by {who:?}) of agent {:?}?",
+            store.agent()
+        ))
+        .await?;
+    }
+    let prev = store.force_unlock(name).await?;
+    if json_out {
+        println!(
+            "{}",
+            json!({"name": name, "unlocked": true, "previousHolder": prev})
+        );
+    } else {
+        match prev {
+            Some(h) => println!("removed lock {name:?} held by {h:?}"),
+            None => println!("lock {name:?} was not held"),
+        }
+    }
+    Ok(())
+}
+
+async fn unlock(store: &Store, name: &str, holder: &str, json_out: bool) -> Done {
+    store.unlock(name, holder).await?;
+    if json_out {
+        println!("{}", json!({"name": name, "unlocked": true}));
+    } else {
+        println!("unlocked {name:?}");
+    }
+    Ok(())
+}
+
+async fn locked(store: &Store, name: &str, json_out: bool) -> Done {
+    let i = store.is_locked(name).await?;
+    if json_out {
+        println!(
+            "{}",
+            json!({"name": name, "locked": i.locked, "holder": i.holder, "expiresAt": i.expires_at_ms.map(fmt_ms)})
+        );
+    } else if i.locked {
+        println!(
+            "{name:?} is locked by {:?} until {}",
+            i.holder.unwrap_or_default(),
+            i.expires_at_ms.map(fmt_ms).unwrap_or_default()
+        );
+    } else {
+        println!("{name:?} is not locked");
+    }
+    Ok(())
 }

@@ -122,15 +122,7 @@ pub fn summary(t: &TraceFile, top: usize) -> String {
             let _ = writeln!(o, "{}", line.trim_end());
         }
     }
-    let failed: Vec<&SpanRecord> = t
-        .spans
-        .iter()
-        .filter(|s| {
-            s.failed()
-                && s.name != "service"
-                && Some(s.span_id.as_str()) != t.root().map(|r| r.span_id.as_str())
-        })
-        .collect();
+    let failed = failed_steps(t);
     if !failed.is_empty() {
         let _ = writeln!(o, "Failures:");
         for s in failed {
@@ -191,12 +183,54 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}
 pre{background:#fef2f2;border:1px solid #fecaca;padding:8px 10px;border-radius:4px;white-space:pre-wrap;margin:4px 0 12px}
 "#;
 
-/// Renders the trace as one self-contained HTML page.
+/// Where a moment of the run falls on the chart, in percent of its width.
+struct Scale {
+    t0: u64,
+    total_ms: f64,
+}
+
+impl Scale {
+    fn pct(&self, ns: u64) -> f64 {
+        ns.saturating_sub(self.t0) as f64 / 1e6 / self.total_ms * 100.0
+    }
+}
+
+/// The steps that failed (not the run and not the per-service spans).
+fn failed_steps(t: &TraceFile) -> Vec<&SpanRecord> {
+    let root_id = t.root().map(|r| r.span_id.as_str());
+    t.spans
+        .iter()
+        .filter(|s| s.failed() && s.name != "service" && Some(s.span_id.as_str()) != root_id)
+        .collect()
+}
+
+/// Renders the trace as one self-contained HTML page: header, the chart
+/// (axis, then one row per span in tree order), slowest steps, failures.
 pub fn html(t: &TraceFile) -> String {
     let t0 = t.start_unix_nano;
-    let total_ms = (t.end_unix_nano.saturating_sub(t0) as f64 / 1e6).max(1.0);
-    let pct = |ns: u64| ns.saturating_sub(t0) as f64 / 1e6 / total_ms * 100.0;
+    let scale = Scale {
+        t0,
+        total_ms: (t.end_unix_nano.saturating_sub(t0) as f64 / 1e6).max(1.0),
+    };
     let mut o = String::new();
+    html_header(&mut o, t, scale.total_ms);
+    o.push_str("<div class=\"chart\" id=\"chart\">");
+    html_axis(&mut o, scale.total_ms);
+    let root_id = t.root().map(|r| r.span_id.as_str());
+    for (depth, s) in t.tree() {
+        let is_root = Some(s.span_id.as_str()) == root_id;
+        html_span_row(&mut o, t, s, depth, is_root, &scale);
+    }
+    o.push_str("</div>");
+    html_slowest(&mut o, t);
+    html_failures(&mut o, t);
+    o.push_str("</body></html>\n");
+    o
+}
+
+/// `<head>` with the styles, the title line with the outcome badge, the run's
+/// facts and the legend.
+fn html_header(o: &mut String, t: &TraceFile, total_ms: f64) {
     let title = format!(
         "nanokit {} · {} ({})",
         t.command,
@@ -221,8 +255,10 @@ pub fn html(t: &TraceFile) -> String {
         esc(&t.run)
     );
     o.push_str("<div class=\"legend\"><span><i style=\"background:var(--svc)\"></i>service</span><span><i style=\"background:var(--step)\"></i>step</span><span><i style=\"background:var(--wait)\"></i>waiting (dependencies, locks)</span><span><i style=\"background:var(--fail)\"></i>failed</span><span><i style=\"background:var(--skip)\"></i>skipped</span></div>");
-    o.push_str("<div class=\"chart\" id=\"chart\">");
-    // Axis.
+}
+
+/// The chart's first row: round time ticks over the whole run.
+fn html_axis(o: &mut String, total_ms: f64) {
     let step = tick_ms(total_ms);
     let mut ticks = String::new();
     let mut x = 0.0;
@@ -241,70 +277,80 @@ pub fn html(t: &TraceFile) -> String {
         o,
         "<div class=\"row axis\"><div class=\"label\">span</div><div class=\"track\">{ticks}</div></div>"
     );
-    let root_id = t.root().map(|r| r.span_id.clone());
-    for (depth, s) in t.tree() {
-        let mut classes = vec!["bar"];
-        let is_root = Some(&s.span_id) == root_id.as_ref();
-        if is_root {
-            classes.push("root");
-        } else if s.name == "service" {
-            classes.push("service");
-        } else if is_wait(s) {
-            classes.push("wait");
-        } else {
-            classes.push("step");
-        }
-        let skipped = s.attr("nanokit.outcome") == Some("skipped");
-        if skipped {
-            classes.push("skipped");
-        }
-        if s.failed() {
-            classes.push("failed");
-        }
-        let row_class = if s.name == "service" {
-            "row service"
-        } else {
-            "row"
-        };
-        let left = pct(s.start_unix_nano);
-        let width = (pct(s.end_unix_nano) - left).max(0.0);
-        let mut tip = format!("{} — {}", label(t, s), secs(s.duration_ms()));
-        if let Some(w) = s.attr("nanokit.waits_for") {
-            let _ = write!(tip, " (waiting for {w})");
-        }
-        if let Some(e) = s.attr("error").or(s.status_message.as_deref()) {
-            let _ = write!(tip, "\n{e}");
-        }
-        let name = if is_root {
-            format!("nanokit {}", t.command)
-        } else if s.name == "service" {
-            s.attr("nanokit.service").unwrap_or("?").to_string()
-        } else {
-            step_name(s)
-        };
-        let mark = if s.failed() {
-            "<span class=\"mark\">✖ failed</span>".to_string()
-        } else if skipped {
-            "<span class=\"mark\" style=\"color:var(--muted)\">skipped</span>".to_string()
-        } else {
-            String::new()
-        };
-        let _ = write!(
-            o,
-            "<div class=\"{row_class}\"><div class=\"label\" style=\"padding-left:{}px\">{}<span class=\"dur\">{}</span></div><div class=\"track\"><div class=\"{}\" data-span-id=\"{}\" data-name=\"{}\" data-service=\"{}\" data-status=\"{}\" style=\"left:{left:.3}%;width:{width:.3}%\" title=\"{}\">{mark}</div></div></div>",
-            8 + depth * 16,
-            esc(&name),
-            secs(s.duration_ms()),
-            classes.join(" "),
-            esc(&s.span_id),
-            esc(&s.name),
-            esc(&service_of(t, s).unwrap_or_default()),
-            esc(&s.status),
-            esc(&tip),
-        );
+}
+
+/// One chart row: the span's name indented by its depth, and its bar, classed
+/// by kind (root, service, wait, step) and outcome, with the details as tooltip.
+fn html_span_row(
+    o: &mut String,
+    t: &TraceFile,
+    s: &SpanRecord,
+    depth: usize,
+    is_root: bool,
+    scale: &Scale,
+) {
+    let mut classes = vec!["bar"];
+    if is_root {
+        classes.push("root");
+    } else if s.name == "service" {
+        classes.push("service");
+    } else if is_wait(s) {
+        classes.push("wait");
+    } else {
+        classes.push("step");
     }
-    o.push_str("</div>");
-    // Slowest steps.
+    let skipped = s.attr("nanokit.outcome") == Some("skipped");
+    if skipped {
+        classes.push("skipped");
+    }
+    if s.failed() {
+        classes.push("failed");
+    }
+    let row_class = if s.name == "service" {
+        "row service"
+    } else {
+        "row"
+    };
+    let left = scale.pct(s.start_unix_nano);
+    let width = (scale.pct(s.end_unix_nano) - left).max(0.0);
+    let mut tip = format!("{} — {}", label(t, s), secs(s.duration_ms()));
+    if let Some(w) = s.attr("nanokit.waits_for") {
+        let _ = write!(tip, " (waiting for {w})");
+    }
+    if let Some(e) = s.attr("error").or(s.status_message.as_deref()) {
+        let _ = write!(tip, "\n{e}");
+    }
+    let name = if is_root {
+        format!("nanokit {}", t.command)
+    } else if s.name == "service" {
+        s.attr("nanokit.service").unwrap_or("?").to_string()
+    } else {
+        step_name(s)
+    };
+    let mark = if s.failed() {
+        "<span class=\"mark\">✖ failed</span>".to_string()
+    } else if skipped {
+        "<span class=\"mark\" style=\"color:var(--muted)\">skipped</span>".to_string()
+    } else {
+        String::new()
+    };
+    let _ = write!(
+        o,
+        "<div class=\"{row_class}\"><div class=\"label\" style=\"padding-left:{}px\">{}<span class=\"dur\">{}</span></div><div class=\"track\"><div class=\"{}\" data-span-id=\"{}\" data-name=\"{}\" data-service=\"{}\" data-status=\"{}\" style=\"left:{left:.3}%;width:{width:.3}%\" title=\"{}\">{mark}</div></div></div>",
+        8 + depth * 16,
+        esc(&name),
+        secs(s.duration_ms()),
+        classes.join(" "),
+        esc(&s.span_id),
+        esc(&s.name),
+        esc(&service_of(t, s).unwrap_or_default()),
+        esc(&s.status),
+        esc(&tip),
+    );
+}
+
+/// The table of the ten slowest steps.
+fn html_slowest(o: &mut String, t: &TraceFile) {
     o.push_str("<h2>Slowest steps</h2><table id=\"slowest\"><tr><th>duration</th><th>step</th><th></th></tr>");
     for s in slowest(t, 10) {
         let _ = write!(
@@ -322,28 +368,27 @@ pub fn html(t: &TraceFile) -> String {
         );
     }
     o.push_str("</table>");
-    let failed: Vec<&SpanRecord> = t
-        .spans
-        .iter()
-        .filter(|s| s.failed() && s.name != "service" && Some(&s.span_id) != root_id.as_ref())
-        .collect();
-    if !failed.is_empty() {
-        o.push_str("<h2>Failures</h2><div id=\"failures\">");
-        for s in failed {
-            let _ = write!(
-                o,
-                "<div><b>{}</b><pre>{}</pre></div>",
-                esc(&label(t, s)),
-                esc(s
-                    .attr("error")
-                    .or(s.status_message.as_deref())
-                    .unwrap_or(""))
-            );
-        }
-        o.push_str("</div>");
+}
+
+/// Each failed step with its whole error message; nothing when none failed.
+fn html_failures(o: &mut String, t: &TraceFile) {
+    let failed = failed_steps(t);
+    if failed.is_empty() {
+        return;
     }
-    o.push_str("</body></html>\n");
-    o
+    o.push_str("<h2>Failures</h2><div id=\"failures\">");
+    for s in failed {
+        let _ = write!(
+            o,
+            "<div><b>{}</b><pre>{}</pre></div>",
+            esc(&label(t, s)),
+            esc(s
+                .attr("error")
+                .or(s.status_message.as_deref())
+                .unwrap_or(""))
+        );
+    }
+    o.push_str("</div>");
 }
 
 #[cfg(test)]
