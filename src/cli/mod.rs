@@ -3,10 +3,10 @@
 //! (`src/bin/nanokit.rs`, also installed as `nkapp`) calls it too, so both
 //! print the same output and return the same exit codes.
 
-pub mod infra;
+mod infra;
 mod lock;
 mod repo;
-pub mod state;
+mod state;
 mod timeline;
 
 use std::fmt::Display;

@@ -10,9 +10,9 @@ pub mod drift;
 mod health;
 mod hooks;
 pub mod plan;
-pub mod report;
+mod report;
 mod schedule;
-pub mod status;
+mod status;
 
 use std::path::PathBuf;
 use std::sync::Arc;

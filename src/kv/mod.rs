@@ -13,9 +13,9 @@
 //! Every agent (`--agent`, default `local`) is its own namespace of keys and
 //! locks.
 
-pub mod error;
-pub mod pg;
-pub mod snapshot;
+pub(crate) mod error;
+pub(crate) mod pg;
+mod snapshot;
 pub mod sqlite;
 
 use std::path::{Path, PathBuf};

@@ -8,7 +8,7 @@
 //! calls onto containers (labels, create/start, exec, inspect, stop/remove,
 //! logs).
 
-pub mod docker;
+pub(crate) mod docker;
 pub mod process;
 
 use std::collections::BTreeMap;

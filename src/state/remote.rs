@@ -1,40 +1,15 @@
-//! Remote infra state: the engine's `state.json` and its deploy lock kept in
-//! PostgreSQL, so that several machines (or working directories) deploying
-//! one project can never overwrite each other's state.
-//!
-//! Two tables, keyed by a *workspace* (e.g. `"<project>/<environment>"`):
-//! - `nanokit_infra_state`: the state document (stored as the exact text the
-//!   engine wrote), its `serial` and `lineage`. Writes are a
-//!   compare-and-swap on the serial (and lineage): a writer that read serial
-//!   N can only store its document if the row still has serial N, so a stale
-//!   writer gets `ENKSTATESTALE` instead of silently losing the other's
-//!   update.
-//! - `nanokit_infra_lock`: one deploy-lock row per workspace with the holder,
-//!   a free-form description (host, pid, working directory, command) and an
-//!   expiry decided by the database's clock. A second `up` fails fast (or
-//!   waits) with `ENKLOCKED` naming the holder; `force_unlock` is what
-//!   `nanokit infra unlock` calls to clear a stale lock.
-//!
-//! ## How the engine should use it
-//! ```text
-//! let remote = InfraStateStore::connect(url).await?;            // URL from nanokit.yml or NANOKIT_STATE_URL
-//! let ws = format!("{project}/{env}");
-//! let holder = format!("{host}:{pid}:{token}");                 // unique per run
-//! remote.lock(&ws, &holder, &describe_run(), ttl_secs, wait).await?;   // ENKLOCKED names the holder
-//! // keep it alive during long runs: remote.lock(&ws, &holder, …) again renews it
-//! let current = remote.read(&ws).await?;                        // None on first deploy
-//! let (mut serial, lineage) = match &current {
-//!     Some(doc) => (Some(doc.serial), doc.lineage.clone()),
-//!     None => (None, new_lineage_uuid()),
-//! };
-//! // after every resource step, with the document whose serial is serial+1:
-//! remote.compare_and_swap(&ws, serial, &lineage, next_serial, &state_json_text, &holder).await?;
-//! serial = Some(next_serial);
-//! remote.unlock(&ws, &holder).await?;                           // also on error paths
-//! // `nanokit infra unlock`: remote.lock_info(&ws) to show it, remote.force_unlock(&ws) to clear it
-//! ```
-//! The engine's own serial/lineage fields inside `state.json` should be the
-//! same numbers it passes here; this module does not parse the document.
+//! Remote state: `state.json` and its deploy lock kept in PostgreSQL, so
+//! that several machines (or working directories) deploying one project can
+//! never overwrite each other's state. Keyed by a *workspace*
+//! (`<project>/<env>`):
+//! - `nanokit_infra_state` holds the document (the exact text the engine
+//!   wrote), its `serial` and `lineage`; a write is a compare-and-swap on
+//!   serial and lineage, so a stale writer gets `ENKSTATESTALE` instead of
+//!   silently losing the other's update.
+//! - `nanokit_infra_lock` holds one deploy-lock row per workspace: holder,
+//!   description and an expiry by the database's clock. A second run fails
+//!   fast (or waits) with `ENKLOCKED` naming the holder; `force_unlock` is
+//!   `nanokit infra unlock`.
 
 use std::time::{Duration, Instant};
 

@@ -3,8 +3,8 @@
 //! of the crate but [`crate::error`].
 
 pub mod beneath;
-pub mod command;
-pub mod fs;
-pub mod host;
-pub mod private;
-pub mod proc;
+pub(crate) mod command;
+pub(crate) mod fs;
+pub(crate) mod host;
+pub(crate) mod private;
+pub(crate) mod proc;

@@ -21,8 +21,8 @@
 //! `NANOKIT_TRACE=off` turns all of it off (no trace file, no export, no
 //! `TRACEPARENT` in hooks). Export failures are logged, never returned.
 
-pub mod file;
-pub mod mask;
+pub(crate) mod file;
+pub(crate) mod mask;
 pub mod timeline;
 
 use std::collections::BTreeMap;
