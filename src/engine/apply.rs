@@ -7,7 +7,7 @@
 //! dependents; independent branches go on. State is saved after every step,
 //! so a kill loses nothing already done.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,140 +16,16 @@ use tracing::{info_span, Span};
 
 use super::hooks::HookSite;
 use super::plan::{self, ActionKind};
-use super::report::{to_result, Event, Phase, ServiceResult, StepError, StepResult};
+use super::report::{to_result, Phase, ServiceResult, StepError, StepResult};
+use super::run::Run;
 use super::schedule::schedule;
-use super::{EngineError, RunOptions};
-use crate::config::{Config, Hook, Service};
-use crate::provider::{self, InstanceSpec, Provider, Scope};
-use crate::state::{self, Resource, StateError, Status, Store};
-use crate::trace::{self, Masker};
-
-/// One run's context: what every step of it reads and records.
-pub(super) struct Run {
-    pub(super) config: Arc<Config>,
-    pub(super) provider: Arc<dyn Provider>,
-    pub(super) store: tokio::sync::Mutex<Store>,
-    pub(super) opts: RunOptions,
-    pub(super) scope: Scope,
-    /// The state's lineage, labelled on every instance.
-    pub(super) lineage: String,
-    /// The config's secrets, masked in every event, log line, recorded
-    /// error and span this run writes.
-    pub(super) mask: Masker,
-}
+use super::EngineError;
+use crate::config::{Hook, Service};
+use crate::provider::InstanceSpec;
+use crate::state::{self, Resource, StateError, Status};
+use crate::trace;
 
 impl Run {
-    pub(super) fn new(
-        config: Arc<Config>,
-        provider: Arc<dyn Provider>,
-        store: Store,
-        opts: RunOptions,
-        scope: Scope,
-        lineage: String,
-    ) -> Run {
-        Run {
-            mask: config.masker(),
-            config,
-            provider,
-            store: tokio::sync::Mutex::new(store),
-            opts,
-            scope,
-            lineage,
-        }
-    }
-
-    pub(super) fn emit(
-        &self,
-        service: &str,
-        phase: Phase,
-        started: Instant,
-        message: Option<String>,
-    ) {
-        if let Some(sink) = &self.opts.events {
-            sink(&Event {
-                service: service.to_string(),
-                phase,
-                elapsed_ms: started.elapsed().as_millis() as u64,
-                message: message.map(|m| self.mask.mask(&m)),
-            });
-        }
-    }
-
-    pub(super) async fn save(&self, f: impl FnOnce(&mut state::State)) -> Result<(), StateError> {
-        self.store.lock().await.update(f).await
-    }
-
-    pub(super) async fn set_status(
-        &self,
-        name: &str,
-        status: Status,
-        error: Option<String>,
-    ) -> Result<(), StateError> {
-        self.save(|s| {
-            if let Some(r) = s.resources.get_mut(name) {
-                r.status = status;
-                r.error = error;
-                r.updated_at = state::now();
-            }
-        })
-        .await
-    }
-
-    pub(super) fn spec(&self, svc: &Service, hash: &str, replica: u32) -> InstanceSpec {
-        let mut labels = BTreeMap::new();
-        labels.insert(provider::LABEL_LINEAGE.into(), self.lineage.clone());
-        labels.insert(provider::LABEL_REPLICA.into(), replica.to_string());
-        labels.insert(provider::LABEL_PROJECT.into(), self.scope.project.clone());
-        labels.insert(provider::LABEL_ENV.into(), self.scope.env.clone());
-        labels.insert(provider::LABEL_STATE_ID.into(), self.scope.state_id.clone());
-        labels.insert(provider::LABEL_SERVICE.into(), svc.name.clone());
-        labels.insert(provider::LABEL_HASH.into(), hash.to_string());
-        let mut env = svc.env.clone();
-        let mut mounts = Vec::new();
-        let mut volumes = Vec::new();
-        for m in &svc.volumes {
-            if m.named {
-                volumes.push((m.source.clone(), m.target.clone()));
-                env.insert(
-                    format!(
-                        "NK_VOLUME_{}",
-                        m.source.to_ascii_uppercase().replace('-', "_")
-                    ),
-                    self.provider
-                        .volume_path(&m.source)
-                        .to_string_lossy()
-                        .into_owned(),
-                );
-            } else {
-                mounts.push((self.config.dir.join(&m.source), m.target.clone()));
-            }
-        }
-        if let Some(p) = svc.port {
-            env.entry("PORT".into()).or_insert_with(|| p.to_string());
-        }
-        InstanceSpec {
-            service: svc.name.clone(),
-            config_hash: hash.to_string(),
-            image: svc.image.clone(),
-            command: svc.start.clone(),
-            dir: svc.path.clone(),
-            env,
-            labels,
-            log_file: self.config.log_file(&svc.name),
-            port: svc.port,
-            mounts,
-            volumes,
-            expose: svc.expose,
-            path_given: svc.path_given,
-            replica,
-            replicas: svc.instances.max(1),
-            healthcheck: svc.healthcheck.clone(),
-            cpu: svc.cpu,
-            memory: svc.memory,
-            install_image: svc.install_image.clone(),
-        }
-    }
-
     /// Stops one instance: prestop in it (failure is reported, the stop goes on), stop.
     async fn stop_instance(
         &self,

@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use tracing::info_span;
 
-use super::apply::Run;
 use super::hooks::indent;
 use super::report::{Phase, StepError};
+use super::run::Run;
 use crate::config::Service;
 use crate::provider::{InstanceSpec, Probe};
 use crate::sys::command::tail;

@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use tracing::info_span;
 
-use super::apply::Run;
 use super::report::{Phase, StepError};
+use super::run::Run;
 use crate::config::{Hook, Service};
 use crate::provider::{self, InstanceSpec, ProviderError};
 use crate::sys::command::{self, tail};

@@ -11,6 +11,7 @@ mod health;
 mod hooks;
 pub mod plan;
 mod report;
+mod run;
 mod schedule;
 mod status;
 
@@ -29,9 +30,9 @@ use crate::provider::{Instance, Provider, ProviderError, Scope};
 use crate::state::lock::{self, DeployLock};
 use crate::state::{self, StateError, Store};
 use crate::trace::{self, Masker, RunMeta, RunTrace, Settings};
-use apply::Run;
 use plan::{Plan, PlanError, PlanOptions};
 pub use report::{Event, EventSink, Phase, Report, ServiceResult, StepError};
+use run::Run;
 pub use status::{status_of, StatusRow};
 
 #[derive(Debug, thiserror::Error)]
