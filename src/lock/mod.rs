@@ -1,10 +1,13 @@
 //! Lease lock files: one primitive for per-package install locks, the global
-//! provisioning lock, the deploy lock beside `state.json`, and named locks.
+//! provisioning lock, the deploy lock beside `state.json`, and users' own
+//! lock paths (JS `acquireLock`, `nanokit lock`).
 //!
-//! Guarantees: at most one live holder per lock file, across processes and
-//! hosts sharing the directory; a holder that dies or stops renewing loses
-//! the lock to the next waiter, and learns at its next renewal if it lost it;
-//! nothing is written through a link, FIFO or device planted at the lock path.
+//! Guarantees, across processes and hosts sharing the directory: every change
+//! of holder is one compare-and-swap, so two contenders never both win; a
+//! holder that dies (seen at once on its own host) or stops renewing for the
+//! stale period loses the lock to one waiter, and learns at its next renewal
+//! that it lost it; nothing is written through a link, FIFO, device or hard
+//! link planted at the lock path.
 //!
 //! See docs/lock-protocol.md for the protocol and why.
 
