@@ -7,7 +7,7 @@
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use super::Held;
+use super::lease::Held;
 
 struct Entry {
     held: Arc<Held>,
