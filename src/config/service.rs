@@ -3,7 +3,7 @@
 //! settings a provider does not use are warned about, not silently dropped.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::cx::{shown, Cx};
@@ -41,6 +41,8 @@ const HOOK_KEYS: &[&str] = &[
 const HEALTH_KEYS: &[&str] = &["test", "interval", "timeout", "retries", "start_period"];
 
 impl Cx<'_> {
+    /// The service `key` declares with `body`; `runtime_index` holds the
+    /// declared runtimes, `volumes` the top-level volumes.
     pub(super) fn service(
         &mut self,
         key: &Key,
@@ -61,6 +63,73 @@ impl Cx<'_> {
         let own = self.map(body, &format!("services.{name}"))?;
         self.check_keys(own, SERVICE_KEYS, &ctx);
 
+        let (runtime, merged, runtime_deps) =
+            self.inherit_runtime(key, body, runtime_index, &ctx)?;
+        let b = &merged;
+
+        let (image, start) = self.command(key, b, provider, &ctx)?;
+        let port = match b.get("port") {
+            Some(n) if !n.is_null() => Some(self.int(n, "port", 1, 65535)? as u16),
+            _ => None,
+        };
+        let expose = match b.get("expose") {
+            Some(n) if !n.is_null() => Some(self.int(n, "expose", 1, 65535)? as u16),
+            _ => port,
+        };
+        let (path, path_given) = self.work_path(key, b, dir, &ctx)?;
+        let depends_on = self.depends_on(body, runtime_deps, &name, &ctx)?;
+        let env = self.env_vars(b)?;
+        let mounts = self.mounts(b, volumes, provider, &ctx)?;
+        let instances = self.instances(key, b, provider, port, &ctx)?;
+        let update_strategy = self.update_strategy(key, b, provider, port, &ctx)?;
+        let (install, install_image) = self.provisioning(key, b, provider, &ctx)?;
+        let (manifests, manifest_digest) = if install.is_some() {
+            manifests(&path)
+        } else {
+            (Vec::new(), None)
+        };
+        let hooks = self.hooks(b, &ctx)?;
+        let healthcheck = match b.get("healthcheck") {
+            Some(h) if !h.is_null() => Some(self.healthcheck(h, &ctx)?),
+            _ => None,
+        };
+        let (cpu, memory) = self.limits(b, provider, &ctx)?;
+        Ok(Service {
+            name,
+            loc: key.loc,
+            image,
+            runtime,
+            start,
+            port,
+            expose,
+            path,
+            path_given,
+            depends_on,
+            env,
+            volumes: mounts,
+            instances,
+            update_strategy,
+            install,
+            install_image,
+            manifests,
+            manifest_digest,
+            hooks,
+            healthcheck,
+            cpu,
+            memory,
+        })
+    }
+
+    /// `runtime` (when the service names one) and the block the service
+    /// runs with: the runtime's block merged under the service's own, and
+    /// the runtime's `depends_on`.
+    fn inherit_runtime(
+        &mut self,
+        key: &Key,
+        body: &Node,
+        runtime_index: &HashMap<&str, &Node>,
+        ctx: &str,
+    ) -> Result<(Option<String>, Node, Vec<Dep>), ConfigError> {
         // Runtime inheritance: the runtime's block under the service's own.
         let runtime = self.opt_string(body.get("runtime"), "runtime")?;
         let mut runtime_deps = Vec::new();
@@ -94,8 +163,17 @@ impl Cx<'_> {
                 yaml::deep_merge(rnode.clone(), body.clone())
             }
         };
-        let b = &merged;
+        Ok((runtime, merged, runtime_deps))
+    }
 
+    /// `image` and `start`, as far as the provider needs them.
+    fn command(
+        &mut self,
+        key: &Key,
+        b: &Node,
+        provider: ProviderKind,
+        ctx: &str,
+    ) -> Result<(Option<String>, Option<String>), ConfigError> {
         let image = self.opt_string(b.get("image"), "image")?;
         let start = self.opt_string(b.get("start"), "start")?;
         // Which provider needs what: the process provider runs `start` (it
@@ -142,14 +220,17 @@ impl Cx<'_> {
                 );
             }
         }
-        let port = match b.get("port") {
-            Some(n) if !n.is_null() => Some(self.int(n, "port", 1, 65535)? as u16),
-            _ => None,
-        };
-        let expose = match b.get("expose") {
-            Some(n) if !n.is_null() => Some(self.int(n, "expose", 1, 65535)? as u16),
-            _ => port,
-        };
+        Ok((image, start))
+    }
+
+    /// The absolute working directory, and whether `path` was given.
+    fn work_path(
+        &self,
+        key: &Key,
+        b: &Node,
+        dir: &Path,
+        ctx: &str,
+    ) -> Result<(PathBuf, bool), ConfigError> {
         let path_given = b.get("path").is_some_and(|n| !n.is_null());
         let path = match self.opt_string(b.get("path"), "path")? {
             None => dir.to_path_buf(),
@@ -164,6 +245,18 @@ impl Cx<'_> {
                 abs
             }
         };
+        Ok((path, path_given))
+    }
+
+    /// The runtime's dependencies, then the service's own (`body`, not
+    /// merged), each once; a service that depends on itself is refused.
+    fn depends_on(
+        &self,
+        body: &Node,
+        runtime_deps: Vec<Dep>,
+        name: &str,
+        ctx: &str,
+    ) -> Result<Vec<Dep>, ConfigError> {
         let mut depends_on = runtime_deps;
         let mut dep_names: std::collections::HashSet<String> =
             depends_on.iter().map(|d| d.name.clone()).collect();
@@ -182,7 +275,11 @@ impl Cx<'_> {
                 message: format!("{ctx} depends on itself: dependency cycle {name} → {name}"),
             });
         }
+        Ok(depends_on)
+    }
 
+    /// `env`, as a list of `KEY=value` or a mapping.
+    fn env_vars(&self, b: &Node) -> Result<BTreeMap<String, String>, ConfigError> {
         let mut env = BTreeMap::new();
         if let Some(e) = b.get("env") {
             match &e.value {
@@ -224,7 +321,17 @@ impl Cx<'_> {
                 }
             }
         }
+        Ok(env)
+    }
 
+    /// `volumes`: `source:target` entries, each a path or a declared volume.
+    fn mounts(
+        &self,
+        b: &Node,
+        volumes: &BTreeMap<String, Volume>,
+        provider: ProviderKind,
+        ctx: &str,
+    ) -> Result<Vec<VolumeMount>, ConfigError> {
         let mut mounts = Vec::new();
         if let Some(v) = b.get("volumes") {
             let Value::Seq(items) = &v.value else {
@@ -259,7 +366,18 @@ impl Cx<'_> {
                 });
             }
         }
+        Ok(mounts)
+    }
 
+    /// `instances`, as many as the provider runs.
+    fn instances(
+        &mut self,
+        key: &Key,
+        b: &Node,
+        provider: ProviderKind,
+        port: Option<u16>,
+        ctx: &str,
+    ) -> Result<u32, ConfigError> {
         let mut instances = match b.get("instances") {
             Some(n) if !n.is_null() => self.int(n, "instances", 0, 1000)? as u32,
             _ => 1,
@@ -277,6 +395,18 @@ impl Cx<'_> {
                 format!("{ctx} has `instances: {instances}` and publishes host `port` {}: only one container can bind a host port; drop `port` and keep `expose` (replicas are reachable by the service name on the project network)", port.unwrap_or_default()),
             ));
         }
+        Ok(instances)
+    }
+
+    /// `updateStrategy`: `rolling` where the provider and `port` allow it.
+    fn update_strategy(
+        &mut self,
+        key: &Key,
+        b: &Node,
+        provider: ProviderKind,
+        port: Option<u16>,
+        ctx: &str,
+    ) -> Result<UpdateStrategy, ConfigError> {
         let update_strategy = match self
             .opt_string(b.get("updateStrategy"), "updateStrategy")?
             .as_deref()
@@ -310,6 +440,17 @@ impl Cx<'_> {
                 ))
             }
         };
+        Ok(update_strategy)
+    }
+
+    /// `provisioning.install` and `provisioning.image`.
+    fn provisioning(
+        &mut self,
+        key: &Key,
+        b: &Node,
+        provider: ProviderKind,
+        ctx: &str,
+    ) -> Result<(Option<String>, Option<String>), ConfigError> {
         let mut install = None;
         let mut install_image = None;
         if let Some(p) = b.get("provisioning") {
@@ -332,25 +473,10 @@ impl Cx<'_> {
                 );
             }
         }
-        let mut manifests = Vec::new();
-        let mut manifest_digest = None;
-        if install.is_some() {
-            use sha2::{Digest, Sha256};
-            let mut h = Sha256::new();
-            for m in ["package.json", "package-lock.json"] {
-                let p = path.join(m);
-                if let Ok(bytes) = std::fs::read(&p) {
-                    h.update(m.as_bytes());
-                    h.update([0]);
-                    h.update((bytes.len() as u64).to_le_bytes());
-                    h.update(&bytes);
-                    manifests.push(p);
-                }
-            }
-            if !manifests.is_empty() {
-                manifest_digest = Some(hex::encode(&h.finalize()[..12]));
-            }
-        }
+        Ok((install, install_image))
+    }
+
+    fn hooks(&mut self, b: &Node, ctx: &str) -> Result<Hooks, ConfigError> {
         let mut hooks = Hooks::default();
         if let Some(h) = b.get("hooks") {
             let e = self.map(h, "hooks")?.to_vec();
@@ -362,10 +488,16 @@ impl Cx<'_> {
             hooks.prestop = self.commands(h.get("prestop"), "hooks.prestop")?;
             hooks.poststop = self.commands(h.get("poststop"), "hooks.poststop")?;
         }
-        let healthcheck = match b.get("healthcheck") {
-            Some(h) if !h.is_null() => Some(self.healthcheck(h, &ctx)?),
-            _ => None,
-        };
+        Ok(hooks)
+    }
+
+    /// `cpu` and `memory`.
+    fn limits(
+        &mut self,
+        b: &Node,
+        provider: ProviderKind,
+        ctx: &str,
+    ) -> Result<(Option<f64>, Option<u64>), ConfigError> {
         let cpu = match b.get("cpu") {
             Some(n) if !n.is_null() => {
                 let s = self.string(n, "cpu")?;
@@ -411,30 +543,7 @@ impl Cx<'_> {
             }
             _ => None,
         };
-        Ok(Service {
-            name,
-            loc: key.loc,
-            image,
-            runtime,
-            start,
-            port,
-            expose,
-            path,
-            path_given,
-            depends_on,
-            env,
-            volumes: mounts,
-            instances,
-            update_strategy,
-            install,
-            install_image,
-            manifests,
-            manifest_digest,
-            hooks,
-            healthcheck,
-            cpu,
-            memory,
-        })
+        Ok((cpu, memory))
     }
 
     pub(super) fn deps(&self, node: &Node) -> Result<Vec<Dep>, ConfigError> {
@@ -562,4 +671,27 @@ fn parse_memory(s: &str) -> Option<u64> {
     };
     let bytes = n * mult;
     (bytes > 0.0 && bytes < u64::MAX as f64).then_some(bytes as u64)
+}
+
+/// The manifests an install in `path` installs from (`package.json`,
+/// `package-lock.json`, those that exist) and a digest of their content.
+fn manifests(path: &Path) -> (Vec<PathBuf>, Option<String>) {
+    let mut manifests = Vec::new();
+    let mut manifest_digest = None;
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for m in ["package.json", "package-lock.json"] {
+        let p = path.join(m);
+        if let Ok(bytes) = std::fs::read(&p) {
+            h.update(m.as_bytes());
+            h.update([0]);
+            h.update((bytes.len() as u64).to_le_bytes());
+            h.update(&bytes);
+            manifests.push(p);
+        }
+    }
+    if !manifests.is_empty() {
+        manifest_digest = Some(hex::encode(&h.finalize()[..12]));
+    }
+    (manifests, manifest_digest)
 }
