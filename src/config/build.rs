@@ -4,14 +4,14 @@
 //! name the providers derive from them.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::cx::{docker_name, shown, valid_name, Cx};
 use super::service::SERVICE_KEYS;
 use super::yaml::{Key, Node};
 use super::{
-    is_state_url, Config, ConfigError, ProviderKind, Volume, DEFAULT_ENV, MAX_CONTAINER_NAME,
-    MAX_FILE_NAME, MAX_NAME_TOTAL, STATE_URL_ENV,
+    is_state_url, Config, ConfigError, ProviderKind, Service, Volume, DEFAULT_ENV,
+    MAX_CONTAINER_NAME, MAX_FILE_NAME, MAX_NAME_TOTAL, STATE_URL_ENV,
 };
 
 pub(super) const TOP_KEYS: &[&str] = &[
@@ -32,6 +32,60 @@ impl Cx<'_> {
         env: &str,
         dir: &Path,
     ) -> Result<Config, ConfigError> {
+        let name = self.project_name(root, env)?;
+        let (provider, state_file, state_url) = self.infra(root, env, dir)?;
+        let volumes = self.volumes(root, &name, env)?;
+        let networks = self.networks(root, provider)?;
+        let runtimes = self.runtimes(root)?;
+
+        // services
+        let services_node = root.get("services").ok_or_else(|| {
+            self.err(
+                root.loc,
+                "missing required key `services`: declare at least one service under `services:`",
+            )
+        })?;
+        let entries = self.map(services_node, "services")?;
+        if entries.is_empty() {
+            self.warn(
+                services_node.loc,
+                "`services` is empty: there is nothing to run",
+            );
+        }
+        let runtime_index: HashMap<&str, &Node> =
+            runtimes.iter().map(|(k, v)| (k.name.as_str(), v)).collect();
+        let mut services = BTreeMap::new();
+        let mut disabled = Vec::new();
+        for (k, body) in entries {
+            self.check_service_name(k, &name, env)?;
+            let svc = self.service(k, body, &runtime_index, &volumes, provider, dir)?;
+            if svc.instances == 0 {
+                disabled.push(svc.name);
+            } else {
+                services.insert(svc.name.clone(), svc);
+            }
+        }
+        self.check_enabled_deps(&services, &disabled, env)?;
+        Ok(Config {
+            name,
+            env: env.to_string(),
+            file: self.file.clone(),
+            dir: dir.to_path_buf(),
+            provider,
+            state_file,
+            state_url,
+            services,
+            disabled,
+            volumes,
+            networks,
+            warnings: self.warnings,
+            secrets: Vec::new(),
+        })
+    }
+
+    /// `name`: a valid project name that leaves room for service names.
+    /// Also checks the top level's keys.
+    fn project_name(&mut self, root: &Node, env: &str) -> Result<String, ConfigError> {
         let top = self.map(root, "the file")?;
         self.check_keys(top, TOP_KEYS, "the top level");
         let name_node = root.get("name").ok_or_else(|| {
@@ -59,8 +113,16 @@ impl Cx<'_> {
         if let Some((k, _)) = top.iter().find(|(k, _)| k.name == "version") {
             self.warn(k.loc, "key `version` is not used by nanokit and is ignored");
         }
+        Ok(name)
+    }
 
-        // infra
+    /// `infra`: the provider, the state file and the state URL.
+    fn infra(
+        &mut self,
+        root: &Node,
+        env: &str,
+        dir: &Path,
+    ) -> Result<(ProviderKind, PathBuf, Option<String>), ConfigError> {
         let mut provider = ProviderKind::Process;
         let mut state_file = None;
         let mut state_url = None;
@@ -111,8 +173,17 @@ impl Cx<'_> {
             };
             dir.join(".nanokit").join(n)
         });
+        Ok((provider, state_file, state_url))
+    }
 
-        // volumes / networks
+    /// The top-level `volumes`, with names that fit what the providers
+    /// derive from them.
+    fn volumes(
+        &mut self,
+        root: &Node,
+        name: &str,
+        env: &str,
+    ) -> Result<BTreeMap<String, Volume>, ConfigError> {
         let mut volumes = BTreeMap::new();
         if let Some(v) = root.get("volumes") {
             for (k, body) in self.map(v, "volumes")? {
@@ -164,6 +235,15 @@ impl Cx<'_> {
                 );
             }
         }
+        Ok(volumes)
+    }
+
+    /// The top-level `networks` (names only; no provider uses them yet).
+    fn networks(
+        &mut self,
+        root: &Node,
+        provider: ProviderKind,
+    ) -> Result<Vec<String>, ConfigError> {
         let mut networks = Vec::new();
         if let Some(n) = root.get("networks") {
             for (k, _) in self.map(n, "networks")? {
@@ -176,8 +256,11 @@ impl Cx<'_> {
                 }
             }
         }
+        Ok(networks)
+    }
 
-        // runtimes
+    /// The declared `runtimes`, each checked to be a block of service keys.
+    fn runtimes<'a>(&mut self, root: &'a Node) -> Result<&'a [(Key, Node)], ConfigError> {
         let runtimes: &[(Key, Node)] = match root.get("runtimes") {
             Some(r) => self.map(r, "runtimes")?,
             None => &[],
@@ -186,37 +269,22 @@ impl Cx<'_> {
             let e = self.map(body, &format!("runtimes.{}", k.name))?;
             self.check_keys(e, SERVICE_KEYS, &format!("runtime `{}`", k.name));
         }
+        Ok(runtimes)
+    }
 
-        // services
-        let services_node = root.get("services").ok_or_else(|| {
-            self.err(
-                root.loc,
-                "missing required key `services`: declare at least one service under `services:`",
-            )
-        })?;
-        let entries = self.map(services_node, "services")?;
-        if entries.is_empty() {
-            self.warn(
-                services_node.loc,
-                "`services` is empty: there is nothing to run",
-            );
-        }
-        let runtime_index: HashMap<&str, &Node> =
-            runtimes.iter().map(|(k, v)| (k.name.as_str(), v)).collect();
-        let mut services = BTreeMap::new();
-        let mut disabled = Vec::new();
-        for (k, body) in entries {
-            if !valid_name(&k.name) {
-                return Err(self.err(
+    /// A service's name is valid and fits its longest container name.
+    fn check_service_name(&self, k: &Key, name: &str, env: &str) -> Result<(), ConfigError> {
+        if !valid_name(&k.name) {
+            return Err(self.err(
                     k.loc,
                     format!("service name `{}` must be lowercase letters, digits, `-` or `_`, starting with a letter or digit", shown(&k.name)),
                 ));
-            }
-            // Checked for every provider, so a file that validates with one
-            // works with the other.
-            let room = MAX_NAME_TOTAL - name.len() - env.len();
-            if k.name.len() > room {
-                return Err(self.err(
+        }
+        // Checked for every provider, so a file that validates with one
+        // works with the other.
+        let room = MAX_NAME_TOTAL - name.len() - env.len();
+        if k.name.len() > room {
+            return Err(self.err(
                     k.loc,
                     format!(
                         "service name `{}` is too long ({} characters): its Docker container `nk-{name}-{env}-<service>-install-<suffix>` may have at most {MAX_CONTAINER_NAME} characters, so with project `{name}` and environment `{env}` a service name has at most {room}",
@@ -224,14 +292,17 @@ impl Cx<'_> {
                         k.name.len()
                     ),
                 ));
-            }
-            let svc = self.service(k, body, &runtime_index, &volumes, provider, dir)?;
-            if svc.instances == 0 {
-                disabled.push(svc.name);
-            } else {
-                services.insert(svc.name.clone(), svc);
-            }
         }
+        Ok(())
+    }
+
+    /// No enabled service depends on a disabled one.
+    fn check_enabled_deps(
+        &self,
+        services: &BTreeMap<String, Service>,
+        disabled: &[String],
+        env: &str,
+    ) -> Result<(), ConfigError> {
         let disabled_set: std::collections::HashSet<&str> =
             disabled.iter().map(String::as_str).collect();
         for svc in services.values() {
@@ -249,20 +320,6 @@ impl Cx<'_> {
                 }
             }
         }
-        Ok(Config {
-            name,
-            env: env.to_string(),
-            file: self.file.clone(),
-            dir: dir.to_path_buf(),
-            provider,
-            state_file,
-            state_url,
-            services,
-            disabled,
-            volumes,
-            networks,
-            warnings: self.warnings,
-            secrets: Vec::new(),
-        })
+        Ok(())
     }
 }
