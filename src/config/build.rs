@@ -276,22 +276,22 @@ impl Cx<'_> {
     fn check_service_name(&self, k: &Key, name: &str, env: &str) -> Result<(), ConfigError> {
         if !valid_name(&k.name) {
             return Err(self.err(
-                    k.loc,
-                    format!("service name `{}` must be lowercase letters, digits, `-` or `_`, starting with a letter or digit", shown(&k.name)),
-                ));
+                k.loc,
+                format!("service name `{}` must be lowercase letters, digits, `-` or `_`, starting with a letter or digit", shown(&k.name)),
+            ));
         }
         // Checked for every provider, so a file that validates with one
         // works with the other.
         let room = MAX_NAME_TOTAL - name.len() - env.len();
         if k.name.len() > room {
             return Err(self.err(
-                    k.loc,
-                    format!(
-                        "service name `{}` is too long ({} characters): its Docker container `nk-{name}-{env}-<service>-install-<suffix>` may have at most {MAX_CONTAINER_NAME} characters, so with project `{name}` and environment `{env}` a service name has at most {room}",
-                        shown(&k.name),
-                        k.name.len()
-                    ),
-                ));
+                k.loc,
+                format!(
+                    "service name `{}` is too long ({} characters): its Docker container `nk-{name}-{env}-<service>-install-<suffix>` may have at most {MAX_CONTAINER_NAME} characters, so with project `{name}` and environment `{env}` a service name has at most {room}",
+                    shown(&k.name),
+                    k.name.len()
+                ),
+            ));
         }
         Ok(())
     }
