@@ -21,6 +21,7 @@
 
 mod build;
 mod cx;
+mod health;
 pub mod interp;
 mod read;
 mod resolve;
