@@ -18,6 +18,11 @@
 //! Hostile input is bounded (file size, nesting, aliases: see
 //! [`yaml`]; interpolated text and runtime inheritance here), so loading
 //! takes bounded time, memory and stack.
+//!
+//! The stages, one file each: `read` (the file and `.env`), [`yaml`] (the
+//! located tree), `resolve` (environment merge, interpolation), `build`
+//! (the top level), `service` and `health` (one service), over the typed
+//! node readers of `cx`.
 
 mod build;
 mod cx;
