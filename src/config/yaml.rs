@@ -308,54 +308,8 @@ impl Builder {
                     });
                 }
             }
-            Event::Scalar(text, style, anchor, _tag) => {
-                if !self.spend(loc, 1, 0) {
-                    return;
-                }
-                let plain = style == TScalarStyle::Plain;
-                let size = Size {
-                    height: 0,
-                    nodes: 1,
-                    bytes: text.len(),
-                };
-                self.push_node(
-                    Node {
-                        value: Value::Scalar { text, plain },
-                        loc,
-                    },
-                    anchor,
-                    size,
-                );
-            }
-            Event::Alias(id) => {
-                let Some(size) = self.anchors.get(&id).map(|(_, s)| *s) else {
-                    self.fail(loc, "alias refers to an unknown anchor".into());
-                    return;
-                };
-                self.aliases += 1;
-                if self.aliases > MAX_ALIASES {
-                    self.fail(
-                        loc,
-                        format!("more than {MAX_ALIASES} aliases (`*name`) in the file: is this an alias bomb? Use fewer aliases"),
-                    );
-                    return;
-                }
-                if self.stack.len() + size.height > MAX_DEPTH {
-                    self.fail(
-                        loc,
-                        format!(
-                            "this alias nests mappings and lists more than {MAX_DEPTH} levels deep: nanokit.yml needs far fewer; flatten the file"
-                        ),
-                    );
-                    return;
-                }
-                // Checked before the copy is made.
-                if !self.spend(loc, size.nodes, size.bytes) {
-                    return;
-                }
-                let node = self.anchors[&id].0.clone();
-                self.push_node(node, 0, size);
-            }
+            Event::Scalar(text, style, anchor, _tag) => self.on_scalar(text, style, anchor, loc),
+            Event::Alias(id) => self.on_alias(id, loc),
             // `open` refuses a level past the limit (the error is set, and
             // the event falls through to `_`).
             Event::SequenceStart(anchor, _) if self.open(loc) => self.stack.push(Frame::Seq {
@@ -380,47 +334,104 @@ impl Builder {
                     bytes: 0,
                 },
             }),
-            Event::SequenceEnd => {
-                if let Some(Frame::Seq {
-                    items,
-                    loc,
-                    anchor,
-                    size,
-                }) = self.stack.pop()
-                {
-                    self.push_node(
-                        Node {
-                            value: Value::Seq(items),
-                            loc,
-                        },
-                        anchor,
-                        size,
-                    );
-                }
-            }
-            Event::MappingEnd => {
-                if let Some(Frame::Map {
-                    entries,
-                    loc,
-                    anchor,
-                    size,
-                    ..
-                }) = self.stack.pop()
-                {
-                    match apply_merge_keys(entries) {
-                        Ok(entries) => self.push_node(
-                            Node {
-                                value: Value::Map(entries),
-                                loc,
-                            },
-                            anchor,
-                            size,
-                        ),
-                        Err(e) => self.error = Some(e),
-                    }
-                }
-            }
+            Event::SequenceEnd => self.end_seq(),
+            Event::MappingEnd => self.end_map(),
             _ => {}
+        }
+    }
+
+    fn on_scalar(&mut self, text: String, style: TScalarStyle, anchor: usize, loc: Loc) {
+        if !self.spend(loc, 1, 0) {
+            return;
+        }
+        let plain = style == TScalarStyle::Plain;
+        let size = Size {
+            height: 0,
+            nodes: 1,
+            bytes: text.len(),
+        };
+        self.push_node(
+            Node {
+                value: Value::Scalar { text, plain },
+                loc,
+            },
+            anchor,
+            size,
+        );
+    }
+
+    /// An alias: a copy of its anchor's node, made once the copy is known
+    /// to stay within the limits.
+    fn on_alias(&mut self, id: usize, loc: Loc) {
+        let Some(size) = self.anchors.get(&id).map(|(_, s)| *s) else {
+            self.fail(loc, "alias refers to an unknown anchor".into());
+            return;
+        };
+        self.aliases += 1;
+        if self.aliases > MAX_ALIASES {
+            self.fail(
+                loc,
+                format!("more than {MAX_ALIASES} aliases (`*name`) in the file: is this an alias bomb? Use fewer aliases"),
+            );
+            return;
+        }
+        if self.stack.len() + size.height > MAX_DEPTH {
+            self.fail(
+                loc,
+                format!(
+                    "this alias nests mappings and lists more than {MAX_DEPTH} levels deep: nanokit.yml needs far fewer; flatten the file"
+                ),
+            );
+            return;
+        }
+        // Checked before the copy is made.
+        if !self.spend(loc, size.nodes, size.bytes) {
+            return;
+        }
+        let node = self.anchors[&id].0.clone();
+        self.push_node(node, 0, size);
+    }
+
+    fn end_seq(&mut self) {
+        if let Some(Frame::Seq {
+            items,
+            loc,
+            anchor,
+            size,
+        }) = self.stack.pop()
+        {
+            self.push_node(
+                Node {
+                    value: Value::Seq(items),
+                    loc,
+                },
+                anchor,
+                size,
+            );
+        }
+    }
+
+    /// A mapping's end: its merge keys applied, it becomes a node.
+    fn end_map(&mut self) {
+        if let Some(Frame::Map {
+            entries,
+            loc,
+            anchor,
+            size,
+            ..
+        }) = self.stack.pop()
+        {
+            match apply_merge_keys(entries) {
+                Ok(entries) => self.push_node(
+                    Node {
+                        value: Value::Map(entries),
+                        loc,
+                    },
+                    anchor,
+                    size,
+                ),
+                Err(e) => self.error = Some(e),
+            }
         }
     }
 }
