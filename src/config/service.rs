@@ -496,52 +496,59 @@ impl Cx<'_> {
         provider: ProviderKind,
         ctx: &str,
     ) -> Result<(Option<f64>, Option<u64>), ConfigError> {
-        let cpu = match b.get("cpu") {
-            Some(n) if !n.is_null() => {
-                let s = self.string(n, "cpu")?;
-                let v: f64 = s
-                    .trim()
+        let cpu = self.limit(
+            b,
+            "cpu",
+            provider,
+            ctx,
+            |s| {
+                s.trim()
                     .parse()
                     .ok()
                     .filter(|v: &f64| (0.01..=1024.0).contains(v))
-                    .ok_or_else(|| {
-                        self.err(
-                            n.loc,
-                            format!("`cpu` must be a number of CPUs between 0.01 (Docker's least) and 1024, such as `0.5`, found {}", self.val(n, &s)),
-                        )
-                    })?;
-                if provider == ProviderKind::Process {
-                    self.warn(
-                        n.loc,
-                        format!("`cpu` of {ctx} is not enforced by the process provider"),
-                    );
-                }
-                Some(v)
-            }
-            _ => None,
-        };
-        let memory = match b.get("memory") {
-            Some(n) if !n.is_null() => {
-                let s = self.string(n, "memory")?;
-                let v = parse_memory(&s)
-                    .filter(|v| (MIN_MEMORY..=MAX_MEMORY).contains(v))
-                    .ok_or_else(|| {
-                        self.err(
-                            n.loc,
-                            format!("`memory` must be a size between 6mb (Docker's least) and 16tb, such as `512mb` or `1gb`, found {}", self.val(n, &s)),
-                        )
-                    })?;
-                if provider == ProviderKind::Process {
-                    self.warn(
-                        n.loc,
-                        format!("`memory` of {ctx} is not enforced by the process provider"),
-                    );
-                }
-                Some(v)
-            }
-            _ => None,
-        };
+            },
+            "a number of CPUs between 0.01 (Docker's least) and 1024, such as `0.5`",
+        )?;
+        let memory = self.limit(
+            b,
+            "memory",
+            provider,
+            ctx,
+            |s| parse_memory(s).filter(|v| (MIN_MEMORY..=MAX_MEMORY).contains(v)),
+            "a size between 6mb (Docker's least) and 16tb, such as `512mb` or `1gb`",
+        )?;
         Ok((cpu, memory))
+    }
+
+    /// The resource limit `key` of a service, parsed by `parse`; `must`
+    /// says what it must be. The process provider does not enforce it: a
+    /// warning says so.
+    fn limit<T>(
+        &mut self,
+        b: &Node,
+        key: &str,
+        provider: ProviderKind,
+        ctx: &str,
+        parse: impl Fn(&str) -> Option<T>,
+        must: &str,
+    ) -> Result<Option<T>, ConfigError> {
+        let Some(n) = b.get(key).filter(|n| !n.is_null()) else {
+            return Ok(None);
+        };
+        let s = self.string(n, key)?;
+        let v = parse(&s).ok_or_else(|| {
+            self.err(
+                n.loc,
+                format!("`{key}` must be {must}, found {}", self.val(n, &s)),
+            )
+        })?;
+        if provider == ProviderKind::Process {
+            self.warn(
+                n.loc,
+                format!("`{key}` of {ctx} is not enforced by the process provider"),
+            );
+        }
+        Ok(Some(v))
     }
 
     pub(super) fn deps(&self, node: &Node) -> Result<Vec<Dep>, ConfigError> {

@@ -36,15 +36,7 @@ impl Run {
     ) -> Result<(), StepError> {
         self.emit(name, Phase::Stopping, started, Some(id.to_string()));
         if let Some(svc) = svc {
-            if !svc.hooks.prestop.is_empty()
-                && self
-                    .provider
-                    .inspect(id)
-                    .await
-                    .ok()
-                    .flatten()
-                    .is_some_and(|i| i.running)
-            {
+            if !svc.hooks.prestop.is_empty() && self.is_running(id).await {
                 let spec = self.spec(svc, "", 1);
                 if let Err(e) = self
                     .hooks(HookSite::Instance(id), svc, &spec, Hook::Prestop, started)
@@ -257,14 +249,7 @@ impl Run {
             .unwrap_or_default();
         let mut old = Vec::new();
         for id in &action.stop {
-            let running = recorded.contains(id)
-                && self
-                    .provider
-                    .inspect(id)
-                    .await
-                    .ok()
-                    .flatten()
-                    .is_some_and(|i| i.running);
+            let running = recorded.contains(id) && self.is_running(id).await;
             if running {
                 old.push(id.clone());
             } else {

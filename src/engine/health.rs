@@ -164,14 +164,7 @@ impl Run {
 
     /// Fails with the service's last log lines when instance `id` exited.
     async fn still_running(&self, id: &str, svc: &Service) -> Result<(), StepError> {
-        let running = self
-            .provider
-            .inspect(id)
-            .await
-            .ok()
-            .flatten()
-            .is_some_and(|i| i.running);
-        if running {
+        if self.is_running(id).await {
             return Ok(());
         }
         let logs = self.provider.logs(&svc.name, 20).await.unwrap_or_default();

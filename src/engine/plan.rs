@@ -88,6 +88,24 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// A plan of `actions` and `volumes` for `config`, made now against `state`.
+    fn new(
+        config: &Config,
+        state: &State,
+        actions: Vec<Action>,
+        volumes: Vec<VolumeAction>,
+    ) -> Plan {
+        Plan {
+            project: config.name.clone(),
+            env: config.env.clone(),
+            created_at: crate::state::now(),
+            lineage: state.lineage.clone(),
+            state_serial: state.serial,
+            actions,
+            volumes,
+        }
+    }
+
     pub fn has_changes(&self) -> bool {
         self.actions.iter().any(|a| a.action != ActionKind::Noop)
             || self.volumes.iter().any(|v| v.action != ActionKind::Noop)
@@ -272,15 +290,8 @@ pub fn plan(
     if !targeted {
         actions.extend(removed_services(config, state, &by_service));
     }
-    Ok(Plan {
-        project: config.name.clone(),
-        env: config.env.clone(),
-        created_at: crate::state::now(),
-        lineage: state.lineage.clone(),
-        state_serial: state.serial,
-        actions,
-        volumes: volume_actions(config, state, targeted.then_some(&scope[..])),
-    })
+    let volumes = volume_actions(config, state, targeted.then_some(&scope[..]));
+    Ok(Plan::new(config, state, actions, volumes))
 }
 
 /// The plan of `down`: delete every service in state or running under our
@@ -333,15 +344,7 @@ pub fn down_plan(
     } else {
         Vec::new()
     };
-    Ok(Plan {
-        project: config.name.clone(),
-        env: config.env.clone(),
-        created_at: crate::state::now(),
-        lineage: state.lineage.clone(),
-        state_serial: state.serial,
-        actions,
-        volumes,
-    })
+    Ok(Plan::new(config, state, actions, volumes))
 }
 
 type ByService<'a> = BTreeMap<&'a str, Vec<&'a Instance>>;

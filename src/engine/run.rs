@@ -84,6 +84,16 @@ impl Run {
         .await
     }
 
+    /// Whether instance `id` exists and runs (an error looking counts as no).
+    pub(super) async fn is_running(&self, id: &str) -> bool {
+        self.provider
+            .inspect(id)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|i| i.running)
+    }
+
     pub(super) fn spec(&self, svc: &Service, hash: &str, replica: u32) -> InstanceSpec {
         let mut labels = BTreeMap::new();
         labels.insert(provider::LABEL_LINEAGE.into(), self.lineage.clone());
