@@ -7,7 +7,17 @@
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use super::lease::Held;
+/// A lease the heartbeat keeps alive.
+pub(super) trait Renewed: Send + Sync {
+    /// Renews it; false when it is no longer ours (it is then dropped).
+    fn renew(&self) -> bool;
+    /// Its stale period: it is renewed four times per period.
+    fn stale(&self) -> Duration;
+    /// Releases it (at process exit).
+    fn release(&self);
+}
+
+type Held = dyn Renewed;
 
 struct Entry {
     held: Arc<Held>,
@@ -48,7 +58,7 @@ pub(super) fn interval(stale: Duration) -> Duration {
 
 pub(super) fn register(held: Arc<Held>) {
     let reg = registry();
-    let next = Instant::now() + interval(held.stale);
+    let next = Instant::now() + interval(held.stale());
     let mut entries = reg.entries.lock().unwrap();
     entries.list.push(Entry { held, next });
     // Wake the thread only if it would otherwise sleep past this lease's
@@ -64,7 +74,7 @@ pub(super) fn unregister(held: &Held) {
         .lock()
         .unwrap()
         .list
-        .retain(|e| !std::ptr::eq(Arc::as_ptr(&e.held), held));
+        .retain(|e| !std::ptr::addr_eq(Arc::as_ptr(&e.held), held));
 }
 
 /// Every lease currently held by this process (for release at exit).
@@ -100,7 +110,7 @@ fn run() {
                 .list
                 .retain(|e| !lost.iter().any(|l| Arc::ptr_eq(l, &e.held)));
             for e in entries.list.iter_mut().filter(|e| e.next <= now) {
-                e.next = now + interval(e.held.stale);
+                e.next = now + interval(e.held.stale());
             }
             continue;
         }

@@ -215,6 +215,20 @@ impl Drop for Lease {
 /// Releases every lease this process still holds (at process exit).
 pub fn release_all() {
     for held in heartbeat::all() {
-        let _ = held.release();
+        held.release();
+    }
+}
+
+impl heartbeat::Renewed for Held {
+    fn renew(&self) -> bool {
+        Held::renew(self)
+    }
+
+    fn stale(&self) -> Duration {
+        self.stale
+    }
+
+    fn release(&self) {
+        let _ = Held::release(self);
     }
 }
