@@ -401,3 +401,82 @@ async fn lost_state_adopts_matching_instances_and_stops_other_orphans() {
     );
     p.down().await;
 }
+
+/// Drift asks the provider whether a missing instance's pid now belongs to
+/// another process (no check on the provider's name): a recorded id whose
+/// pid runs with another start time is `pid_reused`, not `gone`.
+#[tokio::test(flavor = "multi_thread")]
+async fn drift_reports_a_recorded_pid_that_another_process_now_has() {
+    let p = Project::new("name: reused\nservices:\n  a:\n    start: \"exec sleep 600\"\n");
+    p.up(RunOptions::default()).await.unwrap();
+    let cfg = p.config();
+    let id = p.state().resources["a"].provider_id.clone().unwrap();
+    let pid = id.split('@').next().unwrap();
+    // The same pid with another start time: the recorded process is gone and
+    // its pid is taken (by the instance itself, as far as drift can tell).
+    let text = std::fs::read_to_string(&cfg.state_file).unwrap();
+    std::fs::write(&cfg.state_file, text.replace(&id, &format!("{pid}@1"))).unwrap();
+    let provider = nanokit::engine::provider_for(&cfg).unwrap();
+    let d = nanokit::engine::drift::detect(&cfg, provider.as_ref())
+        .await
+        .unwrap();
+    let kinds: Vec<_> = d
+        .items
+        .iter()
+        .map(|i| (i.service.as_str(), i.kind))
+        .collect();
+    assert!(
+        kinds.contains(&("a", nanokit::engine::drift::DriftKind::PidReused)),
+        "{:?}",
+        d.items
+    );
+}
+
+/// A step cut short by cancelling is reported as cancelled and is not
+/// recorded as failed; what waits for it never starts.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelled_step_is_not_recorded_as_failed() {
+    let p = Project::new(
+        "name: cancelme\nservices:\n  a:\n    start: \"exec sleep 600\"\n    healthcheck: { test: \"false\", interval: 50ms, retries: 10000 }\n  b:\n    start: \"exec sleep 600\"\n    depends_on: [a]\n",
+    );
+    let (events, log) = recorder();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let trigger = {
+        let (cancel, log) = (cancel.clone(), log.clone());
+        tokio::spawn(async move {
+            // Cancel once `a` waits for its health check.
+            while !log
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|e| e.service == "a" && e.phase == Phase::Health)
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            cancel.cancel();
+        })
+    };
+    let e = p
+        .up(RunOptions {
+            events: Some(events),
+            cancel,
+            ..RunOptions::default()
+        })
+        .await
+        .unwrap_err();
+    trigger.await.unwrap();
+    assert!(matches!(e, EngineError::Cancelled), "{e:?}");
+    let st = p.state();
+    assert_eq!(st.resources["a"].status, Status::Starting);
+    assert_eq!(st.resources["a"].error, None);
+    assert!(!st.resources.contains_key("b"), "b must not start");
+    let phases: Vec<Phase> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e.service == "a")
+        .map(|e| e.phase)
+        .collect();
+    assert!(phases.contains(&Phase::Cancelled), "{phases:?}");
+    assert!(!phases.contains(&Phase::Failed), "{phases:?}");
+}

@@ -126,3 +126,72 @@ where
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::engine::report::Phase;
+
+    fn nodes(spec: &[(&str, &[&str])]) -> Vec<(String, Vec<String>)> {
+        spec.iter()
+            .map(|(n, w)| (n.to_string(), w.iter().map(|s| s.to_string()).collect()))
+            .collect()
+    }
+
+    async fn run(
+        spec: &[(&str, &[&str])],
+        cancel: CancellationToken,
+    ) -> BTreeMap<String, StepResult> {
+        let out = schedule(
+            nodes(spec),
+            2,
+            cancel,
+            |_, _| {},
+            |name, _| async move {
+                match name.as_str() {
+                    "bad" => Err(StepError::failed("boom")),
+                    _ => Ok(Phase::Healthy),
+                }
+            },
+        )
+        .await;
+        out.into_iter().map(|(n, r, _)| (n, r)).collect()
+    }
+
+    #[tokio::test]
+    async fn a_failed_node_skips_what_waits_for_it_and_nothing_else() {
+        let r = run(
+            &[
+                ("bad", &[]),
+                ("after", &["bad"]),
+                ("later", &["after"]),
+                ("free", &[]),
+            ],
+            CancellationToken::new(),
+        )
+        .await;
+        assert_eq!(r["bad"], Err(StepError::failed("boom")));
+        assert_eq!(
+            r["after"],
+            Err(StepError::Skipped("skipped: `bad` did not come up".into()))
+        );
+        assert_eq!(
+            r["later"],
+            Err(StepError::Skipped(
+                "skipped: `after` did not come up".into()
+            ))
+        );
+        assert_eq!(r["free"], Ok(Phase::Healthy));
+    }
+
+    #[tokio::test]
+    async fn nothing_starts_once_the_run_is_cancelled() {
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let r = run(&[("a", &[]), ("b", &["a"])], cancel).await;
+        assert_eq!(r["a"], Err(StepError::Cancelled));
+        assert!(r["b"].is_err(), "{:?}", r["b"]);
+    }
+}
