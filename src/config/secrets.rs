@@ -5,7 +5,7 @@ use crate::trace::mask::{secret_name, url_password, Masker};
 
 impl Config {
     /// The masker of this configuration's secrets (what counts as one:
-    /// [`crate::trace::mask`]).
+    /// `trace::mask`).
     pub fn masker(&self) -> Masker {
         let mut values: Vec<String> = self.secrets.clone();
         for svc in self.services.values() {

@@ -2,7 +2,7 @@
 //! Every run goes lock → observe → plan → apply: it takes the deploy lock
 //! (kept with the state, [`crate::state::lock`]), observes what runs under
 //! its labels, plans against `state.json` ([`plan`]), and applies the plan
-//! over the dependency graph ([`apply`], [`schedule`]), saving state after
+//! over the dependency graph (`apply.rs`, `schedule.rs`), saving state after
 //! every step. See docs/architecture.md.
 
 mod apply;

@@ -6,7 +6,7 @@
 //!   the state directory (`NANOKIT_STATE_DIR`, default `~/.nanokit/state`), in
 //!   WAL mode, safe for many processes on one machine. Lock expiry compares
 //!   integer milliseconds since the Unix epoch.
-//! - **postgres** ([`pg::PgStore`]): tables in an existing PostgreSQL database
+//! - **postgres** (`pg::PgStore`): tables in an existing PostgreSQL database
 //!   (`NANOKIT_STATE_URL=postgres://…`), safe across machines; lock expiry is
 //!   decided by the database's clock (`now()`).
 //!

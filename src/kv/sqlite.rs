@@ -326,7 +326,7 @@ impl SqliteStore {
     }
 
     /// Whether `get` currently keeps a read transaction open (see
-    /// [`super::snapshot`]); for tests and diagnostics.
+    /// `snapshot`); for tests and diagnostics.
     pub fn has_open_snapshot(&self) -> bool {
         self.shared.lock().snap.is_some()
     }

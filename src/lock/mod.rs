@@ -195,7 +195,7 @@ fn target_in(root: &Path, rel: &Path) -> Result<(PathBuf, usize), LockError> {
     Ok((path, owned))
 }
 
-/// [`acquire`] of the lock file `root/rel` (see [`target_in`]).
+/// [`acquire`] of the lock file `root/rel` (see `target_in`).
 pub async fn acquire_in(
     root: &Path,
     rel: &Path,
@@ -207,7 +207,7 @@ pub async fn acquire_in(
         .map(|lease| lease.expect("acquire_unless without a done condition returns a lease"))
 }
 
-/// [`acquire_unless`] of the lock file `root/rel` (see [`target_in`]).
+/// [`acquire_unless`] of the lock file `root/rel` (see `target_in`).
 pub async fn acquire_unless_in(
     root: &Path,
     rel: &Path,
@@ -244,7 +244,7 @@ pub fn inspect(path: &Path, stale: Duration) -> Result<Option<LockStatus>, LockE
     inspect_target(Target::user(path), stale)
 }
 
-/// [`inspect`] of the lock file `root/rel` (see [`target_in`]).
+/// [`inspect`] of the lock file `root/rel` (see `target_in`).
 pub fn inspect_in(
     root: &Path,
     rel: &Path,

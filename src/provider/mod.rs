@@ -4,7 +4,7 @@
 //! provider id (recorded in state) or by its labels (project, env, state id,
 //! service, config hash), so instances created by a run that was killed
 //! before it could record them are still found. The local-process provider
-//! lives in [`process`]; the Docker provider ([`docker`]) maps the same
+//! lives in [`process`]; the Docker provider (`docker/`) maps the same
 //! calls onto containers (labels, create/start, exec, inspect, stop/remove,
 //! logs).
 

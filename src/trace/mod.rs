@@ -395,7 +395,7 @@ pub async fn step<T, E: StepFailure>(
 }
 
 /// [`step`], with `mask`'s secrets masked in a recorded error (hook and
-/// probe output may print them). The run's [`Redacting`] processor masks
+/// probe output may print them). The run's `Redacting` processor masks
 /// every span again; this keeps them out of spans recorded outside a run.
 pub async fn step_masked<T, E: StepFailure>(
     span: Span,
