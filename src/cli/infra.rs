@@ -258,105 +258,11 @@ fn progress_printer() -> EventSink {
     })
 }
 
-/// Ctrl-C handling for one command. Not tokio's `ctrl_c`: inside Node,
-/// signal-hook chains to Node's own SIGINT handler, which re-raises the
-/// signal and loops. This installs a plain handler that writes to a pipe; a
-/// thread reading it cancels the token and restores the default action, so a
-/// second Ctrl-C ends the process at once. Dropping the guard restores the
-/// previous handler.
-mod interrupt {
-    use std::sync::atomic::{AtomicI32, Ordering};
-
-    use tokio_util::sync::CancellationToken;
-
-    static PIPE_W: AtomicI32 = AtomicI32::new(-1);
-
-    extern "C" fn on_sigint(_: libc::c_int) {
-        let fd = PIPE_W.load(Ordering::SeqCst);
-        if fd >= 0 {
-            // SAFETY: write(2) is async-signal-safe.
-            unsafe {
-                libc::write(fd, b"x".as_ptr().cast(), 1);
-            }
-        }
-    }
-
-    pub struct Guard {
-        old: Option<libc::sigaction>,
-        write_fd: libc::c_int,
-    }
-
-    /// A close-on-exec pipe, as raw fds (the signal handler needs a plain fd).
-    /// On Linux atomically (`pipe2`); elsewhere `pipe` then `FD_CLOEXEC`, so a
-    /// child forked by another thread in between could inherit the pipe.
-    fn cloexec_pipe() -> std::io::Result<[libc::c_int; 2]> {
-        use std::os::fd::IntoRawFd;
-        #[cfg(target_os = "linux")]
-        let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
-        #[cfg(not(target_os = "linux"))]
-        let (r, w) = {
-            let (r, w) = rustix::pipe::pipe()?;
-            for fd in [&r, &w] {
-                rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::CLOEXEC)?;
-            }
-            (r, w)
-        };
-        Ok([r.into_raw_fd(), w.into_raw_fd()])
-    }
-
-    pub fn install(token: CancellationToken) -> Guard {
-        let Ok(fds) = cloexec_pipe() else {
-            return Guard {
-                old: None,
-                write_fd: -1,
-            };
-        };
-        // SAFETY: plain libc calls on valid pointers.
-        unsafe {
-            PIPE_W.store(fds[1], Ordering::SeqCst);
-            let mut new: libc::sigaction = std::mem::zeroed();
-            new.sa_sigaction = on_sigint as *const () as usize;
-            new.sa_flags = libc::SA_RESTART;
-            libc::sigemptyset(&mut new.sa_mask);
-            let mut old: libc::sigaction = std::mem::zeroed();
-            libc::sigaction(libc::SIGINT, &new, &mut old);
-            let read_fd = fds[0];
-            std::thread::spawn(move || {
-                let mut b = [0u8; 1];
-                if libc::read(read_fd, b.as_mut_ptr().cast(), 1) == 1 {
-                    eprintln!("interrupted: finishing the steps in progress, starting nothing new (Ctrl-C again to quit at once)…");
-                    let mut dfl: libc::sigaction = std::mem::zeroed();
-                    dfl.sa_sigaction = libc::SIG_DFL;
-                    libc::sigaction(libc::SIGINT, &dfl, std::ptr::null_mut());
-                    token.cancel();
-                }
-                libc::close(read_fd);
-            });
-            Guard {
-                old: Some(old),
-                write_fd: fds[1],
-            }
-        }
-    }
-
-    impl Drop for Guard {
-        fn drop(&mut self) {
-            if let Some(old) = self.old.take() {
-                PIPE_W.store(-1, Ordering::SeqCst);
-                // SAFETY: restoring the handler we replaced; closing our pipe end.
-                unsafe {
-                    libc::sigaction(libc::SIGINT, &old, std::ptr::null_mut());
-                    libc::close(self.write_fd);
-                }
-            }
-        }
-    }
-}
-
 /// A token cancelled by Ctrl-C while the returned guard lives.
-fn ctrl_c_token() -> (CancellationToken, interrupt::Guard) {
+fn ctrl_c_token() -> (CancellationToken, crate::sys::signal::Guard) {
     let token = CancellationToken::new();
-    let guard = interrupt::install(token.clone());
+    let notice = "interrupted: finishing the steps in progress, starting nothing new (Ctrl-C again to quit at once)…";
+    let guard = crate::sys::signal::install(token.clone(), notice);
     (token, guard)
 }
 

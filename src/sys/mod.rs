@@ -8,3 +8,4 @@ pub(crate) mod fs;
 pub(crate) mod host;
 pub(crate) mod private;
 pub(crate) mod proc;
+pub(crate) mod signal;
