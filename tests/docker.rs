@@ -106,6 +106,14 @@ impl DProject {
             })
             .collect()
     }
+    /// The name of `service`'s (one) container.
+    fn container_of(&self, service: &str) -> String {
+        self.containers()
+            .into_iter()
+            .find(|(_, j)| j["Config"]["Labels"]["nk-service"] == service)
+            .unwrap_or_else(|| panic!("no container of {service}"))
+            .0
+    }
     fn names(&self) -> Vec<String> {
         let mut v: Vec<String> = self.containers().into_iter().map(|c| c.0).collect();
         v.sort();
@@ -1138,4 +1146,183 @@ environments:
     assert!(network_exists());
     ok(&down(&a).await);
     assert!(!network_exists());
+}
+
+/// Docker events of `project` since `since` (unix seconds), as
+/// `status container-name` lines, oldest first.
+fn events_since(project: &str, since: u64) -> Vec<String> {
+    docker(&[
+        "events",
+        "--since",
+        &since.to_string(),
+        "--until",
+        &format!("{}", unix_now() + 1),
+        "--filter",
+        &format!("label=nk-project={project}"),
+        "--filter",
+        "type=container",
+        "--format",
+        "{{.Status}} {{.Actor.Attributes.name}}",
+    ])
+    .lines()
+    .map(str::to_string)
+    .collect()
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// nanokit runs the check itself from the start: `db`'s check passes at
+/// once, so `db` is reported healthy and `app` starts while Docker's own
+/// HEALTHCHECK (first run one 60 s interval after start) still says
+/// `starting`, as `docker inspect` and the event stream show.
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(nk_docker),
+    ignore = "SKIPPED: needs NANOKIT_TEST_DOCKER (eval \"$(bash scripts/docker-test-env.sh)\")"
+)]
+async fn a_passing_check_releases_dependents_before_dockers_first_verdict() {
+    let p = DProject::docker(
+        "fastcheck",
+        r#"
+services:
+  db:
+    image: nk-busybox:latest
+    start: "exec sleep 600"
+    healthcheck: { test: "true", interval: 60s, retries: 3 }
+  app:
+    image: nk-busybox:latest
+    start: "exec sleep 600"
+    depends_on: [db]
+"#,
+    );
+    let since = unix_now().saturating_sub(1);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    {
+        // A guard: waiting for Docker's verdict would take a minute.
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(40)).await;
+            cancel.cancel();
+        });
+    }
+    let r = p.up(RunOptions { cancel, ..quick() }).await;
+    ok(&r);
+    assert!(r.results.iter().all(|x| x.outcome == Phase::Healthy));
+    let (db, app) = (p.container_of("db"), p.container_of("app"));
+    assert_eq!(
+        docker(&["inspect", "-f", "{{.State.Health.Status}}", &db]),
+        "starting",
+        "Docker has judged db already: the test proves nothing"
+    );
+    let events = events_since(&p.name, since);
+    let app_start = events
+        .iter()
+        .position(|e| *e == format!("start {app}"))
+        .unwrap_or_else(|| panic!("no start event of {app}: {events:#?}"));
+    assert!(
+        !events[..app_start]
+            .iter()
+            .any(|e| e.starts_with("health_status") && e.ends_with(&db)),
+        "{events:#?}"
+    );
+    assert_eq!(
+        p.p.state().resources["db"].status,
+        nanokit::state::Status::Healthy
+    );
+}
+
+/// A check that keeps failing fails the service once `retries` failures
+/// counted after `start_period`, with the last probe's output (each of
+/// nanokit's probes numbers itself; Docker's own, which lack the NK_*
+/// variables nanokit passes to its execs, do nothing); failures in the start period
+/// do not count.
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(nk_docker),
+    ignore = "SKIPPED: needs NANOKIT_TEST_DOCKER (eval \"$(bash scripts/docker-test-env.sh)\")"
+)]
+async fn health_failures_count_after_the_start_period_and_report_the_last_output() {
+    let p = DProject::docker(
+        "retries",
+        r#"
+services:
+  late:
+    image: nk-busybox:latest
+    start: "sleep 2; touch /tmp/ready; exec sleep 600"
+    healthcheck: { test: "test -f /tmp/ready", interval: 200ms, retries: 1, start_period: 10s }
+  bad:
+    image: nk-busybox:latest
+    start: "exec sleep 600"
+    healthcheck:
+      test: "[ -n \"$$NK_CONFIG_HASH\" ] || exit 1; n=$$(cat /tmp/n 2>/dev/null || echo 0); n=$$((n+1)); echo $$n > /tmp/n; echo probe-$$n; exit 1"
+      interval: 300ms
+      retries: 3
+"#,
+    );
+    let r = p.up(quick()).await;
+    let res = |s: &str| r.results.iter().find(|x| x.service == s).unwrap().clone();
+    assert_eq!(res("late").outcome, Phase::Healthy, "{:?}", res("late"));
+    let bad = res("bad");
+    assert_eq!(bad.outcome, Phase::Failed);
+    let e = bad.error.unwrap();
+    // Failed by nanokit's count or by Docker's (whichever comes first; they
+    // count alike), quoting nanokit's last probe either way.
+    assert!(
+        e.contains("is unhealthy: 3 failure(s) counted")
+            || e.contains("is unhealthy, as the runtime's own check reports"),
+        "{e}"
+    );
+    let bad_c = p.container_of("bad");
+    let env = docker(&["inspect", "-f", "{{.Config.Env}}", &bad_c]);
+    assert!(!env.contains("NK_CONFIG_HASH"), "the test's premise: {env}");
+    let n = docker(&["exec", &bad_c, "cat", "/tmp/n"]);
+    assert!(
+        e.contains(&format!("probe-{n}\n")),
+        "the error quotes another probe than the last ({n}): {e}"
+    );
+    assert!(
+        n.parse::<u32>().unwrap() > 3,
+        "no fast probes before the counted ones: {n}"
+    );
+}
+
+/// A check that hangs is cut at `timeout`, its process is killed, and the
+/// service fails saying so. (Only nanokit's probes hang: Docker's own, which
+/// lack the NK_* variables of nanokit's execs, exit at once; Docker 20.10
+/// does not kill a timed-out probe of its own.)
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(nk_docker),
+    ignore = "SKIPPED: needs NANOKIT_TEST_DOCKER (eval \"$(bash scripts/docker-test-env.sh)\")"
+)]
+async fn a_hanging_check_is_cut_at_its_timeout() {
+    let p = DProject::docker(
+        "hang",
+        r#"
+services:
+  hang:
+    image: nk-busybox:latest
+    start: "exec sleep 600"
+    healthcheck:
+      test: ["CMD", "sh", "-c", "[ -n \"$$NK_CONFIG_HASH\" ] && exec sleep 97; exit 1"]
+      interval: 200ms
+      timeout: 300ms
+      retries: 2
+"#,
+    );
+    let r = p.up(quick()).await;
+    let res = &r.results[0];
+    assert_eq!(res.outcome, Phase::Failed);
+    let e = res.error.clone().unwrap();
+    assert!(e.contains("timed out after 300ms (it was killed)"), "{e}");
+    let top = docker(&["top", &p.container_of("hang")]);
+    assert!(
+        !top.contains("sleep 97"),
+        "a timed-out probe still runs:\n{top}"
+    );
 }

@@ -191,7 +191,7 @@ services:
     let report = p.up(RunOptions::default()).await.unwrap();
     let err = report.results[0].error.clone().unwrap();
     assert!(
-        err.contains("failed after 3 attempt(s)") && err.contains("not ready yet"),
+        err.contains("is unhealthy: 3 failure(s) counted") && err.contains("not ready yet"),
         "{err}"
     );
     assert_eq!(p.state().resources["a"].status, Status::Failed);
@@ -479,4 +479,104 @@ async fn a_cancelled_step_is_not_recorded_as_failed() {
         .collect();
     assert!(phases.contains(&Phase::Cancelled), "{phases:?}");
     assert!(!phases.contains(&Phase::Failed), "{phases:?}");
+}
+
+/// Cancels `cancel` after `secs`: a guard that turns "waited a whole
+/// interval" into a failure instead of a slow pass.
+fn cancel_after(cancel: &tokio_util::sync::CancellationToken, secs: u64) {
+    let cancel = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_secs(secs)).await;
+        cancel.cancel();
+    });
+}
+
+/// nanokit's first probes come at once and then fast, not one `interval`
+/// (60 s here) apart; a healthy service is not probed again while the run
+/// goes on (b's probes see a's probe count frozen).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_first_health_probes_come_fast_and_a_healthy_service_is_not_probed_again() {
+    let p = Project::new(
+        r#"
+name: fastprobe
+services:
+  a:
+    start: "sleep 0.3; touch a.ready; exec sleep 600"
+    healthcheck: { test: "echo x >> a.probes; test -f a.ready", interval: 60s, retries: 3 }
+  b:
+    start: "sleep 0.5; touch b.ready; exec sleep 600"
+    healthcheck: { test: "wc -l < a.probes >> b.seen; test -f b.ready", interval: 60s, retries: 3 }
+    depends_on: [a]
+"#,
+    );
+    let cancel = tokio_util::sync::CancellationToken::new();
+    cancel_after(&cancel, 30);
+    let report = p
+        .up(RunOptions {
+            cancel,
+            ..RunOptions::default()
+        })
+        .await
+        .expect("up (cancelled: a probe waited a whole interval)");
+    assert!(report.failures().is_empty(), "{:?}", report.results);
+    let a_probes = p.read("a.probes").lines().count();
+    assert!(a_probes >= 2, "a was healthy at its first probe?");
+    let seen: Vec<usize> = p
+        .read("b.seen")
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect();
+    assert!(seen.len() >= 2, "{seen:?}");
+    assert!(
+        seen.iter().all(|&n| n == a_probes),
+        "a was probed again after it was healthy: {seen:?}, {a_probes} in all"
+    );
+    p.down().await;
+}
+
+/// However many services wait for their health at once, at most
+/// PROBES_IN_FLIGHT (8) probes run at any instant: each probe records how
+/// many are running when it starts.
+#[tokio::test(flavor = "multi_thread")]
+async fn health_probes_in_flight_are_bounded() {
+    let mut yml = String::from("name: probeload\nservices:\n");
+    for i in 0..16 {
+        yml += &format!(
+            "  s{i}:\n    start: \"exec sleep 600\"\n    healthcheck: {{ test: \"mkdir -p inflight; mkdir inflight/$$$$; ls inflight | wc -l >> peaks; sleep 0.2; rmdir inflight/$$$$; test -f go\", interval: 100ms, retries: 10000 }}\n"
+        );
+    }
+    let p = Project::new(&yml);
+    let dir = p.path().to_path_buf();
+    let go = std::thread::spawn(move || {
+        // Let every service probe a few times, then let them pass.
+        while std::fs::read_to_string(dir.join("peaks"))
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+            < 64
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        std::fs::write(dir.join("go"), "").unwrap();
+    });
+    let report = p
+        .up(RunOptions {
+            concurrency: 16,
+            ..RunOptions::default()
+        })
+        .await
+        .expect("up");
+    go.join().unwrap();
+    assert!(report.failures().is_empty(), "{:?}", report.results);
+    let peaks: Vec<usize> = p
+        .read("peaks")
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect();
+    let max = *peaks.iter().max().unwrap();
+    assert!(max <= 8, "{max} probes in flight at once");
+    assert!(
+        max >= 4,
+        "the probes never overlapped ({max}): the test proves nothing"
+    );
+    p.down().await;
 }

@@ -25,6 +25,8 @@ pub(super) struct Run {
     /// The config's secrets, masked in every event, log line, recorded
     /// error and span this run writes.
     pub(super) mask: Masker,
+    /// Health probes in flight ([`super::health::PROBES_IN_FLIGHT`] at most).
+    pub(super) probes: tokio::sync::Semaphore,
 }
 
 impl Run {
@@ -44,6 +46,7 @@ impl Run {
             opts,
             scope,
             lineage,
+            probes: tokio::sync::Semaphore::new(super::health::PROBES_IN_FLIGHT),
         }
     }
 

@@ -160,6 +160,25 @@ pub struct ProbeResult {
     pub fatal: bool,
 }
 
+impl ProbeResult {
+    /// A command probe's verdict: healthy when it exited 0; the output
+    /// ends with how it ended.
+    pub fn of_command(out: ExecOutput) -> ProbeResult {
+        let mut output = out.output.trim_end().to_string();
+        if !out.timed_out {
+            if !output.is_empty() {
+                output.push('\n');
+            }
+            output.push_str(&format!("({})", out.exit_text()));
+        }
+        ProbeResult {
+            ok: out.success(),
+            output,
+            fatal: false,
+        }
+    }
+}
+
 /// Result of [`Provider::provision`].
 #[derive(Debug, Clone)]
 pub struct Provisioned {
@@ -213,14 +232,6 @@ pub trait Provider: Send + Sync {
 
     /// Host path of a named volume (for mounts).
     fn volume_path(&self, name: &str) -> PathBuf;
-
-    /// Whether the runtime evaluates `healthcheck` itself (a Docker
-    /// HEALTHCHECK): [`probe`](Provider::probe) with [`Probe::Command`] then
-    /// reports the runtime's verdict instead of running the command, and the
-    /// engine polls it at a short interval rather than at the check's own.
-    fn native_healthcheck(&self) -> bool {
-        false
-    }
 
     /// Called before `up` looks at a scope whose previous run died: waits
     /// until requests that run sent and the runtime is still finishing have

@@ -235,11 +235,7 @@ impl Provider for ProcessProvider {
             }
             Probe::Command(argv) => {
                 let out = self.exec(id, spec, argv, timeout).await?;
-                Ok(ProbeResult {
-                    ok: out.success(),
-                    output: out.output,
-                    fatal: false,
-                })
+                Ok(ProbeResult::of_command(out))
             }
         }
     }

@@ -96,9 +96,10 @@ pub fn group_members(pgid: u32) -> Vec<(u32, u64)> {
         .collect()
 }
 
-/// The raw `/proc/<pid>/cmdline` (arguments, each ended by a NUL).
-pub fn cmdline(pid: u32) -> Vec<u8> {
-    std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default()
+/// `/proc/<pid>/cgroup` (empty when gone): the control groups `pid` is in,
+/// which name the container of a containerised process.
+pub fn cgroup(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default()
 }
 
 /// `pid` and all its descendants (through every thread's `children`).

@@ -13,10 +13,12 @@
 //!   `nk-env`, `nk-service`, `nk-replica`, `nk-config-hash`, `nk-state-id`,
 //!   `nk-lineage`). Live state is observed with one label-filtered list call,
 //!   so containers are found again even when `state.json` was lost.
-//! * **Health**: `healthcheck` becomes the container's Docker HEALTHCHECK and
-//!   the engine polls the container's health status
-//!   ([`Provider::native_healthcheck`]); the failure reports the last health
-//!   log entry. A port-only service is probed by a TCP connect to the
+//! * **Health**: `healthcheck` becomes the container's Docker HEALTHCHECK
+//!   (so `docker ps` and other tools see the same health), and nanokit also
+//!   runs it itself as an exec from the moment the container starts, instead
+//!   of waiting one `interval` for Docker's first verdict. A probe takes
+//!   Docker's verdict when it has one: healthy passes, unhealthy fails the
+//!   wait, so what nanokit reports never contradicts Docker. A port-only service is probed by a TCP connect to the
 //!   container's address on its network (`expose`): the published host port
 //!   is answered by Docker's userland proxy even when nothing listens inside,
 //!   so connecting to it proves nothing.
@@ -742,10 +744,6 @@ impl Provider for DockerProvider {
     /// that a container could use; it is mounted by name).
     fn volume_path(&self, name: &str) -> PathBuf {
         PathBuf::from(self.volume_name(name))
-    }
-
-    fn native_healthcheck(&self) -> bool {
-        true
     }
 
     async fn provision(

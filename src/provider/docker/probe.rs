@@ -1,6 +1,7 @@
-//! Commands and probes in containers: Docker execs with a timeout, the
-//! container's own HEALTHCHECK verdict, and TCP probes of its address on
-//! the env's network (a published host port is answered by Docker's proxy
+//! Commands and probes in containers: Docker execs with a timeout, health
+//! checks run as such execs until the container's own HEALTHCHECK has a
+//! verdict (then that verdict), and TCP probes of its address on the env's
+//! network (a published host port is answered by Docker's proxy
 //! even when nothing listens inside, so it proves nothing).
 
 use super::*;
@@ -65,8 +66,9 @@ impl DockerProvider {
             Err(_) => {
                 // Docker has no way to stop an exec; its process is ours to
                 // kill when it runs on this host.
+                let container = info.container_id.as_deref().unwrap_or_default();
                 let killed = info.running == Some(true)
-                    && info.pid.is_some_and(|pid| kill_exec_tree(pid, argv));
+                    && info.pid.is_some_and(|pid| kill_exec_tree(pid, container));
                 let what = if killed {
                     "it was killed"
                 } else if info.running == Some(true) {
@@ -122,37 +124,44 @@ impl DockerProvider {
                 output: String::new(),
                 fatal: false,
             }),
-            Probe::Command(_) => {
+            Probe::Command(argv) => {
                 let health = st.health.unwrap_or_default();
-                let last = health
-                    .log
-                    .as_ref()
-                    .and_then(|l| l.last())
-                    .map(|r| {
-                        format!(
-                            "exit code {}: {}",
-                            r.exit_code.unwrap_or(-1),
-                            r.output.clone().unwrap_or_default().trim_end()
-                        )
-                    })
-                    .unwrap_or_else(|| "no health check has completed yet".into());
-                Ok(match health.status {
-                    Some(HealthStatusEnum::HEALTHY) => ProbeResult {
+                let docker_says = || {
+                    health
+                        .log
+                        .as_ref()
+                        .and_then(|l| l.last())
+                        .map(|r| {
+                            format!(
+                                "Docker's last health check: exit code {}: {}",
+                                r.exit_code.unwrap_or(-1),
+                                r.output.clone().unwrap_or_default().trim_end()
+                            )
+                        })
+                        .unwrap_or_default()
+                };
+                // Docker's verdict when it has one, so that the two never
+                // disagree; before it, the check run here, at once.
+                match health.status {
+                    Some(HealthStatusEnum::HEALTHY) => Ok(ProbeResult {
                         ok: true,
-                        output: last,
+                        output: docker_says(),
                         fatal: false,
-                    },
-                    Some(HealthStatusEnum::UNHEALTHY) => ProbeResult {
+                    }),
+                    Some(HealthStatusEnum::UNHEALTHY) => Ok(ProbeResult {
                         ok: false,
-                        output: last,
+                        output: docker_says(),
                         fatal: true,
-                    },
-                    _ => ProbeResult {
+                    }),
+                    _ if !running => Ok(ProbeResult {
                         ok: false,
-                        output: last,
+                        output: format!("container {id} is not running"),
                         fatal: false,
-                    },
-                })
+                    }),
+                    _ => Ok(ProbeResult::of_command(
+                        self.exec_in(id, spec, argv, timeout).await?,
+                    )),
+                }
             }
             Probe::Port(p) => {
                 let inner = spec.expose.unwrap_or(*p);
@@ -192,14 +201,15 @@ impl DockerProvider {
 }
 
 /// SIGKILLs a timed-out exec's process and its descendants, if `pid` (its
-/// pid as Docker reports it, in the host's pid namespace) is visible here and
-/// runs the command we started: nanokit may run elsewhere than the daemon.
-fn kill_exec_tree(pid: i64, argv: &[String]) -> bool {
+/// pid as Docker reports it, in the daemon's pid namespace) is visible here
+/// and is in `container`'s control group: nanokit may run elsewhere than the
+/// daemon, or in another pid namespace. (The command may have replaced
+/// itself with `exec`, so its command line proves nothing.)
+fn kill_exec_tree(pid: i64, container: &str) -> bool {
     let Ok(pid) = u32::try_from(pid) else {
         return false;
     };
-    let expected: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain([0])).collect();
-    if pid == 0 || proc::cmdline(pid) != expected {
+    if pid == 0 || container.len() < 12 || !proc::cgroup(pid).contains(container) {
         return false;
     }
     for p in proc::tree(pid) {
