@@ -166,7 +166,7 @@ impl Run {
                         "{} is unhealthy, as the runtime's own check reports after {:.1}s; last probe output:\n{}",
                         check.what(),
                         t0.elapsed().as_secs_f64(),
-                        indent(&tail(&outputs.join("\n"), 20).trim_start())
+                        indent(tail(&outputs.join("\n"), 20).trim_start())
                     )));
                 }
                 last = r.output;
