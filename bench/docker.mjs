@@ -15,15 +15,19 @@
 //   no-change `up` again with everything running and unchanged.
 //   down      everything removed (containers and the network).
 //
-// Targets (issue #4): up ≤ 0.8×, no-change up ≤ 0.3×, down ≤ 0.8× of
-// compose's wall time. Both CLIs are started as processes each time (node
+// Targets (issue #16): up ≤ 0.6× (moonshot 0.4×), no-change up ≤ 0.2×,
+// down ≤ 0.5× of compose's wall time. After the figures, the per-layer
+// breakdown of nanokit's median `up`, from its own trace file: when the
+// layer's first container was created, when its last start returned, when
+// its last health check passed, and the gap to the next layer's first
+// create. Both CLIs are started as processes each time (node
 // for nanokit, python for docker-compose), so start-up costs count for both.
 //
 // Usage: node bench/docker.mjs       (BENCH_RUNS=n, default 3; median)
 // Needs: a running Docker engine, docker-compose, and the nk-busybox image
 // (`eval "$(bash scripts/docker-test-env.sh)"` provides all three).
 import { spawnSync } from 'node:child_process'
-import { mkdirSync, rmSync, writeFileSync } from 'node:fs'
+import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 
@@ -125,13 +129,42 @@ function nkContainers() {
 nk('down', '--yes', '--volumes')
 dc('down', '--remove-orphans', '-t', '10')
 
+/** The newest trace file of nanokit's runs in the bench project. */
+function lastTrace() {
+  const dir = join(nkDir, '.nanokit', 'traces')
+  const files = readdirSync(dir).filter((f) => f.endsWith('.json')).sort()
+  return JSON.parse(readFileSync(join(dir, files[files.length - 1]), 'utf8'))
+}
+
+/** Per layer, from a trace of `up`: ms since the run's start. */
+function layers(trace) {
+  const t0 = trace.start_unix_nano
+  const ms = (ns) => (ns - t0) / 1e6
+  const out = []
+  for (let l = 0; l < LAYERS; l++) {
+    const mine = new Set(names.filter((n) => n.layer === l).map((n) => n.name))
+    const spans = (name) => trace.spans.filter((s) => s.name === name && mine.has(s.attributes['nanokit.service']))
+    const create = spans('create')
+    const health = spans('health')
+    out.push({
+      created: Math.min(...create.map((s) => ms(s.start_unix_nano))),
+      started: Math.max(...create.map((s) => ms(s.end_unix_nano))),
+      healthy: Math.max(...health.map((s) => ms(s.end_unix_nano))),
+      probes: health.map((s) => Number(s.attributes['nanokit.probes'] || 0)),
+    })
+  }
+  return out
+}
+
 const t = { nk: { up: [], noop: [], down: [] }, dc: { up: [], noop: [], down: [] } }
+const traces = []
 for (let r = 0; r < RUNS; r++) {
   // Alternate which tool goes first, so neither always gets the warmer daemon.
   const order = r % 2 === 0 ? ['nk', 'dc'] : ['dc', 'nk']
   for (const tool of order) {
     if (tool === 'nk') {
       t.nk.up.push(timed(() => nk('up')))
+      traces.push(layers(lastTrace()))
       if (nkContainers() !== names.length) throw new Error(`nanokit: expected ${names.length} containers, found ${nkContainers()}`)
       t.nk.noop.push(timed(() => nk('up')))
       t.nk.down.push(timed(() => nk('down')))
@@ -157,6 +190,16 @@ const composeVersion = run('docker-compose', ['version', '--short']).stdout.trim
 const engine = run('docker', ['version', '-f', '{{.Server.Version}} (API {{.Server.APIVersion}})']).stdout.trim()
 console.log(`12 services, 3 layers of 4, service_healthy dependencies, 1 s health interval`)
 console.log(`docker engine ${engine}, docker-compose ${composeVersion}; median of ${RUNS} run(s)`)
-row('up (until all healthy)', 'up', 0.8)
-row('no-change up', 'noop', 0.3)
-row('down', 'down', 0.8)
+row('up (until all healthy)', 'up', 0.6)
+row('no-change up', 'noop', 0.2)
+row('down', 'down', 0.5)
+const mid = t.nk.up.indexOf(median(t.nk.up))
+console.log(`nanokit's median up (${t.nk.up[mid].toFixed(0)} ms), per layer from its trace (ms since the run's start):`)
+traces[mid].forEach((l, i) => {
+  const next = traces[mid][i + 1]
+  console.log(
+    `  layer ${i}: first create ${l.created.toFixed(0).padStart(5)}   last started ${l.started.toFixed(0).padStart(5)}` +
+      `   last healthy ${l.healthy.toFixed(0).padStart(5)} (probes ${l.probes.join(',')})` +
+      (next ? `   → next layer's first create +${(next.created - l.healthy).toFixed(0)}` : ''),
+  )
+})

@@ -46,6 +46,7 @@ use bollard::Docker;
 use futures::StreamExt;
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::*;
 
@@ -549,6 +550,7 @@ impl Provider for DockerProvider {
         let create_and_start = || async {
             let id = self
                 .create_named(&name, body.clone())
+                .instrument(tracing::info_span!("docker.create"))
                 .await
                 .map_err(|e| ("create", e))?;
             let started = d
@@ -556,6 +558,7 @@ impl Provider for DockerProvider {
                     &id,
                     None::<bollard::query_parameters::StartContainerOptions>,
                 )
+                .instrument(tracing::info_span!("docker.start"))
                 .await;
             if let Err(e) = started {
                 self.remove_quietly(&id).await;
@@ -670,6 +673,7 @@ impl Provider for DockerProvider {
                     ..Default::default()
                 }),
             )
+            .instrument(tracing::info_span!("docker.stop"))
             .await
         {
             Ok(()) => {}
@@ -684,6 +688,7 @@ impl Provider for DockerProvider {
                     ..Default::default()
                 }),
             )
+            .instrument(tracing::info_span!("docker.remove"))
             .await
         {
             Ok(()) => Ok(()),
