@@ -51,7 +51,14 @@ impl Run {
             self.provider
                 .stop(id, self.opts.stop_grace)
                 .await
-                .map_err(|e| StepError::failed(format!("stopping {id}: {e}")))
+                .map_err(|e| StepError::failed(format!("stopping {id}: {e}")))?;
+            if self.defer_removal(name, id) {
+                return Ok(());
+            }
+            self.provider
+                .remove(id)
+                .await
+                .map_err(|e| StepError::failed(format!("removing {id}: {e}")))
         })
         .await
     }
@@ -642,11 +649,18 @@ pub(super) async fn down(
     plan: &plan::Plan,
     everything: bool,
 ) -> Result<Vec<ServiceResult>, EngineError> {
+    *run.removals.lock().unwrap_or_else(|e| e.into_inner()) = Some(Vec::new());
     let out = delete_services(run, plan.actions.clone(), run.opts.concurrency).await;
     let mut results: Vec<ServiceResult> = out
         .into_iter()
         .map(|(n, r, ms)| to_result(ActionKind::Delete, n, r, ms))
         .collect();
+    for (service, error) in remove_stopped(run).await {
+        if let Some(r) = results.iter_mut().find(|r| r.service == service) {
+            r.outcome = Phase::Failed;
+            r.error.get_or_insert(error);
+        }
+    }
     for v in &plan.volumes {
         run.delete_volume(&v.volume).await?;
     }
@@ -659,4 +673,33 @@ pub(super) async fn down(
         std::cmp::Reverse(plan.actions.iter().position(|a| a.service == r.service))
     });
     Ok(results)
+}
+
+/// Removes, all at once, the instances `down` stopped and listed for
+/// removal; returns (service, error) for each that could not be removed.
+/// (A run killed before this leaves stopped instances labelled with the
+/// state: the next run sees them as orphans and removes them.)
+async fn remove_stopped(run: &Run) -> Vec<(String, String)> {
+    let pending = run
+        .removals
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .unwrap_or_default();
+    let removals = pending.into_iter().map(|(service, id)| async move {
+        let span = info_span!("remove", nanokit.service = %service, nanokit.instance = %id);
+        let r = trace::step(span, async {
+            run.provider
+                .remove(&id)
+                .await
+                .map_err(|e| StepError::failed(format!("stopped, but removing {id} failed: {e}")))
+        })
+        .await;
+        r.err().map(|e| (service, e.to_string()))
+    });
+    futures::future::join_all(removals)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
 }

@@ -27,6 +27,11 @@ pub(super) struct Run {
     pub(super) mask: Masker,
     /// Health probes in flight ([`super::health::PROBES_IN_FLIGHT`] at most).
     pub(super) probes: tokio::sync::Semaphore,
+    /// When set (by `down`), stopped instances are listed here (service,
+    /// id) and removed together at the end, instead of each right after
+    /// its stop: what waits for a stop (the services it depends on) need
+    /// not wait for the removal too.
+    pub(super) removals: std::sync::Mutex<Option<Vec<(String, String)>>>,
 }
 
 impl Run {
@@ -47,6 +52,20 @@ impl Run {
             scope,
             lineage,
             probes: tokio::sync::Semaphore::new(super::health::PROBES_IN_FLIGHT),
+            removals: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Lists stopped instance `id` of `service` for removal at the end of
+    /// the run, when the run defers removals; false when it does not.
+    pub(super) fn defer_removal(&self, service: &str, id: &str) -> bool {
+        let mut removals = self.removals.lock().unwrap_or_else(|e| e.into_inner());
+        match removals.as_mut() {
+            Some(list) => {
+                list.push((service.to_string(), id.to_string()));
+                true
+            }
+            None => false,
         }
     }
 

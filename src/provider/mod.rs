@@ -218,8 +218,16 @@ pub trait Provider: Send + Sync {
         timeout: Duration,
     ) -> Result<ProbeResult, ProviderError>;
 
-    /// Stops (gracefully, then forcibly after `grace`) and removes.
+    /// Stops (gracefully, then forcibly after `grace`). What a stopped
+    /// instance leaves behind (a Docker container) stays until
+    /// [`remove`](Provider::remove).
     async fn stop(&self, id: &str, grace: Duration) -> Result<(), ProviderError>;
+
+    /// Removes what stopped instance `id` left behind (nothing, unless the
+    /// provider keeps stopped instances). Gone already is not an error.
+    async fn remove(&self, _id: &str) -> Result<(), ProviderError> {
+        Ok(())
+    }
 
     /// The last `lines` lines of a service's logs.
     async fn logs(&self, service: &str, lines: usize) -> Result<String, ProviderError>;

@@ -673,13 +673,16 @@ impl Provider for DockerProvider {
                     ..Default::default()
                 }),
             )
-            .instrument(tracing::info_span!("docker.stop"))
             .await
         {
-            Ok(()) => {}
-            Err(e) if matches!(status_of(&e), Some(304) | Some(404)) => {}
-            Err(e) => return Err(docker_err(&format!("stopping container {id}"), e)),
+            Ok(()) => Ok(()),
+            Err(e) if matches!(status_of(&e), Some(304) | Some(404)) => Ok(()),
+            Err(e) => Err(docker_err(&format!("stopping container {id}"), e)),
         }
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), ProviderError> {
+        let d = self.docker().await?;
         match d
             .remove_container(
                 id,
@@ -688,7 +691,6 @@ impl Provider for DockerProvider {
                     ..Default::default()
                 }),
             )
-            .instrument(tracing::info_span!("docker.remove"))
             .await
         {
             Ok(()) => Ok(()),
