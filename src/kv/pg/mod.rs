@@ -182,7 +182,10 @@ async fn attempt(
 fn unreachable_err(location: &str, e: &tokio_postgres::Error) -> KvError {
     KvError::Unavailable {
         location: location.to_string(),
-        detail: format!("{e}; check that the server is running and the URL is right"),
+        detail: format!(
+            "{}; check that the server is running and the URL is right",
+            tls::with_causes(e)
+        ),
     }
 }
 

@@ -321,7 +321,7 @@ impl TlsOptions {
         if let Some(tls) = rustls_error(e) {
             return Some(self.explain_rustls(tls, location));
         }
-        let text = e.to_string();
+        let text = with_causes(e);
         if text.contains("server does not support TLS") {
             return err(
                 TlsFailure::Refused,
@@ -348,7 +348,11 @@ impl TlsOptions {
                 format!(
                     "the server's certificate is not valid for the host name {} (it names {}); connect by a name the certificate lists, get a certificate that names {0}, or use sslmode=verify-ca to check only the CA",
                     server_name(expected),
-                    if presented.is_empty() { "none".to_string() } else { presented.join(", ") }
+                    if presented.is_empty() {
+                        "none".to_string()
+                    } else {
+                        presented.iter().map(|n| presented_name(n)).collect::<Vec<_>>().join(", ")
+                    }
                 ),
             ),
             rustls::Error::InvalidCertificate(C::NotValidForName) => (
@@ -415,6 +419,29 @@ fn rustls_error(e: &tokio_postgres::Error) -> Option<&rustls::Error> {
         cur = err.source();
     }
     None
+}
+
+/// The error and each of its causes, `: `-separated (tokio-postgres'
+/// `Display` shows only its own kind).
+pub fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !text.ends_with(&s) {
+            text.push_str(": ");
+            text.push_str(&s);
+        }
+        cur = c.source();
+    }
+    text
+}
+
+/// A name webpki presents as `DnsName("x")`, as `x`.
+fn presented_name(n: &str) -> &str {
+    n.strip_prefix("DnsName(\"")
+        .and_then(|n| n.strip_suffix("\")"))
+        .unwrap_or(n)
 }
 
 fn describe_cert_error(e: &rustls::CertificateError) -> String {
