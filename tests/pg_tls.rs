@@ -728,3 +728,33 @@ fn libpq_default_files_in_home_dot_postgresql_are_used() {
     let o = stats("nanokit-cert", "localhost", "require");
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(nk_pg),
+    ignore = "SKIPPED: needs NANOKIT_TEST_PG_URL (eval \"$(bash scripts/pg-test-cluster.sh)\")"
+)]
+async fn a_unix_socket_connection_never_uses_tls_whatever_the_sslmode_as_libpq() {
+    let pg = pg();
+    let (client, conn) = tokio_postgres::connect(&pg.plain, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let dirs: String = client
+        .query_one("SHOW unix_socket_directories", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let dir = dirs.split(',').next().unwrap().trim();
+    let app = format!(
+        "nk-tls-unix-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let url = format!(
+        "postgres://{}@/postgres?host={dir}&port={}&application_name={app}&sslmode=verify-full",
+        pg.owner, pg.port
+    );
+    let store = open_ok(&url).await;
+    round_trip(&store).await;
+    assert_eq!(pg.ssl_of(&app).await, vec![(false, None)]);
+}
