@@ -312,7 +312,7 @@ impl TlsOptions {
                 return err(
                     TlsFailure::ClientCert,
                     format!(
-                        "the server refused the client certificate: {msg}; {what}: give sslcert=<file> and sslkey=<file>, a certificate the server's CA signed whose CN is the user name"
+                        "the server wants a valid client certificate for this user ({msg}); {what}: give sslcert=<file> and sslkey=<file>, a certificate signed by the server's CA whose CN is the user name"
                     ),
                 );
             }
@@ -362,7 +362,7 @@ impl TlsOptions {
             rustls::Error::InvalidCertificate(why) => (
                 TlsFailure::Untrusted,
                 format!(
-                    "the server's certificate is not trusted ({}) by {}; set sslrootcert=<file> to the CA that signed the server's certificate",
+                    "the server's certificate is not trusted: {} (checked against {}); set sslrootcert=<file> to the CA that signed the server's certificate",
                     describe_cert_error(why),
                     self.roots.as_ref().map(roots_name).unwrap_or_else(|| "no CA".into())
                 ),
