@@ -469,8 +469,8 @@ fn server_name(n: &ServerName<'_>) -> String {
 
 fn roots_name(r: &Roots) -> String {
     match r {
-        Roots::File(p) => format!("the CA certificate file {} (sslrootcert)", p.display()),
-        Roots::System => "the system's root certificates (sslrootcert=system)".into(),
+        Roots::File(p) => format!("the CA file {}", p.display()),
+        Roots::System => "the system's root certificates, sslrootcert=system".into(),
     }
 }
 
