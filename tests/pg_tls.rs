@@ -340,7 +340,7 @@ async fn certificate_files_that_cannot_be_read_are_named() {
         let e = open_err(&url).await;
         assert_eq!(e.code(), "ENKTLSFILE", "{e}");
         assert!(
-            e.to_string().contains(&format!("cannot read the")) && e.to_string().contains(missing),
+            e.to_string().contains("cannot read the") && e.to_string().contains(missing),
             "{e}"
         );
     }

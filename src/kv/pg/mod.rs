@@ -100,7 +100,7 @@ pub async fn connect(url: &str) -> Result<Client> {
     let (rest, mut tls) = TlsOptions::from_url(url)?;
     let mut config: tokio_postgres::Config = rest
         .parse()
-        .map_err(|e| KvError::BadUrl(format!("{location:?}: {e}")))?;
+        .map_err(|e| KvError::BadUrl(format!("{location:?}: {}", tls::with_causes(&e))))?;
     let timeout = config
         .get_connect_timeout()
         .copied()
