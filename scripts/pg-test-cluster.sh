@@ -68,6 +68,15 @@ running_port() {
   echo "$port"
 }
 
+if [ "${1:-}" = stop ]; then
+  if [ -d "$data" ]; then
+    as_owner pg_ctl stop -D "$data" -m fast >/dev/null 2>&1 || true
+  fi
+  rm -rf "$dir" "$dir.lock"
+  echo "pg-test-cluster: stopped and removed $dir" >&2
+  exit 0
+fi
+
 # The test PKI.
 certs_export=""
 if [ -z "${NANOKIT_TEST_CERTS:-}" ]; then
@@ -162,14 +171,6 @@ wait_for_tls() {
   exit 1
 }
 
-if [ "${1:-}" = stop ]; then
-  if [ -d "$data" ]; then
-    as_owner pg_ctl stop -D "$data" -m fast >/dev/null 2>&1 || true
-  fi
-  rm -rf "$dir"
-  echo "pg-test-cluster: stopped and removed $dir" >&2
-  exit 0
-fi
 
 # One run at a time (sessions share the cluster).
 exec 9>"$dir.lock"
