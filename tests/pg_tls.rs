@@ -344,6 +344,30 @@ async fn certificate_files_that_cannot_be_read_are_named() {
             "{e}"
         );
     }
+    // A key that is not the certificate's, and a certificate without a key.
+    for (params, says) in [
+        (
+            format!(
+                "sslcert={}&sslkey={}",
+                cert("client.pem"),
+                cert("other-client-key.pem")
+            ),
+            "cannot use the client certificate",
+        ),
+        (
+            format!("sslcert={}", cert("client.pem")),
+            "sslcert is set without sslkey",
+        ),
+    ] {
+        let (url, _) = pg.url(
+            "nanokit-cert",
+            "localhost",
+            &format!("sslmode=require&{params}"),
+        );
+        let e = open_err(&url).await;
+        assert_eq!(e.code(), "ENKTLSFILE", "{e}");
+        assert!(e.to_string().contains(says), "{e}");
+    }
     // A file that is not a certificate.
     let (url, _) = pg.url(
         &pg.owner,

@@ -263,13 +263,13 @@ impl TlsOptions {
             .dangerous()
             .with_custom_certificate_verifier(verifier);
         let config = match (&self.client, self.mode) {
-            (Some((cert, key)), m) if m != SslMode::Disable => {
-                let (chain, key) = load_client(cert, key).map_err(file_err)?;
+            (Some((cert, key_file)), m) if m != SslMode::Disable => {
+                let (chain, key) = load_client(cert, key_file).map_err(file_err)?;
                 builder.with_client_auth_cert(chain, key).map_err(|e| {
                     file_err(format!(
-                        "cannot use the client certificate {} with its key {}: {e}",
+                        "cannot use the client certificate {} with the key {}: {e}",
                         cert.display(),
-                        key_path(&self.client).display()
+                        key_file.display()
                     ))
                 })?
             }
@@ -474,10 +474,6 @@ fn roots_name(r: &Roots) -> String {
     }
 }
 
-fn key_path(client: &Option<(PathBuf, PathBuf)>) -> PathBuf {
-    client.as_ref().map(|c| c.1.clone()).unwrap_or_default()
-}
-
 fn home() -> Option<PathBuf> {
     std::env::var_os("HOME")
         .filter(|h| !h.is_empty())
@@ -549,11 +545,16 @@ fn load_client(cert: &Path, key: &Path) -> Result<ClientAuth, String> {
             cert.display()
         ));
     }
-    let key_pem = if key == cert {
-        pem
-    } else {
-        read("sslkey", key)?
-    };
+    if key == cert {
+        let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|_| {
+            format!(
+                "sslcert is set without sslkey, and the sslcert file {} holds no private key; give the key with sslkey=<file>",
+                cert.display()
+            )
+        })?;
+        return Ok((chain, key));
+    }
+    let key_pem = read("sslkey", key)?;
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
         format!(
             "the sslkey file {} holds no usable private key ({e}); give an unencrypted PEM key (PKCS#8, PKCS#1 or SEC1) with sslkey=<file>",
