@@ -50,6 +50,16 @@ pub enum KvError {
     #[error("state database {location} is unavailable: {detail}")]
     Unavailable { location: String, detail: String },
 
+    /// TLS with the PostgreSQL server failed, or the server demanded TLS
+    /// that was not used, or a certificate file cannot be used; the
+    /// [`TlsFailure`] says which (and gives the code).
+    #[error("state database {location}: {detail}")]
+    Tls {
+        location: String,
+        failure: TlsFailure,
+        detail: String,
+    },
+
     /// A state URL that nanokit cannot use.
     #[error("invalid state URL: {0}; expected postgres://user:password@host:port/database")]
     BadUrl(String),
@@ -93,11 +103,50 @@ impl ErrorCode for KvError {
             KvError::NotInteger(_) => "ENKNOTINTEGER",
             KvError::Corrupt { .. } => "ENKSTATECORRUPT",
             KvError::Unavailable { .. } => "ENKSTATEUNAVAILABLE",
+            KvError::Tls { failure, .. } => failure.code(),
             KvError::BadUrl(_) => "ENKSTATEURL",
             KvError::Unsupported(_) => "ENKUNSUPPORTED",
             KvError::StaleState { .. } => "ENKSTATESTALE",
             KvError::LineageMismatch { .. } => "ENKSTATELINEAGE",
             KvError::Backend { .. } => "ENKSTATE",
+        }
+    }
+}
+
+/// Which part of TLS with a PostgreSQL server failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsFailure {
+    /// `ENKTLSREFUSED`: the sslmode requires TLS and the server does not
+    /// offer it.
+    Refused,
+    /// `ENKTLSREQUIRED`: the server refused a connection without TLS
+    /// (`hostssl`-only `pg_hba.conf`).
+    Required,
+    /// `ENKTLSCERT`: the server's certificate is not trusted by the CA.
+    Untrusted,
+    /// `ENKTLSHOSTNAME`: the server's certificate does not name the host.
+    HostName,
+    /// `ENKTLSCLIENTCERT`: the server rejected (or wanted) a client
+    /// certificate.
+    ClientCert,
+    /// `ENKTLSFILE`: an sslrootcert/sslcert/sslkey file cannot be read or
+    /// used, or a verifying sslmode has no CA.
+    File,
+    /// `ENKTLS`: any other TLS handshake failure.
+    Handshake,
+}
+
+impl TlsFailure {
+    /// The stable code.
+    pub fn code(self) -> &'static str {
+        match self {
+            TlsFailure::Refused => "ENKTLSREFUSED",
+            TlsFailure::Required => "ENKTLSREQUIRED",
+            TlsFailure::Untrusted => "ENKTLSCERT",
+            TlsFailure::HostName => "ENKTLSHOSTNAME",
+            TlsFailure::ClientCert => "ENKTLSCLIENTCERT",
+            TlsFailure::File => "ENKTLSFILE",
+            TlsFailure::Handshake => "ENKTLS",
         }
     }
 }

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use error::KvError;
+pub use error::{KvError, TlsFailure};
 
 /// Result of every state operation.
 pub type Result<T, E = KvError> = std::result::Result<T, E>;

@@ -5,12 +5,22 @@
 //! `increment` and `lock` are `INSERT … ON CONFLICT DO UPDATE`, which
 //! PostgreSQL serialises per row. Lock expiry is decided by the database's
 //! clock (`now()`), so machines with skewed clocks still agree.
+//!
+//! Every PostgreSQL connection of nanokit is made by [`connect`], with TLS
+//! as libpq's URL parameters and `PGSSL*` variables say ([`tls`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio_postgres::config::Host;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+mod tls;
+
+use super::error::TlsFailure;
+use tls::TlsOptions;
 
 use super::{
     backoff, timeout_ms, validate_agent, validate_holder, validate_key, Acquired, Entry, KvError,
@@ -77,7 +87,9 @@ pub fn redact_url(url: &str) -> String {
 }
 
 /// Connects to `url`, spawning the connection task on the current Tokio
-/// runtime. A server that does not answer gives `ENKSTATEUNAVAILABLE`.
+/// runtime, with TLS as the URL's libpq parameters say (see [`tls`]). A
+/// server that does not answer gives `ENKSTATEUNAVAILABLE`; a TLS failure
+/// gives [`KvError::Tls`] (`ENKTLS…`).
 pub async fn connect(url: &str) -> Result<Client> {
     let location = redact_url(url);
     if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
@@ -85,9 +97,10 @@ pub async fn connect(url: &str) -> Result<Client> {
             "{location:?} does not start with postgres:// or postgresql://"
         )));
     }
-    let mut config: tokio_postgres::Config = url
+    let (rest, mut tls) = TlsOptions::from_url(url)?;
+    let mut config: tokio_postgres::Config = rest
         .parse()
-        .map_err(|e| KvError::BadUrl(format!("{location:?}: {e}")))?;
+        .map_err(|e| KvError::BadUrl(format!("{location:?}: {}", tls::with_causes(&e))))?;
     let timeout = config
         .get_connect_timeout()
         .copied()
@@ -96,25 +109,84 @@ pub async fn connect(url: &str) -> Result<Client> {
     if config.get_application_name().is_none() {
         config.application_name("nanokit");
     }
-    let (client, connection) = tokio::time::timeout(timeout, config.connect(NoTls))
+    // As libpq: no TLS over a Unix socket.
+    let hosts = config.get_hosts();
+    if !hosts.is_empty() && hosts.iter().all(|h| !matches!(h, Host::Tcp(_))) {
+        tls.mode = tls::SslMode::Disable;
+    }
+    let connector = tls.connector(&location)?;
+    let (first, second) = tls.attempts();
+    let e1 = match attempt(&mut config, first, connector.clone(), timeout, &location).await? {
+        Ok(client) => return Ok(client),
+        Err(e) => e,
+    };
+    let explained = tls.explain(&e1, &location);
+    // libpq's second try: `allow` after the server refused the plain
+    // connection, `prefer` after the TLS handshake failed.
+    let retry = match (tls.mode, &explained) {
+        (tls::SslMode::Allow, _) => e1.as_db_error().is_some(),
+        (tls::SslMode::Prefer, Some(KvError::Tls { failure, .. })) => matches!(
+            failure,
+            TlsFailure::Untrusted
+                | TlsFailure::HostName
+                | TlsFailure::ClientCert
+                | TlsFailure::Handshake
+        ),
+        _ => false,
+    };
+    if let (true, Some(mode)) = (retry, second) {
+        match attempt(&mut config, mode, connector, timeout, &location).await? {
+            Ok(client) => return Ok(client),
+            // Report the TLS attempt's failure: `allow`'s second, `prefer`'s first.
+            Err(e2) if tls.mode == tls::SslMode::Allow => {
+                return Err(tls
+                    .explain(&e2, &location)
+                    .unwrap_or_else(|| unreachable_err(&location, &e2)))
+            }
+            Err(_) => {}
+        }
+    }
+    Err(explained.unwrap_or_else(|| unreachable_err(&location, &e1)))
+}
+
+/// One connection attempt with `mode`: the client, or the error of the
+/// server or the handshake (`Err` of the outer result: no answer in time).
+async fn attempt(
+    config: &mut tokio_postgres::Config,
+    mode: tokio_postgres::config::SslMode,
+    connector: MakeRustlsConnect,
+    timeout: Duration,
+    location: &str,
+) -> Result<std::result::Result<Client, tokio_postgres::Error>> {
+    config.ssl_mode(mode);
+    let (client, connection) = match tokio::time::timeout(timeout, config.connect(connector))
         .await
         .map_err(|_| KvError::Unavailable {
-            location: location.clone(),
+            location: location.to_string(),
             detail: format!(
                 "no answer within {} s; check that the server is running and reachable (connect_timeout= in the URL changes the wait)",
                 timeout.as_secs_f64()
             ),
-        })?
-        .map_err(|e| KvError::Unavailable {
-            location: location.clone(),
-            detail: format!("{e}; check that the server is running and the URL is right"),
-        })?;
+        })? {
+        Ok(c) => c,
+        Err(e) => return Ok(Err(e)),
+    };
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!("state database connection closed: {e}");
         }
     });
-    Ok(client)
+    Ok(Ok(client))
+}
+
+fn unreachable_err(location: &str, e: &tokio_postgres::Error) -> KvError {
+    KvError::Unavailable {
+        location: location.to_string(),
+        detail: format!(
+            "{}; check that the server is running and the URL is right",
+            tls::with_causes(e)
+        ),
+    }
 }
 
 /// Maps a PostgreSQL error to a [`KvError`].
