@@ -1,6 +1,7 @@
 //! The Docker provider, on `bollard` (the daemon's HTTP API over its unix
-//! socket, or `DOCKER_HOST`), with the API version negotiated down to what
-//! the daemon speaks (Debian's engine 20.10 speaks 1.41).
+//! socket, or `DOCKER_HOST`, over TLS with `DOCKER_TLS_VERIFY`: [`connect`]),
+//! with the API version negotiated down to what the daemon speaks (Debian's
+//! engine 20.10 speaks 1.41).
 //!
 //! * **Names**: containers `nk-<project>-<env>-<service>` (`…-<n>` per
 //!   replica when a service has several); when the name is taken (a rolling
@@ -47,6 +48,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 
+mod connect;
 mod install;
 mod probe;
 
@@ -80,10 +82,6 @@ impl std::fmt::Debug for DockerProvider {
     }
 }
 
-fn daemon_address() -> String {
-    std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into())
-}
-
 /// A bollard error as a provider error: transport failures mean the daemon
 /// is unreachable; the daemon's own refusals keep its message.
 fn docker_err(what: &str, e: DockerError) -> ProviderError {
@@ -95,10 +93,9 @@ fn docker_err(what: &str, e: DockerError) -> ProviderError {
         | DockerError::IOError { .. }
         | DockerError::RequestTimeoutError
         | DockerError::HyperLegacyError { .. }
-        | DockerError::SocketNotFoundError(_) => ProviderError::Unreachable(format!(
-            "{what}: cannot reach the Docker daemon at {}: {e}; is dockerd running (and may this user use its socket)?",
-            daemon_address()
-        )),
+        | DockerError::SocketNotFoundError(_) => {
+            ProviderError::Unreachable(connect::unreachable(what, &e))
+        }
         other => ProviderError::Failed(format!("{what}: {other}")),
     }
 }
@@ -155,8 +152,7 @@ impl DockerProvider {
     async fn docker(&self) -> Result<&Docker, ProviderError> {
         self.client
             .get_or_try_init(|| async {
-                let d = Docker::connect_with_defaults()
-                    .map_err(|e| docker_err("connecting to Docker", e))?;
+                let d = connect::connect(&connect::Endpoint::from_env())?;
                 d.negotiate_version()
                     .await
                     .map_err(|e| docker_err("connecting to Docker", e))
