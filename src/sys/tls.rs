@@ -175,28 +175,34 @@ pub fn client_config(
 }
 
 /// What went wrong in a TLS handshake, when `err`'s source chain holds a
-/// rustls error (directly or inside an `io::Error`), in words.
+/// rustls error (directly or inside `io::Error`s), in words.
 pub fn explain(err: &(dyn std::error::Error + 'static)) -> Option<String> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(e) = cur {
-        if let Some(t) = e.downcast_ref::<rustls::Error>() {
-            return Some(describe(t));
-        }
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if let Some(t) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-                return Some(describe(t));
-            }
-        }
-        cur = e.source();
+    find_rustls(err, 0).map(describe)
+}
+
+fn find_rustls<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+    depth: usize,
+) -> Option<&'a rustls::Error> {
+    if depth > 16 {
+        return None;
     }
-    None
+    if let Some(t) = e.downcast_ref::<rustls::Error>() {
+        return Some(t);
+    }
+    // An io::Error's source() skips the error it wraps: look inside.
+    let inner = e
+        .downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
+        .and_then(|i| find_rustls(i, depth + 1));
+    inner.or_else(|| find_rustls(e.source()?, depth + 1))
 }
 
 fn describe(e: &rustls::Error) -> String {
     use rustls::{AlertDescription as A, CertificateError as C, Error as E};
     match e {
         E::InvalidCertificate(C::UnknownIssuer) => format!(
-            "TLS: the server's certificate is not trusted (not issued by the CA nanokit was given) ({e})"
+            "TLS: the server's certificate is not trusted (not issued by a CA nanokit trusts) ({e})"
         ),
         E::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => format!(
             "TLS: the server's certificate does not name this host ({e})"
@@ -248,10 +254,11 @@ mod tests {
 
     #[test]
     fn handshake_errors_are_explained_through_io_errors() {
-        let io = std::io::Error::new(
+        // As reqwest hands it on: an io::Error around hyper-rustls' io::Error.
+        let io = std::io::Error::other(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
-        );
+        ));
         assert!(explain(&io).unwrap().contains("not trusted"));
         let alert = rustls::Error::AlertReceived(rustls::AlertDescription::BadCertificate);
         assert!(explain(&alert).unwrap().contains("client certificate"));
