@@ -168,6 +168,23 @@ fn connect_tls(host: &str, dir: &std::path::Path) -> Result<Docker, ProviderErro
     .map_err(|e| super::docker_err("connecting to Docker", e))
 }
 
+/// The first call to the daemon (the version handshake) failed.
+pub(super) fn failed(endpoint: &Endpoint, e: DockerError) -> ProviderError {
+    match (&e, endpoint) {
+        // dockerd's answer to plain HTTP on its TLS port.
+        (DockerError::DockerResponseServerError { message, .. }, Endpoint::Tcp(_))
+            if message.contains("HTTPS") =>
+        {
+            ProviderError::Unreachable(format!(
+                "connecting to Docker: the daemon at {} expects TLS (it answered \"{}\"); set DOCKER_TLS_VERIFY=1 and DOCKER_CERT_PATH to a directory with ca.pem, cert.pem and key.pem",
+                endpoint.shown(),
+                message.trim()
+            ))
+        }
+        _ => super::docker_err("connecting to Docker", e),
+    }
+}
+
 /// The message of a transport failure reaching the daemon.
 pub(super) fn unreachable(what: &str, e: &DockerError) -> String {
     let endpoint = Endpoint::from_env();
@@ -179,16 +196,34 @@ pub(super) fn unreachable(what: &str, e: &DockerError) -> String {
                 certs.display()
             ),
             None => format!(
-                "{what}: cannot reach the Docker daemon at {addr} (TLS): {e}; is dockerd listening there with --tlsverify?"
+                "{what}: cannot reach the Docker daemon at {addr} (TLS): {}; is dockerd listening there with --tlsverify?",
+                with_causes(e)
             ),
         },
         Endpoint::Tcp(_) => format!(
-            "{what}: cannot reach the Docker daemon at {addr} (plain HTTP: DOCKER_TLS_VERIFY is not set): {e}; is dockerd listening there without TLS?"
+            "{what}: cannot reach the Docker daemon at {addr} (plain HTTP: DOCKER_TLS_VERIFY is not set): {}; is dockerd listening there without TLS?",
+            with_causes(e)
         ),
         Endpoint::Other(_) => format!(
             "{what}: cannot reach the Docker daemon at {addr}: {e}; is dockerd running (and may this user use its socket)?"
         ),
     }
+}
+
+/// `e`'s message and those of its sources ("client error (Connect)" alone
+/// does not say that the connection was refused).
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !text.contains(&m) {
+            text.push_str(": ");
+            text.push_str(&m);
+        }
+        cur = c.source();
+    }
+    text
 }
 
 #[cfg(test)]

@@ -152,10 +152,11 @@ impl DockerProvider {
     async fn docker(&self) -> Result<&Docker, ProviderError> {
         self.client
             .get_or_try_init(|| async {
-                let d = connect::connect(&connect::Endpoint::from_env())?;
+                let endpoint = connect::Endpoint::from_env();
+                let d = connect::connect(&endpoint)?;
                 d.negotiate_version()
                     .await
-                    .map_err(|e| docker_err("connecting to Docker", e))
+                    .map_err(|e| connect::failed(&endpoint, e))
             })
             .await
     }
