@@ -10,8 +10,10 @@
 //!   (`.nanokit/traces/<run>.json`, written whether the run succeeds or
 //!   fails), and, when `OTEL_EXPORTER_OTLP_ENDPOINT` /
 //!   `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set, a batch OTLP/HTTP
-//!   (protobuf) exporter. The run's future runs under a scoped `tracing`
-//!   dispatcher, so concurrent runs in one process never mix their spans.
+//!   (protobuf) exporter, `http://` or `https://` (rustls; the TLS and
+//!   header variables: [`otlp`]). The run's future runs under a scoped
+//!   `tracing` dispatcher, so concurrent runs in one process never mix their
+//!   spans.
 //! - **Outside runs** (JS `install`, `createLockedHandlers`, `provision`,
 //!   lock waits; other CLI commands) spans are exported only when the OTLP
 //!   variables are set ([`init_global`]). When they are not, no subscriber
@@ -19,7 +21,8 @@
 //!   max level.
 //!
 //! `NANOKIT_TRACE=off` turns all of it off (no trace file, no export, no
-//! `TRACEPARENT` in hooks). Export failures are logged, never returned.
+//! `TRACEPARENT` in hooks). Export failures are logged (one warning saying
+//! why, not one per batch), never returned.
 
 pub(crate) mod file;
 pub(crate) mod mask;
