@@ -9,6 +9,7 @@ import { tmpdir } from 'node:os'
 import { join, dirname } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { createRequire } from 'node:module'
+import { execFileSync } from 'node:child_process'
 
 import { needsChromium, requireChromium } from './helpers/services.mjs'
 import { CLIS, runSync } from './helpers/clis.mjs'
@@ -212,15 +213,17 @@ test('JS install: its spans reach an OTLP/HTTP collector when OTEL_EXPORTER_OTLP
   }
 })
 
-test('an https:// OTLP endpoint is refused up front with one clear warning, and nothing is sent', async () => {
-  const { createServer } = await import('node:net')
+// The test PKI (scripts/test-certs.sh): NANOKIT_TEST_CERTS, else made here.
+function testCerts() {
+  if (process.env.NANOKIT_TEST_CERTS) return process.env.NANOKIT_TEST_CERTS
+  const out = execFileSync('bash', [join(root, 'scripts/test-certs.sh')], { encoding: 'utf8' })
+  return out.trim().replace(/^export NANOKIT_TEST_CERTS=/, '').replace(/^'|'$/g, '')
+}
+
+// A JS install with OTEL_EXPORTER_OTLP_ENDPOINT=`endpoint` and `extra`
+// variables, in a child; resolves with its exit code and stderr.
+async function installTraced(endpoint, extra = {}) {
   const { spawn } = await import('node:child_process')
-  let connections = 0
-  const server = createServer((s) => {
-    connections++
-    s.destroy()
-  })
-  await new Promise((r) => server.listen(0, '127.0.0.1', r))
   const repo = mkdtempSync(join(tmpdir(), 'nk-trace-tls-'))
   const script = `
     const nk = require(${JSON.stringify(join(root, 'nanokit.js'))})
@@ -234,14 +237,54 @@ test('an https:// OTLP endpoint is refused up front with one clear warning, and 
     nk.install(${JSON.stringify(repo)}, 'tls-pkg@1.0.0', { install })
       .then(() => nk.flushTraces())
       .then(() => process.exit(0), (e) => { console.error(e); process.exit(1) })`
-  const env = { ...process.env, OTEL_EXPORTER_OTLP_ENDPOINT: `https://127.0.0.1:${server.address().port}` }
+  const env = { ...process.env, OTEL_EXPORTER_OTLP_ENDPOINT: endpoint, ...extra }
   delete env.NANOKIT_TRACE
   const child = spawn(process.execPath, ['-e', script], { env, stdio: ['ignore', 'inherit', 'pipe'] })
   let stderr = ''
   child.stderr.on('data', (d) => (stderr += d))
   const code = await new Promise((r) => child.on('exit', r))
+  return { code, stderr }
+}
+
+test('JS install: its spans reach an https collector trusted through OTEL_EXPORTER_OTLP_CERTIFICATE', async () => {
+  const { createServer } = await import('node:https')
+  const certs = testCerts()
+  const bodies = []
+  const server = createServer(
+    { cert: readFileSync(join(certs, 'loopback.pem')), key: readFileSync(join(certs, 'loopback-key.pem')) },
+    (req, res) => {
+      const chunks = []
+      req.on('data', (c) => chunks.push(c))
+      req.on('end', () => {
+        bodies.push({ url: req.url, body: Buffer.concat(chunks) })
+        res.writeHead(200, { 'content-type': 'application/x-protobuf' }).end()
+      })
+    },
+  )
+  await new Promise((r) => server.listen(0, '127.0.0.1', r))
+  const { code, stderr } = await installTraced(`https://localhost:${server.address().port}`, {
+    OTEL_EXPORTER_OTLP_CERTIFICATE: join(certs, 'ca.pem'),
+  })
   server.close()
   assert.equal(code, 0, stderr)
-  assert.equal(stderr.match(/no TLS/g)?.length, 1, stderr)
-  assert.equal(connections, 0, 'no connection to the https endpoint')
+  assert.doesNotMatch(stderr, /OpenTelemetry/)
+  const all = Buffer.concat(bodies.map((b) => b.body)).toString('latin1')
+  assert.ok(bodies.every((b) => b.url === '/v1/traces'))
+  assert.ok(all.includes('repo.begin_install'), 'the spans arrived over https')
+})
+
+test('an https:// OTLP endpoint whose handshake fails gives one warning, and the install succeeds', async () => {
+  const { createServer } = await import('node:net')
+  let connections = 0
+  const server = createServer((s) => {
+    connections++
+    s.destroy()
+  })
+  await new Promise((r) => server.listen(0, '127.0.0.1', r))
+  const { code, stderr } = await installTraced(`https://127.0.0.1:${server.address().port}`)
+  server.close()
+  assert.equal(code, 0, stderr)
+  assert.equal(stderr.match(/OpenTelemetry export to https:\/\/127\.0\.0\.1:\d+\S* failed/g)?.length, 1, stderr)
+  assert.equal(stderr.match(/OpenTelemetry/g)?.length, 1, stderr)
+  assert.ok(connections >= 1, 'nanokit tried the https endpoint')
 })

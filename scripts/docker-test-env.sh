@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
 # Makes a Docker engine and nanokit's test images available, and prints the
-# line
+# lines
 #   export NANOKIT_TEST_DOCKER=1
+#   export NANOKIT_TEST_CERTS=<dir>  NANOKIT_TEST_DOCKER_TLS_HOST=tcp://127.0.0.1:2376
 # so that `eval "$(bash scripts/docker-test-env.sh)"` tells the Docker tests
 # they may run. Idempotent and cheap when everything is already there:
 #
 #   1. installs Debian's `docker.io` (and `docker-compose`, the benchmark's
 #      anchor, and `busybox-static`) when `dockerd` is missing (needs root);
 #   2. starts `dockerd` in the background when `docker info` fails, and waits
-#      for it (log: /tmp/nanokit-dockerd.log);
+#      for it (log: /tmp/nanokit-dockerd.log). It listens on the unix socket
+#      and on tcp://127.0.0.1:2376 with --tlsverify (server certificate
+#      loopback.pem from the test PKI, scripts/test-certs.sh, made first when
+#      NANOKIT_TEST_CERTS is unset; clients need a certificate of its CA). A
+#      dockerd already running without that TLS listener is restarted with it,
+#      under `flock /tmp/nk-docker.lock` (the lock every Docker test run holds;
+#      taken over when this script was started under it);
 #   3. builds the test images locally (no registry is reachable):
 #        nk-busybox:latest  a busybox-static rootfs (sh, nc, httpd, wget, …)
 #        nk-node:latest     the same plus this machine's `node` binary, its
@@ -36,18 +43,63 @@ if ! command -v dockerd >/dev/null 2>&1 || ! command -v busybox >/dev/null 2>&1 
   fi
 fi
 
-if ! docker info >/dev/null 2>&1; then
-  log "starting dockerd"
-  nohup /usr/sbin/dockerd >/tmp/nanokit-dockerd.log 2>&1 &
+# The test PKI for dockerd's TLS listener.
+if [ -z "${NANOKIT_TEST_CERTS:-}" ] || [ ! -f "$NANOKIT_TEST_CERTS/.complete" ]; then
+  eval "$(bash "$(dirname "$0")/test-certs.sh")" || { log "cannot make the test PKI"; exit 0; }
+fi
+certs="$NANOKIT_TEST_CERTS"
+tls_host=tcp://127.0.0.1:2376
+
+start_dockerd() {
+  log "starting dockerd (unix socket and $tls_host with --tlsverify)"
+  nohup /usr/sbin/dockerd -H unix:///var/run/docker.sock -H "$tls_host" --tlsverify \
+    --tlscacert "$certs/ca.pem" --tlscert "$certs/loopback.pem" --tlskey "$certs/loopback-key.pem" \
+    >/tmp/nanokit-dockerd.log 2>&1 &
   for _ in $(seq 1 60); do
     docker info >/dev/null 2>&1 && break
     sleep 0.5
   done
+}
+
+# Whether dockerd answers on the TLS listener with the test client certificate.
+tls_ok() {
+  docker -H "$tls_host" --tlsverify --tlscacert "$certs/ca.pem" --tlscert "$certs/client.pem" \
+    --tlskey "$certs/client-key.pem" version >/dev/null 2>&1
+}
+
+if ! docker info >/dev/null 2>&1 || ! tls_ok; then
+  # Under the Docker lock: nobody's tests use the daemon while it restarts.
+  # When this script runs under `flock /tmp/nk-docker.lock`, the lock's file
+  # descriptor is inherited: locking it again succeeds at once.
+  lock_fd=""
+  for fd in /proc/$$/fd/*; do
+    [ "$(readlink "$fd" 2>/dev/null)" = /tmp/nk-docker.lock ] && lock_fd="${fd##*/}"
+  done
+  if [ -z "$lock_fd" ]; then
+    exec 9>>/tmp/nk-docker.lock
+    lock_fd=9
+  fi
+  flock -w 1800 "$lock_fd" || { log "cannot take /tmp/nk-docker.lock; Docker tests will be skipped"; exit 0; }
+  if ! docker info >/dev/null 2>&1; then
+    start_dockerd
+  elif ! tls_ok; then
+    pid=$(cat /var/run/docker.pid 2>/dev/null || true)
+    if [ -n "$pid" ]; then
+      log "restarting dockerd $pid to add the TLS listener $tls_host"
+      kill "$pid"
+      for _ in $(seq 1 120); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.5
+      done
+    fi
+    start_dockerd
+  fi
   if ! docker info >/dev/null 2>&1; then
     log "dockerd did not come up (see /tmp/nanokit-dockerd.log); Docker tests will be skipped"
     tail -n 20 /tmp/nanokit-dockerd.log >&2 || true
     exit 0
   fi
+  tls_ok || log "dockerd does not answer on $tls_host with the test certificates (see /tmp/nanokit-dockerd.log); the Docker TLS tests will fail"
 fi
 
 # Builds image $1 from the rootfs folder $2 unless an image with the same
@@ -107,3 +159,5 @@ fi
 import_rootfs nk-node:latest "$nd" || { log "docker import failed"; exit 0; }
 
 echo "export NANOKIT_TEST_DOCKER=1"
+echo "export NANOKIT_TEST_CERTS='$certs'"
+tls_ok && echo "export NANOKIT_TEST_DOCKER_TLS_HOST=$tls_host"

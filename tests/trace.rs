@@ -1,7 +1,10 @@
 //! Tracing of a real `up` / `down` of the example project: the OTLP/HTTP
 //! export is received by a protobuf-decoding receiver on loopback, the span
 //! tree is checked, a hook's TRACEPARENT is compared with its span, and the
-//! local trace file is checked (written on failure, no secrets).
+//! local trace file is checked (written on failure, no secrets). OTLP over
+//! https: the same receiver behind rustls with the test PKI
+//! (scripts/test-certs.sh), the `nanokit` binary run with the
+//! `OTEL_EXPORTER_OTLP_*` TLS and header variables.
 
 mod common;
 
@@ -25,26 +28,77 @@ struct Receiver {
     url: String,
     spans: Arc<Mutex<Vec<Span>>>,
     requests: Arc<Mutex<Vec<String>>>,
+    /// The headers of every request (names lower-cased).
+    headers: Arc<Mutex<Vec<HashMap<String, String>>>>,
 }
 
 impl Receiver {
     fn start() -> Receiver {
+        Receiver::serving(None)
+    }
+
+    /// An https receiver on 127.0.0.1 with the test PKI's loopback.pem
+    /// (SAN localhost and 127.0.0.1), requiring a client certificate of
+    /// the test CA when `client_ca`.
+    fn start_tls(client_ca: bool) -> Receiver {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let dir = certs();
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_file_iter(dir.join("loopback.pem"))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+        let key = PrivateKeyDer::from_pem_file(dir.join("loopback-key.pem")).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap();
+        let builder = if client_ca {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(dir.join("ca.pem")).unwrap() {
+                roots.add(c.unwrap()).unwrap();
+            }
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                    .build()
+                    .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let config = Arc::new(builder.with_single_cert(chain, key).unwrap());
+        Receiver::serving(Some(config))
+    }
+
+    fn serving(tls: Option<Arc<rustls::ServerConfig>>) -> Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}/v1/traces", listener.local_addr().unwrap());
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{}/v1/traces", listener.local_addr().unwrap());
         let spans = Arc::new(Mutex::new(Vec::new()));
         let requests = Arc::new(Mutex::new(Vec::new()));
-        let (s, r) = (spans.clone(), requests.clone());
+        let headers = Arc::new(Mutex::new(Vec::new()));
+        let (s, r, h) = (spans.clone(), requests.clone(), headers.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
-                let (s, r) = (s.clone(), r.clone());
-                std::thread::spawn(move || serve(conn, &s, &r));
+                let (s, r, h, tls) = (s.clone(), r.clone(), h.clone(), tls.clone());
+                std::thread::spawn(move || match tls {
+                    None => serve(conn, &s, &r, &h),
+                    Some(config) => {
+                        let Ok(session) = rustls::ServerConnection::new(config) else {
+                            return;
+                        };
+                        serve(rustls::StreamOwned::new(session, conn), &s, &r, &h)
+                    }
+                });
             }
         });
         Receiver {
             url,
             spans,
             requests,
+            headers,
         }
     }
 
@@ -53,8 +107,12 @@ impl Receiver {
     }
 }
 
-fn serve(conn: std::net::TcpStream, spans: &Mutex<Vec<Span>>, requests: &Mutex<Vec<String>>) {
-    let mut out = conn.try_clone().unwrap();
+fn serve<S: Read + Write>(
+    conn: S,
+    spans: &Mutex<Vec<Span>>,
+    requests: &Mutex<Vec<String>>,
+    all_headers: &Mutex<Vec<HashMap<String, String>>>,
+) {
     let mut reader = BufReader::new(conn);
     loop {
         let mut request_line = String::new();
@@ -80,7 +138,10 @@ fn serve(conn: std::net::TcpStream, spans: &Mutex<Vec<Span>>, requests: &Mutex<V
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         let mut body = vec![0; len];
-        reader.read_exact(&mut body).unwrap();
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        all_headers.lock().unwrap().push(headers.clone());
         requests.lock().unwrap().push(format!(
             "{} {}",
             request_line.trim_end(),
@@ -98,6 +159,7 @@ fn serve(conn: std::net::TcpStream, spans: &Mutex<Vec<Span>>, requests: &Mutex<V
             }
             Err(_) => "400 Bad Request",
         };
+        let out = reader.get_mut();
         let _ = write!(
             out,
             "HTTP/1.1 {status}\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n"
@@ -458,4 +520,241 @@ async fn provisioning_records_its_lock_wait_and_install_separately() {
     let install = t.children(&prov.span_id).nth(1).unwrap();
     assert!(install.duration_ms() >= 150.0, "{}", install.duration_ms());
     p.down().await;
+}
+
+// ---- OTLP over https (the `nanokit` binary, so the variables are its own) ----
+
+/// The test PKI's directory: `NANOKIT_TEST_CERTS`, else made (or reused) by
+/// scripts/test-certs.sh.
+fn certs() -> std::path::PathBuf {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        if let Some(d) = std::env::var_os("NANOKIT_TEST_CERTS").filter(|d| !d.is_empty()) {
+            return d.into();
+        }
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/test-certs.sh");
+        let out = std::process::Command::new("bash")
+            .arg(script)
+            .output()
+            .expect("run scripts/test-certs.sh");
+        assert!(
+            out.status.success(),
+            "scripts/test-certs.sh: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line = String::from_utf8_lossy(&out.stdout).to_string();
+        let dir = line
+            .trim()
+            .strip_prefix("export NANOKIT_TEST_CERTS=")
+            .expect("the script's export line")
+            .trim_matches('\'');
+        dir.into()
+    })
+    .clone()
+}
+
+fn cert(name: &str) -> String {
+    certs().join(name).display().to_string()
+}
+
+/// The output of one `nanokit` command.
+struct Ran {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `nanokit <cmd> -f <project>` with `vars` and no other OTEL_* variable.
+fn nanokit(p: &common::Project, cmd: &str, vars: &[(&str, String)]) -> Ran {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_nanokit"));
+    c.args(p.args(&[cmd]));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("OTEL_") || k == "NANOKIT_TRACE" || k == "TRACEPARENT" {
+            c.env_remove(k);
+        }
+    }
+    for (k, v) in vars {
+        c.env(k, v);
+    }
+    let out = c.output().expect("run nanokit");
+    Ran {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn small_project() -> common::Project {
+    common::Project::new(&format!(
+        "name: otlptls{:05x}\nservices:\n  s:\n    start: \"exec sleep 600\"\n",
+        fastrand::u32(..0x10_0000)
+    ))
+}
+
+/// The warnings about OpenTelemetry in `stderr`.
+fn otel_warnings(stderr: &str) -> Vec<&str> {
+    stderr
+        .lines()
+        .filter(|l| l.contains("OpenTelemetry"))
+        .collect()
+}
+
+const AUTH: &str = "Bearer sekrit-otlp-4711";
+
+#[test]
+fn an_up_exports_over_https_with_the_test_ca_a_client_certificate_and_headers() {
+    // The receiver requires a client certificate of the test CA.
+    let receiver = Receiver::start_tls(true);
+    let p = small_project();
+    let vars = [
+        (
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            receiver.url.replace("127.0.0.1", "localhost"),
+        ),
+        ("OTEL_EXPORTER_OTLP_CERTIFICATE", cert("ca.pem")),
+        ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", cert("client.pem")),
+        ("OTEL_EXPORTER_OTLP_CLIENT_KEY", cert("client-key.pem")),
+        // URL-encoded, as the spec says.
+        (
+            "OTEL_EXPORTER_OTLP_HEADERS",
+            "authorization=Bearer%20sekrit-otlp-4711,x-team=infra".to_string(),
+        ),
+        ("NANOKIT_LOG", "debug".to_string()),
+    ];
+    let up = nanokit(&p, "up", &vars);
+    assert_eq!(up.code, Some(0), "{}{}", up.stdout, up.stderr);
+    assert!(otel_warnings(&up.stderr).is_empty(), "{}", up.stderr);
+    let spans = receiver.spans();
+    let root = spans
+        .iter()
+        .find(|s| s.parent_span_id.is_empty())
+        .unwrap_or_else(|| panic!("no root span received over https: {}", up.stderr));
+    assert_eq!(root.name, "nanokit up");
+    assert!(spans
+        .iter()
+        .any(|s| s.name == "service" && attr(s, "nanokit.service").as_deref() == Some("s")));
+    let headers = receiver.headers.lock().unwrap().clone();
+    assert!(!headers.is_empty());
+    for h in &headers {
+        assert_eq!(
+            h.get("authorization").map(String::as_str),
+            Some(AUTH),
+            "{h:?}"
+        );
+        assert_eq!(h.get("x-team").map(String::as_str), Some("infra"), "{h:?}");
+    }
+    // The header's value is never printed, even with debug logging.
+    for out in [&up.stdout, &up.stderr] {
+        assert!(!out.contains("sekrit-otlp-4711"), "{out}");
+    }
+    let down = nanokit(&p, "down", &vars);
+    assert_eq!(down.code, Some(0), "{}{}", down.stdout, down.stderr);
+    assert!(receiver.spans().iter().any(|s| s.name == "nanokit down"));
+}
+
+#[test]
+fn with_the_wrong_ca_an_up_succeeds_with_one_warning_however_many_batches_fail() {
+    let receiver = Receiver::start_tls(false);
+    let p = small_project();
+    let vars = [
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", receiver.url.clone()),
+        ("OTEL_EXPORTER_OTLP_CERTIFICATE", cert("other-ca.pem")),
+        // One span per export: every span is a failed export of its own.
+        ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "1".to_string()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "10".to_string()),
+    ];
+    let up = nanokit(&p, "up", &vars);
+    assert_eq!(up.code, Some(0), "{}{}", up.stdout, up.stderr);
+    let warnings = otel_warnings(&up.stderr);
+    assert_eq!(warnings.len(), 1, "{}", up.stderr);
+    assert!(
+        warnings[0].contains("not trusted") && warnings[0].contains("other-ca.pem"),
+        "{}",
+        warnings[0]
+    );
+    assert!(warnings[0].contains(&receiver.url), "{}", warnings[0]);
+    assert!(receiver.spans().is_empty());
+    assert!(p.path().join(".nanokit/traces").read_dir().unwrap().count() >= 1);
+    // Without a CA variable the system's store is used: the test CA is not in it.
+    let down = nanokit(&p, "down", &vars[..1]);
+    assert_eq!(down.code, Some(0), "{}{}", down.stdout, down.stderr);
+    let warnings = otel_warnings(&down.stderr);
+    assert_eq!(warnings.len(), 1, "{}", down.stderr);
+    assert!(warnings[0].contains("system's CA store"), "{}", warnings[0]);
+}
+
+#[test]
+fn the_traces_forms_win_over_the_general_ones() {
+    let receiver = Receiver::start_tls(false);
+    let p = small_project();
+    let vars = [
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "http://127.0.0.1:9".to_string(),
+        ),
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", receiver.url.clone()),
+        ("OTEL_EXPORTER_OTLP_CERTIFICATE", cert("other-ca.pem")),
+        ("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", cert("ca.pem")),
+        ("OTEL_EXPORTER_OTLP_HEADERS", "x-which=general".to_string()),
+        (
+            "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+            "x-which=traces".to_string(),
+        ),
+    ];
+    let up = nanokit(&p, "up", &vars);
+    assert_eq!(up.code, Some(0), "{}{}", up.stdout, up.stderr);
+    assert!(otel_warnings(&up.stderr).is_empty(), "{}", up.stderr);
+    assert!(receiver.spans().iter().any(|s| s.name == "nanokit up"));
+    for h in receiver.headers.lock().unwrap().iter() {
+        assert_eq!(
+            h.get("x-which").map(String::as_str),
+            Some("traces"),
+            "{h:?}"
+        );
+    }
+    assert_eq!(nanokit(&p, "down", &[]).code, Some(0));
+}
+
+#[test]
+fn an_unusable_tls_file_turns_export_off_with_one_warning_and_the_deploy_goes_on() {
+    let receiver = Receiver::start_tls(false);
+    let p = small_project();
+    let missing = p.path().join("no-such-ca.pem").display().to_string();
+    let up = nanokit(
+        &p,
+        "up",
+        &[
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", receiver.url.clone()),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", missing.clone()),
+        ],
+    );
+    assert_eq!(up.code, Some(0), "{}{}", up.stdout, up.stderr);
+    let warnings = otel_warnings(&up.stderr);
+    assert_eq!(warnings.len(), 1, "{}", up.stderr);
+    assert!(
+        warnings[0].contains("export is off")
+            && warnings[0].contains(&missing)
+            && warnings[0].contains("OTEL_EXPORTER_OTLP_CERTIFICATE"),
+        "{}",
+        warnings[0]
+    );
+    // A client certificate without its key.
+    let down = nanokit(
+        &p,
+        "down",
+        &[
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", receiver.url.clone()),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", cert("ca.pem")),
+            ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", cert("client.pem")),
+        ],
+    );
+    assert_eq!(down.code, Some(0), "{}{}", down.stdout, down.stderr);
+    let warnings = otel_warnings(&down.stderr);
+    assert_eq!(warnings.len(), 1, "{}", down.stderr);
+    assert!(
+        warnings[0].contains("OTEL_EXPORTER_OTLP_CLIENT_KEY is not"),
+        "{}",
+        warnings[0]
+    );
+    assert!(receiver.spans().is_empty());
 }

@@ -9,3 +9,4 @@ pub(crate) mod host;
 pub(crate) mod private;
 pub(crate) mod proc;
 pub(crate) mod signal;
+pub(crate) mod tls;

@@ -10,8 +10,10 @@
 //!   (`.nanokit/traces/<run>.json`, written whether the run succeeds or
 //!   fails), and, when `OTEL_EXPORTER_OTLP_ENDPOINT` /
 //!   `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set, a batch OTLP/HTTP
-//!   (protobuf) exporter. The run's future runs under a scoped `tracing`
-//!   dispatcher, so concurrent runs in one process never mix their spans.
+//!   (protobuf) exporter, `http://` or `https://` (rustls; the TLS and
+//!   header variables: [`otlp`]). The run's future runs under a scoped
+//!   `tracing` dispatcher, so concurrent runs in one process never mix their
+//!   spans.
 //! - **Outside runs** (JS `install`, `createLockedHandlers`, `provision`,
 //!   lock waits; other CLI commands) spans are exported only when the OTLP
 //!   variables are set ([`init_global`]). When they are not, no subscriber
@@ -19,10 +21,12 @@
 //!   max level.
 //!
 //! `NANOKIT_TRACE=off` turns all of it off (no trace file, no export, no
-//! `TRACEPARENT` in hooks). Export failures are logged, never returned.
+//! `TRACEPARENT` in hooks). Export failures are logged (one warning saying
+//! why, not one per batch), never returned.
 
 pub(crate) mod file;
 pub(crate) mod mask;
+mod otlp;
 pub mod timeline;
 
 use std::collections::BTreeMap;
@@ -107,8 +111,11 @@ impl Default for Settings {
     }
 }
 
-fn otlp_exporter(endpoint: Option<&str>) -> Option<opentelemetry_otlp::SpanExporter> {
-    use opentelemetry_otlp::{Protocol, WithExportConfig};
+/// The OTLP exporter `endpoint` (else the variables) asks for, and where its
+/// transport failures are recorded; None (after one warning) when it
+/// cannot be set up, e.g. a TLS file that cannot be read.
+fn otlp_exporter(endpoint: Option<&str>) -> Option<(opentelemetry_otlp::SpanExporter, Exporting)> {
+    use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
     let target = endpoint.map(str::to_string).or_else(|| {
         [
             "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
@@ -116,34 +123,63 @@ fn otlp_exporter(endpoint: Option<&str>) -> Option<opentelemetry_otlp::SpanExpor
         ]
         .iter()
         .find_map(|v| std::env::var(v).ok().filter(|v| !v.trim().is_empty()))
-    });
-    if target.is_some_and(|t| t.trim().to_ascii_lowercase().starts_with("https:")) {
-        // Said up front rather than as a network error after every run.
-        warn_once(
-            "nanokit: OpenTelemetry export is off: this nanokit has no TLS, so it cannot send to an \
-             https:// OTLP endpoint; send to a collector on http:// (an OpenTelemetry Collector next \
-             to nanokit can forward over TLS)",
-        );
-        return None;
-    }
+    })?;
+    // A collector that is down must not hold up a deploy for long.
+    let timeout = otlp::timeout(Duration::from_secs(5));
+    let (client, diag) = match otlp::client(&target, timeout) {
+        Ok(c) => c,
+        Err(e) => {
+            warn_once(&format!(
+                "nanokit: OpenTelemetry export is off: {e}; the deploy goes on without it"
+            ));
+            return None;
+        }
+    };
     let mut b = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
-        .with_protocol(Protocol::HttpBinary);
+        .with_protocol(Protocol::HttpBinary)
+        .with_http_client(client)
+        .with_timeout(timeout);
     if let Some(e) = endpoint {
         b = b.with_endpoint(e);
     }
-    if !env_set("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT") && !env_set("OTEL_EXPORTER_OTLP_TIMEOUT") {
-        // A collector that is down must not hold up a deploy for long.
-        b = b.with_timeout(Duration::from_secs(5));
-    }
     match b.build() {
-        Ok(e) => Some(e),
+        Ok(e) => Some((
+            e,
+            Exporting {
+                endpoint: otlp::shown(&target),
+                diag,
+            },
+        )),
         Err(e) => {
             warn_once(&format!(
                 "nanokit: OpenTelemetry export is off: cannot set up the OTLP exporter: {e}"
             ));
             None
         }
+    }
+}
+
+/// An exporter's target and its last transport failure, for the one
+/// warning a failed export gets.
+#[derive(Debug, Clone)]
+struct Exporting {
+    endpoint: String,
+    diag: otlp::Diag,
+}
+
+impl Exporting {
+    fn warn(&self, e: &opentelemetry_sdk::error::OTelSdkError) {
+        let why = self
+            .diag
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_else(|| e.to_string());
+        warn_once(&format!(
+            "nanokit: OpenTelemetry export to {} failed: {why}; the spans were not sent (the deploy is not affected)",
+            self.endpoint
+        ));
     }
 }
 
@@ -300,7 +336,7 @@ where
         .with_filter(filter)
 }
 
-static GLOBAL: OnceLock<Option<SdkTracerProvider>> = OnceLock::new();
+static GLOBAL: OnceLock<Option<(SdkTracerProvider, Exporting)>> = OnceLock::new();
 
 /// Installs the process-wide subscriber: NANOKIT_LOG logging to stderr when
 /// `log_to_stderr` (the CLI), and an OTLP exporter when the standard
@@ -311,14 +347,15 @@ pub fn init_global(log_to_stderr: bool) {
         let provider = (!disabled() && otlp_configured())
             .then(|| otlp_exporter(None))
             .flatten()
-            .map(|exporter| {
-                SdkTracerProvider::builder()
+            .map(|(exporter, exporting)| {
+                let p = SdkTracerProvider::builder()
                     .with_resource(resource())
                     .with_batch_exporter(exporter)
-                    .build()
+                    .build();
+                (p, exporting)
             });
         let registry = tracing_subscriber::registry();
-        let _ = match (&provider, log_to_stderr) {
+        let _ = match (provider.as_ref().map(|p| &p.0), log_to_stderr) {
             (Some(p), true) => tracing::subscriber::set_global_default(
                 registry.with(otel_layer(p)).with(stderr_layer()),
             ),
@@ -335,9 +372,9 @@ pub fn init_global(log_to_stderr: bool) {
 /// Exports the spans the process-wide exporter still holds (blocking, bounded
 /// by the exporter's timeout). Errors are logged, never returned.
 pub fn flush_global() {
-    if let Some(Some(p)) = GLOBAL.get() {
+    if let Some(Some((p, exporting))) = GLOBAL.get() {
         if let Err(e) = p.force_flush() {
-            warn_once(&format!("nanokit: OpenTelemetry export failed: {e}"));
+            exporting.warn(&e);
         }
     }
 }
@@ -468,13 +505,13 @@ pub fn traces_dir(file: &Path) -> PathBuf {
 }
 
 /// A tracer provider for one run: the collector of its local trace file,
-/// and the OTLP exporter `export` asks for (returned: whether there is one),
+/// and the OTLP exporter `export` asks for (returned when there is one),
 /// both behind the run's secret masking.
 fn run_provider(
     export: &Export,
     collector: &Collector,
     secrets: &Secrets,
-) -> (SdkTracerProvider, bool) {
+) -> (SdkTracerProvider, Option<Exporting>) {
     let mut builder = SdkTracerProvider::builder()
         .with_resource(resource())
         .with_sampler(opentelemetry_sdk::trace::Sampler::AlwaysOn)
@@ -487,8 +524,8 @@ fn run_provider(
         Export::FromEnv => otlp_configured().then(|| otlp_exporter(None)).flatten(),
         Export::To(url) => otlp_exporter(Some(url)),
     };
-    let exporting = exporter.is_some();
-    if let Some(e) = exporter {
+    let exporting = exporter.as_ref().map(|(_, x)| x.clone());
+    if let Some((e, _)) = exporter {
         builder = builder.with_span_processor(Redacting {
             inner: opentelemetry_sdk::trace::BatchSpanProcessor::builder(e).build(),
             secrets: secrets.clone(),
@@ -517,18 +554,17 @@ fn root_span(meta: &RunMeta) -> Span {
 
 /// Delivers the batch before returning (a CLI exits right after); bounded
 /// by the exporter's timeout, and failures are only reported.
-async fn flush(provider: SdkTracerProvider, exporting: bool) {
+async fn flush(provider: SdkTracerProvider, exporting: Option<Exporting>) {
     let flush = tokio::task::spawn_blocking(move || {
-        let r = if exporting {
-            provider.force_flush()
-        } else {
-            Ok(())
+        let r = match &exporting {
+            Some(x) => provider.force_flush().map_err(|e| (x.clone(), e)),
+            None => Ok(()),
         };
         let _ = provider.shutdown();
         r
     });
-    if let Ok(Err(e)) = flush.await {
-        warn_once(&format!("nanokit: OpenTelemetry export failed: {e}"));
+    if let Ok(Err((x, e))) = flush.await {
+        x.warn(&e);
     }
 }
 

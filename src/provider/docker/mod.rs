@@ -1,6 +1,7 @@
 //! The Docker provider, on `bollard` (the daemon's HTTP API over its unix
-//! socket, or `DOCKER_HOST`), with the API version negotiated down to what
-//! the daemon speaks (Debian's engine 20.10 speaks 1.41).
+//! socket, or `DOCKER_HOST`, over TLS with `DOCKER_TLS_VERIFY`: [`connect`]),
+//! with the API version negotiated down to what the daemon speaks (Debian's
+//! engine 20.10 speaks 1.41).
 //!
 //! * **Names**: containers `nk-<project>-<env>-<service>` (`…-<n>` per
 //!   replica when a service has several); when the name is taken (a rolling
@@ -50,6 +51,7 @@ use tracing::Instrument;
 
 use super::*;
 
+mod connect;
 mod install;
 mod probe;
 
@@ -83,10 +85,6 @@ impl std::fmt::Debug for DockerProvider {
     }
 }
 
-fn daemon_address() -> String {
-    std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into())
-}
-
 /// A bollard error as a provider error: transport failures mean the daemon
 /// is unreachable; the daemon's own refusals keep its message.
 fn docker_err(what: &str, e: DockerError) -> ProviderError {
@@ -98,10 +96,9 @@ fn docker_err(what: &str, e: DockerError) -> ProviderError {
         | DockerError::IOError { .. }
         | DockerError::RequestTimeoutError
         | DockerError::HyperLegacyError { .. }
-        | DockerError::SocketNotFoundError(_) => ProviderError::Unreachable(format!(
-            "{what}: cannot reach the Docker daemon at {}: {e}; is dockerd running (and may this user use its socket)?",
-            daemon_address()
-        )),
+        | DockerError::SocketNotFoundError(_) => {
+            ProviderError::Unreachable(connect::unreachable(what, &e))
+        }
         other => ProviderError::Failed(format!("{what}: {other}")),
     }
 }
@@ -158,11 +155,11 @@ impl DockerProvider {
     async fn docker(&self) -> Result<&Docker, ProviderError> {
         self.client
             .get_or_try_init(|| async {
-                let d = Docker::connect_with_defaults()
-                    .map_err(|e| docker_err("connecting to Docker", e))?;
+                let endpoint = connect::Endpoint::from_env();
+                let d = connect::connect(&endpoint)?;
                 d.negotiate_version()
                     .await
-                    .map_err(|e| docker_err("connecting to Docker", e))
+                    .map_err(|e| connect::failed(&endpoint, e))
             })
             .await
     }
