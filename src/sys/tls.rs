@@ -115,7 +115,8 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn root_store(roots: Roots<'_>, what: &'static str) -> Result<RootCertStore, TlsError> {
+/// The trust anchors of `roots` (`what` names the CA file in errors).
+pub fn root_store(roots: Roots<'_>, what: &'static str) -> Result<RootCertStore, TlsError> {
     let mut store = RootCertStore::empty();
     match roots {
         Roots::Nothing => {}

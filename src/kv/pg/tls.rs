@@ -28,7 +28,6 @@ use percent_encoding::percent_decode_str;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio_postgres::config::SslMode as PgMode;
@@ -36,6 +35,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::kv::error::TlsFailure;
 use crate::kv::KvError;
+use crate::sys::tls;
 
 /// libpq's `sslmode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -487,66 +487,20 @@ fn decode(s: &str) -> Result<String, KvError> {
         .map_err(|_| KvError::BadUrl(format!("the URL parameter {s:?} is not UTF-8")))
 }
 
-fn read(what: &str, path: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("cannot read the {what} file {}: {e}", path.display()))
-}
-
 fn load_roots(roots: &Roots) -> Result<RootCertStore, String> {
-    let mut store = RootCertStore::empty();
-    match roots {
-        Roots::File(path) => {
-            let pem = read("sslrootcert", path)?;
-            for cert in CertificateDer::pem_slice_iter(&pem) {
-                let cert = cert.map_err(|e| {
-                    format!("the sslrootcert file {} is not PEM: {e}", path.display())
-                })?;
-                store.add(cert).map_err(|e| {
-                    format!(
-                        "the sslrootcert file {} holds an unusable certificate: {e}",
-                        path.display()
-                    )
-                })?;
-            }
-            if store.is_empty() {
-                return Err(format!(
-                    "the sslrootcert file {} holds no PEM certificate",
-                    path.display()
-                ));
-            }
-        }
-        Roots::System => {
-            let found = rustls_native_certs::load_native_certs();
-            let (added, _) = store.add_parsable_certificates(found.certs);
-            if added == 0 {
-                let why = found
-                    .errors
-                    .first()
-                    .map(|e| format!(" ({e})"))
-                    .unwrap_or_default();
-                return Err(format!(
-                    "sslrootcert=system found no root certificates on this machine{why}; install the ca-certificates package, set SSL_CERT_FILE, or give sslrootcert=<file>"
-                ));
-            }
-        }
-    }
-    Ok(store)
+    let roots = match roots {
+        Roots::File(path) => tls::Roots::File(path),
+        Roots::System => tls::Roots::Platform,
+    };
+    tls::root_store(roots, "sslrootcert file").map_err(|e| e.to_string())
 }
 
 type ClientAuth = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
 
 fn load_client(cert: &Path, key: &Path) -> Result<ClientAuth, String> {
-    let pem = read("sslcert", cert)?;
-    let chain = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("the sslcert file {} is not PEM: {e}", cert.display()))?;
-    if chain.is_empty() {
-        return Err(format!(
-            "the sslcert file {} holds no PEM certificate",
-            cert.display()
-        ));
-    }
+    let chain = tls::read_certs("sslcert file", cert).map_err(|e| e.to_string())?;
     if key == cert {
-        let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|_| {
+        let key = tls::read_key("sslcert file", cert).map_err(|_| {
             format!(
                 "sslcert is set without sslkey, and the sslcert file {} holds no private key; give the key with sslkey=<file>",
                 cert.display()
@@ -554,12 +508,8 @@ fn load_client(cert: &Path, key: &Path) -> Result<ClientAuth, String> {
         })?;
         return Ok((chain, key));
     }
-    let key_pem = read("sslkey", key)?;
-    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
-        format!(
-            "the sslkey file {} holds no usable private key ({e}); give an unencrypted PEM key (PKCS#8, PKCS#1 or SEC1) with sslkey=<file>",
-            key.display()
-        )
+    let key = tls::read_key("sslkey file", key).map_err(|e| {
+        format!("{e}; give an unencrypted PEM key (PKCS#8, PKCS#1 or SEC1) with sslkey=<file>")
     })?;
     Ok((chain, key))
 }
