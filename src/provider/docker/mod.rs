@@ -111,14 +111,20 @@ fn status_of(e: &DockerError) -> Option<u16> {
 }
 
 /// Docker's answer for a container whose network no longer exists.
+/// The env's network is gone, or for a moment there are two of that name
+/// (two runs created it at once; see [`DockerProvider::make_network`]).
 fn network_gone(e: &DockerError) -> bool {
     match e {
         DockerError::DockerResponseServerError {
             status_code,
             message,
-        } => *status_code == 404 && message.contains("network"),
+        } => (*status_code == 404 && message.contains("network")) || network_ambiguous(e),
         _ => false,
     }
+}
+
+fn network_ambiguous(e: &DockerError) -> bool {
+    matches!(e, DockerError::DockerResponseServerError { message, .. } if message.contains("is ambiguous"))
 }
 
 fn nanos(d: Duration) -> i64 {
@@ -218,7 +224,9 @@ impl DockerProvider {
             .map(|_| ())
     }
 
-    /// Creates the env's network unless it exists.
+    /// Creates the env's network unless it exists. Engines before API 1.44
+    /// accept a second network of the same name, so two runs creating it
+    /// at once can make two: then the extra ones are removed.
     async fn make_network(&self) -> Result<(), ProviderError> {
         let d = self.docker().await?;
         match d
@@ -227,6 +235,7 @@ impl DockerProvider {
         {
             Ok(_) => return Ok(()),
             Err(e) if status_of(&e) == Some(404) => {}
+            Err(e) if network_ambiguous(&e) => return self.dedupe_network().await,
             Err(e) => return Err(docker_err(&format!("network {}", self.network), e)),
         }
         let mut labels = HashMap::new();
@@ -240,7 +249,7 @@ impl DockerProvider {
             })
             .await
         {
-            Ok(_) => Ok(()),
+            Ok(_) => self.dedupe_network().await,
             // Created meanwhile by another run.
             Err(e) if status_of(&e) == Some(409) => Ok(()),
             Err(e) => Err(docker_err(
@@ -248,6 +257,36 @@ impl DockerProvider {
                 e,
             )),
         }
+    }
+
+    /// When several networks carry the env network's name, removes all but
+    /// the first by creation time and id (every run picks the same one); one
+    /// in use by a container stays.
+    async fn dedupe_network(&self) -> Result<(), ProviderError> {
+        let d = self.docker().await?;
+        let mut named: Vec<_> = d
+            .list_networks(Some(bollard::query_parameters::ListNetworksOptions {
+                filters: Some(HashMap::from([(
+                    "name".to_string(),
+                    vec![self.network.clone()],
+                )])),
+            }))
+            .await
+            .map_err(|e| docker_err(&format!("network {}", self.network), e))?
+            .into_iter()
+            // The filter matches substrings.
+            .filter(|n| n.name.as_deref() == Some(self.network.as_str()))
+            .filter_map(|n| Some((n.created.clone().unwrap_or_default(), n.id?)))
+            .collect();
+        named.sort();
+        for (_, id) in named.iter().skip(1) {
+            match d.remove_network(id).await {
+                Ok(()) => {}
+                Err(e) if matches!(status_of(&e), Some(403 | 404 | 409)) => {}
+                Err(e) => return Err(docker_err(&format!("removing duplicate network {id}"), e)),
+            }
+        }
+        Ok(())
     }
 
     /// Binds and volume mounts of `spec`, and its working directory.
