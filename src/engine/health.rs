@@ -7,9 +7,9 @@
 //! cut at `timeout`. Failures count only after `start_period`, and at most
 //! one per `interval`, as Docker counts them, so nanokit never fails a
 //! service that the runtime's own check would still call `starting`. At most
-//! [`PROBES_IN_FLIGHT`] probes of one run are in flight; a healthy instance
-//! is not probed again. The error says which check failed and quotes the
-//! last probe output.
+//! [`PROBES_IN_FLIGHT`](super::run::PROBES_IN_FLIGHT) probes of one run are
+//! in flight; a healthy instance is not probed again. The error says which
+//! check failed and quotes the last probe output.
 
 use std::time::{Duration, Instant};
 
@@ -25,9 +25,6 @@ use crate::trace;
 
 /// The gap after a service's first `healthcheck` probes.
 pub(super) const FIRST_PROBE: Duration = Duration::from_millis(100);
-
-/// Probes one run has in flight at most (each a process or a Docker exec).
-pub(super) const PROBES_IN_FLIGHT: usize = 8;
 
 /// How one service's health is probed.
 struct Check {

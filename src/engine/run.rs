@@ -13,6 +13,10 @@ use crate::provider::{self, InstanceSpec, Provider, Scope};
 use crate::state::{self, StateError, Status, Store};
 use crate::trace::Masker;
 
+/// Health probes one run has in flight at most (each a process or a Docker
+/// exec): see [`super::health`].
+pub(super) const PROBES_IN_FLIGHT: usize = 8;
+
 /// One run's context: what every step of it reads and records.
 pub(super) struct Run {
     pub(super) config: Arc<Config>,
@@ -25,7 +29,7 @@ pub(super) struct Run {
     /// The config's secrets, masked in every event, log line, recorded
     /// error and span this run writes.
     pub(super) mask: Masker,
-    /// Health probes in flight ([`super::health::PROBES_IN_FLIGHT`] at most).
+    /// Health probes in flight ([`PROBES_IN_FLIGHT`] at most).
     pub(super) probes: tokio::sync::Semaphore,
     /// When set (by `down`), stopped instances are listed here (service,
     /// id) and removed together at the end, instead of each right after
@@ -51,7 +55,7 @@ impl Run {
             opts,
             scope,
             lineage,
-            probes: tokio::sync::Semaphore::new(super::health::PROBES_IN_FLIGHT),
+            probes: tokio::sync::Semaphore::new(PROBES_IN_FLIGHT),
             removals: std::sync::Mutex::new(None),
         }
     }
