@@ -1326,3 +1326,47 @@ services:
         "a timed-out probe still runs:\n{top}"
     );
 }
+
+/// `down` stops dependents first: a service gets its SIGTERM only after the
+/// process of each service that depends on it has exited (though Docker may
+/// still be tearing that container down). `b` takes 300 ms to exit after its
+/// SIGTERM; `a` records when its own SIGTERM arrives (the kernel's uptime,
+/// the same clock in every container).
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(nk_docker),
+    ignore = "SKIPPED: needs NANOKIT_TEST_DOCKER (eval \"$(bash scripts/docker-test-env.sh)\")"
+)]
+async fn down_signals_a_dependency_only_after_its_dependents_exited() {
+    let p = DProject::docker(
+        "order",
+        r#"
+volumes: { marks: }
+services:
+  a:
+    image: nk-busybox:latest
+    start: "trap 'cut -d\\  -f1 /proc/uptime > /marks/a.term; exit 0' TERM; sleep 600 & wait"
+    volumes: ["marks:/marks"]
+  b:
+    image: nk-busybox:latest
+    start: "trap 'sleep 0.3; cut -d\\  -f1 /proc/uptime > /marks/b.exit; exit 0' TERM; sleep 600 & wait"
+    volumes: ["marks:/marks"]
+    depends_on: [a]
+"#,
+    );
+    ok(&p.up(quick()).await);
+    let d = p.p.down().await;
+    assert!(d.failures().is_empty(), "{:?}", d.results);
+    assert!(p.names().is_empty(), "down left containers: {:?}", p.names());
+    let dir = volume_dir(&format!("nk-{}-local-marks", p.name));
+    let read = |f: &str| -> f64 {
+        let s = std::fs::read_to_string(dir.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        s.trim().parse().unwrap_or_else(|_| panic!("{f}: {s:?}"))
+    };
+    let (b_exit, a_term) = (read("b.exit"), read("a.term"));
+    assert!(
+        a_term >= b_exit,
+        "a got SIGTERM {:.2} s before b had exited",
+        b_exit - a_term
+    );
+}

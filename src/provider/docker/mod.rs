@@ -49,6 +49,8 @@ use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::sys::proc;
+
 use super::*;
 
 mod connect;
@@ -74,6 +76,10 @@ pub struct DockerProvider {
     network_ready: OnceCell<()>,
     /// Config volume name → Docker volume name.
     volumes: BTreeMap<String, String>,
+    /// Stop requests still finishing in the daemon after [`Provider::stop`]
+    /// returned (the container's process had exited): container id → the
+    /// request, awaited by [`Provider::remove`].
+    stopping: std::sync::Mutex<HashMap<String, tokio::task::JoinHandle<Result<(), ProviderError>>>>,
 }
 
 impl std::fmt::Debug for DockerProvider {
@@ -153,6 +159,7 @@ impl DockerProvider {
             network: format!("nanokit-net-{}", scope.env),
             network_ready: OnceCell::new(),
             volumes,
+            stopping: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -699,25 +706,70 @@ impl Provider for DockerProvider {
         self.probe_instance(id, spec, probe, timeout).await
     }
 
+    /// Returns once the container's process has exited, which is what a
+    /// dependency's stop waits for, while the daemon may still be tearing
+    /// the container down (its network, its mounts): that finishes in the
+    /// background and [`Provider::remove`] waits for it. Seeing the process
+    /// exit needs nanokit on the Docker host; elsewhere this waits for the
+    /// whole stop.
     async fn stop(&self, id: &str, grace: Duration) -> Result<(), ProviderError> {
-        let d = self.docker().await?;
-        match d
-            .stop_container(
-                id,
-                Some(StopContainerOptions {
-                    t: Some(grace.as_secs().min(i32::MAX as u64) as i32),
-                    ..Default::default()
-                }),
-            )
+        let d = self.docker().await?.clone();
+        let pid = match d
+            .inspect_container(id, None::<InspectContainerOptions>)
             .await
         {
-            Ok(()) => Ok(()),
-            Err(e) if matches!(status_of(&e), Some(304) | Some(404)) => Ok(()),
-            Err(e) => Err(docker_err(&format!("stopping container {id}"), e)),
+            Ok(c) => c
+                .state
+                .filter(|st| st.running == Some(true))
+                .and_then(|st| st.pid)
+                .and_then(|pid| u32::try_from(pid).ok())
+                .filter(|&pid| pid > 0 && proc::cgroup(pid).contains(id)),
+            Err(e) if status_of(&e) == Some(404) => return Ok(()),
+            Err(e) => return Err(docker_err(&format!("inspecting container {id}"), e)),
+        };
+        let owned = id.to_string();
+        let mut request = tokio::spawn(async move {
+            let options = StopContainerOptions {
+                t: Some(grace.as_secs().min(i32::MAX as u64) as i32),
+                ..Default::default()
+            };
+            match d.stop_container(&owned, Some(options)).await {
+                Ok(()) => Ok(()),
+                Err(e) if matches!(status_of(&e), Some(304) | Some(404)) => Ok(()),
+                Err(e) => Err(docker_err(&format!("stopping container {owned}"), e)),
+            }
+        });
+        let exited = async {
+            loop {
+                match pid {
+                    Some(pid) if proc::stat(pid).is_none_or(|st| st.gone()) => return,
+                    _ => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            }
+        };
+        tokio::select! {
+            done = &mut request => done.map_err(|e| ProviderError::Failed(format!("stopping container {id}: {e}")))?,
+            _ = exited => {
+                self.stopping
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id.to_string(), request);
+                Ok(())
+            }
         }
     }
 
     async fn remove(&self, id: &str) -> Result<(), ProviderError> {
+        let pending = self
+            .stopping
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        if let Some(request) = pending {
+            request
+                .await
+                .map_err(|e| ProviderError::Failed(format!("stopping container {id}: {e}")))??;
+        }
         let d = self.docker().await?;
         match d
             .remove_container(
