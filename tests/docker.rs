@@ -1357,7 +1357,11 @@ services:
     ok(&p.up(quick()).await);
     let d = p.p.down().await;
     assert!(d.failures().is_empty(), "{:?}", d.results);
-    assert!(p.names().is_empty(), "down left containers: {:?}", p.names());
+    assert!(
+        p.names().is_empty(),
+        "down left containers: {:?}",
+        p.names()
+    );
     let dir = volume_dir(&format!("nk-{}-local-marks", p.name));
     let read = |f: &str| -> f64 {
         let s = std::fs::read_to_string(dir.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
