@@ -1,7 +1,9 @@
 // Types of kv-wrapper.js (the JS face of the state store). Errors thrown or
 // rejected by every method carry `code` (ENKLOCKED, ENKNOTHOLDER, ENKKEY,
 // ENKARG, ENKAGENT, ENKNOTINTEGER, ENKSTATECORRUPT, ENKSTATEUNAVAILABLE,
-// ENKSTATEURL, ENKUNSUPPORTED, ENKSTATE).
+// ENKSTATEURL, ENKUNSUPPORTED, ENKSTATE; on PostgreSQL over TLS also
+// ENKTLSREFUSED, ENKTLSREQUIRED, ENKTLSCERT, ENKTLSHOSTNAME, ENKTLSCLIENTCERT,
+// ENKTLSFILE, ENKTLS).
 import type { LockAcquired, StateLockOptions, LockState, OpenStateOptions, StateEntry, StateStats } from './index'
 
 export type { LockAcquired, StateLockOptions, LockState, OpenStateOptions, StateEntry, StateStats }
