@@ -226,7 +226,10 @@ impl TlsOptions {
             .with_safe_default_protocol_versions()
             .map_err(|e| file_err(format!("cannot set up TLS: {e}")))?;
         let verifier: Arc<dyn ServerCertVerifier> = if self.mode == SslMode::Disable {
-            Arc::new(AnyCertificate(provider.clone()))
+            Arc::new(NoHostName {
+                roots: None,
+                provider: provider.clone(),
+            })
         } else {
             match (&self.roots, self.mode) {
                 (None, m) if m.verifies() => {
@@ -240,7 +243,10 @@ impl TlsOptions {
                         m.as_str()
                     )));
                 }
-                (None, _) => Arc::new(AnyCertificate(provider.clone())),
+                (None, _) => Arc::new(NoHostName {
+                    roots: None,
+                    provider: provider.clone(),
+                }),
                 (Some(roots), m) => {
                     let store = Arc::new(load_roots(roots).map_err(file_err)?);
                     if m == SslMode::VerifyFull {
@@ -251,8 +257,8 @@ impl TlsOptions {
                             })?
                     } else {
                         // verify-ca, and libpq's require/prefer/allow with a root file.
-                        Arc::new(ChainOnly {
-                            roots: store,
+                        Arc::new(NoHostName {
+                            roots: Some(store),
                             provider: provider.clone(),
                         })
                     }
@@ -514,15 +520,19 @@ fn load_client(cert: &Path, key: &Path) -> Result<ClientAuth, String> {
     Ok((chain, key))
 }
 
-/// `verify-ca`: the chain must reach a trusted root; the host name is not
-/// checked. Handshake signatures are verified.
+/// The verifier of every mode but `verify-full`: with `roots` (`verify-ca`,
+/// and libpq's `require`/`prefer`/`allow` with a root file) the chain must
+/// reach one of them; without (`require`/`prefer`/`allow` without a root
+/// certificate, libpq's meaning) any certificate is accepted. The host name
+/// is never checked; the handshake signature must always be made by the
+/// certificate's key, so the session is encrypted to whoever holds it.
 #[derive(Debug)]
-struct ChainOnly {
-    roots: Arc<RootCertStore>,
+struct NoHostName {
+    roots: Option<Arc<RootCertStore>>,
     provider: Arc<CryptoProvider>,
 }
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for NoHostName {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -531,14 +541,16 @@ impl ServerCertVerifier for ChainOnly {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
+        if let Some(roots) = &self.roots {
+            let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+            rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &cert,
+                roots,
+                intermediates,
+                now,
+                self.provider.signature_verification_algorithms.all,
+            )?;
+        }
         Ok(ServerCertVerified::assertion())
     }
 
@@ -574,57 +586,6 @@ impl ServerCertVerifier for ChainOnly {
         self.provider
             .signature_verification_algorithms
             .supported_schemes()
-    }
-}
-
-/// `require`/`prefer`/`allow` without a root certificate (libpq's meaning):
-/// any certificate is accepted, but the handshake signature must still be
-/// made by its key, so the session is encrypted to whoever holds it.
-#[derive(Debug)]
-struct AnyCertificate(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 
