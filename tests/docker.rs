@@ -1374,3 +1374,149 @@ services:
         b_exit - a_term
     );
 }
+
+/// The image `nk-busybox-usr1`: nk-busybox whose STOPSIGNAL is SIGUSR1
+/// (built from it, offline; `docker commit --change` cannot set it).
+fn usr1_image() -> &'static str {
+    let image = "nk-busybox-usr1:latest";
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("Dockerfile"),
+        "FROM nk-busybox:latest\nSTOPSIGNAL SIGUSR1\n",
+    )
+    .unwrap();
+    let built = Command::new("docker")
+        .args(["build", "-q", "-t", image])
+        .arg(dir.path())
+        .output()
+        .expect("docker build");
+    assert!(
+        built.status.success(),
+        "docker build: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    image
+}
+
+/// Now, as `docker events --since` takes it to the nanosecond.
+fn now_precise() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    format!("{}.{:09}", t.as_secs(), t.subsec_nanos())
+}
+
+/// `docker events` of `project`'s containers since `since` (a `docker
+/// events --since` time): `action service exit-code` lines, the exit code
+/// empty but for `die`.
+fn actions_since(project: &str, since: &str) -> Vec<String> {
+    docker(&[
+        "events",
+        "--since",
+        since,
+        "--until",
+        &format!("{}", unix_now() + 1),
+        "--filter",
+        &format!("label=nk-project={project}"),
+        "--filter",
+        "type=container",
+        "--format",
+        r#"{{.Action}} {{index .Actor.Attributes "nk-service"}} {{.Actor.Attributes.exitCode}}"#,
+    ])
+    .lines()
+    .map(|l| l.trim().to_string())
+    .collect()
+}
+
+/// `down` stops a container as `docker stop` would: with the image's
+/// STOPSIGNAL, and with SIGKILL once the grace period is over. On the
+/// Docker host nanokit delivers the signal itself, so the daemon logs no
+/// `kill` for a container that exits on it.
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(nk_docker),
+    ignore = "SKIPPED: needs NANOKIT_TEST_DOCKER (eval \"$(bash scripts/docker-test-env.sh)\")"
+)]
+async fn down_sends_the_images_stop_signal_and_kills_after_the_grace_period() {
+    let image = usr1_image();
+    let p = DProject::docker(
+        "stopsig",
+        &format!(
+            r#"
+volumes: {{ marks: }}
+services:
+  usr1:
+    image: {image}
+    start: "trap 'echo USR1 > /marks/usr1; exit 0' USR1; trap 'echo TERM > /marks/usr1; exit 0' TERM; sleep 600 & wait"
+    volumes: ["marks:/marks"]
+  stubborn:
+    image: nk-busybox:latest
+    start: "trap 'echo TERM > /marks/stubborn' TERM; i=0; while :; do i=$((i+1)); echo $i > /marks/beat; sleep 0.05; done"
+    volumes: ["marks:/marks"]
+    depends_on: [a]
+  a:
+    image: nk-busybox:latest
+    start: "trap 'b=$(cat /marks/beat); sleep 0.3; [ \"$b\" = \"$(cat /marks/beat)\" ] && echo gone > /marks/a.saw || echo alive > /marks/a.saw; exit 0' TERM; sleep 600 & wait"
+    volumes: ["marks:/marks"]
+"#
+        ),
+    );
+    ok(&p.up(quick()).await);
+    let since = now_precise();
+    let d = p.p.down().await;
+    assert!(d.failures().is_empty(), "{:?}", d.results);
+    assert!(p.names().is_empty(), "down left {:?}", p.names());
+    let dir = volume_dir(&format!("nk-{}-local-marks", p.name));
+    let mark = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+    assert_eq!(mark("usr1").trim(), "USR1", "usr1 got the wrong signal");
+    assert_eq!(mark("stubborn").trim(), "TERM", "stubborn got no SIGTERM");
+    let events = actions_since(&p.name, &since);
+    assert!(events.contains(&"die usr1 0".to_string()), "{events:?}");
+    assert!(
+        events.contains(&"die stubborn 137".to_string()),
+        "stubborn was not SIGKILLed: {events:?}"
+    );
+    assert_eq!(
+        mark("a.saw").trim(),
+        "gone",
+        "a got SIGTERM while its dependent stubborn still ran"
+    );
+    assert!(
+        !events.iter().any(|e| e.starts_with("kill usr1")),
+        "the daemon signalled usr1, not nanokit: {events:?}"
+    );
+}
+
+/// A container given a restart policy behind nanokit's back (`docker
+/// update --restart always`) is stopped through the daemon, which then
+/// knows it was stopped on purpose: `down` never has Docker restart it.
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(nk_docker),
+    ignore = "SKIPPED: needs NANOKIT_TEST_DOCKER (eval \"$(bash scripts/docker-test-env.sh)\")"
+)]
+async fn down_never_has_docker_restart_a_container() {
+    let p = DProject::docker(
+        "restart",
+        r#"
+services:
+  r:
+    image: nk-busybox:latest
+    start: "trap 'exit 0' TERM; sleep 600 & wait"
+"#,
+    );
+    ok(&p.up(quick()).await);
+    docker(&["update", "--restart", "always", &p.container_of("r")]);
+    let since = now_precise();
+    let d = p.p.down().await;
+    assert!(d.failures().is_empty(), "{:?}", d.results);
+    assert!(p.names().is_empty(), "down left {:?}", p.names());
+    let events = actions_since(&p.name, &since);
+    assert!(events.iter().any(|e| e.starts_with("die r")), "{events:?}");
+    assert!(
+        !events
+            .iter()
+            .any(|e| e.starts_with("start r") || e.starts_with("restart r")),
+        "Docker restarted r during down: {events:?}"
+    );
+}

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
-use tracing::{info_span, Span};
+use tracing::{info_span, Instrument, Span};
 
 use super::hooks::HookSite;
 use super::plan::{self, ActionKind};
@@ -665,7 +665,11 @@ pub(super) async fn down(
         run.delete_volume(&v.volume).await?;
     }
     if everything && results.iter().all(|r| r.error.is_none()) {
-        if let Err(e) = run.provider.down_complete(&run.scope).await {
+        let cleanup = run
+            .provider
+            .down_complete(&run.scope)
+            .instrument(info_span!("down_complete"));
+        if let Err(e) = cleanup.await {
             tracing::warn!(error = %e, "down: cleaning up after the last instance");
         }
     }

@@ -1,4 +1,5 @@
-//! `/proc` parsing and process-group signals (Linux). Without `/proc` (other
+//! `/proc` parsing and signals (Linux): to process groups, and through a
+//! pidfd to a process checked to be in a container. Without `/proc` (other
 //! systems, which are not supported) every lookup finds nothing.
 
 use std::collections::BTreeMap;
@@ -154,5 +155,135 @@ pub fn wait_gone(pids: &[u32], limit: Duration) {
     let deadline = Instant::now() + limit;
     while pids.iter().any(|&p| start_time(p).is_some()) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A process held through a pidfd: a signal sent through it reaches the
+/// process it was opened on, never a later one that reuses the pid.
+#[derive(Debug)]
+pub struct Held {
+    fd: std::os::fd::OwnedFd,
+    pid: u32,
+    start_time: u64,
+}
+
+impl Held {
+    /// Holds `pid` if it runs and is in a control group whose path names
+    /// `container` (checked after opening, so the check is about the process
+    /// held). None when it is not visible from here (nanokit in another pid
+    /// namespace or on another host), gone, or elsewhere.
+    pub fn in_container(pid: u32, container: &str) -> Option<Held> {
+        if container.len() < 12 {
+            return None;
+        }
+        let flags = rustix::process::PidfdFlags::empty();
+        let fd = rustix::process::pidfd_open(self::pid(pid)?, flags).ok()?;
+        let start_time = start_time(pid)?;
+        cgroup(pid).contains(container).then_some(Held {
+            fd,
+            pid,
+            start_time,
+        })
+    }
+
+    /// Sends `signal` to the held process (an error when it may not be
+    /// signalled from here, e.g. another user's, or when it is gone).
+    pub fn signal(&self, signal: rustix::process::Signal) -> std::io::Result<()> {
+        rustix::process::pidfd_send_signal(&self.fd, signal).map_err(Into::into)
+    }
+
+    /// Whether the held process has exited (a zombie has).
+    pub fn gone(&self) -> bool {
+        start_time(self.pid) != Some(self.start_time)
+    }
+
+    /// Resolves once the held process has exited (looked at every 10 ms).
+    pub async fn exited(&self) {
+        while !self.gone() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// The signal Docker names `name` (`SIGTERM`, `TERM`, `15`), if it is one
+/// of the standard ones (real-time signals such as `SIGRTMIN+3` are not).
+pub fn signal_named(name: &str) -> Option<rustix::process::Signal> {
+    let name = name.trim();
+    let raw = match name.parse::<i32>() {
+        Ok(n) => n,
+        Err(_) => {
+            let bare = name.strip_prefix("SIG").unwrap_or(name);
+            SIGNALS
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(bare))?
+                .1
+        }
+    };
+    rustix::process::Signal::from_named_raw(raw)
+}
+
+const SIGNALS: &[(&str, i32)] = &[
+    ("HUP", libc::SIGHUP),
+    ("INT", libc::SIGINT),
+    ("QUIT", libc::SIGQUIT),
+    ("ILL", libc::SIGILL),
+    ("TRAP", libc::SIGTRAP),
+    ("ABRT", libc::SIGABRT),
+    ("IOT", libc::SIGIOT),
+    ("BUS", libc::SIGBUS),
+    ("FPE", libc::SIGFPE),
+    ("KILL", libc::SIGKILL),
+    ("USR1", libc::SIGUSR1),
+    ("SEGV", libc::SIGSEGV),
+    ("USR2", libc::SIGUSR2),
+    ("PIPE", libc::SIGPIPE),
+    ("ALRM", libc::SIGALRM),
+    ("TERM", libc::SIGTERM),
+    ("STKFLT", libc::SIGSTKFLT),
+    ("CHLD", libc::SIGCHLD),
+    ("CONT", libc::SIGCONT),
+    ("STOP", libc::SIGSTOP),
+    ("TSTP", libc::SIGTSTP),
+    ("TTIN", libc::SIGTTIN),
+    ("TTOU", libc::SIGTTOU),
+    ("URG", libc::SIGURG),
+    ("XCPU", libc::SIGXCPU),
+    ("XFSZ", libc::SIGXFSZ),
+    ("VTALRM", libc::SIGVTALRM),
+    ("PROF", libc::SIGPROF),
+    ("WINCH", libc::SIGWINCH),
+    ("IO", libc::SIGIO),
+    ("PWR", libc::SIGPWR),
+    ("SYS", libc::SIGSYS),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustix::process::Signal;
+
+    #[test]
+    fn signals_are_named_as_docker_names_them() {
+        for name in ["SIGTERM", "TERM", "term", "15"] {
+            assert_eq!(signal_named(name), Some(Signal::TERM), "{name}");
+        }
+        assert_eq!(signal_named("SIGUSR1"), Some(Signal::USR1));
+        assert_eq!(signal_named("SIGKILL"), Some(Signal::KILL));
+        for name in ["SIGRTMIN+3", "SIGNOPE", "0", "99", ""] {
+            assert_eq!(signal_named(name), None, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_process_outside_the_containers_group_is_not_held() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let held = Held::in_container(child.id(), "0123456789abcdef0123");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(held.is_none(), "held outside the container's group");
+        assert!(Held::in_container(std::process::id(), "short").is_none());
     }
 }

@@ -42,6 +42,7 @@ use bollard::models::{
 use bollard::query_parameters::{
     CreateContainerOptions, InspectContainerOptions, InspectNetworkOptions, ListContainersOptions,
     LogsOptions, RemoveContainerOptions, RemoveVolumeOptions, StopContainerOptions,
+    WaitContainerOptions,
 };
 use bollard::Docker;
 use futures::StreamExt;
@@ -65,6 +66,9 @@ pub fn docker_label(key: &str) -> String {
 /// Label of the installer containers: the volume (or directory) they install into.
 const LABEL_INSTALL_TARGET: &str = "nk-install-target";
 const LABEL_ROLE: &str = "nk-role";
+/// How long [`Provider::remove`] waits for the daemon to finish a stop
+/// before it removes the container regardless (`force`).
+const REMOVE_WAITS_FOR_STOP: Duration = Duration::from_secs(10);
 
 /// The Docker provider of one project and environment.
 pub struct DockerProvider {
@@ -76,10 +80,6 @@ pub struct DockerProvider {
     network_ready: OnceCell<()>,
     /// Config volume name → Docker volume name.
     volumes: BTreeMap<String, String>,
-    /// Stop requests still finishing in the daemon after [`Provider::stop`]
-    /// returned (the container's process had exited): container id → the
-    /// request, awaited by [`Provider::remove`].
-    stopping: std::sync::Mutex<HashMap<String, tokio::task::JoinHandle<Result<(), ProviderError>>>>,
 }
 
 impl std::fmt::Debug for DockerProvider {
@@ -159,7 +159,6 @@ impl DockerProvider {
             network: format!("nanokit-net-{}", scope.env),
             network_ready: OnceCell::new(),
             volumes,
-            stopping: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -708,69 +707,72 @@ impl Provider for DockerProvider {
 
     /// Returns once the container's process has exited, which is what a
     /// dependency's stop waits for, while the daemon may still be tearing
-    /// the container down (its network, its mounts): that finishes in the
-    /// background and [`Provider::remove`] waits for it. Seeing the process
-    /// exit needs nanokit on the Docker host; elsewhere this waits for the
-    /// whole stop.
+    /// the container down (its network, its mounts): [`Provider::remove`]
+    /// waits for that. On the Docker host, nanokit signals the process
+    /// itself (see [`signal_directly`]); elsewhere it asks the daemon to
+    /// stop the container and waits for the whole stop.
     async fn stop(&self, id: &str, grace: Duration) -> Result<(), ProviderError> {
         let d = self.docker().await?.clone();
-        let pid = match d
+        let c = match d
             .inspect_container(id, None::<InspectContainerOptions>)
+            .instrument(tracing::info_span!("docker.inspect"))
             .await
         {
-            Ok(c) => c
-                .state
-                .filter(|st| st.running == Some(true))
-                .and_then(|st| st.pid)
-                .and_then(|pid| u32::try_from(pid).ok())
-                .filter(|&pid| pid > 0 && proc::cgroup(pid).contains(id)),
+            Ok(c) => c,
             Err(e) if status_of(&e) == Some(404) => return Ok(()),
             Err(e) => return Err(docker_err(&format!("inspecting container {id}"), e)),
         };
-        let owned = id.to_string();
-        let mut request = tokio::spawn(async move {
-            let options = StopContainerOptions {
-                t: Some(grace.as_secs().min(i32::MAX as u64) as i32),
-                ..Default::default()
-            };
-            match d.stop_container(&owned, Some(options)).await {
-                Ok(()) => Ok(()),
-                Err(e) if matches!(status_of(&e), Some(304) | Some(404)) => Ok(()),
-                Err(e) => Err(docker_err(&format!("stopping container {owned}"), e)),
+        if c.state.as_ref().and_then(|st| st.running) != Some(true) {
+            return Ok(());
+        }
+        let direct = signal_directly(id, &c);
+        crate::trace::set(
+            &tracing::Span::current(),
+            "nanokit.signalled_by",
+            if direct.is_some() {
+                "nanokit"
+            } else {
+                "docker"
+            },
+        );
+        let mut grace = grace;
+        if let Some(held) = direct {
+            if tokio::time::timeout(grace, held.exited()).await.is_ok() {
+                return Ok(());
             }
-        });
-        let exited = async {
-            loop {
-                match pid {
-                    Some(pid) if proc::stat(pid).is_none_or(|st| st.gone()) => return,
-                    _ => tokio::time::sleep(Duration::from_millis(10)).await,
-                }
+            // The grace period is over: what `docker stop` does next.
+            if held.signal(rustix::process::Signal::KILL).is_ok() {
+                held.exited().await;
+                return Ok(());
             }
+            // Served already: the daemon is to kill at once.
+            grace = Duration::ZERO;
+        }
+        let options = StopContainerOptions {
+            t: Some(grace.as_secs().min(i32::MAX as u64) as i32),
+            ..Default::default()
         };
-        tokio::select! {
-            done = &mut request => done.map_err(|e| ProviderError::Failed(format!("stopping container {id}: {e}")))?,
-            _ = exited => {
-                self.stopping
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(id.to_string(), request);
-                Ok(())
-            }
+        match d.stop_container(id, Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(e) if matches!(status_of(&e), Some(304) | Some(404)) => Ok(()),
+            Err(e) => Err(docker_err(&format!("stopping container {id}"), e)),
         }
     }
 
     async fn remove(&self, id: &str) -> Result<(), ProviderError> {
-        let pending = self
-            .stopping
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id);
-        if let Some(request) = pending {
-            request
-                .await
-                .map_err(|e| ProviderError::Failed(format!("stopping container {id}: {e}")))??;
-        }
         let d = self.docker().await?;
+        // After a stop that signalled the process directly, the daemon may
+        // still count the container as running until it has torn it down;
+        // a forced removal then would have it kill the dead process again
+        // (a `runc kill` for nothing). So wait for that, within a bound.
+        let not_running = WaitContainerOptions {
+            condition: "not-running".into(),
+        };
+        let _ = tokio::time::timeout(
+            REMOVE_WAITS_FOR_STOP,
+            d.wait_container(id, Some(not_running)).next(),
+        )
+        .await;
         match d
             .remove_container(
                 id,
@@ -851,4 +853,38 @@ impl Provider for DockerProvider {
         self.provision_volume(spec, install, manifests, cancel)
             .await
     }
+}
+
+/// Sends container `c`'s stop signal to its process directly, as the daemon
+/// would on `docker stop`, and returns the process held, when nanokit can
+/// and may: the process is visible here (nanokit on the Docker host, in its
+/// pid namespace) and in the container's control group, and the container
+/// has no restart policy (the daemon would restart a process it did not see
+/// stopped). Otherwise None, and the daemon is asked instead.
+///
+/// Why: each `docker stop` costs the daemon a `runc kill` and queues behind
+/// its other work; on a busy host that was most of `down`'s time.
+fn signal_directly(id: &str, c: &bollard::models::ContainerInspectResponse) -> Option<proc::Held> {
+    let policy = c
+        .host_config
+        .as_ref()
+        .and_then(|h| h.restart_policy.as_ref())
+        .and_then(|p| p.name);
+    if !matches!(
+        policy,
+        None | Some(
+            bollard::models::RestartPolicyNameEnum::EMPTY
+                | bollard::models::RestartPolicyNameEnum::NO
+        )
+    ) {
+        return None;
+    }
+    let signal = match c.config.as_ref().and_then(|c| c.stop_signal.as_deref()) {
+        None | Some("") => rustix::process::Signal::TERM,
+        Some(name) => proc::signal_named(name)?,
+    };
+    let pid = c.state.as_ref()?.pid.and_then(|p| u32::try_from(p).ok())?;
+    let held = proc::Held::in_container(pid, id)?;
+    held.signal(signal).ok()?;
+    Some(held)
 }

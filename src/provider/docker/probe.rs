@@ -200,20 +200,20 @@ impl DockerProvider {
     }
 }
 
-/// SIGKILLs a timed-out exec's process and its descendants, if `pid` (its
-/// pid as Docker reports it, in the daemon's pid namespace) is visible here
-/// and is in `container`'s control group: nanokit may run elsewhere than the
-/// daemon, or in another pid namespace. (The command may have replaced
-/// itself with `exec`, so its command line proves nothing.)
+/// SIGKILLs a timed-out exec's process and its descendants that are in
+/// `container`'s control group, if `pid` (its pid as Docker reports it, in
+/// the daemon's pid namespace) is visible here: nanokit may run elsewhere
+/// than the daemon, or in another pid namespace. (The command may have
+/// replaced itself with `exec`, so its command line proves nothing.)
 fn kill_exec_tree(pid: i64, container: &str) -> bool {
     let Ok(pid) = u32::try_from(pid) else {
         return false;
     };
-    if pid == 0 || container.len() < 12 || !proc::cgroup(pid).contains(container) {
-        return false;
-    }
+    let mut killed = false;
     for p in proc::tree(pid) {
-        proc::kill(p, rustix::process::Signal::KILL);
+        if let Some(held) = proc::Held::in_container(p, container) {
+            killed |= held.signal(rustix::process::Signal::KILL).is_ok();
+        }
     }
-    true
+    killed
 }
