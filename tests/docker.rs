@@ -1148,13 +1148,14 @@ environments:
     assert!(!network_exists());
 }
 
-/// Docker events of `project` since `since` (unix seconds), as
-/// `status container-name` lines, oldest first.
-fn events_since(project: &str, since: u64) -> Vec<String> {
+/// Docker events of `project`'s containers since `since` (a `docker events
+/// --since` time: unix seconds, optionally with nanoseconds), oldest first,
+/// one line each in the Go template `format`.
+fn container_events(project: &str, since: &str, format: &str) -> Vec<String> {
     docker(&[
         "events",
         "--since",
-        &since.to_string(),
+        since,
         "--until",
         &format!("{}", unix_now() + 1),
         "--filter",
@@ -1162,11 +1163,20 @@ fn events_since(project: &str, since: u64) -> Vec<String> {
         "--filter",
         "type=container",
         "--format",
-        "{{.Status}} {{.Actor.Attributes.name}}",
+        format,
     ])
     .lines()
-    .map(str::to_string)
+    .map(|l| l.trim().to_string())
     .collect()
+}
+
+/// [`container_events`] as `status container-name` lines.
+fn events_since(project: &str, since: u64) -> Vec<String> {
+    container_events(
+        project,
+        &since.to_string(),
+        "{{.Status}} {{.Actor.Attributes.name}}",
+    )
 }
 
 fn unix_now() -> u64 {
@@ -1406,26 +1416,14 @@ fn now_precise() -> String {
     format!("{}.{:09}", t.as_secs(), t.subsec_nanos())
 }
 
-/// `docker events` of `project`'s containers since `since` (a `docker
-/// events --since` time): `action service exit-code` lines, the exit code
+/// [`container_events`] as `action service exit-code` lines, the exit code
 /// empty but for `die`.
 fn actions_since(project: &str, since: &str) -> Vec<String> {
-    docker(&[
-        "events",
-        "--since",
+    container_events(
+        project,
         since,
-        "--until",
-        &format!("{}", unix_now() + 1),
-        "--filter",
-        &format!("label=nk-project={project}"),
-        "--filter",
-        "type=container",
-        "--format",
         r#"{{.Action}} {{index .Actor.Attributes "nk-service"}} {{.Actor.Attributes.exitCode}}"#,
-    ])
-    .lines()
-    .map(|l| l.trim().to_string())
-    .collect()
+    )
 }
 
 /// `down` stops a container as `docker stop` would: with the image's

@@ -712,7 +712,7 @@ impl Provider for DockerProvider {
     /// itself (see [`signal_directly`]); elsewhere it asks the daemon to
     /// stop the container and waits for the whole stop.
     async fn stop(&self, id: &str, grace: Duration) -> Result<(), ProviderError> {
-        let d = self.docker().await?.clone();
+        let d = self.docker().await?;
         let c = match d
             .inspect_container(id, None::<InspectContainerOptions>)
             .instrument(tracing::info_span!("docker.inspect"))
