@@ -641,9 +641,11 @@ async fn refresh_dependencies(run: &Run, plan: &plan::Plan) -> Result<(), StateE
     .await
 }
 
-/// Applies the plan of `down`: services dependents first, then volumes;
-/// when the whole project went (`everything`) without an error, lets the
-/// provider free what it set up for it. The results come dependents first.
+/// Applies the plan of `down`: services dependents first, then the removal
+/// of what they stopped, then volumes. When the whole project went
+/// (`everything`) and every stop succeeded, the provider frees what it set
+/// up for it (`down_complete`) while those removals run. The results come
+/// dependents first.
 pub(super) async fn down(
     run: &Arc<Run>,
     plan: &plan::Plan,
@@ -655,7 +657,27 @@ pub(super) async fn down(
         .into_iter()
         .map(|(n, r, ms)| to_result(ActionKind::Delete, n, r, ms))
         .collect();
-    for (service, error) in remove_stopped(run).await {
+    let pending = run
+        .removals
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .unwrap_or_default();
+    let leaving: Vec<String> = pending.iter().map(|(_, id)| id.clone()).collect();
+    let cleanup = async {
+        if !everything || results.iter().any(|r| r.error.is_some()) {
+            return;
+        }
+        let freed = run
+            .provider
+            .down_complete(&run.scope, &leaving)
+            .instrument(info_span!("down_complete"));
+        if let Err(e) = freed.await {
+            tracing::warn!(error = %e, "down: cleaning up after the last instance");
+        }
+    };
+    let (failed, ()) = tokio::join!(remove_stopped(run, pending), cleanup);
+    for (service, error) in failed {
         if let Some(r) = results.iter_mut().find(|r| r.service == service) {
             r.outcome = Phase::Failed;
             r.error.get_or_insert(error);
@@ -664,32 +686,18 @@ pub(super) async fn down(
     for v in &plan.volumes {
         run.delete_volume(&v.volume).await?;
     }
-    if everything && results.iter().all(|r| r.error.is_none()) {
-        let cleanup = run
-            .provider
-            .down_complete(&run.scope)
-            .instrument(info_span!("down_complete"));
-        if let Err(e) = cleanup.await {
-            tracing::warn!(error = %e, "down: cleaning up after the last instance");
-        }
-    }
     results.sort_by_key(|r| {
         std::cmp::Reverse(plan.actions.iter().position(|a| a.service == r.service))
     });
     Ok(results)
 }
 
-/// Removes, all at once, the instances `down` stopped and listed for
-/// removal; returns (service, error) for each that could not be removed.
-/// (A run killed before this leaves stopped instances labelled with the
-/// state: the next run sees them as orphans and removes them.)
-async fn remove_stopped(run: &Run) -> Vec<(String, String)> {
-    let pending = run
-        .removals
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take()
-        .unwrap_or_default();
+/// Removes, all at once, the instances (service, id) that `down` stopped;
+/// returns (service, error) for each that could not be removed. (A run
+/// killed before this leaves stopped instances labelled with the state: the
+/// next run sees them as orphans and removes them, as it does one whose
+/// removal failed.)
+async fn remove_stopped(run: &Run, pending: Vec<(String, String)>) -> Vec<(String, String)> {
     let removals = pending.into_iter().map(|(service, id)| async move {
         let span = info_span!("remove", nanokit.service = %service, nanokit.instance = %id);
         let r = trace::step(span, async {

@@ -248,9 +248,15 @@ pub trait Provider: Send + Sync {
         Ok(())
     }
 
-    /// Called after `down` removed every instance of the scope's project:
-    /// frees what the provider set up for them and nobody uses any more.
-    async fn down_complete(&self, _scope: &Scope) -> Result<(), ProviderError> {
+    /// Called once `down` has stopped every instance of the scope's
+    /// project, while it removes `leaving` (those instances): frees what the
+    /// provider set up for them that nobody else uses. `leaving` never
+    /// counts as a user, even before its removal has finished.
+    async fn down_complete(
+        &self,
+        _scope: &Scope,
+        _leaving: &[String],
+    ) -> Result<(), ProviderError> {
         Ok(())
     }
 

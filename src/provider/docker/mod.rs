@@ -109,6 +109,19 @@ fn docker_err(what: &str, e: DockerError) -> ProviderError {
     }
 }
 
+/// Waits (at most [`REMOVE_WAITS_FOR_STOP`]) until the daemon counts
+/// container `id` as not running, or it is gone.
+async fn wait_stopped(d: &Docker, id: &str) {
+    let not_running = WaitContainerOptions {
+        condition: "not-running".into(),
+    };
+    let _ = tokio::time::timeout(
+        REMOVE_WAITS_FOR_STOP,
+        d.wait_container(id, Some(not_running)).next(),
+    )
+    .await;
+}
+
 fn status_of(e: &DockerError) -> Option<u16> {
     match e {
         DockerError::DockerResponseServerError { status_code, .. } => Some(*status_code),
@@ -665,14 +678,23 @@ impl Provider for DockerProvider {
     }
 
     /// Removes the env's network once no container of the env (of any
-    /// project, in any state) is left, as Compose removes its project
-    /// network. A network something else still uses stays.
-    async fn down_complete(&self, scope: &Scope) -> Result<(), ProviderError> {
+    /// project, in any state) is left but `leaving`, as Compose removes its
+    /// project network. A network something else still uses stays.
+    async fn down_complete(&self, scope: &Scope, leaving: &[String]) -> Result<(), ProviderError> {
         let env_label = format!("{}={}", docker_label(LABEL_ENV), scope.env);
-        if !self.list_labelled(vec![env_label]).await?.is_empty() {
+        let d = self.docker().await?;
+        // The daemon releases a container's endpoint before it reports the
+        // container not running, so once `leaving` are all not running the
+        // network can go while their removals are still under way.
+        let torn_down = futures::future::join_all(leaving.iter().map(|id| wait_stopped(d, id)));
+        let (listed, _) = tokio::join!(self.list_labelled(vec![env_label]), torn_down);
+        let in_use = listed?
+            .iter()
+            .filter_map(|c| c.id.as_deref())
+            .any(|id| !leaving.iter().any(|l| l == id));
+        if in_use {
             return Ok(());
         }
-        let d = self.docker().await?;
         match d.remove_network(&self.network).await {
             Ok(()) => Ok(()),
             // Gone already, or in use (another project's container was
@@ -765,14 +787,7 @@ impl Provider for DockerProvider {
         // still count the container as running until it has torn it down;
         // a forced removal then would have it kill the dead process again
         // (a `runc kill` for nothing). So wait for that, within a bound.
-        let not_running = WaitContainerOptions {
-            condition: "not-running".into(),
-        };
-        let _ = tokio::time::timeout(
-            REMOVE_WAITS_FOR_STOP,
-            d.wait_container(id, Some(not_running)).next(),
-        )
-        .await;
+        wait_stopped(d, id).await;
         match d
             .remove_container(
                 id,
