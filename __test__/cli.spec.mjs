@@ -7,13 +7,15 @@
 // `nkapp` alias (a link named nkapp to the JS shim; the `nkapp` executable)
 // names itself in --help and --version. Other CLI tests (infra, repo, state,
 // timeline) run each case against both CLIs through helpers/clis.mjs.
+import { spawnSync } from 'node:child_process'
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs'
+import { closeSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { dirname, join } from 'node:path'
 
 import { CLIS, NPM_BIN, ROOT, STANDALONE_BIN, runSync } from './helpers/clis.mjs'
+import { openStateSync } from '../index.js'
 
 const VERSION = JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')).version
 const [npm, standalone] = CLIS
@@ -146,3 +148,34 @@ test('npm and standalone CLI: plan --detailed-exitcode 2 with changes, 0 without
   }
   rmSync(dir, { recursive: true, force: true })
 })
+
+// `nanokit … | head`: stdout's reader goes away long before the output ends
+// (far more than a pipe buffer). The command must neither panic nor die of
+// it, and exits with its own code; any other failure to write stdout (a
+// full disk) is an error, not a silently short output.
+const bigState = mkdtempSync(join(tmpdir(), 'nk-cli-out-'))
+{
+  const s = openStateSync({ stateDir: bigState })
+  for (let i = 0; i < 3000; i++) s.setSync(`key${i}`, 'v'.repeat(100))
+}
+for (const c of CLIS) {
+  test(`${c.name}: a reader that goes away ends the output, not the command; a full disk is ENKOUTPUT`, () => {
+    const env = { ...process.env, NANOKIT_STATE_DIR: bigState }
+    const args = [...c.pre, 'state', 'list', '-o', 'json']
+    const piped = spawnSync('bash', ['-c', '"$0" "$@" | head -c 10 >/dev/null; exit ${PIPESTATUS[0]}', c.cmd, ...args], {
+      env,
+      encoding: 'utf8',
+    })
+    assert.equal(piped.status, 0, piped.stderr)
+    assert.equal(piped.stderr, '')
+    const full = openSync('/dev/full', 'w')
+    try {
+      const r = spawnSync(c.cmd, args, { env, encoding: 'utf8', stdio: ['ignore', full, 'pipe'] })
+      assert.equal(r.status, 1, r.stderr)
+      assert.match(r.stderr, /^error\[ENKOUTPUT\]: writing to stdout failed: No space left on device/)
+      assert.doesNotMatch(r.stderr, /panicked/)
+    } finally {
+      closeSync(full)
+    }
+  })
+}

@@ -190,7 +190,7 @@ fn load(project: &Project) -> Result<Config, config::ConfigError> {
     })?;
     mask::register(&cfg.masker());
     for w in &cfg.warnings {
-        eprintln!("warning: {w}");
+        errln!("warning: {w}");
     }
     Ok(cfg)
 }
@@ -302,7 +302,7 @@ where
 fn print_trace(t: Option<&crate::trace::RunTrace>) {
     if let Some(t) = t {
         if let Some(f) = &t.file {
-            eprintln!(
+            errln!(
                 "trace {}: {} (see `nanokit timeline {}`)",
                 t.trace_id,
                 masked(&f.display().to_string()),
@@ -331,7 +331,7 @@ fn report_exit(report: &Report, output: Output, verb: &str) -> CliResult {
                 .iter()
                 .filter(|r| r.outcome != Phase::Unchanged)
                 .count();
-            eprintln!(
+            errln!(
                 "{verb}: {} service(s), {changed} changed.",
                 report.results.len()
             );
@@ -339,7 +339,7 @@ fn report_exit(report: &Report, output: Output, verb: &str) -> CliResult {
         Ok(exit::OK)
     } else {
         for f in &failures {
-            eprintln!(
+            errln!(
                 "error[ENKFAILED]: {} {}: {}",
                 f.service,
                 f.outcome.as_str(),
@@ -439,7 +439,7 @@ fn validate(project: &Project, output: Output) -> CliResult {
             "warnings": cfg.warnings,
         }));
     } else {
-        println!(
+        outln!(
             "{} is valid: project `{}`, environment `{}`, {} service(s), provider {}",
             project.file.display(),
             cfg.name,
@@ -455,8 +455,8 @@ fn graph(project: &Project, format: GraphFormat) -> CliResult {
     let cfg = load(project)?;
     let d = Dag::build(&cfg)?;
     match format {
-        GraphFormat::Dot => print!("{}", d.to_dot(&cfg.name)),
-        GraphFormat::Text => print!("{d}"),
+        GraphFormat::Dot => out!("{}", d.to_dot(&cfg.name)),
+        GraphFormat::Text => out!("{d}"),
     }
     Ok(exit::OK)
 }
@@ -479,11 +479,11 @@ async fn plan(
     if output == Output::Json {
         json(&plan);
     } else {
-        print!("{}", masked(&plan.render()));
+        out!("{}", masked(&plan.render()));
         if !plan.blocked(false).is_empty() {
-            println!("Deleting volumes needs `nanokit up --force`.");
+            outln!("Deleting volumes needs `nanokit up --force`.");
         }
-        eprintln!("Saved to {}", masked(&path.display().to_string()));
+        errln!("Saved to {}", masked(&path.display().to_string()));
     }
     if detailed_exitcode && plan.has_changes() {
         Ok(exit::CHANGES)
@@ -502,15 +502,19 @@ async fn status(project: &Project, output: Output) -> CliResult {
         return Ok(exit::OK);
     }
     if rows.is_empty() {
-        println!("Nothing deployed (run `nanokit up`).");
+        outln!("Nothing deployed (run `nanokit up`).");
         return Ok(exit::OK);
     }
-    println!(
+    outln!(
         "{:<20} {:<13} {:<8} {:<8} {:<7} UPDATED",
-        "SERVICE", "STATUS", "RUNNING", "PID", "PORT"
+        "SERVICE",
+        "STATUS",
+        "RUNNING",
+        "PID",
+        "PORT"
     );
     for r in &rows {
-        println!(
+        outln!(
             "{:<20} {:<13} {:<8} {:<8} {:<7} {}",
             r.service,
             r.status,
@@ -522,7 +526,7 @@ async fn status(project: &Project, output: Output) -> CliResult {
         if let Some(e) = &r.error {
             // Masked again: a state written by an older nanokit may hold an
             // unmasked error.
-            println!("    {}", masked(e.lines().next().unwrap_or("")));
+            outln!("    {}", masked(e.lines().next().unwrap_or("")));
         }
     }
     Ok(exit::OK)
@@ -544,7 +548,7 @@ async fn logs(project: &Project, service: &str, lines: usize, follow: bool) -> C
     let text = std::fs::read(&path).unwrap_or_default();
     // The service's own output is in the log as it wrote it: masked here,
     // when it is shown.
-    println!("{}", masked(&tail(&String::from_utf8_lossy(&text), lines)));
+    outln!("{}", masked(&tail(&String::from_utf8_lossy(&text), lines)));
     if !follow {
         return Ok(exit::OK);
     }
@@ -554,11 +558,10 @@ async fn logs(project: &Project, service: &str, lines: usize, follow: bool) -> C
         tokio::time::sleep(Duration::from_millis(200)).await;
         if let Ok(bytes) = std::fs::read(&path) {
             if (bytes.len() as u64) > pos {
-                print!(
+                out!(
                     "{}",
                     masked(&String::from_utf8_lossy(&bytes[pos as usize..]))
                 );
-                let _ = std::io::stdout().flush();
                 pos = bytes.len() as u64;
             } else if (bytes.len() as u64) < pos {
                 pos = 0;
@@ -578,10 +581,10 @@ async fn drift(project: &Project, restore: bool, output: Output) -> CliResult {
     if output == Output::Json {
         json(&report);
     } else if !report.drifted {
-        println!("No drift: every recorded service is running with its configuration.");
+        outln!("No drift: every recorded service is running with its configuration.");
     } else {
         for i in &report.items {
-            println!(
+            outln!(
                 "{:<20} {:<15} {}",
                 i.service,
                 serde_json::to_value(i.kind)
@@ -622,15 +625,15 @@ async fn unlock(project: &Project, yes: bool) -> CliResult {
     }
     let path = state::lock_path(&cfg.state_file);
     let Some(holder) = state::lock::inspect_deploy_lock(&path)? else {
-        println!("The deploy lock {} is not held.", path.display());
+        outln!("The deploy lock {} is not held.", path.display());
         return Ok(exit::OK);
     };
-    println!("The deploy lock {} is held by {holder}.", path.display());
+    outln!("The deploy lock {} is held by {holder}.", path.display());
     if !yes {
         super::confirm("Clear it? Only do this when that run is really gone.").await?;
     }
     state::lock::break_deploy_lock(&path)?;
-    println!("Cleared. The holder, if still running, will find its lease lost.");
+    outln!("Cleared. The holder, if still running, will find its lease lost.");
     Ok(exit::OK)
 }
 
@@ -644,10 +647,10 @@ async fn unlock_remote(url: &str, workspace: &str, yes: bool) -> CliResult {
     };
     let held = db.lock_info(workspace).await.map_err(remote_err)?;
     let Some(held) = held else {
-        println!("The deploy lock of {workspace} in {location} is not held.");
+        outln!("The deploy lock of {workspace} in {location} is not held.");
         return Ok(exit::OK);
     };
-    println!(
+    outln!(
         "The deploy lock of {workspace} in {location} is held by {} ({}), since {}, expiring at {} unless renewed.",
         held.holder,
         held.info,
@@ -659,7 +662,7 @@ async fn unlock_remote(url: &str, workspace: &str, yes: bool) -> CliResult {
     }
     match db.force_unlock(workspace).await {
         Ok(_) => {
-            println!("Cleared. The holder, if still running, will find its lock lost and stop.");
+            outln!("Cleared. The holder, if still running, will find its lock lost and stop.");
             Ok(exit::OK)
         }
         Err(e) => Err(CliError::from(remote_err(e))),

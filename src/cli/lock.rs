@@ -83,26 +83,26 @@ pub async fn run(cmd: LockCommand) -> CliResult {
             match output {
                 OutputFormat::Json => print_json(&status),
                 OutputFormat::Text => match &status {
-                    Some(s) => print!("{}\n{}", path.display(), describe(s)),
-                    None => println!("{}: not held", path.display()),
+                    Some(s) => out!("{}\n{}", path.display(), describe(s)),
+                    None => outln!("{}: not held", path.display()),
                 },
             }
             Ok(exit::OK)
         }
         LockCommand::Break { path, yes } => {
             let Some(status) = lock::inspect(&path, lock::DEFAULT_STALE)? else {
-                println!("{}: not held; nothing to do", path.display());
+                outln!("{}: not held; nothing to do", path.display());
                 return Ok(exit::OK);
             };
             if !yes {
-                eprint!("{}\n{}", path.display(), describe(&status));
+                errout!("{}\n{}", path.display(), describe(&status));
                 confirm("Break this lock?").await?;
             }
             match lock::break_lock(&path)? {
                 Some(info) => {
-                    println!("broke {} (was held by {})", path.display(), info.describe())
+                    outln!("broke {} (was held by {})", path.display(), info.describe())
                 }
-                None => println!("{}: released meanwhile; nothing to do", path.display()),
+                None => outln!("{}: released meanwhile; nothing to do", path.display()),
             }
             Ok(exit::OK)
         }

@@ -3,6 +3,9 @@
 //! (`src/bin/nanokit.rs`, also installed as `nkapp`) calls it too, so both
 //! print the same output and return the same exit codes.
 
+#[macro_use]
+mod out;
+
 mod infra;
 mod lock;
 mod repo;
@@ -55,7 +58,7 @@ pub enum Command {
     Provision(repo::ProvisionArgs),
     /// Shared key/value state with named locks (embedded SQLite or PostgreSQL)
     State(state::StateArgs),
-    /// Render a run's trace (.nanokit/traces/<run>.json) as an HTML timeline and print its slowest steps
+    /// Render a run's trace (.nanokit/traces/RUN.json) as an HTML timeline and print its slowest steps
     Timeline(timeline::TimelineArgs),
 }
 
@@ -111,7 +114,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// Prints `value` as pretty JSON on stdout.
 pub fn print_json<T: serde::Serialize>(value: &T) {
-    println!(
+    outln!(
         "{}",
         serde_json::to_string_pretty(value).expect("output serialises")
     );
@@ -128,7 +131,7 @@ pub async fn confirm(question: &str) -> Result<(), CliError> {
     }
     let question = question.to_string();
     let answer = tokio::task::spawn_blocking(move || {
-        eprint!("{question} [y/N] ");
+        errout!("{question} [y/N] ");
         let _ = std::io::stderr().flush();
         let mut line = String::new();
         let _ = std::io::stdin().lock().read_line(&mut line);
@@ -195,10 +198,14 @@ pub async fn run_as(name: &str, args: Vec<String>) -> i32 {
         Command::Timeline(args) => timeline::run(args),
     };
     let _ = tokio::task::spawn_blocking(crate::trace::flush_global).await;
+    let result = match out::finish() {
+        Some(e) if result.is_ok() => Err(e),
+        _ => result,
+    };
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error[{}]: {}", e.code, e.message);
+            errln!("error[{}]: {}", e.code, e.message);
             e.exit
         }
     }

@@ -117,10 +117,10 @@ fn status(repo_dir: &Path, output: OutputFormat) -> CliResult {
         print_json(&status);
         return Ok(exit::OK);
     }
-    println!("repository {}", status.dir.display());
-    println!("\ninstalled ({})", status.installed.len());
+    outln!("repository {}", status.dir.display());
+    outln!("\ninstalled ({})", status.installed.len());
     for p in &status.installed {
-        println!(
+        outln!(
             "  {:<48} {}{}",
             p.specifier,
             when(p.installed_at_ms),
@@ -131,24 +131,24 @@ fn status(repo_dir: &Path, output: OutputFormat) -> CliResult {
             }
         );
     }
-    println!("\nlocks held ({})", status.locks.len());
+    outln!("\nlocks held ({})", status.locks.len());
     for l in &status.locks {
-        println!("  {}", l.path.display());
+        outln!("  {}", l.path.display());
         for line in describe(l).lines() {
-            println!("    {line}");
+            outln!("    {line}");
         }
     }
-    println!(
+    outln!(
         "\nleftovers of interrupted installs ({})",
         status.leftovers.len()
     );
     for p in &status.leftovers {
-        println!("  {}", p.display());
+        outln!("  {}", p.display());
     }
     if !status.leftovers.is_empty() {
-        println!("  (removed by the next install of the same package)");
+        outln!("  (removed by the next install of the same package)");
     }
-    println!("\nstaging directories ({})", status.staging.len());
+    outln!("\nstaging directories ({})", status.staging.len());
     for s in &status.staging {
         print_staging(s);
     }
@@ -157,9 +157,9 @@ fn status(repo_dir: &Path, output: OutputFormat) -> CliResult {
 
 /// One staging directory of `repo status`: its path, then who owns it.
 fn print_staging(s: &StagingEntry) {
-    println!("  {}", s.path.display());
+    outln!("  {}", s.path.display());
     if s.trash {
-        println!("    trash of an earlier attempt, being removed");
+        outln!("    trash of an earlier attempt, being removed");
     } else if let Some(o) = &s.owner {
         let alive = match s.owner_alive {
             Some(true) => "alive",
@@ -172,15 +172,16 @@ fn print_staging(s: &StagingEntry) {
             (Some(p), None) => format!(", installer pid {p}"),
             (None, _) => String::new(),
         };
-        println!(
+        outln!(
             "    owner pid {} on {} ({alive}){installer}",
-            o.pid, o.hostname
+            o.pid,
+            o.hostname
         );
     } else {
-        println!("    no owner record");
+        outln!("    no owner record");
     }
     if s.orphaned {
-        println!("    orphaned: removed by the next install of any package");
+        outln!("    orphaned: removed by the next install of any package");
     }
 }
 
@@ -223,7 +224,7 @@ fn report_installs(
                     } else {
                         "already installed"
                     };
-                    println!(
+                    outln!(
                         "{spec}: {what} ({} ms, waited {} ms)",
                         o.duration.as_millis(),
                         o.waited.as_millis()
@@ -235,7 +236,7 @@ fn report_installs(
             Err(e) => {
                 json.push(serde_json::json!({"specifier": spec, "error": e.to_string()}));
                 if output == OutputFormat::Text {
-                    eprintln!("error[{}]: {e}", crate::error::ErrorCode::code(&e));
+                    errln!("error[{}]: {e}", crate::error::ErrorCode::code(&e));
                 }
                 failed.get_or_insert(CliError::from(e));
             }
@@ -271,13 +272,13 @@ pub async fn provision(args: ProvisionArgs) -> CliResult {
     .await?;
     match args.output {
         OutputFormat::Json => print_json(&o),
-        OutputFormat::Text if o.ran => println!(
+        OutputFormat::Text if o.ran => outln!(
             "provisioned {} (hash {}) in {} ms",
             args.dir.display(),
             o.hash,
             o.duration.as_millis()
         ),
-        OutputFormat::Text => println!(
+        OutputFormat::Text => outln!(
             "already provisioned {} (hash {}); skipped{}",
             args.dir.display(),
             o.hash,

@@ -1,8 +1,6 @@
 //! `nanokit state …`: the key/value state store and its named locks from the
 //! command line.
 
-use std::io::Write;
-
 use clap::{Args, Subcommand};
 use serde_json::json;
 
@@ -132,7 +130,7 @@ pub enum StateCommand {
 pub async fn run(args: StateArgs) -> CliResult {
     let result = run_inner(&args).await;
     if let (Err(e), OutputFormat::Json) = (&result, args.output) {
-        println!(
+        outln!(
             "{}",
             json!({"error": {"code": e.code, "message": e.message}})
         );
@@ -170,7 +168,6 @@ fn table(rows: &[Vec<String>]) {
                 .unwrap_or(0)
         })
         .collect();
-    let mut out = std::io::stdout().lock();
     for r in rows {
         let mut line = String::new();
         for (c, cell) in r.iter().enumerate() {
@@ -181,7 +178,7 @@ fn table(rows: &[Vec<String>]) {
                 line.push_str(&" ".repeat(widths[c] - cell.chars().count() + 2));
             }
         }
-        let _ = writeln!(out, "{}", line.trim_end());
+        outln!("{}", line.trim_end());
     }
 }
 
@@ -245,9 +242,9 @@ async fn list(store: &Store, prefix: Option<&str>, json_out: bool) -> Done {
                 json!({"key": e.key, "type": kind(&e.value), "value": e.value.into_json(), "updatedAt": fmt_ms(e.updated_at_ms)})
             })
             .collect();
-        println!("{}", serde_json::Value::Array(v));
+        outln!("{}", serde_json::Value::Array(v));
     } else if entries.is_empty() {
-        eprintln!(
+        errln!(
             "(no keys{})",
             prefix
                 .map(|p| format!(" starting with {p:?}"))
@@ -287,7 +284,7 @@ async fn show(store: &Store, key: &str, json_out: bool) -> Done {
     let e = entry(store, key).await?;
     let bytes = e.value.display_text().len();
     if json_out {
-        println!(
+        outln!(
             "{}",
             json!({"key": e.key, "type": kind(&e.value), "bytes": bytes, "updatedAt": fmt_ms(e.updated_at_ms), "value": e.value.into_json()})
         );
@@ -296,11 +293,11 @@ async fn show(store: &Store, key: &str, json_out: bool) -> Done {
             Value::Text(s) => s.clone(),
             Value::Json(v) => serde_json::to_string_pretty(v).unwrap_or_default(),
         };
-        println!("key:      {}", e.key);
-        println!("type:     {}", kind(&e.value));
-        println!("bytes:    {bytes}");
-        println!("updated:  {}", fmt_ms(e.updated_at_ms));
-        println!("value:\n{pretty}");
+        outln!("key:      {}", e.key);
+        outln!("type:     {}", kind(&e.value));
+        outln!("bytes:    {bytes}");
+        outln!("updated:  {}", fmt_ms(e.updated_at_ms));
+        outln!("value:\n{pretty}");
     }
     Ok(())
 }
@@ -308,9 +305,9 @@ async fn show(store: &Store, key: &str, json_out: bool) -> Done {
 async fn get(store: &Store, key: &str, json_out: bool) -> Done {
     let e = entry(store, key).await?;
     if json_out {
-        println!("{}", e.value.into_json());
+        outln!("{}", e.value.into_json());
     } else {
-        println!("{}", e.value.display_text());
+        outln!("{}", e.value.display_text());
     }
     Ok(())
 }
@@ -327,7 +324,7 @@ async fn set(store: &Store, key: &str, value: &str, json: bool, json_out: bool) 
     };
     store.set(key, &v).await?;
     if json_out {
-        println!("{}", json!({"key": key, "set": true}));
+        outln!("{}", json!({"key": key, "set": true}));
     }
     Ok(())
 }
@@ -342,9 +339,9 @@ async fn delete(store: &Store, key: &str, yes: bool, json_out: bool) -> Done {
     }
     let existed = store.delete(key).await?;
     if json_out {
-        println!("{}", json!({"key": key, "deleted": existed}));
+        outln!("{}", json!({"key": key, "deleted": existed}));
     } else if !existed {
-        eprintln!("key {key:?} did not exist");
+        errln!("key {key:?} did not exist");
     }
     Ok(())
 }
@@ -360,9 +357,9 @@ async fn clear(store: &Store, yes: bool, json_out: bool) -> Done {
     }
     let n = store.clear().await?;
     if json_out {
-        println!("{}", json!({"deleted": n}));
+        outln!("{}", json!({"deleted": n}));
     } else {
-        println!("deleted {n} key(s)");
+        outln!("deleted {n} key(s)");
     }
     Ok(())
 }
@@ -370,7 +367,7 @@ async fn clear(store: &Store, yes: bool, json_out: bool) -> Done {
 async fn stats(store: &Store, json_out: bool) -> Done {
     let s = store.stats().await?;
     if json_out {
-        println!("{}", serde_json::to_value(&s).unwrap_or_default());
+        outln!("{}", serde_json::to_value(&s).unwrap_or_default());
     } else {
         let mut rows = vec![
             vec!["backend".to_string(), s.backend.clone()],
@@ -391,9 +388,9 @@ async fn stats(store: &Store, json_out: bool) -> Done {
 async fn incr(store: &Store, key: &str, delta: i64, json_out: bool) -> Done {
     let n = store.increment(key, delta).await?;
     if json_out {
-        println!("{}", json!({"key": key, "value": n}));
+        outln!("{}", json!({"key": key, "value": n}));
     } else {
-        println!("{n}");
+        outln!("{n}");
     }
     Ok(())
 }
@@ -409,12 +406,12 @@ async fn lock(
     let wait = kv::wait_duration(wait * 1000.0)?;
     let a = store.lock(name, holder, timeout, wait).await?;
     if json_out {
-        println!(
+        outln!(
             "{}",
             json!({"name": a.name, "holder": a.holder, "expiresAt": fmt_ms(a.expires_at_ms)})
         );
     } else {
-        println!(
+        outln!(
             "locked {:?} for {:?} until {}",
             a.name,
             a.holder,
@@ -437,14 +434,14 @@ async fn force_unlock(store: &Store, name: &str, yes: bool, json_out: bool) -> D
     }
     let prev = store.force_unlock(name).await?;
     if json_out {
-        println!(
+        outln!(
             "{}",
             json!({"name": name, "unlocked": true, "previousHolder": prev})
         );
     } else {
         match prev {
-            Some(h) => println!("removed lock {name:?} held by {h:?}"),
-            None => println!("lock {name:?} was not held"),
+            Some(h) => outln!("removed lock {name:?} held by {h:?}"),
+            None => outln!("lock {name:?} was not held"),
         }
     }
     Ok(())
@@ -453,9 +450,9 @@ async fn force_unlock(store: &Store, name: &str, yes: bool, json_out: bool) -> D
 async fn unlock(store: &Store, name: &str, holder: &str, json_out: bool) -> Done {
     store.unlock(name, holder).await?;
     if json_out {
-        println!("{}", json!({"name": name, "unlocked": true}));
+        outln!("{}", json!({"name": name, "unlocked": true}));
     } else {
-        println!("unlocked {name:?}");
+        outln!("unlocked {name:?}");
     }
     Ok(())
 }
@@ -463,18 +460,18 @@ async fn unlock(store: &Store, name: &str, holder: &str, json_out: bool) -> Done
 async fn locked(store: &Store, name: &str, json_out: bool) -> Done {
     let i = store.is_locked(name).await?;
     if json_out {
-        println!(
+        outln!(
             "{}",
             json!({"name": name, "locked": i.locked, "holder": i.holder, "expiresAt": i.expires_at_ms.map(fmt_ms)})
         );
     } else if i.locked {
-        println!(
+        outln!(
             "{name:?} is locked by {:?} until {}",
             i.holder.unwrap_or_default(),
             i.expires_at_ms.map(fmt_ms).unwrap_or_default()
         );
     } else {
-        println!("{name:?} is not locked");
+        outln!("{name:?} is not locked");
     }
     Ok(())
 }

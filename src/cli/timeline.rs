@@ -95,10 +95,10 @@ fn run_masked(args: TimelineArgs) -> CliResult {
         if args.output == OutputFormat::Json {
             print_json(&runs);
         } else if runs.is_empty() {
-            println!("No traces in {} yet.", dir.display());
+            outln!("No traces in {} yet.", dir.display());
         } else {
             for r in &runs {
-                println!(
+                outln!(
                     "{}  {:<6} {:>9.2}s  {}",
                     r["run"].as_str().unwrap_or(""),
                     r["outcome"].as_str().unwrap_or(""),
@@ -120,7 +120,7 @@ fn run_masked(args: TimelineArgs) -> CliResult {
     // 0600 in a 0700 folder (private under .nanokit/traces).
     crate::sys::private::write(&out, timeline::html(&t).as_bytes())
         .map_err(|e| err(format!("cannot write {}: {e}", out.display())))?;
-    print!("{}", timeline::summary(&t, args.top));
-    println!("Timeline: {}", out.display());
+    out!("{}", timeline::summary(&t, args.top));
+    outln!("Timeline: {}", out.display());
     Ok(exit::OK)
 }

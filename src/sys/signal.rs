@@ -67,7 +67,8 @@ pub fn install(token: CancellationToken, notice: &'static str) -> Guard {
         std::thread::spawn(move || {
             let mut b = [0u8; 1];
             if libc::read(read_fd, b.as_mut_ptr().cast(), 1) == 1 {
-                eprintln!("{notice}");
+                use std::io::Write;
+                let _ = writeln!(std::io::stderr(), "{notice}");
                 let mut dfl: libc::sigaction = std::mem::zeroed();
                 dfl.sa_sigaction = libc::SIG_DFL;
                 libc::sigaction(libc::SIGINT, &dfl, std::ptr::null_mut());

@@ -11,7 +11,7 @@
 //!   fails), and, when `OTEL_EXPORTER_OTLP_ENDPOINT` /
 //!   `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set, a batch OTLP/HTTP
 //!   (protobuf) exporter, `http://` or `https://` (rustls; the TLS and
-//!   header variables: [`otlp`]). The run's future runs under a scoped
+//!   header variables: `trace/otlp.rs`). The run's future runs under a scoped
 //!   `tracing` dispatcher, so concurrent runs in one process never mix their
 //!   spans.
 //! - **Outside runs** (JS `install`, `createLockedHandlers`, `provision`,
@@ -184,11 +184,12 @@ impl Exporting {
 }
 
 fn warn_once(msg: &str) {
+    use std::io::Write;
     static SEEN: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
     if !seen.iter().any(|m| m == msg) {
         seen.push(msg.to_string());
-        eprintln!("{msg}");
+        let _ = writeln!(std::io::stderr(), "{msg}");
     }
 }
 
