@@ -178,7 +178,13 @@ pub fn client_config(
 /// What went wrong in a TLS handshake, when `err`'s source chain holds a
 /// rustls error (directly or inside `io::Error`s), in words.
 pub fn explain(err: &(dyn std::error::Error + 'static)) -> Option<String> {
-    find_rustls(err, 0).map(describe)
+    rustls_cause(err).map(describe)
+}
+
+/// The rustls error in `err`'s source chain (directly or inside
+/// `io::Error`s), if any.
+pub fn rustls_cause<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    find_rustls(err, 0)
 }
 
 fn find_rustls<'a>(

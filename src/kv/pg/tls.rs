@@ -20,7 +20,6 @@
 //! - A failure caused by TLS becomes [`KvError::Tls`], whose
 //!   [`TlsFailure`] says which it was, with a stable code.
 
-use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -324,7 +323,7 @@ impl TlsOptions {
             }
             return None;
         }
-        if let Some(tls) = rustls_error(e) {
+        if let Some(tls) = crate::sys::tls::rustls_cause(e) {
             return Some(self.explain_rustls(tls, location));
         }
         let text = with_causes(e);
@@ -405,26 +404,6 @@ impl TlsOptions {
             detail,
         }
     }
-}
-
-/// The rustls error behind a tokio-postgres error, if any. (`io::Error`
-/// hides a custom inner error from `source()`: it is reached by `get_ref`.)
-fn rustls_error(e: &tokio_postgres::Error) -> Option<&rustls::Error> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(err) = cur {
-        if let Some(t) = err.downcast_ref::<rustls::Error>() {
-            return Some(t);
-        }
-        if let Some(t) = err
-            .downcast_ref::<io::Error>()
-            .and_then(|io| io.get_ref())
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        {
-            return Some(t);
-        }
-        cur = err.source();
-    }
-    None
 }
 
 /// The error and each of its causes, `: `-separated (tokio-postgres'
