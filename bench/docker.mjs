@@ -14,6 +14,9 @@
 //             until the last layer is healthy too (what a user waits for).
 //   no-change `up` again with everything running and unchanged.
 //   down      everything removed (containers and the network).
+//   floor     the same removal done straight over the Docker socket by a
+//             small node script, unordered and with no grace period: what
+//             the daemon itself needs, printed against both tools.
 //
 // Targets (issue #16): up ≤ 0.6× (moonshot 0.4×), no-change up ≤ 0.2×,
 // down ≤ 0.5× of compose's wall time. After the figures, the per-layer
@@ -156,7 +159,42 @@ function layers(trace) {
   return out
 }
 
-const t = { nk: { up: [], noop: [], down: [] }, dc: { up: [], noop: [], down: [] } }
+// The daemon's own floor for `down`, with no tool's logic in the way: a
+// fresh node process that, over the Docker socket, inspects the 12
+// containers, SIGTERMs all their processes at once (no order, and each
+// exits on SIGTERM at once), waits until the daemon reports each not
+// running, then deletes them all and the network together. Only where the
+// daemon is on this host's unix socket (the signals are sent from here).
+const FLOOR = `
+const http = require('node:http')
+const [net, ...ids] = process.argv.slice(1)
+const req = (method, path) => new Promise((ok, fail) => {
+  const r = http.request({ socketPath: '/var/run/docker.sock', method, path: '/v1.41' + path }, (m) => {
+    let b = ''
+    m.on('data', (d) => (b += d))
+    m.on('end', () => (m.statusCode < 300 ? ok(b) : fail(new Error(method + ' ' + path + ': ' + m.statusCode + ' ' + b))))
+  })
+  r.on('error', fail)
+  r.end()
+})
+;(async () => {
+  const pids = (await Promise.all(ids.map((id) => req('GET', '/containers/' + id + '/json')))).map((b) => JSON.parse(b).State.Pid)
+  const stopped = ids.map((id) => req('POST', '/containers/' + id + '/wait?condition=not-running'))
+  for (const p of pids) process.kill(p, 'SIGTERM')
+  await Promise.all(stopped)
+  await Promise.all([...ids.map((id) => req('DELETE', '/containers/' + id + '?force=1')), req('DELETE', '/networks/' + net)])
+})().catch((e) => { console.error(e.message); process.exit(1) })
+`
+const floorPossible = !process.env.DOCKER_HOST || process.env.DOCKER_HOST === 'unix:///var/run/docker.sock'
+function floorDown() {
+  const ids = run('docker', ['ps', '-q', '--filter', 'label=nk-project=nkbench']).stdout.split(/\s+/).filter(Boolean)
+  if (ids.length !== names.length) throw new Error(`floor: expected ${names.length} running containers, found ${ids.length}`)
+  const ms = timed(() => run(process.execPath, ['-e', FLOOR, 'nanokit-net-local', ...ids]))
+  nk('down') // forgets what the floor removed behind nanokit's back
+  return ms
+}
+
+const t = { nk: { up: [], noop: [], down: [] }, dc: { up: [], noop: [], down: [] }, floor: [] }
 const traces = []
 for (let r = 0; r < RUNS; r++) {
   // Alternate which tool goes first, so neither always gets the warmer daemon.
@@ -169,6 +207,10 @@ for (let r = 0; r < RUNS; r++) {
       t.nk.noop.push(timed(() => nk('up')))
       t.nk.down.push(timed(() => nk('down')))
       if (nkContainers() !== 0) throw new Error('nanokit down left containers behind')
+      if (floorPossible) {
+        nk('up')
+        t.floor.push(floorDown())
+      }
     } else {
       t.dc.up.push(timed(composeUpHealthy))
       t.dc.noop.push(timed(() => dc('up', '-d')))
@@ -193,6 +235,12 @@ console.log(`docker engine ${engine}, docker-compose ${composeVersion}; median o
 row('up (until all healthy)', 'up', 0.6)
 row('no-change up', 'noop', 0.2)
 row('down', 'down', 0.5)
+if (t.floor.length) {
+  const f = median(t.floor)
+  console.log(
+    `${'down, daemon floor (raw API)'.padEnd(30)}   floor ${f.toFixed(0).padStart(6)} ms   compose ${median(t.dc.down).toFixed(0).padStart(6)} ms   ${(f / median(t.dc.down)).toFixed(2)}×   nanokit/floor ${(median(t.nk.down) / f).toFixed(2)}×`,
+  )
+}
 const mid = t.nk.up.indexOf(median(t.nk.up))
 console.log(`nanokit's median up (${t.nk.up[mid].toFixed(0)} ms), per layer from its trace (ms since the run's start):`)
 traces[mid].forEach((l, i) => {
