@@ -7,10 +7,10 @@
 // `nkapp` alias (a link named nkapp to the JS shim; the `nkapp` executable)
 // names itself in --help and --version. Other CLI tests (infra, repo, state,
 // timeline) run each case against both CLIs through helpers/clis.mjs.
-import { spawnSync } from 'node:child_process'
+import { spawn, spawnSync } from 'node:child_process'
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
-import { closeSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs'
+import { appendFileSync, closeSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { dirname, join } from 'node:path'
 
@@ -177,5 +177,33 @@ for (const c of CLIS) {
     } finally {
       closeSync(full)
     }
+  })
+}
+
+// `logs --follow` only prints: once its reader is gone it stops, exit 0,
+// instead of following the log for nobody until a Ctrl-C.
+for (const c of CLIS) {
+  test(`${c.name}: logs --follow stops once its reader goes away`, async () => {
+    const p = project('name: follow\nservices:\n  api:\n    start: "sleep 1"\n')
+    const log = join(p.dir, '.nanokit', 'logs', 'local', 'api.log')
+    mkdirSync(dirname(log), { recursive: true })
+    writeFileSync(log, 'first line\n')
+    const child = spawn(
+      'bash',
+      ['-c', '"$0" "$@" | head -c 5 >/dev/null; exit ${PIPESTATUS[0]}', c.cmd, ...c.pre, 'logs', 'api', '--follow', '-f', p.file],
+      { cwd: p.dir, stdio: ['ignore', 'ignore', 'pipe'], detached: true },
+    )
+    let stderr = ''
+    child.stderr.on('data', (d) => (stderr += d))
+    const grow = setInterval(() => appendFileSync(log, 'another line\n'), 100)
+    // Still following after 20 s: kill the pipeline (its process group).
+    const guard = setTimeout(() => process.kill(-child.pid, 'SIGKILL'), 20000)
+    const code = await new Promise((done) => child.on('exit', (code, signal) => done(signal ?? code)))
+    clearInterval(grow)
+    clearTimeout(guard)
+    child.stderr.destroy()
+    assert.equal(code, 0, `exit ${code}; stderr: ${stderr}`)
+    assert.equal(stderr, '')
+    rmSync(p.dir, { recursive: true, force: true })
   })
 }

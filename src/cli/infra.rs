@@ -554,7 +554,7 @@ async fn logs(project: &Project, service: &str, lines: usize, follow: bool) -> C
     }
     let (cancel, _sigint) = ctrl_c_token();
     let mut pos = text.len() as u64;
-    while !cancel.is_cancelled() {
+    while !cancel.is_cancelled() && !super::out::closed() {
         tokio::time::sleep(Duration::from_millis(200)).await;
         if let Ok(bytes) = std::fs::read(&path) {
             if (bytes.len() as u64) > pos {

@@ -2,7 +2,8 @@
 //! the output, never the command: the rest of stdout is dropped, the command
 //! finishes what it was doing and exits with its own code. Any other failure
 //! to write stdout (a full disk) is reported once the command is done, as
-//! `ENKOUTPUT`. Nothing here panics.
+//! `ENKOUTPUT`. A command that only prints (`logs --follow`) stops once its
+//! reader is gone. Nothing here panics.
 
 use std::fmt;
 use std::io::{self, Write};
@@ -27,6 +28,12 @@ pub fn stdout(args: fmt::Arguments<'_>) {
     if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
         *failed = Some((e.kind(), e.to_string()));
     }
+}
+
+/// Whether stdout has failed (its reader went away): a command that only
+/// prints, such as `logs --follow`, stops then.
+pub fn closed() -> bool {
+    failed().is_some()
 }
 
 /// Writes `args` to stderr; a stderr nobody reads is ignored.
