@@ -176,10 +176,16 @@ impl Held {
         if container.len() < 12 {
             return None;
         }
+        let held = Held::open(pid)?;
+        cgroup(pid).contains(container).then_some(held)
+    }
+
+    /// Holds `pid` if it runs.
+    fn open(pid: u32) -> Option<Held> {
         let flags = rustix::process::PidfdFlags::empty();
         let fd = rustix::process::pidfd_open(self::pid(pid)?, flags).ok()?;
         let start_time = start_time(pid)?;
-        cgroup(pid).contains(container).then_some(Held {
+        Some(Held {
             fd,
             pid,
             start_time,
@@ -197,8 +203,22 @@ impl Held {
         start_time(self.pid) != Some(self.start_time)
     }
 
-    /// Resolves once the held process has exited (looked at every 10 ms).
+    /// Resolves once the held process has exited: when its pidfd turns
+    /// readable, which the kernel does at the exit. (Needs a tokio runtime
+    /// with I/O enabled, as every runtime of nanokit's is.) Where the fd
+    /// cannot be watched, `/proc` is looked at every 10 ms instead.
     pub async fn exited(&self) {
+        use tokio::io::{unix::AsyncFd, Interest};
+        // SAFETY: the AsyncFd owns the duplicate fd, which stays open and
+        // the same until the AsyncFd is dropped.
+        let watched = self.fd.try_clone().map_err(drop).and_then(|fd| {
+            unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(drop)
+        });
+        if let Ok(fd) = watched {
+            if fd.readable().await.is_ok() {
+                return;
+            }
+        }
         while !self.gone() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -285,5 +305,21 @@ mod tests {
         child.wait().unwrap();
         assert!(held.is_none(), "held outside the container's group");
         assert!(Held::in_container(std::process::id(), "short").is_none());
+    }
+
+    #[tokio::test]
+    async fn exited_resolves_at_the_exit_and_not_before() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("0.3")
+            .spawn()
+            .unwrap();
+        let held = Held::open(child.id()).expect("held");
+        let started = Instant::now();
+        tokio::time::timeout(Duration::from_secs(10), held.exited())
+            .await
+            .expect("exited within 10 s");
+        assert!(held.gone(), "resolved while the process runs");
+        assert!(started.elapsed() >= Duration::from_millis(250));
+        child.wait().unwrap();
     }
 }
