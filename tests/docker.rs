@@ -1148,6 +1148,83 @@ environments:
     assert!(!network_exists());
 }
 
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(nk_docker),
+    ignore = "SKIPPED: needs NANOKIT_TEST_DOCKER (eval \"$(bash scripts/docker-test-env.sh)\")"
+)]
+async fn concurrent_ups_of_one_env_end_on_one_network() {
+    services::require_docker();
+    // Engine 20.10 (API 1.41) accepts a second network of the same name: six
+    // runs that each find the env's network missing and create it at once
+    // must still end with one network, every container on it.
+    let env = format!("nr{:05x}", fastrand::u32(..0x10_0000));
+    let network = format!("nanokit-net-{env}");
+    let yml = format!(
+        r#"
+name: NAME
+infra: {{ provider: docker }}
+services:
+  s: {{ image: "nk-busybox:latest", start: "exec sleep 600" }}
+environments:
+  {env}: {{}}
+"#
+    );
+    let projects: Vec<DProject> = (0..6).map(|_| DProject::new("race", &yml)).collect();
+    let config = |p: &DProject| {
+        let mut o = nanokit::config::LoadOptions::new(p.p.file());
+        o.env = env.clone();
+        std::sync::Arc::new(nanokit::config::load(&o).expect("config"))
+    };
+    let networks = || {
+        docker(&[
+            "network",
+            "ls",
+            "-q",
+            "--no-trunc",
+            "--filter",
+            &format!("name=^{network}$"),
+        ])
+        .lines()
+        .map(str::to_string)
+        .collect::<Vec<_>>()
+    };
+    let ups = projects.iter().map(|p| {
+        let cfg = config(p);
+        async move {
+            let provider = engine::provider_for(&cfg).expect("provider");
+            engine::up(cfg, provider, quick()).await.expect("up")
+        }
+    });
+    for r in futures::future::join_all(ups).await {
+        ok(&r);
+    }
+    let left = networks();
+    assert_eq!(left.len(), 1, "networks named {network}: {left:?}");
+    for p in &projects {
+        let (name, j) = p.containers().into_iter().next().expect("a container");
+        let on = j["NetworkSettings"]["Networks"][&network]["NetworkID"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert_eq!(on, left[0], "{name} is not on the env's network");
+    }
+    let downs = projects.iter().map(|p| {
+        let cfg = config(p);
+        async move {
+            let provider = engine::provider_for(&cfg).expect("provider");
+            engine::down(cfg, provider, quick()).await.expect("down")
+        }
+    });
+    for r in futures::future::join_all(downs).await {
+        ok(&r);
+    }
+    assert!(
+        networks().is_empty(),
+        "the env's network outlived its last container"
+    );
+}
+
 /// Docker events of `project`'s containers since `since` (a `docker events
 /// --since` time: unix seconds, optionally with nanoseconds), oldest first,
 /// one line each in the Go template `format`.

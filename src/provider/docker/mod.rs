@@ -112,12 +112,21 @@ fn docker_err(what: &str, e: DockerError) -> ProviderError {
 /// Waits (at most [`REMOVE_WAITS_FOR_STOP`]) until the daemon counts
 /// container `id` as not running, or it is gone.
 async fn wait_stopped(d: &Docker, id: &str) {
-    let not_running = WaitContainerOptions {
-        condition: "not-running".into(),
+    wait_for(d, id, "not-running").await
+}
+
+/// Waits (at most [`REMOVE_WAITS_FOR_STOP`]) until container `id` is gone.
+async fn wait_removed(d: &Docker, id: &str) {
+    wait_for(d, id, "removed").await
+}
+
+async fn wait_for(d: &Docker, id: &str, condition: &str) {
+    let options = WaitContainerOptions {
+        condition: condition.into(),
     };
     let _ = tokio::time::timeout(
         REMOVE_WAITS_FOR_STOP,
-        d.wait_container(id, Some(not_running)).next(),
+        d.wait_container(id, Some(options)).next(),
     )
     .await;
 }
@@ -679,7 +688,8 @@ impl Provider for DockerProvider {
 
     /// Removes the env's network once no container of the env (of any
     /// project, in any state) is left but `leaving`, as Compose removes its
-    /// project network. A network something else still uses stays.
+    /// project network; of several projects' `down`s at once, the last to
+    /// finish removes it. A network something else still uses stays.
     async fn down_complete(&self, scope: &Scope, leaving: &[String]) -> Result<(), ProviderError> {
         let env_label = format!("{}={}", docker_label(LABEL_ENV), scope.env);
         let d = self.docker().await?;
@@ -687,13 +697,22 @@ impl Provider for DockerProvider {
         // container not running, so once `leaving` are all not running the
         // network can go while their removals are still under way.
         let torn_down = futures::future::join_all(leaving.iter().map(|id| wait_stopped(d, id)));
-        let (listed, _) = tokio::join!(self.list_labelled(vec![env_label]), torn_down);
-        let in_use = listed?
-            .iter()
-            .filter_map(|c| c.id.as_deref())
-            .any(|id| !leaving.iter().any(|l| l == id));
-        if in_use {
-            return Ok(());
+        let in_use = |listed: Vec<bollard::models::ContainerSummary>| {
+            listed
+                .iter()
+                .filter_map(|c| c.id.as_deref())
+                .any(|id| !leaving.iter().any(|l| l == id))
+        };
+        let (listed, _) = tokio::join!(self.list_labelled(vec![env_label.clone()]), torn_down);
+        if in_use(listed?) {
+            // Other projects' containers may be on their way out as well
+            // (several `down`s at once), each run seeing the others': the
+            // run whose containers are gone last finds none left. So once
+            // `leaving` are gone, look again.
+            futures::future::join_all(leaving.iter().map(|id| wait_removed(d, id))).await;
+            if in_use(self.list_labelled(vec![env_label]).await?) {
+                return Ok(());
+            }
         }
         match d.remove_network(&self.network).await {
             Ok(()) => Ok(()),
