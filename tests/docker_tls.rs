@@ -191,6 +191,82 @@ fn up_status_down_over_tcp_with_tls_verify_and_the_cert_path() {
     assert!(p.running().is_empty());
 }
 
+/// A loopback TCP relay to `target` (`host:port`) that counts the
+/// connections it accepts; returns its address and the count.
+fn counting_relay(target: String) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::atomic::Ordering;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = count.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { continue };
+            seen.fetch_add(1, Ordering::SeqCst);
+            let Ok(server) = TcpStream::connect(&target) else {
+                continue;
+            };
+            let pipe = |mut from: TcpStream, mut to: TcpStream| {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                });
+            };
+            pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
+            pipe(server, client);
+        }
+    });
+    (addr, count)
+}
+
+#[test]
+#[cfg_attr(
+    not(nk_docker),
+    ignore = "SKIPPED: needs NANOKIT_TEST_DOCKER (eval \"$(bash scripts/docker-test-env.sh)\")"
+)]
+fn a_run_over_tls_keeps_its_connections_instead_of_a_handshake_per_call() {
+    let p = TlsProject::new();
+    let certs = cert_dir("ca.pem", Some(("client.pem", "client-key.pem")));
+    let target = tls_host().trim_start_matches("tcp://").to_string();
+    let (relay, connections) = counting_relay(target);
+    let vars = [("DOCKER_CERT_PATH", certs.path())];
+    let via_relay = |cmd: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_nanokit"));
+        c.args(cmd)
+            .arg("-f")
+            .arg(p.dir.path().join("nanokit.yml"))
+            .env("DOCKER_HOST", format!("tcp://{relay}"))
+            .env("DOCKER_TLS_VERIFY", "1")
+            .env("HOME", p.dir.path());
+        for (k, v) in vars {
+            c.env(k, v);
+        }
+        let o = c.output().expect("run nanokit");
+        assert!(
+            o.status.success(),
+            "{cmd:?}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    // `up` of one service makes ten calls (version, network, observe,
+    // image, create, start, inspect, …) and `down` eight, at most three at
+    // a time: without kept connections that was 10 and 8 connections (a TLS
+    // handshake each), with them 2 and 3. The bound leaves room for a
+    // connection opened while another is on its way back to the pool.
+    via_relay(&["up"]);
+    let up = connections.swap(0, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(p.running(), [format!("nk-{}-local-s", p.name)]);
+    via_relay(&["down"]);
+    let down = connections.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(p.running().is_empty());
+    assert!(
+        up <= 4 && down <= 5,
+        "connections to the daemon: {up} for up, {down} for down"
+    );
+}
+
 #[test]
 #[cfg_attr(
     not(nk_docker),
