@@ -1079,18 +1079,20 @@ async fn the_docker_example_comes_up_healthy_and_goes_down() {
     assert!(p.names().is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread")]
-#[cfg_attr(
-    not(nk_docker),
-    ignore = "SKIPPED: needs NANOKIT_TEST_DOCKER (eval \"$(bash scripts/docker-test-env.sh)\")"
-)]
-async fn down_removes_the_env_network_once_no_container_of_the_env_is_left() {
-    services::require_docker();
-    // An env of its own: the network is shared by every project of an env.
-    let env = format!("nt{:05x}", fastrand::u32(..0x10_0000));
-    let network = format!("nanokit-net-{env}");
-    let yml = format!(
-        r#"
+/// An env of its own (its network is shared by every project of the env)
+/// for projects of one service, each with a provider of its own per run.
+struct OwnEnv {
+    env: String,
+    network: String,
+    yml: String,
+}
+
+impl OwnEnv {
+    fn new(prefix: &str) -> OwnEnv {
+        services::require_docker();
+        let env = format!("{prefix}{:05x}", fastrand::u32(..0x10_0000));
+        let yml = format!(
+            r#"
 name: NAME
 infra: {{ provider: docker }}
 services:
@@ -1098,53 +1100,66 @@ services:
 environments:
   {env}: {{}}
 "#
-    );
-    let a = DProject::new("neta", &yml);
-    let b = DProject::new("netb", &yml);
-    let config = |p: &DProject| {
+        );
+        OwnEnv {
+            network: format!("nanokit-net-{env}"),
+            env,
+            yml,
+        }
+    }
+    fn project(&self, prefix: &str) -> DProject {
+        DProject::new(prefix, &self.yml)
+    }
+    fn config(&self, p: &DProject) -> std::sync::Arc<nanokit::config::Config> {
         let mut o = nanokit::config::LoadOptions::new(p.p.file());
-        o.env = env.clone();
+        o.env = self.env.clone();
         std::sync::Arc::new(nanokit::config::load(&o).expect("config"))
-    };
-    let up = |p: &DProject| {
-        let cfg = config(p);
-        async move {
-            let provider = engine::provider_for(&cfg).expect("provider");
-            engine::up(cfg, provider, quick()).await.expect("up")
-        }
-    };
-    let down = |p: &DProject| {
-        let cfg = config(p);
-        async move {
-            let provider = engine::provider_for(&cfg).expect("provider");
-            engine::down(cfg, provider, quick()).await.expect("down")
-        }
-    };
-    let network_exists = || {
-        !docker(&[
-            "network",
-            "ls",
-            "-q",
-            "--filter",
-            &format!("name=^{network}$"),
-        ])
-        .is_empty()
-    };
+    }
+    async fn up(&self, p: &DProject) -> engine::Report {
+        let cfg = self.config(p);
+        let provider = engine::provider_for(&cfg).expect("provider");
+        engine::up(cfg, provider, quick()).await.expect("up")
+    }
+    async fn down(&self, p: &DProject) -> engine::Report {
+        let cfg = self.config(p);
+        let provider = engine::provider_for(&cfg).expect("provider");
+        engine::down(cfg, provider, quick()).await.expect("down")
+    }
+    /// The ids of the networks named as the env's.
+    fn networks(&self) -> Vec<String> {
+        let filter = format!("name=^{}$", self.network);
+        docker(&["network", "ls", "-q", "--no-trunc", "--filter", &filter])
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
 
-    ok(&up(&a).await);
-    ok(&up(&b).await);
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(nk_docker),
+    ignore = "SKIPPED: needs NANOKIT_TEST_DOCKER (eval \"$(bash scripts/docker-test-env.sh)\")"
+)]
+async fn down_removes_the_env_network_once_no_container_of_the_env_is_left() {
+    let env = OwnEnv::new("nt");
+    let a = env.project("neta");
+    let b = env.project("netb");
+    let network_exists = || !env.networks().is_empty();
+
+    ok(&env.up(&a).await);
+    ok(&env.up(&b).await);
     assert!(network_exists());
-    ok(&down(&a).await);
+    ok(&env.down(&a).await);
     assert!(network_exists(), "project b still has a container on it");
-    ok(&down(&b).await);
+    ok(&env.down(&b).await);
     assert!(
         !network_exists(),
         "the last container of the env is gone, so is its network"
     );
     // And the next up makes it again.
-    ok(&up(&a).await);
+    ok(&env.up(&a).await);
     assert!(network_exists());
-    ok(&down(&a).await);
+    ok(&env.down(&a).await);
     assert!(!network_exists());
 }
 
@@ -1154,73 +1169,29 @@ environments:
     ignore = "SKIPPED: needs NANOKIT_TEST_DOCKER (eval \"$(bash scripts/docker-test-env.sh)\")"
 )]
 async fn concurrent_ups_of_one_env_end_on_one_network() {
-    services::require_docker();
     // Engine 20.10 (API 1.41) accepts a second network of the same name: six
     // runs that each find the env's network missing and create it at once
     // must still end with one network, every container on it.
-    let env = format!("nr{:05x}", fastrand::u32(..0x10_0000));
-    let network = format!("nanokit-net-{env}");
-    let yml = format!(
-        r#"
-name: NAME
-infra: {{ provider: docker }}
-services:
-  s: {{ image: "nk-busybox:latest", start: "exec sleep 600" }}
-environments:
-  {env}: {{}}
-"#
-    );
-    let projects: Vec<DProject> = (0..6).map(|_| DProject::new("race", &yml)).collect();
-    let config = |p: &DProject| {
-        let mut o = nanokit::config::LoadOptions::new(p.p.file());
-        o.env = env.clone();
-        std::sync::Arc::new(nanokit::config::load(&o).expect("config"))
-    };
-    let networks = || {
-        docker(&[
-            "network",
-            "ls",
-            "-q",
-            "--no-trunc",
-            "--filter",
-            &format!("name=^{network}$"),
-        ])
-        .lines()
-        .map(str::to_string)
-        .collect::<Vec<_>>()
-    };
-    let ups = projects.iter().map(|p| {
-        let cfg = config(p);
-        async move {
-            let provider = engine::provider_for(&cfg).expect("provider");
-            engine::up(cfg, provider, quick()).await.expect("up")
-        }
-    });
-    for r in futures::future::join_all(ups).await {
+    let env = OwnEnv::new("nr");
+    let projects: Vec<DProject> = (0..6).map(|_| env.project("race")).collect();
+    for r in futures::future::join_all(projects.iter().map(|p| env.up(p))).await {
         ok(&r);
     }
-    let left = networks();
-    assert_eq!(left.len(), 1, "networks named {network}: {left:?}");
+    let left = env.networks();
+    assert_eq!(left.len(), 1, "networks named {}: {left:?}", env.network);
     for p in &projects {
         let (name, j) = p.containers().into_iter().next().expect("a container");
-        let on = j["NetworkSettings"]["Networks"][&network]["NetworkID"]
+        let on = j["NetworkSettings"]["Networks"][&env.network]["NetworkID"]
             .as_str()
             .unwrap_or_default()
             .to_string();
         assert_eq!(on, left[0], "{name} is not on the env's network");
     }
-    let downs = projects.iter().map(|p| {
-        let cfg = config(p);
-        async move {
-            let provider = engine::provider_for(&cfg).expect("provider");
-            engine::down(cfg, provider, quick()).await.expect("down")
-        }
-    });
-    for r in futures::future::join_all(downs).await {
+    for r in futures::future::join_all(projects.iter().map(|p| env.down(p))).await {
         ok(&r);
     }
     assert!(
-        networks().is_empty(),
+        env.networks().is_empty(),
         "the env's network outlived its last container"
     );
 }

@@ -95,11 +95,16 @@ impl TlsProject {
 
     /// `nanokit <cmd>` with `DOCKER_HOST` = the TLS endpoint and `vars`.
     fn run(&self, cmd: &[&str], vars: &[(&str, &Path)], tls_verify: bool) -> Ran {
+        self.run_at(&tls_host(), cmd, vars, tls_verify)
+    }
+
+    /// [`TlsProject::run`] with `DOCKER_HOST` = `host`.
+    fn run_at(&self, host: &str, cmd: &[&str], vars: &[(&str, &Path)], tls_verify: bool) -> Ran {
         let mut c = Command::new(env!("CARGO_BIN_EXE_nanokit"));
         c.args(cmd)
             .arg("-f")
             .arg(self.dir.path().join("nanokit.yml"))
-            .env("DOCKER_HOST", tls_host())
+            .env("DOCKER_HOST", host)
             .env_remove("DOCKER_CERT_PATH")
             .env_remove("DOCKER_CONFIG")
             .env_remove("DOCKER_TLS_VERIFY")
@@ -192,12 +197,12 @@ fn up_status_down_over_tcp_with_tls_verify_and_the_cert_path() {
 }
 
 /// A loopback TCP relay to `target` (`host:port`) that counts the
-/// connections it accepts; returns its address and the count.
+/// connections it accepts; returns its `tcp://` address and the count.
 fn counting_relay(target: String) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use std::net::{TcpListener, TcpStream};
     use std::sync::atomic::Ordering;
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
+    let addr = format!("tcp://{}", listener.local_addr().unwrap());
     let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let seen = count.clone();
     std::thread::spawn(move || {
@@ -230,25 +235,9 @@ fn a_run_over_tls_keeps_its_connections_instead_of_a_handshake_per_call() {
     let certs = cert_dir("ca.pem", Some(("client.pem", "client-key.pem")));
     let target = tls_host().trim_start_matches("tcp://").to_string();
     let (relay, connections) = counting_relay(target);
-    let vars = [("DOCKER_CERT_PATH", certs.path())];
     let via_relay = |cmd: &[&str]| {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_nanokit"));
-        c.args(cmd)
-            .arg("-f")
-            .arg(p.dir.path().join("nanokit.yml"))
-            .env("DOCKER_HOST", format!("tcp://{relay}"))
-            .env("DOCKER_TLS_VERIFY", "1")
-            .env("HOME", p.dir.path());
-        for (k, v) in vars {
-            c.env(k, v);
-        }
-        let o = c.output().expect("run nanokit");
-        assert!(
-            o.status.success(),
-            "{cmd:?}: {}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
+        let r = p.run_at(&relay, cmd, &[("DOCKER_CERT_PATH", certs.path())], true);
+        assert_eq!(r.code, Some(0), "{cmd:?}: {}", r.out);
     };
     // `up` of one service makes ten calls (version, network, observe,
     // image, create, start, inspect, …) and `down` eight, at most three at

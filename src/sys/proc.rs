@@ -211,10 +211,11 @@ impl Held {
         use tokio::io::{unix::AsyncFd, Interest};
         // SAFETY: the AsyncFd owns the duplicate fd, which stays open and
         // the same until the AsyncFd is dropped.
-        let watched = self.fd.try_clone().map_err(drop).and_then(|fd| {
-            unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(drop)
-        });
-        if let Ok(fd) = watched {
+        let watched =
+            self.fd.try_clone().ok().and_then(|fd| {
+                unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.ok()
+            });
+        if let Some(fd) = watched {
             if fd.readable().await.is_ok() {
                 return;
             }
