@@ -212,7 +212,18 @@ services:
         .iter()
         .any(|e| e == "FOO=1"));
     assert!(w1["NetworkSettings"]["Networks"]["nanokit-net-local"].is_object());
-    assert_eq!(w1["State"]["Health"]["Status"], "healthy");
+    // The container carries the check as its Docker HEALTHCHECK, and
+    // Docker's own verdict (which nanokit does not wait for) comes to agree.
+    let hc = &w1["Config"]["Healthcheck"];
+    assert_eq!(
+        hc["Test"],
+        serde_json::json!(["CMD", "sh", "-c", "test -d /data"])
+    );
+    assert_eq!(hc["Interval"], 200_000_000i64);
+    assert_eq!(hc["Retries"], 5);
+    let w1_name = &cs.iter().find(|c| c.0.ends_with("worker-1")).unwrap().0;
+    let seen = wait_docker_health(w1_name, "healthy", Duration::from_secs(20));
+    assert_eq!(seen, "healthy");
     // Observe: by label, all three.
     let cfg = p.p.config();
     let provider = engine::provider_for(&cfg).unwrap();
@@ -1225,6 +1236,19 @@ fn events_since(project: &str, since: u64) -> Vec<String> {
         &since.to_string(),
         "{{.Status}} {{.Actor.Attributes.name}}",
     )
+}
+
+/// Docker's own health status of `container` once it is `want`, or the
+/// last one seen when `within` is spent.
+fn wait_docker_health(container: &str, want: &str, within: Duration) -> String {
+    let until = Instant::now() + within;
+    loop {
+        let seen = docker(&["inspect", "-f", "{{.State.Health.Status}}", container]);
+        if seen == want || Instant::now() >= until {
+            return seen;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn unix_now() -> u64 {
