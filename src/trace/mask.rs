@@ -9,8 +9,9 @@
 //!   `vars` given instead of it);
 //! - the value of every service env variable whose name looks secret
 //!   ([`secret_name`]: PASSWORD, PASSWD, PASSPHRASE, SECRET, TOKEN,
-//!   CREDENTIAL, APIKEY, AUTH, PRIVATE, COOKIE, SALT, SIGNATURE, DSN as a
-//!   part of the name, KEY / PASS / PWD / PW / CREDS as a whole `_`-part);
+//!   CREDENTIAL, APIKEY, AUTH (not as AUTHOR or AUTHORITY), PRIVATE, COOKIE,
+//!   SALT, SIGNATURE, DSN as a part of the name, KEY / PASS / PWD / PW /
+//!   CREDS as a whole `_`-part);
 //! - the password of every `scheme://user:password@…` URL in a service's env
 //!   or in the state URL, and the state URL itself.
 //!
@@ -62,10 +63,18 @@ pub fn secret_name(name: &str) -> bool {
     if up == "PWD" || up == "OLDPWD" {
         return false;
     }
-    SECRET_PARTS.iter().any(|p| up.contains(p))
+    SECRET_PARTS
+        .iter()
+        .any(|p| up.match_indices(p).any(|(at, _)| !authorship(&up[at..])))
         || up
             .split(|c: char| !c.is_ascii_alphanumeric())
             .any(|w| SECRET_WORDS.contains(&w))
+}
+
+/// Whether `rest`, which starts with `AUTH`, is an author or an authority
+/// (`GIT_AUTHOR_NAME`, `CERT_AUTHORITY`) rather than an authorization.
+fn authorship(rest: &str) -> bool {
+    rest.starts_with("AUTHOR") && !rest.starts_with("AUTHORIZ") && !rest.starts_with("AUTHORIS")
 }
 
 /// The password of a `scheme://user:password@host…` URL.
@@ -312,6 +321,10 @@ mod tests {
             "DB_PWD",
             "GOOGLE_CREDENTIALS",
             "AUTH_HEADER",
+            "HTTP_AUTHORIZATION",
+            "authorisationHeader",
+            "OAUTH_CLIENT",
+            "GIT_AUTHOR_TOKEN",
             "SENTRY_DSN",
             "PRIVATE_KEY_PEM",
         ] {
@@ -325,6 +338,10 @@ mod tests {
             "PASSTHROUGH",
             "HOME",
             "API_URL",
+            "GIT_AUTHOR_NAME",
+            "GIT_AUTHOR_EMAIL",
+            "gitAuthorDate",
+            "CERT_AUTHORITY",
         ] {
             assert!(!secret_name(k), "{k}");
         }
