@@ -71,8 +71,8 @@ pub fn secret_name(name: &str) -> bool {
             .any(|w| SECRET_WORDS.contains(&w))
 }
 
-/// Whether `rest`, which starts with `AUTH`, is an author or an authority
-/// (`GIT_AUTHOR_NAME`, `CERT_AUTHORITY`) rather than an authorization.
+/// Whether `rest` starts with an author or an authority (`GIT_AUTHOR_NAME`,
+/// `CERT_AUTHORITY`) rather than an authorization (`HTTP_AUTHORIZATION`).
 fn authorship(rest: &str) -> bool {
     rest.starts_with("AUTHOR") && !rest.starts_with("AUTHORIZ") && !rest.starts_with("AUTHORIS")
 }
