@@ -1207,35 +1207,62 @@ async fn concurrent_ups_of_one_env_end_on_one_network() {
     );
 }
 
-/// Docker events of `project`'s containers since `since` (a `docker events
-/// --since` time: unix seconds, optionally with nanoseconds), oldest first,
-/// one line each in the Go template `format`.
-fn container_events(project: &str, since: &str, format: &str) -> Vec<String> {
-    docker(&[
-        "events",
-        "--since",
-        since,
-        "--until",
-        &format!("{}", unix_now() + 1),
-        "--filter",
-        &format!("label=nk-project={project}"),
-        "--filter",
-        "type=container",
-        "--format",
-        format,
-    ])
-    .lines()
-    .map(|l| l.trim().to_string())
-    .collect()
+/// Docker events of a project's containers, streamed from the moment of
+/// [`Events::watch`]. (`docker events --since` run afterwards replays only
+/// the daemon's in-memory log of its last 256 events, which the suite's
+/// concurrent tests overrun within seconds: every probe is an exec, three
+/// events.)
+struct Events {
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
-/// [`container_events`] as `status container-name` lines.
-fn events_since(project: &str, since: u64) -> Vec<String> {
-    container_events(
-        project,
-        &since.to_string(),
-        "{{.Status}} {{.Actor.Attributes.name}}",
-    )
+impl Events {
+    /// Starts streaming `project`'s container events, one line each in the
+    /// Go template `format`.
+    fn watch(project: &str, format: &str) -> Events {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        let mut child = Command::new("docker")
+            .args(["events", "--since"])
+            .arg(format!("{}.{:09}", t.as_secs(), t.subsec_nanos()))
+            .args(["--filter", &format!("label=nk-project={project}")])
+            .args(["--filter", "type=container", "--format", format])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("docker events");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let out = child.stdout.take().unwrap();
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(l.trim().to_string());
+            }
+        });
+        Events { child, lines }
+    }
+
+    /// The events so far, oldest first, once one starting with `last` has
+    /// arrived (or 10 s have passed).
+    fn until(mut self, last: &str) -> Vec<String> {
+        let by = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < by
+            && !self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.starts_with(last))
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let seen = self.lines.lock().unwrap().clone();
+        seen
+    }
 }
 
 /// Docker's own health status of `container` once it is `want`, or the
@@ -1249,13 +1276,6 @@ fn wait_docker_health(container: &str, want: &str, within: Duration) -> String {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
 }
 
 /// nanokit runs the check itself from the start: `db`'s check passes at
@@ -1282,7 +1302,7 @@ services:
     depends_on: [db]
 "#,
     );
-    let since = unix_now().saturating_sub(1);
+    let watch = Events::watch(&p.name, "{{.Status}} {{.Actor.Attributes.name}}");
     let cancel = tokio_util::sync::CancellationToken::new();
     {
         // A guard: waiting for Docker's verdict would take a minute.
@@ -1301,7 +1321,7 @@ services:
         "starting",
         "Docker has judged db already: the test proves nothing"
     );
-    let events = events_since(&p.name, since);
+    let events = watch.until(&format!("start {app}"));
     let app_start = events
         .iter()
         .position(|e| *e == format!("start {app}"))
@@ -1485,20 +1505,11 @@ fn usr1_image() -> &'static str {
     image
 }
 
-/// Now, as `docker events --since` takes it to the nanosecond.
-fn now_precise() -> String {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap();
-    format!("{}.{:09}", t.as_secs(), t.subsec_nanos())
-}
-
-/// [`container_events`] as `action service exit-code` lines, the exit code
-/// empty but for `die`.
-fn actions_since(project: &str, since: &str) -> Vec<String> {
-    container_events(
+/// [`Events`] of `project` as `action service exit-code` lines, the exit
+/// code empty but for `die`.
+fn watch_actions(project: &str) -> Events {
+    Events::watch(
         project,
-        since,
         r#"{{.Action}} {{index .Actor.Attributes "nk-service"}} {{.Actor.Attributes.exitCode}}"#,
     )
 }
@@ -1537,7 +1548,7 @@ services:
         ),
     );
     ok(&p.up(quick()).await);
-    let since = now_precise();
+    let watch = watch_actions(&p.name);
     let d = p.p.down().await;
     assert!(d.failures().is_empty(), "{:?}", d.results);
     assert!(p.names().is_empty(), "down left {:?}", p.names());
@@ -1545,7 +1556,8 @@ services:
     let mark = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
     assert_eq!(mark("usr1").trim(), "USR1", "usr1 got the wrong signal");
     assert_eq!(mark("stubborn").trim(), "TERM", "stubborn got no SIGTERM");
-    let events = actions_since(&p.name, &since);
+    // `a` goes last: its dependent `stubborn` is stopped first.
+    let events = watch.until("destroy a");
     assert!(events.contains(&"die usr1 0".to_string()), "{events:?}");
     assert!(
         events.contains(&"die stubborn 137".to_string()),
@@ -1582,11 +1594,11 @@ services:
     );
     ok(&p.up(quick()).await);
     docker(&["update", "--restart", "always", &p.container_of("r")]);
-    let since = now_precise();
+    let watch = watch_actions(&p.name);
     let d = p.p.down().await;
     assert!(d.failures().is_empty(), "{:?}", d.results);
     assert!(p.names().is_empty(), "down left {:?}", p.names());
-    let events = actions_since(&p.name, &since);
+    let events = watch.until("destroy r");
     assert!(events.iter().any(|e| e.starts_with("die r")), "{events:?}");
     assert!(
         !events
