@@ -197,7 +197,7 @@ services:
         ]
     );
     let cs = p.containers();
-    let w1 = &cs.iter().find(|c| c.0.ends_with("worker-1")).unwrap().1;
+    let (w1_name, w1) = cs.iter().find(|c| c.0.ends_with("worker-1")).unwrap();
     let labels = &w1["Config"]["Labels"];
     assert_eq!(labels["nk-project"], n.as_str());
     assert_eq!(labels["nk-env"], "local");
@@ -221,7 +221,6 @@ services:
     );
     assert_eq!(hc["Interval"], 200_000_000i64);
     assert_eq!(hc["Retries"], 5);
-    let w1_name = &cs.iter().find(|c| c.0.ends_with("worker-1")).unwrap().0;
     let seen = wait_docker_health(w1_name, "healthy", Duration::from_secs(20));
     assert_eq!(seen, "healthy");
     // Observe: by label, all three.
@@ -1214,7 +1213,7 @@ async fn concurrent_ups_of_one_env_end_on_one_network() {
 /// events.)
 struct Events {
     child: std::process::Child,
-    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    lines: std::sync::mpsc::Receiver<String>,
 }
 
 impl Events {
@@ -1232,35 +1231,36 @@ impl Events {
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("docker events");
-        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let out = child.stdout.take().unwrap();
-        let sink = lines.clone();
+        let (tx, lines) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             use std::io::BufRead;
             for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(l.trim().to_string());
+                if tx.send(l.trim().to_string()).is_err() {
+                    break;
+                }
             }
         });
         Events { child, lines }
     }
 
-    /// The events so far, oldest first, once one starting with `last` has
-    /// arrived (or 10 s have passed).
+    /// The events, oldest first, up to the first one starting with `last`
+    /// (or all that came within 10 s).
     fn until(mut self, last: &str) -> Vec<String> {
         let by = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < by
-            && !self
-                .lines
-                .lock()
-                .unwrap()
-                .iter()
-                .any(|l| l.starts_with(last))
+        let mut seen = Vec::new();
+        while let Ok(l) = self
+            .lines
+            .recv_timeout(by.saturating_duration_since(Instant::now()))
         {
-            std::thread::sleep(Duration::from_millis(20));
+            let done = l.starts_with(last);
+            seen.push(l);
+            if done {
+                break;
+            }
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let seen = self.lines.lock().unwrap().clone();
         seen
     }
 }
