@@ -25,6 +25,8 @@ pub mod config;
 pub mod graph;
 pub mod kv;
 pub mod lock;
+// PostgreSQL connections (URL, TLS, errors), for kv/ and state/.
+pub mod pg;
 // Spans, trace files, the timeline and the secret masker.
 pub mod trace;
 // The OS layer and the error codes.

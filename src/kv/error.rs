@@ -1,6 +1,8 @@
 //! The one error type of the key/value state module.
 
 use crate::error::ErrorCode;
+use crate::pg::PgError;
+pub use crate::pg::TlsFailure;
 
 /// Everything that can go wrong in the key/value state store. Each variant
 /// has a stable code (see [`ErrorCode`]) and a message that says what to do.
@@ -113,40 +115,22 @@ impl ErrorCode for KvError {
     }
 }
 
-/// Which part of TLS with a PostgreSQL server failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TlsFailure {
-    /// `ENKTLSREFUSED`: the sslmode requires TLS and the server does not
-    /// offer it.
-    Refused,
-    /// `ENKTLSREQUIRED`: the server refused a connection without TLS
-    /// (`hostssl`-only `pg_hba.conf`).
-    Required,
-    /// `ENKTLSCERT`: the server's certificate is not trusted by the CA.
-    Untrusted,
-    /// `ENKTLSHOSTNAME`: the server's certificate does not name the host.
-    HostName,
-    /// `ENKTLSCLIENTCERT`: the server rejected (or wanted) a client
-    /// certificate.
-    ClientCert,
-    /// `ENKTLSFILE`: an sslrootcert/sslcert/sslkey file cannot be read or
-    /// used, or a verifying sslmode has no CA.
-    File,
-    /// `ENKTLS`: any other TLS handshake failure.
-    Handshake,
-}
-
-impl TlsFailure {
-    /// The stable code.
-    pub fn code(self) -> &'static str {
-        match self {
-            TlsFailure::Refused => "ENKTLSREFUSED",
-            TlsFailure::Required => "ENKTLSREQUIRED",
-            TlsFailure::Untrusted => "ENKTLSCERT",
-            TlsFailure::HostName => "ENKTLSHOSTNAME",
-            TlsFailure::ClientCert => "ENKTLSCLIENTCERT",
-            TlsFailure::File => "ENKTLSFILE",
-            TlsFailure::Handshake => "ENKTLS",
+impl From<PgError> for KvError {
+    fn from(e: PgError) -> Self {
+        match e {
+            PgError::BadUrl(detail) => KvError::BadUrl(detail),
+            PgError::Unavailable { location, detail } => KvError::Unavailable { location, detail },
+            PgError::Tls {
+                location,
+                failure,
+                detail,
+            } => KvError::Tls {
+                location,
+                failure,
+                detail,
+            },
+            PgError::Corrupt { location, detail } => KvError::Corrupt { location, detail },
+            PgError::Server { location, detail } => KvError::Backend { location, detail },
         }
     }
 }

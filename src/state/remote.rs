@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 
-use crate::kv::pg::{connect, map_pg_err, redact_url};
 use crate::kv::{backoff, timeout_ms, validate_holder, validate_key, KvError, Result};
+use crate::pg::{connect, redact_url};
 
 const SCHEMA: &str = "
 BEGIN;
@@ -105,7 +105,7 @@ impl InfraStateStore {
     }
 
     fn m(&self, e: tokio_postgres::Error) -> KvError {
-        map_pg_err(&self.location, e)
+        crate::pg::map_err(&self.location, e).into()
     }
 
     /// The current document of `workspace`, or `None` before the first write.

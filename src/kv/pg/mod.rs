@@ -6,30 +6,21 @@
 //! PostgreSQL serialises per row. Lock expiry is decided by the database's
 //! clock (`now()`), so machines with skewed clocks still agree.
 //!
-//! Every PostgreSQL connection of nanokit is made by [`connect`], with TLS
-//! as libpq's URL parameters and `PGSSL*` variables say ([`tls`]).
+//! Connections are made by [`crate::pg::connect`], as every PostgreSQL
+//! connection of nanokit is.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio_postgres::config::Host;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
-use tokio_postgres_rustls::MakeRustlsConnect;
 
-mod tls;
-
-use super::error::TlsFailure;
-use tls::TlsOptions;
+pub use crate::pg::redact_url;
 
 use super::{
     backoff, timeout_ms, validate_agent, validate_holder, validate_key, Acquired, Entry, KvError,
     LockInfo, Result, Stats, Value,
 };
-
-/// How long connecting may take when the URL does not say
-/// (`connect_timeout=` in the URL overrides it).
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 const SCHEMA: &str = "
 BEGIN;
@@ -65,171 +56,6 @@ pub struct PgStore {
     location: String,
 }
 
-/// The URL without its password, for messages.
-pub fn redact_url(url: &str) -> String {
-    // postgres://user:password@host/db → postgres://user:***@host/db
-    if let Some(scheme_end) = url.find("://") {
-        let rest = &url[scheme_end + 3..];
-        let auth_end = rest.find('/').unwrap_or(rest.len());
-        if let Some(at) = rest[..auth_end].rfind('@') {
-            let auth = &rest[..at];
-            if let Some(colon) = auth.find(':') {
-                return format!(
-                    "{}{}:***{}",
-                    &url[..scheme_end + 3],
-                    &auth[..colon],
-                    &rest[at..]
-                );
-            }
-        }
-    }
-    url.to_string()
-}
-
-/// Connects to `url`, spawning the connection task on the current Tokio
-/// runtime, with TLS as the URL's libpq parameters say (see [`tls`]). A
-/// server that does not answer gives `ENKSTATEUNAVAILABLE`; a TLS failure
-/// gives [`KvError::Tls`] (`ENKTLS…`).
-pub async fn connect(url: &str) -> Result<Client> {
-    let location = redact_url(url);
-    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-        return Err(KvError::BadUrl(format!(
-            "{location:?} does not start with postgres:// or postgresql://"
-        )));
-    }
-    let (rest, mut tls) = TlsOptions::from_url(url)?;
-    let mut config: tokio_postgres::Config = rest
-        .parse()
-        .map_err(|e| KvError::BadUrl(format!("{location:?}: {}", tls::with_causes(&e))))?;
-    let timeout = config
-        .get_connect_timeout()
-        .copied()
-        .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
-    config.connect_timeout(timeout);
-    if config.get_application_name().is_none() {
-        config.application_name("nanokit");
-    }
-    // As libpq: no TLS over a Unix socket.
-    let hosts = config.get_hosts();
-    if !hosts.is_empty() && hosts.iter().all(|h| !matches!(h, Host::Tcp(_))) {
-        tls.mode = tls::SslMode::Disable;
-    }
-    let connector = tls.connector(&location)?;
-    let (first, second) = tls.attempts();
-    let e1 = match attempt(&mut config, first, connector.clone(), timeout, &location).await? {
-        Ok(client) => return Ok(client),
-        Err(e) => e,
-    };
-    let explained = tls.explain(&e1, &location);
-    // libpq's second try: `allow` after the server refused the plain
-    // connection, `prefer` after the TLS handshake failed.
-    let retry = match (tls.mode, &explained) {
-        (tls::SslMode::Allow, _) => e1.as_db_error().is_some(),
-        (tls::SslMode::Prefer, Some(KvError::Tls { failure, .. })) => matches!(
-            failure,
-            TlsFailure::Untrusted
-                | TlsFailure::HostName
-                | TlsFailure::ClientCert
-                | TlsFailure::Handshake
-        ),
-        _ => false,
-    };
-    if let (true, Some(mode)) = (retry, second) {
-        match attempt(&mut config, mode, connector, timeout, &location).await? {
-            Ok(client) => return Ok(client),
-            // Report the TLS attempt's failure: `allow`'s second, `prefer`'s first.
-            Err(e2) if tls.mode == tls::SslMode::Allow => {
-                return Err(tls
-                    .explain(&e2, &location)
-                    .unwrap_or_else(|| unreachable_err(&location, &e2)))
-            }
-            Err(_) => {}
-        }
-    }
-    Err(explained.unwrap_or_else(|| unreachable_err(&location, &e1)))
-}
-
-/// One connection attempt with `mode`: the client, or the error of the
-/// server or the handshake (`Err` of the outer result: no answer in time).
-async fn attempt(
-    config: &mut tokio_postgres::Config,
-    mode: tokio_postgres::config::SslMode,
-    connector: MakeRustlsConnect,
-    timeout: Duration,
-    location: &str,
-) -> Result<std::result::Result<Client, tokio_postgres::Error>> {
-    config.ssl_mode(mode);
-    let (client, connection) = match tokio::time::timeout(timeout, config.connect(connector))
-        .await
-        .map_err(|_| KvError::Unavailable {
-            location: location.to_string(),
-            detail: format!(
-                "no answer within {} s; check that the server is running and reachable (connect_timeout= in the URL changes the wait)",
-                timeout.as_secs_f64()
-            ),
-        })? {
-        Ok(c) => c,
-        Err(e) => return Ok(Err(e)),
-    };
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!("state database connection closed: {e}");
-        }
-    });
-    Ok(Ok(client))
-}
-
-fn unreachable_err(location: &str, e: &tokio_postgres::Error) -> KvError {
-    KvError::Unavailable {
-        location: location.to_string(),
-        detail: format!(
-            "{}; check that the server is running and the URL is right",
-            tls::with_causes(e)
-        ),
-    }
-}
-
-/// Maps a PostgreSQL error to a [`KvError`].
-pub fn map_pg_err(location: &str, e: tokio_postgres::Error) -> KvError {
-    if e.is_closed() {
-        return KvError::Unavailable {
-            location: location.to_string(),
-            detail: format!("the connection was lost ({e})"),
-        };
-    }
-    if let Some(db) = e.as_db_error() {
-        let code = db.code();
-        // 08: connection exceptions; 57: operator intervention (server
-        // shutting down, backend terminated, cannot connect now).
-        if code.code().starts_with("08") || code.code().starts_with("57") {
-            return KvError::Unavailable {
-                location: location.to_string(),
-                detail: format!("{} ({})", db.message(), code.code()),
-            };
-        }
-        if *code == SqlState::UNDEFINED_COLUMN
-            || *code == SqlState::DATATYPE_MISMATCH
-            || *code == SqlState::UNDEFINED_TABLE
-        {
-            return KvError::Corrupt {
-                location: location.to_string(),
-                detail: format!(
-                    "a nanokit table does not have the expected schema: {}",
-                    db.message()
-                ),
-            };
-        }
-        return KvError::Backend {
-            location: location.to_string(),
-            detail: format!("{} ({})", db.message(), code.code()),
-        };
-    }
-    KvError::Unavailable {
-        location: location.to_string(),
-        detail: e.to_string(),
-    }
-}
-
 const EPOCH_MS: &str = "(extract(epoch from {})*1000)::bigint";
 
 fn epoch_ms(col: &str) -> String {
@@ -240,7 +66,7 @@ impl PgStore {
     /// Connects, creates the tables when missing, and checks their shape.
     pub async fn connect(url: &str, agent: &str) -> Result<PgStore> {
         validate_agent(agent)?;
-        let client = connect(url).await?;
+        let client = crate::pg::connect(url).await?;
         let store = PgStore {
             client: std::sync::Mutex::new(Arc::new(client)),
             broken: std::sync::atomic::AtomicBool::new(false),
@@ -268,7 +94,7 @@ impl PgStore {
     }
 
     fn m(&self, e: tokio_postgres::Error) -> KvError {
-        let err = map_pg_err(&self.location, e);
+        let err = KvError::from(crate::pg::map_err(&self.location, e));
         if matches!(err, KvError::Unavailable { .. }) {
             self.broken.store(true, std::sync::atomic::Ordering::SeqCst);
         }
@@ -287,7 +113,7 @@ impl PgStore {
         }
         self.broken
             .store(false, std::sync::atomic::Ordering::SeqCst);
-        let fresh = Arc::new(connect(&self.url).await?);
+        let fresh = Arc::new(crate::pg::connect(&self.url).await?);
         *self.client.lock().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&fresh);
         Ok(fresh)
     }

@@ -17,7 +17,7 @@
 //!   it (it refuses most of them); tokio-postgres is told only whether TLS
 //!   is off, optional or required, and the rustls verifier chosen here does
 //!   the checking. Unix-socket connections never use TLS (as libpq).
-//! - A failure caused by TLS becomes [`KvError::Tls`], whose
+//! - A failure caused by TLS becomes [`PgError::Tls`], whose
 //!   [`TlsFailure`] says which it was, with a stable code.
 
 use std::path::{Path, PathBuf};
@@ -32,8 +32,7 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme
 use tokio_postgres::config::SslMode as PgMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use crate::kv::error::TlsFailure;
-use crate::kv::KvError;
+use super::{PgError, TlsFailure};
 use crate::sys::tls;
 
 /// libpq's `sslmode`.
@@ -106,7 +105,7 @@ impl TlsOptions {
     /// Takes the TLS parameters out of `url` (falling back to the
     /// environment, then to libpq's defaults) and returns the URL that
     /// tokio-postgres is given.
-    pub fn from_url(url: &str) -> Result<(String, TlsOptions), KvError> {
+    pub fn from_url(url: &str) -> Result<(String, TlsOptions), PgError> {
         Self::from_url_with(url, &|k| std::env::var(k).ok(), home().as_deref())
     }
 
@@ -116,7 +115,7 @@ impl TlsOptions {
         url: &str,
         env: &dyn Fn(&str) -> Option<String>,
         home: Option<&Path>,
-    ) -> Result<(String, TlsOptions), KvError> {
+    ) -> Result<(String, TlsOptions), PgError> {
         // The query starts at the first '?' after the credentials (the part
         // up to the first '@'), as tokio-postgres' own parser reads it.
         let after_creds = url.find('@').map_or(0, |i| i + 1);
@@ -153,7 +152,7 @@ impl TlsOptions {
         };
         let mode = match mode.as_deref() {
             Some(m) => SslMode::parse(m).ok_or_else(|| {
-                KvError::BadUrl(format!(
+                PgError::BadUrl(format!(
                     "sslmode={m:?} is not one of disable, allow, prefer, require, verify-ca, verify-full"
                 ))
             })?,
@@ -162,7 +161,7 @@ impl TlsOptions {
             None => SslMode::Prefer,
         };
         if roots == Some(Roots::System) && mode != SslMode::VerifyFull && mode != SslMode::Disable {
-            return Err(KvError::BadUrl(format!(
+            return Err(PgError::BadUrl(format!(
                 "sslmode={} may not be used with sslrootcert=system (the platform's roots make sense only with a host name check): use sslmode=verify-full",
                 mode.as_str()
             )));
@@ -182,7 +181,7 @@ impl TlsOptions {
             (Some(c), Some(k)) => Some((PathBuf::from(c), PathBuf::from(k))),
             // The key may be in the certificate's file.
             (Some(c), None) => Some((PathBuf::from(&c), PathBuf::from(c))),
-            (None, Some(_)) => return Err(KvError::BadUrl(
+            (None, Some(_)) => return Err(PgError::BadUrl(
                 "sslkey is set but sslcert is not; give the client certificate with sslcert=<file>"
                     .into(),
             )),
@@ -214,9 +213,9 @@ impl TlsOptions {
     }
 
     /// The rustls connector for this mode; reads the certificate files.
-    pub fn connector(&self, location: &str) -> Result<MakeRustlsConnect, KvError> {
+    pub fn connector(&self, location: &str) -> Result<MakeRustlsConnect, PgError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let file_err = |detail: String| KvError::Tls {
+        let file_err = |detail: String| PgError::Tls {
             location: location.to_string(),
             failure: TlsFailure::File,
             detail,
@@ -283,11 +282,11 @@ impl TlsOptions {
         Ok(MakeRustlsConnect::new(config))
     }
 
-    /// The [`KvError`] of a failed connection when TLS was the cause (or the
+    /// The [`PgError`] of a failed connection when TLS was the cause (or the
     /// server demanded TLS that was not used); `None` otherwise.
-    pub fn explain(&self, e: &tokio_postgres::Error, location: &str) -> Option<KvError> {
+    pub fn explain(&self, e: &tokio_postgres::Error, location: &str) -> Option<PgError> {
         let err = |failure, detail: String| {
-            Some(KvError::Tls {
+            Some(PgError::Tls {
                 location: location.to_string(),
                 failure,
                 detail,
@@ -345,7 +344,7 @@ impl TlsOptions {
         None
     }
 
-    fn explain_rustls(&self, tls: &rustls::Error, location: &str) -> KvError {
+    fn explain_rustls(&self, tls: &rustls::Error, location: &str) -> PgError {
         use rustls::{AlertDescription as A, CertificateError as C};
         let (failure, detail) = match tls {
             rustls::Error::InvalidCertificate(C::NotValidForNameContext { expected, presented }) => (
@@ -398,7 +397,7 @@ impl TlsOptions {
                 format!("the TLS handshake with the server failed: {other}"),
             ),
         };
-        KvError::Tls {
+        PgError::Tls {
             location: location.to_string(),
             failure,
             detail,
@@ -465,11 +464,11 @@ fn home() -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
-fn decode(s: &str) -> Result<String, KvError> {
+fn decode(s: &str) -> Result<String, PgError> {
     percent_decode_str(s)
         .decode_utf8()
         .map(|c| c.into_owned())
-        .map_err(|_| KvError::BadUrl(format!("the URL parameter {s:?} is not UTF-8")))
+        .map_err(|_| PgError::BadUrl(format!("the URL parameter {s:?} is not UTF-8")))
 }
 
 fn load_roots(roots: &Roots) -> Result<RootCertStore, String> {
@@ -572,7 +571,7 @@ impl ServerCertVerifier for NoHostName {
 mod tests {
     use super::*;
 
-    fn split(url: &str, env: &[(&str, &str)]) -> Result<(String, TlsOptions), KvError> {
+    fn split(url: &str, env: &[(&str, &str)]) -> Result<(String, TlsOptions), PgError> {
         let env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
