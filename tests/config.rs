@@ -794,3 +794,40 @@ fn messages_do_not_show_values_from_variables() {
     let e = load(&src, "local", &v).unwrap_err();
     assert!(e.message.contains("found `soon`"), "{e}");
 }
+
+#[test]
+fn an_infra_state_url_of_an_unknown_scheme_is_enkconfig_at_its_line() {
+    let src = |state: &str| {
+        format!("name: demo\ninfra:\n  provider: process\n  state: \"{state}\"\nservices:\n  a:\n    start: \"exec sleep 600\"\n")
+    };
+    let e = load(&src("nosuch://x/y"), "local", &vars(&[])).unwrap_err();
+    assert_eq!(e.code, "ENKCONFIG");
+    assert_eq!(e.loc.map(|l| l.line), Some(4), "{e}");
+    assert!(
+        e.message.contains("nosuch://") && e.message.contains("s3://"),
+        "{e}"
+    );
+    // The known stores are URLs; anything else without a scheme is a file.
+    for url in [
+        "s3://bucket/team/state.json?region=eu-west-1",
+        "gs://bucket/state.json",
+        "vault://127.0.0.1:8200/secret/nanokit/state",
+        "postgres://nk@127.0.0.1/nk",
+    ] {
+        let c = load(&src(url), "local", &vars(&[])).unwrap();
+        assert_eq!(c.state_url.as_deref(), Some(url));
+    }
+    let c = load(&src("states/prod.json"), "local", &vars(&[])).unwrap();
+    assert_eq!(c.state_url, None);
+    assert_eq!(c.state_file, Path::new("/tmp/states/prod.json"));
+    // NANOKIT_STATE_URL of an unknown kind is refused too, naming it.
+    let plain = "name: demo\nservices:\n  a:\n    start: \"exec sleep 600\"\n";
+    let e = load(
+        plain,
+        "local",
+        &vars(&[("NANOKIT_STATE_URL", "nosuch://x/y")]),
+    )
+    .unwrap_err();
+    assert_eq!(e.code, "ENKCONFIG");
+    assert!(e.message.contains("NANOKIT_STATE_URL"), "{e}");
+}

@@ -284,41 +284,36 @@ services:
 async fn second_up_is_refused_with_holder_details_and_infra_unlock_clears_it() {
     let p = Project::new("name: locked\nservices:\n  a:\n    start: \"exec sleep 600\"\n");
     let cfg = p.config();
-    let lock_path = nanokit::state::lock_path(&cfg.state_file);
     let token = tokio_util::sync::CancellationToken::new();
-    let held = nanokit::state::lock::acquire_deploy_lock(
-        &lock_path,
-        "nanokit up (ci job 42)",
-        None,
-        &token,
-    )
-    .await
-    .unwrap();
+    let (held, _store) =
+        nanokit::state::lock::lock_state(&cfg, "nanokit up (ci job 42)", None, &token)
+            .await
+            .unwrap();
+    let held_now = || async {
+        nanokit::state::lock::inspect(&cfg)
+            .await
+            .unwrap()
+            .1
+            .is_some()
+    };
     let e = p.up(RunOptions::default()).await.unwrap_err();
     let msg = e.to_string();
-    assert!(matches!(e, EngineError::Lock(_)), "{e:?}");
     assert!(
         msg.contains("ci job 42") && msg.contains(&format!("pid {}", std::process::id())),
         "{msg}"
     );
+    assert!(msg.contains("nanokit infra unlock"), "{msg}");
     assert_eq!(nanokit::error::ErrorCode::code(&e), "ENKLOCKED");
     // The CLI says the same and exits 1.
     assert_eq!(nanokit::cli::run(p.args(&["up"])).await, 1);
     // Without --yes on a non-terminal, unlock refuses.
     assert_eq!(nanokit::cli::run(p.args(&["infra", "unlock"])).await, 1);
-    assert!(nanokit::state::lock::inspect_deploy_lock(&lock_path)
-        .unwrap()
-        .is_some());
+    assert!(held_now().await);
     assert_eq!(
         nanokit::cli::run(p.args(&["infra", "unlock", "--yes"])).await,
         0
     );
-    assert!(
-        nanokit::state::lock::inspect_deploy_lock(&lock_path)
-            .unwrap()
-            .is_none(),
-        "unlock must free the lock"
-    );
+    assert!(!held_now().await, "unlock must free the lock");
     assert!(
         held.release().await.is_err(),
         "the old holder finds its lease lost"

@@ -13,9 +13,20 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use nanokit::error::ErrorCode;
-use nanokit::state::remote::InfraStateStore;
-use nanokit::state::{State, Status, Store};
+use nanokit::state::{Backend, Location, State, Status, Store};
+
+/// The PostgreSQL state of workspace `ws` at `url`.
+async fn backend(url: &str, ws: &str) -> Arc<dyn Backend> {
+    nanokit::state::open(&Location::Postgres {
+        url: url.to_string(),
+        workspace: ws.to_string(),
+    })
+    .await
+    .unwrap()
+}
 
 /// Not a test: the `nanokit` CLI in a child process. Runs `cli::run` with
 /// the JSON argv in `NK_CLI_ARGS` and exits with its code.
@@ -141,7 +152,7 @@ services:
 /// trigger, so a test can count the writes the database really saw.
 async fn install_history(url: &str) -> tokio_postgres::Client {
     // Creates nanokit_infra_state if needed.
-    InfraStateStore::connect(url).await.unwrap();
+    backend(url, "history/setup").await;
     let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
         .unwrap();
@@ -183,13 +194,21 @@ async fn history(client: &tokio_postgres::Client, ws: &str) -> Vec<(i64, String)
         .collect()
 }
 
-/// The stored document of `ws`, parsed, checked against its row.
-async fn stored(db: &InfraStateStore, ws: &str) -> State {
-    let doc = db.read(ws).await.unwrap().expect("a stored state");
-    let st: State = serde_json::from_str(&doc.document)
-        .unwrap_or_else(|e| panic!("stored document does not parse: {e}\n{}", doc.document));
-    assert_eq!(st.serial as i64, doc.serial, "document serial = row serial");
-    assert_eq!(st.lineage, doc.lineage);
+/// The stored document of the workspace (the backend checks it against its
+/// row), parsed.
+async fn stored(db: &Arc<dyn Backend>) -> State {
+    let doc = db.read().await.unwrap().expect("a stored state");
+    let st: State = serde_json::from_slice(&doc.bytes).unwrap_or_else(|e| {
+        panic!(
+            "stored document does not parse: {e}\n{}",
+            String::from_utf8_lossy(&doc.bytes)
+        )
+    });
+    assert_eq!(
+        st.serial.to_string(),
+        doc.version.0,
+        "document serial = row serial"
+    );
     st
 }
 
@@ -206,11 +225,11 @@ fn assert_chain(h: &[(i64, String)], st: &State) {
     );
 }
 
-async fn wait_for_lock(db: &InfraStateStore, ws: &str, within: Duration) -> (String, String) {
+async fn wait_for_lock(db: &Arc<dyn Backend>, within: Duration) -> (String, String) {
     let t0 = Instant::now();
     loop {
-        if let Some(l) = db.lock_info(ws).await.unwrap() {
-            return (l.holder, l.info);
+        if let Some(l) = db.lock_info().await.unwrap() {
+            return (l.run_id, l.description);
         }
         assert!(t0.elapsed() < within, "the first run never took the lock");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -225,9 +244,9 @@ async fn wait_for_lock(db: &InfraStateStore, ws: &str, within: Duration) -> (Str
 async fn two_ups_from_two_directories_one_fails_fast_naming_the_holder_one_waits_no_lost_update() {
     let url = services::pg_url();
     let hist = install_history(&url).await;
-    let db = InfraStateStore::connect(&url).await.unwrap();
     let name = project();
     let ws = format!("{name}/local");
+    let db = backend(&url, &ws).await;
     let text_yml = yml(&name, &url, 4.0);
     let (a, b) = (Dir::new(&text_yml), Dir::new(&text_yml));
     assert_ne!(a.path(), b.path());
@@ -235,7 +254,7 @@ async fn two_ups_from_two_directories_one_fails_fast_naming_the_holder_one_waits
     // Run 1 from directory A holds the lock through its slow prestart.
     let first = spawn_cli(a.path(), &["up", "-f", "nanokit.yml"], &[]);
     let first_pid = first.id();
-    let (holder, info) = wait_for_lock(&db, &ws, Duration::from_secs(20)).await;
+    let (holder, info) = wait_for_lock(&db, Duration::from_secs(20)).await;
     assert!(
         info.contains(&format!("pid {first_pid}"))
             && info.contains(&a.path().display().to_string()),
@@ -272,9 +291,9 @@ async fn two_ups_from_two_directories_one_fails_fast_naming_the_holder_one_waits
     assert_eq!(first.status.code(), Some(0), "{}", text(&first));
     let third = third.wait_with_output().unwrap();
     assert_eq!(third.status.code(), Some(0), "{}", text(&third));
-    assert!(db.lock_info(&ws).await.unwrap().is_none(), "lock released");
+    assert!(db.lock_info().await.unwrap().is_none(), "lock released");
 
-    let st = stored(&db, &ws).await;
+    let st = stored(&db).await;
     let h = history(&hist, &ws).await;
     assert_chain(&h, &st);
     assert!(
@@ -293,7 +312,7 @@ async fn two_ups_from_two_directories_one_fails_fast_naming_the_holder_one_waits
 
     // Down from directory B stops what run 1 started.
     assert_eq!(b.cli(&["down"]).await, 0);
-    let st = stored(&db, &ws).await;
+    let st = stored(&db).await;
     assert!(st.resources.is_empty(), "{st:?}");
     assert_chain(&history(&hist, &ws).await, &st);
     assert!(nanokit::engine::make_plan(
@@ -316,23 +335,22 @@ async fn two_ups_from_two_directories_one_fails_fast_naming_the_holder_one_waits
 async fn a_writer_with_a_stale_serial_gets_enkstatestale_and_nothing_is_overwritten() {
     let url = services::pg_url();
     let hist = install_history(&url).await;
-    let db = InfraStateStore::connect(&url).await.unwrap();
     let name = project();
     let ws = format!("{name}/local");
+    let db = backend(&url, &ws).await;
     let dir = Dir::new(&yml(&name, &url, 0.0));
     assert_eq!(dir.cli(&["up"]).await, 0);
-    let before = stored(&db, &ws).await;
+    let before = stored(&db).await;
     assert_eq!(before.resources.len(), 2);
 
     // A writer that read this state…
-    let conn = nanokit::state::connect(&url).await.unwrap();
-    let mut stale = Store::open_remote(conn, &url, &ws, &name, "local", "stale-writer")
+    let mut stale = Store::open(backend(&url, &ws).await, &name, "local")
         .await
         .unwrap();
     assert_eq!(stale.state().serial, before.serial);
     // …then another run changes it (takes b down).
     dir.cli(&["down", "b"]).await;
-    let after = stored(&db, &ws).await;
+    let after = stored(&db).await;
     assert!(after.serial > before.serial);
     assert!(!after.resources.contains_key("b"));
 
@@ -351,13 +369,11 @@ async fn a_writer_with_a_stale_serial_gets_enkstatestale_and_nothing_is_overwrit
     // Every later write of the stale writer fails too.
     let e = stale.update(|_| {}).await.unwrap_err();
     assert_eq!(e.code(), "ENKSTATESTALE", "{e}");
-    assert_eq!(stored(&db, &ws).await, after, "nothing was overwritten");
-    let h = history(&hist, &ws).await;
-    assert!(h.iter().all(|(_, w)| w != "stale-writer"), "{h:?}");
-    assert_chain(&h, &after);
+    assert_eq!(stored(&db).await, after, "nothing was overwritten");
+    assert_chain(&history(&hist, &ws).await, &after);
 
     assert_eq!(dir.cli(&["down"]).await, 0);
-    let end = stored(&db, &ws).await;
+    let end = stored(&db).await;
     assert!(end.resources.is_empty());
     assert_chain(&history(&hist, &ws).await, &end);
 }
@@ -369,22 +385,22 @@ async fn a_writer_with_a_stale_serial_gets_enkstatestale_and_nothing_is_overwrit
 )]
 async fn infra_unlock_clears_the_lock_of_a_killed_up() {
     let url = services::pg_url();
-    let db = InfraStateStore::connect(&url).await.unwrap();
     let name = project();
     let ws = format!("{name}/local");
+    let db = backend(&url, &ws).await;
     let (a, b) = (
         Dir::new(&yml(&name, &url, 20.0)),
         Dir::new(&yml(&name, &url, 0.0)),
     );
     let mut victim = spawn_cli(a.path(), &["up", "-f", "nanokit.yml"], &[]);
-    let (holder, _) = wait_for_lock(&db, &ws, Duration::from_secs(20)).await;
+    let (holder, _) = wait_for_lock(&db, Duration::from_secs(20)).await;
     unsafe {
         libc::kill(victim.id() as i32, libc::SIGKILL);
     }
     let _ = victim.wait();
     // The lock outlives the killed run (until its TTL).
-    let held = db.lock_info(&ws).await.unwrap().expect("still locked");
-    assert_eq!(held.holder, holder);
+    let held = db.lock_info().await.unwrap().expect("still locked");
+    assert_eq!(held.run_id, holder);
 
     let out = spawn_cli(b.path(), &["up", "-f", "nanokit.yml"], &[])
         .wait_with_output()
@@ -402,7 +418,7 @@ async fn infra_unlock_clears_the_lock_of_a_killed_up() {
         "{}",
         text(&out)
     );
-    assert!(db.lock_info(&ws).await.unwrap().is_some());
+    assert!(db.lock_info().await.unwrap().is_some());
 
     let out = spawn_cli(
         b.path(),
@@ -412,7 +428,7 @@ async fn infra_unlock_clears_the_lock_of_a_killed_up() {
     .wait_with_output()
     .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert!(db.lock_info(&ws).await.unwrap().is_none(), "cleared");
+    assert!(db.lock_info().await.unwrap().is_none(), "cleared");
     let out = spawn_cli(b.path(), &["infra", "unlock", "-f", "nanokit.yml"], &[])
         .wait_with_output()
         .unwrap();
@@ -421,11 +437,11 @@ async fn infra_unlock_clears_the_lock_of_a_killed_up() {
 
     // Now an up from B goes through and finishes what the killed run began.
     assert_eq!(b.cli(&["up"]).await, 0);
-    let st = stored(&db, &ws).await;
+    let st = stored(&db).await;
     assert!(st.resources.values().all(|r| r.status == Status::Healthy));
     assert_eq!(st.resources.len(), 2);
     assert_eq!(b.cli(&["down"]).await, 0);
-    assert!(stored(&db, &ws).await.resources.is_empty());
+    assert!(stored(&db).await.resources.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -435,9 +451,9 @@ async fn infra_unlock_clears_the_lock_of_a_killed_up() {
 )]
 async fn a_run_whose_lock_is_cleared_stops_like_a_lost_lease() {
     let url = services::pg_url();
-    let db = InfraStateStore::connect(&url).await.unwrap();
     let name = project();
     let ws = format!("{name}/local");
+    let db = backend(&url, &ws).await;
     let a = Dir::new(&yml(&name, &url, 5.0));
     // A 3 s TTL: renewed every second.
     let run = spawn_cli(
@@ -445,8 +461,8 @@ async fn a_run_whose_lock_is_cleared_stops_like_a_lost_lease() {
         &["up", "-f", "nanokit.yml"],
         &[("NANOKIT_DEPLOY_LOCK_TTL", "3")],
     );
-    wait_for_lock(&db, &ws, Duration::from_secs(20)).await;
-    assert!(db.force_unlock(&ws).await.unwrap().is_some());
+    wait_for_lock(&db, Duration::from_secs(20)).await;
+    assert!(db.force_unlock().await.unwrap().is_some());
     let out = run.wait_with_output().unwrap();
     // Exits like an interrupted run (130), saying why.
     assert_eq!(out.status.code(), Some(130), "{}", text(&out));
@@ -456,11 +472,11 @@ async fn a_run_whose_lock_is_cleared_stops_like_a_lost_lease() {
         text(&out)
     );
     // b (after a) was never started; the lock was not re-taken by the run.
-    if let Some(doc) = db.read(&ws).await.unwrap() {
-        let st: State = serde_json::from_str(&doc.document).unwrap();
+    if let Some(doc) = db.read().await.unwrap() {
+        let st: State = serde_json::from_slice(&doc.bytes).unwrap();
         assert!(!st.resources.contains_key("b"), "{st:?}");
     }
-    assert!(db.lock_info(&ws).await.unwrap().is_none());
+    assert!(db.lock_info().await.unwrap().is_none());
     assert_eq!(a.cli(&["down"]).await, 0);
 }
 
@@ -489,7 +505,8 @@ async fn without_a_database_the_state_url_is_reported_without_its_password() {
 }
 
 #[test]
-fn infra_state_wins_over_nanokit_state_url_which_applies_when_it_is_unset() {
+fn infra_state_wins_over_nanokit_state_url_which_applies_when_it_is_unset_and_only_from_the_loads_variables(
+) {
     // Every other test here sets `infra.state`, so this variable cannot
     // change them.
     let url = "postgres://nk@127.0.0.1:1/nk";
@@ -499,6 +516,24 @@ fn infra_state_wins_over_nanokit_state_url_which_applies_when_it_is_unset() {
         "name: prec\ninfra:\n  state: my-state.json\nservices:\n  a:\n    start: \"exec sleep 600\"\n",
     );
     let (c_unset, c_file) = (unset.config(), file.config());
+    // A load given its variables is hermetic: the process's
+    // NANOKIT_STATE_URL is not among them, so it does not apply...
+    let given = |vars: &[(&str, &str)]| {
+        nanokit::config::load(&nanokit::config::LoadOptions {
+            file: unset.file(),
+            env: "local".into(),
+            vars: Some(
+                vars.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+        })
+        .unwrap()
+    };
+    let hermetic = given(&[]);
+    // ...but the one among them does.
+    let other = "postgres://nk@127.0.0.1:2/other";
+    let from_vars = given(&[("NANOKIT_STATE_URL", other)]);
     std::env::remove_var("NANOKIT_STATE_URL");
     assert_eq!(
         nanokit::state::Location::of(&c_unset),
@@ -515,4 +550,50 @@ fn infra_state_wins_over_nanokit_state_url_which_applies_when_it_is_unset() {
         nanokit::state::Location::of(&unset.config()),
         nanokit::state::Location::File(unset.path().join(".nanokit/state.json"))
     );
+    assert_eq!(
+        nanokit::state::Location::of(&hermetic),
+        nanokit::state::Location::File(unset.path().join(".nanokit/state.json")),
+        "the process's NANOKIT_STATE_URL leaked into a load given its variables"
+    );
+    assert_eq!(hermetic.state_url, None);
+    assert_eq!(from_vars.state_url.as_deref(), Some(other));
+}
+
+/// `nanokit infra unlock` of a PostgreSQL state goes through the state's
+/// backend: the lock is cleared but its epoch kept, so the next run's epoch
+/// is still greater than the cleared holder's (a holder that never wrote,
+/// whose epoch the state has not seen).
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(nk_pg),
+    ignore = "SKIPPED: needs NANOKIT_TEST_PG_URL (eval \"$(bash scripts/pg-test-cluster.sh)\")"
+)]
+async fn infra_unlock_keeps_the_epoch_counting() {
+    let url = services::pg_url();
+    let name = project();
+    let a = Dir::new(&yml(&name, &url, 0.0));
+    let cfg = a.config();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let (first, _store) = nanokit::state::lock::lock_state(&cfg, "first", None, &cancel)
+        .await
+        .unwrap();
+    let (_, held) = nanokit::state::lock::inspect(&cfg).await.unwrap();
+    assert_eq!(held.expect("held").epoch, first.epoch());
+    assert_eq!(a.cli(&["infra", "unlock", "--yes"]).await, 0);
+    assert!(nanokit::state::lock::inspect(&cfg)
+        .await
+        .unwrap()
+        .1
+        .is_none());
+    let (second, _store) = nanokit::state::lock::lock_state(&cfg, "second", None, &cancel)
+        .await
+        .unwrap();
+    assert!(
+        second.epoch() > first.epoch(),
+        "{} > {}",
+        second.epoch(),
+        first.epoch()
+    );
+    assert_eq!(first.release().await.unwrap_err().code(), "ENKLOCKLOST");
+    second.release().await.unwrap();
 }

@@ -411,7 +411,13 @@ async fn the_password_never_appears_in_a_tls_error() {
             "the URL is shown redacted: {shown}"
         );
         // And through the remote infra state (state.json on PostgreSQL).
-        let e = nanokit::state::connect(&url).await.unwrap_err();
+        let e = nanokit::state::open(&nanokit::state::Location::Postgres {
+            url: url.clone(),
+            workspace: "tls/local".into(),
+        })
+        .await
+        .err()
+        .expect("the connection fails");
         assert_eq!(e.code(), open_err(&url).await.code());
         assert!(!format!("{e} {e:?}").contains(pw), "{e}");
     }
@@ -647,9 +653,12 @@ async fn remote_state_up_and_down_of_the_example_over_verify_full() {
     );
     let (_dir, load, name) = example(&url);
     let ws = format!("{name}/local");
-    let db = nanokit::state::remote::InfraStateStore::connect(&url)
-        .await
-        .unwrap();
+    let db = nanokit::state::open(&nanokit::state::Location::Postgres {
+        url: url.clone(),
+        workspace: ws.clone(),
+    })
+    .await
+    .unwrap();
 
     let cfg = std::sync::Arc::new(nanokit::config::load(&load).unwrap());
     assert!(cfg.state_url.is_some());
@@ -664,20 +673,20 @@ async fn remote_state_up_and_down_of_the_example_over_verify_full() {
         "{:?}",
         report.results
     );
-    let doc = db.read(&ws).await.unwrap().expect("the state is stored");
-    let st: nanokit::state::State = serde_json::from_str(&doc.document).unwrap();
+    let doc = db.read().await.unwrap().expect("the state is stored");
+    let st: nanokit::state::State = serde_json::from_slice(&doc.bytes).unwrap();
     assert_eq!(
         st.resources.keys().collect::<Vec<_>>(),
         vec!["api", "db", "worker"]
     );
-    assert!(db.lock_info(&ws).await.unwrap().is_none(), "lock released");
+    assert!(db.lock_info().await.unwrap().is_none(), "lock released");
 
     let p = engine::provider_for(&cfg).unwrap();
     engine::down(cfg.clone(), p, RunOptions::default())
         .await
         .unwrap();
-    let doc = db.read(&ws).await.unwrap().expect("the state is stored");
-    let st: nanokit::state::State = serde_json::from_str(&doc.document).unwrap();
+    let doc = db.read().await.unwrap().expect("the state is stored");
+    let st: nanokit::state::State = serde_json::from_slice(&doc.bytes).unwrap();
     assert!(st.resources.is_empty(), "{st:?}");
     // The runs' and this test's sessions were TLS (those still open).
     let sessions = pg.ssl_of(&app).await;

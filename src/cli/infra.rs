@@ -99,10 +99,11 @@ pub enum InfraCommand {
     /// State: `infra.state` in nanokit.yml names a file (default .nanokit/state.json) or a
     /// PostgreSQL database (`postgres://…` / `postgresql://…`). When `infra.state` is not set and
     /// NANOKIT_STATE_URL is, the state lives in that database. `infra.state` always wins over
-    /// NANOKIT_STATE_URL. In PostgreSQL the state is keyed by `<project>/<env>`; every write is a
-    /// compare-and-swap on its serial, and the deploy lock is a row there too (renewed while the
-    /// run lasts; a second run fails with ENKLOCKED naming the holder, or waits with
-    /// --lock-timeout; `nanokit infra unlock` clears a stale one).
+    /// NANOKIT_STATE_URL. In PostgreSQL the state is keyed by `<project>/<env>`. Every write is a
+    /// compare-and-swap on the version read, and carries the deploy lock's epoch: a run whose lock
+    /// was taken over gets ENKSTATESTALE instead of overwriting. The deploy lock lives with the
+    /// state (renewed while the run lasts; a second run fails with ENKLOCKED naming the holder, or
+    /// waits with --lock-timeout; `nanokit infra unlock` clears a stale one).
     Up {
         #[command(flatten)]
         project: Project,
@@ -618,55 +619,22 @@ async fn drift(project: &Project, restore: bool, output: Output) -> CliResult {
     .await
 }
 
+/// `nanokit infra unlock`: show who holds the deploy lock, ask, clear it
+/// (through the state's backend, wherever it lives).
 async fn unlock(project: &Project, yes: bool) -> CliResult {
     let cfg = load(project)?;
-    if let state::Location::Postgres { url, workspace } = state::Location::of(&cfg) {
-        return unlock_remote(&url, &workspace, yes).await;
-    }
-    let path = state::lock_path(&cfg.state_file);
-    let Some(holder) = state::lock::inspect_deploy_lock(&path)? else {
-        outln!("The deploy lock {} is not held.", path.display());
-        return Ok(exit::OK);
-    };
-    outln!("The deploy lock {} is held by {holder}.", path.display());
-    if !yes {
-        super::confirm("Clear it? Only do this when that run is really gone.").await?;
-    }
-    state::lock::break_deploy_lock(&path)?;
-    outln!("Cleared. The holder, if still running, will find its lease lost.");
-    Ok(exit::OK)
-}
-
-/// `nanokit infra unlock` on a PostgreSQL state: show the lock, ask, clear.
-async fn unlock_remote(url: &str, workspace: &str, yes: bool) -> CliResult {
-    let location = crate::kv::pg::redact_url(url);
-    let db = state::connect(url).await?;
-    let remote_err = |source| state::StateError::Remote {
-        location: location.clone(),
-        source,
-    };
-    let held = db.lock_info(workspace).await.map_err(remote_err)?;
+    let (location, held) = state::lock::inspect(&cfg).await?;
     let Some(held) = held else {
-        outln!("The deploy lock of {workspace} in {location} is not held.");
+        outln!("The deploy lock of {location} is not held.");
         return Ok(exit::OK);
     };
-    outln!(
-        "The deploy lock of {workspace} in {location} is held by {} ({}), since {}, expiring at {} unless renewed.",
-        held.holder,
-        held.info,
-        crate::kv::error::fmt_ms(held.acquired_at_ms),
-        crate::kv::error::fmt_ms(held.expires_at_ms),
-    );
+    outln!("The deploy lock of {location} is held by {held}.");
     if !yes {
         super::confirm("Clear it? Only do this when that run is really gone.").await?;
     }
-    match db.force_unlock(workspace).await {
-        Ok(_) => {
-            outln!("Cleared. The holder, if still running, will find its lock lost and stop.");
-            Ok(exit::OK)
-        }
-        Err(e) => Err(CliError::from(remote_err(e))),
-    }
+    state::lock::force_unlock(&cfg).await?;
+    outln!("Cleared. The holder, if still running, will find its lock lost and stop; its state writes are refused once another run takes the lock.");
+    Ok(exit::OK)
 }
 
 #[cfg(test)]

@@ -10,8 +10,8 @@ use super::cx::{docker_name, shown, valid_name, Cx};
 use super::service::SERVICE_KEYS;
 use super::yaml::{Key, Node};
 use super::{
-    is_state_url, Config, ConfigError, ProviderKind, Service, Volume, DEFAULT_ENV,
-    MAX_CONTAINER_NAME, MAX_FILE_NAME, MAX_NAME_TOTAL, STATE_URL_ENV,
+    url_scheme, Config, ConfigError, ProviderKind, Service, Volume, DEFAULT_ENV,
+    MAX_CONTAINER_NAME, MAX_FILE_NAME, MAX_NAME_TOTAL, STATE_SCHEMES, STATE_URL_ENV,
 };
 
 pub(super) const TOP_KEYS: &[&str] = &[
@@ -31,9 +31,10 @@ impl Cx<'_> {
         root: &Node,
         env: &str,
         dir: &Path,
+        vars: &super::interp::Vars,
     ) -> Result<Config, ConfigError> {
         let name = self.project_name(root, env)?;
-        let (provider, state_file, state_url) = self.infra(root, env, dir)?;
+        let (provider, state_file, state_url) = self.infra(root, env, dir, vars)?;
         let volumes = self.volumes(root, &name, env)?;
         let networks = self.networks(root, provider)?;
         let runtimes = self.runtimes(root)?;
@@ -116,12 +117,15 @@ impl Cx<'_> {
         Ok(name)
     }
 
-    /// `infra`: the provider, the state file and the state URL.
+    /// `infra`: the provider, the state file and the state URL (from
+    /// `infra.state`, else from `NANOKIT_STATE_URL` among `vars`: a load
+    /// given its variables reads nothing else).
     fn infra(
         &mut self,
         root: &Node,
         env: &str,
         dir: &Path,
+        vars: &super::interp::Vars,
     ) -> Result<(ProviderKind, PathBuf, Option<String>), ConfigError> {
         let mut provider = ProviderKind::Process;
         let mut state_file = None;
@@ -152,18 +156,38 @@ impl Cx<'_> {
             }
             if let Some(s) = self.opt_string(infra.get("state"), "infra.state")? {
                 state_set = true;
-                if is_state_url(&s) {
-                    state_url = Some(s);
-                } else {
-                    state_file = Some(dir.join(s));
+                match url_scheme(&s) {
+                    Some(scheme) if STATE_SCHEMES.contains(&scheme) => state_url = Some(s),
+                    Some(scheme) => {
+                        let loc = infra.get("state").map_or(infra.loc, |n| n.loc);
+                        return Err(self.err(loc, unknown_scheme("infra.state", scheme)));
+                    }
+                    None => state_file = Some(dir.join(s)),
                 }
             }
         }
         // `infra.state` wins; NANOKIT_STATE_URL applies only when it is unset.
         if !state_set {
-            state_url = std::env::var(STATE_URL_ENV)
-                .ok()
-                .filter(|u| !u.trim().is_empty());
+            state_url = vars
+                .process(STATE_URL_ENV)
+                .filter(|u| !u.trim().is_empty())
+                .map(str::to_string);
+            if let Some(url) = &state_url {
+                match url_scheme(url) {
+                    Some(scheme) if STATE_SCHEMES.contains(&scheme) => {}
+                    other => {
+                        return Err(ConfigError {
+                            code: "ENKCONFIG",
+                            file: self.file.clone(),
+                            loc: None,
+                            message: match other {
+                                Some(scheme) => unknown_scheme(STATE_URL_ENV, scheme),
+                                None => format!("{STATE_URL_ENV} is not a URL: give a state store URL (postgres://, s3://, gs://, vault://), or unset it and name a file with `infra.state`"),
+                            },
+                        })
+                    }
+                }
+            }
         }
         let state_file = state_file.unwrap_or_else(|| {
             let n = if env == DEFAULT_ENV {
@@ -322,4 +346,17 @@ impl Cx<'_> {
         }
         Ok(())
     }
+}
+
+/// The message for a state URL whose scheme nanokit does not know (the URL
+/// itself is not shown: it may hold a password).
+fn unknown_scheme(what: &str, scheme: &str) -> String {
+    format!(
+        "{what} names a state store of unknown kind `{scheme}://`: use a file path, or a URL starting with {}",
+        STATE_SCHEMES
+            .iter()
+            .map(|s| format!("{s}://"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
 }

@@ -52,6 +52,12 @@ impl Vars {
         v
     }
 
+    /// A variable of the process environment (or of the variables given in
+    /// its place), not of `.env`, without marking it used.
+    pub fn process(&self, name: &str) -> Option<&str> {
+        self.process.get(name).map(String::as_str)
+    }
+
     /// The values interpolation took (see [`Vars::get`]) and every value of
     /// the `.env` file: what may be a secret.
     pub fn secret_values(&self) -> Vec<String> {

@@ -294,9 +294,23 @@ pub struct Volume {
 /// not set in nanokit.yml.
 pub const STATE_URL_ENV: &str = "NANOKIT_STATE_URL";
 
-/// Whether `infra.state` names a PostgreSQL database rather than a file.
-pub fn is_state_url(s: &str) -> bool {
-    s.starts_with("postgres://") || s.starts_with("postgresql://")
+/// The URL schemes `infra.state` may name a store with.
+pub const STATE_SCHEMES: &[&str] = &["postgres", "postgresql", "s3", "gs", "vault"];
+
+/// The scheme of `s` when it is written as a URL (`<scheme>://…`), which an
+/// `infra.state` path never is.
+pub fn url_scheme(s: &str) -> Option<&str> {
+    let (scheme, _) = s.split_once("://")?;
+    let mut chars = scheme.chars();
+    let first = chars.next()?;
+    (first.is_ascii_alphabetic()
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+    .then_some(scheme)
+}
+
+/// Whether `url` names a PostgreSQL database.
+pub fn is_postgres_url(url: &str) -> bool {
+    matches!(url_scheme(url), Some("postgres" | "postgresql"))
 }
 
 /// The validated configuration for one environment.
@@ -311,9 +325,10 @@ pub struct Config {
     /// Where state.json lives (a local file; also the default when the
     /// state is remote, for nothing but naming).
     pub state_file: PathBuf,
-    /// The PostgreSQL URL of a remote state: `infra.state` when it is a
-    /// `postgres://` / `postgresql://` URL, else `NANOKIT_STATE_URL` when
-    /// `infra.state` is not set. Never serialised (it can hold a password).
+    /// The URL of a remote state (`postgres://`, `s3://`, `gs://`,
+    /// `vault://`): `infra.state` when it is a URL, else `NANOKIT_STATE_URL`
+    /// (from the loaded variables) when `infra.state` is not set. Never
+    /// serialised (it can hold a password).
     #[serde(skip)]
     pub state_url: Option<String>,
     /// Enabled services (`instances > 0`).
@@ -420,7 +435,7 @@ pub fn load_str(
     let mut cx = Cx::new(file, src);
     let root = cx.merge_env(root, env)?;
     let root = cx.interpolate(root, vars)?;
-    let mut config = cx.build(&root, env, dir)?;
+    let mut config = cx.build(&root, env, dir, vars)?;
     config.secrets = vars.secret_values();
     Ok(config)
 }

@@ -19,7 +19,12 @@ impl Config {
             }
         }
         if let Some(url) = &self.state_url {
-            values.push(url.clone());
+            // A PostgreSQL URL can carry a password among its parameters;
+            // the other stores' URLs name a bucket or a path, shown in
+            // messages, and get their credentials elsewhere.
+            if super::is_postgres_url(url) {
+                values.push(url.clone());
+            }
             if let Some(p) = url_password(url) {
                 values.push(p.to_string());
             }

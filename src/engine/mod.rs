@@ -307,6 +307,9 @@ async fn up_locked(
         lineage,
     ));
     let results = apply::up(&run, &plan).await?;
+    if let Some(e) = run.take_stale() {
+        return Err(e.into());
+    }
     drop(run);
     if opts.cancel.is_cancelled() {
         return Err(EngineError::Cancelled);
@@ -351,6 +354,9 @@ async fn down_locked(
         lineage,
     ));
     let results = apply::down(&run, &plan, opts.targets.is_empty()).await?;
+    if let Some(e) = run.take_stale() {
+        return Err(e.into());
+    }
     drop(run);
     Ok(Report { plan, results })
 }

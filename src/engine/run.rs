@@ -36,6 +36,9 @@ pub(super) struct Run {
     /// its stop: what waits for a stop (the services it depends on) need
     /// not wait for the removal too.
     pub(super) removals: std::sync::Mutex<Option<Vec<(String, String)>>>,
+    /// The first `ENKSTATESTALE` a save got: another run holds the state
+    /// now, so this one starts nothing new and ends with this error.
+    stale: std::sync::Mutex<Option<StateError>>,
 }
 
 impl Run {
@@ -57,6 +60,7 @@ impl Run {
             lineage,
             probes: tokio::sync::Semaphore::new(PROBES_IN_FLIGHT),
             removals: std::sync::Mutex::new(None),
+            stale: std::sync::Mutex::new(None),
         }
     }
 
@@ -90,8 +94,25 @@ impl Run {
         }
     }
 
+    /// Saves the state after `f`. A save refused as stale (another run took
+    /// the state over) cancels the run: nothing new starts, and the run
+    /// ends with that error ([`Run::take_stale`]).
     pub(super) async fn save(&self, f: impl FnOnce(&mut state::State)) -> Result<(), StateError> {
-        self.store.lock().await.update(f).await
+        let r = self.store.lock().await.update(f).await;
+        if let Some(copy) = r.as_ref().err().and_then(StateError::stale_copy) {
+            let mut stale = self.stale.lock().unwrap_or_else(|e| e.into_inner());
+            if stale.is_none() {
+                tracing::warn!("{copy}");
+                *stale = Some(copy);
+            }
+            self.opts.cancel.cancel();
+        }
+        r
+    }
+
+    /// The `ENKSTATESTALE` error a save got, if any.
+    pub(super) fn take_stale(&self) -> Option<StateError> {
+        self.stale.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
     pub(super) async fn set_status(

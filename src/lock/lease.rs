@@ -187,6 +187,36 @@ impl Lease {
         self.held.lost.clone()
     }
 
+    /// Runs `f` only while this lease is held, atomically with every change
+    /// of holder: inside the lock file's brief section (which every
+    /// acquisition, takeover, release and break also enters), after checking
+    /// that the file still holds this lease's record. When it does not, `f`
+    /// is not run and the lease is marked lost ([`LockError::Lost`]).
+    ///
+    /// A process stopped inside `f` holds off every takeover until it
+    /// resumes (or dies: the kernel drops its lock), so `f` must be a few
+    /// system calls, not a wait.
+    pub fn fenced<T>(&self, f: impl FnOnce() -> T) -> Result<T, LockError> {
+        let held = &self.held;
+        let lost = || LockError::Lost {
+            path: held.path.clone(),
+        };
+        if held.released.load(Ordering::Acquire) {
+            return Err(lost());
+        }
+        let _section = Section::enter(&held.path, &held.file, GUARD_WAIT)?.ok_or_else(|| {
+            io_err("lock", &held.path)(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the lock file stayed locked by another process (is one stopped?)",
+            ))
+        })?;
+        if held.is_ours(Identity::Path)?.is_none() {
+            held.lost.cancel();
+            return Err(lost());
+        }
+        Ok(f())
+    }
+
     /// Releases the lock. Fails with [`LockError::Lost`] if the lease had been
     /// lost in the meantime (the lock is then left to its new owner).
     pub fn release(mut self) -> Result<(), LockError> {

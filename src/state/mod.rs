@@ -1,17 +1,16 @@
 //! `state.json`: the source of truth of what nanokit created.
 //!
-//! Written atomically (temp file + fsync + rename, mode 0600) after every
-//! resource step, with a serial that grows on every write and a lineage id
-//! fixed at creation. The deploy lock lives beside it (`state.json.lock`,
-//! [`lock`]).
-//!
-//! The same state can instead live in PostgreSQL ([`Location::Postgres`],
-//! see [`remote`]): every write is then a compare-and-swap
-//! on the serial and lineage the run holds, so two machines or working
-//! directories can never overwrite each other's state.
+//! One document per project and environment, with a serial that grows on
+//! every write, a lineage id fixed at creation and the epoch of the deploy
+//! lock that wrote it last. Where it is kept is a [`Backend`]: a local file
+//! ([`file`]) or PostgreSQL ([`postgres`]). Every write is a compare-and-swap
+//! on the version the run read, fenced by the run's deploy-lock epoch
+//! ([`lock`]): a stale writer gets `ENKSTATESTALE` instead of overwriting.
 
+pub mod backend;
+pub mod file;
 pub mod lock;
-pub mod remote;
+pub mod postgres;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -20,72 +19,138 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
+pub use backend::{Backend, Grant, Holder, LockView, Version, WriteMeta};
+pub use file::lock_path;
+
 use crate::config::Config;
 use crate::error::ErrorCode;
-use crate::kv::KvError;
-use remote::InfraStateStore;
+use crate::pg::PgError;
 
 pub const STATE_VERSION: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("cannot read state {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("state {path} is not valid ({source}); restore it from backup or move it away to start over")]
-    Corrupt {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
-    #[error("state {path} was written by a newer nanokit (version {version}); upgrade nanokit")]
-    Version { path: PathBuf, version: u32 },
-    #[error("cannot write state {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("cannot read state {location}: {detail}")]
+    Read { location: String, detail: String },
+    #[error("state {location} is not valid ({detail}); restore it from backup or move it away to start over")]
+    Corrupt { location: String, detail: String },
+    #[error(
+        "state {location} was written by a newer nanokit (version {version}); upgrade nanokit"
+    )]
+    Version { location: String, version: u32 },
+    #[error("cannot write state {location}: {detail}")]
+    Write { location: String, detail: String },
     /// Waiting for the deploy lock was interrupted (Ctrl-C).
     #[error("interrupted while waiting for the deploy lock")]
     Interrupted,
     /// The deploy lock file could not be taken or released.
     #[error(transparent)]
     Lock(#[from] crate::lock::LockError),
-    #[error("state {path} belongs to project `{found}`, not `{expected}`; use another `infra.state` path")]
+    #[error("state {location} belongs to project `{found}`, not `{expected}`; use another `infra.state`")]
     Project {
-        path: PathBuf,
+        location: String,
         found: String,
         expected: String,
     },
-    /// The remote state database refused or failed (ENKSTATESTALE,
-    /// ENKSTATELINEAGE, ENKSTATEUNAVAILABLE, …: the inner code).
-    #[error("remote state {location}: {source}")]
-    Remote { location: String, source: KvError },
-    /// The stored remote document does not match its own row.
+    /// A compare-and-swap found another version: someone wrote the state
+    /// since this run read it (`ENKSTATESTALE`).
+    #[error("state {location} changed underneath: {detail}; nothing was written: re-read the state and plan again")]
+    Conflict { location: String, detail: String },
+    /// The write carries a deploy-lock epoch lower than the highest the
+    /// state has seen: another run took the deploy lock over
+    /// (`ENKSTATESTALE`). Whoever gets it must stop acting.
+    #[error("state {location} refused a write of deploy-lock epoch {epoch}: it has seen epoch {highest}, so another run took the deploy lock over; nothing was written and this run must stop (its lock is lost)")]
+    Fenced {
+        location: String,
+        epoch: u64,
+        highest: u64,
+    },
+    /// The stored state has another lineage (a different history).
+    #[error("state {location} has lineage {actual:?}, not {expected:?}: it is a different state history; nothing was written")]
+    Lineage {
+        location: String,
+        expected: String,
+        actual: String,
+    },
+    /// The deploy lock is held by another run.
+    #[error("the deploy lock of {location} is held by {holder}; wait for it with `--lock-timeout SECS`, or, if that run is gone, clear it with `nanokit infra unlock`")]
+    Locked { location: String, holder: String },
+    /// The deploy lock this run held was cleared or taken over before it
+    /// released it.
+    #[error("the deploy lock of {location} was lost before this run released it: cleared with `nanokit infra unlock`, or expired and taken over")]
+    LockLost { location: String },
+    /// The PostgreSQL server refused or failed (its own code: ENKTLS…,
+    /// ENKSTATEUNAVAILABLE, ENKSTATEURL, …).
+    #[error("remote state {0}")]
+    Pg(#[from] PgError),
+    /// The store cannot be reached.
+    #[error("state {location} is unavailable: {detail}")]
+    Unavailable { location: String, detail: String },
+    /// The stored remote document does not match its own record.
     #[error("remote state {location} is inconsistent: {detail}; nanokit will not overwrite it")]
     RemoteCorrupt { location: String, detail: String },
-    /// The remote deploy lock is held by another run.
-    #[error("the deploy lock of {workspace:?} in {location} is held by {holder} (expires at {}); wait for it with `--lock-timeout SECS`, or, if that run is gone, clear it with `nanokit infra unlock`", crate::kv::error::fmt_ms(*.expires_at_ms))]
-    Locked {
-        location: String,
-        workspace: String,
-        holder: String,
-        expires_at_ms: i64,
-    },
+    /// An `infra.state` URL nanokit cannot use.
+    #[error("invalid state URL {url}: {detail}")]
+    Url { url: String, detail: String },
+    /// The store cannot keep a state safely (it ignores preconditions, or
+    /// refuses what the protocol needs).
+    #[error("state store {location} cannot be used: {detail}")]
+    Backend { location: String, detail: String },
 }
 
 impl ErrorCode for StateError {
     fn code(&self) -> &'static str {
         match self {
-            StateError::Remote { source, .. } => source.code(),
+            StateError::Pg(e) => e.code(),
             StateError::RemoteCorrupt { .. } => "ENKSTATECORRUPT",
             StateError::Locked { .. } => "ENKLOCKED",
             StateError::Lock(e) => e.code(),
             StateError::Interrupted => "ENKCANCELLED",
+            StateError::Conflict { .. } | StateError::Fenced { .. } => "ENKSTATESTALE",
+            StateError::Lineage { .. } => "ENKSTATELINEAGE",
+            StateError::LockLost { .. } => "ENKLOCKLOST",
+            StateError::Unavailable { .. } => "ENKSTATEUNAVAILABLE",
+            StateError::Url { .. } => "ENKSTATEURL",
+            StateError::Backend { .. } => "ENKSTATEBACKEND",
             _ => "ENKSTATE",
         }
     }
+}
+
+impl StateError {
+    /// Whether this run lost the state to another writer (`ENKSTATESTALE`):
+    /// it must stop acting.
+    pub fn is_stale(&self) -> bool {
+        matches!(
+            self,
+            StateError::Conflict { .. } | StateError::Fenced { .. }
+        )
+    }
+
+    /// A copy of an `ENKSTATESTALE` error (to keep it while the step that
+    /// got it fails with it).
+    pub fn stale_copy(&self) -> Option<StateError> {
+        match self {
+            StateError::Conflict { location, detail } => Some(StateError::Conflict {
+                location: location.clone(),
+                detail: detail.clone(),
+            }),
+            StateError::Fenced {
+                location,
+                epoch,
+                highest,
+            } => Some(StateError::Fenced {
+                location: location.clone(),
+                epoch: *epoch,
+                highest: *highest,
+            }),
+            _ => None,
+        }
+    }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,6 +235,10 @@ pub struct State {
     pub version: u32,
     pub serial: u64,
     pub lineage: String,
+    /// The deploy-lock epoch of the last write (the highest this state has
+    /// seen): a write made under a lower one is refused (`ENKSTATESTALE`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub epoch: u64,
     pub project: String,
     pub env: String,
     #[serde(default)]
@@ -184,6 +253,7 @@ impl State {
             version: STATE_VERSION,
             serial: 0,
             lineage: uuid::Uuid::new_v4().to_string(),
+            epoch: 0,
             project: project.to_string(),
             env: env.to_string(),
             resources: BTreeMap::new(),
@@ -250,36 +320,42 @@ pub fn now() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
-/// Reads the state at `path`, or a fresh one when there is none.
-pub fn read(path: &Path, project: &str, env: &str) -> Result<State, StateError> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(State::new(project, env)),
-        Err(source) => {
-            return Err(StateError::Read {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
-    };
-    let state: State = serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt {
-        path: path.to_path_buf(),
-        source,
+/// The state in `bytes`, stored at `location`, checked to be one nanokit
+/// can read and to belong to `project`.
+pub fn decode(bytes: &[u8], location: &str, project: &str) -> Result<State, StateError> {
+    let state: State = serde_json::from_slice(bytes).map_err(|e| StateError::Corrupt {
+        location: location.to_string(),
+        detail: e.to_string(),
     })?;
     if state.version > STATE_VERSION {
         return Err(StateError::Version {
-            path: path.to_path_buf(),
+            location: location.to_string(),
             version: state.version,
         });
     }
     if state.project != project {
         return Err(StateError::Project {
-            path: path.to_path_buf(),
+            location: location.to_string(),
             found: state.project,
             expected: project.to_string(),
         });
     }
     Ok(state)
+}
+
+/// The bytes a state is stored as.
+pub fn encode(state: &State) -> Vec<u8> {
+    let mut bytes = serde_json::to_vec_pretty(state).expect("state serializes");
+    bytes.push(b'\n');
+    bytes
+}
+
+/// Reads the state file at `path`, or a fresh state when there is none.
+pub fn read(path: &Path, project: &str, env: &str) -> Result<State, StateError> {
+    match file::read_file(path)? {
+        Some(bytes) => decode(&bytes, &path.display().to_string(), project),
+        None => Ok(State::new(project, env)),
+    }
 }
 
 /// Where a project's state lives.
@@ -288,32 +364,35 @@ pub enum Location {
     /// A local `state.json`.
     File(PathBuf),
     /// A PostgreSQL database (the URL may hold a password: never print it,
-    /// use [`Location::display`]).
+    /// use [`Location::display`]), keyed by `<project>/<env>`.
     Postgres { url: String, workspace: String },
+    /// Another store named by its URL (`s3://`, `gs://`, `vault://`).
+    Url(String),
 }
 
 impl Location {
-    /// Where `config`'s state lives: `infra.state` when it is a
-    /// `postgres://` URL, else `NANOKIT_STATE_URL` when `infra.state` is not
-    /// set, else the file.
+    /// Where `config`'s state lives: `infra.state` when it is a URL, else
+    /// `NANOKIT_STATE_URL` when `infra.state` is not set, else the file.
     pub fn of(config: &Config) -> Location {
         match &config.state_url {
-            Some(url) => Location::Postgres {
+            Some(url) if crate::config::is_postgres_url(url) => Location::Postgres {
                 url: url.clone(),
                 workspace: workspace(&config.name, &config.env),
             },
+            Some(url) => Location::Url(url.clone()),
             None => Location::File(config.state_file.clone()),
         }
     }
 
-    /// For messages: the file, or the URL without its password and the
-    /// workspace.
+    /// For messages: the file, or the URL without its password (and the
+    /// workspace).
     pub fn display(&self) -> String {
         match self {
             Location::File(p) => p.display().to_string(),
             Location::Postgres { url, workspace } => {
-                format!("{} (workspace {workspace})", crate::kv::pg::redact_url(url))
+                format!("{} (workspace {workspace})", crate::pg::redact_url(url))
             }
+            Location::Url(url) => crate::pg::redact_url(url),
         }
     }
 }
@@ -323,144 +402,96 @@ pub fn workspace(project: &str, env: &str) -> String {
     format!("{project}/{env}")
 }
 
-/// Connects to a remote state.
-pub async fn connect(url: &str) -> Result<Arc<InfraStateStore>, StateError> {
-    InfraStateStore::connect(url)
-        .await
-        .map(Arc::new)
-        .map_err(|source| StateError::Remote {
-            location: crate::kv::pg::redact_url(url),
-            source,
-        })
+/// Opens the backend of `location` (connecting to it when it is remote).
+pub async fn open(location: &Location) -> Result<Arc<dyn Backend>, StateError> {
+    match location {
+        Location::File(p) => Ok(Arc::new(file::FileBackend::new(p))),
+        Location::Postgres { url, workspace } => Ok(Arc::new(
+            postgres::PostgresBackend::connect(url, workspace).await?,
+        )),
+        Location::Url(url) => Err(StateError::Url {
+            url: crate::pg::redact_url(url),
+            detail: "this kind of state store is not supported by this build".into(),
+        }),
+    }
 }
 
 /// Reads `config`'s state wherever it lives (a fresh one when there is none).
 pub async fn load(config: &Config) -> Result<State, StateError> {
-    match Location::of(config) {
-        Location::File(p) => read(&p, &config.name, &config.env),
-        Location::Postgres { url, workspace } => {
-            let db = connect(&url).await?;
-            Ok(
-                read_remote(&db, &url, &workspace, &config.name, &config.env)
-                    .await?
-                    .0,
-            )
-        }
-    }
-}
-
-/// Reads the remote state of `workspace`: the state and the serial stored in
-/// its row (`None` before the first write).
-async fn read_remote(
-    db: &InfraStateStore,
-    url: &str,
-    workspace: &str,
-    project: &str,
-    env: &str,
-) -> Result<(State, Option<i64>), StateError> {
-    let location = crate::kv::pg::redact_url(url);
-    let doc = db
-        .read(workspace)
-        .await
-        .map_err(|source| StateError::Remote {
-            location: location.clone(),
-            source,
-        })?;
-    let Some(doc) = doc else {
-        return Ok((State::new(project, env), None));
-    };
-    let state: State =
-        serde_json::from_str(&doc.document).map_err(|e| StateError::RemoteCorrupt {
-            location: location.clone(),
-            detail: format!("the document of workspace {workspace:?} is not a nanokit state ({e})"),
-        })?;
-    if state.version > STATE_VERSION {
-        return Err(StateError::Version {
-            path: PathBuf::from(&location),
-            version: state.version,
-        });
-    }
-    if state.serial as i64 != doc.serial || state.lineage != doc.lineage {
-        return Err(StateError::RemoteCorrupt {
-            location,
-            detail: format!(
-                "workspace {workspace:?} has serial {} / lineage {} in its row but {} / {} in its document",
-                doc.serial, doc.lineage, state.serial, state.lineage
-            ),
-        });
-    }
-    if state.project != project {
-        return Err(StateError::Project {
-            path: PathBuf::from(format!("{location} (workspace {workspace})")),
-            found: state.project,
-            expected: project.to_string(),
-        });
-    }
-    Ok((state, Some(doc.serial)))
-}
-
-#[derive(Debug)]
-enum Backend {
-    File(PathBuf),
-    Remote {
-        db: Arc<InfraStateStore>,
-        location: String,
-        workspace: String,
-        /// Recorded as the writer of every document.
-        writer: String,
-        /// The serial in the database row, as far as this run knows.
-        stored: Option<i64>,
-    },
-}
-
-impl std::fmt::Debug for InfraStateStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("InfraStateStore")
-    }
+    let backend = open(&Location::of(config)).await?;
+    Ok(Store::open(backend, &config.name, &config.env).await?.state)
 }
 
 /// The state of one run, saved after every change.
-#[derive(Debug)]
 pub struct Store {
-    backend: Backend,
+    backend: Arc<dyn Backend>,
     state: State,
+    /// The stored version this run holds (`None`: nothing stored yet).
+    version: Option<Version>,
+    /// The deploy-lock epoch this run writes with (`None`: no lock).
+    epoch: Option<u64>,
+    /// Recorded as the writer of every write.
+    writer: String,
     /// The lineage reservation this (not yet written) state took, removed
     /// once the state is written.
     reservation: Option<PathBuf>,
 }
 
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("location", &self.backend.location())
+            .field("serial", &self.state.serial)
+            .field("epoch", &self.epoch)
+            .finish()
+    }
+}
+
 impl Store {
-    /// The local file at `path`.
-    pub fn open(path: &Path, project: &str, env: &str) -> Result<Store, StateError> {
+    /// Reads the state of `backend` (a fresh one when there is none). Its
+    /// writes are fenced by nothing but the version until
+    /// [`Store::fence`] gives it a lock's epoch.
+    pub async fn open(
+        backend: Arc<dyn Backend>,
+        project: &str,
+        env: &str,
+    ) -> Result<Store, StateError> {
+        let (state, version) = match backend.read().await? {
+            Some(stored) => (
+                decode(&stored.bytes, &backend.location(), project)?,
+                Some(stored.version),
+            ),
+            None => (State::new(project, env), None),
+        };
+        let me = crate::lock::this_host();
         Ok(Store {
-            backend: Backend::File(path.to_path_buf()),
-            state: read(path, project, env)?,
+            backend,
+            state,
+            version,
+            epoch: None,
+            writer: format!("{}:{}", me.hostname, me.pid),
             reservation: None,
         })
     }
 
-    /// The remote state of `workspace` in `db` (connected to `url`); every
-    /// write is recorded as made by `writer`.
-    pub async fn open_remote(
-        db: Arc<InfraStateStore>,
-        url: &str,
-        workspace: &str,
-        project: &str,
-        env: &str,
-        writer: &str,
-    ) -> Result<Store, StateError> {
-        let (state, stored) = read_remote(&db, url, workspace, project, env).await?;
-        Ok(Store {
-            backend: Backend::Remote {
-                db,
-                location: crate::kv::pg::redact_url(url),
-                workspace: workspace.to_string(),
-                writer: writer.to_string(),
-                stored,
-            },
-            state,
-            reservation: None,
-        })
+    /// From now on every write carries `epoch` (the deploy lock's) and is
+    /// recorded as made by `writer`. A state that has seen a higher epoch
+    /// already is `ENKSTATESTALE` at once.
+    pub fn fence(&mut self, epoch: u64, writer: &str) -> Result<(), StateError> {
+        self.epoch = Some(epoch);
+        self.writer = writer.to_string();
+        self.check_epoch(epoch)
+    }
+
+    fn check_epoch(&self, epoch: u64) -> Result<(), StateError> {
+        if self.state.epoch > epoch {
+            return Err(StateError::Fenced {
+                location: self.location(),
+                epoch,
+                highest: self.state.epoch,
+            });
+        }
+        Ok(())
     }
 
     /// A state that was never written takes the lineage reserved for it
@@ -484,27 +515,29 @@ impl Store {
 
     /// Where the state lives, for messages.
     pub fn location(&self) -> String {
-        match &self.backend {
-            Backend::File(p) => p.display().to_string(),
-            Backend::Remote {
-                location,
-                workspace,
-                ..
-            } => format!("{location} (workspace {workspace})"),
-        }
+        self.backend.location()
     }
 
     pub fn state(&self) -> &State {
         &self.state
     }
 
-    /// Applies `f` and writes the state (serial + 1): atomically to the
-    /// file, or as a compare-and-swap on the serial and lineage this run
-    /// holds. A failed write leaves the stored state as it was, and (for the
-    /// remote state) every later write of this run fails too.
+    /// The deploy-lock epoch this run writes with.
+    pub fn epoch(&self) -> Option<u64> {
+        self.epoch
+    }
+
+    /// Applies `f` and writes the state (serial + 1) as a compare-and-swap
+    /// on the version this run holds, carrying its epoch. A failed write
+    /// leaves the stored state as it was; after `ENKSTATESTALE` every later
+    /// write of this run fails too.
     pub async fn update<R>(&mut self, f: impl FnOnce(&mut State) -> R) -> Result<R, StateError> {
         let r = f(&mut self.state);
         self.state.serial += 1;
+        if let Some(epoch) = self.epoch {
+            self.check_epoch(epoch)?;
+            self.state.epoch = epoch;
+        }
         self.save().await?;
         if let Some(p) = self.reservation.take() {
             let _ = std::fs::remove_file(p);
@@ -513,48 +546,53 @@ impl Store {
     }
 
     async fn save(&mut self) -> Result<(), StateError> {
-        let mut bytes = serde_json::to_vec_pretty(&self.state).expect("state serializes");
-        bytes.push(b'\n');
-        match &mut self.backend {
-            Backend::File(path) => {
-                let err = |source| StateError::Write {
-                    path: path.clone(),
-                    source,
-                };
-                crate::sys::private::write(path, &bytes).map_err(err)
+        let bytes = encode(&self.state);
+        let meta = WriteMeta {
+            serial: self.state.serial,
+            lineage: &self.state.lineage,
+            epoch: self.epoch.unwrap_or(0),
+            writer: &self.writer,
+        };
+        let err = match self
+            .backend
+            .write(&bytes, self.version.as_ref(), &meta)
+            .await
+        {
+            Ok(v) => {
+                self.version = Some(v);
+                return Ok(());
             }
-            Backend::Remote {
-                db,
+            Err(e @ StateError::Conflict { .. }) => e,
+            Err(e) => return Err(e),
+        };
+        // Lost the compare-and-swap: say why, from what is there now.
+        let Ok(Some(now)) = self.backend.read().await else {
+            return Err(err);
+        };
+        if now.bytes == bytes {
+            // Our own write, which landed although its answer was lost (a
+            // retried request): not a conflict.
+            self.version = Some(now.version);
+            return Ok(());
+        }
+        let Ok(found) = serde_json::from_slice::<State>(&now.bytes) else {
+            return Err(err);
+        };
+        let location = self.location();
+        if found.lineage != self.state.lineage {
+            return Err(StateError::Lineage {
                 location,
-                workspace,
-                writer,
-                stored,
-            } => {
-                let text = String::from_utf8(bytes).expect("JSON is UTF-8");
-                let serial = self.state.serial as i64;
-                db.compare_and_swap(
-                    workspace,
-                    *stored,
-                    &self.state.lineage,
-                    serial,
-                    &text,
-                    writer,
-                )
-                .await
-                .map_err(|source| StateError::Remote {
-                    location: location.clone(),
-                    source,
-                })?;
-                *stored = Some(serial);
-                Ok(())
-            }
+                expected: self.state.lineage.clone(),
+                actual: found.lineage,
+            });
+        }
+        match self.epoch {
+            Some(epoch) if found.epoch > epoch => Err(StateError::Fenced {
+                location,
+                epoch,
+                highest: found.epoch,
+            }),
+            _ => Err(err),
         }
     }
-}
-
-/// The deploy lock path beside `state_file`.
-pub fn lock_path(state_file: &Path) -> PathBuf {
-    let mut s = state_file.as_os_str().to_owned();
-    s.push(".lock");
-    PathBuf::from(s)
 }

@@ -9,32 +9,68 @@ use std::path::Path;
 /// directory, `fsync`, then `rename` over the target, then `fsync` of the
 /// directory. Readers see either the old content or the new, never a torn file.
 pub fn atomic_write(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        name.to_string_lossy(),
-        uuid::Uuid::new_v4().simple()
-    ));
-    let result = (|| {
+    Staged::new(path, bytes, mode)?.commit()
+}
+
+/// New content for a file, written and synced beside it under a temporary
+/// name, not yet visible at its path: [`Staged::commit`] renames it into
+/// place (one `rename`, which the caller may put wherever it must be
+/// atomic with something else). Dropped uncommitted, it is removed.
+#[derive(Debug)]
+pub struct Staged {
+    tmp: std::path::PathBuf,
+    path: std::path::PathBuf,
+    /// The written file, open: its inode stays allocated while it is held.
+    file: Option<File>,
+}
+
+impl Staged {
+    pub fn new(path: &Path, bytes: &[u8], mode: u32) -> io::Result<Staged> {
+        let dir = path.parent().unwrap_or_else(|| Path::new("."));
+        let name = path
+            .file_name()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+        let tmp = dir.join(format!(
+            ".{}.{}.tmp",
+            name.to_string_lossy(),
+            uuid::Uuid::new_v4().simple()
+        ));
+        let mut staged = Staged {
+            tmp,
+            path: path.to_path_buf(),
+            file: None,
+        };
         let mut f = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(mode)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        fs::rename(&tmp, path)?;
-        sync_dir(dir);
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+            .open(&staged.tmp)?;
+        // From here on, dropping `staged` removes the temporary file.
+        let written = f.write_all(bytes).and_then(|()| f.sync_all());
+        staged.file = Some(f);
+        written.map(|()| staged)
     }
-    result
+
+    /// Renames the content into place and syncs the directory.
+    pub fn commit(mut self) -> io::Result<()> {
+        self.commit_keep().map(drop)
+    }
+
+    /// [`Staged::commit`], keeping the written file open.
+    pub fn commit_keep(&mut self) -> io::Result<File> {
+        fs::rename(&self.tmp, &self.path)?;
+        let file = self.file.take().expect("committed once");
+        sync_dir(self.path.parent().unwrap_or_else(|| Path::new(".")));
+        Ok(file)
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 /// Best-effort `fsync` of a directory so a rename inside it is durable.

@@ -1,0 +1,698 @@
+//! The guarantees every state backend gives (src/state/backend.rs), checked
+//! the same way on each one, with real processes (this test binary re-run
+//! as a child, see `state_child`) and real stores:
+//! - a write on an older version is `ENKSTATESTALE` and writes nothing;
+//! - the deploy lock names its holder, hands out a greater epoch at every
+//!   acquisition (also after `infra unlock`), and is taken over only once
+//!   its holder stopped renewing it for its TTL;
+//! - many runs at once deploy one at a time, with serials strictly
+//!   increasing and no write lost;
+//! - a writer paused (SIGSTOP) past its lock gets `ENKSTATESTALE` on resume
+//!   and overwrites nothing.
+//!
+//! The file backend always runs; PostgreSQL needs `NANOKIT_TEST_PG_URL`
+//! (without it, outside CI, its cases are *ignored* with a `SKIPPED:`
+//! reason; in CI a missing server fails them, tests/services/mod.rs).
+
+mod services;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nanokit::config::{self, Config, LoadOptions};
+use nanokit::error::ErrorCode;
+use nanokit::state::backend::{Holder, LockRequest};
+use nanokit::state::{self, Location, Resource, State, Status, Store};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    File,
+    Pg,
+}
+
+/// One project whose state lives in a backend of `kind`: its nanokit.yml in
+/// a temp dir shared by the child processes.
+struct Case {
+    dir: tempfile::TempDir,
+    name: String,
+}
+
+impl Case {
+    fn new(kind: Kind) -> Case {
+        let dir = tempfile::tempdir().unwrap();
+        let name = format!("sb{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let state = match kind {
+            Kind::File => dir.path().join("state.json").display().to_string(),
+            Kind::Pg => services::pg_url(),
+        };
+        std::fs::write(
+            dir.path().join("nanokit.yml"),
+            format!(
+                "name: {name}\ninfra:\n  state: \"{state}\"\nservices:\n  a:\n    start: \"exec sleep 600\"\n"
+            ),
+        )
+        .unwrap();
+        Case { dir, name }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn config(&self) -> Config {
+        config_at(self.path())
+    }
+
+    fn location(&self) -> Location {
+        Location::of(&self.config())
+    }
+
+    async fn backend(&self) -> Arc<dyn state::Backend> {
+        state::open(&self.location()).await.unwrap()
+    }
+
+    async fn store(&self) -> Store {
+        Store::open(self.backend().await, &self.name, "local")
+            .await
+            .unwrap()
+    }
+
+    /// The stored state (a fresh one when none).
+    async fn stored(&self) -> State {
+        self.store().await.state().clone()
+    }
+
+    /// Starts a child in `mode`, with extra environment.
+    fn child(&self, mode: &str, id: usize, env: &[(&str, &str)]) -> Child {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args([
+            "--exact",
+            "state_child",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .current_dir(self.path())
+        .env("NK_SB_MODE", mode)
+        .env("NK_SB_DIR", self.path())
+        .env("NK_SB_ID", id.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.spawn().unwrap()
+    }
+}
+
+fn config_at(dir: &Path) -> Config {
+    config::load(&LoadOptions {
+        file: dir.join("nanokit.yml"),
+        env: "local".into(),
+        vars: Some(Default::default()),
+    })
+    .unwrap()
+}
+
+fn resource(note: &str) -> Resource {
+    Resource {
+        provider: "test".into(),
+        provider_id: Some(note.into()),
+        instances: Vec::new(),
+        config_hash: String::new(),
+        fields: Default::default(),
+        depends_on: Vec::new(),
+        status: Status::Healthy,
+        error: None,
+        created_at: state::now(),
+        updated_at: state::now(),
+    }
+}
+
+/// Reads a child's stdout lines until one starts with `prefix`; returns the
+/// rest of it.
+fn wait_line(lines: &mut impl Iterator<Item = std::io::Result<String>>, prefix: &str) -> String {
+    for l in lines.by_ref() {
+        let l = l.unwrap();
+        // The test harness may have written `test state_child ... ` first.
+        if let Some(i) = l.find(prefix) {
+            return l[i + prefix.len()..].trim().to_string();
+        }
+    }
+    panic!("the child ended before printing {prefix}");
+}
+
+fn finish(child: Child) -> (Value, String) {
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let text = format!(
+        "exit {:?}\n--- stdout\n{stdout}\n--- stderr\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "child failed:\n{text}");
+    let result = stdout
+        .lines()
+        .find_map(|l| l.find("RESULT ").map(|i| &l[i + 7..]))
+        .unwrap_or_else(|| panic!("no RESULT line:\n{text}"));
+    (serde_json::from_str(result).unwrap(), text)
+}
+
+fn holder(label: &str) -> Holder {
+    Holder::this_run(label)
+}
+
+// ---------------------------------------------------------------- cases
+
+/// Two readers of one version: the first write wins, the second is
+/// `ENKSTATESTALE` and writes nothing, and so is every later write of it.
+async fn compare_and_swap(kind: Kind) {
+    let c = Case::new(kind);
+    let mut a = c.store().await;
+    a.update(|s| {
+        s.resources.insert("first".into(), resource("a1"));
+    })
+    .await
+    .unwrap();
+    let mut a = c.store().await;
+    let mut b = c.store().await;
+    assert_eq!(a.state().serial, 1);
+    a.update(|s| {
+        s.resources.insert("a".into(), resource("a2"));
+    })
+    .await
+    .unwrap();
+    let e = b
+        .update(|s| {
+            s.resources.insert("b".into(), resource("b2"));
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), "ENKSTATESTALE", "{e}");
+    assert!(e.to_string().contains("nothing was written"), "{e}");
+    let now = c.stored().await;
+    assert_eq!(now.serial, 2);
+    assert!(now.resources.contains_key("a") && !now.resources.contains_key("b"));
+    // Every later write of the stale store fails too.
+    assert_eq!(b.update(|_| {}).await.unwrap_err().code(), "ENKSTATESTALE");
+    // A first write where a state exists is stale too.
+    let mut fresh = c.store().await;
+    let e = {
+        let backend = c.backend().await;
+        let meta = state::WriteMeta {
+            serial: 1,
+            lineage: &now.lineage,
+            epoch: 0,
+            writer: "test",
+        };
+        backend.write(b"{}", None, &meta).await.unwrap_err()
+    };
+    assert_eq!(
+        e.code(),
+        "ENKSTATESTALE",
+        "a first write where one exists: {e}"
+    );
+    fresh.update(|_| {}).await.unwrap();
+    assert_eq!(c.stored().await.serial, 3);
+}
+
+/// The lock names its holder; epochs grow at every acquisition, also after
+/// `infra unlock`; a released lock is not "taken over".
+async fn lock_epochs_and_holder(kind: Kind) {
+    let c = Case::new(kind);
+    let cancel = CancellationToken::new();
+    let ttl = Duration::from_secs(60);
+    let a = c.backend().await;
+    let ha = holder("nanokit up (job a)");
+    let ga = a
+        .lock(&LockRequest {
+            holder: &ha,
+            ttl,
+            wait: Duration::ZERO,
+            cancel: &cancel,
+        })
+        .await
+        .unwrap();
+    assert!(!ga.took_over, "a free lock is not taken over");
+    assert!(ga.epoch >= 1);
+    let b = c.backend().await;
+    let hb = holder("nanokit up (job b)");
+    let t0 = Instant::now();
+    let e = b
+        .lock(&LockRequest {
+            holder: &hb,
+            ttl,
+            wait: Duration::from_millis(300),
+            cancel: &cancel,
+        })
+        .await
+        .unwrap_err();
+    assert!(t0.elapsed() >= Duration::from_millis(300));
+    assert_eq!(e.code(), "ENKLOCKED", "{e}");
+    assert!(
+        e.to_string().contains("job a") && e.to_string().contains("infra unlock"),
+        "{e}"
+    );
+    let seen = b.lock_info().await.unwrap().expect("held");
+    assert!(seen.description.contains("job a"), "{seen:?}");
+    assert_eq!(seen.epoch, ga.epoch);
+    // infra unlock: cleared, the epoch kept.
+    let cleared = b.force_unlock().await.unwrap().expect("it was held");
+    assert!(cleared.description.contains("job a"));
+    assert!(b.lock_info().await.unwrap().is_none());
+    let gb = b
+        .lock(&LockRequest {
+            holder: &hb,
+            ttl,
+            wait: Duration::ZERO,
+            cancel: &cancel,
+        })
+        .await
+        .unwrap();
+    assert!(gb.epoch > ga.epoch, "{} > {}", gb.epoch, ga.epoch);
+    // a's lock is gone: its release says so.
+    assert!(a.unlock().await.is_err(), "a's lock was cleared");
+    b.unlock().await.unwrap();
+    let c2 = c.backend().await;
+    let gc = c2
+        .lock(&LockRequest {
+            holder: &holder("c"),
+            ttl,
+            wait: Duration::ZERO,
+            cancel: &cancel,
+        })
+        .await
+        .unwrap();
+    assert!(!gc.took_over, "b released it");
+    assert!(gc.epoch > gb.epoch);
+    c2.unlock().await.unwrap();
+}
+
+/// A state that has seen a higher epoch refuses a lower one, and a store
+/// fenced by an older lock gets `ENKSTATESTALE` naming both epochs.
+async fn a_lower_epoch_is_refused(kind: Kind) {
+    let c = Case::new(kind);
+    let cfg = c.config();
+    let cancel = CancellationToken::new();
+    let (l1, mut s1) = state::lock::lock_state(&cfg, "first", None, &cancel)
+        .await
+        .unwrap();
+    s1.update(|s| {
+        s.resources.insert("one".into(), resource("1"));
+    })
+    .await
+    .unwrap();
+    let e1 = l1.epoch();
+    assert_eq!(s1.state().epoch, e1);
+    l1.release().await.unwrap();
+    let (l2, mut s2) = state::lock::lock_state(&cfg, "second", None, &cancel)
+        .await
+        .unwrap();
+    assert!(l2.epoch() > e1);
+    s2.update(|s| {
+        s.resources.insert("two".into(), resource("2"));
+    })
+    .await
+    .unwrap();
+    l2.release().await.unwrap();
+    // The first run, still holding its store, writes again.
+    let e = s1.update(|s| s.resources.clear()).await.unwrap_err();
+    assert_eq!(e.code(), "ENKSTATESTALE", "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&format!("epoch {e1}")) && msg.contains("another run"),
+        "{msg}"
+    );
+    let now = c.stored().await;
+    assert!(now.resources.contains_key("two") && now.resources.contains_key("one"));
+}
+
+/// `n` runs at once, each taking the deploy lock (the engine's
+/// `lock_state`), writing `writes` times and releasing: never two inside at
+/// once, every write kept, serials strictly increasing.
+async fn many_runs_at_once(kind: Kind, n: usize, writes: usize) {
+    let c = Case::new(kind);
+    let kids: Vec<Child> = (0..n)
+        .map(|i| c.child("deploy", i, &[("NK_SB_WRITES", &writes.to_string())]))
+        .collect();
+    let mut serials = Vec::new();
+    let mut windows = Vec::new();
+    let mut epochs = Vec::new();
+    for k in kids {
+        let (r, _) = finish(k);
+        let s: Vec<u64> = serde_json::from_value(r["serials"].clone()).unwrap();
+        assert_eq!(s.len(), writes);
+        assert!(s.windows(2).all(|w| w[0] < w[1]), "{s:?}");
+        windows.push((s[0], *s.last().unwrap()));
+        serials.extend(s);
+        epochs.push(r["epoch"].as_u64().unwrap());
+    }
+    // One deploy at a time: the runs' serial ranges do not interleave.
+    windows.sort();
+    assert!(
+        windows.windows(2).all(|w| w[0].1 < w[1].0),
+        "interleaved runs: {windows:?}"
+    );
+    serials.sort();
+    let before = serials.len();
+    serials.dedup();
+    assert_eq!(serials.len(), before, "a serial was written twice");
+    epochs.sort();
+    epochs.dedup();
+    assert_eq!(epochs.len(), n, "every acquisition has its own epoch");
+    let st = c.stored().await;
+    assert_eq!(st.resources.len(), n * writes, "no write lost");
+    assert_eq!(st.serial, (n * writes) as u64);
+    assert!(!c.path().join("inside").exists());
+}
+
+/// A holder paused (SIGSTOP) past its lock's TTL: another run takes the
+/// lock over and writes; resumed, the paused one's write is
+/// `ENKSTATESTALE` naming both epochs, and nothing of the new holder's is
+/// overwritten.
+async fn a_paused_writer_is_refused_on_resume(kind: Kind) {
+    let c = Case::new(kind);
+    let ttl = "1";
+    let mut old = c.child("hold", 0, &[("NANOKIT_DEPLOY_LOCK_TTL", ttl)]);
+    let mut lines = BufReader::new(old.stdout.take().unwrap()).lines();
+    let locked: Value = serde_json::from_str(&wait_line(&mut lines, "LOCKED ")).unwrap();
+    let old_epoch = locked["epoch"].as_u64().unwrap();
+    let pid = old.id() as i32;
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    // Well past the TTL.
+    std::thread::sleep(Duration::from_millis(1500));
+    let (took, _) = finish(c.child("take", 1, &[("NANOKIT_DEPLOY_LOCK_TTL", ttl)]));
+    assert_eq!(took["tookOver"], true, "{took}");
+    let new_epoch = took["epoch"].as_u64().unwrap();
+    assert!(new_epoch > old_epoch);
+    let after_take = c.stored().await;
+    assert!(after_take.resources.contains_key("taker"));
+    std::fs::write(c.path().join("go"), "").unwrap();
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = old.wait().unwrap();
+    assert!(status.success(), "{rest:?}");
+    let result: Value = rest
+        .iter()
+        .find_map(|l| l.find("RESULT ").map(|i| &l[i + 7..]))
+        .map(|r| serde_json::from_str(r).unwrap())
+        .unwrap_or_else(|| panic!("no RESULT: {rest:?}"));
+    assert_eq!(result["code"], "ENKSTATESTALE", "{result}");
+    let msg = result["message"].as_str().unwrap();
+    assert!(
+        msg.contains(&format!("epoch {old_epoch}")) && msg.contains(&new_epoch.to_string()),
+        "names both epochs: {msg}"
+    );
+    let end = c.stored().await;
+    assert_eq!(end, after_take, "nothing was overwritten");
+    assert!(!end.resources.contains_key("stale"));
+}
+
+/// Whether process `pid` is stopped (state `T` in /proc).
+fn stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| r.trim_start().starts_with('T'))
+        })
+        .unwrap_or(false)
+}
+
+/// The file backend's residual window: a writer stopped (SIGSTOP) after its
+/// check and before its rename holds off the takeover instead of
+/// overwriting its successor: nobody takes the lock while it is stopped,
+/// and once resumed its write lands and the next run sees it.
+#[tokio::test(flavor = "multi_thread")]
+async fn file_a_writer_stopped_inside_its_commit_holds_off_the_takeover() {
+    let c = Case::new(Kind::File);
+    let pause = c.path().join("pause");
+    let pause_s = pause.display().to_string();
+    let mut old = c.child(
+        "hold",
+        0,
+        &[
+            ("NANOKIT_DEPLOY_LOCK_TTL", "1"),
+            ("NANOKIT_TEST_STOP_IN_COMMIT", pause_s.as_str()),
+        ],
+    );
+    let mut lines = BufReader::new(old.stdout.take().unwrap()).lines();
+    wait_line(&mut lines, "LOCKED ");
+    std::fs::write(&pause, "").unwrap();
+    std::fs::write(c.path().join("go"), "").unwrap();
+    let t0 = Instant::now();
+    while !stopped(old.id()) {
+        assert!(t0.elapsed() < Duration::from_secs(20), "never stopped");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!pause.exists(), "stopped in its commit");
+    // Well past its TTL, a taker cannot get the lock while it is stopped.
+    let b = c.backend().await;
+    let cancel = CancellationToken::new();
+    let hb = holder("taker");
+    let e = b
+        .lock(&LockRequest {
+            holder: &hb,
+            ttl: Duration::from_secs(1),
+            wait: Duration::from_secs(3),
+            cancel: &cancel,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), "ENKLOCKED", "{e}");
+    unsafe { libc::kill(old.id() as i32, libc::SIGCONT) };
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    assert!(old.wait().unwrap().success(), "{rest:?}");
+    assert!(
+        rest.iter().any(|l| l.contains(r#"RESULT {"code":null}"#)),
+        "the resumed write lands: {rest:?}"
+    );
+    let (took, _) = finish(c.child("take", 1, &[("NANOKIT_DEPLOY_LOCK_TTL", "1")]));
+    let st = c.stored().await;
+    assert!(
+        st.resources.contains_key("stale") && st.resources.contains_key("taker"),
+        "the next run saw the resumed write and kept it: {st:?} {took}"
+    );
+}
+
+/// A holder killed (SIGKILL) on "another host": its lock is taken over once
+/// it has not been renewed for the TTL, and not before.
+async fn a_killed_holder_is_taken_over_after_the_ttl(kind: Kind) {
+    let c = Case::new(kind);
+    let ttl = Duration::from_secs(3);
+    let ttl_s = ttl.as_secs().to_string();
+    let mut held = c.child(
+        "hold",
+        0,
+        &[
+            ("NANOKIT_DEPLOY_LOCK_TTL", ttl_s.as_str()),
+            // Another machine: its pid cannot be checked from here.
+            ("NANOKIT_HOST_ID", "some-other-host"),
+        ],
+    );
+    let mut lines = BufReader::new(held.stdout.take().unwrap()).lines();
+    wait_line(&mut lines, "LOCKED ");
+    // Let it renew once or twice, then kill it.
+    std::thread::sleep(Duration::from_millis(1200));
+    unsafe { libc::kill(held.id() as i32, libc::SIGKILL) };
+    let killed = Instant::now();
+    let _ = held.wait();
+    let b = c.backend().await;
+    let cancel = CancellationToken::new();
+    let hb = holder("taker");
+    let req = |wait| LockRequest {
+        holder: &hb,
+        ttl,
+        wait,
+        cancel: &cancel,
+    };
+    let e = b.lock(&req(Duration::ZERO)).await.unwrap_err();
+    assert_eq!(e.code(), "ENKLOCKED", "just killed, still held: {e}");
+    let grant = b.lock(&req(ttl * 3)).await.unwrap();
+    let after = killed.elapsed();
+    assert!(grant.took_over);
+    // The last renewal came at most a third of the TTL before the kill.
+    assert!(
+        after >= ttl * 2 / 3 - Duration::from_millis(100),
+        "taken over {after:?} after the kill, before the TTL of {ttl:?}"
+    );
+    assert!(after <= ttl + Duration::from_secs(2), "took {after:?}");
+    b.unlock().await.unwrap();
+}
+
+// ---------------------------------------------------------- file backend
+
+#[tokio::test(flavor = "multi_thread")]
+async fn file_compare_and_swap() {
+    compare_and_swap(Kind::File).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn file_lock_epochs_and_holder() {
+    lock_epochs_and_holder(Kind::File).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn file_a_lower_epoch_is_refused() {
+    a_lower_epoch_is_refused(Kind::File).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn file_sixteen_runs_at_once() {
+    many_runs_at_once(Kind::File, 16, 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn file_a_paused_writer_is_refused_on_resume() {
+    a_paused_writer_is_refused_on_resume(Kind::File).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn file_a_killed_holder_is_taken_over_after_the_ttl() {
+    a_killed_holder_is_taken_over_after_the_ttl(Kind::File).await;
+}
+
+// ------------------------------------------------------------ PostgreSQL
+
+macro_rules! pg_test {
+    ($name:ident, $body:expr) => {
+        #[tokio::test(flavor = "multi_thread")]
+        #[cfg_attr(
+            not(nk_pg),
+            ignore = "SKIPPED: needs NANOKIT_TEST_PG_URL (eval \"$(bash scripts/pg-test-cluster.sh)\")"
+        )]
+        async fn $name() {
+            $body.await;
+        }
+    };
+}
+
+pg_test!(pg_compare_and_swap, compare_and_swap(Kind::Pg));
+pg_test!(pg_lock_epochs_and_holder, lock_epochs_and_holder(Kind::Pg));
+pg_test!(
+    pg_a_lower_epoch_is_refused,
+    a_lower_epoch_is_refused(Kind::Pg)
+);
+pg_test!(pg_sixteen_runs_at_once, many_runs_at_once(Kind::Pg, 16, 3));
+pg_test!(
+    pg_a_paused_writer_is_refused_on_resume,
+    a_paused_writer_is_refused_on_resume(Kind::Pg)
+);
+pg_test!(
+    pg_a_killed_holder_is_taken_over_after_the_ttl,
+    a_killed_holder_is_taken_over_after_the_ttl(Kind::Pg)
+);
+
+// ----------------------------------------------------------- the child
+
+/// Not a test: one run in a child process, in the mode `NK_SB_MODE`:
+/// - `deploy`: take the deploy lock (waiting), check nobody else is inside,
+///   write `NK_SB_WRITES` times, release; prints the serials written;
+/// - `hold`: take the lock, write once, print `LOCKED`, wait for the file
+///   `go`, write again, print how that went;
+/// - `take`: take the lock (waiting), write once, print the epoch.
+#[test]
+#[ignore = "helper: run as a child process by the state backend tests"]
+fn state_child() {
+    let Ok(mode) = std::env::var("NK_SB_MODE") else {
+        return;
+    };
+    let dir = PathBuf::from(std::env::var("NK_SB_DIR").unwrap());
+    let id = std::env::var("NK_SB_ID").unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let result = rt.block_on(async {
+        let cfg = config_at(&dir);
+        let cancel = CancellationToken::new();
+        let wait = Some(Duration::from_secs(120));
+        match mode.as_str() {
+            "deploy" => {
+                let writes: usize = std::env::var("NK_SB_WRITES").unwrap().parse().unwrap();
+                let (lock, mut store) =
+                    state::lock::lock_state(&cfg, &format!("deploy {id}"), wait, &cancel)
+                        .await
+                        .unwrap();
+                let inside = dir.join("inside");
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&inside)
+                    .unwrap_or_else(|e| panic!("two runs inside the lock at once: {e}"));
+                let mut serials = Vec::new();
+                for k in 0..writes {
+                    store
+                        .update(|s| {
+                            s.resources
+                                .insert(format!("c{id}-{k}"), resource(&format!("{id}/{k}")));
+                        })
+                        .await
+                        .unwrap();
+                    serials.push(store.state().serial);
+                }
+                std::fs::remove_file(&inside).unwrap();
+                let epoch = lock.epoch();
+                lock.release().await.unwrap();
+                json!({"serials": serials, "epoch": epoch})
+            }
+            "hold" => {
+                let (lock, mut store) = state::lock::lock_state(&cfg, "holder", None, &cancel)
+                    .await
+                    .unwrap();
+                store
+                    .update(|s| {
+                        s.resources.insert("holder".into(), resource("h"));
+                    })
+                    .await
+                    .unwrap();
+                println!(
+                    "LOCKED {}",
+                    json!({"epoch": lock.epoch(), "serial": store.state().serial})
+                );
+                std::io::stdout().flush().unwrap();
+                let go = dir.join("go");
+                let t0 = Instant::now();
+                while !go.exists() {
+                    assert!(t0.elapsed() < Duration::from_secs(120), "never told to go");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let r = store
+                    .update(|s| {
+                        s.resources.clear();
+                        s.resources.insert("stale".into(), resource("s"));
+                    })
+                    .await;
+                let _ = lock.release().await;
+                match r {
+                    Ok(()) => json!({"code": null}),
+                    Err(e) => json!({"code": e.code(), "message": e.to_string()}),
+                }
+            }
+            "take" => {
+                let (lock, mut store) = state::lock::lock_state(&cfg, "taker", wait, &cancel)
+                    .await
+                    .unwrap();
+                store
+                    .update(|s| {
+                        s.resources.insert("taker".into(), resource("t"));
+                    })
+                    .await
+                    .unwrap();
+                let r = json!({"epoch": lock.epoch(), "tookOver": lock.recovered()});
+                lock.release().await.unwrap();
+                r
+            }
+            other => panic!("unknown mode {other}"),
+        }
+    });
+    println!("\nRESULT {result}");
+    let _ = std::io::stdout().flush();
+}
