@@ -331,6 +331,28 @@ async fn a_lower_epoch_is_refused(kind: Kind) {
     );
     let now = c.stored().await;
     assert!(now.resources.contains_key("two") && now.resources.contains_key("one"));
+    // Nor does it get through by reading the state again (the version is
+    // then current: only the epoch stops it).
+    let mut again = c.store().await;
+    let e = again.fence(e1, "first-again").unwrap_err();
+    assert_eq!(e.code(), "ENKSTATESTALE", "{e}");
+    let e = again.update(|s| s.resources.clear()).await.unwrap_err();
+    assert_eq!(e.code(), "ENKSTATESTALE", "{e}");
+    assert_eq!(c.stored().await, now, "nothing was overwritten");
+    if kind == Kind::Pg {
+        // The database itself refuses it, whatever the client checked.
+        let b = c.backend().await;
+        let cur = b.read().await.unwrap().unwrap();
+        let meta = state::WriteMeta {
+            serial: now.serial + 1,
+            lineage: &now.lineage,
+            epoch: e1,
+            writer: "first-again",
+        };
+        let e = b.write(b"{}", Some(&cur.version), &meta).await.unwrap_err();
+        assert_eq!(e.code(), "ENKSTATESTALE", "{e}");
+        assert_eq!(c.stored().await, now, "nothing was overwritten");
+    }
 }
 
 /// `n` runs at once, each taking the deploy lock (the engine's
@@ -373,10 +395,10 @@ async fn many_runs_at_once(kind: Kind, n: usize, writes: usize) {
 }
 
 /// A holder paused (SIGSTOP) past its lock's TTL: another run takes the
-/// lock over and writes; resumed, the paused one's write is
-/// `ENKSTATESTALE` naming both epochs, and nothing of the new holder's is
-/// overwritten.
-async fn a_paused_writer_is_refused_on_resume(kind: Kind) {
+/// lock over (and writes, or has nothing to write); resumed, the paused
+/// one's write is `ENKSTATESTALE` naming both epochs, and nothing of the new
+/// holder's is overwritten.
+async fn a_paused_writer_is_refused_on_resume(kind: Kind, taker_writes: bool) {
     let c = Case::new(kind);
     let ttl = "1";
     let mut old = c.child("hold", 0, &[("NANOKIT_DEPLOY_LOCK_TTL", ttl)]);
@@ -387,12 +409,17 @@ async fn a_paused_writer_is_refused_on_resume(kind: Kind) {
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     // Well past the TTL.
     std::thread::sleep(Duration::from_millis(1500));
-    let (took, _) = finish(c.child("take", 1, &[("NANOKIT_DEPLOY_LOCK_TTL", ttl)]));
+    let writes = if taker_writes { "1" } else { "0" };
+    let (took, _) = finish(c.child(
+        "take",
+        1,
+        &[("NANOKIT_DEPLOY_LOCK_TTL", ttl), ("NK_SB_WRITES", writes)],
+    ));
     assert_eq!(took["tookOver"], true, "{took}");
     let new_epoch = took["epoch"].as_u64().unwrap();
     assert!(new_epoch > old_epoch);
     let after_take = c.stored().await;
-    assert!(after_take.resources.contains_key("taker"));
+    assert_eq!(after_take.resources.contains_key("taker"), taker_writes);
     std::fs::write(c.path().join("go"), "").unwrap();
     unsafe { libc::kill(pid, libc::SIGCONT) };
     let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
@@ -550,7 +577,12 @@ async fn file_sixteen_runs_at_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn file_a_paused_writer_is_refused_on_resume() {
-    a_paused_writer_is_refused_on_resume(Kind::File).await;
+    a_paused_writer_is_refused_on_resume(Kind::File, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn file_a_paused_writer_is_refused_even_if_the_taker_writes_nothing() {
+    a_paused_writer_is_refused_on_resume(Kind::File, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -582,7 +614,11 @@ pg_test!(
 pg_test!(pg_sixteen_runs_at_once, many_runs_at_once(Kind::Pg, 16, 3));
 pg_test!(
     pg_a_paused_writer_is_refused_on_resume,
-    a_paused_writer_is_refused_on_resume(Kind::Pg)
+    a_paused_writer_is_refused_on_resume(Kind::Pg, true)
+);
+pg_test!(
+    pg_a_paused_writer_is_refused_even_if_the_taker_writes_nothing,
+    a_paused_writer_is_refused_on_resume(Kind::Pg, false)
 );
 pg_test!(
     pg_a_killed_holder_is_taken_over_after_the_ttl,
@@ -680,12 +716,14 @@ fn state_child() {
                 let (lock, mut store) = state::lock::lock_state(&cfg, "taker", wait, &cancel)
                     .await
                     .unwrap();
-                store
-                    .update(|s| {
-                        s.resources.insert("taker".into(), resource("t"));
-                    })
-                    .await
-                    .unwrap();
+                if std::env::var("NK_SB_WRITES").as_deref() != Ok("0") {
+                    store
+                        .update(|s| {
+                            s.resources.insert("taker".into(), resource("t"));
+                        })
+                        .await
+                        .unwrap();
+                }
                 let r = json!({"epoch": lock.epoch(), "tookOver": lock.recovered()});
                 lock.release().await.unwrap();
                 r
