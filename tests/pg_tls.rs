@@ -9,6 +9,7 @@
 //! Gated like every PostgreSQL test (tests/services/mod.rs): ignored with a
 //! `SKIPPED:` reason without `NANOKIT_TEST_PG_URL` outside CI, failing in CI.
 
+mod common;
 mod services;
 
 use std::path::PathBuf;
@@ -591,22 +592,7 @@ fn the_cli_honours_pgsslmode_pgsslrootcert_and_sslrootcert_system() {
 /// examples/basic in a temp dir with its state on PostgreSQL (`url`), a
 /// project name of its own and free ports.
 fn example(url: &str) -> (tempfile::TempDir, nanokit::config::LoadOptions, String) {
-    fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-        std::fs::create_dir_all(to).unwrap();
-        for e in std::fs::read_dir(from).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                copy_dir(&p, &to.join(e.file_name()));
-            } else {
-                std::fs::copy(&p, to.join(e.file_name())).unwrap();
-            }
-        }
-    }
-    let dir = tempfile::tempdir().unwrap();
-    copy_dir(
-        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/basic"),
-        dir.path(),
-    );
+    let dir = common::copy_example("basic");
     let file = dir.path().join("nanokit.yml");
     let yml = std::fs::read_to_string(&file).unwrap();
     let name = format!(

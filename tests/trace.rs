@@ -179,30 +179,13 @@ fn attr(s: &Span, key: &str) -> Option<String> {
     })
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let p = e.path();
-        if p.file_name().is_some_and(|n| n == ".nanokit") {
-            continue;
-        }
-        if p.is_dir() {
-            copy_dir(&p, &to.join(e.file_name()));
-        } else {
-            std::fs::copy(&p, to.join(e.file_name())).unwrap();
-        }
-    }
-}
-
 const SECRET: &str = "tok-very-secret-4711";
 
 /// examples/basic in a temp dir, with free ports, a secret in worker's env
 /// and a worker poststart hook that records TRACEPARENT, prints the secret
 /// and fails.
 fn example() -> (tempfile::TempDir, LoadOptions) {
-    let dir = tempfile::tempdir().unwrap();
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/basic");
-    copy_dir(&src, dir.path());
+    let dir = common::copy_example("basic");
     let file = dir.path().join("nanokit.yml");
     let yml = std::fs::read_to_string(&file).unwrap();
     let anchor = "      INTERVAL_MS: ${WORKER_INTERVAL_MS:-1000}\n";
