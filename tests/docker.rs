@@ -1034,7 +1034,8 @@ services:
         p.names().is_empty(),
         "the container that could not start was removed"
     );
-    assert!(p.p.state().resources["web"].provider_id.is_none());
+    // Refused before it started: nothing of it is recorded.
+    assert!(!p.p.state().resources.contains_key("web"));
     drop(busy);
     // An invalid volume spec.
     p.write("name: NAME\ninfra: { provider: docker }\nservices:\n  w: { image: \"nk-busybox:latest\", volumes: [\"./x:relative\"] }\n");
@@ -1605,5 +1606,110 @@ services:
             .iter()
             .any(|e| e.starts_with("start r") || e.starts_with("restart r")),
         "Docker restarted r during down: {events:?}"
+    );
+}
+
+/// A host `port` that a process on this host already listens on is
+/// reported before the container is created, naming that process (here
+/// this test); so is one that another project's container publishes,
+/// naming the container (Compose: "port is already allocated").
+/// Nothing is created for the refused service.
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(nk_docker),
+    ignore = "SKIPPED: needs NANOKIT_TEST_DOCKER (eval \"$(bash scripts/docker-test-env.sh)\")"
+)]
+async fn a_host_port_taken_is_reported_before_the_container_is_created() {
+    let held = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    let body = format!(
+        "services:\n  web:\n    image: nk-busybox:latest\n    start: \"exec httpd -f -p 80\"\n    expose: 80\n    port: {port}\n"
+    );
+    let p = DProject::docker("porttaken", &body);
+    let r = p.up(quick()).await;
+    let err = r.results[0].error.clone().unwrap_or_default();
+    assert_eq!(r.results[0].outcome, Phase::Failed, "{err}");
+    assert!(
+        err.contains(&format!("port {port} is already allocated"))
+            && err.contains(&format!("held by pid {} (", std::process::id())),
+        "{err}"
+    );
+    assert!(p.names().is_empty(), "created {:?}", p.names());
+
+    // Published by another project's container instead.
+    drop(held);
+    let first = DProject::docker("portfirst", &body);
+    ok(&first.up(quick()).await);
+    let r = p.up(quick()).await;
+    let err = r.results[0].error.clone().unwrap_or_default();
+    assert_eq!(r.results[0].outcome, Phase::Failed, "{err}");
+    assert!(
+        err.contains(&format!("port {port} is already allocated: used by container nk-{}-local-web (service `web` of nanokit project `{}`", first.name, first.name)),
+        "{err}"
+    );
+    assert!(p.names().is_empty(), "created {:?}", p.names());
+    assert_eq!(first.names().len(), 1);
+}
+
+/// A container whose check passes and which then exits while `up` goes on
+/// (its dependent takes a second to become healthy) is not reported
+/// healthy: `up` fails it, quoting its log, and records the failure. One
+/// that exits while its check still fails fails at once, quoting its log.
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(nk_docker),
+    ignore = "SKIPPED: needs NANOKIT_TEST_DOCKER (eval \"$(bash scripts/docker-test-env.sh)\")"
+)]
+async fn a_container_that_exits_after_its_check_passed_fails_the_up_quoting_its_log() {
+    let p = DProject::docker(
+        "exitlate",
+        r#"
+services:
+  a:
+    image: nk-busybox:latest
+    start: "sleep 0.3; echo 'fatal: lost the database' >&2; exit 3"
+    healthcheck: { test: "true", interval: 1s, retries: 3 }
+  b:
+    image: nk-busybox:latest
+    start: "sleep 1.5; touch /tmp/ok; exec sleep 600"
+    healthcheck: { test: "test -f /tmp/ok", interval: 1s, retries: 5 }
+    depends_on: [a]
+  c:
+    image: nk-busybox:latest
+    start: "sleep 0.3; echo 'boom: no config' >&2; exit 2"
+    healthcheck: { test: "test -f /never", interval: 60s, retries: 3 }
+"#,
+    );
+    // c's failure is seen when it exits (Docker's wait), not after the
+    // minutes its counted failures would take: a guard cancels at 20 s.
+    let cancel = tokio_util::sync::CancellationToken::new();
+    {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            cancel.cancel();
+        });
+    }
+    let r = p.up(RunOptions { cancel, ..quick() }).await;
+    let c = r.results.iter().find(|x| x.service == "c").unwrap();
+    assert_eq!(c.outcome, Phase::Failed, "c: {:?}", c);
+    let err = c.error.clone().unwrap();
+    assert!(
+        err.contains("exited while starting") && err.contains("boom: no config"),
+        "{err}"
+    );
+    let a = r.results.iter().find(|x| x.service == "a").unwrap();
+    let b = r.results.iter().find(|x| x.service == "b").unwrap();
+    assert_eq!(b.outcome, Phase::Healthy, "{:?}", b.error);
+    assert_eq!(a.outcome, Phase::Failed, "a: {:?}", a);
+    let err = a.error.clone().unwrap();
+    assert!(
+        err.contains("exited after its health check passed")
+            && err.contains("fatal: lost the database"),
+        "{err}"
+    );
+    assert_eq!(
+        p.p.state().resources["a"].status,
+        nanokit::state::Status::Failed
     );
 }

@@ -35,6 +35,7 @@ impl Run {
         started: Instant,
     ) -> Result<(), StepError> {
         self.emit(name, Phase::Stopping, started, Some(id.to_string()));
+        self.unwatch(id);
         if let Some(svc) = svc {
             if !svc.hooks.prestop.is_empty() && self.is_running(id).await {
                 let spec = self.spec(svc, "", 1);
@@ -149,6 +150,7 @@ impl Run {
             self.provider.create(&spec).await.map_err(StepError::from)
         })
         .await?;
+        self.watch_exit(&svc.name, &inst.id);
         trace::set(&create, "nanokit.instance", inst.id.clone());
         self.save(|s| {
             if let Some(r) = s.resources.get_mut(&svc.name) {
@@ -201,6 +203,7 @@ impl Run {
         let creating = want.saturating_sub(action.keep.len());
         self.emit(name, Phase::Starting, started, None);
         if creating > 0 {
+            self.port_free(&spec).await?;
             self.hooks(HookSite::Host, svc, &spec, Hook::Prestart, started)
                 .await?;
         }
@@ -578,6 +581,7 @@ pub(super) async fn up(
     for (n, r, ms) in out {
         results.push(to_result(kinds[&n], n, r, ms));
     }
+    super::live::confirm(run, &mut results).await;
     refresh_dependencies(run, plan).await?;
     for v in plan
         .volumes

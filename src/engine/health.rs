@@ -9,7 +9,9 @@
 //! service that the runtime's own check would still call `starting`. At most
 //! [`PROBES_IN_FLIGHT`](super::run::PROBES_IN_FLIGHT) probes of one run are
 //! in flight; a healthy instance is not probed again. The error says which
-//! check failed and quotes the last probe output.
+//! check failed and quotes the last probe output. A passing probe counts
+//! only while the instance still runs, and an instance that exits fails at
+//! once with its log ([`super::live`]).
 
 use std::time::{Duration, Instant};
 
@@ -135,26 +137,37 @@ impl Run {
         let (mut counted, mut probes) = (0u32, 0u32);
         let mut gap = check.first;
         let mut last = String::new();
+        let exit = self.watch_exit(&svc.name, id);
+        let exited = || self.exited(&svc.name, "the instance exited while starting");
         loop {
             if self.opts.cancel.is_cancelled() {
                 return Err(StepError::Cancelled);
             }
-            self.still_running(id, svc).await?;
+            if exit.happened() {
+                return Err(exited().await);
+            }
             let at = t0.elapsed();
             if !(matches!(check.probe, Probe::Running) && at < check.start_period) {
                 let r = {
                     let _slot = tokio::select! {
                         slot = self.probes.acquire() => slot,
                         _ = self.opts.cancel.cancelled() => return Err(StepError::Cancelled),
+                        _ = exit.wait() => return Err(exited().await),
                     };
-                    self.provider
-                        .probe(id, spec, &check.probe, check.timeout)
-                        .await?
+                    tokio::select! {
+                        r = self.provider.probe(id, spec, &check.probe, check.timeout) => r?,
+                        _ = exit.wait() => return Err(exited().await),
+                    }
                 };
                 probes += 1;
                 trace::set(span, "nanokit.probes", i64::from(probes));
-                if r.ok {
+                // The verdict holds only for a live instance: the answer
+                // may have come from another process (on its port).
+                if r.ok && !exit.happened() && self.is_running(id).await {
                     return Ok(());
+                }
+                if r.ok {
+                    return Err(exited().await);
                 }
                 if r.fatal {
                     // The runtime's verdict, with the last output of ours.
@@ -188,21 +201,10 @@ impl Run {
             tokio::select! {
                 _ = tokio::time::sleep(gap) => {}
                 _ = self.opts.cancel.cancelled() => return Err(StepError::Cancelled),
+                _ = exit.wait() => {}
             }
             gap = (gap + gap / 2).min(check.interval);
         }
-    }
-
-    /// Fails with the service's last log lines when instance `id` exited.
-    async fn still_running(&self, id: &str, svc: &Service) -> Result<(), StepError> {
-        if self.is_running(id).await {
-            return Ok(());
-        }
-        let logs = self.provider.logs(&svc.name, 20).await.unwrap_or_default();
-        Err(StepError::failed(format!(
-            "the instance exited while starting; last log lines:\n{}",
-            indent(&logs)
-        )))
     }
 }
 

@@ -9,6 +9,7 @@ mod apply;
 pub mod drift;
 mod health;
 mod hooks;
+mod live;
 pub mod plan;
 mod report;
 mod run;

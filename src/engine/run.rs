@@ -39,6 +39,8 @@ pub(super) struct Run {
     /// The first `ENKSTATESTALE` a save got: another run holds the state
     /// now, so this one starts nothing new and ends with this error.
     stale: std::sync::Mutex<Option<StateError>>,
+    /// The instances whose exit the run watches ([`super::live`]).
+    pub(super) exits: super::live::Exits,
 }
 
 impl Run {
@@ -61,6 +63,7 @@ impl Run {
             probes: tokio::sync::Semaphore::new(PROBES_IN_FLIGHT),
             removals: std::sync::Mutex::new(None),
             stale: std::sync::Mutex::new(None),
+            exits: Default::default(),
         }
     }
 

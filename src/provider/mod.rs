@@ -218,6 +218,33 @@ pub trait Provider: Send + Sync {
         timeout: Duration,
     ) -> Result<ProbeResult, ProviderError>;
 
+    /// Resolves once instance `id` no longer runs (it exited, was stopped
+    /// or is gone), from the runtime's own notice where it gives one: the
+    /// engine holds a health verdict only while this has not resolved. By
+    /// default, `inspect` every 100 ms.
+    async fn exited(&self, id: &str) {
+        loop {
+            if !matches!(self.inspect(id).await, Ok(Some(i)) if i.running) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Whether the host `port` of an instance is bound in this process's
+    /// network namespace (the instance runs on this host), so that a
+    /// listener found here on that port keeps the instance from binding it.
+    fn ports_bound_here(&self) -> bool {
+        false
+    }
+
+    /// What of the runtime's uses host `port` (a container publishing
+    /// it), said for a message; None when nothing does, or the provider
+    /// cannot tell.
+    async fn port_user(&self, _port: u16) -> Option<String> {
+        None
+    }
+
     /// Stops (gracefully, then forcibly after `grace`). What a stopped
     /// instance leaves behind (a Docker container) stays until
     /// [`remove`](Provider::remove).

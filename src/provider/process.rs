@@ -275,6 +275,18 @@ impl Provider for ProcessProvider {
         Ok(())
     }
 
+    /// At the exit of the process the id names, as the kernel reports it
+    /// through a pidfd (at once when it is gone already).
+    async fn exited(&self, id: &str) {
+        if let Some(held) = parse_id(id).and_then(|(pid, start)| proc::Held::of(pid, start)) {
+            held.exited().await;
+        }
+    }
+
+    fn ports_bound_here(&self) -> bool {
+        true
+    }
+
     async fn logs(&self, service: &str, lines: usize) -> Result<String, ProviderError> {
         let path = self.log_dir.join(format!("{service}.log"));
         match std::fs::read(&path) {

@@ -6,6 +6,7 @@ pub mod beneath;
 pub(crate) mod command;
 pub(crate) mod fs;
 pub(crate) mod host;
+pub(crate) mod net;
 pub(crate) mod private;
 pub(crate) mod proc;
 pub(crate) mod signal;

@@ -123,6 +123,18 @@ pub fn tree(pid: u32) -> Vec<u32> {
     tree
 }
 
+/// The command line of `pid`, its arguments joined by spaces (None when it
+/// is gone or has none: a kernel thread).
+pub fn cmdline(pid: u32) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<String> = raw
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    (!args.is_empty()).then(|| args.join(" "))
+}
+
 /// The working directory of `pid`.
 pub fn cwd(pid: u32) -> Option<std::path::PathBuf> {
     std::fs::read_link(format!("/proc/{pid}/cwd")).ok()
@@ -178,6 +190,12 @@ impl Held {
         }
         let held = Held::open(pid)?;
         cgroup(pid).contains(container).then_some(held)
+    }
+
+    /// Holds `pid` if it runs and started at `start_time` (clock ticks
+    /// since boot): the very process an id `pid@start_time` names.
+    pub fn of(pid: u32, start_time: u64) -> Option<Held> {
+        Held::open(pid).filter(|h| h.start_time == start_time)
     }
 
     /// Holds `pid` if it runs.

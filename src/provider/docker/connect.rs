@@ -91,6 +91,22 @@ impl Endpoint {
         }
     }
 
+    /// Whether the daemon runs on this host: a unix socket, or TCP to a
+    /// loopback address. (Its published ports are then bound here.)
+    pub(super) fn on_this_host(&self) -> bool {
+        match self {
+            Endpoint::Other(h) => h.starts_with("unix://") || h.starts_with('/'),
+            Endpoint::Tcp(a) | Endpoint::TcpTls { host: a, .. } => {
+                let host = a.rsplit_once(':').map_or(a.as_str(), |(h, _)| h);
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                host.eq_ignore_ascii_case("localhost")
+                    || host
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            }
+        }
+    }
+
     /// The address as the user wrote it (for messages).
     pub(super) fn shown(&self) -> String {
         match self {

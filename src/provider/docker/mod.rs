@@ -800,6 +800,69 @@ impl Provider for DockerProvider {
         }
     }
 
+    /// When the daemon reports the container not running (its wait API),
+    /// or gone. Should the wait break off (the daemon restarting), the
+    /// container is looked at and waited for again.
+    async fn exited(&self, id: &str) {
+        loop {
+            if let Ok(d) = self.docker().await {
+                let options = WaitContainerOptions {
+                    condition: "not-running".into(),
+                };
+                match d.wait_container(id, Some(options)).next().await {
+                    Some(Ok(_)) | Some(Err(DockerError::DockerContainerWaitError { .. })) => return,
+                    Some(Err(e)) if status_of(&e) == Some(404) => return,
+                    _ => {}
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if matches!(
+                self.inspect(id).await,
+                Ok(None) | Ok(Some(Instance { running: false, .. }))
+            ) {
+                return;
+            }
+        }
+    }
+
+    /// The running container that publishes `port`, with the nanokit
+    /// service it is, if any.
+    async fn port_user(&self, port: u16) -> Option<String> {
+        let d = self.docker().await.ok()?;
+        let filters = HashMap::from([("publish".to_string(), vec![port.to_string()])]);
+        let c = d
+            .list_containers(Some(ListContainersOptions {
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await
+            .ok()?
+            .into_iter()
+            .next()?;
+        let name = c
+            .names
+            .unwrap_or_default()
+            .into_iter()
+            .next()
+            .unwrap_or_default();
+        let mut s = format!("container {}", name.trim_start_matches('/'));
+        let labels = c.labels.unwrap_or_default();
+        let label = |k: &str| labels.get(&docker_label(k)).cloned().unwrap_or_default();
+        if labels.contains_key(&docker_label(LABEL_SERVICE)) {
+            s.push_str(&format!(
+                " (service `{}` of nanokit project `{}`, env `{}`)",
+                label(LABEL_SERVICE),
+                label(LABEL_PROJECT),
+                label(LABEL_ENV)
+            ));
+        }
+        Some(s)
+    }
+
+    fn ports_bound_here(&self) -> bool {
+        connect::Endpoint::from_env().on_this_host()
+    }
+
     async fn remove(&self, id: &str) -> Result<(), ProviderError> {
         let d = self.docker().await?;
         // After a stop that signalled the process directly, the daemon may

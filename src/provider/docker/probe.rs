@@ -141,8 +141,15 @@ impl DockerProvider {
                         .unwrap_or_default()
                 };
                 // Docker's verdict when it has one, so that the two never
-                // disagree; before it, the check run here, at once.
+                // disagree; before it, the check run here, at once. A
+                // container that no longer runs has no verdict (Docker
+                // marks it unhealthy when it stops).
                 match health.status {
+                    _ if !running => Ok(ProbeResult {
+                        ok: false,
+                        output: format!("container {id} is not running"),
+                        fatal: false,
+                    }),
                     Some(HealthStatusEnum::HEALTHY) => Ok(ProbeResult {
                         ok: true,
                         output: docker_says(),
@@ -152,11 +159,6 @@ impl DockerProvider {
                         ok: false,
                         output: docker_says(),
                         fatal: true,
-                    }),
-                    _ if !running => Ok(ProbeResult {
-                        ok: false,
-                        output: format!("container {id} is not running"),
-                        fatal: false,
                     }),
                     _ => Ok(ProbeResult::of_command(
                         self.exec_in(id, spec, argv, timeout).await?,
