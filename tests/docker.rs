@@ -1713,3 +1713,38 @@ services:
         nanokit::state::Status::Failed
     );
 }
+
+/// While a container starts (before failures count), its check runs in a
+/// loop inside it, every 20 ms, within one exec, instead of one Docker exec
+/// per probe (each 50–500 ms on a busy daemon): `late` becomes ready 1.5 s
+/// after its start and its dependent starts after exactly one exec.
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(nk_docker),
+    ignore = "SKIPPED: needs NANOKIT_TEST_DOCKER (eval \"$(bash scripts/docker-test-env.sh)\")"
+)]
+async fn a_starting_container_is_checked_in_one_looped_exec() {
+    let p = DProject::docker(
+        "looped",
+        r#"
+services:
+  late:
+    image: nk-busybox:latest
+    start: "sleep 1.5; touch /tmp/ready; exec sleep 600"
+    healthcheck: { test: ["CMD", "test", "-f", "/tmp/ready"], interval: 60s, retries: 3 }
+  next:
+    image: nk-busybox:latest
+    start: "exec sleep 600"
+    depends_on: [late]
+"#,
+    );
+    let watch = watch_actions(&p.name);
+    ok(&p.up(quick()).await);
+    let events = watch.until("start next");
+    let execs: Vec<&String> = events
+        .iter()
+        .filter(|e| e.starts_with("exec_start") && e.contains(" late"))
+        .collect();
+    assert_eq!(execs.len(), 1, "{events:#?}");
+    assert!(execs[0].contains("nanokit-probe"), "{execs:?}");
+}

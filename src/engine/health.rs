@@ -2,8 +2,14 @@
 //! else its port, else its staying up for a moment.
 //!
 //! nanokit runs a `healthcheck` itself (in the container, for Docker), from
-//! the moment the instance starts: probes come [`FIRST_PROBE`] apart and back
-//! off towards the check's `interval`, until the first success. A probe is
+//! the moment the instance starts, until the first success: dense while it
+//! starts, the gap after each probe a twentieth of the time waited so far
+//! (at least [`FIRST_PROBE`], at most the check's `interval`), so that a
+//! service is released soon after it becomes ready (within about 5% of its
+//! start-up time plus one probe) without a slow starter being probed
+//! hundreds of times. Until failures count, a provider that can run the
+//! check in a loop of its own does (Docker: one exec instead of one per
+//! probe, [`Provider::probe_until`]). A probe is
 //! cut at `timeout`. Failures count only after `start_period`, and at most
 //! one per `interval`, as Docker counts them, so nanokit never fails a
 //! service that the runtime's own check would still call `starting`. At most
@@ -15,23 +21,31 @@
 
 use std::time::{Duration, Instant};
 
-use tracing::info_span;
+use tracing::{info_span, Instrument};
 
 use super::hooks::indent;
 use super::report::{Phase, StepError};
 use super::run::Run;
 use crate::config::Service;
+#[cfg(doc)]
+use crate::provider::Provider;
 use crate::provider::{InstanceSpec, Probe};
 use crate::sys::command::tail;
 use crate::trace;
 
-/// The gap after a service's first `healthcheck` probes.
-pub(super) const FIRST_PROBE: Duration = Duration::from_millis(100);
+/// The gap after a service's first `healthcheck` probes (the shortest).
+pub(super) const FIRST_PROBE: Duration = Duration::from_millis(20);
+
+/// The longest a provider's own check loop runs ([`Provider::probe_until`]).
+const LOOP_AT_MOST: Duration = Duration::from_secs(10);
+
+/// The gap after a probe grows with the time waited: this fraction of it.
+const GAP_PER_WAITED: u32 = 20;
 
 /// How one service's health is probed.
 struct Check {
     probe: Probe,
-    /// The gap after the first probe; it grows by half each time, up to
+    /// The shortest gap after a probe (see [`Check::gap`]), up to
     /// `interval`.
     first: Duration,
     interval: Duration,
@@ -87,6 +101,12 @@ impl Check {
         }
     }
 
+    /// The gap after a probe that ended `waited` after the instance
+    /// started: a twentieth of that, at least `first`, at most `interval`.
+    fn gap(&self, waited: Duration) -> Duration {
+        (waited / GAP_PER_WAITED).clamp(self.first, self.interval.max(self.first))
+    }
+
     /// `health check `…``, `port 8080 check`, `running check`.
     fn what(&self) -> String {
         match &self.probe {
@@ -135,10 +155,42 @@ impl Run {
         let t0 = Instant::now();
         let check = Check::of(svc, self.opts.health_timeout);
         let (mut counted, mut probes) = (0u32, 0u32);
-        let mut gap = check.first;
         let mut last = String::new();
         let exit = self.watch_exit(&svc.name, id);
         let exited = || self.exited(&svc.name, "the instance exited while starting");
+        if let Probe::Command(argv) = &check.probe {
+            // Until failures count, the provider may run the check in a loop
+            // of its own (one exec instead of one per probe).
+            let window = (check.start_period + check.interval).min(LOOP_AT_MOST);
+            let passed = {
+                let _slot = tokio::select! {
+                    slot = self.probes.acquire() => slot,
+                    _ = self.opts.cancel.cancelled() => return Err(StepError::Cancelled),
+                    _ = exit.wait() => return Err(exited().await),
+                };
+                let looped = self
+                    .provider
+                    .probe_until(id, spec, argv, window, check.timeout)
+                    .instrument(
+                        info_span!("probe", nanokit.service = %svc.name, nanokit.looped = true),
+                    );
+                tokio::select! {
+                    r = looped => r?,
+                    _ = self.opts.cancel.cancelled() => return Err(StepError::Cancelled),
+                    _ = exit.wait() => return Err(exited().await),
+                }
+            };
+            if passed.is_some() {
+                probes += 1;
+                trace::set(span, "nanokit.probes", i64::from(probes));
+            }
+            if passed == Some(true) {
+                if !exit.happened() && self.is_running(id).await {
+                    return Ok(());
+                }
+                return Err(exited().await);
+            }
+        }
         loop {
             if self.opts.cancel.is_cancelled() {
                 return Err(StepError::Cancelled);
@@ -154,8 +206,12 @@ impl Run {
                         _ = self.opts.cancel.cancelled() => return Err(StepError::Cancelled),
                         _ = exit.wait() => return Err(exited().await),
                     };
+                    let probe = self
+                        .provider
+                        .probe(id, spec, &check.probe, check.timeout)
+                        .instrument(info_span!("probe", nanokit.service = %svc.name));
                     tokio::select! {
-                        r = self.provider.probe(id, spec, &check.probe, check.timeout) => r?,
+                        r = probe => r?,
                         _ = exit.wait() => return Err(exited().await),
                     }
                 };
@@ -199,11 +255,10 @@ impl Run {
                 )));
             }
             tokio::select! {
-                _ = tokio::time::sleep(gap) => {}
+                _ = tokio::time::sleep(check.gap(t0.elapsed())) => {}
                 _ = self.opts.cancel.cancelled() => return Err(StepError::Cancelled),
                 _ = exit.wait() => {}
             }
-            gap = (gap + gap / 2).min(check.interval);
         }
     }
 }
@@ -250,6 +305,24 @@ mod tests {
         assert!(c.counts(ms(2000), 1));
         assert!(!c.counts(ms(2900), 2));
         assert!(c.counts(ms(3000), 2));
+    }
+
+    #[test]
+    fn probes_are_dense_while_starting_and_thin_out_with_the_time_waited() {
+        let c = command(1000, 0);
+        // The first second: 20 ms apart, so a service ready at +500 ms is
+        // seen within 20 ms and a probe.
+        assert_eq!(c.gap(ms(0)), ms(20));
+        assert_eq!(c.gap(ms(400)), ms(20));
+        assert_eq!(c.gap(ms(500)), ms(25));
+        // A slow starter: a twentieth of the wait, never beyond `interval`.
+        assert_eq!(c.gap(ms(4000)), ms(200));
+        assert_eq!(c.gap(ms(60_000)), ms(1000));
+        // An interval shorter than the first gap is the gap.
+        let mut short = command(10, 0);
+        short.first = FIRST_PROBE.min(short.interval);
+        assert_eq!(short.gap(ms(0)), ms(10));
+        assert_eq!(short.gap(ms(5000)), ms(10));
     }
 
     #[test]

@@ -245,6 +245,23 @@ pub trait Provider: Send + Sync {
         None
     }
 
+    /// Runs the health check `argv` in instance `id` again and again, a few
+    /// milliseconds apart, until it passes (`Some(true)`) or `within` is
+    /// over (`Some(false)`), cut `timeout` after that: while an instance
+    /// starts, one call instead of a probe per check. None: the provider
+    /// has no cheaper way than separate [`probe`](Provider::probe)s (the
+    /// default), or this instance cannot (no shell in it), or it was cut.
+    async fn probe_until(
+        &self,
+        _id: &str,
+        _spec: &InstanceSpec,
+        _argv: &[String],
+        _within: Duration,
+        _timeout: Duration,
+    ) -> Result<Option<bool>, ProviderError> {
+        Ok(None)
+    }
+
     /// Stops (gracefully, then forcibly after `grace`). What a stopped
     /// instance leaves behind (a Docker container) stays until
     /// [`remove`](Provider::remove).

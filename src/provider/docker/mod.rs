@@ -746,6 +746,17 @@ impl Provider for DockerProvider {
         self.probe_instance(id, spec, probe, timeout).await
     }
 
+    async fn probe_until(
+        &self,
+        id: &str,
+        spec: &InstanceSpec,
+        argv: &[String],
+        within: Duration,
+        timeout: Duration,
+    ) -> Result<Option<bool>, ProviderError> {
+        self.loop_probe(id, spec, argv, within, timeout).await
+    }
+
     /// Returns once the container's process has exited, which is what a
     /// dependency's stop waits for, while the daemon may still be tearing
     /// the container down (its network, its mounts): [`Provider::remove`]
