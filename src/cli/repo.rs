@@ -139,20 +139,78 @@ fn status(repo_dir: &Path, output: OutputFormat) -> CliResult {
         }
     }
     outln!(
-        "\nleftovers of interrupted installs ({})",
+        "\npackages without a sentinel, no install in progress ({})",
         status.leftovers.len()
     );
     for p in &status.leftovers {
         outln!("  {}", p.display());
     }
     if !status.leftovers.is_empty() {
-        outln!("  (removed by the next install of the same package)");
+        outln!("  (an interrupted install: replaced by the next install of that package; or put there by another tool: `nanokit repo adopt` takes it over)");
     }
     outln!("\nstaging directories ({})", status.staging.len());
     for s in &status.staging {
         print_staging(s);
     }
+    print_store(&status);
     Ok(exit::OK)
+}
+
+/// Bytes for people: `12.3 MB`.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1000.0 && unit < UNITS.len() - 1 {
+        v /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// The store and gc sections of `repo status`.
+fn print_store(status: &repo::RepoStatus) {
+    match &status.store {
+        None => outln!("\nstore: none yet (made by the first install)"),
+        Some(s) => {
+            outln!(
+                "\nstore: {} files, {}",
+                s.usage.files,
+                human_bytes(s.usage.bytes)
+            );
+            outln!(
+                "  packages: {} as separate copies, {} on disk: sharing ratio {:.2}",
+                human_bytes(s.package_bytes),
+                human_bytes(s.disk_bytes),
+                s.sharing_ratio
+            );
+        }
+    }
+    let gc = &status.gc;
+    outln!("\ngc candidates (`nanokit repo gc`)");
+    outln!(
+        "  store files no package links to: {} ({})",
+        gc.store_files,
+        human_bytes(gc.store_bytes)
+    );
+    outln!("  orphaned staging trees: {}", gc.orphaned_staging.len());
+    outln!(
+        "  versions unused for {}: {}{}",
+        humantime::format_duration(Duration::from_millis(gc.older_than_ms)),
+        gc.unused.len(),
+        if gc.unused.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " ({}; removed only with --older-than)",
+                gc.unused.join(", ")
+            )
+        }
+    );
 }
 
 /// One staging directory of `repo status`: its path, then who owns it.

@@ -89,7 +89,7 @@ pub(super) fn probe_installed(id: u32) -> bool {
         .read()
         .unwrap_or_else(|e| e.into_inner())
         .get(id as usize)
-        .is_some_and(repo::InstallProbe::installed)
+        .is_some_and(repo::InstallProbe::installed_for_use)
 }
 
 /// Installs `specifier` into `repoDir` with nanokit's npm installer, exactly

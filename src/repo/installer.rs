@@ -102,11 +102,13 @@ impl OwnerRecord {
             .then(|| host::process_alive(self.pid, self.pid_start))
     }
 
-    /// For an installer on this host: whether any process of its group runs.
-    pub fn installer_running(&self, staging: &Path) -> Option<bool> {
+    /// For an installer on this host: whether any process of its group runs
+    /// (in the staging directory `staging`).
+    pub fn installer_running(&self, staging: &Dir) -> Option<bool> {
         let pid = self.installer_pid?;
+        let id = identity(staging)?;
         self.same_host()
-            .then(|| !orphan_members(pid, self.installer_start, staging).is_empty())
+            .then(|| !orphan_members(pid, self.installer_start, id).is_empty())
     }
 }
 
@@ -115,8 +117,9 @@ impl OwnerRecord {
 /// The live processes of an orphaned installer group: the whole group when
 /// its leader is still the process recorded (same start time); otherwise
 /// only members started after the recorded leader whose working directory is
-/// inside `staging` (a group id reused by a stranger is left alone).
-fn orphan_members(pgid: u32, leader_start: Option<u64>, staging: &Path) -> Vec<u32> {
+/// inside the staging directory `staging` (device and inode; a group id
+/// reused by a stranger is left alone).
+fn orphan_members(pgid: u32, leader_start: Option<u64>, staging: (u64, u64)) -> Vec<u32> {
     let members = proc::group_members(pgid);
     let leader_is_ours = leader_start.is_some()
         && host::process_alive(pgid, leader_start)
@@ -125,24 +128,31 @@ fn orphan_members(pgid: u32, leader_start: Option<u64>, staging: &Path) -> Vec<u
         .into_iter()
         .filter(|&(pid, start)| {
             leader_is_ours
-                || (leader_start.is_some_and(|s| start >= s)
-                    && proc::cwd(pid).is_some_and(|cwd| cwd.starts_with(staging)))
+                || (leader_start.is_some_and(|s| start >= s) && proc::cwd_within(pid, staging))
         })
         .map(|(pid, _)| pid)
         .collect()
 }
 
+/// Device and inode of an open directory.
+fn identity(dir: &Dir) -> Option<(u64, u64)> {
+    rustix::fs::fstat(dir).ok().map(|st| (st.st_dev, st.st_ino))
+}
+
 /// Kills what still runs of the installer recorded in `staging` (its owner
 /// must be dead) and waits, briefly, until it is gone.
-fn kill_orphan(record: &OwnerRecord, staging: &Path) {
+fn kill_orphan(record: &OwnerRecord, staging: &Dir) {
     let Some(pgid) = record.installer_pid else {
         return;
     };
-    let members = orphan_members(pgid, record.installer_start, staging);
+    let Some(id) = identity(staging) else {
+        return;
+    };
+    let members = orphan_members(pgid, record.installer_start, id);
     if members.is_empty() {
         return;
     }
-    tracing::warn!(pgid, owner = record.pid, staging = %staging.display(), count = members.len(),
+    tracing::warn!(pgid, owner = record.pid, staging = %staging.path().display(), count = members.len(),
         "killing the installer of a dead owner");
     for pid in &members {
         proc::kill(*pid, rustix::process::Signal::KILL);
@@ -264,11 +274,15 @@ pub fn list(root: &Dir, lock_of_key: LockOfKey<'_>) -> Vec<StagingEntry> {
         let Some((key, token)) = split_staging_name(&name) else {
             continue;
         };
-        let record = open_staging(root, &os_name).and_then(|d| OwnerRecord::read(&d));
+        let dir = open_staging(root, &os_name);
+        let record = dir.as_ref().and_then(OwnerRecord::read);
         out.push(StagingEntry {
             orphaned: orphaned(&path, key, token, record.as_ref(), lock_of_key),
             owner_alive: record.as_ref().and_then(OwnerRecord::owner_alive),
-            installer_running: record.as_ref().and_then(|r| r.installer_running(&path)),
+            installer_running: record
+                .as_ref()
+                .zip(dir.as_ref())
+                .and_then(|(r, d)| r.installer_running(d)),
             owner: record,
             path,
             trash: false,
@@ -310,11 +324,16 @@ pub fn sweep(root: &Dir, lock_of_key: LockOfKey<'_>) -> Sweeper {
         let claim = if name.starts_with(TRASH_PREFIX) {
             trash_claimable(root, &os_name)
         } else if let Some((key, token)) = split_staging_name(&name) {
-            let record = open_staging(root, &os_name).and_then(|d| OwnerRecord::read(&d));
+            let dir = open_staging(root, &os_name);
+            let record = dir.as_ref().and_then(OwnerRecord::read);
             let over = orphaned(&path, key, token, record.as_ref(), lock_of_key);
             if over {
-                if let Some(r) = record.as_ref().filter(|r| r.owner_alive() == Some(false)) {
-                    kill_orphan(r, &path);
+                if let Some((r, d)) = record
+                    .as_ref()
+                    .filter(|r| r.owner_alive() == Some(false))
+                    .zip(dir.as_ref())
+                {
+                    kill_orphan(r, d);
                 }
             }
             over
@@ -380,16 +399,40 @@ pub fn remove_tree(parent: &Dir, name: &OsStr) {
     }
 }
 
-// ---- Test hook -------------------------------------------------------------
+// ---- Test hooks ------------------------------------------------------------
 
-/// `NANOKIT_TEST_PAUSE_AT=<point>` (for the test suite only): when the commit
-/// reaches `point` (`publish`, `manifest` or `sentinel`), say so on stderr
-/// and pause for an hour, so a test can SIGKILL the process exactly there.
-/// Costs one environment lookup per commit point.
-pub async fn test_pause(point: &str) {
-    if std::env::var_os("NANOKIT_TEST_PAUSE_AT").is_some_and(|v| v == point) {
-        eprintln!("NANOKIT_TEST_PAUSED {point} {}", std::process::id());
-        tokio::time::sleep(Duration::from_secs(3600)).await;
+/// A point of the install that the test suite can see and stop at (for the
+/// test suite only; costs an environment lookup or two per point):
+/// * `NANOKIT_TEST_TRACE` (any value): print `NANOKIT_TEST_AT <point> <pid>`
+///   on stderr at every point;
+/// * `NANOKIT_TEST_PAUSE_AT=<point>[,<point>…]`: at those points print
+///   `NANOKIT_TEST_PAUSED <point> <pid>` and pause, so that a test can
+///   SIGKILL the process exactly there, or let it go on by creating the
+///   file `<point>` in `NANOKIT_TEST_RESUME_DIR` (without that variable the
+///   pause lasts an hour).
+///
+/// The points: `manifest-lock-wait` (the repo-wide `package.json` lock is
+/// held by someone else), `manifest-read` (`package.json` read, not yet
+/// written), and after each commit step `publish`, `manifest`, `sentinel`.
+pub async fn test_point(point: &str) {
+    let pid = std::process::id();
+    if std::env::var_os("NANOKIT_TEST_TRACE").is_some() {
+        eprintln!("NANOKIT_TEST_AT {point} {pid}");
+    }
+    let Some(pause) = std::env::var_os("NANOKIT_TEST_PAUSE_AT") else {
+        return;
+    };
+    if !pause.to_string_lossy().split(',').any(|p| p == point) {
+        return;
+    }
+    eprintln!("NANOKIT_TEST_PAUSED {point} {pid}");
+    let until = std::time::Instant::now() + Duration::from_secs(3600);
+    let resume = std::env::var_os("NANOKIT_TEST_RESUME_DIR").map(|d| Path::new(&d).join(point));
+    while std::time::Instant::now() < until {
+        if resume.as_ref().is_some_and(|f| f.exists()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

@@ -14,11 +14,13 @@ mod provision;
 mod publish;
 mod spec;
 mod status;
+mod store;
 
 use std::ffi::{CString, OsStr};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -32,7 +34,8 @@ use crate::sys::beneath::{self, Access, Dir};
 pub use installer::{OwnerRecord, StagingEntry};
 pub use provision::{provision, provision_with, InstallRun, ProvisionOptions, ProvisionOutcome};
 pub use spec::{PackageSpec, SpecError};
-pub use status::{status, InstalledPackage, RepoStatus};
+pub use status::{status, status_with, GcCandidates, InstalledPackage, RepoStatus, StoreStatus};
+pub use store::{Interned, StoreUsage, Usage};
 
 /// Errors of repository operations.
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +160,9 @@ impl Repo {
         lock::inspect_in(&self.dir, &rel, lock::DEFAULT_STALE)
     }
 
+    /// `.used/<key>`: its modification time is the package's last use.
+    const USED: &'static str = ".used";
+
     fn sentinel_name(spec: &PackageSpec) -> String {
         format!("{}.done", spec.file_key())
     }
@@ -201,6 +207,19 @@ pub struct InstallProbe {
     /// The sentinel and the package's own `package.json`; `None` when the
     /// repo path cannot name a file (it contains a NUL byte).
     files: Option<(CString, CString)>,
+    repo_dir: PathBuf,
+    key: String,
+    /// When this probe last recorded a use ([`since_start_ms`] + 1; 0: never).
+    last_use: AtomicU64,
+}
+
+/// A use is recorded at most this often per probe (and process).
+const USE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Milliseconds since this process first asked (monotonic).
+fn since_start_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
 impl InstallProbe {
@@ -215,6 +234,9 @@ impl InstallProbe {
         let package_json = sys::fs::c_path(&repo.package_dir(spec).join("package.json"));
         InstallProbe {
             files: sentinel.ok().zip(package_json.ok()),
+            repo_dir: repo.dir.clone(),
+            key: spec.file_key(),
+            last_use: AtomicU64::new(0),
         }
     }
 
@@ -233,6 +255,62 @@ impl InstallProbe {
         };
         sentinel.size > 0 && sentinel.mtime == pkg.mtime
     }
+
+    /// [`InstallProbe::installed`] for a worker about to use the package:
+    /// when it is installed, its last use (for `repo gc --older-than`) is
+    /// recorded, at most once an hour per probe, off the usual path.
+    pub fn installed_for_use(&self) -> bool {
+        let installed = self.installed();
+        if installed {
+            let now = since_start_ms() + 1;
+            let last = self.last_use.load(Ordering::Relaxed);
+            if (last == 0 || now - last >= USE_EVERY.as_millis() as u64)
+                && self
+                    .last_use
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                if let Err(e) = record_use(&self.repo_dir, &self.key) {
+                    tracing::debug!(error = %e, key = %self.key, "cannot record a package's use");
+                }
+            }
+        }
+        installed
+    }
+}
+
+/// Sets the modification time of `<repo>/.used/<key>` to now (creating it),
+/// reached from the root's descriptor (a link there is touched as itself).
+fn record_use(repo_dir: &Path, key: &str) -> io::Result<()> {
+    use rustix::fs::{Timespec, Timestamps, UTIME_NOW, UTIME_OMIT};
+    let used = Dir::root(repo_dir, false)?.dir(Repo::USED, true)?;
+    let times = Timestamps {
+        last_access: Timespec {
+            tv_sec: 0,
+            tv_nsec: UTIME_OMIT,
+        },
+        last_modification: Timespec {
+            tv_sec: 0,
+            tv_nsec: UTIME_NOW,
+        },
+    };
+    match rustix::fs::utimensat(&used, key, &times, rustix::fs::AtFlags::SYMLINK_NOFOLLOW) {
+        Err(rustix::io::Errno::NOENT) => used.atomic_write(key, b"", 0o644, None),
+        r => r.map_err(Into::into),
+    }
+}
+
+/// When the package of file key `key` was last used (ms since the epoch):
+/// the time of `.used/<key>`, else `installed_at_ms`.
+fn last_used_ms(root: &Dir, key: &str, installed_at_ms: u64) -> u64 {
+    root.dir(Repo::USED, false)
+        .ok()
+        .and_then(|d| d.stat(key).ok().flatten())
+        .filter(|st| {
+            rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
+        })
+        .map(|st| st.st_mtime.max(0) as u64 * 1000 + st.st_mtime_nsec as u64 / 1_000_000)
+        .unwrap_or(installed_at_ms)
 }
 
 /// How nanokit's own installer runs npm.

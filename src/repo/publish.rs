@@ -10,7 +10,9 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
-use super::{installer, io_err, now_ms, InstallOutcome, InstallTxn, Repo, RepoError, Sentinel};
+use super::{
+    installer, io_err, now_ms, store, InstallOutcome, InstallTxn, Repo, RepoError, Sentinel,
+};
 use crate::lock::{self, Lease, LockError, LockOptions};
 use crate::sys::beneath::{Access, Dir};
 
@@ -71,17 +73,33 @@ impl InstallTxn {
         let root = self.repo.root(false)?;
         let staged = self.open_staged(&root, &alias)?;
         fold_hoisted(&staged.node_modules, &staged.package, &alias)?;
+        // Every file becomes a read-only link to its one copy in the store.
+        let store_path = self.repo.dir.join(store::STORE_DIR);
+        store::Store::open(&root, true)
+            .map_err(io_err("open the package store", &store_path))?
+            .intern(&staged.package)
+            .map_err(io_err(
+                "move the package's files into the store",
+                &store_path,
+            ))?;
 
         self.publish(&root, &staged, &alias)?;
-        installer::test_pause("publish").await;
+        installer::test_point("publish").await;
 
         self.record_dependency(&root).await?;
-        installer::test_pause("manifest").await;
+        installer::test_point("manifest").await;
 
         self.write_sentinel(&root, &staged.package, alias)?;
+        // Installing is a use: `repo gc --older-than` counts from now.
+        if let Err(e) = create_dir(&root, Repo::USED).and_then(|d| {
+            d.atomic_write(self.spec.file_key(), b"", 0o644, None)
+                .map_err(io_err("write", &self.repo.dir))
+        }) {
+            tracing::warn!(error = %e, spec = %self.spec, "cannot record the install time as a use");
+        }
         // Complete and visible from here on: a kill now leaves an installed
         // package and this attempt's staging tree (swept by the next install).
-        installer::test_pause("sentinel").await;
+        installer::test_point("sentinel").await;
 
         installer::remove_tree(&staged.staging_root, self.staging_name());
         Ok(self.finish().await)
@@ -220,13 +238,19 @@ impl InstallTxn {
             timeout: Some(Duration::from_secs(120)),
             ..LockOptions::default()
         };
-        let lease = lock::acquire_in(
-            &self.repo.dir,
-            Repo::manifest_lock_rel(),
-            &opts,
-            &CancellationToken::new(),
-        )
-        .await?;
+        let cancel = CancellationToken::new();
+        let rel = Repo::manifest_lock_rel();
+        let now = LockOptions {
+            timeout: Some(Duration::ZERO),
+            ..opts.clone()
+        };
+        let lease = match lock::acquire_in(&self.repo.dir, rel, &now, &cancel).await {
+            Err(LockError::Locked { .. }) => {
+                installer::test_point("manifest-lock-wait").await;
+                lock::acquire_in(&self.repo.dir, rel, &opts, &cancel).await?
+            }
+            r => r?,
+        };
         let path = self.repo.dir.join("package.json");
         let mut manifest: serde_json::Map<String, serde_json::Value> =
             match root.read_file("package.json") {
@@ -242,6 +266,7 @@ impl InstallTxn {
                 }
                 Err(e) => return Err(io_err("read", &path)(e)),
             };
+        installer::test_point("manifest-read").await;
         let deps = manifest
             .entry("dependencies")
             .or_insert_with(|| serde_json::Value::Object(Default::default()));

@@ -71,7 +71,8 @@ pub fn io_code(e: &io::Error) -> &'static str {
     }
 }
 
-fn foreign(path: PathBuf, what: &'static str, expected: &'static str) -> io::Error {
+/// A [`Foreign`] refusal of `path`, which is `what` instead of `expected`.
+pub fn foreign(path: PathBuf, what: &'static str, expected: &'static str) -> io::Error {
     io::Error::other(Foreign {
         path,
         what,
@@ -79,7 +80,8 @@ fn foreign(path: PathBuf, what: &'static str, expected: &'static str) -> io::Err
     })
 }
 
-fn describe(ft: FileType) -> &'static str {
+/// What a file of type `ft` is, in words ("a FIFO").
+pub fn describe(ft: FileType) -> &'static str {
     match ft {
         FileType::RegularFile => "a regular file",
         FileType::Directory => "a directory",
@@ -410,6 +412,20 @@ impl Dir {
         let from = component(&self.path, from.as_ref())?;
         let to = component(&dest.path, to.as_ref())?;
         rustix::fs::renameat(&self.fd, from, &dest.fd, to).map_err(Into::into)
+    }
+
+    /// Makes `to` in `dest` a new hard link to the entry `from` of this
+    /// directory (never following `from` if it is a symlink; `to` must not
+    /// exist: an existing entry is `EEXIST`, never replaced).
+    pub fn link(
+        &self,
+        from: impl AsRef<OsStr>,
+        dest: &Dir,
+        to: impl AsRef<OsStr>,
+    ) -> io::Result<()> {
+        let from = component(&self.path, from.as_ref())?;
+        let to = component(&dest.path, to.as_ref())?;
+        rustix::fs::linkat(&self.fd, from, &dest.fd, to, AtFlags::empty()).map_err(Into::into)
     }
 
     /// The names in this directory (without `.` and `..`), sorted.

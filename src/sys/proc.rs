@@ -140,6 +140,32 @@ pub fn cwd(pid: u32) -> Option<std::path::PathBuf> {
     std::fs::read_link(format!("/proc/{pid}/cwd")).ok()
 }
 
+/// Whether the working directory of `pid` is the directory with device and
+/// inode `dir`, or beneath it. Judged by identity, walking `..` up from the
+/// working directory itself, not by the text of a path: a directory reached
+/// through a symlink or a relative path is still found.
+pub fn cwd_within(pid: u32, dir: (u64, u64)) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let mut path = std::path::PathBuf::from(format!("/proc/{pid}/cwd"));
+    let mut last = None;
+    for _ in 0..256 {
+        let Ok(m) = std::fs::metadata(&path) else {
+            return false;
+        };
+        let id = (m.dev(), m.ino());
+        if id == dir {
+            return true;
+        }
+        // `..` of the root is the root itself.
+        if last == Some(id) {
+            return false;
+        }
+        last = Some(id);
+        path.push("..");
+    }
+    false
+}
+
 /// `raw` as a process id to signal: never 0 or 1 (`kill(0)` / `kill(-1)`
 /// mean "our own group" / "everyone"), nor beyond the kernel's range.
 pub fn pid(raw: u32) -> Option<rustix::process::Pid> {
