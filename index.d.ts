@@ -164,6 +164,14 @@ export interface DriftResult {
  */
 export declare function flushTraces(): Promise<void>
 
+/** Options of `repo.gc`. */
+export interface GcOptions {
+  /** Also remove installed versions not used for this long (ms). */
+  olderThanMs?: number
+  /** Report only; remove nothing. */
+  dryRun?: boolean
+}
+
 /** A progress event of `up` / `down`. */
 export interface InfraEvent {
   service: string
@@ -219,6 +227,27 @@ export interface InstallOptions {
   npmPath?: string
   /** Extra arguments for `npm install`. */
   npmArgs?: Array<string>
+  /**
+   * npm runs at most, retrying transient failures (ECONNRESET, ETIMEDOUT,
+   * EAI_AGAIN, HTTP 5xx and 429) with exponential backoff and jitter.
+   * Default 3.
+   */
+  retries?: number
+  /**
+   * No retry starts whose backoff would end later than this (ms) after
+   * the first attempt. Default 30000.
+   */
+  retryBudgetMs?: number
+  /**
+   * The backoff before the first retry (ms), doubled for each next one
+   * (±50 % jitter). Default 1000.
+   */
+  retryDelayMs?: number
+  /**
+   * At most this many installers at once per repo and host, across
+   * processes. Default: the number of cores.
+   */
+  maxConcurrentInstalls?: number
 }
 
 /**
@@ -238,6 +267,11 @@ export interface InstallResult {
   waitedMs: number
   /** Time of the whole call (ms). */
   durationMs: number
+  /**
+   * How many times nanokit's npm installer ran (0 when this call did not
+   * install, or a custom installer did).
+   */
+  attempts: number
 }
 
 /**
@@ -386,6 +420,18 @@ export interface ProvisionResult {
   /** The command's output, when captured and run. */
   output?: string
 }
+
+/** `repo adopt` (JSON report; see `AdoptReport` in nanokit.d.ts). */
+export declare function repoAdopt(repoDir: string): Promise<any>
+
+/** `repo gc` (JSON report; see `GcReport` in nanokit.d.ts). */
+export declare function repoGc(repoDir: string, options?: GcOptions | undefined | null): Promise<any>
+
+/**
+ * What `repo status` shows (JSON; see `RepoStatus` in nanokit.d.ts).
+ * Versions unused for `olderThanMs` (default 30 days) are gc candidates.
+ */
+export declare function repoStatus(repoDir: string, olderThanMs?: number | undefined | null): Promise<any>
 
 export interface RunResult {
   plan: PlanResult

@@ -132,6 +132,86 @@ export interface ProvisionOptions {
 /** Runs `options.command` in `dir` once per manifest hash, under `<dir>/.nk-install-lock`. */
 export declare function provision(dir: string, options: ProvisionOptions): Promise<ProvisionResult>
 
+/** One installed package in `repo.status`. */
+export interface RepoInstalledPackage {
+  alias: string
+  specifier: string
+  /** `sha256:<hex>` of its package.json as installed. */
+  hash: string
+  installedAtMs: number
+  /** Its package.json still matches `hash`. */
+  verified: boolean
+  /** Last use: a worker asked whether it is installed (recorded at most hourly per process), or it was installed. */
+  lastUsedMs: number
+}
+/** A staging directory of an install attempt. */
+export interface RepoStagingEntry {
+  path: string
+  owner: { hostId: string; hostname: string; pid: number; pidStart?: number; token: string; installerPid?: number; installerStart?: number; createdAtMs: number } | null
+  ownerAlive: boolean | null
+  installerRunning: boolean | null
+  /** The attempt is over (dead owner, or lock passed on): removed by the next install of any package, or gc. */
+  orphaned: boolean
+  trash: boolean
+}
+export interface RepoStatus {
+  dir: string
+  installed: RepoInstalledPackage[]
+  locks: LockInspection[]
+  /** Packages in node_modules without a sentinel and no install in progress (staging trees are in `staging`). */
+  leftovers: string[]
+  staging: RepoStagingEntry[]
+  /** The content-addressed store; null before the first install. */
+  store: {
+    files: number
+    bytes: number
+    unreferencedFiles: number
+    unreferencedBytes: number
+    /** Every file of every package counted as a copy of its own. */
+    packageBytes: number
+    /** What they take on disk. */
+    diskBytes: number
+    /** packageBytes / diskBytes. */
+    sharingRatio: number
+  } | null
+  /** What `repo.gc` would remove. */
+  gc: { storeFiles: number; storeBytes: number; orphanedStaging: string[]; unused: string[]; olderThanMs: number }
+}
+export interface GcOptions {
+  /** Also remove installed versions not used for this long. */
+  olderThanMs?: number
+  /** Report what would be removed; remove nothing. */
+  dryRun?: boolean
+}
+export interface GcReport {
+  dryRun: boolean
+  /** Versions removed (unpublished, then deleted). */
+  removed: string[]
+  /** Old versions kept, and why (being installed, used meanwhile). */
+  kept: { specifier: string; reason: string }[]
+  /** Staging trees of finished or dead installs. */
+  staging: string[]
+  /** Store files no package linked to. */
+  store: { files: number; bytes: number }
+}
+export interface AdoptReport {
+  /** Specifiers adopted now (no npm run). */
+  adopted: string[]
+  /** Already installed by nanokit. */
+  already: string[]
+  /** Left as they are (installed again on first use), and why. */
+  skipped: { alias: string; reason: string }[]
+}
+/** The shared package repository as a whole. */
+export declare const repo: {
+  /** What is installed, locks, leftovers, staging trees, store size and sharing, gc candidates. */
+  status(repoDir: string, options?: { olderThanMs?: number }): Promise<RepoStatus>
+  /** Removes unreferenced store files, orphaned staging trees and (with `olderThanMs`) unused versions. */
+  gc(repoDir: string, options?: GcOptions): Promise<GcReport>
+  /** Takes over a repo populated by plain `npm install` of aliases or by the PR #1416 lock, without reinstalling. */
+  adopt(repoDir: string): Promise<AdoptReport>
+}
+
 /**
  * Exports the spans still buffered for OpenTelemetry (installs, lock waits)
  * when `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is

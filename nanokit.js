@@ -270,6 +270,22 @@ async function provision(dir, options) {
   return withSignal(signal, (abort) => native.provisionNative(dir, { ...rest, command: argv }, abort))
 }
 
+/**
+ * The shared package repository as a whole: `status(repoDir, { olderThanMs })`,
+ * `gc(repoDir, { olderThanMs, dryRun })` and `adopt(repoDir)` (see nanokit.d.ts).
+ */
+const repo = {
+  status(repoDir, options) {
+    return callAsync(native.repoStatus, repoDir, options?.olderThanMs)
+  },
+  gc(repoDir, options) {
+    return callAsync(native.repoGc, repoDir, options)
+  },
+  adopt(repoDir) {
+    return callAsync(native.repoAdopt, repoDir)
+  },
+}
+
 // ---- Reconciliation engine (nanokit.yml → plan → up/down) ----------------
 // Each takes `{ file, env, vars, services, concurrency, force, lockTimeoutMs,
 // stopGraceMs, volumes }`; `up`/`down` also take `onEvent(event)` for
@@ -337,6 +353,7 @@ module.exports = {
   install,
   createLockedHandlers,
   provision,
+  repo,
   cli,
   flushTraces,
   LockHandle,

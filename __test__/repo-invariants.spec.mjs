@@ -3,7 +3,7 @@
 // the commit (NANOKIT_TEST_PAUSE_AT pauses it at a commit point):
 //   installed ⇒ complete and listed in package.json; no half package visible.
 import assert from 'node:assert/strict'
-import { existsSync, mkdtempSync, readFileSync, readdirSync } from 'node:fs'
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, writeFileSync } from 'node:fs'
 import { createRequire } from 'node:module'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -68,7 +68,14 @@ describe('repo invariants under kills inside the commit', () => {
         assert.equal(existsSync(join(repo, '.staging', staged[0], 'node_modules', alias)), false, 'the staged package was moved, not copied')
         assert.equal(Boolean(deps(repo)[alias]), point !== 'publish', `listed in package.json at ${point}`)
         assert.equal(existsSync(join(repo, '.sentinels', `${keyOf(spec)}.done`)), point === 'sentinel', `sentinel present at ${point}`)
+        // repo status: an install in progress is no leftover; its tree is listed once, under staging.
+        const live = await nk.repo.status(repo)
+        assert.deepEqual(live.leftovers, [], `nothing is left over while the install runs: ${JSON.stringify(live.leftovers)}`)
+        assert.deepEqual(live.staging.map((e) => [e.path, e.orphaned]), [[join(repo, '.staging', staged[0]), false]])
         await a.kill()
+        const dead = await nk.repo.status(repo)
+        assert.deepEqual(dead.staging.map((e) => [e.path, e.orphaned]), [[join(repo, '.staging', staged[0]), true]])
+        assert.deepEqual(dead.leftovers, complete ? [] : [join(repo, 'node_modules', alias)], 'the unfinished package, and not the staging tree again')
         assert.equal(nk.isInstalled(repo, spec), complete, `installed after a kill at ${point}: ${complete}`)
         // The next worker completes the install (or finds it complete); the
         // killed attempt's tree is swept by the next install of any package.
@@ -111,6 +118,31 @@ describe('repo invariants under kills inside the commit', () => {
       for (const spec of all) assertComplete(repo, spec, 3)
       assert.deepEqual(readdirSync(join(repo, '.staging')), [])
     }
+  })
+})
+
+describe('the repo-wide package.json lock', () => {
+  it('an install that reaches package.json while another holds it between its read and its write waits for it: no entry is lost', { timeout: 120_000 }, async () => {
+    const repo = tmp('inv-manifest')
+    const resume = tmp('inv-resume')
+    const go = (who) => {
+      mkdirSync(join(resume, who), { recursive: true })
+      writeFileSync(join(resume, who, 'manifest-read'), '')
+    }
+    const env = (who) => ({ NANOKIT_TEST_PAUSE_AT: 'manifest-read', NANOKIT_TEST_RESUME_DIR: join(resume, who), NANOKIT_TEST_TRACE: '1' })
+    const a = start('repo-worker.mjs', { op: 'install', repo, specs: ['nk-manifest-a@1.0.0'], files: 3, ...WAIT }, { env: env('a') })
+    await a.line(/^NANOKIT_TEST_PAUSED manifest-read /)
+    // A has read package.json and not written it yet. B must now wait for
+    // the lock; without it, B would read the same package.json (and one of
+    // the two entries would be lost when both write).
+    const b = start('repo-worker.mjs', { op: 'install', repo, specs: ['nk-manifest-b@1.0.0'], files: 3, ...WAIT }, { env: env('b') })
+    const first = await b.line(/^NANOKIT_TEST_(AT manifest-lock-wait|PAUSED manifest-read) /)
+    assert.match(first, /AT manifest-lock-wait/, 'B read package.json while A was between its read and its write')
+    go('a')
+    await b.line(/^NANOKIT_TEST_PAUSED manifest-read /)
+    go('b')
+    for (const w of [a, b]) assert.equal((await w.next(isEvent('done', 'error'))).event, 'done')
+    assert.deepEqual(Object.keys(deps(repo)).sort(), ['nk-manifest-a_1.0.0', 'nk-manifest-b_1.0.0'])
   })
 })
 

@@ -4,10 +4,10 @@
 // package, leftovers never fail an install, and no staging tree is left.
 import assert from 'node:assert/strict'
 import { execFile } from 'node:child_process'
-import { existsSync, mkdtempSync, readFileSync, readdirSync } from 'node:fs'
+import { existsSync, mkdtempSync, readFileSync, readdirSync, symlinkSync } from 'node:fs'
 import { createRequire } from 'node:module'
 import { tmpdir } from 'node:os'
-import { join } from 'node:path'
+import { basename, dirname, join } from 'node:path'
 import { promisify } from 'node:util'
 import { after, afterEach, before, describe, it } from 'node:test'
 
@@ -28,14 +28,16 @@ const deps = (repo) => (existsSync(join(repo, 'package.json')) ? JSON.parse(read
 
 // Its install script, when NK_HOLD_DIR is set, says so and then keeps writing
 // files into its package directory (inside the staging tree) forever: an
-// orphan that outlives npm unless something kills it.
+// orphan that outlives npm unless something kills it. It survives the
+// removal of its tree (its writes then fail, and it goes on): only a kill
+// ends it, so a test that expects it gone fails without the kill.
 const HOLD = [
   "const fs = require('fs')",
   'const dir = process.env.NK_HOLD_DIR',
   'if (dir) {',
   "  fs.writeFileSync(require('path').join(dir, 'held-' + process.pid), '')",
   '  let i = 0',
-  "  setInterval(() => fs.writeFileSync('junk-' + i++, 'x'.repeat(1000)), 5)",
+  "  setInterval(() => { try { fs.writeFileSync('junk-' + i++, 'x'.repeat(1000)) } catch {} }, 5)",
   '}',
   '',
 ].join('\n')
@@ -49,6 +51,8 @@ const SLOW = {
   tarballDelayMs: 2500,
 }
 const SLOW_FILES = ['package.json', 'index.js', 'hold.js', ...Object.keys(DATA)]
+// Its tarball is never answered: npm waits for it until killed.
+const HELD = { name: 'nk-fixture-held', version: '1.0.0', files: { 'index.js': "module.exports = 'held'\n" }, tarballDelayMs: Infinity }
 // Longer than the 10 s after which an idle Tokio blocking thread retires.
 const SLEEPY = { name: 'nk-fixture-sleepy', version: '1.0.0', files: { 'index.js': "module.exports = 'sleepy'\n" }, tarballDelayMs: 12500 }
 
@@ -59,7 +63,7 @@ const WAIT = { staleMs: 600000, timeoutMs: 60000 }
 describe('repo: killed installer with a real npm child', () => {
   let registry
   before(async () => {
-    registry = await startRegistry({ extra: [SLOW, SLEEPY] })
+    registry = await startRegistry({ extra: [SLOW, SLEEPY, HELD] })
   })
   after(async () => {
     await registry?.close()
@@ -107,7 +111,8 @@ describe('repo: killed installer with a real npm child', () => {
 
   it('npm dies with its owner at once; repo status lists the orphaned tree (owner pid, dead); the next install of another package removes it', { timeout: 300_000 }, async () => {
     const repo = tmp('orphan')
-    const a = start('repo-worker.mjs', { op: 'install', repo, specs: ['nk-fixture-slow@1.0.0'], npmArgs: npmArgs(), ...WAIT })
+    // npm waits for a tarball that never comes: it cannot finish by itself.
+    const a = start('repo-worker.mjs', { op: 'install', repo, specs: ['nk-fixture-held@1.0.0'], npmArgs: npmArgs(), ...WAIT })
     assert.ok(await eventually(() => processesIn(repo, [a.child.pid]).length > 0, 60000), 'npm runs in the staging directory')
     await new Promise((r) => setTimeout(r, 500))
     await a.kill()
@@ -150,6 +155,34 @@ describe('repo: killed installer with a real npm child', () => {
     assert.equal(r.installed, true)
     assert.deepEqual(processesIn(repo), [], 'the orphaned group was killed')
     assert.deepEqual(staging(repo), [], 'and its tree removed')
+  })
+
+  for (const how of ['a symlink', 'a relative path'])
+  it(`an orphaned install script is found by the identity of its directory, with the repo given through ${how}`, { timeout: 300_000 }, async () => {
+    const real = tmp('orphan-path')
+    const parent = tmp('orphan-path-parent')
+    // Both installers name the repo the same way; the orphan's working
+    // directory, as the kernel reports it, is the real path.
+    let repo
+    let cwd
+    if (how === 'a symlink') {
+      repo = join(parent, 'link')
+      symlinkSync(real, repo)
+    } else {
+      cwd = dirname(real)
+      repo = basename(real)
+    }
+    const holdDir = tmp('orphan-path-hold')
+    const a = start('repo-worker.mjs', { op: 'install', repo, specs: ['nk-fixture-slow@1.0.0'], npmArgs: npmArgs(), ...WAIT }, { env: { NK_HOLD_DIR: holdDir }, cwd })
+    assert.ok(await eventually(() => readdirSync(holdDir).length > 0, 60000), 'the install script runs')
+    await a.kill()
+    await new Promise((r) => setTimeout(r, 300))
+    assert.ok(processesIn(real).length > 0, 'the install script outlived npm')
+    const b = start('repo-worker.mjs', { op: 'install', repo, specs: ['@nkfix/scoped@2.0.0'], npmArgs: registry.npmArgs, ...WAIT }, { cwd })
+    const done = await b.next(isEvent('done', 'error'))
+    assert.equal(done.event, 'done', JSON.stringify(done))
+    assert.deepEqual(processesIn(real), [], 'the orphaned group was killed')
+    assert.deepEqual(staging(real), [], 'and its tree removed')
   })
 
   it('an aborted install kills npm\'s whole process group and leaves nothing', { timeout: 300_000 }, async () => {

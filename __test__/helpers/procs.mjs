@@ -15,11 +15,16 @@ export function killStarted() {
 }
 
 /** Starts `node helpers/<script> <json>`; see the returned methods. */
-export function start(script, command, { env } = {}) {
+export function start(script, command, { env, uid, gid, cwd, wrap = [] } = {}) {
   const file = fileURLToPath(new URL(`./${script}`, import.meta.url))
-  const child = spawn(process.execPath, [file, JSON.stringify(command)], {
+  // `wrap` runs it through another command first (e.g. unshare …).
+  const argv = [...wrap, process.execPath, file, JSON.stringify(command)]
+  const child = spawn(argv[0], argv.slice(1), {
     stdio: ['pipe', 'pipe', 'pipe'],
     env: { ...process.env, ...env },
+    uid,
+    gid,
+    cwd,
   })
   live.add(child)
   const events = []

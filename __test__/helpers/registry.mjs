@@ -5,7 +5,7 @@ import { createHash } from 'node:crypto'
 import { mkdirSync, mkdtempSync, readFileSync, readdirSync, writeFileSync } from 'node:fs'
 import { createServer } from 'node:http'
 import { tmpdir } from 'node:os'
-import { join } from 'node:path'
+import { dirname, join } from 'node:path'
 
 /** The fixture packages: name → { version, dependencies, files }. */
 export const FIXTURES = [
@@ -52,7 +52,7 @@ function COUNT_SCRIPT() {
 }
 
 function pack(fixture, workdir) {
-  const dir = join(workdir, 'src', fixture.name.replace('/', '+'))
+  const dir = join(workdir, 'src', `${fixture.name.replace('/', '+')}@${fixture.version}`)
   mkdirSync(dir, { recursive: true })
   const manifest = {
     name: fixture.name,
@@ -60,9 +60,13 @@ function pack(fixture, workdir) {
     main: 'index.js',
     dependencies: fixture.dependencies || {},
     scripts: fixture.scripts || {},
+    ...fixture.manifest,
   }
   writeFileSync(join(dir, 'package.json'), JSON.stringify(manifest, null, 2))
-  for (const [file, body] of Object.entries(fixture.files)) writeFileSync(join(dir, file), body)
+  for (const [file, body] of Object.entries(fixture.files)) {
+    mkdirSync(dirname(join(dir, file)), { recursive: true })
+    writeFileSync(join(dir, file), body)
+  }
   const out = join(workdir, 'tarballs')
   mkdirSync(out, { recursive: true })
   const before = new Set(readdirSync(out))
@@ -72,49 +76,69 @@ function pack(fixture, workdir) {
 }
 
 /**
- * Packs the fixtures (plus `extra`, same shape; `tarballDelayMs` on one makes
- * its tarball answer that late) and serves them. Returns { url, close, npmArgs }
- * where npmArgs point npm at this registry with a private cache.
+ * Packs the fixtures (plus `extra`, same shape) and serves them. On a fixture,
+ * `tarballDelayMs` makes its tarball answer that late (`Infinity`: never, until
+ * the registry closes); `failMetadata: [500, 500]` answers its first metadata
+ * requests with those statuses, then normally. Several versions of one name
+ * are served together. Returns { url, close, npmArgs, hits } where npmArgs
+ * point npm at this registry with a private cache and `hits(name)` counts the
+ * metadata requests for `name`.
  */
-export async function startRegistry({ extra = [] } = {}) {
+export async function startRegistry({ extra = [], fixtures = FIXTURES } = {}) {
   const workdir = mkdtempSync(join(tmpdir(), 'nk-registry-'))
+  // name → { versions: Map(version → { manifest, file }), delayMs, fail: [...] }
   const packages = new Map()
-  for (const fixture of [...FIXTURES, ...extra]) packages.set(fixture.name, { ...pack(fixture, workdir), delayMs: fixture.tarballDelayMs || 0 })
+  const tarballs = new Map()
+  const hits = new Map()
+  for (const fixture of [...fixtures, ...extra]) {
+    const packed = pack(fixture, workdir)
+    let entry = packages.get(fixture.name)
+    if (!entry) packages.set(fixture.name, (entry = { versions: new Map(), delayMs: 0, fail: [] }))
+    entry.versions.set(fixture.version, packed)
+    entry.delayMs = fixture.tarballDelayMs || entry.delayMs
+    if (fixture.failMetadata) entry.fail.push(...fixture.failMetadata)
+    tarballs.set(`${fixture.name}/${fixture.version}`, { file: packed.file, delayMs: fixture.tarballDelayMs || 0 })
+  }
   const server = createServer((req, res) => {
     const path = decodeURIComponent(req.url.split('?')[0]).replace(/^\//, '')
     if (path.startsWith('-/tarballs/')) {
-      const name = path.slice('-/tarballs/'.length)
-      const pkg = packages.get(name)
-      if (!pkg) return res.writeHead(404).end()
+      const tarball = tarballs.get(path.slice('-/tarballs/'.length))
+      if (!tarball) return res.writeHead(404).end()
       const send = () => {
         res.writeHead(200, { 'content-type': 'application/octet-stream' })
-        res.end(readFileSync(pkg.file))
+        res.end(readFileSync(tarball.file))
       }
-      return pkg.delayMs ? setTimeout(send, pkg.delayMs) : send()
+      if (tarball.delayMs === Infinity) return // held until the registry closes
+      return tarball.delayMs ? setTimeout(send, tarball.delayMs) : send()
     }
     const pkg = packages.get(path)
+    hits.set(path, (hits.get(path) ?? 0) + 1)
     if (!pkg) {
       res.writeHead(404, { 'content-type': 'application/json' })
       return res.end(JSON.stringify({ error: 'not found' }))
     }
-    const tgz = readFileSync(pkg.file)
+    const status = pkg.fail.shift()
+    if (status) {
+      res.writeHead(status, { 'content-type': 'application/json' })
+      return res.end(JSON.stringify({ error: `fixture failure ${status}` }))
+    }
     const { port } = server.address()
-    const version = {
-      ...pkg.manifest,
-      dist: {
-        tarball: `http://127.0.0.1:${port}/-/tarballs/${encodeURIComponent(pkg.manifest.name)}`,
-        shasum: createHash('sha1').update(tgz).digest('hex'),
-        integrity: 'sha512-' + createHash('sha512').update(tgz).digest('base64'),
-      },
+    const versions = {}
+    let latest
+    for (const [v, { manifest, file }] of pkg.versions) {
+      const tgz = readFileSync(file)
+      versions[v] = {
+        ...manifest,
+        dist: {
+          tarball: `http://127.0.0.1:${port}/-/tarballs/${encodeURIComponent(manifest.name)}/${v}`,
+          shasum: createHash('sha1').update(tgz).digest('hex'),
+          integrity: 'sha512-' + createHash('sha512').update(tgz).digest('base64'),
+        },
+      }
+      latest = v
     }
     res.writeHead(200, { 'content-type': 'application/json' })
-    res.end(
-      JSON.stringify({
-        name: pkg.manifest.name,
-        'dist-tags': { latest: pkg.manifest.version },
-        versions: { [pkg.manifest.version]: version },
-      }),
-    )
+    res.end(JSON.stringify({ name: path, 'dist-tags': { latest }, versions }))
   })
   await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve))
   const url = `http://127.0.0.1:${server.address().port}/`
@@ -122,6 +146,11 @@ export async function startRegistry({ extra = [] } = {}) {
   return {
     url,
     npmArgs: [`--registry=${url}`, `--cache=${cache}`, '--no-update-notifier', '--prefer-online'],
-    close: () => new Promise((resolve) => server.close(resolve)),
+    hits: (name) => hits.get(name) ?? 0,
+    close: () =>
+      new Promise((resolve) => {
+        server.close(resolve)
+        server.closeAllConnections()
+      }),
   }
 }

@@ -34,6 +34,7 @@ async function main() {
   const options = { staleMs: cmd.staleMs ?? 120000, timeoutMs: cmd.timeoutMs ?? 60000 }
   if (cmd.files != null) options.install = fileInstaller(cmd.files)
   if (cmd.npmArgs) options.npmArgs = cmd.npmArgs
+  Object.assign(options, cmd.options)
   emit({ event: 'start' })
   for (const spec of cmd.specs) {
     try {

@@ -18,6 +18,48 @@ pub enum RepoCommand {
     Status {
         /// The package repository directory
         repo_dir: PathBuf,
+        /// Show versions unused for this long as gc candidates
+        #[arg(long, default_value = "30d", value_parser = parse_duration)]
+        older_than: Duration,
+        #[arg(long, short, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+    /// Remove what nobody needs: store files no package links to, staging trees of dead installers, and (with --older-than) versions not used for that long
+    ///
+    /// A version is removed under its package lock (a version being installed
+    /// is left alone): its sentinel first (workers then see it as not
+    /// installed and install it again on their next use), then one rename
+    /// takes it out of node_modules, then its package.json entry goes, then
+    /// its files are deleted. A worker's use is recorded when it asks whether
+    /// a package is installed (at most hourly per process) and at install.
+    #[command(
+        after_help = "Examples:\n  nanokit repo gc /shared/repo --dry-run\n  nanokit repo gc /shared/repo --older-than 30d --yes"
+    )]
+    Gc {
+        repo_dir: PathBuf,
+        /// Also remove versions not used for this long (e.g. 30d)
+        #[arg(long, value_parser = parse_duration)]
+        older_than: Option<Duration>,
+        /// Only say what would be removed
+        #[arg(long)]
+        dry_run: bool,
+        /// Do not ask before removing versions
+        #[arg(long, short)]
+        yes: bool,
+        #[arg(long, short, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+    /// Take over a repo populated by plain `npm install` of aliases (OpenFn's runtime) or by the PR #1416 lock, without reinstalling
+    ///
+    /// Each package listed in package.json is checked (its package.json names
+    /// the alias's name and version, its entry point exists, its dependencies
+    /// resolve, and npm's node_modules/.package-lock.json or a PR #1416
+    /// sentinel records its install as finished). Then its files move into
+    /// the store (read-only links, same bytes) and nanokit's sentinel is
+    /// written. npm never runs. What does not verify is listed and left to
+    /// the next install.
+    Adopt {
+        repo_dir: PathBuf,
         #[arg(long, short, value_enum, default_value_t)]
         output: OutputFormat,
     },
@@ -44,6 +86,15 @@ pub enum RepoCommand {
         /// Take over a lock whose heartbeat stopped for this long
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         stale: Duration,
+        /// npm runs per package at most, retrying transient failures (ECONNRESET, ETIMEDOUT, EAI_AGAIN, HTTP 5xx and 429)
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+        attempts: u32,
+        /// No retry starts whose backoff would end later than this after the first attempt
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        retry_budget: Duration,
+        /// At most this many installers at once in this repo on this host, across processes (default: the number of cores)
+        #[arg(long, env = "NANOKIT_MAX_CONCURRENT_INSTALLS", value_parser = clap::value_parser!(u32).range(1..))]
+        max_concurrent_installs: Option<u32>,
         #[arg(long, short, value_enum, default_value_t)]
         output: OutputFormat,
     },
@@ -83,7 +134,19 @@ fn when(ms: u64) -> String {
 
 pub async fn run(cmd: RepoCommand) -> CliResult {
     match cmd {
-        RepoCommand::Status { repo_dir, output } => status(&repo_dir, output),
+        RepoCommand::Status {
+            repo_dir,
+            older_than,
+            output,
+        } => status(&repo_dir, older_than, output),
+        RepoCommand::Gc {
+            repo_dir,
+            older_than,
+            dry_run,
+            yes,
+            output,
+        } => gc(&repo_dir, older_than, dry_run, yes, output).await,
+        RepoCommand::Adopt { repo_dir, output } => adopt(&repo_dir, output).await,
         RepoCommand::Install {
             repo_dir,
             specs,
@@ -91,6 +154,9 @@ pub async fn run(cmd: RepoCommand) -> CliResult {
             npm_args,
             timeout,
             stale,
+            attempts,
+            retry_budget,
+            max_concurrent_installs,
             output,
         } => {
             let opts = InstallOptions {
@@ -102,7 +168,13 @@ pub async fn run(cmd: RepoCommand) -> CliResult {
                 npm: NpmOptions {
                     npm,
                     extra_args: npm_args,
+                    retry: repo::RetryOptions {
+                        attempts,
+                        budget: retry_budget,
+                        ..Default::default()
+                    },
                 },
+                max_concurrent: max_concurrent_installs.map(|n| n as usize),
             };
             install(&repo_dir, &specs, &opts, output).await
         }
@@ -111,8 +183,8 @@ pub async fn run(cmd: RepoCommand) -> CliResult {
 
 /// `nanokit repo status`: installed packages, held locks, leftovers and
 /// staging directories, one section each.
-fn status(repo_dir: &Path, output: OutputFormat) -> CliResult {
-    let status = repo::status(repo_dir)?;
+fn status(repo_dir: &Path, older_than: Duration, output: OutputFormat) -> CliResult {
+    let status = repo::status_with(repo_dir, older_than)?;
     if output == OutputFormat::Json {
         print_json(&status);
         return Ok(exit::OK);
@@ -241,6 +313,103 @@ fn print_staging(s: &StagingEntry) {
     if s.orphaned {
         outln!("    orphaned: removed by the next install of any package");
     }
+}
+
+/// `nanokit repo gc`: asks before removing versions (unless `--yes` or a
+/// dry run), then reports what was removed.
+async fn gc(
+    repo_dir: &Path,
+    older_than: Option<Duration>,
+    dry_run: bool,
+    yes: bool,
+    output: OutputFormat,
+) -> CliResult {
+    if older_than.is_some() && !dry_run && !yes {
+        let plan = repo::gc(
+            repo_dir,
+            &repo::GcOptions {
+                older_than,
+                dry_run: true,
+            },
+        )
+        .await?;
+        if !plan.removed.is_empty() {
+            let question = format!(
+                "remove {} version(s) not used for {} from {} ({})?",
+                plan.removed.len(),
+                humantime::format_duration(older_than.unwrap_or_default()),
+                repo_dir.display(),
+                plan.removed.join(", ")
+            );
+            super::confirm(&question).await?;
+        }
+    }
+    let report = repo::gc(
+        repo_dir,
+        &repo::GcOptions {
+            older_than,
+            dry_run,
+        },
+    )
+    .await?;
+    if output == OutputFormat::Json {
+        print_json(&report);
+        return Ok(exit::OK);
+    }
+    let verb = if dry_run { "would remove" } else { "removed" };
+    outln!(
+        "{verb}: {} version(s){}",
+        report.removed.len(),
+        if report.removed.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", report.removed.join(", "))
+        }
+    );
+    for k in &report.kept {
+        outln!("kept {}: {}", k.specifier, k.reason);
+    }
+    outln!(
+        "{verb}: {} staging tree(s) of finished or dead installs",
+        report.staging.len()
+    );
+    outln!(
+        "{verb}: {} store file(s) no package links to ({})",
+        report.store.files,
+        human_bytes(report.store.bytes)
+    );
+    if older_than.is_none() {
+        outln!("(versions are removed only with --older-than, e.g. --older-than 30d)");
+    }
+    Ok(exit::OK)
+}
+
+/// `nanokit repo adopt`.
+async fn adopt(repo_dir: &Path, output: OutputFormat) -> CliResult {
+    let report = repo::adopt(repo_dir).await?;
+    if output == OutputFormat::Json {
+        print_json(&report);
+        return Ok(exit::OK);
+    }
+    outln!(
+        "adopted {} package(s){}",
+        report.adopted.len(),
+        if report.adopted.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", report.adopted.join(", "))
+        }
+    );
+    if !report.already.is_empty() {
+        outln!("already nanokit's: {}", report.already.join(", "));
+    }
+    for s in &report.skipped {
+        outln!("skipped {}: {}", s.alias, s.reason);
+    }
+    if !report.skipped.is_empty() {
+        outln!("(skipped packages are installed again by nanokit on first use)");
+    }
+    Ok(exit::OK)
 }
 
 /// `nanokit repo install`: every specifier is validated before any install

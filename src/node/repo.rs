@@ -8,7 +8,7 @@ use napi::{Env, Result};
 use napi_derive::napi;
 
 use super::lock::lock_options;
-use super::{cancel_token, duration_ms, js_err, AbortHandle};
+use super::{cancel_token, duration_ms, js_err, ms, AbortHandle};
 use crate::repo::{self, Begin, InstallOutcome, InstallTxn, NpmOptions, PackageSpec};
 
 /// Options of `install` / `beginInstall`.
@@ -25,6 +25,19 @@ pub struct InstallOptions {
     pub npm_path: Option<String>,
     /// Extra arguments for `npm install`.
     pub npm_args: Option<Vec<String>>,
+    /// npm runs at most, retrying transient failures (ECONNRESET, ETIMEDOUT,
+    /// EAI_AGAIN, HTTP 5xx and 429) with exponential backoff and jitter.
+    /// Default 3.
+    pub retries: Option<u32>,
+    /// No retry starts whose backoff would end later than this (ms) after
+    /// the first attempt. Default 30000.
+    pub retry_budget_ms: Option<f64>,
+    /// The backoff before the first retry (ms), doubled for each next one
+    /// (±50 % jitter). Default 1000.
+    pub retry_delay_ms: Option<f64>,
+    /// At most this many installers at once per repo and host, across
+    /// processes. Default: the number of cores.
+    pub max_concurrent_installs: Option<u32>,
 }
 
 impl InstallOptions {
@@ -39,7 +52,16 @@ impl InstallOptions {
                     .map(PathBuf::from)
                     .unwrap_or_else(|| PathBuf::from("npm")),
                 extra_args: self.npm_args.clone().unwrap_or_default(),
+                retry: {
+                    let d = repo::RetryOptions::default();
+                    repo::RetryOptions {
+                        attempts: self.retries.unwrap_or(d.attempts).max(1),
+                        budget: self.retry_budget_ms.map_or(d.budget, ms),
+                        first_delay: self.retry_delay_ms.map_or(d.first_delay, ms),
+                    }
+                },
             },
+            max_concurrent: self.max_concurrent_installs.map(|n| n.max(1) as usize),
         })
     }
 }
@@ -54,6 +76,9 @@ pub struct InstallResult {
     pub waited_ms: f64,
     /// Time of the whole call (ms).
     pub duration_ms: f64,
+    /// How many times nanokit's npm installer ran (0 when this call did not
+    /// install, or a custom installer did).
+    pub attempts: u32,
 }
 
 impl From<InstallOutcome> for InstallResult {
@@ -62,6 +87,7 @@ impl From<InstallOutcome> for InstallResult {
             installed: o.installed,
             waited_ms: duration_ms(o.waited),
             duration_ms: duration_ms(o.duration),
+            attempts: o.attempts,
         }
     }
 }
@@ -187,11 +213,17 @@ pub fn begin_install<'env>(
                 already: Some(o),
                 staging_dir: None,
             }),
-            Ok(Begin::Started(txn)) => Ok(InstallTransaction {
-                staging_dir: Some(txn.staging_dir().to_string_lossy().into_owned()),
-                txn: Some(txn),
-                already: None,
-            }),
+            // The caller's installer runs within an installer slot too.
+            Ok(Begin::Started(mut txn)) => {
+                txn.hold_slot(opts.max_concurrent(), &cancel)
+                    .await
+                    .map_err(js_err)?;
+                Ok(InstallTransaction {
+                    staging_dir: Some(txn.staging_dir().to_string_lossy().into_owned()),
+                    txn: Some(txn),
+                    already: None,
+                })
+            }
             Err(e) => Err(js_err(e)),
         }
     })
@@ -261,6 +293,67 @@ pub fn provision<'env>(
                 duration_ms: duration_ms(o.duration),
                 output: o.output,
             })
+            .map_err(js_err)
+    })
+}
+
+/// What `repo status` shows (JSON; see `RepoStatus` in nanokit.d.ts).
+/// Versions unused for `olderThanMs` (default 30 days) are gc candidates.
+#[napi(js_name = "repoStatus")]
+pub fn repo_status<'env>(
+    env: &'env Env,
+    repo_dir: String,
+    older_than_ms: Option<f64>,
+) -> Result<PromiseRaw<'env, serde_json::Value>> {
+    env.spawn_future(async move {
+        tokio::task::spawn_blocking(move || {
+            let older = older_than_ms.map_or(repo::DEFAULT_UNUSED, ms);
+            repo::status_with(Path::new(&repo_dir), older)
+                .map(|s| serde_json::to_value(s).expect("status serialises"))
+                .map_err(js_err)
+        })
+        .await
+        .map_err(|e| napi::Error::from_reason(e.to_string()))?
+    })
+}
+
+/// Options of `repo.gc`.
+#[napi(object)]
+#[derive(Default)]
+pub struct GcOptions {
+    /// Also remove installed versions not used for this long (ms).
+    pub older_than_ms: Option<f64>,
+    /// Report only; remove nothing.
+    pub dry_run: Option<bool>,
+}
+
+/// `repo gc` (JSON report; see `GcReport` in nanokit.d.ts).
+#[napi(js_name = "repoGc")]
+pub fn repo_gc<'env>(
+    env: &'env Env,
+    repo_dir: String,
+    options: Option<GcOptions>,
+) -> Result<PromiseRaw<'env, serde_json::Value>> {
+    let options = options.unwrap_or_default();
+    let opts = repo::GcOptions {
+        older_than: options.older_than_ms.map(ms),
+        dry_run: options.dry_run.unwrap_or(false),
+    };
+    env.spawn_future(async move {
+        repo::gc(Path::new(&repo_dir), &opts)
+            .await
+            .map(|r| serde_json::to_value(r).expect("report serialises"))
+            .map_err(js_err)
+    })
+}
+
+/// `repo adopt` (JSON report; see `AdoptReport` in nanokit.d.ts).
+#[napi(js_name = "repoAdopt")]
+pub fn repo_adopt(env: &Env, repo_dir: String) -> Result<PromiseRaw<'_, serde_json::Value>> {
+    env.spawn_future(async move {
+        repo::adopt(Path::new(&repo_dir))
+            .await
+            .map(|r| serde_json::to_value(r).expect("report serialises"))
             .map_err(js_err)
     })
 }

@@ -235,7 +235,8 @@ fn trash_claimable(root: &Dir, name: &OsStr) -> bool {
     }
 }
 
-fn trash_name() -> String {
+/// A unique trash name under `.staging` owned by this process.
+pub(crate) fn trash_name() -> String {
     let here = this_host();
     format!(
         "{TRASH_PREFIX}{}.{}.{}.{:016x}",

@@ -9,7 +9,10 @@
 //!
 //! See docs/repo-protocol.md for the protocol and why.
 
+mod adopt;
+mod gc;
 mod installer;
+mod npm;
 mod provision;
 mod publish;
 mod spec;
@@ -19,7 +22,6 @@ mod store;
 use std::ffi::{CString, OsStr};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -29,12 +31,17 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{ErrorCode, IoError};
 use crate::lock::{self, Lease, LockError, LockOptions, LockStatus};
 use crate::sys;
-use crate::sys::beneath::{self, Access, Dir};
+use crate::sys::beneath::{self, Dir};
 
+pub use adopt::{adopt, AdoptReport, Skipped};
+pub use gc::{gc, GcOptions, GcReport, Kept};
 pub use installer::{OwnerRecord, StagingEntry};
+pub use npm::{NpmOptions, RetryOptions};
 pub use provision::{provision, provision_with, InstallRun, ProvisionOptions, ProvisionOutcome};
 pub use spec::{PackageSpec, SpecError};
-pub use status::{status, status_with, GcCandidates, InstalledPackage, RepoStatus, StoreStatus};
+pub use status::{
+    status, status_with, GcCandidates, InstalledPackage, RepoStatus, StoreStatus, DEFAULT_UNUSED,
+};
 pub use store::{Interned, StoreUsage, Usage};
 
 /// Errors of repository operations.
@@ -313,29 +320,22 @@ fn last_used_ms(root: &Dir, key: &str, installed_at_ms: u64) -> u64 {
         .unwrap_or(installed_at_ms)
 }
 
-/// How nanokit's own installer runs npm.
-#[derive(Debug, Clone)]
-pub struct NpmOptions {
-    /// The npm executable (default `npm`, found on `PATH`).
-    pub npm: PathBuf,
-    /// Extra arguments appended to `npm install` (e.g. `--registry=…`).
-    pub extra_args: Vec<String>,
-}
-
-impl Default for NpmOptions {
-    fn default() -> Self {
-        NpmOptions {
-            npm: PathBuf::from("npm"),
-            extra_args: Vec::new(),
-        }
-    }
-}
-
 /// Options of [`install`] and [`begin_install`].
 #[derive(Debug, Clone, Default)]
 pub struct InstallOptions {
     pub lock: LockOptions,
     pub npm: NpmOptions,
+    /// At most this many installers at once per repo and host, across
+    /// processes (default: this host's cores; see [`npm::installer_slot`]).
+    pub max_concurrent: Option<usize>,
+}
+
+impl InstallOptions {
+    /// The bound on concurrent installers in force.
+    pub fn max_concurrent(&self) -> usize {
+        self.max_concurrent
+            .unwrap_or_else(npm::default_max_concurrent)
+    }
 }
 
 /// The result of an install call.
@@ -348,6 +348,9 @@ pub struct InstallOutcome {
     pub waited: Duration,
     /// Time of the whole call.
     pub duration: Duration,
+    /// How many times nanokit's npm installer ran (0 when this call did not
+    /// install, or a custom installer did).
+    pub attempts: u32,
 }
 
 /// The outcome of [`begin_install`]: nothing to do, or an open transaction.
@@ -371,6 +374,10 @@ pub struct InstallTxn {
     waited: Duration,
     /// Removal of earlier attempts' leftovers, running meanwhile.
     sweeper: Option<installer::Sweeper>,
+    /// One of the repo's installer slots on this host, while installing.
+    slot: Option<Lease>,
+    /// npm runs so far.
+    attempts: u32,
 }
 
 fn now_ms() -> u64 {
@@ -397,6 +404,7 @@ pub async fn begin_install(
             installed: false,
             waited,
             duration: start.elapsed(),
+            attempts: 0,
         }))
     };
     if repo.is_installed(spec) {
@@ -453,6 +461,8 @@ pub async fn begin_install(
         start,
         waited,
         sweeper: Some(sweeper),
+        slot: None,
+        attempts: 0,
     };
     // From here on, dropping `txn` on an error removes the staging directory.
     let token = txn.lease.as_ref().expect("held").token().to_string();
@@ -494,63 +504,6 @@ impl InstallTxn {
             .dir(self.staging_name(), false)
     }
 
-    /// Runs nanokit's npm installer into the staging directory.
-    #[tracing::instrument(name = "npm install", level = "info", skip_all, fields(nanokit.package = %self.spec))]
-    pub async fn run_npm(&self, npm: &NpmOptions) -> Result<(), RepoError> {
-        let failed = |message: String| RepoError::InstallFailed {
-            spec: self.spec.to_string(),
-            message,
-        };
-        // npm's messages go to a file in the staging directory, not a pipe:
-        // nothing can block on a pipe held open by a straggler.
-        const LOG: &str = ".nanokit-installer.log";
-        let log_path = self.staging.join(LOG);
-        let staging = self
-            .open_staging()
-            .map_err(io_err("open the staging directory", &self.staging))?;
-        let log = staging
-            .open_file(LOG, Access::CreateNew(0o644), rustix::fs::OFlags::empty())
-            .map_err(io_err("create", &log_path))?;
-        let mut cmd = std::process::Command::new(&npm.npm);
-        cmd.arg("install")
-            .arg(self.spec.npm_install_arg())
-            .args(["--no-audit", "--no-fund", "--no-package-lock", "--no-save"])
-            .args(["--loglevel", "error"])
-            .args(&npm.extra_args)
-            .current_dir(&self.staging)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        tracing::info!(spec = %self.spec, staging = %self.staging.display(), "running npm install");
-        // Own process group, killed with us (and when this future is dropped).
-        let mut child = crate::sys::command::GroupChild::spawn(cmd)
-            .map_err(|e| failed(format!("could not run {}: {e}", npm.npm.display())))?;
-        if let Some(token) = self.lease.as_ref().map(|l| l.token().to_string()) {
-            let mut record = OwnerRecord::ours(&token);
-            record.installer_pid = Some(child.pid());
-            record.installer_start = crate::sys::host::process_start_time(child.pid());
-            if let Err(e) = record.write(&staging) {
-                tracing::warn!(error = %e, "cannot record the installer's pid");
-            }
-        }
-        let status = child
-            .wait()
-            .await
-            .map_err(|e| failed(format!("waiting for {}: {e}", npm.npm.display())))?;
-        if !status.success() {
-            let stderr = staging.read_file(LOG).unwrap_or_default();
-            let stderr = String::from_utf8_lossy(&stderr);
-            let tail: Vec<&str> = stderr.lines().rev().take(20).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            return Err(failed(format!(
-                "{} install exited with {status}: {}",
-                npm.npm.display(),
-                tail.join("\n")
-            )));
-        }
-        Ok(())
-    }
-
     /// Gives up: removes the staging directory and releases the lock.
     pub fn abort(mut self) {
         self.abort_in_place();
@@ -587,11 +540,13 @@ pub async fn install(
     let spec = PackageSpec::parse(specifier)?;
     match begin_install(repo_dir, &spec, opts, cancel).await? {
         Begin::AlreadyInstalled(outcome) => Ok(outcome),
-        Begin::Started(txn) => {
+        Begin::Started(mut txn) => {
+            let lock_path = txn.repo.lock_path(&spec);
+            let max = opts.max_concurrent();
             tokio::select! {
-                r = txn.run_npm(&opts.npm) => r?,
+                r = txn.run_npm(&opts.npm, max, cancel) => txn.attempts = r?,
                 _ = cancel.cancelled() => {
-                    return Err(LockError::Aborted { path: txn.repo.lock_path(&spec) }.into());
+                    return Err(LockError::Aborted { path: lock_path }.into());
                 }
             }
             txn.commit().await

@@ -11,7 +11,8 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    installer, io_err, now_ms, store, InstallOutcome, InstallTxn, Repo, RepoError, Sentinel,
+    installer, io_err, now_ms, store, InstallOutcome, InstallTxn, PackageSpec, Repo, RepoError,
+    Sentinel,
 };
 use crate::lock::{self, Lease, LockError, LockOptions};
 use crate::sys::beneath::{Access, Dir};
@@ -89,14 +90,7 @@ impl InstallTxn {
         self.record_dependency(&root).await?;
         installer::test_point("manifest").await;
 
-        self.write_sentinel(&root, &staged.package, alias)?;
-        // Installing is a use: `repo gc --older-than` counts from now.
-        if let Err(e) = create_dir(&root, Repo::USED).and_then(|d| {
-            d.atomic_write(self.spec.file_key(), b"", 0o644, None)
-                .map_err(io_err("write", &self.repo.dir))
-        }) {
-            tracing::warn!(error = %e, spec = %self.spec, "cannot record the install time as a use");
-        }
+        write_sentinel(&self.repo, &root, &self.spec, &staged.package)?;
         // Complete and visible from here on: a kill now leaves an installed
         // package and this attempt's staging tree (swept by the next install).
         installer::test_point("sentinel").await;
@@ -173,41 +167,6 @@ impl InstallTxn {
         Ok(())
     }
 
-    /// Writes the sentinel of the published `package` directory: the install
-    /// is complete from then on.
-    fn write_sentinel(&self, root: &Dir, package: &Dir, alias: String) -> Result<(), RepoError> {
-        let pkg_json_path = self.repo.package_dir(&self.spec).join("package.json");
-        let (pkg_json, pkg_mtime) = package
-            .open_file("package.json", Access::Read, rustix::fs::OFlags::empty())
-            .and_then(|mut f| {
-                use std::io::Read;
-                let mut bytes = Vec::new();
-                f.read_to_end(&mut bytes)?;
-                Ok((bytes, f.metadata()?.modified()?))
-            })
-            .map_err(io_err("read", &pkg_json_path))?;
-        let sentinel = Sentinel {
-            specifier: self.spec.to_string(),
-            alias,
-            hash: format!("sha256:{}", hex::encode(Sha256::digest(&pkg_json))),
-            package_json_size: pkg_json.len() as u64,
-            installed_at_ms: now_ms(),
-        };
-        let path = self.repo.sentinel_path(&self.spec);
-        // The sentinel carries the package.json's mtime (`is_installed`
-        // compares the two with two stats), set before it is renamed into
-        // place: it appears complete.
-        create_dir(root, ".sentinels")?
-            .atomic_write(
-                Repo::sentinel_name(&self.spec),
-                &serde_json::to_vec_pretty(&sentinel).expect("sentinel serialises"),
-                0o644,
-                Some(pkg_mtime),
-            )
-            .map_err(io_err("write the sentinel", &path))?;
-        Ok(())
-    }
-
     /// After the sentinel: releases the package lock and waits for the
     /// removal of earlier attempts' leftovers.
     async fn finish(&mut self) -> InstallOutcome {
@@ -219,6 +178,7 @@ impl InstallTxn {
             // The install is complete and recorded; only say what happened.
             tracing::warn!(error = %e, spec = %self.spec, "the package lock was lost before release");
         }
+        self.slot = None;
         // Earlier attempts' leftovers are gone (or logged) when we return.
         if let Some(sweeper) = self.sweeper.take() {
             sweeper.finish().await;
@@ -227,66 +187,131 @@ impl InstallTxn {
             installed: true,
             waited: self.waited,
             duration: self.start.elapsed(),
+            attempts: self.attempts,
         }
     }
 
     /// Adds the dependency entry to `<repo>/package.json`, atomically, under
     /// the short repo-wide lock.
     async fn record_dependency(&self, root: &Dir) -> Result<(), RepoError> {
-        let opts = LockOptions {
-            holder: Some(format!("record {}", self.spec)),
-            timeout: Some(Duration::from_secs(120)),
-            ..LockOptions::default()
-        };
-        let cancel = CancellationToken::new();
-        let rel = Repo::manifest_lock_rel();
-        let now = LockOptions {
-            timeout: Some(Duration::ZERO),
-            ..opts.clone()
-        };
-        let lease = match lock::acquire_in(&self.repo.dir, rel, &now, &cancel).await {
-            Err(LockError::Locked { .. }) => {
-                installer::test_point("manifest-lock-wait").await;
-                lock::acquire_in(&self.repo.dir, rel, &opts, &cancel).await?
-            }
-            r => r?,
-        };
-        let path = self.repo.dir.join("package.json");
-        let mut manifest: serde_json::Map<String, serde_json::Value> =
-            match root.read_file("package.json") {
-                Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| RepoError::Corrupt {
-                    path: path.clone(),
-                    message: e.to_string(),
-                })?,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    let mut m = serde_json::Map::new();
-                    m.insert("name".into(), "nanokit-repo".into());
-                    m.insert("private".into(), true.into());
-                    m
-                }
-                Err(e) => return Err(io_err("read", &path)(e)),
-            };
-        installer::test_point("manifest-read").await;
-        let deps = manifest
-            .entry("dependencies")
-            .or_insert_with(|| serde_json::Value::Object(Default::default()));
-        let Some(deps) = deps.as_object_mut() else {
-            return Err(RepoError::Corrupt {
-                path,
-                message: "\"dependencies\" is not an object".into(),
-            });
-        };
-        deps.insert(
+        let (alias, value) = (
             self.spec.alias(),
-            format!("npm:{}@{}", self.spec.name, self.spec.version).into(),
+            format!("npm:{}@{}", self.spec.name, self.spec.version),
         );
-        let mut bytes = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
-        bytes.push(b'\n');
-        root.atomic_write("package.json", &bytes, 0o644, None)
-            .map_err(io_err("write", &path))?;
-        lease.release()?;
-        Ok(())
+        edit_dependencies(&self.repo, root, &format!("record {}", self.spec), |deps| {
+            deps.insert(alias, value.into());
+        })
+        .await
     }
+}
+
+/// Writes the sentinel of `spec`, whose published directory is `package`:
+/// the install is complete from then on. It carries the modification time
+/// of the package's `package.json` (`is_installed` compares the two with two
+/// stats), set before it is renamed into place: it appears complete.
+pub(super) fn write_sentinel(
+    repo: &Repo,
+    root: &Dir,
+    spec: &PackageSpec,
+    package: &Dir,
+) -> Result<(), RepoError> {
+    let pkg_json_path = repo.package_dir(spec).join("package.json");
+    let (pkg_json, pkg_mtime) = package
+        .open_file("package.json", Access::Read, rustix::fs::OFlags::empty())
+        .and_then(|mut f| {
+            use std::io::Read;
+            let mut bytes = Vec::new();
+            f.read_to_end(&mut bytes)?;
+            Ok((bytes, f.metadata()?.modified()?))
+        })
+        .map_err(io_err("read", &pkg_json_path))?;
+    let sentinel = Sentinel {
+        specifier: spec.to_string(),
+        alias: spec.alias(),
+        hash: format!("sha256:{}", hex::encode(Sha256::digest(&pkg_json))),
+        package_json_size: pkg_json.len() as u64,
+        installed_at_ms: now_ms(),
+    };
+    let path = repo.sentinel_path(spec);
+    create_dir(root, ".sentinels")?
+        .atomic_write(
+            Repo::sentinel_name(spec),
+            &serde_json::to_vec_pretty(&sentinel).expect("sentinel serialises"),
+            0o644,
+            Some(pkg_mtime),
+        )
+        .map_err(io_err("write the sentinel", &path))?;
+    // Installing is a use: `repo gc --older-than` counts from now.
+    if let Err(e) = create_dir(root, Repo::USED).and_then(|d| {
+        d.atomic_write(spec.file_key(), b"", 0o644, None)
+            .map_err(io_err("write", &repo.dir.join(Repo::USED)))
+    }) {
+        tracing::warn!(error = %e, spec = %spec, "cannot record the install time as a use");
+    }
+    Ok(())
+}
+
+/// Changes the `dependencies` of `<repo>/package.json` with `edit`, under
+/// the short repo-wide lock, and writes it atomically (a fresh file renamed
+/// over it). A `package.json` that is not valid JSON, or whose
+/// `dependencies` is not an object, is refused (`ENKREPO`), never
+/// overwritten: it may be someone's hand edit.
+pub(super) async fn edit_dependencies(
+    repo: &Repo,
+    root: &Dir,
+    holder: &str,
+    edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>),
+) -> Result<(), RepoError> {
+    let opts = LockOptions {
+        holder: Some(holder.to_string()),
+        timeout: Some(Duration::from_secs(120)),
+        ..LockOptions::default()
+    };
+    let cancel = CancellationToken::new();
+    let rel = Repo::manifest_lock_rel();
+    let now = LockOptions {
+        timeout: Some(Duration::ZERO),
+        ..opts.clone()
+    };
+    let lease = match lock::acquire_in(&repo.dir, rel, &now, &cancel).await {
+        Err(LockError::Locked { .. }) => {
+            installer::test_point("manifest-lock-wait").await;
+            lock::acquire_in(&repo.dir, rel, &opts, &cancel).await?
+        }
+        r => r?,
+    };
+    let path = repo.dir.join("package.json");
+    let mut manifest: serde_json::Map<String, serde_json::Value> =
+        match root.read_file("package.json") {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| RepoError::Corrupt {
+                path: path.clone(),
+                message: e.to_string(),
+            })?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let mut m = serde_json::Map::new();
+                m.insert("name".into(), "nanokit-repo".into());
+                m.insert("private".into(), true.into());
+                m
+            }
+            Err(e) => return Err(io_err("read", &path)(e)),
+        };
+    installer::test_point("manifest-read").await;
+    let deps = manifest
+        .entry("dependencies")
+        .or_insert_with(|| serde_json::Value::Object(Default::default()));
+    let Some(deps) = deps.as_object_mut() else {
+        return Err(RepoError::Corrupt {
+            path,
+            message: "\"dependencies\" is not an object".into(),
+        });
+    };
+    edit(deps);
+    let mut bytes = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
+    bytes.push(b'\n');
+    root.atomic_write("package.json", &bytes, 0o644, None)
+        .map_err(io_err("write", &path))?;
+    lease.release()?;
+    Ok(())
 }
 
 /// Moves packages npm hoisted next to `alias` in the staging `node_modules`

@@ -95,8 +95,13 @@ fn cannot_link(e: &io::Error) -> bool {
 fn say_copies_once(path: &Path, e: &io::Error) {
     static SAID: AtomicBool = AtomicBool::new(false);
     if !SAID.swap(true, Ordering::Relaxed) {
+        // On stderr too: from JS, nanokit's log goes nowhere by default.
+        eprintln!(
+            "nanokit: warning: cannot hard-link files into the package store {} ({e}); packages keep their own read-only copies, so they share no disk (said once per process)",
+            path.display()
+        );
         tracing::warn!(store = %path.display(), error = %e,
-            "cannot hard-link files into the package store here; packages keep their own read-only copies (disk is not shared). Said once per process");
+            "cannot hard-link files into the package store; packages keep their own copies");
     }
 }
 
