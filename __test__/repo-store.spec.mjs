@@ -6,6 +6,7 @@ import assert from 'node:assert/strict'
 import { execFile, spawnSync } from 'node:child_process'
 import { createHash } from 'node:crypto'
 import {
+  chmodSync,
   chownSync,
   existsSync,
   lstatSync,
@@ -67,7 +68,7 @@ function assertStore(repo) {
   for (const { path, st } of walk(join(repo, '.store', 'files'))) {
     if (st.isDirectory()) continue
     assert.ok(st.isFile(), `${path} is a regular file`)
-    const name = path.split('/').slice(-2).join('')
+    const name = path.split('/').pop()
     store.set(name, st)
   }
   const used = new Set()
@@ -142,6 +143,29 @@ describe('repo store, retries, concurrency, gc and adoption (real npm, offline r
     assert.equal(status.store.unreferencedFiles, 0)
     const text = await cli('repo', 'status', repo)
     assert.match(text, /sharing ratio \d+\.\d\d/)
+
+    // Reinstalled after its directory and sentinel were lost (a wipe, a crash
+    // before the sentinel): every file is still in the store, so it is built
+    // by links alone from the record of its tree; npm does not run.
+    const spec = '@nkfix/adaptor-http@1.0.0'
+    rmSync(join(repo, 'node_modules', aliasOf(spec)), { recursive: true })
+    rmSync(join(repo, '.sentinels', `${keyOf(spec)}.done`))
+    const hits = registry.hits('@nkfix/adaptor-http')
+    const again = await nk.install(repo, spec, { npmArgs: npmArgs(), npmPath: '/nonexistent/npm' })
+    assert.equal(again.installed, true)
+    assert.equal(again.attempts, 0, 'no npm run')
+    assert.equal(registry.hits('@nkfix/adaptor-http'), hits)
+    assertStore(repo)
+    assert.equal(require(join(repo, 'node_modules', aliasOf(spec), 'index.js')).name, spec)
+    // A store file whose content no longer matches its name is refused, never linked.
+    rmSync(join(repo, 'node_modules', aliasOf(spec)), { recursive: true })
+    rmSync(join(repo, '.sentinels', `${keyOf(spec)}.done`))
+    const victim = walk(join(repo, '.store', 'files')).find(({ st }) => st.isFile() && st.nlink === 2)
+    chmodSync(victim.path, 0o644)
+    writeFileSync(victim.path, 'tampered')
+    chmodSync(victim.path, 0o444)
+    await assert.rejects(nk.install(repo, spec, { npmArgs: npmArgs() }), (e) => e.code === 'ENKFOREIGN' && e.message.includes(victim.path))
+    assert.equal(nk.isInstalled(repo, spec), false)
   })
 
   it('8 processes install 4 packages that share dependencies: all complete, one copy of each file, no temp file left', { timeout: 300_000 }, async () => {

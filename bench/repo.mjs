@@ -23,7 +23,7 @@ const require = createRequire(import.meta.url)
 const nk = require('../nanokit.js')
 const run = promisify(execFile)
 const WORKER = fileURLToPath(new URL('../__test__/helpers/repo-worker.mjs', import.meta.url))
-const PNPM = require.resolve('pnpm/bin/pnpm.cjs')
+const PNPM = fileURLToPath(new URL('../node_modules/pnpm/bin/pnpm.cjs', import.meta.url))
 
 const work = mkdtempSync(join(tmpdir(), 'nk-bench-repo-'))
 const fx = adaptorFixtures({ scale: 1 })
@@ -37,6 +37,9 @@ const npmSpec = (spec) => `${aliasOf(spec)}@npm:${spec}`
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]
 const ms = (t0) => performance.now() - t0
 let dirs = 0
+const { availableParallelism, loadavg } = await import('node:os')
+const cores = availableParallelism()
+const loadAtStart = loadavg().map((l) => l.toFixed(2)).join(' ')
 const fresh = (name) => {
   const d = join(work, `${name}-${dirs++}`)
   mkdirSync(d)
@@ -78,7 +81,7 @@ for (let round = 0; round < 3; round++) {
   rmSync(join(nkRepo, '.sentinels', `${aliasOf(again).replace('/', '+')}.done`), { force: true })
   let t0 = performance.now()
   const r = await nkInstall(nkRepo, again)
-  if (!r.installed) throw new Error('nanokit did not reinstall')
+  if (!r.installed || r.attempts !== 0) throw new Error(`nanokit did not reinstall by links alone: ${JSON.stringify(r)}`)
   reinstall.nanokit.push(ms(t0))
   rmSync(join(npmRepo, 'node_modules', aliasOf(again)), { recursive: true, force: true })
   t0 = performance.now()
@@ -91,30 +94,55 @@ for (let round = 0; round < 3; round++) {
 }
 
 // 3. 4 workers installing 4 different adaptors at once (nanokit, one
-// process each, a fresh repo) against npm installing them one after another
-// into a fresh shared tree.
+// running process each, a fresh repo) against npm installing them one after
+// another into a fresh shared tree (each npm run starts its own node), and
+// 4 bare npm runs at once in 4 directories: the floor of any design that
+// runs npm once per adaptor.
 const four = fx.specs.slice(2)
-function worker(repo, spec) {
-  const child = spawn(process.execPath, [WORKER, JSON.stringify({ op: 'install', repo, specs: [spec], npmArgs, staleMs: 600000, timeoutMs: 600000 })], { stdio: ['ignore', 'pipe', 'inherit'] })
-  return new Promise((resolve, reject) => {
-    const rl = createInterface({ input: child.stdout })
+// A worker process that is already running (node started, nanokit
+// loaded), as OpenFn's workers are when a job needs an adaptor: `go()`
+// starts its install and resolves when it is done.
+async function worker(repo, spec) {
+  const child = spawn(process.execPath, [WORKER, JSON.stringify({ op: 'install', repo, specs: [spec], npmArgs, staleMs: 600000, timeoutMs: 600000, waitForGo: true })], { stdio: ['pipe', 'pipe', 'inherit'] })
+  const rl = createInterface({ input: child.stdout })
+  let ready
+  const isReady = new Promise((r) => (ready = r))
+  const done = new Promise((resolve, reject) => {
     rl.on('line', (l) => {
       const e = JSON.parse(l)
+      if (e.event === 'ready') ready()
       if (e.event === 'error') reject(new Error(e.message))
     })
     child.on('exit', (code) => (code === 0 ? resolve() : reject(new Error(`worker exit ${code}`))))
   })
+  await isReady
+  return () => {
+    child.stdin.end('go\n')
+    return done
+  }
 }
-const parallel = { nanokit: [], npm: [] }
+// CPU seconds (user + system) of a command and its children.
+async function cpuOf(argv, cwd) {
+  const { stderr } = await run('/usr/bin/time', ['-f', 'NKCPU %U %S', ...argv], { cwd })
+  const [, u, s] = stderr.match(/NKCPU ([\d.]+) ([\d.]+)/)
+  return Number(u) + Number(s)
+}
+const parallel = { nanokit: [], npm: [], npmCpuS: [], bareNpm: [] }
 for (let round = 0; round < 3; round++) {
   const repo = fresh('four')
+  const workers = await Promise.all(four.map((spec) => worker(repo, spec)))
   let t0 = performance.now()
-  await Promise.all(four.map((spec) => worker(repo, spec)))
+  await Promise.all(workers.map((go) => go()))
   parallel.nanokit.push(ms(t0))
   const shared = fresh('four-npm')
   t0 = performance.now()
-  for (const spec of four) await npmInstall(shared, [spec])
+  let cpu = 0
+  for (const spec of four) cpu += await cpuOf(['npm', 'install', '--no-audit', '--no-fund', npmSpec(spec), ...npmArgs], shared)
   parallel.npm.push(ms(t0))
+  parallel.npmCpuS.push(cpu)
+  t0 = performance.now()
+  await Promise.all(four.map((spec) => run('npm', ['install', '--no-audit', '--no-fund', '--no-package-lock', '--no-save', npmSpec(spec), ...npmArgs], { cwd: fresh('bare') })))
+  parallel.bareNpm.push(ms(t0))
 }
 
 await registry.close()
@@ -136,8 +164,23 @@ const rows = [
     r2(median(parallel.nanokit) / median(parallel.npm)),
     '≤ 0.6×',
   ],
+  [
+    '… 4 bare npm runs at once, 4 directories (the floor of one npm per adaptor)',
+    '',
+    `${median(parallel.bareNpm).toFixed(0)} ms`,
+    r2(median(parallel.bareNpm) / median(parallel.npm)),
+    '',
+  ],
+  [
+    '… npm\'s own CPU time for the 4 sequential installs ÷ cores',
+    '',
+    `${(median(parallel.npmCpuS) * 1000).toFixed(0)} CPU-ms ÷ ${cores}`,
+    r2((median(parallel.npmCpuS) * 1000) / cores / median(parallel.npm)),
+    '',
+  ],
 ]
-console.log(`\nfixtures: 6 adaptors (${fx.specs.join(', ')}), 3 shared libraries; offline registry; ${process.env.NANOKIT_MAX_CONCURRENT_INSTALLS ?? 'default'} installers at once per host (cores: ${(await import('node:os')).availableParallelism()})`)
+console.log(`\nload average at the start: ${loadAtStart}; at the end: ${loadavg().map((l) => l.toFixed(2)).join(' ')}`)
+console.log(`fixtures: 6 adaptors (${fx.specs.join(', ')}), 4 shared libraries (two versions of the common one); offline registry; ${process.env.NANOKIT_MAX_CONCURRENT_INSTALLS ?? 'default'} installers at once per host (cores: ${cores})`)
 console.log(`sharing ratio: ${status.store.sharingRatio.toFixed(2)} (${mb(status.store.packageBytes)} of package files in ${mb(status.store.diskBytes)} on disk; store ${status.store.files} files)`)
 console.log('| measurement | nanokit | anchors | ratio | target |')
 console.log('|---|---|---|---|---|')

@@ -35,6 +35,13 @@ async function main() {
   if (cmd.files != null) options.install = fileInstaller(cmd.files)
   if (cmd.npmArgs) options.npmArgs = cmd.npmArgs
   Object.assign(options, cmd.options)
+  if (cmd.waitForGo) {
+    // Started and loaded beforehand, like a worker that already runs: go on
+    // the first line on stdin.
+    emit({ event: 'ready' })
+    await new Promise((resolve) => process.stdin.once('data', resolve))
+    process.stdin.pause()
+  }
   emit({ event: 'start' })
   for (const spec of cmd.specs) {
     try {

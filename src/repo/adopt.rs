@@ -27,9 +27,8 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::publish::write_sentinel;
+use super::publish::{intern_and_record, write_sentinel};
 use super::status::spec_of_alias;
-use super::store::{Store, STORE_DIR};
 use super::{io_err, PackageSpec, Repo, RepoError};
 use crate::lock::{self, LockError, LockOptions};
 use crate::sys::beneath::Dir;
@@ -219,14 +218,7 @@ async fn adopt_one(
     };
     let rel = Path::new("node_modules").join(&alias);
     let package = root.dirs(&rel, false).map_err(io_err("open", &dir))?;
-    let store_path = repo.dir.join(STORE_DIR);
-    Store::open(root, true)
-        .map_err(io_err("open the package store", &store_path))?
-        .intern(&package)
-        .map_err(io_err(
-            "move the package's files into the store",
-            &store_path,
-        ))?;
+    intern_and_record(repo, root, spec, &package)?;
     write_sentinel(repo, root, spec, &package)?;
     lease.release()?;
     Ok(None)

@@ -204,6 +204,8 @@ async fn unpublish(
     if let Ok(used) = root.dir(Repo::USED, false) {
         let _ = used.remove_file(&key);
     }
+    // Its files go with the next store collection: no reinstall by links.
+    Store::remove_record(root, &key);
     if moved {
         installer::remove_tree(&staging, std::ffi::OsStr::new(&trash));
     }

@@ -89,7 +89,7 @@ impl OwnerRecord {
     /// Writes (or replaces) the record in `staging`, atomically.
     pub fn write(&self, staging: &Dir) -> io::Result<()> {
         let bytes = serde_json::to_vec(self).expect("owner record serialises");
-        staging.atomic_write(OWNER_FILE, &bytes, 0o644, None)
+        staging.replace_file(OWNER_FILE, &bytes, 0o644)
     }
 
     fn same_host(&self) -> bool {

@@ -302,7 +302,7 @@ fn record_use(repo_dir: &Path, key: &str) -> io::Result<()> {
         },
     };
     match rustix::fs::utimensat(&used, key, &times, rustix::fs::AtFlags::SYMLINK_NOFOLLOW) {
-        Err(rustix::io::Errno::NOENT) => used.atomic_write(key, b"", 0o644, None),
+        Err(rustix::io::Errno::NOENT) => used.replace_file(key, b"", 0o644),
         r => r.map_err(Into::into),
     }
 }
@@ -378,6 +378,8 @@ pub struct InstallTxn {
     slot: Option<Lease>,
     /// npm runs so far.
     attempts: u32,
+    /// The staged tree was built from the store by links (nothing to intern).
+    replayed: bool,
 }
 
 fn now_ms() -> u64 {
@@ -463,6 +465,7 @@ pub async fn begin_install(
         sweeper: Some(sweeper),
         slot: None,
         attempts: 0,
+        replayed: false,
     };
     // From here on, dropping `txn` on an error removes the staging directory.
     let token = txn.lease.as_ref().expect("held").token().to_string();
@@ -470,11 +473,10 @@ pub async fn begin_install(
         .write(&staging_dir)
         .map_err(io_err("write", &txn.staging.join(installer::OWNER_FILE)))?;
     staging_dir
-        .atomic_write(
+        .replace_file(
             "package.json",
             br#"{"name":"nanokit-staging","private":true}"#,
             0o644,
-            None,
         )
         .map_err(io_err("write", &txn.staging.join("package.json")))?;
     Ok(Begin::Started(txn))
@@ -502,6 +504,51 @@ impl InstallTxn {
         Dir::root(&self.repo.dir, false)?
             .dir(".staging", false)?
             .dir(self.staging_name(), false)
+    }
+
+    /// Builds the package in the staging directory from the store by links
+    /// alone, from the record of its tree made when this version was
+    /// installed before, when every file of it is still in the store (each
+    /// checked against its hash). False (and a clean staging directory)
+    /// when there is no record or a file is missing: install it then.
+    pub fn replay_recorded(&mut self) -> Result<bool, RepoError> {
+        let root = self.repo.root(false)?;
+        let key = self.spec.file_key();
+        let Some(record) = store::Store::read_record(&root, &key) else {
+            return Ok(false);
+        };
+        let store_path = self.repo.dir.join(store::STORE_DIR);
+        let replayed = (|| {
+            let store = store::Store::open(&root, false)?;
+            let alias = self.spec.alias();
+            let staging = self.open_staging()?;
+            let mut parent = staging.dir("node_modules", true)?;
+            let leaf = match alias.split_once('/') {
+                Some((scope, leaf)) => {
+                    parent = parent.dir(scope, true)?;
+                    leaf.to_string()
+                }
+                None => alias.clone(),
+            };
+            let dest = parent.dir(&leaf, true)?;
+            store.replay(&record, &dest)
+        })();
+        match replayed {
+            Ok(true) => {
+                self.replayed = true;
+                return Ok(true);
+            }
+            Err(e) if beneath::is_foreign(&e) => {
+                return Err(io_err("build the package from the store", &store_path)(e))
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, spec = %self.spec, "cannot build the package from the store; installing it");
+            }
+        }
+        store::Store::remove_record(&root, &key);
+        self.clean_staging()?;
+        Ok(false)
     }
 
     /// Gives up: removes the staging directory and releases the lock.
@@ -541,12 +588,16 @@ pub async fn install(
     match begin_install(repo_dir, &spec, opts, cancel).await? {
         Begin::AlreadyInstalled(outcome) => Ok(outcome),
         Begin::Started(mut txn) => {
-            let lock_path = txn.repo.lock_path(&spec);
-            let max = opts.max_concurrent();
-            tokio::select! {
-                r = txn.run_npm(&opts.npm, max, cancel) => txn.attempts = r?,
-                _ = cancel.cancelled() => {
-                    return Err(LockError::Aborted { path: lock_path }.into());
+            // Its files all still in the store (reinstalled after a wipe, or
+            // a crash before its sentinel): links alone, no npm.
+            if !txn.replay_recorded()? {
+                let lock_path = txn.repo.lock_path(&spec);
+                let max = opts.max_concurrent();
+                tokio::select! {
+                    r = txn.run_npm(&opts.npm, max, cancel) => txn.attempts = r?,
+                    _ = cancel.cancelled() => {
+                        return Err(LockError::Aborted { path: lock_path }.into());
+                    }
                 }
             }
             txn.commit().await

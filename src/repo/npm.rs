@@ -269,7 +269,7 @@ impl InstallTxn {
 
     /// Empties the staging directory for the next attempt (keeps the owner
     /// record and the minimal `package.json`).
-    fn clean_staging(&self) -> Result<(), RepoError> {
+    pub(super) fn clean_staging(&self) -> Result<(), RepoError> {
         let staging = self
             .open_staging()
             .map_err(io_err("open the staging directory", &self.staging))?;

@@ -73,16 +73,11 @@ impl InstallTxn {
         // refused, not followed.
         let root = self.repo.root(false)?;
         let staged = self.open_staged(&root, &alias)?;
-        fold_hoisted(&staged.node_modules, &staged.package, &alias)?;
-        // Every file becomes a read-only link to its one copy in the store.
-        let store_path = self.repo.dir.join(store::STORE_DIR);
-        store::Store::open(&root, true)
-            .map_err(io_err("open the package store", &store_path))?
-            .intern(&staged.package)
-            .map_err(io_err(
-                "move the package's files into the store",
-                &store_path,
-            ))?;
+        // A tree built from the store (`replay_recorded`) is links already.
+        if !self.replayed {
+            fold_hoisted(&staged.node_modules, &staged.package, &alias)?;
+            intern_and_record(&self.repo, &root, &self.spec, &staged.package)?;
+        }
 
         self.publish(&root, &staged, &alias)?;
         installer::test_point("publish").await;
@@ -205,6 +200,30 @@ impl InstallTxn {
     }
 }
 
+/// Makes every file of the staged `package` a read-only link to its one
+/// copy in the store, and records its tree (so that a later install of the
+/// same version, its files still in the store, is links alone).
+pub(super) fn intern_and_record(
+    repo: &Repo,
+    root: &Dir,
+    spec: &PackageSpec,
+    package: &Dir,
+) -> Result<(), RepoError> {
+    let store_path = repo.dir.join(store::STORE_DIR);
+    let store =
+        store::Store::open(root, true).map_err(io_err("open the package store", &store_path))?;
+    let (interned, record) = store.intern(package).map_err(io_err(
+        "move the package's files into the store",
+        &store_path,
+    ))?;
+    if interned.copies == 0 {
+        if let Err(e) = store.write_record(root, &spec.file_key(), &record) {
+            tracing::warn!(error = %e, spec = %spec, "cannot record the package's tree");
+        }
+    }
+    Ok(())
+}
+
 /// Writes the sentinel of `spec`, whose published directory is `package`:
 /// the install is complete from then on. It carries the modification time
 /// of the package's `package.json` (`is_installed` compares the two with two
@@ -243,7 +262,7 @@ pub(super) fn write_sentinel(
         .map_err(io_err("write the sentinel", &path))?;
     // Installing is a use: `repo gc --older-than` counts from now.
     if let Err(e) = create_dir(root, Repo::USED).and_then(|d| {
-        d.atomic_write(spec.file_key(), b"", 0o644, None)
+        d.replace_file(spec.file_key(), b"", 0o644)
             .map_err(io_err("write", &repo.dir.join(Repo::USED)))
     }) {
         tracing::warn!(error = %e, spec = %spec, "cannot record the install time as a use");

@@ -456,7 +456,25 @@ impl Dir {
         mode: u32,
         mtime: Option<SystemTime>,
     ) -> io::Result<()> {
-        let name = component(&self.path, name.as_ref())?;
+        self.write_renamed(name.as_ref(), bytes, mode, mtime, true)
+    }
+
+    /// [`Dir::atomic_write`] without the two `fsync`s: the file appears
+    /// whole, but a crash may lose it. For files that are cheap to lose
+    /// (records inside a private staging directory, usage stamps).
+    pub fn replace_file(&self, name: impl AsRef<OsStr>, bytes: &[u8], mode: u32) -> io::Result<()> {
+        self.write_renamed(name.as_ref(), bytes, mode, None, false)
+    }
+
+    fn write_renamed(
+        &self,
+        name: &OsStr,
+        bytes: &[u8],
+        mode: u32,
+        mtime: Option<SystemTime>,
+        durable: bool,
+    ) -> io::Result<()> {
+        let name = component(&self.path, name)?;
         let tmp = format!(
             ".{}.{}.tmp",
             name.to_string_lossy(),
@@ -474,10 +492,14 @@ impl Dir {
             if let Some(mtime) = mtime {
                 f.set_modified(mtime)?;
             }
-            f.sync_all()?;
+            if durable {
+                f.sync_all()?;
+            }
             drop(f);
             rustix::fs::renameat(&self.fd, tmp.as_str(), &self.fd, name)?;
-            let _ = rustix::fs::fsync(&self.fd);
+            if durable {
+                let _ = rustix::fs::fsync(&self.fd);
+            }
             Ok(())
         })();
         if result.is_err() {
