@@ -316,7 +316,7 @@ fn last_used_ms(root: &Dir, key: &str, installed_at_ms: u64) -> u64 {
         .filter(|st| {
             rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
         })
-        .map(|st| st.st_mtime.max(0) as u64 * 1000 + st.st_mtime_nsec as u64 / 1_000_000)
+        .map(|st| st.st_mtime.max(0) as u64 * 1000 + st.st_mtime_nsec / 1_000_000)
         .unwrap_or(installed_at_ms)
 }
 

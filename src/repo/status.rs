@@ -174,7 +174,7 @@ pub fn status_with(repo_dir: &Path, older_than: Duration) -> Result<RepoStatus, 
                 .usage()
                 .map_err(io_err("read the store", &repo.dir.join(STORE_DIR)))?;
             let (package_bytes, disk_bytes) = match root.dir("node_modules", false) {
-                Ok(nm) => store::sharing(&nm).map_err(io_err("read", &nm.path().to_path_buf()))?,
+                Ok(nm) => store::sharing(&nm).map_err(io_err("read", nm.path()))?,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => (0, 0),
                 Err(e) => return Err(io_err("read", &repo.dir.join("node_modules"))(e)),
             };
