@@ -22,15 +22,12 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::Serialize;
-use tokio_util::sync::CancellationToken;
 
 use super::publish::{intern_and_record, write_sentinel};
 use super::status::spec_of_alias;
 use super::{io_err, PackageSpec, Repo, RepoError};
-use crate::lock::{self, LockError, LockOptions};
 use crate::sys::beneath::Dir;
 
 /// A package `adopt` left alone, and why.
@@ -201,20 +198,13 @@ async fn adopt_one(
     if let Some(problem) = verify(&repo.dir.join("node_modules"), &dir, spec) {
         return Ok(Some(problem));
     }
-    let opts = LockOptions {
-        timeout: Some(Duration::ZERO),
-        holder: Some(format!("adopt {spec}")),
-        ..LockOptions::default()
-    };
-    let cancel = CancellationToken::new();
-    let lease = match lock::acquire_in(&repo.dir, &Repo::lock_rel(spec), &opts, &cancel).await {
+    let lease = match repo.lock_now(spec, &format!("adopt {spec}")).await? {
         Ok(lease) => lease,
-        Err(LockError::Locked { holder, .. }) => {
+        Err(holder) => {
             return Ok(Some(format!(
                 "being installed: its lock is held by {holder}"
             )))
         }
-        Err(e) => return Err(e.into()),
     };
     let rel = Path::new("node_modules").join(&alias);
     let package = root.dirs(&rel, false).map_err(io_err("open", &dir))?;

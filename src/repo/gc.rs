@@ -21,13 +21,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio_util::sync::CancellationToken;
 
 use super::publish::edit_dependencies;
 use super::status::{aliases_in, spec_of_alias};
 use super::store::{Store, Usage, STORE_DIR};
 use super::{installer, io_err, last_used_ms, now_ms, PackageSpec, Repo, RepoError, Sentinel};
-use crate::lock::{self, LockError, LockOptions};
 use crate::sys::beneath::Dir;
 
 /// Options of [`gc`].
@@ -144,18 +142,9 @@ async fn unpublish(
     spec: &PackageSpec,
     cutoff: u64,
 ) -> Result<Option<String>, RepoError> {
-    let opts = LockOptions {
-        timeout: Some(Duration::ZERO),
-        holder: Some(format!("gc {spec}")),
-        ..LockOptions::default()
-    };
-    let cancel = CancellationToken::new();
-    let lease = match lock::acquire_in(&repo.dir, &Repo::lock_rel(spec), &opts, &cancel).await {
+    let lease = match repo.lock_now(spec, &format!("gc {spec}")).await? {
         Ok(lease) => lease,
-        Err(LockError::Locked { holder, .. }) => {
-            return Ok(Some(format!("its lock is held by {holder}")))
-        }
-        Err(e) => return Err(e.into()),
+        Err(holder) => return Ok(Some(format!("its lock is held by {holder}"))),
     };
     let key = spec.file_key();
     // Used since it was judged, or reinstalled: keep it.

@@ -160,6 +160,26 @@ impl Repo {
         Path::new(".locks").join(format!("{}.lock", spec.file_key()))
     }
 
+    /// Takes the package lock of `spec` if it is free now (or its holder on
+    /// this host is dead), without waiting; else says who holds it.
+    async fn lock_now(
+        &self,
+        spec: &PackageSpec,
+        holder: &str,
+    ) -> Result<Result<Lease, String>, RepoError> {
+        let opts = LockOptions {
+            timeout: Some(Duration::ZERO),
+            holder: Some(holder.to_string()),
+            ..LockOptions::default()
+        };
+        let cancel = CancellationToken::new();
+        match lock::acquire_in(&self.dir, &Repo::lock_rel(spec), &opts, &cancel).await {
+            Ok(lease) => Ok(Ok(lease)),
+            Err(LockError::Locked { holder, .. }) => Ok(Err(holder)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// The state of the package lock of the file key `key` (see
     /// [`PackageSpec::file_key`]).
     fn lock_of_key(&self, key: &str) -> Result<Option<LockStatus>, LockError> {
