@@ -8,6 +8,7 @@ import { createHash } from 'node:crypto'
 import {
   chmodSync,
   chownSync,
+  lchownSync,
   existsSync,
   lstatSync,
   mkdirSync,
@@ -343,9 +344,15 @@ describe('repo store, retries, concurrency, gc and adoption (real npm, offline r
     for (const d of [repo, home, cache]) own(d)
     const args = [...npmArgs().filter((a) => !a.startsWith('--cache=')), `--cache=${cache}`]
     const spec = '@nkfix/adaptor-postgres@1.0.0'
-    const w = start('repo-worker.mjs', { op: 'install', repo, specs: [spec], npmArgs: args, staleMs: 600000, timeoutMs: 60000 }, { uid, gid, env: { HOME: home } })
+    // The installer runs as that user too, when it can load nanokit from
+    // this checkout; otherwise (a checkout it cannot read) root installs and
+    // the repo is handed to the user: the job then owns its files, and only
+    // their mode can stop it.
+    const canLoad = spawnSync(process.execPath, ['-e', `require(${JSON.stringify(join(import.meta.dirname, '..', 'nanokit.js'))})`], { uid, gid }).status === 0
+    const w = start('repo-worker.mjs', { op: 'install', repo, specs: [spec], npmArgs: args, staleMs: 600000, timeoutMs: 60000 }, canLoad ? { uid, gid, env: { HOME: home } } : {})
     const done = await w.next(isEvent('done', 'error'))
     assert.equal(done.event, 'done', JSON.stringify(done))
+    if (!canLoad) for (const { path } of [{ path: repo }, ...walk(repo)]) lchownSync(path, uid, gid)
     const storeFiles = walk(join(repo, '.store')).filter(({ st }) => st.isFile()).map(({ path }) => path)
     const before = storeFiles.map((f) => `${f} ${sha256(f)} ${lstatSync(f).mode}`)
     const pkg = join(repo, 'node_modules', aliasOf(spec))
