@@ -93,6 +93,25 @@ test(`${c.name}: --help and --version name nkapp; the commands are nanokit's`, (
   assert.match(r.stderr, /Usage: nkapp <COMMAND>/)
 })
 
+for (const c of [...CLIS, ...ALIASES])
+test(`${c.name}: deploy is up, under the name Nanokit's docs use`, () => {
+  const { dir, file } = project(`name: deploy${process.pid}${c.name.replace(/\W/g, '')}\nservices:\n  a:\n    start: "exec sleep 600"\n`)
+  try {
+    let r = runSync(c, ['deploy', '--help'])
+    assert.equal(r.status, 0, r.stderr)
+    assert.match(r.stdout, /`deploy` is the same command: the name Nanokit's docs use for `up`/)
+    r = runSync(c, ['deploy', '-f', file])
+    assert.equal(r.status, 0, r.stderr)
+    assert.match(r.stderr, /^up: 1 service\(s\), 1 changed\.$/m)
+    // Nothing left for `up` to do.
+    r = runSync(c, ['plan', '-f', file, '--detailed-exitcode'])
+    assert.equal(r.status, 0, r.stdout + r.stderr)
+  } finally {
+    runSync(c, ['down', '-f', file])
+    rmSync(dir, { recursive: true, force: true })
+  }
+})
+
 test('npm and standalone CLI: usage errors and error[CODE] messages, exit 1', () => {
   let r = same(['nosuch'])
   assert.equal(r.status, 1)

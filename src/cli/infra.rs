@@ -93,7 +93,8 @@ pub enum InfraCommand {
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
-    /// Bring services up: start each as soon as its dependencies are healthy, with lifecycle hooks.
+    /// Bring services up: start each as soon as its dependencies are healthy, with lifecycle hooks
+    /// (`deploy` is the same command: the name Nanokit's docs use for `up`).
     /// With service names, reconcile only those and what they depend on.
     ///
     /// State: `infra.state` in nanokit.yml names a file (default .nanokit/state.json) or a
@@ -104,6 +105,7 @@ pub enum InfraCommand {
     /// was taken over gets ENKSTATESTALE instead of overwriting. The deploy lock lives with the
     /// state (renewed while the run lasts; a second run fails with ENKLOCKED naming the holder, or
     /// waits with --lock-timeout; `nanokit infra unlock` clears a stale one).
+    #[command(visible_alias = "deploy")]
     Up {
         #[command(flatten)]
         project: Project,
