@@ -116,9 +116,11 @@ export declare function breakLock(path: string): LockHolder | null
 
 /**
  * Runs the `nanokit` command line with `args` (argv without node and the
- * script) and resolves to the process exit code. `name` is the program name
- * that `--help`, `--version` and usage errors show: `nkapp` for the alias,
- * `nanokit` otherwise.
+ * script) and resolves to the process exit code. `name` is how the shell
+ * would start the command again (`nanokit`, `npx nkapp`, `node
+ * bin/nanokit.js`), which the commands it prints as hints use; its last
+ * word names the program in `--help`, `--version` and usage errors:
+ * `nkapp` for the alias, `nanokit` otherwise.
  */
 export declare function cli(args: Array<string>, name?: string | undefined | null): Promise<number>
 

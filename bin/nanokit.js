@@ -3,7 +3,7 @@
 // The npx entry (`nanokit`, alias `nkapp`): hand argv to the native CLI
 // (parsed with clap in Rust). `--help` and `--version` use the name it was
 // started under.
-const { basename } = require('node:path')
+const { basename, delimiter, resolve } = require('node:path')
 let native
 try {
   native = require('../index.js')
@@ -16,7 +16,27 @@ try {
 }
 
 const name = basename(process.argv[1] || '', '.js') === 'nkapp' ? 'nkapp' : 'nanokit'
-native.cli(process.argv.slice(2), name).then(
+
+/** `s` as one shell word. */
+function quote(s) {
+  return /^[\w./:@%+=,-]+$/.test(s) ? s : `'${s.replaceAll("'", "'\\''")}'`
+}
+
+/**
+ * How the shell this was started from would start it again, for the
+ * commands it prints as hints: `npx nanokit` when npm started it (npx, an
+ * npm script: its bin is not on the shell's PATH), the name when found on
+ * PATH, else the path it was started by.
+ */
+function program() {
+  const script = process.argv[1] || ''
+  if (basename(script) !== name) return `node ${quote(script)}`
+  if (process.env.npm_command) return `npx ${name}`
+  const onPath = (process.env.PATH || '').split(delimiter).some((d) => d && resolve(d, name) === resolve(script))
+  return onPath ? name : quote(script)
+}
+
+native.cli(process.argv.slice(2), program()).then(
   (code) => {
     process.exitCode = code
   },

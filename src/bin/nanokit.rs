@@ -31,18 +31,26 @@ pub fn standalone_main(default_name: &'static str) -> ! {
     use std::io::Write;
 
     let mut argv = std::env::args_os();
-    let invoked = argv
+    let argv0 = argv
         .next()
-        .as_deref()
-        .and_then(|p| std::path::Path::new(p).file_name())
+        .map(|a| a.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let invoked = std::path::Path::new(&argv0)
+        .file_name()
         .and_then(|s| s.to_str())
-        .map(|s| s.to_string())
         .unwrap_or_default();
     let args: Vec<String> = argv.map(|a| a.to_string_lossy().into_owned()).collect();
-    let name = match invoked.as_str() {
+    let name = match invoked {
         "nanokit" => nanokit::cli::NAME,
         "nkapp" => nanokit::cli::ALIAS,
         _ => default_name,
+    };
+    // How the shell starts it again (for the hints it prints): the path it
+    // was started by, or its name when the shell found it on PATH.
+    let program = if argv0.contains('/') && invoked == name {
+        nanokit::cli::shell_word(&argv0)
+    } else {
+        name.to_string()
     };
 
     let runtime = if single_threaded(&args) {
@@ -55,7 +63,7 @@ pub fn standalone_main(default_name: &'static str) -> ! {
     let code = match runtime {
         Ok(rt) => {
             let run =
-                std::panic::AssertUnwindSafe(|| rt.block_on(nanokit::cli::run_as(name, args)));
+                std::panic::AssertUnwindSafe(|| rt.block_on(nanokit::cli::run_as(&program, args)));
             match std::panic::catch_unwind(run) {
                 Ok(code) => code,
                 Err(panic) => {

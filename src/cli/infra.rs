@@ -484,7 +484,10 @@ async fn plan(
     } else {
         out!("{}", masked(&plan.render()));
         if !plan.blocked(false).is_empty() {
-            outln!("Deleting volumes needs `nanokit up --force`.");
+            outln!(
+                "{}",
+                super::hint::complete("Deleting volumes needs `nanokit up --force`.")
+            );
         }
         errln!("Saved to {}", masked(&path.display().to_string()));
     }
@@ -505,7 +508,10 @@ async fn status(project: &Project, output: Output) -> CliResult {
         return Ok(exit::OK);
     }
     if rows.is_empty() {
-        outln!("Nothing deployed (run `nanokit up`).");
+        outln!(
+            "{}",
+            super::hint::complete("Nothing deployed (run `nanokit up`).")
+        );
         return Ok(exit::OK);
     }
     outln!(
@@ -594,7 +600,7 @@ async fn drift(project: &Project, restore: bool, output: Output) -> CliResult {
                     .expect("kind")
                     .as_str()
                     .unwrap_or(""),
-                masked(&i.detail)
+                super::hint::complete(&masked(&i.detail))
             );
         }
     }

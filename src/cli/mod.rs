@@ -6,6 +6,8 @@
 #[macro_use]
 mod out;
 
+pub(crate) mod hint;
+pub use hint::quote as shell_word;
 mod infra;
 mod lock;
 mod repo;
@@ -161,17 +163,21 @@ pub const NAME: &str = "nanokit";
 /// `nkapp`: an alias of `nanokit` (the name Nanokit's docs use).
 pub const ALIAS: &str = "nkapp";
 
-/// Like [`run`], with `--help`, `--version` and usage errors naming the
-/// program `name` (`nanokit` or its alias `nkapp`; anything else is shown
-/// as `nanokit`).
-pub async fn run_as(name: &str, args: Vec<String>) -> i32 {
-    let name = if name == ALIAS { ALIAS } else { NAME };
+/// Like [`run`], started as `program`: how the shell would start this
+/// command again (`nanokit`, `npx nkapp`, `./target/release/nanokit`),
+/// which the hints it prints use. `--help`, `--version` and usage errors
+/// name the program by its last word's file name (`nanokit` or its alias
+/// `nkapp`; anything else is shown as `nanokit`).
+pub async fn run_as(program: &str, args: Vec<String>) -> i32 {
+    let base = program.rsplit(['/', ' ']).next().unwrap_or_default();
+    let name = if base == ALIAS { ALIAS } else { NAME };
     let mut cmd = <Cli as clap::CommandFactory>::command()
         .name(name)
         .bin_name(name);
     let parsed = cmd
         .try_get_matches_from_mut(std::iter::once(name.to_string()).chain(args))
         .and_then(|m| {
+            hint::record(program, &m);
             <Cli as clap::FromArgMatches>::from_arg_matches(&m).map_err(|e| e.format(&mut cmd))
         });
     let cli = match parsed {

@@ -36,9 +36,11 @@ pub fn closed() -> bool {
     failed().is_some()
 }
 
-/// Writes `args` to stderr; a stderr nobody reads is ignored.
+/// Writes `args` to stderr, each hint in it a command that works as
+/// printed ([`super::hint::complete`]); a stderr nobody reads is ignored.
 pub fn stderr(args: fmt::Arguments<'_>) {
-    let _ = io::stderr().lock().write_fmt(args);
+    let text = super::hint::complete(&args.to_string());
+    let _ = io::stderr().lock().write_all(text.as_bytes());
 }
 
 /// After the command: the error to report when stdout failed other than
