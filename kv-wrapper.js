@@ -8,7 +8,7 @@
 //  - implements `withLock(name, holder, timeoutSeconds, fn, options?)`, which
 //    releases the lock even when `fn` throws (calling a JS callback from an
 //    async Rust method is awkward in napi-rs 3, and this is four lines here).
-const native = require('./index.js')
+const native = require('./binding.js')
 
 const { withCode } = require('./errors.js')
 

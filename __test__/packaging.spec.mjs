@@ -5,7 +5,7 @@
 // createLockedHandlers from the fixture registry; and the glibc floor (2.17)
 // of the shipped `.node` and of the standalone binary.
 import assert from 'node:assert/strict'
-import { execFile, execFileSync } from 'node:child_process'
+import { execFile, execFileSync, spawnSync } from 'node:child_process'
 import { copyFileSync, cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, writeFileSync } from 'node:fs'
 import { createRequire } from 'node:module'
 import { tmpdir } from 'node:os'
@@ -87,6 +87,8 @@ export function glibcViolations(file, allowUnversioned = () => false) {
 const nodeApi = (name) => /^(napi_|node_api_|uv_)/.test(name)
 
 let registry
+/** What `npm run artifacts` printed, first and second run. */
+const artifactsRuns = []
 let mainTgz
 let platformTgz
 let consumer
@@ -101,13 +103,18 @@ before(async () => {
   cpSync(join(root, 'npm'), join(stage, 'npm'), { recursive: true })
   copyFileSync(join(root, 'package.json'), join(stage, 'package.json'))
   copyFileSync(addon, join(stage, 'artifacts', ADDON))
-  execFileSync(join(root, 'node_modules', '.bin', 'napi'), ['artifacts', '--cwd', stage, '--output-dir', 'artifacts', '--npm-dir', 'npm'], {
-    stdio: ['ignore', 'ignore', 'inherit'],
-  })
+  // `npm run artifacts` (napi artifacts, reporting what it changed), twice:
+  // the second run changes nothing and says so.
+  const r = spawnSync(process.execPath, [join(root, 'scripts', 'artifacts.mjs'), '--cwd', stage, '--output-dir', 'artifacts'], { encoding: 'utf8' })
+  assert.equal(r.status, 0, r.stderr)
+  artifactsRuns.push(r.stderr)
+  artifactsRuns.push(spawnSync(process.execPath, [join(root, 'scripts', 'artifacts.mjs'), '--cwd', stage, '--output-dir', 'artifacts'], { encoding: 'utf8' }).stderr)
   mainTgz = npmPack(root)
   platformTgz = npmPack(join(stage, 'npm', PLATFORM))
 
-  registry = await startRegistry()
+  // The fixtures, and the platform package (for the command the loader
+  // prints when it is missing).
+  registry = await startRegistry({ extra: [{ tarball: platformTgz.file }] })
 
   // A consumer that depends on the main package only: the platform package
   // comes in through its optionalDependencies (pointed at the tarball).
@@ -136,6 +143,7 @@ describe('packaging: what npm pack ships', () => {
       'LICENSE',
       'README.md',
       'bin/nanokit.js',
+      'binding.js',
       'errors.js',
       'index.d.ts',
       'index.js',
@@ -158,13 +166,26 @@ describe('packaging: what npm pack ships', () => {
     assert.equal(manifest.license, 'MIT')
   })
 
-  it('the platform package holds only its .node and declares os, cpu and libc', () => {
-    assert.deepEqual(platformTgz.files, ['README.md', ADDON, 'package.json'].sort())
+  it('the platform package holds only its .node, README and LICENSE, and declares os, cpu and libc', () => {
+    assert.deepEqual(platformTgz.files, ['LICENSE', 'README.md', ADDON, 'package.json'].sort())
+    const license = execFileSync('tar', ['-xOzf', platformTgz.file, 'package/LICENSE'], { encoding: 'utf8' })
+    assert.equal(license, readFileSync(join(root, 'LICENSE'), 'utf8'), 'npm/*/LICENSE is a copy of LICENSE')
     const manifest = JSON.parse(execFileSync('tar', ['-xOzf', platformTgz.file, 'package/package.json'], { encoding: 'utf8' }))
     assert.equal(manifest.name, PLATFORM_PKG)
     assert.equal(manifest.version, pkg.version)
     assert.deepEqual([manifest.os, manifest.cpu, manifest.libc], [['linux'], ['x64'], ['glibc']])
     assert.equal(manifest.main, ADDON)
+  })
+})
+
+describe('packaging: npm run artifacts', () => {
+  it('says which files it wrote and which it left unchanged, not `Write [x] to [x]` for each', () => {
+    const [first, second] = artifactsRuns
+    assert.doesNotMatch(first + second, /Write \[/)
+    assert.match(first, new RegExp(`^wrote +npm/${PLATFORM}/${ADDON.replaceAll('.', '\\.')} \\(from artifacts/`, 'm'))
+    const lines = second.trim().split('\n')
+    assert.ok(lines.length >= 2, second)
+    for (const l of lines) assert.match(l, /^unchanged /, second)
   })
 })
 
@@ -235,23 +256,36 @@ describe('packaging: installed in a fresh project, without Rust, offline', () =>
     assert.deepEqual(JSON.parse(out), { before: false, afterwards: true, value: 'a:dep@1.0.0' })
   })
 
-  it('without a matching platform package, the loader names the package to install', () => {
-    const bare = join(work, 'bare')
-    mkdirSync(bare)
-    writeFileSync(join(bare, 'package.json'), JSON.stringify({ name: 'bare', version: '1.0.0', private: true, dependencies: { [pkg.name]: `file:${mainTgz.file}` } }))
-    npmInstall(bare) // offline: the optional platform package cannot be fetched and is skipped
-    assert.ok(!existsSync(join(bare, 'node_modules', PLATFORM_PKG)))
-    const r = (() => {
-      try {
-        execFileSync(process.execPath, ['-e', `require(${JSON.stringify(pkg.name)})`], { cwd: bare, env: consumerEnv(), stdio: 'pipe', encoding: 'utf8' })
-        return null
-      } catch (e) {
-        return e.stderr
-      }
-    })()
-    assert.ok(r, 'require succeeded without a platform package')
-    assert.match(r, new RegExp(`Cannot find module '${PLATFORM_PKG}'`))
-    // The command says so too, in a few lines, and fails.
+  /** `require` of the main package in `dir`: { code, first } of its error (null when it loads). */
+  const requireIn = (dir) => {
+    const script = `try { require(${JSON.stringify(pkg.name)}) } catch (e) { console.log(JSON.stringify({ code: e.code, first: e.message.split('\\n')[0] })); process.exit(3) }`
+    try {
+      execFileSync(process.execPath, ['-e', script], { cwd: dir, env: consumerEnv(), stdio: 'pipe', encoding: 'utf8' })
+      return null
+    } catch (e) {
+      assert.equal(e.status, 3, e.stderr)
+      return JSON.parse(e.stdout)
+    }
+  }
+  /** A fresh project with the main package alone (offline: the optional platform package is skipped). */
+  const bareProject = (name) => {
+    const dir = join(work, name)
+    mkdirSync(dir)
+    writeFileSync(join(dir, 'package.json'), JSON.stringify({ name, version: '1.0.0', private: true, dependencies: { [pkg.name]: `file:${mainTgz.file}` } }))
+    npmInstall(dir)
+    assert.ok(!existsSync(join(dir, 'node_modules', PLATFORM_PKG)))
+    return dir
+  }
+  const glibc = process.report.getReport().header.glibcVersionRuntime
+
+  it('without its platform package, require throws one error whose first line names the package, the platform and libc, and the command that installs it, which works', async () => {
+    const bare = bareProject('bare')
+    const err = requireIn(bare)
+    assert.ok(err, 'require succeeded without a platform package')
+    assert.equal(err.code, 'ENKBINDING')
+    const command = `npm install ${PLATFORM_PKG}@${pkg.version}`
+    for (const part of [PLATFORM_PKG, `linux x64 glibc ${glibc}`, `\`${command}\``]) assert.ok(err.first.includes(part), `${part} not in: ${err.first}`)
+    // The command says so too, in one line, and fails.
     const cmd = (() => {
       try {
         execFileSync('npx', ['--offline', '--no-install', 'nanokit', '--help'], { cwd: bare, env: consumerEnv(), stdio: 'pipe', encoding: 'utf8' })
@@ -262,8 +296,34 @@ describe('packaging: installed in a fresh project, without Rust, offline', () =>
     })()
     assert.ok(cmd, 'npx nanokit succeeded without a platform package')
     assert.equal(cmd.status, 1)
-    assert.match(cmd.stderr, /^nanokit: Cannot find native binding/m)
-    assert.match(cmd.stderr, new RegExp(`Cannot find module '${PLATFORM_PKG}'`))
+    assert.equal(cmd.stderr.trim().split('\n')[0], `nanokit: error[ENKBINDING]: ${err.first}`)
+    // The printed command, run as printed (npm pointed at the test registry,
+    // which this process serves: not a synchronous call), fixes it.
+    await run('sh', ['-c', command], {
+      cwd: bare,
+      env: consumerEnv({ npm_config_offline: 'false', npm_config_registry: registry.url }),
+    })
+    assert.equal(requireIn(bare), null, 'still no binding after the printed command')
+  })
+
+  it('with a platform package that cannot load, the first line is the loader\'s own reason', () => {
+    // As in a container without librt.so.1: the shipped .node with that
+    // dependency renamed to a library no system has.
+    const broken = bareProject('broken')
+    const dest = join(broken, 'node_modules', PLATFORM_PKG)
+    mkdirSync(dest)
+    copyFileSync(join(consumer, 'node_modules', PLATFORM_PKG, 'package.json'), join(dest, 'package.json'))
+    const so = readFileSync(join(consumer, 'node_modules', PLATFORM_PKG, ADDON))
+    const needed = Buffer.from('librt.so.1\0')
+    assert.equal(so.indexOf(needed), so.lastIndexOf(needed), 'librt.so.1 named once')
+    assert.ok(so.indexOf(needed) > 0, 'the addon does not need librt.so.1 (the test premise)')
+    Buffer.from('libnk.so.1\0').copy(so, so.indexOf(needed))
+    writeFileSync(join(dest, ADDON), so)
+    const err = requireIn(broken)
+    assert.ok(err, 'a binding that cannot load loaded')
+    assert.equal(err.code, 'ENKBINDING')
+    assert.match(err.first, /^libnk\.so\.1: cannot open shared object file/)
+    assert.ok(err.first.includes(join(dest, ADDON)), err.first)
   })
 })
 

@@ -6,12 +6,14 @@
 const { basename, delimiter, resolve } = require('node:path')
 let native
 try {
-  native = require('../index.js')
+  native = require('../binding.js')
 } catch (err) {
-  // No prebuilt addon for this platform: the loader's errors name the
-  // platform package it looked for.
-  console.error(`nanokit: ${err.message}`)
-  for (let cause = err.cause; cause; cause = cause.cause) console.error(`  ${cause.message}`)
+  // No binding for this platform: the error says why and what to do; the
+  // generated loader's own chain of errors only with NANOKIT_LOG=debug.
+  console.error(`nanokit: error[${err.code || 'ENKBINDING'}]: ${err.message}`)
+  if (/debug|trace/.test(process.env.NANOKIT_LOG || '')) {
+    for (let cause = err.cause; cause; cause = cause.cause) console.error(`  ${cause.message}`)
+  }
   process.exit(1)
 }
 

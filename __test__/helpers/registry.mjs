@@ -75,8 +75,15 @@ function pack(fixture, workdir) {
   return { manifest, file: join(out, file) }
 }
 
+/** A tarball made elsewhere (`npm pack`), served as it is. */
+function prepacked(file) {
+  const manifest = JSON.parse(execFileSync('tar', ['-xOzf', file, 'package/package.json'], { encoding: 'utf8' }))
+  return { manifest, file }
+}
+
 /**
- * Packs the fixtures (plus `extra`, same shape) and serves them. On a fixture,
+ * Packs the fixtures (plus `extra`, same shape, or `{ tarball }` for one
+ * packed already) and serves them. On a fixture,
  * `tarballDelayMs` makes its tarball answer that late (`Infinity`: never, until
  * the registry closes); `failMetadata: [500, 500]` answers its first metadata
  * requests with those statuses, then normally. Several versions of one name
@@ -91,13 +98,14 @@ export async function startRegistry({ extra = [], fixtures = FIXTURES } = {}) {
   const tarballs = new Map()
   const hits = new Map()
   for (const fixture of [...fixtures, ...extra]) {
-    const packed = pack(fixture, workdir)
-    let entry = packages.get(fixture.name)
-    if (!entry) packages.set(fixture.name, (entry = { versions: new Map(), delayMs: 0, fail: [] }))
-    entry.versions.set(fixture.version, packed)
+    const packed = fixture.tarball ? prepacked(fixture.tarball) : pack(fixture, workdir)
+    const { name, version } = packed.manifest
+    let entry = packages.get(name)
+    if (!entry) packages.set(name, (entry = { versions: new Map(), delayMs: 0, fail: [] }))
+    entry.versions.set(version, packed)
     entry.delayMs = fixture.tarballDelayMs || entry.delayMs
     if (fixture.failMetadata) entry.fail.push(...fixture.failMetadata)
-    tarballs.set(`${fixture.name}/${fixture.version}`, { file: packed.file, delayMs: fixture.tarballDelayMs || 0 })
+    tarballs.set(`${name}/${version}`, { file: packed.file, delayMs: fixture.tarballDelayMs || 0 })
   }
   const server = createServer((req, res) => {
     const path = decodeURIComponent(req.url.split('?')[0]).replace(/^\//, '')
