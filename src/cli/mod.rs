@@ -203,7 +203,11 @@ pub async fn run_as(program: &str, args: Vec<String>) -> i32 {
         Command::State(args) => state::run(args).await,
         Command::Timeline(args) => timeline::run(args),
     };
-    let _ = tokio::task::spawn_blocking(crate::trace::flush_global).await;
+    // The export's flush blocks: on a thread of its own, and only when
+    // there is an export (no thread for every command).
+    if crate::trace::exporting_global() {
+        let _ = tokio::task::spawn_blocking(crate::trace::flush_global).await;
+    }
     let result = match out::finish() {
         Some(e) if result.is_ok() => Err(e),
         _ => result,

@@ -370,6 +370,11 @@ pub fn init_global(log_to_stderr: bool) {
     });
 }
 
+/// Whether the process-wide OTLP exporter is on (see [`init_global`]).
+pub fn exporting_global() -> bool {
+    matches!(GLOBAL.get(), Some(Some(_)))
+}
+
 /// Exports the spans the process-wide exporter still holds (blocking, bounded
 /// by the exporter's timeout). Errors are logged, never returned.
 pub fn flush_global() {
