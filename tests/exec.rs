@@ -575,3 +575,56 @@ async fn health_probes_in_flight_are_bounded() {
     );
     p.down().await;
 }
+
+/// The first Ctrl-C stops `down` once it holds the lock (a real SIGINT to
+/// the `nanokit` process): the stop in progress (b's, whose prestop takes a
+/// second) finishes and is recorded; a, which is stopped only after b, is
+/// never stopped and stays recorded; the command exits 130. The next `down`
+/// finishes the job.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_first_ctrl_c_stops_down_after_the_step_in_progress() {
+    use std::io::BufRead;
+    let p = Project::new(
+        "name: downint\nservices:\n  a:\n    start: \"exec sleep 600\"\n  b:\n    start: \"exec sleep 600\"\n    depends_on: [a]\n    hooks:\n      prestop: \"sleep 1\"\n",
+    );
+    let r = p.up(RunOptions::default()).await.unwrap();
+    assert!(r.failures().is_empty(), "{:?}", r.results);
+    let id = |svc: &str| p.state().resources[svc].ids()[0].clone();
+    let (a, b) = (id("a"), id("b"));
+    let alive = nanokit::provider::process::id_alive;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nanokit"))
+        .args(p.args(&["down"]))
+        .env("NANOKIT_TRACE", "off")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let stopping_b = {
+            let w: Vec<&str> = line.split_whitespace().collect();
+            w.get(2) == Some(&"b") && w.get(3) == Some(&"stopping")
+        };
+        seen.push(line);
+        if stopping_b {
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            break;
+        }
+    }
+    seen.extend(lines.map_while(Result::ok));
+    let status = child.wait().unwrap();
+    let out = seen.join("\n");
+    assert_eq!(status.code(), Some(130), "{out}");
+    assert!(out.contains("ENKCANCELLED"), "{out}");
+    let state = p.state();
+    assert!(!state.resources.contains_key("b"), "{out}");
+    assert!(!alive(&b), "b still runs");
+    assert!(state.resources.contains_key("a"), "a was stopped: {out}");
+    assert!(alive(&a), "a was stopped: {out}");
+    let d = p.down().await;
+    assert!(d.failures().is_empty(), "{:?}", d.results);
+    assert!(p.state().resources.is_empty());
+    assert!(!alive(&a));
+}

@@ -317,7 +317,7 @@ fn print_trace(t: Option<&crate::trace::RunTrace>) {
 
 /// An engine error; a cancelled run (Ctrl-C, lost deploy lease) exits 130.
 fn engine_exit(e: EngineError) -> CliResult {
-    let cancelled = matches!(e, EngineError::Cancelled);
+    let cancelled = matches!(e, EngineError::Cancelled | EngineError::DownCancelled);
     let err = CliError::from(e);
     Err(if cancelled { err.with_exit(130) } else { err })
 }

@@ -448,11 +448,13 @@ impl Run {
 
 /// Deletes the services of `actions`, each once every service that depends
 /// on it is gone (dependents first), at most `limit` at a time. A failure is
-/// recorded in state and reported; what depended on it is skipped.
+/// recorded in state and reported; what depended on it is skipped. Once
+/// `cancel` fires, no new delete starts (those in progress finish).
 pub(super) async fn delete_services(
     run: &Arc<Run>,
     actions: Vec<plan::Action>,
     limit: usize,
+    cancel: CancellationToken,
 ) -> Vec<(String, StepResult, u64)> {
     let nodes = actions
         .iter()
@@ -470,7 +472,7 @@ pub(super) async fn delete_services(
         nodes,
         actions,
         limit,
-        CancellationToken::new(),
+        cancel,
         |run, action, started| async move { run.delete_service(&action, started).await },
     )
     .await
@@ -562,7 +564,7 @@ pub(super) async fn up(
         .cloned()
         .partition(|a| a.action == ActionKind::Delete);
     if !deletes.is_empty() {
-        for (n, r, ms) in delete_services(run, deletes, limit).await {
+        for (n, r, ms) in delete_services(run, deletes, limit, run.opts.cancel.clone()).await {
             results.push(to_result(ActionKind::Delete, n, r, ms));
         }
     }
@@ -656,7 +658,8 @@ pub(super) async fn down(
     everything: bool,
 ) -> Result<Vec<ServiceResult>, EngineError> {
     *run.removals.lock().unwrap_or_else(|e| e.into_inner()) = Some(Vec::new());
-    let out = delete_services(run, plan.actions.clone(), run.opts.concurrency).await;
+    let cancel = run.opts.cancel.clone();
+    let out = delete_services(run, plan.actions.clone(), run.opts.concurrency, cancel).await;
     let mut results: Vec<ServiceResult> = out
         .into_iter()
         .map(|(n, r, ms)| to_result(ActionKind::Delete, n, r, ms))
@@ -669,7 +672,9 @@ pub(super) async fn down(
         .unwrap_or_default();
     let leaving: Vec<String> = pending.iter().map(|(_, id)| id.clone()).collect();
     let cleanup = async {
-        if !everything || results.iter().any(|r| r.error.is_some()) {
+        // Only after a whole `down` in which every stop succeeded (not
+        // after a failure, nor after Ctrl-C left services running).
+        if !everything || results.iter().any(|r| r.outcome != Phase::Deleted) {
             return;
         }
         let freed = run
@@ -687,8 +692,10 @@ pub(super) async fn down(
             r.error.get_or_insert(error);
         }
     }
-    for v in &plan.volumes {
-        run.delete_volume(&v.volume).await?;
+    if !run.opts.cancel.is_cancelled() {
+        for v in &plan.volumes {
+            run.delete_volume(&v.volume).await?;
+        }
     }
     results.sort_by_key(|r| {
         std::cmp::Reverse(plan.actions.iter().position(|a| a.service == r.service))

@@ -58,6 +58,8 @@ pub enum EngineError {
     Failed(String),
     #[error("interrupted: no new services were started; state is saved (run `nanokit up` again to finish)")]
     Cancelled,
+    #[error("interrupted: the stops in progress finished, the services not reached still run; state is saved (run `nanokit down` again to finish)")]
+    DownCancelled,
 }
 
 impl From<StateError> for EngineError {
@@ -84,7 +86,7 @@ impl ErrorCode for EngineError {
             EngineError::NeedsForce(_) => "ENKFORCE",
             EngineError::SavePlan(_) => "ENKFAILED",
             EngineError::Failed(_) => "ENKFAILED",
-            EngineError::Cancelled => "ENKCANCELLED",
+            EngineError::Cancelled | EngineError::DownCancelled => "ENKCANCELLED",
         }
     }
 }
@@ -255,15 +257,7 @@ pub async fn up(
     let (lock, store) = begin(&config, provider.as_ref(), &opts, "up")
         .instrument(info_span!("deploy_lock"))
         .await?;
-    // A lost deploy lease (broken by `infra unlock`, taken over, expired)
-    // stops the run like Ctrl-C: nothing new starts.
-    let watch_lost = {
-        let (lost, cancel) = (lock.lost_token(), opts.cancel.clone());
-        AbortOnDrop(tokio::spawn(async move {
-            lost.cancelled().await;
-            cancel.cancel();
-        }))
-    };
+    let watch_lost = cancel_on_loss(&lock, &opts);
     let r = up_locked(config, provider, opts, dag, store).await;
     drop(watch_lost);
     finish(lock, r).await
@@ -328,7 +322,9 @@ pub async fn down(
     let (lock, store) = begin(&config, provider.as_ref(), &opts, "down")
         .instrument(info_span!("deploy_lock"))
         .await?;
+    let watch_lost = cancel_on_loss(&lock, &opts);
     let r = down_locked(config, provider, opts, store).await;
+    drop(watch_lost);
     finish(lock, r).await
 }
 
@@ -359,7 +355,20 @@ async fn down_locked(
         return Err(e.into());
     }
     drop(run);
+    if opts.cancel.is_cancelled() {
+        return Err(EngineError::DownCancelled);
+    }
     Ok(Report { plan, results })
+}
+
+/// A lost deploy lease (broken by `infra unlock`, taken over, expired)
+/// stops the run like Ctrl-C: nothing new starts. Watched until dropped.
+fn cancel_on_loss(lock: &DeployLock, opts: &RunOptions) -> AbortOnDrop {
+    let (lost, cancel) = (lock.lost_token(), opts.cancel.clone());
+    AbortOnDrop(tokio::spawn(async move {
+        lost.cancelled().await;
+        cancel.cancel();
+    }))
 }
 
 /// Aborts a background task when dropped (every exit path of a run).
