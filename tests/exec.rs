@@ -628,3 +628,48 @@ async fn the_first_ctrl_c_stops_down_after_the_step_in_progress() {
     assert!(p.state().resources.is_empty());
     assert!(!alive(&a));
 }
+
+/// `down` asks first when run from a terminal (a pty made by `script`):
+/// answered no, nothing is stopped; yes, everything is. From a script (no
+/// terminal) it does not ask (every other test's `down`).
+#[tokio::test(flavor = "multi_thread")]
+async fn down_asks_first_from_a_terminal() {
+    use std::io::Write;
+    let p = Project::new("name: downask\nservices:\n  a:\n    start: \"exec sleep 600\"\n");
+    let r = p.up(RunOptions::default()).await.unwrap();
+    assert!(r.failures().is_empty(), "{:?}", r.results);
+    let in_terminal = |answer: &str| {
+        let cmd = format!(
+            "{} down -f {}",
+            nanokit::cli::shell_word(env!("CARGO_BIN_EXE_nanokit")),
+            nanokit::cli::shell_word(&p.file().display().to_string())
+        );
+        let mut child = std::process::Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .env("NANOKIT_TRACE", "off")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("script (util-linux)");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(format!("{answer}\n").as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.status.code(), text)
+    };
+    let (code, text) = in_terminal("n");
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("Stop and remove every service of") && text.contains("ENKCONFIRM"),
+        "{text}"
+    );
+    assert!(p.state().resources.contains_key("a"), "{text}");
+    let (code, text) = in_terminal("y");
+    assert_eq!(code, Some(0), "{text}");
+    assert!(p.state().resources.is_empty(), "{text}");
+}

@@ -129,7 +129,7 @@ pub enum InfraCommand {
         /// Also delete named volumes and their data
         #[arg(long)]
         volumes: bool,
-        /// Do not ask before deleting volumes
+        /// Do not ask first (`down` asks when run from a terminal, and before deleting volumes)
         #[arg(long, short = 'y')]
         yes: bool,
         #[arg(long, value_enum, default_value_t = Output::Text)]
@@ -397,8 +397,26 @@ async fn run_command(cmd: InfraCommand) -> CliResult {
             yes,
             output,
         } => {
-            if volumes && !yes {
-                super::confirm("Delete all named volumes and their data?").await?;
+            if !yes {
+                let which = if services.is_empty() {
+                    "every service".to_string()
+                } else {
+                    format!("{} and what depends on them", services.join(", "))
+                };
+                let what = format!(
+                    "Stop and remove {which} of {} (env {})",
+                    super::hint::quote(&project.file.display().to_string()),
+                    project.env
+                );
+                if volumes {
+                    super::confirm(&format!(
+                        "{what}, and delete all named volumes and their data?"
+                    ))
+                    .await?;
+                } else if std::io::stdin().is_terminal() {
+                    // From a terminal only: a script's `down` does not ask.
+                    super::confirm(&format!("{what}?")).await?;
+                }
             }
             let (cancel, _sigint) = ctrl_c_token();
             let mut opts = run_opts(&run, Some(progress_printer()), cancel);
