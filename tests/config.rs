@@ -706,6 +706,22 @@ fn start_must_be_a_command_where_the_provider_runs_it() {
     let src = svc("    start: run\n    provisioning: { install: '' }\n");
     let e = load(&src, "local", &vars(&[])).unwrap_err();
     assert!(e.message.contains("`provisioning.install`"), "{e}");
+    // A hook that runs nothing, alone or in a list, is refused where it is
+    // written; no hook is the key left out, null or [].
+    let src = svc("    start: run\n    hooks:\n      prestart: ''\n");
+    let e = load(&src, "local", &vars(&[])).unwrap_err();
+    assert_eq!(at(&src, &e), (6, 17), "{e}");
+    assert!(
+        e.message.contains("`hooks.prestart` is an empty command"),
+        "{e}"
+    );
+    let src = svc("    start: run\n    hooks: { poststop: [echo bye, '  '] }\n");
+    let e = load(&src, "local", &vars(&[])).unwrap_err();
+    assert_eq!(char_at(&src, at(&src, &e).0, at(&src, &e).1), '\'', "{e}");
+    assert!(e.message.contains("`hooks.poststop`"), "{e}");
+    let src = svc("    start: run\n    hooks: { prestart: null, poststop: [] }\n");
+    let c = load(&src, "local", &vars(&[])).unwrap();
+    assert!(c.services["api"].hooks.prestart.is_empty());
 }
 
 #[test]

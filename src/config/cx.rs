@@ -243,14 +243,26 @@ impl Cx<'_> {
         node: Option<&Node>,
         what: &str,
     ) -> Result<Vec<String>, ConfigError> {
+        // A command that runs nothing is a mistake where it is written; no
+        // command at all is the key left out, null or [].
+        let command = |n: &Node| {
+            let c = self.string(n, what)?;
+            if c.trim().is_empty() {
+                return Err(self.err(
+                    n.loc,
+                    format!("`{what}` is an empty command: give the command to run, or leave `{what}` out"),
+                ));
+            }
+            Ok(c)
+        };
         match node {
             None => Ok(Vec::new()),
             Some(n) if n.is_null() => Ok(Vec::new()),
             Some(Node {
                 value: Value::Seq(items),
                 ..
-            }) => items.iter().map(|i| self.string(i, what)).collect(),
-            Some(n) => Ok(vec![self.string(n, what)?]),
+            }) => items.iter().map(command).collect(),
+            Some(n) => Ok(vec![command(n)?]),
         }
     }
 }
