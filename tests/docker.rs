@@ -1652,7 +1652,8 @@ async fn a_host_port_taken_is_reported_before_the_container_is_created() {
 }
 
 /// A container whose check passes and which then exits while `up` goes on
-/// (its dependent takes a second to become healthy) is not reported
+/// (1.5 s after its start; its dependent takes 3 s to become ready, and
+/// the margin leaves a loaded daemon time for the first check) is not reported
 /// healthy: `up` fails it, quoting its log, and records the failure. One
 /// that exits while its check still fails fails at once, quoting its log.
 #[tokio::test(flavor = "multi_thread")]
@@ -1667,11 +1668,11 @@ async fn a_container_that_exits_after_its_check_passed_fails_the_up_quoting_its_
 services:
   a:
     image: nk-busybox:latest
-    start: "sleep 0.3; echo 'fatal: lost the database' >&2; exit 3"
+    start: "sleep 1.5; echo 'fatal: lost the database' >&2; exit 3"
     healthcheck: { test: "true", interval: 1s, retries: 3 }
   b:
     image: nk-busybox:latest
-    start: "sleep 1.5; touch /tmp/ok; exec sleep 600"
+    start: "sleep 3; touch /tmp/ok; exec sleep 600"
     healthcheck: { test: "test -f /tmp/ok", interval: 1s, retries: 5 }
     depends_on: [a]
   c:
