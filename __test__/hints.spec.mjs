@@ -7,7 +7,7 @@
 import { spawn, spawnSync } from 'node:child_process'
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
@@ -40,7 +40,7 @@ for (const c of CLIS)
     mkdirSync(there)
     const file = join(there, 'nanokit.yml')
     const name = `hints${process.pid}${c.name}`
-    writeFileSync(file, `name: ${name}\nservices:\n  a:\n    start: "exec sleep 600"\n    hooks:\n      prestart: "sleep $\${HOLD:-0}"\n`)
+    writeFileSync(file, `name: ${name}\nservices:\n  a:\n    start: "exec sleep 600"\n    hooks:\n      prestart: "touch prestart.ran; sleep $\${HOLD:-0}"\n`)
     const rel = join('..', 'some project', 'nanokit.yml')
     const nk = (args, env = {}) => spawnSync(c.cmd, [...c.pre, ...args], { cwd: here, env: { ...shellEnv(), ...env }, encoding: 'utf8' })
     try {
@@ -64,14 +64,12 @@ for (const c of CLIS)
       // a second one refused with ENKLOCKED, naming `infra unlock`.
       r = nk(['down', '-f', rel])
       assert.equal(r.status, 0, r.stderr)
+      rmSync(join(there, 'prestart.ran'), { force: true })
       const holder = spawn(c.cmd, [...c.pre, 'up', '-f', rel], { cwd: here, env: { ...shellEnv(), HOLD: '5' }, stdio: 'ignore' })
       const exited = new Promise((resolve) => holder.on('exit', resolve))
-      let locked
-      for (let i = 0; i < 100; i++) {
-        locked = nk(['up', '-f', rel])
-        if (/ENKLOCKED/.test(locked.stderr)) break
-        await new Promise((resolve) => setTimeout(resolve, 50))
-      }
+      // Its prestart runs: it holds the lock.
+      for (let i = 0; i < 600 && !existsSync(join(there, 'prestart.ran')); i++) await new Promise((resolve) => setTimeout(resolve, 50))
+      const locked = nk(['up', '-f', rel])
       assert.match(locked.stderr, /error\[ENKLOCKED\]/)
       ;[hint] = hints(locked.stderr, c).filter((h) => h.includes(' infra unlock'))
       assert.ok(hint, locked.stderr)
