@@ -313,6 +313,8 @@ export interface LockInspection {
   holderAlive?: boolean
   /** The holder is dead or its heartbeat is older than its stale period. */
   stale: boolean
+  /** How many are waiting for it now. */
+  waiters: number
 }
 
 /** Whether the lease `token` was found taken over or broken while held. */
