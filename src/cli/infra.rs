@@ -13,8 +13,8 @@ use super::{exit, CliError, CliResult, OutputFormat as Output};
 use crate::config::{self, Config, LoadOptions};
 use crate::engine::plan::PlanOptions;
 use crate::engine::{self, EngineError, Event, EventSink, Phase, Report, RunOptions};
-use crate::graph::Dag;
 use crate::state;
+use crate::graph::Dag;
 use crate::sys::command::tail;
 use crate::trace::mask;
 
@@ -130,6 +130,19 @@ pub enum InfraCommand {
         /// Do not ask before deleting volumes
         #[arg(long, short = 'y')]
         yes: bool,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Restart services: replace their running instances as an update would (prestop, stop,
+    /// then a new instance with its hooks and health check; `rolling` one replica at a time).
+    /// What they depend on is left as it is when in place; what depends on them keeps running.
+    Restart {
+        #[command(flatten)]
+        project: Project,
+        #[arg(required = true)]
+        services: Vec<String>,
+        #[command(flatten)]
+        run: RunArgs,
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
@@ -408,6 +421,25 @@ async fn run_command(cmd: InfraCommand) -> CliResult {
             })
             .await
         }
+        InfraCommand::Restart {
+            project,
+            services,
+            run,
+            output,
+        } => {
+            let (cancel, _sigint) = ctrl_c_token();
+            let opts = run_opts(&run, Some(progress_printer()), cancel);
+            let load = || load(&project);
+            traced(
+                "restart",
+                &project,
+                output,
+                "restart",
+                load,
+                |cfg, provider| engine::restart(cfg, provider, services, opts),
+            )
+            .await
+        }
         InfraCommand::Status { project, output } => status(&project, output).await,
         InfraCommand::Logs {
             project,
@@ -470,7 +502,10 @@ async fn plan(
 ) -> CliResult {
     let r = async {
         let cfg = load(project)?;
-        engine::plan_and_save(&cfg, &PlanOptions { targets: services }).await
+        engine::plan_and_save(&cfg, &PlanOptions {
+                targets: services,
+                ..PlanOptions::default()
+            }).await
     }
     .await;
     let (plan, path) = match r {

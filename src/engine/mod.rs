@@ -34,7 +34,7 @@ use crate::trace::{self, Masker, RunMeta, RunTrace, Settings};
 use plan::{Plan, PlanError, PlanOptions};
 pub use report::{Event, EventSink, Phase, Report, ServiceResult, StepError};
 use run::Run;
-pub use status::{status_of, StatusRow};
+pub use status::{status_of, status_with, StatusRow};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -105,6 +105,9 @@ pub struct RunOptions {
     pub cancel: CancellationToken,
     /// `down`: also delete named volumes.
     pub volumes: bool,
+    /// `up`: replace these services' running instances even when nothing
+    /// changed ([`restart`]).
+    pub restart: Vec<String>,
 }
 
 impl Default for RunOptions {
@@ -120,6 +123,7 @@ impl Default for RunOptions {
             events: None,
             cancel: CancellationToken::new(),
             volumes: false,
+            restart: Vec::new(),
         }
     }
 }
@@ -291,6 +295,7 @@ async fn up_locked(
     let lineage = store.state().lineage.clone();
     let targets = PlanOptions {
         targets: opts.targets.clone(),
+        restart: opts.restart.clone(),
     };
     let plan =
         plan_span.in_scope(|| plan::plan(&config, &dag, store.state(), &observed, &targets))?;
@@ -316,6 +321,21 @@ async fn up_locked(
         return Err(EngineError::Cancelled);
     }
     Ok(Report { plan, results })
+}
+
+/// Restarts `services`: an `up` of them (and of what they depend on, which
+/// is left as it is when in place) that replaces their running instances
+/// as an update would (`recreate` or `rolling`), with hooks and health
+/// gates. Their dependents keep running.
+pub async fn restart(
+    config: Arc<Config>,
+    provider: Arc<dyn Provider>,
+    services: Vec<String>,
+    mut opts: RunOptions,
+) -> Result<Report, EngineError> {
+    opts.targets = services.clone();
+    opts.restart = services;
+    up(config, provider, opts).await
 }
 
 /// Stops and removes every service in state (or `targets` and their

@@ -4,6 +4,7 @@ use serde::Serialize;
 
 use super::{provider_for, EngineError};
 use crate::config::Config;
+use crate::provider::Provider;
 use crate::state;
 
 /// One row of `status`.
@@ -29,7 +30,14 @@ pub struct StatusRow {
 
 /// Status rows of every recorded service.
 pub async fn status_of(cfg: &Config) -> Result<Vec<StatusRow>, EngineError> {
-    let provider = provider_for(cfg)?;
+    status_with(cfg, provider_for(cfg)?.as_ref()).await
+}
+
+/// [`status_of`] through a provider the caller keeps (the hub asks often).
+pub async fn status_with(
+    cfg: &Config,
+    provider: &dyn Provider,
+) -> Result<Vec<StatusRow>, EngineError> {
     let st = state::load(cfg).await?;
     let mut rows = Vec::new();
     for (name, r) in &st.resources {
