@@ -551,7 +551,10 @@ async fn agents_and_held_locks_are_listed(ctx: Ctx) {
     let other = Store::open(&other_opts).await.unwrap();
     other.set("k", &Value::Text("v".into())).await.unwrap();
     ctx.store.lock("b-lock", "me", 60.0, NO_WAIT).await.unwrap();
-    ctx.store.lock("a-lock", "you", 60.0, NO_WAIT).await.unwrap();
+    ctx.store
+        .lock("a-lock", "you", 60.0, NO_WAIT)
+        .await
+        .unwrap();
     ctx.store.lock("gone", "me", 0.05, NO_WAIT).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let agents = nanokit::kv::agents(&ctx.opts).await.unwrap();

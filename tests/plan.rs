@@ -184,7 +184,10 @@ async fn restart_replaces_only_the_services_named() {
     assert!(report.failures().is_empty());
     let after = ids(&p);
     assert_ne!(after["a"], before["a"], "a runs as a new instance");
-    assert_eq!(after["b"], before["b"], "b, which depends on a, kept running");
+    assert_eq!(
+        after["b"], before["b"],
+        "b, which depends on a, kept running"
+    );
     assert_eq!(after["c"], before["c"]);
     let cfg = p.config();
     let provider = engine::provider_for(&cfg).unwrap();

@@ -13,8 +13,8 @@ use super::{exit, CliError, CliResult, OutputFormat as Output};
 use crate::config::{self, Config, LoadOptions};
 use crate::engine::plan::PlanOptions;
 use crate::engine::{self, EngineError, Event, EventSink, Phase, Report, RunOptions};
-use crate::state;
 use crate::graph::Dag;
+use crate::state;
 use crate::sys::command::tail;
 use crate::trace::mask;
 
@@ -502,10 +502,14 @@ async fn plan(
 ) -> CliResult {
     let r = async {
         let cfg = load(project)?;
-        engine::plan_and_save(&cfg, &PlanOptions {
+        engine::plan_and_save(
+            &cfg,
+            &PlanOptions {
                 targets: services,
                 ..PlanOptions::default()
-            }).await
+            },
+        )
+        .await
     }
     .await;
     let (plan, path) = match r {

@@ -120,7 +120,9 @@ async fn inspect_counts_the_waiters_while_they_wait() {
             lease.release().unwrap();
         }
     }
-    let after = super::try_acquire(&path, &opts).unwrap().expect("free again");
+    let after = super::try_acquire(&path, &opts)
+        .unwrap()
+        .expect("free again");
     assert_eq!(waiters_now(), 0, "nobody waits any more");
     after.release().unwrap();
 }

@@ -132,7 +132,8 @@ fn critical_walk<'a>(
         .filter(|x| {
             x.name == "service"
                 && x.end_unix_nano <= s.end_unix_nano
-                && x.attr("nanokit.service").is_some_and(|n| names.contains(&n))
+                && x.attr("nanokit.service")
+                    .is_some_and(|n| names.contains(&n))
         })
         .max_by_key(|x| x.end_unix_nano);
     if let Some(gate) = gate {
@@ -567,7 +568,9 @@ mod tests {
         // worker began, api had begun (but not its health check).
         assert_eq!(ids, ["1", "2", "4", "5", "6"], "{ids:?}");
         let mut t = sample();
-        t.spans[4].attributes.insert("nanokit.waits_for".into(), "api".into());
+        t.spans[4]
+            .attributes
+            .insert("nanokit.waits_for".into(), "api".into());
         let ids: Vec<&str> = critical_path(&t)
             .iter()
             .map(|s| s.span_id.as_str())
@@ -577,8 +580,11 @@ mod tests {
         assert_eq!(ids, ["1", "2", "4", "5", "3", "6"], "{ids:?}");
         // A wait on nothing recorded does not add the other service.
         let mut t = sample();
-        t.spans.push(span("7", Some("2"), "hook", 1950, 1990, Some("api"), false));
-        t.spans[4].attributes.insert("nanokit.waits_for".into(), "db".into());
+        t.spans
+            .push(span("7", Some("2"), "hook", 1950, 1990, Some("api"), false));
+        t.spans[4]
+            .attributes
+            .insert("nanokit.waits_for".into(), "db".into());
         let ids: Vec<&str> = critical_path(&t)
             .iter()
             .map(|s| s.span_id.as_str())
