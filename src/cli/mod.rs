@@ -6,6 +6,8 @@
 #[macro_use]
 mod out;
 
+#[cfg(feature = "hub")]
+mod hub;
 mod infra;
 mod lock;
 mod repo;
@@ -60,6 +62,9 @@ pub enum Command {
     State(state::StateArgs),
     /// Render a run's trace (.nanokit/traces/RUN.json) as an HTML timeline and print its slowest steps
     Timeline(timeline::TimelineArgs),
+    /// Serve a live dashboard of services, runs, logs, locks, the shared repo and state on 127.0.0.1
+    #[cfg(feature = "hub")]
+    Hub(hub::HubArgs),
 }
 
 /// How listing commands print.
@@ -196,6 +201,8 @@ pub async fn run_as(name: &str, args: Vec<String>) -> i32 {
         Command::Provision(args) => repo::provision(args).await,
         Command::State(args) => state::run(args).await,
         Command::Timeline(args) => timeline::run(args),
+        #[cfg(feature = "hub")]
+        Command::Hub(args) => hub::run(args).await,
     };
     let _ = tokio::task::spawn_blocking(crate::trace::flush_global).await;
     let result = match out::finish() {

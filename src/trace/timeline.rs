@@ -14,7 +14,9 @@ fn is_wait(s: &SpanRecord) -> bool {
     )
 }
 
-fn service_of(t: &TraceFile, s: &SpanRecord) -> Option<String> {
+/// The service a span belongs to (its own `nanokit.service`, or its
+/// parent's).
+pub fn service_of(t: &TraceFile, s: &SpanRecord) -> Option<String> {
     s.attr("nanokit.service").map(str::to_string).or_else(|| {
         let parent = s.parent_span_id.as_deref()?;
         let p = t.spans.iter().find(|x| x.span_id == parent)?;
