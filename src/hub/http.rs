@@ -451,3 +451,30 @@ pub(super) fn snapshot_json(s: &Snapshot) -> Value {
         .collect();
     json!({ "version": s.version, "sections": sections })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn the_token_is_compared_whole_and_found_in_cookies_and_queries() {
+        assert!(same("abc", "abc"));
+        assert!(!same("abc", "abd") && !same("abc", "ab") && !same("", "a"));
+        let h = headers(&[("cookie", "a=1; nkhub_7420=tok; b=2"), ("cookie", "c=3")]);
+        assert_eq!(cookie(&h, "nkhub_7420"), Some("tok"));
+        assert_eq!(cookie(&h, "c"), Some("3"));
+        assert_eq!(cookie(&h, "nkhub_7421"), None);
+        let q = query(&"/x?token=a%2Bb&q=hello+world&flag".parse().unwrap());
+        assert_eq!(q["token"], "a+b");
+        assert_eq!(q["q"], "hello world");
+        assert_eq!(q["flag"], "");
+    }
+}

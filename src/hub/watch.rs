@@ -99,8 +99,14 @@ impl WatchStatus {
     /// wrote one there.
     pub(super) fn read(config: &Config) -> Option<WatchStatus> {
         let dir = dir(config);
-        let raw = read_json(&dir.join(format!("status.{}.json", config.env)))
-            .or_else(|| read_json(&dir.join("status.json")))?;
+        let per_env = |name: &str, ext: &str| {
+            if config.env == crate::config::DEFAULT_ENV {
+                dir.join(format!("{name}.{ext}"))
+            } else {
+                dir.join(format!("{name}.{}.{ext}", config.env))
+            }
+        };
+        let raw = read_json(&per_env("status", "json"))?;
         if let Some(env) = get(&raw, &["env", "environment"]).and_then(Value::as_str) {
             if env != config.env {
                 return None;
@@ -114,21 +120,23 @@ impl WatchStatus {
                 .cloned()
         };
         let pid = field(&["pid"]).and_then(|v| v.as_u64()).map(|p| p as u32);
-        let host = field(&["host", "hostname"]);
+        let pid_start = field(&["pidStart", "pid_start"]).and_then(|v| v.as_u64());
         let here = crate::sys::host::this_host();
-        let same_host = host
-            .as_ref()
-            .and_then(Value::as_str)
-            .is_none_or(|h| h == here.hostname);
-        let stopped = get(&raw, &["stoppedAt", "stopped_at", "stopped"])
-            .is_some_and(|v| v.as_bool() != Some(false));
+        let same_host = match field(&["hostId", "host_id"]) {
+            Some(id) => id.as_str() == Some(here.id.as_str()),
+            None => field(&["host", "hostname"])
+                .as_ref()
+                .and_then(Value::as_str)
+                .is_none_or(|h| h == here.hostname),
+        };
+        let stopped = get(&raw, &["role"]).and_then(Value::as_str) == Some("stopped");
         let running = !stopped
             && match pid {
-                Some(pid) if same_host => crate::sys::host::process_alive(pid, None),
+                Some(pid) if same_host => crate::sys::host::process_alive(pid, pid_start),
                 Some(_) => true,
                 None => false,
             };
-        let events = recent_events(&dir.join("events.jsonl"));
+        let events = recent_events(&per_env("events", "jsonl"));
         Some(WatchStatus {
             raw,
             running,
@@ -204,5 +212,66 @@ impl WatchStatus {
             "health": get(s, &["health"]),
             "recent": recent,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The watcher's status as its serde module writes it (contract B).
+    const STATUS: &str = r#"{
+      "version": 1, "project": "p", "env": "local", "file": "nanokit.yml", "role": "leader",
+      "leader": { "holder": "nanokit watch (p / local)", "pid": 1, "pidStart": null, "host": "h",
+                  "hostId": "elsewhere", "epoch": 7, "since": "2026-01-02T03:04:05Z" },
+      "startedAt": "2026-01-02T03:04:05Z", "intervalMs": 30000,
+      "lastPass": { "pass": 2, "reason": "restart", "startedAt": "2026-01-02T03:04:06Z",
+                    "finishedAt": "2026-01-02T03:04:07Z", "outcome": "ok", "changed": ["api"],
+                    "failed": [], "run": "r1", "traceId": "t" },
+      "nextFullCheck": "2026-01-02T03:04:37Z", "passes": 2,
+      "services": { "api": { "policy": "always", "restarts": 1,
+          "lastExit": { "at": "2026-01-02T03:04:06Z", "kind": "exited", "signal": 9, "text": "exited with code 137 (SIGKILL)" },
+          "nextAttempt": null, "health": "healthy", "instances": ["5@6"] } },
+      "updatedAt": "2026-01-02T03:04:07Z" }"#;
+
+    #[test]
+    fn reads_the_watchers_status_and_recent_events() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("nanokit.yml"),
+            "name: p\nservices:\n  api:\n    start: \"exec sleep 1\"\n",
+        )
+        .unwrap();
+        let cfg = crate::config::load(&crate::config::LoadOptions::new(
+            dir.path().join("nanokit.yml"),
+        ))
+        .unwrap();
+        assert!(WatchStatus::read(&cfg).is_none(), "no watcher ever ran");
+        std::fs::create_dir_all(super::dir(&cfg)).unwrap();
+        std::fs::write(super::dir(&cfg).join("status.json"), STATUS).unwrap();
+        std::fs::write(
+            super::dir(&cfg).join("events.jsonl"),
+            "{\"seq\":1,\"at\":\"2026-01-02T03:04:06Z\",\"pid\":1,\"epoch\":7,\"type\":\"serviceExited\",\"service\":\"api\",\"text\":\"exited\"}\nnot json\n{\"seq\":2,\"type\":\"restarted\",\"service\":\"api\",\"attempt\":1}\n",
+        )
+        .unwrap();
+        let w = WatchStatus::read(&cfg).expect("a status");
+        assert!(
+            w.running(),
+            "a leader on another host runs as far as we can tell"
+        );
+        let s = w.summary();
+        assert_eq!(s["epoch"], 7);
+        assert_eq!(s["lastPass"]["run"], "r1");
+        assert_eq!(s["lastPass"]["atMs"], 1767323047000i64);
+        assert_eq!(s["nextCheckAtMs"], 1767323077000i64);
+        let api = w.service("api").unwrap();
+        assert_eq!(api["restarts"], 1);
+        assert_eq!(api["lastExit"]["text"], "exited with code 137 (SIGKILL)");
+        assert_eq!(api["health"], "healthy");
+        assert_eq!(api["recent"].as_array().unwrap().len(), 2);
+        assert!(w.service("db").is_none());
+        let stopped = STATUS.replace("\"role\": \"leader\"", "\"role\": \"stopped\"");
+        std::fs::write(super::dir(&cfg).join("status.json"), stopped).unwrap();
+        assert!(!WatchStatus::read(&cfg).unwrap().running());
     }
 }

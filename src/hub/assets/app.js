@@ -307,7 +307,8 @@ function serviceTable(env) {
     const inst = s.pid != null ? `pid ${s.pid}` : (s.instances || []).map((i) => i.slice(0, 12)).join(', ')
     const health = w.health != null ? (typeof w.health === 'object' ? (w.health.status ?? JSON.stringify(w.health)) : String(w.health))
       : s.alive && s.status === 'healthy' ? 'healthy' : s.deployed ? (s.alive ? 'not yet' : '—') : ''
-    const lastError = s.error || (w.lastExit != null ? `last exit: ${typeof w.lastExit === 'object' ? JSON.stringify(w.lastExit) : w.lastExit}` : '') ||
+    const exit = w.lastExit == null ? '' : typeof w.lastExit === 'object' ? (w.lastExit.text ?? JSON.stringify(w.lastExit)) : String(w.lastExit)
+    const lastError = s.error || (exit ? `last exit: ${exit}` : '') ||
       (s.lastRun?.error ? `${s.lastRun.command} failed: ${s.lastRun.error}` : '')
     const waiting = (s.waitingOn || []).map((x) => el('button', { type: 'button', class: 'linkish', on: { click: () => flash(env.env, x) } }, x))
     const phase = s.phase ? ` · ${s.phase.phase}${s.phase.message ? `: ${s.phase.message}` : ''}` : ''
