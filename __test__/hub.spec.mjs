@@ -255,7 +255,7 @@ describe('hub security', () => {
     assert.equal((await raw(`${base}/?token=${'0'.repeat(64)}`)).status, 401)
     assert.equal((await raw(`${base}/api/view`, { headers: { 'x-nanokit-token': token.slice(0, 63) + 'x' } })).status, 401)
     // DNS rebinding: a page of evil.example resolving to 127.0.0.1 sends its own name.
-    for (const host of [`evil.example:${u.port}`, '127.0.0.1', `127.0.0.1:${Number(u.port) + 1}`, `localhost.evil.example:${u.port}`]) {
+    for (const host of [`evil.example:${u.port}`, '127.0.0.1', `127.0.0.2:${u.port}`, `localhost.evil.example:${u.port}`, `127.0.0.1.nip.io:${u.port}`]) {
       const r = await raw(`${hub.url}`, { headers: { host } })
       assert.equal(r.status, 403, host)
     }

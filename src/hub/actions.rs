@@ -23,7 +23,7 @@ use super::http::{error, json_response, Body};
 use super::live::Live;
 use crate::engine::{self, Event, Report, RunOptions};
 use crate::error::ErrorCode;
-use crate::trace::{RunMeta, RunTrace, Settings};
+use crate::trace::{RunTrace, Settings};
 
 fn status_of(code: &str) -> StatusCode {
     match code {
@@ -148,23 +148,19 @@ async fn traced(
         events: Some(sink),
         ..RunOptions::default()
     };
-    let meta = RunMeta {
-        command,
-        file: opts.file.clone(),
-        env: env.to_string(),
+    let command = match command {
+        "down" => engine::Command::Down,
+        "restart" => engine::Command::Restart(services),
+        _ => engine::Command::Up,
     };
-    let load = || super::load(&opts, env);
-    let (r, trace, _) = engine::traced(
-        meta,
+    let load = Box::new(|| super::load(&opts, env));
+    let (r, trace, _) = engine::run_traced(
+        opts.file.clone(),
+        env.to_string(),
         Settings::default(),
         load,
-        |cfg, provider| async move {
-            match command {
-                "down" => engine::down(cfg, provider, run_opts).await,
-                "restart" => engine::restart(cfg, provider, services, run_opts).await,
-                _ => engine::up(cfg, provider, run_opts).await,
-            }
-        },
+        command,
+        run_opts,
     )
     .await;
     match r {
@@ -181,30 +177,17 @@ fn trace_json(t: Option<&RunTrace>) -> Value {
 }
 
 fn report_result(report: &Report, trace: Option<&RunTrace>) -> (StatusCode, Value) {
-    let failures = report.failures();
     let results: Vec<Value> = report
         .results
         .iter()
         .map(|r| json!({ "service": r.service, "outcome": r.outcome.as_str(), "error": r.error, "elapsedMs": r.elapsed_ms }))
         .collect();
-    if failures.is_empty() {
+    let Some(message) = report.failure_summary() else {
         return (
             StatusCode::OK,
             json!({ "ok": true, "results": results, "trace": trace_json(trace) }),
         );
-    }
-    let message = failures
-        .iter()
-        .map(|f| {
-            format!(
-                "{} {}: {}",
-                f.service,
-                f.outcome.as_str(),
-                f.error.as_deref().unwrap_or("")
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
+    };
     (
         StatusCode::UNPROCESSABLE_ENTITY,
         json!({ "ok": false, "code": "ENKFAILED", "message": message, "results": results, "trace": trace_json(trace) }),

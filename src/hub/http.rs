@@ -135,6 +135,18 @@ pub(super) fn sse(event: &str, id: Option<u64>, data: &Value) -> Bytes {
     Bytes::from(s)
 }
 
+/// `127.0.0.1:<port>`, `localhost:<port>` or `[::1]:<port>`.
+fn loopback_authority(authority: &str) -> bool {
+    let a = authority.to_ascii_lowercase();
+    let Some((host, port)) = a.rsplit_once(':') else {
+        return false;
+    };
+    matches!(host, "127.0.0.1" | "localhost" | "[::1]")
+        && !port.is_empty()
+        && port.len() <= 5
+        && port.bytes().all(|b| b.is_ascii_digit())
+}
+
 /// `a == b` in time that does not depend on where they differ.
 fn same(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
@@ -174,14 +186,15 @@ impl Server {
         format!("nkhub_{}", self.port)
     }
 
-    /// The `Host` names this hub: the loopback address or `localhost`, and
-    /// its port.
+    /// The `Host` names the loopback address: `127.0.0.1`, `localhost` or
+    /// `[::1]`, with a port (any: an SSH forward may use another local
+    /// port). A page whose own name was made to resolve to 127.0.0.1 (DNS
+    /// rebinding) sends that name, and is refused.
     fn host_ok(&self, headers: &HeaderMap) -> bool {
-        let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
-            return false;
-        };
-        let host = host.to_ascii_lowercase();
-        host == format!("127.0.0.1:{}", self.port) || host == format!("localhost:{}", self.port)
+        headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .is_some_and(loopback_authority)
     }
 
     fn token_header_ok(&self, headers: &HeaderMap) -> bool {
@@ -209,11 +222,12 @@ impl Server {
             )));
         }
         if let Some(origin) = headers.get(header::ORIGIN) {
-            let ok = [
-                format!("http://127.0.0.1:{}", self.port),
-                format!("http://localhost:{}", self.port),
-            ];
-            if !ok.iter().any(|o| origin.as_bytes() == o.as_bytes()) {
+            let ok = origin
+                .to_str()
+                .ok()
+                .and_then(|o| o.strip_prefix("http://"))
+                .is_some_and(loopback_authority);
+            if !ok {
                 return Err(Box::new(error(
                     StatusCode::FORBIDDEN,
                     "ENKHUBORIGIN",
@@ -261,10 +275,7 @@ impl Server {
         if !self.host_ok(req.headers()) {
             return text(
                 StatusCode::FORBIDDEN,
-                format!(
-                    "forbidden: the hub answers only to Host 127.0.0.1:{0} or localhost:{0}",
-                    self.port
-                ),
+                "forbidden: the hub answers only to Host 127.0.0.1:<port> or localhost:<port> (open the URL it printed)",
             );
         }
         let q = query(req.uri());
@@ -385,12 +396,12 @@ impl Server {
                             return;
                         }
                         let snap = sub.borrow_and_update().clone();
-                        let changed: serde_json::Map<String, Value> = snap
-                            .sections
-                            .iter()
-                            .filter(|(k, v)| last.sections.get(*k).is_none_or(|old| !Arc::ptr_eq(old, v)))
-                            .map(|(k, v)| (k.to_string(), (**v).clone()))
-                            .collect();
+                        let mut changed = serde_json::Map::new();
+                        for (k, v) in &snap.sections {
+                            if last.sections.get(k).is_none_or(|old| !Arc::ptr_eq(old, v)) {
+                                changed.insert(k.to_string(), (**v).clone());
+                            }
+                        }
                         last = snap;
                         if changed.is_empty() {
                             continue;
@@ -444,11 +455,10 @@ fn unauthorized() -> Response<Body> {
 }
 
 pub(super) fn snapshot_json(s: &Snapshot) -> Value {
-    let sections: serde_json::Map<String, Value> = s
-        .sections
-        .iter()
-        .map(|(k, v)| (k.to_string(), (**v).clone()))
-        .collect();
+    let mut sections = serde_json::Map::new();
+    for (k, v) in &s.sections {
+        sections.insert(k.to_string(), (**v).clone());
+    }
     json!({ "version": s.version, "sections": sections })
 }
 
@@ -462,6 +472,31 @@ mod tests {
             h.append(*k, HeaderValue::from_str(v).unwrap());
         }
         h
+    }
+
+    #[test]
+    fn only_loopback_hosts_are_accepted() {
+        for ok in [
+            "127.0.0.1:7420",
+            "localhost:9",
+            "LOCALHOST:7420",
+            "[::1]:7420",
+        ] {
+            assert!(loopback_authority(ok), "{ok}");
+        }
+        for bad in [
+            "127.0.0.1",
+            "evil.example:7420",
+            "127.0.0.1.evil.example:7420",
+            "localhost.evil:7420",
+            "127.0.0.2:7420",
+            "0.0.0.0:7420",
+            "localhost:",
+            "localhost:74x0",
+            "user@127.0.0.1:7420",
+        ] {
+            assert!(!loopback_authority(bad), "{bad}");
+        }
     }
 
     #[test]

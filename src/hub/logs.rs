@@ -206,12 +206,8 @@ fn lines_event(masker: &Masker, lines: Vec<(String, String)>, first: bool) -> Ve
 
 /// `GET /api/logs?env=&service=`: the log stream.
 pub(super) fn stream(live: &Live, q: &HashMap<String, String>) -> Response<Body> {
-    let p = match project(live, q) {
-        Ok(p) => p,
-        Err(r) => return *r,
-    };
-    let files = match files(&p, q.get("service").map_or("", String::as_str)) {
-        Ok(f) => f,
+    let (p, files) = match target(live, q) {
+        Ok(t) => t,
         Err(r) => return *r,
     };
     let (tx, rx) = mpsc::channel::<Bytes>(16);
@@ -282,6 +278,16 @@ pub(super) fn stream(live: &Live, q: &HashMap<String, String>) -> Response<Body>
     event_stream(rx)
 }
 
+/// The environment (`env`, default the first) and the logs (`service`)
+/// that `q` asks for.
+fn target(live: &Live, q: &HashMap<String, String>) -> Result<LogTarget, Box<Response<Body>>> {
+    let p = project(live, q)?;
+    let f = files(&p, q.get("service").map_or("", String::as_str))?;
+    Ok((p, f))
+}
+
+type LogTarget = (std::sync::Arc<Project>, Vec<(String, PathBuf)>);
+
 fn project(
     live: &Live,
     q: &HashMap<String, String>,
@@ -304,12 +310,8 @@ fn project(
 /// `GET /api/logs/search?env=&service=&q=`: lines of whole logs that
 /// contain `q` (case-insensitive), after masking.
 pub(super) async fn search(live: &Live, q: &HashMap<String, String>) -> Response<Body> {
-    let p = match project(live, q) {
-        Ok(p) => p,
-        Err(r) => return *r,
-    };
-    let files = match files(&p, q.get("service").map_or("", String::as_str)) {
-        Ok(f) => f,
+    let (p, files) = match target(live, q) {
+        Ok(t) => t,
         Err(r) => return *r,
     };
     let needle = q

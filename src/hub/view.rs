@@ -60,7 +60,11 @@ pub(super) async fn services(
 ) -> Value {
     let cfg = &p.config;
     let layers = Dag::build(cfg).map(|d| d.layers()).unwrap_or_default();
-    let (rows, error) = match engine::status_with(cfg, p.provider.as_ref()).await {
+    let rows = match p.state.read(cfg).await {
+        Ok(st) => engine::status_rows(cfg, p.provider.as_ref(), &st).await,
+        Err(e) => Err(e.into()),
+    };
+    let (rows, error) = match rows {
         Ok(rows) => (rows, Value::Null),
         Err(e) => (Vec::new(), error_json(&e)),
     };
@@ -217,11 +221,10 @@ pub(super) fn run_detail(file: &Path, run: &str) -> Option<TraceFile> {
 }
 
 pub(super) fn run_json(t: &TraceFile) -> Value {
-    let labels: BTreeMap<&str, String> = t
-        .spans
-        .iter()
-        .map(|s| (s.span_id.as_str(), timeline::label(t, s)))
-        .collect();
+    let mut labels = serde_json::Map::new();
+    for s in &t.spans {
+        labels.insert(s.span_id.clone(), timeline::label(t, s).into());
+    }
     let critical: Vec<&str> = timeline::critical_path(t)
         .iter()
         .map(|s| s.span_id.as_str())
