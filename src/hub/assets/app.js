@@ -542,8 +542,13 @@ function repoPanel(r) {
   const p = el('div', { class: 'panel repo', data: { dir: r.dir } }, el('h2', {}, 'Repository ', el('code', {}, r.dir)))
   if (r.error) return add(p, [el('div', { class: 'alert' }, `${r.error.code}: ${r.error.message}`)]), p
   const s = r.status
-  const extra = Object.entries(s).filter(([k, v]) => !['dir', 'installed', 'locks', 'leftovers', 'staging'].includes(k) && (typeof v !== 'object' || v === null))
-  if (extra.length) p.append(el('div', { class: 'kvline' }, extra.map(([k, v]) => el('span', {}, el('b', {}, k), String(v)))))
+  // What else `repo status` reports (the store, gc candidates, …), as it comes.
+  const shown = (v) => (Array.isArray(v) ? `${v.length}` : typeof v === 'number' && !Number.isInteger(v) ? v.toFixed(2) : String(v))
+  for (const [k, v] of Object.entries(s)) {
+    if (['dir', 'installed', 'locks', 'leftovers', 'staging'].includes(k) || v == null) continue
+    const fields = typeof v === 'object' && !Array.isArray(v) ? Object.entries(v) : [[k, v]]
+    p.append(el('div', { class: 'kvline', data: { field: k } }, typeof v === 'object' && !Array.isArray(v) ? el('b', {}, `${k}:`) : '', fields.map(([fk, fv]) => el('span', {}, el('b', {}, fk), shown(fv)))))
+  }
   p.append(el('h3', {}, `Installing now (${r.installing.length})`))
   const it = el('table', { class: 'installing' }, el('tr', {}, ['Package', 'Holder', 'Alive', 'Since', 'Heartbeat', 'Waiters', ''].map((h) => el('th', {}, h))))
   for (const i of r.installing) {
@@ -559,9 +564,9 @@ function repoPanel(r) {
   if (!r.installing.length) it.append(el('tr', {}, el('td', { colspan: 7, class: 'muted' }, 'none')))
   p.append(it)
   p.append(el('h3', {}, `Installed (${s.installed.length})`))
-  const inst = el('table', { class: 'installed' }, el('tr', {}, ['Package', 'Alias', 'Installed', 'Verified'].map((h) => el('th', {}, h))))
+  const inst = el('table', { class: 'installed' }, el('tr', {}, ['Package', 'Alias', 'Installed', 'Last used', 'Verified'].map((h) => el('th', {}, h))))
   for (const i of s.installed) {
-    inst.append(el('tr', { data: { specifier: i.specifier } }, el('td', { class: 'mono' }, i.specifier), el('td', { class: 'mono' }, i.alias), el('td', {}, when(i.installedAtMs)), el('td', {}, i.verified ? 'yes' : badge('modified', 'failed'))))
+    inst.append(el('tr', { data: { specifier: i.specifier } }, el('td', { class: 'mono' }, i.specifier), el('td', { class: 'mono' }, i.alias), el('td', {}, when(i.installedAtMs)), el('td', {}, i.lastUsedMs ? [age(i.lastUsedMs), ' ago'] : ''), el('td', {}, i.verified ? 'yes' : badge('modified', 'failed'))))
   }
   p.append(inst)
   const staging = s.staging || []
