@@ -19,6 +19,15 @@ export declare class AbortHandle {
   abort(): void
 }
 
+/** A running hub. */
+export declare class HubHandle {
+  /** The page's URL, with its token. */
+  get url(): string
+  get port(): number
+  /** Stops serving (idempotent). */
+  close(): Promise<void>
+}
+
 /**
  * An install in progress (package lock held, staging directory ready), or
  * the news that there is nothing to install.
@@ -174,6 +183,34 @@ export interface GcOptions {
   dryRun?: boolean
 }
 
+/** Serves the dashboard on 127.0.0.1. */
+export declare function hub(options?: HubOptions | undefined | null): Promise<HubHandle>
+
+/** What the hub shows and where it listens. */
+export interface HubOptions {
+  /** Path to nanokit.yml. Default `nanokit.yml` in the working directory. */
+  file?: string
+  /** One environment to show (as `-e`). */
+  env?: string
+  /**
+   * Environments to show, grouped. Default: the default environment and
+   * every other one with a state file beside the nanokit.yml.
+   */
+  envs?: Array<string>
+  /** Variables for `${VAR}` instead of `process.env`. */
+  vars?: Record<string, string>
+  /** Shared package repositories to show. */
+  repos?: Array<string>
+  /** Port on 127.0.0.1. Default 7420; 0: any free port. */
+  port?: number
+  /** Open the page in the default browser. */
+  open?: boolean
+  /** The key/value state to show: its directory (embedded) … */
+  stateDir?: string
+  /** … or its PostgreSQL URL. Default: as `openState()`. */
+  stateUrl?: string
+}
+
 /** A progress event of `up` / `down`. */
 export interface InfraEvent {
   service: string
@@ -315,6 +352,8 @@ export interface LockInspection {
   holderAlive?: boolean
   /** The holder is dead or its heartbeat is older than its stale period. */
   stale: boolean
+  /** How many are waiting for it now. */
+  waiters: number
 }
 
 /** Whether the lease `token` was found taken over or broken while held. */

@@ -836,6 +836,7 @@ function __napiStampBindingTarget(exportsObject, target) {
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
 module.exports.AbortHandle = nativeBinding.AbortHandle
+module.exports.HubHandle = nativeBinding.HubHandle
 module.exports.InstallTransaction = nativeBinding.InstallTransaction
 module.exports.StateStore = nativeBinding.StateStore
 module.exports.acquireLock = nativeBinding.acquireLock
@@ -845,6 +846,7 @@ module.exports.cli = nativeBinding.cli
 module.exports.down = nativeBinding.down
 module.exports.drift = nativeBinding.drift
 module.exports.flushTraces = nativeBinding.flushTraces
+module.exports.hub = nativeBinding.hub
 module.exports.inspectLock = nativeBinding.inspectLock
 module.exports.installNative = nativeBinding.installNative
 module.exports.installProbe = nativeBinding.installProbe

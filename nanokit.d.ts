@@ -13,10 +13,11 @@ import type {
   RunResult,
   ServiceStatus,
   DriftResult,
+  HubOptions,
 } from './index'
 
 export type { InstallResult, LockHolder, LockInspection, ProvisionResult }
-export type { InfraOptions, InfraEvent, ConfigInfo, PlanResult, RunResult, ServiceStatus, DriftResult }
+export type { InfraOptions, InfraEvent, ConfigInfo, PlanResult, RunResult, ServiceStatus, DriftResult, HubOptions }
 
 /** Stable error codes carried in `err.code`. */
 export type NanokitErrorCode =
@@ -38,6 +39,7 @@ export type NanokitErrorCode =
   | 'ENKSTATE'
   | 'ENKPROVIDER'
   | 'ENKTRACE'
+  | 'ENKHUBPORT'
   | (string & {})
 
 export interface NanokitError extends Error {
@@ -256,6 +258,24 @@ export declare function down(options?: RunOptions): Promise<RunResult>
 export declare function status(options?: InfraOptions): Promise<ServiceStatus[]>
 /** Compares state with the running world. */
 export declare function drift(options?: InfraOptions): Promise<DriftResult>
+
+/** A running hub (the live dashboard). */
+export interface Hub {
+  /** The page's URL on 127.0.0.1, with its token. */
+  readonly url: string
+  readonly port: number
+  /** Stops serving. */
+  close(): Promise<void>
+  /** Lets the process exit while the hub runs (as net.Server's unref). */
+  unref(): Hub
+  ref(): Hub
+}
+/**
+ * Serves the live dashboard of services, runs, logs, locks, the shared repo
+ * and state on 127.0.0.1 (`nanokit hub`). Rejects with ENKHUBPORT when the
+ * port is taken, ENKCONFIG…
+ */
+export declare function hub(options?: HubOptions): Promise<Hub>
 
 // Shared key/value state with named locks: see kv-wrapper.d.ts.
 export { openState, openStateSync, State } from './kv-wrapper'

@@ -338,6 +338,32 @@ function flushTraces() {
   return native.flushTraces()
 }
 
+/**
+ * Serves the hub, the live dashboard, on 127.0.0.1 (see `nanokit hub`).
+ * Resolves to `{ url, port, close(), unref(), ref() }`. Like a net.Server,
+ * a running hub keeps the process alive until `close()` (or `unref()`).
+ */
+async function hub(options) {
+  const handle = await callAsync(native.hub, options)
+  const keepAlive = setInterval(() => {}, 1 << 30)
+  return {
+    url: handle.url,
+    port: handle.port,
+    async close() {
+      clearInterval(keepAlive)
+      await callAsync(() => handle.close())
+    },
+    unref() {
+      keepAlive.unref()
+      return this
+    },
+    ref() {
+      keepAlive.ref()
+      return this
+    },
+  }
+}
+
 /** Runs the nanokit command line with `args`; resolves to the exit code. */
 function cli(args) {
   return native.cli(args)
@@ -363,6 +389,7 @@ module.exports = {
   down,
   status,
   drift,
+  hub,
   // Shared key/value state with named locks (kv-wrapper.js).
   openState: kv.openState,
   openStateSync: kv.openStateSync,

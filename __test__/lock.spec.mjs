@@ -135,6 +135,28 @@ describe('lock API', () => {
 })
 
 describe('lock across processes', () => {
+  it('inspect counts the processes waiting; a waiter killed is no longer counted', async () => {
+    const path = join(tmp('waiters'), 'w.lock')
+    const h = nk.tryAcquireLock(path, { holder: 'test' })
+    const waiters = () => nk.inspectLock(path)?.waiters ?? 0
+    const until = async (n, what) => {
+      const deadline = Date.now() + 15000
+      while (waiters() !== n) {
+        assert.ok(Date.now() < deadline, `${what}: ${waiters()} waiters, expected ${n}`)
+        await sleep(10)
+      }
+    }
+    assert.equal(waiters(), 0)
+    const ws = Array.from({ length: 3 }, () => worker({ op: 'hold', path, staleMs: 60000, holder: 'waiter' }))
+    await until(3, 'three processes wait')
+    ws[0].child.kill('SIGKILL')
+    await ws[0].exited
+    await until(2, 'the killed waiter is not counted')
+    h.release()
+    await Promise.race([ws[1].next(ev('acquired')), ws[2].next(ev('acquired'))])
+    await until(1, 'one took the lock, one still waits')
+  })
+
   it('a holder killed on this host is taken over at once, without waiting for staleMs', async () => {
     const path = join(tmp('dead'), 'd.lock')
     const holder = worker({ op: 'hold', path, staleMs: 60000, holder: 'doomed' })

@@ -5,8 +5,10 @@
 //! the `node` feature. Modules are listed by layer, top down; each imports
 //! only the layers below it (docs/architecture.md).
 
-// Front ends: parse, convert, print.
+// Front ends: parse, convert, print; the local dashboard.
 pub mod cli;
+#[cfg(feature = "hub")]
+pub mod hub;
 #[cfg(feature = "node")]
 // napi-derive registers exports only outside `cfg(test)`, so the unit-test
 // build sees them as unused.

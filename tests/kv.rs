@@ -154,6 +154,7 @@ both!(
     with_lock_releases_on_error,
     bad_input_is_refused_and_nothing_written,
     agents_are_separate_namespaces,
+    agents_and_held_locks_are_listed,
     processes_increment_exactly,
     processes_never_overlap_in_critical_section,
 );
@@ -537,6 +538,38 @@ async fn agents_are_separate_namespaces(ctx: Ctx) {
         Some(Value::Text("mine".into()))
     );
     assert_eq!(other.agent(), format!("{base}-other"));
+}
+
+/// What the hub's state view lists: the agents with state, and each
+/// agent's locks held now (with holder and expiry), never expired ones.
+async fn agents_and_held_locks_are_listed(ctx: Ctx) {
+    let base = ctx.opts.agent.clone().unwrap();
+    let other_opts = OpenOptions {
+        agent: Some(format!("{base}-other")),
+        ..ctx.opts.clone()
+    };
+    let other = Store::open(&other_opts).await.unwrap();
+    other.set("k", &Value::Text("v".into())).await.unwrap();
+    ctx.store.lock("b-lock", "me", 60.0, NO_WAIT).await.unwrap();
+    ctx.store
+        .lock("a-lock", "you", 60.0, NO_WAIT)
+        .await
+        .unwrap();
+    ctx.store.lock("gone", "me", 0.05, NO_WAIT).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let agents = nanokit::kv::agents(&ctx.opts).await.unwrap();
+    assert!(agents.contains(&base), "{agents:?}");
+    assert!(agents.contains(&format!("{base}-other")), "{agents:?}");
+    let locks = ctx.store.locks().await.unwrap();
+    let names: Vec<(&str, &str)> = locks
+        .iter()
+        .map(|l| (l.name.as_str(), l.holder.as_str()))
+        .collect();
+    assert_eq!(names, [("a-lock", "you"), ("b-lock", "me")]);
+    assert!(locks.iter().all(|l| l.expires_at_ms > l.acquired_at_ms));
+    assert!(other.locks().await.unwrap().is_empty());
+    ctx.store.unlock("a-lock", "you").await.unwrap();
+    assert_eq!(ctx.store.locks().await.unwrap().len(), 1);
 }
 
 async fn processes_increment_exactly(ctx: Ctx) {

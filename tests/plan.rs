@@ -143,3 +143,62 @@ async fn cli_plan_saves_latest_json_and_detailed_exitcode() {
     );
     assert_eq!(nanokit::cli::run(p.args(&["down"])).await, 0);
 }
+
+/// `restart` replaces the running instances of the services named (with
+/// the reason in the plan), leaves what they depend on and what depends on
+/// them running, and refuses a service that is not in the configuration.
+#[tokio::test(flavor = "multi_thread")]
+async fn restart_replaces_only_the_services_named() {
+    let p = Project::new(V1);
+    p.up(RunOptions::default()).await.unwrap();
+    let ids = |p: &Project| {
+        p.state()
+            .resources
+            .iter()
+            .map(|(n, r)| (n.clone(), r.provider_id.clone().unwrap()))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let before = ids(&p);
+    let cfg = p.config();
+    let provider = engine::provider_for(&cfg).unwrap();
+    let opts = PlanOptions {
+        targets: vec!["a".into()],
+        restart: vec!["a".into()],
+    };
+    let pl = engine::make_plan(&cfg, provider.as_ref(), &opts)
+        .await
+        .unwrap();
+    let get = |n: &str| pl.actions.iter().find(|a| a.service == n).unwrap();
+    assert_eq!(get("a").action, ActionKind::Update);
+    assert_eq!(get("a").reasons, ["restart requested"]);
+    assert_eq!(get("a").stop, [before["a"].clone()]);
+    assert_eq!(pl.actions.len(), 1, "only a: {}", pl.render());
+    let report = engine::restart(
+        std::sync::Arc::new(cfg),
+        provider,
+        vec!["a".into()],
+        RunOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert!(report.failures().is_empty());
+    let after = ids(&p);
+    assert_ne!(after["a"], before["a"], "a runs as a new instance");
+    assert_eq!(
+        after["b"], before["b"],
+        "b, which depends on a, kept running"
+    );
+    assert_eq!(after["c"], before["c"]);
+    let cfg = p.config();
+    let provider = engine::provider_for(&cfg).unwrap();
+    let e = engine::restart(
+        std::sync::Arc::new(cfg),
+        provider,
+        vec!["nope".into()],
+        RunOptions::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, EngineError::Plan(_)), "{e}");
+    p.down().await;
+}

@@ -39,3 +39,14 @@ export function requireChromium() {
   if (!existsSync(CHROMIUM)) throw new Error(`CI is set, so the browser test must run, but Chromium is missing: ${CHROMIUM_WHY}`)
   return CHROMIUM
 }
+
+const DOCKER = (process.env.NANOKIT_TEST_DOCKER ?? '').trim() !== ''
+const DOCKER_WHY = 'needs NANOKIT_TEST_DOCKER (eval "$(bash scripts/docker-test-env.sh)")'
+
+/** node:test options for a test that drives the real Docker daemon. */
+export const needsDocker = () => needs(DOCKER, DOCKER_WHY)
+
+/** Throws (in CI, where the test is not skipped) when Docker is not usable. */
+export function requireDocker() {
+  if (!DOCKER) throw new Error(`CI is set, so the Docker tests must run, but ${DOCKER_WHY}`)
+}

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::{exit, CliError, CliResult, OutputFormat as Output};
 use crate::config::{self, Config, LoadOptions};
 use crate::engine::plan::PlanOptions;
-use crate::engine::{self, EngineError, Event, EventSink, Phase, Report, RunOptions};
+use crate::engine::{self, Command, EngineError, Event, EventSink, Phase, Report, RunOptions};
 use crate::graph::Dag;
 use crate::state;
 use crate::sys::command::tail;
@@ -132,6 +132,19 @@ pub enum InfraCommand {
         /// Do not ask first (`down` asks when run from a terminal, and before deleting volumes)
         #[arg(long, short = 'y')]
         yes: bool,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Restart services: replace their running instances as an update would (prestop, stop,
+    /// then a new instance with its hooks and health check; `rolling` one replica at a time).
+    /// What they depend on is left as it is when in place; what depends on them keeps running.
+    Restart {
+        #[command(flatten)]
+        project: Project,
+        #[arg(required = true)]
+        services: Vec<String>,
+        #[command(flatten)]
+        run: RunArgs,
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
@@ -272,29 +285,27 @@ fn ctrl_c_token() -> (CancellationToken, crate::sys::signal::Guard) {
 /// Runs an `up` / `down` as a recorded trace (local file, OTLP export when
 /// configured), then says where the trace is and how the run went
 /// (`verb`: 2 services … `up` / `restored`).
-async fn traced<L, F, Fut>(
-    command: &'static str,
+async fn traced(
     project: &Project,
     output: Output,
     verb: &str,
-    load: L,
-    run: F,
-) -> CliResult
-where
-    L: FnOnce() -> Result<Config, config::ConfigError>,
-    F: FnOnce(Arc<Config>, Arc<dyn crate::provider::Provider>) -> Fut,
-    Fut: std::future::Future<Output = Result<Report, EngineError>>,
-{
-    let meta = crate::trace::RunMeta {
-        command,
-        file: project.file.clone(),
-        env: project.env.clone(),
-    };
+    load: engine::Load<'_>,
+    command: engine::Command,
+    opts: RunOptions,
+) -> CliResult {
     let settings = crate::trace::Settings {
         log_to_stderr: true,
         ..Default::default()
     };
-    let (r, tr, _) = engine::traced(meta, settings, load, run).await;
+    let (r, tr, _) = engine::run_traced(
+        project.file.clone(),
+        project.env.clone(),
+        settings,
+        load,
+        command,
+        opts,
+    )
+    .await;
     print_trace(tr.as_ref());
     match r {
         Ok(report) => report_exit(&report, output, verb),
@@ -384,10 +395,7 @@ async fn run_command(cmd: InfraCommand) -> CliResult {
             opts.force = force;
             opts.targets = services;
             let load = || load(&project);
-            traced("up", &project, output, "up", load, |cfg, provider| {
-                engine::up(cfg, provider, opts)
-            })
-            .await
+            traced(&project, output, "up", Box::new(load), Command::Up, opts).await
         }
         InfraCommand::Down {
             project,
@@ -423,10 +431,27 @@ async fn run_command(cmd: InfraCommand) -> CliResult {
             opts.targets = services;
             opts.volumes = volumes;
             let load = || load(&project);
-            traced("down", &project, output, "down", load, |cfg, provider| {
-                engine::down(cfg, provider, opts)
-            })
+            traced(
+                &project,
+                output,
+                "down",
+                Box::new(load),
+                Command::Down,
+                opts,
+            )
             .await
+        }
+        InfraCommand::Restart {
+            project,
+            services,
+            run,
+            output,
+        } => {
+            let (cancel, _sigint) = ctrl_c_token();
+            let opts = run_opts(&run, Some(progress_printer()), cancel);
+            let load = || load(&project);
+            let restart = Command::Restart(services);
+            traced(&project, output, "restart", Box::new(load), restart, opts).await
         }
         InfraCommand::Status { project, output } => status(&project, output).await,
         InfraCommand::Logs {
@@ -490,7 +515,14 @@ async fn plan(
 ) -> CliResult {
     let r = async {
         let cfg = load(project)?;
-        engine::plan_and_save(&cfg, &PlanOptions { targets: services }).await
+        engine::plan_and_save(
+            &cfg,
+            &PlanOptions {
+                targets: services,
+                ..PlanOptions::default()
+            },
+        )
+        .await
     }
     .await;
     let (plan, path) = match r {
@@ -634,15 +666,8 @@ async fn drift(project: &Project, restore: bool, output: Output) -> CliResult {
         cancel,
         ..RunOptions::default()
     };
-    traced(
-        "up",
-        project,
-        Output::Text,
-        "restored",
-        || Ok(cfg),
-        |cfg, provider| engine::up(cfg, provider, opts),
-    )
-    .await
+    let load = Box::new(|| Ok(cfg));
+    traced(project, Output::Text, "restored", load, Command::Up, opts).await
 }
 
 /// `nanokit infra unlock`: show who holds the deploy lock, ask, clear it

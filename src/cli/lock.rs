@@ -69,6 +69,7 @@ pub(super) fn describe(status: &LockStatus) -> String {
         (None, false) => "live: renewing (holder on another host)",
     };
     out.push_str(&format!("state     {state}\n"));
+    out.push_str(&format!("waiters   {}\n", status.waiters));
     out
 }
 

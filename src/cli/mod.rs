@@ -8,6 +8,8 @@ mod out;
 
 pub(crate) mod hint;
 pub use hint::quote as shell_word;
+#[cfg(feature = "hub")]
+mod hub;
 mod infra;
 mod lock;
 mod repo;
@@ -62,6 +64,9 @@ pub enum Command {
     State(state::StateArgs),
     /// Render a run's trace (.nanokit/traces/RUN.json) as an HTML timeline and print its slowest steps
     Timeline(timeline::TimelineArgs),
+    /// Serve a live dashboard of services, runs, logs, locks, the shared repo and state on 127.0.0.1
+    #[cfg(feature = "hub")]
+    Hub(hub::HubArgs),
 }
 
 /// How listing commands print.
@@ -202,6 +207,8 @@ pub async fn run_as(program: &str, args: Vec<String>) -> i32 {
         Command::Provision(args) => repo::provision(args).await,
         Command::State(args) => state::run(args).await,
         Command::Timeline(args) => timeline::run(args),
+        #[cfg(feature = "hub")]
+        Command::Hub(args) => hub::run(args).await,
     };
     // The export's flush blocks: on a thread of its own, and only when
     // there is an export (no thread for every command).

@@ -34,7 +34,7 @@ use crate::trace::{self, Masker, RunMeta, RunTrace, Settings};
 use plan::{Plan, PlanError, PlanOptions};
 pub use report::{Event, EventSink, Phase, Report, ServiceResult, StepError};
 use run::Run;
-pub use status::{status_of, StatusRow};
+pub use status::{status_of, status_rows, status_with, StatusRow};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -107,6 +107,9 @@ pub struct RunOptions {
     pub cancel: CancellationToken,
     /// `down`: also delete named volumes.
     pub volumes: bool,
+    /// `up`: replace these services' running instances even when nothing
+    /// changed ([`restart`]).
+    pub restart: Vec<String>,
 }
 
 impl Default for RunOptions {
@@ -122,6 +125,7 @@ impl Default for RunOptions {
             events: None,
             cancel: CancellationToken::new(),
             volumes: false,
+            restart: Vec::new(),
         }
     }
 }
@@ -285,6 +289,7 @@ async fn up_locked(
     let lineage = store.state().lineage.clone();
     let targets = PlanOptions {
         targets: opts.targets.clone(),
+        restart: opts.restart.clone(),
     };
     let plan =
         plan_span.in_scope(|| plan::plan(&config, &dag, store.state(), &observed, &targets))?;
@@ -310,6 +315,21 @@ async fn up_locked(
         return Err(EngineError::Cancelled);
     }
     Ok(Report { plan, results })
+}
+
+/// Restarts `services`: an `up` of them (and of what they depend on, which
+/// is left as it is when in place) that replaces their running instances
+/// as an update would (`recreate` or `rolling`), with hooks and health
+/// gates. Their dependents keep running.
+pub async fn restart(
+    config: Arc<Config>,
+    provider: Arc<dyn Provider>,
+    services: Vec<String>,
+    mut opts: RunOptions,
+) -> Result<Report, EngineError> {
+    opts.targets = services.clone();
+    opts.restart = services;
+    up(config, provider, opts).await
 }
 
 /// Stops and removes every service in state (or `targets` and their
@@ -426,4 +446,54 @@ where
     .await;
     let mask = mask.into_inner().unwrap_or_else(|e| e.into_inner());
     (r, t, mask)
+}
+
+/// What a traced run does.
+#[derive(Debug, Clone)]
+pub enum Command {
+    Up,
+    Down,
+    /// Restart these services ([`restart`]).
+    Restart(Vec<String>),
+}
+
+impl Command {
+    /// Its name in the trace (`nanokit up`, …).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Up => "up",
+            Command::Down => "down",
+            Command::Restart(_) => "restart",
+        }
+    }
+}
+
+/// Loads the configuration of a run.
+pub type Load<'a> = Box<dyn FnOnce() -> Result<Config, ConfigError> + Send + 'a>;
+
+/// [`traced`] of one [`Command`]: the one instance of the whole traced run
+/// that the CLI's commands and the hub share (each distinct closure given
+/// to `traced` is a copy of the run in the binary).
+pub async fn run_traced(
+    file: PathBuf,
+    env: String,
+    settings: Settings,
+    load: Load<'_>,
+    command: Command,
+    opts: RunOptions,
+) -> (Result<Report, EngineError>, Option<RunTrace>, Masker) {
+    let meta = RunMeta {
+        command: command.name(),
+        file,
+        env,
+    };
+    // Boxed, as the run is big and its callers many.
+    Box::pin(traced(meta, settings, load, |cfg, provider| async move {
+        match command {
+            Command::Up => up(cfg, provider, opts).await,
+            Command::Down => down(cfg, provider, opts).await,
+            Command::Restart(services) => restart(cfg, provider, services, opts).await,
+        }
+    }))
+    .await
 }

@@ -258,6 +258,9 @@ fn diff_reasons(old: &BTreeMap<String, String>, new: &BTreeMap<String, String>) 
 pub struct PlanOptions {
     /// Reconcile only these services and what they depend on.
     pub targets: Vec<String>,
+    /// Replace the running instances of these services even when nothing
+    /// changed (`nanokit restart`).
+    pub restart: Vec<String>,
 }
 
 /// Computes the plan of `up`.
@@ -268,7 +271,7 @@ pub fn plan(
     observed: &[Instance],
     opts: &PlanOptions,
 ) -> Result<Plan, PlanError> {
-    for t in &opts.targets {
+    for t in opts.targets.iter().chain(&opts.restart) {
         if !config.services.contains_key(t) {
             return Err(PlanError::UnknownTarget(t.clone()));
         }
@@ -284,7 +287,8 @@ pub fn plan(
         .iter()
         .map(|name| {
             let live = by_service.get(name.as_str()).cloned().unwrap_or_default();
-            service_action(config, &config.services[name], state, live)
+            let restart = opts.restart.contains(name);
+            service_action(config, &config.services[name], state, live, restart)
         })
         .collect();
     if !targeted {
@@ -382,6 +386,7 @@ fn service_action(
     svc: &Service,
     state: &State,
     mut live: Vec<&Instance>,
+    restart: bool,
 ) -> Action {
     let fields = field_hashes(svc, config, &state.lineage);
     let hash = config_hash(&fields);
@@ -389,7 +394,7 @@ fn service_action(
     live.sort_by(|a, b| a.replica.cmp(&b.replica).then(a.id.cmp(&b.id)));
     let (kind, v) = match state.resources.get(&svc.name) {
         None => unrecorded(&live, &hash, want),
-        Some(r) => recorded(r, &live, &fields, &hash, want),
+        Some(r) => recorded(r, &live, &fields, &hash, want, restart),
     };
     Action {
         service: svc.name.clone(),
@@ -439,6 +444,7 @@ fn recorded(
     fields: &BTreeMap<String, String>,
     hash: &str,
     want: usize,
+    restart: bool,
 ) -> (ActionKind, Verdict) {
     let recorded = r.ids();
     let changed = r.config_hash != hash;
@@ -469,16 +475,20 @@ fn recorded(
             r.status.as_str()
         ));
     }
-    if changed || unfinished {
+    let restart = restart && !rec_live.is_empty();
+    if changed || unfinished || restart {
         if changed {
             let diff = diff_reasons(&r.fields, fields);
             if diff.is_empty() {
                 v.reasons.push("config hash changed".into());
             }
             v.reasons.extend(diff);
-        } else if r.provider_id.is_some() && !rec_live.is_empty() {
+        } else if unfinished && r.provider_id.is_some() && !rec_live.is_empty() {
             v.reasons
                 .push(format!("the last run left it {}", r.status.as_str()));
+        }
+        if restart {
+            v.reasons.push("restart requested".into());
         }
         v.stop.extend(rec_live.iter().cloned());
     } else {

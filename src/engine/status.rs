@@ -4,6 +4,7 @@ use serde::Serialize;
 
 use super::{provider_for, EngineError};
 use crate::config::Config;
+use crate::provider::Provider;
 use crate::state;
 
 /// One row of `status`.
@@ -29,8 +30,24 @@ pub struct StatusRow {
 
 /// Status rows of every recorded service.
 pub async fn status_of(cfg: &Config) -> Result<Vec<StatusRow>, EngineError> {
-    let provider = provider_for(cfg)?;
-    let st = state::load(cfg).await?;
+    status_with(cfg, provider_for(cfg)?.as_ref()).await
+}
+
+/// [`status_of`] through a provider the caller keeps.
+pub async fn status_with(
+    cfg: &Config,
+    provider: &dyn Provider,
+) -> Result<Vec<StatusRow>, EngineError> {
+    status_rows(cfg, provider, &state::load(cfg).await?).await
+}
+
+/// The status rows of `st`, a state the caller read (the hub keeps its
+/// backend open and reads the state only when it changed).
+pub async fn status_rows(
+    cfg: &Config,
+    provider: &dyn Provider,
+    st: &state::State,
+) -> Result<Vec<StatusRow>, EngineError> {
     let mut rows = Vec::new();
     for (name, r) in &st.resources {
         let ids = r.ids();

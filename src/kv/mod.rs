@@ -168,6 +168,17 @@ impl LockInfo {
     }
 }
 
+/// A named lock held now, from [`Store::locks`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeldLock {
+    pub name: String,
+    pub holder: String,
+    /// Milliseconds since the Unix epoch.
+    pub acquired_at_ms: i64,
+    pub expires_at_ms: i64,
+}
+
 /// A successfully acquired lock, from [`Store::lock`].
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -246,6 +257,32 @@ impl OpenOptions {
             })?;
         Ok(Path::new(&home).join(".nanokit").join("state"))
     }
+}
+
+/// The agents that have state where `opts` points: embedded, each valid
+/// `<agent>.db` in the state directory (nothing is created); PostgreSQL,
+/// each agent with keys or locks in the database.
+pub async fn agents(opts: &OpenOptions) -> Result<Vec<String>> {
+    if opts.resolved_url().is_some() {
+        return match Store::open(opts).await? {
+            Store::Postgres(s) => s.agents().await,
+            Store::Embedded(_) => Ok(Vec::new()),
+        };
+    }
+    let dir = opts.resolved_state_dir()?;
+    let mut agents: Vec<String> = std::fs::read_dir(&dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let name = e.file_name().into_string().ok()?;
+                    let agent = name.strip_suffix(".db")?.to_string();
+                    validate_agent(&agent).ok().map(|_| agent)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    agents.sort();
+    Ok(agents)
 }
 
 /// Checks an agent name: 1–64 bytes of `[A-Za-z0-9._-]`, not starting with
@@ -574,6 +611,14 @@ impl Store {
         match self {
             Store::Embedded(s) => blocking(s, move |s| s.clear()).await,
             Store::Postgres(s) => s.clear().await,
+        }
+    }
+
+    /// Every named lock held now (not expired).
+    pub async fn locks(&self) -> Result<Vec<HeldLock>> {
+        match self {
+            Store::Embedded(s) => blocking(s, move |s| s.locks()).await,
+            Store::Postgres(s) => s.locks().await,
         }
     }
 

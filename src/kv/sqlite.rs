@@ -18,7 +18,7 @@ use rusqlite::{params, Connection, ErrorCode as SqlCode, OpenFlags, OptionalExte
 use super::snapshot::{self, Reapable, ShmHeader, Snapshot};
 use super::{
     backoff, now_ms, timeout_ms, validate_agent, validate_holder, validate_key, Acquired, Entry,
-    KvError, LockInfo, Result, Stats, Value,
+    HeldLock, KvError, LockInfo, Result, Stats, Value,
 };
 
 /// `PRAGMA application_id` of a nanokit state database ("NKSV").
@@ -683,6 +683,27 @@ impl SqliteStore {
             },
             None => LockInfo::unlocked(),
         })
+    }
+
+    /// Every named lock held now (not expired), by name.
+    pub fn locks(&self) -> Result<Vec<HeldLock>> {
+        let conn = self.conn();
+        conn.prepare_cached(
+            "SELECT name, holder, acquired_at, expires_at FROM locks
+             WHERE expires_at > ?1 ORDER BY name",
+        )
+        .and_then(|mut st| {
+            st.query_map([now_ms()], |r| {
+                Ok(HeldLock {
+                    name: r.get(0)?,
+                    holder: r.get(1)?,
+                    acquired_at_ms: r.get(2)?,
+                    expires_at_ms: r.get(3)?,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .map_err(self.m())
     }
 
     /// Deletes every key (locks are kept) and purges expired lock rows.

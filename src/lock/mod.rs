@@ -18,6 +18,7 @@ mod record;
 #[cfg(test)]
 mod tests;
 mod wait;
+mod waiters;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -235,6 +236,8 @@ pub struct LockStatus {
     pub holder_alive: Option<bool>,
     /// The holder is dead, or its heartbeat is older than its stale period.
     pub stale: bool,
+    /// How many processes (or tasks) are waiting for it now.
+    pub waiters: usize,
 }
 
 /// Describes the lock at `path`, or `None` if it is not held. `stale` is used
@@ -292,6 +295,7 @@ fn inspect_target(target: Target<'_>, stale: Duration) -> Result<Option<LockStat
         heartbeat_age_ms,
         same_host,
         holder_alive,
+        waiters: waiters::count(target),
     }))
 }
 

@@ -79,3 +79,50 @@ fn takeover_replaces_only_the_bytes_that_were_judged() {
         _ => panic!("a takeover of exactly what was judged must succeed"),
     }
 }
+
+/// `inspect` counts the contenders waiting now: each holds a slot of the
+/// waiters file while it waits and gives it up when it gets the lock or
+/// gives up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_counts_the_waiters_while_they_wait() {
+    use tokio_util::sync::CancellationToken;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.lock");
+    let opts = LockOptions::default();
+    let held = super::try_acquire(&path, &opts).unwrap().expect("free");
+    let waiters_now = || {
+        super::inspect(&path, super::DEFAULT_STALE)
+            .unwrap()
+            .map_or(0, |s| s.waiters)
+    };
+    assert_eq!(waiters_now(), 0);
+    let cancel = CancellationToken::new();
+    let waiting: Vec<_> = (0..3)
+        .map(|_| {
+            let (path, opts, cancel) = (path.clone(), opts.clone(), cancel.clone());
+            tokio::spawn(async move { super::acquire(&path, &opts, &cancel).await })
+        })
+        .collect();
+    let until = |n: usize| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while waiters_now() != n {
+            assert!(std::time::Instant::now() < deadline, "never {n} waiters");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    tokio::task::block_in_place(|| until(3));
+    held.release().unwrap();
+    // One takes it; the other two still wait.
+    tokio::task::block_in_place(|| until(2));
+    cancel.cancel();
+    for w in waiting {
+        if let Ok(lease) = w.await.unwrap() {
+            lease.release().unwrap();
+        }
+    }
+    let after = super::try_acquire(&path, &opts)
+        .unwrap()
+        .expect("free again");
+    assert_eq!(waiters_now(), 0, "nobody waits any more");
+    after.release().unwrap();
+}

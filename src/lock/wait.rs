@@ -267,6 +267,8 @@ pub(super) async fn wait_for(
     let start = Instant::now();
     let deadline = opts.timeout.map(|t| start + t);
     let mut waiter = Waiter::new(target, opts);
+    // Taken once this contender really waits; dropped when it stops.
+    let mut registered = None;
     loop {
         if cancel.is_cancelled() {
             return Err(LockError::Aborted {
@@ -290,6 +292,9 @@ pub(super) async fn wait_for(
                 });
             }
             wait = wait.min(deadline - now);
+        }
+        if registered.is_none() {
+            registered = Some(super::waiters::register(target));
         }
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}

@@ -247,6 +247,7 @@ pub async fn plan(options: Option<InfraOptions>) -> Result<PlanResult> {
     let m = cfg.masker();
     let targets = PlanOptions {
         targets: o.services.clone().unwrap_or_default(),
+        ..PlanOptions::default()
     };
     let (p, saved) = engine::plan_and_save(&cfg, &targets)
         .await

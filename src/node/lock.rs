@@ -144,6 +144,8 @@ pub struct LockInspection {
     pub holder_alive: Option<bool>,
     /// The holder is dead or its heartbeat is older than its stale period.
     pub stale: bool,
+    /// How many are waiting for it now.
+    pub waiters: u32,
 }
 
 impl From<LockStatus> for LockInspection {
@@ -155,6 +157,7 @@ impl From<LockStatus> for LockInspection {
             same_host: s.same_host,
             holder_alive: s.holder_alive,
             stale: s.stale,
+            waiters: s.waiters as u32,
         }
     }
 }

@@ -4,6 +4,8 @@
 //! Errors cross into JS as `Error`s whose message starts with the stable code
 //! (`ENKLOCKED: …`); `errors.js` moves it to `err.code` for the public API.
 
+#[cfg(feature = "hub")]
+mod hub;
 mod infra;
 mod kv;
 mod lock;

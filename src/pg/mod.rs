@@ -127,6 +127,13 @@ pub fn redact_url(url: &str) -> String {
 /// server that does not answer gives `ENKSTATEUNAVAILABLE`; a TLS failure
 /// gives [`PgError::Tls`] (`ENKTLS…`).
 pub async fn connect(url: &str) -> Result<Client, PgError> {
+    // Boxed: a caller's future holds a pointer, not the whole connection
+    // state machine, whose drop glue would otherwise be compiled again into
+    // every caller.
+    Box::pin(connect_unboxed(url)).await
+}
+
+async fn connect_unboxed(url: &str) -> Result<Client, PgError> {
     let location = redact_url(url);
     if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
         return Err(PgError::BadUrl(format!(

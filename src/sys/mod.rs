@@ -7,6 +7,8 @@ pub(crate) mod command;
 pub(crate) mod fs;
 pub(crate) mod host;
 pub(crate) mod net;
+#[cfg(feature = "hub")]
+pub(crate) mod notify;
 pub(crate) mod private;
 pub(crate) mod proc;
 pub(crate) mod signal;

@@ -14,7 +14,9 @@ fn is_wait(s: &SpanRecord) -> bool {
     )
 }
 
-fn service_of(t: &TraceFile, s: &SpanRecord) -> Option<String> {
+/// The service a span belongs to (its own `nanokit.service`, or its
+/// parent's).
+pub fn service_of(t: &TraceFile, s: &SpanRecord) -> Option<String> {
     s.attr("nanokit.service").map(str::to_string).or_else(|| {
         let parent = s.parent_span_id.as_deref()?;
         let p = t.spans.iter().find(|x| x.span_id == parent)?;
@@ -77,6 +79,68 @@ pub fn slowest(t: &TraceFile, n: usize) -> Vec<&SpanRecord> {
     steps.sort_by(|a, b| b.duration_ms().total_cmp(&a.duration_ms()));
     steps.truncate(n);
     steps
+}
+
+/// The critical path: the spans the run's end waited on, in start order.
+/// As Jaeger draws it: from the root, the child that ended last, then, in
+/// the time before that child began, the child that ended last before it,
+/// and so on down every level; a dependency wait (`dependencies`, with
+/// `nanokit.waits_for`) continues in the service it waited for that ended
+/// last.
+pub fn critical_path(t: &TraceFile) -> Vec<&SpanRecord> {
+    let mut out = Vec::new();
+    if let Some(root) = t.root() {
+        let mut seen = std::collections::HashSet::new();
+        critical_walk(t, root, root.end_unix_nano, &mut out, &mut seen);
+    }
+    out.sort_by_key(|s| (s.start_unix_nano, std::cmp::Reverse(s.end_unix_nano)));
+    out
+}
+
+fn critical_walk<'a>(
+    t: &'a TraceFile,
+    s: &'a SpanRecord,
+    until: u64,
+    out: &mut Vec<&'a SpanRecord>,
+    seen: &mut std::collections::HashSet<&'a str>,
+) {
+    if !seen.insert(s.span_id.as_str()) {
+        return;
+    }
+    out.push(s);
+    let mut kids: Vec<&SpanRecord> = t.children(&s.span_id).collect();
+    kids.sort_by_key(|k| std::cmp::Reverse(k.end_unix_nano));
+    let mut cursor = until.min(s.end_unix_nano);
+    for k in kids {
+        if cursor <= s.start_unix_nano {
+            break;
+        }
+        if k.start_unix_nano >= cursor {
+            continue;
+        }
+        critical_walk(t, k, cursor, out, seen);
+        cursor = k.start_unix_nano;
+    }
+    if !is_wait(s) {
+        return;
+    }
+    let Some(waited) = s.attr("nanokit.waits_for") else {
+        return;
+    };
+    let names: Vec<&str> = waited.split(',').map(str::trim).collect();
+    let gate = t
+        .spans
+        .iter()
+        .filter(|x| {
+            x.name == "service"
+                && x.end_unix_nano <= s.end_unix_nano
+                && x.attr("nanokit.service")
+                    .is_some_and(|n| names.contains(&n))
+        })
+        .max_by_key(|x| x.end_unix_nano);
+    if let Some(gate) = gate {
+        critical_walk(t, gate, s.end_unix_nano, out, seen);
+    }
 }
 
 fn first_line(s: &str) -> &str {
@@ -175,6 +239,7 @@ h1{font-size:18px;margin:0 0 4px}
 .bar.wait{background:repeating-linear-gradient(45deg,var(--wait),var(--wait) 4px,#fcd34d 4px,#fcd34d 8px)}
 .bar.skipped{background:var(--skip)}
 .bar.failed{background:var(--fail);outline:2px solid #7f1d1d}
+.bar.critical{box-shadow:0 0 0 2px #111827}
 .bar .mark{position:absolute;left:100%;margin-left:4px;top:-2px;color:var(--fail);font-weight:700;white-space:nowrap}
 h2{font-size:15px;margin:22px 0 8px}
 table{border-collapse:collapse}
@@ -217,9 +282,14 @@ pub fn html(t: &TraceFile) -> String {
     o.push_str("<div class=\"chart\" id=\"chart\">");
     html_axis(&mut o, scale.total_ms);
     let root_id = t.root().map(|r| r.span_id.as_str());
+    let critical: std::collections::HashSet<&str> = critical_path(t)
+        .iter()
+        .map(|s| s.span_id.as_str())
+        .collect();
     for (depth, s) in t.tree() {
         let is_root = Some(s.span_id.as_str()) == root_id;
-        html_span_row(&mut o, t, s, depth, is_root, &scale);
+        let on_path = critical.contains(s.span_id.as_str());
+        html_span_row(&mut o, t, s, depth, is_root, on_path, &scale);
     }
     o.push_str("</div>");
     html_slowest(&mut o, t);
@@ -254,7 +324,7 @@ fn html_header(o: &mut String, t: &TraceFile, total_ms: f64) {
         esc(&t.trace_id),
         esc(&t.run)
     );
-    o.push_str("<div class=\"legend\"><span><i style=\"background:var(--svc)\"></i>service</span><span><i style=\"background:var(--step)\"></i>step</span><span><i style=\"background:var(--wait)\"></i>waiting (dependencies, locks)</span><span><i style=\"background:var(--fail)\"></i>failed</span><span><i style=\"background:var(--skip)\"></i>skipped</span></div>");
+    o.push_str("<div class=\"legend\"><span><i style=\"background:var(--svc)\"></i>service</span><span><i style=\"background:var(--step)\"></i>step</span><span><i style=\"background:var(--wait)\"></i>waiting (dependencies, locks)</span><span><i style=\"background:var(--fail)\"></i>failed</span><span><i style=\"background:var(--skip)\"></i>skipped</span><span><i style=\"box-shadow:0 0 0 2px #111827\"></i>critical path</span></div>");
 }
 
 /// The chart's first row: round time ticks over the whole run.
@@ -287,6 +357,7 @@ fn html_span_row(
     s: &SpanRecord,
     depth: usize,
     is_root: bool,
+    on_path: bool,
     scale: &Scale,
 ) {
     let mut classes = vec!["bar"];
@@ -298,6 +369,9 @@ fn html_span_row(
         classes.push("wait");
     } else {
         classes.push("step");
+    }
+    if on_path {
+        classes.push("critical");
     }
     let skipped = s.attr("nanokit.outcome") == Some("skipped");
     if skipped {
@@ -483,6 +557,41 @@ mod tests {
         assert!(lines[2].contains("worker › dependencies"), "{s}");
         assert!(lines[3].contains("api › health"), "{s}");
         assert!(s.contains("worker › poststart: hook poststart"), "{s}");
+    }
+
+    #[test]
+    fn the_critical_path_follows_the_last_child_and_the_awaited_service() {
+        let t = sample();
+        let ids: Vec<&str> = critical_path(&t)
+            .iter()
+            .map(|s| s.span_id.as_str())
+            .collect();
+        // run → worker (ends last) → its poststart, then its wait; before
+        // worker began, api had begun (but not its health check).
+        assert_eq!(ids, ["1", "2", "4", "5", "6"], "{ids:?}");
+        let mut t = sample();
+        t.spans[4]
+            .attributes
+            .insert("nanokit.waits_for".into(), "api".into());
+        let ids: Vec<&str> = critical_path(&t)
+            .iter()
+            .map(|s| s.span_id.as_str())
+            .collect();
+        // The wait names api: the path continues in api and its health
+        // (in start order).
+        assert_eq!(ids, ["1", "2", "4", "5", "3", "6"], "{ids:?}");
+        // A wait on nothing recorded does not add the other service.
+        let mut t = sample();
+        t.spans
+            .push(span("7", Some("2"), "hook", 1950, 1990, Some("api"), false));
+        t.spans[4]
+            .attributes
+            .insert("nanokit.waits_for".into(), "db".into());
+        let ids: Vec<&str> = critical_path(&t)
+            .iter()
+            .map(|s| s.span_id.as_str())
+            .collect();
+        assert!(!ids.contains(&"7") && !ids.contains(&"3"), "{ids:?}");
     }
 
     #[test]

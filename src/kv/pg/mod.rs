@@ -18,8 +18,8 @@ use tokio_postgres::Client;
 pub use crate::pg::redact_url;
 
 use super::{
-    backoff, timeout_ms, validate_agent, validate_holder, validate_key, Acquired, Entry, KvError,
-    LockInfo, Result, Stats, Value,
+    backoff, timeout_ms, validate_agent, validate_holder, validate_key, Acquired, Entry, HeldLock,
+    KvError, LockInfo, Result, Stats, Value,
 };
 
 const SCHEMA: &str = "
@@ -410,6 +410,47 @@ impl PgStore {
             },
             None => LockInfo::unlocked(),
         })
+    }
+
+    /// Every named lock held now (not expired, by the database's clock).
+    pub async fn locks(&self) -> Result<Vec<HeldLock>> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                &format!(
+                    "SELECT name, holder, {}, {} FROM nanokit_kv_locks
+                     WHERE agent = $1 AND expires_at > now() ORDER BY name",
+                    epoch_ms("acquired_at"),
+                    epoch_ms("expires_at")
+                ),
+                &[&self.agent],
+            )
+            .await
+            .map_err(|e| self.m(e))?;
+        Ok(rows
+            .iter()
+            .map(|r| HeldLock {
+                name: r.get(0),
+                holder: r.get(1),
+                acquired_at_ms: r.get(2),
+                expires_at_ms: r.get(3),
+            })
+            .collect())
+    }
+
+    /// The agents that have keys or locks in this database.
+    pub async fn agents(&self) -> Result<Vec<String>> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT agent FROM nanokit_kv UNION SELECT agent FROM nanokit_kv_locks ORDER BY 1",
+                &[],
+            )
+            .await
+            .map_err(|e| self.m(e))?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
     pub async fn clear(&self) -> Result<u64> {
