@@ -15,6 +15,7 @@ mod report;
 mod run;
 mod schedule;
 mod status;
+pub mod watch;
 
 use std::path::PathBuf;
 use std::sync::Arc;

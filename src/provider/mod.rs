@@ -140,6 +140,81 @@ pub struct Instance {
     pub lineage: Option<String>,
 }
 
+/// How an instance ended, as its runtime tells it (or as the watcher found
+/// it): what a restart policy decides on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Exit {
+    pub kind: ExitKind,
+    /// The exit code, when the process exited by itself and it is known
+    /// (Docker reports 128 + n for a process ended by signal n).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<i32>,
+    /// The signal that ended it (`SIGKILL`), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+}
+
+/// What ended an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ExitKind {
+    /// Its process ended (by itself, or killed by a signal sent outside the
+    /// runtime's API, such as `kill -9`).
+    Exited,
+    /// Stopped through the runtime by a user (`docker stop`, `docker kill`)
+    /// or by `nanokit down <service>`.
+    Stopped,
+    /// Removed through the runtime (`docker rm -f`).
+    Removed,
+    /// Its health check failed `retries` times in a row.
+    Unhealthy,
+    /// Found gone or stopped by a check, with no event telling how.
+    Gone,
+}
+
+impl Exit {
+    pub fn new(kind: ExitKind) -> Exit {
+        Exit {
+            kind,
+            code: None,
+            signal: None,
+        }
+    }
+
+    /// An exit with `code` (and the signal it stands for, past 128).
+    pub fn code(code: i32) -> Exit {
+        Exit {
+            kind: ExitKind::Exited,
+            code: Some(code),
+            signal: (code > 128)
+                .then(|| crate::sys::proc::signal_name(code - 128))
+                .flatten(),
+        }
+    }
+
+    /// Whether it ended well: exit code 0. (`on-failure` restarts the rest,
+    /// except what a user stopped or removed.)
+    pub fn success(&self) -> bool {
+        self.kind == ExitKind::Exited && self.code == Some(0)
+    }
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.kind, self.code, &self.signal) {
+            (ExitKind::Exited, Some(c), Some(s)) => write!(f, "exited with code {c} ({s})"),
+            (ExitKind::Exited, Some(c), None) => write!(f, "exited with code {c}"),
+            (ExitKind::Exited, None, Some(s)) => write!(f, "killed by {s}"),
+            (ExitKind::Exited, None, None) => f.write_str("exited (its code is not known here)"),
+            (ExitKind::Stopped, ..) => f.write_str("stopped by a user"),
+            (ExitKind::Removed, ..) => f.write_str("removed by a user"),
+            (ExitKind::Unhealthy, ..) => f.write_str("unhealthy"),
+            (ExitKind::Gone, ..) => f.write_str("found not running by a full check"),
+        }
+    }
+}
+
 /// One health probe.
 #[derive(Debug, Clone)]
 pub enum Probe {

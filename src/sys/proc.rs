@@ -261,6 +261,14 @@ pub fn signal_named(name: &str) -> Option<rustix::process::Signal> {
     rustix::process::Signal::from_named_raw(raw)
 }
 
+/// The name of standard signal `raw` (`SIGKILL` for 9), if it is one.
+pub fn signal_name(raw: i32) -> Option<String> {
+    SIGNALS
+        .iter()
+        .find(|(_, n)| *n == raw)
+        .map(|(name, _)| format!("SIG{name}"))
+}
+
 const SIGNALS: &[(&str, i32)] = &[
     ("HUP", libc::SIGHUP),
     ("INT", libc::SIGINT),
@@ -311,6 +319,9 @@ mod tests {
         for name in ["SIGRTMIN+3", "SIGNOPE", "0", "99", ""] {
             assert_eq!(signal_named(name), None, "{name}");
         }
+        assert_eq!(signal_name(9).as_deref(), Some("SIGKILL"));
+        assert_eq!(signal_name(6).as_deref(), Some("SIGABRT"));
+        assert_eq!(signal_name(99), None);
     }
 
     #[test]
