@@ -395,6 +395,14 @@ pub struct Config {
 }
 
 impl Config {
+    /// The file's absolute path (its folder resolved).
+    pub fn file_abs(&self) -> PathBuf {
+        match self.file.file_name() {
+            Some(n) => self.dir.join(n),
+            None => self.file.clone(),
+        }
+    }
+
     /// `.nanokit` beside the file.
     pub fn work_dir(&self) -> PathBuf {
         self.dir.join(".nanokit")

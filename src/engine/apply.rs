@@ -616,7 +616,7 @@ fn waits_in_plan(run: &Run, ups: &[plan::Action]) -> Vec<(String, Vec<String>)> 
 }
 
 /// Records the current dependencies of unchanged services (one write).
-async fn refresh_dependencies(run: &Run, plan: &plan::Plan) -> Result<(), StateError> {
+pub(super) async fn refresh_dependencies(run: &Run, plan: &plan::Plan) -> Result<(), StateError> {
     let stale: Vec<(String, Vec<String>)> = {
         let store = run.store.lock().await;
         plan.actions

@@ -2,6 +2,7 @@
 
 use serde::Serialize;
 
+use super::watch::status::{ServiceWatch, WatchStatus};
 use super::{provider_for, EngineError};
 use crate::config::Config;
 use crate::state;
@@ -25,12 +26,25 @@ pub struct StatusRow {
     pub running: usize,
     pub updated_at: String,
     pub error: Option<String>,
+    /// What the watcher keeps about it (restarts, last exit, next
+    /// attempt), when a watcher leads or led this project.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub watch: Option<ServiceWatch>,
+}
+
+/// The watcher of `cfg`'s project and environment as its status file
+/// tells, and whether it still runs (None: no watcher ever led it).
+pub fn watcher_of(cfg: &Config) -> Option<(WatchStatus, bool)> {
+    let s = super::watch::status::read_status(&cfg.work_dir(), &cfg.env).ok()??;
+    let running = s.running();
+    Some((s, running))
 }
 
 /// Status rows of every recorded service.
 pub async fn status_of(cfg: &Config) -> Result<Vec<StatusRow>, EngineError> {
     let provider = provider_for(cfg)?;
     let st = state::load(cfg).await?;
+    let watcher = watcher_of(cfg).map(|w| w.0);
     let mut rows = Vec::new();
     for (name, r) in &st.resources {
         let ids = r.ids();
@@ -58,6 +72,7 @@ pub async fn status_of(cfg: &Config) -> Result<Vec<StatusRow>, EngineError> {
             instances: ids,
             updated_at: r.updated_at.clone(),
             error: r.error.clone(),
+            watch: watcher.as_ref().and_then(|w| w.services.get(name).cloned()),
         });
     }
     Ok(rows)

@@ -171,6 +171,9 @@ pub enum ExitKind {
     Unhealthy,
     /// Found gone or stopped by a check, with no event telling how.
     Gone,
+    /// Its start did not finish (a hook, provisioning or the health check
+    /// while starting failed).
+    Failed,
 }
 
 impl Exit {
@@ -211,9 +214,36 @@ impl std::fmt::Display for Exit {
             (ExitKind::Removed, ..) => f.write_str("removed by a user"),
             (ExitKind::Unhealthy, ..) => f.write_str("unhealthy"),
             (ExitKind::Gone, ..) => f.write_str("found not running by a full check"),
+            (ExitKind::Failed, ..) => f.write_str("failed to start"),
         }
     }
 }
+
+/// What a runtime's event stream says happened to one of its instances.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceEvent {
+    pub id: String,
+    pub service: String,
+    pub what: Happening,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Happening {
+    /// Someone asked the runtime to stop or kill it (`docker stop`, `docker
+    /// kill`, `docker rm -f`): the exit that follows was wanted.
+    Killed,
+    /// Its process ended.
+    Died(Exit),
+    /// The runtime finished stopping it.
+    Stopped,
+    /// It was removed.
+    Removed,
+    /// The runtime's own health check has a new verdict.
+    Health { healthy: bool },
+}
+
+/// A runtime's events about a scope's instances.
+pub type EventStream = futures::stream::BoxStream<'static, Result<InstanceEvent, ProviderError>>;
 
 /// One health probe.
 #[derive(Debug, Clone)]
@@ -402,5 +432,27 @@ pub trait Provider: Send + Sync {
     /// process uses that pid now (a provider whose ids are pids).
     fn reused_pid(&self, _id: &str) -> Option<u32> {
         None
+    }
+
+    /// The runtime's stream of what happens to `scope`'s instances, when it
+    /// has one (Docker's events, filtered by the scope's labels). None:
+    /// watch each instance with [`ended`](Provider::ended).
+    async fn events(&self, _scope: &Scope) -> Result<Option<EventStream>, ProviderError> {
+        Ok(None)
+    }
+
+    /// Resolves when instance `id` ends, with how, for a provider that
+    /// watches instances one by one (a process, through a pidfd opened on
+    /// it and checked to be it). None when it is gone already or the
+    /// provider reports through [`events`](Provider::events).
+    fn ended(&self, _id: &str) -> Option<futures::future::BoxFuture<'static, Exit>> {
+        None
+    }
+
+    /// Whether the runtime runs a service's health check itself and
+    /// reports its verdicts in [`events`](Provider::events) (Docker's
+    /// HEALTHCHECK); if not, a watcher probes running instances itself.
+    fn reports_health(&self) -> bool {
+        false
     }
 }

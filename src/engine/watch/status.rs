@@ -201,16 +201,6 @@ pub struct LastExit {
     pub text: String,
 }
 
-impl LastExit {
-    pub fn now(exit: Exit) -> LastExit {
-        LastExit {
-            at: crate::state::now(),
-            text: exit.to_string(),
-            exit,
-        }
-    }
-}
-
 /// A service's health as the watcher last saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -330,6 +320,9 @@ pub enum WatchEvent {
         command: String,
         services: Vec<String>,
     },
+    /// Something went wrong that the watcher retries (the runtime cannot
+    /// be reached, its event stream broke).
+    Problem { message: String },
     /// The watcher stopped (the lease is released; services keep running).
     Stopped { reason: String },
 }

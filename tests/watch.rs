@@ -1,0 +1,236 @@
+//! `nanokit watch` on the local-process provider, as separate processes:
+//! restores, restart policies and backoff, restart on failed health,
+//! dependents that follow, configuration edits, graceful stop, one fenced
+//! leader, handed-over `up`/`down`, and a bounded footprint. Every wait is
+//! for an event of the watcher (`--output json`), never a sleep.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::watcher::{alive, recorded_pid, Watcher};
+use common::Project;
+use serde_json::Value;
+
+fn is(kind: &'static str, service: &'static str) -> impl Fn(&Value) -> bool {
+    move |e: &Value| e["type"] == kind && e["service"] == service
+}
+
+fn progress(service: &'static str, phase: &'static str) -> impl Fn(&Value) -> bool {
+    move |e: &Value| e["type"] == "progress" && e["service"] == service && e["phase"] == phase
+}
+
+fn kill9(pid: u32) {
+    unsafe {
+        libc::kill(pid as i32, libc::SIGKILL);
+    }
+}
+
+fn pid_of(p: &Project, service: &str) -> u32 {
+    recorded_pid(&p.path().join(".nanokit/state.json"), service)
+        .unwrap_or_else(|| panic!("no pid recorded for {service}"))
+}
+
+/// Starts a watcher and waits for its initial pass to finish.
+fn watch(p: &Project, args: &[&str]) -> Watcher {
+    let mut w = Watcher::start(&p.file(), args, &[]);
+    w.until_event("leadershipAcquired", None);
+    let done = w.until_event("passFinished", None);
+    assert_eq!(done["outcome"], "ok", "{}", w.recent());
+    w
+}
+
+#[test]
+fn a_sigkilled_service_is_restarted_and_its_exit_is_told() {
+    let p = Project::new(
+        "name: wkill\nservices:\n  a:\n    start: \"exec sleep 600\"\n  b:\n    start: \"exec sleep 600\"\n",
+    );
+    let mut w = watch(&p, &[]);
+    let (a, b) = (pid_of(&p, "a"), pid_of(&p, "b"));
+    kill9(a);
+    let exited = w.until("a exited", is("serviceExited", "a"));
+    assert_eq!(exited["exit"]["signal"], "SIGKILL", "{exited}");
+    assert_eq!(
+        exited["instance"].as_str().unwrap().split('@').next(),
+        Some(a.to_string().as_str())
+    );
+    let sched = w.until("restart scheduled", is("restartScheduled", "a"));
+    assert_eq!(sched["delayMs"], 0, "the first restart is immediate");
+    let restarted = w.until("a restarted", is("restarted", "a"));
+    w.until("pass finished", |e| e["type"] == "passFinished");
+    let a2 = pid_of(&p, "a");
+    assert_eq!(
+        restarted["instances"][0]
+            .as_str()
+            .unwrap()
+            .split('@')
+            .next(),
+        Some(a2.to_string().as_str())
+    );
+    assert_ne!(a2, a);
+    assert!(alive(a2), "the new instance runs");
+    assert_eq!(pid_of(&p, "b"), b, "b was left alone");
+    assert!(alive(b));
+    // The status file tells it.
+    let status: Value = serde_json::from_slice(
+        &std::fs::read(p.path().join(".nanokit/watch/status.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(status["role"], "leader");
+    assert_eq!(status["leader"]["pid"], w.pid);
+    assert_eq!(status["services"]["a"]["restarts"], 1, "{status}");
+    assert_eq!(status["services"]["a"]["lastExit"]["signal"], "SIGKILL");
+    assert_eq!(status["services"]["b"]["restarts"], 0);
+}
+
+#[test]
+fn one_that_exits_at_once_backs_off_growing_and_starts_over_once_healthy() {
+    // Fails its first four starts, then runs.
+    let p = Project::new(
+        r#"name: wloop
+services:
+  flappy:
+    start: "n=$(cat count 2>/dev/null || echo 0); echo $((n+1)) > count; [ $n -ge 4 ] && exec sleep 600; echo boom; exit 3"
+"#,
+    );
+    let mut w = Watcher::start(&p.file(), &[], &[]);
+    let mut delays = Vec::new();
+    while delays.len() < 4 {
+        let s = w.until("restart scheduled", is("restartScheduled", "flappy"));
+        delays.push(s["delayMs"].as_u64().unwrap());
+    }
+    assert_eq!(delays, [0, 100, 200, 400], "{}", w.recent());
+    w.until("flappy restarted", is("restarted", "flappy"));
+    let failed = w.taken(is("restartFailed", "flappy"));
+    assert_eq!(failed.len(), 3, "{}", w.recent());
+    assert!(
+        failed[0]["error"].as_str().unwrap().contains("boom"),
+        "{}",
+        failed[0]
+    );
+    // Healthy 10 s: the next restart is immediate again.
+    w.until("backoff reset", is("backoffReset", "flappy"));
+    kill9(pid_of(&p, "flappy"));
+    let s = w.until("restart scheduled", is("restartScheduled", "flappy"));
+    assert_eq!(
+        (s["attempt"].as_u64(), s["delayMs"].as_u64()),
+        (Some(1), Some(0))
+    );
+    w.until("flappy restarted", is("restarted", "flappy"));
+}
+
+#[test]
+fn a_service_whose_check_starts_failing_is_restarted_after_retries_failures() {
+    let p = Project::new(
+        r#"name: whealth
+services:
+  web:
+    start: "rm -f broken; exec sleep 600"
+    healthcheck: { test: "test ! -f broken", interval: 100ms, retries: 3 }
+"#,
+    );
+    let mut w = watch(&p, &[]);
+    let before = pid_of(&p, "web");
+    std::fs::write(p.path().join("broken"), "").unwrap();
+    for n in 1..=3 {
+        let f = w.until("health failed", is("healthFailed", "web"));
+        assert_eq!(f["failures"], n, "{f}");
+        assert_eq!(f["retries"], 3);
+    }
+    let exited = w.until("web unhealthy", is("serviceExited", "web"));
+    assert_eq!(exited["exit"]["kind"], "unhealthy");
+    w.until("web restarted", is("restarted", "web"));
+    let after = pid_of(&p, "web");
+    assert_ne!(before, after);
+    assert!(!alive(before), "the unhealthy instance was stopped");
+    assert!(alive(after));
+    assert!(!p.path().join("broken").exists());
+}
+
+#[test]
+fn a_dependent_with_restart_true_follows_once_its_dependency_is_healthy_and_others_keep_their_pid()
+{
+    let p = Project::new(
+        r#"name: wdeps
+services:
+  db:
+    start: "exec sleep 600"
+    healthcheck: { test: "true", interval: 100ms }
+  api:
+    start: "exec sleep 600"
+    depends_on: { db: { condition: service_healthy, restart: true } }
+  report:
+    start: "exec sleep 600"
+    depends_on: [db]
+"#,
+    );
+    let mut w = watch(&p, &[]);
+    let (db, api, report) = (pid_of(&p, "db"), pid_of(&p, "api"), pid_of(&p, "report"));
+    kill9(db);
+    let released = w.until("dependents released", is("dependentsReleased", "db"));
+    assert_eq!(released["dependents"], serde_json::json!(["api"]));
+    w.until("db healthy", progress("db", "healthy"));
+    let stop = w.until("api stopping", progress("api", "stopping"));
+    assert!(stop["message"]
+        .as_str()
+        .unwrap()
+        .starts_with(&api.to_string()));
+    w.until("api healthy", progress("api", "healthy"));
+    w.until("pass finished", |e| e["type"] == "passFinished");
+    // The order: db healthy before api was touched.
+    let pos = |pred: &dyn Fn(&Value) -> bool| w.seen.iter().position(pred).unwrap();
+    assert!(pos(&progress("db", "healthy")) < pos(&progress("api", "stopping")));
+    assert_ne!(pid_of(&p, "db"), db);
+    assert_ne!(pid_of(&p, "api"), api);
+    assert!(!alive(api));
+    assert_eq!(
+        pid_of(&p, "report"),
+        report,
+        "report (short form) keeps its pid"
+    );
+    assert!(alive(report));
+    assert!(w.taken(progress("report", "stopping")).is_empty());
+}
+
+#[test]
+fn an_edit_of_nanokit_yml_is_applied_once() {
+    let yml = |v: &str| {
+        format!("name: wedit\nservices:\n  a:\n    start: \"exec sleep 600\"\n  b:\n    start: \"exec sleep 600\"\n    env: {{ V: \"{v}\" }}\n")
+    };
+    let p = Project::new(&yml("1"));
+    let mut w = watch(&p, &["--interval", "200ms"]);
+    let (a, b) = (pid_of(&p, "a"), pid_of(&p, "b"));
+    // Written twice in a row, as editors do: read once.
+    p.write(&yml("2"));
+    p.write(&yml("2"));
+    w.until("config reloaded", |e| e["type"] == "configReloaded");
+    let done = w.until("config pass", |e| e["type"] == "passFinished");
+    assert_eq!(done["changed"], serde_json::json!(["b"]), "{}", w.recent());
+    assert_eq!(pid_of(&p, "a"), a);
+    let b2 = pid_of(&p, "b");
+    assert_ne!(b2, b);
+    let env = std::fs::read(format!("/proc/{b2}/environ")).unwrap();
+    assert!(env.split(|c| *c == 0).any(|kv| kv == b"V=2"));
+    // Full checks come and go (every 200 ms) and change nothing more.
+    let status = p.path().join(".nanokit/watch/status.json");
+    let check = || -> String {
+        let v: Value = serde_json::from_slice(&std::fs::read(&status).unwrap()).unwrap();
+        v["lastCheck"].as_str().unwrap_or("").to_string()
+    };
+    let mut seen = BTreeSet::new();
+    while seen.len() < 4 {
+        seen.insert(check());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(pid_of(&p, "b"), b2);
+    w.signal(libc::SIGTERM);
+    w.wait_exit();
+    assert_eq!(
+        w.taken(|e| e["type"] == "passFinished").len(),
+        2,
+        "the initial pass and one for the edit:\n{}",
+        w.recent()
+    );
+    assert_eq!(w.taken(progress("b", "starting")).len(), 2);
+}
