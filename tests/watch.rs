@@ -234,3 +234,229 @@ fn an_edit_of_nanokit_yml_is_applied_once() {
     );
     assert_eq!(w.taken(progress("b", "starting")).len(), 2);
 }
+
+/// The nanokit CLI (the standalone binary), in `p`'s folder.
+fn cli(p: &Project, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_nanokit"))
+        .args(args)
+        .arg("-f")
+        .arg(p.file())
+        .output()
+        .expect("run nanokit")
+}
+
+fn lock_file(p: &Project) -> std::path::PathBuf {
+    p.path().join(".nanokit/state.json.lock")
+}
+
+#[test]
+fn processes_started_by_an_earlier_up_are_adopted_and_restarted() {
+    let p = Project::new("name: wadopt\nservices:\n  a:\n    start: \"exec sleep 600\"\n");
+    let up = cli(&p, &["up"]);
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let a = pid_of(&p, "a");
+    let mut w = Watcher::start(&p.file(), &[], &[]);
+    let first = w.until_event("passFinished", None);
+    assert_eq!(
+        first["changed"],
+        serde_json::json!([]),
+        "nothing to do at first"
+    );
+    kill9(a);
+    let exited = w.until("a exited", is("serviceExited", "a"));
+    // Not its child: the exit is known at once, its code is not.
+    assert_eq!(exited["exit"]["kind"], "exited");
+    assert!(exited["exit"]["code"].is_null() && exited["exit"]["signal"].is_null());
+    w.until("a restarted", is("restarted", "a"));
+    assert_ne!(pid_of(&p, "a"), a);
+}
+
+#[test]
+fn sigterm_stops_the_watcher_frees_the_lease_and_leaves_services_running() {
+    let p = Project::new(
+        "name: wterm\nservices:\n  a:\n    start: \"exec sleep 600\"\n  b:\n    start: \"exec sleep 600\"\n",
+    );
+    let mut w = watch(&p, &[]);
+    let held = nanokit::lock::inspect(&lock_file(&p), nanokit::lock::DEFAULT_STALE).unwrap();
+    let label = held.and_then(|h| h.info).and_then(|i| i.holder).unwrap();
+    assert!(label.contains("nanokit watch"), "{label}");
+    let (a, b) = (pid_of(&p, "a"), pid_of(&p, "b"));
+    w.signal(libc::SIGTERM);
+    let st = w.wait_exit();
+    assert!(st.success(), "{st:?}\n{}", w.recent());
+    assert!(w.taken(|e| e["type"] == "stopped").len() == 1);
+    assert!(
+        nanokit::lock::inspect(&lock_file(&p), nanokit::lock::DEFAULT_STALE)
+            .unwrap()
+            .is_none(),
+        "the lease is free"
+    );
+    assert!(alive(a) && alive(b), "services keep running");
+    let status: Value = serde_json::from_slice(
+        &std::fs::read(p.path().join(".nanokit/watch/status.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(status["role"], "stopped");
+    // And the next `up` finds everything in place.
+    let up = cli(&p, &["up"]);
+    assert!(String::from_utf8_lossy(&up.stderr).contains("0 changed"));
+}
+
+#[test]
+fn of_two_watchers_one_acts_and_the_standby_takes_over_when_it_is_killed() {
+    let p = Project::new(
+        "name: wtwo\nservices:\n  a:\n    start: \"exec sleep 600\"\n  b:\n    start: \"exec sleep 600\"\n",
+    );
+    let mut first = watch(&p, &[]);
+    let mut second = Watcher::start(&p.file(), &[], &[]);
+    let standby = second.until_event("standby", None);
+    assert!(
+        standby["holder"]
+            .as_str()
+            .unwrap()
+            .contains("nanokit watch"),
+        "{standby}"
+    );
+    let (a, b) = (pid_of(&p, "a"), pid_of(&p, "b"));
+    // Only the leader acts on a death.
+    kill9(a);
+    first.until("a restarted", is("restarted", "a"));
+    let a2 = pid_of(&p, "a");
+    first.signal(libc::SIGKILL);
+    first.wait_exit();
+    second.until_event("leadershipAcquired", None);
+    let pass = second.until_event("passFinished", None);
+    assert_eq!(pass["changed"], serde_json::json!([]), "nothing to redo");
+    assert!(second.taken(|e| e["type"] == "serviceExited").is_empty());
+    assert_eq!((pid_of(&p, "a"), pid_of(&p, "b")), (a2, b));
+    // It leads: a death is its to restore.
+    kill9(b);
+    second.until("b restarted", is("restarted", "b"));
+    let cfg = p.config();
+    let labelled = common::labelled(&nanokit::engine::scope(&cfg).state_id);
+    assert_eq!(labelled.len(), 2, "one instance per service: {labelled:?}");
+}
+
+#[test]
+fn a_manual_down_and_up_during_a_watch_are_handed_to_the_watcher() {
+    let p = Project::new(
+        "name: whand\nservices:\n  a:\n    start: \"exec sleep 600\"\n  b:\n    start: \"exec sleep 600\"\n    restart: unless-stopped\n",
+    );
+    let mut w = watch(&p, &["--interval", "200ms"]);
+    let b = pid_of(&p, "b");
+    let down = cli(&p, &["down", "b"]);
+    let err = String::from_utf8_lossy(&down.stderr);
+    assert!(down.status.success(), "{err}");
+    assert!(err.contains("handed to the watcher"), "{err}");
+    assert!(err.contains("deleted"), "its progress is shown: {err}");
+    let req = w.until_event("request", None);
+    assert_eq!(req["command"], "down");
+    let held = w.until("b held", is("held", "b"));
+    assert!(held["reason"].as_str().unwrap().contains("nanokit down"));
+    assert!(!alive(b));
+    // Full checks go by; b stays down.
+    let status = p.path().join(".nanokit/watch/status.json");
+    let checked = |n: usize| {
+        let mut seen = BTreeSet::new();
+        while seen.len() < n {
+            let v: Value = serde_json::from_slice(&std::fs::read(&status).unwrap()).unwrap();
+            seen.insert(v["lastCheck"].to_string());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    checked(3);
+    assert_eq!(
+        common::labelled(&nanokit::engine::scope(&p.config()).state_id).len(),
+        1
+    );
+    let st: Value = serde_json::from_slice(&std::fs::read(&status).unwrap()).unwrap();
+    assert_eq!(st["services"]["b"]["health"], "down", "{st}");
+    let text = String::from_utf8_lossy(&cli(&p, &["status"]).stdout).into_owned();
+    assert!(text.contains("Watcher: pid"), "{text}");
+    assert!(
+        text.contains("not restarted: stopped by `nanokit down`"),
+        "{text}"
+    );
+    // `up b` brings it back, through the watcher.
+    let up = cli(&p, &["up", "b"]);
+    let err = String::from_utf8_lossy(&up.stderr);
+    assert!(up.status.success(), "{err}");
+    assert!(err.contains("1 changed"), "{err}");
+    let b2 = pid_of(&p, "b");
+    assert!(alive(b2));
+    let req = w.until_event("request", None);
+    assert_eq!(req["command"], "up");
+    assert_eq!(req["services"], serde_json::json!(["b"]));
+}
+
+/// Open descriptors and threads of `pid`.
+fn footprint(pid: u32) -> (usize, usize, u64) {
+    let count = |d: String| std::fs::read_dir(d).map(|r| r.count()).unwrap_or(0);
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/statm"))
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 4096;
+    (
+        count(format!("/proc/{pid}/fd")),
+        count(format!("/proc/{pid}/task")),
+        rss,
+    )
+}
+
+#[test]
+fn five_hundred_passes_keep_descriptors_threads_and_memory_flat_and_traces_capped() {
+    let p = Project::new(
+        r#"name: wfoot
+services:
+  a:
+    start: "exec sleep 600"
+    restart_backoff_max: 100ms
+    healthcheck: { test: "true", interval: 1h }
+  b:
+    start: "exec sleep 600"
+"#,
+    );
+    let mut w = watch(&p, &["--keep-traces", "20"]);
+    let (mut early, mut late) = ((0, 0, 0), (0, 0, 0));
+    for i in 0..500 {
+        kill9(pid_of(&p, "a"));
+        w.until("a restarted", is("restarted", "a"));
+        w.until("pass finished", |e| e["type"] == "passFinished");
+        let (fds, threads, rss) = footprint(w.pid);
+        let max = |m: &mut (usize, usize, u64)| {
+            *m = (m.0.max(fds), m.1.max(threads), m.2.max(rss));
+        };
+        match i {
+            50..150 => max(&mut early),
+            400..500 => max(&mut late),
+            _ => {}
+        }
+        // Only the events of this pass are kept in memory here.
+        w.seen.clear();
+    }
+    eprintln!("(fds, threads, rss) passes 50-150: {early:?}, 400-500: {late:?}");
+    assert!(late.0 <= early.0, "descriptors grew: {early:?} → {late:?}");
+    assert!(late.1 <= early.1, "threads grew: {early:?} → {late:?}");
+    assert!(
+        late.2 <= early.2 + early.2 / 10,
+        "memory grew more than 10%: {early:?} → {late:?}"
+    );
+    let traces = std::fs::read_dir(p.path().join(".nanokit/traces"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains("-watch-")
+        })
+        .count();
+    assert_eq!(traces, 20, "traces are capped at --keep-traces");
+    let log = std::fs::metadata(p.path().join(".nanokit/watch/events.jsonl")).unwrap();
+    assert!(log.len() <= 1 << 20);
+}

@@ -75,5 +75,23 @@ pub async fn status_of(cfg: &Config) -> Result<Vec<StatusRow>, EngineError> {
             watch: watcher.as_ref().and_then(|w| w.services.get(name).cloned()),
         });
     }
+    // Services the watcher keeps down that have no record (`nanokit down`).
+    for (name, w) in watcher.iter().flat_map(|w| &w.services) {
+        if w.held.is_some() && !st.resources.contains_key(name) {
+            rows.push(StatusRow {
+                service: name.clone(),
+                status: state::Status::Stopped.as_str().into(),
+                alive: false,
+                pid: None,
+                port: cfg.services.get(name).and_then(|s| s.port),
+                provider_id: None,
+                instances: Vec::new(),
+                running: 0,
+                updated_at: w.last_exit.as_ref().map_or(String::new(), |e| e.at.clone()),
+                error: None,
+                watch: Some(w.clone()),
+            });
+        }
+    }
     Ok(rows)
 }

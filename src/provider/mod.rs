@@ -441,9 +441,9 @@ pub trait Provider: Send + Sync {
         Ok(None)
     }
 
-    /// Resolves when instance `id` ends, with how, for a provider that
-    /// watches instances one by one (a process, through a pidfd opened on
-    /// it and checked to be it). None when it is gone already or the
+    /// Resolves when instance `id` ends (at once when it has ended), with
+    /// how, for a provider that watches instances one by one (a process,
+    /// through a pidfd opened on it and checked to be it). None when the
     /// provider reports through [`events`](Provider::events).
     fn ended(&self, _id: &str) -> Option<futures::future::BoxFuture<'static, Exit>> {
         None

@@ -336,12 +336,16 @@ impl Provider for ProcessProvider {
 
     /// Through a pidfd on the process (adopted from another run when it is
     /// not this process's child): its exit is known the moment the kernel
-    /// has it. The exit code is known for this process's own children.
+    /// has it (at once when it is gone already). The exit code is known
+    /// for this process's own children.
     fn ended(&self, id: &str) -> Option<futures::future::BoxFuture<'static, Exit>> {
         let (pid, start) = parse_id(id)?;
-        let held = proc::Held::of(pid, start)?;
+        let held = proc::Held::of(pid, start);
         Some(Box::pin(async move {
-            held.exited().await;
+            // Gone already: it ended before anyone looked.
+            if let Some(held) = held {
+                held.exited().await;
+            }
             reaped::wait(pid, start).await
         }))
     }

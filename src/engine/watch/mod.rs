@@ -244,6 +244,9 @@ struct Watcher {
     store: Option<Arc<AsyncMutex<Store>>>,
     /// The last status written (not written again unchanged).
     written: Option<WatchStatus>,
+    /// While leading: the per-instance watches and where they report.
+    watches: Watches,
+    inputs: Option<sources::Sender>,
 }
 
 impl Watcher {
@@ -280,6 +283,8 @@ impl Watcher {
             replace: BTreeMap::new(),
             store: None,
             written: None,
+            watches: Watches::default(),
+            inputs: None,
             opts,
         })
     }
@@ -381,6 +386,8 @@ impl Watcher {
 
     async fn lead_locked(&mut self, epoch: u64, lost: &CancellationToken) -> Led {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Input>(256);
+        self.inputs = Some(tx.clone());
+        self.watches = Watches::default();
         let requests = handover::requests_dir(&self.config);
         let _ = crate::sys::private::dir(&requests);
         let files = match Files::start(&self.config.file_abs(), &requests) {
@@ -397,7 +404,6 @@ impl Watcher {
         };
         let mut stream = self.connect(&tx).await;
         let mut stream_retry: Option<(Instant, Duration)> = None;
-        let mut watches = Watches::default();
         let mut config_at: Option<Instant> = None;
         let mut next_log = Instant::now() + LOG_CHECK;
         self.next_full = Instant::now() + self.opts.interval;
@@ -415,7 +421,7 @@ impl Watcher {
             if lost.is_cancelled() {
                 return Led::Lost("the lease was lost (cleared with `nanokit infra unlock`, or taken over after it expired)".into());
             }
-            self.sync_watches(&mut watches, &tx).await;
+            self.sync_watches().await;
             self.write_status(epoch, Role::Leader).await;
             if serve_requests {
                 serve_requests = false;
@@ -799,7 +805,7 @@ impl Watcher {
         let targets = PlanOptions {
             targets: ask.targets.clone(),
         };
-        let full = match plan::plan(&self.config, &self.dag, &state, &observed, &targets) {
+        let mut full = match plan::plan(&self.config, &self.dag, &state, &observed, &targets) {
             Ok(p) => p,
             Err(e) => {
                 return Passed {
@@ -808,6 +814,17 @@ impl Watcher {
                 }
             }
         };
+        // What a policy holds stays as it is, even when the configuration
+        // would create it (after `nanokit down`, it has no record), unless
+        // a user's `up` names it.
+        full.actions.retain(|a| {
+            a.action == ActionKind::Delete
+                || ask.targets.contains(&a.service)
+                || self
+                    .trackers
+                    .get(&a.service)
+                    .is_none_or(|t| t.held.is_none())
+        });
         let now = Instant::now();
         let mut take = BTreeSet::new();
         let mut found = Vec::new();
@@ -884,7 +901,39 @@ impl Watcher {
                 }
             }
         }
-        if sel.is_empty() && ask.request.is_none() {
+        if sel.is_empty() {
+            // Nothing to do: no trace. The initial pass and a request still
+            // say they are done.
+            if matches!(ask.reason, PassReason::Initial | PassReason::Request) {
+                self.passes += 1;
+                let number = self.passes;
+                self.emit(WatchEvent::PassStarted {
+                    pass: number,
+                    reason: ask.reason,
+                    services: ask.targets.clone(),
+                    request: ask.request.clone(),
+                    trace_id: None,
+                });
+                self.sync_watches().await;
+                self.write_status(epoch, Role::Leader).await;
+                self.emit(WatchEvent::PassFinished {
+                    pass: number,
+                    outcome: PassOutcome::Ok,
+                    changed: Vec::new(),
+                    failed: Vec::new(),
+                    run: None,
+                    trace_id: None,
+                    trace_file: None,
+                    elapsed_ms: 0,
+                });
+                return Passed {
+                    report: Some(Report {
+                        plan: sel.plan,
+                        results: Vec::new(),
+                    }),
+                    ..nothing
+                };
+            }
             return nothing;
         }
         let restarted: BTreeSet<String> = sel
@@ -992,7 +1041,9 @@ impl Watcher {
             run: tr.as_ref().map(|t| t.run.clone()),
             trace_id: tr.as_ref().map(|t| t.trace_id.clone()),
         });
-        // Readers of the status file see this pass once it is told finished.
+        // Once it is told finished, its instances are watched and the
+        // status file shows it.
+        self.sync_watches().await;
         self.write_status(epoch, Role::Leader).await;
         self.emit(WatchEvent::PassFinished {
             pass: number,
@@ -1097,8 +1148,10 @@ impl Watcher {
 
     /// Watches each recorded instance (its exit; its health, where the
     /// runtime does not check it).
-    async fn sync_watches(&self, watches: &mut Watches, tx: &sources::Sender) {
-        let Some(store) = &self.store else { return };
+    async fn sync_watches(&mut self) {
+        let (Some(store), Some(tx)) = (self.store.clone(), self.inputs.clone()) else {
+            return;
+        };
         let recorded: Vec<(String, Vec<String>)> = store
             .lock()
             .await
@@ -1107,6 +1160,10 @@ impl Watcher {
             .iter()
             .map(|(n, r)| (n.clone(), r.ids()))
             .collect();
+        // What is no longer recorded is forgotten.
+        let known: HashSet<&String> = recorded.iter().flat_map(|(_, ids)| ids).collect();
+        self.dead.retain(|id| known.contains(id));
+        self.killed.retain(|id| known.contains(id));
         let probing = !self.provider.reports_health();
         let spec_run = Run::shared(
             self.config.clone(),
@@ -1141,7 +1198,7 @@ impl Watcher {
                 });
             }
         }
-        watches.sync(&self.provider, now, tx);
+        self.watches.sync(&self.provider, now, &tx);
     }
 
     /// Rotates process logs past their cap.
