@@ -856,3 +856,5 @@ module.exports.plan = nativeBinding.plan
 module.exports.provisionNative = nativeBinding.provisionNative
 module.exports.status = nativeBinding.status
 module.exports.up = nativeBinding.up
+module.exports.watch = nativeBinding.watch
+module.exports.watchStatus = nativeBinding.watchStatus

@@ -85,6 +85,9 @@ pub struct WatchOptions {
     pub on_event: Option<WatchSink>,
     /// How passes are traced (`command` is `watch`).
     pub trace: trace::Settings,
+    /// Stops at once: the pass in progress is dropped where it is (state
+    /// stays consistent: every write is atomic), the lease released.
+    pub kill: CancellationToken,
 }
 
 impl WatchOptions {
@@ -97,6 +100,7 @@ impl WatchOptions {
             run: RunOptions::default(),
             on_event: None,
             trace: trace::Settings::default(),
+            kill: CancellationToken::new(),
         }
     }
 }
@@ -117,15 +121,45 @@ pub struct WatchEnd {
 /// loses the lease, and so on.
 pub async fn watch(opts: WatchOptions) -> Result<WatchEnd, EngineError> {
     let config = (opts.load)()?;
+    let kill = opts.kill.clone();
     let mut w = Watcher::new(opts, config)?;
     let mut leaderships = 0;
+    let run = watch_until_stopped(&mut w, &mut leaderships);
+    let killed = tokio::select! {
+        r = run => {
+            r?;
+            false
+        }
+        _ = kill.cancelled() => true,
+    };
+    if killed {
+        // What the dropped run held is released by now (the lease on
+        // drop); say it stopped.
+        let (path, _) = w.paths();
+        status::mark_stopped(&path, std::process::id());
+    }
+    w.emit(WatchEvent::Stopped {
+        reason: if killed {
+            "stopped at once: the lease is released; services keep running".into()
+        } else {
+            "stopped: the lease is released; services keep running".into()
+        },
+    });
+    Ok(WatchEnd {
+        passes: w.total_passes,
+        leaderships,
+        reason: if killed { "killed" } else { "stopped" }.into(),
+    })
+}
+
+async fn watch_until_stopped(w: &mut Watcher, leaderships: &mut u32) -> Result<(), EngineError> {
     loop {
         let (lock, store) = match w.acquire().await {
             Ok(held) => held,
             Err(EngineError::Cancelled) => break,
             Err(e) => return Err(e),
         };
-        leaderships += 1;
+        *leaderships += 1;
         match w.lead(lock, store).await {
             Led::Stopped => break,
             Led::Lost(why) => {
@@ -134,14 +168,7 @@ pub async fn watch(opts: WatchOptions) -> Result<WatchEnd, EngineError> {
             }
         }
     }
-    w.emit(WatchEvent::Stopped {
-        reason: "stopped: the lease is released; services keep running".into(),
-    });
-    Ok(WatchEnd {
-        passes: w.total_passes,
-        leaderships,
-        reason: "stopped".into(),
-    })
+    Ok(())
 }
 
 /// How a leadership ended.
@@ -196,7 +223,11 @@ struct Emitter {
 }
 
 impl Emitter {
-    fn emit(&mut self, event: WatchEvent) {
+    fn emit(&mut self, mut event: WatchEvent) {
+        // The other events' texts are masked where they are made.
+        if let WatchEvent::Problem { message } = &mut event {
+            *message = self.mask.mask(message);
+        }
         self.seq += 1;
         let record = EventRecord {
             seq: self.seq,
@@ -369,6 +400,9 @@ impl Watcher {
         self.trackers.clear();
         self.sync_trackers();
         self.carry_over();
+        // Readers know who leads from now on (also during the initial pass).
+        self.written = None;
+        self.write_status(epoch, Role::Leader).await;
         let led = self.lead_locked(epoch, &lost).await;
         // Stopped or lost: the sources end with this scope's tasks.
         match &led {

@@ -375,6 +375,23 @@ impl WatchStatus {
     }
 }
 
+/// Marks the status at `path` stopped when watcher `pid` wrote it (a
+/// watcher stopped at once, without its last write).
+pub fn mark_stopped(path: &Path, pid: u32) {
+    let Ok(bytes) = std::fs::read(path) else {
+        return;
+    };
+    let Ok(mut s) = serde_json::from_slice::<WatchStatus>(&bytes) else {
+        return;
+    };
+    if s.leader.pid == pid && s.role == Role::Leader {
+        s.role = Role::Stopped;
+        s.next_full_check = None;
+        s.updated_at = crate::state::now();
+        let _ = write_status(path, &s);
+    }
+}
+
 /// Writes the status atomically (0600).
 pub fn write_status(path: &Path, status: &WatchStatus) -> std::io::Result<()> {
     let mut bytes = serde_json::to_vec_pretty(status).map_err(std::io::Error::other)?;
