@@ -298,6 +298,17 @@ pub trait Provider: Send + Sync {
     /// Every live instance labelled with `scope`.
     async fn observe(&self, scope: &Scope) -> Result<Vec<Instance>, ProviderError>;
 
+    /// The recorded instances `ids` of `scope` that still exist: what a
+    /// pass that only restores them needs to look at (orphans are for a
+    /// full [`observe`](Provider::observe)). By default, `observe`.
+    async fn observe_recorded(
+        &self,
+        scope: &Scope,
+        _ids: &[String],
+    ) -> Result<Vec<Instance>, ProviderError> {
+        self.observe(scope).await
+    }
+
     /// The instance with provider id `id`, if it still exists (and is ours:
     /// a reused pid is not).
     async fn inspect(&self, id: &str) -> Result<Option<Instance>, ProviderError>;

@@ -106,6 +106,22 @@ impl Provider for ProcessProvider {
         .map_err(|e| ProviderError::Io(e.to_string()))
     }
 
+    /// Each recorded process, looked at by its pid (a few reads, not a
+    /// walk of every process).
+    async fn observe_recorded(
+        &self,
+        _scope: &Scope,
+        ids: &[String],
+    ) -> Result<Vec<Instance>, ProviderError> {
+        let mut out = Vec::new();
+        for id in ids {
+            if let Some(i) = self.inspect(id).await? {
+                out.push(i);
+            }
+        }
+        Ok(out)
+    }
+
     async fn inspect(&self, id: &str) -> Result<Option<Instance>, ProviderError> {
         let Some((pid, start)) = parse_id(id) else {
             return Ok(None);
@@ -345,6 +361,10 @@ impl Provider for ProcessProvider {
             // Gone already: it ended before anyone looked.
             if let Some(held) = held {
                 held.exited().await;
+                // A child of ours not reaped yet: its status at once.
+                if let Some(ended) = held.ended() {
+                    return reaped::exit_of(ended);
+                }
             }
             reaped::wait(pid, start).await
         }))
@@ -404,7 +424,7 @@ mod reaped {
         with(|c| {
             if let Some(at) = c.ended.iter().position(|e| e.0 == (pid, start)) {
                 let status = c.ended.remove(at).and_then(|e| e.1);
-                return Ok(status.map(exit_of));
+                return Ok(status.map(status_exit));
             }
             if c.running.contains(&(pid, start)) {
                 Err(())
@@ -414,8 +434,13 @@ mod reaped {
         })
     }
 
-    fn exit_of(status: std::process::ExitStatus) -> Exit {
-        match (status.code(), status.signal()) {
+    fn status_exit(status: std::process::ExitStatus) -> Exit {
+        exit_of((status.code(), status.signal()))
+    }
+
+    /// An exit from its code, or the signal that ended it.
+    pub(super) fn exit_of(ended: (Option<i32>, Option<i32>)) -> Exit {
+        match ended {
             (Some(code), _) => Exit::code(code),
             (None, Some(sig)) => Exit {
                 kind: ExitKind::Exited,

@@ -216,6 +216,18 @@ impl Held {
         rustix::process::pidfd_send_signal(&self.fd, signal).map_err(Into::into)
     }
 
+    /// How the held process ended (exit code, or the signal that ended
+    /// it), when it has and is a child of this process not reaped yet: read
+    /// without reaping it (`waitid` with `WNOWAIT`), so its reaper still
+    /// reaps it. None otherwise.
+    pub fn ended(&self) -> Option<(Option<i32>, Option<i32>)> {
+        use rustix::process::{waitid, WaitId, WaitIdOptions};
+        use std::os::fd::AsFd;
+        let opts = WaitIdOptions::EXITED | WaitIdOptions::NOWAIT | WaitIdOptions::NOHANG;
+        let status = waitid(WaitId::PidFd(self.fd.as_fd()), opts).ok()??;
+        Some((status.exit_status(), status.terminating_signal()))
+    }
+
     /// Whether the held process has exited (a zombie has).
     pub fn gone(&self) -> bool {
         start_time(self.pid) != Some(self.start_time)

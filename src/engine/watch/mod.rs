@@ -799,7 +799,22 @@ impl Watcher {
         let Some(store) = self.store.clone() else {
             return nothing;
         };
-        let observed = match self.provider.observe(&self.scope).await {
+        // A restart looks at the recorded instances only; other passes at
+        // everything under the scope's labels (orphans too).
+        let observing = if ask.reason == PassReason::Restart {
+            let ids: Vec<String> = store
+                .lock()
+                .await
+                .state()
+                .resources
+                .values()
+                .flat_map(|r| r.ids())
+                .collect();
+            self.provider.observe_recorded(&self.scope, &ids).await
+        } else {
+            self.provider.observe(&self.scope).await
+        };
+        let observed = match observing {
             Ok(o) => o,
             Err(e) => {
                 // The runtime is away: look again soon.
