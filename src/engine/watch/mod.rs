@@ -815,7 +815,15 @@ impl Watcher {
             self.provider.observe(&self.scope).await
         };
         let observed = match observing {
-            Ok(o) => o,
+            // What an event said ended is not running, whatever a lagging
+            // list says (Docker's reports a container killed a moment ago
+            // as running).
+            Ok(mut o) => {
+                for i in o.iter_mut().filter(|i| self.dead.contains(&i.id)) {
+                    i.running = false;
+                }
+                o
+            }
             Err(e) => {
                 // The runtime is away: look again soon.
                 self.emit(WatchEvent::Problem {

@@ -27,13 +27,23 @@ pub(super) enum Drift {
     Runtime,
 }
 
-/// Where the drift of non-noop action `a` comes from.
+/// Where the drift of non-noop action `a` comes from. An action that only
+/// removes instances nothing recorded (orphans of an interrupted run, or of
+/// a leader that lost its lease) is cleanup, done at once.
 pub(super) fn drift_of(a: &Action, state: &State) -> Drift {
     if a.action == ActionKind::Delete {
         return Drift::Config;
     }
     match state.resources.get(&a.service) {
-        Some(r) if a.config_hash.as_ref() == Some(&r.config_hash) => Drift::Runtime,
+        Some(r) if a.config_hash.as_ref() == Some(&r.config_hash) => {
+            let lost = r.ids().iter().any(|id| !a.keep.contains(id))
+                || r.status != crate::state::Status::Healthy;
+            if lost {
+                Drift::Runtime
+            } else {
+                Drift::Config
+            }
+        }
         _ => Drift::Config,
     }
 }
@@ -111,7 +121,12 @@ pub(super) fn select(
     let restarting: Vec<String> = chosen
         .values()
         .filter(|a| a.action != ActionKind::Delete)
-        .filter(|a| state.resources.contains_key(&a.service))
+        .filter(|a| {
+            state
+                .resources
+                .get(&a.service)
+                .is_some_and(|r| r.ids().iter().any(|id| !a.keep.contains(id)))
+        })
         .map(|a| a.service.clone())
         .collect();
     let mut released: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -318,6 +333,23 @@ services:
         );
         assert_eq!(names(&s), [("report", ActionKind::Update)]);
         assert!(s.restored.is_empty());
+    }
+
+    #[test]
+    fn an_orphan_beside_a_running_instance_is_removed_at_once_not_restarted() {
+        let c = config(&YML.replace("cache: {}", "cache: { restart: true }"));
+        let (state, mut live) = world(&c, &[]);
+        let mut orphan = live.iter().find(|i| i.service == "cache").unwrap().clone();
+        orphan.id = "999@9".into();
+        live.push(orphan);
+        let p = full(&c, &state, &live);
+        let cache = p.actions.iter().find(|a| a.service == "cache").unwrap();
+        assert_eq!(cache.stop, ["999@9"]);
+        assert_eq!(drift_of(cache, &state), Drift::Config);
+        let s = select(&p, &state, &c, &BTreeSet::new(), &BTreeMap::new(), false);
+        assert_eq!(names(&s), [("cache", ActionKind::Update)]);
+        assert!(s.restored.is_empty());
+        assert!(s.released.is_empty(), "nothing restarted: nothing released");
     }
 
     #[test]
