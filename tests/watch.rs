@@ -440,8 +440,10 @@ services:
         w.seen.clear();
     }
     eprintln!("(fds, threads, rss) passes 50-150: {early:?}, 400-500: {late:?}");
-    assert!(late.0 <= early.0, "descriptors grew: {early:?} → {late:?}");
-    assert!(late.1 <= early.1, "threads grew: {early:?} → {late:?}");
+    // Pooled threads (and their descriptors) come and go with timing: a
+    // couple either way is not growth; a leak per pass would be hundreds.
+    assert!(late.0 <= early.0 + 2, "descriptors grew: {early:?} → {late:?}");
+    assert!(late.1 <= early.1 + 2, "threads grew: {early:?} → {late:?}");
     assert!(
         late.2 <= early.2 + early.2 / 10,
         "memory grew more than 10%: {early:?} → {late:?}"
@@ -459,4 +461,93 @@ services:
     assert_eq!(traces, 20, "traces are capped at --keep-traces");
     let log = std::fs::metadata(p.path().join(".nanokit/watch/events.jsonl")).unwrap();
     assert!(log.len() <= 1 << 20);
+}
+
+/// Waits until `path` exists (the test's own hooks create them).
+fn wait_file(path: &std::path::Path, w: &Watcher) {
+    let by = std::time::Instant::now() + common::watcher::PATIENCE;
+    while !path.exists() {
+        assert!(
+            std::time::Instant::now() < by,
+            "no {}\n{}",
+            path.display(),
+            w.recent()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_leader_paused_past_its_lease_has_its_write_refused_and_nothing_is_duplicated() {
+    // svc's prestart hook, once `block` exists, says which watcher runs it
+    // and waits for `go`.
+    let p = Project::new(
+        r#"name: wfence
+services:
+  svc:
+    start: "exec sleep 600"
+    hooks:
+      prestart: "echo $PPID >> hooks.log; if [ -f block ]; then touch in-hook.$PPID; while [ ! -f go ]; do sleep 0.05; done; fi"
+"#,
+    );
+    let lease = [("NANOKIT_DEPLOY_LOCK_TTL", "3")];
+    let mut a = Watcher::start(&p.file(), &[], &lease);
+    a.until_event("passFinished", None);
+    let mut b = Watcher::start(&p.file(), &[], &lease);
+    b.until_event("standby", None);
+    let epoch_a = a.seen[0]["epoch"].as_u64().unwrap();
+    std::fs::write(p.path().join("block"), "").unwrap();
+    let first = pid_of(&p, "svc");
+    kill9(first);
+    // A restarts it and is inside the hook: pause it there, past its lease.
+    wait_file(&p.path().join(format!("in-hook.{}", a.pid)), &a);
+    a.signal(libc::SIGSTOP);
+    let took = b.until_event("leadershipAcquired", None);
+    assert!(took["epoch"].as_u64().unwrap() > epoch_a, "{took}");
+    // B restores svc itself (through the same hook).
+    wait_file(&p.path().join(format!("in-hook.{}", b.pid)), &b);
+    std::fs::write(p.path().join("go"), "").unwrap();
+    b.until("svc healthy", progress("svc", "healthy"));
+    b.until_event("passFinished", None);
+    let by_b = pid_of(&p, "svc");
+    let serial: u64 = {
+        let v: Value =
+            serde_json::from_slice(&std::fs::read(p.path().join(".nanokit/state.json")).unwrap())
+                .unwrap();
+        v["serial"].as_u64().unwrap()
+    };
+    // A wakes up in its pass: its next state write is refused.
+    a.signal(libc::SIGCONT);
+    let lost = a.until_event("leadershipLost", None);
+    assert!(
+        lost["reason"].as_str().unwrap().contains("refused"),
+        "{lost}"
+    );
+    let failed = a.taken(progress("svc", "failed"));
+    assert!(
+        failed.iter().any(|e| e["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("ENKSTATESTALE")
+            || e["message"].as_str().unwrap_or("").contains("refused")),
+        "{}",
+        a.recent()
+    );
+    a.until_event("standby", None);
+    // Nothing of A's made it: B's instance is the one recorded and running,
+    // and it is the only one.
+    let v: Value =
+        serde_json::from_slice(&std::fs::read(p.path().join(".nanokit/state.json")).unwrap())
+            .unwrap();
+    assert_eq!(v["serial"].as_u64().unwrap(), serial, "A wrote nothing");
+    assert_eq!(pid_of(&p, "svc"), by_b);
+    assert!(alive(by_b));
+    let labelled = common::labelled(&nanokit::engine::scope(&p.config()).state_id);
+    assert_eq!(labelled, [by_b], "one instance");
+    let hooks = std::fs::read_to_string(p.path().join("hooks.log")).unwrap();
+    assert_eq!(
+        hooks.lines().filter(|l| *l == a.pid.to_string()).count(),
+        2,
+        "A's initial start and its one restart attempt: {hooks}"
+    );
 }

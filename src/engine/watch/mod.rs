@@ -380,7 +380,7 @@ impl Watcher {
 
     /// Leads until stopped or the lease is lost.
     async fn lead(&mut self, lock: DeployLock, store: Store) -> Led {
-        let epoch = epoch_of(&lock);
+        let epoch = lock.epoch();
         let lost = lock.lost_token();
         {
             let (_, events) = self.paths();
@@ -1447,22 +1447,15 @@ fn stale_reason(epoch: u64) -> String {
 
 /// Whether `e` is a state write refused because another holder took over.
 fn is_stale(e: &crate::state::StateError) -> bool {
-    use crate::error::ErrorCode;
-    e.code() == "ENKSTATESTALE"
+    e.is_stale()
 }
 
 fn engine_stale(e: &EngineError) -> bool {
-    matches!(e, EngineError::State(s) if is_stale(s))
+    matches!(e, EngineError::State(s) if s.is_stale())
 }
 
-/// Whether a save of `run` was refused as stale.
-fn run_stale(_run: &Run) -> bool {
-    // Until the state backends fence writes by epoch (contract A).
-    false
-}
-
-/// The lease's epoch (contract A).
-fn epoch_of(_lock: &DeployLock) -> u64 {
-    // Until the state backends give it (contract A).
-    0
+/// Whether a save of `run` was refused as stale (it then started nothing
+/// new: see `Run::save`).
+fn run_stale(run: &Run) -> bool {
+    run.take_stale().is_some()
 }
