@@ -442,7 +442,10 @@ services:
     eprintln!("(fds, threads, rss) passes 50-150: {early:?}, 400-500: {late:?}");
     // Pooled threads (and their descriptors) come and go with timing: a
     // couple either way is not growth; a leak per pass would be hundreds.
-    assert!(late.0 <= early.0 + 2, "descriptors grew: {early:?} → {late:?}");
+    assert!(
+        late.0 <= early.0 + 2,
+        "descriptors grew: {early:?} → {late:?}"
+    );
     assert!(late.1 <= early.1 + 2, "threads grew: {early:?} → {late:?}");
     assert!(
         late.2 <= early.2 + early.2 / 10,

@@ -179,6 +179,7 @@ impl Provider for ProcessProvider {
             )
         })?;
         let pid = child.id();
+        tracing::debug!(service = %spec.service, pid, "started");
         // Not reaped yet, so its start time can be read even if it exited.
         let started = proc::stat(pid).map(|s| s.start_time);
         if let Some(start) = started {

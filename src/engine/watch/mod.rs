@@ -750,6 +750,7 @@ impl Watcher {
     /// Instance `id` of `service` ended with `exit` (once per instance):
     /// restart per the policy, or hold.
     fn death(&mut self, service: &str, id: &str, exit: Exit) {
+        tracing::debug!(service, instance = id, "ended: {exit}");
         if !self.dead.insert(id.to_string()) {
             // Told again (a `stop` after the `die`): only what a user did
             // can change the verdict, and only before the restart.
@@ -799,6 +800,7 @@ impl Watcher {
         let Some(store) = self.store.clone() else {
             return nothing;
         };
+        tracing::debug!(reason = ?ask.reason, due = ?ask.due, "pass");
         // A restart looks at the recorded instances only; other passes at
         // everything under the scope's labels (orphans too).
         let observing = if ask.reason == PassReason::Restart {
