@@ -5,6 +5,7 @@
 //! for an event of the watcher (`--output json`), never a sleep.
 
 mod common;
+mod services;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -553,4 +554,99 @@ services:
         2,
         "A's initial start and its one restart attempt: {hooks}"
     );
+}
+
+#[test]
+fn sigterm_lets_the_step_in_progress_finish_and_a_second_one_quits_at_once() {
+    let p = Project::new(
+        r#"name: wterm2
+services:
+  a:
+    start: "exec sleep 600"
+    hooks:
+      prestart: "if [ -f block ]; then touch in-hook; while [ ! -f go ]; do sleep 0.05; done; fi"
+"#,
+    );
+    // One SIGTERM: the hook finishes, nothing new starts, exit 0.
+    let mut w = watch(&p, &[]);
+    std::fs::write(p.path().join("block"), "").unwrap();
+    kill9(pid_of(&p, "a"));
+    wait_file(&p.path().join("in-hook"), &w);
+    w.signal(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(alive(w.pid), "the step in progress is not cut");
+    std::fs::write(p.path().join("go"), "").unwrap();
+    let st = w.wait_exit();
+    assert!(st.success(), "{st:?}\n{}", w.recent());
+    let pass = w.taken(|e| e["type"] == "passFinished");
+    assert_eq!(
+        pass.last().unwrap()["outcome"],
+        "cancelled",
+        "{}",
+        w.recent()
+    );
+    let restart = w
+        .seen
+        .iter()
+        .rposition(|e| e["type"] == "passStarted")
+        .unwrap();
+    assert!(
+        !w.seen[restart..].iter().any(progress("a", "health")),
+        "nothing new started after the hook: {}",
+        w.recent()
+    );
+    // Two SIGTERMs: it quits at once, mid-hook; the lease goes to the next
+    // watcher at once (its holder's pid is gone) and state is consistent.
+    std::fs::remove_file(p.path().join("go")).unwrap();
+    std::fs::remove_file(p.path().join("in-hook")).unwrap();
+    let mut w = Watcher::start(&p.file(), &[], &[]);
+    wait_file(&p.path().join("in-hook"), &w);
+    w.signal(libc::SIGTERM);
+    // The second only once the first was taken (its notice is the handler's).
+    w.until_event("progress", Some("a"));
+    w.signal(libc::SIGTERM);
+    let st = w.wait_exit();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(st.signal(), Some(libc::SIGTERM), "{st:?}");
+    std::fs::remove_file(p.path().join("block")).unwrap();
+    // (The killed watcher's hook would wait for `go` forever.)
+    std::fs::write(p.path().join("go"), "").unwrap();
+    let next = watch(&p, &[]);
+    let restored = next.taken(progress("a", "healthy"));
+    assert_eq!(restored.len(), 1, "{}", next.recent());
+    assert!(alive(pid_of(&p, "a")));
+}
+
+#[test]
+#[cfg_attr(
+    not(nk_pg),
+    ignore = "SKIPPED: needs NANOKIT_TEST_PG_URL (eval \"$(bash scripts/pg-test-cluster.sh)\")"
+)]
+fn on_a_postgresql_state_a_standby_in_another_folder_takes_over_once_the_lease_expires() {
+    let url = services::pg_url();
+    let name = format!("wpg{:06x}", fastrand::u32(..0x100_0000));
+    let yml = format!(
+        "name: {name}\ninfra: {{ state: \"{url}\" }}\nservices:\n  a:\n    start: \"exec sleep 600\"\n"
+    );
+    let (p, q) = (Project::new(&yml), Project::new(&yml));
+    let lease = [("NANOKIT_DEPLOY_LOCK_TTL", "2")];
+    let mut first = Watcher::start(&p.file(), &[], &lease);
+    first.until_event("passFinished", None);
+    let epoch = first.seen[0]["epoch"].as_u64().unwrap();
+    let mut second = Watcher::start(&q.file(), &[], &lease);
+    second.until_event("standby", None);
+    first.signal(libc::SIGKILL);
+    first.wait_exit();
+    let took = second.until_event("leadershipAcquired", None);
+    assert!(took["epoch"].as_u64().unwrap() > epoch, "{took}");
+    let pass = second.until_event("passFinished", None);
+    assert_eq!(
+        pass["changed"],
+        serde_json::json!([]),
+        "adopted, not redone"
+    );
+    let labelled = common::labelled(&nanokit::engine::scope(&q.config()).state_id);
+    assert_eq!(labelled.len(), 1, "{labelled:?}");
+    kill9(labelled[0]);
+    second.until("a restarted", is("restarted", "a"));
 }

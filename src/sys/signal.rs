@@ -5,13 +5,27 @@
 //! plain handler that writes to a pipe, and a thread reading it cancels the
 //! token. Dropping the guard restores the previous handler.
 
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use tokio_util::sync::CancellationToken;
 
 static PIPE_W: AtomicI32 = AtomicI32::new(-1);
+/// A signal was caught since `install_on`.
+static CAUGHT: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_sigint(_: libc::c_int) {
+extern "C" fn on_sigint(sig: libc::c_int) {
+    if CAUGHT.swap(true, Ordering::SeqCst) {
+        // A second signal before the first was taken up: its default
+        // action now (both calls are async-signal-safe).
+        // SAFETY: a zeroed sigaction with SIG_DFL is valid.
+        unsafe {
+            let mut dfl: libc::sigaction = std::mem::zeroed();
+            dfl.sa_sigaction = libc::SIG_DFL;
+            libc::sigaction(sig, &dfl, std::ptr::null_mut());
+            libc::raise(sig);
+        }
+        return;
+    }
     let fd = PIPE_W.load(Ordering::SeqCst);
     if fd >= 0 {
         // SAFETY: write(2) is async-signal-safe.
@@ -68,6 +82,7 @@ pub fn install_on(
     let signals = signals.to_vec();
     // SAFETY: plain libc calls on valid pointers.
     unsafe {
+        CAUGHT.store(false, Ordering::SeqCst);
         PIPE_W.store(fds[1], Ordering::SeqCst);
         let mut new: libc::sigaction = std::mem::zeroed();
         new.sa_sigaction = on_sigint as *const () as usize;
