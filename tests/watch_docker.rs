@@ -82,8 +82,12 @@ fn is(kind: &'static str, service: &'static str) -> impl Fn(&Value) -> bool {
     move |e: &Value| e["type"] == kind && e["service"] == service
 }
 
-/// Waits until `service` is restored: restarted, its pass finished.
+/// Waits until `service` is restored by the pass its end started (not by
+/// the full check): restarted, its pass finished.
 fn restored(w: &mut Watcher, service: &'static str) {
+    let pass = w.until("pass started", |e| e["type"] == "passStarted");
+    assert_eq!(pass["reason"], "restart", "{}", w.recent());
+    assert_eq!(pass["services"], serde_json::json!([service]));
     w.until("restarted", is("restarted", service));
     w.until("pass finished", |e| e["type"] == "passFinished");
 }
