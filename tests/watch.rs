@@ -260,13 +260,29 @@ fn processes_started_by_an_earlier_up_are_adopted_and_restarted() {
         String::from_utf8_lossy(&up.stderr)
     );
     let a = pid_of(&p, "a");
-    let mut w = Watcher::start(&p.file(), &[], &[]);
+    let mut w = Watcher::start(&p.file(), &["--interval", "200ms"], &[]);
     let first = w.until_event("passFinished", None);
     assert_eq!(
         first["changed"],
         serde_json::json!([]),
         "nothing to do at first"
     );
+    // Full checks go by: the adopted process is watched, not taken for dead
+    // (an exit seen wrongly would come at once).
+    let status = p.path().join(".nanokit/watch/status.json");
+    let mut checks = BTreeSet::new();
+    while checks.len() < 3 {
+        let v: Value = serde_json::from_slice(&std::fs::read(&status).unwrap()).unwrap();
+        checks.insert(v["lastCheck"].to_string());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    w.drain();
+    assert!(
+        w.taken(|e| e["type"] == "serviceExited").is_empty(),
+        "{}",
+        w.recent()
+    );
+    assert_eq!(pid_of(&p, "a"), a);
     kill9(a);
     let exited = w.until("a exited", is("serviceExited", "a"));
     // Not its child: the exit is known at once, its code is not.

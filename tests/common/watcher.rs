@@ -89,6 +89,13 @@ impl Watcher {
         })
     }
 
+    /// Takes every event already read from the watcher, without waiting.
+    pub fn drain(&mut self) {
+        while let Ok(v) = self.events.try_recv() {
+            self.seen.push(v);
+        }
+    }
+
     /// The events taken so far that match `pred`.
     pub fn taken(&self, pred: impl Fn(&Value) -> bool) -> Vec<&Value> {
         self.seen.iter().filter(|e| pred(e)).collect()

@@ -331,32 +331,16 @@ impl Watcher {
     /// Waits for the lease (saying who holds it meanwhile) and opens the
     /// state under it. `Cancelled` when stopped while waiting.
     async fn acquire(&mut self) -> Result<(DeployLock, Store), EngineError> {
+        use crate::error::ErrorCode;
         let config = self.config.clone();
-        let first = crate::state::lock::lock_state(&config, &self.label, None, &self.stop).await;
-        let held = match first {
-            Ok(held) => held,
-            Err(e) => match EngineError::from(e) {
-                EngineError::Lock(l @ crate::lock::LockError::Locked { .. }) => {
-                    self.standby(l.to_string());
-                    crate::state::lock::lock_state(&config, &self.label, Some(FOREVER), &self.stop)
-                        .await
-                        .map_err(|e| match EngineError::from(e) {
-                            EngineError::Lock(crate::lock::LockError::Aborted { .. }) => {
-                                EngineError::Cancelled
-                            }
-                            e => e,
-                        })?
-                }
-                EngineError::State(l @ crate::state::StateError::Locked { .. }) => {
-                    self.standby(l.to_string());
-                    crate::state::lock::lock_state(&config, &self.label, Some(FOREVER), &self.stop)
-                        .await?
-                }
-                EngineError::Lock(crate::lock::LockError::Aborted { .. }) => {
-                    return Err(EngineError::Cancelled)
-                }
-                e => return Err(e),
-            },
+        let lock =
+            |timeout| crate::state::lock::lock_state(&config, &self.label, timeout, &self.stop);
+        let held = match lock(None).await.map_err(EngineError::from) {
+            Err(held_by) if held_by.code() == "ENKLOCKED" => {
+                self.standby(held_by.to_string());
+                lock(Some(FOREVER)).await?
+            }
+            r => r?,
         };
         if held.0.recovered() {
             let _ = self.provider.settle(&self.scope).await;
