@@ -666,3 +666,47 @@ fn on_a_postgresql_state_a_standby_in_another_folder_takes_over_once_the_lease_e
     kill9(labelled[0]);
     second.until("a restarted", is("restarted", "a"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_engine_api_stops_or_kills_and_frees_the_lease_in_a_process_that_goes_on() {
+    use nanokit::engine::watch::{self, status::WatchEvent, WatchOptions};
+    use std::sync::Arc;
+    let p = Project::new("name: wapi\nservices:\n  a:\n    start: \"exec sleep 600\"\n");
+    let held = |p: &Project| {
+        nanokit::lock::inspect(&lock_file(p), nanokit::lock::DEFAULT_STALE)
+            .unwrap()
+            .is_some()
+    };
+    for kill in [false, true] {
+        let file = p.file();
+        let mut opts = WatchOptions::new(Arc::new(move || {
+            nanokit::config::load(&nanokit::config::LoadOptions::new(file.clone()))
+        }));
+        let (stop, now) = (opts.run.cancel.clone(), opts.kill.clone());
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        opts.on_event = Some(Arc::new(move |r| {
+            let _ = tx.send(r.event.clone());
+        }));
+        let run = tokio::spawn(watch::watch(opts));
+        while let Some(e) = rx.recv().await {
+            if matches!(e, WatchEvent::PassFinished { .. }) {
+                break;
+            }
+        }
+        assert!(held(&p), "the leader holds the lease");
+        if kill {
+            now.cancel();
+        } else {
+            stop.cancel();
+        }
+        let end = run.await.unwrap().unwrap();
+        assert_eq!(end.reason, if kill { "killed" } else { "stopped" });
+        assert!(!held(&p), "the lease is free while this process goes on");
+        assert!(alive(pid_of(&p, "a")), "services keep running");
+        let status: Value = serde_json::from_slice(
+            &std::fs::read(p.path().join(".nanokit/watch/status.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(status["role"], "stopped");
+    }
+}

@@ -133,8 +133,13 @@ pub async fn watch(opts: WatchOptions) -> Result<WatchEnd, EngineError> {
         _ = kill.cancelled() => true,
     };
     if killed {
-        // What the dropped run held is released by now (the lease on
-        // drop); say it stopped.
+        // The loop was dropped where it was: release the lease it held and
+        // say it stopped.
+        if let Some(lock) = w.lock.take() {
+            if let Err(e) = lock.release().await {
+                tracing::warn!("cannot release the deploy lock: {e}");
+            }
+        }
         let (path, _) = w.paths();
         status::mark_stopped(&path, std::process::id());
     }
@@ -275,6 +280,8 @@ struct Watcher {
     store: Option<Arc<AsyncMutex<Store>>>,
     /// The last status written (not written again unchanged).
     written: Option<WatchStatus>,
+    /// While leading: the lease.
+    lock: Option<DeployLock>,
     /// While leading: the per-instance watches and where they report.
     watches: Watches,
     inputs: Option<sources::Sender>,
@@ -314,6 +321,7 @@ impl Watcher {
             replace: BTreeMap::new(),
             store: None,
             written: None,
+            lock: None,
             watches: Watches::default(),
             inputs: None,
             opts,
@@ -387,7 +395,11 @@ impl Watcher {
         // Readers know who leads from now on (also during the initial pass).
         self.written = None;
         self.write_status(epoch, Role::Leader).await;
+        // Kept beside the loop, not in it: a watcher stopped at once drops
+        // the loop and still releases the lease (`watch`).
+        self.lock = Some(lock);
         let led = self.lead_locked(epoch, &lost).await;
+        let lock = self.lock.take().expect("the lease is kept while leading");
         // Stopped or lost: the sources end with this scope's tasks.
         match &led {
             Led::Stopped => {
