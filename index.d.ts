@@ -243,6 +243,15 @@ export interface InfraOptions {
   stopGraceMs?: number
   /** `down`: also delete named volumes. */
   volumes?: boolean
+  /** `watch`: the full drift check's period (ms). Default 30000. */
+  intervalMs?: number
+  /** `watch`: how many pass traces to keep. Default 50. */
+  keepTraces?: number
+  /**
+   * `watch`: rotate a process service's log past this many bytes.
+   * Default 10 MiB.
+   */
+  logMaxBytes?: number
 }
 
 /** Describes the lock at `path`, or null if it is not held. */
@@ -529,6 +538,11 @@ export interface ServiceStatus {
   running: number
   updatedAt: string
   error?: string
+  /**
+   * What the watcher keeps about it: `{ policy, restarts, lastExit,
+   * nextAttempt, backoffMs, health, held, instances }`.
+   */
+  watch?: any
 }
 
 /** One key of `list()`. */
@@ -572,3 +586,27 @@ export declare function status(options?: InfraOptions | undefined | null): Promi
  * volumes would be deleted without `force`.
  */
 export declare function up(options?: InfraOptions, onEvent?: (event: InfraEvent) => void, abort?: AbortHandle): Promise<RunResult>
+
+/**
+ * Keeps the services at nanokit.yml until `stop` is aborted (gracefully:
+ * the step in progress finishes, the lease is released, services keep
+ * running) or `kill` is (at once). Each event (a line of the watcher's
+ * event log, see `engine::watch::status`) goes to `onEvent`.
+ */
+export declare function watch(options?: InfraOptions, onEvent?: (event: any) => void, stop?: AbortHandle, kill?: AbortHandle): Promise<WatchResult>
+
+/** How `watch` ended. */
+export interface WatchResult {
+  /** Passes with something to do. */
+  passes: number
+  /** Times it took the lease. */
+  leaderships: number
+  /** `stopped`, or `killed` after a second `stop()`. */
+  reason: string
+}
+
+/**
+ * The watcher of the project (its status file, with `running`), or null
+ * when none ever led it.
+ */
+export declare function watchStatus(options?: InfraOptions | undefined | null): Promise<any | null>

@@ -861,3 +861,5 @@ module.exports.repoGc = nativeBinding.repoGc
 module.exports.repoStatus = nativeBinding.repoStatus
 module.exports.status = nativeBinding.status
 module.exports.up = nativeBinding.up
+module.exports.watch = nativeBinding.watch
+module.exports.watchStatus = nativeBinding.watchStatus

@@ -14,10 +14,11 @@ import type {
   ServiceStatus,
   DriftResult,
   HubOptions,
+  WatchResult,
 } from './index'
 
 export type { InstallResult, LockHolder, LockInspection, ProvisionResult }
-export type { InfraOptions, InfraEvent, ConfigInfo, PlanResult, RunResult, ServiceStatus, DriftResult, HubOptions }
+export type { InfraOptions, InfraEvent, ConfigInfo, PlanResult, RunResult, ServiceStatus, DriftResult, HubOptions, WatchResult }
 
 /** Stable error codes carried in `err.code`. */
 export type NanokitErrorCode =
@@ -255,7 +256,7 @@ export declare function up(options?: RunOptions & { signal?: AbortSignal }): Pro
 /** Stops and removes services, dependents first. */
 export declare function down(options?: RunOptions): Promise<RunResult>
 /** Recorded status of each service and whether its process is alive. */
-export declare function status(options?: InfraOptions): Promise<ServiceStatus[]>
+export declare function status(options?: InfraOptions): Promise<(Omit<ServiceStatus, 'watch'> & { watch?: ServiceWatch })[]>
 /** Compares state with the running world. */
 export declare function drift(options?: InfraOptions): Promise<DriftResult>
 
@@ -276,6 +277,116 @@ export interface Hub {
  * port is taken, ENKCONFIG…
  */
 export declare function hub(options?: HubOptions): Promise<Hub>
+
+// ---- The reconciliation loop (`nanokit watch`) ----------------------------
+// The JSON of the watcher's status file and event log (.nanokit/watch/), as
+// src/engine/watch/status.rs defines them.
+
+/** How an instance ended. */
+export interface Exit {
+  kind: 'exited' | 'stopped' | 'removed' | 'unhealthy' | 'gone' | 'failed'
+  code?: number
+  signal?: string
+}
+
+/** What the watcher keeps about one service. */
+export interface ServiceWatch {
+  /** `always`, `on-failure`, `on-failure:3`, `unless-stopped`, `no`. */
+  policy: string
+  /** Restarts this watcher made. */
+  restarts: number
+  lastExit: (Exit & { at: string; text: string }) | null
+  /** While backing off: when the next attempt is due (RFC 3339). */
+  nextAttempt: string | null
+  backoffMs: number | null
+  health: 'healthy' | 'starting' | 'unhealthy' | 'backingOff' | 'down' | 'unknown'
+  /** Why it is not restarted, when it is not. */
+  held: string | null
+  instances: string[]
+}
+
+export type PassReason = 'initial' | 'restart' | 'config' | 'fullCheck' | 'request'
+
+export interface PassSummary {
+  pass: number
+  reason: PassReason
+  startedAt: string
+  finishedAt: string
+  outcome: 'ok' | 'failed' | 'cancelled'
+  changed: string[]
+  failed: string[]
+  run: string | null
+  traceId: string | null
+}
+
+/** The watcher's status (`.nanokit/watch/status.json`), with `running`. */
+export interface WatchStatus {
+  version: number
+  project: string
+  env: string
+  file: string
+  role: 'leader' | 'stopped'
+  leader: { holder: string; pid: number; pidStart: number | null; host: string; hostId: string; epoch: number; since: string }
+  startedAt: string
+  intervalMs: number
+  lastPass: PassSummary | null
+  lastCheck: string | null
+  nextFullCheck: string | null
+  passes: number
+  services: Record<string, ServiceWatch>
+  updatedAt: string
+  /** Whether that watcher still runs (on this host: its process is alive). */
+  running: boolean
+}
+
+/** One event of the watcher (a line of `.nanokit/watch/events.jsonl`). */
+export type WatchEvent = { seq: number; at: string; pid: number; epoch: number } & (
+  | { type: 'standby'; holder: string | null }
+  | { type: 'leadershipAcquired'; holder: string }
+  | { type: 'leadershipLost'; reason: string }
+  | { type: 'passStarted'; pass: number; reason: PassReason; services: string[]; request: string | null; traceId: string | null }
+  | { type: 'passFinished'; pass: number; outcome: 'ok' | 'failed' | 'cancelled'; changed: string[]; failed: string[]; run: string | null; traceId: string | null; traceFile: string | null; elapsedMs: number }
+  | { type: 'progress'; service: string; phase: string; elapsedMs: number; message: string | null }
+  | { type: 'serviceExited'; service: string; instance: string; exit: Exit; text: string }
+  | { type: 'restartScheduled'; service: string; attempt: number; delayMs: number; dueAt: string }
+  | { type: 'restarted'; service: string; attempt: number; instances: string[] }
+  | { type: 'restartFailed'; service: string; attempt: number; error: string }
+  | { type: 'held'; service: string; reason: string }
+  | { type: 'backoffReset'; service: string }
+  | { type: 'healthFailed'; service: string; instance: string; failures: number; retries: number; output: string }
+  | { type: 'dependentsReleased'; service: string; dependents: string[] }
+  | { type: 'driftFound'; items: { service: string; detail: string }[] }
+  | { type: 'configReloaded'; error: string | null }
+  | { type: 'request'; id: string; command: string; services: string[] }
+  | { type: 'problem'; message: string }
+  | { type: 'stopped'; reason: string }
+)
+
+export interface WatchOptions extends InfraOptions {
+  /** Each event the watcher sees or makes. */
+  onEvent?: (event: WatchEvent) => void
+  /** Aborting it is `stop()`. */
+  signal?: AbortSignal
+}
+
+/** A running watcher. */
+export interface WatchHandle {
+  /** Each event (replaceable while it runs). */
+  onEvent?: (event: WatchEvent) => void
+  /** Settles when the watcher has stopped (rejects with its error: `ENKCONFIG`, …). */
+  readonly done: Promise<WatchResult>
+  /** Stops gracefully (the step in progress finishes, the lease is released, services keep running); a second call stops at once. Returns `done`. */
+  stop(): Promise<WatchResult>
+}
+
+/**
+ * Keeps the services at nanokit.yml (`nanokit watch`): an initial `up`, then
+ * passes driven by events (exits, Docker events, failed health checks,
+ * nanokit.yml changes) and a full drift check every `intervalMs`, until stopped.
+ */
+export declare function watch(options?: WatchOptions): WatchHandle
+/** The watcher of the project, or null when none ever led it. */
+export declare function watchStatus(options?: InfraOptions): Promise<WatchStatus | null>
 
 // Shared key/value state with named locks: see kv-wrapper.d.ts.
 export { openState, openStateSync, State } from './kv-wrapper'

@@ -330,6 +330,50 @@ function drift(options) {
 }
 
 /**
+ * Keeps the services at nanokit.yml (`nanokit watch`) until stopped.
+ * Returns a handle: `stop()` stops gracefully (the step in progress
+ * finishes, the lease is released, services keep running; a second call
+ * stops at once) and returns `done`, the promise that settles when the
+ * watcher has stopped; `onEvent` (also settable on the handle) receives
+ * each event. `signal` aborting is `stop()`.
+ */
+function watch(options = {}) {
+  const { onEvent, signal, ...rest } = options
+  const stopHandle = new native.AbortHandle()
+  const killHandle = new native.AbortHandle()
+  let stopping = false
+  const handle = {
+    onEvent: typeof onEvent === 'function' ? onEvent : undefined,
+    done: undefined,
+    stop() {
+      if (stopping) killHandle.abort()
+      else {
+        stopping = true
+        stopHandle.abort()
+      }
+      return handle.done
+    },
+  }
+  const cb = (e) => {
+    if (typeof handle.onEvent === 'function') handle.onEvent(e)
+  }
+  const onAbort = () => handle.stop()
+  if (signal) {
+    if (signal.aborted) stopHandle.abort()
+    else signal.addEventListener('abort', onAbort, { once: true })
+  }
+  handle.done = callAsync(native.watch, rest, cb, stopHandle, killHandle).finally(() => {
+    if (signal) signal.removeEventListener('abort', onAbort)
+  })
+  return handle
+}
+
+/** The watcher of the project (its status, with `running`), or null when none ever led it. */
+function watchStatus(options) {
+  return callAsync(native.watchStatus, options)
+}
+
+/**
  * Exports the spans still buffered for OpenTelemetry (installs, lock waits)
  * when OTEL_EXPORTER_OTLP_ENDPOINT is set; `up` and `down` flush their own.
  * Never rejects.
@@ -390,6 +434,8 @@ module.exports = {
   status,
   drift,
   hub,
+  watch,
+  watchStatus,
   // Shared key/value state with named locks (kv-wrapper.js).
   openState: kv.openState,
   openStateSync: kv.openStateSync,

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::time::Duration;
 
 use nanokit::config::{self, interp::Vars, load_str, Config, ConfigError};
 use nanokit::graph::{Dag, GraphError};
@@ -846,4 +847,129 @@ fn an_infra_state_url_of_an_unknown_scheme_is_enkconfig_at_its_line() {
     .unwrap_err();
     assert_eq!(e.code, "ENKCONFIG");
     assert!(e.message.contains("NANOKIT_STATE_URL"), "{e}");
+}
+
+#[test]
+fn restart_policies_in_composes_words() {
+    use nanokit::config::RestartPolicy;
+    let policy = |p: &str| {
+        load(
+            &svc(&format!("    start: run\n    restart: {p}\n")),
+            "local",
+            &vars(&[]),
+        )
+        .map(|c| c.services["api"].restart)
+    };
+    assert_eq!(policy("always").unwrap(), RestartPolicy::Always);
+    assert_eq!(policy("\"no\"").unwrap(), RestartPolicy::No);
+    assert_eq!(policy("no").unwrap(), RestartPolicy::No);
+    assert_eq!(
+        policy("unless-stopped").unwrap(),
+        RestartPolicy::UnlessStopped
+    );
+    assert_eq!(
+        policy("on-failure").unwrap(),
+        RestartPolicy::OnFailure { max: None }
+    );
+    assert_eq!(
+        policy("on-failure:3").unwrap(),
+        RestartPolicy::OnFailure { max: Some(3) }
+    );
+    assert_eq!(
+        policy("on-failure:0").unwrap(),
+        RestartPolicy::OnFailure { max: None },
+        "Docker's 0: no limit"
+    );
+    assert_eq!(policy("on-failure:3").unwrap().to_string(), "on-failure:3");
+    for bad in ["sometimes", "on-failure:x", "on-failure:-1"] {
+        let e = policy(bad).unwrap_err();
+        assert!(e.message.contains("`restart` is"), "{bad}: {e}");
+        assert!(e.message.contains("unless-stopped"), "{bad}: {e}");
+    }
+    // Default under watch: always; backoff cap 60 s unless set.
+    let c = load(&svc("    start: run\n"), "local", &vars(&[])).unwrap();
+    assert_eq!(c.services["api"].restart, RestartPolicy::Always);
+    assert_eq!(
+        c.services["api"].restart_backoff_max,
+        Duration::from_secs(60)
+    );
+    let c = load(
+        &svc("    start: run\n    restart_backoff_max: 5s\n"),
+        "local",
+        &vars(&[]),
+    )
+    .unwrap();
+    assert_eq!(
+        c.services["api"].restart_backoff_max,
+        Duration::from_secs(5)
+    );
+    let e = load(
+        &svc("    start: run\n    restart_backoff_max: 1ms\n"),
+        "local",
+        &vars(&[]),
+    )
+    .unwrap_err();
+    assert!(e.message.contains("restart_backoff_max"), "{e}");
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+}
+
+#[test]
+fn depends_on_long_form_with_restart_and_condition() {
+    let src = r#"
+name: demo
+runtimes:
+  node:
+    start: node index.js
+    depends_on: { db: { condition: service_healthy } }
+services:
+  db: { start: "exec sleep 600" }
+  cache: { start: "exec sleep 600" }
+  api:
+    runtime: node
+    depends_on:
+      db: { condition: service_healthy, restart: true }
+      cache: { condition: service_started }
+  worker:
+    start: "exec sleep 600"
+    depends_on: [api]
+"#;
+    let c = load(src, "local", &vars(&[])).unwrap();
+    let deps = |s: &str| -> Vec<(String, bool)> {
+        c.services[s]
+            .depends_on
+            .iter()
+            .map(|d| (d.name.clone(), d.restart))
+            .collect()
+    };
+    assert_eq!(
+        deps("api"),
+        [("db".to_string(), true), ("cache".to_string(), false)],
+        "the service's own entry beats its runtime's"
+    );
+    assert_eq!(deps("worker"), [("api".to_string(), false)], "short form");
+    let w: Vec<String> = c.warnings.iter().map(|w| w.to_string()).collect();
+    assert!(
+        w.iter()
+            .any(|w| w.contains("service_started") && w.contains("healthy")),
+        "{w:?}"
+    );
+    let bad = src.replace("service_started", "service_completed_successfully");
+    let e = load(&bad, "local", &vars(&[])).unwrap_err();
+    assert!(e.message.contains("not supported"), "{e}");
+    let bad = src.replace("restart: true", "restart: maybe");
+    let e = load(&bad, "local", &vars(&[])).unwrap_err();
+    assert!(
+        e.message
+            .contains("`depends_on.db.restart` must be `true` or `false`"),
+        "{e}"
+    );
+    let odd = src.replace("restart: true", "restart: true, wait: 1");
+    let c = load(&odd, "local", &vars(&[])).unwrap();
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.message.contains("unknown key `wait`")),
+        "{:?}",
+        c.warnings
+    );
 }

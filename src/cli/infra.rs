@@ -55,7 +55,7 @@ pub struct RunArgs {
 
 /// A number of seconds from the command line: 0 or more, fractions allowed;
 /// `inf` (or anything past about 30 years) is about 30 years.
-fn seconds(arg: &str) -> Result<Duration, String> {
+pub(super) fn seconds(arg: &str) -> Result<Duration, String> {
     let v: f64 = arg
         .parse()
         .map_err(|_| format!("`{arg}` is not a number of seconds"))?;
@@ -148,10 +148,42 @@ pub enum InfraCommand {
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
-    /// Show each service's recorded status and whether its process is alive
+    /// Keep the services at nanokit.yml: an initial `up`, then restore what dies, restart what
+    /// fails its health check, apply changes of nanokit.yml, until SIGINT/SIGTERM.
+    ///
+    /// Passes are driven by events, not by polling: an instance's exit (a pidfd per process;
+    /// Docker's event stream, filtered by the project's labels), a failed health check (nanokit
+    /// probes processes at their check's interval; Docker's own verdict for containers),
+    /// nanokit.yml or .env changed (applied as `up` would), and a full drift check every
+    /// --interval as the safety net. A pass restores only what drifted, in dependency order, with
+    /// hooks and health gates as `up`, and writes one trace (a pass with nothing to do writes
+    /// none; the last --keep-traces are kept).
+    ///
+    /// Per service, `restart: always | on-failure[:N] | unless-stopped | no` (default always)
+    /// decides; restarts back off: the first at once, then 100 ms doubling up to
+    /// `restart_backoff_max` (60 s), reset once it stayed healthy 10 s. A service restarted by
+    /// the watcher also restarts, once it is healthy again, the dependents that declare
+    /// `depends_on: {<service>: {restart: true}}`.
+    ///
+    /// One watcher leads: it holds the deploy lock as a lease; a second `watch` waits as a standby
+    /// and takes over when the first stops, dies (at once on this host) or lets its lease expire.
+    /// Every state write carries the lease's epoch, and a write of an older epoch is refused, so a
+    /// paused leader that wakes up cannot overwrite its successor's state. While a watcher leads,
+    /// `nanokit up` / `down` on this host are handed to it and report its result.
+    ///
+    /// SIGTERM / SIGINT: the step in progress finishes, the lease is released, services keep
+    /// running; a second signal quits at once. Status: `nanokit status`; events:
+    /// .nanokit/watch/events.jsonl.
+    Watch(super::watch::WatchArgs),
+    /// Show each service's recorded status and whether its process is alive, and the watcher
+    /// (who leads, its epoch, last pass, next full check; per service its restarts, last exit
+    /// and next attempt)
     Status {
         #[command(flatten)]
         project: Project,
+        /// Only the watcher's status (JSON: its status file, with `running`; null when none)
+        #[arg(long)]
+        watcher: bool,
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
@@ -198,7 +230,7 @@ pub enum InfraSub {
 /// Loads the configuration, prints its warnings, and registers its secrets
 /// with the process-wide masker: everything these commands print (stdout,
 /// stderr, `NANOKIT_LOG` lines, errors) is masked with it.
-fn load(project: &Project) -> Result<Config, config::ConfigError> {
+pub(super) fn load(project: &Project) -> Result<Config, config::ConfigError> {
     let cfg = config::load(&LoadOptions {
         file: project.file.clone(),
         env: project.env.clone(),
@@ -327,7 +359,7 @@ fn print_trace(t: Option<&crate::trace::RunTrace>) {
 }
 
 /// An engine error; a cancelled run (Ctrl-C, lost deploy lease) exits 130.
-fn engine_exit(e: EngineError) -> CliResult {
+pub(super) fn engine_exit(e: EngineError) -> CliResult {
     let cancelled = matches!(e, EngineError::Cancelled | EngineError::DownCancelled);
     let err = CliError::from(e);
     Err(if cancelled { err.with_exit(130) } else { err })
@@ -453,7 +485,12 @@ async fn run_command(cmd: InfraCommand) -> CliResult {
             let restart = Command::Restart(services);
             traced(&project, output, "restart", Box::new(load), restart, opts).await
         }
-        InfraCommand::Status { project, output } => status(&project, output).await,
+        InfraCommand::Watch(args) => super::watch::run(args).await,
+        InfraCommand::Status {
+            project,
+            watcher,
+            output,
+        } => status(&project, watcher, output).await,
         InfraCommand::Logs {
             project,
             service,
@@ -548,14 +585,38 @@ async fn plan(
     }
 }
 
-async fn status(project: &Project, output: Output) -> CliResult {
-    let rows = match async { engine::status_of(&load(project)?).await }.await {
-        Ok(rows) => rows,
+async fn status(project: &Project, watcher_only: bool, output: Output) -> CliResult {
+    if watcher_only {
+        let cfg = load(project)?;
+        let w = engine::watcher_of(&cfg);
+        if output == Output::Json {
+            let v = w.map(|(s, running)| {
+                let mut v = serde_json::to_value(s).expect("status serialises");
+                v["running"] = running.into();
+                v
+            });
+            json(&v);
+        } else {
+            outln!("{}", watcher_line(w.as_ref()));
+        }
+        return Ok(exit::OK);
+    }
+    let r = async {
+        let cfg = load(project)?;
+        let rows = engine::status_of(&cfg).await?;
+        Ok::<_, EngineError>((rows, engine::watcher_of(&cfg)))
+    }
+    .await;
+    let (rows, watcher) = match r {
+        Ok(r) => r,
         Err(e) => return engine_exit(e),
     };
     if output == Output::Json {
         json(&rows);
         return Ok(exit::OK);
+    }
+    if watcher.is_some() {
+        outln!("{}", watcher_line(watcher.as_ref()));
     }
     if rows.is_empty() {
         outln!(
@@ -564,24 +625,45 @@ async fn status(project: &Project, output: Output) -> CliResult {
         );
         return Ok(exit::OK);
     }
-    outln!(
-        "{:<20} {:<13} {:<8} {:<8} {:<7} UPDATED",
-        "SERVICE",
-        "STATUS",
-        "RUNNING",
-        "PID",
-        "PORT"
+    let watched = watcher.is_some();
+    let mut head = format!(
+        "{:<20} {:<13} {:<8} {:<8} {:<7}",
+        "SERVICE", "STATUS", "RUNNING", "PID", "PORT"
     );
+    if watched {
+        head.push_str(&format!(
+            " {:<9} {:<30} {:<13}",
+            "RESTARTS", "LAST EXIT", "NEXT ATTEMPT"
+        ));
+    }
+    outln!("{head} UPDATED");
     for r in &rows {
-        outln!(
-            "{:<20} {:<13} {:<8} {:<8} {:<7} {}",
+        let mut line = format!(
+            "{:<20} {:<13} {:<8} {:<8} {:<7}",
             r.service,
             r.status,
             format!("{}/{}", r.running, r.instances.len()),
             r.pid.map_or("-".into(), |p| p.to_string()),
             r.port.map_or("-".into(), |p| p.to_string()),
-            r.updated_at
         );
+        if watched {
+            let w = r.watch.as_ref();
+            line.push_str(&format!(
+                " {:<9} {:<30} {:<13}",
+                w.map_or("-".into(), |w| w.restarts.to_string()),
+                w.and_then(|w| w.last_exit.as_ref())
+                    .map_or("-".into(), |e| e.text.clone()),
+                w.and_then(|w| w.next_attempt.as_deref())
+                    .and_then(|t| t
+                        .split_once('T')
+                        .map(|x| x.1.trim_end_matches('Z').to_string()))
+                    .unwrap_or_else(|| "-".into()),
+            ));
+        }
+        outln!("{line} {}", r.updated_at);
+        if let Some(held) = r.watch.as_ref().and_then(|w| w.held.as_ref()) {
+            outln!("    not restarted: {held}");
+        }
         if let Some(e) = &r.error {
             // Masked again: a state written by an older nanokit may hold an
             // unmasked error.
@@ -589,6 +671,57 @@ async fn status(project: &Project, output: Output) -> CliResult {
         }
     }
     Ok(exit::OK)
+}
+
+/// `Watcher: pid 12 on host, leading since …, epoch 3; last pass …; next
+/// full check …`.
+fn watcher_line(w: Option<&(engine::watch::status::WatchStatus, bool)>) -> String {
+    let Some((s, running)) = w else {
+        return "Watcher: none has led this project.".into();
+    };
+    let l = &s.leader;
+    if !running {
+        return format!(
+            "Watcher: none running (the last one, pid {} on {}, {} at {}).",
+            l.pid,
+            l.host,
+            if s.role == engine::watch::status::Role::Stopped {
+                "stopped"
+            } else {
+                "died"
+            },
+            s.updated_at
+        );
+    }
+    let mut line = format!(
+        "Watcher: pid {} on {}, leading since {} (epoch {}, holder '{}')",
+        l.pid, l.host, l.since, l.epoch, l.holder
+    );
+    match &s.last_pass {
+        Some(p) => line.push_str(&format!(
+            "; last pass {} ({}) {} at {}{}",
+            p.pass,
+            serde_json::to_value(p.reason)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            serde_json::to_value(p.outcome)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            p.finished_at,
+            p.run
+                .as_ref()
+                .map(|r| format!(", trace {r}"))
+                .unwrap_or_default()
+        )),
+        None => line.push_str("; no pass yet"),
+    }
+    if let Some(n) = &s.next_full_check {
+        line.push_str(&format!("; next full check at {n}"));
+    }
+    line.push('.');
+    line
 }
 
 async fn logs(project: &Project, service: &str, lines: usize, follow: bool) -> CliResult {

@@ -15,6 +15,7 @@ mod lock;
 mod repo;
 mod state;
 mod timeline;
+mod watch;
 
 use std::fmt::Display;
 use std::io::{BufRead, IsTerminal, Write};

@@ -229,7 +229,51 @@ pub struct Dep {
     pub name: String,
     #[serde(skip)]
     pub loc: Loc,
+    /// `depends_on: {<name>: {restart: true}}`: under `nanokit watch`, this
+    /// service is restarted after `<name>` was restarted and is healthy
+    /// again.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub restart: bool,
 }
+
+/// What `nanokit watch` does when a service's instance ends
+/// (`restart:`, in Docker Compose's words). Nothing else looks at it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RestartPolicy {
+    /// Restart whatever ended it (the default).
+    #[default]
+    Always,
+    /// Restart when it failed (exit code not 0, killed, unhealthy), at most
+    /// `max` times (None: no limit) until it stays healthy; not when a
+    /// user stopped or removed it.
+    OnFailure { max: Option<u32> },
+    /// As `always`, except after a user stopped or removed it (`docker
+    /// stop`, `docker rm`, `nanokit down <service>`).
+    UnlessStopped,
+    /// Never restart it (the watcher still applies configuration changes).
+    No,
+}
+
+impl fmt::Display for RestartPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RestartPolicy::Always => f.write_str("always"),
+            RestartPolicy::OnFailure { max: None } => f.write_str("on-failure"),
+            RestartPolicy::OnFailure { max: Some(n) } => write!(f, "on-failure:{n}"),
+            RestartPolicy::UnlessStopped => f.write_str("unless-stopped"),
+            RestartPolicy::No => f.write_str("no"),
+        }
+    }
+}
+
+impl Serialize for RestartPolicy {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// The longest restart backoff by default (`restart_backoff_max`).
+pub const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(60);
 
 /// A service after merging, interpolation and runtime inheritance.
 #[derive(Debug, Clone, Serialize)]
@@ -270,6 +314,11 @@ pub struct Service {
     pub healthcheck: Option<Healthcheck>,
     pub cpu: Option<f64>,
     pub memory: Option<u64>,
+    /// Under `nanokit watch`: when to restart it.
+    pub restart: RestartPolicy,
+    /// Under `nanokit watch`: the longest delay between restarts.
+    #[serde(with = "dur_ms")]
+    pub restart_backoff_max: Duration,
 }
 
 impl Service {
@@ -346,6 +395,14 @@ pub struct Config {
 }
 
 impl Config {
+    /// The file's absolute path (its folder resolved).
+    pub fn file_abs(&self) -> PathBuf {
+        match self.file.file_name() {
+            Some(n) => self.dir.join(n),
+            None => self.file.clone(),
+        }
+    }
+
     /// `.nanokit` beside the file.
     pub fn work_dir(&self) -> PathBuf {
         self.dir.join(".nanokit")

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use super::cx::{shown, Cx};
 use super::yaml::{self, Key, Node, Value};
 use super::{
-    ConfigError, Dep, Hooks, ProviderKind, Service, UpdateStrategy, Volume, VolumeMount,
-    MAX_INHERITED_NODES,
+    ConfigError, Dep, Hooks, ProviderKind, RestartPolicy, Service, UpdateStrategy, Volume,
+    VolumeMount, MAX_DURATION, MAX_INHERITED_NODES, RESTART_BACKOFF_MAX,
 };
 
 pub(super) const SERVICE_KEYS: &[&str] = &[
@@ -29,6 +29,8 @@ pub(super) const SERVICE_KEYS: &[&str] = &[
     "healthcheck",
     "cpu",
     "memory",
+    "restart",
+    "restart_backoff_max",
 ];
 const HOOK_KEYS: &[&str] = &[
     "prestart",
@@ -92,6 +94,17 @@ impl Cx<'_> {
             _ => None,
         };
         let (cpu, memory) = self.limits(b, provider, &ctx)?;
+        let restart = self.restart_policy(b)?;
+        let restart_backoff_max = match b.get("restart_backoff_max") {
+            Some(n) if !n.is_null() => self.duration(
+                n,
+                "restart_backoff_max",
+                std::time::Duration::from_millis(100),
+                MAX_DURATION,
+                false,
+            )?,
+            _ => RESTART_BACKOFF_MAX,
+        };
         Ok(Service {
             name,
             loc: key.loc,
@@ -115,6 +128,41 @@ impl Cx<'_> {
             healthcheck,
             cpu,
             memory,
+            restart,
+            restart_backoff_max,
+        })
+    }
+
+    /// `restart`: `always` (the default), `on-failure[:N]`,
+    /// `unless-stopped` or `no`, as Docker Compose writes them.
+    fn restart_policy(&self, b: &Node) -> Result<RestartPolicy, ConfigError> {
+        let Some(n) = b.get("restart").filter(|n| !n.is_null()) else {
+            return Ok(RestartPolicy::default());
+        };
+        let text = self.string(n, "restart")?;
+        let bad = || {
+            self.err(
+                n.loc,
+                format!(
+                    "`restart` is {}: use `always`, `on-failure`, `on-failure:<max restarts>`, `unless-stopped` or `no`",
+                    self.val(n, &text)
+                ),
+            )
+        };
+        Ok(match text.trim() {
+            "always" => RestartPolicy::Always,
+            "unless-stopped" => RestartPolicy::UnlessStopped,
+            "no" | "false" => RestartPolicy::No,
+            "on-failure" => RestartPolicy::OnFailure { max: None },
+            t => match t
+                .strip_prefix("on-failure:")
+                .map(|m| m.trim().parse::<u32>())
+            {
+                // Docker's `on-failure:0` is no limit.
+                Some(Ok(0)) => RestartPolicy::OnFailure { max: None },
+                Some(Ok(m)) => RestartPolicy::OnFailure { max: Some(m) },
+                _ => return Err(bad()),
+            },
         })
     }
 
@@ -249,7 +297,7 @@ impl Cx<'_> {
     /// The runtime's dependencies, then the service's own (`body`, not
     /// merged), each once; a service that depends on itself is refused.
     fn depends_on(
-        &self,
+        &mut self,
         body: &Node,
         runtime_deps: Vec<Dep>,
         name: &str,
@@ -262,6 +310,9 @@ impl Cx<'_> {
             for dep in self.deps(d)? {
                 if dep_names.insert(dep.name.clone()) {
                     depends_on.push(dep);
+                } else if let Some(same) = depends_on.iter_mut().find(|d| d.name == dep.name) {
+                    // The service's own entry beats its runtime's.
+                    same.restart = dep.restart;
                 }
             }
         }
@@ -551,7 +602,7 @@ impl Cx<'_> {
         Ok(Some(v))
     }
 
-    pub(super) fn deps(&self, node: &Node) -> Result<Vec<Dep>, ConfigError> {
+    pub(super) fn deps(&mut self, node: &Node) -> Result<Vec<Dep>, ConfigError> {
         let mut out = Vec::new();
         match &node.value {
             _ if node.is_null() => {}
@@ -560,15 +611,18 @@ impl Cx<'_> {
                     out.push(Dep {
                         name: self.string(i, "depends_on entry")?,
                         loc: i.loc,
+                        restart: false,
                     });
                 }
             }
-            // Compose's long form: `depends_on: { db: { condition: … } }`.
+            // Compose's long form:
+            // `depends_on: { db: { condition: service_healthy, restart: true } }`.
             Value::Map(entries) => {
-                for (k, _) in entries {
+                for (k, v) in entries {
                     out.push(Dep {
                         name: k.name.clone(),
                         loc: k.loc,
+                        restart: self.dep_options(&k.name, v)?,
                     });
                 }
             }
@@ -580,6 +634,70 @@ impl Cx<'_> {
             }
         }
         Ok(out)
+    }
+}
+
+impl Cx<'_> {
+    /// The options of one long-form `depends_on` entry; returns `restart`.
+    /// `condition: service_healthy` is what nanokit always waits for;
+    /// `service_started` is accepted and waits for healthy too (with a
+    /// warning); `service_completed_successfully` needs a one-shot job,
+    /// which nanokit does not run as a service.
+    fn dep_options(&mut self, dep: &str, v: &Node) -> Result<bool, ConfigError> {
+        if v.is_null() {
+            return Ok(false);
+        }
+        let ctx = format!("depends_on.{dep}");
+        let entries = self.map(v, &ctx)?.to_vec();
+        self.check_keys(
+            &entries,
+            &["condition", "restart", "required"],
+            &format!("`{ctx}`"),
+        );
+        if let Some(c) = v.get("condition").filter(|n| !n.is_null()) {
+            match self.string(c, &format!("{ctx}.condition"))?.trim() {
+                "service_healthy" => {}
+                "service_started" => self.warn(
+                    c.loc,
+                    format!("`{ctx}.condition: service_started`: nanokit starts a service once what it depends on is healthy, so this waits for `{dep}` to be healthy"),
+                ),
+                "service_completed_successfully" => return Err(self.err(
+                    c.loc,
+                    format!("`{ctx}.condition: service_completed_successfully` is not supported: nanokit's services run until stopped; run a one-shot job as the dependent's `hooks.prestart`"),
+                )),
+                other => return Err(self.err(
+                    c.loc,
+                    format!("`{ctx}.condition` is {}: use `service_healthy` (or `service_started`)", self.val(c, other)),
+                )),
+            }
+        }
+        if let Some(r) = v.get("required").filter(|n| !n.is_null()) {
+            if !self.boolean(r, &format!("{ctx}.required"))? {
+                self.warn(
+                    r.loc,
+                    format!("`{ctx}.required: false` is not supported: nanokit always starts `{dep}` first"),
+                );
+            }
+        }
+        match v.get("restart").filter(|n| !n.is_null()) {
+            Some(r) => self.boolean(r, &format!("{ctx}.restart")),
+            None => Ok(false),
+        }
+    }
+
+    /// `true` or `false`.
+    fn boolean(&self, node: &Node, what: &str) -> Result<bool, ConfigError> {
+        match self.string(node, what)?.trim() {
+            "true" | "True" | "TRUE" => Ok(true),
+            "false" | "False" | "FALSE" => Ok(false),
+            other => Err(self.err(
+                node.loc,
+                format!(
+                    "`{what}` must be `true` or `false`, found {}",
+                    self.val(node, other)
+                ),
+            )),
+        }
     }
 }
 

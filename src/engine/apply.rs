@@ -214,8 +214,18 @@ impl Run {
         if rolling {
             ids.extend(old.iter().cloned());
         }
-        self.record_service(action, &hash, ids, creating > 0)
-            .await?;
+        // When nothing runs between recording the service and creating its
+        // instances (no host prestart hook, no provisioning), it is recorded
+        // once they are created: a restart does not wait for a durable
+        // write before its new instance exists. (An instance made by a run
+        // killed before it recorded it carries the labels: the next run
+        // finds it and removes or adopts it.)
+        let record_after =
+            creating > 0 && !rolling && svc.hooks.prestart.is_empty() && svc.install.is_none();
+        if !record_after {
+            self.record_service(action, &hash, ids, creating > 0)
+                .await?;
+        }
         for m in &spec.mounts {
             std::fs::create_dir_all(&m.0)
                 .map_err(|e| StepError::failed(format!("volume {}: {e}", m.0.display())))?;
@@ -227,7 +237,8 @@ impl Run {
         if rolling {
             self.roll(svc, &hash, slots, old, &spec, started).await?;
         } else {
-            self.start_all(svc, &hash, &slots, &action.keep, &spec, started)
+            let record = record_after.then_some(action);
+            self.start_all(svc, &hash, &slots, &action.keep, &spec, started, record)
                 .await?;
         }
         if creating > 0 {
@@ -386,8 +397,10 @@ impl Run {
             .await
     }
 
-    /// Starts the replicas of `slots` together, then waits until they and
-    /// the instances `keep` that stay are all healthy.
+    /// Starts the replicas of `slots` together (then records the service of
+    /// `record` with them and the instances `keep` that stay, when given),
+    /// then waits until they are all healthy.
+    #[allow(clippy::too_many_arguments)]
     async fn start_all(
         &self,
         svc: &Service,
@@ -396,6 +409,7 @@ impl Run {
         keep: &[String],
         spec: &InstanceSpec,
         started: Instant,
+        record: Option<&plan::Action>,
     ) -> Result<(), StepError> {
         let created = futures::future::join_all(
             slots
@@ -410,8 +424,22 @@ impl Run {
             kept.replica = 0;
             all.push((id.clone(), kept));
         }
+        let mut failed = None;
         for r in created {
-            all.push(r?);
+            match r {
+                Ok(made) => all.push(made),
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(action) = record {
+            // What was made is recorded, also when a replica failed.
+            let ids = all.iter().map(|(id, _)| id.clone()).collect();
+            self.record_service(action, hash, ids, false).await?;
+        }
+        if let Some(e) = failed {
+            return Err(e);
         }
         let waits = futures::future::join_all(
             all.iter()
@@ -618,7 +646,7 @@ fn waits_in_plan(run: &Run, ups: &[plan::Action]) -> Vec<(String, Vec<String>)> 
 }
 
 /// Records the current dependencies of unchanged services (one write).
-async fn refresh_dependencies(run: &Run, plan: &plan::Plan) -> Result<(), StateError> {
+pub(super) async fn refresh_dependencies(run: &Run, plan: &plan::Plan) -> Result<(), StateError> {
     let stale: Vec<(String, Vec<String>)> = {
         let store = run.store.lock().await;
         plan.actions

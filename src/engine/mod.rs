@@ -15,6 +15,7 @@ mod report;
 mod run;
 mod schedule;
 mod status;
+pub mod watch;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -34,7 +35,8 @@ use crate::trace::{self, Masker, RunMeta, RunTrace, Settings};
 use plan::{Plan, PlanError, PlanOptions};
 pub use report::{Event, EventSink, Phase, Report, ServiceResult, StepError};
 use run::Run;
-pub use status::{status_of, status_rows, status_with, StatusRow};
+pub use status::{status_of, status_rows, status_with, watcher_of, StatusRow};
+use watch::handover::Command as Handover;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -242,6 +244,26 @@ async fn begin(
     Ok((lock, store))
 }
 
+/// A run that found the deploy lock held (`locked`): handed to the watcher
+/// that holds it, when one leads this project from this host
+/// ([`watch::handover`]); else `locked`.
+async fn hand_over(
+    config: &Config,
+    command: Handover,
+    opts: &RunOptions,
+    locked: EngineError,
+) -> Result<Report, EngineError> {
+    match watch::handover::leader(config) {
+        Some(w) => {
+            let span = info_span!("handover", nanokit.watcher.pid = w.leader.pid);
+            watch::handover::hand_over(config, command, opts, &w)
+                .instrument(span)
+                .await
+        }
+        None => Err(locked),
+    }
+}
+
 /// Releases the deploy lock whatever `r` is (a failure to release is only
 /// logged: the lock then expires or is cleared with `infra unlock`).
 async fn finish<T>(lock: DeployLock, r: Result<T, EngineError>) -> Result<T, EngineError> {
@@ -258,9 +280,17 @@ pub async fn up(
     opts: RunOptions,
 ) -> Result<Report, EngineError> {
     let dag = info_span!("graph").in_scope(|| Dag::build(&config))?;
-    let (lock, store) = begin(&config, provider.as_ref(), &opts, "up")
+    let (lock, store) = match begin(&config, provider.as_ref(), &opts, "up")
         .instrument(info_span!("deploy_lock"))
-        .await?;
+        .await
+    {
+        Err(e) if e.code() == "ENKLOCKED" => {
+            return hand_over(&config, Handover::Up, &opts, e).await
+        }
+        r => r?,
+    };
+    // A lost deploy lease (broken by `infra unlock`, taken over, expired)
+    // stops the run like Ctrl-C: nothing new starts.
     let watch_lost = cancel_on_loss(&lock, &opts);
     let r = up_locked(config, provider, opts, dag, store).await;
     drop(watch_lost);
@@ -339,9 +369,15 @@ pub async fn down(
     provider: Arc<dyn Provider>,
     opts: RunOptions,
 ) -> Result<Report, EngineError> {
-    let (lock, store) = begin(&config, provider.as_ref(), &opts, "down")
+    let (lock, store) = match begin(&config, provider.as_ref(), &opts, "down")
         .instrument(info_span!("deploy_lock"))
-        .await?;
+        .await
+    {
+        Err(e) if e.code() == "ENKLOCKED" => {
+            return hand_over(&config, Handover::Down, &opts, e).await
+        }
+        r => r?,
+    };
     let watch_lost = cancel_on_loss(&lock, &opts);
     let r = down_locked(config, provider, opts, store).await;
     drop(watch_lost);
@@ -354,15 +390,29 @@ async fn down_locked(
     opts: RunOptions,
     store: Store,
 ) -> Result<Report, EngineError> {
+    let store = Arc::new(tokio::sync::Mutex::new(store));
+    down_shared(config, provider, opts, store).await
+}
+
+/// `down` on a state whose deploy lock the caller holds (and keeps).
+async fn down_shared(
+    config: Arc<Config>,
+    provider: Arc<dyn Provider>,
+    opts: RunOptions,
+    store: Arc<tokio::sync::Mutex<Store>>,
+) -> Result<Report, EngineError> {
     let scope = scope(&config);
     let observed = provider
         .observe(&scope)
         .instrument(info_span!("observe"))
         .await?;
-    let state = store.state();
-    let plan = plan::down_plan(&config, state, &observed, &opts.targets, opts.volumes)?;
-    let lineage = state.lineage.clone();
-    let run = Arc::new(Run::new(
+    let (plan, lineage) = {
+        let s = store.lock().await;
+        let state = s.state();
+        let plan = plan::down_plan(&config, state, &observed, &opts.targets, opts.volumes)?;
+        (plan, state.lineage.clone())
+    };
+    let run = Arc::new(Run::shared(
         config,
         provider,
         store,

@@ -3,13 +3,13 @@
 
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::plan::{ActionKind, Plan};
 use crate::trace::{Masker, RunOutcome};
 
 /// Progress of one service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
     Waiting,
@@ -116,7 +116,7 @@ impl From<crate::provider::ProviderError> for StepError {
 pub type StepResult = Result<Phase, StepError>;
 
 /// How one service ended.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ServiceResult {
     pub service: String,
     pub action: ActionKind,
@@ -126,7 +126,7 @@ pub struct ServiceResult {
 }
 
 /// The result of `up` / `down`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub plan: Plan,
     pub results: Vec<ServiceResult>,

@@ -21,7 +21,8 @@ pub(super) const PROBES_IN_FLIGHT: usize = 8;
 pub(super) struct Run {
     pub(super) config: Arc<Config>,
     pub(super) provider: Arc<dyn Provider>,
-    pub(super) store: tokio::sync::Mutex<Store>,
+    /// Shared with the caller that keeps it between runs (the watcher).
+    pub(super) store: Arc<tokio::sync::Mutex<Store>>,
     pub(super) opts: RunOptions,
     pub(super) scope: Scope,
     /// The state's lineage, labelled on every instance.
@@ -52,11 +53,24 @@ impl Run {
         scope: Scope,
         lineage: String,
     ) -> Run {
+        let store = Arc::new(tokio::sync::Mutex::new(store));
+        Run::shared(config, provider, store, opts, scope, lineage)
+    }
+
+    /// A run on a store its caller keeps too.
+    pub(super) fn shared(
+        config: Arc<Config>,
+        provider: Arc<dyn Provider>,
+        store: Arc<tokio::sync::Mutex<Store>>,
+        opts: RunOptions,
+        scope: Scope,
+        lineage: String,
+    ) -> Run {
         Run {
             mask: config.masker(),
             config,
             provider,
-            store: tokio::sync::Mutex::new(store),
+            store,
             opts,
             scope,
             lineage,

@@ -2,6 +2,7 @@
 
 use serde::Serialize;
 
+use super::watch::status::{ServiceWatch, WatchStatus};
 use super::{provider_for, EngineError};
 use crate::config::Config;
 use crate::provider::Provider;
@@ -26,6 +27,18 @@ pub struct StatusRow {
     pub running: usize,
     pub updated_at: String,
     pub error: Option<String>,
+    /// What the watcher keeps about it (restarts, last exit, next
+    /// attempt), when a watcher leads or led this project.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub watch: Option<ServiceWatch>,
+}
+
+/// The watcher of `cfg`'s project and environment as its status file
+/// tells, and whether it still runs (None: no watcher ever led it).
+pub fn watcher_of(cfg: &Config) -> Option<(WatchStatus, bool)> {
+    let s = super::watch::status::read_status(&cfg.work_dir(), &cfg.env).ok()??;
+    let running = s.running();
+    Some((s, running))
 }
 
 /// Status rows of every recorded service.
@@ -48,6 +61,7 @@ pub async fn status_rows(
     provider: &dyn Provider,
     st: &state::State,
 ) -> Result<Vec<StatusRow>, EngineError> {
+    let watcher = watcher_of(cfg).map(|w| w.0);
     let mut rows = Vec::new();
     for (name, r) in &st.resources {
         let ids = r.ids();
@@ -75,7 +89,26 @@ pub async fn status_rows(
             instances: ids,
             updated_at: r.updated_at.clone(),
             error: r.error.clone(),
+            watch: watcher.as_ref().and_then(|w| w.services.get(name).cloned()),
         });
+    }
+    // Services the watcher keeps down that have no record (`nanokit down`).
+    for (name, w) in watcher.iter().flat_map(|w| &w.services) {
+        if w.held.is_some() && !st.resources.contains_key(name) {
+            rows.push(StatusRow {
+                service: name.clone(),
+                status: state::Status::Stopped.as_str().into(),
+                alive: false,
+                pid: None,
+                port: cfg.services.get(name).and_then(|s| s.port),
+                provider_id: None,
+                instances: Vec::new(),
+                running: 0,
+                updated_at: w.last_exit.as_ref().map_or(String::new(), |e| e.at.clone()),
+                error: None,
+                watch: Some(w.clone()),
+            });
+        }
     }
     Ok(rows)
 }

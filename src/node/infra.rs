@@ -40,6 +40,13 @@ pub struct InfraOptions {
     pub stop_grace_ms: Option<f64>,
     /// `down`: also delete named volumes.
     pub volumes: Option<bool>,
+    /// `watch`: the full drift check's period (ms). Default 30000.
+    pub interval_ms: Option<f64>,
+    /// `watch`: how many pass traces to keep. Default 50.
+    pub keep_traces: Option<u32>,
+    /// `watch`: rotate a process service's log past this many bytes.
+    /// Default 10 MiB.
+    pub log_max_bytes: Option<f64>,
 }
 
 impl InfraOptions {
@@ -393,6 +400,79 @@ pub async fn down(options: Option<InfraOptions>, on_event: Option<EventFn>) -> R
     run_result(r, t, m)
 }
 
+/// How `watch` ended.
+#[napi(object)]
+pub struct WatchResult {
+    /// Passes with something to do.
+    pub passes: f64,
+    /// Times it took the lease.
+    pub leaderships: u32,
+    /// `stopped`, or `killed` after a second `stop()`.
+    pub reason: String,
+}
+
+type WatchEventFn = ThreadsafeFunction<serde_json::Value, (), serde_json::Value, Status, false>;
+
+/// Keeps the services at nanokit.yml until `stop` is aborted (gracefully:
+/// the step in progress finishes, the lease is released, services keep
+/// running) or `kill` is (at once). Each event (a line of the watcher's
+/// event log, see `engine::watch::status`) goes to `onEvent`.
+#[napi(
+    ts_args_type = "options?: InfraOptions, onEvent?: (event: any) => void, stop?: AbortHandle, kill?: AbortHandle"
+)]
+pub async fn watch(
+    options: Option<InfraOptions>,
+    on_event: Option<WatchEventFn>,
+    stop: Option<&AbortHandle>,
+    kill: Option<&AbortHandle>,
+) -> Result<WatchResult> {
+    let o = options.unwrap_or_default();
+    let kill = cancel_token(kill);
+    let load = o.load_options();
+    let mut w = engine::watch::WatchOptions::new(Arc::new(move || config::load(&load)));
+    if let Some(i) = o.interval_ms {
+        w.interval = ms(i).max(Duration::from_millis(100));
+    }
+    if let Some(k) = o.keep_traces {
+        w.keep_traces = k.max(1) as usize;
+    }
+    if let Some(m) = o.log_max_bytes {
+        w.log_max = m.max(1.0) as u64;
+    }
+    w.run = o.run_options(None, cancel_token(stop));
+    if let Some(f) = on_event {
+        let f = Arc::new(f);
+        w.on_event = Some(Arc::new(move |r| {
+            if let Ok(v) = serde_json::to_value(r) {
+                f.call(v, ThreadsafeFunctionCallMode::NonBlocking);
+            }
+        }));
+    }
+    w.kill = kill;
+    let masker = o.load().map(|c| c.masker()).unwrap_or_default();
+    let end = engine::watch::watch(w)
+        .await
+        .map_err(|e| masked_err(e, &masker))?;
+    Ok(WatchResult {
+        passes: end.passes as f64,
+        leaderships: end.leaderships,
+        reason: end.reason,
+    })
+}
+
+/// The watcher of the project (its status file, with `running`), or null
+/// when none ever led it.
+#[napi]
+pub async fn watch_status(options: Option<InfraOptions>) -> Result<Option<serde_json::Value>> {
+    let o = options.unwrap_or_default();
+    let cfg = o.load()?;
+    Ok(engine::watcher_of(&cfg).map(|(s, running)| {
+        let mut v = serde_json::to_value(s).unwrap_or_default();
+        v["running"] = running.into();
+        v
+    }))
+}
+
 #[napi(object)]
 pub struct ServiceStatus {
     pub service: String,
@@ -411,6 +491,9 @@ pub struct ServiceStatus {
     pub running: u32,
     pub updated_at: String,
     pub error: Option<String>,
+    /// What the watcher keeps about it: `{ policy, restarts, lastExit,
+    /// nextAttempt, backoffMs, health, held, instances }`.
+    pub watch: Option<serde_json::Value>,
 }
 
 /// Each recorded service's status and whether its process is alive.
@@ -435,6 +518,7 @@ pub async fn status(options: Option<InfraOptions>) -> Result<Vec<ServiceStatus>>
             running: r.running as u32,
             updated_at: r.updated_at,
             error: r.error.as_deref().map(|e| m.mask(e)),
+            watch: r.watch.and_then(|w| serde_json::to_value(w).ok()),
         })
         .collect())
 }

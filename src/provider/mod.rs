@@ -140,6 +140,111 @@ pub struct Instance {
     pub lineage: Option<String>,
 }
 
+/// How an instance ended, as its runtime tells it (or as the watcher found
+/// it): what a restart policy decides on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Exit {
+    pub kind: ExitKind,
+    /// The exit code, when the process exited by itself and it is known
+    /// (Docker reports 128 + n for a process ended by signal n).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<i32>,
+    /// The signal that ended it (`SIGKILL`), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+}
+
+/// What ended an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ExitKind {
+    /// Its process ended (by itself, or killed by a signal sent outside the
+    /// runtime's API, such as `kill -9`).
+    Exited,
+    /// Stopped through the runtime by a user (`docker stop`, `docker kill`)
+    /// or by `nanokit down <service>`.
+    Stopped,
+    /// Removed through the runtime (`docker rm -f`).
+    Removed,
+    /// Its health check failed `retries` times in a row.
+    Unhealthy,
+    /// Found gone or stopped by a check, with no event telling how.
+    Gone,
+    /// Its start did not finish (a hook, provisioning or the health check
+    /// while starting failed).
+    Failed,
+}
+
+impl Exit {
+    pub fn new(kind: ExitKind) -> Exit {
+        Exit {
+            kind,
+            code: None,
+            signal: None,
+        }
+    }
+
+    /// An exit with `code` (and the signal it stands for, past 128).
+    pub fn code(code: i32) -> Exit {
+        Exit {
+            kind: ExitKind::Exited,
+            code: Some(code),
+            signal: (code > 128)
+                .then(|| crate::sys::proc::signal_name(code - 128))
+                .flatten(),
+        }
+    }
+
+    /// Whether it ended well: exit code 0. (`on-failure` restarts the rest,
+    /// except what a user stopped or removed.)
+    pub fn success(&self) -> bool {
+        self.kind == ExitKind::Exited && self.code == Some(0)
+    }
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.kind, self.code, &self.signal) {
+            (ExitKind::Exited, Some(c), Some(s)) => write!(f, "exited with code {c} ({s})"),
+            (ExitKind::Exited, Some(c), None) => write!(f, "exited with code {c}"),
+            (ExitKind::Exited, None, Some(s)) => write!(f, "killed by {s}"),
+            (ExitKind::Exited, None, None) => f.write_str("exited (its code is not known here)"),
+            (ExitKind::Stopped, ..) => f.write_str("stopped by a user"),
+            (ExitKind::Removed, ..) => f.write_str("removed by a user"),
+            (ExitKind::Unhealthy, ..) => f.write_str("unhealthy"),
+            (ExitKind::Gone, ..) => f.write_str("found not running by a full check"),
+            (ExitKind::Failed, ..) => f.write_str("failed to start"),
+        }
+    }
+}
+
+/// What a runtime's event stream says happened to one of its instances.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceEvent {
+    pub id: String,
+    pub service: String,
+    pub what: Happening,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Happening {
+    /// Someone asked the runtime to stop or kill it (`docker stop`, `docker
+    /// kill`, `docker rm -f`): the exit that follows was wanted.
+    Killed,
+    /// Its process ended.
+    Died(Exit),
+    /// The runtime finished stopping it.
+    Stopped,
+    /// It was removed.
+    Removed,
+    /// The runtime's own health check has a new verdict.
+    Health { healthy: bool },
+}
+
+/// A runtime's events about a scope's instances.
+pub type EventStream = futures::stream::BoxStream<'static, Result<InstanceEvent, ProviderError>>;
+
 /// One health probe.
 #[derive(Debug, Clone)]
 pub enum Probe {
@@ -192,6 +297,17 @@ pub trait Provider: Send + Sync {
 
     /// Every live instance labelled with `scope`.
     async fn observe(&self, scope: &Scope) -> Result<Vec<Instance>, ProviderError>;
+
+    /// The recorded instances `ids` of `scope` that still exist: what a
+    /// pass that only restores them needs to look at (orphans are for a
+    /// full [`observe`](Provider::observe)). By default, `observe`.
+    async fn observe_recorded(
+        &self,
+        scope: &Scope,
+        _ids: &[String],
+    ) -> Result<Vec<Instance>, ProviderError> {
+        self.observe(scope).await
+    }
 
     /// The instance with provider id `id`, if it still exists (and is ours:
     /// a reused pid is not).
@@ -327,5 +443,27 @@ pub trait Provider: Send + Sync {
     /// process uses that pid now (a provider whose ids are pids).
     fn reused_pid(&self, _id: &str) -> Option<u32> {
         None
+    }
+
+    /// The runtime's stream of what happens to `scope`'s instances, when it
+    /// has one (Docker's events, filtered by the scope's labels). None:
+    /// watch each instance with [`ended`](Provider::ended).
+    async fn events(&self, _scope: &Scope) -> Result<Option<EventStream>, ProviderError> {
+        Ok(None)
+    }
+
+    /// Resolves when instance `id` ends (at once when it has ended), with
+    /// how, for a provider that watches instances one by one (a process,
+    /// through a pidfd opened on it and checked to be it). None when the
+    /// provider reports through [`events`](Provider::events).
+    fn ended(&self, _id: &str) -> Option<futures::future::BoxFuture<'static, Exit>> {
+        None
+    }
+
+    /// Whether the runtime runs a service's health check itself and
+    /// reports its verdicts in [`events`](Provider::events) (Docker's
+    /// HEALTHCHECK); if not, a watcher probes running instances itself.
+    fn reports_health(&self) -> bool {
+        false
     }
 }

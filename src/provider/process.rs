@@ -106,6 +106,22 @@ impl Provider for ProcessProvider {
         .map_err(|e| ProviderError::Io(e.to_string()))
     }
 
+    /// Each recorded process, looked at by its pid (a few reads, not a
+    /// walk of every process).
+    async fn observe_recorded(
+        &self,
+        _scope: &Scope,
+        ids: &[String],
+    ) -> Result<Vec<Instance>, ProviderError> {
+        let mut out = Vec::new();
+        for id in ids {
+            if let Some(i) = self.inspect(id).await? {
+                out.push(i);
+            }
+        }
+        Ok(out)
+    }
+
     async fn inspect(&self, id: &str) -> Result<Option<Instance>, ProviderError> {
         let Some((pid, start)) = parse_id(id) else {
             return Ok(None);
@@ -163,11 +179,21 @@ impl Provider for ProcessProvider {
             )
         })?;
         let pid = child.id();
-        // Reap it when it exits, so it never lingers as a zombie of ours.
+        tracing::debug!(service = %spec.service, pid, "started");
+        // Not reaped yet, so its start time can be read even if it exited.
+        let started = proc::stat(pid).map(|s| s.start_time);
+        if let Some(start) = started {
+            reaped::expect(pid, start);
+        }
+        // Reap it when it exits, so it never lingers as a zombie of ours,
+        // and keep how it ended for `exited`.
         std::thread::spawn(move || {
-            let _ = child.wait();
+            let status = child.wait();
+            if let Some(start) = started {
+                reaped::record(pid, start, status.ok());
+            }
         });
-        let start = proc::stat(pid).map(|s| s.start_time).ok_or_else(|| {
+        let start = started.ok_or_else(|| {
             // Gone before we could even read its start time: say why, as the
             // engine does for an instance that dies while starting.
             let log = std::fs::read_to_string(&spec.log_file).unwrap_or_default();
@@ -323,5 +349,126 @@ impl Provider for ProcessProvider {
     fn reused_pid(&self, id: &str) -> Option<u32> {
         // Not one of ours (observe did not find it): whoever runs it now.
         parse_id(id).and_then(|(pid, _)| proc::start_time(pid).map(|_| pid))
+    }
+
+    /// Through a pidfd on the process (adopted from another run when it is
+    /// not this process's child): its exit is known the moment the kernel
+    /// has it (at once when it is gone already). The exit code is known
+    /// for this process's own children.
+    fn ended(&self, id: &str) -> Option<futures::future::BoxFuture<'static, Exit>> {
+        let (pid, start) = parse_id(id)?;
+        let held = proc::Held::of(pid, start);
+        Some(Box::pin(async move {
+            // Gone already: it ended before anyone looked.
+            if let Some(held) = held {
+                held.exited().await;
+                // A child of ours not reaped yet: its status at once.
+                if let Some(ended) = held.ended() {
+                    return reaped::exit_of(ended);
+                }
+            }
+            reaped::wait(pid, start).await
+        }))
+    }
+}
+
+/// How this process's children ended, as their reapers saw them, for
+/// [`ProcessProvider::exited`]: kept from the exit until it is asked for
+/// (the last few at most).
+mod reaped {
+    use std::collections::{HashSet, VecDeque};
+    use std::os::unix::process::ExitStatusExt;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use super::{proc, Exit, ExitKind};
+
+    /// Exits kept: a reader comes within milliseconds of the exit.
+    const KEPT: usize = 64;
+
+    #[derive(Default)]
+    struct Children {
+        /// Running (or not yet reaped) children: (pid, start time).
+        running: HashSet<(u32, u64)>,
+        /// How the last ones ended.
+        ended: VecDeque<((u32, u64), Option<std::process::ExitStatus>)>,
+    }
+
+    static CHILDREN: Mutex<Option<Children>> = Mutex::new(None);
+    static RECORDED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+    fn with<T>(f: impl FnOnce(&mut Children) -> T) -> T {
+        let mut c = CHILDREN.lock().unwrap_or_else(|e| e.into_inner());
+        f(c.get_or_insert_with(Default::default))
+    }
+
+    /// Child `pid` started at `start` runs and has a reaper.
+    pub(super) fn expect(pid: u32, start: u64) {
+        with(|c| c.running.insert((pid, start)));
+    }
+
+    /// Its reaper reaped it (None: the wait failed).
+    pub(super) fn record(pid: u32, start: u64, status: Option<std::process::ExitStatus>) {
+        with(|c| {
+            c.running.remove(&(pid, start));
+            if c.ended.len() == KEPT {
+                c.ended.pop_front();
+            }
+            c.ended.push_back(((pid, start), status));
+        });
+        RECORDED.notify_waiters();
+    }
+
+    /// How it ended, once reaped (and forgets it); Err while still a
+    /// child not reaped yet; Ok(None) when it is not a child of ours.
+    fn take(pid: u32, start: u64) -> Result<Option<Exit>, ()> {
+        with(|c| {
+            if let Some(at) = c.ended.iter().position(|e| e.0 == (pid, start)) {
+                let status = c.ended.remove(at).and_then(|e| e.1);
+                return Ok(status.map(status_exit));
+            }
+            if c.running.contains(&(pid, start)) {
+                Err(())
+            } else {
+                Ok(None)
+            }
+        })
+    }
+
+    fn status_exit(status: std::process::ExitStatus) -> Exit {
+        exit_of((status.code(), status.signal()))
+    }
+
+    /// An exit from its code, or the signal that ended it.
+    pub(super) fn exit_of(ended: (Option<i32>, Option<i32>)) -> Exit {
+        match ended {
+            (Some(code), _) => Exit::code(code),
+            (None, Some(sig)) => Exit {
+                kind: ExitKind::Exited,
+                code: None,
+                signal: proc::signal_name(sig),
+            },
+            _ => Exit::new(ExitKind::Exited),
+        }
+    }
+
+    /// How process `pid` (started at `start`, now exited) ended: for a
+    /// child of this process, its status once its reaper (waiting on it
+    /// right then) has it; for another's, the code is not known.
+    pub(super) async fn wait(pid: u32, start: u64) -> Exit {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        loop {
+            let recorded = RECORDED.notified();
+            tokio::pin!(recorded);
+            recorded.as_mut().enable();
+            match take(pid, start) {
+                Ok(exit) => return exit.unwrap_or(Exit::new(ExitKind::Exited)),
+                Err(()) => {
+                    if tokio::time::timeout_at(deadline, recorded).await.is_err() {
+                        return Exit::new(ExitKind::Exited);
+                    }
+                }
+            }
+        }
     }
 }

@@ -242,6 +242,18 @@ impl Held {
         rustix::process::pidfd_send_signal(&self.fd, signal).map_err(Into::into)
     }
 
+    /// How the held process ended (exit code, or the signal that ended
+    /// it), when it has and is a child of this process not reaped yet: read
+    /// without reaping it (`waitid` with `WNOWAIT`), so its reaper still
+    /// reaps it. None otherwise.
+    pub fn ended(&self) -> Option<(Option<i32>, Option<i32>)> {
+        use rustix::process::{waitid, WaitId, WaitIdOptions};
+        use std::os::fd::AsFd;
+        let opts = WaitIdOptions::EXITED | WaitIdOptions::NOWAIT | WaitIdOptions::NOHANG;
+        let status = waitid(WaitId::PidFd(self.fd.as_fd()), opts).ok()??;
+        Some((status.exit_status(), status.terminating_signal()))
+    }
+
     /// Whether the held process has exited (a zombie has).
     pub fn gone(&self) -> bool {
         start_time(self.pid) != Some(self.start_time)
@@ -285,6 +297,14 @@ pub fn signal_named(name: &str) -> Option<rustix::process::Signal> {
         }
     };
     rustix::process::Signal::from_named_raw(raw)
+}
+
+/// The name of standard signal `raw` (`SIGKILL` for 9), if it is one.
+pub fn signal_name(raw: i32) -> Option<String> {
+    SIGNALS
+        .iter()
+        .find(|(_, n)| *n == raw)
+        .map(|(name, _)| format!("SIG{name}"))
 }
 
 const SIGNALS: &[(&str, i32)] = &[
@@ -337,6 +357,9 @@ mod tests {
         for name in ["SIGRTMIN+3", "SIGNOPE", "0", "99", ""] {
             assert_eq!(signal_named(name), None, "{name}");
         }
+        assert_eq!(signal_name(9).as_deref(), Some("SIGKILL"));
+        assert_eq!(signal_name(6).as_deref(), Some("SIGABRT"));
+        assert_eq!(signal_name(99), None);
     }
 
     #[test]

@@ -263,6 +263,24 @@ pub fn list(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
+/// Deletes the oldest trace files of `command` in `dir` beyond the newest
+/// `keep` (run names sort by time). Returns how many it deleted.
+pub fn prune(dir: &Path, command: &str, keep: usize) -> usize {
+    let infix = format!("-{command}-");
+    let mine: Vec<PathBuf> = list(dir)
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().contains(&infix))
+        })
+        .collect();
+    let excess = mine.len().saturating_sub(keep);
+    mine.iter()
+        .take(excess)
+        .filter(|p| std::fs::remove_file(p).is_ok())
+        .count()
+}
+
 /// Finds a run's trace: a path, a run name, a prefix of one, or a trace id
 /// prefix; none: the latest run.
 pub fn find(dir: &Path, run: Option<&str>) -> Result<PathBuf, String> {

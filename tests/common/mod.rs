@@ -148,3 +148,5 @@ pub fn recorder() -> (engine::EventSink, Arc<std::sync::Mutex<Vec<engine::Event>
         log,
     )
 }
+
+pub mod watcher;

@@ -408,4 +408,72 @@ impl Provider for DockerProvider {
         self.provision_volume(spec, install, manifests, cancel)
             .await
     }
+
+    /// The daemon's event stream, filtered by the scope's labels to the
+    /// container events a watcher acts on: `kill` (a stop, kill or forced
+    /// removal asked of the daemon), `die`, `stop`, `destroy` and
+    /// `health_status`.
+    async fn events(&self, scope: &Scope) -> Result<Option<EventStream>, ProviderError> {
+        let d = self.docker().await?.clone();
+        let filters = HashMap::from([
+            ("type".to_string(), vec!["container".to_string()]),
+            (
+                "label".to_string(),
+                vec![
+                    format!("{}={}", docker_label(LABEL_STATE_ID), scope.state_id),
+                    format!("{}={}", docker_label(LABEL_ENV), scope.env),
+                ],
+            ),
+            (
+                "event".to_string(),
+                ["kill", "die", "stop", "destroy", "health_status"]
+                    .map(String::from)
+                    .to_vec(),
+            ),
+        ]);
+        let stream = d.events(Some(bollard::query_parameters::EventsOptions {
+            filters: Some(filters),
+            ..Default::default()
+        }));
+        let events = stream.filter_map(|r| async move {
+            match r {
+                Ok(m) => instance_event(m).map(Ok),
+                Err(e) => Some(Err(docker_err("the daemon's event stream", e))),
+            }
+        });
+        Ok(Some(Box::pin(events)))
+    }
+
+    fn reports_health(&self) -> bool {
+        true
+    }
+}
+
+/// A container event as an [`InstanceEvent`] (None: not one a watcher acts
+/// on, or not a service's container).
+fn instance_event(m: bollard::models::EventMessage) -> Option<InstanceEvent> {
+    let action = m.action?;
+    let actor = m.actor?;
+    let attrs = actor.attributes.unwrap_or_default();
+    let what = match action.as_str() {
+        "kill" => Happening::Killed,
+        "die" => Happening::Died(
+            attrs
+                .get("exitCode")
+                .and_then(|c| c.parse().ok())
+                .map_or(Exit::new(ExitKind::Exited), Exit::code),
+        ),
+        "stop" => Happening::Stopped,
+        "destroy" => Happening::Removed,
+        a => match a.strip_prefix("health_status:").map(str::trim) {
+            Some("healthy") => Happening::Health { healthy: true },
+            Some("unhealthy") => Happening::Health { healthy: false },
+            _ => return None,
+        },
+    };
+    Some(InstanceEvent {
+        id: actor.id?,
+        service: attrs.get(&docker_label(LABEL_SERVICE))?.clone(),
+        what,
+    })
 }

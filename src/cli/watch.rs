@@ -1,0 +1,238 @@
+//! `nanokit watch`: the reconciliation loop in the foreground, each event
+//! printed (a line on stderr, or JSON lines on stdout).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+
+use super::infra::{engine_exit, load, seconds, Project};
+use super::{exit, CliResult, OutputFormat as Output};
+use crate::engine::watch::status::{EventRecord, WatchEvent};
+use crate::engine::watch::{self, WatchOptions};
+use crate::trace::mask;
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub project: Project,
+    /// Period of the full drift check, the safety net for what no event reports (`30s`, `5m`)
+    #[arg(long, default_value = "30s", value_parser = super::parse_duration)]
+    pub interval: Duration,
+    /// How many pass traces to keep in .nanokit/traces (older ones are deleted)
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep_traces: u32,
+    /// Rotate a process service's log to <service>.log.1 past this many MiB
+    #[arg(long, value_name = "MIB", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub log_max_mb: u64,
+    /// Start at most this many services at once in a pass
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Seconds between SIGTERM and SIGKILL when stopping a service
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = seconds)]
+    pub stop_grace: Duration,
+    /// `text`: a line per event on stderr; `json`: each event as a JSON line on stdout
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+pub async fn run(args: WatchArgs) -> CliResult {
+    let token = tokio_util::sync::CancellationToken::new();
+    let notice = "stopping: finishing the step in progress, then releasing the lease; services keep running (signal again to quit at once)…";
+    let _signals =
+        crate::sys::signal::install_on(&[libc::SIGINT, libc::SIGTERM], token.clone(), notice);
+    let project = args.project.clone();
+    let first = AtomicBool::new(true);
+    let load = Arc::new(move || {
+        if first.swap(false, Ordering::SeqCst) {
+            load(&project)
+        } else {
+            // Reloads: the same checks, warnings said once.
+            let cfg = crate::config::load(&crate::config::LoadOptions {
+                file: project.file.clone(),
+                env: project.env.clone(),
+                vars: None,
+            })?;
+            mask::register(&cfg.masker());
+            Ok(cfg)
+        }
+    });
+    let mut opts = WatchOptions::new(load);
+    opts.interval = args.interval.max(Duration::from_millis(100));
+    opts.keep_traces = args.keep_traces as usize;
+    opts.log_max = args.log_max_mb << 20;
+    opts.run.concurrency = args.concurrency.max(1);
+    opts.run.stop_grace = args.stop_grace;
+    opts.run.cancel = token;
+    opts.trace = crate::trace::Settings {
+        log_to_stderr: true,
+        ..Default::default()
+    };
+    let json = args.output == Output::Json;
+    opts.on_event = Some(Arc::new(move |r: &EventRecord| {
+        if json {
+            outln!(
+                "{}",
+                serde_json::to_string(&mask::registered().to_json(r)).expect("event serializes")
+            );
+        } else {
+            errln!("{}", mask::registered().mask(&describe(r)));
+        }
+    }));
+    match watch::watch(opts).await {
+        Ok(_) => Ok(exit::OK),
+        Err(e) => engine_exit(e),
+    }
+}
+
+/// One event as a line: `12:00:01.234 api: restart 2 due in 100 ms`.
+pub fn describe(r: &EventRecord) -> String {
+    let time =
+        r.at.split_once('T')
+            .map_or(r.at.as_str(), |(_, t)| t.trim_end_matches('Z'));
+    let what = match &r.event {
+        WatchEvent::Standby { holder } => format!(
+            "standby: waiting for the lease ({})",
+            holder.as_deref().unwrap_or("held")
+        ),
+        WatchEvent::LeadershipAcquired { holder } => {
+            format!("leading (epoch {}) as {holder}", r.epoch)
+        }
+        WatchEvent::LeadershipLost { reason } => {
+            format!("no longer leading (epoch {}): {reason}", r.epoch)
+        }
+        WatchEvent::PassStarted {
+            pass,
+            reason,
+            services,
+            ..
+        } => {
+            let reason = serde_json::to_value(reason)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            if services.is_empty() {
+                format!("pass {pass} ({reason})")
+            } else {
+                format!("pass {pass} ({reason}: {})", services.join(", "))
+            }
+        }
+        WatchEvent::PassFinished {
+            pass,
+            outcome,
+            changed,
+            failed,
+            run,
+            elapsed_ms,
+            ..
+        } => {
+            let mut s = format!(
+                "pass {pass} {} in {:.1}s",
+                serde_json::to_value(outcome)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default(),
+                *elapsed_ms as f64 / 1000.0
+            );
+            if !changed.is_empty() {
+                s.push_str(&format!("; changed: {}", changed.join(", ")));
+            }
+            if !failed.is_empty() {
+                s.push_str(&format!("; failed: {}", failed.join(", ")));
+            }
+            if let Some(run) = run {
+                s.push_str(&format!(" (nanokit timeline {run})"));
+            }
+            s
+        }
+        WatchEvent::Progress {
+            service,
+            phase,
+            message,
+            ..
+        } => match message {
+            Some(m) if phase == "failed" => format!("{service}: {phase}\n{}", indent(m)),
+            Some(m) => format!("{service}: {phase} {m}"),
+            None => format!("{service}: {phase}"),
+        },
+        WatchEvent::ServiceExited {
+            service,
+            instance,
+            text,
+            ..
+        } if instance.is_empty() => format!("{service}: {text}"),
+        WatchEvent::ServiceExited {
+            service,
+            instance,
+            text,
+            ..
+        } => format!("{service}: {instance} {text}"),
+        WatchEvent::RestartScheduled {
+            service,
+            attempt,
+            delay_ms,
+            ..
+        } => format!("{service}: restart {attempt} in {delay_ms} ms"),
+        WatchEvent::Restarted {
+            service, attempt, ..
+        } => format!("{service}: restarted (restart {attempt})"),
+        WatchEvent::RestartFailed {
+            service,
+            attempt,
+            error,
+        } => format!("{service}: restart {attempt} failed\n{}", indent(error)),
+        WatchEvent::Held { service, reason } => format!("{service}: not restarted: {reason}"),
+        WatchEvent::BackoffReset { service } => {
+            format!("{service}: healthy for 10 s; its next restart is immediate again")
+        }
+        WatchEvent::HealthFailed {
+            service,
+            failures,
+            retries,
+            output,
+            ..
+        } => format!(
+            "{service}: health check failed ({failures}/{retries})\n{}",
+            indent(output)
+        ),
+        WatchEvent::DependentsReleased {
+            service,
+            dependents,
+        } => format!(
+            "{service}: restarting {} after it (depends_on.{service}.restart)",
+            dependents.join(", ")
+        ),
+        WatchEvent::DriftFound { items } => format!(
+            "drift: {}",
+            items
+                .iter()
+                .map(|i| format!("{} ({})", i.service, i.detail))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
+        WatchEvent::ConfigReloaded { error: None } => "configuration read again".into(),
+        WatchEvent::ConfigReloaded { error: Some(e) } => {
+            format!(
+                "the configuration has an error; keeping the last good one:\n{}",
+                indent(e)
+            )
+        }
+        WatchEvent::Request {
+            command, services, ..
+        } => format!("`nanokit {command} {}` handed over", services.join(" "))
+            .trim_end()
+            .replace("  ", " "),
+        WatchEvent::Problem { message } => message.clone(),
+        WatchEvent::Stopped { reason } => reason.clone(),
+    };
+    format!("{time} {what}")
+}
+
+fn indent(s: &str) -> String {
+    s.trim_end()
+        .lines()
+        .map(|l| format!("    {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
