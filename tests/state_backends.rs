@@ -33,6 +33,36 @@ use tokio_util::sync::CancellationToken;
 enum Kind {
     File,
     Pg,
+    S3,
+    Gcs,
+    Vault,
+}
+
+/// The `infra.state` of a fresh state of `kind` named `name` (in `dir` for
+/// a file), and its store reached through `via` (`host:port`) instead of
+/// the test server when given.
+fn state_url(kind: Kind, dir: &Path, name: &str, via: Option<&str>) -> String {
+    match kind {
+        Kind::File => dir.join("state.json").display().to_string(),
+        Kind::Pg => services::pg_url(),
+        Kind::S3 => {
+            let s = services::stores();
+            let endpoint = via.map_or(s.s3_endpoint.clone(), |v| format!("http://{v}"));
+            format!("s3://nanokit/{name}/state.json?endpoint={endpoint}&path_style=true")
+        }
+        Kind::Gcs => {
+            services::stores();
+            format!("gs://nanokit/{name}/state.json")
+        }
+        Kind::Vault => {
+            let s = services::stores();
+            let host = via.map_or_else(
+                || s.vault_addr.trim_start_matches("http://").to_string(),
+                str::to_string,
+            );
+            format!("vault://{host}/secret/{name}/state")
+        }
+    }
 }
 
 /// One project whose state lives in a backend of `kind`: its nanokit.yml in
@@ -46,10 +76,7 @@ impl Case {
     fn new(kind: Kind) -> Case {
         let dir = tempfile::tempdir().unwrap();
         let name = format!("sb{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-        let state = match kind {
-            Kind::File => dir.path().join("state.json").display().to_string(),
-            Kind::Pg => services::pg_url(),
-        };
+        let state = state_url(kind, dir.path(), &name, None);
         std::fs::write(
             dir.path().join("nanokit.yml"),
             format!(
@@ -553,6 +580,183 @@ async fn a_killed_holder_is_taken_over_after_the_ttl(kind: Kind) {
     b.unlock().await.unwrap();
 }
 
+/// A store that ignores preconditions (here: the test server behind a proxy
+/// that strips them: `If-Match`/`If-None-Match`, `ifGenerationMatch`, KV
+/// `options.cas`) is refused with `ENKSTATEBACKEND` before anything is
+/// locked or written; the same store reached directly is used.
+async fn a_store_that_ignores_preconditions_is_refused(kind: Kind) {
+    let s = services::stores();
+    let upstream = match kind {
+        Kind::S3 => s.s3_endpoint.trim_start_matches("http://").to_string(),
+        Kind::Gcs => s.gcs_host.clone(),
+        Kind::Vault => s.vault_addr.trim_start_matches("http://").to_string(),
+        _ => unreachable!("object stores only"),
+    };
+    let proxy = proxy::Stripping::start(&upstream);
+    let c = Case::new(kind);
+    let via = proxy.addr();
+    std::fs::write(
+        c.path().join("nanokit.yml"),
+        format!(
+            "name: {}\ninfra:\n  state: \"{}\"\nservices:\n  a:\n    start: \"exec sleep 600\"\n",
+            c.name,
+            state_url(kind, c.path(), &c.name, Some(&via))
+        ),
+    )
+    .unwrap();
+    let env: Vec<(&str, String)> = match kind {
+        Kind::Gcs => vec![("STORAGE_EMULATOR_HOST", via.clone())],
+        Kind::Vault => vec![("VAULT_ADDR", format!("http://{via}"))],
+        _ => vec![],
+    };
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (r, text) = finish(c.child("probe", 0, &env));
+    assert_eq!(r["code"], "ENKSTATEBACKEND", "{text}");
+    let msg = r["message"].as_str().unwrap();
+    assert!(msg.contains("ignores preconditions"), "{msg}");
+    assert!(proxy.stripped() > 0, "the proxy stripped nothing");
+    let direct = Location::Url(state_url(kind, c.path(), &c.name, None));
+    let stored = state::open(&direct).await.unwrap().read().await.unwrap();
+    assert!(
+        stored.is_none(),
+        "nothing was written through the stripping proxy"
+    );
+    // The same store, reached directly, is used.
+    let direct = Case::new(kind);
+    let (r, text) = finish(direct.child("probe", 0, &[]));
+    assert_eq!(r["code"], Value::Null, "{text}");
+}
+
+/// A small HTTP/1.1 proxy to a test server that strips the preconditions
+/// of every request it forwards.
+mod proxy {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    pub struct Stripping {
+        addr: String,
+        stripped: Arc<AtomicUsize>,
+    }
+
+    impl Stripping {
+        pub fn start(upstream: &str) -> Stripping {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap().to_string();
+            let stripped = Arc::new(AtomicUsize::new(0));
+            let (up, count) = (upstream.to_string(), stripped.clone());
+            std::thread::spawn(move || {
+                for conn in listener.incoming().flatten() {
+                    let (up, count) = (up.clone(), count.clone());
+                    std::thread::spawn(move || {
+                        let _ = serve(conn, &up, &count);
+                    });
+                }
+            });
+            Stripping { addr, stripped }
+        }
+
+        pub fn addr(&self) -> String {
+            self.addr.clone()
+        }
+
+        pub fn stripped(&self) -> usize {
+            self.stripped.load(Ordering::SeqCst)
+        }
+    }
+
+    /// Reads one request (head and Content-Length body).
+    fn read_request(conn: &mut TcpStream) -> Option<(String, Vec<u8>)> {
+        let mut buf = Vec::new();
+        let mut byte = [0u8; 1];
+        while !buf.ends_with(b"\r\n\r\n") {
+            if conn.read(&mut byte).ok()? == 0 {
+                return None;
+            }
+            buf.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&buf).to_string();
+        let len = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse::<usize>().ok())?
+            })
+            .unwrap_or(0);
+        let mut body = vec![0; len];
+        conn.read_exact(&mut body).ok()?;
+        Some((head, body))
+    }
+
+    fn serve(mut conn: TcpStream, upstream: &str, count: &AtomicUsize) -> std::io::Result<()> {
+        // One request per connection: the upstream closes after it.
+        if let Some((head, body)) = read_request(&mut conn) {
+            let mut lines = head.split("\r\n");
+            let request_line = lines.next().unwrap_or_default();
+            let (method, rest) = request_line.split_once(' ').unwrap_or((request_line, ""));
+            let (target, version) = rest.rsplit_once(' ').unwrap_or((rest, "HTTP/1.1"));
+            // ifGenerationMatch out of the query.
+            let target = match target.split_once('?') {
+                Some((path, query)) => {
+                    let kept: Vec<&str> = query
+                        .split('&')
+                        .filter(|p| {
+                            let strip = p.starts_with("ifGenerationMatch=");
+                            if strip {
+                                count.fetch_add(1, Ordering::SeqCst);
+                            }
+                            !strip
+                        })
+                        .collect();
+                    format!("{path}?{}", kept.join("&"))
+                }
+                None => target.to_string(),
+            };
+            // KV check-and-set out of JSON bodies.
+            let mut body = body;
+            if let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&body) {
+                if let Some(o) = v.as_object_mut() {
+                    if o.remove("options").is_some() {
+                        count.fetch_add(1, Ordering::SeqCst);
+                        body = serde_json::to_vec(&v).unwrap();
+                    }
+                }
+            }
+            let mut out = format!("{method} {target} {version}\r\n");
+            for l in lines.filter(|l| !l.is_empty()) {
+                let name = l
+                    .split(':')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase();
+                if name == "if-match" || name == "if-none-match" {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    continue;
+                }
+                if name == "content-length" || name == "connection" {
+                    continue;
+                }
+                out.push_str(l);
+                out.push_str("\r\n");
+            }
+            out.push_str(&format!(
+                "Content-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            ));
+            let mut up = TcpStream::connect(upstream)?;
+            up.write_all(out.as_bytes())?;
+            up.write_all(&body)?;
+            let mut resp = Vec::new();
+            up.read_to_end(&mut resp)?;
+            conn.write_all(&resp)?;
+        }
+        Ok(())
+    }
+}
+
 // ---------------------------------------------------------- file backend
 
 #[tokio::test(flavor = "multi_thread")]
@@ -623,6 +827,105 @@ pg_test!(
 pg_test!(
     pg_a_killed_holder_is_taken_over_after_the_ttl,
     a_killed_holder_is_taken_over_after_the_ttl(Kind::Pg)
+);
+
+// ------------------------------------------- S3 (SeaweedFS), GCS, OpenBao
+
+macro_rules! store_test {
+    ($name:ident, $body:expr) => {
+        #[tokio::test(flavor = "multi_thread")]
+        #[cfg_attr(
+            not(nk_stores),
+            ignore = "SKIPPED: needs the S3, Vault and GCS test servers (eval \"$(bash scripts/state-test-servers.sh)\")"
+        )]
+        async fn $name() {
+            $body.await;
+        }
+    };
+}
+
+store_test!(s3_compare_and_swap, compare_and_swap(Kind::S3));
+store_test!(s3_lock_epochs_and_holder, lock_epochs_and_holder(Kind::S3));
+store_test!(
+    s3_a_lower_epoch_is_refused,
+    a_lower_epoch_is_refused(Kind::S3)
+);
+store_test!(s3_sixteen_runs_at_once, many_runs_at_once(Kind::S3, 16, 3));
+store_test!(
+    s3_a_paused_writer_is_refused_on_resume,
+    a_paused_writer_is_refused_on_resume(Kind::S3, true)
+);
+store_test!(
+    s3_a_paused_writer_is_refused_even_if_the_taker_writes_nothing,
+    a_paused_writer_is_refused_on_resume(Kind::S3, false)
+);
+store_test!(
+    s3_a_killed_holder_is_taken_over_after_the_ttl,
+    a_killed_holder_is_taken_over_after_the_ttl(Kind::S3)
+);
+store_test!(
+    s3_a_store_that_ignores_preconditions_is_refused,
+    a_store_that_ignores_preconditions_is_refused(Kind::S3)
+);
+
+store_test!(gcs_compare_and_swap, compare_and_swap(Kind::Gcs));
+store_test!(
+    gcs_lock_epochs_and_holder,
+    lock_epochs_and_holder(Kind::Gcs)
+);
+store_test!(
+    gcs_a_lower_epoch_is_refused,
+    a_lower_epoch_is_refused(Kind::Gcs)
+);
+store_test!(
+    gcs_sixteen_runs_at_once,
+    many_runs_at_once(Kind::Gcs, 16, 3)
+);
+store_test!(
+    gcs_a_paused_writer_is_refused_on_resume,
+    a_paused_writer_is_refused_on_resume(Kind::Gcs, true)
+);
+store_test!(
+    gcs_a_paused_writer_is_refused_even_if_the_taker_writes_nothing,
+    a_paused_writer_is_refused_on_resume(Kind::Gcs, false)
+);
+store_test!(
+    gcs_a_killed_holder_is_taken_over_after_the_ttl,
+    a_killed_holder_is_taken_over_after_the_ttl(Kind::Gcs)
+);
+store_test!(
+    gcs_a_store_that_ignores_preconditions_is_refused,
+    a_store_that_ignores_preconditions_is_refused(Kind::Gcs)
+);
+
+store_test!(vault_compare_and_swap, compare_and_swap(Kind::Vault));
+store_test!(
+    vault_lock_epochs_and_holder,
+    lock_epochs_and_holder(Kind::Vault)
+);
+store_test!(
+    vault_a_lower_epoch_is_refused,
+    a_lower_epoch_is_refused(Kind::Vault)
+);
+store_test!(
+    vault_sixteen_runs_at_once,
+    many_runs_at_once(Kind::Vault, 16, 3)
+);
+store_test!(
+    vault_a_paused_writer_is_refused_on_resume,
+    a_paused_writer_is_refused_on_resume(Kind::Vault, true)
+);
+store_test!(
+    vault_a_paused_writer_is_refused_even_if_the_taker_writes_nothing,
+    a_paused_writer_is_refused_on_resume(Kind::Vault, false)
+);
+store_test!(
+    vault_a_killed_holder_is_taken_over_after_the_ttl,
+    a_killed_holder_is_taken_over_after_the_ttl(Kind::Vault)
+);
+store_test!(
+    vault_a_store_that_ignores_preconditions_is_refused,
+    a_store_that_ignores_preconditions_is_refused(Kind::Vault)
 );
 
 // ----------------------------------------------------------- the child
@@ -727,6 +1030,20 @@ fn state_child() {
                 let r = json!({"epoch": lock.epoch(), "tookOver": lock.recovered()});
                 lock.release().await.unwrap();
                 r
+            }
+            "probe" => {
+                // Uses the store (its own environment may point elsewhere).
+                match state::lock::lock_state(&cfg, "probe", None, &cancel).await {
+                    Ok((lock, mut store)) => {
+                        let w = store.update(|_| {}).await;
+                        let _ = lock.release().await;
+                        match w {
+                            Ok(()) => json!({"code": null}),
+                            Err(e) => json!({"code": e.code(), "message": e.to_string()}),
+                        }
+                    }
+                    Err(e) => json!({"code": e.code(), "message": e.to_string()}),
+                }
             }
             other => panic!("unknown mode {other}"),
         }

@@ -9,8 +9,14 @@
 
 pub mod backend;
 pub mod file;
+pub mod gcs;
+mod http;
 pub mod lock;
+pub mod object;
 pub mod postgres;
+pub mod s3;
+mod url;
+pub mod vault;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -89,6 +95,9 @@ pub enum StateError {
     /// The stored remote document does not match its own record.
     #[error("remote state {location} is inconsistent: {detail}; nanokit will not overwrite it")]
     RemoteCorrupt { location: String, detail: String },
+    /// The store refused our credentials, or there are none.
+    #[error("state store {location} refused access: {detail}")]
+    Auth { location: String, detail: String },
     /// An `infra.state` URL nanokit cannot use.
     #[error("invalid state URL {url}: {detail}")]
     Url { url: String, detail: String },
@@ -112,6 +121,7 @@ impl ErrorCode for StateError {
             StateError::Unavailable { .. } => "ENKSTATEUNAVAILABLE",
             StateError::Url { .. } => "ENKSTATEURL",
             StateError::Backend { .. } => "ENKSTATEBACKEND",
+            StateError::Auth { .. } => "ENKSTATEAUTH",
             _ => "ENKSTATE",
         }
     }
@@ -409,10 +419,20 @@ pub async fn open(location: &Location) -> Result<Arc<dyn Backend>, StateError> {
         Location::Postgres { url, workspace } => Ok(Arc::new(
             postgres::PostgresBackend::connect(url, workspace).await?,
         )),
-        Location::Url(url) => Err(StateError::Url {
-            url: crate::pg::redact_url(url),
-            detail: "this kind of state store is not supported by this build".into(),
-        }),
+        Location::Url(url) => {
+            let store: Box<dyn object::ObjectStore> = match crate::config::url_scheme(url) {
+                Some("s3") => Box::new(s3::S3::open(url)?),
+                Some("gs") => Box::new(gcs::Gcs::open(url)?),
+                Some("vault") => Box::new(vault::Vault::open(url)?),
+                _ => {
+                    return Err(StateError::Url {
+                        url: crate::pg::redact_url(url),
+                        detail: "not a kind of state store nanokit knows (postgres://, s3://, gs://, vault://)".into(),
+                    })
+                }
+            };
+            Ok(Arc::new(object::ObjectBackend::new(store)))
+        }
     }
 }
 
