@@ -580,11 +580,9 @@ async fn a_killed_holder_is_taken_over_after_the_ttl(kind: Kind) {
     b.unlock().await.unwrap();
 }
 
-/// A store that ignores preconditions (here: the test server behind a proxy
-/// that strips them: `If-Match`/`If-None-Match`, `ifGenerationMatch`, KV
-/// `options.cas`) is refused with `ENKSTATEBACKEND` before anything is
-/// locked or written; the same store reached directly is used.
-async fn a_store_that_ignores_preconditions_is_refused(kind: Kind) {
+/// A case whose store is reached through a proxy in `mode`, and the
+/// environment a child needs to reach it so.
+fn via_proxy(kind: Kind, mode: proxy::Mode) -> (Case, proxy::Proxy, Vec<(&'static str, String)>) {
     let s = services::stores();
     let upstream = match kind {
         Kind::S3 => s.s3_endpoint.trim_start_matches("http://").to_string(),
@@ -592,7 +590,7 @@ async fn a_store_that_ignores_preconditions_is_refused(kind: Kind) {
         Kind::Vault => s.vault_addr.trim_start_matches("http://").to_string(),
         _ => unreachable!("object stores only"),
     };
-    let proxy = proxy::Stripping::start(&upstream);
+    let proxy = proxy::Proxy::start(&upstream, mode);
     let c = Case::new(kind);
     let via = proxy.addr();
     std::fs::write(
@@ -604,21 +602,35 @@ async fn a_store_that_ignores_preconditions_is_refused(kind: Kind) {
         ),
     )
     .unwrap();
-    let env: Vec<(&str, String)> = match kind {
-        Kind::Gcs => vec![("STORAGE_EMULATOR_HOST", via.clone())],
+    let env = match kind {
+        Kind::Gcs => vec![("STORAGE_EMULATOR_HOST", via)],
         Kind::Vault => vec![("VAULT_ADDR", format!("http://{via}"))],
         _ => vec![],
     };
+    (c, proxy, env)
+}
+
+/// The backend of `c`'s state reached directly (not through its proxy).
+async fn direct(kind: Kind, c: &Case) -> Arc<dyn state::Backend> {
+    let loc = Location::Url(state_url(kind, c.path(), &c.name, None));
+    state::open(&loc).await.unwrap()
+}
+
+/// A store that ignores preconditions (here: the test server behind a proxy
+/// that strips them: `If-Match`/`If-None-Match`, `ifGenerationMatch`, KV
+/// `options.cas`) is refused with `ENKSTATEBACKEND` before anything is
+/// locked or written; the same store reached directly is used.
+async fn a_store_that_ignores_preconditions_is_refused(kind: Kind) {
+    let (c, proxy, env) = via_proxy(kind, proxy::Mode::Strip);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let (r, text) = finish(c.child("probe", 0, &env));
     assert_eq!(r["code"], "ENKSTATEBACKEND", "{text}");
     let msg = r["message"].as_str().unwrap();
     assert!(msg.contains("ignores preconditions"), "{msg}");
-    assert!(proxy.stripped() > 0, "the proxy stripped nothing");
-    let direct = Location::Url(state_url(kind, c.path(), &c.name, None));
-    let stored = state::open(&direct).await.unwrap().read().await.unwrap();
+    assert!(proxy.count() > 0, "the proxy stripped nothing");
+    let b = direct(kind, &c).await;
     assert!(
-        stored.is_none(),
+        b.read().await.unwrap().is_none() && b.lock_info().await.unwrap().is_none(),
         "nothing was written through the stripping proxy"
     );
     // The same store, reached directly, is used.
@@ -627,42 +639,94 @@ async fn a_store_that_ignores_preconditions_is_refused(kind: Kind) {
     assert_eq!(r["code"], Value::Null, "{text}");
 }
 
-/// A small HTTP/1.1 proxy to a test server that strips the preconditions
-/// of every request it forwards.
+/// The answer to a lock release is lost (the release landed; the client
+/// retries and gets 412 against its own lock, opentofu#4405): the run
+/// recognises its release by its run id, reports success, and the lock is
+/// free, not left behind.
+async fn a_release_whose_answer_is_lost_is_recognised(kind: Kind) {
+    let (c, proxy, env) = via_proxy(kind, proxy::Mode::LoseRelease);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (r, text) = finish(c.child("probe", 0, &env));
+    assert_eq!(r["code"], Value::Null, "{text}");
+    assert_eq!(proxy.count(), 1, "one release answer lost: {text}");
+    let b = direct(kind, &c).await;
+    assert!(b.lock_info().await.unwrap().is_none(), "the lock is free");
+    assert_eq!(
+        state::decode(&b.read().await.unwrap().unwrap().bytes, "", &c.name)
+            .unwrap()
+            .serial,
+        1
+    );
+}
+
+/// A small HTTP/1.1 proxy in front of a test server (one request per
+/// connection), which can strip the preconditions of every request, or lose
+/// the answer of the first lock release it forwards, and records what it
+/// forwarded.
 mod proxy {
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
+    use std::sync::{Arc, Mutex};
 
-    pub struct Stripping {
-        addr: String,
-        stripped: Arc<AtomicUsize>,
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Mode {
+        /// Strip `If-Match`/`If-None-Match`, `ifGenerationMatch` and KV
+        /// `options.cas`.
+        Strip,
+        /// Forward the first lock release (a free record) but close the
+        /// connection instead of answering.
+        LoseRelease,
     }
 
-    impl Stripping {
-        pub fn start(upstream: &str) -> Stripping {
+    struct Shared {
+        upstream: String,
+        mode: Mode,
+        /// Preconditions stripped, or answers lost.
+        count: AtomicUsize,
+        /// The head of every request forwarded.
+        heads: Mutex<Vec<String>>,
+    }
+
+    pub struct Proxy {
+        addr: String,
+        shared: Arc<Shared>,
+    }
+
+    impl Proxy {
+        pub fn start(upstream: &str, mode: Mode) -> Proxy {
             let listener = TcpListener::bind("127.0.0.1:0").unwrap();
             let addr = listener.local_addr().unwrap().to_string();
-            let stripped = Arc::new(AtomicUsize::new(0));
-            let (up, count) = (upstream.to_string(), stripped.clone());
+            let shared = Arc::new(Shared {
+                upstream: upstream.to_string(),
+                mode,
+                count: AtomicUsize::new(0),
+                heads: Mutex::new(Vec::new()),
+            });
+            let sh = shared.clone();
             std::thread::spawn(move || {
                 for conn in listener.incoming().flatten() {
-                    let (up, count) = (up.clone(), count.clone());
+                    let sh = sh.clone();
                     std::thread::spawn(move || {
-                        let _ = serve(conn, &up, &count);
+                        let _ = serve(conn, &sh);
                     });
                 }
             });
-            Stripping { addr, stripped }
+            Proxy { addr, shared }
         }
 
         pub fn addr(&self) -> String {
             self.addr.clone()
         }
 
-        pub fn stripped(&self) -> usize {
-            self.stripped.load(Ordering::SeqCst)
+        /// Preconditions stripped, or answers lost.
+        pub fn count(&self) -> usize {
+            self.shared.count.load(Ordering::SeqCst)
+        }
+
+        #[allow(dead_code)]
+        pub fn heads(&self) -> Vec<String> {
+            self.shared.heads.lock().unwrap().clone()
         }
     }
 
@@ -690,32 +754,34 @@ mod proxy {
         Some((head, body))
     }
 
-    fn serve(mut conn: TcpStream, upstream: &str, count: &AtomicUsize) -> std::io::Result<()> {
-        // One request per connection: the upstream closes after it.
-        if let Some((head, body)) = read_request(&mut conn) {
-            let mut lines = head.split("\r\n");
-            let request_line = lines.next().unwrap_or_default();
-            let (method, rest) = request_line.split_once(' ').unwrap_or((request_line, ""));
-            let (target, version) = rest.rsplit_once(' ').unwrap_or((rest, "HTTP/1.1"));
-            // ifGenerationMatch out of the query.
-            let target = match target.split_once('?') {
-                Some((path, query)) => {
-                    let kept: Vec<&str> = query
-                        .split('&')
-                        .filter(|p| {
-                            let strip = p.starts_with("ifGenerationMatch=");
-                            if strip {
-                                count.fetch_add(1, Ordering::SeqCst);
-                            }
-                            !strip
-                        })
-                        .collect();
-                    format!("{path}?{}", kept.join("&"))
-                }
-                None => target.to_string(),
-            };
-            // KV check-and-set out of JSON bodies.
-            let mut body = body;
+    fn serve(mut conn: TcpStream, sh: &Shared) -> std::io::Result<()> {
+        let Some((head, mut body)) = read_request(&mut conn) else {
+            return Ok(());
+        };
+        sh.heads.lock().unwrap().push(head.clone());
+        let strip = sh.mode == Mode::Strip;
+        let count = &sh.count;
+        let mut lines = head.split("\r\n");
+        let request_line = lines.next().unwrap_or_default();
+        let (method, rest) = request_line.split_once(' ').unwrap_or((request_line, ""));
+        let (target, version) = rest.rsplit_once(' ').unwrap_or((rest, "HTTP/1.1"));
+        let target = match target.split_once('?') {
+            Some((path, query)) if strip => {
+                let kept: Vec<&str> = query
+                    .split('&')
+                    .filter(|p| {
+                        let out = p.starts_with("ifGenerationMatch=");
+                        if out {
+                            count.fetch_add(1, Ordering::SeqCst);
+                        }
+                        !out
+                    })
+                    .collect();
+                format!("{path}?{}", kept.join("&"))
+            }
+            _ => target.to_string(),
+        };
+        if strip {
             if let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&body) {
                 if let Some(o) = v.as_object_mut() {
                     if o.remove("options").is_some() {
@@ -724,36 +790,46 @@ mod proxy {
                     }
                 }
             }
-            let mut out = format!("{method} {target} {version}\r\n");
-            for l in lines.filter(|l| !l.is_empty()) {
-                let name = l
-                    .split(':')
-                    .next()
-                    .unwrap_or("")
-                    .trim()
-                    .to_ascii_lowercase();
-                if name == "if-match" || name == "if-none-match" {
-                    count.fetch_add(1, Ordering::SeqCst);
-                    continue;
-                }
-                if name == "content-length" || name == "connection" {
-                    continue;
-                }
-                out.push_str(l);
-                out.push_str("\r\n");
-            }
-            out.push_str(&format!(
-                "Content-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            ));
-            let mut up = TcpStream::connect(upstream)?;
-            up.write_all(out.as_bytes())?;
-            up.write_all(&body)?;
-            let mut resp = Vec::new();
-            up.read_to_end(&mut resp)?;
-            conn.write_all(&resp)?;
         }
-        Ok(())
+        let text = String::from_utf8_lossy(&body);
+        let release = sh.mode == Mode::LoseRelease
+            && (text.contains(r#""released_by": ""#) || text.contains(r#"released_by\": \""#));
+        let mut out = format!("{method} {target} {version}\r\n");
+        for l in lines.filter(|l| !l.is_empty()) {
+            let name = l
+                .split(':')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            if strip && (name == "if-match" || name == "if-none-match") {
+                count.fetch_add(1, Ordering::SeqCst);
+                continue;
+            }
+            if name == "content-length" || name == "connection" {
+                continue;
+            }
+            out.push_str(l);
+            out.push_str("\r\n");
+        }
+        out.push_str(&format!(
+            "Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        ));
+        let mut up = TcpStream::connect(&sh.upstream)?;
+        up.write_all(out.as_bytes())?;
+        up.write_all(&body)?;
+        let mut resp = Vec::new();
+        up.read_to_end(&mut resp)?;
+        if release
+            && count
+                .compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        {
+            // The release landed; its answer is lost.
+            return Ok(());
+        }
+        conn.write_all(&resp)
     }
 }
 
@@ -867,6 +943,10 @@ store_test!(
     s3_a_store_that_ignores_preconditions_is_refused,
     a_store_that_ignores_preconditions_is_refused(Kind::S3)
 );
+store_test!(
+    s3_a_release_whose_answer_is_lost_is_recognised,
+    a_release_whose_answer_is_lost_is_recognised(Kind::S3)
+);
 
 store_test!(gcs_compare_and_swap, compare_and_swap(Kind::Gcs));
 store_test!(
@@ -897,6 +977,10 @@ store_test!(
     gcs_a_store_that_ignores_preconditions_is_refused,
     a_store_that_ignores_preconditions_is_refused(Kind::Gcs)
 );
+store_test!(
+    gcs_a_release_whose_answer_is_lost_is_recognised,
+    a_release_whose_answer_is_lost_is_recognised(Kind::Gcs)
+);
 
 store_test!(vault_compare_and_swap, compare_and_swap(Kind::Vault));
 store_test!(
@@ -926,6 +1010,10 @@ store_test!(
 store_test!(
     vault_a_store_that_ignores_preconditions_is_refused,
     a_store_that_ignores_preconditions_is_refused(Kind::Vault)
+);
+store_test!(
+    vault_a_release_whose_answer_is_lost_is_recognised,
+    a_release_whose_answer_is_lost_is_recognised(Kind::Vault)
 );
 
 // ----------------------------------------------------------- the child
@@ -1036,8 +1124,8 @@ fn state_child() {
                 match state::lock::lock_state(&cfg, "probe", None, &cancel).await {
                     Ok((lock, mut store)) => {
                         let w = store.update(|_| {}).await;
-                        let _ = lock.release().await;
-                        match w {
+                        let released = lock.release().await;
+                        match w.and(released) {
                             Ok(()) => json!({"code": null}),
                             Err(e) => json!({"code": e.code(), "message": e.to_string()}),
                         }

@@ -255,8 +255,7 @@ impl Gcs {
             Some(t) => req.bearer_auth(t),
             None => req,
         };
-        let resp = req
-            .send()
+        let resp = super::http::send(req)
             .await
             .map_err(|e| self.unavailable(super::http::describe(&e)))?;
         if matches!(resp.status().as_u16(), 401 | 403) {

@@ -73,6 +73,28 @@ pub fn client(trust: &Trust<'_>) -> Result<reqwest::Client, String> {
         .map_err(|e| format!("cannot build the HTTP client: {e}"))
 }
 
+/// Sends `req`, and again (three tries in all) after a connection error, an
+/// answer lost on the way, or a 502/503/504. A write whose answer was lost
+/// may have landed: the caller then recognises its own write (its run id or
+/// its bytes) in the 412 the retry gets.
+pub async fn send(req: reqwest::RequestBuilder) -> Result<reqwest::Response, reqwest::Error> {
+    let mut pause = Duration::from_millis(100);
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let attempt = req.try_clone().expect("request bodies are bytes");
+        match attempt.send().await {
+            Ok(r) if tries < 3 && matches!(r.status().as_u16(), 502..=504) => {}
+            Err(e) if tries < 3 && !e.is_timeout() && (e.is_connect() || e.is_request()) => {
+                tracing::debug!("retrying a state store request: {}", describe(&e));
+            }
+            r => return r,
+        }
+        tokio::time::sleep(pause).await;
+        pause *= 3;
+    }
+}
+
 /// An error of a request, with its causes (reqwest's `Display` shows only
 /// its own kind) and, for a failed TLS handshake, what went wrong in words.
 pub fn describe(e: &reqwest::Error) -> String {

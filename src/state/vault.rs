@@ -165,8 +165,7 @@ impl Vault {
         if let Some(ns) = &self.namespace {
             req = req.header("X-Vault-Namespace", ns);
         }
-        let resp = req
-            .send()
+        let resp = super::http::send(req)
             .await
             .map_err(|e| self.unavailable(super::http::describe(&e)))?;
         if resp.status().as_u16() == 403 {
