@@ -114,8 +114,19 @@ impl Case {
         self.store().await.state().clone()
     }
 
+    /// Starts a child in `mode` in directory `dir`, with extra environment.
+    fn child_in(&self, mode: &str, dir: &Path, env: &[(&str, &str)]) -> Child {
+        let mut child = self.command(mode, 0, env);
+        child.current_dir(dir);
+        child.spawn().unwrap()
+    }
+
     /// Starts a child in `mode`, with extra environment.
     fn child(&self, mode: &str, id: usize, env: &[(&str, &str)]) -> Child {
+        self.command(mode, id, env).spawn().unwrap()
+    }
+
+    fn command(&self, mode: &str, id: usize, env: &[(&str, &str)]) -> Command {
         let mut cmd = Command::new(std::env::current_exe().unwrap());
         cmd.args([
             "--exact",
@@ -134,7 +145,7 @@ impl Case {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        cmd.spawn().unwrap()
+        cmd
     }
 }
 
@@ -189,6 +200,12 @@ fn finish(child: Child) -> (Value, String) {
         .find_map(|l| l.find("RESULT ").map(|i| &l[i + 7..]))
         .unwrap_or_else(|| panic!("no RESULT line:\n{text}"));
     (serde_json::from_str(result).unwrap(), text)
+}
+
+/// Waits for a `cli` child; it must exit 0.
+fn finish_ok(child: Child) {
+    let (r, text) = finish(child);
+    assert_eq!(r["exit"], 0, "{text}");
 }
 
 fn holder(label: &str) -> Holder {
@@ -419,6 +436,88 @@ async fn many_runs_at_once(kind: Kind, n: usize, writes: usize) {
     assert_eq!(st.resources.len(), n * writes, "no write lost");
     assert_eq!(st.serial, (n * writes) as u64);
     assert!(!c.path().join("inside").exists());
+}
+
+/// 16 `nanokit up` processes of one project at once, each from its own
+/// directory with its own value of one variable (so each one updates the
+/// service): one deploy at a time (the hooks of one run never interleave
+/// with another's), every run's writes kept (the serial grows by exactly
+/// what 16 updates write), and the last deploy is what runs.
+async fn sixteen_ups_at_once(kind: Kind) {
+    let c = Case::new(kind);
+    let log = c.path().join("deploys.log");
+    let state = state_url(kind, c.path(), &c.name, None);
+    let dirs: Vec<tempfile::TempDir> = (0..18).map(|_| tempfile::tempdir().unwrap()).collect();
+    for (i, d) in dirs.iter().enumerate() {
+        std::fs::write(
+            d.path().join("nanokit.yml"),
+            format!(
+                "name: {name}\ninfra:\n  state: \"{state}\"\nservices:\n  a:\n    start: \"exec sleep 600\"\n    env: {{ RUN: \"{i}\" }}\n    hooks:\n      prestart: \"echo begin {i} >> {log}\"\n      poststart: \"echo end {i} >> {log}\"\n",
+                name = c.name,
+                log = log.display()
+            ),
+        )
+        .unwrap();
+    }
+    let up = |i: usize| {
+        let args = json!([
+            "up",
+            "-f",
+            dirs[i].path().join("nanokit.yml"),
+            "--lock-timeout",
+            "300"
+        ]);
+        c.child_in("cli", dirs[i].path(), &[("NK_SB_ARGS", &args.to_string())])
+    };
+    let serial = || async { direct_state(kind, &c).await.serial };
+    // The first run creates; the second updates: what one update writes.
+    finish_ok(up(16));
+    let s0 = serial().await;
+    finish_ok(up(17));
+    let per_update = serial().await - s0;
+    assert!(per_update > 0);
+    let s1 = serial().await;
+    let kids: Vec<Child> = (0..16).map(up).collect();
+    for k in kids {
+        finish_ok(k);
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().skip(4).collect();
+    assert_eq!(lines.len(), 32, "{text}");
+    for pair in lines.chunks(2) {
+        let (b, e) = (pair[0], pair[1]);
+        assert!(
+            b.starts_with("begin ") && e == b.replace("begin", "end"),
+            "deploys interleaved: {text}"
+        );
+    }
+    let end = direct_state(kind, &c).await;
+    assert_eq!(end.serial, s1 + 16 * per_update, "a write was lost");
+    let last = lines.last().unwrap().trim_start_matches("end ");
+    let id = end.resources["a"].provider_id.clone().unwrap();
+    let pid = id.split('@').next().unwrap();
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    assert!(
+        environ
+            .split(|b| *b == 0)
+            .any(|kv| kv == format!("RUN={last}").as_bytes()),
+        "the last deploy ({last}) runs"
+    );
+    let args = json!(["down", "-f", dirs[0].path().join("nanokit.yml")]);
+    finish_ok(c.child_in("cli", dirs[0].path(), &[("NK_SB_ARGS", &args.to_string())]));
+}
+
+/// The stored state of `c` (read directly, a fresh one when none).
+async fn direct_state(kind: Kind, c: &Case) -> State {
+    let loc = match kind {
+        Kind::File | Kind::Pg => c.location(),
+        _ => Location::Url(state_url(kind, c.path(), &c.name, None)),
+    };
+    Store::open(state::open(&loc).await.unwrap(), &c.name, "local")
+        .await
+        .unwrap()
+        .state()
+        .clone()
 }
 
 /// A holder paused (SIGSTOP) past its lock's TTL: another run takes the
@@ -856,6 +955,11 @@ async fn file_sixteen_runs_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn file_sixteen_ups_at_once() {
+    sixteen_ups_at_once(Kind::File).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn file_a_paused_writer_is_refused_on_resume() {
     a_paused_writer_is_refused_on_resume(Kind::File, true).await;
 }
@@ -892,6 +996,7 @@ pg_test!(
     a_lower_epoch_is_refused(Kind::Pg)
 );
 pg_test!(pg_sixteen_runs_at_once, many_runs_at_once(Kind::Pg, 16, 3));
+pg_test!(pg_sixteen_ups_at_once, sixteen_ups_at_once(Kind::Pg));
 pg_test!(
     pg_a_paused_writer_is_refused_on_resume,
     a_paused_writer_is_refused_on_resume(Kind::Pg, true)
@@ -927,6 +1032,7 @@ store_test!(
     a_lower_epoch_is_refused(Kind::S3)
 );
 store_test!(s3_sixteen_runs_at_once, many_runs_at_once(Kind::S3, 16, 3));
+store_test!(s3_sixteen_ups_at_once, sixteen_ups_at_once(Kind::S3));
 store_test!(
     s3_a_paused_writer_is_refused_on_resume,
     a_paused_writer_is_refused_on_resume(Kind::S3, true)
@@ -961,6 +1067,7 @@ store_test!(
     gcs_sixteen_runs_at_once,
     many_runs_at_once(Kind::Gcs, 16, 3)
 );
+store_test!(gcs_sixteen_ups_at_once, sixteen_ups_at_once(Kind::Gcs));
 store_test!(
     gcs_a_paused_writer_is_refused_on_resume,
     a_paused_writer_is_refused_on_resume(Kind::Gcs, true)
@@ -995,6 +1102,7 @@ store_test!(
     vault_sixteen_runs_at_once,
     many_runs_at_once(Kind::Vault, 16, 3)
 );
+store_test!(vault_sixteen_ups_at_once, sixteen_ups_at_once(Kind::Vault));
 store_test!(
     vault_a_paused_writer_is_refused_on_resume,
     a_paused_writer_is_refused_on_resume(Kind::Vault, true)
@@ -1118,6 +1226,11 @@ fn state_child() {
                 let r = json!({"epoch": lock.epoch(), "tookOver": lock.recovered()});
                 lock.release().await.unwrap();
                 r
+            }
+            "cli" => {
+                let args: Vec<String> =
+                    serde_json::from_str(&std::env::var("NK_SB_ARGS").unwrap()).unwrap();
+                json!({"exit": nanokit::cli::run(args).await})
             }
             "probe" => {
                 // Uses the store (its own environment may point elsewhere).

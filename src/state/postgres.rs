@@ -291,10 +291,12 @@ impl Backend for PostgresBackend {
             let row = self
                 .client
                 .query_opt(
-                    // `prev` is the row as this statement's snapshot saw it:
-                    // a holder there (whose lock expired) means a takeover.
-                    // The new epoch is above the row's and the state's.
-                    "WITH prev AS (SELECT holder FROM nanokit_infra_lock WHERE workspace = $1),
+                    // `prev` is the row, locked (FOR UPDATE waits for a
+                    // release in flight and then sees its result, not this
+                    // statement's older snapshot): a holder there (whose lock
+                    // expired) means a takeover. The new epoch is above the
+                    // row's and the state's.
+                    "WITH prev AS (SELECT holder FROM nanokit_infra_lock WHERE workspace = $1 FOR UPDATE),
                           st AS (SELECT epoch FROM nanokit_infra_state WHERE workspace = $1)
                      INSERT INTO nanokit_infra_lock AS l (workspace, holder, info, acquired_at, expires_at, epoch)
                      VALUES ($1, $2, $3, now(), now() + $4::bigint * interval '1 millisecond',
