@@ -16,6 +16,11 @@
 //!   deleted, so epochs keep growing). A write whose answer was lost and was
 //!   retried (a 412 against one's own lock or state) is recognised by the
 //!   run id, or by the bytes, not left behind.
+//! - The holder that released a lock remembers the free record's version
+//!   (in the user's cache directory): its next acquisition is one
+//!   conditional write on that version, falling back to reading the lock
+//!   when someone else wrote it since. (No ABA: every record has a new
+//!   epoch or release time.)
 //! - A lock is stale when its object has not changed for its TTL as this
 //!   process's monotonic clock measures it (observed progress: no
 //!   comparison with the holder's clock), or at once when its holder is a
@@ -182,7 +187,11 @@ impl ObjectBackend {
         let result = match cached {
             Some(r) => r,
             None => {
-                let r = self.probe().await?;
+                let r = tracing::Instrument::instrument(
+                    self.probe(),
+                    tracing::info_span!("state.probe"),
+                )
+                .await?;
                 PROBED
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -273,6 +282,59 @@ impl ObjectBackend {
         }
     }
 
+    /// Where this user's process remembers the version of the free lock
+    /// record it wrote last (see the module header).
+    fn cache_file(&self) -> Option<std::path::PathBuf> {
+        use sha2::{Digest, Sha256};
+        let base = std::env::var_os("XDG_CACHE_HOME")
+            .map(std::path::PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache"))
+            })?;
+        let id =
+            Sha256::digest(format!("{}\n{}", self.store.probe_key(), self.lock_key).as_bytes());
+        Some(
+            base.join("nanokit")
+                .join("state-locks")
+                .join(hex::encode(&id[..16])),
+        )
+    }
+
+    fn remember_free(&self, version: &Version, record: &LockRecord) {
+        let Some(path) = self.cache_file() else {
+            return;
+        };
+        let doc = serde_json::json!({"version": version.0, "record": record});
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        // A cache: replaced atomically, not synced (losing it costs a read).
+        let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
+        let written =
+            std::fs::write(&tmp, doc.to_string()).and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            tracing::debug!(
+                "cannot remember the lock's version in {}: {e}",
+                path.display()
+            );
+        }
+    }
+
+    fn remembered_free(&self) -> Option<(Version, LockRecord)> {
+        #[derive(Deserialize)]
+        struct Remembered {
+            version: String,
+            record: LockRecord,
+        }
+        let r: Remembered =
+            serde_json::from_slice(&std::fs::read(self.cache_file()?).ok()?).ok()?;
+        r.record
+            .holder
+            .is_none()
+            .then_some((Version(r.version), r.record))
+    }
+
     async fn read_lock(&self) -> Result<Option<(Option<LockRecord>, Version)>, StateError> {
         Ok(self.store.get(&self.lock_key).await?.map(|o| {
             (
@@ -323,6 +385,27 @@ impl Backend for ObjectBackend {
         self.check_preconditions().await?;
         let deadline = Instant::now() + req.wait;
         let mine = &req.holder.run_id;
+        // The free record this user released last, if nobody wrote since:
+        // one write.
+        if let Some((version, free)) = self.remembered_free() {
+            let new = self.record_for(req.holder, free.epoch + 1, req.ttl);
+            if let Some(v) = self
+                .store
+                .put(&self.lock_key, &new.bytes(), Cond::Matches(&version))
+                .await?
+            {
+                let epoch = new.epoch;
+                *self.held.lock().await = Some(Held {
+                    record: new,
+                    version: v,
+                });
+                return Ok(Grant {
+                    epoch,
+                    took_over: false,
+                    lost: None,
+                });
+            }
+        }
         // What this waiter saw of someone else's lock, and since when.
         let mut seen: Option<(Version, Instant)> = None;
         let mut attempt = 0;
@@ -330,7 +413,13 @@ impl Backend for ObjectBackend {
             if req.cancel.is_cancelled() {
                 return Err(StateError::Interrupted);
             }
-            let (lock, floor) = tokio::try_join!(self.read_lock(), self.stored_epoch())?;
+            let lock = self.read_lock().await?;
+            // A lock object keeps the highest epoch; without one (never
+            // locked, or deleted by hand) the state's is the floor.
+            let floor = match &lock {
+                None => self.stored_epoch().await?,
+                Some(_) => 0,
+            };
             let (cond_version, record) = match &lock {
                 None => (None, None),
                 Some((rec, v)) => (Some(v.clone()), rec.clone()),
@@ -457,12 +546,12 @@ impl Backend for ObjectBackend {
             free.holder = None;
             free.released_by = Some(run_id.clone());
             free.renewed_at_ms = now_ms();
-            if self
+            if let Some(v) = self
                 .store
                 .put(&self.lock_key, &free.bytes(), Cond::Matches(&h.version))
                 .await?
-                .is_some()
             {
+                self.remember_free(&v, &free);
                 return Ok(());
             }
             match self.read_lock().await? {

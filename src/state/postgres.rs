@@ -54,6 +54,10 @@ BEGIN
                    WHERE attrelid = 'nanokit_infra_lock'::regclass AND attname = 'epoch') THEN
         ALTER TABLE nanokit_infra_lock ADD COLUMN epoch bigint NOT NULL DEFAULT 0;
     END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                   WHERE attrelid = 'nanokit_infra_lock'::regclass AND attname = 'taken_from') THEN
+        ALTER TABLE nanokit_infra_lock ADD COLUMN taken_from text NOT NULL DEFAULT '';
+    END IF;
 END $$;
 COMMIT;
 ";
@@ -99,7 +103,7 @@ impl PostgresBackend {
         b.client
             .batch_execute(
                 "SELECT workspace, lineage, serial, document, updated_at, updated_by, epoch FROM nanokit_infra_state LIMIT 0;
-                 SELECT workspace, holder, info, acquired_at, expires_at, epoch FROM nanokit_infra_lock LIMIT 0;",
+                 SELECT workspace, holder, info, acquired_at, expires_at, epoch, taken_from FROM nanokit_infra_lock LIMIT 0;",
             )
             .await
             .map_err(|e| pg::map_err(&loc, e))?;
@@ -291,22 +295,23 @@ impl Backend for PostgresBackend {
             let row = self
                 .client
                 .query_opt(
-                    // `prev` is the row, locked (FOR UPDATE waits for a
-                    // release in flight and then sees its result, not this
-                    // statement's older snapshot): a holder there (whose lock
-                    // expired) means a takeover. The new epoch is above the
-                    // row's and the state's.
-                    "WITH prev AS (SELECT holder FROM nanokit_infra_lock WHERE workspace = $1 FOR UPDATE),
-                          st AS (SELECT epoch FROM nanokit_infra_state WHERE workspace = $1)
-                     INSERT INTO nanokit_infra_lock AS l (workspace, holder, info, acquired_at, expires_at, epoch)
+                    // On conflict, `l` is the row as it is once locked (after
+                    // a release in flight commits, not as this statement's
+                    // snapshot saw it): a holder there, whose lock expired,
+                    // means a takeover, recorded in `taken_from`. The new
+                    // epoch is above the row's and the state's.
+                    "WITH st AS (SELECT epoch FROM nanokit_infra_state WHERE workspace = $1)
+                     INSERT INTO nanokit_infra_lock AS l
+                         (workspace, holder, info, acquired_at, expires_at, epoch, taken_from)
                      VALUES ($1, $2, $3, now(), now() + $4::bigint * interval '1 millisecond',
-                             coalesce((SELECT epoch FROM st), 0) + 1)
+                             coalesce((SELECT epoch FROM st), 0) + 1, '')
                      ON CONFLICT (workspace) DO UPDATE
                      SET holder = EXCLUDED.holder, info = EXCLUDED.info, acquired_at = now(),
                          expires_at = EXCLUDED.expires_at,
-                         epoch = greatest(l.epoch, coalesce((SELECT epoch FROM st), 0)) + 1
+                         epoch = greatest(l.epoch, coalesce((SELECT epoch FROM st), 0)) + 1,
+                         taken_from = l.holder
                      WHERE l.holder = '' OR l.expires_at <= now()
-                     RETURNING epoch, coalesce((SELECT holder <> '' FROM prev), false)",
+                     RETURNING epoch, taken_from <> ''",
                     &[&self.workspace, run_id, &info, &ttl],
                 )
                 .await

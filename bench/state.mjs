@@ -1,0 +1,190 @@
+#!/usr/bin/env node
+// State backend benchmarks, measured in one run and printed as figures and
+// ratios (never asserted):
+//   1. a no-change `nanokit up` of one 200-service project with its state in
+//      the local file, in S3 (SeaweedFS) and in Vault (OpenBao), over
+//      loopback (target: each remote at most +30 ms over the file);
+//   2. the deploy lock's round trip (acquire + release) on S3, against
+//      Terraform's `use_lockfile` on the same SeaweedFS bucket: nanokit's
+//      from the spans of its no-change ups (`state.lock` without the
+//      once-per-process precondition probe, plus `state.unlock`); Terraform's
+//      as the difference between `terraform plan` of an empty configuration
+//      with and without `-lock` (target: nanokit <= 0.5x Terraform).
+// Usage: node bench/state.mjs   (starts the test stores with
+// scripts/state-test-servers.sh unless NANOKIT_TEST_S3_ENDPOINT & co. are
+// set; builds the standalone executable with `cargo build --release --bin
+// nanokit` when missing or stale, or takes NANOKIT_STANDALONE_BIN; Terraform
+// from PATH, skipped when missing).
+import { spawnSync } from 'node:child_process'
+import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { join, dirname } from 'node:path'
+import { fileURLToPath } from 'node:url'
+
+const root = join(dirname(fileURLToPath(import.meta.url)), '..')
+const work = join(root, 'bench', '.work', 'state')
+const RUNS = Number(process.env.BENCH_RUNS || 11)
+const TAG = `b${process.pid}`
+
+function run(cmd, args, opts = {}) {
+  const r = spawnSync(cmd, args, { encoding: 'utf8', maxBuffer: 1 << 28, ...opts })
+  if (r.status !== 0 && !opts.allowFail) {
+    throw new Error(`${cmd} ${args.join(' ')} exited ${r.status}: ${(r.stderr || '').slice(-2000)}`)
+  }
+  return r
+}
+
+function median(xs) {
+  const s = [...xs].sort((a, b) => a - b)
+  return s[Math.floor(s.length / 2)]
+}
+
+function timed(fn) {
+  const t = process.hrtime.bigint()
+  const r = fn()
+  return [Number(process.hrtime.bigint() - t) / 1e6, r]
+}
+
+// The stores.
+const env = { ...process.env }
+if (!env.NANOKIT_TEST_S3_ENDPOINT) {
+  const r = run('bash', [join(root, 'scripts', 'state-test-servers.sh')], { cwd: root })
+  for (const line of r.stdout.split('\n')) {
+    const m = /^export (\w+)=(.*)$/.exec(line.trim())
+    if (m) env[m[1]] = m[2]
+  }
+}
+const s3 = env.NANOKIT_TEST_S3_ENDPOINT
+const vaultAddr = env.NANOKIT_TEST_VAULT_ADDR
+Object.assign(env, {
+  AWS_ACCESS_KEY_ID: 'nanokit-bench',
+  AWS_SECRET_ACCESS_KEY: 'nanokit-bench-secret',
+  AWS_REGION: 'us-east-1',
+  VAULT_ADDR: vaultAddr,
+  VAULT_TOKEN: env.NANOKIT_TEST_VAULT_TOKEN,
+})
+
+function standaloneBin() {
+  if (process.env.NANOKIT_STANDALONE_BIN) return process.env.NANOKIT_STANDALONE_BIN
+  const r = spawnSync('cargo', ['build', '--release', '--quiet', '--bin', 'nanokit'], { cwd: root, stdio: ['ignore', 'inherit', 'inherit'] })
+  if (r.status !== 0) throw new Error(`cargo build --release --bin nanokit failed (${r.error?.message ?? `exit ${r.status}`})`)
+  return join(process.env.CARGO_TARGET_DIR || join(root, 'target'), 'release', 'nanokit')
+}
+const BIN = standaloneBin()
+
+rmSync(work, { recursive: true, force: true })
+mkdirSync(work, { recursive: true })
+
+// ---- 1. no-change up of 200 services per backend -------------------------
+const M = 200
+function project(name, state) {
+  let y = `name: ${name}\n`
+  if (state) y += `infra:\n  state: "${state}"\n`
+  y += 'services:\n'
+  for (let i = 0; i < M; i++) {
+    y += `  s${i}:\n    start: "exec sleep 600"\n`
+    if (i % 10 !== 0) y += `    depends_on: [s${i - 1}]\n`
+  }
+  return y
+}
+
+/** Spans of one trace file by name: total ms. */
+function spanMs(traceFile, name) {
+  const t = JSON.parse(readFileSync(traceFile, 'utf8'))
+  return t.spans.filter((s) => s.name === name).reduce((a, s) => a + (s.end_unix_nano - s.start_unix_nano) / 1e6, 0)
+}
+
+const backends = [
+  ['file', null],
+  ['s3', `s3://nanokit/${TAG}/state.json?endpoint=${s3}&path_style=true`],
+  ['vault', `vault://${vaultAddr.replace(/^https?:\/\//, '')}/secret/${TAG}/state`],
+]
+const upMs = {}
+const lockMs = {}
+const probeMs = {}
+for (const [kind, state] of backends) {
+  const dir = join(work, kind)
+  mkdirSync(dir, { recursive: true })
+  const file = join(dir, 'nanokit.yml')
+  writeFileSync(file, project(`bench-state-${kind}`, state))
+  try {
+    run(BIN, ['up', '-f', file, '--concurrency', '32'], { env })
+    const xs = []
+    for (let i = 0; i < RUNS; i++) {
+      const [ms, r] = timed(() => run(BIN, ['up', '-f', file], { env }))
+      if (!/0 changed/.test(r.stderr)) throw new Error(`not a no-change up: ${r.stderr.slice(-500)}`)
+      xs.push(ms)
+    }
+    upMs[kind] = median(xs)
+    // The traces of the no-change ups (the last RUNS of them).
+    const traces = join(dir, '.nanokit', 'traces')
+    const files = readdirSync(traces).filter((f) => f.endsWith('.json')).sort().slice(-RUNS)
+    lockMs[kind] = median(files.map((f) => spanMs(join(traces, f), 'state.lock') - spanMs(join(traces, f), 'state.probe') + spanMs(join(traces, f), 'state.unlock')))
+    probeMs[kind] = median(files.map((f) => spanMs(join(traces, f), 'state.probe')))
+  } finally {
+    run(BIN, ['down', '-f', file, '--concurrency', '32'], { env, allowFail: true })
+  }
+}
+
+// ---- 2. Terraform's use_lockfile on the same bucket ----------------------
+let tfLockMs = null
+let tfPlan = null
+const tf = spawnSync('terraform', ['version'], { encoding: 'utf8' })
+if (tf.status === 0) {
+  const tfDir = join(work, 'terraform')
+  mkdirSync(tfDir, { recursive: true })
+  writeFileSync(
+    join(tfDir, 'main.tf'),
+    `terraform {
+  backend "s3" {
+    bucket                      = "nanokit"
+    key                         = "${TAG}/terraform.tfstate"
+    region                      = "us-east-1"
+    endpoints                   = { s3 = "${s3}" }
+    use_path_style              = true
+    use_lockfile                = true
+    access_key                  = "nanokit-bench"
+    secret_key                  = "nanokit-bench-secret"
+    skip_credentials_validation = true
+    skip_requesting_account_id  = true
+    skip_metadata_api_check     = true
+    skip_region_validation      = true
+  }
+}
+`,
+  )
+  writeFileSync(join(tfDir, 'cli.tfrc'), '')
+  const tenv = { ...env, CHECKPOINT_DISABLE: '1', TF_IN_AUTOMATION: '1', TF_CLI_CONFIG_FILE: join(tfDir, 'cli.tfrc') }
+  run('terraform', ['init', '-input=false', '-no-color'], { cwd: tfDir, env: tenv })
+  const plan = (lock) => run('terraform', ['plan', '-input=false', '-no-color', `-lock=${lock}`], { cwd: tfDir, env: tenv })
+  plan(true)
+  // Interleaved, so that drift of the machine's load hits both alike.
+  const withLock = []
+  const without = []
+  for (let i = 0; i < RUNS; i++) {
+    without.push(timed(() => plan(false))[0])
+    withLock.push(timed(() => plan(true))[0])
+  }
+  tfPlan = { withLock: median(withLock), without: median(without) }
+  tfLockMs = tfPlan.withLock - tfPlan.without
+}
+
+// ---- report ---------------------------------------------------------------
+const f = (x) => `${x.toFixed(1)} ms`
+console.log(`nanokit state backend benchmarks (median of ${RUNS} runs; standalone executable; stores on loopback)`)
+console.log('')
+console.log(`no-change up, ${M} running services:`)
+for (const [kind] of backends) {
+  const extra = kind === 'file' ? '' : ` (${upMs[kind] - upMs.file >= 0 ? '+' : ''}${(upMs[kind] - upMs.file).toFixed(1)} ms over the file; target <= +30 ms)`
+  console.log(`  ${kind.padEnd(6)} ${f(upMs[kind])}${extra}`)
+}
+console.log('')
+console.log('deploy lock round trip (acquire + release):')
+console.log(`  nanokit, S3 (SeaweedFS):   ${f(lockMs.s3)} (from the runs' spans; plus ${f(probeMs.s3)} once per process for the precondition probe)`)
+console.log(`  nanokit, Vault (OpenBao):  ${f(lockMs.vault)} (plus ${f(probeMs.vault)} for the probe)`)
+console.log(`  nanokit, file:             ${f(lockMs.file)}`)
+if (tfLockMs !== null) {
+  console.log(`  terraform use_lockfile, same bucket: ${f(tfLockMs)} (plan of an empty configuration: ${f(tfPlan.withLock)} with -lock, ${f(tfPlan.without)} without)`)
+  console.log(`  ratio: nanokit's S3 lock is ${(lockMs.s3 / tfLockMs).toFixed(2)}x Terraform's (target <= 0.5x); with the probe ${((lockMs.s3 + probeMs.s3) / tfLockMs).toFixed(2)}x`)
+} else {
+  console.log('  terraform not found: comparison skipped')
+}
