@@ -24,6 +24,8 @@ const root = join(dirname(fileURLToPath(import.meta.url)), '..')
 const work = join(root, 'bench', '.work', 'state')
 const RUNS = Number(process.env.BENCH_RUNS || 11)
 const TAG = `b${process.pid}`
+// A lock's cost is a few ms out of a ~70 ms terraform plan: many pairs.
+const TF_PAIRS = Number(process.env.BENCH_TF_PAIRS || 41)
 
 function run(cmd, args, opts = {}) {
   const r = spawnSync(cmd, args, { encoding: 'utf8', maxBuffer: 1 << 28, ...opts })
@@ -157,15 +159,22 @@ if (tf.status === 0) {
   run('terraform', ['init', '-input=false', '-no-color'], { cwd: tfDir, env: tenv })
   const plan = (lock) => run('terraform', ['plan', '-input=false', '-no-color', `-lock=${lock}`], { cwd: tfDir, env: tenv })
   plan(true)
-  // Interleaved, so that drift of the machine's load hits both alike.
+  // In pairs, back to back (so that drift of the machine's load hits both
+  // alike), the order alternating; the lock's cost is the median of the
+  // pairs' differences.
   const withLock = []
   const without = []
-  for (let i = 0; i < RUNS; i++) {
-    without.push(timed(() => plan(false))[0])
-    withLock.push(timed(() => plan(true))[0])
+  const diffs = []
+  for (let i = 0; i < TF_PAIRS; i++) {
+    const a = timed(() => plan(i % 2 === 0))[0]
+    const b = timed(() => plan(i % 2 !== 0))[0]
+    const [w, wo] = i % 2 === 0 ? [a, b] : [b, a]
+    withLock.push(w)
+    without.push(wo)
+    diffs.push(w - wo)
   }
   tfPlan = { withLock: median(withLock), without: median(without) }
-  tfLockMs = tfPlan.withLock - tfPlan.without
+  tfLockMs = median(diffs)
 }
 
 // ---- report ---------------------------------------------------------------
@@ -183,7 +192,7 @@ console.log(`  nanokit, S3 (SeaweedFS):   ${f(lockMs.s3)} (from the runs' spans;
 console.log(`  nanokit, Vault (OpenBao):  ${f(lockMs.vault)} (plus ${f(probeMs.vault)} for the probe)`)
 console.log(`  nanokit, file:             ${f(lockMs.file)}`)
 if (tfLockMs !== null) {
-  console.log(`  terraform use_lockfile, same bucket: ${f(tfLockMs)} (plan of an empty configuration: ${f(tfPlan.withLock)} with -lock, ${f(tfPlan.without)} without)`)
+  console.log(`  terraform use_lockfile, same bucket: ${f(tfLockMs)} (median of ${TF_PAIRS} paired differences; plan of an empty configuration: ${f(tfPlan.withLock)} with -lock, ${f(tfPlan.without)} without)`)
   console.log(`  ratio: nanokit's S3 lock is ${(lockMs.s3 / tfLockMs).toFixed(2)}x Terraform's (target <= 0.5x); with the probe ${((lockMs.s3 + probeMs.s3) / tfLockMs).toFixed(2)}x`)
 } else {
   console.log('  terraform not found: comparison skipped')

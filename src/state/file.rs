@@ -44,6 +44,27 @@ fn suffixed(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// Writes the epoch counter (replaced atomically, 0600). Not synced: after a
+/// crash the counter may be older, but the epoch of every write is in the
+/// state file (synced), which bounds the next epoch from below too.
+fn write_counter(path: &Path, epoch: u64) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = suffixed(path, &format!(".{}.tmp", std::process::id()));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(private::FILE_MODE)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(format!("{epoch}\n").as_bytes()))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
 /// The content of the state file at `path`, `None` if there is none.
 pub fn read_file(path: &Path) -> Result<Option<Vec<u8>>, StateError> {
     match std::fs::read(path) {
@@ -227,7 +248,7 @@ impl Backend for FileBackend {
         let epoch_file = epoch_path(&self.path);
         let bumped = lease.fenced(|| {
             let epoch = self.counted_epoch().max(floor) + 1;
-            private::write(&epoch_file, format!("{epoch}\n").as_bytes()).map(|()| epoch)
+            write_counter(&epoch_file, epoch).map(|()| epoch)
         });
         let epoch = match bumped {
             Ok(Ok(e)) => e,
