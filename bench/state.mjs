@@ -61,6 +61,7 @@ Object.assign(env, {
   AWS_ACCESS_KEY_ID: 'nanokit-bench',
   AWS_SECRET_ACCESS_KEY: 'nanokit-bench-secret',
   AWS_REGION: 'us-east-1',
+  AWS_EC2_METADATA_DISABLED: 'true',
   VAULT_ADDR: vaultAddr,
   VAULT_TOKEN: env.NANOKIT_TEST_VAULT_TOKEN,
 })

@@ -143,7 +143,12 @@ impl Case {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
         for (k, v) in env {
-            cmd.env(k, v);
+            // An empty value: not set at all.
+            if v.is_empty() {
+                cmd.env_remove(k);
+            } else {
+                cmd.env(k, v);
+            }
         }
         cmd
     }
@@ -758,6 +763,355 @@ async fn a_release_whose_answer_is_lost_is_recognised(kind: Kind) {
     );
 }
 
+// ------------------------------------------------------------ credentials
+
+/// A small HTTP server on loopback answering every request with `answer`
+/// (given the request's head and body), recording the requests.
+mod fake {
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+    use std::sync::{Arc, Mutex};
+
+    pub type Answer = dyn Fn(&str, &[u8]) -> (u16, String) + Send + Sync;
+    /// Each request's head and body.
+    pub type Log = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
+    pub struct Server {
+        pub addr: String,
+        pub requests: Log,
+    }
+
+    pub fn start(answer: Box<Answer>) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let (log, answer) = (requests.clone(), Arc::new(answer));
+        std::thread::spawn(move || {
+            for mut conn in listener.incoming().flatten() {
+                let (log, answer) = (log.clone(), answer.clone());
+                std::thread::spawn(move || {
+                    let mut buf = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !buf.ends_with(b"\r\n\r\n") {
+                        if conn.read(&mut byte).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        buf.push(byte[0]);
+                    }
+                    let head = String::from_utf8_lossy(&buf).to_string();
+                    let len = head
+                        .lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case("content-length")
+                                .then(|| v.trim().parse::<usize>().ok())?
+                        })
+                        .unwrap_or(0);
+                    let mut body = vec![0; len];
+                    let _ = conn.read_exact(&mut body);
+                    let (status, text) = answer(&head, &body);
+                    log.lock().unwrap().push((head, body));
+                    let _ = conn.write_all(
+                        format!(
+                            "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+                            text.len()
+                        )
+                        .as_bytes(),
+                    );
+                });
+            }
+        });
+        Server { addr, requests }
+    }
+
+    /// One plain HTTP/1.1 request: status and body.
+    pub fn request(
+        addr: &str,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> (u16, String) {
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        req.push_str(body);
+        c.write_all(req.as_bytes()).unwrap();
+        let mut resp = String::new();
+        c.read_to_string(&mut resp).unwrap();
+        let status = resp
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map_or("", |(_, b)| b)
+            .to_string();
+        (status, body)
+    }
+}
+
+/// Whether every recorded request head carries `header` (case-insensitive
+/// name, exact value prefix).
+fn all_carry(heads: &[String], header: &str) -> bool {
+    !heads.is_empty()
+        && heads.iter().all(|h| {
+            h.lines().any(|l| {
+                l.to_ascii_lowercase()
+                    .starts_with(&header.to_ascii_lowercase())
+            })
+        })
+}
+
+/// S3 credentials from `AWS_PROFILE` in the shared credentials file, its
+/// region from the config file, when the environment has no keys.
+async fn s3_credentials_from_a_profile() {
+    let (c, proxy, _) = via_proxy(Kind::S3, proxy::Mode::Record);
+    let aws = c.path().join("aws");
+    std::fs::create_dir_all(&aws).unwrap();
+    std::fs::write(
+        aws.join("credentials"),
+        "[default]\naws_access_key_id = AKIDDEFAULT\naws_secret_access_key = x\n\n[team]\naws_access_key_id = AKIDNANOKITTEAM\naws_secret_access_key = team-secret\n",
+    )
+    .unwrap();
+    std::fs::write(aws.join("config"), "[profile team]\nregion = eu-west-3\n").unwrap();
+    let creds = aws.join("credentials").display().to_string();
+    let config = aws.join("config").display().to_string();
+    let (r, text) = finish(c.child(
+        "probe",
+        0,
+        &[
+            ("AWS_ACCESS_KEY_ID", ""),
+            ("AWS_SECRET_ACCESS_KEY", ""),
+            ("AWS_REGION", ""),
+            ("AWS_DEFAULT_REGION", ""),
+            ("AWS_PROFILE", "team"),
+            ("AWS_SHARED_CREDENTIALS_FILE", &creds),
+            ("AWS_CONFIG_FILE", &config),
+            // Were the profile not read, the chain must not reach the
+            // instance metadata service (no traffic off this machine).
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ],
+    ));
+    assert_eq!(r["code"], Value::Null, "{text}");
+    let heads = proxy.heads();
+    assert!(
+        heads
+            .iter()
+            .all(|h| h.contains("Credential=AKIDNANOKITTEAM/")
+                && h.contains("/eu-west-3/s3/aws4_request")),
+        "{heads:#?}"
+    );
+}
+
+/// The fields of an `application/x-www-form-urlencoded` body, decoded.
+fn form_fields(body: &[u8]) -> std::collections::HashMap<String, String> {
+    let dec = |s: &str| {
+        percent_encoding::percent_decode_str(&s.replace('+', " "))
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    String::from_utf8_lossy(body)
+        .split('&')
+        .filter_map(|p| p.split_once('='))
+        .map(|(k, v)| (dec(k), dec(v)))
+        .collect()
+}
+
+fn unb64url(s: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(s)
+        .unwrap()
+}
+
+/// GCS with a service-account key (`GOOGLE_APPLICATION_CREDENTIALS`): an
+/// RS256 JWT, signed with the key, exchanged at its `token_uri`; every
+/// request carries the token.
+async fn gcs_service_account_key() {
+    let (c, proxy, env) = via_proxy(Kind::Gcs, proxy::Mode::Record);
+    let key = c.path().join("key.pem");
+    let out = Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "openssl: {out:?}");
+    let pem = std::fs::read_to_string(&key).unwrap();
+    let der = {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::PrivatePkcs8KeyDer::from_pem_slice(pem.as_bytes())
+            .unwrap()
+            .secret_pkcs8_der()
+            .to_vec()
+    };
+    let public = ring::signature::RsaKeyPair::from_pkcs8(&der)
+        .unwrap()
+        .public()
+        .as_ref()
+        .to_vec();
+    let tokens = fake::start(Box::new(move |head, body| {
+        let form = form_fields(body);
+        let assertion = form.get("assertion").cloned().unwrap_or_default();
+        let parts: Vec<&str> = assertion.split('.').collect();
+        let ok = head.starts_with("POST /token ")
+            && form.get("grant_type").map(String::as_str)
+                == Some("urn:ietf:params:oauth:grant-type:jwt-bearer")
+            && parts.len() == 3
+            && ring::signature::UnparsedPublicKey::new(
+                &ring::signature::RSA_PKCS1_2048_8192_SHA256,
+                &public,
+            )
+            .verify(
+                format!("{}.{}", parts[0], parts[1]).as_bytes(),
+                &unb64url(parts[2]),
+            )
+            .is_ok();
+        if ok {
+            (200, r#"{"access_token":"tok-sa","expires_in":3600}"#.into())
+        } else {
+            (401, r#"{"error":"invalid_grant"}"#.into())
+        }
+    }));
+    let creds = c.path().join("sa.json");
+    std::fs::write(
+        &creds,
+        json!({
+            "type": "service_account",
+            "client_email": "nanokit@test.iam.gserviceaccount.com",
+            "private_key": pem,
+            "token_uri": format!("http://{}/token", tokens.addr),
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let creds = creds.display().to_string();
+    let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    env.push(("GOOGLE_APPLICATION_CREDENTIALS", &creds));
+    let (r, text) = finish(c.child("probe", 0, &env));
+    assert_eq!(r["code"], Value::Null, "{text}");
+    assert!(
+        all_carry(&proxy.heads(), "authorization: Bearer tok-sa"),
+        "{:#?}",
+        proxy.heads()
+    );
+    let reqs = tokens.requests.lock().unwrap();
+    assert_eq!(reqs.len(), 1, "one token for the whole run");
+    let form = form_fields(&reqs[0].1);
+    let jwt = &form["assertion"];
+    let claims: Value = serde_json::from_slice(&unb64url(jwt.split('.').nth(1).unwrap())).unwrap();
+    assert_eq!(claims["iss"], "nanokit@test.iam.gserviceaccount.com");
+    assert_eq!(claims["aud"], format!("http://{}/token", tokens.addr));
+    assert_eq!(
+        claims["scope"],
+        "https://www.googleapis.com/auth/devstorage.read_write"
+    );
+}
+
+/// GCS from the metadata server (`GCE_METADATA_HOST`) when there is no key.
+async fn gcs_metadata_server() {
+    let (c, proxy, env) = via_proxy(Kind::Gcs, proxy::Mode::Record);
+    let md = fake::start(Box::new(|head, _| {
+        let flavored = head
+            .lines()
+            .any(|l| l.eq_ignore_ascii_case("metadata-flavor: Google"));
+        if head.starts_with("GET /computeMetadata/v1/instance/service-accounts/default/token ")
+            && flavored
+        {
+            (
+                200,
+                r#"{"access_token":"tok-md","expires_in":3599,"token_type":"Bearer"}"#.into(),
+            )
+        } else {
+            (404, "{}".into())
+        }
+    }));
+    let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    env.push(("GCE_METADATA_HOST", &md.addr));
+    env.push(("GOOGLE_APPLICATION_CREDENTIALS", ""));
+    let (r, text) = finish(c.child("probe", 0, &env));
+    assert_eq!(r["code"], Value::Null, "{text}");
+    assert!(
+        all_carry(&proxy.heads(), "authorization: Bearer tok-md"),
+        "{:#?}",
+        proxy.heads()
+    );
+    assert_eq!(md.requests.lock().unwrap().len(), 1);
+}
+
+/// Vault's token from `~/.vault-token` when `VAULT_TOKEN` is not set, and
+/// the state kept in `VAULT_NAMESPACE` (OpenBao namespaces).
+async fn vault_token_file_and_namespace() {
+    let s = services::stores();
+    let addr = s.vault_addr.trim_start_matches("http://").to_string();
+    let ns = format!("nk{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let token = [("X-Vault-Token", s.vault_token.as_str())];
+    let (st, body) = fake::request(
+        &addr,
+        "POST",
+        &format!("/v1/sys/namespaces/{ns}"),
+        &token,
+        "",
+    );
+    assert_eq!(st, 200, "{body}");
+    let in_ns = [
+        ("X-Vault-Token", s.vault_token.as_str()),
+        ("X-Vault-Namespace", ns.as_str()),
+    ];
+    let (st, body) = fake::request(
+        &addr,
+        "POST",
+        "/v1/sys/mounts/secret",
+        &in_ns,
+        r#"{"type":"kv","options":{"version":"2"}}"#,
+    );
+    assert!(st == 200 || st == 204, "{st} {body}");
+    let (c, proxy, env) = via_proxy(Kind::Vault, proxy::Mode::Record);
+    let home = c.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::write(home.join(".vault-token"), format!("{}\n", s.vault_token)).unwrap();
+    let home = home.display().to_string();
+    let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    env.extend([
+        ("VAULT_TOKEN", ""),
+        ("HOME", home.as_str()),
+        ("VAULT_NAMESPACE", ns.as_str()),
+    ]);
+    let (r, text) = finish(c.child("probe", 0, &env));
+    assert_eq!(r["code"], Value::Null, "{text}");
+    let heads = proxy.heads();
+    assert!(
+        all_carry(&heads, &format!("x-vault-namespace: {ns}")),
+        "{heads:#?}"
+    );
+    assert!(
+        all_carry(&heads, &format!("x-vault-token: {}", s.vault_token)),
+        "{heads:#?}"
+    );
+    let path = format!("/v1/secret/data/{}/state", c.name);
+    assert_eq!(
+        fake::request(&addr, "GET", &path, &in_ns, "").0,
+        200,
+        "kept in the namespace"
+    );
+    assert_eq!(
+        fake::request(&addr, "GET", &path, &token, "").0,
+        404,
+        "not in the root namespace"
+    );
+}
+
 /// A small HTTP/1.1 proxy in front of a test server (one request per
 /// connection), which can strip the preconditions of every request, or lose
 /// the answer of the first lock release it forwards, and records what it
@@ -776,6 +1130,8 @@ mod proxy {
         /// Forward the first lock release (a free record) but close the
         /// connection instead of answering.
         LoseRelease,
+        /// Only forward (and record the heads).
+        Record,
     }
 
     struct Shared {
@@ -823,7 +1179,6 @@ mod proxy {
             self.shared.count.load(Ordering::SeqCst)
         }
 
-        #[allow(dead_code)]
         pub fn heads(&self) -> Vec<String> {
             self.shared.heads.lock().unwrap().clone()
         }
@@ -1122,6 +1477,20 @@ store_test!(
 store_test!(
     vault_a_release_whose_answer_is_lost_is_recognised,
     a_release_whose_answer_is_lost_is_recognised(Kind::Vault)
+);
+
+store_test!(
+    s3_credentials_come_from_a_profile,
+    s3_credentials_from_a_profile()
+);
+store_test!(
+    gcs_a_service_account_key_gets_a_token,
+    gcs_service_account_key()
+);
+store_test!(gcs_a_token_from_the_metadata_server, gcs_metadata_server());
+store_test!(
+    vault_token_from_the_token_file_and_state_in_the_namespace,
+    vault_token_file_and_namespace()
 );
 
 // ----------------------------------------------------------- the child

@@ -4,8 +4,8 @@
 //! Writes are `uploadType=multipart` uploads with `ifGenerationMatch` (the
 //! generation read, or 0 for "only if absent"): that form is enforced by GCS
 //! and by fake-gcs-server alike (the latter ignores preconditions on `media`
-//! uploads). `STORAGE_EMULATOR_HOST` points at an emulator (no credentials).
-//! Otherwise credentials come from `GOOGLE_APPLICATION_CREDENTIALS` (a
+//! uploads). `STORAGE_EMULATOR_HOST` points at an emulator (no credentials,
+//! unless some are named by the variables below). Credentials come from `GOOGLE_APPLICATION_CREDENTIALS` (a
 //! service-account key: an RS256 JWT exchanged at its `token_uri`; or
 //! `authorized_user` credentials: a refresh token), else from the metadata
 //! server (`GCE_METADATA_HOST`, default `metadata.google.internal`).
@@ -91,69 +91,22 @@ impl Gcs {
             location: location.clone(),
             detail,
         };
-        let (base, auth) = match env("STORAGE_EMULATOR_HOST") {
-            Some(h) => {
-                let base = if h.starts_with("http://") || h.starts_with("https://") {
-                    h.trim_end_matches('/').to_string()
-                } else {
-                    format!("http://{}", h.trim_end_matches('/'))
-                };
-                (base, Auth::None)
+        let emulator = env("STORAGE_EMULATOR_HOST");
+        let base = match &emulator {
+            Some(h) if h.starts_with("http://") || h.starts_with("https://") => {
+                h.trim_end_matches('/').to_string()
             }
-            None => (
-                "https://storage.googleapis.com".to_string(),
-                match env("GOOGLE_APPLICATION_CREDENTIALS") {
-                    Some(file) => {
-                        let text =
-                            std::fs::read_to_string(&file).map_err(|e| StateError::Auth {
-                                location: location.clone(),
-                                detail: format!(
-                                    "cannot read GOOGLE_APPLICATION_CREDENTIALS {file}: {e}"
-                                ),
-                            })?;
-                        let c: CredentialsFile =
-                            serde_json::from_str(&text).map_err(|e| StateError::Auth {
-                                location: location.clone(),
-                                detail: format!("GOOGLE_APPLICATION_CREDENTIALS {file} is not a credentials file: {e}"),
-                            })?;
-                        let missing = |what: &str| StateError::Auth {
-                            location: location.clone(),
-                            detail: format!("GOOGLE_APPLICATION_CREDENTIALS {file} has no {what}"),
-                        };
-                        match c.kind.as_str() {
-                            "service_account" => Auth::ServiceAccount {
-                                email: c.client_email.ok_or_else(|| missing("client_email"))?,
-                                key_pem: c.private_key.ok_or_else(|| missing("private_key"))?,
-                                token_uri: c
-                                    .token_uri
-                                    .unwrap_or_else(|| "https://oauth2.googleapis.com/token".into()),
-                            },
-                            "authorized_user" => Auth::AuthorizedUser {
-                                client_id: c.client_id.ok_or_else(|| missing("client_id"))?,
-                                client_secret: c
-                                    .client_secret
-                                    .ok_or_else(|| missing("client_secret"))?,
-                                refresh_token: c
-                                    .refresh_token
-                                    .ok_or_else(|| missing("refresh_token"))?,
-                                token_uri: c
-                                    .token_uri
-                                    .unwrap_or_else(|| "https://oauth2.googleapis.com/token".into()),
-                            },
-                            other => {
-                                return Err(StateError::Auth {
-                                    location,
-                                    detail: format!("GOOGLE_APPLICATION_CREDENTIALS {file} is of type {other:?}; use a service_account key or authorized_user credentials"),
-                                })
-                            }
-                        }
-                    }
-                    None => Auth::Metadata(
-                        env("GCE_METADATA_HOST")
-                            .unwrap_or_else(|| "metadata.google.internal".into()),
-                    ),
-                },
-            ),
+            Some(h) => format!("http://{}", h.trim_end_matches('/')),
+            None => "https://storage.googleapis.com".to_string(),
+        };
+        // An emulator needs no credentials, unless some are named.
+        let auth = if emulator.is_some()
+            && env("GOOGLE_APPLICATION_CREDENTIALS").is_none()
+            && env("GCE_METADATA_HOST").is_none()
+        {
+            Auth::None
+        } else {
+            credentials(&location)?
         };
         let http = super::http::client(&super::http::Trust {
             plain_only: base.starts_with("http://"),
@@ -276,6 +229,54 @@ impl Gcs {
             "{status}: {}",
             text.chars().take(300).collect::<String>()
         ))
+    }
+}
+
+/// Where tokens come from: `GOOGLE_APPLICATION_CREDENTIALS`, else the
+/// metadata server.
+fn credentials(location: &str) -> Result<Auth, StateError> {
+    let Some(file) = env("GOOGLE_APPLICATION_CREDENTIALS") else {
+        return Ok(Auth::Metadata(
+            env("GCE_METADATA_HOST").unwrap_or_else(|| "metadata.google.internal".into()),
+        ));
+    };
+    let auth_err = |detail: String| StateError::Auth {
+        location: location.to_string(),
+        detail,
+    };
+    let text = std::fs::read_to_string(&file).map_err(|e| {
+        auth_err(format!(
+            "cannot read GOOGLE_APPLICATION_CREDENTIALS {file}: {e}"
+        ))
+    })?;
+    let c: CredentialsFile = serde_json::from_str(&text).map_err(|e| {
+        auth_err(format!(
+            "GOOGLE_APPLICATION_CREDENTIALS {file} is not a credentials file: {e}"
+        ))
+    })?;
+    let missing = |what: &str| {
+        auth_err(format!(
+            "GOOGLE_APPLICATION_CREDENTIALS {file} has no {what}"
+        ))
+    };
+    let token_uri = c
+        .token_uri
+        .unwrap_or_else(|| "https://oauth2.googleapis.com/token".into());
+    match c.kind.as_str() {
+        "service_account" => Ok(Auth::ServiceAccount {
+            email: c.client_email.ok_or_else(|| missing("client_email"))?,
+            key_pem: c.private_key.ok_or_else(|| missing("private_key"))?,
+            token_uri,
+        }),
+        "authorized_user" => Ok(Auth::AuthorizedUser {
+            client_id: c.client_id.ok_or_else(|| missing("client_id"))?,
+            client_secret: c.client_secret.ok_or_else(|| missing("client_secret"))?,
+            refresh_token: c.refresh_token.ok_or_else(|| missing("refresh_token"))?,
+            token_uri,
+        }),
+        other => Err(auth_err(format!(
+            "GOOGLE_APPLICATION_CREDENTIALS {file} is of type {other:?}; use a service_account key or authorized_user credentials"
+        ))),
     }
 }
 

@@ -9,7 +9,8 @@
 //! `default`, in `AWS_SHARED_CREDENTIALS_FILE` or `~/.aws/credentials`, region
 //! from `AWS_CONFIG_FILE` or `~/.aws/config`), then web identity
 //! (`AWS_WEB_IDENTITY_TOKEN_FILE` + `AWS_ROLE_ARN`), container credentials,
-//! and the instance metadata service. `AWS_CA_BUNDLE` names extra CAs.
+//! and the instance metadata service (unless `AWS_EC2_METADATA_DISABLED`).
+//! `AWS_CA_BUNDLE` names extra CAs.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -133,13 +134,29 @@ impl S3 {
         };
         let mut b = AmazonS3Builder::from_env().with_bucket_name(&u.authority);
         let (profile_creds, profile_region) = profile();
+        let mut profile_creds_used = false;
         if env("AWS_ACCESS_KEY_ID").is_none() {
             if let Some(k) = profile_creds {
+                profile_creds_used = true;
                 b = b.with_access_key_id(k.id).with_secret_access_key(k.secret);
                 if let Some(t) = k.token {
                     b = b.with_token(t);
                 }
             }
+        }
+        // The SDKs' switch for the instance metadata service, the chain's
+        // last resort: with it set and no other credentials, say so.
+        let no_imds = env("AWS_EC2_METADATA_DISABLED").is_some_and(|v| is_true(&v));
+        let has_other = env("AWS_ACCESS_KEY_ID").is_some()
+            || profile_creds_used
+            || env("AWS_WEB_IDENTITY_TOKEN_FILE").is_some()
+            || env("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI").is_some()
+            || env("AWS_CONTAINER_CREDENTIALS_FULL_URI").is_some();
+        if no_imds && !has_other {
+            return Err(StateError::Auth {
+                location: format!("s3://{}/{}", u.authority, u.path),
+                detail: "no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE (the instance metadata service is off: AWS_EC2_METADATA_DISABLED)".into(),
+            });
         }
         let region = u
             .param("region")

@@ -87,6 +87,7 @@ pub fn stores() -> &'static Stores {
             ("AWS_ACCESS_KEY_ID", "nanokit-test"),
             ("AWS_SECRET_ACCESS_KEY", "nanokit-test-secret"),
             ("AWS_REGION", "us-east-1"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
             ("STORAGE_EMULATOR_HOST", s.gcs_host.as_str()),
             ("VAULT_ADDR", s.vault_addr.as_str()),
             ("VAULT_TOKEN", s.vault_token.as_str()),
