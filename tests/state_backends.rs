@@ -383,7 +383,7 @@ async fn a_lower_epoch_is_refused(kind: Kind) {
     // Nor does it get through by reading the state again (the version is
     // then current: only the epoch stops it).
     let mut again = c.store().await;
-    let e = again.fence(e1, "first-again").unwrap_err();
+    let e = again.fence(e1, &holder("first-again")).unwrap_err();
     assert_eq!(e.code(), "ENKSTATESTALE", "{e}");
     let e = again.update(|s| s.resources.clear()).await.unwrap_err();
     assert_eq!(e.code(), "ENKSTATESTALE", "{e}");

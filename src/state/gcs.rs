@@ -362,15 +362,15 @@ impl ObjectStore for Gcs {
         bytes: &[u8],
         cond: Cond<'_>,
     ) -> Result<Option<Version>, StateError> {
-        let generation = match cond {
-            Cond::Absent => "0",
-            Cond::Matches(v) => v.0.as_str(),
+        let precondition = match cond {
+            Cond::Absent => "&ifGenerationMatch=0".to_string(),
+            Cond::Matches(v) => format!("&ifGenerationMatch={}", enc(&v.0)),
+            Cond::Any => String::new(),
         };
         let url = format!(
-            "{}/upload/storage/v1/b/{}/o?uploadType=multipart&ifGenerationMatch={}",
+            "{}/upload/storage/v1/b/{}/o?uploadType=multipart{precondition}",
             self.base,
             enc(&self.bucket),
-            enc(generation)
         );
         let boundary = format!("nanokit-{}", uuid::Uuid::new_v4().simple());
         let meta = serde_json::json!({"name": key, "contentType": "application/json"});
@@ -413,6 +413,47 @@ impl ObjectStore for Gcs {
         match resp.status().as_u16() {
             200 | 204 | 404 => Ok(()),
             _ => Err(self.failed(resp).await),
+        }
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StateError> {
+        #[derive(Deserialize)]
+        struct Item {
+            name: String,
+        }
+        #[derive(Deserialize)]
+        struct Page {
+            #[serde(default)]
+            items: Vec<Item>,
+            #[serde(rename = "nextPageToken")]
+            next: Option<String>,
+        }
+        let mut names = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut url = format!(
+                "{}/storage/v1/b/{}/o?prefix={}",
+                self.base,
+                enc(&self.bucket),
+                enc(prefix)
+            );
+            if let Some(t) = &token {
+                url.push_str(&format!("&pageToken={}", enc(t)));
+            }
+            let resp = self.send(self.http.get(url)).await?;
+            if resp.status().as_u16() != 200 {
+                return Err(self.failed(resp).await);
+            }
+            let page: Page = resp.json_body().await.map_err(|e| self.unavailable(e))?;
+            names.extend(
+                page.items
+                    .into_iter()
+                    .filter_map(|i| i.name.strip_prefix(prefix).map(str::to_string)),
+            );
+            match page.next {
+                Some(t) if !t.is_empty() => token = Some(t),
+                _ => return Ok(names),
+            }
         }
     }
 }

@@ -208,8 +208,9 @@ pub async fn lock_state(
         _ = cancel.cancelled() => return Err(StateError::Interrupted),
     };
     let opened = async {
-        let mut store = Store::open(backend, &config.name, &config.env).await?;
-        store.fence(lock.epoch(), &holder.run_id)?;
+        let opts = super::StoreOptions::of(config);
+        let mut store = Store::open_with(backend, &config.name, &config.env, opts).await?;
+        store.fence(lock.epoch(), &holder)?;
         if lock.recovered() && store.state().serial > 0 {
             store.update(|_| {}).await?;
         }

@@ -36,7 +36,10 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use super::backend::{Backend, Grant, Holder, LockRequest, LockView, Stored, Version, WriteMeta};
+use super::backend::{
+    revision_name, revision_serial, Backend, Grant, Holder, LockRequest, LockView, Stored, Version,
+    WriteMeta,
+};
 use super::StateError;
 use crate::sys::host;
 
@@ -54,6 +57,8 @@ pub enum Cond<'a> {
     Absent,
     /// Only if the object's version is still this one.
     Matches(&'a Version),
+    /// Whatever is there (history revisions, which nobody else writes).
+    Any,
 }
 
 /// What S3, GCS and Vault KV v2 have in common: read an object with its
@@ -82,8 +87,13 @@ pub trait ObjectStore: Send + Sync {
         cond: Cond<'_>,
     ) -> Result<Option<Version>, StateError>;
 
-    /// Deletes `key` (the probe's scratch object), whatever its version.
+    /// Deletes `key` (the probe's scratch object, a revision), whatever its
+    /// version.
     async fn delete(&self, key: &str) -> Result<(), StateError>;
+
+    /// The keys under `prefix` (a "folder": it ends with `/`), relative to
+    /// it.
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StateError>;
 }
 
 /// What the deploy-lock object holds.
@@ -169,6 +179,10 @@ impl ObjectBackend {
             store,
             held: tokio::sync::Mutex::new(None),
         }
+    }
+
+    fn history_prefix(&self) -> String {
+        format!("{}.history/", self.key)
     }
 
     fn lock_location(&self) -> String {
@@ -600,6 +614,33 @@ impl Backend for ObjectBackend {
             }),
             None => None,
         })
+    }
+
+    async fn put_revision(&self, serial: u64, bytes: &[u8]) -> Result<(), StateError> {
+        let key = format!("{}{}", self.history_prefix(), revision_name(serial));
+        self.store.put(&key, bytes, Cond::Any).await.map(|_| ())
+    }
+
+    async fn get_revision(&self, serial: u64) -> Result<Option<Vec<u8>>, StateError> {
+        let key = format!("{}{}", self.history_prefix(), revision_name(serial));
+        Ok(self.store.get(&key).await?.map(|o| o.bytes))
+    }
+
+    async fn list_revisions(&self) -> Result<Vec<u64>, StateError> {
+        let mut serials: Vec<u64> = self
+            .store
+            .list(&self.history_prefix())
+            .await?
+            .iter()
+            .filter_map(|n| revision_serial(n))
+            .collect();
+        serials.sort_unstable();
+        Ok(serials)
+    }
+
+    async fn delete_revision(&self, serial: u64) -> Result<(), StateError> {
+        let key = format!("{}{}", self.history_prefix(), revision_name(serial));
+        self.store.delete(&key).await
     }
 
     async fn force_unlock(&self) -> Result<Option<LockView>, StateError> {

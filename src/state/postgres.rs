@@ -6,6 +6,7 @@
 //!   that compares serial and lineage and refuses an epoch lower than the
 //!   stored one, so a stale writer gets `ENKSTATESTALE` instead of silently
 //!   losing the other's update.
+//! - `nanokit_infra_history` keeps the last revisions of each workspace.
 //! - `nanokit_infra_lock` holds one deploy-lock row per workspace: holder,
 //!   description, epoch and an expiry by the database's clock. The row is
 //!   never deleted: a release or `infra unlock` empties its holder and keeps
@@ -21,6 +22,10 @@ use async_trait::async_trait;
 use tokio_postgres::Client;
 
 use super::backend::{Backend, Grant, LockRequest, LockView, Stored, Version, WriteMeta};
+
+fn serial_of(serial: u64) -> i64 {
+    serial.min(i64::MAX as u64) as i64
+}
 use super::StateError;
 use crate::pg::{self, redact_url};
 
@@ -34,6 +39,13 @@ CREATE TABLE IF NOT EXISTS nanokit_infra_state (
     document text NOT NULL,
     updated_at timestamptz NOT NULL DEFAULT now(),
     updated_by text NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS nanokit_infra_history (
+    workspace text NOT NULL,
+    serial bigint NOT NULL,
+    document text NOT NULL,
+    written_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (workspace, serial)
 );
 CREATE TABLE IF NOT EXISTS nanokit_infra_lock (
     workspace text PRIMARY KEY,
@@ -103,7 +115,8 @@ impl PostgresBackend {
         b.client
             .batch_execute(
                 "SELECT workspace, lineage, serial, document, updated_at, updated_by, epoch FROM nanokit_infra_state LIMIT 0;
-                 SELECT workspace, holder, info, acquired_at, expires_at, epoch, taken_from FROM nanokit_infra_lock LIMIT 0;",
+                 SELECT workspace, holder, info, acquired_at, expires_at, epoch, taken_from FROM nanokit_infra_lock LIMIT 0;
+                 SELECT workspace, serial, document, written_at FROM nanokit_infra_history LIMIT 0;",
             )
             .await
             .map_err(|e| pg::map_err(&loc, e))?;
@@ -387,6 +400,60 @@ impl Backend for PostgresBackend {
 
     async fn lock_info(&self) -> Result<Option<LockView>, StateError> {
         self.live_lock().await
+    }
+
+    async fn put_revision(&self, serial: u64, bytes: &[u8]) -> Result<(), StateError> {
+        let document = std::str::from_utf8(bytes).map_err(|_| StateError::Write {
+            location: self.location.clone(),
+            detail: "a state document must be UTF-8".into(),
+        })?;
+        self.client
+            .execute(
+                "INSERT INTO nanokit_infra_history (workspace, serial, document) VALUES ($1, $2, $3)
+                 ON CONFLICT (workspace, serial) DO UPDATE SET document = EXCLUDED.document, written_at = now()",
+                &[&self.workspace, &serial_of(serial), &document],
+            )
+            .await
+            .map_err(|e| self.m(e))?;
+        Ok(())
+    }
+
+    async fn get_revision(&self, serial: u64) -> Result<Option<Vec<u8>>, StateError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT document FROM nanokit_infra_history WHERE workspace = $1 AND serial = $2",
+                &[&self.workspace, &serial_of(serial)],
+            )
+            .await
+            .map_err(|e| self.m(e))?;
+        Ok(row.map(|r| r.get::<_, String>(0).into_bytes()))
+    }
+
+    async fn list_revisions(&self) -> Result<Vec<u64>, StateError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT serial FROM nanokit_infra_history WHERE workspace = $1 ORDER BY serial",
+                &[&self.workspace],
+            )
+            .await
+            .map_err(|e| self.m(e))?;
+        Ok(rows
+            .iter()
+            .map(|r| r.get::<_, i64>(0).max(0) as u64)
+            .collect())
+    }
+
+    async fn delete_revision(&self, serial: u64) -> Result<(), StateError> {
+        self.client
+            .execute(
+                "DELETE FROM nanokit_infra_history WHERE workspace = $1 AND serial = $2",
+                &[&self.workspace, &serial_of(serial)],
+            )
+            .await
+            .map_err(|e| self.m(e))?;
+        Ok(())
     }
 
     async fn force_unlock(&self) -> Result<Option<LockView>, StateError> {

@@ -274,6 +274,7 @@ impl ObjectStore for S3 {
         cond: Cond<'_>,
     ) -> Result<Option<Version>, StateError> {
         let mode = match cond {
+            Cond::Any => PutMode::Overwrite,
             Cond::Absent => PutMode::Create,
             Cond::Matches(v) => PutMode::Update(UpdateVersion {
                 e_tag: Some(v.0.clone()),
@@ -304,6 +305,20 @@ impl ObjectStore for S3 {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.err(e)),
         }
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StateError> {
+        use futures::StreamExt as _;
+        let folder = self.path(prefix.trim_end_matches('/'))?;
+        let mut stream = self.store.list(Some(&folder));
+        let mut names = Vec::new();
+        while let Some(meta) = stream.next().await {
+            let meta = meta.map_err(|e| self.err(e))?;
+            if let Some(name) = meta.location.as_ref().strip_prefix(prefix) {
+                names.push(name.to_string());
+            }
+        }
+        Ok(names)
     }
 }
 

@@ -26,14 +26,119 @@ use super::object::{Cond, Object, ObjectStore};
 use super::url::StoreUrl;
 use super::{StateError, Version};
 
-/// One secret of a KV v2 mount.
-pub struct Vault {
+/// A Vault/OpenBao server, as the vault CLI reaches it: address, token,
+/// namespace and TLS from the environment.
+pub struct Connection {
     http: reqwest::Client,
     addr: String,
-    mount: String,
-    key: String,
     token: String,
     namespace: Option<String>,
+}
+
+impl Connection {
+    /// The server at `address`, else `VAULT_ADDR`, for `what` (messages).
+    pub fn from_env(address: Option<&str>, what: &str) -> Result<Connection, StateError> {
+        let addr = address
+            .map(str::to_string)
+            .or_else(|| env("VAULT_ADDR"))
+            .ok_or_else(|| StateError::Backend {
+                location: what.to_string(),
+                detail: "no server: set VAULT_ADDR (or its `address`)".into(),
+            })?;
+        Connection::new(addr, what.to_string())
+    }
+
+    fn new(addr: String, describe: String) -> Result<Connection, StateError> {
+        let addr = addr.trim_end_matches('/').to_string();
+        let token = match env("VAULT_TOKEN") {
+            Some(t) => t,
+            None => std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".vault-token"))
+                .and_then(|p| std::fs::read_to_string(p).ok())
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| StateError::Auth {
+                    location: describe.clone(),
+                    detail: "no token: set VAULT_TOKEN (or log in with the vault CLI, which writes ~/.vault-token)".into(),
+                })?,
+        };
+        let mut ca_files: Vec<PathBuf> =
+            env("VAULT_CACERT").map(PathBuf::from).into_iter().collect();
+        if let Some(dir) = env("VAULT_CAPATH") {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .map_err(|e| StateError::Backend {
+                    location: describe.clone(),
+                    detail: format!("cannot read VAULT_CAPATH {dir}: {e}"),
+                })?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_file())
+                .collect();
+            found.sort();
+            ca_files.extend(found);
+        }
+        let cert = env("VAULT_CLIENT_CERT").map(PathBuf::from);
+        let key = env("VAULT_CLIENT_KEY").map(PathBuf::from);
+        if env("VAULT_SKIP_VERIFY").is_some_and(|v| matches!(v.as_str(), "1" | "true")) {
+            return Err(StateError::Backend {
+                location: describe,
+                detail: "VAULT_SKIP_VERIFY is set: nanokit does not talk to a server it cannot verify; give the server's CA with VAULT_CACERT".into(),
+            });
+        }
+        let http = super::http::client(&super::http::Trust {
+            ca_files: ca_files.iter().map(|p| p.as_path()).collect(),
+            identity: match (&cert, &key) {
+                (Some(c), Some(k)) => Some(crate::sys::tls::Identity { cert: c, key: k }),
+                (Some(c), None) => Some(crate::sys::tls::Identity { cert: c, key: c }),
+                _ => None,
+            },
+            plain_only: addr.starts_with("http://"),
+        })
+        .map_err(|detail| StateError::Backend {
+            location: describe.clone(),
+            detail,
+        })?;
+        Ok(Connection {
+            http,
+            addr,
+            token,
+            namespace: env("VAULT_NAMESPACE"),
+        })
+    }
+
+    /// `req` with the token and namespace, sent (retried as
+    /// [`super::http::send`] does).
+    async fn send(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, reqwest::Error> {
+        let mut req = req.header("X-Vault-Token", &self.token);
+        if let Some(ns) = &self.namespace {
+            req = req.header("X-Vault-Namespace", ns);
+        }
+        super::http::send(req).await
+    }
+
+    /// `POST /v1/<path>` with a JSON body.
+    pub async fn post(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<reqwest::Response, String> {
+        let req = self
+            .http
+            .post(format!("{}/v1/{path}", self.addr))
+            .header("Content-Type", "application/json")
+            .body(body.to_string());
+        self.send(req).await.map_err(|e| super::http::describe(&e))
+    }
+}
+
+/// One secret of a KV v2 mount.
+pub struct Vault {
+    conn: Connection,
+    mount: String,
+    key: String,
     describe: String,
 }
 
@@ -81,62 +186,10 @@ impl Vault {
             }
             (_, host) => format!("https://{host}"),
         };
-        let addr = addr.trim_end_matches('/').to_string();
-        let token = match env("VAULT_TOKEN") {
-            Some(t) => t,
-            None => std::env::var_os("HOME")
-                .map(|h| PathBuf::from(h).join(".vault-token"))
-                .and_then(|p| std::fs::read_to_string(p).ok())
-                .map(|t| t.trim().to_string())
-                .filter(|t| !t.is_empty())
-                .ok_or_else(|| StateError::Auth {
-                    location: describe.clone(),
-                    detail: "no token: set VAULT_TOKEN (or log in with the vault CLI, which writes ~/.vault-token)".into(),
-                })?,
-        };
-        let ca_file = env("VAULT_CACERT").map(PathBuf::from);
-        let mut ca_files: Vec<PathBuf> = ca_file.into_iter().collect();
-        if let Some(dir) = env("VAULT_CAPATH") {
-            let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
-                .map_err(|e| StateError::Backend {
-                    location: describe.clone(),
-                    detail: format!("cannot read VAULT_CAPATH {dir}: {e}"),
-                })?
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.is_file())
-                .collect();
-            found.sort();
-            ca_files.extend(found);
-        }
-        let cert = env("VAULT_CLIENT_CERT").map(PathBuf::from);
-        let key = env("VAULT_CLIENT_KEY").map(PathBuf::from);
-        if env("VAULT_SKIP_VERIFY").is_some_and(|v| matches!(v.as_str(), "1" | "true")) {
-            return Err(StateError::Backend {
-                location: describe,
-                detail: "VAULT_SKIP_VERIFY is set: nanokit does not talk to a state store it cannot verify; give the server's CA with VAULT_CACERT".into(),
-            });
-        }
-        let http = super::http::client(&super::http::Trust {
-            ca_files: ca_files.iter().map(|p| p.as_path()).collect(),
-            identity: match (&cert, &key) {
-                (Some(c), Some(k)) => Some(crate::sys::tls::Identity { cert: c, key: k }),
-                (Some(c), None) => Some(crate::sys::tls::Identity { cert: c, key: c }),
-                _ => None,
-            },
-            plain_only: addr.starts_with("http://"),
-        })
-        .map_err(|detail| StateError::Backend {
-            location: describe.clone(),
-            detail,
-        })?;
         Ok(Vault {
-            http,
-            addr,
+            conn: Connection::new(addr, describe.clone())?,
             mount: mount.to_string(),
             key: path.to_string(),
-            token,
-            namespace: env("VAULT_NAMESPACE"),
             describe,
         })
     }
@@ -150,7 +203,7 @@ impl Vault {
             })
             .collect::<Vec<_>>()
             .join("/");
-        format!("{}/v1/{}/{kind}/{key}", self.addr, self.mount)
+        format!("{}/v1/{}/{kind}/{key}", self.conn.addr, self.mount)
     }
 
     fn unavailable(&self, detail: String) -> StateError {
@@ -161,11 +214,9 @@ impl Vault {
     }
 
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, StateError> {
-        let mut req = req.header("X-Vault-Token", &self.token);
-        if let Some(ns) = &self.namespace {
-            req = req.header("X-Vault-Namespace", ns);
-        }
-        let resp = super::http::send(req)
+        let resp = self
+            .conn
+            .send(req)
             .await
             .map_err(|e| self.unavailable(super::http::describe(&e)))?;
         if resp.status().as_u16() == 403 {
@@ -195,7 +246,9 @@ impl Vault {
     /// The current version of `key` when its last version was deleted
     /// (a write "only if absent" must name it), `None` when it never was.
     async fn deleted_version(&self, key: &str) -> Result<Option<u64>, StateError> {
-        let resp = self.send(self.http.get(self.url("metadata", key))).await?;
+        let resp = self
+            .send(self.conn.http.get(self.url("metadata", key)))
+            .await?;
         if resp.status().as_u16() == 404 {
             return Ok(None);
         }
@@ -233,7 +286,7 @@ impl ObjectStore for Vault {
     }
 
     fn probe_key(&self) -> String {
-        format!("vault {} {}", self.addr, self.mount)
+        format!("vault {} {}", self.conn.addr, self.mount)
     }
 
     fn key(&self) -> &str {
@@ -241,7 +294,7 @@ impl ObjectStore for Vault {
     }
 
     async fn get(&self, key: &str) -> Result<Option<Object>, StateError> {
-        let resp = self.send(self.http.get(self.url("data", key))).await?;
+        let resp = self.send(self.conn.http.get(self.url("data", key))).await?;
         match resp.status().as_u16() {
             404 => return Ok(None),
             200 => {}
@@ -289,17 +342,22 @@ impl ObjectStore for Vault {
             detail: "only text can be stored in a Vault secret".into(),
         })?;
         let mut cas = match cond {
-            Cond::Absent => 0,
-            Cond::Matches(v) => v.0.parse::<u64>().map_err(|_| StateError::Write {
+            Cond::Absent => Some(0),
+            Cond::Matches(v) => Some(v.0.parse::<u64>().map_err(|_| StateError::Write {
                 location: self.describe.clone(),
                 detail: format!("{:?} is not a KV version", v.0),
-            })?,
+            })?),
+            Cond::Any => None,
         };
         for _ in 0..2 {
-            let body = json!({"options": {"cas": cas}, "data": {"nanokit": text}});
+            let body = match cas {
+                Some(cas) => json!({"options": {"cas": cas}, "data": {"nanokit": text}}),
+                None => json!({"data": {"nanokit": text}}),
+            };
             let resp = self
                 .send(
-                    self.http
+                    self.conn
+                        .http
                         .post(self.url("data", key))
                         .header("Content-Type", "application/json")
                         .body(body.to_string()),
@@ -318,9 +376,9 @@ impl ObjectStore for Vault {
             if status == 400 && text.contains("check-and-set") {
                 // Absent, but its last version deleted: that version is the
                 // one to name.
-                if cas == 0 {
+                if cas == Some(0) {
                     if let Some(v) = self.deleted_version(key).await? {
-                        cas = v;
+                        cas = Some(v);
                         continue;
                     }
                 }
@@ -336,11 +394,34 @@ impl ObjectStore for Vault {
 
     async fn delete(&self, key: &str) -> Result<(), StateError> {
         let resp = self
-            .send(self.http.delete(self.url("metadata", key)))
+            .send(self.conn.http.delete(self.url("metadata", key)))
             .await?;
         match resp.status().as_u16() {
             200 | 204 | 404 => Ok(()),
             _ => Err(self.failed(resp).await),
         }
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StateError> {
+        let url = format!(
+            "{}/?list=true",
+            self.url("metadata", prefix.trim_end_matches('/'))
+        );
+        let resp = self.send(self.conn.http.get(url)).await?;
+        match resp.status().as_u16() {
+            404 => return Ok(Vec::new()),
+            200 => {}
+            _ => return Err(self.failed(resp).await),
+        }
+        #[derive(Deserialize)]
+        struct Keys {
+            keys: Vec<String>,
+        }
+        #[derive(Deserialize)]
+        struct Resp {
+            data: Keys,
+        }
+        let r: Resp = resp.json_body().await.map_err(|e| self.unavailable(e))?;
+        Ok(r.data.keys)
     }
 }
