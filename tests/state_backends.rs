@@ -763,6 +763,458 @@ async fn a_release_whose_answer_is_lost_is_recognised(kind: Kind) {
     );
 }
 
+// ------------------------------------------------ history, push, migrate
+
+/// A project of one or two `sleep` services whose state is `state`, with
+/// `infra` lines added and `RUN` set to `run` (changing it updates `a`).
+fn yml28(name: &str, state: &str, infra: &str, run: &str) -> String {
+    format!(
+        "name: {name}\ninfra:\n  state: \"{state}\"\n{infra}services:\n  a:\n    start: \"exec sleep 600\"\n    env: {{ RUN: \"{run}\" }}\n"
+    )
+}
+
+/// `nanokit <args> -f <case's nanokit.yml>` in a child process: its exit
+/// code and output.
+fn nk(c: &Case, args: &[&str], env: &[(&str, &str)]) -> (i64, String) {
+    let mut a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    a.push("-f".into());
+    a.push(c.path().join("nanokit.yml").display().to_string());
+    let argv = json!(a).to_string();
+    let mut env: Vec<(&str, &str)> = env.to_vec();
+    env.push(("NK_SB_ARGS", &argv));
+    let (r, text) = finish(c.child_in("cli", c.path(), &env));
+    (r["exit"].as_i64().unwrap(), text)
+}
+
+fn nk_ok(c: &Case, args: &[&str], env: &[(&str, &str)]) -> String {
+    let (code, text) = nk(c, args, env);
+    assert_eq!(code, 0, "nanokit {args:?}: {text}");
+    text
+}
+
+/// History, show, pull and push on one backend: the last N writes listed
+/// with serial, time, holder, command and changes; pull then push of the
+/// same state a no-op; an older serial or another lineage refused without
+/// --force.
+async fn history_pull_push(kind: Kind) {
+    use nanokit::state::manage;
+    let c = Case::new(kind);
+    let state = state_url(kind, c.path(), &c.name, None);
+    let infra = "  state_history: 3\n";
+    for run in ["1", "2", "3", "4"] {
+        std::fs::write(
+            c.path().join("nanokit.yml"),
+            yml28(&c.name, &state, infra, run),
+        )
+        .unwrap();
+        nk_ok(&c, &["up"], &[]);
+    }
+    let cfg = c.config();
+    let end = direct_state(kind, &c).await;
+    let s = end.serial;
+    let listed = manage::history(&cfg, 20).await.unwrap();
+    let serials: Vec<u64> = listed.iter().map(|r| r.serial).collect();
+    assert_eq!(
+        serials,
+        vec![s, s - 1, s - 2],
+        "the last 3 writes: {listed:#?}"
+    );
+    for r in &listed {
+        assert!(r.at.is_some(), "{r:?}");
+        assert!(
+            r.holder
+                .as_deref()
+                .is_some_and(|h| h.contains("pid ") && h.contains("nanokit up")),
+            "{r:?}"
+        );
+        assert!(
+            r.command.as_deref().is_some_and(|c| c.contains(" up ")),
+            "{r:?}"
+        );
+    }
+    // Changes against the revision before: known for all but the oldest.
+    assert!(
+        listed[..2]
+            .iter()
+            .all(|r| r.changes.as_deref().is_some_and(|ch| ch.contains("~a"))),
+        "{listed:#?}"
+    );
+    assert!(listed[2].changes.is_none(), "{listed:#?}");
+    let backend = c.backend().await;
+    assert_eq!(
+        backend.list_revisions().await.unwrap(),
+        vec![s - 2, s - 1, s]
+    );
+    assert_eq!(manage::show(&cfg, s - 1).await.unwrap().serial, s - 1);
+    assert!(
+        manage::show(&cfg, s - 3).await.is_err(),
+        "fell out of the history"
+    );
+    // The CLI lists them too.
+    let text = nk_ok(&c, &["infra", "state", "history"], &[]);
+    assert!(
+        text.contains(&format!("{s} ")) && text.contains("up"),
+        "{text}"
+    );
+    // pull, push of the same: a no-op.
+    let pulled = manage::pull(&cfg).await.unwrap().unwrap();
+    let bytes = serde_json::to_vec_pretty(&pulled).unwrap();
+    let cancel = CancellationToken::new();
+    let before = backend.read().await.unwrap().unwrap();
+    assert_eq!(
+        manage::push(&cfg, &bytes, false, &cancel).await.unwrap(),
+        manage::Pushed::Unchanged { serial: s }
+    );
+    assert_eq!(
+        backend.read().await.unwrap().unwrap().bytes,
+        before.bytes,
+        "nothing written"
+    );
+    // An older serial, another lineage: refused.
+    let older = serde_json::to_vec(&manage::show(&cfg, s - 1).await.unwrap()).unwrap();
+    let e = manage::push(&cfg, &older, false, &cancel)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), "ENKSTATEREFUSED", "{e}");
+    let mut other = pulled.clone();
+    other.lineage = uuid::Uuid::new_v4().to_string();
+    let other = serde_json::to_vec(&other).unwrap();
+    let e = manage::push(&cfg, &other, false, &cancel)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), "ENKSTATEREFUSED", "{e}");
+    assert!(e.to_string().contains("lineage"), "{e}");
+    assert_eq!(
+        backend.read().await.unwrap().unwrap().bytes,
+        before.bytes,
+        "nothing written"
+    );
+    // Through the CLI as well.
+    std::fs::write(c.path().join("older.json"), &older).unwrap();
+    let (code, text) = nk(&c, &["infra", "state", "push", "older.json"], &[]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("ENKSTATEREFUSED"), "{text}");
+    nk_ok(&c, &["down"], &[]);
+    // Forced: written, with the next serial.
+    let now = direct_state(kind, &c).await.serial;
+    assert_eq!(
+        manage::push(&cfg, &other, true, &cancel).await.unwrap(),
+        manage::Pushed::Written { serial: now + 1 }
+    );
+    assert_ne!(direct_state(kind, &c).await.lineage, pulled.lineage);
+}
+
+/// file → S3 → Vault → GCS → file: lineage, serial and history kept at each
+/// step; a run against a store the state left fails naming where it went.
+async fn migrate_round_trip() {
+    use nanokit::state::manage;
+    let c = Case::new(Kind::File);
+    let file_state = state_url(Kind::File, c.path(), &c.name, None);
+    for run in ["1", "2"] {
+        std::fs::write(
+            c.path().join("nanokit.yml"),
+            yml28(&c.name, &file_state, "", run),
+        )
+        .unwrap();
+        nk_ok(&c, &["up"], &[]);
+    }
+    let start = direct_state(Kind::File, &c).await;
+    let revisions = c.backend().await.list_revisions().await.unwrap();
+    assert!(revisions.len() >= 2);
+    let cancel = CancellationToken::new();
+    let mut from = Kind::File;
+    for to in [Kind::S3, Kind::Vault, Kind::Gcs, Kind::File] {
+        let cfg = c.config();
+        let url = state_url(to, c.path(), &c.name, None);
+        let m = manage::migrate(&cfg, &url, false, &cancel)
+            .await
+            .unwrap_or_else(|e| panic!("{from:?} -> {to:?}: {e}"));
+        assert_eq!((m.serial, &m.lineage), (start.serial, &start.lineage));
+        // The source refuses runs, naming the destination.
+        let (code, text) = nk(&c, &["up"], &[]);
+        assert_eq!(code, 1, "{text}");
+        assert!(text.contains("ENKSTATEMIGRATED"), "{text}");
+        let dest_shown = manage::destination(&cfg, &url).unwrap().display();
+        assert!(text.contains(&dest_shown), "names {dest_shown}: {text}");
+        // The destination has it all.
+        std::fs::write(c.path().join("nanokit.yml"), yml28(&c.name, &url, "", "2")).unwrap();
+        let there = direct_state(to, &c).await;
+        assert_eq!(
+            (there.serial, &there.lineage),
+            (start.serial, &start.lineage)
+        );
+        assert_eq!(there.resources, start.resources);
+        assert_eq!(
+            c.backend().await.list_revisions().await.unwrap(),
+            revisions,
+            "history kept"
+        );
+        from = to;
+    }
+    // Back in the file: a run works (nothing to change).
+    let text = nk_ok(&c, &["up"], &[]);
+    assert!(text.contains("0 changed"), "{text}");
+    nk_ok(&c, &["down"], &[]);
+}
+
+/// A migration killed after its copy, before the source is marked: the
+/// source is still the state and says so on its next run; migrating again
+/// finishes.
+async fn migrate_killed_half_way() {
+    use nanokit::state::manage;
+    let c = Case::new(Kind::File);
+    let file_state = state_url(Kind::File, c.path(), &c.name, None);
+    std::fs::write(
+        c.path().join("nanokit.yml"),
+        yml28(&c.name, &file_state, "", "1"),
+    )
+    .unwrap();
+    nk_ok(&c, &["up"], &[]);
+    let before = direct_state(Kind::File, &c).await;
+    let to = state_url(Kind::S3, c.path(), &c.name, None);
+    let pause = c.path().join("pause");
+    std::fs::write(&pause, "").unwrap();
+    let pause_s = pause.display().to_string();
+    let args = json!([
+        "infra",
+        "state",
+        "migrate",
+        "--to",
+        to,
+        "--yes",
+        "-f",
+        c.path().join("nanokit.yml")
+    ])
+    .to_string();
+    let mut child = c.child_in(
+        "cli",
+        c.path(),
+        &[
+            ("NK_SB_ARGS", &args),
+            ("NANOKIT_TEST_STOP_IN_MIGRATE", &pause_s),
+        ],
+    );
+    let t0 = Instant::now();
+    while !stopped(child.id()) {
+        assert!(t0.elapsed() < Duration::from_secs(60), "never stopped");
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("the migration ended ({st:?}) before its pause");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    let _ = child.wait();
+    // The destination holds a copy, but the source is the state.
+    let copy = Store::open_any(
+        state::open(&Location::Url(to.clone())).await.unwrap(),
+        &c.name,
+        "local",
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(copy.state().serial, before.serial);
+    let src = direct_state(Kind::File, &c).await;
+    assert!(
+        src.migrated_to.is_none() && src.migrating_to.is_some(),
+        "{src:?}"
+    );
+    // The next run works on the source, saying what happened.
+    let text = nk_ok(&c, &["up", "--lock-timeout", "30"], &[]);
+    assert!(text.contains("interrupted"), "{text}");
+    assert!(
+        text.contains(&Location::Url(to.clone()).display()),
+        "names the destination: {text}"
+    );
+    assert!(direct_state(Kind::File, &c).await.migrated_to.is_none());
+    // Run again: finishes.
+    let cancel = CancellationToken::new();
+    let m = manage::migrate(&c.config(), &to, false, &cancel)
+        .await
+        .unwrap();
+    assert_eq!(m.lineage, before.lineage);
+    let e = Store::open(c.backend().await, &c.name, "local")
+        .await
+        .expect_err("migrated");
+    assert_eq!(e.code(), "ENKSTATEMIGRATED");
+    std::fs::write(c.path().join("nanokit.yml"), yml28(&c.name, &to, "", "1")).unwrap();
+    nk_ok(&c, &["down"], &[]);
+}
+
+const PASS_OLD: &str = "correct horse battery staple";
+const PASS_NEW: &str = "a newer passphrase, rotated";
+
+/// Encryption at rest on one backend: nothing of the state in the clear in
+/// the stored object, its revisions or a saved plan; a wrong or missing
+/// passphrase is ENKSTATEKEY and writes nothing; a fallback key opens the
+/// old state and the next write re-encrypts it with the new key.
+async fn encrypted_at_rest(kind: Kind) {
+    let c = Case::new(kind);
+    let state = state_url(kind, c.path(), &c.name, None);
+    let secret = format!("s3cr3t-{}", uuid::Uuid::new_v4().simple());
+    let svc = format!("svc{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let yml = |pass_env: &str, fallback: &str, run: &str| {
+        format!(
+            "name: {}\ninfra:\n  state: \"{state}\"\n  state_encryption:\n    passphrase: {{ env: {pass_env} }}\n{fallback}services:\n  {svc}:\n    start: \"exec sleep 600\"\n    env: {{ TOKEN: \"{secret}\", RUN: \"{run}\" }}\n",
+            c.name
+        )
+    };
+    std::fs::write(c.path().join("nanokit.yml"), yml("NK_PASS", "", "1")).unwrap();
+    nk_ok(&c, &["up"], &[("NK_PASS", PASS_OLD)]);
+    nk_ok(&c, &["plan"], &[("NK_PASS", PASS_OLD)]);
+    let backend = c.backend().await;
+    let raw = backend.read().await.unwrap().unwrap().bytes;
+    let mut cfg = c.config();
+    let set_pass = |cfg: &mut nanokit::config::Config, v: &str| {
+        if let Some(nanokit::config::StateEncryption {
+            key:
+                nanokit::config::KeySource::Passphrase(nanokit::config::PassphraseSource::Env {
+                    value,
+                    ..
+                }),
+            ..
+        }) = cfg.state_encryption.as_mut()
+        {
+            *value = Some(v.to_string());
+        }
+    };
+    set_pass(&mut cfg, PASS_OLD);
+    let codec = state::StoreOptions::of(&cfg).codec;
+    let st = state::decode_stored(&raw, &codec, "", &c.name)
+        .await
+        .unwrap();
+    let hash = st.resources[&svc].config_hash.clone();
+    let plan = std::fs::read(c.path().join(".nanokit/plans/latest.json")).unwrap();
+    let mut stored = vec![("the state", raw.clone()), ("the saved plan", plan)];
+    for serial in backend.list_revisions().await.unwrap() {
+        stored.push((
+            "a revision",
+            backend.get_revision(serial).await.unwrap().unwrap(),
+        ));
+    }
+    for (what, bytes) in &stored {
+        let text = String::from_utf8_lossy(bytes);
+        for needle in [svc.as_str(), secret.as_str(), hash.as_str(), "exec sleep"] {
+            assert!(
+                !text.contains(needle),
+                "{what} shows {needle:?} in the clear: {text}"
+            );
+        }
+        assert!(text.contains("encrypted_data"), "{what}: {text}");
+    }
+    // Wrong or missing passphrase: ENKSTATEKEY, nothing written.
+    let revisions = backend.list_revisions().await.unwrap();
+    std::fs::write(c.path().join("nanokit.yml"), yml("NK_PASS", "", "2")).unwrap();
+    for env in [[("NK_PASS", PASS_NEW)], [("NK_PASS", "")]] {
+        let (code, text) = nk(&c, &["up"], &env);
+        assert_eq!(code, 1, "{text}");
+        assert!(text.contains("ENKSTATEKEY"), "{text}");
+        assert_eq!(
+            backend.read().await.unwrap().unwrap().bytes,
+            raw,
+            "nothing written"
+        );
+        assert_eq!(backend.list_revisions().await.unwrap(), revisions);
+    }
+    // Rotation: the new key first, the old one as fallback; the next write
+    // re-encrypts with the new key.
+    std::fs::write(
+        c.path().join("nanokit.yml"),
+        yml(
+            "NK_PASS",
+            "    fallback:\n      passphrase: { env: NK_OLD_PASS }\n",
+            "2",
+        ),
+    )
+    .unwrap();
+    nk_ok(
+        &c,
+        &["up"],
+        &[("NK_PASS", PASS_NEW), ("NK_OLD_PASS", PASS_OLD)],
+    );
+    let rotated = backend.read().await.unwrap().unwrap().bytes;
+    assert_ne!(rotated, raw);
+    let only = |p: &str| {
+        let mut cfg = c.config();
+        cfg.state_encryption.as_mut().unwrap().fallback = None;
+        set_pass(&mut cfg, p);
+        state::StoreOptions::of(&cfg).codec
+    };
+    assert!(state::decode_stored(&rotated, &only(PASS_NEW), "", &c.name)
+        .await
+        .is_ok());
+    let e = state::decode_stored(&rotated, &only(PASS_OLD), "", &c.name)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), "ENKSTATEKEY");
+    nk_ok(
+        &c,
+        &["down"],
+        &[("NK_PASS", PASS_NEW), ("NK_OLD_PASS", PASS_OLD)],
+    );
+}
+
+/// The OpenBao Transit key provider: a data key per write, wrapped in the
+/// envelope; the state opens and nothing is in the clear.
+async fn transit_key_provider() {
+    let s = services::stores();
+    let addr = s.vault_addr.trim_start_matches("http://").to_string();
+    let token = [("X-Vault-Token", s.vault_token.as_str())];
+    let mount = format!("transit{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let (st, body) = fake::request(
+        &addr,
+        "POST",
+        &format!("/v1/sys/mounts/{mount}"),
+        &token,
+        r#"{"type":"transit"}"#,
+    );
+    assert!(st == 200 || st == 204, "{st} {body}");
+    let (st, body) = fake::request(
+        &addr,
+        "POST",
+        &format!("/v1/{mount}/keys/nanokit"),
+        &token,
+        "{}",
+    );
+    assert!(st == 200 || st == 204, "{st} {body}");
+    let c = Case::new(Kind::S3);
+    let state = state_url(Kind::S3, c.path(), &c.name, None);
+    let infra = format!("  state_encryption:\n    transit: {{ key: nanokit, mount: {mount} }}\n");
+    std::fs::write(
+        c.path().join("nanokit.yml"),
+        yml28(&c.name, &state, &infra, "transit-run"),
+    )
+    .unwrap();
+    nk_ok(&c, &["up"], &[]);
+    let raw = direct(Kind::S3, &c)
+        .await
+        .read()
+        .await
+        .unwrap()
+        .unwrap()
+        .bytes;
+    let text = String::from_utf8_lossy(&raw);
+    assert!(
+        !text.contains("transit-run") && !text.contains("exec sleep"),
+        "{text}"
+    );
+    let env: Value = serde_json::from_slice(&raw).unwrap();
+    assert_eq!(env["meta"]["key_provider"], "transit");
+    assert!(
+        env["meta"]["ciphertext"]
+            .as_str()
+            .unwrap()
+            .starts_with("vault:v1:"),
+        "{env}"
+    );
+    let pulled = nanokit::state::manage::pull(&c.config())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(pulled.resources.contains_key("a"));
+    nk_ok(&c, &["down"], &[]);
+}
+
 // ------------------------------------------------------------ credentials
 
 /// A small HTTP server on loopback answering every request with `answer`
@@ -1492,6 +1944,34 @@ store_test!(
     vault_token_from_the_token_file_and_state_in_the_namespace,
     vault_token_file_and_namespace()
 );
+
+#[tokio::test(flavor = "multi_thread")]
+async fn file_history_pull_push() {
+    history_pull_push(Kind::File).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn file_encrypted_at_rest() {
+    encrypted_at_rest(Kind::File).await;
+}
+
+pg_test!(pg_history_pull_push, history_pull_push(Kind::Pg));
+pg_test!(pg_encrypted_at_rest, encrypted_at_rest(Kind::Pg));
+store_test!(s3_history_pull_push, history_pull_push(Kind::S3));
+store_test!(gcs_history_pull_push, history_pull_push(Kind::Gcs));
+store_test!(vault_history_pull_push, history_pull_push(Kind::Vault));
+store_test!(s3_encrypted_at_rest, encrypted_at_rest(Kind::S3));
+store_test!(gcs_encrypted_at_rest, encrypted_at_rest(Kind::Gcs));
+store_test!(vault_encrypted_at_rest, encrypted_at_rest(Kind::Vault));
+store_test!(
+    migrate_file_s3_vault_gcs_file_keeps_lineage_serial_history,
+    migrate_round_trip()
+);
+store_test!(
+    a_migration_killed_half_way_leaves_the_source_the_state,
+    migrate_killed_half_way()
+);
+store_test!(transit_key_provider_on_openbao, transit_key_provider());
 
 // ----------------------------------------------------------- the child
 

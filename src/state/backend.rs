@@ -77,7 +77,10 @@ impl Holder {
         let cwd = std::env::current_dir()
             .map(|d| d.display().to_string())
             .unwrap_or_else(|_| "?".into());
-        let mut command: String = std::env::args().collect::<Vec<_>>().join(" ");
+        let mut command = COMMAND_LINE
+            .get()
+            .cloned()
+            .unwrap_or_else(|| std::env::args().collect::<Vec<_>>().join(" "));
         if command.len() > 300 {
             let mut end = 300;
             while !command.is_char_boundary(end) {
@@ -111,6 +114,14 @@ impl Holder {
             self.label, self.host, self.pid, self.cwd, self.command
         )
     }
+}
+
+static COMMAND_LINE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The command line a holder shows, when the process runs one command
+/// (the CLI) rather than its own argv (the JS API, tests: the process's).
+pub fn set_command_line(line: String) {
+    let _ = COMMAND_LINE.set(line);
 }
 
 /// A request for the deploy lock.

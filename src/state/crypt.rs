@@ -488,3 +488,68 @@ impl Codec {
         )))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{KeySource, PassphraseSource, StateEncryption};
+    use crate::error::ErrorCode;
+
+    fn pass(v: &str) -> KeySource {
+        KeySource::Passphrase(PassphraseSource::Env {
+            name: "P".into(),
+            value: Some(v.into()),
+        })
+    }
+
+    fn codec(key: &str, fallback: Option<&str>) -> Codec {
+        Codec::of(Some(&StateEncryption {
+            key: pass(key),
+            fallback: fallback.map(pass),
+        }))
+    }
+
+    #[tokio::test]
+    async fn seals_opens_rotates_and_refuses_wrong_keys() {
+        let head = Head {
+            serial: 7,
+            lineage: "l".into(),
+            epoch: 3,
+        };
+        let t0 = std::time::Instant::now();
+        let old = codec("an old passphrase, 16+", None);
+        let sealed = old.seal(b"{\"secret\": \"plain\"}", &head).await.unwrap();
+        let first = t0.elapsed();
+        assert!(!String::from_utf8_lossy(&sealed).contains("plain"));
+        assert_eq!(envelope_head(&sealed), Some(head.clone()));
+        // Derived once per process and salt: the second seal is cheap.
+        let t1 = std::time::Instant::now();
+        let again = old.seal(b"x", &head).await.unwrap();
+        assert!(t1.elapsed() * 10 < first, "{:?} vs {first:?}", t1.elapsed());
+        assert_eq!(old.open(&again).await.unwrap(), b"x");
+        let wrong = codec("another passphrase, 16+", None);
+        assert_eq!(wrong.open(&sealed).await.unwrap_err().code(), "ENKSTATEKEY");
+        assert_eq!(
+            Codec::plain().open(&sealed).await.unwrap_err().code(),
+            "ENKSTATEKEY"
+        );
+        let rotated = codec("another passphrase, 16+", Some("an old passphrase, 16+"));
+        let plain = rotated.open(&sealed).await.unwrap();
+        let resealed = rotated.seal(&plain, &head).await.unwrap();
+        assert_eq!(wrong.open(&resealed).await.unwrap(), plain);
+        assert!(old.open(&resealed).await.is_err());
+        // Tampering with the clear head is detected.
+        let forged = String::from_utf8(sealed.clone())
+            .unwrap()
+            .replace("\"serial\": 7", "\"serial\": 8");
+        assert!(old.open(forged.as_bytes()).await.is_err());
+        assert_eq!(
+            codec("short", None)
+                .seal(b"x", &head)
+                .await
+                .unwrap_err()
+                .code(),
+            "ENKSTATEKEY"
+        );
+    }
+}

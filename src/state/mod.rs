@@ -13,6 +13,7 @@ pub mod file;
 pub mod gcs;
 mod http;
 pub mod lock;
+pub mod manage;
 pub mod object;
 pub mod postgres;
 pub mod s3;
@@ -99,6 +100,9 @@ pub enum StateError {
     /// The store refused our credentials, or there are none.
     #[error("state store {location} refused access: {detail}")]
     Auth { location: String, detail: String },
+    /// `infra state push` / `migrate` refused to replace a state.
+    #[error("{location}: {detail}; nothing was written")]
+    Refused { location: String, detail: String },
     /// The state's encryption key is missing or wrong (`ENKSTATEKEY`).
     #[error("state encryption: {detail}; nothing was written")]
     Key { detail: String },
@@ -130,6 +134,7 @@ impl ErrorCode for StateError {
             StateError::Backend { .. } => "ENKSTATEBACKEND",
             StateError::Auth { .. } => "ENKSTATEAUTH",
             StateError::Key { .. } => "ENKSTATEKEY",
+            StateError::Refused { .. } => "ENKSTATEREFUSED",
             StateError::Migrated { .. } => "ENKSTATEMIGRATED",
             _ => "ENKSTATE",
         }

@@ -3,9 +3,9 @@
 //! (`<project>/<env>`):
 //! - `nanokit_infra_state` holds the document (the exact text the engine
 //!   wrote), its `serial`, `lineage` and `epoch`; a write is one `UPDATE`
-//!   that compares serial and lineage and refuses an epoch lower than the
-//!   stored one, so a stale writer gets `ENKSTATESTALE` instead of silently
-//!   losing the other's update.
+//!   that compares the serial read (the version) and refuses an epoch lower
+//!   than the stored one, so a stale writer gets `ENKSTATESTALE` instead of
+//!   silently losing the other's update.
 //! - `nanokit_infra_history` keeps the last revisions of each workspace.
 //! - `nanokit_infra_lock` holds one deploy-lock row per workspace: holder,
 //!   description, epoch and an expiry by the database's clock. The row is
@@ -246,8 +246,9 @@ impl Backend for PostgresBackend {
                 .client
                 .execute(
                     "UPDATE nanokit_infra_state
-                     SET serial = $4, document = $5, updated_at = now(), updated_by = $6, epoch = $7
-                     WHERE workspace = $1 AND serial = $2 AND lineage = $3 AND epoch <= $7",
+                     SET serial = $4, document = $5, updated_at = now(), updated_by = $6, epoch = $7,
+                         lineage = $3
+                     WHERE workspace = $1 AND serial = $2 AND epoch <= $7",
                     &[&self.workspace, &expected, &meta.lineage, &serial, &document, &meta.writer, &epoch],
                 )
                 .await
@@ -267,11 +268,6 @@ impl Backend for PostgresBackend {
             .map_err(|e| self.m(e))?;
         let location = self.location.clone();
         Err(match row {
-            Some(r) if r.get::<_, String>(1) != meta.lineage => StateError::Lineage {
-                location,
-                expected: meta.lineage.to_string(),
-                actual: r.get(1),
-            },
             Some(r) if r.get::<_, i64>(2) > epoch => StateError::Fenced {
                 location,
                 epoch: meta.epoch,
