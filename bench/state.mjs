@@ -11,7 +11,10 @@
 //      from its own log of `terraform plan` of an empty configuration (lock:
 //      "Attempting to lock" to "Locked", unlock likewise; ms timestamps), and,
 //      as a cross-check, the difference between that plan with and without
-//      `-lock` (target: nanokit <= 0.5x Terraform).
+//      `-lock` (target: nanokit <= 0.5x Terraform);
+//   3. a no-change `up` of the 200-service project (local file) through the
+//      JS API in one process, with `infra.state_encryption` (passphrase) on
+//      against off (target: at most +10 ms; PBKDF2 runs once per process).
 // Usage: node bench/state.mjs   (starts the test stores with
 // scripts/state-test-servers.sh unless NANOKIT_TEST_S3_ENDPOINT & co. are
 // set; builds the standalone executable with `cargo build --release --bin
@@ -21,6 +24,7 @@ import { spawnSync } from 'node:child_process'
 import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { join, dirname } from 'node:path'
 import { fileURLToPath } from 'node:url'
+import { createRequire } from 'node:module'
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..')
 const work = join(root, 'bench', '.work', 'state')
@@ -191,6 +195,38 @@ if (tf.status === 0) {
   tfLockMs = spans.length ? median(spans) : tfPlan.diff
 }
 
+// ---- 3. encryption on vs off, in-process (JS API) -------------------------
+const require = createRequire(import.meta.url)
+const nk = require(join(root, 'nanokit.js'))
+process.env.NK_BENCH_STATE_PASS = 'a bench passphrase, long enough'
+const cryptMs = {}
+for (const [kind, infra] of [
+  ['plain', ''],
+  ['encrypted', 'infra:\n  state_encryption:\n    passphrase: { env: NK_BENCH_STATE_PASS }\n'],
+]) {
+  const dir = join(work, `crypt-${kind}`)
+  mkdirSync(dir, { recursive: true })
+  const file = join(dir, 'nanokit.yml')
+  writeFileSync(file, project(`bench-crypt-${kind}`, null).replace('services:\n', `${infra}services:\n`))
+  try {
+    await nk.up({ file, concurrency: 32 })
+    await nk.up({ file }) // the key is derived here, once for the process
+    const xs = []
+    for (let i = 0; i < RUNS; i++) {
+      const t = process.hrtime.bigint()
+      const r = await nk.up({ file })
+      xs.push(Number(process.hrtime.bigint() - t) / 1e6)
+      if (r.services.some((s) => s.outcome !== 'unchanged')) throw new Error('not a no-change up')
+    }
+    cryptMs[kind] = median(xs)
+    if (kind === 'encrypted' && readFileSync(join(dir, '.nanokit', 'state.json'), 'utf8').includes('"s0"')) {
+      throw new Error('the state is not encrypted')
+    }
+  } finally {
+    await nk.down({ file, concurrency: 32 })
+  }
+}
+
 // ---- report ---------------------------------------------------------------
 const f = (x) => `${x.toFixed(1)} ms`
 console.log(`nanokit state backend benchmarks (median of ${RUNS} runs; standalone executable; stores on loopback)`)
@@ -211,3 +247,7 @@ if (tfLockMs !== null) {
 } else {
   console.log('  terraform not found: comparison skipped')
 }
+console.log('')
+console.log(`no-change up, ${M} running services, JS API in one process (local file):`)
+console.log(`  state in the clear:     ${f(cryptMs.plain)}`)
+console.log(`  state encrypted:        ${f(cryptMs.encrypted)} (${cryptMs.encrypted - cryptMs.plain >= 0 ? '+' : ''}${(cryptMs.encrypted - cryptMs.plain).toFixed(1)} ms; target <= +10 ms)`)
