@@ -1,9 +1,10 @@
 //! Build script: napi-rs's link setup, plus the cfgs that decide which
 //! service-backed tests run.
 //!
-//! `nk_pg` / `nk_docker` are set when the test build is meant to reach
-//! PostgreSQL / Docker: `NANOKIT_TEST_PG_URL` / `NANOKIT_TEST_DOCKER` is set,
-//! or `CI` is. Tests that need a service carry
+//! `nk_pg` / `nk_docker` / `nk_stores` are set when the test build is meant
+//! to reach PostgreSQL / Docker / the S3, GCS and Vault test servers:
+//! `NANOKIT_TEST_PG_URL` / `NANOKIT_TEST_DOCKER` / `NANOKIT_TEST_S3_ENDPOINT`
+//! is set, or `CI` is. Tests that need a service carry
 //! `#[cfg_attr(not(nk_pg), ignore = "SKIPPED: …")]`: without the service and
 //! outside CI, cargo lists them as *ignored* with the reason, never as passed;
 //! with the cfg on they run, and fail loudly if the service cannot be reached
@@ -15,7 +16,12 @@
 use std::env;
 
 /// The variables that decide the test cfgs.
-const TEST_ENV: [&str; 3] = ["CI", "NANOKIT_TEST_PG_URL", "NANOKIT_TEST_DOCKER"];
+const TEST_ENV: [&str; 4] = [
+    "CI",
+    "NANOKIT_TEST_PG_URL",
+    "NANOKIT_TEST_DOCKER",
+    "NANOKIT_TEST_S3_ENDPOINT",
+];
 
 /// Whether `CI` says this is a CI run (`true`, `1`, anything but empty,
 /// `0` or `false`) — the same rule as `__test__/helpers/services.mjs`.
@@ -35,6 +41,7 @@ fn main() {
 
     println!("cargo::rustc-check-cfg=cfg(nk_pg)");
     println!("cargo::rustc-check-cfg=cfg(nk_docker)");
+    println!("cargo::rustc-check-cfg=cfg(nk_stores)");
     if env::var_os("CARGO_FEATURE_NODE").is_some() {
         return;
     }
@@ -47,5 +54,8 @@ fn main() {
     }
     if ci || set("NANOKIT_TEST_DOCKER") {
         println!("cargo::rustc-cfg=nk_docker");
+    }
+    if ci || set("NANOKIT_TEST_S3_ENDPOINT") {
+        println!("cargo::rustc-cfg=nk_stores");
     }
 }

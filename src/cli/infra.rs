@@ -225,6 +225,75 @@ pub enum InfraSub {
         #[arg(long, short = 'y')]
         yes: bool,
     },
+    /// The state itself: its history, reading and replacing it, moving it to another store
+    ///
+    /// Every store keeps the last `infra.state_history` (default 20) revisions of the state beside
+    /// it. With `infra.state_encryption`, the state, its revisions and saved plans are stored
+    /// encrypted, and these commands decrypt with the configured key (ENKSTATEKEY without it).
+    State {
+        #[command(subcommand)]
+        command: StateSub,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StateSub {
+    /// List the kept revisions, newest first: serial, time, who wrote it (host, pid, user, what
+    /// run), the command line, and what changed from the revision before (+added ~changed -removed)
+    History {
+        #[command(flatten)]
+        project: Project,
+        /// Show at most this many
+        #[arg(short = 'n', long, default_value_t = 20)]
+        limit: usize,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Print one kept revision (see `history`) as JSON
+    Show {
+        #[command(flatten)]
+        project: Project,
+        serial: u64,
+    },
+    /// Print the current state as JSON on stdout (decrypted), e.g. to keep a copy or to edit and push
+    Pull {
+        #[command(flatten)]
+        project: Project,
+    },
+    /// Replace the state with the one in FILE (as `pull` prints it), under the deploy lock.
+    ///
+    /// Refused when its lineage is not the stored state's (another history), when its serial is
+    /// older, or equal with other content; pushing the state `pull` printed is a no-op. --force
+    /// writes it anyway, with the stored serial + 1.
+    Push {
+        #[command(flatten)]
+        project: Project,
+        /// The state to push (a file as `pull` prints it)
+        #[arg(value_name = "FILE")]
+        state_file: PathBuf,
+        /// Replace the state whatever its lineage and serial
+        #[arg(long)]
+        force: bool,
+    },
+    /// Move the state to another store: a file path or a postgres://, s3://, gs://, vault:// URL.
+    ///
+    /// Under the deploy locks of both, copies the state (same lineage and serial) and its kept
+    /// revisions, then marks the source migrated: a later run against it fails naming where the
+    /// state went (ENKSTATEMIGRATED). Until that last step the source stays the state; a migration
+    /// stopped half way says so on the next run and can be run again. Then set `infra.state` to
+    /// the new store. Asks unless --yes.
+    Migrate {
+        #[command(flatten)]
+        project: Project,
+        /// Where the state goes
+        #[arg(long)]
+        to: String,
+        /// Replace a state the destination already holds
+        #[arg(long)]
+        force: bool,
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
 }
 
 /// Loads the configuration, prints its warnings, and registers its secrets
@@ -505,6 +574,9 @@ async fn run_command(cmd: InfraCommand) -> CliResult {
         InfraCommand::Infra {
             command: InfraSub::Unlock { project, yes },
         } => unlock(&project, yes).await,
+        InfraCommand::Infra {
+            command: InfraSub::State { command },
+        } => state_command(command).await,
     }
 }
 
@@ -819,6 +891,123 @@ async fn unlock(project: &Project, yes: bool) -> CliResult {
     state::lock::force_unlock(&cfg).await?;
     outln!("Cleared. The holder, if still running, will find its lock lost and stop; its state writes are refused once another run takes the lock.");
     Ok(exit::OK)
+}
+
+/// `nanokit infra state …`.
+async fn state_command(cmd: StateSub) -> CliResult {
+    use crate::state::manage;
+    match cmd {
+        StateSub::History {
+            project,
+            limit,
+            output,
+        } => {
+            let cfg = load(&project)?;
+            let revisions = manage::history(&cfg, limit).await?;
+            if output == Output::Json {
+                json(&revisions);
+                return Ok(exit::OK);
+            }
+            if revisions.is_empty() {
+                outln!("No revision is kept (nothing written yet, or infra.state_history is 0).");
+                return Ok(exit::OK);
+            }
+            outln!(
+                "{:<7} {:<25} {:<40} CHANGES / COMMAND",
+                "SERIAL",
+                "WRITTEN",
+                "BY"
+            );
+            for r in &revisions {
+                outln!(
+                    "{:<7} {:<25} {:<40} {}",
+                    r.serial,
+                    r.at.as_deref().unwrap_or("-"),
+                    r.holder.as_deref().unwrap_or("-"),
+                    masked(
+                        r.changes
+                            .as_deref()
+                            .unwrap_or("(revision before it not kept)")
+                    )
+                );
+                if let Some(c) = r.command.as_deref().filter(|c| !c.is_empty()) {
+                    outln!("{:<74} `{}`", "", masked(c));
+                }
+            }
+            Ok(exit::OK)
+        }
+        StateSub::Show { project, serial } => {
+            let cfg = load(&project)?;
+            json(&manage::show(&cfg, serial).await?);
+            Ok(exit::OK)
+        }
+        StateSub::Pull { project } => {
+            let cfg = load(&project)?;
+            match manage::pull(&cfg).await? {
+                Some(st) => {
+                    // As stored (unmasked): a pull is meant to be pushed back.
+                    super::print_json(&st);
+                    Ok(exit::OK)
+                }
+                None => Err(CliError::new(
+                    "ENKSTATE",
+                    format!(
+                        "no state is stored at {} yet (run `nanokit up` first)",
+                        state::Location::of(&cfg).display()
+                    ),
+                )),
+            }
+        }
+        StateSub::Push {
+            project,
+            state_file,
+            force,
+        } => {
+            let cfg = load(&project)?;
+            let bytes = std::fs::read(&state_file).map_err(|e| {
+                CliError::new(
+                    "ENKIO",
+                    format!("cannot read {}: {e}", state_file.display()),
+                )
+            })?;
+            let (cancel, _sigint) = ctrl_c_token();
+            match manage::push(&cfg, &bytes, force, &cancel).await? {
+                manage::Pushed::Unchanged { serial } => {
+                    errln!(
+                        "The stored state is already this one (serial {serial}): nothing written."
+                    )
+                }
+                manage::Pushed::Written { serial } => errln!(
+                    "Pushed: the state at {} is now serial {serial}.",
+                    state::Location::of(&cfg).display()
+                ),
+            }
+            Ok(exit::OK)
+        }
+        StateSub::Migrate {
+            project,
+            to,
+            force,
+            yes,
+        } => {
+            let cfg = load(&project)?;
+            let dest = manage::destination(&cfg, &to)?.display();
+            if !yes {
+                super::confirm(&format!(
+                    "Move the state from {} to {dest}?",
+                    state::Location::of(&cfg).display()
+                ))
+                .await?;
+            }
+            let (cancel, _sigint) = ctrl_c_token();
+            let m = manage::migrate(&cfg, &to, force, &cancel).await?;
+            errln!(
+                "Migrated the state (lineage {}, serial {}, {} revision(s)) from {} to {}. Set `infra.state` to it: the old store now refuses runs.",
+                m.lineage, m.serial, m.revisions, m.from, m.to
+            );
+            Ok(exit::OK)
+        }
+    }
 }
 
 #[cfg(test)]

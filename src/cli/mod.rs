@@ -180,6 +180,13 @@ pub async fn run_as(program: &str, args: Vec<String>) -> i32 {
     let mut cmd = <Cli as clap::CommandFactory>::command()
         .name(name)
         .bin_name(name);
+    // Who holds a deploy lock or wrote the state shows this command line.
+    crate::state::backend::set_command_line(
+        std::iter::once(name.to_string())
+            .chain(args.iter().cloned())
+            .collect::<Vec<_>>()
+            .join(" "),
+    );
     let parsed = cmd
         .try_get_matches_from_mut(std::iter::once(name.to_string()).chain(args))
         .and_then(|m| {

@@ -14,6 +14,15 @@ use super::{
     MAX_CONTAINER_NAME, MAX_FILE_NAME, MAX_NAME_TOTAL, STATE_SCHEMES, STATE_URL_ENV,
 };
 
+/// What `infra` says.
+pub(super) struct Infra {
+    provider: ProviderKind,
+    state_file: PathBuf,
+    state_url: Option<String>,
+    encryption: Option<super::StateEncryption>,
+    history: usize,
+}
+
 pub(super) const TOP_KEYS: &[&str] = &[
     "name",
     "version",
@@ -34,8 +43,9 @@ impl Cx<'_> {
         vars: &super::interp::Vars,
     ) -> Result<Config, ConfigError> {
         let name = self.project_name(root, env)?;
-        let (provider, state_file, state_url) = self.infra(root, env, dir, vars)?;
+        let infra = self.infra(root, env, dir, vars)?;
         let volumes = self.volumes(root, &name, env)?;
+        let provider = infra.provider;
         let networks = self.networks(root, provider)?;
         let runtimes = self.runtimes(root)?;
 
@@ -72,9 +82,11 @@ impl Cx<'_> {
             env: env.to_string(),
             file: self.file.clone(),
             dir: dir.to_path_buf(),
-            provider,
-            state_file,
-            state_url,
+            provider: infra.provider,
+            state_file: infra.state_file,
+            state_url: infra.state_url,
+            state_encryption: infra.encryption,
+            state_history: infra.history,
             services,
             disabled,
             volumes,
@@ -126,14 +138,26 @@ impl Cx<'_> {
         env: &str,
         dir: &Path,
         vars: &super::interp::Vars,
-    ) -> Result<(ProviderKind, PathBuf, Option<String>), ConfigError> {
+    ) -> Result<Infra, ConfigError> {
         let mut provider = ProviderKind::Process;
         let mut state_file = None;
         let mut state_url = None;
         let mut state_set = false;
+        let mut encryption = None;
+        let mut history = super::DEFAULT_STATE_HISTORY;
         if let Some(infra) = root.get("infra") {
             let entries = self.map(infra, "infra")?;
-            self.check_keys(entries, &["provider", "state"], "infra");
+            self.check_keys(
+                entries,
+                &["provider", "state", "state_encryption", "state_history"],
+                "infra",
+            );
+            if let Some(h) = infra.get("state_history") {
+                history = self.int(h, "infra.state_history", 0, 10_000)? as usize;
+            }
+            if let Some(e) = infra.get("state_encryption") {
+                encryption = self.state_encryption(e, dir, vars)?;
+            }
             if let Some(p) = infra.get("provider") {
                 let shown_p = self.val(p, &self.string(p, "infra.provider")?);
                 provider = match self.string(p, "infra.provider")?.as_str() {
@@ -197,7 +221,118 @@ impl Cx<'_> {
             };
             dir.join(".nanokit").join(n)
         });
-        Ok((provider, state_file, state_url))
+        Ok(Infra {
+            provider,
+            state_file,
+            state_url,
+            encryption,
+            history,
+        })
+    }
+
+    /// `infra.state_encryption`: one key provider (`passphrase` or
+    /// `transit`) and an optional `fallback` holding one.
+    fn state_encryption(
+        &mut self,
+        node: &Node,
+        dir: &Path,
+        vars: &super::interp::Vars,
+    ) -> Result<Option<super::StateEncryption>, ConfigError> {
+        if node.is_null() {
+            return Ok(None);
+        }
+        let entries = self.map(node, "infra.state_encryption")?;
+        self.check_keys(
+            entries,
+            &["passphrase", "transit", "fallback"],
+            "infra.state_encryption",
+        );
+        let key = self
+            .key_source(node, "infra.state_encryption", dir, vars)?
+            .ok_or_else(|| {
+                self.err(
+                    node.loc,
+                    "`infra.state_encryption` needs a key provider: `passphrase: { env: NAME }` (or `{ file: PATH }`), or `transit: { key: NAME }`",
+                )
+            })?;
+        let fallback = match node.get("fallback") {
+            Some(f) if !f.is_null() => {
+                let entries = self.map(f, "infra.state_encryption.fallback")?;
+                self.check_keys(
+                    entries,
+                    &["passphrase", "transit"],
+                    "infra.state_encryption.fallback",
+                );
+                Some(
+                    self.key_source(f, "infra.state_encryption.fallback", dir, vars)?
+                        .ok_or_else(|| {
+                            self.err(
+                                f.loc,
+                                "`fallback` needs a key provider: `passphrase` or `transit`",
+                            )
+                        })?,
+                )
+            }
+            _ => None,
+        };
+        Ok(Some(super::StateEncryption { key, fallback }))
+    }
+
+    /// The `passphrase` or `transit` under `node` (`None`: neither).
+    fn key_source(
+        &mut self,
+        node: &Node,
+        what: &str,
+        dir: &Path,
+        vars: &super::interp::Vars,
+    ) -> Result<Option<super::KeySource>, ConfigError> {
+        let (p, t) = (node.get("passphrase"), node.get("transit"));
+        if p.is_some() && t.is_some() {
+            return Err(self.err(
+                node.loc,
+                format!("`{what}` has both `passphrase` and `transit`: give one key provider"),
+            ));
+        }
+        if let Some(p) = p {
+            let w = format!("{what}.passphrase");
+            let entries = self.map(p, &w)?;
+            self.check_keys(entries, &["env", "file"], &w);
+            let source = match (
+                self.opt_string(p.get("env"), &format!("{w}.env"))?,
+                self.opt_string(p.get("file"), &format!("{w}.file"))?,
+            ) {
+                (Some(name), None) => super::PassphraseSource::Env {
+                    value: vars.process(&name).map(str::to_string),
+                    name,
+                },
+                (None, Some(file)) => super::PassphraseSource::File(dir.join(file)),
+                _ => {
+                    return Err(self.err(
+                        p.loc,
+                        format!("`{w}` must name exactly one of `env: VARIABLE` or `file: PATH`"),
+                    ))
+                }
+            };
+            return Ok(Some(super::KeySource::Passphrase(source)));
+        }
+        if let Some(t) = t {
+            let w = format!("{what}.transit");
+            let entries = self.map(t, &w)?;
+            self.check_keys(entries, &["key", "mount", "address"], &w);
+            let key = self
+                .opt_string(t.get("key"), &format!("{w}.key"))?
+                .ok_or_else(|| {
+                    self.err(t.loc, format!("`{w}` needs `key`: the Transit key's name"))
+                })?;
+            return Ok(Some(super::KeySource::Transit {
+                key,
+                mount: self
+                    .opt_string(t.get("mount"), &format!("{w}.mount"))?
+                    .unwrap_or_else(|| "transit".into()),
+                address: self.opt_string(t.get("address"), &format!("{w}.address"))?,
+            }));
+        }
+        Ok(None)
     }
 
     /// The top-level `volumes`, with names that fit what the providers

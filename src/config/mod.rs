@@ -362,6 +362,50 @@ pub fn is_postgres_url(url: &str) -> bool {
     matches!(url_scheme(url), Some("postgres" | "postgresql"))
 }
 
+/// Where a state encryption passphrase comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PassphraseSource {
+    /// An environment variable (of the variables the file was loaded
+    /// with), and its value then.
+    Env { name: String, value: Option<String> },
+    /// A file (read when the state is used).
+    File(PathBuf),
+}
+
+impl PassphraseSource {
+    /// Where it comes from, for messages (never the value).
+    pub fn describe(&self) -> String {
+        match self {
+            PassphraseSource::Env { name, .. } => format!("the environment variable {name}"),
+            PassphraseSource::File(p) => format!("the file {}", p.display()),
+        }
+    }
+}
+
+/// A key provider of `infra.state_encryption`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// PBKDF2 of a passphrase.
+    Passphrase(PassphraseSource),
+    /// A Vault/OpenBao Transit key (`address`: else `VAULT_ADDR`).
+    Transit {
+        key: String,
+        mount: String,
+        address: Option<String>,
+    },
+}
+
+/// `infra.state_encryption`: the key every write is sealed with, and the one
+/// that still opens what an older key sealed (rotation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateEncryption {
+    pub key: KeySource,
+    pub fallback: Option<KeySource>,
+}
+
+/// How many revisions of the state are kept by default (`infra.state_history`).
+pub const DEFAULT_STATE_HISTORY: usize = 20;
+
 /// The validated configuration for one environment.
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
@@ -380,6 +424,11 @@ pub struct Config {
     /// serialised (it can hold a password).
     #[serde(skip)]
     pub state_url: Option<String>,
+    /// `infra.state_encryption` (never serialised).
+    #[serde(skip)]
+    pub state_encryption: Option<StateEncryption>,
+    /// `infra.state_history`: revisions kept (0: none).
+    pub state_history: usize,
     /// Enabled services (`instances > 0`).
     pub services: BTreeMap<String, Service>,
     /// Services disabled in this environment (`instances: 0`).

@@ -29,6 +29,17 @@ impl Config {
                 values.push(p.to_string());
             }
         }
+        if let Some(e) = &self.state_encryption {
+            for k in std::iter::once(&e.key).chain(e.fallback.iter()) {
+                if let super::KeySource::Passphrase(super::PassphraseSource::Env {
+                    value: Some(v),
+                    ..
+                }) = k
+                {
+                    values.push(v.clone());
+                }
+            }
+        }
         Masker::new(values)
     }
 }

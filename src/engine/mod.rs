@@ -205,17 +205,25 @@ pub async fn plan_and_save(
 ) -> Result<(Plan, PathBuf), EngineError> {
     let provider = provider_for(config)?;
     let plan = make_plan(config, provider.as_ref(), opts).await?;
-    let path = save_plan(config, &plan).map_err(EngineError::SavePlan)?;
+    let path = save_plan(config, &plan).await?;
     Ok((plan, path))
 }
 
-/// Saves `plan` to `.nanokit/plans/latest.json` (0600, secrets masked).
-pub fn save_plan(config: &Config, plan: &Plan) -> std::io::Result<PathBuf> {
+/// Saves `plan` to `.nanokit/plans/latest.json` (0600, secrets masked;
+/// encrypted with the state's key under `infra.state_encryption`).
+pub async fn save_plan(config: &Config, plan: &Plan) -> Result<PathBuf, EngineError> {
     let path = config.plan_file();
     let mut bytes =
         serde_json::to_vec_pretty(&config.masker().to_json(plan)).expect("plan serializes");
     bytes.push(b'\n');
-    crate::sys::private::write(&path, &bytes)?;
+    let codec = state::crypt::Codec::of(config.state_encryption.as_ref());
+    let head = state::crypt::Head {
+        serial: 0,
+        lineage: "plan".into(),
+        epoch: 0,
+    };
+    let bytes = codec.seal(&bytes, &head).await?;
+    crate::sys::private::write(&path, &bytes).map_err(EngineError::SavePlan)?;
     Ok(path)
 }
 

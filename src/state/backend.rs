@@ -10,7 +10,8 @@
 //!   handed out before and every epoch the stored state carries, and the
 //!   epoch survives release and `infra unlock`;
 //! - a lock is renewed and released only by its holder; a lock not renewed
-//!   within its TTL is taken over by exactly one contender.
+//!   within its TTL is taken over by exactly one contender;
+//! - revisions (the history) are kept by serial beside the state.
 //!
 //! A backend value is one run's handle on one state: it remembers the lock
 //! it took, so that its writes can be fenced by it.
@@ -76,7 +77,10 @@ impl Holder {
         let cwd = std::env::current_dir()
             .map(|d| d.display().to_string())
             .unwrap_or_else(|_| "?".into());
-        let mut command: String = std::env::args().collect::<Vec<_>>().join(" ");
+        let mut command = COMMAND_LINE
+            .get()
+            .cloned()
+            .unwrap_or_else(|| std::env::args().collect::<Vec<_>>().join(" "));
         if command.len() > 300 {
             let mut end = 300;
             while !command.is_char_boundary(end) {
@@ -110,6 +114,14 @@ impl Holder {
             self.label, self.host, self.pid, self.cwd, self.command
         )
     }
+}
+
+static COMMAND_LINE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The command line a holder shows, when the process runs one command
+/// (the CLI) rather than its own argv (the JS API, tests: the process's).
+pub fn set_command_line(line: String) {
+    let _ = COMMAND_LINE.set(line);
 }
 
 /// A request for the deploy lock.
@@ -174,15 +186,6 @@ impl std::fmt::Display for LockView {
     }
 }
 
-/// One kept revision of the state (history).
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Revision {
-    pub serial: u64,
-    pub written_at_ms: i64,
-    pub writer: String,
-}
-
 /// Where a project's state is kept. See the module header for what every
 /// implementation guarantees.
 #[async_trait]
@@ -221,9 +224,27 @@ pub trait Backend: Send + Sync {
     /// the epoch is kept. Returns the lock it cleared.
     async fn force_unlock(&self) -> Result<Option<LockView>, StateError>;
 
-    /// The kept revisions, newest first (the history hook; a backend that
-    /// keeps none returns an empty list).
-    async fn history(&self, _limit: usize) -> Result<Vec<Revision>, StateError> {
-        Ok(Vec::new())
-    }
+    /// History: keeps `bytes` as the revision of `serial` (written after
+    /// the state write of that serial succeeded; overwrites a revision of
+    /// the same serial).
+    async fn put_revision(&self, serial: u64, bytes: &[u8]) -> Result<(), StateError>;
+
+    /// The kept revision of `serial`, if any.
+    async fn get_revision(&self, serial: u64) -> Result<Option<Vec<u8>>, StateError>;
+
+    /// The serials of the kept revisions, in increasing order.
+    async fn list_revisions(&self) -> Result<Vec<u64>, StateError>;
+
+    /// Forgets the revision of `serial` (nothing if there is none).
+    async fn delete_revision(&self, serial: u64) -> Result<(), StateError>;
+}
+
+/// The name of the revision of `serial` in a store of named objects.
+pub fn revision_name(serial: u64) -> String {
+    format!("{serial:020}.json")
+}
+
+/// The serial of a revision named by [`revision_name`].
+pub fn revision_serial(name: &str) -> Option<u64> {
+    name.strip_suffix(".json")?.parse().ok()
 }

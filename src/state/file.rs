@@ -22,7 +22,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::backend::{Backend, Grant, LockRequest, LockView, Stored, Version, WriteMeta};
+use super::backend::{
+    revision_name, revision_serial, Backend, Grant, LockRequest, LockView, Stored, Version,
+    WriteMeta,
+};
 use super::StateError;
 use crate::lock::{self, Lease, LockError, LockOptions};
 use crate::sys::fs::Staged;
@@ -42,6 +45,24 @@ fn suffixed(path: &Path, suffix: &str) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
     s.push(suffix);
     PathBuf::from(s)
+}
+
+/// Writes the epoch counter (replaced atomically, 0600). Not synced: after a
+/// crash the counter may be older, but the epoch of every write is in the
+/// state file (synced), which bounds the next epoch from below too.
+fn write_counter(path: &Path, epoch: u64) -> io::Result<()> {
+    let tmp = suffixed(path, &format!(".{}.tmp", std::process::id()));
+    let written = write_private(&tmp, format!("{epoch}\n").as_bytes())
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// The folder of the kept revisions of `state_file`.
+pub fn history_dir(state_file: &Path) -> PathBuf {
+    suffixed(state_file, ".history")
 }
 
 /// The content of the state file at `path`, `None` if there is none.
@@ -227,7 +248,7 @@ impl Backend for FileBackend {
         let epoch_file = epoch_path(&self.path);
         let bumped = lease.fenced(|| {
             let epoch = self.counted_epoch().max(floor) + 1;
-            private::write(&epoch_file, format!("{epoch}\n").as_bytes()).map(|()| epoch)
+            write_counter(&epoch_file, epoch).map(|()| epoch)
         });
         let epoch = match bumped {
             Ok(Ok(e)) => e,
@@ -295,6 +316,65 @@ impl Backend for FileBackend {
         lock::break_lock(&lock_path(&self.path))?;
         Ok(held)
     }
+
+    async fn put_revision(&self, serial: u64, bytes: &[u8]) -> Result<(), StateError> {
+        let dir = history_dir(&self.path);
+        private::dir(&dir).map_err(|e| self.write_err(e))?;
+        // Replaced atomically; not synced (history is a record, the state
+        // file the truth).
+        let path = dir.join(revision_name(serial));
+        let tmp = suffixed(&path, &format!(".{}.tmp", std::process::id()));
+        write_private(&tmp, bytes)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                self.write_err(e)
+            })
+    }
+
+    async fn get_revision(&self, serial: u64) -> Result<Option<Vec<u8>>, StateError> {
+        read_file(&history_dir(&self.path).join(revision_name(serial)))
+    }
+
+    async fn list_revisions(&self) -> Result<Vec<u64>, StateError> {
+        let dir = history_dir(&self.path);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(StateError::Read {
+                    location: dir.display().to_string(),
+                    detail: e.to_string(),
+                })
+            }
+        };
+        let mut serials: Vec<u64> = entries
+            .flatten()
+            .filter_map(|e| revision_serial(&e.file_name().to_string_lossy()))
+            .collect();
+        serials.sort_unstable();
+        Ok(serials)
+    }
+
+    async fn delete_revision(&self, serial: u64) -> Result<(), StateError> {
+        match std::fs::remove_file(history_dir(&self.path).join(revision_name(serial))) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(self.write_err(e)),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Writes `bytes` to a new 0600 file at `path` (not synced).
+fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(private::FILE_MODE)
+        .open(path)?
+        .write_all(bytes)
 }
 
 /// For the test of a writer stopped between its check and its rename

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
+use tracing::{info_span, Instrument};
 
 use super::backend::{Backend, Holder, LockRequest, LockView};
 use super::{Location, StateError, Store};
@@ -92,6 +93,7 @@ pub async fn acquire(
             wait: timeout.unwrap_or(Duration::ZERO),
             cancel,
         })
+        .instrument(info_span!("state.lock"))
         .await?;
     if grant.took_over {
         tracing::warn!(
@@ -179,7 +181,10 @@ impl DeployLock {
         if let Some(t) = self.renewer.take() {
             t.abort();
         }
-        self.backend.unlock().await
+        self.backend
+            .unlock()
+            .instrument(info_span!("state.unlock"))
+            .await
     }
 }
 
@@ -203,8 +208,9 @@ pub async fn lock_state(
         _ = cancel.cancelled() => return Err(StateError::Interrupted),
     };
     let opened = async {
-        let mut store = Store::open(backend, &config.name, &config.env).await?;
-        store.fence(lock.epoch(), &holder.run_id)?;
+        let opts = super::StoreOptions::of(config);
+        let mut store = Store::open_with(backend, &config.name, &config.env, opts).await?;
+        store.fence(lock.epoch(), &holder)?;
         if lock.recovered() && store.state().serial > 0 {
             store.update(|_| {}).await?;
         }

@@ -8,9 +8,17 @@
 //! ([`lock`]): a stale writer gets `ENKSTATESTALE` instead of overwriting.
 
 pub mod backend;
+pub mod crypt;
 pub mod file;
+pub mod gcs;
+mod http;
 pub mod lock;
+pub mod manage;
+pub mod object;
 pub mod postgres;
+pub mod s3;
+mod url;
+pub mod vault;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -89,6 +97,18 @@ pub enum StateError {
     /// The stored remote document does not match its own record.
     #[error("remote state {location} is inconsistent: {detail}; nanokit will not overwrite it")]
     RemoteCorrupt { location: String, detail: String },
+    /// The store refused our credentials, or there are none.
+    #[error("state store {location} refused access: {detail}")]
+    Auth { location: String, detail: String },
+    /// `infra state push` / `migrate` refused to replace a state.
+    #[error("{location}: {detail}; nothing was written")]
+    Refused { location: String, detail: String },
+    /// The state's encryption key is missing or wrong (`ENKSTATEKEY`).
+    #[error("state encryption: {detail}; nothing was written")]
+    Key { detail: String },
+    /// The state was moved to another backend (`infra state migrate`).
+    #[error("the state of {location} was migrated to {to}: set `infra.state` to {to} (nothing was done here)")]
+    Migrated { location: String, to: String },
     /// An `infra.state` URL nanokit cannot use.
     #[error("invalid state URL {url}: {detail}")]
     Url { url: String, detail: String },
@@ -112,6 +132,10 @@ impl ErrorCode for StateError {
             StateError::Unavailable { .. } => "ENKSTATEUNAVAILABLE",
             StateError::Url { .. } => "ENKSTATEURL",
             StateError::Backend { .. } => "ENKSTATEBACKEND",
+            StateError::Auth { .. } => "ENKSTATEAUTH",
+            StateError::Key { .. } => "ENKSTATEKEY",
+            StateError::Refused { .. } => "ENKSTATEREFUSED",
+            StateError::Migrated { .. } => "ENKSTATEMIGRATED",
             _ => "ENKSTATE",
         }
     }
@@ -245,6 +269,37 @@ pub struct State {
     pub resources: BTreeMap<String, Resource>,
     #[serde(default)]
     pub volumes: BTreeMap<String, VolumeRecord>,
+    /// Who wrote this version, for `infra state history`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub written: Option<Written>,
+    /// The state moved to this store (`infra state migrate`): this copy is
+    /// no longer the state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrated_to: Option<String>,
+    /// A migration to this store began and has not finished: this copy is
+    /// still the state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrating_to: Option<String>,
+    /// This copy came from that store (`infra state migrate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrated_from: Option<String>,
+}
+
+/// Who wrote a version of the state.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Written {
+    /// RFC 3339.
+    pub at: String,
+    pub run: String,
+    pub host: String,
+    pub pid: u32,
+    #[serde(default)]
+    pub user: String,
+    /// What the run does (`nanokit up (p / env)`).
+    #[serde(default)]
+    pub label: String,
+    #[serde(default)]
+    pub command: String,
 }
 
 impl State {
@@ -258,6 +313,10 @@ impl State {
             env: env.to_string(),
             resources: BTreeMap::new(),
             volumes: BTreeMap::new(),
+            written: None,
+            migrated_to: None,
+            migrating_to: None,
+            migrated_from: None,
         }
     }
 }
@@ -409,17 +468,57 @@ pub async fn open(location: &Location) -> Result<Arc<dyn Backend>, StateError> {
         Location::Postgres { url, workspace } => Ok(Arc::new(
             postgres::PostgresBackend::connect(url, workspace).await?,
         )),
-        Location::Url(url) => Err(StateError::Url {
-            url: crate::pg::redact_url(url),
-            detail: "this kind of state store is not supported by this build".into(),
-        }),
+        Location::Url(url) => {
+            let store: Box<dyn object::ObjectStore> = match crate::config::url_scheme(url) {
+                Some("s3") => Box::new(s3::S3::open(url)?),
+                Some("gs") => Box::new(gcs::Gcs::open(url)?),
+                Some("vault") => Box::new(vault::Vault::open(url)?),
+                _ => {
+                    return Err(StateError::Url {
+                        url: crate::pg::redact_url(url),
+                        detail: "not a kind of state store nanokit knows (postgres://, s3://, gs://, vault://)".into(),
+                    })
+                }
+            };
+            Ok(Arc::new(object::ObjectBackend::new(store)))
+        }
+    }
+}
+
+/// How a store keeps `config`'s state: sealed (`infra.state_encryption`),
+/// with `infra.state_history` revisions.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub codec: crypt::Codec,
+    pub history: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            codec: crypt::Codec::plain(),
+            history: crate::config::DEFAULT_STATE_HISTORY,
+        }
+    }
+}
+
+impl StoreOptions {
+    pub fn of(config: &Config) -> StoreOptions {
+        StoreOptions {
+            codec: crypt::Codec::of(config.state_encryption.as_ref()),
+            history: config.state_history,
+        }
     }
 }
 
 /// Reads `config`'s state wherever it lives (a fresh one when there is none).
 pub async fn load(config: &Config) -> Result<State, StateError> {
     let backend = open(&Location::of(config)).await?;
-    Ok(Store::open(backend, &config.name, &config.env).await?.state)
+    Ok(
+        Store::open_with(backend, &config.name, &config.env, StoreOptions::of(config))
+            .await?
+            .state,
+    )
 }
 
 /// The state of one run, saved after every change.
@@ -431,7 +530,8 @@ pub struct Store {
     /// The deploy-lock epoch this run writes with (`None`: no lock).
     epoch: Option<u64>,
     /// Recorded as the writer of every write.
-    writer: String,
+    writer: Holder,
+    opts: StoreOptions,
     /// The lineage reservation this (not yet written) state took, removed
     /// once the state is written.
     reservation: Option<PathBuf>,
@@ -447,29 +547,75 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// The state in `stored` (opened with `codec`), from `location`, of
+/// `project`.
+pub async fn decode_stored(
+    stored: &[u8],
+    codec: &crypt::Codec,
+    location: &str,
+    project: &str,
+) -> Result<State, StateError> {
+    decode(&codec.open(stored).await?, location, project)
+}
+
 impl Store {
-    /// Reads the state of `backend` (a fresh one when there is none). Its
-    /// writes are fenced by nothing but the version until
-    /// [`Store::fence`] gives it a lock's epoch.
+    /// Reads the state of `backend` (a fresh one when there is none), in
+    /// the clear, with the default history. See [`Store::open_with`].
     pub async fn open(
         backend: Arc<dyn Backend>,
         project: &str,
         env: &str,
     ) -> Result<Store, StateError> {
+        Store::open_with(backend, project, env, StoreOptions::default()).await
+    }
+
+    /// Reads the state of `backend` (a fresh one when there is none). Its
+    /// writes are fenced by nothing but the version until
+    /// [`Store::fence`] gives it a lock's epoch. A state migrated away is
+    /// `ENKSTATEMIGRATED`.
+    pub async fn open_with(
+        backend: Arc<dyn Backend>,
+        project: &str,
+        env: &str,
+        opts: StoreOptions,
+    ) -> Result<Store, StateError> {
+        let store = Store::open_any(backend, project, env, opts).await?;
+        if let Some(to) = &store.state.migrated_to {
+            return Err(StateError::Migrated {
+                location: store.location(),
+                to: to.clone(),
+            });
+        }
+        if let Some(to) = &store.state.migrating_to {
+            tracing::warn!(
+                "a migration of this state to {to} was interrupted: the state at {} is still the state (run `nanokit infra state migrate --to {to}` again to finish it)",
+                store.location()
+            );
+        }
+        Ok(store)
+    }
+
+    /// [`Store::open_with`], also of a state migrated away (migration).
+    pub async fn open_any(
+        backend: Arc<dyn Backend>,
+        project: &str,
+        env: &str,
+        opts: StoreOptions,
+    ) -> Result<Store, StateError> {
         let (state, version) = match backend.read().await? {
             Some(stored) => (
-                decode(&stored.bytes, &backend.location(), project)?,
+                decode_stored(&stored.bytes, &opts.codec, &backend.location(), project).await?,
                 Some(stored.version),
             ),
             None => (State::new(project, env), None),
         };
-        let me = crate::lock::this_host();
         Ok(Store {
             backend,
             state,
             version,
             epoch: None,
-            writer: format!("{}:{}", me.hostname, me.pid),
+            writer: Holder::this_run("unlocked write"),
+            opts,
             reservation: None,
         })
     }
@@ -477,9 +623,9 @@ impl Store {
     /// From now on every write carries `epoch` (the deploy lock's) and is
     /// recorded as made by `writer`. A state that has seen a higher epoch
     /// already is `ENKSTATESTALE` at once.
-    pub fn fence(&mut self, epoch: u64, writer: &str) -> Result<(), StateError> {
+    pub fn fence(&mut self, epoch: u64, writer: &Holder) -> Result<(), StateError> {
         self.epoch = Some(epoch);
-        self.writer = writer.to_string();
+        self.writer = writer.clone();
         self.check_epoch(epoch)
     }
 
@@ -518,8 +664,21 @@ impl Store {
         self.backend.location()
     }
 
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    pub fn options(&self) -> &StoreOptions {
+        &self.opts
+    }
+
     pub fn state(&self) -> &State {
         &self.state
+    }
+
+    /// Whether a state is stored (a fresh one is not, until written).
+    pub fn is_stored(&self) -> bool {
+        self.version.is_some()
     }
 
     /// The deploy-lock epoch this run writes with.
@@ -530,28 +689,57 @@ impl Store {
     /// Applies `f` and writes the state (serial + 1) as a compare-and-swap
     /// on the version this run holds, carrying its epoch. A failed write
     /// leaves the stored state as it was; after `ENKSTATESTALE` every later
-    /// write of this run fails too.
+    /// write of this run fails too. A note of an interrupted migration is
+    /// cleared: this state is the state.
     pub async fn update<R>(&mut self, f: impl FnOnce(&mut State) -> R) -> Result<R, StateError> {
         let r = f(&mut self.state);
         self.state.serial += 1;
+        self.state.migrating_to = None;
+        self.write_current().await?;
+        Ok(r)
+    }
+
+    /// Writes `state` as it is (its serial, lineage and markers), in place
+    /// of the stored one (push, migrate).
+    pub async fn replace(&mut self, state: State) -> Result<(), StateError> {
+        self.state = state;
+        self.write_current().await
+    }
+
+    async fn write_current(&mut self) -> Result<(), StateError> {
         if let Some(epoch) = self.epoch {
             self.check_epoch(epoch)?;
             self.state.epoch = epoch;
         }
+        let w = &self.writer;
+        self.state.written = Some(Written {
+            at: now(),
+            run: w.run_id.clone(),
+            host: w.host.clone(),
+            pid: w.pid,
+            user: w.user.clone(),
+            label: w.label.clone(),
+            command: w.command.clone(),
+        });
         self.save().await?;
         if let Some(p) = self.reservation.take() {
             let _ = std::fs::remove_file(p);
         }
-        Ok(r)
+        Ok(())
     }
 
     async fn save(&mut self) -> Result<(), StateError> {
-        let bytes = encode(&self.state);
+        let head = crypt::Head {
+            serial: self.state.serial,
+            lineage: self.state.lineage.clone(),
+            epoch: self.state.epoch,
+        };
+        let bytes = self.opts.codec.seal(&encode(&self.state), &head).await?;
         let meta = WriteMeta {
             serial: self.state.serial,
             lineage: &self.state.lineage,
             epoch: self.epoch.unwrap_or(0),
-            writer: &self.writer,
+            writer: &self.writer.run_id,
         };
         let err = match self
             .backend
@@ -560,6 +748,7 @@ impl Store {
         {
             Ok(v) => {
                 self.version = Some(v);
+                self.keep_revision(&bytes).await;
                 return Ok(());
             }
             Err(e @ StateError::Conflict { .. }) => e,
@@ -573,9 +762,14 @@ impl Store {
             // Our own write, which landed although its answer was lost (a
             // retried request): not a conflict.
             self.version = Some(now.version);
+            self.keep_revision(&bytes).await;
             return Ok(());
         }
-        let Ok(found) = serde_json::from_slice::<State>(&now.bytes) else {
+        let found = match self.opts.codec.open(&now.bytes).await {
+            Ok(plain) => serde_json::from_slice::<State>(&plain).ok(),
+            Err(_) => None,
+        };
+        let Some(found) = found else {
             return Err(err);
         };
         let location = self.location();
@@ -593,6 +787,29 @@ impl Store {
                 highest: found.epoch,
             }),
             _ => Err(err),
+        }
+    }
+
+    /// Keeps the written bytes as the revision of their serial, and forgets
+    /// the one that falls out of the history (best effort: the state is
+    /// written; a history that cannot be is only a warning).
+    async fn keep_revision(&self, bytes: &[u8]) {
+        let keep = self.opts.history as u64;
+        if keep == 0 {
+            return;
+        }
+        let serial = self.state.serial;
+        if let Err(e) = self.backend.put_revision(serial, bytes).await {
+            tracing::warn!("cannot keep revision {serial} of the state's history: {e}");
+            return;
+        }
+        if serial > keep {
+            if let Err(e) = self.backend.delete_revision(serial - keep).await {
+                tracing::debug!(
+                    "cannot forget revision {} of the history: {e}",
+                    serial - keep
+                );
+            }
         }
     }
 }

@@ -3,9 +3,10 @@
 //! (`<project>/<env>`):
 //! - `nanokit_infra_state` holds the document (the exact text the engine
 //!   wrote), its `serial`, `lineage` and `epoch`; a write is one `UPDATE`
-//!   that compares serial and lineage and refuses an epoch lower than the
-//!   stored one, so a stale writer gets `ENKSTATESTALE` instead of silently
-//!   losing the other's update.
+//!   that compares the serial read (the version) and refuses an epoch lower
+//!   than the stored one, so a stale writer gets `ENKSTATESTALE` instead of
+//!   silently losing the other's update.
+//! - `nanokit_infra_history` keeps the last revisions of each workspace.
 //! - `nanokit_infra_lock` holds one deploy-lock row per workspace: holder,
 //!   description, epoch and an expiry by the database's clock. The row is
 //!   never deleted: a release or `infra unlock` empties its holder and keeps
@@ -21,6 +22,10 @@ use async_trait::async_trait;
 use tokio_postgres::Client;
 
 use super::backend::{Backend, Grant, LockRequest, LockView, Stored, Version, WriteMeta};
+
+fn serial_of(serial: u64) -> i64 {
+    serial.min(i64::MAX as u64) as i64
+}
 use super::StateError;
 use crate::pg::{self, redact_url};
 
@@ -34,6 +39,13 @@ CREATE TABLE IF NOT EXISTS nanokit_infra_state (
     document text NOT NULL,
     updated_at timestamptz NOT NULL DEFAULT now(),
     updated_by text NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS nanokit_infra_history (
+    workspace text NOT NULL,
+    serial bigint NOT NULL,
+    document text NOT NULL,
+    written_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (workspace, serial)
 );
 CREATE TABLE IF NOT EXISTS nanokit_infra_lock (
     workspace text PRIMARY KEY,
@@ -53,6 +65,10 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_attribute
                    WHERE attrelid = 'nanokit_infra_lock'::regclass AND attname = 'epoch') THEN
         ALTER TABLE nanokit_infra_lock ADD COLUMN epoch bigint NOT NULL DEFAULT 0;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                   WHERE attrelid = 'nanokit_infra_lock'::regclass AND attname = 'taken_from') THEN
+        ALTER TABLE nanokit_infra_lock ADD COLUMN taken_from text NOT NULL DEFAULT '';
     END IF;
 END $$;
 COMMIT;
@@ -99,7 +115,8 @@ impl PostgresBackend {
         b.client
             .batch_execute(
                 "SELECT workspace, lineage, serial, document, updated_at, updated_by, epoch FROM nanokit_infra_state LIMIT 0;
-                 SELECT workspace, holder, info, acquired_at, expires_at, epoch FROM nanokit_infra_lock LIMIT 0;",
+                 SELECT workspace, holder, info, acquired_at, expires_at, epoch, taken_from FROM nanokit_infra_lock LIMIT 0;
+                 SELECT workspace, serial, document, written_at FROM nanokit_infra_history LIMIT 0;",
             )
             .await
             .map_err(|e| pg::map_err(&loc, e))?;
@@ -229,8 +246,9 @@ impl Backend for PostgresBackend {
                 .client
                 .execute(
                     "UPDATE nanokit_infra_state
-                     SET serial = $4, document = $5, updated_at = now(), updated_by = $6, epoch = $7
-                     WHERE workspace = $1 AND serial = $2 AND lineage = $3 AND epoch <= $7",
+                     SET serial = $4, document = $5, updated_at = now(), updated_by = $6, epoch = $7,
+                         lineage = $3
+                     WHERE workspace = $1 AND serial = $2 AND epoch <= $7",
                     &[&self.workspace, &expected, &meta.lineage, &serial, &document, &meta.writer, &epoch],
                 )
                 .await
@@ -250,11 +268,6 @@ impl Backend for PostgresBackend {
             .map_err(|e| self.m(e))?;
         let location = self.location.clone();
         Err(match row {
-            Some(r) if r.get::<_, String>(1) != meta.lineage => StateError::Lineage {
-                location,
-                expected: meta.lineage.to_string(),
-                actual: r.get(1),
-            },
             Some(r) if r.get::<_, i64>(2) > epoch => StateError::Fenced {
                 location,
                 epoch: meta.epoch,
@@ -291,20 +304,23 @@ impl Backend for PostgresBackend {
             let row = self
                 .client
                 .query_opt(
-                    // `prev` is the row as this statement's snapshot saw it:
-                    // a holder there (whose lock expired) means a takeover.
-                    // The new epoch is above the row's and the state's.
-                    "WITH prev AS (SELECT holder FROM nanokit_infra_lock WHERE workspace = $1),
-                          st AS (SELECT epoch FROM nanokit_infra_state WHERE workspace = $1)
-                     INSERT INTO nanokit_infra_lock AS l (workspace, holder, info, acquired_at, expires_at, epoch)
+                    // On conflict, `l` is the row as it is once locked (after
+                    // a release in flight commits, not as this statement's
+                    // snapshot saw it): a holder there, whose lock expired,
+                    // means a takeover, recorded in `taken_from`. The new
+                    // epoch is above the row's and the state's.
+                    "WITH st AS (SELECT epoch FROM nanokit_infra_state WHERE workspace = $1)
+                     INSERT INTO nanokit_infra_lock AS l
+                         (workspace, holder, info, acquired_at, expires_at, epoch, taken_from)
                      VALUES ($1, $2, $3, now(), now() + $4::bigint * interval '1 millisecond',
-                             coalesce((SELECT epoch FROM st), 0) + 1)
+                             coalesce((SELECT epoch FROM st), 0) + 1, '')
                      ON CONFLICT (workspace) DO UPDATE
                      SET holder = EXCLUDED.holder, info = EXCLUDED.info, acquired_at = now(),
                          expires_at = EXCLUDED.expires_at,
-                         epoch = greatest(l.epoch, coalesce((SELECT epoch FROM st), 0)) + 1
+                         epoch = greatest(l.epoch, coalesce((SELECT epoch FROM st), 0)) + 1,
+                         taken_from = l.holder
                      WHERE l.holder = '' OR l.expires_at <= now()
-                     RETURNING epoch, coalesce((SELECT holder <> '' FROM prev), false)",
+                     RETURNING epoch, taken_from <> ''",
                     &[&self.workspace, run_id, &info, &ttl],
                 )
                 .await
@@ -380,6 +396,60 @@ impl Backend for PostgresBackend {
 
     async fn lock_info(&self) -> Result<Option<LockView>, StateError> {
         self.live_lock().await
+    }
+
+    async fn put_revision(&self, serial: u64, bytes: &[u8]) -> Result<(), StateError> {
+        let document = std::str::from_utf8(bytes).map_err(|_| StateError::Write {
+            location: self.location.clone(),
+            detail: "a state document must be UTF-8".into(),
+        })?;
+        self.client
+            .execute(
+                "INSERT INTO nanokit_infra_history (workspace, serial, document) VALUES ($1, $2, $3)
+                 ON CONFLICT (workspace, serial) DO UPDATE SET document = EXCLUDED.document, written_at = now()",
+                &[&self.workspace, &serial_of(serial), &document],
+            )
+            .await
+            .map_err(|e| self.m(e))?;
+        Ok(())
+    }
+
+    async fn get_revision(&self, serial: u64) -> Result<Option<Vec<u8>>, StateError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT document FROM nanokit_infra_history WHERE workspace = $1 AND serial = $2",
+                &[&self.workspace, &serial_of(serial)],
+            )
+            .await
+            .map_err(|e| self.m(e))?;
+        Ok(row.map(|r| r.get::<_, String>(0).into_bytes()))
+    }
+
+    async fn list_revisions(&self) -> Result<Vec<u64>, StateError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT serial FROM nanokit_infra_history WHERE workspace = $1 ORDER BY serial",
+                &[&self.workspace],
+            )
+            .await
+            .map_err(|e| self.m(e))?;
+        Ok(rows
+            .iter()
+            .map(|r| r.get::<_, i64>(0).max(0) as u64)
+            .collect())
+    }
+
+    async fn delete_revision(&self, serial: u64) -> Result<(), StateError> {
+        self.client
+            .execute(
+                "DELETE FROM nanokit_infra_history WHERE workspace = $1 AND serial = $2",
+                &[&self.workspace, &serial_of(serial)],
+            )
+            .await
+            .map_err(|e| self.m(e))?;
+        Ok(())
     }
 
     async fn force_unlock(&self) -> Result<Option<LockView>, StateError> {

@@ -1,4 +1,5 @@
-//! The services some integration tests need (PostgreSQL, Docker), and one
+//! The services some integration tests need (PostgreSQL, Docker, the S3,
+//! Vault and GCS test servers), and one
 //! rule for all of them: a test that needs a service carries
 //! `#[cfg_attr(not(nk_pg), ignore = …)]` (or `nk_docker`; see build.rs), so
 //! without the service, and outside CI, cargo lists it as *ignored* with a
@@ -51,6 +52,53 @@ pub fn require_docker() {
     }
 }
 
+/// The S3, Vault and GCS test servers (scripts/state-test-servers.sh), as
+/// the variables the state backends read: set once for this process (and
+/// inherited by its children). Panics when they are not there: a test that
+/// needs them only runs (cfg `nk_stores`) when they were set at build time
+/// or `CI` is set.
+pub struct Stores {
+    pub s3_endpoint: String,
+    pub vault_addr: String,
+    pub vault_token: String,
+    pub gcs_host: String,
+}
+
+pub fn stores() -> &'static Stores {
+    static STORES: OnceLock<Stores> = OnceLock::new();
+    STORES.get_or_init(|| {
+        let var = |k: &str| match std::env::var(k) {
+            Ok(v) if !v.trim().is_empty() => v,
+            _ => panic!(
+                "this test needs the S3, Vault and GCS test servers, and {k} is not set{}: run `eval \"$(bash scripts/state-test-servers.sh)\"` first (outside CI, without it, cargo reports this test as ignored)",
+                if in_ci() { " (CI is set, so these tests must run)" } else { "" }
+            ),
+        };
+        let s = Stores {
+            s3_endpoint: var("NANOKIT_TEST_S3_ENDPOINT"),
+            vault_addr: var("NANOKIT_TEST_VAULT_ADDR"),
+            vault_token: var("NANOKIT_TEST_VAULT_TOKEN"),
+            gcs_host: var("NANOKIT_TEST_GCS_HOST"),
+        };
+        // Credentials the test servers accept (SeaweedFS checks none), so
+        // that no credential chain ever looks past the environment (no
+        // instance metadata request leaves the machine).
+        for (k, v) in [
+            ("AWS_ACCESS_KEY_ID", "nanokit-test"),
+            ("AWS_SECRET_ACCESS_KEY", "nanokit-test-secret"),
+            ("AWS_REGION", "us-east-1"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+            ("STORAGE_EMULATOR_HOST", s.gcs_host.as_str()),
+            ("VAULT_ADDR", s.vault_addr.as_str()),
+            ("VAULT_TOKEN", s.vault_token.as_str()),
+        ] {
+            std::env::set_var(k, v);
+        }
+        std::env::remove_var("AWS_PROFILE");
+        s
+    })
+}
+
 /// Whether `CI` says this is a CI run — the rule of build.rs and
 /// `__test__/helpers/services.mjs`.
 fn in_ci() -> bool {
@@ -68,10 +116,11 @@ fn in_ci() -> bool {
 fn in_ci_no_service_test_is_ignored() {
     if in_ci() {
         assert!(
-            cfg!(nk_pg) && cfg!(nk_docker),
-            "CI is set, but this test binary was built without cfg nk_pg/nk_docker (pg: {}, docker: {}), so its service tests would be ignored: build.rs must set both when CI is set",
+            cfg!(nk_pg) && cfg!(nk_docker) && cfg!(nk_stores),
+            "CI is set, but this test binary was built without cfg nk_pg/nk_docker/nk_stores (pg: {}, docker: {}, stores: {}), so its service tests would be ignored: build.rs must set them when CI is set",
             cfg!(nk_pg),
-            cfg!(nk_docker)
+            cfg!(nk_docker),
+            cfg!(nk_stores)
         );
     }
 }

@@ -1,0 +1,685 @@
+//! The state in a store of objects with conditional writes (S3 and
+//! S3-compatible stores, GCS, Vault/OpenBao KV v2): one protocol over an
+//! [`ObjectStore`], so the three differ only in how they read and write one
+//! object.
+//!
+//! - The state is one object; a write is conditional on the version read
+//!   (ETag `If-Match`, `ifGenerationMatch`, KV `cas`), or on the object
+//!   being absent.
+//! - The deploy lock is the object `<key>.nklock`, holding a
+//!   [`LockRecord`]: the holder (host, pid, user, command, run id), the
+//!   epoch, the TTL and the time of the last renewal. It is created only if
+//!   absent; renewed by a conditional write on its own version; taken over
+//!   by a conditional write on the version that was judged stale, so two
+//!   takers cannot both win; released by the holder only, by a conditional
+//!   write of a free record that keeps the epoch (the object is never
+//!   deleted, so epochs keep growing). A write whose answer was lost and was
+//!   retried (a 412 against one's own lock or state) is recognised by the
+//!   run id, or by the bytes, not left behind.
+//! - The holder that released a lock remembers the free record's version
+//!   (in the user's cache directory): its next acquisition is one
+//!   conditional write on that version, falling back to reading the lock
+//!   when someone else wrote it since. (No ABA: every record has a new
+//!   epoch or release time.)
+//! - A lock is stale when its object has not changed for its TTL as this
+//!   process's monotonic clock measures it (observed progress: no
+//!   comparison with the holder's clock), or at once when its holder is a
+//!   dead process on this host.
+//! - A store that ignores preconditions is refused (`ENKSTATEBACKEND`): at
+//!   first use (once per process and store) two conditional writes that
+//!   must fail are made to a scratch object.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use super::backend::{
+    revision_name, revision_serial, Backend, Grant, Holder, LockRequest, LockView, Stored, Version,
+    WriteMeta,
+};
+use super::StateError;
+use crate::sys::host;
+
+/// One object and its version.
+#[derive(Debug, Clone)]
+pub struct Object {
+    pub bytes: Vec<u8>,
+    pub version: Version,
+}
+
+/// The precondition of a write.
+#[derive(Debug, Clone, Copy)]
+pub enum Cond<'a> {
+    /// Only if there is no such object.
+    Absent,
+    /// Only if the object's version is still this one.
+    Matches(&'a Version),
+    /// Whatever is there (history revisions, which nobody else writes).
+    Any,
+}
+
+/// What S3, GCS and Vault KV v2 have in common: read an object with its
+/// version, write it only if a precondition holds.
+#[async_trait]
+pub trait ObjectStore: Send + Sync {
+    /// The store and object, for messages: `s3://bucket/key (endpoint)`.
+    fn describe(&self) -> String;
+
+    /// What the precondition probe is cached by: endpoint and bucket (or
+    /// mount).
+    fn probe_key(&self) -> String;
+
+    /// The state object's key (from the URL).
+    fn key(&self) -> &str;
+
+    /// The object `key`, `None` when there is none.
+    async fn get(&self, key: &str) -> Result<Option<Object>, StateError>;
+
+    /// Writes `bytes` to `key` if `cond` holds: the new version, or `None`
+    /// when the store refused the write for its precondition.
+    async fn put(
+        &self,
+        key: &str,
+        bytes: &[u8],
+        cond: Cond<'_>,
+    ) -> Result<Option<Version>, StateError>;
+
+    /// Deletes `key` (the probe's scratch object, a revision), whatever its
+    /// version.
+    async fn delete(&self, key: &str) -> Result<(), StateError>;
+
+    /// The keys under `prefix` (a "folder": it ends with `/`), relative to
+    /// it.
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StateError>;
+}
+
+/// What the deploy-lock object holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockRecord {
+    /// `None`: free (released, or cleared by `infra unlock`).
+    pub holder: Option<Holder>,
+    pub epoch: u64,
+    /// The holder's host identity and process start time, to see a dead
+    /// holder on this host at once.
+    #[serde(default)]
+    pub host_id: String,
+    #[serde(default)]
+    pub pid_start: Option<u64>,
+    pub ttl_ms: u64,
+    /// Wall-clock times of the holder, for display only.
+    pub acquired_at_ms: i64,
+    pub renewed_at_ms: i64,
+    /// The run that released it last (recognises one's own release whose
+    /// answer was lost).
+    #[serde(default)]
+    pub released_by: Option<String>,
+}
+
+impl LockRecord {
+    fn bytes(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).expect("a lock record serialises")
+    }
+
+    fn view(&self) -> Option<LockView> {
+        let h = self.holder.as_ref()?;
+        Some(LockView {
+            run_id: h.run_id.clone(),
+            description: h.describe(),
+            epoch: self.epoch,
+            acquired_at_ms: Some(self.acquired_at_ms),
+            expires_at_ms: Some(self.renewed_at_ms.saturating_add(self.ttl_ms as i64)),
+            stale: self.holder_dead(),
+        })
+    }
+
+    /// The holder is a process of this host that is gone.
+    fn holder_dead(&self) -> bool {
+        let me = host::this_host();
+        match &self.holder {
+            Some(h) => self.host_id == me.id && !host::process_alive(h.pid, self.pid_start),
+            None => false,
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The lock this handle holds.
+#[derive(Debug, Clone)]
+struct Held {
+    record: LockRecord,
+    version: Version,
+}
+
+/// Stores whose preconditions were probed in this process: the result.
+static PROBED: std::sync::LazyLock<Mutex<HashMap<String, Result<(), String>>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// The state (and its lock) at `key` in an [`ObjectStore`].
+pub struct ObjectBackend {
+    store: Box<dyn ObjectStore>,
+    key: String,
+    lock_key: String,
+    held: tokio::sync::Mutex<Option<Held>>,
+}
+
+impl ObjectBackend {
+    pub fn new(store: Box<dyn ObjectStore>) -> ObjectBackend {
+        let key = store.key().to_string();
+        ObjectBackend {
+            lock_key: format!("{key}.nklock"),
+            key,
+            store,
+            held: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    fn history_prefix(&self) -> String {
+        format!("{}.history/", self.key)
+    }
+
+    fn lock_location(&self) -> String {
+        format!("{} (lock {})", self.store.describe(), self.lock_key)
+    }
+
+    /// Refuses a store that ignores preconditions (once per process and
+    /// store).
+    pub async fn check_preconditions(&self) -> Result<(), StateError> {
+        let cache_key = self.store.probe_key();
+        let cached = PROBED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&cache_key)
+            .cloned();
+        let result = match cached {
+            Some(r) => r,
+            None => {
+                let r = tracing::Instrument::instrument(
+                    self.probe(),
+                    tracing::info_span!("state.probe"),
+                )
+                .await?;
+                PROBED
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(cache_key, r.clone());
+                r
+            }
+        };
+        result.map_err(|detail| StateError::Backend {
+            location: self.store.describe(),
+            detail,
+        })
+    }
+
+    /// Two conditional writes that must fail, to a scratch object: `Err`
+    /// says how the store misbehaved.
+    async fn probe(&self) -> Result<Result<(), String>, StateError> {
+        let scratch = format!(
+            "{}.nkprobe-{}",
+            self.key,
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let s = &self.store;
+        let verdict = async {
+            let Some(v1) = s.put(&scratch, b"nanokit probe 1\n", Cond::Absent).await? else {
+                return Ok(Err(format!(
+                    "it refused to create the new object {scratch} as if it existed; check the bucket and path"
+                )));
+            };
+            if s.put(&scratch, b"nanokit probe 2\n", Cond::Absent).await?.is_some() {
+                return Ok(Err(
+                    "it ignores preconditions: a write only-if-absent (If-None-Match: *, ifGenerationMatch=0, cas=0) over an existing object was accepted, so it cannot keep a deploy lock or refuse a stale write; use a store that enforces them (AWS S3, SeaweedFS, MinIO, GCS, Vault KV v2)".to_string(),
+                ));
+            }
+            let Some(_v2) = s
+                .put(&scratch, b"nanokit probe 3\n", Cond::Matches(&v1))
+                .await?
+            else {
+                return Ok(Err(format!(
+                    "it refused a write conditional on the version it had just returned ({}); it cannot be used",
+                    v1.0
+                )));
+            };
+            if s
+                .put(&scratch, b"nanokit probe 4\n", Cond::Matches(&v1))
+                .await?
+                .is_some()
+            {
+                return Ok(Err(
+                    "it ignores preconditions: a write conditional on an outdated version (If-Match, ifGenerationMatch, cas) was accepted, so it cannot refuse a stale write; use a store that enforces them (AWS S3, SeaweedFS, MinIO, GCS, Vault KV v2)".to_string(),
+                ));
+            }
+            Ok::<_, StateError>(Ok(()))
+        }
+        .await;
+        if let Err(e) = s.delete(&scratch).await {
+            tracing::debug!("cannot delete the probe object {scratch}: {e}");
+        }
+        verdict
+    }
+
+    /// The epoch recorded in the stored state (0 when none or unreadable).
+    async fn stored_epoch(&self) -> Result<u64, StateError> {
+        #[derive(Deserialize)]
+        struct Head {
+            #[serde(default)]
+            epoch: u64,
+        }
+        Ok(self
+            .store
+            .get(&self.key)
+            .await?
+            .and_then(|o| serde_json::from_slice::<Head>(&o.bytes).ok())
+            .map_or(0, |h| h.epoch))
+    }
+
+    fn record_for(&self, holder: &Holder, epoch: u64, ttl: Duration) -> LockRecord {
+        let me = host::this_host();
+        let now = now_ms();
+        LockRecord {
+            holder: Some(holder.clone()),
+            epoch,
+            host_id: me.id.clone(),
+            pid_start: me.pid_start,
+            ttl_ms: ttl.as_millis() as u64,
+            acquired_at_ms: now,
+            renewed_at_ms: now,
+            released_by: None,
+        }
+    }
+
+    /// Where this user's process remembers the version of the free lock
+    /// record it wrote last (see the module header).
+    fn cache_file(&self) -> Option<std::path::PathBuf> {
+        use sha2::{Digest, Sha256};
+        let base = std::env::var_os("XDG_CACHE_HOME")
+            .map(std::path::PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache"))
+            })?;
+        let id =
+            Sha256::digest(format!("{}\n{}", self.store.probe_key(), self.lock_key).as_bytes());
+        Some(
+            base.join("nanokit")
+                .join("state-locks")
+                .join(hex::encode(&id[..16])),
+        )
+    }
+
+    fn remember_free(&self, version: &Version, record: &LockRecord) {
+        let Some(path) = self.cache_file() else {
+            return;
+        };
+        let doc = serde_json::json!({"version": version.0, "record": record});
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        // A cache: replaced atomically, not synced (losing it costs a read).
+        let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
+        let written =
+            std::fs::write(&tmp, doc.to_string()).and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            tracing::debug!(
+                "cannot remember the lock's version in {}: {e}",
+                path.display()
+            );
+        }
+    }
+
+    fn remembered_free(&self) -> Option<(Version, LockRecord)> {
+        #[derive(Deserialize)]
+        struct Remembered {
+            version: String,
+            record: LockRecord,
+        }
+        let r: Remembered =
+            serde_json::from_slice(&std::fs::read(self.cache_file()?).ok()?).ok()?;
+        r.record
+            .holder
+            .is_none()
+            .then_some((Version(r.version), r.record))
+    }
+
+    async fn read_lock(&self) -> Result<Option<(Option<LockRecord>, Version)>, StateError> {
+        Ok(self.store.get(&self.lock_key).await?.map(|o| {
+            (
+                serde_json::from_slice::<LockRecord>(&o.bytes).ok(),
+                o.version,
+            )
+        }))
+    }
+}
+
+#[async_trait]
+impl Backend for ObjectBackend {
+    fn location(&self) -> String {
+        self.store.describe()
+    }
+
+    async fn read(&self) -> Result<Option<Stored>, StateError> {
+        Ok(self.store.get(&self.key).await?.map(|o| Stored {
+            bytes: o.bytes,
+            version: o.version,
+        }))
+    }
+
+    async fn write(
+        &self,
+        bytes: &[u8],
+        expected: Option<&Version>,
+        _meta: &WriteMeta<'_>,
+    ) -> Result<Version, StateError> {
+        self.check_preconditions().await?;
+        let cond = match expected {
+            Some(v) => Cond::Matches(v),
+            None => Cond::Absent,
+        };
+        match self.store.put(&self.key, bytes, cond).await? {
+            Some(v) => Ok(v),
+            None => Err(StateError::Conflict {
+                location: self.store.describe(),
+                detail: match expected {
+                    Some(_) => "its version is no longer the one this run read".into(),
+                    None => "a state was written since this run found none".into(),
+                },
+            }),
+        }
+    }
+
+    async fn lock(&self, req: &LockRequest<'_>) -> Result<Grant, StateError> {
+        self.check_preconditions().await?;
+        let deadline = Instant::now() + req.wait;
+        let mine = &req.holder.run_id;
+        // The free record this user released last, if nobody wrote since:
+        // one write.
+        if let Some((version, free)) = self.remembered_free() {
+            let new = self.record_for(req.holder, free.epoch + 1, req.ttl);
+            if let Some(v) = self
+                .store
+                .put(&self.lock_key, &new.bytes(), Cond::Matches(&version))
+                .await?
+            {
+                let epoch = new.epoch;
+                *self.held.lock().await = Some(Held {
+                    record: new,
+                    version: v,
+                });
+                return Ok(Grant {
+                    epoch,
+                    took_over: false,
+                    lost: None,
+                });
+            }
+        }
+        // What this waiter saw of someone else's lock, and since when.
+        let mut seen: Option<(Version, Instant)> = None;
+        let mut attempt = 0;
+        loop {
+            if req.cancel.is_cancelled() {
+                return Err(StateError::Interrupted);
+            }
+            let lock = self.read_lock().await?;
+            // A lock object keeps the highest epoch; without one (never
+            // locked, or deleted by hand) the state's is the floor.
+            let floor = match &lock {
+                None => self.stored_epoch().await?,
+                Some(_) => 0,
+            };
+            let (cond_version, record) = match &lock {
+                None => (None, None),
+                Some((rec, v)) => (Some(v.clone()), rec.clone()),
+            };
+            // Ours already: a write of ours whose answer was lost.
+            if let (Some(r), Some(v)) = (&record, &cond_version) {
+                if r.holder.as_ref().is_some_and(|h| &h.run_id == mine) {
+                    *self.held.lock().await = Some(Held {
+                        record: r.clone(),
+                        version: v.clone(),
+                    });
+                    return Ok(Grant {
+                        epoch: r.epoch,
+                        took_over: false,
+                        lost: None,
+                    });
+                }
+            }
+            let free = lock.is_none() || record.as_ref().is_some_and(|r| r.holder.is_none());
+            let stale = !free && {
+                let v = cond_version.clone().expect("held: the object exists");
+                let dead = record.as_ref().is_some_and(LockRecord::holder_dead);
+                // A record that cannot be read: judged by the default TTL.
+                let ttl = record.as_ref().map_or(super::lock::REMOTE_LOCK_TTL, |r| {
+                    Duration::from_millis(r.ttl_ms)
+                });
+                let since = match &seen {
+                    Some((sv, at)) if *sv == v => *at,
+                    _ => {
+                        let now = Instant::now();
+                        seen = Some((v, now));
+                        now
+                    }
+                };
+                dead || since.elapsed() >= ttl
+            };
+            if free || stale {
+                let prev_epoch = record.as_ref().map_or(0, |r| r.epoch);
+                let new = self.record_for(req.holder, prev_epoch.max(floor) + 1, req.ttl);
+                let cond = match &cond_version {
+                    Some(v) => Cond::Matches(v),
+                    None => Cond::Absent,
+                };
+                if let Some(version) = self.store.put(&self.lock_key, &new.bytes(), cond).await? {
+                    let epoch = new.epoch;
+                    *self.held.lock().await = Some(Held {
+                        record: new,
+                        version,
+                    });
+                    return Ok(Grant {
+                        epoch,
+                        took_over: stale,
+                        lost: None,
+                    });
+                }
+                // Someone else changed it first (or our own write landed
+                // with its answer lost): look again at once.
+                continue;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let holder = match record.as_ref().and_then(LockRecord::view) {
+                    Some(v) => v.to_string(),
+                    None => "an unknown holder (the lock object cannot be read)".into(),
+                };
+                return Err(StateError::Locked {
+                    location: self.lock_location(),
+                    holder,
+                });
+            }
+            let pause = crate::kv::backoff(attempt, Duration::from_millis(250)).min(deadline - now);
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = req.cancel.cancelled() => return Err(StateError::Interrupted),
+            }
+            attempt += 1;
+        }
+    }
+
+    async fn renew(&self, ttl: Duration) -> Result<bool, StateError> {
+        let mut held = self.held.lock().await;
+        let Some(h) = held.as_mut() else {
+            return Ok(false);
+        };
+        let mut record = h.record.clone();
+        record.renewed_at_ms = now_ms();
+        record.ttl_ms = ttl.as_millis() as u64;
+        if let Some(v) = self
+            .store
+            .put(&self.lock_key, &record.bytes(), Cond::Matches(&h.version))
+            .await?
+        {
+            *h = Held { record, version: v };
+            return Ok(true);
+        }
+        // Refused: still ours (a retried renewal that had landed), or lost.
+        match self.read_lock().await? {
+            Some((Some(r), v)) if r.holder == h.record.holder && r.epoch == h.record.epoch => {
+                *h = Held {
+                    record: r,
+                    version: v,
+                };
+                Ok(true)
+            }
+            _ => {
+                *held = None;
+                Ok(false)
+            }
+        }
+    }
+
+    async fn unlock(&self) -> Result<(), StateError> {
+        let Some(mut h) = self.held.lock().await.take() else {
+            return Ok(());
+        };
+        let run_id = h
+            .record
+            .holder
+            .as_ref()
+            .map(|x| x.run_id.clone())
+            .unwrap_or_default();
+        for _ in 0..5 {
+            let mut free = h.record.clone();
+            free.holder = None;
+            free.released_by = Some(run_id.clone());
+            free.renewed_at_ms = now_ms();
+            if let Some(v) = self
+                .store
+                .put(&self.lock_key, &free.bytes(), Cond::Matches(&h.version))
+                .await?
+            {
+                self.remember_free(&v, &free);
+                return Ok(());
+            }
+            match self.read_lock().await? {
+                // Our release landed; its answer was lost.
+                Some((Some(r), _))
+                    if r.holder.is_none() && r.released_by.as_deref() == Some(&run_id) =>
+                {
+                    return Ok(())
+                }
+                // Still ours under another version (a renewal that landed
+                // late): release that one.
+                Some((Some(r), v))
+                    if r.holder.as_ref().is_some_and(|x| x.run_id == run_id)
+                        && r.epoch == h.record.epoch =>
+                {
+                    h = Held {
+                        record: r,
+                        version: v,
+                    };
+                }
+                _ => {
+                    return Err(StateError::LockLost {
+                        location: self.lock_location(),
+                    })
+                }
+            }
+        }
+        Err(StateError::LockLost {
+            location: self.lock_location(),
+        })
+    }
+
+    async fn lock_info(&self) -> Result<Option<LockView>, StateError> {
+        Ok(match self.read_lock().await? {
+            Some((Some(r), _)) => r.view(),
+            Some((None, _)) => Some(LockView {
+                run_id: String::new(),
+                description: format!(
+                    "an unknown holder (the lock object {} cannot be read)",
+                    self.lock_key
+                ),
+                epoch: 0,
+                acquired_at_ms: None,
+                expires_at_ms: None,
+                stale: false,
+            }),
+            None => None,
+        })
+    }
+
+    async fn put_revision(&self, serial: u64, bytes: &[u8]) -> Result<(), StateError> {
+        let key = format!("{}{}", self.history_prefix(), revision_name(serial));
+        self.store.put(&key, bytes, Cond::Any).await.map(|_| ())
+    }
+
+    async fn get_revision(&self, serial: u64) -> Result<Option<Vec<u8>>, StateError> {
+        let key = format!("{}{}", self.history_prefix(), revision_name(serial));
+        Ok(self.store.get(&key).await?.map(|o| o.bytes))
+    }
+
+    async fn list_revisions(&self) -> Result<Vec<u64>, StateError> {
+        let mut serials: Vec<u64> = self
+            .store
+            .list(&self.history_prefix())
+            .await?
+            .iter()
+            .filter_map(|n| revision_serial(n))
+            .collect();
+        serials.sort_unstable();
+        Ok(serials)
+    }
+
+    async fn delete_revision(&self, serial: u64) -> Result<(), StateError> {
+        let key = format!("{}{}", self.history_prefix(), revision_name(serial));
+        self.store.delete(&key).await
+    }
+
+    async fn force_unlock(&self) -> Result<Option<LockView>, StateError> {
+        self.check_preconditions().await?;
+        for _ in 0..10 {
+            let Some((record, version)) = self.read_lock().await? else {
+                return Ok(None);
+            };
+            let view = match &record {
+                Some(r) if r.holder.is_none() => return Ok(None),
+                Some(r) => r.view(),
+                None => None,
+            };
+            let epoch = match &record {
+                Some(r) => r.epoch,
+                None => self.stored_epoch().await?,
+            };
+            let free = LockRecord {
+                holder: None,
+                epoch,
+                host_id: String::new(),
+                pid_start: None,
+                ttl_ms: 0,
+                acquired_at_ms: record.as_ref().map_or(0, |r| r.acquired_at_ms),
+                renewed_at_ms: now_ms(),
+                released_by: Some("nanokit infra unlock".into()),
+            };
+            if self
+                .store
+                .put(&self.lock_key, &free.bytes(), Cond::Matches(&version))
+                .await?
+                .is_some()
+            {
+                return Ok(view);
+            }
+        }
+        Err(StateError::Unavailable {
+            location: self.lock_location(),
+            detail: "the lock kept changing while it was being cleared; try again".into(),
+        })
+    }
+}
