@@ -41,8 +41,13 @@ impl DockerProvider {
         let mut made = create_and_start().await;
         // The env's network may be removed by another project's `down` right
         // after we made sure of it (it goes once no container of the env is
-        // left): make it again and retry once.
-        if matches!(&made, Err((_, e)) if network_gone(e)) {
+        // left), or be ambiguous for a moment while another run's duplicate
+        // of it is not yet removed (engines before API 1.44): make it again
+        // (removing duplicates) and retry, a bounded number of times.
+        for _ in 0..3 {
+            if !matches!(&made, Err((_, e)) if network_gone(e)) {
+                break;
+            }
             self.make_network().await?;
             made = create_and_start().await;
         }
