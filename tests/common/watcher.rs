@@ -116,6 +116,33 @@ impl Watcher {
         }
     }
 
+    /// Waits until the watcher took up a signal it caught: its handler ran
+    /// and gave `sig` back its default action (`SigCgt` in
+    /// /proc/<pid>/status no longer has it). Two signals sent back to back
+    /// would otherwise be merged by the kernel while the first is pending.
+    pub fn wait_signal_taken(&self, sig: i32) {
+        let by = Instant::now() + PATIENCE;
+        let bit = 1u64 << (sig - 1);
+        loop {
+            let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
+                .unwrap_or_default();
+            let caught = status
+                .lines()
+                .find_map(|l| l.strip_prefix("SigCgt:"))
+                .and_then(|m| u64::from_str_radix(m.trim(), 16).ok());
+            match caught {
+                Some(m) if m & bit != 0 => {}
+                _ => return,
+            }
+            assert!(
+                Instant::now() < by,
+                "nanokit watch did not take up signal {sig}\n{}",
+                self.recent()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Waits for the process to exit (bounded by [`PATIENCE`]).
     pub fn wait_exit(&mut self) -> std::process::ExitStatus {
         let by = Instant::now() + PATIENCE;
