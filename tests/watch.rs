@@ -323,6 +323,48 @@ fn sigterm_stops_the_watcher_frees_the_lease_and_leaves_services_running() {
     assert!(String::from_utf8_lossy(&up.stderr).contains("0 changed"));
 }
 
+/// On a state in an object store the lease is a lock object that outlives
+/// the process (on a file state the kernel frees the lock when the watcher
+/// exits, so a missing release would not show): SIGTERM must release it,
+/// not leave it to expire.
+#[test]
+#[cfg_attr(
+    not(nk_stores),
+    ignore = "SKIPPED: needs the S3, Vault and GCS test servers (eval \"$(bash scripts/state-test-servers.sh)\")"
+)]
+fn sigterm_releases_a_lease_kept_in_an_object_store() {
+    let s = services::stores();
+    let name = format!("wrel{:06x}", fastrand::u32(..0x100_0000));
+    let p = Project::new(&format!(
+        "name: {name}\ninfra: {{ state: \"s3://nanokit/{name}/state.json?endpoint={}&path_style=true\" }}\nservices:\n  a:\n    start: \"exec sleep 600\"\n",
+        s.s3_endpoint
+    ));
+    let cfg = p.config();
+    let lease = || {
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(nanokit::state::lock::inspect(&cfg))
+            .unwrap()
+            .1
+    };
+    let mut w = watch(&p, &[]);
+    let held = lease().expect("the leader holds the lease");
+    assert!(held.description.contains("nanokit watch"), "{held:?}");
+    w.signal(libc::SIGTERM);
+    let st = w.wait_exit();
+    assert!(st.success(), "{st:?}\n{}", w.recent());
+    assert!(lease().is_none(), "the lease is free: {:?}", lease());
+    let labelled = common::labelled(&nanokit::engine::scope(&cfg).state_id);
+    assert_eq!(labelled.len(), 1, "{labelled:?}");
+    assert!(alive(labelled[0]), "services keep running");
+    let down = cli(&p, &["down"]);
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+}
+
 #[test]
 fn of_two_watchers_one_acts_and_the_standby_takes_over_when_it_is_killed() {
     let p = Project::new(
