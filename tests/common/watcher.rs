@@ -124,8 +124,8 @@ impl Watcher {
         let by = Instant::now() + PATIENCE;
         let bit = 1u64 << (sig - 1);
         loop {
-            let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
-                .unwrap_or_default();
+            let status =
+                std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
             let caught = status
                 .lines()
                 .find_map(|l| l.strip_prefix("SigCgt:"))
