@@ -52,14 +52,15 @@ tls_host=tcp://127.0.0.1:2376
 
 start_dockerd() {
   log "starting dockerd (unix socket and $tls_host with --tlsverify)"
-  # dockerd outlives this script: it must not inherit the Docker lock's
+  # dockerd outlives this script, in a session of its own (a kill of the
+  # caller's process group must not take it down); it must not inherit the Docker lock's
   # descriptor (or any other above stderr), or the lock is held for good.
   (
     for fd in /proc/self/fd/*; do
       n="${fd##*/}"
       [ "$n" -gt 2 ] 2>/dev/null && eval "exec $n>&-"
     done
-    exec nohup /usr/sbin/dockerd -H unix:///var/run/docker.sock -H "$tls_host" --tlsverify \
+    exec setsid nohup /usr/sbin/dockerd -H unix:///var/run/docker.sock -H "$tls_host" --tlsverify \
       --tlscacert "$certs/ca.pem" --tlscert "$certs/loopback.pem" --tlskey "$certs/loopback-key.pem" \
       >/tmp/nanokit-dockerd.log 2>&1 </dev/null
   ) &
