@@ -316,7 +316,8 @@ export interface InstallResult {
   /** Time of the whole call (ms). */
   durationMs: number
   /**
-   * How many times nanokit's npm installer ran (0 when this call did not
+   * How many times nanokit's installer ran (npm, or its direct installer
+   * where the package needs nothing more; 0 when this call did not
    * install, or a custom installer did).
    */
   attempts: number

@@ -29,6 +29,7 @@ export type NanokitErrorCode =
   | 'ENKIO'
   | 'ENKINSTALL'
   | 'ENKREPO'
+  | 'ENKFOREIGN'
   | 'ENKPROVISION'
   | 'ENKCONFIG'
   | 'ENKDEP'

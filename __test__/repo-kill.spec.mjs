@@ -51,8 +51,9 @@ const SLOW = {
   tarballDelayMs: 2500,
 }
 const SLOW_FILES = ['package.json', 'index.js', 'hold.js', ...Object.keys(DATA)]
-// Its tarball is never answered: npm waits for it until killed.
-const HELD = { name: 'nk-fixture-held', version: '1.0.0', files: { 'index.js': "module.exports = 'held'\n" }, tarballDelayMs: Infinity }
+// Its tarball is never answered: npm waits for it until killed. (Its install
+// script makes npm, not nanokit's direct installer, install it.)
+const HELD = { name: 'nk-fixture-held', version: '1.0.0', scripts: { postinstall: 'node -e 0' }, files: { 'index.js': "module.exports = 'held'\n" }, tarballDelayMs: Infinity }
 // Longer than the 10 s after which an idle Tokio blocking thread retires.
 const SLEEPY = { name: 'nk-fixture-sleepy', version: '1.0.0', files: { 'index.js': "module.exports = 'sleepy'\n" }, tarballDelayMs: 12500 }
 

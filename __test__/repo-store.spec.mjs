@@ -113,9 +113,15 @@ describe('repo store, retries, concurrency, gc and adoption (real npm, offline r
   const FLAKY = { name: 'nk-flaky', version: '1.0.0', files: { 'index.js': "module.exports = 'flaky'\n" }, failMetadata: [500, 500] }
   const FLAKY2 = { ...FLAKY, name: 'nk-flaky-two', failMetadata: [502, 500] }
   const DOWN = { ...FLAKY, name: 'nk-down', failMetadata: [503, 503, 503, 503] }
+  const CORRUPT = { ...FLAKY, name: 'nk-corrupt', failMetadata: undefined, corruptTarball: true }
+  // A tree npm hoists and nests: the date library is a dependency of a
+  // dependency only (hoisted), and the wrapper needs another version of the
+  // common library than the package (nested beside the wrapper).
+  const WRAP = { name: 'nk-lib-wrap', version: '1.0.0', dependencies: { 'nk-lib-common': '1.1.0', 'nk-lib-date': '^1.0.0' }, files: { 'index.js': "module.exports = require('nk-lib-common').version\n" } }
+  const LAYOUT = { name: 'nk-layout', version: '1.0.0', dependencies: { 'nk-lib-common': '1.0.0', 'nk-lib-wrap': '^1.0.0' }, files: { 'index.js': "module.exports = [require('nk-lib-common').version, require('nk-lib-wrap')]\n" } }
   let registry
   before(async () => {
-    registry = await startRegistry({ extra: [...fx.libs, ...fx.adaptors, ...SLOTS, FLAKY, FLAKY2, DOWN] })
+    registry = await startRegistry({ extra: [...fx.libs, ...fx.adaptors, ...SLOTS, FLAKY, FLAKY2, DOWN, CORRUPT, WRAP, LAYOUT] })
   })
   after(async () => {
     await registry?.close()
@@ -167,6 +173,61 @@ describe('repo store, retries, concurrency, gc and adoption (real npm, offline r
     chmodSync(victim.path, 0o444)
     await assert.rejects(nk.install(repo, spec, { npmArgs: npmArgs() }), (e) => e.code === 'ENKFOREIGN' && e.message.includes(victim.path))
     assert.equal(nk.isInstalled(repo, spec), false)
+  })
+
+  it('the direct installer: a plain tree installs without npm, giving the tree npm gives; a package with an install script goes to npm; a tarball that does not match its integrity fails at once (EINTEGRITY)', { timeout: 120_000 }, async () => {
+    const spec = '@nkfix/adaptor-salesforce@1.0.0'
+    // No npm on PATH: the direct installer alone installs it.
+    const PATH = process.env.PATH
+    const withoutNpm = async (f) => {
+      process.env.PATH = '/nonexistent'
+      try {
+        return await f()
+      } finally {
+        process.env.PATH = PATH
+      }
+    }
+    const direct = tmp('direct')
+    const r = await withoutNpm(() => nk.install(direct, spec, { npmArgs: npmArgs() }))
+    assert.equal(r.installed, true)
+    assert.equal(r.attempts, 1)
+    assert.equal(require(join(direct, 'node_modules', aliasOf(spec))).name, spec)
+    assertStore(direct)
+    // An npm argument it does not know leaves the install to npm: the same
+    // files, the same places, the same bytes and modes.
+    const viaNpm = tmp('direct-npm')
+    await nk.install(viaNpm, spec, { npmArgs: [...npmArgs(), '--foreground-scripts'] })
+    const tree = (repo) => {
+      const root = join(repo, 'node_modules', aliasOf(spec))
+      return walk(root)
+        .filter(({ st }) => !st.isDirectory())
+        .map(({ path, st }) => `${path.slice(root.length)} ${st.mode & 0o777} ${sha256(path)}`)
+        .sort()
+    }
+    const got = tree(direct)
+    assert.ok(got.some((l) => l.startsWith('/node_modules/nk-lib-date/')), 'dependencies hoisted into the package')
+    assert.deepEqual(got, tree(viaNpm))
+    // Hoisted and nested as npm does it.
+    const layout = 'nk-layout@1.0.0'
+    await withoutNpm(() => nk.install(direct, layout, { npmArgs: npmArgs() }))
+    await nk.install(viaNpm, layout, { npmArgs: [...npmArgs(), '--foreground-scripts'] })
+    assert.deepEqual(require(join(direct, 'node_modules', aliasOf(layout))), ['1.0.0', '1.1.0'])
+    const layoutTree = (repo) => walk(join(repo, 'node_modules', aliasOf(layout))).map(({ path, st }) => `${path.slice(join(repo, 'node_modules').length)} ${st.mode & 0o777} ${st.isFile() ? sha256(path) : ''}`).sort()
+    const laid = layoutTree(direct)
+    assert.ok(laid.some((l) => l.startsWith('/nk-layout_1.0.0/node_modules/nk-lib-date/index.js ')), laid.join('\n'))
+    assert.ok(laid.some((l) => l.startsWith('/nk-layout_1.0.0/node_modules/nk-lib-wrap/node_modules/nk-lib-common/index.js ')), laid.join('\n'))
+    assert.deepEqual(laid, layoutTree(viaNpm))
+    // An install script needs npm: with npm unable to run, it fails.
+    await withoutNpm(() => assert.rejects(nk.install(tmp('direct-script'), 'nk-slot-0@1.0.0', { npmArgs: npmArgs() }), (e) => e.code === 'ENKINSTALL' && /could not run npm/.test(e.message)))
+    // Bytes that do not match the registry's integrity: nothing extracted, not retried.
+    const repo = tmp('direct-corrupt')
+    await withoutNpm(() => assert.rejects(nk.install(repo, 'nk-corrupt@1.0.0', { npmArgs: npmArgs() }), (e) => {
+      assert.equal(e.code, 'ENKINSTALL')
+      assert.match(e.message, /ran 1 time\(s\).*EINTEGRITY \(permanent\)/s)
+      return true
+    }))
+    assert.equal(nk.isInstalled(repo, 'nk-corrupt@1.0.0'), false)
+    assert.deepEqual(readdirSync(join(repo, '.staging')), [])
   })
 
   it('8 processes install 4 packages that share dependencies: all complete, one copy of each file, no temp file left', { timeout: 300_000 }, async () => {

@@ -86,7 +86,8 @@ function prepacked(file) {
  * packed already) and serves them. On a fixture,
  * `tarballDelayMs` makes its tarball answer that late (`Infinity`: never, until
  * the registry closes); `failMetadata: [500, 500]` answers its first metadata
- * requests with those statuses, then normally. Several versions of one name
+ * requests with those statuses, then normally; `corruptTarball: true` serves
+ * its tarball with one byte changed (its integrity no longer matches). Several versions of one name
  * are served together. Returns { url, close, npmArgs, hits } where npmArgs
  * point npm at this registry with a private cache and `hits(name)` counts the
  * metadata requests for `name`.
@@ -105,7 +106,7 @@ export async function startRegistry({ extra = [], fixtures = FIXTURES } = {}) {
     entry.versions.set(version, packed)
     entry.delayMs = fixture.tarballDelayMs || entry.delayMs
     if (fixture.failMetadata) entry.fail.push(...fixture.failMetadata)
-    tarballs.set(`${name}/${version}`, { file: packed.file, delayMs: fixture.tarballDelayMs || 0 })
+    tarballs.set(`${name}/${version}`, { file: packed.file, delayMs: fixture.tarballDelayMs || 0, corrupt: !!fixture.corruptTarball })
   }
   const server = createServer((req, res) => {
     const path = decodeURIComponent(req.url.split('?')[0]).replace(/^\//, '')
@@ -114,7 +115,9 @@ export async function startRegistry({ extra = [], fixtures = FIXTURES } = {}) {
       if (!tarball) return res.writeHead(404).end()
       const send = () => {
         res.writeHead(200, { 'content-type': 'application/octet-stream' })
-        res.end(readFileSync(tarball.file))
+        const bytes = readFileSync(tarball.file)
+        if (tarball.corrupt) bytes[bytes.length - 5] ^= 0xff
+        res.end(bytes)
       }
       if (tarball.delayMs === Infinity) return // held until the registry closes
       return tarball.delayMs ? setTimeout(send, tarball.delayMs) : send()

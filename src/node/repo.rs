@@ -76,7 +76,8 @@ pub struct InstallResult {
     pub waited_ms: f64,
     /// Time of the whole call (ms).
     pub duration_ms: f64,
-    /// How many times nanokit's npm installer ran (0 when this call did not
+    /// How many times nanokit's installer ran (npm, or its direct installer
+    /// where the package needs nothing more; 0 when this call did not
     /// install, or a custom installer did).
     pub attempts: u32,
 }

@@ -10,6 +10,7 @@
 //! See docs/repo-protocol.md for the protocol and why.
 
 mod adopt;
+mod direct;
 mod gc;
 mod installer;
 mod npm;
@@ -368,7 +369,8 @@ pub struct InstallOutcome {
     pub waited: Duration,
     /// Time of the whole call.
     pub duration: Duration,
-    /// How many times nanokit's npm installer ran (0 when this call did not
+    /// How many times nanokit's installer ran (npm, or its direct installer
+    /// where the package needs nothing more; 0 when this call did not
     /// install, or a custom installer did).
     pub attempts: u32,
 }
@@ -526,6 +528,21 @@ impl InstallTxn {
             .dir(self.staging_name(), false)
     }
 
+    /// Creates `<staging>/node_modules/<alias>` (and its scope directory),
+    /// reached from the repo root's descriptor.
+    fn create_staged_package(&self) -> io::Result<Dir> {
+        let alias = self.spec.alias();
+        let mut parent = self.open_staging()?.dir("node_modules", true)?;
+        let leaf = match alias.split_once('/') {
+            Some((scope, leaf)) => {
+                parent = parent.dir(scope, true)?;
+                leaf
+            }
+            None => alias.as_str(),
+        };
+        parent.dir(leaf, true)
+    }
+
     /// Builds the package in the staging directory from the store by links
     /// alone, from the record of its tree made when this version was
     /// installed before, when every file of it is still in the store (each
@@ -540,18 +557,7 @@ impl InstallTxn {
         let store_path = self.repo.dir.join(store::STORE_DIR);
         let replayed = (|| {
             let store = store::Store::open(&root, false)?;
-            let alias = self.spec.alias();
-            let staging = self.open_staging()?;
-            let mut parent = staging.dir("node_modules", true)?;
-            let leaf = match alias.split_once('/') {
-                Some((scope, leaf)) => {
-                    parent = parent.dir(scope, true)?;
-                    leaf.to_string()
-                }
-                None => alias.clone(),
-            };
-            let dest = parent.dir(&leaf, true)?;
-            store.replay(&record, &dest)
+            store.replay(&record, &self.create_staged_package()?)
         })();
         match replayed {
             Ok(true) => {

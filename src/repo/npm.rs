@@ -1,6 +1,8 @@
 //! nanokit's own installer: `npm install` into an attempt's staging
-//! directory, retried after transient failures, within a bounded number of
-//! installers per repo and host.
+//! directory (or, where npm's configuration and the package's tree allow,
+//! the direct installer of [`super::direct`], which gives the same tree
+//! without starting npm), retried after transient failures, within a bounded
+//! number of installers per repo and host.
 //!
 //! Guarantees:
 //! * A transient failure (npm's code `ECONNRESET`, `ETIMEDOUT`,
@@ -24,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use super::direct::{self, Direct};
 use super::{installer, io_err, InstallTxn, OwnerRecord, RepoError};
 use crate::lock::{self, Lease, LockError, LockOptions};
 use crate::sys::beneath::Access;
@@ -164,8 +167,10 @@ pub async fn installer_slot(
     }
 }
 
-/// How one npm run failed.
+/// How one attempt failed.
 struct Failure {
+    /// Who ran: `npm install` or nanokit's direct installer.
+    installer: String,
     /// npm's code, if it printed one.
     code: Option<String>,
     /// The exit status in words.
@@ -207,7 +212,7 @@ impl InstallTxn {
         let retry = npm.retry;
         for attempt in 1u32.. {
             self.hold_slot(max_concurrent, cancel).await?;
-            let failure = match self.npm_once(npm).await? {
+            let failure = match self.install_once(npm).await? {
                 None => return Ok(attempt),
                 Some(f) => f,
             };
@@ -229,10 +234,11 @@ impl InstallTxn {
                 return Err(RepoError::InstallFailed {
                     spec: self.spec.to_string(),
                     message: format!(
-                        "{} install ran {attempt} time(s) in {:.1} s ({}); {why}. npm's last lines:\n{}",
-                        npm.npm.display(),
+                        "{} ran {attempt} time(s) in {:.1} s ({}); {why}. {}'s last lines:\n{}",
+                        failure.installer,
                         started.elapsed().as_secs_f64(),
                         tried.join(", "),
+                        failure.installer,
                         failure.tail
                     ),
                 });
@@ -279,6 +285,35 @@ impl InstallTxn {
             }
         }
         Ok(())
+    }
+
+    /// One attempt: nanokit's direct installer where npm's configuration
+    /// allows it and the tree needs nothing more (see [`direct`]), else npm.
+    /// `Some` describes how it failed.
+    async fn install_once(&self, npm: &NpmOptions) -> Result<Option<Failure>, RepoError> {
+        let Some(registry) = direct::registry_for(npm) else {
+            return self.npm_once(npm).await;
+        };
+        let package = self
+            .create_staged_package()
+            .map_err(io_err("create the package directory in", &self.staging))?;
+        match direct::install(&registry, &self.spec, package).await {
+            Ok(Direct::Done { packages }) => {
+                tracing::info!(spec = %self.spec, packages, "installed without npm");
+                Ok(None)
+            }
+            Ok(Direct::Unsupported(why)) => {
+                tracing::info!(spec = %self.spec, %why, "npm installs this package");
+                self.clean_staging()?;
+                self.npm_once(npm).await
+            }
+            Err(e) => Ok(Some(Failure {
+                installer: "nanokit's direct installer".into(),
+                code: Some(e.code),
+                status: "failed".into(),
+                tail: e.message,
+            })),
+        }
     }
 
     /// One npm run; `Some` describes how it failed.
@@ -330,6 +365,7 @@ impl InstallTxn {
         let text = staging.read_file(LOG).unwrap_or_default();
         let text = String::from_utf8_lossy(&text);
         Ok(Some(Failure {
+            installer: format!("{} install", npm.npm.display()),
             code: npm_code(&text),
             status: status.to_string(),
             tail: crate::sys::command::tail(&text, 20),
