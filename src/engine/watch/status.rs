@@ -450,17 +450,54 @@ impl EventLog {
     }
 }
 
+/// The rotated generation of the event log at `path`.
+fn rotated(path: &Path) -> PathBuf {
+    let mut old = path.as_os_str().to_owned();
+    old.push(".1");
+    PathBuf::from(old)
+}
+
 /// Reads the event log (the rotated part first), skipping lines that do
 /// not parse (a newer writer's events).
 pub fn read_events(path: &Path) -> Vec<EventRecord> {
-    let mut old = path.as_os_str().to_owned();
-    old.push(".1");
     let mut out = Vec::new();
-    for p in [PathBuf::from(old), path.to_path_buf()] {
+    for p in [rotated(path), path.to_path_buf()] {
         if let Ok(text) = std::fs::read_to_string(&p) {
             out.extend(text.lines().filter_map(|l| serde_json::from_str(l).ok()));
         }
     }
+    out
+}
+
+/// The last `n` events of the log, oldest first, reading only its end (at
+/// most 64 KiB of each generation), for readers that poll it.
+pub fn read_recent_events(path: &Path, n: usize) -> Vec<EventRecord> {
+    use std::io::{Read, Seek, SeekFrom};
+    const TAIL: u64 = 64 * 1024;
+    let tail = |p: &Path| -> Vec<EventRecord> {
+        let Ok(mut f) = std::fs::File::open(p) else {
+            return Vec::new();
+        };
+        let from = f.metadata().map_or(0, |m| m.len()).saturating_sub(TAIL);
+        let mut bytes = Vec::new();
+        if f.seek(SeekFrom::Start(from)).is_err() || f.read_to_end(&mut bytes).is_err() {
+            return Vec::new();
+        }
+        let text = String::from_utf8_lossy(&bytes);
+        // Started inside a line: the first is cut.
+        let skip = usize::from(from > 0);
+        text.lines()
+            .skip(skip)
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    let mut out = tail(path);
+    if out.len() < n {
+        let mut older = tail(&rotated(path));
+        older.append(&mut out);
+        out = older;
+    }
+    out.drain(..out.len().saturating_sub(n));
     out
 }
 
@@ -519,6 +556,8 @@ mod tests {
             });
         }
         assert!(std::fs::metadata(&path).unwrap().len() <= EVENTS_CAP);
+        let recent: Vec<u64> = read_recent_events(&path, 3).iter().map(|r| r.seq).collect();
+        assert_eq!(recent, [n - 3, n - 2, n - 1]);
         let all = read_events(&path);
         assert!(all.len() < n as usize, "the oldest generation is dropped");
         let seqs: Vec<u64> = all.iter().map(|r| r.seq).collect();
