@@ -324,10 +324,10 @@ describe('hub in Chromium: under a real `nanokit watch`', needsChromium(), () =>
     assert.ok(down.t - tExit <= 1000, `b shown down ${down.t - tExit} ms after the watcher's event (≤ 1000): ${log}`)
     assert.ok(up.t - tRestarted <= 1000, `b shown restarted ${up.t - tRestarted} ms after the watcher's event (≤ 1000): ${log}`)
     // Its row tells what happened, as Nomad's task events do.
-    const text = await page.evaluate(() => [...document.querySelectorAll('tr.event[data-of="b"]')].map((r) => r.textContent).join('\n'))
-    assert.match(text, /terminated: .*SIGKILL/, text)
-    assert.match(text, /restarting at once \(attempt 1\)/, text)
-    assert.match(text, /restarted \(attempt/, text)
+    const text = await page.evaluate(() => Object.fromEntries([...document.querySelectorAll('tr.event[data-of="b"]')].map((r) => [r.dataset.event, r.textContent])))
+    assert.match(text.serviceExited, new RegExp(`ago · ${pid}@\\d+ .*SIGKILL`), JSON.stringify(text))
+    assert.match(text.restartScheduled, /restarting at once \(attempt 1\)/, JSON.stringify(text))
+    assert.match(text.restarted, /restarted \(attempt \d+\)/, JSON.stringify(text))
     assert.match(await page.textContent('table.services[data-env="local"] tr[data-service="b"] .error'), /last exit: .*SIGKILL/)
   })
 

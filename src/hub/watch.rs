@@ -2,8 +2,8 @@
 //! keeps up, as the page shows it: read through the engine's own types and
 //! readers (`engine::watch::status`, contract B), never a second copy of
 //! the format. Times become milliseconds since the epoch; each recent
-//! event gets a line that reads as Nomad's task events do ("restart
-//! scheduled in 0.4 s (attempt 2)").
+//! event carries the line the engine words for it, as Nomad's task events
+//! read ("restarting in 27.7 s (attempt 3)").
 
 use serde_json::{json, Value};
 
@@ -27,143 +27,20 @@ fn ms(s: &str) -> Option<i64> {
         .map(|d| d.as_millis() as i64)
 }
 
-/// A delay as people read it: `450 ms`, `27.7 s`, `2 min`.
-fn delay(ms: u64) -> String {
-    match ms {
-        0 => "at once".into(),
-        1..=999 => format!("in {ms} ms"),
-        1000..=119_999 => format!("in {:.1} s", ms as f64 / 1000.0),
-        _ => format!("in {} min", ms / 60_000),
-    }
-}
-
-/// The service an event is about, if one.
-fn service_of(e: &WatchEvent) -> Option<&str> {
-    match e {
-        WatchEvent::Progress { service, .. }
-        | WatchEvent::ServiceExited { service, .. }
-        | WatchEvent::RestartScheduled { service, .. }
-        | WatchEvent::Restarted { service, .. }
-        | WatchEvent::RestartFailed { service, .. }
-        | WatchEvent::Held { service, .. }
-        | WatchEvent::BackoffReset { service }
-        | WatchEvent::HealthFailed { service, .. }
-        | WatchEvent::DependentsReleased { service, .. } => Some(service),
-        _ => None,
-    }
-}
-
 /// Whether `e` concerns `name` (as the service, a dependent it released,
 /// a drift found in it, or a request or pass naming it).
 fn concerns(e: &WatchEvent, name: &str) -> bool {
     let named = |v: &[String]| v.iter().any(|s| s == name);
     match e {
-        WatchEvent::DependentsReleased { dependents, .. } if named(dependents) => true,
+        WatchEvent::DependentsReleased {
+            service,
+            dependents,
+        } => service == name || named(dependents),
         WatchEvent::DriftFound { items } => items.iter().any(|d| d.service == name),
         WatchEvent::Request { services, .. } => named(services),
         // Its own progress lines are many and the status shows the phase.
         WatchEvent::Progress { .. } => false,
-        e => service_of(e) == Some(name),
-    }
-}
-
-/// One line for `e`, as the page shows it.
-fn text(e: &WatchEvent) -> String {
-    match e {
-        WatchEvent::Standby { holder } => match holder {
-            Some(h) => format!("standby: {h} leads"),
-            None => "standby".into(),
-        },
-        WatchEvent::LeadershipAcquired { .. } => "leads (took the deploy lease)".into(),
-        WatchEvent::LeadershipLost { reason } => format!("lost the lead: {reason}"),
-        WatchEvent::PassStarted {
-            pass,
-            reason,
-            services,
-            ..
-        } => {
-            let why = serde_json::to_value(reason).unwrap_or_default();
-            let what = if services.is_empty() {
-                String::new()
-            } else {
-                format!(" for {}", services.join(", "))
-            };
-            format!("pass {pass} started ({}){what}", why.as_str().unwrap_or(""))
-        }
-        WatchEvent::PassFinished {
-            pass,
-            outcome,
-            changed,
-            failed,
-            elapsed_ms,
-            ..
-        } => {
-            let outcome = serde_json::to_value(outcome).unwrap_or_default();
-            let mut s = format!(
-                "pass {pass} {} in {elapsed_ms} ms",
-                outcome.as_str().unwrap_or("")
-            );
-            if !changed.is_empty() {
-                s += &format!("; changed {}", changed.join(", "));
-            }
-            if !failed.is_empty() {
-                s += &format!("; failed {}", failed.join(", "));
-            }
-            s
-        }
-        WatchEvent::Progress { phase, message, .. } => match message {
-            Some(m) => format!("{phase}: {m}"),
-            None => phase.clone(),
-        },
-        WatchEvent::ServiceExited { text, .. } => format!("terminated: {text}"),
-        WatchEvent::RestartScheduled {
-            attempt, delay_ms, ..
-        } => format!("restarting {} (attempt {attempt})", delay(*delay_ms)),
-        WatchEvent::Restarted {
-            attempt, instances, ..
-        } => format!(
-            "restarted (attempt {attempt}){}",
-            if instances.is_empty() {
-                String::new()
-            } else {
-                format!(": {}", instances.join(", "))
-            }
-        ),
-        WatchEvent::RestartFailed { attempt, error, .. } => {
-            format!("restart failed (attempt {attempt}): {error}")
-        }
-        WatchEvent::Held { reason, .. } => format!("not restarted: {reason}"),
-        WatchEvent::BackoffReset { .. } => "stayed healthy: the next restart is immediate".into(),
-        WatchEvent::HealthFailed {
-            failures,
-            retries,
-            output,
-            ..
-        } => format!("health check failed ({failures}/{retries}): {output}"),
-        WatchEvent::DependentsReleased {
-            service,
-            dependents,
-        } => format!("restarts {} after {service}", dependents.join(", ")),
-        WatchEvent::DriftFound { items } => format!(
-            "drift: {}",
-            items
-                .iter()
-                .map(|d| format!("{} ({})", d.service, d.detail))
-                .collect::<Vec<_>>()
-                .join("; ")
-        ),
-        WatchEvent::ConfigReloaded { error } => match error {
-            Some(e) => format!("configuration invalid, the last good one kept: {e}"),
-            None => "configuration reloaded".into(),
-        },
-        WatchEvent::Request {
-            command, services, ..
-        } => {
-            let names: String = services.iter().map(|s| format!(" {s}")).collect();
-            format!("`nanokit {command}{names}` handed over")
-        }
-        WatchEvent::Problem { message } => message.clone(),
-        WatchEvent::Stopped { reason } => format!("stopped: {reason}"),
+        e => e.service() == Some(name),
     }
 }
 
@@ -173,7 +50,7 @@ fn event_json(r: &EventRecord) -> Value {
     let mut v = serde_json::to_value(r).unwrap_or_default();
     if let Value::Object(m) = &mut v {
         m.insert("atMs".into(), json!(ms(&r.at)));
-        m.insert("text".into(), json!(text(&r.event)));
+        m.insert("text".into(), json!(r.text()));
     }
     v
 }
@@ -418,13 +295,5 @@ mod tests {
         st.role = Role::Stopped;
         status::write_status(&status::status_path(&work, &cfg.env), &st).unwrap();
         assert!(!Watcher::read(&cfg).unwrap().running());
-    }
-
-    #[test]
-    fn delays_read_as_people_say_them() {
-        assert_eq!(delay(0), "at once");
-        assert_eq!(delay(400), "in 400 ms");
-        assert_eq!(delay(27_700), "in 27.7 s");
-        assert_eq!(delay(180_000), "in 3 min");
     }
 }
