@@ -14,7 +14,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
 import { IN_CI, needsChromium, needsDocker, requireDocker } from './helpers/services.mjs'
-import { answer, basicProject, launch, nk, open, project, row, screenshot, waitRows } from './helpers/hub.mjs'
+import { answer, basicProject, hubInBrowser, launch, nk, open, project, row, screenshot, waitRows } from './helpers/hub.mjs'
 import { ev, killAll, worker } from './helpers/spawn.mjs'
 import { CLIS, start } from './helpers/clis.mjs'
 
@@ -49,9 +49,7 @@ describe('hub in Chromium: the example project', needsChromium(), () => {
   before(async () => {
     ex = await basicProject()
     await nk.up({ file: ex.file, vars: ex.vars })
-    hub = await nk.hub({ file: ex.file, vars: ex.vars, port: 0, stateUrl: '', stateDir: mkdtempSync(join(tmpdir(), 'nk-hub-kv-')) })
-    browser = await launch()
-    page = await open(browser, hub.url)
+    ;({ hub, browser, page } = await hubInBrowser({ file: ex.file, vars: ex.vars }))
   })
   after(async () => {
     await browser?.close()
@@ -264,9 +262,7 @@ describe('hub in Chromium: under a real `nanokit watch`', needsChromium(), () =>
       assert.ok(Date.now() < deadline, 'the watcher never finished its first pass')
       await new Promise((r) => setTimeout(r, 50))
     }
-    hub = await nk.hub({ file: p.file, port: 0, stateUrl: '', stateDir: mkdtempSync(join(tmpdir(), 'nk-hub-kv-')) })
-    browser = await launch()
-    page = await open(browser, hub.url)
+    ;({ hub, browser, page } = await hubInBrowser({ file: p.file }))
   })
   after(async () => {
     await browser?.close()
@@ -499,9 +495,7 @@ describe('hub in Chromium: 4 workers installing one package into a --repo direct
   before(async () => {
     const p = project('name: hubrepo\nservices:\n  a:\n    start: "exec sleep 600"\n')
     repo = mkdtempSync(join(tmpdir(), 'nk-hub-repo-'))
-    hub = await nk.hub({ file: p.file, port: 0, repos: [repo], stateUrl: '', stateDir: mkdtempSync(join(tmpdir(), 'nk-hub-kv-')) })
-    browser = await launch()
-    page = await open(browser, hub.url)
+    ;({ hub, browser, page } = await hubInBrowser({ file: p.file, repos: [repo] }))
   })
   after(async () => {
     killAll()
@@ -553,9 +547,7 @@ services:
     start: "echo hello from the container; exec sleep 600"
 `)
     await nk.up({ file: p.file })
-    hub = await nk.hub({ file: p.file, port: 0, stateUrl: '', stateDir: mkdtempSync(join(tmpdir(), 'nk-hub-kv-')) })
-    browser = await launch()
-    page = await open(browser, hub.url)
+    ;({ hub, browser, page } = await hubInBrowser({ file: p.file }))
   })
   after(async () => {
     await browser?.close()
