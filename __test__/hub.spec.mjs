@@ -14,7 +14,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
 import { IN_CI, needsChromium, needsDocker, requireDocker } from './helpers/services.mjs'
-import { answer, basicProject, launch, nk, open, project, row, screenshot, waitRows } from './helpers/hub.mjs'
+import { answer, basicProject, hubInBrowser, launch, nk, open, project, row, screenshot, waitRows } from './helpers/hub.mjs'
 import { ev, killAll, worker } from './helpers/spawn.mjs'
 import { CLIS, start } from './helpers/clis.mjs'
 
@@ -49,9 +49,7 @@ describe('hub in Chromium: the example project', needsChromium(), () => {
   before(async () => {
     ex = await basicProject()
     await nk.up({ file: ex.file, vars: ex.vars })
-    hub = await nk.hub({ file: ex.file, vars: ex.vars, port: 0, stateUrl: '', stateDir: mkdtempSync(join(tmpdir(), 'nk-hub-kv-')) })
-    browser = await launch()
-    page = await open(browser, hub.url)
+    ;({ hub, browser, page } = await hubInBrowser({ file: ex.file, vars: ex.vars }))
   })
   after(async () => {
     await browser?.close()
@@ -231,6 +229,120 @@ describe('hub in Chromium: the example project', needsChromium(), () => {
   })
 })
 
+describe('hub in Chromium: under a real `nanokit watch`', needsChromium(), () => {
+  // b's restart takes 1.5 s (its prestart hook), so "down" lasts long
+  // enough to be seen, and a page that learnt of it only by chance (its
+  // own 1 s poll while watched) would miss the 1 s bound.
+  const yml = [
+    'name: hubwatch',
+    'services:',
+    '  a:',
+    '    start: "exec sleep 600"',
+    '  b:',
+    '    start: "exec sleep 600"',
+    '    depends_on: [a]',
+    '    hooks:',
+    '      prestart: "sleep 1.5"',
+    '  c:',
+    '    start: "exec sleep 600"',
+    '',
+  ].join('\n')
+  let p, watcher, hub, browser, page
+  const events = () =>
+    readFileSync(join(p.dir, '.nanokit', 'watch', 'events.jsonl'), 'utf8')
+      .split('\n')
+      .filter(Boolean)
+      .map((l) => JSON.parse(l))
+  before(async () => {
+    p = project(yml)
+    // A separate `nanokit watch` process (the npm CLI), as a user runs it.
+    watcher = start(CLIS[0], ['watch', '-f', p.file], { stdio: ['ignore', 'ignore', 'inherit'] })
+    const deadline = Date.now() + 60000
+    while (!existsSync(join(p.dir, '.nanokit', 'watch', 'events.jsonl')) || !events().some((e) => e.type === 'passFinished' && e.outcome === 'ok')) {
+      assert.ok(Date.now() < deadline, 'the watcher never finished its first pass')
+      await new Promise((r) => setTimeout(r, 50))
+    }
+    ;({ hub, browser, page } = await hubInBrowser({ file: p.file }))
+  })
+  after(async () => {
+    await browser?.close()
+    await hub?.close()
+    if (watcher && watcher.exitCode == null) {
+      const exited = new Promise((r) => watcher.once('exit', r))
+      watcher.kill('SIGTERM')
+      await exited
+    }
+    if (p) await nk.down({ file: p.file }).catch(() => {})
+  })
+
+  test('a service SIGKILLed shows down, then restarted with restarts = 1, without a reload, each within 1 s of the watcher’s event', async () => {
+    const before = await waitRows(page, (r) => ['a', 'b', 'c'].every((s) => r[s]?.status === 'healthy' && r[s].restarts === '0'), { what: 'three healthy, watched services' })
+    assert.match(await page.textContent('#watch-local'), new RegExp(`watcher running · pid ${watcher.pid}`))
+    // Every change of b's row, timed on the page (Date.now(): the clock of
+    // the watcher's event times), as it happens: a MutationObserver.
+    await page.evaluate(() => {
+      window.__sameDocument = true
+      window.__b = []
+      const note = () => {
+        const r = document.querySelector('table.services[data-env="local"] tr[data-service="b"]')
+        const now = r ? { status: r.dataset.status, pid: r.dataset.pid, restarts: r.dataset.restarts } : null
+        const last = window.__b.at(-1)
+        if (JSON.stringify(now) !== JSON.stringify(last?.row)) window.__b.push({ t: Date.now(), row: now })
+      }
+      note()
+      new MutationObserver(note).observe(document.getElementById('view-services'), { subtree: true, childList: true, attributes: true, characterData: true })
+    })
+    const pid = Number(before.b.pid)
+    const tKill = Date.now()
+    process.kill(pid, 'SIGKILL')
+    const after = await waitRows(page, (r) => r.b?.status === 'healthy' && r.b.pid !== before.b.pid && r.b.restarts === '1', { what: 'b restarted, restarts = 1', timeout: 20000 })
+    assert.equal(await page.evaluate(() => window.__sameDocument), true, 'no reload')
+    assert.ok(alive(Number(after.b.pid)) && !alive(pid))
+    assert.equal(after.a.pid, before.a.pid, 'a keeps its pid')
+    assert.equal(after.c.pid, before.c.pid, 'c keeps its pid')
+    // The watcher's own account of it.
+    const evs = events()
+    const exited = evs.find((e) => e.type === 'serviceExited' && e.service === 'b' && e.instance.startsWith(`${pid}@`))
+    assert.ok(exited, `the watcher told of b's exit: ${JSON.stringify(evs.slice(-10))}`)
+    assert.equal(exited.exit.signal, 'SIGKILL')
+    const restarted = evs.find((e) => e.type === 'restarted' && e.service === 'b' && e.seq > exited.seq)
+    assert.ok(restarted, 'the watcher told of b’s restart')
+    const tExit = Date.parse(exited.at)
+    const tRestarted = Date.parse(restarted.at)
+    const seen = await page.evaluate(() => window.__b)
+    const down = seen.find((x) => x.t >= tKill && x.row && x.row.status !== 'healthy')
+    const up = seen.find((x) => x.t >= tKill && x.row?.status === 'healthy' && x.row.pid !== String(pid) && x.row.restarts === '1')
+    const log = JSON.stringify({ tKill, tExit, tRestarted, seen: seen.map((x) => ({ ...x, t: x.t - tKill })) })
+    assert.ok(down, `the page showed b down: ${log}`)
+    assert.ok(up, log)
+    assert.ok(down.t < up.t, log)
+    console.log(`# under watch: SIGKILL → page shows b ${down.row.status}: ${down.t - tKill} ms (${down.t - tExit} ms after the watcher's serviceExited); restarted (restarts = 1): ${up.t - tRestarted} ms after its restarted event`)
+    assert.ok(down.t - tExit <= 1000, `b shown down ${down.t - tExit} ms after the watcher's event (≤ 1000): ${log}`)
+    assert.ok(up.t - tRestarted <= 1000, `b shown restarted ${up.t - tRestarted} ms after the watcher's event (≤ 1000): ${log}`)
+    // Its row tells what happened, as Nomad's task events do.
+    const text = await page.evaluate(() => Object.fromEntries([...document.querySelectorAll('tr.event[data-of="b"]')].map((r) => [r.dataset.event, r.textContent])))
+    assert.match(text.serviceExited, new RegExp(`ago · ${pid}@\\d+ .*SIGKILL`), JSON.stringify(text))
+    assert.match(text.restartScheduled, /restarting at once \(attempt 1\)/, JSON.stringify(text))
+    assert.match(text.restarted, /restarted \(attempt \d+\)/, JSON.stringify(text))
+    assert.match(await page.textContent('table.services[data-env="local"] tr[data-service="b"] .error'), /last exit: .*SIGKILL/)
+  })
+
+  test('the restart button while the watcher leads is handed to it: only that service’s pid changes', async () => {
+    const before = await waitRows(page, (r) => ['a', 'b', 'c'].every((s) => r[s]?.status === 'healthy'), { what: 'healthy' })
+    await page.click('table.services[data-env="local"] tr[data-service="a"] button[data-act="restart"]')
+    const after = await waitRows(page, (r) => r.a?.status === 'healthy' && r.a.pid !== before.a.pid && !r.a.phase, { what: 'a restarted' })
+    assert.equal(after.b.pid, before.b.pid, 'b (which depends on a) keeps its pid')
+    assert.equal(after.c.pid, before.c.pid, 'c keeps its pid')
+    assert.ok(!alive(Number(before.a.pid)) && alive(Number(after.a.pid)))
+    assert.equal(await page.$('.notice.bad'), null, 'not refused (ENKLOCKED)')
+    const req = events().findLast((e) => e.type === 'request')
+    assert.equal(req.command, 'restart')
+    assert.deepEqual(req.services, ['a'])
+    assert.deepEqual(problems(page), [])
+    assert.deepEqual(page.foreign(), [])
+  })
+})
+
 describe('hub security', () => {
   let p, hub
   before(async () => {
@@ -383,9 +495,7 @@ describe('hub in Chromium: 4 workers installing one package into a --repo direct
   before(async () => {
     const p = project('name: hubrepo\nservices:\n  a:\n    start: "exec sleep 600"\n')
     repo = mkdtempSync(join(tmpdir(), 'nk-hub-repo-'))
-    hub = await nk.hub({ file: p.file, port: 0, repos: [repo], stateUrl: '', stateDir: mkdtempSync(join(tmpdir(), 'nk-hub-kv-')) })
-    browser = await launch()
-    page = await open(browser, hub.url)
+    ;({ hub, browser, page } = await hubInBrowser({ file: p.file, repos: [repo] }))
   })
   after(async () => {
     killAll()
@@ -437,9 +547,7 @@ services:
     start: "echo hello from the container; exec sleep 600"
 `)
     await nk.up({ file: p.file })
-    hub = await nk.hub({ file: p.file, port: 0, stateUrl: '', stateDir: mkdtempSync(join(tmpdir(), 'nk-hub-kv-')) })
-    browser = await launch()
-    page = await open(browser, hub.url)
+    ;({ hub, browser, page } = await hubInBrowser({ file: p.file }))
   })
   after(async () => {
     await browser?.close()

@@ -84,16 +84,18 @@ function startWatch(file) {
   return child
 }
 
+// Its initial pass done (a pass with nothing to do is told in the event
+// log only: `lastPass` names the last pass that changed something).
 async function waitWatcher(file) {
-  const st = join(dirname(file), '.nanokit', 'watch', 'status.json')
-  for (let i = 0; i < 600; i++) {
+  const events = join(dirname(file), '.nanokit', 'watch', 'events.jsonl')
+  for (let i = 0; i < 1200; i++) {
     try {
-      const s = JSON.parse(readFileSync(st, 'utf8'))
-      if (s.role === 'leader' && s.lastPass) return
+      const lines = readFileSync(events, 'utf8').split('\n').filter(Boolean).map((l) => JSON.parse(l))
+      if (lines.some((e) => e.type === 'passFinished')) return
     } catch {}
     await sleep(50)
   }
-  throw new Error('the watcher never led')
+  throw new Error('the watcher never finished its first pass')
 }
 
 function cpuTicks(pid) {

@@ -452,6 +452,39 @@ fn a_manual_down_and_up_during_a_watch_are_handed_to_the_watcher() {
     assert_eq!(req["services"], serde_json::json!(["b"]));
 }
 
+#[test]
+fn a_restart_during_a_watch_is_handed_to_the_watcher_and_replaces_only_that_service() {
+    let p = Project::new(
+        "name: wrestart\nservices:\n  a:\n    start: \"exec sleep 600\"\n  b:\n    start: \"exec sleep 600\"\n    depends_on: [a]\n  c:\n    start: \"exec sleep 600\"\n",
+    );
+    let mut w = watch(&p, &[]);
+    let (a, b, c) = (pid_of(&p, "a"), pid_of(&p, "b"), pid_of(&p, "c"));
+    let out = cli(&p, &["restart", "a"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("handed to the watcher"), "{err}");
+    let req = w.until_event("request", None);
+    assert_eq!(req["command"], "restart");
+    assert_eq!(req["services"], serde_json::json!(["a"]));
+    w.until("a restarted", is("restarted", "a"));
+    let a2 = pid_of(&p, "a");
+    assert_ne!(a2, a, "a was replaced");
+    assert!(!alive(a) && alive(a2));
+    assert_eq!(pid_of(&p, "b"), b, "b (which depends on a) keeps its pid");
+    assert_eq!(pid_of(&p, "c"), c, "c keeps its pid");
+    assert!(alive(b) && alive(c));
+    // The watcher counts it and goes on watching the new instance.
+    let st: Value = serde_json::from_slice(
+        &std::fs::read(p.path().join(".nanokit/watch/status.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(st["services"]["a"]["restarts"], 1, "{st}");
+    assert_eq!(st["services"]["b"]["restarts"], 0, "{st}");
+    kill9(a2);
+    w.until("a restored", is("restarted", "a"));
+    assert_ne!(pid_of(&p, "a"), a2);
+}
+
 /// Open descriptors and threads of `pid`.
 fn footprint(pid: u32) -> (usize, usize, u64) {
     let count = |d: String| std::fs::read_dir(d).map(|r| r.count()).unwrap_or(0);

@@ -79,6 +79,14 @@ export async function open(browser, url, { viewport = { width: 1400, height: 900
   return page
 }
 
+/** A hub on a free port (its key/value state in a temp dir) with a page open on it: `{ hub, browser, page }`. */
+export async function hubInBrowser(opts) {
+  const hub = await nk.hub({ port: 0, stateUrl: '', stateDir: mkdtempSync(join(tmpdir(), 'nk-hub-kv-')), ...opts })
+  const browser = await launch()
+  const page = await open(browser, hub.url)
+  return { hub, browser, page }
+}
+
 /** The row of `service` in environment `env`: its dataset, or null. */
 export function row(page, service, env = 'local') {
   return page.evaluate(

@@ -138,6 +138,7 @@ pub enum InfraCommand {
     /// Restart services: replace their running instances as an update would (prestop, stop,
     /// then a new instance with its hooks and health check; `rolling` one replica at a time).
     /// What they depend on is left as it is when in place; what depends on them keeps running.
+    /// While a `nanokit watch` leads the project, the restart is handed to it.
     Restart {
         #[command(flatten)]
         project: Project,

@@ -9,7 +9,7 @@ use clap::Args;
 
 use super::infra::{engine_exit, load, seconds, Project};
 use super::{exit, CliResult, OutputFormat as Output};
-use crate::engine::watch::status::{EventRecord, WatchEvent};
+use crate::engine::watch::status::EventRecord;
 use crate::engine::watch::{self, WatchOptions};
 use crate::trace::mask;
 
@@ -86,153 +86,13 @@ pub async fn run(args: WatchArgs) -> CliResult {
     }
 }
 
-/// One event as a line: `12:00:01.234 api: restart 2 due in 100 ms`.
+/// One event as a line: `12:00:01.234 api: restarting in 100 ms (attempt 2)`.
 pub fn describe(r: &EventRecord) -> String {
     let time =
         r.at.split_once('T')
             .map_or(r.at.as_str(), |(_, t)| t.trim_end_matches('Z'));
-    let what = match &r.event {
-        WatchEvent::Standby { holder } => format!(
-            "standby: waiting for the lease ({})",
-            holder.as_deref().unwrap_or("held")
-        ),
-        WatchEvent::LeadershipAcquired { holder } => {
-            format!("leading (epoch {}) as {holder}", r.epoch)
-        }
-        WatchEvent::LeadershipLost { reason } => {
-            format!("no longer leading (epoch {}): {reason}", r.epoch)
-        }
-        WatchEvent::PassStarted {
-            pass,
-            reason,
-            services,
-            ..
-        } => {
-            let reason = serde_json::to_value(reason)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default();
-            if services.is_empty() {
-                format!("pass {pass} ({reason})")
-            } else {
-                format!("pass {pass} ({reason}: {})", services.join(", "))
-            }
-        }
-        WatchEvent::PassFinished {
-            pass,
-            outcome,
-            changed,
-            failed,
-            run,
-            elapsed_ms,
-            ..
-        } => {
-            let mut s = format!(
-                "pass {pass} {} in {:.1}s",
-                serde_json::to_value(outcome)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default(),
-                *elapsed_ms as f64 / 1000.0
-            );
-            if !changed.is_empty() {
-                s.push_str(&format!("; changed: {}", changed.join(", ")));
-            }
-            if !failed.is_empty() {
-                s.push_str(&format!("; failed: {}", failed.join(", ")));
-            }
-            if let Some(run) = run {
-                s.push_str(&format!(" (nanokit timeline {run})"));
-            }
-            s
-        }
-        WatchEvent::Progress {
-            service,
-            phase,
-            message,
-            ..
-        } => match message {
-            Some(m) if phase == "failed" => format!("{service}: {phase}\n{}", indent(m)),
-            Some(m) => format!("{service}: {phase} {m}"),
-            None => format!("{service}: {phase}"),
-        },
-        WatchEvent::ServiceExited {
-            service,
-            instance,
-            text,
-            ..
-        } if instance.is_empty() => format!("{service}: {text}"),
-        WatchEvent::ServiceExited {
-            service,
-            instance,
-            text,
-            ..
-        } => format!("{service}: {instance} {text}"),
-        WatchEvent::RestartScheduled {
-            service,
-            attempt,
-            delay_ms,
-            ..
-        } => format!("{service}: restart {attempt} in {delay_ms} ms"),
-        WatchEvent::Restarted {
-            service, attempt, ..
-        } => format!("{service}: restarted (restart {attempt})"),
-        WatchEvent::RestartFailed {
-            service,
-            attempt,
-            error,
-        } => format!("{service}: restart {attempt} failed\n{}", indent(error)),
-        WatchEvent::Held { service, reason } => format!("{service}: not restarted: {reason}"),
-        WatchEvent::BackoffReset { service } => {
-            format!("{service}: healthy for 10 s; its next restart is immediate again")
-        }
-        WatchEvent::HealthFailed {
-            service,
-            failures,
-            retries,
-            output,
-            ..
-        } => format!(
-            "{service}: health check failed ({failures}/{retries})\n{}",
-            indent(output)
-        ),
-        WatchEvent::DependentsReleased {
-            service,
-            dependents,
-        } => format!(
-            "{service}: restarting {} after it (depends_on.{service}.restart)",
-            dependents.join(", ")
-        ),
-        WatchEvent::DriftFound { items } => format!(
-            "drift: {}",
-            items
-                .iter()
-                .map(|i| format!("{} ({})", i.service, i.detail))
-                .collect::<Vec<_>>()
-                .join("; ")
-        ),
-        WatchEvent::ConfigReloaded { error: None } => "configuration read again".into(),
-        WatchEvent::ConfigReloaded { error: Some(e) } => {
-            format!(
-                "the configuration has an error; keeping the last good one:\n{}",
-                indent(e)
-            )
-        }
-        WatchEvent::Request {
-            command, services, ..
-        } => format!("`nanokit {command} {}` handed over", services.join(" "))
-            .trim_end()
-            .replace("  ", " "),
-        WatchEvent::Problem { message } => message.clone(),
-        WatchEvent::Stopped { reason } => reason.clone(),
-    };
-    format!("{time} {what}")
-}
-
-fn indent(s: &str) -> String {
-    s.trim_end()
-        .lines()
-        .map(|l| format!("    {l}"))
-        .collect::<Vec<_>>()
-        .join("\n")
+    match r.event.service() {
+        Some(service) => format!("{time} {service}: {}", r.text()),
+        None => format!("{time} {}", r.text()),
+    }
 }

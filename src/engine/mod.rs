@@ -287,14 +287,23 @@ pub async fn up(
     provider: Arc<dyn Provider>,
     opts: RunOptions,
 ) -> Result<Report, EngineError> {
+    up_as(config, provider, opts, Handover::Up).await
+}
+
+/// `up`, handed to a leading watcher as `command` (an `up`, or a
+/// `restart` of `opts.restart`).
+async fn up_as(
+    config: Arc<Config>,
+    provider: Arc<dyn Provider>,
+    opts: RunOptions,
+    command: Handover,
+) -> Result<Report, EngineError> {
     let dag = info_span!("graph").in_scope(|| Dag::build(&config))?;
-    let (lock, store) = match begin(&config, provider.as_ref(), &opts, "up")
+    let (lock, store) = match begin(&config, provider.as_ref(), &opts, command.as_str())
         .instrument(info_span!("deploy_lock"))
         .await
     {
-        Err(e) if e.code() == "ENKLOCKED" => {
-            return hand_over(&config, Handover::Up, &opts, e).await
-        }
+        Err(e) if e.code() == "ENKLOCKED" => return hand_over(&config, command, &opts, e).await,
         r => r?,
     };
     // A lost deploy lease (broken by `infra unlock`, taken over, expired)
@@ -358,7 +367,8 @@ async fn up_locked(
 /// Restarts `services`: an `up` of them (and of what they depend on, which
 /// is left as it is when in place) that replaces their running instances
 /// as an update would (`recreate` or `rolling`), with hooks and health
-/// gates. Their dependents keep running.
+/// gates. Their dependents keep running. While a watcher leads, it is
+/// handed to the watcher, which does the same.
 pub async fn restart(
     config: Arc<Config>,
     provider: Arc<dyn Provider>,
@@ -367,7 +377,7 @@ pub async fn restart(
 ) -> Result<Report, EngineError> {
     opts.targets = services.clone();
     opts.restart = services;
-    up(config, provider, opts).await
+    up_as(config, provider, opts, Handover::Restart).await
 }
 
 /// Stops and removes every service in state (or `targets` and their

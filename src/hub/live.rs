@@ -21,7 +21,7 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::view;
-use super::watch::WatchStatus;
+use super::watch::Watcher;
 use super::HubOptions;
 use crate::config::Config;
 use crate::provider::Provider;
@@ -390,7 +390,7 @@ fn watch_plan(shared: &Shared) -> Vec<(PathBuf, u32)> {
             add(state_dir.to_path_buf(), SERVICES | LOCKS | DRIFT);
         }
         add(crate::trace::traces_dir(&cfg.file), RUNS);
-        add(super::watch::dir(cfg), SERVICES);
+        add(crate::engine::watch::status::dir(&cfg.work_dir()), SERVICES);
         add(cfg.work_dir().join("logs").join(&cfg.env), LOGS);
     }
     for r in &shared.opts.repos {
@@ -592,8 +592,8 @@ async fn recompute(
         let mut envs = Vec::new();
         let mut all_watched = true;
         for p in &projects {
-            let w = WatchStatus::read(&p.config);
-            all_watched &= w.as_ref().is_some_and(WatchStatus::running);
+            let w = Watcher::read(&p.config);
+            all_watched &= w.as_ref().is_some_and(Watcher::running);
             let phases = shared
                 .activity
                 .lock()

@@ -11,7 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 
 use super::live::Project;
-use super::watch::WatchStatus;
+use super::watch::Watcher;
 use crate::engine;
 use crate::error::ErrorCode;
 use crate::graph::Dag;
@@ -54,7 +54,7 @@ fn up(row: &engine::StatusRow) -> bool {
 /// on it; the dependency graph as layers.
 pub(super) async fn services(
     p: &Project,
-    watch: Option<&WatchStatus>,
+    watch: Option<&Watcher>,
     phases: &BTreeMap<String, Value>,
     runs: Option<&Value>,
 ) -> Value {
@@ -122,7 +122,7 @@ pub(super) async fn services(
         "provider": cfg.provider.as_str(),
         "layers": layers,
         "services": list,
-        "watch": watch.map(WatchStatus::summary),
+        "watch": watch.map(Watcher::summary),
         "error": error,
     })
 }

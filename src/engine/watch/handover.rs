@@ -1,12 +1,14 @@
-//! A `nanokit up` / `down` while a watcher leads is handed to the watcher
+//! A `nanokit up` / `down` / `restart` while a watcher leads is handed to the watcher
 //! instead of racing it: the run finds the deploy lock held by a live
 //! watcher of the same project and environment on this host, writes its
 //! request to `.nanokit/watch/requests/`, and waits for the watcher's
 //! answer (the same report it would have made), following its progress
 //! through the event log. The watcher serves requests one at a time,
 //! between passes: an `up` restores and restarts what it names even when a
-//! policy held it; a `down` stops what it names, and the watcher keeps it
-//! down until an `up` of it. A watcher on another host (a PostgreSQL
+//! policy held it; a `restart` replaces the running instances of what it
+//! names as `engine::restart` does (their dependents keep running); a
+//! `down` stops what it names, and the watcher keeps it down until an `up`
+//! or `restart` of it. A watcher on another host (a PostgreSQL
 //! state) cannot be reached this way: there the run fails at once naming
 //! the holder, as with any held deploy lock.
 
@@ -26,6 +28,8 @@ use crate::engine::{EngineError, RunOptions};
 pub enum Command {
     Up,
     Down,
+    /// Replace the running instances of the request's services.
+    Restart,
 }
 
 impl Command {
@@ -33,6 +37,7 @@ impl Command {
         match self {
             Command::Up => "up",
             Command::Down => "down",
+            Command::Restart => "restart",
         }
     }
 }

@@ -195,6 +195,8 @@ struct Ask {
     request: Option<String>,
     /// Also apply volume deletions (a user's `up --force`).
     force: bool,
+    /// Replace the running instances of these (a user's `restart`).
+    restart: Vec<String>,
 }
 
 impl Ask {
@@ -206,6 +208,7 @@ impl Ask {
             due: BTreeSet::new(),
             request: None,
             force: false,
+            restart: Vec::new(),
         }
     }
 }
@@ -859,7 +862,7 @@ impl Watcher {
         };
         let targets = PlanOptions {
             targets: ask.targets.clone(),
-            restart: Vec::new(),
+            restart: ask.restart.clone(),
         };
         let mut full = match plan::plan(&self.config, &self.dag, &state, &observed, &targets) {
             Ok(p) => p,
@@ -1270,8 +1273,8 @@ impl Watcher {
         }
     }
 
-    /// Serves the `nanokit up` / `down` requests handed to this watcher;
-    /// true when a state write was refused (it leads no more).
+    /// Serves the `nanokit up` / `restart` / `down` requests handed to this
+    /// watcher; true when a state write was refused (it leads no more).
     async fn serve_requests(&mut self, epoch: u64) -> bool {
         for req in handover::take(&self.config) {
             self.emit(WatchEvent::Request {
@@ -1280,7 +1283,7 @@ impl Watcher {
                 services: req.services.clone(),
             });
             let (result, stale) = match req.command {
-                handover::Command::Up => {
+                handover::Command::Up | handover::Command::Restart => {
                     for t in self.trackers.iter_mut() {
                         if req.services.is_empty() || req.services.contains(t.0) {
                             t.1.reset();
@@ -1291,6 +1294,11 @@ impl Watcher {
                     ask.targets = req.services.clone();
                     ask.request = Some(req.id.clone());
                     ask.force = req.force;
+                    if req.command == handover::Command::Restart {
+                        // As `engine::restart`: an up of them that replaces
+                        // their running instances.
+                        ask.restart = req.services.clone();
+                    }
                     let p = self.pass(ask, epoch).await;
                     let r = match (p.report, p.error) {
                         (Some(r), _) => Ok(r),

@@ -350,6 +350,163 @@ pub struct EventRecord {
     pub event: WatchEvent,
 }
 
+/// A delay as people read it: `at once`, `in 450 ms`, `in 27.7 s`.
+fn delay_text(ms: u64) -> String {
+    match ms {
+        0 => "at once".into(),
+        1..=999 => format!("in {ms} ms"),
+        1000..=119_999 => format!("in {:.1} s", ms as f64 / 1000.0),
+        _ => format!("in {} min", ms / 60_000),
+    }
+}
+
+fn indent(s: &str) -> String {
+    s.trim_end()
+        .lines()
+        .map(|l| format!("    {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A serde enum's name (`backingOff`).
+fn name_of<T: Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+impl WatchEvent {
+    /// The service the event is about, if one (what a line of it starts
+    /// with).
+    pub fn service(&self) -> Option<&str> {
+        match self {
+            WatchEvent::Progress { service, .. }
+            | WatchEvent::ServiceExited { service, .. }
+            | WatchEvent::RestartScheduled { service, .. }
+            | WatchEvent::Restarted { service, .. }
+            | WatchEvent::RestartFailed { service, .. }
+            | WatchEvent::Held { service, .. }
+            | WatchEvent::BackoffReset { service }
+            | WatchEvent::HealthFailed { service, .. } => Some(service),
+            _ => None,
+        }
+    }
+}
+
+impl EventRecord {
+    /// What the event says, without its time or its service (see
+    /// [`WatchEvent::service`]), as the CLI prints it and the hub lists a
+    /// service's recent events (Nomad's "restarting in 27.7 s").
+    pub fn text(&self) -> String {
+        match &self.event {
+            WatchEvent::Standby { holder } => format!(
+                "standby: waiting for the lease ({})",
+                holder.as_deref().unwrap_or("held")
+            ),
+            WatchEvent::LeadershipAcquired { holder } => {
+                format!("leading (epoch {}) as {holder}", self.epoch)
+            }
+            WatchEvent::LeadershipLost { reason } => {
+                format!("no longer leading (epoch {}): {reason}", self.epoch)
+            }
+            WatchEvent::PassStarted {
+                pass,
+                reason,
+                services,
+                ..
+            } => {
+                let reason = name_of(reason);
+                if services.is_empty() {
+                    format!("pass {pass} ({reason})")
+                } else {
+                    format!("pass {pass} ({reason}: {})", services.join(", "))
+                }
+            }
+            WatchEvent::PassFinished {
+                pass,
+                outcome,
+                changed,
+                failed,
+                run,
+                elapsed_ms,
+                ..
+            } => {
+                let mut s = format!(
+                    "pass {pass} {} in {:.1}s",
+                    name_of(outcome),
+                    *elapsed_ms as f64 / 1000.0
+                );
+                if !changed.is_empty() {
+                    s.push_str(&format!("; changed: {}", changed.join(", ")));
+                }
+                if !failed.is_empty() {
+                    s.push_str(&format!("; failed: {}", failed.join(", ")));
+                }
+                if let Some(run) = run {
+                    s.push_str(&format!(" (nanokit timeline {run})"));
+                }
+                s
+            }
+            WatchEvent::Progress { phase, message, .. } => match message {
+                Some(m) if phase == "failed" => format!("{phase}\n{}", indent(m)),
+                Some(m) => format!("{phase} {m}"),
+                None => phase.clone(),
+            },
+            WatchEvent::ServiceExited { instance, text, .. } if instance.is_empty() => text.clone(),
+            WatchEvent::ServiceExited { instance, text, .. } => format!("{instance} {text}"),
+            WatchEvent::RestartScheduled {
+                attempt, delay_ms, ..
+            } => format!("restarting {} (attempt {attempt})", delay_text(*delay_ms)),
+            WatchEvent::Restarted { attempt, .. } => format!("restarted (attempt {attempt})"),
+            WatchEvent::RestartFailed { attempt, error, .. } => {
+                format!("restart (attempt {attempt}) failed\n{}", indent(error))
+            }
+            WatchEvent::Held { reason, .. } => format!("not restarted: {reason}"),
+            WatchEvent::BackoffReset { .. } => {
+                "healthy for 10 s; its next restart is immediate again".into()
+            }
+            WatchEvent::HealthFailed {
+                failures,
+                retries,
+                output,
+                ..
+            } => format!(
+                "health check failed ({failures}/{retries})\n{}",
+                indent(output)
+            ),
+            WatchEvent::DependentsReleased {
+                service,
+                dependents,
+            } => format!(
+                "restarting {} after {service} (depends_on.{service}.restart)",
+                dependents.join(", ")
+            ),
+            WatchEvent::DriftFound { items } => format!(
+                "drift: {}",
+                items
+                    .iter()
+                    .map(|i| format!("{} ({})", i.service, i.detail))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+            WatchEvent::ConfigReloaded { error: None } => "configuration read again".into(),
+            WatchEvent::ConfigReloaded { error: Some(e) } => format!(
+                "the configuration has an error; keeping the last good one:\n{}",
+                indent(e)
+            ),
+            WatchEvent::Request {
+                command, services, ..
+            } => {
+                let names: String = services.iter().map(|s| format!(" {s}")).collect();
+                format!("`nanokit {command}{names}` handed over")
+            }
+            WatchEvent::Problem { message } => message.clone(),
+            WatchEvent::Stopped { reason } => reason.clone(),
+        }
+    }
+}
+
 /// Reads the status of `env`'s watcher, if one ever wrote it.
 pub fn read_status(work_dir: &Path, env: &str) -> std::io::Result<Option<WatchStatus>> {
     match std::fs::read(status_path(work_dir, env)) {
@@ -450,17 +607,54 @@ impl EventLog {
     }
 }
 
+/// The rotated generation of the event log at `path`.
+fn rotated(path: &Path) -> PathBuf {
+    let mut old = path.as_os_str().to_owned();
+    old.push(".1");
+    PathBuf::from(old)
+}
+
 /// Reads the event log (the rotated part first), skipping lines that do
 /// not parse (a newer writer's events).
 pub fn read_events(path: &Path) -> Vec<EventRecord> {
-    let mut old = path.as_os_str().to_owned();
-    old.push(".1");
     let mut out = Vec::new();
-    for p in [PathBuf::from(old), path.to_path_buf()] {
+    for p in [rotated(path), path.to_path_buf()] {
         if let Ok(text) = std::fs::read_to_string(&p) {
             out.extend(text.lines().filter_map(|l| serde_json::from_str(l).ok()));
         }
     }
+    out
+}
+
+/// The last `n` events of the log, oldest first, reading only its end (at
+/// most 64 KiB of each generation), for readers that poll it.
+pub fn read_recent_events(path: &Path, n: usize) -> Vec<EventRecord> {
+    use std::io::{Read, Seek, SeekFrom};
+    const TAIL: u64 = 64 * 1024;
+    let tail = |p: &Path| -> Vec<EventRecord> {
+        let Ok(mut f) = std::fs::File::open(p) else {
+            return Vec::new();
+        };
+        let from = f.metadata().map_or(0, |m| m.len()).saturating_sub(TAIL);
+        let mut bytes = Vec::new();
+        if f.seek(SeekFrom::Start(from)).is_err() || f.read_to_end(&mut bytes).is_err() {
+            return Vec::new();
+        }
+        let text = String::from_utf8_lossy(&bytes);
+        // Started inside a line: the first is cut.
+        let skip = usize::from(from > 0);
+        text.lines()
+            .skip(skip)
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    let mut out = tail(path);
+    if out.len() < n {
+        let mut older = tail(&rotated(path));
+        older.append(&mut out);
+        out = older;
+    }
+    out.drain(..out.len().saturating_sub(n));
     out
 }
 
@@ -488,6 +682,11 @@ mod tests {
         assert_eq!(json["epoch"], 7);
         let back: EventRecord = serde_json::from_value(json).unwrap();
         assert_eq!(back, ev);
+        assert_eq!(ev.event.service(), Some("api"));
+        assert_eq!(ev.text(), "restarting in 100 ms (attempt 2)");
+        assert_eq!(delay_text(0), "at once");
+        assert_eq!(delay_text(27_700), "in 27.7 s");
+        assert_eq!(delay_text(180_000), "in 3 min");
         let exit = WatchEvent::ServiceExited {
             service: "api".into(),
             instance: "1@2".into(),
@@ -519,6 +718,8 @@ mod tests {
             });
         }
         assert!(std::fs::metadata(&path).unwrap().len() <= EVENTS_CAP);
+        let recent: Vec<u64> = read_recent_events(&path, 3).iter().map(|r| r.seq).collect();
+        assert_eq!(recent, [n - 3, n - 2, n - 1]);
         let all = read_events(&path);
         assert!(all.len() < n as usize, "the oldest generation is dropped");
         let seqs: Vec<u64> = all.iter().map(|r| r.seq).collect();

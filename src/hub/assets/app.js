@@ -325,16 +325,15 @@ function serviceTable(env) {
       el('td', { class: 'error err' }, lastError.split('\n').slice(0, 3).join('\n')),
       el('td', {}, s.inConfig ? el('button', { type: 'button', data: { act: 'restart', service: s.name }, on: { click: () => act('restart', { env: env.env, service: s.name }) } }, 'Restart') : '')))
     for (const ev of w.recent || []) {
-      t.append(el('tr', { class: 'event' }, el('td', {}), el('td', { class: 'muted', colspan: 10 }, eventText(ev))))
+      t.append(el('tr', { class: 'event', data: { event: ev.type, of: s.name } }, el('td', {}), el('td', { class: 'muted', colspan: 10 }, eventText(ev))))
     }
   }
   return t
 }
 
+// A watcher's event as Nomad lists a task's: when, then what (`restarting in 27.7 s (attempt 2)`).
 function eventText(ev) {
-  const t = ev.type ?? ev.event ?? 'event'
-  const bits = Object.entries(ev).filter(([k]) => !['type', 'event', 'service'].includes(k)).map(([k, v]) => `${k}=${typeof v === 'object' ? JSON.stringify(v) : v}`)
-  return `${t} ${bits.join(' ')}`
+  return [ev.atMs ? [age(ev.atMs), ' ago · '] : '', ev.text ?? ev.type]
 }
 
 function flash(env, name) {
