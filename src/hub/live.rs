@@ -112,11 +112,11 @@ impl StateReader {
         }
         let backend = self
             .backend
-            .get_or_try_init(|| state::open(&self.location))
+            .get_or_try_init(|| super::boxed(state::open(&self.location)))
             .await?
             .clone();
         let st = Arc::new(
-            state::Store::open(backend, &config.name, &config.env)
+            super::boxed(state::Store::open(backend, &config.name, &config.env))
                 .await?
                 .state()
                 .clone(),
