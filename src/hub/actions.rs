@@ -122,7 +122,7 @@ async fn traced(
         let Some(p) = live.project(env) else {
             return bad("unknown environment");
         };
-        match super::boxed(engine::drift::detect(&p.config, p.provider.as_ref())).await {
+        match engine::drift::detect(&p.config, p.provider.as_ref()).await {
             Ok(r) if !r.drifted => {
                 return (
                     StatusCode::OK,

@@ -112,7 +112,7 @@ impl StateReader {
         }
         let backend = self
             .backend
-            .get_or_try_init(|| super::boxed(state::open(&self.location)))
+            .get_or_try_init(|| state::open(&self.location))
             .await?
             .clone();
         let st = Arc::new(

@@ -370,7 +370,7 @@ pub(super) async fn state(opts: &crate::kv::OpenOptions) -> Value {
 
 /// One environment's drift report.
 pub(super) async fn drift(p: &Project) -> Value {
-    match super::boxed(engine::drift::detect(&p.config, p.provider.as_ref())).await {
+    match engine::drift::detect(&p.config, p.provider.as_ref()).await {
         Ok(r) => json!({ "env": p.env, "drifted": r.drifted, "items": r.items }),
         Err(e) => json!({ "env": p.env, "error": error_json(&e) }),
     }
