@@ -44,8 +44,19 @@ pub struct DriftReport {
     pub items: Vec<DriftItem>,
 }
 
-/// Compares state with what runs.
-pub async fn detect(config: &Config, provider: &dyn Provider) -> Result<DriftReport, EngineError> {
+/// Compares state with what runs. Boxed: one instance of the comparison in
+/// the binary, however many futures await it.
+pub fn detect<'a>(
+    config: &'a Config,
+    provider: &'a dyn Provider,
+) -> futures::future::BoxFuture<'a, Result<DriftReport, EngineError>> {
+    Box::pin(detect_inner(config, provider))
+}
+
+async fn detect_inner(
+    config: &Config,
+    provider: &dyn Provider,
+) -> Result<DriftReport, EngineError> {
     let st = state::load(config).await?;
     let observed = provider.observe(&scope(config)).await?;
     let mut items = Vec::new();

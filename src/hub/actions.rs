@@ -220,7 +220,8 @@ async fn unlock(live: &Live, env: &str, body: &Value, confirmed: bool) -> (Statu
             let Some(p) = live.project(env) else {
                 return bad("unknown environment");
             };
-            let (location, held) = match crate::state::lock::inspect(&p.config).await {
+            let (location, held) = match super::boxed(crate::state::lock::inspect(&p.config)).await
+            {
                 Ok(v) => v,
                 Err(e) => return failure(&e, None),
             };
@@ -233,7 +234,7 @@ async fn unlock(live: &Live, env: &str, body: &Value, confirmed: bool) -> (Statu
             if !confirmed {
                 return not_confirmed("clearing the deploy lock");
             }
-            match crate::state::lock::force_unlock(&p.config).await {
+            match super::boxed(crate::state::lock::force_unlock(&p.config)).await {
                 Ok(cleared) => (
                     StatusCode::OK,
                     json!({ "ok": true, "cleared": cleared.map(|c| c.to_string()), "message": "Cleared. The holder, if still running, will find its lock lost and stop; its state writes are refused once another run takes the lock." }),
@@ -291,10 +292,10 @@ async fn unlock(live: &Live, env: &str, body: &Value, confirmed: bool) -> (Statu
                 agent: Some(agent),
                 ..live.opts().state.clone()
             };
-            let r = async {
+            let r = super::boxed(async {
                 let store = crate::kv::Store::open(&opts).await?;
                 store.force_unlock(&name).await
-            }
+            })
             .await;
             match r {
                 Ok(prev) => (

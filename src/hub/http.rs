@@ -322,7 +322,7 @@ impl Server {
             (Method::GET, "/api/events") => self.events(),
             (Method::GET, p) if p.starts_with("/api/runs/") => self.run(&p[10..]),
             (Method::GET, "/api/logs") => logs::stream(&self.live, &q),
-            (Method::GET, "/api/logs/search") => logs::search(&self.live, &q).await,
+            (Method::GET, "/api/logs/search") => super::boxed(logs::search(&self.live, &q)).await,
             (Method::POST, p) if p.starts_with("/api/actions/") => {
                 if let Err(r) = self.post_ok(req.headers()) {
                     return *r;
@@ -348,7 +348,7 @@ impl Server {
                         )
                     }
                 };
-                actions::run(&self.live, &name, body).await
+                super::boxed(actions::run(&self.live, &name, body)).await
             }
             (_, p) if p.starts_with("/api/") || p == "/" => {
                 text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")

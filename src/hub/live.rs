@@ -116,7 +116,7 @@ impl StateReader {
             .await?
             .clone();
         let st = Arc::new(
-            state::Store::open(backend, &config.name, &config.env)
+            super::boxed(state::Store::open(backend, &config.name, &config.env))
                 .await?
                 .state()
                 .clone(),

@@ -34,6 +34,15 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{self, ConfigError, LoadOptions};
 use crate::error::ErrorCode;
 
+/// An engine, state or kv call's future, boxed where the hub awaits it:
+/// polled through a pointer, it is one shared instance in the binary, not a
+/// copy (with its drop glue) inlined into each hub future that awaits it.
+pub(super) fn boxed<'a, T>(
+    f: impl std::future::Future<Output = T> + Send + 'a,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>> {
+    Box::pin(f)
+}
+
 /// The default port (`--port`).
 pub const DEFAULT_PORT: u16 = 7420;
 

@@ -61,7 +61,7 @@ pub(super) async fn services(
     let cfg = &p.config;
     let layers = Dag::build(cfg).map(|d| d.layers()).unwrap_or_default();
     let rows = match p.state.read(cfg).await {
-        Ok(st) => engine::status_rows(cfg, p.provider.as_ref(), &st).await,
+        Ok(st) => super::boxed(engine::status_rows(cfg, p.provider.as_ref(), &st)).await,
         Err(e) => Err(e.into()),
     };
     let (rows, error) = match rows {
@@ -255,15 +255,17 @@ pub(super) fn run_json(t: &TraceFile) -> Value {
 pub(super) async fn locks(projects: &[std::sync::Arc<Project>], repos: &[PathBuf]) -> Value {
     let mut deploy = Vec::new();
     for p in projects {
-        deploy.push(match crate::state::lock::inspect(&p.config).await {
-            Ok((location, held)) => json!({
-                "env": p.env,
-                "location": location,
-                "held": held,
-                "describe": held.as_ref().map(|h| h.to_string()),
-            }),
-            Err(e) => json!({ "env": p.env, "error": error_json(&e) }),
-        });
+        deploy.push(
+            match super::boxed(crate::state::lock::inspect(&p.config)).await {
+                Ok((location, held)) => json!({
+                    "env": p.env,
+                    "location": location,
+                    "held": held,
+                    "describe": held.as_ref().map(|h| h.to_string()),
+                }),
+                Err(e) => json!({ "env": p.env, "error": error_json(&e) }),
+            },
+        );
     }
     let repos: Vec<Value> = repos.iter().map(|r| repo(r)).collect();
     json!({ "deploy": deploy, "repos": repos })
@@ -322,7 +324,7 @@ pub(super) async fn state(opts: &crate::kv::OpenOptions) -> Value {
             .map(|d| d.display().to_string())
             .unwrap_or_default(),
     };
-    let agents = match crate::kv::agents(opts).await {
+    let agents = match super::boxed(crate::kv::agents(opts)).await {
         Ok(a) => a,
         Err(e) => {
             return json!({ "backend": backend, "location": location, "agents": [], "error": error_json(&e) })
@@ -334,12 +336,12 @@ pub(super) async fn state(opts: &crate::kv::OpenOptions) -> Value {
             agent: Some(agent.clone()),
             ..opts.clone()
         };
-        let r = async {
+        let r = super::boxed(async {
             let store = crate::kv::Store::open(&o).await?;
             let keys = store.list("").await?;
             let locks = store.locks().await?;
             Ok::<_, crate::kv::KvError>((keys, locks))
-        }
+        })
         .await;
         out.push(match r {
             Ok((keys, locks)) => {

@@ -402,7 +402,13 @@ where
 impl Store {
     /// Opens the store described by `opts`: PostgreSQL when a URL is given
     /// (or `NANOKIT_STATE_URL` is set), else the embedded file of the agent.
-    pub async fn open(opts: &OpenOptions) -> Result<Store> {
+    /// Boxed: one instance of the opening in the binary, however many
+    /// futures await it.
+    pub fn open(opts: &OpenOptions) -> futures::future::BoxFuture<'_, Result<Store>> {
+        Box::pin(Store::open_inner(opts))
+    }
+
+    async fn open_inner(opts: &OpenOptions) -> Result<Store> {
         let agent = opts.agent()?;
         if let Some(url) = opts.resolved_url() {
             return Ok(Store::Postgres(Arc::new(

@@ -426,7 +426,18 @@ impl Codec {
 
     /// The plain state in `stored`: an envelope opened with the primary key,
     /// else the fallback; a state stored in the clear as it is.
-    pub async fn open(&self, stored: &[u8]) -> Result<Vec<u8>, StateError> {
+    ///
+    /// Boxed: one instance of the opening in the binary, however many
+    /// futures await it.
+    pub fn open<'a>(
+        &'a self,
+        stored: &'a [u8],
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>, StateError>> + Send + 'a>>
+    {
+        Box::pin(self.open_inner(stored))
+    }
+
+    async fn open_inner(&self, stored: &[u8]) -> Result<Vec<u8>, StateError> {
         let Ok(env) = serde_json::from_slice::<Envelope>(stored) else {
             return Ok(stored.to_vec());
         };

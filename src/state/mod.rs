@@ -462,7 +462,15 @@ pub fn workspace(project: &str, env: &str) -> String {
 }
 
 /// Opens the backend of `location` (connecting to it when it is remote).
-pub async fn open(location: &Location) -> Result<Arc<dyn Backend>, StateError> {
+/// Boxed: one instance of the opening in the binary, however many futures
+/// await it.
+pub fn open(
+    location: &Location,
+) -> futures::future::BoxFuture<'_, Result<Arc<dyn Backend>, StateError>> {
+    Box::pin(open_inner(location))
+}
+
+async fn open_inner(location: &Location) -> Result<Arc<dyn Backend>, StateError> {
     match location {
         Location::File(p) => Ok(Arc::new(file::FileBackend::new(p))),
         Location::Postgres { url, workspace } => Ok(Arc::new(
