@@ -37,7 +37,7 @@ use nodejs_semver::{Range, Version};
 use serde_json::Value;
 use sha2::{Digest, Sha512};
 
-use super::npm::NpmOptions;
+use super::options::NpmOptions;
 use super::PackageSpec;
 use crate::sys::beneath::{Access, Dir};
 

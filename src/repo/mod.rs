@@ -14,6 +14,7 @@ mod direct;
 mod gc;
 mod installer;
 mod npm;
+mod options;
 mod provision;
 mod publish;
 mod spec;
@@ -37,7 +38,7 @@ use crate::sys::beneath::{self, Dir};
 pub use adopt::{adopt, AdoptReport, Skipped};
 pub use gc::{gc, GcOptions, GcReport, Kept};
 pub use installer::{OwnerRecord, StagingEntry};
-pub use npm::{NpmOptions, RetryOptions};
+pub use options::{NpmOptions, RetryOptions};
 pub use provision::{provision, provision_with, InstallRun, ProvisionOptions, ProvisionOutcome};
 pub use spec::{PackageSpec, SpecError};
 pub use status::{

@@ -20,59 +20,17 @@
 //!   and gives it up while it waits to retry. Waiters for a package another
 //!   process installs wait on the package lock, never for a slot.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
 use super::direct::{self, Direct};
+use super::options::{NpmOptions, RetryOptions};
 use super::{installer, io_err, InstallTxn, OwnerRecord, RepoError};
 use crate::lock::{self, Lease, LockError, LockOptions};
 use crate::sys::beneath::Access;
-
-/// How nanokit's own installer runs npm.
-#[derive(Debug, Clone)]
-pub struct NpmOptions {
-    /// The npm executable (default `npm`, found on `PATH`).
-    pub npm: PathBuf,
-    /// Extra arguments appended to `npm install` (e.g. `--registry=…`).
-    pub extra_args: Vec<String>,
-    pub retry: RetryOptions,
-}
-
-impl Default for NpmOptions {
-    fn default() -> Self {
-        NpmOptions {
-            npm: PathBuf::from("npm"),
-            extra_args: Vec::new(),
-            retry: RetryOptions::default(),
-        }
-    }
-}
-
-/// How failed npm runs are retried.
-#[derive(Debug, Clone, Copy)]
-pub struct RetryOptions {
-    /// Attempts in all (1: no retry). Default 3.
-    pub attempts: u32,
-    /// No retry is started whose wait would end later than this after the
-    /// first attempt started. Default 30 s.
-    pub budget: Duration,
-    /// The wait before the first retry; it doubles for each next one, each
-    /// drawn with ±50 % jitter. Default 1 s.
-    pub first_delay: Duration,
-}
-
-impl Default for RetryOptions {
-    fn default() -> Self {
-        RetryOptions {
-            attempts: 3,
-            budget: Duration::from_secs(30),
-            first_delay: Duration::from_secs(1),
-        }
-    }
-}
 
 /// The default bound on concurrent installers: this host's cores.
 pub fn default_max_concurrent() -> usize {
