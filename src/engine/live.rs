@@ -9,60 +9,17 @@
 //!
 //! [`Provider::exited`]: crate::provider::Provider::exited
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-
 use tokio_util::sync::CancellationToken;
 
 use super::hooks::indent;
 use super::report::{Phase, ServiceResult, StepError};
-use super::run::Run;
+use super::run::{Exit, Run, Watched};
 use crate::provider::{self, InstanceSpec};
 use crate::state::Status;
 use crate::sys::{net, proc};
 
 /// Log lines quoted when an instance exited.
 const LOG_LINES: usize = 20;
-
-/// The exit of one watched instance: fires once, when it no longer runs.
-#[derive(Clone)]
-pub(super) struct Exit(CancellationToken);
-
-impl Exit {
-    /// Whether the instance is known to have exited.
-    pub(super) fn happened(&self) -> bool {
-        self.0.is_cancelled()
-    }
-
-    /// Resolves when the instance exits.
-    pub(super) async fn wait(&self) {
-        self.0.cancelled().await
-    }
-}
-
-struct Watched {
-    service: String,
-    exit: Exit,
-    task: tokio::task::AbortHandle,
-}
-
-/// The instances a run watches, by id.
-#[derive(Default)]
-pub(super) struct Exits(Mutex<HashMap<String, Watched>>);
-
-impl Exits {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Watched>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-impl Drop for Exits {
-    fn drop(&mut self) {
-        for w in self.lock().values() {
-            w.task.abort();
-        }
-    }
-}
 
 impl Run {
     /// The exit of instance `id` of `service`, watched from now until the

@@ -41,7 +41,7 @@ pub(super) struct Run {
     /// now, so this one starts nothing new and ends with this error.
     stale: std::sync::Mutex<Option<StateError>>,
     /// The instances whose exit the run watches ([`super::live`]).
-    pub(super) exits: super::live::Exits,
+    pub(super) exits: Exits,
 }
 
 impl Run {
@@ -210,6 +210,51 @@ impl Run {
             cpu: svc.cpu,
             memory: svc.memory,
             install_image: svc.install_image.clone(),
+        }
+    }
+}
+
+// The instances a run watches (engine/live.rs watches them and reads
+// their exits).
+
+/// The exit of one watched instance: fires once, when it no longer runs.
+#[derive(Clone)]
+pub(super) struct Exit(pub(super) tokio_util::sync::CancellationToken);
+
+impl Exit {
+    /// Whether the instance is known to have exited.
+    pub(super) fn happened(&self) -> bool {
+        self.0.is_cancelled()
+    }
+
+    /// Resolves when the instance exits.
+    pub(super) async fn wait(&self) {
+        self.0.cancelled().await
+    }
+}
+
+pub(super) struct Watched {
+    pub(super) service: String,
+    pub(super) exit: Exit,
+    pub(super) task: tokio::task::AbortHandle,
+}
+
+/// The instances a run watches, by id.
+#[derive(Default)]
+pub(super) struct Exits(std::sync::Mutex<std::collections::HashMap<String, Watched>>);
+
+impl Exits {
+    pub(super) fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Watched>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for Exits {
+    fn drop(&mut self) {
+        for w in self.lock().values() {
+            w.task.abort();
         }
     }
 }
