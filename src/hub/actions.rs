@@ -19,8 +19,8 @@ use std::sync::Arc;
 use hyper::{Response, StatusCode};
 use serde_json::{json, Value};
 
-use super::http::{error, json_response, Body};
 use super::live::Live;
+use super::respond::{error, json_response, Body};
 use crate::engine::{self, Event, Report, RunOptions};
 use crate::error::ErrorCode;
 use crate::trace::{RunTrace, Settings};

@@ -14,8 +14,8 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited, StreamBody};
-use hyper::body::{Bytes, Frame, Incoming};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::{Bytes, Incoming};
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -25,9 +25,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::live::{Live, Snapshot, ALL};
+use super::respond::{error, event_stream, full, json_response, sse, text, Body};
 use super::{actions, assets, logs, view};
-
-pub(super) type Body = BoxBody<Bytes, Infallible>;
 
 /// The page's Content-Security-Policy: nothing from anywhere but the hub.
 pub(super) const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
@@ -79,60 +78,6 @@ pub(super) async fn serve(server: Arc<Server>, listener: TcpListener) {
             }
         });
     }
-}
-
-pub(super) fn full(
-    status: StatusCode,
-    content_type: &'static str,
-    body: impl Into<Bytes>,
-) -> Response<Body> {
-    let mut r = Response::new(Full::new(body.into()).boxed());
-    *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    r
-}
-
-pub(super) fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
-    full(status, "text/plain; charset=utf-8", body.into())
-}
-
-pub(super) fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
-    full(
-        status,
-        "application/json",
-        serde_json::to_vec(v).expect("JSON serialises"),
-    )
-}
-
-/// An error as the API returns it: `{ code, message }`.
-pub(super) fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response<Body> {
-    json_response(status, &json!({ "code": code, "message": message.into() }))
-}
-
-/// A server-sent event stream fed by `rx`.
-pub(super) fn event_stream(rx: mpsc::Receiver<Bytes>) -> Response<Body> {
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
-    });
-    let mut r = Response::new(StreamBody::new(stream).boxed());
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    r
-}
-
-/// One server-sent event.
-pub(super) fn sse(event: &str, id: Option<u64>, data: &Value) -> Bytes {
-    let mut s = String::new();
-    if let Some(id) = id {
-        s.push_str(&format!("id: {id}\n"));
-    }
-    s.push_str(&format!("event: {event}\ndata: {data}\n\n"));
-    Bytes::from(s)
 }
 
 /// `127.0.0.1:<port>`, `localhost:<port>` or `[::1]:<port>`.

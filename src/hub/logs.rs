@@ -18,8 +18,9 @@ use hyper::{Response, StatusCode};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::http::{error, event_stream, json_response, sse, Body};
-use super::live::{Live, Project};
+use super::live::Live;
+use super::project::Project;
+use super::respond::{error, event_stream, json_response, sse, Body};
 use crate::config::ProviderKind;
 use crate::trace::Masker;
 

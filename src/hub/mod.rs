@@ -21,6 +21,8 @@ mod assets;
 mod http;
 mod live;
 mod logs;
+mod project;
+mod respond;
 mod view;
 mod watch;
 

@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
-use super::live::Project;
+use super::project::Project;
 use super::watch::Watcher;
 use crate::engine;
 use crate::error::ErrorCode;
