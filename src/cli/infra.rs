@@ -9,30 +9,14 @@ use std::time::{Duration, Instant};
 use clap::{Args, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
+pub(super) use super::project::{engine_exit, load, seconds, Project};
 use super::{exit, CliError, CliResult, OutputFormat as Output};
-use crate::config::{self, Config, LoadOptions};
 use crate::engine::plan::PlanOptions;
 use crate::engine::{self, Command, EngineError, Event, EventSink, Phase, Report, RunOptions};
 use crate::graph::Dag;
 use crate::state;
 use crate::sys::command::tail;
 use crate::trace::mask;
-
-/// Which project: the file and the environment.
-#[derive(Debug, Args, Clone)]
-pub struct Project {
-    /// Path to the nanokit.yml
-    #[arg(
-        short = 'f',
-        long = "file",
-        default_value = "nanokit.yml",
-        env = "NANOKIT_FILE"
-    )]
-    pub file: PathBuf,
-    /// Environment whose `environments.<env>` block is merged over the globals
-    #[arg(short = 'e', long = "env", default_value = config::DEFAULT_ENV, env = "NANOKIT_ENV")]
-    pub env: String,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum GraphFormat {
@@ -51,18 +35,6 @@ pub struct RunArgs {
     /// Seconds between SIGTERM and SIGKILL when stopping a service
     #[arg(long, value_name = "SECS", default_value = "10", value_parser = seconds)]
     pub stop_grace: Duration,
-}
-
-/// A number of seconds from the command line: 0 or more, fractions allowed;
-/// `inf` (or anything past about 30 years) is about 30 years.
-pub(super) fn seconds(arg: &str) -> Result<Duration, String> {
-    let v: f64 = arg
-        .parse()
-        .map_err(|_| format!("`{arg}` is not a number of seconds"))?;
-    if v.is_nan() || v < 0.0 {
-        return Err(format!("`{arg}`: the number of seconds must be 0 or more"));
-    }
-    Ok(Duration::from_secs_f64(v.min(1e9)))
 }
 
 #[derive(Debug, Subcommand)]
@@ -297,22 +269,6 @@ pub enum StateSub {
     },
 }
 
-/// Loads the configuration, prints its warnings, and registers its secrets
-/// with the process-wide masker: everything these commands print (stdout,
-/// stderr, `NANOKIT_LOG` lines, errors) is masked with it.
-pub(super) fn load(project: &Project) -> Result<Config, config::ConfigError> {
-    let cfg = config::load(&LoadOptions {
-        file: project.file.clone(),
-        env: project.env.clone(),
-        vars: None,
-    })?;
-    mask::register(&cfg.masker());
-    for w in &cfg.warnings {
-        errln!("warning: {w}");
-    }
-    Ok(cfg)
-}
-
 /// Prints `value` as pretty JSON on stdout, secrets masked.
 fn json<T: serde::Serialize>(value: &T) {
     super::print_json(&mask::registered().to_json(value));
@@ -426,13 +382,6 @@ fn print_trace(t: Option<&crate::trace::RunTrace>) {
             );
         }
     }
-}
-
-/// An engine error; a cancelled run (Ctrl-C, lost deploy lease) exits 130.
-pub(super) fn engine_exit(e: EngineError) -> CliResult {
-    let cancelled = matches!(e, EngineError::Cancelled | EngineError::DownCancelled);
-    let err = CliError::from(e);
-    Err(if cancelled { err.with_exit(130) } else { err })
 }
 
 fn report_exit(report: &Report, output: Output, verb: &str) -> CliResult {

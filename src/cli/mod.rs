@@ -12,6 +12,7 @@ pub use hint::quote as shell_word;
 mod hub;
 mod infra;
 mod lock;
+mod project;
 mod repo;
 mod state;
 mod timeline;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::infra::{engine_exit, load, seconds, Project};
+use super::project::{engine_exit, load, seconds, Project};
 use super::{exit, CliResult, OutputFormat as Output};
 use crate::engine::watch::status::EventRecord;
 use crate::engine::watch::{self, WatchOptions};
