@@ -212,23 +212,13 @@ impl Gcs {
             .await
             .map_err(|e| self.unavailable(super::http::describe(&e)))?;
         if matches!(resp.status().as_u16(), 401 | 403) {
-            let status = resp.status();
-            let text = resp.text().await.unwrap_or_default();
-            return Err(self.auth_err(format!(
-                "{status}: {}",
-                text.chars().take(300).collect::<String>()
-            )));
+            return Err(self.auth_err(super::http::answer(resp).await));
         }
         Ok(resp)
     }
 
     async fn failed(&self, resp: reqwest::Response) -> StateError {
-        let status = resp.status();
-        let text = resp.text().await.unwrap_or_default();
-        self.unavailable(format!(
-            "{status}: {}",
-            text.chars().take(300).collect::<String>()
-        ))
+        self.unavailable(super::http::answer(resp).await)
     }
 }
 

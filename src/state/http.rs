@@ -104,6 +104,14 @@ pub fn describe(e: &reqwest::Error) -> String {
     crate::pg::with_causes(e)
 }
 
+/// A refused answer as an error's detail: its status and the first 300
+/// characters of its body.
+pub(super) async fn answer(resp: reqwest::Response) -> String {
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    format!("{status}: {}", text.chars().take(300).collect::<String>())
+}
+
 /// `application/x-www-form-urlencoded` bodies without reqwest's `form`
 /// feature.
 pub(super) trait FormBody {

@@ -235,12 +235,7 @@ impl Vault {
     }
 
     async fn failed(&self, resp: reqwest::Response) -> StateError {
-        let status = resp.status();
-        let text = resp.text().await.unwrap_or_default();
-        self.unavailable(format!(
-            "{status}: {}",
-            text.chars().take(300).collect::<String>()
-        ))
+        self.unavailable(super::http::answer(resp).await)
     }
 
     /// The current version of `key` when its last version was deleted
