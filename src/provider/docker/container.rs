@@ -14,14 +14,15 @@ impl DockerProvider {
             ProviderError::Failed(format!("service `{}` has no image", spec.service))
         })?;
         self.ensure_network().await?;
-        let body = self.container_body(spec, &image);
         let name = self.base_name(spec);
         let d = self.docker().await?;
         // An error names the step that failed; nothing half-created stays
         // behind unrecorded.
         let create_and_start = || async {
+            // Built per attempt: a retry attaches to the network made again.
+            let body = self.container_body(spec, &image);
             let id = self
-                .create_named(&name, body.clone())
+                .create_named(&name, body)
                 .instrument(tracing::info_span!("docker.create"))
                 .await
                 .map_err(|e| ("create", e))?;
@@ -130,7 +131,7 @@ impl DockerProvider {
         });
         let mut endpoints = HashMap::new();
         endpoints.insert(
-            self.network.clone(),
+            self.network_ref(),
             EndpointSettings {
                 aliases: Some(vec![spec.service.clone()]),
                 ..Default::default()

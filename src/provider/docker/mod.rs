@@ -84,6 +84,10 @@ pub struct DockerProvider {
     state_id: String,
     network: String,
     network_ready: OnceCell<()>,
+    /// The id of the env's network this provider attaches containers to
+    /// (by id, not name: a duplicate of the name made by another run at
+    /// once cannot make it ambiguous).
+    network_id: std::sync::Mutex<Option<String>>,
     /// Config volume name → Docker volume name.
     volumes: BTreeMap<String, String>,
 }
@@ -147,6 +151,7 @@ impl DockerProvider {
             state_id: scope.state_id,
             network: format!("nanokit-net-{}", scope.env),
             network_ready: OnceCell::new(),
+            network_id: std::sync::Mutex::new(None),
             volumes,
         })
     }

@@ -40,7 +40,10 @@ impl DockerProvider {
             .inspect_network(&self.network, None::<InspectNetworkOptions>)
             .await
         {
-            Ok(_) => return Ok(()),
+            Ok(n) => {
+                self.set_network_id(n.id);
+                return Ok(());
+            }
             Err(e) if status_of(&e) == Some(404) => {}
             Err(e) if network_ambiguous(&e) => return self.dedupe_network().await,
             Err(e) => return Err(docker_err(&format!("network {}", self.network), e)),
@@ -66,6 +69,20 @@ impl DockerProvider {
         }
     }
 
+    fn set_network_id(&self, id: Option<String>) {
+        *self.network_id.lock().unwrap_or_else(|e| e.into_inner()) = id;
+    }
+
+    /// The env's network as containers name it: its id once known, else
+    /// its name.
+    pub(super) fn network_ref(&self) -> String {
+        self.network_id
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_else(|| self.network.clone())
+    }
+
     /// When several networks carry the env network's name, removes all but
     /// the first by creation time and id (every run picks the same one); one
     /// in use by a container stays.
@@ -86,6 +103,7 @@ impl DockerProvider {
             .filter_map(|n| Some((n.created.clone().unwrap_or_default(), n.id?)))
             .collect();
         named.sort();
+        self.set_network_id(named.first().map(|(_, id)| id.clone()));
         for (_, id) in named.iter().skip(1) {
             match d.remove_network(id).await {
                 Ok(()) => {}
