@@ -26,16 +26,22 @@ mkdir -p "$dir"
 
 log() { echo "state-test-servers: $*" >&2; }
 
+# Stops a server: SIGTERM, then SIGKILL after 5 s (weed mini can hang in its
+# shutdown after stopping its components).
 stop_one() {
-  local name="$1"
-  if [ -f "$dir/$name.pid" ]; then
-    kill "$(cat "$dir/$name.pid")" 2>/dev/null || true
-  fi
+  local name="$1" pid
+  [ -f "$dir/$name.pid" ] || return 0
+  pid="$(cat "$dir/$name.pid")"
+  kill "$pid" 2>/dev/null || return 0
+  for _ in $(seq 1 50); do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  kill -KILL "$pid" 2>/dev/null || true
 }
 
 if [ "${1:-}" = stop ]; then
   for s in seaweedfs openbao fakegcs; do stop_one "$s"; done
-  sleep 0.5
   rm -rf "$dir"
   log "stopped and removed $dir"
   exit 0
@@ -108,6 +114,40 @@ start_seaweedfs() {
   echo $! >"$dir/seaweedfs.pid"
   echo "$s3" >"$dir/seaweedfs.port"
   wait_http seaweedfs "http://127.0.0.1:$s3/nanokit"
+  wait_s3_write "$s3"
+}
+
+# Waits until SeaweedFS stores an object (up to 60 s). Its S3 port answers
+# before its credentials are loaded (403), and on a disk with less free space
+# than its volume server keeps in reserve (1 %) it never finds a volume to
+# write to (500 InternalError, "assign volume"): say so here instead of
+# leaving every S3 test to fail on its own.
+wait_s3_write() {
+  local port="$1" code=0 deadline=$((SECONDS + 60))
+  while [ "$SECONDS" -lt "$deadline" ]; do
+    code="$(python3 - "$port" 2>/dev/null <<'PY'
+import sys, urllib.request, urllib.error
+url = "http://127.0.0.1:%s/nanokit/.nanokit-start-probe" % sys.argv[1]
+try:
+    urllib.request.urlopen(urllib.request.Request(url, data=b"probe", method="PUT"), timeout=3)
+    urllib.request.urlopen(urllib.request.Request(url, method="DELETE"), timeout=3)
+    print(200)
+except urllib.error.HTTPError as e:
+    print(e.code)
+except Exception:
+    print(0)
+PY
+)" || code=0
+    [ "$code" = 200 ] && return 0
+    sleep 0.5
+  done
+  log "SeaweedFS does not store objects after 60 s (last answer: HTTP $code, 0: none in 3 s)."
+  log "Its volume server keeps 1 % of the disk free; the disk it writes to:"
+  df -h "$dir" >&2
+  log "the end of its log ($dir/seaweedfs.log):"
+  grep -E '^[EF][0-9]' "$dir/seaweedfs.log" | tail -n 5 >&2 || true
+  stop_one seaweedfs
+  return 1
 }
 
 start_openbao() {
