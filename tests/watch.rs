@@ -323,6 +323,39 @@ fn sigterm_stops_the_watcher_frees_the_lease_and_leaves_services_running() {
     assert!(String::from_utf8_lossy(&up.stderr).contains("0 changed"));
 }
 
+/// Services are not part of the terminal job that started them: a Ctrl-C
+/// (SIGINT to the watcher's whole process group, as a terminal sends it)
+/// stops the watcher, and the services, each in its own process group,
+/// keep running; a hangup (SIGHUP) of that group afterwards reaches none
+/// of them either.
+#[test]
+fn ctrl_c_and_hangup_of_the_watchers_terminal_job_do_not_reach_the_services() {
+    let p = Project::new(
+        "name: wjob\nservices:\n  a:\n    start: \"exec sleep 600\"\n  b:\n    start: \"exec sleep 600\"\n",
+    );
+    let mut w = Watcher::start_as_job(&p.file(), &[], &[]);
+    w.until_event("leadershipAcquired", None);
+    let done = w.until_event("passFinished", None);
+    assert_eq!(done["outcome"], "ok", "{}", w.recent());
+    let (a, b) = (pid_of(&p, "a"), pid_of(&p, "b"));
+    w.signal_group(libc::SIGINT);
+    let st = w.wait_exit();
+    assert!(st.success(), "{st:?}\n{}", w.recent());
+    w.signal_group(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        alive(a) && alive(b),
+        "a Ctrl-C and a hangup of the watcher's job reached its services"
+    );
+    let up = cli(&p, &["up"]);
+    assert!(
+        String::from_utf8_lossy(&up.stderr).contains("0 changed"),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let _ = cli(&p, &["down"]);
+}
+
 /// On a state in an object store the lease is a lock object that outlives
 /// the process (on a file state the kernel frees the lock when the watcher
 /// exits, so a missing release would not show): SIGTERM must release it,

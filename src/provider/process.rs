@@ -1,6 +1,7 @@
 //! The local-process provider: each service's `start` runs as `sh -c` in its
-//! own session and process group (detached from the terminal and from
-//! nanokit, so it outlives the command that started it), with its env and
+//! own process group (outside nanokit's terminal job: a Ctrl-C or hangup of
+//! that job does not reach it, and it outlives the command that started
+//! it), spawned without forking nanokit, with its env and
 //! the labels exported as environment variables, logging to
 //! `.nanokit/logs/<env>/<service>.log`.
 //!
@@ -162,16 +163,10 @@ impl Provider for ProcessProvider {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err_log);
-        // SAFETY: setsid is async-signal-safe; it detaches the child into its
-        // own session and process group (so Ctrl-C on nanokit does not reach it).
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::setsid() < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        // Its own process group, set by posix_spawn (std's path when no
+        // pre_exec hook is given): a restart does not wait for a fork of
+        // this process, which may be a large Node process.
+        cmd.process_group(0);
         let mut child = cmd.spawn().map_err(|e| {
             io(
                 &format!("cannot start `{}` in {}", spec.service, spec.dir.display()),

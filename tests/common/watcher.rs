@@ -24,7 +24,21 @@ pub struct Watcher {
 impl Watcher {
     /// `nanokit watch -f <file> --output json <args>`, with `envs`.
     pub fn start(file: &Path, args: &[&str], envs: &[(&str, &str)]) -> Watcher {
+        Self::spawn(file, args, envs, false)
+    }
+
+    /// Like [`Watcher::start`], in a process group of its own, as a shell
+    /// runs a job: what a terminal's Ctrl-C or hangup signals is that
+    /// group ([`Watcher::signal_group`]).
+    pub fn start_as_job(file: &Path, args: &[&str], envs: &[(&str, &str)]) -> Watcher {
+        Self::spawn(file, args, envs, true)
+    }
+
+    fn spawn(file: &Path, args: &[&str], envs: &[(&str, &str)], job: bool) -> Watcher {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_nanokit"));
+        if job {
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        }
         cmd.arg("watch")
             .arg("-f")
             .arg(file)
@@ -113,6 +127,14 @@ impl Watcher {
     pub fn signal(&self, sig: i32) {
         unsafe {
             libc::kill(self.pid as i32, sig);
+        }
+    }
+
+    /// Sends `sig` to the watcher's whole process group (started with
+    /// [`Watcher::start_as_job`]), as a terminal does to its foreground job.
+    pub fn signal_group(&self, sig: i32) {
+        unsafe {
+            libc::kill(-(self.pid as i32), sig);
         }
     }
 
