@@ -9,7 +9,9 @@
 //             same way for both. Each trial kills another service/app, so
 //             every one is a first restart (pm2 restarts at once; nanokit's
 //             first restart after a healthy run is immediate too).
-//             Target: ≤ 0.5× pm2.
+//             Target: ≤ 0.5× pm2. Also printed: the floor under both,
+//             SIGKILL → the process dead (a zombie, which is what wakes
+//             any supervisor), for the same idle node process.
 //   container a container's main process SIGKILLed (from the host) → a
 //             container of that service runs again (its `start` event on
 //             Docker's event stream, for both). nanokit (restart policy
@@ -97,6 +99,38 @@ async function killUntilNewChild(supervisor, victim) {
     // A quarter millisecond between looks, sleeping (not spinning: on a
     // loaded machine a spinning poller would take the CPU the supervisors
     // need). A timer would add its own latency.
+    Atomics.wait(NAP, 0, 0, 0.25)
+  }
+}
+
+/** Whether `pid` has died (a zombie not yet reaped, or gone). */
+function dead(pid) {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'latin1')
+    return stat[stat.lastIndexOf(')') + 2] === 'Z'
+  } catch {
+    return true
+  }
+}
+
+/**
+ * The floor under both supervisors: from SIGKILL until the kernel reports
+ * the process dead (it is a zombie: what wakes a waitpid, a pidfd or
+ * SIGCHLD, after the kernel freed its memory), for the same idle node
+ * process, polled the same way; ms.
+ */
+async function killUntilDead(dir) {
+  const child = spawn(process.execPath, [join(dir, 'idle.js')], { stdio: 'ignore' })
+  await sleep(500)
+  const t0 = now()
+  process.kill(child.pid, 'SIGKILL')
+  for (;;) {
+    if (dead(child.pid)) {
+      const ms = now() - t0
+      await new Promise((r) => (child.exitCode !== null || child.signalCode !== null ? r() : child.once('exit', r)))
+      return ms
+    }
+    if (now() - t0 > 30_000) throw new Error(`${child.pid} not dead within 30 s`)
     Atomics.wait(NAP, 0, 0, 0.25)
   }
 }
@@ -210,7 +244,9 @@ async function processRestart() {
     await sleep(300) // let pm2 record it before the next trial
   }
   pm2(['delete', 'all'])
-  return { nk, pm }
+  const floor = []
+  for (let i = 0; i < TRIALS; i++) floor.push(await killUntilDead(dir))
+  return { nk, pm, floor }
 }
 
 async function idleCpu() {
@@ -353,6 +389,10 @@ try {
   console.log(`  nanokit watch${STANDALONE ? ' (standalone)' : ''}  ${fmt(p.nk)}`)
   console.log(`  pm2 ${PM2_VERSION}      ${fmt(p.pm)}`)
   console.log(`  ratio nanokit/pm2 (medians): ${(median(p.nk) / median(p.pm)).toFixed(2)}×   target ≤ 0.5×`)
+  console.log(`  floor: SIGKILL → dead (the kernel's exit, before any supervisor can know)  ${fmt(p.floor)}`)
+  const nkOver = median(p.nk) - median(p.floor)
+  const pmOver = median(p.pm) - median(p.floor)
+  console.log(`  above the floor (medians): nanokit ${nkOver.toFixed(1)} ms, pm2 ${pmOver.toFixed(1)} ms, ratio ${(nkOver / Math.max(pmOver, 1e-9)).toFixed(2)}×`)
   }
 
   const dockerOk = spawnSync('docker', ['image', 'inspect', IMAGE], { encoding: 'utf8' }).status === 0
