@@ -267,9 +267,14 @@ fn processes_started_by_an_earlier_up_are_adopted_and_restarted() {
         serde_json::json!([]),
         "nothing to do at first"
     );
+    // A first pass with nothing to do is still the last pass the status names.
+    let status = p.path().join(".nanokit/watch/status.json");
+    let v: Value = serde_json::from_slice(&std::fs::read(&status).unwrap()).unwrap();
+    assert_eq!(v["lastPass"]["pass"], 1, "{v}");
+    assert_eq!(v["lastPass"]["reason"], "initial", "{v}");
+    assert_eq!(v["lastPass"]["outcome"], "ok", "{v}");
     // Full checks go by: the adopted process is watched, not taken for dead
     // (an exit seen wrongly would come at once).
-    let status = p.path().join(".nanokit/watch/status.json");
     let mut checks = BTreeSet::new();
     while checks.len() < 3 {
         let v: Value = serde_json::from_slice(&std::fs::read(&status).unwrap()).unwrap();

@@ -973,6 +973,20 @@ impl Watcher {
                     request: ask.request.clone(),
                     trace_id: None,
                 });
+                // Told in the status as any pass is (with no run: nothing
+                // was done, so no trace was written).
+                let at = state::now();
+                self.last_pass = Some(PassSummary {
+                    pass: number,
+                    reason: ask.reason,
+                    started_at: at.clone(),
+                    finished_at: at,
+                    outcome: PassOutcome::Ok,
+                    changed: Vec::new(),
+                    failed: Vec::new(),
+                    run: None,
+                    trace_id: None,
+                });
                 self.sync_watches().await;
                 self.write_status(epoch, Role::Leader).await;
                 self.emit(WatchEvent::PassFinished {
