@@ -10,8 +10,10 @@
 //             every one is a first restart (pm2 restarts at once; nanokit's
 //             first restart after a healthy run is immediate too).
 //             Target: ≤ 0.5× pm2. Also printed: the floor under both,
-//             SIGKILL → the process dead (a zombie, which is what wakes
-//             any supervisor), for the same idle node process.
+//             SIGKILL → the process dead as its parent is told (a zombie
+//             with no thread left, after the kernel freed its memory: what
+//             wakes a waitpid, a pidfd or SIGCHLD), for the same idle node
+//             process, and each supervisor's time above it.
 //   container a container's main process SIGKILLed (from the host) → a
 //             container of that service runs again (its `start` event on
 //             Docker's event stream, for both). nanokit (restart policy
@@ -103,11 +105,16 @@ async function killUntilNewChild(supervisor, victim) {
   }
 }
 
-/** Whether `pid` has died (a zombie not yet reaped, or gone). */
+/**
+ * Whether `pid` has died as its parent is told: gone, or a zombie whose
+ * other threads have all exited too (the kernel tells the parent, and
+ * wakes a pidfd, only once the whole thread group is dead; node has
+ * several threads, and the leader turns zombie first).
+ */
 function dead(pid) {
   try {
     const stat = readFileSync(`/proc/${pid}/stat`, 'latin1')
-    return stat[stat.lastIndexOf(')') + 2] === 'Z'
+    return stat[stat.lastIndexOf(')') + 2] === 'Z' && readdirSync(`/proc/${pid}/task`).length <= 1
   } catch {
     return true
   }
