@@ -274,8 +274,7 @@ impl ObjectBackend {
             epoch: u64,
         }
         Ok(self
-            .store
-            .get(&self.key)
+            .get_state()
             .await?
             .and_then(|o| serde_json::from_slice::<Head>(&o.bytes).ok())
             .map_or(0, |h| h.epoch))
@@ -349,8 +348,35 @@ impl ObjectBackend {
             .then_some((Version(r.version), r.record))
     }
 
+    /// Reads the state object: one request, a `state.get` span.
+    async fn get_state(&self) -> Result<Option<Object>, StateError> {
+        tracing::Instrument::instrument(self.store.get(&self.key), tracing::info_span!("state.get"))
+            .await
+    }
+
+    /// Writes the lock object if `cond` holds: one request, a
+    /// `state.lock.put` span in the run's trace (what a lock round trip
+    /// costs in requests shows there).
+    async fn put_lock(
+        &self,
+        record: &LockRecord,
+        cond: Cond<'_>,
+    ) -> Result<Option<Version>, StateError> {
+        let bytes = record.bytes();
+        tracing::Instrument::instrument(
+            self.store.put(&self.lock_key, &bytes, cond),
+            tracing::info_span!("state.lock.put"),
+        )
+        .await
+    }
+
+    /// Reads the lock object: one request, a `state.lock.get` span.
     async fn read_lock(&self) -> Result<Option<(Option<LockRecord>, Version)>, StateError> {
-        Ok(self.store.get(&self.lock_key).await?.map(|o| {
+        let got = tracing::Instrument::instrument(
+            self.store.get(&self.lock_key),
+            tracing::info_span!("state.lock.get"),
+        );
+        Ok(got.await?.map(|o| {
             (
                 serde_json::from_slice::<LockRecord>(&o.bytes).ok(),
                 o.version,
@@ -366,7 +392,7 @@ impl Backend for ObjectBackend {
     }
 
     async fn read(&self) -> Result<Option<Stored>, StateError> {
-        Ok(self.store.get(&self.key).await?.map(|o| Stored {
+        Ok(self.get_state().await?.map(|o| Stored {
             bytes: o.bytes,
             version: o.version,
         }))
@@ -403,11 +429,7 @@ impl Backend for ObjectBackend {
         // one write.
         if let Some((version, free)) = self.remembered_free() {
             let new = self.record_for(req.holder, free.epoch + 1, req.ttl);
-            if let Some(v) = self
-                .store
-                .put(&self.lock_key, &new.bytes(), Cond::Matches(&version))
-                .await?
-            {
+            if let Some(v) = self.put_lock(&new, Cond::Matches(&version)).await? {
                 let epoch = new.epoch;
                 *self.held.lock().await = Some(Held {
                     record: new,
@@ -477,7 +499,7 @@ impl Backend for ObjectBackend {
                     Some(v) => Cond::Matches(v),
                     None => Cond::Absent,
                 };
-                if let Some(version) = self.store.put(&self.lock_key, &new.bytes(), cond).await? {
+                if let Some(version) = self.put_lock(&new, cond).await? {
                     let epoch = new.epoch;
                     *self.held.lock().await = Some(Held {
                         record: new,
@@ -521,11 +543,7 @@ impl Backend for ObjectBackend {
         let mut record = h.record.clone();
         record.renewed_at_ms = now_ms();
         record.ttl_ms = ttl.as_millis() as u64;
-        if let Some(v) = self
-            .store
-            .put(&self.lock_key, &record.bytes(), Cond::Matches(&h.version))
-            .await?
-        {
+        if let Some(v) = self.put_lock(&record, Cond::Matches(&h.version)).await? {
             *h = Held { record, version: v };
             return Ok(true);
         }
@@ -560,11 +578,7 @@ impl Backend for ObjectBackend {
             free.holder = None;
             free.released_by = Some(run_id.clone());
             free.renewed_at_ms = now_ms();
-            if let Some(v) = self
-                .store
-                .put(&self.lock_key, &free.bytes(), Cond::Matches(&h.version))
-                .await?
-            {
+            if let Some(v) = self.put_lock(&free, Cond::Matches(&h.version)).await? {
                 self.remember_free(&v, &free);
                 return Ok(());
             }
@@ -669,8 +683,7 @@ impl Backend for ObjectBackend {
                 released_by: Some("nanokit infra unlock".into()),
             };
             if self
-                .store
-                .put(&self.lock_key, &free.bytes(), Cond::Matches(&version))
+                .put_lock(&free, Cond::Matches(&version))
                 .await?
                 .is_some()
             {
