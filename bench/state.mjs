@@ -7,11 +7,13 @@
 //   2. the deploy lock's round trip (acquire + release) on S3, against
 //      Terraform's `use_lockfile` on the same SeaweedFS bucket: nanokit's
 //      from the spans of its no-change ups (`state.lock` without the
-//      once-per-process precondition probe, plus `state.unlock`); Terraform's
-//      from its own log of `terraform plan` of an empty configuration (lock:
-//      "Attempting to lock" to "Locked", unlock likewise; ms timestamps), and,
-//      as a cross-check, the difference between that plan with and without
-//      `-lock` (target: nanokit <= 0.5x Terraform);
+//      once-per-process precondition probe, plus `state.unlock`, and the
+//      store requests made inside them: `state.lock.put`, `state.lock.get`,
+//      `state.get`); Terraform's from its own log of `terraform plan` of an
+//      empty configuration (bench/lib/terraform-s3.mjs), and, as a
+//      cross-check, the difference between that plan with and without
+//      `-lock` (target: nanokit <= 0.5x Terraform; what every design's
+//      requests cost that store: bench/state-lock-designs.mjs);
 //   3. a no-change `up` of the 200-service project (local file) through the
 //      JS API in one process, with `infra.state_encryption` (passphrase) on
 //      against off (target: at most +10 ms; PBKDF2 runs once per process).
@@ -25,6 +27,7 @@ import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'nod
 import { join, dirname } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { createRequire } from 'node:module'
+import { median, terraformLock, timed } from './lib/terraform-s3.mjs'
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..')
 const work = join(root, 'bench', '.work', 'state')
@@ -41,16 +44,6 @@ function run(cmd, args, opts = {}) {
   return r
 }
 
-function median(xs) {
-  const s = [...xs].sort((a, b) => a - b)
-  return s[Math.floor(s.length / 2)]
-}
-
-function timed(fn) {
-  const t = process.hrtime.bigint()
-  const r = fn()
-  return [Number(process.hrtime.bigint() - t) / 1e6, r]
-}
 
 // The stores.
 const env = { ...process.env }
@@ -102,6 +95,17 @@ function spanMs(traceFile, name) {
   return t.spans.filter((s) => s.name === name).reduce((a, s) => a + (s.end_unix_nano - s.start_unix_nano) / 1e6, 0)
 }
 
+/** The store requests (spans `state.lock.put`, `state.lock.get`,
+ * `state.get`) made inside the run's `state.lock` and `state.unlock`. */
+function lockRequests(traceFile) {
+  const t = JSON.parse(readFileSync(traceFile, 'utf8'))
+  const count = (name) => {
+    const ids = new Set(t.spans.filter((s) => s.name === name).map((s) => s.span_id))
+    return t.spans.filter((s) => ids.has(s.parent_span_id) && /^state\.(lock\.)?(get|put)$/.test(s.name)).length
+  }
+  return [count('state.lock'), count('state.unlock')]
+}
+
 const backends = [
   ['file', null],
   ['s3', `s3://nanokit/${TAG}/state.json?endpoint=${s3}&path_style=true`],
@@ -110,6 +114,7 @@ const backends = [
 const upMs = {}
 const lockMs = {}
 const probeMs = {}
+const lockReqs = {}
 for (const [kind, state] of backends) {
   const dir = join(work, kind)
   mkdirSync(dir, { recursive: true })
@@ -129,71 +134,17 @@ for (const [kind, state] of backends) {
     const files = readdirSync(traces).filter((f) => f.endsWith('.json')).sort().slice(-RUNS)
     lockMs[kind] = median(files.map((f) => spanMs(join(traces, f), 'state.lock') - spanMs(join(traces, f), 'state.probe') + spanMs(join(traces, f), 'state.unlock')))
     probeMs[kind] = median(files.map((f) => spanMs(join(traces, f), 'state.probe')))
+    const reqs = files.map((f) => lockRequests(join(traces, f)))
+    lockReqs[kind] = [median(reqs.map((r) => r[0])), median(reqs.map((r) => r[1]))]
   } finally {
     run(BIN, ['down', '-f', file, '--concurrency', '32'], { env, allowFail: true })
   }
 }
 
 // ---- 2. Terraform's use_lockfile on the same bucket ----------------------
-let tfLockMs = null
-let tfPlan = null
-const tf = spawnSync('terraform', ['version'], { encoding: 'utf8' })
-if (tf.status === 0) {
-  const tfDir = join(work, 'terraform')
-  mkdirSync(tfDir, { recursive: true })
-  writeFileSync(
-    join(tfDir, 'main.tf'),
-    `terraform {
-  backend "s3" {
-    bucket                      = "nanokit"
-    key                         = "${TAG}/terraform.tfstate"
-    region                      = "us-east-1"
-    endpoints                   = { s3 = "${s3}" }
-    use_path_style              = true
-    use_lockfile                = true
-    access_key                  = "nanokit-bench"
-    secret_key                  = "nanokit-bench-secret"
-    skip_credentials_validation = true
-    skip_requesting_account_id  = true
-    skip_metadata_api_check     = true
-    skip_region_validation      = true
-  }
-}
-`,
-  )
-  writeFileSync(join(tfDir, 'cli.tfrc'), '')
-  const tenv = { ...env, CHECKPOINT_DISABLE: '1', TF_IN_AUTOMATION: '1', TF_CLI_CONFIG_FILE: join(tfDir, 'cli.tfrc') }
-  run('terraform', ['init', '-input=false', '-no-color'], { cwd: tfDir, env: tenv })
-  const plan = (lock) => run('terraform', ['plan', '-input=false', '-no-color', `-lock=${lock}`], { cwd: tfDir, env: tenv })
-  plan(true)
-  // In pairs, back to back (so that drift of the machine's load hits both
-  // alike), the order alternating; the lock's cost is the median of the
-  // pairs' differences.
-  const withLock = []
-  const without = []
-  const diffs = []
-  for (let i = 0; i < TF_PAIRS; i++) {
-    const a = timed(() => plan(i % 2 === 0))[0]
-    const b = timed(() => plan(i % 2 !== 0))[0]
-    const [w, wo] = i % 2 === 0 ? [a, b] : [b, a]
-    withLock.push(w)
-    without.push(wo)
-    diffs.push(w - wo)
-  }
-  tfPlan = { withLock: median(withLock), without: median(without), diff: median(diffs) }
-  // Terraform's own log times its lock and unlock (ms timestamps), as
-  // nanokit's spans time its own: the same measure of the same work.
-  const ts = (line) => Date.parse(line.slice(0, 24))
-  const spans = []
-  for (let i = 0; i < RUNS; i++) {
-    const r = run('terraform', ['plan', '-input=false', '-no-color', '-lock=true'], { cwd: tfDir, env: { ...tenv, TF_LOG: 'INFO' } })
-    const lines = r.stderr.split('\n')
-    const at = (text) => ts(lines.find((l) => l.includes(text)) ?? '')
-    const ms = at('Locked remote state') - at('Attempting to lock remote state') + at('Unlocked remote state') - at('Attempting to unlock remote state')
-    if (Number.isFinite(ms)) spans.push(ms)
-  }
-  tfLockMs = spans.length ? median(spans) : tfPlan.diff
-}
+const tf = terraformLock({ dir: join(work, 'terraform'), s3, key: `${TAG}/terraform.tfstate`, env, runs: RUNS, pairs: TF_PAIRS })
+const tfLockMs = tf?.logMs ?? null
+const tfPlan = tf?.plan
 
 // ---- 3. encryption on vs off, in-process (JS API) -------------------------
 const require = createRequire(import.meta.url)
@@ -238,8 +189,9 @@ for (const [kind] of backends) {
 }
 console.log('')
 console.log('deploy lock round trip (acquire + release):')
-console.log(`  nanokit, S3 (SeaweedFS):   ${f(lockMs.s3)} (from the runs' spans; plus ${f(probeMs.s3)} once per process for the precondition probe)`)
-console.log(`  nanokit, Vault (OpenBao):  ${f(lockMs.vault)} (plus ${f(probeMs.vault)} for the probe)`)
+const reqs = (kind) => `requests: ${lockReqs[kind][0]} to take, ${lockReqs[kind][1]} to release`
+console.log(`  nanokit, S3 (SeaweedFS):   ${f(lockMs.s3)} (from the runs' spans; ${reqs('s3')}; plus ${f(probeMs.s3)} once per process for the precondition probe)`)
+console.log(`  nanokit, Vault (OpenBao):  ${f(lockMs.vault)} (${reqs('vault')}; plus ${f(probeMs.vault)} for the probe)`)
 console.log(`  nanokit, file:             ${f(lockMs.file)}`)
 if (tfLockMs !== null) {
   console.log(`  terraform use_lockfile, same bucket: ${f(tfLockMs)} (from its log; cross-check: plan of an empty configuration ${f(tfPlan.withLock)} with -lock, ${f(tfPlan.without)} without, median of ${TF_PAIRS} paired differences ${f(tfPlan.diff)})`)

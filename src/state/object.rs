@@ -17,10 +17,11 @@
 //!   retried (a 412 against one's own lock or state) is recognised by the
 //!   run id, or by the bytes, not left behind.
 //! - The holder that released a lock remembers the free record's version
-//!   (in the user's cache directory): its next acquisition is one
-//!   conditional write on that version, falling back to reading the lock
-//!   when someone else wrote it since. (No ABA: every record has a new
-//!   epoch or release time.)
+//!   (in the user's cache directory: one checksummed slot overwritten in
+//!   place, so that a torn write is never taken for a record's version):
+//!   its next acquisition is one conditional write on that version, falling
+//!   back to reading the lock when someone else wrote it since. (No ABA:
+//!   every record has a new epoch or release time.)
 //! - A lock is stale when its object has not changed for its TTL as this
 //!   process's monotonic clock measures it (observed progress: no
 //!   comparison with the holder's clock), or at once when its holder is a
@@ -274,8 +275,7 @@ impl ObjectBackend {
             epoch: u64,
         }
         Ok(self
-            .store
-            .get(&self.key)
+            .get_state()
             .await?
             .and_then(|o| serde_json::from_slice::<Head>(&o.bytes).ok())
             .map_or(0, |h| h.epoch))
@@ -318,16 +318,13 @@ impl ObjectBackend {
         let Some(path) = self.cache_file() else {
             return;
         };
-        let doc = serde_json::json!({"version": version.0, "record": record});
-        if let Some(dir) = path.parent() {
-            let _ = std::fs::create_dir_all(dir);
-        }
-        // A cache: replaced atomically, not synced (losing it costs a read).
-        let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
-        let written =
-            std::fs::write(&tmp, doc.to_string()).and_then(|()| std::fs::rename(&tmp, &path));
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
+        let payload = serde_json::json!({"version": version.0, "record": record}).to_string();
+        // Too long for the slot (a host name of hundreds of characters):
+        // not remembered, the next acquisition reads the lock first.
+        let Some(slot) = cache_slot(&payload) else {
+            return;
+        };
+        if let Err(e) = write_in_place(&path, &slot) {
             tracing::debug!(
                 "cannot remember the lock's version in {}: {e}",
                 path.display()
@@ -341,22 +338,111 @@ impl ObjectBackend {
             version: String,
             record: LockRecord,
         }
-        let r: Remembered =
-            serde_json::from_slice(&std::fs::read(self.cache_file()?).ok()?).ok()?;
+        let bytes = std::fs::read(self.cache_file()?).ok()?;
+        let r: Remembered = serde_json::from_slice(cache_payload(&bytes)?).ok()?;
         r.record
             .holder
             .is_none()
             .then_some((Version(r.version), r.record))
     }
 
+    /// Reads the state object: one request, a `state.get` span.
+    async fn get_state(&self) -> Result<Option<Object>, StateError> {
+        tracing::Instrument::instrument(self.store.get(&self.key), tracing::info_span!("state.get"))
+            .await
+    }
+
+    /// Writes the lock object if `cond` holds: one request, a
+    /// `state.lock.put` span in the run's trace (what a lock round trip
+    /// costs in requests shows there).
+    async fn put_lock(
+        &self,
+        record: &LockRecord,
+        cond: Cond<'_>,
+    ) -> Result<Option<Version>, StateError> {
+        let bytes = record.bytes();
+        tracing::Instrument::instrument(
+            self.store.put(&self.lock_key, &bytes, cond),
+            tracing::info_span!("state.lock.put"),
+        )
+        .await
+    }
+
+    /// Reads the lock object: one request, a `state.lock.get` span.
     async fn read_lock(&self) -> Result<Option<(Option<LockRecord>, Version)>, StateError> {
-        Ok(self.store.get(&self.lock_key).await?.map(|o| {
+        let got = tracing::Instrument::instrument(
+            self.store.get(&self.lock_key),
+            tracing::info_span!("state.lock.get"),
+        );
+        Ok(got.await?.map(|o| {
             (
                 serde_json::from_slice::<LockRecord>(&o.bytes).ok(),
                 o.version,
             )
         }))
     }
+}
+
+/// The size of the remembered-lock file: one slot, overwritten in place.
+const CACHE_SLOT: usize = 1024;
+
+/// `payload` as the remembered-lock file holds it: its SHA-256, a space,
+/// the payload, padded with spaces to [`CACHE_SLOT`] bytes (`None` when it
+/// does not fit).
+fn cache_slot(payload: &str) -> Option<Vec<u8>> {
+    use sha2::{Digest, Sha256};
+    let mut slot = hex::encode(Sha256::digest(payload.as_bytes())).into_bytes();
+    slot.push(b' ');
+    slot.extend_from_slice(payload.as_bytes());
+    if slot.len() > CACHE_SLOT {
+        return None;
+    }
+    slot.resize(CACHE_SLOT, b' ');
+    Some(slot)
+}
+
+/// The payload of a remembered-lock file, if it is whole (a write torn by a
+/// concurrent one, or by a crash, fails its checksum). A file without a
+/// checksum (written by an older nanokit, replaced whole) is taken as is.
+fn cache_payload(bytes: &[u8]) -> Option<&[u8]> {
+    use sha2::{Digest, Sha256};
+    let text = bytes.trim_ascii_end();
+    if text.first() == Some(&b'{') {
+        return Some(text);
+    }
+    let (sum, payload) = text.split_at(text.iter().position(|b| *b == b' ')?);
+    let payload = &payload[1..];
+    (hex::encode(Sha256::digest(payload)).as_bytes() == sum).then_some(payload)
+}
+
+/// Overwrites the file at `path` with `slot` in place, creating it if
+/// needed: no truncation and no rename, which on ext4 (auto_da_alloc) start
+/// a writeback of the data and cost a few hundred µs.
+fn write_in_place(path: &std::path::Path, slot: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let open = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+    };
+    let mut f = match open() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            open()?
+        }
+        r => r?,
+    };
+    f.write_all(slot)?;
+    // A longer file (never written by this format) would keep a tail that
+    // fails the checksum at every read.
+    if f.metadata()?.len() > slot.len() as u64 {
+        f.set_len(slot.len() as u64)?;
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -366,7 +452,7 @@ impl Backend for ObjectBackend {
     }
 
     async fn read(&self) -> Result<Option<Stored>, StateError> {
-        Ok(self.store.get(&self.key).await?.map(|o| Stored {
+        Ok(self.get_state().await?.map(|o| Stored {
             bytes: o.bytes,
             version: o.version,
         }))
@@ -403,11 +489,7 @@ impl Backend for ObjectBackend {
         // one write.
         if let Some((version, free)) = self.remembered_free() {
             let new = self.record_for(req.holder, free.epoch + 1, req.ttl);
-            if let Some(v) = self
-                .store
-                .put(&self.lock_key, &new.bytes(), Cond::Matches(&version))
-                .await?
-            {
+            if let Some(v) = self.put_lock(&new, Cond::Matches(&version)).await? {
                 let epoch = new.epoch;
                 *self.held.lock().await = Some(Held {
                     record: new,
@@ -477,7 +559,7 @@ impl Backend for ObjectBackend {
                     Some(v) => Cond::Matches(v),
                     None => Cond::Absent,
                 };
-                if let Some(version) = self.store.put(&self.lock_key, &new.bytes(), cond).await? {
+                if let Some(version) = self.put_lock(&new, cond).await? {
                     let epoch = new.epoch;
                     *self.held.lock().await = Some(Held {
                         record: new,
@@ -521,11 +603,7 @@ impl Backend for ObjectBackend {
         let mut record = h.record.clone();
         record.renewed_at_ms = now_ms();
         record.ttl_ms = ttl.as_millis() as u64;
-        if let Some(v) = self
-            .store
-            .put(&self.lock_key, &record.bytes(), Cond::Matches(&h.version))
-            .await?
-        {
+        if let Some(v) = self.put_lock(&record, Cond::Matches(&h.version)).await? {
             *h = Held { record, version: v };
             return Ok(true);
         }
@@ -560,11 +638,7 @@ impl Backend for ObjectBackend {
             free.holder = None;
             free.released_by = Some(run_id.clone());
             free.renewed_at_ms = now_ms();
-            if let Some(v) = self
-                .store
-                .put(&self.lock_key, &free.bytes(), Cond::Matches(&h.version))
-                .await?
-            {
+            if let Some(v) = self.put_lock(&free, Cond::Matches(&h.version)).await? {
                 self.remember_free(&v, &free);
                 return Ok(());
             }
@@ -669,8 +743,7 @@ impl Backend for ObjectBackend {
                 released_by: Some("nanokit infra unlock".into()),
             };
             if self
-                .store
-                .put(&self.lock_key, &free.bytes(), Cond::Matches(&version))
+                .put_lock(&free, Cond::Matches(&version))
                 .await?
                 .is_some()
             {
@@ -681,5 +754,74 @@ impl Backend for ObjectBackend {
             location: self.lock_location(),
             detail: "the lock kept changing while it was being cleared; try again".into(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload(version: &str, epoch: u64) -> String {
+        format!(r#"{{"version":"{version}","record":{{"holder":null,"epoch":{epoch}}}}}"#)
+    }
+
+    #[test]
+    fn a_remembered_lock_reads_back_whole() {
+        let p = payload("\"etag-1\"", 7);
+        let slot = cache_slot(&p).unwrap();
+        assert_eq!(slot.len(), CACHE_SLOT);
+        assert_eq!(cache_payload(&slot), Some(p.as_bytes()));
+    }
+
+    /// Two writes of the slot torn into each other (a concurrent write, a
+    /// crash): the version of one with the epoch of the other would let the
+    /// next acquisition reuse an epoch; the checksum refuses the mix.
+    #[test]
+    fn a_torn_remembered_lock_is_not_used() {
+        let a = cache_slot(&payload("\"aaaaaaaaaaaaaaaaaaaaaaaa\"", 9)).unwrap();
+        let b = cache_slot(&payload("\"bbbbbbbbbbbbbbbbbbbbbbbb\"", 3)).unwrap();
+        for cut in [1, 40, 64, 65, 80, 110, 500] {
+            let mut torn = b[..cut].to_vec();
+            torn.extend_from_slice(&a[cut..]);
+            if torn == a || torn == b {
+                continue; // the same bytes on one side of the cut
+            }
+            assert_eq!(cache_payload(&torn), None, "cut at {cut}");
+        }
+        assert_eq!(cache_payload(b"not a slot at all"), None);
+        assert_eq!(cache_payload(b""), None);
+    }
+
+    #[test]
+    fn a_remembered_lock_of_an_older_nanokit_is_read() {
+        let p = payload("\"etag\"", 2);
+        assert_eq!(cache_payload(p.as_bytes()), Some(p.as_bytes()));
+    }
+
+    #[test]
+    fn a_payload_too_large_for_the_slot_is_not_slotted() {
+        assert!(cache_slot(&"x".repeat(CACHE_SLOT)).is_none());
+    }
+
+    /// Written in place over a file of another length (an older nanokit's,
+    /// longer or shorter), the slot is what the file holds.
+    #[test]
+    fn written_in_place_over_any_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join("lock");
+        let p = payload("\"v1\"", 1);
+        write_in_place(&path, &cache_slot(&p).unwrap()).unwrap();
+        assert_eq!(
+            cache_payload(&std::fs::read(&path).unwrap()),
+            Some(p.as_bytes())
+        );
+        for old in ["{}".to_string(), "y".repeat(3 * CACHE_SLOT)] {
+            std::fs::write(&path, old).unwrap();
+            let p = payload("\"v2\"", 2);
+            write_in_place(&path, &cache_slot(&p).unwrap()).unwrap();
+            let bytes = std::fs::read(&path).unwrap();
+            assert_eq!(bytes.len(), CACHE_SLOT);
+            assert_eq!(cache_payload(&bytes), Some(p.as_bytes()));
+        }
     }
 }
