@@ -147,11 +147,14 @@ impl Provider for ProcessProvider {
         // 0600 in a 0700 folder: the service's output may quote secrets.
         let mut log = crate::sys::private::open_append(&spec.log_file)
             .map_err(|e| io(&format!("cannot open log {}", spec.log_file.display()), e))?;
-        let _ = writeln!(
-            log,
-            "--- nanokit: starting `{}` at {} ---",
-            spec.service,
-            humantime::format_rfc3339_millis(std::time::SystemTime::now())
+        // One write: appends from other writers never land inside the line.
+        let _ = log.write_all(
+            format!(
+                "--- nanokit: starting `{}` at {} ---\n",
+                spec.service,
+                humantime::format_rfc3339_millis(std::time::SystemTime::now())
+            )
+            .as_bytes(),
         );
         let err_log = log.try_clone().map_err(|e| io("log", e))?;
         let mut cmd = std::process::Command::new("sh");
