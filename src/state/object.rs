@@ -206,16 +206,20 @@ impl ObjectBackend {
             .cloned();
         let result = match cached {
             Some(r) => r,
-            None if self.remembered_probe(&cache_key) => Ok(()),
             None => {
-                let r = tracing::Instrument::instrument(
-                    self.probe(),
-                    tracing::info_span!("state.probe"),
-                )
-                .await?;
-                if r.is_ok() {
-                    self.remember_probe(&cache_key);
-                }
+                let r = if self.remembered_probe(&cache_key) {
+                    Ok(())
+                } else {
+                    let r = tracing::Instrument::instrument(
+                        self.probe(),
+                        tracing::info_span!("state.probe"),
+                    )
+                    .await?;
+                    if r.is_ok() {
+                        self.remember_probe(&cache_key);
+                    }
+                    r
+                };
                 PROBED
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
