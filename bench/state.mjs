@@ -129,7 +129,7 @@ function lockRequests(traceFile) {
 // service (a short time between taking the lock and releasing it, as
 // Terraform's, ~2 ms); `s3-warm`, the 200 services with the probe's pass
 // forgotten before each run, so that the lock is taken just after the
-// probe's requests on the same connection (Terraform's lock comes ~6 ms
+// probe's requests on the same connection (Terraform's lock comes 0-6 ms
 // after its ListObjectsV2 of the workspaces, made with and without -lock).
 const probes = join(env.XDG_CACHE_HOME, 'nanokit', 'state-locks')
 const forgetProbes = () => {
