@@ -907,6 +907,37 @@ mod tests {
         assert!(cache_slot(&"x".repeat(CACHE_SLOT)).is_none());
     }
 
+    /// A slot is read only if this user alone could have written it: not
+    /// through a symbolic link, not writable by group or others, not
+    /// another user's; writing replaces such a file with one of mode 0600.
+    #[test]
+    fn only_a_slot_of_this_user_alone_is_read() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("slot");
+        let slot = cache_slot(&payload("\"v\"", 1)).unwrap();
+        write_in_place(&path, &slot).unwrap();
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(read_own(&path).as_deref(), Some(&slot[..]));
+        for wide in [0o666, 0o620, 0o602] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(wide)).unwrap();
+            assert_eq!(read_own(&path), None, "mode {wide:o}");
+            write_in_place(&path, &slot).unwrap();
+            assert_eq!(mode(&path), 0o600);
+            assert!(read_own(&path).is_some());
+        }
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        assert_eq!(read_own(&link), None, "read through a symbolic link");
+        if rustix::process::geteuid().is_root() {
+            std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+            assert_eq!(read_own(&path), None, "another user's slot");
+            write_in_place(&path, &slot).unwrap();
+            assert!(read_own(&path).is_some());
+        }
+    }
+
     /// Written in place over a file of another length (an older nanokit's,
     /// longer or shorter), the slot is what the file holds.
     #[test]
