@@ -723,10 +723,20 @@ async fn direct(kind: Kind, c: &Case) -> Arc<dyn state::Backend> {
 /// A store that ignores preconditions (here: the test server behind a proxy
 /// that strips them: `If-Match`/`If-None-Match`, `ifGenerationMatch`, KV
 /// `options.cas`) is refused with `ENKSTATEBACKEND` before anything is
-/// locked or written; the same store reached directly is used.
+/// locked or written, although the same store reached directly passed the
+/// probe just before and is remembered as good (in the same cache): a
+/// verdict on one endpoint does not vouch for another.
 async fn a_store_that_ignores_preconditions_is_refused(kind: Kind) {
+    let cache = tempfile::tempdir().unwrap();
+    let cache_env = cache.path().display().to_string();
+    // The same store, reached directly, is used (and remembered).
+    let direct_case = Case::new(kind);
+    let (r, text) = finish(direct_case.child("probe", 0, &[("XDG_CACHE_HOME", &cache_env)]));
+    assert_eq!(r["code"], Value::Null, "{text}");
+    assert_eq!(probe_slots(cache.path()).len(), 1, "the pass is remembered");
     let (c, proxy, env) = via_proxy(kind, proxy::Mode::Strip);
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    env.push(("XDG_CACHE_HOME", &cache_env));
     let (r, text) = finish(c.child("probe", 0, &env));
     assert_eq!(r["code"], "ENKSTATEBACKEND", "{text}");
     let msg = r["message"].as_str().unwrap();
@@ -737,10 +747,120 @@ async fn a_store_that_ignores_preconditions_is_refused(kind: Kind) {
         b.read().await.unwrap().is_none() && b.lock_info().await.unwrap().is_none(),
         "nothing was written through the stripping proxy"
     );
-    // The same store, reached directly, is used.
-    let direct = Case::new(kind);
-    let (r, text) = finish(direct.child("probe", 0, &[]));
-    assert_eq!(r["code"], Value::Null, "{text}");
+    // A refusal is not remembered as a pass.
+    assert_eq!(probe_slots(cache.path()).len(), 1);
+    let (r, text) = finish(c.child("probe", 0, &env));
+    assert_eq!(r["code"], "ENKSTATEBACKEND", "refused again: {text}");
+}
+
+/// The remembered probes in the cache folder `cache` (`XDG_CACHE_HOME`).
+fn probe_slots(cache: &Path) -> Vec<PathBuf> {
+    let dir = cache.join("nanokit").join("state-locks");
+    let mut slots: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("probe-"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    slots.sort();
+    slots
+}
+
+/// A remembered probe slot holding `payload` (its checksum, a space, the
+/// payload, padded to 1024 bytes), as nanokit writes it.
+fn probe_slot(payload: &str) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let mut slot = hex::encode(Sha256::digest(payload.as_bytes())).into_bytes();
+    slot.push(b' ');
+    slot.extend_from_slice(payload.as_bytes());
+    slot.resize(1024, b' ');
+    slot
+}
+
+/// The precondition probe is made once per store, not once per process: a
+/// second process using the same store makes no probe request; a remembered
+/// pass that is torn, expired, dated in the future, another store's, or a
+/// file another user could have written is not trusted (the store is probed
+/// again, and the slot rewritten as this user's alone).
+async fn the_probe_is_remembered_per_store(kind: Kind) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let cache = tempfile::tempdir().unwrap();
+    let cache_env = cache.path().display().to_string();
+    let (c, proxy, env) = via_proxy(kind, proxy::Mode::Record);
+    let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    env.push(("XDG_CACHE_HOME", &cache_env));
+    // The probe requests one process makes (requests naming its scratch
+    // object).
+    let run = |what: &str| {
+        let before = proxy.probes();
+        let (r, text) = finish(c.child("probe", 0, &env));
+        assert_eq!(r["code"], Value::Null, "{what}: {text}");
+        proxy.probes() - before
+    };
+    assert!(run("first use") >= 4, "the first process probes");
+    let slots = probe_slots(cache.path());
+    assert_eq!(slots.len(), 1, "{slots:?}");
+    let slot = &slots[0];
+    let mode = std::fs::metadata(slot).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the slot is this user's alone");
+    assert_eq!(run("second process"), 0, "a second process probed again");
+    assert_eq!(run("third process"), 0, "a third process probed again");
+    let good = std::fs::read(slot).unwrap();
+    let text = String::from_utf8_lossy(&good).to_string();
+    let payload: Value = serde_json::from_str(text.split_once(' ').unwrap().1.trim()).unwrap();
+    let store = payload["store"].as_str().unwrap().to_string();
+    let at = payload["passed_at_ms"].as_i64().unwrap();
+    let day = 24 * 3600 * 1000;
+    // Each bad slot makes the next process probe, and leaves a good slot.
+    // Torn: a digit of the time changed (still a pass of this store, within
+    // the day, as JSON): only the checksum tells.
+    let mut torn = good.clone();
+    let at_text = at.to_string();
+    let last_digit = text.find(&at_text).unwrap() + at_text.len() - 1;
+    torn[last_digit] = if torn[last_digit] == b'0' { b'1' } else { b'0' };
+    let planted: Vec<(&str, Vec<u8>)> = vec![
+        ("a torn slot", torn),
+        ("an empty slot", Vec::new()),
+        (
+            "an expired pass",
+            probe_slot(&json!({"store": store, "passed_at_ms": at - day - 1}).to_string()),
+        ),
+        (
+            "a pass dated in the future",
+            probe_slot(&json!({"store": store, "passed_at_ms": at + day}).to_string()),
+        ),
+        (
+            "another store's pass",
+            probe_slot(&json!({"store": format!("{store}x"), "passed_at_ms": at}).to_string()),
+        ),
+        ("a slot writable by others", good.clone()),
+    ];
+    for (what, bytes) in planted {
+        std::fs::write(slot, &bytes).unwrap();
+        let mode = if what.contains("writable") {
+            0o666
+        } else {
+            0o600
+        };
+        std::fs::set_permissions(slot, std::fs::Permissions::from_mode(mode)).unwrap();
+        assert!(run(what) >= 4, "{what}: trusted, not probed again");
+        assert_eq!(run(what), 0, "{what}: the new pass is not remembered");
+    }
+    // A slot of another user (root can make one): not trusted.
+    if rustix::process::geteuid().is_root() {
+        std::fs::write(slot, &good).unwrap();
+        std::os::unix::fs::chown(slot, Some(65534), Some(65534)).unwrap();
+        assert!(
+            run("another user's slot") >= 4,
+            "another user's slot trusted"
+        );
+        assert_eq!(run("another user's slot"), 0);
+    }
 }
 
 /// The answer to a lock release is lost (the release landed; the client
@@ -1591,6 +1711,8 @@ mod proxy {
         mode: Mode,
         /// Preconditions stripped, or answers lost.
         count: AtomicUsize,
+        /// Requests naming a precondition probe's scratch object.
+        probes: AtomicUsize,
         /// The head of every request forwarded.
         heads: Mutex<Vec<String>>,
     }
@@ -1608,6 +1730,7 @@ mod proxy {
                 upstream: upstream.to_string(),
                 mode,
                 count: AtomicUsize::new(0),
+                probes: AtomicUsize::new(0),
                 heads: Mutex::new(Vec::new()),
             });
             let sh = shared.clone();
@@ -1629,6 +1752,11 @@ mod proxy {
         /// Preconditions stripped, or answers lost.
         pub fn count(&self) -> usize {
             self.shared.count.load(Ordering::SeqCst)
+        }
+
+        /// Requests naming a precondition probe's scratch object.
+        pub fn probes(&self) -> usize {
+            self.shared.probes.load(Ordering::SeqCst)
         }
 
         pub fn heads(&self) -> Vec<String> {
@@ -1665,6 +1793,9 @@ mod proxy {
             return Ok(());
         };
         sh.heads.lock().unwrap().push(head.clone());
+        if head.contains("nkprobe") || String::from_utf8_lossy(&body).contains("nkprobe") {
+            sh.probes.fetch_add(1, Ordering::SeqCst);
+        }
         let strip = sh.mode == Mode::Strip;
         let count = &sh.count;
         let mut lines = head.split("\r\n");
@@ -1860,6 +1991,10 @@ store_test!(
     s3_a_release_whose_answer_is_lost_is_recognised,
     a_release_whose_answer_is_lost_is_recognised(Kind::S3)
 );
+store_test!(
+    s3_the_probe_is_remembered_per_store,
+    the_probe_is_remembered_per_store(Kind::S3)
+);
 
 store_test!(gcs_compare_and_swap, compare_and_swap(Kind::Gcs));
 store_test!(
@@ -1895,6 +2030,10 @@ store_test!(
     gcs_a_release_whose_answer_is_lost_is_recognised,
     a_release_whose_answer_is_lost_is_recognised(Kind::Gcs)
 );
+store_test!(
+    gcs_the_probe_is_remembered_per_store,
+    the_probe_is_remembered_per_store(Kind::Gcs)
+);
 
 store_test!(vault_compare_and_swap, compare_and_swap(Kind::Vault));
 store_test!(
@@ -1929,6 +2068,10 @@ store_test!(
 store_test!(
     vault_a_release_whose_answer_is_lost_is_recognised,
     a_release_whose_answer_is_lost_is_recognised(Kind::Vault)
+);
+store_test!(
+    vault_the_probe_is_remembered_per_store,
+    the_probe_is_remembered_per_store(Kind::Vault)
 );
 
 store_test!(

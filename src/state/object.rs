@@ -27,8 +27,13 @@
 //!   comparison with the holder's clock), or at once when its holder is a
 //!   dead process on this host.
 //! - A store that ignores preconditions is refused (`ENKSTATEBACKEND`): at
-//!   first use (once per process and store) two conditional writes that
-//!   must fail are made to a scratch object.
+//!   first use two conditional writes that must fail are made to a scratch
+//!   object. A store that passed is remembered per endpoint and bucket (or
+//!   mount) for [`PROBE_TTL`], in a checksummed slot beside the lock
+//!   versions, so later processes skip the probe; a slot that is torn,
+//!   expired, dated in the future, for another store, or that another user
+//!   could have written (not owned by this user, or writable by group or
+//!   others) is not trusted: the store is probed again.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -190,8 +195,8 @@ impl ObjectBackend {
         format!("{} (lock {})", self.store.describe(), self.lock_key)
     }
 
-    /// Refuses a store that ignores preconditions (once per process and
-    /// store).
+    /// Refuses a store that ignores preconditions: probed once per process
+    /// and store, and a pass remembered on disk for [`PROBE_TTL`].
     pub async fn check_preconditions(&self) -> Result<(), StateError> {
         let cache_key = self.store.probe_key();
         let cached = PROBED
@@ -202,11 +207,19 @@ impl ObjectBackend {
         let result = match cached {
             Some(r) => r,
             None => {
-                let r = tracing::Instrument::instrument(
-                    self.probe(),
-                    tracing::info_span!("state.probe"),
-                )
-                .await?;
+                let r = if self.remembered_probe(&cache_key) {
+                    Ok(())
+                } else {
+                    let r = tracing::Instrument::instrument(
+                        self.probe(),
+                        tracing::info_span!("state.probe"),
+                    )
+                    .await?;
+                    if r.is_ok() {
+                        self.remember_probe(&cache_key);
+                    }
+                    r
+                };
                 PROBED
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -218,6 +231,45 @@ impl ObjectBackend {
             location: self.store.describe(),
             detail,
         })
+    }
+
+    /// Where a passed probe of the store `probe_key` is remembered.
+    fn probe_file(probe_key: &str) -> Option<std::path::PathBuf> {
+        use sha2::{Digest, Sha256};
+        let id = Sha256::digest(format!("probe\n{probe_key}").as_bytes());
+        Some(cache_dir()?.join(format!("probe-{}", hex::encode(&id[..16]))))
+    }
+
+    /// The store `probe_key` passed the probe less than [`PROBE_TTL`] ago,
+    /// by a slot this user wrote.
+    fn remembered_probe(&self, probe_key: &str) -> bool {
+        #[derive(Deserialize)]
+        struct Passed {
+            store: String,
+            passed_at_ms: i64,
+        }
+        let Some(bytes) = Self::probe_file(probe_key).and_then(|p| read_own(&p)) else {
+            return false;
+        };
+        let Some(p) = cache_payload(&bytes).and_then(|b| serde_json::from_slice::<Passed>(b).ok())
+        else {
+            return false;
+        };
+        let age = now_ms() - p.passed_at_ms;
+        p.store == probe_key && (0..PROBE_TTL.as_millis() as i64).contains(&age)
+    }
+
+    fn remember_probe(&self, probe_key: &str) {
+        let Some(path) = Self::probe_file(probe_key) else {
+            return;
+        };
+        let payload = serde_json::json!({"store": probe_key, "passed_at_ms": now_ms()}).to_string();
+        let Some(slot) = cache_slot(&payload) else {
+            return;
+        };
+        if let Err(e) = write_in_place(&path, &slot) {
+            tracing::debug!("cannot remember the probe in {}: {e}", path.display());
+        }
     }
 
     /// Two conditional writes that must fail, to a scratch object: `Err`
@@ -300,18 +352,9 @@ impl ObjectBackend {
     /// record it wrote last (see the module header).
     fn cache_file(&self) -> Option<std::path::PathBuf> {
         use sha2::{Digest, Sha256};
-        let base = std::env::var_os("XDG_CACHE_HOME")
-            .map(std::path::PathBuf::from)
-            .or_else(|| {
-                std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache"))
-            })?;
         let id =
             Sha256::digest(format!("{}\n{}", self.store.probe_key(), self.lock_key).as_bytes());
-        Some(
-            base.join("nanokit")
-                .join("state-locks")
-                .join(hex::encode(&id[..16])),
-        )
+        Some(cache_dir()?.join(hex::encode(&id[..16])))
     }
 
     fn remember_free(&self, version: &Version, record: &LockRecord) {
@@ -338,7 +381,7 @@ impl ObjectBackend {
             version: String,
             record: LockRecord,
         }
-        let bytes = std::fs::read(self.cache_file()?).ok()?;
+        let bytes = read_own(&self.cache_file()?)?;
         let r: Remembered = serde_json::from_slice(cache_payload(&bytes)?).ok()?;
         r.record
             .holder
@@ -383,6 +426,49 @@ impl ObjectBackend {
     }
 }
 
+/// How long a store that passed the precondition probe is trusted without
+/// probing it again.
+pub const PROBE_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// This user's folder of remembered lock versions and probes:
+/// `$XDG_CACHE_HOME/nanokit/state-locks` or `~/.cache/nanokit/state-locks`.
+fn cache_dir() -> Option<std::path::PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")))?;
+    Some(base.join("nanokit").join("state-locks"))
+}
+
+/// `meta` is of a regular file that only this user could have
+/// written: owned by this user, not writable by group or others.
+fn trusted(meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    meta.is_file() && meta.uid() == rustix::process::geteuid().as_raw() && meta.mode() & 0o022 == 0
+}
+
+/// The bytes of the slot at `path`, if this user could be its only writer
+/// (see [`trusted`]; a symbolic link is not followed).
+fn read_own(path: &std::path::Path) -> Option<Vec<u8>> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .ok()?;
+    if !trusted(&f.metadata().ok()?) {
+        tracing::debug!(
+            "{} is not trusted (another user could have written it): ignored",
+            path.display()
+        );
+        return None;
+    }
+    let mut bytes = Vec::with_capacity(CACHE_SLOT);
+    f.take(4 * CACHE_SLOT as u64).read_to_end(&mut bytes).ok()?;
+    Some(bytes)
+}
+
 /// The size of the remembered-lock file: one slot, overwritten in place.
 const CACHE_SLOT: usize = 1024;
 
@@ -420,22 +506,40 @@ fn cache_payload(bytes: &[u8]) -> Option<&[u8]> {
 /// a writeback of the data and cost a few hundred µs.
 fn write_in_place(path: &std::path::Path, slot: &[u8]) -> std::io::Result<()> {
     use std::io::Write as _;
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
     let open = || {
         std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(path)
     };
     let mut f = match open() {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)?;
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)?;
             }
             open()?
         }
         r => r?,
     };
+    // A file that is not this user's alone (planted, or left writable by
+    // a wide umask) would be ignored at every read: replaced.
+    if !trusted(&f.metadata()?) {
+        drop(f);
+        std::fs::remove_file(path)?;
+        f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)?;
+    }
     f.write_all(slot)?;
     // A longer file (never written by this format) would keep a tail that
     // fails the checksum at every read.
@@ -801,6 +905,37 @@ mod tests {
     #[test]
     fn a_payload_too_large_for_the_slot_is_not_slotted() {
         assert!(cache_slot(&"x".repeat(CACHE_SLOT)).is_none());
+    }
+
+    /// A slot is read only if this user alone could have written it: not
+    /// through a symbolic link, not writable by group or others, not
+    /// another user's; writing replaces such a file with one of mode 0600.
+    #[test]
+    fn only_a_slot_of_this_user_alone_is_read() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("slot");
+        let slot = cache_slot(&payload("\"v\"", 1)).unwrap();
+        write_in_place(&path, &slot).unwrap();
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(read_own(&path).as_deref(), Some(&slot[..]));
+        for wide in [0o666, 0o620, 0o602] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(wide)).unwrap();
+            assert_eq!(read_own(&path), None, "mode {wide:o}");
+            write_in_place(&path, &slot).unwrap();
+            assert_eq!(mode(&path), 0o600);
+            assert!(read_own(&path).is_some());
+        }
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        assert_eq!(read_own(&link), None, "read through a symbolic link");
+        if rustix::process::geteuid().is_root() {
+            std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+            assert_eq!(read_own(&path), None, "another user's slot");
+            write_in_place(&path, &slot).unwrap();
+            assert!(read_own(&path).is_some());
+        }
     }
 
     /// Written in place over a file of another length (an older nanokit's,
