@@ -530,6 +530,16 @@ describe('hub in Chromium: 4 workers installing one package into a --repo direct
     const done = await Promise.all(ws.map((w) => w.next(ev('done'))))
     assert.deepEqual(done.map((d) => d.result.installed).sort(), [false, false, false, true])
     assert.ok(existsSync(join(repo, 'node_modules', 'nk-hub-pkg_1.0.0', 'complete.txt')))
+    // The rest of `repo status` (the store, gc candidates) in units, never raw numbers.
+    await page.waitForSelector('.repo .kvline[data-field="store"]')
+    const lines = await page.evaluate(() => Object.fromEntries([...document.querySelectorAll('.repo .kvline')].map((l) => [l.dataset.field, l.textContent])))
+    const size = String.raw`\d+(\.\d)? (B|kB|MB|GB|TB)`
+    assert.match(lines.gc, /older than\s*30 days/, JSON.stringify(lines))
+    assert.match(lines.gc, new RegExp(`store bytes\\s*${size}`), JSON.stringify(lines))
+    assert.match(lines.store, new RegExp(`disk bytes\\s*${size}`), JSON.stringify(lines))
+    assert.doesNotMatch(lines.gc + lines.store, /2592000000|Ms\b|Bytes\b/, JSON.stringify(lines))
+    const formats = await page.evaluate(() => [bytes(0), bytes(999), bytes(1234), bytes(1_234_567), span(2_592_000_000), span(5_400_000), span(86_460_000)])
+    assert.deepEqual(formats, ['0 B', '999 B', '1.2 kB', '1.2 MB', '30 days', '1 hour 30 minutes', '1 day'])
     assert.deepEqual(page.foreign(), [])
   })
 })

@@ -62,6 +62,44 @@ function when(ms) {
   return ms == null ? '' : new Date(ms).toLocaleString()
 }
 
+/** A length of time in words, its largest unit and the next: `30 days`, `1 hour 30 minutes`. */
+function span(ms) {
+  let s = Math.round(ms / 1000)
+  const parts = []
+  for (const [unit, len] of [['day', 86400], ['hour', 3600], ['minute', 60], ['second', 1]]) {
+    const n = Math.floor(s / len)
+    s -= n * len
+    if (parts.length === 2 || (!n && parts.length === 0)) continue
+    if (n) parts.push(`${n} ${unit}${n === 1 ? '' : 's'}`)
+    else parts.push(null)
+  }
+  return parts.filter(Boolean).join(' ') || '0 seconds'
+}
+
+/** A size as `nanokit repo status` prints it: `512 B`, `1.2 kB`, `3.4 MB` (powers of 1000). */
+function bytes(n) {
+  const units = ['B', 'kB', 'MB', 'GB', 'TB']
+  let v = n
+  let u = 0
+  while (v >= 1000 && u < units.length - 1) { v /= 1000; u++ }
+  return u ? `${v.toFixed(1)} ${units[u]}` : `${n} B`
+}
+
+/**
+ * A field of a JSON report in words, by its name's unit: `olderThanMs` 2592000000 →
+ * ['older than', '30 days'], `storeBytes` 1234567 → ['store bytes', '1.2 MB'], `lastUsedAtMs` →
+ * a time ago, a list → its length, a ratio → two decimals.
+ */
+function field(key, v) {
+  const words = key.replace(/([a-z0-9])([A-Z])/g, '$1 $2').toLowerCase()
+  if (Array.isArray(v)) return [words, `${v.length}`]
+  if (typeof v !== 'number') return [words, String(v)]
+  if (/AtMs$/.test(key)) return [words.replace(/ at ms$/, ''), age(v)]
+  if (/Ms$/.test(key)) return [words.replace(/ ms$/, ''), span(v)]
+  if (/Bytes$/.test(key)) return [words, bytes(v)]
+  return [words, Number.isInteger(v) ? `${v}` : v.toFixed(2)]
+}
+
 /** A span that shows the time since/until `ms` and keeps it current. */
 function age(ms, { until = false, prefix = '' } = {}) {
   const s = el('span', { class: 'age', data: { ms, until: until ? 1 : 0, prefix }, title: when(ms) })
@@ -541,12 +579,15 @@ function repoPanel(r) {
   const p = el('div', { class: 'panel repo', data: { dir: r.dir } }, el('h2', {}, 'Repository ', el('code', {}, r.dir)))
   if (r.error) return add(p, [el('div', { class: 'alert' }, `${r.error.code}: ${r.error.message}`)]), p
   const s = r.status
-  // What else `repo status` reports (the store, gc candidates, …), as it comes.
-  const shown = (v) => (Array.isArray(v) ? `${v.length}` : typeof v === 'number' && !Number.isInteger(v) ? v.toFixed(2) : String(v))
+  // What else `repo status` reports (the store, gc candidates, …), as it comes, in units.
   for (const [k, v] of Object.entries(s)) {
     if (['dir', 'installed', 'locks', 'leftovers', 'staging'].includes(k) || v == null) continue
-    const fields = typeof v === 'object' && !Array.isArray(v) ? Object.entries(v) : [[k, v]]
-    p.append(el('div', { class: 'kvline', data: { field: k } }, typeof v === 'object' && !Array.isArray(v) ? el('b', {}, `${k}:`) : '', fields.map(([fk, fv]) => el('span', {}, el('b', {}, fk), shown(fv)))))
+    const group = typeof v === 'object' && !Array.isArray(v)
+    const fields = group ? Object.entries(v) : [[k, v]]
+    p.append(el('div', { class: 'kvline', data: { field: k } }, group ? el('b', {}, `${field(k, v)[0]}:`) : '', fields.map(([fk, fv]) => {
+      const [label, value] = field(fk, fv)
+      return el('span', { data: { field: fk }, title: `${fk}: ${Array.isArray(fv) ? fv.join(', ') : fv}` }, el('b', {}, label), value)
+    })))
   }
   p.append(el('h3', {}, `Installing now (${r.installing.length})`))
   const it = el('table', { class: 'installing' }, el('tr', {}, ['Package', 'Holder', 'Alive', 'Since', 'Heartbeat', 'Waiters', ''].map((h) => el('th', {}, h))))
