@@ -11,12 +11,16 @@ import { existsSync, mkdtempSync, readFileSync } from 'node:fs'
 import { request } from 'node:http'
 import { spawnSync } from 'node:child_process'
 import { tmpdir } from 'node:os'
-import { join } from 'node:path'
+import { dirname, join } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { gunzipSync } from 'node:zlib'
 
 import { IN_CI, needsChromium, needsDocker, requireDocker } from './helpers/services.mjs'
 import { answer, basicProject, hubInBrowser, launch, nk, open, project, row, screenshot, waitRows } from './helpers/hub.mjs'
 import { ev, killAll, worker } from './helpers/spawn.mjs'
 import { CLIS, start } from './helpers/clis.mjs'
+
+const root = join(dirname(fileURLToPath(import.meta.url)), '..')
 
 const alive = (pid) => {
   try {
@@ -35,9 +39,12 @@ function raw(url, { method = 'GET', headers = {}, body } = {}) {
   return new Promise((resolve, reject) => {
     const u = new URL(url)
     const req = request({ host: '127.0.0.1', port: u.port, path: u.pathname + u.search, method, headers }, (res) => {
-      let text = ''
-      res.on('data', (d) => (text += d))
-      res.on('end', () => resolve({ status: res.statusCode, headers: res.headers, body: text }))
+      const chunks = []
+      res.on('data', (d) => chunks.push(d))
+      res.on('end', () => {
+        const bytes = Buffer.concat(chunks)
+        resolve({ status: res.statusCode, headers: res.headers, body: bytes.toString(), bytes })
+      })
     })
     req.on('error', reject)
     req.end(body)
@@ -383,6 +390,33 @@ describe('hub security', () => {
     assert.equal(page.headers['x-frame-options'], 'DENY')
     assert.equal(page.headers['x-content-type-options'], 'nosniff')
     assert.doesNotMatch(page.body, /https?:\/\/(?!127)/, 'the page names no other origin')
+  })
+
+  test('the scripts, styles and icon go gzipped to a client that accepts gzip, as they are to one that does not', async () => {
+    const u = new URL(hub.url)
+    const headers = { 'x-nanokit-token': u.searchParams.get('token') }
+    for (const [name, type] of [['app.js', 'text/javascript'], ['app.css', 'text/css'], ['icon.svg', 'image/svg+xml']]) {
+      const source = readFileSync(join(root, 'src', 'hub', 'assets', name))
+      const plain = await raw(`${u.origin}/assets/${name}`, { headers })
+      assert.equal(plain.status, 200, name)
+      assert.equal(plain.headers['content-encoding'], undefined, name)
+      assert.ok(plain.headers['content-type'].startsWith(type), name)
+      assert.ok(plain.bytes.equals(source), `${name} as it is`)
+      for (const accept of ['gzip, deflate, br, zstd', 'gzip;q=0, br', 'identity']) {
+        const r = await raw(`${u.origin}/assets/${name}`, { headers: { ...headers, 'accept-encoding': accept } })
+        assert.equal(r.status, 200, name)
+        assert.equal(r.headers.vary, 'accept-encoding')
+        assert.match(r.headers['content-security-policy'], /default-src 'none'/)
+        if (accept.startsWith('gzip,')) {
+          assert.equal(r.headers['content-encoding'], 'gzip', name)
+          assert.ok(r.bytes.length < source.length, `${name} is smaller gzipped`)
+          assert.ok(gunzipSync(r.bytes).equals(source), `${name} gunzips to its source`)
+        } else {
+          assert.equal(r.headers['content-encoding'], undefined, `${name} with ${accept}`)
+          assert.ok(r.bytes.equals(source), `${name} with ${accept}`)
+        }
+      }
+    }
   })
 
   test('a POST without the token header is refused and nothing is done (cookie alone, wrong origin, no JSON)', async () => {

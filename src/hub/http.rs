@@ -257,7 +257,7 @@ impl Server {
                 assets::index(&self.token),
             ),
             (Method::GET, p) if p.starts_with("/assets/") => match assets::get(&p[8..]) {
-                Some((ct, body)) => full(StatusCode::OK, ct, body),
+                Some((ct, gz)) => asset(req.headers(), ct, gz),
                 None => text(StatusCode::NOT_FOUND, "not found"),
             },
             (Method::GET, "/api/view") => {
@@ -390,6 +390,26 @@ impl Server {
             ),
         }
     }
+}
+
+/// A gzipped asset: as it is when the client accepts gzip, else unpacked.
+fn asset(headers: &HeaderMap, content_type: &'static str, gz: &'static [u8]) -> Response<Body> {
+    let gzip = headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(assets::accepts_gzip);
+    let mut r = if gzip {
+        let mut r = full(StatusCode::OK, content_type, Bytes::from_static(gz));
+        r.headers_mut()
+            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        r
+    } else {
+        full(StatusCode::OK, content_type, assets::gunzip(gz))
+    };
+    r.headers_mut()
+        .insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    r
 }
 
 fn unauthorized() -> Response<Body> {
