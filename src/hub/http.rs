@@ -60,7 +60,7 @@ pub(super) async fn serve(server: Arc<Server>, listener: TcpListener) {
         };
         let _ = stream.set_nodelay(true);
         let server = server.clone();
-        tokio::spawn(async move {
+        super::spawn(async move {
             let stop = server.stop.clone();
             let svc = hyper::service::service_fn(move |req| {
                 let server = server.clone();
@@ -322,7 +322,7 @@ impl Server {
         let stop = self.stop.clone();
         let mut sub = live.subscribe();
         let asked = live.request(ALL);
-        tokio::spawn(async move {
+        super::spawn(async move {
             let mut served = live.served();
             let _ = tokio::time::timeout(Duration::from_secs(5), served.wait_for(|s| *s >= asked))
                 .await;

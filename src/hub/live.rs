@@ -170,7 +170,7 @@ impl Live {
             started_at_ms: view::now_ms(),
             stop,
         });
-        tokio::spawn(run(shared.clone(), watcher));
+        super::spawn(run(shared.clone(), watcher));
         Ok(Live { shared })
     }
 

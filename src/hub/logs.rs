@@ -213,7 +213,7 @@ pub(super) fn stream(live: &Live, q: &HashMap<String, String>) -> Response<Body>
     };
     let (tx, rx) = mpsc::channel::<Bytes>(16);
     let live = live.clone();
-    tokio::spawn(async move {
+    super::spawn(async move {
         let docker = p.config.provider == ProviderKind::Docker;
         let mut first = Vec::new();
         let mut followers = Vec::new();

@@ -45,6 +45,16 @@ pub(super) fn boxed<'a, T>(
     Box::pin(f)
 }
 
+/// Spawns a task of the hub as one boxed future: every hub task is then the
+/// same type to tokio, whose task machinery (poll, wake, cancel, join) the
+/// binary carries once for them all, not once per task.
+pub(super) fn spawn(
+    f: impl std::future::Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let f: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = Box::pin(f);
+    tokio::spawn(f)
+}
+
 /// The default port (`--port`).
 pub const DEFAULT_PORT: u16 = 7420;
 
@@ -151,7 +161,7 @@ impl Hub {
             live,
             stop: stop.clone(),
         });
-        let done = tokio::spawn(http::serve(server, listener));
+        let done = spawn(http::serve(server, listener));
         Ok(Hub {
             url,
             port,
