@@ -19,13 +19,14 @@ use hyper::body::{Bytes, Incoming};
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::live::{Live, Snapshot, ALL};
-use super::respond::{error, event_stream, full, json_response, sse, text, Body};
+use super::respond::{error, event_stream, full, json_bytes, json_response, sse, text, Body};
 use super::{actions, assets, logs, view};
 
 /// The page's Content-Security-Policy: nothing from anywhere but the hub.
@@ -254,7 +255,7 @@ impl Server {
             (Method::GET, "/") => full(
                 StatusCode::OK,
                 "text/html; charset=utf-8",
-                assets::index(&self.token),
+                assets::index(&self.token).into(),
             ),
             (Method::GET, p) if p.starts_with("/assets/") => match assets::get(&p[8..]) {
                 Some((ct, gz)) => asset(req.headers(), ct, gz),
@@ -262,7 +263,7 @@ impl Server {
             },
             (Method::GET, "/api/view") => {
                 let snap = self.fresh_view().await;
-                json_response(StatusCode::OK, &snapshot_json(&snap))
+                json_bytes(StatusCode::OK, snapshot_json(&snap, &|_, _| true))
             }
             (Method::GET, "/api/events") => self.events(),
             (Method::GET, p) if p.starts_with("/api/runs/") => self.run(&p[10..]),
@@ -327,10 +328,12 @@ impl Server {
             let _ = tokio::time::timeout(Duration::from_secs(5), served.wait_for(|s| *s >= asked))
                 .await;
             let mut last = sub.borrow_and_update().clone();
-            let first = format!("retry: 1000\n{}", {
-                let b = sse("view", Some(last.version), &snapshot_json(&last));
-                String::from_utf8_lossy(&b).into_owned()
-            });
+            let view = sse(
+                "view",
+                Some(last.version),
+                &snapshot_json(&last, &|_, _| true),
+            );
+            let first = [&b"retry: 1000\n"[..], &view].concat();
             if tx.send(Bytes::from(first)).await.is_err() {
                 return;
             }
@@ -341,18 +344,16 @@ impl Server {
                             return;
                         }
                         let snap = sub.borrow_and_update().clone();
-                        let mut changed = serde_json::Map::new();
-                        for (k, v) in &snap.sections {
-                            if last.sections.get(k).is_none_or(|old| !Arc::ptr_eq(old, v)) {
-                                changed.insert(k.to_string(), (**v).clone());
-                            }
-                        }
-                        last = snap;
-                        if changed.is_empty() {
+                        let changed = |k: &str, v: &Arc<Value>| {
+                            last.sections.get(k).is_none_or(|old| !Arc::ptr_eq(old, v))
+                        };
+                        if !snap.sections.iter().any(|(k, v)| changed(k, v)) {
+                            last = snap;
                             continue;
                         }
-                        let patch = json!({ "version": last.version, "sections": changed });
-                        if tx.send(sse("patch", Some(last.version), &patch)).await.is_err() {
+                        let patch = sse("patch", Some(snap.version), &snapshot_json(&snap, &changed));
+                        last = snap;
+                        if tx.send(patch).await.is_err() {
                             return;
                         }
                     }
@@ -386,7 +387,7 @@ impl Server {
             None => error(
                 StatusCode::NOT_FOUND,
                 "ENKTRACE",
-                format!("no run `{name}` in this project's traces"),
+                &format!("no run `{name}` in this project's traces"),
             ),
         }
     }
@@ -405,7 +406,7 @@ fn asset(headers: &HeaderMap, content_type: &'static str, gz: &'static [u8]) -> 
             .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
         r
     } else {
-        full(StatusCode::OK, content_type, assets::gunzip(gz))
+        full(StatusCode::OK, content_type, assets::gunzip(gz).into())
     };
     r.headers_mut()
         .insert(header::VARY, HeaderValue::from_static("accept-encoding"));
@@ -419,12 +420,25 @@ fn unauthorized() -> Response<Body> {
     )
 }
 
-pub(super) fn snapshot_json(s: &Snapshot) -> Value {
-    let mut sections = serde_json::Map::new();
-    for (k, v) in &s.sections {
-        sections.insert(k.to_string(), (**v).clone());
+/// `{ version, sections }`: the sections of `s` that `pick` takes, as JSON.
+fn snapshot_json(s: &Snapshot, pick: &dyn Fn(&str, &Arc<Value>) -> bool) -> Vec<u8> {
+    struct Sections<'a>(&'a Snapshot, &'a dyn Fn(&str, &Arc<Value>) -> bool);
+    impl Serialize for Sections<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let picked = self.0.sections.iter().filter(|(k, v)| (self.1)(k, v));
+            s.collect_map(picked.map(|(k, v)| (*k, &**v)))
+        }
     }
-    json!({ "version": s.version, "sections": sections })
+    #[derive(Serialize)]
+    struct View<'a> {
+        version: u64,
+        sections: Sections<'a>,
+    }
+    let view = View {
+        version: s.version,
+        sections: Sections(s, pick),
+    };
+    serde_json::to_vec(&view).expect("JSON serialises")
 }
 
 #[cfg(test)]

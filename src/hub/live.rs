@@ -16,7 +16,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -65,6 +66,8 @@ pub(super) struct Snapshot {
 }
 
 /// One hub action in progress.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
 struct Running {
     id: u64,
     action: String,
@@ -75,13 +78,27 @@ struct Running {
     phases: BTreeMap<String, Value>,
 }
 
+/// An action of the hub that ended, with what the API answered.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Done {
+    id: u64,
+    action: String,
+    env: String,
+    services: Vec<String>,
+    started_at_ms: i64,
+    ended_at_ms: i64,
+    result: Value,
+}
+
 /// Actions of the hub: those running (with each service's progress) and
 /// the last ones that ended.
-#[derive(Default)]
+#[derive(Default, Serialize)]
 pub(super) struct Activity {
+    #[serde(skip)]
     next_id: u64,
     running: Vec<Running>,
-    done: VecDeque<Value>,
+    done: VecDeque<Done>,
 }
 
 impl Activity {
@@ -95,24 +112,20 @@ impl Activity {
         }
         out
     }
+}
 
-    fn json(&self) -> Value {
-        let running: Vec<Value> = self
-            .running
-            .iter()
-            .map(|r| {
-                json!({
-                    "id": r.id,
-                    "action": r.action,
-                    "env": r.env,
-                    "services": r.services,
-                    "startedAtMs": r.started_at_ms,
-                    "phases": r.phases,
-                })
-            })
-            .collect();
-        json!({ "running": running, "done": self.done })
-    }
+/// The hub itself: the project, the environments and repositories it
+/// shows, configuration reload failures.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Meta<'a> {
+    project: Option<&'a str>,
+    file: &'a Path,
+    envs: &'a [String],
+    repos: &'a [PathBuf],
+    version: &'static str,
+    started_at_ms: i64,
+    errors: &'a [Value],
 }
 
 struct Shared {
@@ -260,15 +273,15 @@ impl Live {
         let mut a = self.activity();
         if let Some(i) = a.running.iter().position(|r| r.id == id) {
             let r = a.running.remove(i);
-            a.done.push_front(json!({
-                "id": r.id,
-                "action": r.action,
-                "env": r.env,
-                "services": r.services,
-                "startedAtMs": r.started_at_ms,
-                "endedAtMs": view::now_ms(),
-                "result": result,
-            }));
+            a.done.push_front(Done {
+                id: r.id,
+                action: r.action,
+                env: r.env,
+                services: r.services,
+                started_at_ms: r.started_at_ms,
+                ended_at_ms: view::now_ms(),
+                result,
+            });
             a.done.truncate(10);
         }
         drop(a);
@@ -455,7 +468,10 @@ fn reload(shared: &Shared) {
         .map(|env| match Project::load(&shared.opts, env) {
             Ok(p) => Arc::new(p),
             Err(e) => {
-                errors.push(json!({ "env": env, "error": view::error_json(&e) }));
+                errors.push(view::value(view::EnvError {
+                    env,
+                    error: view::ErrorView::of(&e),
+                }));
                 old.iter()
                     .find(|p| p.env == *env)
                     .cloned()
@@ -555,27 +571,22 @@ async fn recompute(
         sections.push(("runs", v));
     }
     if on(ACTIVITY) {
-        let a = shared
-            .activity
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .json();
+        let a = view::value(&*shared.activity.lock().unwrap_or_else(|e| e.into_inner()));
         sections.push(("activity", a));
     }
     if on(META) {
-        let p = projects.first();
-        sections.push((
-            "meta",
-            json!({
-                "project": p.map(|p| p.config.name.clone()),
-                "file": shared.opts.file,
-                "envs": shared.envs,
-                "repos": shared.opts.repos,
-                "version": env!("CARGO_PKG_VERSION"),
-                "startedAtMs": shared.started_at_ms,
-                "errors": *shared.errors.lock().unwrap_or_else(|e| e.into_inner()),
-            }),
-        ));
+        let errors = shared.errors.lock().unwrap_or_else(|e| e.into_inner());
+        let meta = view::value(Meta {
+            project: projects.first().map(|p| p.config.name.as_str()),
+            file: &shared.opts.file,
+            envs: &shared.envs,
+            repos: &shared.opts.repos,
+            version: env!("CARGO_PKG_VERSION"),
+            started_at_ms: shared.started_at_ms,
+            errors: &errors,
+        });
+        drop(errors);
+        sections.push(("meta", meta));
     }
     let masker = shared
         .masker

@@ -15,12 +15,12 @@ use std::time::Duration;
 
 use hyper::body::Bytes;
 use hyper::{Response, StatusCode};
-use serde_json::{json, Value};
+use serde::Serialize;
 use tokio::sync::mpsc;
 
 use super::live::Live;
 use super::project::Project;
-use super::respond::{error, event_stream, json_response, sse, Body};
+use super::respond::{error, event_stream, json_bytes, sse, Body};
 use crate::config::ProviderKind;
 use crate::trace::Masker;
 
@@ -70,7 +70,7 @@ fn files(p: &Project, service: &str) -> Result<Vec<(String, PathBuf)>, Box<Respo
         return Err(Box::new(error(
             StatusCode::NOT_FOUND,
             "ENKNOLOGS",
-            format!("no service `{service}` in environment `{}`", cfg.env),
+            &format!("no service `{service}` in environment `{}`", cfg.env),
         )));
     }
     Ok(vec![(service.to_string(), cfg.log_file(service))])
@@ -195,14 +195,32 @@ async fn container_tail(p: &Project, service: &str, lines: usize) -> Vec<String>
     }
 }
 
+/// Lines of logs: `[service, line]` each, masked.
+#[derive(Serialize)]
+struct Lines<'a> {
+    first: bool,
+    lines: Vec<(&'a str, String)>,
+}
+
 fn lines_event(masker: &Masker, lines: Vec<(String, String)>, first: bool) -> Vec<Bytes> {
     lines
         .chunks(BATCH)
         .map(|c| {
-            let l: Vec<Value> = c.iter().map(|(s, t)| json!([s, masker.mask(t)])).collect();
-            sse("lines", None, &json!({ "first": first, "lines": l }))
+            let lines = c
+                .iter()
+                .map(|(s, t)| (s.as_str(), masker.mask(t)))
+                .collect();
+            lines_json(&Lines { first, lines })
         })
         .collect()
+}
+
+fn lines_json(l: &Lines) -> Bytes {
+    sse(
+        "lines",
+        None,
+        &serde_json::to_vec(l).expect("JSON serialises"),
+    )
 }
 
 /// `GET /api/logs?env=&service=`: the log stream.
@@ -241,7 +259,10 @@ pub(super) fn stream(live: &Live, q: &HashMap<String, String>) -> Response<Body>
         let masker = live.masker();
         let mut events = lines_event(&masker, first, true);
         if events.is_empty() {
-            events.push(sse("lines", None, &json!({ "first": true, "lines": [] })));
+            events.push(lines_json(&Lines {
+                first: true,
+                lines: Vec::new(),
+            }));
         }
         for e in events {
             if tx.send(e).await.is_err() {
@@ -303,7 +324,7 @@ fn project(
         Box::new(error(
             StatusCode::NOT_FOUND,
             "ENKHUBREQUEST",
-            format!("environment `{env}` is not shown by this hub"),
+            &format!("environment `{env}` is not shown by this hub"),
         ))
     })
 }
@@ -345,13 +366,19 @@ pub(super) async fn search(live: &Live, q: &HashMap<String, String>) -> Response
                     truncated = true;
                     break 'files;
                 }
-                matches.push(json!([svc, masked]));
+                matches.push((svc.as_str(), masked));
             }
         }
     }
-    json_response(
+    #[derive(Serialize)]
+    struct Matches<'a> {
+        matches: Vec<(&'a str, String)>,
+        truncated: bool,
+    }
+    let m = Matches { matches, truncated };
+    json_bytes(
         StatusCode::OK,
-        &json!({ "matches": matches, "truncated": truncated }),
+        serde_json::to_vec(&m).expect("JSON serialises"),
     )
 }
 

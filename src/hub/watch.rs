@@ -5,13 +5,17 @@
 //! event carries the line the engine words for it, as Nomad's task events
 //! read ("restarting in 27.7 s (attempt 3)").
 
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
 
+use super::view::value;
 use crate::config::Config;
 use crate::engine;
 use crate::engine::watch::status::{
-    self, EventRecord, PassSummary, ServiceWatch, WatchEvent, WatchStatus,
+    self, EventRecord, Health, PassOutcome, PassReason, PassSummary, Role, ServiceWatch,
+    WatchEvent, WatchStatus,
 };
+use crate::provider::ExitKind;
 
 /// How many recent events are kept (all services).
 const RECENT: usize = 50;
@@ -47,24 +51,84 @@ fn concerns(e: &WatchEvent, name: &str) -> bool {
 /// An event as the page gets it: its record (type, fields, seq, epoch),
 /// with its time in milliseconds and its line.
 fn event_json(r: &EventRecord) -> Value {
-    let mut v = serde_json::to_value(r).unwrap_or_default();
+    let mut v = value(r);
     if let Value::Object(m) = &mut v {
-        m.insert("atMs".into(), json!(ms(&r.at)));
-        m.insert("text".into(), json!(r.text()));
+        m.insert("atMs".into(), ms(&r.at).into());
+        m.insert("text".into(), r.text().into());
     }
     v
 }
 
-fn pass_json(p: &PassSummary) -> Value {
-    json!({
-        "pass": p.pass,
-        "reason": p.reason,
-        "atMs": ms(&p.finished_at),
-        "outcome": p.outcome,
-        "changed": p.changed,
-        "failed": p.failed,
-        "run": p.run,
-    })
+/// The watcher as the page shows it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Summary<'a> {
+    running: bool,
+    role: Role,
+    holder: &'a str,
+    pid: u32,
+    host: &'a str,
+    epoch: u64,
+    started_at_ms: Option<i64>,
+    leads_since_ms: Option<i64>,
+    interval_ms: u64,
+    passes: u64,
+    last_pass: Option<Pass<'a>>,
+    last_check_at_ms: Option<i64>,
+    next_check_at_ms: Option<i64>,
+    updated_at_ms: Option<i64>,
+    events: Vec<Value>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Pass<'a> {
+    pass: u64,
+    reason: PassReason,
+    at_ms: Option<i64>,
+    outcome: PassOutcome,
+    changed: &'a [String],
+    failed: &'a [String],
+    run: Option<&'a str>,
+}
+
+impl<'a> Pass<'a> {
+    fn of(p: &'a PassSummary) -> Pass<'a> {
+        Pass {
+            pass: p.pass,
+            reason: p.reason,
+            at_ms: ms(&p.finished_at),
+            outcome: p.outcome,
+            changed: &p.changed,
+            failed: &p.failed,
+            run: p.run.as_deref(),
+        }
+    }
+}
+
+/// What the watcher says of one service.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ServiceView<'a> {
+    restarts: u32,
+    last_exit: Option<ExitView<'a>>,
+    next_restart_at_ms: Option<i64>,
+    backoff_ms: Option<u64>,
+    policy: &'a str,
+    health: Health,
+    held: Option<&'a str>,
+    instances: &'a [String],
+    recent: Vec<Value>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ExitView<'a> {
+    at_ms: Option<i64>,
+    kind: ExitKind,
+    code: Option<i32>,
+    signal: Option<&'a str>,
+    text: &'a str,
 }
 
 /// The watcher's status as last written, and its recent events.
@@ -100,22 +164,22 @@ impl Watcher {
     /// its recent events.
     pub(super) fn summary(&self) -> Value {
         let s = &self.status;
-        json!({
-            "running": self.running,
-            "role": s.role,
-            "holder": s.leader.holder,
-            "pid": s.leader.pid,
-            "host": s.leader.host,
-            "epoch": s.leader.epoch,
-            "startedAtMs": ms(&s.started_at),
-            "leadsSinceMs": ms(&s.leader.since),
-            "intervalMs": s.interval_ms,
-            "passes": s.passes,
-            "lastPass": s.last_pass.as_ref().map(pass_json),
-            "lastCheckAtMs": s.last_check.as_deref().and_then(ms),
-            "nextCheckAtMs": s.next_full_check.as_deref().and_then(ms),
-            "updatedAtMs": ms(&s.updated_at),
-            "events": self.events.iter().map(event_json).collect::<Vec<_>>(),
+        value(Summary {
+            running: self.running,
+            role: s.role,
+            holder: &s.leader.holder,
+            pid: s.leader.pid,
+            host: &s.leader.host,
+            epoch: s.leader.epoch,
+            started_at_ms: ms(&s.started_at),
+            leads_since_ms: ms(&s.leader.since),
+            interval_ms: s.interval_ms,
+            passes: s.passes,
+            last_pass: s.last_pass.as_ref().map(Pass::of),
+            last_check_at_ms: s.last_check.as_deref().and_then(ms),
+            next_check_at_ms: s.next_full_check.as_deref().and_then(ms),
+            updated_at_ms: ms(&s.updated_at),
+            events: self.events.iter().map(event_json).collect(),
         })
     }
 
@@ -130,22 +194,22 @@ impl Watcher {
             .filter(|r| concerns(&r.event, name))
             .collect();
         let recent = &mine[mine.len().saturating_sub(RECENT_PER_SERVICE)..];
-        Some(json!({
-            "restarts": s.restarts,
-            "lastExit": s.last_exit.as_ref().map(|e| json!({
-                "atMs": ms(&e.at),
-                "kind": e.exit.kind,
-                "code": e.exit.code,
-                "signal": e.exit.signal,
-                "text": e.text,
-            })),
-            "nextRestartAtMs": s.next_attempt.as_deref().and_then(ms),
-            "backoffMs": s.backoff_ms,
-            "policy": s.policy,
-            "health": s.health,
-            "held": s.held,
-            "instances": s.instances,
-            "recent": recent.iter().map(|r| event_json(r)).collect::<Vec<_>>(),
+        Some(value(ServiceView {
+            restarts: s.restarts,
+            last_exit: s.last_exit.as_ref().map(|e| ExitView {
+                at_ms: ms(&e.at),
+                kind: e.exit.kind,
+                code: e.exit.code,
+                signal: e.exit.signal.as_deref(),
+                text: &e.text,
+            }),
+            next_restart_at_ms: s.next_attempt.as_deref().and_then(ms),
+            backoff_ms: s.backoff_ms,
+            policy: &s.policy,
+            health: s.health,
+            held: s.held.as_deref(),
+            instances: &s.instances,
+            recent: recent.iter().map(|r| event_json(r)).collect(),
         }))
     }
 }
