@@ -293,8 +293,7 @@ async fn unlock(live: &Live, env: &str, body: &Value, confirmed: bool) -> (Statu
             let Some(p) = live.project(env) else {
                 return bad("unknown environment".into());
             };
-            let (location, held) = match super::boxed(crate::state::lock::inspect(&p.config)).await
-            {
+            let (location, held) = match crate::state::lock::inspect(&p.config).await {
                 Ok(v) => v,
                 Err(e) => return failure(ErrorView::of(&e), None),
             };
@@ -304,7 +303,7 @@ async fn unlock(live: &Live, env: &str, body: &Value, confirmed: bool) -> (Statu
             if !confirmed {
                 return not_confirmed("clearing the deploy lock");
             }
-            match super::boxed(crate::state::lock::force_unlock(&p.config)).await {
+            match crate::state::lock::force_unlock(&p.config).await {
                 Ok(cleared) => cleared_answer(
                     cleared.map(|c| c.to_string()),
                     "Cleared. The holder, if still running, will find its lock lost and stop; its state writes are refused once another run takes the lock.".into(),
@@ -360,10 +359,10 @@ async fn unlock(live: &Live, env: &str, body: &Value, confirmed: bool) -> (Statu
                 agent: Some(agent),
                 ..live.opts().state.clone()
             };
-            let r = super::boxed(async {
+            let r = async {
                 let store = crate::kv::Store::open(&opts).await?;
                 store.force_unlock(&name).await
-            })
+            }
             .await;
             match r {
                 Ok(Some(holder)) => {

@@ -68,7 +68,7 @@ impl StateReader {
             .await?
             .clone();
         let st = Arc::new(
-            super::boxed(state::Store::open(backend, &config.name, &config.env))
+            state::Store::open(backend, &config.name, &config.env)
                 .await?
                 .state()
                 .clone(),

@@ -91,7 +91,7 @@ pub(super) async fn services(
     let cfg = &p.config;
     let layers = Dag::build(cfg).map(|d| d.layers()).unwrap_or_default();
     let rows = match p.state.read(cfg).await {
-        Ok(st) => super::boxed(engine::status_rows(cfg, p.provider.as_ref(), &st)).await,
+        Ok(st) => engine::status_rows(cfg, p.provider.as_ref(), &st).await,
         Err(e) => Err(e.into()),
     };
     let (rows, error) = match rows {
@@ -384,20 +384,18 @@ struct Slow<'a> {
 pub(super) async fn locks(projects: &[std::sync::Arc<Project>], repos: &[PathBuf]) -> Value {
     let mut deploy = Vec::new();
     for p in projects {
-        deploy.push(
-            match super::boxed(crate::state::lock::inspect(&p.config)).await {
-                Ok((location, held)) => value(DeployLock {
-                    env: &p.env,
-                    location,
-                    describe: held.as_ref().map(|h| h.to_string()),
-                    held,
-                }),
-                Err(e) => value(EnvError {
-                    env: &p.env,
-                    error: ErrorView::of(&e),
-                }),
-            },
-        );
+        deploy.push(match crate::state::lock::inspect(&p.config).await {
+            Ok((location, held)) => value(DeployLock {
+                env: &p.env,
+                location,
+                describe: held.as_ref().map(|h| h.to_string()),
+                held,
+            }),
+            Err(e) => value(EnvError {
+                env: &p.env,
+                error: ErrorView::of(&e),
+            }),
+        });
     }
     let repos: Vec<Value> = repos.iter().map(|r| repo(r)).collect();
     value(Locks { deploy, repos })
@@ -508,7 +506,7 @@ pub(super) async fn state(opts: &crate::kv::OpenOptions) -> Value {
             .map(|d| d.display().to_string())
             .unwrap_or_default(),
     };
-    let agents = match super::boxed(crate::kv::agents(opts)).await {
+    let agents = match crate::kv::agents(opts).await {
         Ok(a) => a,
         Err(e) => {
             return value(StateView {
@@ -525,12 +523,12 @@ pub(super) async fn state(opts: &crate::kv::OpenOptions) -> Value {
             agent: Some(agent.clone()),
             ..opts.clone()
         };
-        let r = super::boxed(async {
+        let r = async {
             let store = crate::kv::Store::open(&o).await?;
             let keys = store.list("").await?;
             let locks = store.locks().await?;
             Ok::<_, crate::kv::KvError>((keys, locks))
-        })
+        }
         .await;
         out.push(match r {
             Ok((keys, locks)) => {
