@@ -30,9 +30,14 @@ const MAX_KEYS: usize = 1000;
 const MAX_VALUE_CHARS: usize = 2000;
 
 /// A view as a JSON value (null if it cannot be one: a path that is not
-/// UTF-8).
+/// UTF-8). Written as JSON text and read back: serde's writer code for
+/// each field type is in the binary already, its code to build values
+/// field by field is not (docs/hub.md#size).
 pub(super) fn value(v: impl Serialize) -> Value {
-    serde_json::to_value(v).unwrap_or_default()
+    serde_json::to_vec(&v)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
 }
 
 /// An error as the page shows it: `{ code, message }`.
