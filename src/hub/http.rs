@@ -345,7 +345,7 @@ impl Server {
                         }
                         let snap = sub.borrow_and_update().clone();
                         let changed = |k: &str, v: &Arc<Value>| {
-                            last.sections.get(k).is_none_or(|old| !Arc::ptr_eq(old, v))
+                            last.get(k).is_none_or(|old| !Arc::ptr_eq(old, v))
                         };
                         if !snap.sections.iter().any(|(k, v)| changed(k, v)) {
                             last = snap;
@@ -379,8 +379,7 @@ impl Server {
             return text(StatusCode::NOT_FOUND, "no project");
         };
         match view::run_detail(&p.config.file, &name) {
-            Some(t) => {
-                let mut v = view::run_json(&t);
+            Some(mut v) => {
                 self.live.masker().mask_json(&mut v);
                 json_response(StatusCode::OK, &v)
             }

@@ -62,7 +62,24 @@ const DEBOUNCE: Duration = Duration::from_millis(10);
 #[derive(Debug, Clone, Default)]
 pub(super) struct Snapshot {
     pub version: u64,
-    pub sections: BTreeMap<&'static str, Arc<Value>>,
+    /// Each section by name (a handful: looked up by a walk).
+    pub sections: Vec<(&'static str, Arc<Value>)>,
+}
+
+impl Snapshot {
+    pub(super) fn get(&self, name: &str) -> Option<&Arc<Value>> {
+        self.sections
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v)
+    }
+
+    fn set(&mut self, name: &'static str, value: Arc<Value>) {
+        match self.sections.iter_mut().find(|(n, _)| *n == name) {
+            Some(s) => s.1 = value,
+            None => self.sections.push((name, value)),
+        }
+    }
 }
 
 /// One hub action in progress.
@@ -506,15 +523,11 @@ async fn recompute(
     } else {
         None
     };
-    let last_runs = match &runs {
-        Some(r) => Some(r.clone()),
-        None => shared
-            .snapshot
-            .borrow()
-            .sections
-            .get("runs")
-            .map(|v| (**v).clone()),
+    let shown_runs = match runs {
+        Some(_) => None,
+        None => shared.snapshot.borrow().get("runs").cloned(),
     };
+    let last_runs = runs.as_ref().or(shown_runs.as_deref());
     // One after the other: each is quick (drift, the slowest, is a walk of
     // /proc or one call to the daemon), and a join would be a larger binary.
     let services = if !on(SERVICES) {
@@ -530,7 +543,7 @@ async fn recompute(
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .phases(&p.env);
-            envs.push(view::services(p, w.as_ref(), &phases, last_runs.as_ref()).await);
+            envs.push(view::services(p, w.as_ref(), &phases, last_runs).await);
         }
         Some((Value::Array(envs), all_watched))
     };
@@ -600,12 +613,12 @@ async fn recompute(
         let mut changed = false;
         for (name, mut value) in sections {
             masker.mask_json(&mut value);
-            if next.sections.get(name).is_some_and(|v| **v == value) {
+            if next.get(name).is_some_and(|v| **v == value) {
                 continue;
             }
             services_changed |= name == "services";
             runs_changed |= name == "runs";
-            next.sections.insert(name, Arc::new(value));
+            next.set(name, Arc::new(value));
             changed = true;
         }
         if changed {

@@ -34,9 +34,13 @@ const MAX_VALUE_CHARS: usize = 2000;
 /// each field type is in the binary already, its code to build values
 /// field by field is not (docs/hub.md#size).
 pub(super) fn value(v: impl Serialize) -> Value {
-    serde_json::to_vec(&v)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
+    parse(serde_json::to_vec(&v).ok().as_deref())
+}
+
+/// JSON text as a value (null if it is not JSON).
+#[inline(never)]
+pub(super) fn parse(json: Option<&[u8]>) -> Value {
+    json.and_then(|b| serde_json::from_slice(b).ok())
         .unwrap_or_default()
 }
 
@@ -49,9 +53,13 @@ pub(super) struct ErrorView {
 
 impl ErrorView {
     pub(super) fn of(e: &(impl ErrorCode + std::fmt::Display)) -> ErrorView {
+        ErrorView::new(e.code(), e)
+    }
+
+    fn new(code: &'static str, message: &dyn std::fmt::Display) -> ErrorView {
         ErrorView {
-            code: e.code(),
-            message: e.to_string(),
+            code,
+            message: message.to_string(),
         }
     }
 }
@@ -326,7 +334,7 @@ struct RunSummary<'a> {
 /// One run as the timeline page draws it: the trace, each span's label,
 /// the critical path and the slowest steps. `run` must be a run's exact
 /// name (never a path).
-pub(super) fn run_detail(file: &Path, run: &str) -> Option<TraceFile> {
+pub(super) fn run_detail(file: &Path, run: &str) -> Option<Value> {
     if run.is_empty() || run.contains('/') || run.starts_with('.') {
         return None;
     }
@@ -334,10 +342,14 @@ pub(super) fn run_detail(file: &Path, run: &str) -> Option<TraceFile> {
     let path = file::list(&dir)
         .into_iter()
         .find(|p| p.file_stem().is_some_and(|s| s == run))?;
-    TraceFile::read(&path).ok()
+    let t = TraceFile::read(&path).ok()?;
+    // The trace as its file has it (read again as a value rather than
+    // written anew: the binary writes traces pretty, not compact).
+    let trace = parse(std::fs::read(&path).ok().as_deref());
+    Some(run_json(&t, trace))
 }
 
-pub(super) fn run_json(t: &TraceFile) -> Value {
+fn run_json(t: &TraceFile, trace: Value) -> Value {
     let mut labels = BTreeMap::new();
     for s in &t.spans {
         labels.insert(s.span_id.as_str(), timeline::label(t, s));
@@ -357,7 +369,7 @@ pub(super) fn run_json(t: &TraceFile) -> Value {
         })
         .collect();
     value(RunDetail {
-        trace: t,
+        trace,
         labels,
         critical,
         slowest,
@@ -367,7 +379,7 @@ pub(super) fn run_json(t: &TraceFile) -> Value {
 /// A run as its timeline draws it.
 #[derive(Serialize)]
 struct RunDetail<'a> {
-    trace: &'a TraceFile,
+    trace: Value,
     labels: BTreeMap<&'a str, String>,
     critical: Vec<&'a str>,
     slowest: Vec<Slow<'a>>,
@@ -457,10 +469,13 @@ fn repo(dir: &Path) -> Value {
             }
         })
         .collect();
+    // Written as `nanokit repo status --output json` writes it: one
+    // instance of that code in the binary.
+    let status = parse(serde_json::to_vec_pretty(&status).ok().as_deref());
     value(RepoView {
         dir,
         installing,
-        status: &status,
+        status,
     })
 }
 
@@ -469,7 +484,7 @@ fn repo(dir: &Path) -> Value {
 struct RepoView<'a> {
     dir: &'a Path,
     installing: Vec<Installing<'a>>,
-    status: &'a crate::repo::RepoStatus,
+    status: Value,
 }
 
 #[derive(Serialize)]
