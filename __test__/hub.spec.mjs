@@ -332,6 +332,18 @@ describe('hub in Chromium: under a real `nanokit watch`', needsChromium(), () =>
     assert.match(text.restartScheduled, /restarting at once \(attempt 1\)/, JSON.stringify(text))
     assert.match(text.restarted, /restarted \(attempt \d+\)/, JSON.stringify(text))
     assert.match(await page.textContent('table.services[data-env="local"] tr[data-service="b"] .error'), /last exit: .*SIGKILL/)
+    // Only b's own events are under b: not a's, not b's progress lines.
+    assert.ok(!(await page.$('tr.event[data-of="b"][data-event="progress"]')))
+    const mine = await page.evaluate(() => [
+      concerns({ type: 'held', service: 'b' }, 'b'),
+      concerns({ type: 'held', service: 'a' }, 'b'),
+      concerns({ type: 'progress', service: 'b' }, 'b'),
+      concerns({ type: 'dependentsReleased', service: 'a', dependents: ['b'] }, 'b'),
+      concerns({ type: 'driftFound', items: [{ service: 'b', detail: 'x' }] }, 'b'),
+      concerns({ type: 'request', id: '1', command: 'restart', services: ['a'] }, 'b'),
+      concerns({ type: 'passStarted', pass: 1, reason: 'restart', services: ['b'] }, 'b'),
+    ])
+    assert.deepEqual(mine, [true, false, false, true, true, false, false])
   })
 
   test('the restart button while the watcher leads is handed to it: only that service’s pid changes', async () => {
@@ -638,7 +650,7 @@ for (const c of CLIS)
     const r = await fetch(`${u.origin}/api/view`, { headers: { 'x-nanokit-token': u.searchParams.get('token') } })
     assert.equal(r.status, 200)
     const v = await r.json()
-    assert.deepEqual(v.sections.services.map((e) => e.services.map((s) => [s.name, s.status])), [[['a', 'not deployed']]])
+    assert.deepEqual(v.sections.services.map((e) => [e.env, e.config.map((s) => s.name), e.rows]), [['local', ['a'], []]])
     child.kill('SIGINT')
     const code = await new Promise((resolve) => child.on('exit', (code) => resolve(code)))
     assert.equal(code, 0, err)

@@ -515,7 +515,6 @@ async fn recompute(
         .unwrap_or_else(|e| e.into_inner())
         .clone();
     let on = |g: u32| groups & g != 0;
-    // The runs first: the services show each one's last run.
     let runs = if on(RUNS) {
         projects
             .first()
@@ -523,11 +522,6 @@ async fn recompute(
     } else {
         None
     };
-    let shown_runs = match runs {
-        Some(_) => None,
-        None => shared.snapshot.borrow().get("runs").cloned(),
-    };
-    let last_runs = runs.as_ref().or(shown_runs.as_deref());
     // One after the other: each is quick (drift, the slowest, is a walk of
     // /proc or one call to the daemon), and a join would be a larger binary.
     let services = if !on(SERVICES) {
@@ -543,7 +537,7 @@ async fn recompute(
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .phases(&p.env);
-            envs.push(view::services(p, w.as_ref(), &phases, last_runs).await);
+            envs.push(view::services(p, w.as_ref(), &phases).await);
         }
         Some((Value::Array(envs), all_watched))
     };
@@ -607,7 +601,6 @@ async fn recompute(
         .unwrap_or_else(|e| e.into_inner())
         .clone();
     let mut services_changed = false;
-    let mut runs_changed = false;
     shared.snapshot.send_if_modified(|snap| {
         let mut next = (**snap).clone();
         let mut changed = false;
@@ -617,7 +610,6 @@ async fn recompute(
                 continue;
             }
             services_changed |= name == "services";
-            runs_changed |= name == "runs";
             next.set(name, Arc::new(value));
             changed = true;
         }
@@ -627,9 +619,5 @@ async fn recompute(
         }
         changed
     });
-    if runs_changed && !on(SERVICES) {
-        // A new run may change a service's last error: next round.
-        shared.dirty.fetch_or(SERVICES, Ordering::SeqCst);
-    }
     (services_changed, all_watched)
 }

@@ -78,28 +78,16 @@ pub(super) fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// RFC 3339 → milliseconds since the epoch.
-fn rfc3339_ms(s: &str) -> Option<i64> {
-    humantime::parse_rfc3339_weak(s)
-        .ok()?
-        .duration_since(UNIX_EPOCH)
-        .ok()
-        .map(|d| d.as_millis() as i64)
-}
-
-/// Whether a status row counts as up: healthy and every instance running.
-fn up(row: &engine::StatusRow) -> bool {
-    row.alive && row.status == "healthy"
-}
-
-/// One environment's services: each with its status row, what it waits
-/// on, what the watcher says of it and the phase of a hub action running
-/// on it; the dependency graph as layers.
+/// One environment's services as `nanokit status --output json` gives
+/// them (its rows), with the configured services and their dependency
+/// graph as layers, the progress of hub actions on them, and the watcher's
+/// status and events as it writes them. The page puts them together
+/// (what each waits on, its last run, a watcher's recent events per
+/// service): one general form, not a view shaped field by field here.
 pub(super) async fn services(
     p: &Project,
     watch: Option<&Watcher>,
     phases: &BTreeMap<String, Value>,
-    runs: Option<&Value>,
 ) -> Value {
     let cfg = &p.config;
     let layers = Dag::build(cfg).map(|d| d.layers()).unwrap_or_default();
@@ -111,52 +99,14 @@ pub(super) async fn services(
         Ok(rows) => (rows, None),
         Err(e) => (Vec::new(), Some(ErrorView::of(&e))),
     };
-    let by_name: HashMap<&str, &engine::StatusRow> =
-        rows.iter().map(|r| (r.service.as_str(), r)).collect();
-    let mut names: Vec<&str> = layers.iter().flatten().map(String::as_str).collect();
-    for r in &rows {
-        if !names.contains(&r.service.as_str()) {
-            names.push(&r.service);
-        }
-    }
-    let services: Vec<ServiceView> = names
+    let config = cfg
+        .services
         .iter()
-        .map(|name| {
-            let row = by_name.get(name).copied();
-            let svc = cfg.services.get(*name);
-            let depends_on: Vec<String> = svc
-                .map(|s| s.dep_names().map(str::to_string).collect())
-                .unwrap_or_default();
-            let is_up = row.is_some_and(up);
-            let phase = phases.get(*name);
-            let waiting_on: Vec<String> = if is_up && phase.is_none() {
-                Vec::new()
-            } else {
-                depends_on
-                    .iter()
-                    .filter(|d| !by_name.get(d.as_str()).copied().is_some_and(up))
-                    .cloned()
-                    .collect()
-            };
-            ServiceView {
-                name,
-                in_config: svc.is_some(),
-                deployed: row.is_some(),
-                status: row.map_or("not deployed", |r| r.status.as_str()),
-                alive: row.is_some_and(|r| r.alive),
-                running: row.map_or(0, |r| r.running),
-                instances: row.map_or(&[], |r| r.instances.as_slice()),
-                pid: row.and_then(|r| r.pid),
-                port: svc.and_then(|s| s.port),
-                image: svc.and_then(|s| s.image.as_deref()),
-                since_ms: row.and_then(|r| rfc3339_ms(&r.updated_at)),
-                error: row.and_then(|r| r.error.as_deref()),
-                depends_on,
-                waiting_on,
-                phase,
-                watch: watch.and_then(|w| w.service(name)),
-                last_run: runs.and_then(|r| last_run_of(r, &p.env, name)),
-            }
+        .map(|(name, s)| Configured {
+            name,
+            depends_on: s.dep_names().collect(),
+            port: s.port,
+            image: s.image.as_deref(),
         })
         .collect();
     value(EnvServices {
@@ -164,8 +114,10 @@ pub(super) async fn services(
         project: &cfg.name,
         provider: cfg.provider.as_str(),
         layers: &layers,
-        services,
-        watch: watch.map(Watcher::summary),
+        config,
+        rows: &rows,
+        phases,
+        watch: watch.map(Watcher::json),
         error,
     })
 }
@@ -177,58 +129,21 @@ struct EnvServices<'a> {
     project: &'a str,
     provider: &'static str,
     layers: &'a [Vec<String>],
-    services: Vec<ServiceView<'a>>,
+    config: Vec<Configured<'a>>,
+    rows: &'a [engine::StatusRow],
+    phases: &'a BTreeMap<String, Value>,
     watch: Option<Value>,
     error: Option<ErrorView>,
 }
 
-/// One service: its status row, configuration, what it waits on, what
-/// the watcher says of it, a hub action's progress, its last run.
+/// A service of the configuration.
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-struct ServiceView<'a> {
+struct Configured<'a> {
     name: &'a str,
-    in_config: bool,
-    deployed: bool,
-    status: &'a str,
-    alive: bool,
-    running: usize,
-    instances: &'a [String],
-    pid: Option<u32>,
+    depends_on: Vec<&'a str>,
     port: Option<u16>,
     image: Option<&'a str>,
-    since_ms: Option<i64>,
-    error: Option<&'a str>,
-    depends_on: Vec<String>,
-    waiting_on: Vec<String>,
-    phase: Option<&'a Value>,
-    watch: Option<Value>,
-    last_run: Option<LastRun<'a>>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct LastRun<'a> {
-    run: Option<&'a Value>,
-    command: Option<&'a Value>,
-    started_at_ms: Option<&'a Value>,
-    error: &'a Value,
-}
-
-/// The newest run of `env` that touched `service`: its name, when, and the
-/// error the service failed with in it (null when it went well).
-fn last_run_of<'a>(runs: &'a Value, env: &str, service: &str) -> Option<LastRun<'a>> {
-    runs.get("runs")?.as_array()?.iter().find_map(|r| {
-        if r.get("env")?.as_str()? != env {
-            return None;
-        }
-        Some(LastRun {
-            run: r.get("run"),
-            command: r.get("command"),
-            started_at_ms: r.get("startedAtMs"),
-            error: r.get("services")?.get(service)?,
-        })
-    })
 }
 
 /// The runs recorded beside `file` (traces of `up`, `down`, `restart` and
@@ -443,47 +358,28 @@ fn repo(dir: &Path) -> Value {
             })
         }
     };
-    let now = now_ms();
-    let installing = status
+    // Each lock's holder in the words of `nanokit lock status` (the rest
+    // of each lock is in `status.locks`; the page puts them together).
+    let holders: Vec<Option<String>> = status
         .locks
         .iter()
-        .map(|l| {
-            let info = l.info.as_ref();
-            Installing {
-                lock: l.path.file_name().map(|n| n.to_string_lossy()),
-                package: l
-                    .path
-                    .file_stem()
-                    .map(|s| s.to_string_lossy().replace('+', "/"))
-                    .unwrap_or_default(),
-                holder: info.map(|i| i.describe()),
-                label: info.and_then(|i| i.holder.as_deref()),
-                pid: info.map(|i| i.pid),
-                host: info.map(|i| i.hostname.as_str()),
-                same_host: l.same_host,
-                holder_alive: l.holder_alive,
-                stale: l.stale,
-                acquired_at_ms: info.map(|i| i.acquired_at_ms),
-                heartbeat_at_ms: now - l.heartbeat_age_ms as i64,
-                waiters: l.waiters,
-            }
-        })
+        .map(|l| l.info.as_ref().map(|i| i.describe()))
         .collect();
     // Written as `nanokit repo status --output json` writes it: one
     // instance of that code in the binary.
     let status = parse(serde_json::to_vec_pretty(&status).ok().as_deref());
     value(RepoView {
         dir,
-        installing,
+        holders,
         status,
     })
 }
 
-/// A `--repo` directory: `repo status`, and each install in progress.
+/// A `--repo` directory: `repo status`, and the holder of each lock.
 #[derive(Serialize)]
 struct RepoView<'a> {
     dir: &'a Path,
-    installing: Vec<Installing<'a>>,
+    holders: Vec<Option<String>>,
     status: Value,
 }
 
@@ -491,24 +387,6 @@ struct RepoView<'a> {
 struct RepoError<'a> {
     dir: &'a Path,
     error: ErrorView,
-}
-
-/// An install in progress: its lock, holder and waiters.
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Installing<'a> {
-    lock: Option<std::borrow::Cow<'a, str>>,
-    package: String,
-    holder: Option<String>,
-    label: Option<&'a str>,
-    pid: Option<u32>,
-    host: Option<&'a str>,
-    same_host: bool,
-    holder_alive: Option<bool>,
-    stale: bool,
-    acquired_at_ms: Option<u64>,
-    heartbeat_at_ms: i64,
-    waiters: usize,
 }
 
 /// The key/value state: each agent's keys (up to [`MAX_KEYS`]) and held

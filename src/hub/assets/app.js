@@ -206,7 +206,7 @@ function render(name) {
   document.body.dataset.version = view.version
   if (name === 'meta') renderMeta()
   if (name === 'activity') renderActivity()
-  if (name === 'services' || name === 'activity') renderers.services?.()
+  if (name === 'services' || name === 'activity' || name === 'runs') renderers.services?.()
   if (name === 'runs') renderers.runs?.()
   if (name === 'locks') renderers.locks?.()
   if (name === 'state') renderers.state?.()
@@ -248,6 +248,58 @@ window.addEventListener('hashchange', route)
 
 // ---- services ----------------------------------------------------------------------
 
+/** RFC 3339 → milliseconds since the epoch (null when absent). */
+const ms = (t) => (t ? Date.parse(t) : null)
+
+/** Whether a watcher's event concerns `name`: as its service, a dependent it released, a drift found in it, a request naming it (not its many progress lines: the status shows the phase). */
+function concerns(ev, name) {
+  switch (ev.type) {
+    case 'dependentsReleased': return ev.service === name || ev.dependents.includes(name)
+    case 'driftFound': return ev.items.some((d) => d.service === name)
+    case 'request': return ev.services.includes(name)
+    case 'progress': return false
+    default: return ev.service === name
+  }
+}
+
+/** The newest run of `env` that touched `name`: its name, command, start and the error it failed with (null when it went well). */
+function lastRunOf(env, name) {
+  const r = (view.sections.runs?.runs || []).find((r) => r.env === env && r.services && name in r.services)
+  return r ? { run: r.run, command: r.command, startedAtMs: r.startedAtMs, error: r.services[name] } : null
+}
+
+/**
+ * One environment's services as the page draws them, put together from what the hub sends: the rows
+ * of `nanokit status`, the configured services and graph, the progress of hub actions, the watcher's
+ * status and events as it writes them, and the runs.
+ */
+function shapeEnv(e) {
+  const rows = Object.fromEntries(e.rows.map((r) => [r.service, r]))
+  const conf = Object.fromEntries(e.config.map((c) => [c.name, c]))
+  const up = (n) => !!rows[n]?.alive && rows[n].status === 'healthy'
+  const w = e.watch
+  const events = (w?.events || []).map((ev) => ({ ...ev, atMs: ms(ev.at) }))
+  const services = [...new Set([...e.layers.flat(), ...e.rows.map((r) => r.service)])].map((name) => {
+    const r = rows[name]
+    const c = conf[name]
+    const phase = e.phases[name] ?? null
+    const dependsOn = c?.dependsOn || []
+    const sw = w?.status.services?.[name]
+    return {
+      name, inConfig: !!c, deployed: !!r, status: r ? r.status : 'not deployed', alive: !!r?.alive, running: r?.running ?? 0,
+      instances: r?.instances || [], pid: r?.pid ?? null, port: c?.port ?? null, image: c?.image ?? null, sinceMs: ms(r?.updated_at),
+      error: r?.error ?? null, dependsOn, waitingOn: up(name) && !phase ? [] : dependsOn.filter((d) => !up(d)), phase,
+      watch: sw ? { ...sw, lastExit: sw.lastExit && { ...sw.lastExit, atMs: ms(sw.lastExit.at) }, nextRestartAtMs: ms(sw.nextAttempt), recent: events.filter((ev) => concerns(ev, name)).slice(-5) } : null,
+      lastRun: lastRunOf(e.env, name),
+    }
+  })
+  const st = w?.status
+  const watch = w && { running: w.running, pid: st.leader.pid, host: st.leader.host, epoch: st.leader.epoch, lastPass: st.lastPass && { ...st.lastPass, atMs: ms(st.lastPass.finishedAt) }, nextCheckAtMs: ms(st.nextFullCheck), events }
+  return { env: e.env, project: e.project, provider: e.provider, layers: e.layers, services, watch, error: e.error }
+}
+
+const envs = () => (view.sections.services || []).map(shapeEnv)
+
 function stateOf(s) {
   if (s.phase && !['healthy', 'unchanged', 'deleted', 'stopped', 'failed', 'skipped', 'cancelled'].includes(s.phase.phase)) {
     return s.phase.phase === 'waiting' ? 'waiting' : 'starting'
@@ -258,16 +310,16 @@ function stateOf(s) {
 
 renderers.services = () => {
   const root = $('view-services')
-  const envs = view.sections.services || []
+  const shown = envs()
   const wasOpen = {}
   for (const d of root.querySelectorAll('details[data-env]')) wasOpen[d.dataset.env] = d.open
   clear(root)
   const down = []
-  for (const env of envs) {
+  for (const env of shown) {
     for (const s of env.services) if (s.deployed && !s.alive && s.status !== 'stopped') down.push(`${s.name} (${env.env}) is ${s.status}${s.error ? `: ${s.error.split('\n')[0]}` : ''}`)
   }
   if (down.length) root.append(el('div', { class: 'alert', id: 'down-alert' }, down.join('\n')))
-  for (const env of envs) root.append(envGroup(env, wasOpen[env.env] ?? true))
+  for (const env of shown) root.append(envGroup(env, wasOpen[env.env] ?? true))
   requestAnimationFrame(drawEdges)
 }
 
@@ -488,16 +540,17 @@ function ensureLogsUi() {
     add(root, [el('div', { class: 'logbar' }, envSel, svcSel, filter, whole, el('label', {}, follow, ' follow'), el('span', { id: 'log-note', class: 'muted' })),
       el('div', { class: 'log', id: 'log' }), el('div', { id: 'log-results' })])
   }
-  const envs = (view.sections.services || []).map((e) => e.env)
+  const shown = envs()
+  const names = shown.map((e) => e.env)
   const envSel = $('log-env')
-  if (envSel.options.length !== envs.length) clear(envSel, envs.map((e) => el('option', { value: e }, e)))
-  if (!logState.env) logState.env = envs[0]
+  if (envSel.options.length !== names.length) clear(envSel, names.map((e) => el('option', { value: e }, e)))
+  if (!logState.env) logState.env = names[0]
   envSel.value = logState.env ?? ''
-  const env = (view.sections.services || []).find((e) => e.env === logState.env)
+  const env = shown.find((e) => e.env === logState.env)
   const svcSel = $('log-service')
-  const names = ['*', ...(env?.services || []).map((s) => s.name)]
-  if ([...svcSel.options].map((o) => o.value).join('\n') !== names.join('\n')) {
-    clear(svcSel, names.map((n) => el('option', { value: n }, n === '*' ? 'all services' : n)))
+  const services = ['*', ...(env?.services || []).map((s) => s.name)]
+  if ([...svcSel.options].map((o) => o.value).join('\n') !== services.join('\n')) {
+    clear(svcSel, services.map((n) => el('option', { value: n }, n === '*' ? 'all services' : n)))
   }
   svcSel.value = logState.service
   const s = env?.services.find((x) => x.name === logState.service)
@@ -575,6 +628,19 @@ renderers.locks = () => {
   if (!l.repos.length) root.append(el('p', { class: 'muted' }, 'No shared repository shown: start the hub with --repo <dir>.'))
 }
 
+/** Each install in progress in `r`: its lock (`repo status` lists it), the holder in the words of `nanokit lock status`, the waiters. */
+function installingOf(r) {
+  const now = Date.now()
+  return r.status.locks.map((l, i) => {
+    const file = l.path.split('/').pop()
+    const dot = file.lastIndexOf('.')
+    return {
+      lock: file, package: (dot > 0 ? file.slice(0, dot) : file).replaceAll('+', '/'), holder: r.holders[i], stale: l.stale, waiters: l.waiters,
+      sameHost: l.sameHost, holderAlive: l.holderAlive, acquiredAtMs: l.info?.acquiredAtMs, heartbeatAtMs: now - l.heartbeatAgeMs,
+    }
+  })
+}
+
 function repoPanel(r) {
   const p = el('div', { class: 'panel repo', data: { dir: r.dir } }, el('h2', {}, 'Repository ', el('code', {}, r.dir)))
   if (r.error) return add(p, [el('div', { class: 'alert' }, `${r.error.code}: ${r.error.message}`)]), p
@@ -589,9 +655,10 @@ function repoPanel(r) {
       return el('span', { data: { field: fk }, title: `${fk}: ${Array.isArray(fv) ? fv.join(', ') : fv}` }, el('b', {}, label), value)
     })))
   }
-  p.append(el('h3', {}, `Installing now (${r.installing.length})`))
+  const installing = installingOf(r)
+  p.append(el('h3', {}, `Installing now (${installing.length})`))
   const it = el('table', { class: 'installing' }, el('tr', {}, ['Package', 'Holder', 'Alive', 'Since', 'Heartbeat', 'Waiters', ''].map((h) => el('th', {}, h))))
-  for (const i of r.installing) {
+  for (const i of installing) {
     it.append(el('tr', { data: { package: i.package, waiters: i.waiters } },
       el('td', { class: 'mono' }, i.package),
       el('td', { class: 'holder' }, i.holder ?? 'unreadable record', i.stale ? [' ', badge('stale')] : ''),
@@ -601,7 +668,7 @@ function repoPanel(r) {
       el('td', { class: 'num waiters' }, i.waiters),
       el('td', {}, i.stale ? el('button', { type: 'button', class: 'danger', on: { click: () => act('unlock', { kind: 'repo', repo: r.dir, lock: i.lock }, { confirm: `Break the stale lock of ${i.package}, held by ${i.holder}?` }) } }, 'Break') : '')))
   }
-  if (!r.installing.length) it.append(el('tr', {}, el('td', { colspan: 7, class: 'muted' }, 'none')))
+  if (!installing.length) it.append(el('tr', {}, el('td', { colspan: 7, class: 'muted' }, 'none')))
   p.append(it)
   p.append(el('h3', {}, `Installed (${s.installed.length})`))
   const inst = el('table', { class: 'installed' }, el('tr', {}, ['Package', 'Alias', 'Installed', 'Last used', 'Verified'].map((h) => el('th', {}, h))))
