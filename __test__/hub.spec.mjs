@@ -7,7 +7,7 @@
 // also saves the README's screenshots (docs/hub-*.png).
 import { after, before, describe, test } from 'node:test'
 import assert from 'node:assert/strict'
-import { existsSync, mkdtempSync, readFileSync } from 'node:fs'
+import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
 import { request } from 'node:http'
 import { spawnSync } from 'node:child_process'
 import { tmpdir } from 'node:os'
@@ -523,6 +523,17 @@ environments:
     assert.ok(st.values.some((v) => v.includes(PAYLOAD(7))))
     assert.deepEqual(st.locks, [['<b>lock</b>', PAYLOAD(6)]])
     await screenshot(page, 'state')
+    // A nanokit.yml that no longer loads is said (as text), the last good one stays shown.
+    const good = readFileSync(p.file, 'utf8')
+    writeFileSync(p.file, `${good}  ${PAYLOAD(8)}: [\n`)
+    try {
+      const said = await (await page.waitForFunction(() => document.querySelector('#config-errors .alert')?.textContent, null, { timeout: 10000 })).jsonValue()
+      assert.match(said, /nanokit\.yml \(local\) does not load.*ENK[A-Z]+: /s, said)
+      assert.ok(await page.$('table.services[data-env="local"] tr[data-service="talker"]'), 'the last good configuration stays shown')
+    } finally {
+      writeFileSync(p.file, good)
+    }
+    await page.waitForFunction(() => !document.querySelector('#config-errors .alert'), null, { timeout: 10000 })
     // A search for the secret finds nothing: lines are masked before matching.
     const token = new URL(hub.url).searchParams.get('token')
     const r = await fetch(`${new URL(hub.url).origin}/api/logs/search?q=s3cr3t-hub&service=talker`, { headers: { 'x-nanokit-token': token } })

@@ -164,7 +164,7 @@ pub(super) async fn run(live: &Live, name: &str, body: Value) -> Response<Body> 
         _ => traced(live, id, name, &env, services).await,
     };
     live.masker().mask_json(&mut result);
-    live.action_done(id, result.clone());
+    live.action_done(id);
     json_response(status, &result)
 }
 
@@ -177,7 +177,7 @@ async fn traced(
     env: &str,
     services: Vec<String>,
 ) -> (StatusCode, Value) {
-    let opts = live.opts().clone();
+    let opts = live.opts();
     let command: &'static str = match name {
         "down" => "down",
         "restart" => "restart",

@@ -10,7 +10,7 @@
 //! another host changes on a shared file system is not notified). While no
 //! page is open the loop sleeps.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -95,27 +95,13 @@ struct Running {
     phases: BTreeMap<String, Value>,
 }
 
-/// An action of the hub that ended, with what the API answered.
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Done {
-    id: u64,
-    action: String,
-    env: String,
-    services: Vec<String>,
-    started_at_ms: i64,
-    ended_at_ms: i64,
-    result: Value,
-}
-
-/// Actions of the hub: those running (with each service's progress) and
-/// the last ones that ended.
+/// Actions of the hub running now, with each service's progress (how one
+/// ended is the answer to its POST).
 #[derive(Default, Serialize)]
 pub(super) struct Activity {
     #[serde(skip)]
     next_id: u64,
     running: Vec<Running>,
-    done: VecDeque<Done>,
 }
 
 impl Activity {
@@ -131,17 +117,11 @@ impl Activity {
     }
 }
 
-/// The hub itself: the project, the environments and repositories it
-/// shows, configuration reload failures.
+/// The hub itself: the project it shows, and why the configuration could
+/// not be loaded again (the last good one stays shown).
 #[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
 struct Meta<'a> {
     project: Option<&'a str>,
-    file: &'a Path,
-    envs: &'a [String],
-    repos: &'a [PathBuf],
-    version: &'static str,
-    started_at_ms: i64,
     errors: &'a [Value],
 }
 
@@ -161,7 +141,6 @@ struct Shared {
     logs: watch::Sender<u64>,
     /// Configuration reload failures, shown on the page.
     errors: Mutex<Vec<Value>>,
-    started_at_ms: i64,
     stop: CancellationToken,
 }
 
@@ -197,7 +176,6 @@ impl Live {
             activity: Mutex::new(Activity::default()),
             logs: watch::Sender::new(0),
             errors: Mutex::new(Vec::new()),
-            started_at_ms: view::now_ms(),
             stop,
         });
         super::spawn(run(shared.clone(), watcher));
@@ -285,23 +263,9 @@ impl Live {
         self.request(ACTIVITY | SERVICES);
     }
 
-    /// Records how action `id` ended (`result`: what the API answered).
-    pub(super) fn action_done(&self, id: u64, result: Value) {
-        let mut a = self.activity();
-        if let Some(i) = a.running.iter().position(|r| r.id == id) {
-            let r = a.running.remove(i);
-            a.done.push_front(Done {
-                id: r.id,
-                action: r.action,
-                env: r.env,
-                services: r.services,
-                started_at_ms: r.started_at_ms,
-                ended_at_ms: view::now_ms(),
-                result,
-            });
-            a.done.truncate(10);
-        }
-        drop(a);
+    /// Records that action `id` ended.
+    pub(super) fn action_done(&self, id: u64) {
+        self.activity().running.retain(|r| r.id != id);
         self.request(ALL);
     }
 
@@ -585,11 +549,6 @@ async fn recompute(
         let errors = shared.errors.lock().unwrap_or_else(|e| e.into_inner());
         let meta = view::value(Meta {
             project: projects.first().map(|p| p.config.name.as_str()),
-            file: &shared.opts.file,
-            envs: &shared.envs,
-            repos: &shared.opts.repos,
-            version: env!("CARGO_PKG_VERSION"),
-            started_at_ms: shared.started_at_ms,
             errors: &errors,
         });
         drop(errors);

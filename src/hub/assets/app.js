@@ -222,6 +222,8 @@ function renderMeta() {
   const m = view.sections.meta || {}
   $('project').textContent = m.project ? `· ${m.project}` : ''
   document.title = `nanokit hub · ${m.project ?? ''}`
+  // A nanokit.yml that no longer loads: said until it loads again (the last good one stays shown).
+  clear($('config-errors'), (m.errors || []).map((e) => el('div', { class: 'alert' }, `nanokit.yml (${e.env}) does not load; the hub shows it as it last loaded. ${e.error.code}: ${e.error.message}`)))
 }
 
 function renderActivity() {
