@@ -222,7 +222,7 @@ async fn traced(
         "restart" => engine::Command::Restart(services),
         _ => engine::Command::Up,
     };
-    let load = Box::new(|| super::load(&opts, env));
+    let load = Box::new(|| super::load(opts, env));
     let (r, trace, _) = engine::run_traced(
         opts.file.clone(),
         env.to_string(),
