@@ -153,18 +153,18 @@ pub(super) struct Live {
 impl Live {
     /// Loads each environment and starts the loop that keeps the view.
     pub(super) fn start(
-        opts: &HubOptions,
+        opts: HubOptions,
         envs: Vec<String>,
         stop: CancellationToken,
     ) -> Result<Live, super::HubError> {
         let projects = envs
             .iter()
-            .map(|e| Project::load(opts, e).map(Arc::new))
+            .map(|e| Project::load(&opts, e).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         let masker = merged_masker(&projects);
         let watcher = DirWatch::new().map_err(super::HubError::Watch)?;
         let shared = Arc::new(Shared {
-            opts: opts.clone(),
+            opts,
             envs,
             projects: RwLock::new(projects),
             masker: RwLock::new(masker),

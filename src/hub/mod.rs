@@ -154,7 +154,7 @@ impl Hub {
         let token = new_token();
         let url = format!("http://127.0.0.1:{port}/?token={token}");
         let stop = CancellationToken::new();
-        let live = live::Live::start(&opts, envs, stop.clone())?;
+        let live = live::Live::start(opts, envs, stop.clone())?;
         let server = Arc::new(http::Server {
             token,
             port,

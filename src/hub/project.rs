@@ -70,8 +70,7 @@ impl StateReader {
         let st = Arc::new(
             state::Store::open(backend, &config.name, &config.env)
                 .await?
-                .state()
-                .clone(),
+                .into_state(),
         );
         if let Some(now) = file {
             *self.cached.lock().unwrap_or_else(|e| e.into_inner()) = Some((now, st.clone()));

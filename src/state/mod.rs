@@ -694,6 +694,11 @@ impl Store {
         &self.state
     }
 
+    /// The state read, for a reader done with the store.
+    pub fn into_state(self) -> State {
+        self.state
+    }
+
     /// Whether a state is stored (a fresh one is not, until written).
     pub fn is_stored(&self) -> bool {
         self.version.is_some()
