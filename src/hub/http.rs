@@ -9,7 +9,6 @@
 //! browser would send with a form another page submits, is not enough. Every
 //! response forbids framing, sniffing and any origin but the hub's own.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -98,14 +97,26 @@ fn same(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
+/// A query string's parameters, percent-decoded, in order (a handful:
+/// looked up by a walk).
+pub(super) struct Query(Vec<(String, String)>);
+
+impl Query {
+    /// The first value of `name`.
+    pub(super) fn get(&self, name: &str) -> Option<&String> {
+        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v)
+    }
+}
+
 /// The query string's parameters, percent-decoded.
-pub(super) fn query(uri: &hyper::Uri) -> HashMap<String, String> {
+pub(super) fn query(uri: &hyper::Uri) -> Query {
     let decode = |s: &str| {
         percent_encoding::percent_decode_str(&s.replace('+', " "))
             .decode_utf8_lossy()
             .into_owned()
     };
-    uri.query()
+    let params = uri
+        .query()
         .unwrap_or("")
         .split('&')
         .filter(|p| !p.is_empty())
@@ -113,7 +124,8 @@ pub(super) fn query(uri: &hyper::Uri) -> HashMap<String, String> {
             Some((k, v)) => (decode(k), decode(v)),
             None => (decode(p), String::new()),
         })
-        .collect()
+        .collect();
+    Query(params)
 }
 
 fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -150,7 +162,7 @@ impl Server {
             .is_some_and(|t| same(t, &self.token))
     }
 
-    fn authorized(&self, req: &Request<Incoming>, q: &HashMap<String, String>) -> bool {
+    fn authorized(&self, req: &Request<Incoming>, q: &Query) -> bool {
         let h = req.headers();
         self.token_header_ok(h)
             || cookie(h, &self.cookie_name()).is_some_and(|t| same(t, &self.token))
@@ -394,11 +406,11 @@ impl Server {
 
 /// A gzipped asset: as it is when the client accepts gzip, else unpacked.
 fn asset(headers: &HeaderMap, content_type: &'static str, gz: &'static [u8]) -> Response<Body> {
+    // One header (as browsers send it).
     let gzip = headers
-        .get_all(header::ACCEPT_ENCODING)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(assets::accepts_gzip);
+        .get(header::ACCEPT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(assets::accepts_gzip);
     let mut r = if gzip {
         let mut r = full(StatusCode::OK, content_type, Bytes::from_static(gz));
         r.headers_mut()
@@ -486,8 +498,9 @@ mod tests {
         assert_eq!(cookie(&h, "c"), Some("3"));
         assert_eq!(cookie(&h, "nkhub_7421"), None);
         let q = query(&"/x?token=a%2Bb&q=hello+world&flag".parse().unwrap());
-        assert_eq!(q["token"], "a+b");
-        assert_eq!(q["q"], "hello world");
-        assert_eq!(q["flag"], "");
+        assert_eq!(q.get("token").unwrap(), "a+b");
+        assert_eq!(q.get("q").unwrap(), "hello world");
+        assert_eq!(q.get("flag").unwrap(), "");
+        assert_eq!(q.get("nope"), None);
     }
 }

@@ -10,7 +10,7 @@
 //! another host changes on a shared file system is not notified). While no
 //! page is open the loop sleeps.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -326,7 +326,7 @@ fn watch_plan(shared: &Shared) -> Vec<(PathBuf, u32)> {
 async fn run(shared: Arc<Shared>, mut dirs: DirWatch) {
     let mut plan: Vec<(PathBuf, u32)> = Vec::new();
     let mut plan_checked = Instant::now() - Duration::from_secs(60);
-    let mut runs_cache = HashMap::new();
+    let mut runs_cache = Vec::new();
     let mut config_seen = config_mtimes(&shared);
     let mut watched = false;
     let now = Instant::now();
@@ -471,7 +471,7 @@ fn reload(shared: &Shared) {
 async fn recompute(
     shared: &Shared,
     groups: u32,
-    runs_cache: &mut HashMap<PathBuf, (SystemTime, Value)>,
+    runs_cache: &mut Vec<(PathBuf, SystemTime, Value)>,
 ) -> (bool, Option<bool>) {
     let projects = shared
         .projects

@@ -7,7 +7,6 @@
 //! cannot find a secret. A stopped service's log is still there: the page
 //! shows its last lines.
 
-use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -224,7 +223,7 @@ fn lines_json(l: &Lines) -> Bytes {
 }
 
 /// `GET /api/logs?env=&service=`: the log stream.
-pub(super) fn stream(live: &Live, q: &HashMap<String, String>) -> Response<Body> {
+pub(super) fn stream(live: &Live, q: &super::http::Query) -> Response<Body> {
     let (p, files) = match target(live, q) {
         Ok(t) => t,
         Err(r) => return *r,
@@ -302,7 +301,7 @@ pub(super) fn stream(live: &Live, q: &HashMap<String, String>) -> Response<Body>
 
 /// The environment (`env`, default the first) and the logs (`service`)
 /// that `q` asks for.
-fn target(live: &Live, q: &HashMap<String, String>) -> Result<LogTarget, Box<Response<Body>>> {
+fn target(live: &Live, q: &super::http::Query) -> Result<LogTarget, Box<Response<Body>>> {
     let p = project(live, q)?;
     let f = files(&p, q.get("service").map_or("", String::as_str))?;
     Ok((p, f))
@@ -312,7 +311,7 @@ type LogTarget = (std::sync::Arc<Project>, Vec<(String, PathBuf)>);
 
 fn project(
     live: &Live,
-    q: &HashMap<String, String>,
+    q: &super::http::Query,
 ) -> Result<std::sync::Arc<Project>, Box<Response<Body>>> {
     let env = q.get("env").cloned().unwrap_or_default();
     let found = if env.is_empty() {
@@ -331,7 +330,7 @@ fn project(
 
 /// `GET /api/logs/search?env=&service=&q=`: lines of whole logs that
 /// contain `q` (case-insensitive), after masking.
-pub(super) async fn search(live: &Live, q: &HashMap<String, String>) -> Response<Body> {
+pub(super) async fn search(live: &Live, q: &super::http::Query) -> Response<Body> {
     let (p, files) = match target(live, q) {
         Ok(t) => t,
         Err(r) => return *r,

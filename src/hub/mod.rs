@@ -200,18 +200,18 @@ pub fn open_browser(url: &str) {
     } else {
         "xdg-open"
     };
-    let spawned = std::process::Command::new(opener)
-        .arg(url)
+    // Started in the background by a shell that exits at once: nothing is
+    // left for us to reap (the URL is an argument, never part of the script).
+    let script =
+        format!("command -v {opener} >/dev/null || exit 127; {opener} \"$1\" >/dev/null 2>&1 &");
+    let status = std::process::Command::new("sh")
+        .args(["-c", &script, "sh", url])
         .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn();
-    match spawned {
-        // Reaped in the background: the opener exits at once.
-        Ok(mut child) => {
-            std::thread::spawn(move || child.wait());
-        }
-        Err(e) => eprintln!("cannot open a browser ({opener}: {e}); open the URL yourself"),
+        .status();
+    match status {
+        Ok(s) if s.success() => {}
+        Ok(_) => eprintln!("cannot open a browser ({opener} not found); open the URL yourself"),
+        Err(e) => eprintln!("cannot open a browser (sh: {e}); open the URL yourself"),
     }
 }
 

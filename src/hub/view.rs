@@ -8,7 +8,7 @@
 //! its fields are written by serde's code for their types, shared by every
 //! view, instead of by code inlined field by field (docs/hub.md#size).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -79,7 +79,7 @@ pub(super) fn now_ms() -> i64 {
 }
 
 /// One environment's services as `nanokit status --output json` gives
-/// them (its rows), with the configured services and their dependency
+/// them (its rows, but for what the watcher keeps), with the configured services and their dependency
 /// graph as layers, the progress of hub actions on them, and the watcher's
 /// status and events as it writes them. The page puts them together
 /// (what each waits on, its last run, a watcher's recent events per
@@ -115,7 +115,7 @@ pub(super) async fn services(
         provider: cfg.provider.as_str(),
         layers: &layers,
         config,
-        rows: &rows,
+        rows: rows.iter().map(Row::of).collect(),
         phases,
         watch: watch.map(Watcher::json),
         error,
@@ -130,10 +130,39 @@ struct EnvServices<'a> {
     provider: &'static str,
     layers: &'a [Vec<String>],
     config: Vec<Configured<'a>>,
-    rows: &'a [engine::StatusRow],
+    rows: Vec<Row<'a>>,
     phases: &'a BTreeMap<String, Value>,
     watch: Option<Value>,
     error: Option<ErrorView>,
+}
+
+/// A row of `nanokit status`, as its JSON names the fields, without what
+/// the watcher keeps of the service (the watcher's own status has it).
+#[derive(Serialize)]
+struct Row<'a> {
+    service: &'a str,
+    status: &'a str,
+    alive: bool,
+    pid: Option<u32>,
+    instances: &'a [String],
+    running: usize,
+    updated_at: &'a str,
+    error: Option<&'a str>,
+}
+
+impl<'a> Row<'a> {
+    fn of(r: &'a engine::StatusRow) -> Row<'a> {
+        Row {
+            service: &r.service,
+            status: &r.status,
+            alive: r.alive,
+            pid: r.pid,
+            instances: &r.instances,
+            running: r.running,
+            updated_at: &r.updated_at,
+            error: r.error.as_deref(),
+        }
+    }
 }
 
 /// A service of the configuration.
@@ -149,20 +178,22 @@ struct Configured<'a> {
 /// The runs recorded beside `file` (traces of `up`, `down`, `restart` and
 /// watch passes), newest first. `cache` keeps each file's summary by
 /// modification time.
-pub(super) fn runs(file: &Path, cache: &mut HashMap<PathBuf, (SystemTime, Value)>) -> Value {
+pub(super) fn runs(file: &Path, cache: &mut Vec<(PathBuf, SystemTime, Value)>) -> Value {
     let dir = crate::trace::traces_dir(file);
     let mut paths = file::list(&dir);
     paths.reverse();
     paths.truncate(MAX_RUNS);
-    let mut keep = HashMap::new();
+    let mut keep = Vec::new();
     let mut list = Vec::new();
     for p in paths {
         let Ok(mtime) = std::fs::metadata(&p).and_then(|m| m.modified()) else {
             continue;
         };
-        let summary = match cache.remove(&p) {
-            Some((t, v)) if t == mtime => v,
-            _ => match TraceFile::read(&p) {
+        // At most MAX_RUNS entries: looked up by a walk.
+        let cached = cache.iter().position(|(c, t, _)| *c == p && *t == mtime);
+        let summary = match cached {
+            Some(i) => cache.swap_remove(i).2,
+            None => match TraceFile::read(&p) {
                 Ok(t) => run_summary(&t),
                 Err(error) => value(Unreadable {
                     run: p.file_stem().map(|s| s.to_string_lossy()),
@@ -171,7 +202,7 @@ pub(super) fn runs(file: &Path, cache: &mut HashMap<PathBuf, (SystemTime, Value)
             },
         };
         list.push(summary.clone());
-        keep.insert(p, (mtime, summary));
+        keep.push((p, mtime, summary));
     }
     *cache = keep;
     value(Runs {
@@ -435,15 +466,14 @@ pub(super) async fn state(opts: &crate::kv::OpenOptions) -> Value {
                     .into_iter()
                     .take(MAX_KEYS)
                     .map(|e| {
-                        let text = e.value.display_text();
-                        let cut = text.chars().count() > MAX_VALUE_CHARS;
+                        let mut text = e.value.display_text();
+                        if let Some((end, _)) = text.char_indices().nth(MAX_VALUE_CHARS) {
+                            text.truncate(end);
+                            text.push('…');
+                        }
                         KeyView {
                             key: e.key,
-                            value: if cut {
-                                text.chars().take(MAX_VALUE_CHARS).collect::<String>() + "…"
-                            } else {
-                                text
-                            },
+                            value: text,
                             json: matches!(e.value, crate::kv::Value::Json(_)),
                             updated_at_ms: e.updated_at_ms,
                         }
