@@ -226,13 +226,20 @@ struct Unreadable<'a> {
 
 /// Each service a run touched, with the error it failed with (null when
 /// it went well).
-fn run_services(t: &TraceFile) -> BTreeMap<String, Option<String>> {
-    let mut out: BTreeMap<String, Option<String>> = BTreeMap::new();
+fn run_services(t: &TraceFile) -> Pairs<String, Option<String>> {
+    let mut out: Vec<(String, Option<String>)> = Vec::new();
     for s in &t.spans {
         let Some(svc) = timeline::service_of(t, s) else {
             continue;
         };
-        let entry = out.entry(svc).or_default();
+        let i = match out.iter().position(|(n, _)| *n == svc) {
+            Some(i) => i,
+            None => {
+                out.push((svc, None));
+                out.len() - 1
+            }
+        };
+        let entry = &mut out[i].1;
         if s.failed() && s.name != "service" && entry.is_none() {
             let msg = s
                 .attr("error")
@@ -241,7 +248,17 @@ fn run_services(t: &TraceFile) -> BTreeMap<String, Option<String>> {
             *entry = Some(format!("{}: {msg}", timeline::label(t, s)));
         }
     }
-    out
+    Pairs(out)
+}
+
+/// Pairs written as a JSON object, in their order (kept in a list rather
+/// than a map: a map's code for each key and value type is larger).
+struct Pairs<K, V>(Vec<(K, V)>);
+
+impl<K: Serialize, V: Serialize> Serialize for Pairs<K, V> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(k, v)| (k, v)))
+    }
 }
 
 fn run_summary(t: &TraceFile) -> Value {
@@ -264,7 +281,7 @@ fn run_summary(t: &TraceFile) -> Value {
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct RunSummary<'a> {
-    services: BTreeMap<String, Option<String>>,
+    services: Pairs<String, Option<String>>,
     run: &'a str,
     command: &'a str,
     env: &'a str,
@@ -296,10 +313,11 @@ pub(super) fn run_detail(file: &Path, run: &str) -> Option<Value> {
 }
 
 fn run_json(t: &TraceFile, trace: Value) -> Value {
-    let mut labels = BTreeMap::new();
-    for s in &t.spans {
-        labels.insert(s.span_id.as_str(), timeline::label(t, s));
-    }
+    let labels = t
+        .spans
+        .iter()
+        .map(|s| (s.span_id.as_str(), timeline::label(t, s)))
+        .collect::<Vec<_>>();
     let critical: Vec<&str> = timeline::critical_path(t)
         .iter()
         .map(|s| s.span_id.as_str())
@@ -316,7 +334,7 @@ fn run_json(t: &TraceFile, trace: Value) -> Value {
         .collect();
     value(RunDetail {
         trace,
-        labels,
+        labels: Pairs(labels),
         critical,
         slowest,
     })
@@ -326,7 +344,7 @@ fn run_json(t: &TraceFile, trace: Value) -> Value {
 #[derive(Serialize)]
 struct RunDetail<'a> {
     trace: Value,
-    labels: BTreeMap<&'a str, String>,
+    labels: Pairs<&'a str, String>,
     critical: Vec<&'a str>,
     slowest: Vec<Slow<'a>>,
 }
