@@ -1,5 +1,9 @@
-//! Build script: napi-rs's link setup, plus the cfgs that decide which
-//! service-backed tests run.
+//! Build script: napi-rs's link setup, the hub's page compressed (feature
+//! `hub`), and the cfgs that decide which service-backed tests run.
+//!
+//! The hub's scripts, styles and icon (`src/hub/assets/`) are gzipped into
+//! `OUT_DIR`, and the binary carries them so: a quarter of their size
+//! (src/hub/assets.rs serves them; docs/hub.md#size).
 //!
 //! `nk_pg` / `nk_docker` / `nk_stores` are set when the test build is meant
 //! to reach PostgreSQL / Docker / the S3, GCS and Vault test servers:
@@ -14,6 +18,8 @@
 //! not made to depend on them.
 
 use std::env;
+use std::io::Write;
+use std::path::Path;
 
 /// The variables that decide the test cfgs.
 const TEST_ENV: [&str; 4] = [
@@ -36,8 +42,30 @@ fn set(var: &str) -> bool {
     env::var(var).is_ok_and(|v| !v.trim().is_empty())
 }
 
+/// The hub's assets served compressed (src/hub/assets.rs includes them).
+const HUB_ASSETS: [&str; 3] = ["app.js", "app.css", "icon.svg"];
+
+/// Gzips each of [`HUB_ASSETS`] into `OUT_DIR/<name>.gz`.
+fn compress_hub_assets() {
+    let out = env::var_os("OUT_DIR").expect("cargo sets OUT_DIR");
+    for name in HUB_ASSETS {
+        let src = Path::new("src/hub/assets").join(name);
+        println!("cargo::rerun-if-changed={}", src.display());
+        let text = std::fs::read(&src).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
+        // No name and no time in the header: the same bytes on every build.
+        let mut gz = flate2::GzBuilder::new().write(Vec::new(), flate2::Compression::best());
+        gz.write_all(&text).expect("gzip into memory");
+        let gz = gz.finish().expect("gzip into memory");
+        let dest = Path::new(&out).join(format!("{name}.gz"));
+        std::fs::write(&dest, gz).unwrap_or_else(|e| panic!("{}: {e}", dest.display()));
+    }
+}
+
 fn main() {
     napi_build::setup();
+    if env::var_os("CARGO_FEATURE_HUB").is_some() {
+        compress_hub_assets();
+    }
 
     println!("cargo::rustc-check-cfg=cfg(nk_pg)");
     println!("cargo::rustc-check-cfg=cfg(nk_docker)");

@@ -7,16 +7,20 @@
 // also saves the README's screenshots (docs/hub-*.png).
 import { after, before, describe, test } from 'node:test'
 import assert from 'node:assert/strict'
-import { existsSync, mkdtempSync, readFileSync } from 'node:fs'
+import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
 import { request } from 'node:http'
 import { spawnSync } from 'node:child_process'
 import { tmpdir } from 'node:os'
-import { join } from 'node:path'
+import { dirname, join } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { gunzipSync } from 'node:zlib'
 
 import { IN_CI, needsChromium, needsDocker, requireDocker } from './helpers/services.mjs'
 import { answer, basicProject, hubInBrowser, launch, nk, open, project, row, screenshot, waitRows } from './helpers/hub.mjs'
 import { ev, killAll, worker } from './helpers/spawn.mjs'
 import { CLIS, start } from './helpers/clis.mjs'
+
+const root = join(dirname(fileURLToPath(import.meta.url)), '..')
 
 const alive = (pid) => {
   try {
@@ -35,9 +39,12 @@ function raw(url, { method = 'GET', headers = {}, body } = {}) {
   return new Promise((resolve, reject) => {
     const u = new URL(url)
     const req = request({ host: '127.0.0.1', port: u.port, path: u.pathname + u.search, method, headers }, (res) => {
-      let text = ''
-      res.on('data', (d) => (text += d))
-      res.on('end', () => resolve({ status: res.statusCode, headers: res.headers, body: text }))
+      const chunks = []
+      res.on('data', (d) => chunks.push(d))
+      res.on('end', () => {
+        const bytes = Buffer.concat(chunks)
+        resolve({ status: res.statusCode, headers: res.headers, body: bytes.toString(), bytes })
+      })
     })
     req.on('error', reject)
     req.end(body)
@@ -325,6 +332,18 @@ describe('hub in Chromium: under a real `nanokit watch`', needsChromium(), () =>
     assert.match(text.restartScheduled, /restarting at once \(attempt 1\)/, JSON.stringify(text))
     assert.match(text.restarted, /restarted \(attempt \d+\)/, JSON.stringify(text))
     assert.match(await page.textContent('table.services[data-env="local"] tr[data-service="b"] .error'), /last exit: .*SIGKILL/)
+    // Only b's own events are under b: not a's, not b's progress lines.
+    assert.ok(!(await page.$('tr.event[data-of="b"][data-event="progress"]')))
+    const mine = await page.evaluate(() => [
+      concerns({ type: 'held', service: 'b' }, 'b'),
+      concerns({ type: 'held', service: 'a' }, 'b'),
+      concerns({ type: 'progress', service: 'b' }, 'b'),
+      concerns({ type: 'dependentsReleased', service: 'a', dependents: ['b'] }, 'b'),
+      concerns({ type: 'driftFound', items: [{ service: 'b', detail: 'x' }] }, 'b'),
+      concerns({ type: 'request', id: '1', command: 'restart', services: ['a'] }, 'b'),
+      concerns({ type: 'passStarted', pass: 1, reason: 'restart', services: ['b'] }, 'b'),
+    ])
+    assert.deepEqual(mine, [true, false, false, true, true, false, false])
   })
 
   test('the restart button while the watcher leads is handed to it: only that service’s pid changes', async () => {
@@ -383,6 +402,33 @@ describe('hub security', () => {
     assert.equal(page.headers['x-frame-options'], 'DENY')
     assert.equal(page.headers['x-content-type-options'], 'nosniff')
     assert.doesNotMatch(page.body, /https?:\/\/(?!127)/, 'the page names no other origin')
+  })
+
+  test('the scripts, styles and icon go gzipped to a client that accepts gzip, as they are to one that does not', async () => {
+    const u = new URL(hub.url)
+    const headers = { 'x-nanokit-token': u.searchParams.get('token') }
+    for (const [name, type] of [['app.js', 'text/javascript'], ['app.css', 'text/css'], ['icon.svg', 'image/svg+xml']]) {
+      const source = readFileSync(join(root, 'src', 'hub', 'assets', name))
+      const plain = await raw(`${u.origin}/assets/${name}`, { headers })
+      assert.equal(plain.status, 200, name)
+      assert.equal(plain.headers['content-encoding'], undefined, name)
+      assert.ok(plain.headers['content-type'].startsWith(type), name)
+      assert.ok(plain.bytes.equals(source), `${name} as it is`)
+      for (const accept of ['gzip, deflate, br, zstd', 'gzip;q=0, br', 'identity']) {
+        const r = await raw(`${u.origin}/assets/${name}`, { headers: { ...headers, 'accept-encoding': accept } })
+        assert.equal(r.status, 200, name)
+        assert.equal(r.headers.vary, 'accept-encoding')
+        assert.match(r.headers['content-security-policy'], /default-src 'none'/)
+        if (accept.startsWith('gzip,')) {
+          assert.equal(r.headers['content-encoding'], 'gzip', name)
+          assert.ok(r.bytes.length < source.length, `${name} is smaller gzipped`)
+          assert.ok(gunzipSync(r.bytes).equals(source), `${name} gunzips to its source`)
+        } else {
+          assert.equal(r.headers['content-encoding'], undefined, `${name} with ${accept}`)
+          assert.ok(r.bytes.equals(source), `${name} with ${accept}`)
+        }
+      }
+    }
   })
 
   test('a POST without the token header is refused and nothing is done (cookie alone, wrong origin, no JSON)', async () => {
@@ -477,6 +523,17 @@ environments:
     assert.ok(st.values.some((v) => v.includes(PAYLOAD(7))))
     assert.deepEqual(st.locks, [['<b>lock</b>', PAYLOAD(6)]])
     await screenshot(page, 'state')
+    // A nanokit.yml that no longer loads is said (as text), the last good one stays shown.
+    const good = readFileSync(p.file, 'utf8')
+    writeFileSync(p.file, `${good}  ${PAYLOAD(8)}: [\n`)
+    try {
+      const said = await (await page.waitForFunction(() => document.querySelector('#config-errors .alert')?.textContent, null, { timeout: 10000 })).jsonValue()
+      assert.match(said, /nanokit\.yml \(local\) does not load.*ENK[A-Z]+: /s, said)
+      assert.ok(await page.$('table.services[data-env="local"] tr[data-service="talker"]'), 'the last good configuration stays shown')
+    } finally {
+      writeFileSync(p.file, good)
+    }
+    await page.waitForFunction(() => !document.querySelector('#config-errors .alert'), null, { timeout: 10000 })
     // A search for the secret finds nothing: lines are masked before matching.
     const token = new URL(hub.url).searchParams.get('token')
     const r = await fetch(`${new URL(hub.url).origin}/api/logs/search?q=s3cr3t-hub&service=talker`, { headers: { 'x-nanokit-token': token } })
@@ -530,6 +587,16 @@ describe('hub in Chromium: 4 workers installing one package into a --repo direct
     const done = await Promise.all(ws.map((w) => w.next(ev('done'))))
     assert.deepEqual(done.map((d) => d.result.installed).sort(), [false, false, false, true])
     assert.ok(existsSync(join(repo, 'node_modules', 'nk-hub-pkg_1.0.0', 'complete.txt')))
+    // The rest of `repo status` (the store, gc candidates) in units, never raw numbers.
+    await page.waitForSelector('.repo .kvline[data-field="store"]')
+    const lines = await page.evaluate(() => Object.fromEntries([...document.querySelectorAll('.repo .kvline')].map((l) => [l.dataset.field, l.textContent])))
+    const size = String.raw`\d+(\.\d)? (B|kB|MB|GB|TB)`
+    assert.match(lines.gc, /older than\s*30 days/, JSON.stringify(lines))
+    assert.match(lines.gc, new RegExp(`store bytes\\s*${size}`), JSON.stringify(lines))
+    assert.match(lines.store, new RegExp(`disk bytes\\s*${size}`), JSON.stringify(lines))
+    assert.doesNotMatch(lines.gc + lines.store, /2592000000|Ms\b|Bytes\b/, JSON.stringify(lines))
+    const formats = await page.evaluate(() => [bytes(0), bytes(999), bytes(1234), bytes(1_234_567), span(2_592_000_000), span(5_400_000), span(86_460_000)])
+    assert.deepEqual(formats, ['0 B', '999 B', '1.2 kB', '1.2 MB', '30 days', '1 hour 30 minutes', '1 day'])
     assert.deepEqual(page.foreign(), [])
   })
 })
@@ -594,7 +661,7 @@ for (const c of CLIS)
     const r = await fetch(`${u.origin}/api/view`, { headers: { 'x-nanokit-token': u.searchParams.get('token') } })
     assert.equal(r.status, 200)
     const v = await r.json()
-    assert.deepEqual(v.sections.services.map((e) => e.services.map((s) => [s.name, s.status])), [[['a', 'not deployed']]])
+    assert.deepEqual(v.sections.services.map((e) => [e.env, e.config.map((s) => s.name), e.rows]), [['local', ['a'], []]])
     child.kill('SIGINT')
     const code = await new Promise((resolve) => child.on('exit', (code) => resolve(code)))
     assert.equal(code, 0, err)

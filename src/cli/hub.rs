@@ -32,8 +32,10 @@ pub struct HubArgs {
     #[arg(long = "repo", value_name = "DIR")]
     pub repos: Vec<PathBuf>,
     /// Port on 127.0.0.1 (0: any free port)
-    #[arg(long, default_value_t = DEFAULT_PORT)]
-    pub port: u16,
+    // Parsed by clap's parser of a u32 in range (which the binary has for
+    // `watch --keep-traces`), not a second one for u16.
+    #[arg(long, default_value_t = DEFAULT_PORT.into(), value_parser = clap::value_parser!(u32).range(0..=65535))]
+    pub port: u32,
     /// Open the page in the default browser
     #[arg(long)]
     pub open: bool,
@@ -44,7 +46,7 @@ pub async fn run(args: HubArgs) -> CliResult {
         file: args.file,
         envs: args.envs,
         repos: args.repos,
-        port: args.port,
+        port: u16::try_from(args.port).expect("clap keeps it in 0..=65535"),
         ..HubOptions::default()
     })
     .await?;

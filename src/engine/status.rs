@@ -55,8 +55,17 @@ pub async fn status_with(
 }
 
 /// The status rows of `st`, a state the caller read (the hub keeps its
-/// backend open and reads the state only when it changed).
-pub async fn status_rows(
+/// backend open and reads the state only when it changed). Boxed: one
+/// instance in the binary for `status` and the hub.
+pub fn status_rows<'a>(
+    cfg: &'a Config,
+    provider: &'a dyn Provider,
+    st: &'a state::State,
+) -> futures::future::BoxFuture<'a, Result<Vec<StatusRow>, EngineError>> {
+    Box::pin(status_rows_inner(cfg, provider, st))
+}
+
+async fn status_rows_inner(
     cfg: &Config,
     provider: &dyn Provider,
     st: &state::State,

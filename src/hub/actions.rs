@@ -17,12 +17,13 @@
 use std::sync::Arc;
 
 use hyper::{Response, StatusCode};
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
 
 use super::live::Live;
 use super::respond::{error, json_response, Body};
+use super::view::{value, ErrorView};
 use crate::engine::{self, Event, Report, RunOptions};
-use crate::error::ErrorCode;
 use crate::trace::{RunTrace, Settings};
 
 fn status_of(code: &str) -> StatusCode {
@@ -45,17 +46,82 @@ fn strings(v: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn bad(message: impl Into<String>) -> (StatusCode, Value) {
-    (
-        StatusCode::BAD_REQUEST,
-        json!({ "code": "ENKHUBREQUEST", "message": message.into() }),
-    )
+/// What an action that ran answers.
+#[derive(Default, Serialize)]
+struct Answer<'a> {
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
+    /// The holder of the lock cleared.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cleared: Option<String>,
+    /// Each service of an `up`, `down`, `restart` or `restore`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    results: Option<Vec<ServiceOutcome<'a>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trace: Option<TraceRef<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ServiceOutcome<'a> {
+    service: &'a str,
+    outcome: &'static str,
+    error: Option<&'a str>,
+    elapsed_ms: u64,
+}
+
+/// The run an action recorded.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TraceRef<'a> {
+    run: &'a str,
+    trace_id: &'a str,
+}
+
+impl<'a> TraceRef<'a> {
+    fn of(t: &'a RunTrace) -> TraceRef<'a> {
+        TraceRef {
+            run: &t.run,
+            trace_id: &t.trace_id,
+        }
+    }
+}
+
+/// A service's progress in an action, as the engine reports it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Progress<'a> {
+    phase: &'static str,
+    message: Option<&'a str>,
+    elapsed_ms: u64,
+}
+
+/// Done: `{ ok: true, message }`.
+fn done(message: String) -> (StatusCode, Value) {
+    let a = Answer {
+        ok: true,
+        message: Some(message),
+        ..Answer::default()
+    };
+    (StatusCode::OK, value(a))
+}
+
+/// Refused, nothing done: `{ code, message }`.
+fn refused(code: &'static str, message: String) -> (StatusCode, Value) {
+    (StatusCode::BAD_REQUEST, value(ErrorView { code, message }))
+}
+
+fn bad(message: String) -> (StatusCode, Value) {
+    refused("ENKHUBREQUEST", message)
 }
 
 fn not_confirmed(what: &str) -> (StatusCode, Value) {
-    (
-        StatusCode::BAD_REQUEST,
-        json!({ "code": "ENKCONFIRM", "message": format!("{what} must be confirmed; nothing was changed") }),
+    refused(
+        "ENKCONFIRM",
+        format!("{what} must be confirmed; nothing was changed"),
     )
 }
 
@@ -71,14 +137,14 @@ pub(super) async fn run(live: &Live, name: &str, body: Value) -> Response<Body> 
         return error(
             StatusCode::NOT_FOUND,
             "ENKHUBREQUEST",
-            format!("no action `{name}` (up, down, restart, restore, unlock)"),
+            &format!("no action `{name}` (up, down, restart, restore, unlock)"),
         );
     }
     if live.project(&env).is_none() {
         return error(
             StatusCode::BAD_REQUEST,
             "ENKHUBREQUEST",
-            format!("environment `{env}` is not shown by this hub"),
+            &format!("environment `{env}` is not shown by this hub"),
         );
     }
     let confirmed = body.get("confirm").and_then(Value::as_bool) == Some(true);
@@ -94,11 +160,11 @@ pub(super) async fn run(live: &Live, name: &str, body: Value) -> Response<Body> 
     let (status, mut result) = match name {
         "unlock" => unlock(live, &env, &body, confirmed).await,
         "down" if !confirmed => not_confirmed("`down`"),
-        "restart" if services.len() != 1 => bad("restart takes one `service`"),
+        "restart" if services.len() != 1 => bad("restart takes one `service`".into()),
         _ => traced(live, id, name, &env, services).await,
     };
     live.masker().mask_json(&mut result);
-    live.action_done(id, result.clone());
+    live.action_done(id);
     json_response(status, &result)
 }
 
@@ -111,7 +177,7 @@ async fn traced(
     env: &str,
     services: Vec<String>,
 ) -> (StatusCode, Value) {
-    let opts = live.opts().clone();
+    let opts = live.opts();
     let command: &'static str = match name {
         "down" => "down",
         "restart" => "restart",
@@ -120,17 +186,16 @@ async fn traced(
     if name == "restore" {
         // As `drift --restore`: nothing to do when nothing drifted.
         let Some(p) = live.project(env) else {
-            return bad("unknown environment");
+            return bad("unknown environment".into());
         };
         match engine::drift::detect(&p.config, p.provider.as_ref()).await {
             Ok(r) if !r.drifted => {
-                return (
-                    StatusCode::OK,
-                    json!({ "ok": true, "message": "No drift: every recorded service is running with its configuration." }),
+                return done(
+                    "No drift: every recorded service is running with its configuration.".into(),
                 )
             }
             Ok(_) => {}
-            Err(e) => return failure(&e, None),
+            Err(e) => return failure(ErrorView::of(&e), None),
         }
     }
     let sink = {
@@ -139,7 +204,11 @@ async fn traced(
             live.action_progress(
                 id,
                 &e.service,
-                json!({ "phase": e.phase.as_str(), "message": e.message, "elapsedMs": e.elapsed_ms }),
+                value(Progress {
+                    phase: e.phase.as_str(),
+                    message: e.message.as_deref(),
+                    elapsed_ms: e.elapsed_ms,
+                }),
             )
         })
     };
@@ -153,7 +222,7 @@ async fn traced(
         "restart" => engine::Command::Restart(services),
         _ => engine::Command::Up,
     };
-    let load = Box::new(|| super::load(&opts, env));
+    let load = Box::new(|| super::load(opts, env));
     let (r, trace, _) = engine::run_traced(
         opts.file.clone(),
         env.to_string(),
@@ -165,43 +234,47 @@ async fn traced(
     .await;
     match r {
         Ok(report) => report_result(&report, trace.as_ref()),
-        Err(e) => failure(&e, trace.as_ref()),
-    }
-}
-
-fn trace_json(t: Option<&RunTrace>) -> Value {
-    match t {
-        Some(t) => json!({ "run": t.run, "traceId": t.trace_id }),
-        None => Value::Null,
+        Err(e) => failure(ErrorView::of(&e), trace.as_ref()),
     }
 }
 
 fn report_result(report: &Report, trace: Option<&RunTrace>) -> (StatusCode, Value) {
-    let results: Vec<Value> = report
+    let results = report
         .results
         .iter()
-        .map(|r| json!({ "service": r.service, "outcome": r.outcome.as_str(), "error": r.error, "elapsedMs": r.elapsed_ms }))
+        .map(|r| ServiceOutcome {
+            service: &r.service,
+            outcome: r.outcome.as_str(),
+            error: r.error.as_deref(),
+            elapsed_ms: r.elapsed_ms,
+        })
         .collect();
-    let Some(message) = report.failure_summary() else {
-        return (
-            StatusCode::OK,
-            json!({ "ok": true, "results": results, "trace": trace_json(trace) }),
-        );
+    let message = report.failure_summary();
+    let (status, code) = match message {
+        None => (StatusCode::OK, None),
+        Some(_) => (StatusCode::UNPROCESSABLE_ENTITY, Some("ENKFAILED")),
     };
-    (
-        StatusCode::UNPROCESSABLE_ENTITY,
-        json!({ "ok": false, "code": "ENKFAILED", "message": message, "results": results, "trace": trace_json(trace) }),
-    )
+    let a = Answer {
+        ok: message.is_none(),
+        code,
+        message,
+        results: Some(results),
+        trace: trace.map(TraceRef::of),
+        ..Answer::default()
+    };
+    (status, value(a))
 }
 
-fn failure<E: ErrorCode + std::fmt::Display>(
-    e: &E,
-    trace: Option<&RunTrace>,
-) -> (StatusCode, Value) {
-    (
-        status_of(e.code()),
-        json!({ "ok": false, "code": e.code(), "message": e.to_string(), "trace": trace_json(trace) }),
-    )
+/// Failed with `e` (after recording `trace`, if it ran).
+fn failure(e: ErrorView, trace: Option<&RunTrace>) -> (StatusCode, Value) {
+    let a = Answer {
+        ok: false,
+        code: Some(e.code),
+        message: Some(e.message),
+        trace: trace.map(TraceRef::of),
+        ..Answer::default()
+    };
+    (status_of(e.code), value(a))
 }
 
 /// Clears a lock: the deploy lock of an environment, a lock of a `--repo`
@@ -218,28 +291,24 @@ async fn unlock(live: &Live, env: &str, body: &Value, confirmed: bool) -> (Statu
         "deploy" => {
             // As `nanokit infra unlock --yes`.
             let Some(p) = live.project(env) else {
-                return bad("unknown environment");
+                return bad("unknown environment".into());
             };
-            let (location, held) = match super::boxed(crate::state::lock::inspect(&p.config)).await
-            {
+            let (location, held) = match crate::state::lock::inspect(&p.config).await {
                 Ok(v) => v,
-                Err(e) => return failure(&e, None),
+                Err(e) => return failure(ErrorView::of(&e), None),
             };
             if held.is_none() {
-                return (
-                    StatusCode::OK,
-                    json!({ "ok": true, "message": format!("The deploy lock of {location} is not held.") }),
-                );
+                return done(format!("The deploy lock of {location} is not held."));
             }
             if !confirmed {
                 return not_confirmed("clearing the deploy lock");
             }
-            match super::boxed(crate::state::lock::force_unlock(&p.config)).await {
-                Ok(cleared) => (
-                    StatusCode::OK,
-                    json!({ "ok": true, "cleared": cleared.map(|c| c.to_string()), "message": "Cleared. The holder, if still running, will find its lock lost and stop; its state writes are refused once another run takes the lock." }),
+            match crate::state::lock::force_unlock(&p.config).await {
+                Ok(cleared) => cleared_answer(
+                    cleared.map(|c| c.to_string()),
+                    "Cleared. The holder, if still running, will find its lock lost and stop; its state writes are refused once another run takes the lock.".into(),
                 ),
-                Err(e) => failure(&e, None),
+                Err(e) => failure(ErrorView::of(&e), None),
             }
         }
         "repo" => {
@@ -259,28 +328,26 @@ async fn unlock(live: &Live, env: &str, body: &Value, confirmed: bool) -> (Statu
                         .file_name()
                         .is_some_and(|n| n.to_string_lossy() == lock)
                 }),
-                Err(e) => return failure(&e, None),
+                Err(e) => return failure(ErrorView::of(&e), None),
             };
             if !listed || lock.contains('/') {
-                return (
-                    StatusCode::OK,
-                    json!({ "ok": true, "message": format!("{lock}: not held; nothing to do") }),
-                );
+                return done(format!("{lock}: not held; nothing to do"));
             }
             if !confirmed {
                 return not_confirmed("breaking a repository lock");
             }
             let path = dir.join(".locks").join(&lock);
             match crate::lock::break_lock(&path) {
-                Ok(Some(info)) => (
-                    StatusCode::OK,
-                    json!({ "ok": true, "cleared": info.describe(), "message": format!("broke {} (was held by {})", path.display(), info.describe()) }),
-                ),
-                Ok(None) => (
-                    StatusCode::OK,
-                    json!({ "ok": true, "message": format!("{}: released meanwhile; nothing to do", path.display()) }),
-                ),
-                Err(e) => failure(&e, None),
+                Ok(Some(info)) => {
+                    let holder = info.describe();
+                    let message = format!("broke {} (was held by {holder})", path.display());
+                    cleared_answer(Some(holder), message)
+                }
+                Ok(None) => done(format!(
+                    "{}: released meanwhile; nothing to do",
+                    path.display()
+                )),
+                Err(e) => failure(ErrorView::of(&e), None),
             }
         }
         "state" => {
@@ -292,22 +359,31 @@ async fn unlock(live: &Live, env: &str, body: &Value, confirmed: bool) -> (Statu
                 agent: Some(agent),
                 ..live.opts().state.clone()
             };
-            let r = super::boxed(async {
+            let r = async {
                 let store = crate::kv::Store::open(&opts).await?;
                 store.force_unlock(&name).await
-            })
+            }
             .await;
             match r {
-                Ok(prev) => (
-                    StatusCode::OK,
-                    json!({ "ok": true, "cleared": prev, "message": match &prev {
-                        Some(h) => format!("unlocked {name} (was held by {h})"),
-                        None => format!("{name} was not locked"),
-                    } }),
-                ),
-                Err(e) => failure(&e, None),
+                Ok(Some(holder)) => {
+                    let message = format!("unlocked {name} (was held by {holder})");
+                    cleared_answer(Some(holder), message)
+                }
+                Ok(None) => done(format!("{name} was not locked")),
+                Err(e) => failure(ErrorView::of(&e), None),
             }
         }
-        _ => bad("unlock needs `kind`: deploy, repo or state"),
+        _ => bad("unlock needs `kind`: deploy, repo or state".into()),
     }
+}
+
+/// A lock cleared: `{ ok: true, cleared: <its holder>, message }`.
+fn cleared_answer(cleared: Option<String>, message: String) -> (StatusCode, Value) {
+    let a = Answer {
+        ok: true,
+        cleared,
+        message: Some(message),
+        ..Answer::default()
+    };
+    (StatusCode::OK, value(a))
 }

@@ -9,7 +9,6 @@
 //! browser would send with a form another page submits, is not enough. Every
 //! response forbids framing, sniffing and any origin but the hub's own.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,13 +18,14 @@ use hyper::body::{Bytes, Incoming};
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::live::{Live, Snapshot, ALL};
-use super::respond::{error, event_stream, full, json_response, sse, text, Body};
+use super::respond::{error, event_stream, full, json_bytes, json_response, sse, text, Body};
 use super::{actions, assets, logs, view};
 
 /// The page's Content-Security-Policy: nothing from anywhere but the hub.
@@ -60,7 +60,7 @@ pub(super) async fn serve(server: Arc<Server>, listener: TcpListener) {
         };
         let _ = stream.set_nodelay(true);
         let server = server.clone();
-        tokio::spawn(async move {
+        super::spawn(async move {
             let stop = server.stop.clone();
             let svc = hyper::service::service_fn(move |req| {
                 let server = server.clone();
@@ -97,14 +97,26 @@ fn same(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
+/// A query string's parameters, percent-decoded, in order (a handful:
+/// looked up by a walk).
+pub(super) struct Query(Vec<(String, String)>);
+
+impl Query {
+    /// The first value of `name`.
+    pub(super) fn get(&self, name: &str) -> Option<&String> {
+        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v)
+    }
+}
+
 /// The query string's parameters, percent-decoded.
-pub(super) fn query(uri: &hyper::Uri) -> HashMap<String, String> {
+pub(super) fn query(uri: &hyper::Uri) -> Query {
     let decode = |s: &str| {
         percent_encoding::percent_decode_str(&s.replace('+', " "))
             .decode_utf8_lossy()
             .into_owned()
     };
-    uri.query()
+    let params = uri
+        .query()
         .unwrap_or("")
         .split('&')
         .filter(|p| !p.is_empty())
@@ -112,7 +124,8 @@ pub(super) fn query(uri: &hyper::Uri) -> HashMap<String, String> {
             Some((k, v)) => (decode(k), decode(v)),
             None => (decode(p), String::new()),
         })
-        .collect()
+        .collect();
+    Query(params)
 }
 
 fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -149,7 +162,7 @@ impl Server {
             .is_some_and(|t| same(t, &self.token))
     }
 
-    fn authorized(&self, req: &Request<Incoming>, q: &HashMap<String, String>) -> bool {
+    fn authorized(&self, req: &Request<Incoming>, q: &Query) -> bool {
         let h = req.headers();
         self.token_header_ok(h)
             || cookie(h, &self.cookie_name()).is_some_and(|t| same(t, &self.token))
@@ -254,15 +267,15 @@ impl Server {
             (Method::GET, "/") => full(
                 StatusCode::OK,
                 "text/html; charset=utf-8",
-                assets::index(&self.token),
+                assets::index(&self.token).into(),
             ),
             (Method::GET, p) if p.starts_with("/assets/") => match assets::get(&p[8..]) {
-                Some((ct, body)) => full(StatusCode::OK, ct, body),
+                Some((ct, gz)) => asset(req.headers(), ct, gz),
                 None => text(StatusCode::NOT_FOUND, "not found"),
             },
             (Method::GET, "/api/view") => {
                 let snap = self.fresh_view().await;
-                json_response(StatusCode::OK, &snapshot_json(&snap))
+                json_bytes(StatusCode::OK, snapshot_json(&snap, &|_, _| true))
             }
             (Method::GET, "/api/events") => self.events(),
             (Method::GET, p) if p.starts_with("/api/runs/") => self.run(&p[10..]),
@@ -322,15 +335,17 @@ impl Server {
         let stop = self.stop.clone();
         let mut sub = live.subscribe();
         let asked = live.request(ALL);
-        tokio::spawn(async move {
+        super::spawn(async move {
             let mut served = live.served();
             let _ = tokio::time::timeout(Duration::from_secs(5), served.wait_for(|s| *s >= asked))
                 .await;
             let mut last = sub.borrow_and_update().clone();
-            let first = format!("retry: 1000\n{}", {
-                let b = sse("view", Some(last.version), &snapshot_json(&last));
-                String::from_utf8_lossy(&b).into_owned()
-            });
+            let view = sse(
+                "view",
+                Some(last.version),
+                &snapshot_json(&last, &|_, _| true),
+            );
+            let first = [&b"retry: 1000\n"[..], &view].concat();
             if tx.send(Bytes::from(first)).await.is_err() {
                 return;
             }
@@ -341,18 +356,16 @@ impl Server {
                             return;
                         }
                         let snap = sub.borrow_and_update().clone();
-                        let mut changed = serde_json::Map::new();
-                        for (k, v) in &snap.sections {
-                            if last.sections.get(k).is_none_or(|old| !Arc::ptr_eq(old, v)) {
-                                changed.insert(k.to_string(), (**v).clone());
-                            }
-                        }
-                        last = snap;
-                        if changed.is_empty() {
+                        let changed = |k: &str, v: &Arc<Value>| {
+                            last.get(k).is_none_or(|old| !Arc::ptr_eq(old, v))
+                        };
+                        if !snap.sections.iter().any(|(k, v)| changed(k, v)) {
+                            last = snap;
                             continue;
                         }
-                        let patch = json!({ "version": last.version, "sections": changed });
-                        if tx.send(sse("patch", Some(last.version), &patch)).await.is_err() {
+                        let patch = sse("patch", Some(snap.version), &snapshot_json(&snap, &changed));
+                        last = snap;
+                        if tx.send(patch).await.is_err() {
                             return;
                         }
                     }
@@ -378,18 +391,37 @@ impl Server {
             return text(StatusCode::NOT_FOUND, "no project");
         };
         match view::run_detail(&p.config.file, &name) {
-            Some(t) => {
-                let mut v = view::run_json(&t);
+            Some(mut v) => {
                 self.live.masker().mask_json(&mut v);
                 json_response(StatusCode::OK, &v)
             }
             None => error(
                 StatusCode::NOT_FOUND,
                 "ENKTRACE",
-                format!("no run `{name}` in this project's traces"),
+                &format!("no run `{name}` in this project's traces"),
             ),
         }
     }
+}
+
+/// A gzipped asset: as it is when the client accepts gzip, else unpacked.
+fn asset(headers: &HeaderMap, content_type: &'static str, gz: &'static [u8]) -> Response<Body> {
+    // One header (as browsers send it).
+    let gzip = headers
+        .get(header::ACCEPT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(assets::accepts_gzip);
+    let mut r = if gzip {
+        let mut r = full(StatusCode::OK, content_type, Bytes::from_static(gz));
+        r.headers_mut()
+            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        r
+    } else {
+        full(StatusCode::OK, content_type, assets::gunzip(gz).into())
+    };
+    r.headers_mut()
+        .insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    r
 }
 
 fn unauthorized() -> Response<Body> {
@@ -399,12 +431,25 @@ fn unauthorized() -> Response<Body> {
     )
 }
 
-pub(super) fn snapshot_json(s: &Snapshot) -> Value {
-    let mut sections = serde_json::Map::new();
-    for (k, v) in &s.sections {
-        sections.insert(k.to_string(), (**v).clone());
+/// `{ version, sections }`: the sections of `s` that `pick` takes, as JSON.
+fn snapshot_json(s: &Snapshot, pick: &dyn Fn(&str, &Arc<Value>) -> bool) -> Vec<u8> {
+    struct Sections<'a>(&'a Snapshot, &'a dyn Fn(&str, &Arc<Value>) -> bool);
+    impl Serialize for Sections<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let picked = self.0.sections.iter().filter(|(k, v)| (self.1)(k, v));
+            s.collect_map(picked.map(|(k, v)| (*k, &**v)))
+        }
     }
-    json!({ "version": s.version, "sections": sections })
+    #[derive(Serialize)]
+    struct View<'a> {
+        version: u64,
+        sections: Sections<'a>,
+    }
+    let view = View {
+        version: s.version,
+        sections: Sections(s, pick),
+    };
+    serde_json::to_vec(&view).expect("JSON serialises")
 }
 
 #[cfg(test)]
@@ -453,8 +498,9 @@ mod tests {
         assert_eq!(cookie(&h, "c"), Some("3"));
         assert_eq!(cookie(&h, "nkhub_7421"), None);
         let q = query(&"/x?token=a%2Bb&q=hello+world&flag".parse().unwrap());
-        assert_eq!(q["token"], "a+b");
-        assert_eq!(q["q"], "hello world");
-        assert_eq!(q["flag"], "");
+        assert_eq!(q.get("token").unwrap(), "a+b");
+        assert_eq!(q.get("q").unwrap(), "hello world");
+        assert_eq!(q.get("flag").unwrap(), "");
+        assert_eq!(q.get("nope"), None);
     }
 }

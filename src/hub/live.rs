@@ -10,13 +10,14 @@
 //! another host changes on a shared file system is not notified). While no
 //! page is open the loop sleeps.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -61,10 +62,29 @@ const DEBOUNCE: Duration = Duration::from_millis(10);
 #[derive(Debug, Clone, Default)]
 pub(super) struct Snapshot {
     pub version: u64,
-    pub sections: BTreeMap<&'static str, Arc<Value>>,
+    /// Each section by name (a handful: looked up by a walk).
+    pub sections: Vec<(&'static str, Arc<Value>)>,
+}
+
+impl Snapshot {
+    pub(super) fn get(&self, name: &str) -> Option<&Arc<Value>> {
+        self.sections
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v)
+    }
+
+    fn set(&mut self, name: &'static str, value: Arc<Value>) {
+        match self.sections.iter_mut().find(|(n, _)| *n == name) {
+            Some(s) => s.1 = value,
+            None => self.sections.push((name, value)),
+        }
+    }
 }
 
 /// One hub action in progress.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
 struct Running {
     id: u64,
     action: String,
@@ -75,13 +95,13 @@ struct Running {
     phases: BTreeMap<String, Value>,
 }
 
-/// Actions of the hub: those running (with each service's progress) and
-/// the last ones that ended.
-#[derive(Default)]
+/// Actions of the hub running now, with each service's progress (how one
+/// ended is the answer to its POST).
+#[derive(Default, Serialize)]
 pub(super) struct Activity {
+    #[serde(skip)]
     next_id: u64,
     running: Vec<Running>,
-    done: VecDeque<Value>,
 }
 
 impl Activity {
@@ -95,24 +115,14 @@ impl Activity {
         }
         out
     }
+}
 
-    fn json(&self) -> Value {
-        let running: Vec<Value> = self
-            .running
-            .iter()
-            .map(|r| {
-                json!({
-                    "id": r.id,
-                    "action": r.action,
-                    "env": r.env,
-                    "services": r.services,
-                    "startedAtMs": r.started_at_ms,
-                    "phases": r.phases,
-                })
-            })
-            .collect();
-        json!({ "running": running, "done": self.done })
-    }
+/// The hub itself: the project it shows, and why the configuration could
+/// not be loaded again (the last good one stays shown).
+#[derive(Serialize)]
+struct Meta<'a> {
+    project: Option<&'a str>,
+    errors: &'a [Value],
 }
 
 struct Shared {
@@ -131,7 +141,6 @@ struct Shared {
     logs: watch::Sender<u64>,
     /// Configuration reload failures, shown on the page.
     errors: Mutex<Vec<Value>>,
-    started_at_ms: i64,
     stop: CancellationToken,
 }
 
@@ -144,18 +153,18 @@ pub(super) struct Live {
 impl Live {
     /// Loads each environment and starts the loop that keeps the view.
     pub(super) fn start(
-        opts: &HubOptions,
+        opts: HubOptions,
         envs: Vec<String>,
         stop: CancellationToken,
     ) -> Result<Live, super::HubError> {
         let projects = envs
             .iter()
-            .map(|e| Project::load(opts, e).map(Arc::new))
+            .map(|e| Project::load(&opts, e).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         let masker = merged_masker(&projects);
         let watcher = DirWatch::new().map_err(super::HubError::Watch)?;
         let shared = Arc::new(Shared {
-            opts: opts.clone(),
+            opts,
             envs,
             projects: RwLock::new(projects),
             masker: RwLock::new(masker),
@@ -167,10 +176,9 @@ impl Live {
             activity: Mutex::new(Activity::default()),
             logs: watch::Sender::new(0),
             errors: Mutex::new(Vec::new()),
-            started_at_ms: view::now_ms(),
             stop,
         });
-        tokio::spawn(run(shared.clone(), watcher));
+        super::spawn(run(shared.clone(), watcher));
         Ok(Live { shared })
     }
 
@@ -255,23 +263,9 @@ impl Live {
         self.request(ACTIVITY | SERVICES);
     }
 
-    /// Records how action `id` ended (`result`: what the API answered).
-    pub(super) fn action_done(&self, id: u64, result: Value) {
-        let mut a = self.activity();
-        if let Some(i) = a.running.iter().position(|r| r.id == id) {
-            let r = a.running.remove(i);
-            a.done.push_front(json!({
-                "id": r.id,
-                "action": r.action,
-                "env": r.env,
-                "services": r.services,
-                "startedAtMs": r.started_at_ms,
-                "endedAtMs": view::now_ms(),
-                "result": result,
-            }));
-            a.done.truncate(10);
-        }
-        drop(a);
+    /// Records that action `id` ended.
+    pub(super) fn action_done(&self, id: u64) {
+        self.activity().running.retain(|r| r.id != id);
         self.request(ALL);
     }
 
@@ -332,7 +326,7 @@ fn watch_plan(shared: &Shared) -> Vec<(PathBuf, u32)> {
 async fn run(shared: Arc<Shared>, mut dirs: DirWatch) {
     let mut plan: Vec<(PathBuf, u32)> = Vec::new();
     let mut plan_checked = Instant::now() - Duration::from_secs(60);
-    let mut runs_cache = HashMap::new();
+    let mut runs_cache = Vec::new();
     let mut config_seen = config_mtimes(&shared);
     let mut watched = false;
     let now = Instant::now();
@@ -455,7 +449,10 @@ fn reload(shared: &Shared) {
         .map(|env| match Project::load(&shared.opts, env) {
             Ok(p) => Arc::new(p),
             Err(e) => {
-                errors.push(json!({ "env": env, "error": view::error_json(&e) }));
+                errors.push(view::value(view::EnvError {
+                    env,
+                    error: view::ErrorView::of(&e),
+                }));
                 old.iter()
                     .find(|p| p.env == *env)
                     .cloned()
@@ -474,7 +471,7 @@ fn reload(shared: &Shared) {
 async fn recompute(
     shared: &Shared,
     groups: u32,
-    runs_cache: &mut HashMap<PathBuf, (SystemTime, Value)>,
+    runs_cache: &mut Vec<(PathBuf, SystemTime, Value)>,
 ) -> (bool, Option<bool>) {
     let projects = shared
         .projects
@@ -482,22 +479,12 @@ async fn recompute(
         .unwrap_or_else(|e| e.into_inner())
         .clone();
     let on = |g: u32| groups & g != 0;
-    // The runs first: the services show each one's last run.
     let runs = if on(RUNS) {
         projects
             .first()
             .map(|p| view::runs(&p.config.file, runs_cache))
     } else {
         None
-    };
-    let last_runs = match &runs {
-        Some(r) => Some(r.clone()),
-        None => shared
-            .snapshot
-            .borrow()
-            .sections
-            .get("runs")
-            .map(|v| (**v).clone()),
     };
     // One after the other: each is quick (drift, the slowest, is a walk of
     // /proc or one call to the daemon), and a join would be a larger binary.
@@ -514,7 +501,7 @@ async fn recompute(
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .phases(&p.env);
-            envs.push(view::services(p, w.as_ref(), &phases, last_runs.as_ref()).await);
+            envs.push(view::services(p, w.as_ref(), &phases).await);
         }
         Some((Value::Array(envs), all_watched))
     };
@@ -555,27 +542,17 @@ async fn recompute(
         sections.push(("runs", v));
     }
     if on(ACTIVITY) {
-        let a = shared
-            .activity
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .json();
+        let a = view::value(&*shared.activity.lock().unwrap_or_else(|e| e.into_inner()));
         sections.push(("activity", a));
     }
     if on(META) {
-        let p = projects.first();
-        sections.push((
-            "meta",
-            json!({
-                "project": p.map(|p| p.config.name.clone()),
-                "file": shared.opts.file,
-                "envs": shared.envs,
-                "repos": shared.opts.repos,
-                "version": env!("CARGO_PKG_VERSION"),
-                "startedAtMs": shared.started_at_ms,
-                "errors": *shared.errors.lock().unwrap_or_else(|e| e.into_inner()),
-            }),
-        ));
+        let errors = shared.errors.lock().unwrap_or_else(|e| e.into_inner());
+        let meta = view::value(Meta {
+            project: projects.first().map(|p| p.config.name.as_str()),
+            errors: &errors,
+        });
+        drop(errors);
+        sections.push(("meta", meta));
     }
     let masker = shared
         .masker
@@ -583,18 +560,16 @@ async fn recompute(
         .unwrap_or_else(|e| e.into_inner())
         .clone();
     let mut services_changed = false;
-    let mut runs_changed = false;
     shared.snapshot.send_if_modified(|snap| {
         let mut next = (**snap).clone();
         let mut changed = false;
         for (name, mut value) in sections {
             masker.mask_json(&mut value);
-            if next.sections.get(name).is_some_and(|v| **v == value) {
+            if next.get(name).is_some_and(|v| **v == value) {
                 continue;
             }
             services_changed |= name == "services";
-            runs_changed |= name == "runs";
-            next.sections.insert(name, Arc::new(value));
+            next.set(name, Arc::new(value));
             changed = true;
         }
         if changed {
@@ -603,9 +578,5 @@ async fn recompute(
         }
         changed
     });
-    if runs_changed && !on(SERVICES) {
-        // A new run may change a service's last error: next round.
-        shared.dirty.fetch_or(SERVICES, Ordering::SeqCst);
-    }
     (services_changed, all_watched)
 }

@@ -45,6 +45,16 @@ pub(super) fn boxed<'a, T>(
     Box::pin(f)
 }
 
+/// Spawns a task of the hub as one boxed future: every hub task is then the
+/// same type to tokio, whose task machinery (poll, wake, cancel, join) the
+/// binary carries once for them all, not once per task.
+pub(super) fn spawn(
+    f: impl std::future::Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let f: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = Box::pin(f);
+    tokio::spawn(f)
+}
+
 /// The default port (`--port`).
 pub const DEFAULT_PORT: u16 = 7420;
 
@@ -144,14 +154,14 @@ impl Hub {
         let token = new_token();
         let url = format!("http://127.0.0.1:{port}/?token={token}");
         let stop = CancellationToken::new();
-        let live = live::Live::start(&opts, envs, stop.clone())?;
+        let live = live::Live::start(opts, envs, stop.clone())?;
         let server = Arc::new(http::Server {
             token,
             port,
             live,
             stop: stop.clone(),
         });
-        let done = tokio::spawn(http::serve(server, listener));
+        let done = spawn(http::serve(server, listener));
         Ok(Hub {
             url,
             port,
@@ -190,18 +200,18 @@ pub fn open_browser(url: &str) {
     } else {
         "xdg-open"
     };
-    let spawned = std::process::Command::new(opener)
-        .arg(url)
+    // Started in the background by a shell that exits at once: nothing is
+    // left for us to reap (the URL is an argument, never part of the script).
+    let script =
+        format!("command -v {opener} >/dev/null || exit 127; {opener} \"$1\" >/dev/null 2>&1 &");
+    let status = std::process::Command::new("sh")
+        .args(["-c", &script, "sh", url])
         .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn();
-    match spawned {
-        // Reaped in the background: the opener exits at once.
-        Ok(mut child) => {
-            std::thread::spawn(move || child.wait());
-        }
-        Err(e) => eprintln!("cannot open a browser ({opener}: {e}); open the URL yourself"),
+        .status();
+    match status {
+        Ok(s) if s.success() => {}
+        Ok(_) => eprintln!("cannot open a browser ({opener} not found); open the URL yourself"),
+        Err(e) => eprintln!("cannot open a browser (sh: {e}); open the URL yourself"),
     }
 }
 

@@ -68,10 +68,9 @@ impl StateReader {
             .await?
             .clone();
         let st = Arc::new(
-            super::boxed(state::Store::open(backend, &config.name, &config.env))
+            state::Store::open(backend, &config.name, &config.env)
                 .await?
-                .state()
-                .clone(),
+                .into_state(),
         );
         if let Some(now) = file {
             *self.cached.lock().unwrap_or_else(|e| e.into_inner()) = Some((now, st.clone()));

@@ -7,38 +7,45 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Bytes, Frame};
 use hyper::header::{self, HeaderValue};
 use hyper::{Response, StatusCode};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::sync::mpsc;
+
+use super::view::{value, ErrorView};
 
 pub(super) type Body = BoxBody<Bytes, Infallible>;
 
-pub(super) fn full(
-    status: StatusCode,
-    content_type: &'static str,
-    body: impl Into<Bytes>,
-) -> Response<Body> {
-    let mut r = Response::new(Full::new(body.into()).boxed());
+pub(super) fn full(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Body> {
+    let mut r = Response::new(Full::new(body).boxed());
     *r.status_mut() = status;
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     r
 }
 
-pub(super) fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
-    full(status, "text/plain; charset=utf-8", body.into())
-}
-
-pub(super) fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
+pub(super) fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     full(
         status,
-        "application/json",
-        serde_json::to_vec(v).expect("JSON serialises"),
+        "text/plain; charset=utf-8",
+        Bytes::from_static(body.as_bytes()),
     )
 }
 
+pub(super) fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
+    json_bytes(status, serde_json::to_vec(v).expect("JSON serialises"))
+}
+
+/// A JSON answer already serialised.
+pub(super) fn json_bytes(status: StatusCode, body: Vec<u8>) -> Response<Body> {
+    full(status, "application/json", body.into())
+}
+
 /// An error as the API returns it: `{ code, message }`.
-pub(super) fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response<Body> {
-    json_response(status, &json!({ "code": code, "message": message.into() }))
+pub(super) fn error(status: StatusCode, code: &'static str, message: &str) -> Response<Body> {
+    let e = ErrorView {
+        code,
+        message: message.to_string(),
+    };
+    json_response(status, &value(e))
 }
 
 /// A server-sent event stream fed by `rx`.
@@ -56,12 +63,16 @@ pub(super) fn event_stream(rx: mpsc::Receiver<Bytes>) -> Response<Body> {
     r
 }
 
-/// One server-sent event.
-pub(super) fn sse(event: &str, id: Option<u64>, data: &Value) -> Bytes {
-    let mut s = String::new();
+/// One server-sent event; `data` is JSON (one line).
+pub(super) fn sse(event: &str, id: Option<u64>, data: &[u8]) -> Bytes {
+    let mut s = Vec::with_capacity(data.len() + 40);
     if let Some(id) = id {
-        s.push_str(&format!("id: {id}\n"));
+        s.extend_from_slice(format!("id: {id}\n").as_bytes());
     }
-    s.push_str(&format!("event: {event}\ndata: {data}\n\n"));
+    s.extend_from_slice(b"event: ");
+    s.extend_from_slice(event.as_bytes());
+    s.extend_from_slice(b"\ndata: ");
+    s.extend_from_slice(data);
+    s.extend_from_slice(b"\n\n");
     Bytes::from(s)
 }

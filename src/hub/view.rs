@@ -3,12 +3,17 @@
 //! `infra unlock` and `state` show), with times as milliseconds since the
 //! epoch so the page can show ages without being sent a new view every
 //! second. An error becomes part of its section, never of the others.
+//!
+//! Each object is a `Serialize` struct made a JSON value once ([`value`]):
+//! its fields are written by serde's code for their types, shared by every
+//! view, instead of by code inlined field by field (docs/hub.md#size).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
 
 use super::project::Project;
 use super::watch::Watcher;
@@ -24,8 +29,46 @@ const MAX_KEYS: usize = 1000;
 /// How much of one value it shows.
 const MAX_VALUE_CHARS: usize = 2000;
 
-pub(super) fn error_json<E: ErrorCode + std::fmt::Display>(e: &E) -> Value {
-    json!({ "code": e.code(), "message": e.to_string() })
+/// A view as a JSON value (null if it cannot be one: a path that is not
+/// UTF-8). Written as JSON text and read back: serde's writer code for
+/// each field type is in the binary already, its code to build values
+/// field by field is not (docs/hub.md#size).
+pub(super) fn value(v: impl Serialize) -> Value {
+    parse(serde_json::to_vec(&v).ok().as_deref())
+}
+
+/// JSON text as a value (null if it is not JSON).
+#[inline(never)]
+pub(super) fn parse(json: Option<&[u8]>) -> Value {
+    json.and_then(|b| serde_json::from_slice(b).ok())
+        .unwrap_or_default()
+}
+
+/// An error as the page shows it: `{ code, message }`.
+#[derive(Debug, Serialize)]
+pub(super) struct ErrorView {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ErrorView {
+    pub(super) fn of(e: &(impl ErrorCode + std::fmt::Display)) -> ErrorView {
+        ErrorView::new(e.code(), e)
+    }
+
+    fn new(code: &'static str, message: &dyn std::fmt::Display) -> ErrorView {
+        ErrorView {
+            code,
+            message: message.to_string(),
+        }
+    }
+}
+
+/// What could not be shown of an environment: `{ env, error }`.
+#[derive(Serialize)]
+pub(super) struct EnvError<'a> {
+    pub env: &'a str,
+    pub error: ErrorView,
 }
 
 pub(super) fn now_ms() -> i64 {
@@ -35,150 +78,168 @@ pub(super) fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// RFC 3339 → milliseconds since the epoch.
-fn rfc3339_ms(s: &str) -> Option<i64> {
-    humantime::parse_rfc3339_weak(s)
-        .ok()?
-        .duration_since(UNIX_EPOCH)
-        .ok()
-        .map(|d| d.as_millis() as i64)
-}
-
-/// Whether a status row counts as up: healthy and every instance running.
-fn up(row: &engine::StatusRow) -> bool {
-    row.alive && row.status == "healthy"
-}
-
-/// One environment's services: each with its status row, what it waits
-/// on, what the watcher says of it and the phase of a hub action running
-/// on it; the dependency graph as layers.
+/// One environment's services as `nanokit status --output json` gives
+/// them (its rows, but for what the watcher keeps), with the configured services and their dependency
+/// graph as layers, the progress of hub actions on them, and the watcher's
+/// status and events as it writes them. The page puts them together
+/// (what each waits on, its last run, a watcher's recent events per
+/// service): one general form, not a view shaped field by field here.
 pub(super) async fn services(
     p: &Project,
     watch: Option<&Watcher>,
     phases: &BTreeMap<String, Value>,
-    runs: Option<&Value>,
 ) -> Value {
     let cfg = &p.config;
     let layers = Dag::build(cfg).map(|d| d.layers()).unwrap_or_default();
     let rows = match p.state.read(cfg).await {
-        Ok(st) => super::boxed(engine::status_rows(cfg, p.provider.as_ref(), &st)).await,
+        Ok(st) => engine::status_rows(cfg, p.provider.as_ref(), &st).await,
         Err(e) => Err(e.into()),
     };
     let (rows, error) = match rows {
-        Ok(rows) => (rows, Value::Null),
-        Err(e) => (Vec::new(), error_json(&e)),
+        Ok(rows) => (rows, None),
+        Err(e) => (Vec::new(), Some(ErrorView::of(&e))),
     };
-    let by_name: HashMap<&str, &engine::StatusRow> =
-        rows.iter().map(|r| (r.service.as_str(), r)).collect();
-    let mut names: Vec<&str> = layers.iter().flatten().map(String::as_str).collect();
-    for r in &rows {
-        if !names.contains(&r.service.as_str()) {
-            names.push(&r.service);
-        }
-    }
-    let list: Vec<Value> = names
+    let config = cfg
+        .services
         .iter()
-        .map(|name| {
-            let row = by_name.get(name).copied();
-            let svc = cfg.services.get(*name);
-            let deps: Vec<String> = svc
-                .map(|s| s.dep_names().map(str::to_string).collect())
-                .unwrap_or_default();
-            let is_up = row.is_some_and(up);
-            let phase = phases.get(*name);
-            let waiting_on: Vec<&String> = if is_up && phase.is_none() {
-                Vec::new()
-            } else {
-                deps.iter()
-                    .filter(|d| !by_name.get(d.as_str()).copied().is_some_and(up))
-                    .collect()
-            };
-            let w = watch.and_then(|w| w.service(name));
-            let last_run = runs.and_then(|r| last_run_of(r, &p.env, name));
-            json!({
-                "name": name,
-                "inConfig": svc.is_some(),
-                "deployed": row.is_some(),
-                "status": row.map_or("not deployed", |r| r.status.as_str()),
-                "alive": row.is_some_and(|r| r.alive),
-                "running": row.map_or(0, |r| r.running),
-                "instances": row.map(|r| r.instances.clone()).unwrap_or_default(),
-                "pid": row.and_then(|r| r.pid),
-                "port": svc.and_then(|s| s.port),
-                "image": svc.and_then(|s| s.image.clone()),
-                "sinceMs": row.and_then(|r| rfc3339_ms(&r.updated_at)),
-                "error": row.and_then(|r| r.error.clone()),
-                "dependsOn": deps,
-                "waitingOn": waiting_on,
-                "phase": phase,
-                "watch": w,
-                "lastRun": last_run,
-            })
+        .map(|(name, s)| Configured {
+            name,
+            depends_on: s.dep_names().collect(),
+            port: s.port,
+            image: s.image.as_deref(),
         })
         .collect();
-    json!({
-        "env": p.env,
-        "project": cfg.name,
-        "provider": cfg.provider.as_str(),
-        "layers": layers,
-        "services": list,
-        "watch": watch.map(Watcher::summary),
-        "error": error,
+    value(EnvServices {
+        env: &p.env,
+        project: &cfg.name,
+        provider: cfg.provider.as_str(),
+        layers: &layers,
+        config,
+        rows: rows.iter().map(Row::of).collect(),
+        phases,
+        watch: watch.map(Watcher::json),
+        error,
     })
 }
 
-/// The newest run of `env` that touched `service`: its name, when, and the
-/// error the service failed with in it (null when it went well).
-fn last_run_of(runs: &Value, env: &str, service: &str) -> Option<Value> {
-    runs.get("runs")?.as_array()?.iter().find_map(|r| {
-        if r.get("env")?.as_str()? != env {
-            return None;
+/// One environment's services.
+#[derive(Serialize)]
+struct EnvServices<'a> {
+    env: &'a str,
+    project: &'a str,
+    provider: &'static str,
+    layers: &'a [Vec<String>],
+    config: Vec<Configured<'a>>,
+    rows: Vec<Row<'a>>,
+    phases: &'a BTreeMap<String, Value>,
+    watch: Option<Value>,
+    error: Option<ErrorView>,
+}
+
+/// A row of `nanokit status`, as its JSON names the fields, without what
+/// the watcher keeps of the service (the watcher's own status has it).
+#[derive(Serialize)]
+struct Row<'a> {
+    service: &'a str,
+    status: &'a str,
+    alive: bool,
+    pid: Option<u32>,
+    instances: &'a [String],
+    running: usize,
+    updated_at: &'a str,
+    error: Option<&'a str>,
+}
+
+impl<'a> Row<'a> {
+    fn of(r: &'a engine::StatusRow) -> Row<'a> {
+        Row {
+            service: &r.service,
+            status: &r.status,
+            alive: r.alive,
+            pid: r.pid,
+            instances: &r.instances,
+            running: r.running,
+            updated_at: &r.updated_at,
+            error: r.error.as_deref(),
         }
-        let error = r.get("services")?.get(service)?;
-        Some(json!({ "run": r.get("run"), "command": r.get("command"), "startedAtMs": r.get("startedAtMs"), "error": error }))
-    })
+    }
+}
+
+/// A service of the configuration.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Configured<'a> {
+    name: &'a str,
+    depends_on: Vec<&'a str>,
+    port: Option<u16>,
+    image: Option<&'a str>,
 }
 
 /// The runs recorded beside `file` (traces of `up`, `down`, `restart` and
 /// watch passes), newest first. `cache` keeps each file's summary by
 /// modification time.
-pub(super) fn runs(file: &Path, cache: &mut HashMap<PathBuf, (SystemTime, Value)>) -> Value {
+pub(super) fn runs(file: &Path, cache: &mut Vec<(PathBuf, SystemTime, Value)>) -> Value {
     let dir = crate::trace::traces_dir(file);
     let mut paths = file::list(&dir);
     paths.reverse();
     paths.truncate(MAX_RUNS);
-    let mut keep = HashMap::new();
+    let mut keep = Vec::new();
     let mut list = Vec::new();
     for p in paths {
         let Ok(mtime) = std::fs::metadata(&p).and_then(|m| m.modified()) else {
             continue;
         };
-        let summary = match cache.remove(&p) {
-            Some((t, v)) if t == mtime => v,
-            _ => match TraceFile::read(&p) {
+        // At most MAX_RUNS entries: looked up by a walk.
+        let cached = cache.iter().position(|(c, t, _)| *c == p && *t == mtime);
+        let summary = match cached {
+            Some(i) => cache.swap_remove(i).2,
+            None => match TraceFile::read(&p) {
                 Ok(t) => run_summary(&t),
-                Err(e) => json!({
-                    "run": p.file_stem().map(|s| s.to_string_lossy().into_owned()),
-                    "error": e,
+                Err(error) => value(Unreadable {
+                    run: p.file_stem().map(|s| s.to_string_lossy()),
+                    error,
                 }),
             },
         };
         list.push(summary.clone());
-        keep.insert(p, (mtime, summary));
+        keep.push((p, mtime, summary));
     }
     *cache = keep;
-    json!({ "dir": dir, "runs": list })
+    value(Runs {
+        dir: &dir,
+        runs: list,
+    })
+}
+
+#[derive(Serialize)]
+struct Runs<'a> {
+    dir: &'a Path,
+    runs: Vec<Value>,
+}
+
+/// A trace file that cannot be read.
+#[derive(Serialize)]
+struct Unreadable<'a> {
+    run: Option<std::borrow::Cow<'a, str>>,
+    error: String,
 }
 
 /// Each service a run touched, with the error it failed with (null when
 /// it went well).
-fn run_services(t: &TraceFile) -> BTreeMap<String, Option<String>> {
-    let mut out: BTreeMap<String, Option<String>> = BTreeMap::new();
+fn run_services(t: &TraceFile) -> Pairs<String, Option<String>> {
+    let mut out: Vec<(String, Option<String>)> = Vec::new();
     for s in &t.spans {
         let Some(svc) = timeline::service_of(t, s) else {
             continue;
         };
-        let entry = out.entry(svc).or_default();
+        let i = match out.iter().position(|(n, _)| *n == svc) {
+            Some(i) => i,
+            None => {
+                out.push((svc, None));
+                out.len() - 1
+            }
+        };
+        let entry = &mut out[i].1;
         if s.failed() && s.name != "service" && entry.is_none() {
             let msg = s
                 .attr("error")
@@ -187,29 +248,56 @@ fn run_services(t: &TraceFile) -> BTreeMap<String, Option<String>> {
             *entry = Some(format!("{}: {msg}", timeline::label(t, s)));
         }
     }
-    out
+    Pairs(out)
+}
+
+/// Pairs written as a JSON object, in their order (kept in a list rather
+/// than a map: a map's code for each key and value type is larger).
+struct Pairs<K, V>(Vec<(K, V)>);
+
+impl<K: Serialize, V: Serialize> Serialize for Pairs<K, V> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(k, v)| (k, v)))
+    }
 }
 
 fn run_summary(t: &TraceFile) -> Value {
-    json!({
-        "services": run_services(t),
-        "run": t.run,
-        "command": t.command,
-        "env": t.env,
-        "project": t.project,
-        "startedAtMs": t.start_unix_nano / 1_000_000,
-        "durationMs": t.end_unix_nano.saturating_sub(t.start_unix_nano) as f64 / 1e6,
-        "outcome": t.outcome,
-        "error": t.error.as_deref().map(|e| e.lines().next().unwrap_or("").to_string()),
-        "traceId": t.trace_id,
-        "spans": t.spans.len(),
+    value(RunSummary {
+        services: run_services(t),
+        run: &t.run,
+        command: &t.command,
+        env: &t.env,
+        project: t.project.as_deref(),
+        started_at_ms: t.start_unix_nano / 1_000_000,
+        duration_ms: t.end_unix_nano.saturating_sub(t.start_unix_nano) as f64 / 1e6,
+        outcome: &t.outcome,
+        error: t.error.as_deref().map(|e| e.lines().next().unwrap_or("")),
+        trace_id: &t.trace_id,
+        spans: t.spans.len(),
     })
+}
+
+/// A run in the list.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RunSummary<'a> {
+    services: Pairs<String, Option<String>>,
+    run: &'a str,
+    command: &'a str,
+    env: &'a str,
+    project: Option<&'a str>,
+    started_at_ms: u64,
+    duration_ms: f64,
+    outcome: &'a str,
+    error: Option<&'a str>,
+    trace_id: &'a str,
+    spans: usize,
 }
 
 /// One run as the timeline page draws it: the trace, each span's label,
 /// the critical path and the slowest steps. `run` must be a run's exact
 /// name (never a path).
-pub(super) fn run_detail(file: &Path, run: &str) -> Option<TraceFile> {
+pub(super) fn run_detail(file: &Path, run: &str) -> Option<Value> {
     if run.is_empty() || run.contains('/') || run.starts_with('.') {
         return None;
     }
@@ -217,36 +305,58 @@ pub(super) fn run_detail(file: &Path, run: &str) -> Option<TraceFile> {
     let path = file::list(&dir)
         .into_iter()
         .find(|p| p.file_stem().is_some_and(|s| s == run))?;
-    TraceFile::read(&path).ok()
+    let t = TraceFile::read(&path).ok()?;
+    // The trace as its file has it (read again as a value rather than
+    // written anew: the binary writes traces pretty, not compact).
+    let trace = parse(std::fs::read(&path).ok().as_deref());
+    Some(run_json(&t, trace))
 }
 
-pub(super) fn run_json(t: &TraceFile) -> Value {
-    let mut labels = serde_json::Map::new();
-    for s in &t.spans {
-        labels.insert(s.span_id.clone(), timeline::label(t, s).into());
-    }
+fn run_json(t: &TraceFile, trace: Value) -> Value {
+    let labels = t
+        .spans
+        .iter()
+        .map(|s| (s.span_id.as_str(), timeline::label(t, s)))
+        .collect::<Vec<_>>();
     let critical: Vec<&str> = timeline::critical_path(t)
         .iter()
         .map(|s| s.span_id.as_str())
         .collect();
-    let slowest: Vec<Value> = timeline::slowest(t, 10)
-        .iter()
-        .map(|s| {
-            json!({
-                "spanId": s.span_id,
-                "label": timeline::label(t, s),
-                "durationMs": s.duration_ms(),
-                "failed": s.failed(),
-                "critical": critical.contains(&s.span_id.as_str()),
-            })
+    let slowest = timeline::slowest(t, 10)
+        .into_iter()
+        .map(|s| Slow {
+            span_id: &s.span_id,
+            label: timeline::label(t, s),
+            duration_ms: s.duration_ms(),
+            failed: s.failed(),
+            critical: critical.contains(&s.span_id.as_str()),
         })
         .collect();
-    json!({
-        "trace": t,
-        "labels": labels,
-        "critical": critical,
-        "slowest": slowest,
+    value(RunDetail {
+        trace,
+        labels: Pairs(labels),
+        critical,
+        slowest,
     })
+}
+
+/// A run as its timeline draws it.
+#[derive(Serialize)]
+struct RunDetail<'a> {
+    trace: Value,
+    labels: Pairs<&'a str, String>,
+    critical: Vec<&'a str>,
+    slowest: Vec<Slow<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Slow<'a> {
+    span_id: &'a str,
+    label: String,
+    duration_ms: f64,
+    failed: bool,
+    critical: bool,
 }
 
 /// The deploy lock of each environment and, for each `--repo` directory,
@@ -255,58 +365,77 @@ pub(super) fn run_json(t: &TraceFile) -> Value {
 pub(super) async fn locks(projects: &[std::sync::Arc<Project>], repos: &[PathBuf]) -> Value {
     let mut deploy = Vec::new();
     for p in projects {
-        deploy.push(
-            match super::boxed(crate::state::lock::inspect(&p.config)).await {
-                Ok((location, held)) => json!({
-                    "env": p.env,
-                    "location": location,
-                    "held": held,
-                    "describe": held.as_ref().map(|h| h.to_string()),
-                }),
-                Err(e) => json!({ "env": p.env, "error": error_json(&e) }),
-            },
-        );
+        deploy.push(match crate::state::lock::inspect(&p.config).await {
+            Ok((location, held)) => value(DeployLock {
+                env: &p.env,
+                location,
+                describe: held.as_ref().map(|h| h.to_string()),
+                held,
+            }),
+            Err(e) => value(EnvError {
+                env: &p.env,
+                error: ErrorView::of(&e),
+            }),
+        });
     }
     let repos: Vec<Value> = repos.iter().map(|r| repo(r)).collect();
-    json!({ "deploy": deploy, "repos": repos })
+    value(Locks { deploy, repos })
+}
+
+#[derive(Serialize)]
+struct Locks {
+    deploy: Vec<Value>,
+    repos: Vec<Value>,
+}
+
+/// An environment's deploy lock.
+#[derive(Serialize)]
+struct DeployLock<'a> {
+    env: &'a str,
+    location: String,
+    held: Option<crate::state::LockView>,
+    describe: Option<String>,
 }
 
 fn repo(dir: &Path) -> Value {
     let status = match crate::repo::status(dir) {
         Ok(s) => s,
-        Err(e) => return json!({ "dir": dir, "error": error_json(&e) }),
+        Err(e) => {
+            return value(RepoError {
+                dir,
+                error: ErrorView::of(&e),
+            })
+        }
     };
-    let now = now_ms();
-    let installing: Vec<Value> = status
+    // Each lock's holder in the words of `nanokit lock status` (the rest
+    // of each lock is in `status.locks`; the page puts them together).
+    let holders: Vec<Option<String>> = status
         .locks
         .iter()
-        .map(|l| {
-            let key = l
-                .path
-                .file_stem()
-                .map(|s| s.to_string_lossy().replace('+', "/"))
-                .unwrap_or_default();
-            json!({
-                "lock": l.path.file_name().map(|n| n.to_string_lossy().into_owned()),
-                "package": key,
-                "holder": l.info.as_ref().map(|i| i.describe()),
-                "label": l.info.as_ref().and_then(|i| i.holder.clone()),
-                "pid": l.info.as_ref().map(|i| i.pid),
-                "host": l.info.as_ref().map(|i| i.hostname.clone()),
-                "sameHost": l.same_host,
-                "holderAlive": l.holder_alive,
-                "stale": l.stale,
-                "acquiredAtMs": l.info.as_ref().map(|i| i.acquired_at_ms),
-                "heartbeatAtMs": now - l.heartbeat_age_ms as i64,
-                "waiters": l.waiters,
-            })
-        })
+        .map(|l| l.info.as_ref().map(|i| i.describe()))
         .collect();
-    json!({
-        "dir": dir,
-        "installing": installing,
-        "status": status,
+    // Written as `nanokit repo status --output json` writes it: one
+    // instance of that code in the binary.
+    let status = parse(serde_json::to_vec_pretty(&status).ok().as_deref());
+    value(RepoView {
+        dir,
+        holders,
+        status,
     })
+}
+
+/// A `--repo` directory: `repo status`, and the holder of each lock.
+#[derive(Serialize)]
+struct RepoView<'a> {
+    dir: &'a Path,
+    holders: Vec<Option<String>>,
+    status: Value,
+}
+
+#[derive(Serialize)]
+struct RepoError<'a> {
+    dir: &'a Path,
+    error: ErrorView,
 }
 
 /// The key/value state: each agent's keys (up to [`MAX_KEYS`]) and held
@@ -324,10 +453,15 @@ pub(super) async fn state(opts: &crate::kv::OpenOptions) -> Value {
             .map(|d| d.display().to_string())
             .unwrap_or_default(),
     };
-    let agents = match super::boxed(crate::kv::agents(opts)).await {
+    let agents = match crate::kv::agents(opts).await {
         Ok(a) => a,
         Err(e) => {
-            return json!({ "backend": backend, "location": location, "agents": [], "error": error_json(&e) })
+            return value(StateView {
+                backend,
+                location,
+                agents: Vec::new(),
+                error: Some(ErrorView::of(&e)),
+            })
         }
     };
     let mut out = Vec::new();
@@ -336,42 +470,107 @@ pub(super) async fn state(opts: &crate::kv::OpenOptions) -> Value {
             agent: Some(agent.clone()),
             ..opts.clone()
         };
-        let r = super::boxed(async {
+        let r = async {
             let store = crate::kv::Store::open(&o).await?;
             let keys = store.list("").await?;
             let locks = store.locks().await?;
             Ok::<_, crate::kv::KvError>((keys, locks))
-        })
+        }
         .await;
         out.push(match r {
             Ok((keys, locks)) => {
-                let count = keys.len();
-                let keys: Vec<Value> = keys
+                let key_count = keys.len();
+                let keys = keys
                     .into_iter()
                     .take(MAX_KEYS)
                     .map(|e| {
-                        let text = e.value.display_text();
-                        let cut = text.chars().count() > MAX_VALUE_CHARS;
-                        json!({
-                            "key": e.key,
-                            "value": if cut { text.chars().take(MAX_VALUE_CHARS).collect::<String>() + "…" } else { text },
-                            "json": matches!(e.value, crate::kv::Value::Json(_)),
-                            "updatedAtMs": e.updated_at_ms,
-                        })
+                        let mut text = e.value.display_text();
+                        if let Some((end, _)) = text.char_indices().nth(MAX_VALUE_CHARS) {
+                            text.truncate(end);
+                            text.push('…');
+                        }
+                        KeyView {
+                            key: e.key,
+                            value: text,
+                            json: matches!(e.value, crate::kv::Value::Json(_)),
+                            updated_at_ms: e.updated_at_ms,
+                        }
                     })
                     .collect();
-                json!({ "agent": agent, "keys": keys, "keyCount": count, "locks": locks })
+                value(AgentView {
+                    agent: &agent,
+                    keys,
+                    key_count,
+                    locks,
+                })
             }
-            Err(e) => json!({ "agent": agent, "error": error_json(&e) }),
+            Err(e) => value(AgentError {
+                agent: &agent,
+                error: ErrorView::of(&e),
+            }),
         });
     }
-    json!({ "backend": backend, "location": location, "agents": out })
+    value(StateView {
+        backend,
+        location,
+        agents: out,
+        error: None,
+    })
+}
+
+/// The key/value state.
+#[derive(Serialize)]
+struct StateView {
+    backend: &'static str,
+    location: String,
+    agents: Vec<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<ErrorView>,
+}
+
+/// One agent's keys and named locks.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct AgentView<'a> {
+    agent: &'a str,
+    keys: Vec<KeyView>,
+    key_count: usize,
+    locks: Vec<crate::kv::HeldLock>,
+}
+
+#[derive(Serialize)]
+struct AgentError<'a> {
+    agent: &'a str,
+    error: ErrorView,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct KeyView {
+    key: String,
+    value: String,
+    json: bool,
+    updated_at_ms: i64,
 }
 
 /// One environment's drift report.
 pub(super) async fn drift(p: &Project) -> Value {
     match engine::drift::detect(&p.config, p.provider.as_ref()).await {
-        Ok(r) => json!({ "env": p.env, "drifted": r.drifted, "items": r.items }),
-        Err(e) => json!({ "env": p.env, "error": error_json(&e) }),
+        Ok(r) => value(Drift {
+            env: &p.env,
+            drifted: r.drifted,
+            items: r.items,
+        }),
+        Err(e) => value(EnvError {
+            env: &p.env,
+            error: ErrorView::of(&e),
+        }),
     }
+}
+
+#[derive(Serialize)]
+struct Drift<'a> {
+    env: &'a str,
+    drifted: bool,
+    items: Vec<engine::drift::DriftItem>,
 }

@@ -1,70 +1,30 @@
 //! What a running `nanokit watch` says about itself and the services it
-//! keeps up, as the page shows it: read through the engine's own types and
-//! readers (`engine::watch::status`, contract B), never a second copy of
-//! the format. Times become milliseconds since the epoch; each recent
-//! event carries the line the engine words for it, as Nomad's task events
-//! read ("restarting in 27.7 s (attempt 3)").
+//! keeps up, as the page gets it: its status and recent events read through
+//! the engine's own types and readers (`engine::watch::status`, contract B),
+//! never a second copy of the format, and sent as the watcher writes them.
+//! Each event carries the line the engine words for it, as Nomad's task
+//! events read ("restarting in 27.7 s (attempt 3)"); the page picks each
+//! service's own.
 
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
 
+use super::view::{parse, value};
 use crate::config::Config;
 use crate::engine;
-use crate::engine::watch::status::{
-    self, EventRecord, PassSummary, ServiceWatch, WatchEvent, WatchStatus,
-};
+use crate::engine::watch::status::{self, EventRecord, WatchStatus};
 
 /// How many recent events are kept (all services).
 const RECENT: usize = 50;
-/// How many of them a service's row shows.
-const RECENT_PER_SERVICE: usize = 5;
 
-/// RFC 3339 → milliseconds since the epoch.
-fn ms(s: &str) -> Option<i64> {
-    humantime::parse_rfc3339_weak(s)
-        .ok()?
-        .duration_since(std::time::UNIX_EPOCH)
-        .ok()
-        .map(|d| d.as_millis() as i64)
-}
-
-/// Whether `e` concerns `name` (as the service, a dependent it released,
-/// a drift found in it, or a request or pass naming it).
-fn concerns(e: &WatchEvent, name: &str) -> bool {
-    let named = |v: &[String]| v.iter().any(|s| s == name);
-    match e {
-        WatchEvent::DependentsReleased {
-            service,
-            dependents,
-        } => service == name || named(dependents),
-        WatchEvent::DriftFound { items } => items.iter().any(|d| d.service == name),
-        WatchEvent::Request { services, .. } => named(services),
-        // Its own progress lines are many and the status shows the phase.
-        WatchEvent::Progress { .. } => false,
-        e => e.service() == Some(name),
-    }
-}
-
-/// An event as the page gets it: its record (type, fields, seq, epoch),
-/// with its time in milliseconds and its line.
+/// An event as the page gets it: its record (type, fields, seq, epoch,
+/// time) and its line.
 fn event_json(r: &EventRecord) -> Value {
-    let mut v = serde_json::to_value(r).unwrap_or_default();
+    let mut v = value(r);
     if let Value::Object(m) = &mut v {
-        m.insert("atMs".into(), json!(ms(&r.at)));
-        m.insert("text".into(), json!(r.text()));
+        m.insert("text".into(), r.text().into());
     }
     v
-}
-
-fn pass_json(p: &PassSummary) -> Value {
-    json!({
-        "pass": p.pass,
-        "reason": p.reason,
-        "atMs": ms(&p.finished_at),
-        "outcome": p.outcome,
-        "changed": p.changed,
-        "failed": p.failed,
-        "run": p.run,
-    })
 }
 
 /// The watcher's status as last written, and its recent events.
@@ -96,57 +56,24 @@ impl Watcher {
         self.running
     }
 
-    /// The watcher itself: leader, epoch, last pass, next full check, and
-    /// its recent events.
-    pub(super) fn summary(&self) -> Value {
-        let s = &self.status;
-        json!({
-            "running": self.running,
-            "role": s.role,
-            "holder": s.leader.holder,
-            "pid": s.leader.pid,
-            "host": s.leader.host,
-            "epoch": s.leader.epoch,
-            "startedAtMs": ms(&s.started_at),
-            "leadsSinceMs": ms(&s.leader.since),
-            "intervalMs": s.interval_ms,
-            "passes": s.passes,
-            "lastPass": s.last_pass.as_ref().map(pass_json),
-            "lastCheckAtMs": s.last_check.as_deref().and_then(ms),
-            "nextCheckAtMs": s.next_full_check.as_deref().and_then(ms),
-            "updatedAtMs": ms(&s.updated_at),
-            "events": self.events.iter().map(event_json).collect::<Vec<_>>(),
+    /// `{ running, status, events }`: whether it runs, its status as it
+    /// writes it (`status.json`: leader, epoch, last pass, next full check,
+    /// each service's restarts, last exit, next attempt, health), and its
+    /// recent events.
+    pub(super) fn json(&self) -> Value {
+        #[derive(Serialize)]
+        struct Json {
+            running: bool,
+            status: Value,
+            events: Vec<Value>,
+        }
+        // Written as the watcher writes it: one instance of that code.
+        let status = parse(serde_json::to_vec_pretty(&self.status).ok().as_deref());
+        value(Json {
+            running: self.running,
+            status,
+            events: self.events.iter().map(event_json).collect(),
         })
-    }
-
-    /// What the watcher says of one service: restarts, the last exit, the
-    /// next restart while backing off, its policy and health, why it is
-    /// held, and its recent events.
-    pub(super) fn service(&self, name: &str) -> Option<Value> {
-        let s: &ServiceWatch = self.status.services.get(name)?;
-        let mine: Vec<&EventRecord> = self
-            .events
-            .iter()
-            .filter(|r| concerns(&r.event, name))
-            .collect();
-        let recent = &mine[mine.len().saturating_sub(RECENT_PER_SERVICE)..];
-        Some(json!({
-            "restarts": s.restarts,
-            "lastExit": s.last_exit.as_ref().map(|e| json!({
-                "atMs": ms(&e.at),
-                "kind": e.exit.kind,
-                "code": e.exit.code,
-                "signal": e.exit.signal,
-                "text": e.text,
-            })),
-            "nextRestartAtMs": s.next_attempt.as_deref().and_then(ms),
-            "backoffMs": s.backoff_ms,
-            "policy": s.policy,
-            "health": s.health,
-            "held": s.held,
-            "instances": s.instances,
-            "recent": recent.iter().map(|r| event_json(r)).collect::<Vec<_>>(),
-        }))
     }
 }
 
@@ -154,7 +81,8 @@ impl Watcher {
 mod tests {
     use super::*;
     use crate::engine::watch::status::{
-        EventLog, Exit, Health, LastExit, Leader, PassOutcome, PassReason, Role,
+        EventLog, Exit, Health, LastExit, Leader, PassOutcome, PassReason, PassSummary, Role,
+        ServiceWatch, WatchEvent,
     };
 
     fn record(seq: u64, event: WatchEvent) -> EventRecord {
@@ -167,9 +95,10 @@ mod tests {
         }
     }
 
-    /// The hub reads what the watcher writes, through the watcher's types.
+    /// The hub reads what the watcher writes, through the watcher's types,
+    /// and sends it as written, each event with its line.
     #[test]
-    fn shows_the_watchers_status_and_each_services_recent_events() {
+    fn sends_the_watchers_status_and_recent_events_as_written() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("nanokit.yml"),
@@ -270,28 +199,26 @@ mod tests {
             w.running(),
             "a leader on another host runs as far as we can tell"
         );
-        let s = w.summary();
-        assert_eq!(s["epoch"], 7);
+        let j = w.json();
+        assert_eq!(j["running"], true);
+        let s = &j["status"];
+        assert_eq!(s["leader"]["epoch"], 7);
         assert_eq!(s["lastPass"]["run"], "r1");
         assert_eq!(s["lastPass"]["outcome"], "ok");
-        assert_eq!(s["lastPass"]["atMs"], 1767323047000i64);
-        assert_eq!(s["nextCheckAtMs"], 1767323077000i64);
-        assert_eq!(s["events"].as_array().unwrap().len(), 3);
-        let api = w.service("api").unwrap();
+        assert_eq!(s["nextFullCheck"], "2026-01-02T03:04:37Z");
+        let api = &s["services"]["api"];
         assert_eq!(api["restarts"], 1);
         assert_eq!(api["lastExit"]["text"], "exited with code 137 (SIGKILL)");
         assert_eq!(api["lastExit"]["signal"], "SIGKILL");
         assert_eq!(api["health"], "backingOff");
-        assert_eq!(api["nextRestartAtMs"], 1767323074700i64);
-        let recent = api["recent"].as_array().unwrap();
-        assert_eq!(recent.len(), 2, "db's event is not api's: {recent:?}");
-        assert_eq!(recent[0]["type"], "serviceExited");
-        assert_eq!(
-            recent[1]["text"], "restarting in 27.7 s (attempt 3)",
-            "{recent:?}"
-        );
-        assert_eq!(recent[1]["atMs"], 1767323046000i64);
-        assert!(w.service("db").is_none(), "not in the status");
+        assert_eq!(api["nextAttempt"], "2026-01-02T03:04:34.700Z");
+        let events = j["events"].as_array().unwrap();
+        assert_eq!(events.len(), 3, "{events:?}");
+        assert_eq!(events[0]["type"], "serviceExited");
+        assert_eq!(events[0]["service"], "api");
+        assert_eq!(events[1]["text"], "restarting in 27.7 s (attempt 3)");
+        assert_eq!(events[1]["at"], "2026-01-02T03:04:06Z");
+        assert_eq!(events[2]["service"], "db");
         st.role = Role::Stopped;
         status::write_status(&status::status_path(&work, &cfg.env), &st).unwrap();
         assert!(!Watcher::read(&cfg).unwrap().running());

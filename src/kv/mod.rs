@@ -18,6 +18,7 @@ pub(crate) mod pg;
 mod snapshot;
 pub mod sqlite;
 
+use futures::future::BoxFuture;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -261,8 +262,13 @@ impl OpenOptions {
 
 /// The agents that have state where `opts` points: embedded, each valid
 /// `<agent>.db` in the state directory (nothing is created); PostgreSQL,
-/// each agent with keys or locks in the database.
-pub async fn agents(opts: &OpenOptions) -> Result<Vec<String>> {
+/// each agent with keys or locks in the database. Boxed, as the store
+/// calls `nanokit state` and the hub share: one instance in the binary.
+pub fn agents(opts: &OpenOptions) -> BoxFuture<'_, Result<Vec<String>>> {
+    Box::pin(agents_inner(opts))
+}
+
+async fn agents_inner(opts: &OpenOptions) -> Result<Vec<String>> {
     if opts.resolved_url().is_some() {
         return match Store::open(opts).await? {
             Store::Postgres(s) => s.agents().await,
@@ -512,14 +518,16 @@ impl Store {
 
     /// Every key starting with `prefix` (all keys for `""`), sorted by key
     /// (byte order).
-    pub async fn list(&self, prefix: &str) -> Result<Vec<Entry>> {
-        match self {
-            Store::Embedded(s) => {
-                let prefix = prefix.to_string();
-                blocking(s, move |s| s.list(&prefix)).await
+    pub fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<Entry>>> {
+        Box::pin(async move {
+            match self {
+                Store::Embedded(s) => {
+                    let prefix = prefix.to_string();
+                    blocking(s, move |s| s.list(&prefix)).await
+                }
+                Store::Postgres(s) => s.list(prefix).await,
             }
-            Store::Postgres(s) => s.list(prefix).await,
-        }
+        })
     }
 
     /// Atomically adds `delta` to the integer at `key` (missing = 0) and
@@ -572,14 +580,16 @@ impl Store {
     }
 
     /// Removes the lock `name` whoever holds it; returns the holder it had.
-    pub async fn force_unlock(&self, name: &str) -> Result<Option<String>> {
-        match self {
-            Store::Embedded(s) => {
-                let name = name.to_string();
-                blocking(s, move |s| s.force_unlock(&name)).await
+    pub fn force_unlock<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<String>>> {
+        Box::pin(async move {
+            match self {
+                Store::Embedded(s) => {
+                    let name = name.to_string();
+                    blocking(s, move |s| s.force_unlock(&name)).await
+                }
+                Store::Postgres(s) => s.force_unlock(name).await,
             }
-            Store::Postgres(s) => s.force_unlock(name).await,
-        }
+        })
     }
 
     pub async fn is_locked(&self, name: &str) -> Result<LockInfo> {
@@ -621,11 +631,13 @@ impl Store {
     }
 
     /// Every named lock held now (not expired).
-    pub async fn locks(&self) -> Result<Vec<HeldLock>> {
-        match self {
-            Store::Embedded(s) => blocking(s, move |s| s.locks()).await,
-            Store::Postgres(s) => s.locks().await,
-        }
+    pub fn locks(&self) -> BoxFuture<'_, Result<Vec<HeldLock>>> {
+        Box::pin(async move {
+            match self {
+                Store::Embedded(s) => blocking(s, move |s| s.locks()).await,
+                Store::Postgres(s) => s.locks().await,
+            }
+        })
     }
 
     pub async fn stats(&self) -> Result<Stats> {

@@ -10,6 +10,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 use tracing::{info_span, Instrument};
 
@@ -231,15 +232,20 @@ pub async fn lock_state(
 }
 
 /// Who holds the deploy lock of `config`'s state, and where that is.
-pub async fn inspect(config: &Config) -> Result<(String, Option<LockView>), StateError> {
-    let backend = super::open(&Location::of(config)).await?;
-    Ok((backend.location(), backend.lock_info().await?))
+/// Boxed, as `force_unlock`: one instance for `infra unlock` and the hub.
+pub fn inspect(config: &Config) -> BoxFuture<'_, Result<(String, Option<LockView>), StateError>> {
+    Box::pin(async move {
+        let backend = super::open(&Location::of(config)).await?;
+        Ok((backend.location(), backend.lock_info().await?))
+    })
 }
 
 /// Clears the deploy lock of `config`'s state whoever holds it
 /// (`nanokit infra unlock`); the holder finds its lock lost at its next
 /// renewal, and its writes are refused. Returns the lock it cleared.
-pub async fn force_unlock(config: &Config) -> Result<Option<LockView>, StateError> {
-    let backend = super::open(&Location::of(config)).await?;
-    backend.force_unlock().await
+pub fn force_unlock(config: &Config) -> BoxFuture<'_, Result<Option<LockView>, StateError>> {
+    Box::pin(async move {
+        let backend = super::open(&Location::of(config)).await?;
+        backend.force_unlock().await
+    })
 }

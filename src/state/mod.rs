@@ -580,8 +580,18 @@ impl Store {
     /// Reads the state of `backend` (a fresh one when there is none). Its
     /// writes are fenced by nothing but the version until
     /// [`Store::fence`] gives it a lock's epoch. A state migrated away is
-    /// `ENKSTATEMIGRATED`.
-    pub async fn open_with(
+    /// `ENKSTATEMIGRATED`. Boxed: one instance for the engine's runs,
+    /// `state` and the hub.
+    pub fn open_with<'a>(
+        backend: Arc<dyn Backend>,
+        project: &'a str,
+        env: &'a str,
+        opts: StoreOptions,
+    ) -> futures::future::BoxFuture<'a, Result<Store, StateError>> {
+        Box::pin(Store::open_with_inner(backend, project, env, opts))
+    }
+
+    async fn open_with_inner(
         backend: Arc<dyn Backend>,
         project: &str,
         env: &str,
@@ -682,6 +692,11 @@ impl Store {
 
     pub fn state(&self) -> &State {
         &self.state
+    }
+
+    /// The state read, for a reader done with the store.
+    pub fn into_state(self) -> State {
+        self.state
     }
 
     /// Whether a state is stored (a fresh one is not, until written).

@@ -62,6 +62,44 @@ function when(ms) {
   return ms == null ? '' : new Date(ms).toLocaleString()
 }
 
+/** A length of time in words, its largest unit and the next: `30 days`, `1 hour 30 minutes`. */
+function span(ms) {
+  let s = Math.round(ms / 1000)
+  const parts = []
+  for (const [unit, len] of [['day', 86400], ['hour', 3600], ['minute', 60], ['second', 1]]) {
+    const n = Math.floor(s / len)
+    s -= n * len
+    if (parts.length === 2 || (!n && parts.length === 0)) continue
+    if (n) parts.push(`${n} ${unit}${n === 1 ? '' : 's'}`)
+    else parts.push(null)
+  }
+  return parts.filter(Boolean).join(' ') || '0 seconds'
+}
+
+/** A size as `nanokit repo status` prints it: `512 B`, `1.2 kB`, `3.4 MB` (powers of 1000). */
+function bytes(n) {
+  const units = ['B', 'kB', 'MB', 'GB', 'TB']
+  let v = n
+  let u = 0
+  while (v >= 1000 && u < units.length - 1) { v /= 1000; u++ }
+  return u ? `${v.toFixed(1)} ${units[u]}` : `${n} B`
+}
+
+/**
+ * A field of a JSON report in words, by its name's unit: `olderThanMs` 2592000000 →
+ * ['older than', '30 days'], `storeBytes` 1234567 → ['store bytes', '1.2 MB'], `lastUsedAtMs` →
+ * a time ago, a list → its length, a ratio → two decimals.
+ */
+function field(key, v) {
+  const words = key.replace(/([a-z0-9])([A-Z])/g, '$1 $2').toLowerCase()
+  if (Array.isArray(v)) return [words, `${v.length}`]
+  if (typeof v !== 'number') return [words, String(v)]
+  if (/AtMs$/.test(key)) return [words.replace(/ at ms$/, ''), age(v)]
+  if (/Ms$/.test(key)) return [words.replace(/ ms$/, ''), span(v)]
+  if (/Bytes$/.test(key)) return [words, bytes(v)]
+  return [words, Number.isInteger(v) ? `${v}` : v.toFixed(2)]
+}
+
 /** A span that shows the time since/until `ms` and keeps it current. */
 function age(ms, { until = false, prefix = '' } = {}) {
   const s = el('span', { class: 'age', data: { ms, until: until ? 1 : 0, prefix }, title: when(ms) })
@@ -168,7 +206,7 @@ function render(name) {
   document.body.dataset.version = view.version
   if (name === 'meta') renderMeta()
   if (name === 'activity') renderActivity()
-  if (name === 'services' || name === 'activity') renderers.services?.()
+  if (name === 'services' || name === 'activity' || name === 'runs') renderers.services?.()
   if (name === 'runs') renderers.runs?.()
   if (name === 'locks') renderers.locks?.()
   if (name === 'state') renderers.state?.()
@@ -184,6 +222,8 @@ function renderMeta() {
   const m = view.sections.meta || {}
   $('project').textContent = m.project ? `· ${m.project}` : ''
   document.title = `nanokit hub · ${m.project ?? ''}`
+  // A nanokit.yml that no longer loads: said until it loads again (the last good one stays shown).
+  clear($('config-errors'), (m.errors || []).map((e) => el('div', { class: 'alert' }, `nanokit.yml (${e.env}) does not load; the hub shows it as it last loaded. ${e.error.code}: ${e.error.message}`)))
 }
 
 function renderActivity() {
@@ -210,6 +250,58 @@ window.addEventListener('hashchange', route)
 
 // ---- services ----------------------------------------------------------------------
 
+/** RFC 3339 → milliseconds since the epoch (null when absent). */
+const ms = (t) => (t ? Date.parse(t) : null)
+
+/** Whether a watcher's event concerns `name`: as its service, a dependent it released, a drift found in it, a request naming it (not its many progress lines: the status shows the phase). */
+function concerns(ev, name) {
+  switch (ev.type) {
+    case 'dependentsReleased': return ev.service === name || ev.dependents.includes(name)
+    case 'driftFound': return ev.items.some((d) => d.service === name)
+    case 'request': return ev.services.includes(name)
+    case 'progress': return false
+    default: return ev.service === name
+  }
+}
+
+/** The newest run of `env` that touched `name`: its name, command, start and the error it failed with (null when it went well). */
+function lastRunOf(env, name) {
+  const r = (view.sections.runs?.runs || []).find((r) => r.env === env && r.services && name in r.services)
+  return r ? { run: r.run, command: r.command, startedAtMs: r.startedAtMs, error: r.services[name] } : null
+}
+
+/**
+ * One environment's services as the page draws them, put together from what the hub sends: the rows
+ * of `nanokit status`, the configured services and graph, the progress of hub actions, the watcher's
+ * status and events as it writes them, and the runs.
+ */
+function shapeEnv(e) {
+  const rows = Object.fromEntries(e.rows.map((r) => [r.service, r]))
+  const conf = Object.fromEntries(e.config.map((c) => [c.name, c]))
+  const up = (n) => !!rows[n]?.alive && rows[n].status === 'healthy'
+  const w = e.watch
+  const events = (w?.events || []).map((ev) => ({ ...ev, atMs: ms(ev.at) }))
+  const services = [...new Set([...e.layers.flat(), ...e.rows.map((r) => r.service)])].map((name) => {
+    const r = rows[name]
+    const c = conf[name]
+    const phase = e.phases[name] ?? null
+    const dependsOn = c?.dependsOn || []
+    const sw = w?.status.services?.[name]
+    return {
+      name, inConfig: !!c, deployed: !!r, status: r ? r.status : 'not deployed', alive: !!r?.alive, running: r?.running ?? 0,
+      instances: r?.instances || [], pid: r?.pid ?? null, port: c?.port ?? null, image: c?.image ?? null, sinceMs: ms(r?.updated_at),
+      error: r?.error ?? null, dependsOn, waitingOn: up(name) && !phase ? [] : dependsOn.filter((d) => !up(d)), phase,
+      watch: sw ? { ...sw, lastExit: sw.lastExit && { ...sw.lastExit, atMs: ms(sw.lastExit.at) }, nextRestartAtMs: ms(sw.nextAttempt), recent: events.filter((ev) => concerns(ev, name)).slice(-5) } : null,
+      lastRun: lastRunOf(e.env, name),
+    }
+  })
+  const st = w?.status
+  const watch = w && { running: w.running, pid: st.leader.pid, host: st.leader.host, epoch: st.leader.epoch, lastPass: st.lastPass && { ...st.lastPass, atMs: ms(st.lastPass.finishedAt) }, nextCheckAtMs: ms(st.nextFullCheck), events }
+  return { env: e.env, project: e.project, provider: e.provider, layers: e.layers, services, watch, error: e.error }
+}
+
+const envs = () => (view.sections.services || []).map(shapeEnv)
+
 function stateOf(s) {
   if (s.phase && !['healthy', 'unchanged', 'deleted', 'stopped', 'failed', 'skipped', 'cancelled'].includes(s.phase.phase)) {
     return s.phase.phase === 'waiting' ? 'waiting' : 'starting'
@@ -220,16 +312,16 @@ function stateOf(s) {
 
 renderers.services = () => {
   const root = $('view-services')
-  const envs = view.sections.services || []
+  const shown = envs()
   const wasOpen = {}
   for (const d of root.querySelectorAll('details[data-env]')) wasOpen[d.dataset.env] = d.open
   clear(root)
   const down = []
-  for (const env of envs) {
+  for (const env of shown) {
     for (const s of env.services) if (s.deployed && !s.alive && s.status !== 'stopped') down.push(`${s.name} (${env.env}) is ${s.status}${s.error ? `: ${s.error.split('\n')[0]}` : ''}`)
   }
   if (down.length) root.append(el('div', { class: 'alert', id: 'down-alert' }, down.join('\n')))
-  for (const env of envs) root.append(envGroup(env, wasOpen[env.env] ?? true))
+  for (const env of shown) root.append(envGroup(env, wasOpen[env.env] ?? true))
   requestAnimationFrame(drawEdges)
 }
 
@@ -450,16 +542,17 @@ function ensureLogsUi() {
     add(root, [el('div', { class: 'logbar' }, envSel, svcSel, filter, whole, el('label', {}, follow, ' follow'), el('span', { id: 'log-note', class: 'muted' })),
       el('div', { class: 'log', id: 'log' }), el('div', { id: 'log-results' })])
   }
-  const envs = (view.sections.services || []).map((e) => e.env)
+  const shown = envs()
+  const names = shown.map((e) => e.env)
   const envSel = $('log-env')
-  if (envSel.options.length !== envs.length) clear(envSel, envs.map((e) => el('option', { value: e }, e)))
-  if (!logState.env) logState.env = envs[0]
+  if (envSel.options.length !== names.length) clear(envSel, names.map((e) => el('option', { value: e }, e)))
+  if (!logState.env) logState.env = names[0]
   envSel.value = logState.env ?? ''
-  const env = (view.sections.services || []).find((e) => e.env === logState.env)
+  const env = shown.find((e) => e.env === logState.env)
   const svcSel = $('log-service')
-  const names = ['*', ...(env?.services || []).map((s) => s.name)]
-  if ([...svcSel.options].map((o) => o.value).join('\n') !== names.join('\n')) {
-    clear(svcSel, names.map((n) => el('option', { value: n }, n === '*' ? 'all services' : n)))
+  const services = ['*', ...(env?.services || []).map((s) => s.name)]
+  if ([...svcSel.options].map((o) => o.value).join('\n') !== services.join('\n')) {
+    clear(svcSel, services.map((n) => el('option', { value: n }, n === '*' ? 'all services' : n)))
   }
   svcSel.value = logState.service
   const s = env?.services.find((x) => x.name === logState.service)
@@ -537,20 +630,37 @@ renderers.locks = () => {
   if (!l.repos.length) root.append(el('p', { class: 'muted' }, 'No shared repository shown: start the hub with --repo <dir>.'))
 }
 
+/** Each install in progress in `r`: its lock (`repo status` lists it), the holder in the words of `nanokit lock status`, the waiters. */
+function installingOf(r) {
+  const now = Date.now()
+  return r.status.locks.map((l, i) => {
+    const file = l.path.split('/').pop()
+    const dot = file.lastIndexOf('.')
+    return {
+      lock: file, package: (dot > 0 ? file.slice(0, dot) : file).replaceAll('+', '/'), holder: r.holders[i], stale: l.stale, waiters: l.waiters,
+      sameHost: l.sameHost, holderAlive: l.holderAlive, acquiredAtMs: l.info?.acquiredAtMs, heartbeatAtMs: now - l.heartbeatAgeMs,
+    }
+  })
+}
+
 function repoPanel(r) {
   const p = el('div', { class: 'panel repo', data: { dir: r.dir } }, el('h2', {}, 'Repository ', el('code', {}, r.dir)))
   if (r.error) return add(p, [el('div', { class: 'alert' }, `${r.error.code}: ${r.error.message}`)]), p
   const s = r.status
-  // What else `repo status` reports (the store, gc candidates, …), as it comes.
-  const shown = (v) => (Array.isArray(v) ? `${v.length}` : typeof v === 'number' && !Number.isInteger(v) ? v.toFixed(2) : String(v))
+  // What else `repo status` reports (the store, gc candidates, …), as it comes, in units.
   for (const [k, v] of Object.entries(s)) {
     if (['dir', 'installed', 'locks', 'leftovers', 'staging'].includes(k) || v == null) continue
-    const fields = typeof v === 'object' && !Array.isArray(v) ? Object.entries(v) : [[k, v]]
-    p.append(el('div', { class: 'kvline', data: { field: k } }, typeof v === 'object' && !Array.isArray(v) ? el('b', {}, `${k}:`) : '', fields.map(([fk, fv]) => el('span', {}, el('b', {}, fk), shown(fv)))))
+    const group = typeof v === 'object' && !Array.isArray(v)
+    const fields = group ? Object.entries(v) : [[k, v]]
+    p.append(el('div', { class: 'kvline', data: { field: k } }, group ? el('b', {}, `${field(k, v)[0]}:`) : '', fields.map(([fk, fv]) => {
+      const [label, value] = field(fk, fv)
+      return el('span', { data: { field: fk }, title: `${fk}: ${Array.isArray(fv) ? fv.join(', ') : fv}` }, el('b', {}, label), value)
+    })))
   }
-  p.append(el('h3', {}, `Installing now (${r.installing.length})`))
+  const installing = installingOf(r)
+  p.append(el('h3', {}, `Installing now (${installing.length})`))
   const it = el('table', { class: 'installing' }, el('tr', {}, ['Package', 'Holder', 'Alive', 'Since', 'Heartbeat', 'Waiters', ''].map((h) => el('th', {}, h))))
-  for (const i of r.installing) {
+  for (const i of installing) {
     it.append(el('tr', { data: { package: i.package, waiters: i.waiters } },
       el('td', { class: 'mono' }, i.package),
       el('td', { class: 'holder' }, i.holder ?? 'unreadable record', i.stale ? [' ', badge('stale')] : ''),
@@ -560,7 +670,7 @@ function repoPanel(r) {
       el('td', { class: 'num waiters' }, i.waiters),
       el('td', {}, i.stale ? el('button', { type: 'button', class: 'danger', on: { click: () => act('unlock', { kind: 'repo', repo: r.dir, lock: i.lock }, { confirm: `Break the stale lock of ${i.package}, held by ${i.holder}?` }) } }, 'Break') : '')))
   }
-  if (!r.installing.length) it.append(el('tr', {}, el('td', { colspan: 7, class: 'muted' }, 'none')))
+  if (!installing.length) it.append(el('tr', {}, el('td', { colspan: 7, class: 'muted' }, 'none')))
   p.append(it)
   p.append(el('h3', {}, `Installed (${s.installed.length})`))
   const inst = el('table', { class: 'installed' }, el('tr', {}, ['Package', 'Alias', 'Installed', 'Last used', 'Verified'].map((h) => el('th', {}, h))))
