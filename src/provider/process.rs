@@ -45,6 +45,45 @@ fn labels(pid: u32) -> Option<BTreeMap<String, String>> {
     proc::environ(pid, "NK_")
 }
 
+/// The labels of process `pid` started at `start`, read once per process:
+/// they were set when it was spawned, and a pid with its start time names
+/// one process only. Reading `/proc/<pid>/environ` reads the process's
+/// memory; a restart pass looks at every recorded process.
+mod known_labels {
+    use std::collections::{BTreeMap, HashMap};
+    use std::sync::Mutex;
+
+    type Labels = BTreeMap<String, String>;
+    /// Processes remembered at most (they are forgotten as they end).
+    const CAP: usize = 4096;
+    static KNOWN: Mutex<Option<HashMap<(u32, u64), Labels>>> = Mutex::new(None);
+
+    fn with<T>(f: impl FnOnce(&mut HashMap<(u32, u64), Labels>) -> T) -> T {
+        let mut k = KNOWN.lock().unwrap_or_else(|e| e.into_inner());
+        f(k.get_or_insert_with(HashMap::new))
+    }
+
+    /// Its labels (None: it is gone, or has none).
+    pub(super) fn of(pid: u32, start: u64) -> Option<Labels> {
+        if let Some(l) = with(|k| k.get(&(pid, start)).cloned()) {
+            return Some(l);
+        }
+        let labels = super::labels(pid).filter(|l| !l.is_empty())?;
+        with(|k| {
+            if k.len() >= CAP {
+                k.clear();
+            }
+            k.insert((pid, start), labels.clone());
+        });
+        Some(labels)
+    }
+
+    /// It has ended.
+    pub(super) fn forget(pid: u32, start: u64) {
+        with(|k| k.remove(&(pid, start)));
+    }
+}
+
 /// The local-process provider.
 #[derive(Debug, Clone)]
 pub struct ProcessProvider {
@@ -93,7 +132,9 @@ impl Provider for ProcessProvider {
                 if st.pgrp != pid as i32 || st.state == 'Z' {
                     continue;
                 }
-                let Some(env) = labels(pid) else { continue };
+                let Some(env) = known_labels::of(pid, st.start_time) else {
+                    continue;
+                };
                 if env.get(LABEL_STATE_ID) == Some(&scope.state_id)
                     && env.get(LABEL_ENV) == Some(&scope.env)
                 {
@@ -128,9 +169,10 @@ impl Provider for ProcessProvider {
             return Ok(None);
         };
         if proc::start_time(pid) != Some(start) {
+            known_labels::forget(pid, start);
             return Ok(None);
         }
-        let env = labels(pid).unwrap_or_default();
+        let env = known_labels::of(pid, start).unwrap_or_default();
         Ok(Some(Self::instance(pid, start, &env)))
     }
 
