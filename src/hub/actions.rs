@@ -20,9 +20,10 @@ use hyper::{Response, StatusCode};
 use serde::Serialize;
 use serde_json::Value;
 
+use super::json::value;
 use super::live::Live;
 use super::respond::{error, json_response, Body};
-use super::view::{value, ErrorView};
+use super::view::ErrorView;
 use crate::engine::{self, Event, Report, RunOptions};
 use crate::trace::{RunTrace, Settings};
 

@@ -25,6 +25,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::live::{Live, Snapshot, ALL};
+use super::query::{query, Query};
 use super::respond::{error, event_stream, full, json_bytes, json_response, sse, text, Body};
 use super::{actions, assets, logs, view};
 
@@ -95,37 +96,6 @@ fn loopback_authority(authority: &str) -> bool {
 /// `a == b` in time that does not depend on where they differ.
 fn same(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
-}
-
-/// A query string's parameters, percent-decoded, in order (a handful:
-/// looked up by a walk).
-pub(super) struct Query(Vec<(String, String)>);
-
-impl Query {
-    /// The first value of `name`.
-    pub(super) fn get(&self, name: &str) -> Option<&String> {
-        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v)
-    }
-}
-
-/// The query string's parameters, percent-decoded.
-pub(super) fn query(uri: &hyper::Uri) -> Query {
-    let decode = |s: &str| {
-        percent_encoding::percent_decode_str(&s.replace('+', " "))
-            .decode_utf8_lossy()
-            .into_owned()
-    };
-    let params = uri
-        .query()
-        .unwrap_or("")
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| match p.split_once('=') {
-            Some((k, v)) => (decode(k), decode(v)),
-            None => (decode(p), String::new()),
-        })
-        .collect();
-    Query(params)
 }
 
 fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {

@@ -449,7 +449,7 @@ fn reload(shared: &Shared) {
         .map(|env| match Project::load(&shared.opts, env) {
             Ok(p) => Arc::new(p),
             Err(e) => {
-                errors.push(view::value(view::EnvError {
+                errors.push(super::json::value(view::EnvError {
                     env,
                     error: view::ErrorView::of(&e),
                 }));
@@ -542,12 +542,12 @@ async fn recompute(
         sections.push(("runs", v));
     }
     if on(ACTIVITY) {
-        let a = view::value(&*shared.activity.lock().unwrap_or_else(|e| e.into_inner()));
+        let a = super::json::value(&*shared.activity.lock().unwrap_or_else(|e| e.into_inner()));
         sections.push(("activity", a));
     }
     if on(META) {
         let errors = shared.errors.lock().unwrap_or_else(|e| e.into_inner());
-        let meta = view::value(Meta {
+        let meta = super::json::value(Meta {
             project: projects.first().map(|p| p.config.name.as_str()),
             errors: &errors,
         });

@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 
 use super::live::Live;
 use super::project::Project;
+use super::query::Query;
 use super::respond::{error, event_stream, json_bytes, sse, Body};
 use crate::config::ProviderKind;
 use crate::trace::Masker;
@@ -223,7 +224,7 @@ fn lines_json(l: &Lines) -> Bytes {
 }
 
 /// `GET /api/logs?env=&service=`: the log stream.
-pub(super) fn stream(live: &Live, q: &super::http::Query) -> Response<Body> {
+pub(super) fn stream(live: &Live, q: &Query) -> Response<Body> {
     let (p, files) = match target(live, q) {
         Ok(t) => t,
         Err(r) => return *r,
@@ -301,7 +302,7 @@ pub(super) fn stream(live: &Live, q: &super::http::Query) -> Response<Body> {
 
 /// The environment (`env`, default the first) and the logs (`service`)
 /// that `q` asks for.
-fn target(live: &Live, q: &super::http::Query) -> Result<LogTarget, Box<Response<Body>>> {
+fn target(live: &Live, q: &Query) -> Result<LogTarget, Box<Response<Body>>> {
     let p = project(live, q)?;
     let f = files(&p, q.get("service").map_or("", String::as_str))?;
     Ok((p, f))
@@ -309,10 +310,7 @@ fn target(live: &Live, q: &super::http::Query) -> Result<LogTarget, Box<Response
 
 type LogTarget = (std::sync::Arc<Project>, Vec<(String, PathBuf)>);
 
-fn project(
-    live: &Live,
-    q: &super::http::Query,
-) -> Result<std::sync::Arc<Project>, Box<Response<Body>>> {
+fn project(live: &Live, q: &Query) -> Result<std::sync::Arc<Project>, Box<Response<Body>>> {
     let env = q.get("env").cloned().unwrap_or_default();
     let found = if env.is_empty() {
         live.projects().into_iter().next()
@@ -330,7 +328,7 @@ fn project(
 
 /// `GET /api/logs/search?env=&service=&q=`: lines of whole logs that
 /// contain `q` (case-insensitive), after masking.
-pub(super) async fn search(live: &Live, q: &super::http::Query) -> Response<Body> {
+pub(super) async fn search(live: &Live, q: &Query) -> Response<Body> {
     let (p, files) = match target(live, q) {
         Ok(t) => t,
         Err(r) => return *r,

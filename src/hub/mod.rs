@@ -19,9 +19,11 @@
 mod actions;
 mod assets;
 mod http;
+mod json;
 mod live;
 mod logs;
 mod project;
+mod query;
 mod respond;
 mod view;
 mod watch;

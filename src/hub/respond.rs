@@ -10,7 +10,8 @@ use hyper::{Response, StatusCode};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use super::view::{value, ErrorView};
+use super::json::value;
+use super::view::ErrorView;
 
 pub(super) type Body = BoxBody<Bytes, Infallible>;
 

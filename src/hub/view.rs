@@ -15,6 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use serde_json::Value;
 
+use super::json::{parse, value};
 use super::project::Project;
 use super::watch::Watcher;
 use crate::engine;
@@ -28,21 +29,6 @@ const MAX_RUNS: usize = 200;
 const MAX_KEYS: usize = 1000;
 /// How much of one value it shows.
 const MAX_VALUE_CHARS: usize = 2000;
-
-/// A view as a JSON value (null if it cannot be one: a path that is not
-/// UTF-8). Written as JSON text and read back: serde's writer code for
-/// each field type is in the binary already, its code to build values
-/// field by field is not (docs/hub.md#size).
-pub(super) fn value(v: impl Serialize) -> Value {
-    parse(serde_json::to_vec(&v).ok().as_deref())
-}
-
-/// JSON text as a value (null if it is not JSON).
-#[inline(never)]
-pub(super) fn parse(json: Option<&[u8]>) -> Value {
-    json.and_then(|b| serde_json::from_slice(b).ok())
-        .unwrap_or_default()
-}
 
 /// An error as the page shows it: `{ code, message }`.
 #[derive(Debug, Serialize)]

@@ -9,7 +9,7 @@
 use serde::Serialize;
 use serde_json::Value;
 
-use super::view::{parse, value};
+use super::json::{parse, value};
 use crate::config::Config;
 use crate::engine;
 use crate::engine::watch::status::{self, EventRecord, WatchStatus};
