@@ -221,3 +221,76 @@ fn an_instance_that_exited_is_not_healthy_though_another_process_answers_its_che
     assert_eq!(second.status("api"), "failed");
     assert_eq!(second.status("db"), "healthy");
 }
+
+/// Stopping an instance stops all of it: its leader `sh` dies at once, the
+/// `node` under it only once the kernel has freed its memory (here 512 MB,
+/// tens of ms), and until then it still listens on the port. A restart
+/// must not start the new instance before (it would be refused: "port …
+/// is already allocated").
+#[test]
+fn a_restart_waits_until_every_process_of_the_old_instance_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_port().to_string();
+    std::fs::write(
+        dir.path().join("big.js"),
+        "const big = Buffer.alloc(512 * 1024 * 1024, 1)\n\
+         require('net').createServer().listen(Number(process.argv[2]), '127.0.0.1', () => console.log('listening'))\n\
+         setInterval(() => big[0]++, 1 << 30)\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("nanokit.yml"),
+        "name: slowexit\ninfra:\n  provider: process\nservices:\n  big:\n    start: node big.js ${BIG_PORT}\n    port: ${BIG_PORT}\n",
+    )
+    .unwrap();
+    let nanokit = |cmd: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_nanokit"))
+            .args(cmd)
+            .arg("-f")
+            .arg(dir.path().join("nanokit.yml"))
+            .env("BIG_PORT", &port)
+            .env("NANOKIT_TRACE", "off")
+            .output()
+            .expect("run nanokit");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let pid = |what: &str| -> u32 {
+        let s: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join(".nanokit/state.json")).unwrap(),
+        )
+        .unwrap();
+        s["resources"]["big"]["provider_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{what}: {s}"))
+            .split('@')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (code, err) = nanokit(&["up"]);
+    assert_eq!(code, Some(0), "{err}");
+    let first = pid("after up");
+    for round in 0..3 {
+        let (code, err) = nanokit(&["restart", "big"]);
+        assert_eq!(code, Some(0), "restart {round}: {err}");
+    }
+    assert_ne!(pid("after the restarts"), first);
+    // Gone, or a zombie its parent (init, once `up` exited) has not reaped.
+    let stat = std::fs::read_to_string(format!("/proc/{first}/stat")).unwrap_or_default();
+    assert!(
+        stat.is_empty()
+            || stat
+                .rsplit_once(')')
+                .unwrap()
+                .1
+                .trim_start()
+                .starts_with('Z'),
+        "{stat}"
+    );
+    let (code, err) = nanokit(&["down", "--yes"]);
+    assert_eq!(code, Some(0), "{err}");
+}

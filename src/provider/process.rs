@@ -333,12 +333,32 @@ impl Provider for ProcessProvider {
         // Sweep members left in the group (children that ignored SIGTERM or
         // outlived their leader). Only members started after the leader can
         // belong to it.
-        for (member, started) in proc::group_members(pid) {
-            if started >= start {
-                proc::kill(member, Signal::KILL);
-            }
+        let members = || {
+            proc::group_members(pid)
+                .into_iter()
+                .filter(|&(_, started)| started >= start)
+                .collect::<Vec<_>>()
+        };
+        for (member, _) in members() {
+            proc::kill(member, Signal::KILL);
         }
-        Ok(())
+        // Stopped means all of it is gone: a member still exiting (the
+        // leader `sh` dies first, its `node` a few ms later) still holds
+        // what the next instance needs, its port first.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let left = members();
+            if left.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ProviderError::Failed(format!(
+                    "process {} of group {pid} did not exit after SIGKILL",
+                    left[0].0
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// At the exit of the process the id names, as the kernel reports it

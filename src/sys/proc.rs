@@ -21,6 +21,16 @@ impl Stat {
     pub fn gone(&self) -> bool {
         self.state == 'Z' || self.state == 'X'
     }
+
+    /// Process `pid` (of this stat) has wholly exited: dead, or a zombie
+    /// with no other thread left. A killed process's leader thread turns
+    /// zombie first; its other threads exit after it and, the last one,
+    /// free its memory and close its files (its sockets) only then.
+    pub fn wholly_exited(&self, pid: u32) -> bool {
+        self.state == 'X'
+            || (self.state == 'Z'
+                && std::fs::read_dir(format!("/proc/{pid}/task")).map_or(true, |d| d.count() <= 1))
+    }
 }
 
 /// `/proc/<pid>/stat`, if the process exists.
@@ -86,13 +96,14 @@ pub fn pids() -> Vec<u32> {
     Vec::new()
 }
 
-/// The running members of process group `pgid`, with their start times.
+/// The members of process group `pgid` that have not wholly exited (see
+/// [`Stat::wholly_exited`]), with their start times.
 pub fn group_members(pgid: u32) -> Vec<(u32, u64)> {
     pids()
         .into_iter()
         .filter_map(|p| {
             let s = stat(p)?;
-            (s.pgrp == pgid as i32 && !s.gone()).then_some((p, s.start_time))
+            (s.pgrp == pgid as i32 && !s.wholly_exited(p)).then_some((p, s.start_time))
         })
         .collect()
 }
