@@ -57,6 +57,9 @@ use status::{
 /// How long nanokit.yml must stay unchanged before it is read again.
 const DEBOUNCE: Duration = Duration::from_millis(150);
 
+/// How soon a restart that a pass could not take up is tried again.
+const PASS_RETRY: Duration = Duration::from_secs(1);
+
 /// How often the sizes of process logs are looked at.
 const LOG_CHECK: Duration = Duration::from_secs(10);
 
@@ -529,8 +532,17 @@ impl Watcher {
                 .collect();
             if !stale && !due.is_empty() {
                 let mut ask = Ask::new(PassReason::Restart);
-                ask.due = due;
+                ask.due = due.clone();
                 stale |= self.pass(ask, epoch).await.stale;
+                // A pass that could not take up a due restart (its state
+                // write failed, say) tries again in a second, not at once:
+                // a due time left in the past would run pass after pass.
+                let retry = Instant::now() + PASS_RETRY;
+                for (_, t) in self.trackers.iter_mut().filter(|(s, _)| due.contains(*s)) {
+                    if t.due.is_some_and(|at| at <= now) {
+                        t.due = Some(retry);
+                    }
+                }
             }
             if !stale && self.next_full <= now {
                 self.next_full = now + self.opts.interval;
@@ -830,7 +842,7 @@ impl Watcher {
                 self.emit(WatchEvent::Problem {
                     message: format!("cannot observe the services ({e}); trying again in 1 s"),
                 });
-                let retry = Instant::now() + Duration::from_secs(1);
+                let retry = Instant::now() + PASS_RETRY;
                 for s in &ask.due {
                     if let Some(t) = self.trackers.get_mut(s) {
                         t.due = Some(retry);
