@@ -9,7 +9,9 @@
 //! boot, from `/proc/<pid>/stat`), so a pid reused by another process is
 //! never mistaken for ours. Instances are also found by their labels, read
 //! from `/proc/<pid>/environ`. Stop sends SIGTERM to the group, then SIGKILL
-//! after the grace period, then sweeps any member left in the group.
+//! after the grace period, then sweeps any member left in the group, and
+//! returns only once every member has wholly exited (no thread left), so the
+//! next instance finds its port and files free.
 //!
 //! Linux only: without `/proc` (other systems, which are not supported) no
 //! instance can be found or verified, so every service looks stopped.
