@@ -328,6 +328,37 @@ fn sigterm_stops_the_watcher_frees_the_lease_and_leaves_services_running() {
     assert!(String::from_utf8_lossy(&up.stderr).contains("0 changed"));
 }
 
+/// SIGHUP reads nanokit.yml again and applies it at once, without an edit
+/// for the file watcher to see (as on NFS, edited from another host), and
+/// the watcher goes on: a hangup does not end it.
+#[test]
+fn sighup_reads_nanokit_yml_again_and_the_watcher_goes_on() {
+    let p = Project::new("name: whup\nservices:\n  a:\n    start: \"exec sleep 600\"\n");
+    let mut w = watch(&p, &[]);
+    let a = pid_of(&p, "a");
+    w.drain();
+    w.signal(libc::SIGHUP);
+    let reloaded = w.until_event("configReloaded", None);
+    assert!(reloaded["error"].is_null(), "{}", w.recent());
+    // Twice: a hangup is taken up every time, not once.
+    w.signal(libc::SIGHUP);
+    w.until_event("configReloaded", None);
+    assert!(
+        w.taken(|e| e["type"] == "stopped").is_empty(),
+        "{}",
+        w.recent()
+    );
+    assert!(alive(a), "the service keeps running");
+    w.signal(libc::SIGTERM);
+    let st = w.wait_exit();
+    assert!(
+        st.success(),
+        "the watcher was still there to stop: {st:?}\n{}",
+        w.recent()
+    );
+    let _ = cli(&p, &["down"]);
+}
+
 /// Services are not part of the terminal job that started them: a Ctrl-C
 /// (SIGINT to the watcher's whole process group, as a terminal sends it)
 /// stops the watcher, and the services, each in its own process group,

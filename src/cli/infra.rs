@@ -145,8 +145,9 @@ pub enum InfraCommand {
     /// `nanokit up` / `down` on this host are handed to it and report its result.
     ///
     /// SIGTERM / SIGINT: the step in progress finishes, the lease is released, services keep
-    /// running; a second signal quits at once. Status: `nanokit status`; events:
-    /// .nanokit/watch/events.jsonl.
+    /// running; a second signal quits at once. SIGHUP: nanokit.yml and .env are read again and
+    /// applied at once (for edits the file watcher cannot see, e.g. on NFS from another host).
+    /// Status: `nanokit status`; events: .nanokit/watch/events.jsonl.
     Watch(super::watch::WatchArgs),
     /// Show each service's recorded status and whether its process is alive, and the watcher
     /// (who leads, its epoch, last pass, next full check; per service its restarts, last exit

@@ -69,6 +69,20 @@ pub async fn run(args: WatchArgs) -> CliResult {
         log_to_stderr: true,
         ..Default::default()
     };
+    // SIGHUP: read nanokit.yml again now (a daemon's reload; systemd's
+    // `ExecReload`), whether or not the file watcher saw an edit.
+    let reload = opts.reload.clone();
+    let hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hup) => Some(tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                reload.notify_one();
+            }
+        })),
+        Err(e) => {
+            errln!("warning: cannot catch SIGHUP ({e}): a hangup ends the watcher");
+            None
+        }
+    };
     let json = args.output == Output::Json;
     opts.on_event = Some(Arc::new(move |r: &EventRecord| {
         if json {
@@ -80,7 +94,11 @@ pub async fn run(args: WatchArgs) -> CliResult {
             errln!("{}", mask::registered().mask(&describe(r)));
         }
     }));
-    match watch::watch(opts).await {
+    let ended = watch::watch(opts).await;
+    if let Some(h) = hangups {
+        h.abort();
+    }
+    match ended {
         Ok(_) => Ok(exit::OK),
         Err(e) => engine_exit(e),
     }

@@ -91,6 +91,10 @@ pub struct WatchOptions {
     /// Stops at once: the pass in progress is dropped where it is (state
     /// stays consistent: every write is atomic), the lease released.
     pub kill: CancellationToken,
+    /// Notified: nanokit.yml is read again and applied at once, as an edit
+    /// the file watcher saw would be (the CLI's SIGHUP: for files whose
+    /// edits inotify does not see, on NFS from another host).
+    pub reload: Arc<tokio::sync::Notify>,
 }
 
 impl WatchOptions {
@@ -104,6 +108,7 @@ impl WatchOptions {
             on_event: None,
             trace: trace::Settings::default(),
             kill: CancellationToken::new(),
+            reload: Arc::new(tokio::sync::Notify::new()),
         }
     }
 }
@@ -438,6 +443,7 @@ impl Watcher {
             Some(f) => (f.config.clone(), f.requests.clone()),
             None => (never.clone(), never.clone()),
         };
+        let reload = self.opts.reload.clone();
         let mut stream = self.connect(&tx).await;
         let mut stream_retry: Option<(Instant, Duration)> = None;
         let mut config_at: Option<Instant> = None;
@@ -491,6 +497,7 @@ impl Watcher {
                     }
                 }
                 _ = config_changed.notified() => config_at = Some(Instant::now() + DEBOUNCE),
+                _ = reload.notified() => config_at = Some(Instant::now()),
                 _ = requested.notified() => serve_requests = true,
                 _ = tokio::time::sleep_until(deadline.max(now).into()) => {}
             }
