@@ -328,6 +328,60 @@ fn sigterm_stops_the_watcher_frees_the_lease_and_leaves_services_running() {
     assert!(String::from_utf8_lossy(&up.stderr).contains("0 changed"));
 }
 
+/// An edit no file event tells of is applied at the next full check: here
+/// nanokit.yml is a symbolic link into another folder (as a Kubernetes
+/// ConfigMap's file is), edited there, where the watcher's file events do
+/// not look.
+#[test]
+fn an_edit_behind_a_symbolic_link_is_applied_at_the_next_full_check() {
+    let yml = |v: &str| {
+        format!("name: wlink\nservices:\n  a:\n    start: \"exec sleep 600\"\n  b:\n    start: \"exec sleep 600\"\n    env: {{ V: \"{v}\" }}\n")
+    };
+    let p = Project::new(&yml("1"));
+    let real = p.path().join("conf").join("real.yml");
+    std::fs::create_dir_all(real.parent().unwrap()).unwrap();
+    std::fs::rename(p.file(), &real).unwrap();
+    std::os::unix::fs::symlink("conf/real.yml", p.file()).unwrap();
+    let mut w = watch(&p, &["--interval", "300ms"]);
+    let (a, b) = (pid_of(&p, "a"), pid_of(&p, "b"));
+    // Replaced whole, as a ConfigMap's update is (a full check never reads
+    // half a file).
+    let next = real.with_extension("new");
+    std::fs::write(&next, yml("2")).unwrap();
+    std::fs::rename(&next, &real).unwrap();
+    let read = w.until("config reloaded", |e| e["type"] == "configReloaded");
+    assert!(read["error"].is_null(), "{}", w.recent());
+    let done = w.until("config pass", |e| e["type"] == "passFinished");
+    assert_eq!(done["changed"], serde_json::json!(["b"]), "{}", w.recent());
+    assert_eq!(pid_of(&p, "a"), a);
+    let b2 = pid_of(&p, "b");
+    assert_ne!(b2, b);
+    let env = std::fs::read(format!("/proc/{b2}/environ")).unwrap();
+    assert!(env.split(|c| *c == 0).any(|kv| kv == b"V=2"));
+    // Full checks come and go (every 300 ms) and find the file as read.
+    let status = p.path().join(".nanokit/watch/status.json");
+    let check = || -> String {
+        let v: Value = serde_json::from_slice(&std::fs::read(&status).unwrap()).unwrap();
+        v["lastCheck"].as_str().unwrap_or("").to_string()
+    };
+    let mut seen = BTreeSet::new();
+    while seen.len() < 4 {
+        seen.insert(check());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(pid_of(&p, "b"), b2);
+    w.signal(libc::SIGTERM);
+    w.wait_exit();
+    // Read once.
+    assert_eq!(
+        w.taken(|e| e["type"] == "configReloaded").len(),
+        1,
+        "{}",
+        w.recent()
+    );
+    let _ = cli(&p, &["down"]);
+}
+
 /// SIGHUP reads nanokit.yml again and applies it at once, without an edit
 /// for the file watcher to see (as on NFS, edited from another host), and
 /// the watcher goes on: a hangup does not end it.

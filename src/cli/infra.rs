@@ -128,7 +128,8 @@ pub enum InfraCommand {
     /// Docker's event stream, filtered by the project's labels), a failed health check (nanokit
     /// probes processes at their check's interval; Docker's own verdict for containers),
     /// nanokit.yml or .env changed (applied as `up` would), and a full drift check every
-    /// --interval as the safety net. A pass restores only what drifted, in dependency order, with
+    /// --interval as the safety net (it also applies edits no file event told of: a file behind
+    /// a symbolic link, as a ConfigMap's; NFS). A pass restores only what drifted, in dependency order, with
     /// hooks and health gates as `up`, and writes one trace (a pass with nothing to do writes
     /// none; the last --keep-traces are kept).
     ///
@@ -146,7 +147,7 @@ pub enum InfraCommand {
     ///
     /// SIGTERM / SIGINT: the step in progress finishes, the lease is released, services keep
     /// running; a second signal quits at once. SIGHUP: nanokit.yml and .env are read again and
-    /// applied at once (for edits the file watcher cannot see, e.g. on NFS from another host).
+    /// applied at once.
     /// Status: `nanokit status`; events: .nanokit/watch/events.jsonl.
     Watch(super::watch::WatchArgs),
     /// Show each service's recorded status and whether its process is alive, and the watcher

@@ -11,8 +11,9 @@
 //! by sleeping in a loop ([`sources`]): an instance ended (a pidfd per
 //! process, Docker's event stream filtered by labels), a health check
 //! failed, nanokit.yml or `.env` changed, a `nanokit up`/`down` was handed
-//! to it ([`handover`]), and a full drift check every `interval` as the
-//! safety net. A pass observes and plans as `up` does and applies only what
+//! to it ([`handover`]), SIGHUP (the CLI), and a full drift check every
+//! `interval` as the safety net (which also applies an edit of nanokit.yml
+//! or `.env` no file event told of). A pass observes and plans as `up` does and applies only what
 //! drifted and is due ([`select`]): configuration changes at once, runtime
 //! losses per the service's restart policy and backoff ([`policy`]), with
 //! the hooks and health gates of `up`; each pass with something to do
@@ -92,8 +93,7 @@ pub struct WatchOptions {
     /// stays consistent: every write is atomic), the lease released.
     pub kill: CancellationToken,
     /// Notified: nanokit.yml is read again and applied at once, as an edit
-    /// the file watcher saw would be (the CLI's SIGHUP: for files whose
-    /// edits inotify does not see, on NFS from another host).
+    /// the file watcher saw would be (the CLI's SIGHUP).
     pub reload: Arc<tokio::sync::Notify>,
 }
 
@@ -131,6 +131,7 @@ pub async fn watch(opts: WatchOptions) -> Result<WatchEnd, EngineError> {
     let config = (opts.load)()?;
     let kill = opts.kill.clone();
     let mut w = Watcher::new(opts, config)?;
+    w.read = w.files_read();
     let mut leaderships = 0;
     let run = watch_until_stopped(&mut w, &mut leaderships);
     let killed = tokio::select! {
@@ -296,6 +297,8 @@ struct Watcher {
     /// While leading: the per-instance watches and where they report.
     watches: Watches,
     inputs: Option<sources::Sender>,
+    /// What nanokit.yml and `.env` held when last read (a hash).
+    read: u64,
 }
 
 impl Watcher {
@@ -335,8 +338,21 @@ impl Watcher {
             lock: None,
             watches: Watches::default(),
             inputs: None,
+            read: 0,
             opts,
         })
+    }
+
+    /// A hash of what nanokit.yml and its `.env` hold now (through
+    /// symbolic links: a Kubernetes ConfigMap's file is one).
+    fn files_read(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let file = self.config.file_abs();
+        let env = file.parent().map(|d| d.join(".env"));
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        std::fs::read(&file).ok().hash(&mut h);
+        env.and_then(|e| std::fs::read(e).ok()).hash(&mut h);
+        h.finish()
     }
 
     fn emitter(&self) -> std::sync::MutexGuard<'_, Emitter> {
@@ -553,6 +569,12 @@ impl Watcher {
             }
             if !stale && self.next_full <= now {
                 self.next_full = now + self.opts.interval;
+                // Edits no file event told of (a file behind a symbolic link
+                // swapped elsewhere, as a ConfigMap's; NFS, from another
+                // host): applied now.
+                if config_at.is_none() && self.files_read() != self.read && self.reload() {
+                    stale |= self.pass(Ask::new(PassReason::Config), epoch).await.stale;
+                }
                 stale |= self
                     .pass(Ask::new(PassReason::FullCheck), epoch)
                     .await
@@ -626,6 +648,7 @@ impl Watcher {
     /// Reads the configuration again; false (and an event) when it is
     /// invalid: the last good one stays.
     fn reload(&mut self) -> bool {
+        self.read = self.files_read();
         let loaded = (self.opts.load)()
             .map_err(|e| e.to_string())
             .and_then(|c| Dag::build(&c).map(|d| (c, d)).map_err(|e| e.to_string()));
