@@ -26,7 +26,11 @@
 //                 creating the next one only if absent (If-None-Match: *),
 //                 released by creating `<key>.nklock.<epoch>.released` only if
 //                 absent; the previous epoch's two objects deleted after the
-//                 release, off the lock's round trip (timed apart as `gc`).
+//                 release, off the lock's round trip (timed apart as `gc`);
+//   per-epoch-empty  the same without the deletions, each object created
+//                 with no data and the holder in its user metadata
+//                 (x-amz-meta-*), which spares the store a data chunk: what
+//                 nanokit does (it collects epochs a day old, rarely).
 //
 // Each design in three shapes: `cold` (a new connection after BEFORE_MS of
 // the store idle, as a CLI run now starts: the probe's pass is remembered),
@@ -201,6 +205,18 @@ const designs = {
       gc += (await ok(req('DELETE', `${lockKey}-pe.${i - 1}`), 204))[0]
     }
     return { lock: connMs + a + b, take: connMs + a, release: b, run: connMs + a + g + b, requests: 2, gc }
+  },
+  async 'per-epoch-empty'(i) {
+    // per-epoch, each object empty (the store keeps no data chunk), the
+    // holder in the object's user metadata.
+    await start()
+    const k = `${lockKey}-pz.${String(i).padStart(20, '0')}`
+    const meta = { 'x-amz-meta-nanokit-lock': Buffer.from(body(300, i)).toString('base64') }
+    const [a] = await ok(req('PUT', k, null, { 'if-none-match': '*', ...meta }), 200)
+    const [g] = await ok(req('GET', stateKey), 200)
+    await sleep(IDLE_MS)
+    const [b] = await ok(req('PUT', `${k}.released`, null, { 'if-none-match': '*' }), 200)
+    return { lock: connMs + a + b, take: connMs + a, release: b, run: connMs + a + g + b, requests: 2 }
   },
   async terraform(i) {
     const k = `${lockKey}-tf`

@@ -529,6 +529,49 @@ async fn direct_state(kind: Kind, c: &Case) -> State {
 /// lock over (and writes, or has nothing to write); resumed, the paused
 /// one's write is `ENKSTATESTALE` naming both epochs, and nothing of the new
 /// holder's is overwritten.
+/// A holder whose lock was taken over (it stopped renewing past its TTL)
+/// learns it at its next renewal, and its release leaves the taker's lock
+/// held.
+async fn a_taken_over_holder_cannot_renew(kind: Kind) {
+    let c = Case::new(kind);
+    let cancel = CancellationToken::new();
+    let short = Duration::from_millis(500);
+    let a = c.backend().await;
+    let ga = a
+        .lock(&LockRequest {
+            holder: &holder("nanokit up (job paused)"),
+            ttl: short,
+            wait: Duration::ZERO,
+            cancel: &cancel,
+        })
+        .await
+        .unwrap();
+    let b = c.backend().await;
+    let gb = b
+        .lock(&LockRequest {
+            holder: &holder("nanokit up (job taker)"),
+            ttl: Duration::from_secs(60),
+            wait: Duration::from_secs(30),
+            cancel: &cancel,
+        })
+        .await
+        .unwrap();
+    assert!(gb.took_over, "taken over after the TTL");
+    assert!(gb.epoch > ga.epoch, "{} > {}", gb.epoch, ga.epoch);
+    assert!(
+        !a.renew(short).await.unwrap(),
+        "the old holder renewed a lock that was taken over"
+    );
+    let _ = a.unlock().await;
+    let seen = c.backend().await.lock_info().await.unwrap();
+    assert!(
+        seen.as_ref().is_some_and(|v| v.description.contains("job taker")),
+        "the taker still holds it: {seen:?}"
+    );
+    b.unlock().await.unwrap();
+    assert!(c.backend().await.lock_info().await.unwrap().is_none());
+}
+
 async fn a_paused_writer_is_refused_on_resume(kind: Kind, taker_writes: bool) {
     let c = Case::new(kind);
     let ttl = "1";
@@ -1699,8 +1742,8 @@ mod proxy {
         /// Strip `If-Match`/`If-None-Match`, `ifGenerationMatch` and KV
         /// `options.cas`.
         Strip,
-        /// Forward the first lock release (a free record) but close the
-        /// connection instead of answering.
+        /// Forward the first lock release (the creation of its release
+        /// marker) but close the connection instead of answering.
         LoseRelease,
         /// Only forward (and record the heads).
         Record,
@@ -1828,9 +1871,15 @@ mod proxy {
                 }
             }
         }
+        // A lock release creates `<key>.nklock/<epoch>.released`: named in
+        // the path (S3; Vault, with the dot percent-encoded) or in the
+        // upload's metadata part (GCS).
         let text = String::from_utf8_lossy(&body);
         let release = sh.mode == Mode::LoseRelease
-            && (text.contains(r#""released_by": ""#) || text.contains(r#"released_by\": \""#));
+            && method != "GET"
+            && [target.as_str(), &text]
+                .iter()
+                .any(|t| t.contains(".released") || t.contains("%2Ereleased"));
         let mut out = format!("{method} {target} {version}\r\n");
         for l in lines.filter(|l| !l.is_empty()) {
             let name = l
@@ -1936,6 +1985,10 @@ pg_test!(
 pg_test!(pg_sixteen_runs_at_once, many_runs_at_once(Kind::Pg, 16, 3));
 pg_test!(pg_sixteen_ups_at_once, sixteen_ups_at_once(Kind::Pg));
 pg_test!(
+    pg_a_taken_over_holder_cannot_renew,
+    a_taken_over_holder_cannot_renew(Kind::Pg)
+);
+pg_test!(
     pg_a_paused_writer_is_refused_on_resume,
     a_paused_writer_is_refused_on_resume(Kind::Pg, true)
 );
@@ -1971,6 +2024,10 @@ store_test!(
 );
 store_test!(s3_sixteen_runs_at_once, many_runs_at_once(Kind::S3, 16, 3));
 store_test!(s3_sixteen_ups_at_once, sixteen_ups_at_once(Kind::S3));
+store_test!(
+    s3_a_taken_over_holder_cannot_renew,
+    a_taken_over_holder_cannot_renew(Kind::S3)
+);
 store_test!(
     s3_a_paused_writer_is_refused_on_resume,
     a_paused_writer_is_refused_on_resume(Kind::S3, true)
@@ -2011,6 +2068,10 @@ store_test!(
 );
 store_test!(gcs_sixteen_ups_at_once, sixteen_ups_at_once(Kind::Gcs));
 store_test!(
+    gcs_a_taken_over_holder_cannot_renew,
+    a_taken_over_holder_cannot_renew(Kind::Gcs)
+);
+store_test!(
     gcs_a_paused_writer_is_refused_on_resume,
     a_paused_writer_is_refused_on_resume(Kind::Gcs, true)
 );
@@ -2049,6 +2110,10 @@ store_test!(
     many_runs_at_once(Kind::Vault, 16, 3)
 );
 store_test!(vault_sixteen_ups_at_once, sixteen_ups_at_once(Kind::Vault));
+store_test!(
+    vault_a_taken_over_holder_cannot_renew,
+    a_taken_over_holder_cannot_renew(Kind::Vault)
+);
 store_test!(
     vault_a_paused_writer_is_refused_on_resume,
     a_paused_writer_is_refused_on_resume(Kind::Vault, true)

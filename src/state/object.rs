@@ -6,22 +6,31 @@
 //! - The state is one object; a write is conditional on the version read
 //!   (ETag `If-Match`, `ifGenerationMatch`, KV `cas`), or on the object
 //!   being absent.
-//! - The deploy lock is the object `<key>.nklock`, holding a
-//!   [`LockRecord`]: the holder (host, pid, user, command, run id), the
-//!   epoch, the TTL and the time of the last renewal. It is created only if
-//!   absent; renewed by a conditional write on its own version; taken over
-//!   by a conditional write on the version that was judged stale, so two
-//!   takers cannot both win; released by the holder only, by a conditional
-//!   write of a free record that keeps the epoch (the object is never
-//!   deleted, so epochs keep growing). A write whose answer was lost and was
-//!   retried (a 412 against one's own lock or state) is recognised by the
-//!   run id, or by the bytes, not left behind.
-//! - The holder that released a lock remembers the free record's version
-//!   (in the user's cache directory: one checksummed slot overwritten in
-//!   place, so that a torn write is never taken for a record's version):
-//!   its next acquisition is one conditional write on that version, falling
-//!   back to reading the lock when someone else wrote it since. (No ABA:
-//!   every record has a new epoch or release time.)
+//! - The deploy lock is a folder of objects, one per epoch:
+//!   `<key>.nklock/<epoch>` (20 digits) holds a [`LockRecord`] (the holder:
+//!   host, pid, user, command, run id; the epoch, the TTL, the time of the
+//!   last renewal), and `<key>.nklock/<epoch>.released` says it was
+//!   released. Epoch `e + 1` is taken by creating its object only if
+//!   absent, once `e` is released (or marked taken over, or cleared by `infra
+//!   unlock`), so two contenders never hold one epoch and epochs only grow.
+//!   The object is renewed by a conditional write on its own version; a
+//!   stale one is marked taken over by a conditional write on the version
+//!   that was judged stale (two takers cannot both win) before the next
+//!   epoch is created. Only creations are written with no data (S3 keeps a
+//!   small record in the object's metadata, which costs the store less than
+//!   a data write): every later write of an object has data of its own, so
+//!   a version names one write. A create or release whose answer was lost
+//!   and was retried (a 412 against one's own object) is recognised by the
+//!   run id.
+//! - The holder that released a lock remembers its epoch (in the user's
+//!   cache directory: one checksummed slot overwritten in place, so that a
+//!   torn write is never used) for [`REMEMBER_RELEASE`]: its next
+//!   acquisition is one create of the next epoch, falling back to listing
+//!   the folder when someone else took it since.
+//! - The objects of epochs before the last two are deleted once taken more
+//!   than [`COLLECT_AFTER`] ago (every [`COLLECT_EVERY`]th release): a
+//!   remembered epoch is younger than that, so the next epoch's object, if
+//!   it was ever created, is still there to refuse a second create.
 //! - A lock is stale when its object has not changed for its TTL as this
 //!   process's monotonic clock measures it (observed progress: no
 //!   comparison with the holder's clock), or at once when its holder is a
@@ -93,6 +102,14 @@ pub trait ObjectStore: Send + Sync {
         cond: Cond<'_>,
     ) -> Result<Option<Version>, StateError>;
 
+    /// Creates `key` holding `bytes` (a small record) only if there is no
+    /// such object: the new version, or `None` when there is one. The
+    /// version is used for conditions only while the object is as created
+    /// (a key created once, never created again while it matters).
+    async fn create_small(&self, key: &str, bytes: &[u8]) -> Result<Option<Version>, StateError> {
+        self.put(key, bytes, Cond::Absent).await
+    }
+
     /// Deletes `key` (the probe's scratch object, a revision), whatever its
     /// version.
     async fn delete(&self, key: &str) -> Result<(), StateError>;
@@ -102,10 +119,10 @@ pub trait ObjectStore: Send + Sync {
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StateError>;
 }
 
-/// What the deploy-lock object holds.
+/// What an epoch's lock object (and its release marker) holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LockRecord {
-    /// `None`: free (released, or cleared by `infra unlock`).
+    /// `None`: free (released, taken over, or cleared by `infra unlock`).
     pub holder: Option<Holder>,
     pub epoch: u64,
     /// The holder's host identity and process start time, to see a dead
@@ -118,15 +135,15 @@ pub struct LockRecord {
     /// Wall-clock times of the holder, for display only.
     pub acquired_at_ms: i64,
     pub renewed_at_ms: i64,
-    /// The run that released it last (recognises one's own release whose
-    /// answer was lost).
+    /// The run that released it (recognises one's own release whose answer
+    /// was lost), or who took it over or cleared it.
     #[serde(default)]
     pub released_by: Option<String>,
 }
 
 impl LockRecord {
     fn bytes(&self) -> Vec<u8> {
-        serde_json::to_vec_pretty(self).expect("a lock record serialises")
+        serde_json::to_vec(self).expect("a lock record serialises")
     }
 
     fn view(&self) -> Option<LockView> {
@@ -172,7 +189,8 @@ static PROBED: std::sync::LazyLock<Mutex<HashMap<String, Result<(), String>>>> =
 pub struct ObjectBackend {
     store: Box<dyn ObjectStore>,
     key: String,
-    lock_key: String,
+    /// The lock's folder, `<key>.nklock/`.
+    lock_dir: String,
     held: tokio::sync::Mutex<Option<Held>>,
 }
 
@@ -180,7 +198,7 @@ impl ObjectBackend {
     pub fn new(store: Box<dyn ObjectStore>) -> ObjectBackend {
         let key = store.key().to_string();
         ObjectBackend {
-            lock_key: format!("{key}.nklock"),
+            lock_dir: format!("{key}.nklock/"),
             key,
             store,
             held: tokio::sync::Mutex::new(None),
@@ -192,7 +210,15 @@ impl ObjectBackend {
     }
 
     fn lock_location(&self) -> String {
-        format!("{} (lock {})", self.store.describe(), self.lock_key)
+        format!("{} (lock {})", self.store.describe(), self.lock_dir)
+    }
+
+    fn epoch_key(&self, epoch: u64) -> String {
+        format!("{}{epoch:020}", self.lock_dir)
+    }
+
+    fn released_key(&self, epoch: u64) -> String {
+        format!("{}{epoch:020}.released", self.lock_dir)
     }
 
     /// Refuses a store that ignores preconditions: probed once per process
@@ -348,45 +374,51 @@ impl ObjectBackend {
         }
     }
 
-    /// Where this user's process remembers the version of the free lock
-    /// record it wrote last (see the module header).
+    /// Where this user's process remembers the epoch it released last (see
+    /// the module header).
     fn cache_file(&self) -> Option<std::path::PathBuf> {
         use sha2::{Digest, Sha256};
-        let id =
-            Sha256::digest(format!("{}\n{}", self.store.probe_key(), self.lock_key).as_bytes());
+        let id = Sha256::digest(
+            format!("epochs\n{}\n{}", self.store.probe_key(), self.lock_dir).as_bytes(),
+        );
         Some(cache_dir()?.join(hex::encode(&id[..16])))
     }
 
-    fn remember_free(&self, version: &Version, record: &LockRecord) {
+    fn remember_release(&self, epoch: u64) {
         let Some(path) = self.cache_file() else {
             return;
         };
-        let payload = serde_json::json!({"version": version.0, "record": record}).to_string();
-        // Too long for the slot (a host name of hundreds of characters):
-        // not remembered, the next acquisition reads the lock first.
+        let payload = serde_json::json!({
+            "lock": format!("{} {}", self.store.probe_key(), self.lock_dir),
+            "released": epoch,
+            "at_ms": now_ms(),
+        })
+        .to_string();
+        // Too long for the slot (a path of hundreds of characters): not
+        // remembered, the next acquisition lists the folder first.
         let Some(slot) = cache_slot(&payload) else {
             return;
         };
         if let Err(e) = write_in_place(&path, &slot) {
-            tracing::debug!(
-                "cannot remember the lock's version in {}: {e}",
-                path.display()
-            );
+            tracing::debug!("cannot remember the lock's epoch in {}: {e}", path.display());
         }
     }
 
-    fn remembered_free(&self) -> Option<(Version, LockRecord)> {
+    /// The epoch this user released last, if that was less than
+    /// [`REMEMBER_RELEASE`] ago.
+    fn remembered_release(&self) -> Option<u64> {
         #[derive(Deserialize)]
         struct Remembered {
-            version: String,
-            record: LockRecord,
+            lock: String,
+            released: u64,
+            at_ms: i64,
         }
         let bytes = read_own(&self.cache_file()?)?;
         let r: Remembered = serde_json::from_slice(cache_payload(&bytes)?).ok()?;
-        r.record
-            .holder
-            .is_none()
-            .then_some((Version(r.version), r.record))
+        let age = now_ms() - r.at_ms;
+        (r.lock == format!("{} {}", self.store.probe_key(), self.lock_dir)
+            && (0..REMEMBER_RELEASE.as_millis() as i64).contains(&age))
+        .then_some(r.released)
     }
 
     /// Reads the state object: one request, a `state.get` span.
@@ -395,26 +427,45 @@ impl ObjectBackend {
             .await
     }
 
-    /// Writes the lock object if `cond` holds: one request, a
+    /// Writes a lock record to `key` if `cond` holds: one request, a
     /// `state.lock.put` span in the run's trace (what a lock round trip
     /// costs in requests shows there).
-    async fn put_lock(
+    async fn put_record(
         &self,
+        key: &str,
         record: &LockRecord,
         cond: Cond<'_>,
     ) -> Result<Option<Version>, StateError> {
         let bytes = record.bytes();
         tracing::Instrument::instrument(
-            self.store.put(&self.lock_key, &bytes, cond),
+            self.store.put(key, &bytes, cond),
             tracing::info_span!("state.lock.put"),
         )
         .await
     }
 
-    /// Reads the lock object: one request, a `state.lock.get` span.
-    async fn read_lock(&self) -> Result<Option<(Option<LockRecord>, Version)>, StateError> {
+    /// Creates `key` holding `record` if there is no such object: one
+    /// request, a `state.lock.put` span.
+    async fn create_record(
+        &self,
+        key: &str,
+        record: &LockRecord,
+    ) -> Result<Option<Version>, StateError> {
+        let bytes = record.bytes();
+        tracing::Instrument::instrument(
+            self.store.create_small(key, &bytes),
+            tracing::info_span!("state.lock.put"),
+        )
+        .await
+    }
+
+    /// Reads a lock record: one request, a `state.lock.get` span.
+    async fn read_record(
+        &self,
+        key: &str,
+    ) -> Result<Option<(Option<LockRecord>, Version)>, StateError> {
         let got = tracing::Instrument::instrument(
-            self.store.get(&self.lock_key),
+            self.store.get(key),
             tracing::info_span!("state.lock.get"),
         );
         Ok(got.await?.map(|o| {
@@ -424,7 +475,116 @@ impl ObjectBackend {
             )
         }))
     }
+
+    /// The epochs in the lock's folder, each with whether its object and
+    /// its release marker are there: one listing, a `state.lock.list` span.
+    async fn epochs(&self) -> Result<std::collections::BTreeMap<u64, (bool, bool)>, StateError> {
+        let names = tracing::Instrument::instrument(
+            self.store.list(&self.lock_dir),
+            tracing::info_span!("state.lock.list"),
+        )
+        .await?;
+        let mut epochs = std::collections::BTreeMap::new();
+        for name in names {
+            let (digits, released) = match name.strip_suffix(".released") {
+                Some(d) => (d, true),
+                None => (name.as_str(), false),
+            };
+            if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            let Ok(epoch) = digits.parse::<u64>() else {
+                continue;
+            };
+            let e: &mut (bool, bool) = epochs.entry(epoch).or_default();
+            if released {
+                e.1 = true;
+            } else {
+                e.0 = true;
+            }
+        }
+        Ok(epochs)
+    }
+
+    /// The highest epoch of the lock and whether it was released.
+    async fn latest(&self) -> Result<Option<(u64, bool)>, StateError> {
+        Ok(self
+            .epochs()
+            .await?
+            .last_key_value()
+            .map(|(e, (_, released))| (*e, *released)))
+    }
+
+    /// Takes `epoch` by creating its object: the grant, or `None` when
+    /// someone created it first.
+    async fn take(
+        &self,
+        req: &LockRequest<'_>,
+        epoch: u64,
+        took_over: bool,
+    ) -> Result<Option<Grant>, StateError> {
+        let record = self.record_for(req.holder, epoch, req.ttl);
+        let Some(version) = self.create_record(&self.epoch_key(epoch), &record).await? else {
+            return Ok(None);
+        };
+        *self.held.lock().await = Some(Held { record, version });
+        Ok(Some(Grant {
+            epoch,
+            took_over,
+            lost: None,
+        }))
+    }
+
+    /// Deletes the objects of epochs before `current - 1` taken more than
+    /// [`COLLECT_AFTER`] ago (at most [`COLLECT_EVERY`] × 2 of them, oldest
+    /// first), best effort.
+    async fn collect(&self, current: u64) {
+        let r = async {
+            let epochs = self.epochs().await?;
+            let cutoff = now_ms() - COLLECT_AFTER.as_millis() as i64;
+            for (&epoch, &(object, marker)) in epochs
+                .range(..current.saturating_sub(1))
+                .take(2 * COLLECT_EVERY as usize)
+            {
+                // When it was taken (released, for a marker left alone).
+                let key = if object {
+                    self.epoch_key(epoch)
+                } else {
+                    self.released_key(epoch)
+                };
+                let at = match self.read_record(&key).await? {
+                    Some((Some(r), _)) => r.acquired_at_ms,
+                    Some((None, _)) | None => i64::MIN,
+                };
+                if at > cutoff {
+                    break;
+                }
+                if marker {
+                    self.store.delete(&self.released_key(epoch)).await?;
+                }
+                if object {
+                    self.store.delete(&self.epoch_key(epoch)).await?;
+                }
+            }
+            Ok::<_, StateError>(())
+        };
+        if let Err(e) = tracing::Instrument::instrument(r, tracing::info_span!("state.lock.collect")).await {
+            tracing::debug!("cannot delete the lock's old epochs: {e}");
+        }
+    }
 }
+
+/// How long the epoch a user released is used for a one-write acquisition.
+pub const REMEMBER_RELEASE: Duration = Duration::from_secs(3600);
+
+/// How old an epoch's objects must be (besides not being one of the last
+/// two) before they are deleted: far longer than [`REMEMBER_RELEASE`], and
+/// than any clock skew between hosts.
+pub const COLLECT_AFTER: Duration = Duration::from_secs(24 * 3600);
+
+/// The old epochs are collected at every release of an epoch that is a
+/// multiple of this.
+pub const COLLECT_EVERY: u64 = 16;
 
 /// How long a store that passed the precondition probe is trusted without
 /// probing it again.
@@ -589,113 +749,122 @@ impl Backend for ObjectBackend {
         self.check_preconditions().await?;
         let deadline = Instant::now() + req.wait;
         let mine = &req.holder.run_id;
-        // The free record this user released last, if nobody wrote since:
-        // one write.
-        if let Some((version, free)) = self.remembered_free() {
-            let new = self.record_for(req.holder, free.epoch + 1, req.ttl);
-            if let Some(v) = self.put_lock(&new, Cond::Matches(&version)).await? {
-                let epoch = new.epoch;
-                *self.held.lock().await = Some(Held {
-                    record: new,
-                    version: v,
-                });
-                return Ok(Grant {
-                    epoch,
-                    took_over: false,
-                    lost: None,
-                });
+        // The epoch this user released last, if nobody took the next one
+        // since: one write.
+        if let Some(last) = self.remembered_release() {
+            if let Some(grant) = self.take(req, last + 1, false).await? {
+                return Ok(grant);
             }
         }
         // What this waiter saw of someone else's lock, and since when.
-        let mut seen: Option<(Version, Instant)> = None;
+        let mut seen: Option<(u64, Version, Instant)> = None;
         let mut attempt = 0;
         loop {
             if req.cancel.is_cancelled() {
                 return Err(StateError::Interrupted);
             }
-            let lock = self.read_lock().await?;
-            // A lock object keeps the highest epoch; without one (never
-            // locked, or deleted by hand) the state's is the floor.
-            let floor = match &lock {
-                None => self.stored_epoch().await?,
-                Some(_) => 0,
-            };
-            let (cond_version, record) = match &lock {
-                None => (None, None),
-                Some((rec, v)) => (Some(v.clone()), rec.clone()),
-            };
-            // Ours already: a write of ours whose answer was lost.
-            if let (Some(r), Some(v)) = (&record, &cond_version) {
-                if r.holder.as_ref().is_some_and(|h| &h.run_id == mine) {
-                    *self.held.lock().await = Some(Held {
-                        record: r.clone(),
-                        version: v.clone(),
-                    });
-                    return Ok(Grant {
-                        epoch: r.epoch,
-                        took_over: false,
-                        lost: None,
-                    });
-                }
-            }
-            let free = lock.is_none() || record.as_ref().is_some_and(|r| r.holder.is_none());
-            let stale = !free && {
-                let v = cond_version.clone().expect("held: the object exists");
-                let dead = record.as_ref().is_some_and(LockRecord::holder_dead);
-                // A record that cannot be read: judged by the default TTL.
-                let ttl = record.as_ref().map_or(super::lock::REMOTE_LOCK_TTL, |r| {
-                    Duration::from_millis(r.ttl_ms)
-                });
-                let since = match &seen {
-                    Some((sv, at)) if *sv == v => *at,
-                    _ => {
-                        let now = Instant::now();
-                        seen = Some((v, now));
-                        now
+            let (next, took_over) = match self.latest().await? {
+                // Never locked (or the folder deleted by hand): the state's
+                // epoch is the floor.
+                None => (self.stored_epoch().await? + 1, false),
+                Some((epoch, true)) => (epoch + 1, false),
+                Some((epoch, false)) => {
+                    let key = self.epoch_key(epoch);
+                    match self.read_record(&key).await? {
+                        // Gone since the listing (deleted by hand): free.
+                        None => (epoch + 1, false),
+                        Some((record, version)) => {
+                            // Ours already: a create of ours whose answer
+                            // was lost.
+                            if let Some(r) = record
+                                .as_ref()
+                                .filter(|r| r.holder.as_ref().is_some_and(|h| &h.run_id == mine))
+                            {
+                                *self.held.lock().await = Some(Held {
+                                    record: r.clone(),
+                                    version,
+                                });
+                                return Ok(Grant {
+                                    epoch,
+                                    took_over: false,
+                                    lost: None,
+                                });
+                            }
+                            if record.as_ref().is_some_and(|r| r.holder.is_none()) {
+                                // Taken over or cleared; the next epoch not
+                                // taken yet.
+                                (epoch + 1, false)
+                            } else {
+                                let dead = record.as_ref().is_some_and(LockRecord::holder_dead);
+                                // A record that cannot be read: judged by the
+                                // default TTL.
+                                let ttl = record
+                                    .as_ref()
+                                    .map_or(super::lock::REMOTE_LOCK_TTL, |r| {
+                                        Duration::from_millis(r.ttl_ms)
+                                    });
+                                let since = match &seen {
+                                    Some((e, v, at)) if *e == epoch && *v == version => *at,
+                                    _ => {
+                                        let now = Instant::now();
+                                        seen = Some((epoch, version.clone(), now));
+                                        now
+                                    }
+                                };
+                                if dead || since.elapsed() >= ttl {
+                                    // Marked taken over on the version judged
+                                    // stale: its holder's renewal fails from
+                                    // now on, and one taker wins.
+                                    let mut marker = record.clone().unwrap_or_else(|| {
+                                        self.record_for(req.holder, epoch, req.ttl)
+                                    });
+                                    marker.holder = None;
+                                    marker.released_by = Some(format!("taken over by {mine}"));
+                                    marker.renewed_at_ms = now_ms();
+                                    if self
+                                        .put_record(&key, &marker, Cond::Matches(&version))
+                                        .await?
+                                        .is_none()
+                                    {
+                                        continue;
+                                    }
+                                    (epoch + 1, true)
+                                } else {
+                                    let now = Instant::now();
+                                    if now >= deadline {
+                                        let holder = match record.as_ref().and_then(LockRecord::view)
+                                        {
+                                            Some(v) => v.to_string(),
+                                            None => "an unknown holder (the lock object cannot be read)"
+                                                .into(),
+                                        };
+                                        return Err(StateError::Locked {
+                                            location: self.lock_location(),
+                                            holder,
+                                        });
+                                    }
+                                    let pause = crate::kv::backoff(
+                                        attempt,
+                                        Duration::from_millis(250),
+                                    )
+                                    .min(deadline - now);
+                                    tokio::select! {
+                                        _ = tokio::time::sleep(pause) => {}
+                                        _ = req.cancel.cancelled() => return Err(StateError::Interrupted),
+                                    }
+                                    attempt += 1;
+                                    continue;
+                                }
+                            }
+                        }
                     }
-                };
-                dead || since.elapsed() >= ttl
-            };
-            if free || stale {
-                let prev_epoch = record.as_ref().map_or(0, |r| r.epoch);
-                let new = self.record_for(req.holder, prev_epoch.max(floor) + 1, req.ttl);
-                let cond = match &cond_version {
-                    Some(v) => Cond::Matches(v),
-                    None => Cond::Absent,
-                };
-                if let Some(version) = self.put_lock(&new, cond).await? {
-                    let epoch = new.epoch;
-                    *self.held.lock().await = Some(Held {
-                        record: new,
-                        version,
-                    });
-                    return Ok(Grant {
-                        epoch,
-                        took_over: stale,
-                        lost: None,
-                    });
                 }
-                // Someone else changed it first (or our own write landed
-                // with its answer lost): look again at once.
-                continue;
+            };
+            if let Some(grant) = self.take(req, next, took_over).await? {
+                return Ok(grant);
             }
-            let now = Instant::now();
-            if now >= deadline {
-                let holder = match record.as_ref().and_then(LockRecord::view) {
-                    Some(v) => v.to_string(),
-                    None => "an unknown holder (the lock object cannot be read)".into(),
-                };
-                return Err(StateError::Locked {
-                    location: self.lock_location(),
-                    holder,
-                });
-            }
-            let pause = crate::kv::backoff(attempt, Duration::from_millis(250)).min(deadline - now);
-            tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
-                _ = req.cancel.cancelled() => return Err(StateError::Interrupted),
-            }
-            attempt += 1;
+            // Someone else took that epoch first (or our own create landed
+            // with its answer lost): look again at once.
         }
     }
 
@@ -704,16 +873,20 @@ impl Backend for ObjectBackend {
         let Some(h) = held.as_mut() else {
             return Ok(false);
         };
+        let key = self.epoch_key(h.record.epoch);
         let mut record = h.record.clone();
         record.renewed_at_ms = now_ms();
         record.ttl_ms = ttl.as_millis() as u64;
-        if let Some(v) = self.put_lock(&record, Cond::Matches(&h.version)).await? {
+        if let Some(v) = self
+            .put_record(&key, &record, Cond::Matches(&h.version))
+            .await?
+        {
             *h = Held { record, version: v };
             return Ok(true);
         }
         // Refused: still ours (a retried renewal that had landed), or lost.
-        match self.read_lock().await? {
-            Some((Some(r), v)) if r.holder == h.record.holder && r.epoch == h.record.epoch => {
+        match self.read_record(&key).await? {
+            Some((Some(r), v)) if r.holder == h.record.holder => {
                 *h = Held {
                     record: r,
                     version: v,
@@ -728,7 +901,7 @@ impl Backend for ObjectBackend {
     }
 
     async fn unlock(&self) -> Result<(), StateError> {
-        let Some(mut h) = self.held.lock().await.take() else {
+        let Some(h) = self.held.lock().await.take() else {
             return Ok(());
         };
         let run_id = h
@@ -737,33 +910,17 @@ impl Backend for ObjectBackend {
             .as_ref()
             .map(|x| x.run_id.clone())
             .unwrap_or_default();
-        for _ in 0..5 {
-            let mut free = h.record.clone();
-            free.holder = None;
-            free.released_by = Some(run_id.clone());
-            free.renewed_at_ms = now_ms();
-            if let Some(v) = self.put_lock(&free, Cond::Matches(&h.version)).await? {
-                self.remember_free(&v, &free);
-                return Ok(());
-            }
-            match self.read_lock().await? {
+        let epoch = h.record.epoch;
+        let mut free = h.record;
+        free.holder = None;
+        free.released_by = Some(run_id.clone());
+        free.renewed_at_ms = now_ms();
+        let key = self.released_key(epoch);
+        if self.create_record(&key, &free).await?.is_none() {
+            match self.read_record(&key).await? {
                 // Our release landed; its answer was lost.
-                Some((Some(r), _))
-                    if r.holder.is_none() && r.released_by.as_deref() == Some(&run_id) =>
-                {
-                    return Ok(())
-                }
-                // Still ours under another version (a renewal that landed
-                // late): release that one.
-                Some((Some(r), v))
-                    if r.holder.as_ref().is_some_and(|x| x.run_id == run_id)
-                        && r.epoch == h.record.epoch =>
-                {
-                    h = Held {
-                        record: r,
-                        version: v,
-                    };
-                }
+                Some((Some(r), _)) if r.released_by.as_deref() == Some(run_id.as_str()) => {}
+                // Released by `infra unlock`.
                 _ => {
                     return Err(StateError::LockLost {
                         location: self.lock_location(),
@@ -771,21 +928,26 @@ impl Backend for ObjectBackend {
                 }
             }
         }
-        Err(StateError::LockLost {
-            location: self.lock_location(),
-        })
+        self.remember_release(epoch);
+        if epoch % COLLECT_EVERY == 0 {
+            self.collect(epoch).await;
+        }
+        Ok(())
     }
 
     async fn lock_info(&self) -> Result<Option<LockView>, StateError> {
-        Ok(match self.read_lock().await? {
+        let Some((epoch, false)) = self.latest().await? else {
+            return Ok(None);
+        };
+        Ok(match self.read_record(&self.epoch_key(epoch)).await? {
             Some((Some(r), _)) => r.view(),
             Some((None, _)) => Some(LockView {
                 run_id: String::new(),
                 description: format!(
                     "an unknown holder (the lock object {} cannot be read)",
-                    self.lock_key
+                    self.epoch_key(epoch)
                 ),
-                epoch: 0,
+                epoch,
                 acquired_at_ms: None,
                 expires_at_ms: None,
                 stale: false,
@@ -824,35 +986,45 @@ impl Backend for ObjectBackend {
     async fn force_unlock(&self) -> Result<Option<LockView>, StateError> {
         self.check_preconditions().await?;
         for _ in 0..10 {
-            let Some((record, version)) = self.read_lock().await? else {
+            let Some((epoch, false)) = self.latest().await? else {
                 return Ok(None);
             };
-            let view = match &record {
-                Some(r) if r.holder.is_none() => return Ok(None),
-                Some(r) => r.view(),
-                None => None,
+            let key = self.epoch_key(epoch);
+            let read = self.read_record(&key).await?;
+            let view = match &read {
+                Some((Some(r), _)) => r.view(),
+                _ => None,
             };
-            let epoch = match &record {
-                Some(r) => r.epoch,
-                None => self.stored_epoch().await?,
-            };
-            let free = LockRecord {
+            let cleared = LockRecord {
                 holder: None,
                 epoch,
                 host_id: String::new(),
                 pid_start: None,
                 ttl_ms: 0,
-                acquired_at_ms: record.as_ref().map_or(0, |r| r.acquired_at_ms),
+                acquired_at_ms: match &read {
+                    Some((Some(r), _)) => r.acquired_at_ms,
+                    _ => now_ms(),
+                },
                 renewed_at_ms: now_ms(),
                 released_by: Some("nanokit infra unlock".into()),
             };
-            if self
-                .put_lock(&free, Cond::Matches(&version))
-                .await?
-                .is_some()
-            {
-                return Ok(view);
+            // Held (or unreadable): marked cleared on the version read, so
+            // that its holder's renewal fails.
+            if let Some((record, version)) = &read {
+                if record.as_ref().is_none_or(|r| r.holder.is_some())
+                    && self
+                        .put_record(&key, &cleared, Cond::Matches(version))
+                        .await?
+                        .is_none()
+                {
+                    continue;
+                }
             }
+            // Released, so that the holder's release fails (ENKLOCKLOST);
+            // already released by it meanwhile: as well.
+            self.create_record(&self.released_key(epoch), &cleared)
+                .await?;
+            return Ok(view);
         }
         Err(StateError::Unavailable {
             location: self.lock_location(),
@@ -864,6 +1036,183 @@ impl Backend for ObjectBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store in memory that keeps its preconditions, counting requests.
+    struct Mem {
+        id: String,
+        key: String,
+        objects: Mutex<std::collections::BTreeMap<String, (Vec<u8>, u64)>>,
+        writes: std::sync::atomic::AtomicU64,
+        requests: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Mem {
+        fn backend(test: &str) -> (ObjectBackend, std::sync::Arc<Mem>) {
+            let mem = std::sync::Arc::new(Mem {
+                id: format!("{test}-{}", uuid::Uuid::new_v4().simple()),
+                key: "p/state.json".into(),
+                objects: Mutex::default(),
+                writes: Default::default(),
+                requests: Default::default(),
+            });
+            (ObjectBackend::new(Box::new(mem.clone())), mem)
+        }
+
+        fn requests(&self) -> usize {
+            self.requests.load(std::sync::atomic::Ordering::SeqCst)
+        }
+
+        fn keys(&self) -> Vec<String> {
+            self.objects.lock().unwrap().keys().cloned().collect()
+        }
+
+        /// Writes a record as epoch `epoch` taken (and released) `age` ago.
+        fn plant(&self, lock_dir: &str, epoch: u64, age: Duration) {
+            let at = now_ms() - age.as_millis() as i64;
+            let record = LockRecord {
+                holder: None,
+                epoch,
+                host_id: String::new(),
+                pid_start: None,
+                ttl_ms: 1000,
+                acquired_at_ms: at,
+                renewed_at_ms: at,
+                released_by: Some("r".into()),
+            };
+            let mut objects = self.objects.lock().unwrap();
+            for key in [format!("{lock_dir}{epoch:020}"), format!("{lock_dir}{epoch:020}.released")] {
+                objects.insert(key, (record.bytes(), 1));
+            }
+        }
+    }
+
+    #[async_trait]
+    impl ObjectStore for std::sync::Arc<Mem> {
+        fn describe(&self) -> String {
+            format!("mem://{}", self.id)
+        }
+        fn probe_key(&self) -> String {
+            format!("mem {}", self.id)
+        }
+        fn key(&self) -> &str {
+            &self.key
+        }
+        async fn get(&self, key: &str) -> Result<Option<Object>, StateError> {
+            self.requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(self.objects.lock().unwrap().get(key).map(|(b, v)| Object {
+                bytes: b.clone(),
+                version: Version(v.to_string()),
+            }))
+        }
+        async fn put(
+            &self,
+            key: &str,
+            bytes: &[u8],
+            cond: Cond<'_>,
+        ) -> Result<Option<Version>, StateError> {
+            self.requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut objects = self.objects.lock().unwrap();
+            let now = objects.get(key).map(|(_, v)| v.to_string());
+            let ok = match cond {
+                Cond::Absent => now.is_none(),
+                Cond::Matches(v) => now.as_deref() == Some(v.0.as_str()),
+                Cond::Any => true,
+            };
+            if !ok {
+                return Ok(None);
+            }
+            let v = self.writes.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 2;
+            objects.insert(key.to_string(), (bytes.to_vec(), v));
+            Ok(Some(Version(v.to_string())))
+        }
+        async fn delete(&self, key: &str) -> Result<(), StateError> {
+            self.requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.objects.lock().unwrap().remove(key);
+            Ok(())
+        }
+        async fn list(&self, prefix: &str) -> Result<Vec<String>, StateError> {
+            self.requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(self
+                .objects
+                .lock()
+                .unwrap()
+                .keys()
+                .filter_map(|k| k.strip_prefix(prefix).map(str::to_string))
+                .collect())
+        }
+    }
+
+    fn request<'a>(holder: &'a Holder, cancel: &'a tokio_util::sync::CancellationToken) -> LockRequest<'a> {
+        LockRequest {
+            holder,
+            ttl: Duration::from_secs(60),
+            wait: Duration::ZERO,
+            cancel,
+        }
+    }
+
+    /// Once a user released epoch `e`, its next acquisition is one create
+    /// of `e + 1`; when someone else took `e + 1` since, that create fails
+    /// and the lock is seen held, never taken twice.
+    #[tokio::test]
+    async fn a_remembered_release_takes_the_next_epoch_in_one_write() {
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let (a, mem) = Mem::backend("remembered");
+        let ha = Holder::this_run("a");
+        let first = a.lock(&request(&ha, &cancel)).await.unwrap();
+        a.unlock().await.unwrap();
+        let before = mem.requests();
+        let second = a.lock(&request(&ha, &cancel)).await.unwrap();
+        assert_eq!(mem.requests() - before, 1, "one create");
+        assert_eq!(second.epoch, first.epoch + 1);
+        a.unlock().await.unwrap();
+        // Someone else (another user: nothing remembered) takes the next.
+        let b = ObjectBackend::new(Box::new(mem.clone()));
+        let hb = Holder::this_run("b");
+        let taken = b.lock(&request(&hb, &cancel)).await.unwrap();
+        assert!(!taken.took_over);
+        let err = a.lock(&request(&ha, &cancel)).await.unwrap_err();
+        assert!(matches!(err, StateError::Locked { .. }), "{err}");
+        assert_eq!(taken.epoch, second.epoch + 1);
+    }
+
+    /// Collecting deletes the objects of epochs taken more than a day ago,
+    /// oldest first and a bounded number at a time, never the last two
+    /// epochs nor a younger one (a remembered epoch's successor must still
+    /// be there to refuse a second create).
+    #[tokio::test]
+    async fn old_epochs_are_collected_but_not_the_last_two_nor_young_ones() {
+        let day = Duration::from_secs(24 * 3600);
+        let (b, mem) = Mem::backend("collect");
+        let dir = b.lock_dir.clone();
+        let epochs = |mem: &Mem| -> Vec<u64> {
+            let mut e: Vec<u64> = mem
+                .keys()
+                .iter()
+                .filter_map(|k| k.strip_prefix(&dir)?.get(..20)?.parse().ok())
+                .collect();
+            e.dedup();
+            e
+        };
+        for e in 1..=20 {
+            mem.plant(&dir, e, 2 * day);
+        }
+        for e in 21..=24 {
+            mem.plant(&dir, e, Duration::from_secs(60));
+        }
+        b.collect(24).await;
+        assert_eq!(epochs(&mem), (21..=24).collect::<Vec<_>>(), "young ones kept");
+        assert_eq!(mem.keys().len(), 8, "with their release markers");
+
+        let (b, mem) = Mem::backend("collect-all-old");
+        for e in 1..=40 {
+            mem.plant(&dir, e, 2 * day);
+        }
+        b.collect(40).await;
+        assert_eq!(epochs(&mem), (33..=40).collect::<Vec<_>>(), "32 at a time");
+        b.collect(40).await;
+        assert_eq!(epochs(&mem), vec![39, 40], "the last two kept");
+    }
 
     fn payload(version: &str, epoch: u64) -> String {
         format!(r#"{{"version":"{version}","record":{{"holder":null,"epoch":{epoch}}}}}"#)
