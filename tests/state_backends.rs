@@ -565,7 +565,8 @@ async fn a_taken_over_holder_cannot_renew(kind: Kind) {
     let _ = a.unlock().await;
     let seen = c.backend().await.lock_info().await.unwrap();
     assert!(
-        seen.as_ref().is_some_and(|v| v.description.contains("job taker")),
+        seen.as_ref()
+            .is_some_and(|v| v.description.contains("job taker")),
         "the taker still holds it: {seen:?}"
     );
     b.unlock().await.unwrap();

@@ -400,7 +400,10 @@ impl ObjectBackend {
             return;
         };
         if let Err(e) = write_in_place(&path, &slot) {
-            tracing::debug!("cannot remember the lock's epoch in {}: {e}", path.display());
+            tracing::debug!(
+                "cannot remember the lock's epoch in {}: {e}",
+                path.display()
+            );
         }
     }
 
@@ -568,7 +571,9 @@ impl ObjectBackend {
             }
             Ok::<_, StateError>(())
         };
-        if let Err(e) = tracing::Instrument::instrument(r, tracing::info_span!("state.lock.collect")).await {
+        if let Err(e) =
+            tracing::Instrument::instrument(r, tracing::info_span!("state.lock.collect")).await
+        {
             tracing::debug!("cannot delete the lock's old epochs: {e}");
         }
     }
@@ -798,9 +803,8 @@ impl Backend for ObjectBackend {
                                 let dead = record.as_ref().is_some_and(LockRecord::holder_dead);
                                 // A record that cannot be read: judged by the
                                 // default TTL.
-                                let ttl = record
-                                    .as_ref()
-                                    .map_or(super::lock::REMOTE_LOCK_TTL, |r| {
+                                let ttl =
+                                    record.as_ref().map_or(super::lock::REMOTE_LOCK_TTL, |r| {
                                         Duration::from_millis(r.ttl_ms)
                                     });
                                 let since = match &seen {
@@ -832,22 +836,24 @@ impl Backend for ObjectBackend {
                                 } else {
                                     let now = Instant::now();
                                     if now >= deadline {
-                                        let holder = match record.as_ref().and_then(LockRecord::view)
+                                        let holder = match record
+                                            .as_ref()
+                                            .and_then(LockRecord::view)
                                         {
                                             Some(v) => v.to_string(),
-                                            None => "an unknown holder (the lock object cannot be read)"
-                                                .into(),
+                                            None => {
+                                                "an unknown holder (the lock object cannot be read)"
+                                                    .into()
+                                            }
                                         };
                                         return Err(StateError::Locked {
                                             location: self.lock_location(),
                                             holder,
                                         });
                                     }
-                                    let pause = crate::kv::backoff(
-                                        attempt,
-                                        Duration::from_millis(250),
-                                    )
-                                    .min(deadline - now);
+                                    let pause =
+                                        crate::kv::backoff(attempt, Duration::from_millis(250))
+                                            .min(deadline - now);
                                     tokio::select! {
                                         _ = tokio::time::sleep(pause) => {}
                                         _ = req.cancel.cancelled() => return Err(StateError::Interrupted),
@@ -1080,7 +1086,10 @@ mod tests {
                 released_by: Some("r".into()),
             };
             let mut objects = self.objects.lock().unwrap();
-            for key in [format!("{lock_dir}{epoch:020}"), format!("{lock_dir}{epoch:020}.released")] {
+            for key in [
+                format!("{lock_dir}{epoch:020}"),
+                format!("{lock_dir}{epoch:020}.released"),
+            ] {
                 objects.insert(key, (record.bytes(), 1));
             }
         }
@@ -1098,7 +1107,8 @@ mod tests {
             &self.key
         }
         async fn get(&self, key: &str) -> Result<Option<Object>, StateError> {
-            self.requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.requests
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             Ok(self.objects.lock().unwrap().get(key).map(|(b, v)| Object {
                 bytes: b.clone(),
                 version: Version(v.to_string()),
@@ -1110,7 +1120,8 @@ mod tests {
             bytes: &[u8],
             cond: Cond<'_>,
         ) -> Result<Option<Version>, StateError> {
-            self.requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.requests
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let mut objects = self.objects.lock().unwrap();
             let now = objects.get(key).map(|(_, v)| v.to_string());
             let ok = match cond {
@@ -1121,17 +1132,22 @@ mod tests {
             if !ok {
                 return Ok(None);
             }
-            let v = self.writes.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 2;
+            let v = self
+                .writes
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                + 2;
             objects.insert(key.to_string(), (bytes.to_vec(), v));
             Ok(Some(Version(v.to_string())))
         }
         async fn delete(&self, key: &str) -> Result<(), StateError> {
-            self.requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.requests
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             self.objects.lock().unwrap().remove(key);
             Ok(())
         }
         async fn list(&self, prefix: &str) -> Result<Vec<String>, StateError> {
-            self.requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.requests
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             Ok(self
                 .objects
                 .lock()
@@ -1142,7 +1158,10 @@ mod tests {
         }
     }
 
-    fn request<'a>(holder: &'a Holder, cancel: &'a tokio_util::sync::CancellationToken) -> LockRequest<'a> {
+    fn request<'a>(
+        holder: &'a Holder,
+        cancel: &'a tokio_util::sync::CancellationToken,
+    ) -> LockRequest<'a> {
         LockRequest {
             holder,
             ttl: Duration::from_secs(60),
@@ -1201,7 +1220,11 @@ mod tests {
             mem.plant(&dir, e, Duration::from_secs(60));
         }
         b.collect(24).await;
-        assert_eq!(epochs(&mem), (21..=24).collect::<Vec<_>>(), "young ones kept");
+        assert_eq!(
+            epochs(&mem),
+            (21..=24).collect::<Vec<_>>(),
+            "young ones kept"
+        );
         assert_eq!(mem.keys().len(), 8, "with their release markers");
 
         let (b, mem) = Mem::backend("collect-all-old");

@@ -347,9 +347,11 @@ impl ObjectStore for S3 {
             .put_opts(&self.path(key)?, PutPayload::default(), opts)
             .await
         {
-            Ok(r) => Ok(Some(Version(r.e_tag.ok_or_else(|| StateError::Backend {
-                location: self.describe.clone(),
-                detail: "it returns no ETag for a write, which conditional writes need".into(),
+            Ok(r) => Ok(Some(Version(r.e_tag.ok_or_else(|| {
+                StateError::Backend {
+                    location: self.describe.clone(),
+                    detail: "it returns no ETag for a write, which conditional writes need".into(),
+                }
             })?))),
             Err(object_store::Error::AlreadyExists { .. })
             | Err(object_store::Error::Precondition { .. }) => Ok(None),
