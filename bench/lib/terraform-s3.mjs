@@ -36,11 +36,12 @@ export function timed(fn) {
 }
 
 /**
- * @param {{dir: string, s3: string, key: string, env: object, runs: number, pairs: number}} o
+ * @param {{dir: string, s3: string, key: string, env: object, runs: number, pairs: number, between?: (i: number) => void}} o
  *   `s3`: the endpoint (bucket `nanokit`); `env`: with AWS_ACCESS_KEY_ID and
- *   AWS_SECRET_ACCESS_KEY of the bucket.
+ *   AWS_SECRET_ACCESS_KEY of the bucket; `between`: called after each pair
+ *   (what is compared with Terraform, measured under the same conditions).
  */
-export function terraformLock({ dir, s3, key, env, runs, pairs }) {
+export function terraformLock({ dir, s3, key, env, runs, pairs, between }) {
   if (spawnSync('terraform', ['version'], { encoding: 'utf8' }).status !== 0) return null
   rmSync(dir, { recursive: true, force: true })
   mkdirSync(dir, { recursive: true })
@@ -83,6 +84,7 @@ export function terraformLock({ dir, s3, key, env, runs, pairs }) {
     withLock.push(w)
     without.push(wo)
     diffs.push(w - wo)
+    between?.(i)
   }
   const planMs = pairs ? { withLock: median(withLock), without: median(without), diff: median(diffs), interval: medianInterval(diffs) } : null
   // Terraform's own log times its lock and unlock (ms timestamps), as
