@@ -11,9 +11,9 @@
 //! Each object is one KV secret whose data is `{"nanokit": "<text>"}`; its
 //! version is the KV version. A write is `cas=<version>`, or `cas=0` to
 //! create (over a secret whose last version was deleted: `cas=<that
-//! version>`). The lock key is kept (a free record keeps its epoch) instead
-//! of having its metadata deleted, which would restart its versions and
-//! forget the epoch.
+//! version>`). The lock's secrets (one per epoch) are created once and
+//! deleted (their metadata) only a day after, so a version of one never
+//! names two different writes while the lock can still use it.
 
 use std::path::PathBuf;
 
