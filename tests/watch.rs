@@ -42,6 +42,40 @@ fn watch(p: &Project, args: &[&str]) -> Watcher {
     w
 }
 
+/// Waits until the watcher's status file has named `n` different full
+/// checks (a minute at most).
+fn full_checks(p: &Project, n: usize) {
+    let status = p.path().join(".nanokit/watch/status.json");
+    let t0 = std::time::Instant::now();
+    let mut seen = BTreeSet::new();
+    while seen.len() < n {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "{} full checks in a minute, not {n}",
+            seen.len()
+        );
+        if let Ok(bytes) = std::fs::read(&status) {
+            if let Ok(v) = serde_json::from_slice::<Value>(&bytes) {
+                seen.insert(v["lastCheck"].to_string());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The pass after an edit that set b's `V` to 2 changed b alone: a kept its
+/// process `a`, b's new process (returned) is not `b` and has `V=2`.
+fn applied_to_b_alone(w: &mut Watcher, p: &Project, a: u32, b: u32) -> u32 {
+    let done = w.until("config pass", |e| e["type"] == "passFinished");
+    assert_eq!(done["changed"], serde_json::json!(["b"]), "{}", w.recent());
+    assert_eq!(pid_of(p, "a"), a);
+    let b2 = pid_of(p, "b");
+    assert_ne!(b2, b);
+    let env = std::fs::read(format!("/proc/{b2}/environ")).unwrap();
+    assert!(env.split(|c| *c == 0).any(|kv| kv == b"V=2"));
+    b2
+}
+
 #[test]
 fn a_sigkilled_service_is_restarted_and_its_exit_is_told() {
     let p = Project::new(
@@ -206,24 +240,9 @@ fn an_edit_of_nanokit_yml_is_applied_once() {
     p.write(&yml("2"));
     p.write(&yml("2"));
     w.until("config reloaded", |e| e["type"] == "configReloaded");
-    let done = w.until("config pass", |e| e["type"] == "passFinished");
-    assert_eq!(done["changed"], serde_json::json!(["b"]), "{}", w.recent());
-    assert_eq!(pid_of(&p, "a"), a);
-    let b2 = pid_of(&p, "b");
-    assert_ne!(b2, b);
-    let env = std::fs::read(format!("/proc/{b2}/environ")).unwrap();
-    assert!(env.split(|c| *c == 0).any(|kv| kv == b"V=2"));
+    let b2 = applied_to_b_alone(&mut w, &p, a, b);
     // Full checks come and go (every 200 ms) and change nothing more.
-    let status = p.path().join(".nanokit/watch/status.json");
-    let check = || -> String {
-        let v: Value = serde_json::from_slice(&std::fs::read(&status).unwrap()).unwrap();
-        v["lastCheck"].as_str().unwrap_or("").to_string()
-    };
-    let mut seen = BTreeSet::new();
-    while seen.len() < 4 {
-        seen.insert(check());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    full_checks(&p, 4);
     assert_eq!(pid_of(&p, "b"), b2);
     w.signal(libc::SIGTERM);
     w.wait_exit();
@@ -275,12 +294,7 @@ fn processes_started_by_an_earlier_up_are_adopted_and_restarted() {
     assert_eq!(v["lastPass"]["outcome"], "ok", "{v}");
     // Full checks go by: the adopted process is watched, not taken for dead
     // (an exit seen wrongly would come at once).
-    let mut checks = BTreeSet::new();
-    while checks.len() < 3 {
-        let v: Value = serde_json::from_slice(&std::fs::read(&status).unwrap()).unwrap();
-        checks.insert(v["lastCheck"].to_string());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    full_checks(&p, 3);
     w.drain();
     assert!(
         w.taken(|e| e["type"] == "serviceExited").is_empty(),
@@ -351,24 +365,9 @@ fn an_edit_behind_a_symbolic_link_is_applied_at_the_next_full_check() {
     std::fs::rename(&next, &real).unwrap();
     let read = w.until("config reloaded", |e| e["type"] == "configReloaded");
     assert!(read["error"].is_null(), "{}", w.recent());
-    let done = w.until("config pass", |e| e["type"] == "passFinished");
-    assert_eq!(done["changed"], serde_json::json!(["b"]), "{}", w.recent());
-    assert_eq!(pid_of(&p, "a"), a);
-    let b2 = pid_of(&p, "b");
-    assert_ne!(b2, b);
-    let env = std::fs::read(format!("/proc/{b2}/environ")).unwrap();
-    assert!(env.split(|c| *c == 0).any(|kv| kv == b"V=2"));
+    let b2 = applied_to_b_alone(&mut w, &p, a, b);
     // Full checks come and go (every 300 ms) and find the file as read.
-    let status = p.path().join(".nanokit/watch/status.json");
-    let check = || -> String {
-        let v: Value = serde_json::from_slice(&std::fs::read(&status).unwrap()).unwrap();
-        v["lastCheck"].as_str().unwrap_or("").to_string()
-    };
-    let mut seen = BTreeSet::new();
-    while seen.len() < 4 {
-        seen.insert(check());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    full_checks(&p, 4);
     assert_eq!(pid_of(&p, "b"), b2);
     w.signal(libc::SIGTERM);
     w.wait_exit();
@@ -542,15 +541,7 @@ fn a_manual_down_and_up_during_a_watch_are_handed_to_the_watcher() {
     assert!(!alive(b));
     // Full checks go by; b stays down.
     let status = p.path().join(".nanokit/watch/status.json");
-    let checked = |n: usize| {
-        let mut seen = BTreeSet::new();
-        while seen.len() < n {
-            let v: Value = serde_json::from_slice(&std::fs::read(&status).unwrap()).unwrap();
-            seen.insert(v["lastCheck"].to_string());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
-    checked(3);
+    full_checks(&p, 3);
     assert_eq!(
         common::labelled(&nanokit::engine::scope(&p.config()).state_id).len(),
         1
