@@ -332,6 +332,11 @@ impl Provider for ProcessProvider {
                 )));
             }
         }
+        // An empty group (the usual case: the leader took its children with
+        // it, or they were gone already) needs no walk of /proc.
+        if !proc::group_exists(pid) {
+            return Ok(());
+        }
         // Sweep members left in the group (children that ignored SIGTERM or
         // outlived their leader). Only members started after the leader can
         // belong to it.

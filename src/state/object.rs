@@ -815,7 +815,13 @@ impl Backend for ObjectBackend {
                                         now
                                     }
                                 };
-                                if dead || since.elapsed() >= ttl {
+                                if (dead || since.elapsed() >= ttl)
+                                    && self.read_record(&self.released_key(epoch)).await?.is_some()
+                                {
+                                    // Released after the listing (a holder
+                                    // releases, then exits): free, not stale.
+                                    (epoch + 1, false)
+                                } else if dead || since.elapsed() >= ttl {
                                     // Marked taken over on the version judged
                                     // stale: its holder's renewal fails from
                                     // now on, and one taker wins.
@@ -1050,6 +1056,9 @@ mod tests {
         objects: Mutex<std::collections::BTreeMap<String, (Vec<u8>, u64)>>,
         writes: std::sync::atomic::AtomicU64,
         requests: std::sync::atomic::AtomicUsize,
+        /// Runs once, just after the next listing (what another process
+        /// does between a listing and the reads after it).
+        after_list: Mutex<Option<Box<dyn FnOnce(&Mem) + Send>>>,
     }
 
     impl Mem {
@@ -1060,6 +1069,7 @@ mod tests {
                 objects: Mutex::default(),
                 writes: Default::default(),
                 requests: Default::default(),
+                after_list: Mutex::default(),
             });
             (ObjectBackend::new(Box::new(mem.clone())), mem)
         }
@@ -1148,13 +1158,18 @@ mod tests {
         async fn list(&self, prefix: &str) -> Result<Vec<String>, StateError> {
             self.requests
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            Ok(self
+            let names = self
                 .objects
                 .lock()
                 .unwrap()
                 .keys()
                 .filter_map(|k| k.strip_prefix(prefix).map(str::to_string))
-                .collect())
+                .collect();
+            let hook = self.after_list.lock().unwrap().take();
+            if let Some(hook) = hook {
+                hook(self);
+            }
+            Ok(names)
         }
     }
 
@@ -1193,6 +1208,56 @@ mod tests {
         let err = a.lock(&request(&ha, &cancel)).await.unwrap_err();
         assert!(matches!(err, StateError::Locked { .. }), "{err}");
         assert_eq!(taken.epoch, second.epoch + 1);
+    }
+
+    /// A holder releases (its marker) and exits just after a waiter listed
+    /// the folder: the waiter then reads the epoch's record, whose holder is
+    /// a dead process of this host, yet the epoch was released, not
+    /// abandoned: taken as free, without a takeover (whose state write
+    /// would be one write too many).
+    #[tokio::test]
+    async fn a_release_seen_late_is_not_taken_for_a_dead_holder() {
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let (w, mem) = Mem::backend("late-release");
+        let dir = w.lock_dir.clone();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let gone = child.id();
+        child.wait().unwrap();
+        let me = host::this_host();
+        let mut holder = Holder::this_run("x");
+        holder.pid = gone;
+        let record = LockRecord {
+            holder: Some(holder),
+            epoch: 7,
+            host_id: me.id.clone(),
+            pid_start: Some(1),
+            ttl_ms: 60_000,
+            acquired_at_ms: now_ms(),
+            renewed_at_ms: now_ms(),
+            released_by: None,
+        };
+        assert!(record.holder_dead());
+        let key = format!("{dir}{:020}", 7);
+        mem.objects
+            .lock()
+            .unwrap()
+            .insert(key.clone(), (record.bytes(), 1));
+        let mut released = record.clone();
+        released.holder = None;
+        released.released_by = Some("x".into());
+        let marker = (format!("{key}.released"), released.bytes());
+        *mem.after_list.lock().unwrap() = Some(Box::new(move |m: &Mem| {
+            m.objects.lock().unwrap().insert(marker.0, (marker.1, 1));
+        }));
+        let hw = Holder::this_run("w");
+        let g = w.lock(&request(&hw, &cancel)).await.unwrap();
+        assert!(!g.took_over, "a released epoch taken over");
+        assert_eq!(g.epoch, 8);
+        assert_eq!(
+            mem.objects.lock().unwrap()[&key].0,
+            record.bytes(),
+            "marked taken over"
+        );
     }
 
     /// Collecting deletes the objects of epochs taken more than a day ago,

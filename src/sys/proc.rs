@@ -199,6 +199,15 @@ pub fn kill_group(pgid: u32, signal: rustix::process::Signal) {
     }
 }
 
+/// Whether group `pgid` has any process left, zombies included (a signal
+/// 0 to the group: no walk of /proc). Only "no such process" says no: a
+/// group of another user's processes (EPERM) exists.
+pub fn group_exists(pgid: u32) -> bool {
+    pid(pgid).is_some_and(|p| {
+        rustix::process::test_kill_process_group(p) != Err(rustix::io::Errno::SRCH)
+    })
+}
+
 /// Waits until none of `pids` is a live (non-zombie) process, at most `limit`.
 pub fn wait_gone(pids: &[u32], limit: Duration) {
     let deadline = Instant::now() + limit;
