@@ -1049,6 +1049,9 @@ impl Backend for ObjectBackend {
 mod tests {
     use super::*;
 
+    /// What the in-memory store runs after a listing.
+    type Hook = Box<dyn FnOnce(&Mem) + Send>;
+
     /// A store in memory that keeps its preconditions, counting requests.
     struct Mem {
         id: String,
@@ -1058,7 +1061,7 @@ mod tests {
         requests: std::sync::atomic::AtomicUsize,
         /// Runs once, just after the next listing (what another process
         /// does between a listing and the reads after it).
-        after_list: Mutex<Option<Box<dyn FnOnce(&Mem) + Send>>>,
+        after_list: Mutex<Option<Hook>>,
     }
 
     impl Mem {
