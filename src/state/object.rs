@@ -174,6 +174,20 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// What one look at the lock's folder found (see `ObjectBackend::look`).
+enum Look {
+    /// This epoch is free to take.
+    Free(u64),
+    /// The previous epoch was stale and is marked taken over: take this one.
+    TakenOver(u64),
+    /// Held by this run already (its create's answer was lost).
+    Ours(Grant),
+    /// Held by someone else (the record, if it could be read).
+    Held(Option<Box<LockRecord>>),
+    /// Changed while being looked at.
+    Changed,
+}
+
 /// The lock this handle holds.
 #[derive(Debug, Clone)]
 struct Held {
@@ -518,6 +532,81 @@ impl ObjectBackend {
             .map(|(e, (_, released))| (*e, *released)))
     }
 
+    /// One look at the lock's folder by a contender: which epoch to take
+    /// (a stale one marked taken over first), or who holds it. `seen` is
+    /// what this contender saw held before, and since when.
+    async fn look(
+        &self,
+        req: &LockRequest<'_>,
+        seen: &mut Option<(u64, Version, Instant)>,
+    ) -> Result<Look, StateError> {
+        let epoch = match self.latest().await? {
+            // Never locked (or the folder deleted by hand): the state's
+            // epoch is the floor.
+            None => return Ok(Look::Free(self.stored_epoch().await? + 1)),
+            Some((epoch, true)) => return Ok(Look::Free(epoch + 1)),
+            Some((epoch, false)) => epoch,
+        };
+        let key = self.epoch_key(epoch);
+        // Gone since the listing (deleted by hand): free.
+        let Some((record, version)) = self.read_record(&key).await? else {
+            return Ok(Look::Free(epoch + 1));
+        };
+        let holder = record.as_ref().and_then(|r| r.holder.as_ref());
+        // Ours already: a create of ours whose answer was lost.
+        if let (Some(r), Some(_)) = (&record, holder.filter(|h| h.run_id == req.holder.run_id)) {
+            *self.held.lock().await = Some(Held {
+                record: r.clone(),
+                version,
+            });
+            return Ok(Look::Ours(Grant {
+                epoch,
+                took_over: false,
+                lost: None,
+            }));
+        }
+        // Taken over or cleared; the next epoch not taken yet.
+        if record.is_some() && holder.is_none() {
+            return Ok(Look::Free(epoch + 1));
+        }
+        let dead = record.as_ref().is_some_and(LockRecord::holder_dead);
+        // A record that cannot be read: judged by the default TTL.
+        let ttl = record.as_ref().map_or(super::lock::REMOTE_LOCK_TTL, |r| {
+            Duration::from_millis(r.ttl_ms)
+        });
+        let since = match seen {
+            Some((e, v, at)) if *e == epoch && *v == version => *at,
+            _ => {
+                let now = Instant::now();
+                *seen = Some((epoch, version.clone(), now));
+                now
+            }
+        };
+        if !dead && since.elapsed() < ttl {
+            return Ok(Look::Held(record.map(Box::new)));
+        }
+        // Released after the listing (a holder releases, then exits): free,
+        // not stale.
+        if self.read_record(&self.released_key(epoch)).await?.is_some() {
+            return Ok(Look::Free(epoch + 1));
+        }
+        // Marked taken over on the version judged stale: its holder's
+        // renewal fails from now on, and one taker wins.
+        let mut marker = record.unwrap_or_else(|| self.record_for(req.holder, epoch, req.ttl));
+        marker.holder = None;
+        marker.released_by = Some(format!("taken over by {}", req.holder.run_id));
+        marker.renewed_at_ms = now_ms();
+        Ok(
+            match self
+                .put_record(&key, &marker, Cond::Matches(&version))
+                .await?
+            {
+                Some(_) => Look::TakenOver(epoch + 1),
+                None => Look::Changed,
+            },
+        )
+    }
+
     /// Takes `epoch` by creating its object: the grant, or `None` when
     /// someone created it first.
     async fn take(
@@ -753,7 +842,6 @@ impl Backend for ObjectBackend {
     async fn lock(&self, req: &LockRequest<'_>) -> Result<Grant, StateError> {
         self.check_preconditions().await?;
         let deadline = Instant::now() + req.wait;
-        let mine = &req.holder.run_id;
         // The epoch this user released last, if nobody took the next one
         // since: one write.
         if let Some(last) = self.remembered_release() {
@@ -768,108 +856,32 @@ impl Backend for ObjectBackend {
             if req.cancel.is_cancelled() {
                 return Err(StateError::Interrupted);
             }
-            let (next, took_over) = match self.latest().await? {
-                // Never locked (or the folder deleted by hand): the state's
-                // epoch is the floor.
-                None => (self.stored_epoch().await? + 1, false),
-                Some((epoch, true)) => (epoch + 1, false),
-                Some((epoch, false)) => {
-                    let key = self.epoch_key(epoch);
-                    match self.read_record(&key).await? {
-                        // Gone since the listing (deleted by hand): free.
-                        None => (epoch + 1, false),
-                        Some((record, version)) => {
-                            // Ours already: a create of ours whose answer
-                            // was lost.
-                            if let Some(r) = record
-                                .as_ref()
-                                .filter(|r| r.holder.as_ref().is_some_and(|h| &h.run_id == mine))
-                            {
-                                *self.held.lock().await = Some(Held {
-                                    record: r.clone(),
-                                    version,
-                                });
-                                return Ok(Grant {
-                                    epoch,
-                                    took_over: false,
-                                    lost: None,
-                                });
-                            }
-                            if record.as_ref().is_some_and(|r| r.holder.is_none()) {
-                                // Taken over or cleared; the next epoch not
-                                // taken yet.
-                                (epoch + 1, false)
-                            } else {
-                                let dead = record.as_ref().is_some_and(LockRecord::holder_dead);
-                                // A record that cannot be read: judged by the
-                                // default TTL.
-                                let ttl =
-                                    record.as_ref().map_or(super::lock::REMOTE_LOCK_TTL, |r| {
-                                        Duration::from_millis(r.ttl_ms)
-                                    });
-                                let since = match &seen {
-                                    Some((e, v, at)) if *e == epoch && *v == version => *at,
-                                    _ => {
-                                        let now = Instant::now();
-                                        seen = Some((epoch, version.clone(), now));
-                                        now
-                                    }
-                                };
-                                if (dead || since.elapsed() >= ttl)
-                                    && self.read_record(&self.released_key(epoch)).await?.is_some()
-                                {
-                                    // Released after the listing (a holder
-                                    // releases, then exits): free, not stale.
-                                    (epoch + 1, false)
-                                } else if dead || since.elapsed() >= ttl {
-                                    // Marked taken over on the version judged
-                                    // stale: its holder's renewal fails from
-                                    // now on, and one taker wins.
-                                    let mut marker = record.clone().unwrap_or_else(|| {
-                                        self.record_for(req.holder, epoch, req.ttl)
-                                    });
-                                    marker.holder = None;
-                                    marker.released_by = Some(format!("taken over by {mine}"));
-                                    marker.renewed_at_ms = now_ms();
-                                    if self
-                                        .put_record(&key, &marker, Cond::Matches(&version))
-                                        .await?
-                                        .is_none()
-                                    {
-                                        continue;
-                                    }
-                                    (epoch + 1, true)
-                                } else {
-                                    let now = Instant::now();
-                                    if now >= deadline {
-                                        let holder = match record
-                                            .as_ref()
-                                            .and_then(LockRecord::view)
-                                        {
-                                            Some(v) => v.to_string(),
-                                            None => {
-                                                "an unknown holder (the lock object cannot be read)"
-                                                    .into()
-                                            }
-                                        };
-                                        return Err(StateError::Locked {
-                                            location: self.lock_location(),
-                                            holder,
-                                        });
-                                    }
-                                    let pause =
-                                        crate::kv::backoff(attempt, Duration::from_millis(250))
-                                            .min(deadline - now);
-                                    tokio::select! {
-                                        _ = tokio::time::sleep(pause) => {}
-                                        _ = req.cancel.cancelled() => return Err(StateError::Interrupted),
-                                    }
-                                    attempt += 1;
-                                    continue;
-                                }
-                            }
-                        }
+            let (next, took_over) = match self.look(req, &mut seen).await? {
+                Look::Free(epoch) => (epoch, false),
+                Look::TakenOver(epoch) => (epoch, true),
+                Look::Ours(grant) => return Ok(grant),
+                // Someone else changed it first: look again at once.
+                Look::Changed => continue,
+                Look::Held(record) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        let holder = match record.as_deref().and_then(LockRecord::view) {
+                            Some(v) => v.to_string(),
+                            None => "an unknown holder (the lock object cannot be read)".into(),
+                        };
+                        return Err(StateError::Locked {
+                            location: self.lock_location(),
+                            holder,
+                        });
                     }
+                    let pause =
+                        crate::kv::backoff(attempt, Duration::from_millis(250)).min(deadline - now);
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = req.cancel.cancelled() => return Err(StateError::Interrupted),
+                    }
+                    attempt += 1;
+                    continue;
                 }
             };
             if let Some(grant) = self.take(req, next, took_over).await? {

@@ -248,6 +248,28 @@ impl S3 {
             detail: e.to_string(),
         })
     }
+
+    /// Writes `payload` to `key` with `opts`: the new ETag, or `None` when
+    /// the store refused the write for its precondition.
+    async fn write(
+        &self,
+        key: &str,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> Result<Option<Version>, StateError> {
+        match self.store.put_opts(&self.path(key)?, payload, opts).await {
+            Ok(r) => r
+                .e_tag
+                .map(|e| Some(Version(e)))
+                .ok_or_else(|| StateError::Backend {
+                    location: self.describe.clone(),
+                    detail: "it returns no ETag for a write, which conditional writes need".into(),
+                }),
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => Ok(None),
+            Err(e) => Err(self.err(e)),
+        }
+    }
 }
 
 #[async_trait]
@@ -314,19 +336,8 @@ impl ObjectStore for S3 {
             mode,
             ..PutOptions::default()
         };
-        let payload = PutPayload::from(bytes.to_vec());
-        match self.store.put_opts(&self.path(key)?, payload, opts).await {
-            Ok(r) => r
-                .e_tag
-                .map(|e| Some(Version(e)))
-                .ok_or_else(|| StateError::Backend {
-                    location: self.describe.clone(),
-                    detail: "it returns no ETag for a write, which conditional writes need".into(),
-                }),
-            Err(object_store::Error::AlreadyExists { .. })
-            | Err(object_store::Error::Precondition { .. }) => Ok(None),
-            Err(e) => Err(self.err(e)),
-        }
+        self.write(key, PutPayload::from(bytes.to_vec()), opts)
+            .await
     }
 
     async fn create_small(&self, key: &str, bytes: &[u8]) -> Result<Option<Version>, StateError> {
@@ -342,21 +353,7 @@ impl ObjectStore for S3 {
             attributes,
             ..PutOptions::default()
         };
-        match self
-            .store
-            .put_opts(&self.path(key)?, PutPayload::default(), opts)
-            .await
-        {
-            Ok(r) => Ok(Some(Version(r.e_tag.ok_or_else(|| {
-                StateError::Backend {
-                    location: self.describe.clone(),
-                    detail: "it returns no ETag for a write, which conditional writes need".into(),
-                }
-            })?))),
-            Err(object_store::Error::AlreadyExists { .. })
-            | Err(object_store::Error::Precondition { .. }) => Ok(None),
-            Err(e) => Err(self.err(e)),
-        }
+        self.write(key, PutPayload::default(), opts).await
     }
 
     async fn delete(&self, key: &str) -> Result<(), StateError> {
