@@ -11,9 +11,8 @@
 //      `state.lock.put`, `state.lock.get`, `state.lock.list`, `state.get`),
 //      in the 200-service project and in a one-service project (whose time
 //      between taking the lock and releasing it is close to Terraform's, a
-//      few ms); the
-//      precondition probe apart (made at the first up of a store, then
-//      remembered for a day). Terraform's by the issue's measure, the
+//      few ms); the precondition probe apart (made at the first up of a
+//      store, then remembered for a day). Terraform's by the issue's measure, the
 //      median of paired differences of `terraform plan` of an empty
 //      configuration with and without `-lock` (with a 95% interval), and
 //      from its own log (bench/lib/terraform-s3.mjs). Every ratio is
@@ -108,6 +107,12 @@ function spanMs(traceFile, name) {
   return t.spans.filter((s) => s.name === name).reduce((a, s) => a + (s.end_unix_nano - s.start_unix_nano) / 1e6, 0)
 }
 
+/** The deploy lock's round trip in one trace file (`state.lock` without
+ * the precondition probe made inside it, plus `state.unlock`): ms. */
+function lockSpanMs(traceFile) {
+  return spanMs(traceFile, 'state.lock') - spanMs(traceFile, 'state.probe') + spanMs(traceFile, 'state.unlock')
+}
+
 /** The time between holding the lock (end of `state.lock`) and starting
  * to release it (start of `state.unlock`) in one trace file: ms. */
 function lockGapMs(traceFile) {
@@ -146,7 +151,6 @@ const backends = [
   ['s3-1', `s3://nanokit/${TAG}-1/state.json?endpoint=${s3}&path_style=true`, 1, false],
   ['s3-warm', `s3://nanokit/${TAG}-w/state.json?endpoint=${s3}&path_style=true`, M, true],
 ]
-const upFiles = []
 const upMs = {}
 const lockMs = {}
 const probeMs = {}
@@ -174,7 +178,7 @@ for (const [kind, state, services, reprobe] of backends) {
     upMs[kind] = median(xs)
     // The traces of the no-change ups (the last RUNS of them).
     const files = readdirSync(traces).filter((f) => f.endsWith('.json')).sort().slice(-RUNS)
-    const locks = files.map((f) => spanMs(join(traces, f), 'state.lock') - spanMs(join(traces, f), 'state.probe') + spanMs(join(traces, f), 'state.unlock'))
+    const locks = files.map((f) => lockSpanMs(join(traces, f)))
     lockMs[kind] = median(locks)
     lockInterval[kind] = medianInterval(locks)
     if (files.some((f) => (spanMs(join(traces, f), 'state.probe') > 0) !== reprobe)) throw new Error(`the no-change ups on ${kind} did not all ${reprobe ? '' : 'not '}probe the store`)
@@ -188,8 +192,7 @@ for (const [kind, state, services, reprobe] of backends) {
   // The S3 project stays up for the runs interleaved with Terraform's;
   // the others go (their processes would slow every later run's look at
   // the machine's processes).
-  if (kind === 's3') upFiles.push(file)
-  else run(BIN, ['down', '-f', file, '--concurrency', '32'], { env, allowFail: true })
+  if (kind !== 's3') run(BIN, ['down', '-f', file, '--concurrency', '32'], { env, allowFail: true })
 }
 
 // ---- 2. Terraform's use_lockfile on the same bucket ----------------------
@@ -208,11 +211,11 @@ const tf = (() => {
         const r = run(BIN, ['up', '-f', s3File], { env })
         if (!/0 changed/.test(r.stderr)) throw new Error(`not a no-change up: ${r.stderr.slice(-500)}`)
         const f = join(s3Traces, readdirSync(s3Traces).filter((f) => f.endsWith('.json')).sort().at(-1))
-        interleaved.push(spanMs(f, 'state.lock') - spanMs(f, 'state.probe') + spanMs(f, 'state.unlock'))
+        interleaved.push(lockSpanMs(f))
       },
     })
   } finally {
-    for (const file of upFiles) run(BIN, ['down', '-f', file, '--concurrency', '32'], { env, allowFail: true })
+    run(BIN, ['down', '-f', s3File, '--concurrency', '32'], { env, allowFail: true })
   }
 })()
 
