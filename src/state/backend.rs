@@ -207,6 +207,13 @@ pub trait Backend: Send + Sync {
         meta: &WriteMeta<'_>,
     ) -> Result<Version, StateError>;
 
+    /// Reads the state ahead of [`Backend::lock`], where the lock can then
+    /// prove that nothing was written since (the object stores: this user
+    /// released the last epoch and takes the next in one write); the first
+    /// [`Backend::read`] after such a lock returns it. Does nothing by
+    /// default, and whenever that proof cannot follow.
+    async fn read_ahead(&self) {}
+
     /// Takes the deploy lock (waiting up to `req.wait`), with a new epoch.
     async fn lock(&self, req: &LockRequest<'_>) -> Result<Grant, StateError>;
 

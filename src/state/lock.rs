@@ -205,7 +205,10 @@ pub async fn lock_state(
     let backend = super::open(&location).await?;
     let holder = Holder::this_run(label);
     let lock = tokio::select! {
-        r = acquire(backend.clone(), &holder, ttl(&location), timeout, cancel) => r?,
+        r = async {
+            backend.read_ahead().await;
+            acquire(backend.clone(), &holder, ttl(&location), timeout, cancel).await
+        } => r?,
         _ = cancel.cancelled() => return Err(StateError::Interrupted),
     };
     let opened = async {

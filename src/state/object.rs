@@ -188,6 +188,18 @@ enum Look {
     Changed,
 }
 
+/// A state read ahead of the lock (see [`Backend::read_ahead`]).
+enum Ahead {
+    None,
+    /// Read after this user's release of epoch `released` was remembered.
+    Read {
+        released: u64,
+        state: Option<Object>,
+    },
+    /// Proven current by the lock just taken: the next read's.
+    Current(Option<Object>),
+}
+
 /// The lock this handle holds.
 #[derive(Debug, Clone)]
 struct Held {
@@ -206,6 +218,7 @@ pub struct ObjectBackend {
     /// The lock's folder, `<key>.nklock/`.
     lock_dir: String,
     held: tokio::sync::Mutex<Option<Held>>,
+    ahead: tokio::sync::Mutex<Ahead>,
 }
 
 impl ObjectBackend {
@@ -216,6 +229,7 @@ impl ObjectBackend {
             key,
             store,
             held: tokio::sync::Mutex::new(None),
+            ahead: tokio::sync::Mutex::new(Ahead::None),
         }
     }
 
@@ -810,7 +824,21 @@ impl Backend for ObjectBackend {
     }
 
     async fn read(&self) -> Result<Option<Stored>, StateError> {
-        Ok(self.get_state().await?.map(|o| Stored {
+        let ahead = {
+            let mut ahead = self.ahead.lock().await;
+            match std::mem::replace(&mut *ahead, Ahead::None) {
+                Ahead::Current(state) => Some(state),
+                other => {
+                    *ahead = other;
+                    None
+                }
+            }
+        };
+        let state = match ahead {
+            Some(state) => state,
+            None => self.get_state().await?,
+        };
+        Ok(state.map(|o| Stored {
             bytes: o.bytes,
             version: o.version,
         }))
@@ -823,6 +851,8 @@ impl Backend for ObjectBackend {
         _meta: &WriteMeta<'_>,
     ) -> Result<Version, StateError> {
         self.check_preconditions().await?;
+        // A state read ahead is no longer current once this handle writes.
+        *self.ahead.lock().await = Ahead::None;
         let cond = match expected {
             Some(v) => Cond::Matches(v),
             None => Cond::Absent,
@@ -839,13 +869,36 @@ impl Backend for ObjectBackend {
         }
     }
 
+    /// The state, read after this user's release of the last epoch was
+    /// remembered: if [`Backend::lock`] then creates the next epoch, nobody
+    /// held the lock (so nobody wrote) between that release and the lock,
+    /// and this read is current. The lock's requests then find the
+    /// connection open, as Terraform's do after its listing of workspaces.
+    async fn read_ahead(&self) {
+        let Some(released) = self.remembered_release() else {
+            return;
+        };
+        match self.get_state().await {
+            Ok(state) => *self.ahead.lock().await = Ahead::Read { released, state },
+            Err(e) => tracing::debug!("cannot read the state ahead of the lock: {e}"),
+        }
+    }
+
     async fn lock(&self, req: &LockRequest<'_>) -> Result<Grant, StateError> {
         self.check_preconditions().await?;
         let deadline = Instant::now() + req.wait;
-        // The epoch this user released last, if nobody took the next one
-        // since: one write.
-        if let Some(last) = self.remembered_release() {
+        // The epoch this user released last (the one a read ahead followed),
+        // if nobody took the next one since: one write.
+        let (remembered, ahead) =
+            match std::mem::replace(&mut *self.ahead.lock().await, Ahead::None) {
+                Ahead::Read { released, state } => (Some(released), Some(state)),
+                _ => (self.remembered_release(), None),
+            };
+        if let Some(last) = remembered {
             if let Some(grant) = self.take(req, last + 1, false).await? {
+                if let Some(state) = ahead {
+                    *self.ahead.lock().await = Ahead::Current(state);
+                }
                 return Ok(grant);
             }
         }
@@ -1273,6 +1326,51 @@ mod tests {
             record.bytes(),
             "marked taken over"
         );
+    }
+
+    /// A state read ahead of the lock is what the next read returns only
+    /// when the lock was the next epoch after this user's release (nobody
+    /// held it, so nobody wrote, in between); when someone else took the
+    /// lock and wrote meanwhile, the read after the lock sees that write.
+    #[tokio::test]
+    async fn a_state_read_ahead_is_used_only_when_nobody_held_the_lock_since() {
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let (a, mem) = Mem::backend("ahead");
+        let ha = Holder::this_run("a");
+        let meta = WriteMeta {
+            serial: 1,
+            lineage: "l",
+            epoch: 0,
+            writer: "w",
+        };
+        a.lock(&request(&ha, &cancel)).await.unwrap();
+        a.write(b"state 1", None, &meta).await.unwrap();
+        a.unlock().await.unwrap();
+
+        a.read_ahead().await;
+        let before = mem.requests();
+        a.lock(&request(&ha, &cancel)).await.unwrap();
+        let got = a.read().await.unwrap().expect("a state");
+        assert_eq!(got.bytes, b"state 1");
+        assert_eq!(
+            mem.requests() - before,
+            1,
+            "the create alone: no second read"
+        );
+        a.unlock().await.unwrap();
+
+        // Read ahead; then b takes the lock, writes and releases first.
+        a.read_ahead().await;
+        let b = ObjectBackend::new(Box::new(mem.clone()));
+        let hb = Holder::this_run("b");
+        b.lock(&request(&hb, &cancel)).await.unwrap();
+        let v = b.read().await.unwrap().expect("a state").version;
+        b.write(b"state 2", Some(&v), &meta).await.unwrap();
+        b.unlock().await.unwrap();
+        a.lock(&request(&ha, &cancel)).await.unwrap();
+        let got = a.read().await.unwrap().expect("a state");
+        assert_eq!(got.bytes, b"state 2", "the read ahead was stale");
+        a.unlock().await.unwrap();
     }
 
     /// Collecting deletes the objects of epochs taken more than a day ago,
