@@ -26,7 +26,11 @@
 //!   cache directory: one checksummed slot overwritten in place, so that a
 //!   torn write is never used) for [`REMEMBER_RELEASE`]: its next
 //!   acquisition is one create of the next epoch, falling back to listing
-//!   the folder when someone else took it since.
+//!   the folder when someone else took it since. It reads the state just
+//!   before that create ([`Backend::read_ahead`]); the create's success
+//!   proves nobody held the lock, so nobody wrote, since the release, and
+//!   the read is the run's. Otherwise the read is dropped and the state read
+//!   again under the lock.
 //! - The objects of epochs before the last two are deleted once taken more
 //!   than [`COLLECT_AFTER`] ago (every [`COLLECT_EVERY`]th release): a
 //!   remembered epoch is younger than that, so the next epoch's object, if
