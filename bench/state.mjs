@@ -203,6 +203,11 @@ for (const [kind, state, services, reprobe] of backends) {
 const s3File = join(work, 's3', 'nanokit.yml')
 const s3Traces = join(work, 's3', '.nanokit', 'traces')
 const interleaved = []
+// The same runs' whole deploy_lock step and its state read: the read comes
+// first (the connection's first request) when this user released the last
+// epoch, and the lock's requests after it, as Terraform's after its listing.
+const interleavedStep = []
+const interleavedRead = []
 const tf = (() => {
   try {
     return terraformLock({
@@ -212,6 +217,8 @@ const tf = (() => {
         if (!/0 changed/.test(r.stderr)) throw new Error(`not a no-change up: ${r.stderr.slice(-500)}`)
         const f = join(s3Traces, readdirSync(s3Traces).filter((f) => f.endsWith('.json')).sort().at(-1))
         interleaved.push(lockSpanMs(f))
+        interleavedStep.push(spanMs(f, 'deploy_lock'))
+        interleavedRead.push(spanMs(f, 'state.get'))
       },
     })
   } finally {
@@ -281,6 +288,7 @@ if (tf) {
     const ivl = medianInterval(interleaved)
     console.log(`    nanokit, ${M} services, one no-change up after each of Terraform's ${interleaved.length} pairs: ${f(median(interleaved))} (95% interval of the median ${f(ivl[0])} to ${f(ivl[1])})`)
     console.log(`    ${M} services, interleaved / plan difference: ${r(median(interleaved), p.diff)}   <- the issue's figure (its bench project, its measure of Terraform, in the same minutes)`)
+    console.log(`    (the same runs' whole deploy_lock step, state read and take: ${f(median(interleavedStep))}, of which the state read, the connection's first request, ${f(median(interleavedRead))})`)
   }
   console.log(`    ${M} services / plan difference:  ${r(lockMs.s3, p.diff)}   (nanokit's ${RUNS} runs before Terraform's)`)
   console.log(`    ${M} services / Terraform's log:  ${r(lockMs.s3, tf.logMs)}`)
