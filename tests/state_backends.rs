@@ -907,6 +907,125 @@ async fn the_probe_is_remembered_per_store(kind: Kind) {
     }
 }
 
+/// The pid of the recorded instance of `service` in `state`.
+fn pid_in(state: &State, service: &str) -> i32 {
+    let id = state.resources[service].provider_id.clone().unwrap();
+    id.split('@').next().unwrap().parse().unwrap()
+}
+
+/// Whether `pid` is a process that has not exited.
+fn running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| !r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// An `up` observes the world before taking the lock when the lock then
+/// proves that nobody held it since (this user released the last epoch and
+/// takes the next): the lock is held for planning and applying alone. When
+/// someone else held the lock meanwhile (here: a deploy that stopped `a`
+/// while this run waited), the world is observed again under the lock, and
+/// what that deploy did is seen: `a` is started again, not taken for
+/// running.
+async fn a_deploy_made_while_waiting_for_the_lock_is_seen(kind: Kind) {
+    let (c, proxy, env) = via_proxy(kind, proxy::Mode::Record);
+    let up = || {
+        let args = json!([
+            "up",
+            "-f",
+            c.path().join("nanokit.yml"),
+            "--lock-timeout",
+            "60"
+        ]);
+        let mut e: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let args = args.to_string();
+        e.push(("NK_SB_ARGS", &args));
+        c.child("cli", 0, &e)
+    };
+    finish_ok(up());
+    // Uncontended: the observation was made before the lock was taken.
+    finish_ok(up());
+    let traces = c.path().join(".nanokit").join("traces");
+    let newest = || -> Value {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&traces)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
+        files.sort();
+        serde_json::from_slice(&std::fs::read(files.last().unwrap()).unwrap()).unwrap()
+    };
+    let t = newest();
+    let span = |name: &str| {
+        t["spans"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {name} span in {t}"))
+    };
+    assert!(
+        span("observe")["end_unix_nano"].as_u64()
+            <= span("deploy_lock")["start_unix_nano"].as_u64(),
+        "observed under the lock: {t}"
+    );
+    let a = pid_in(&direct_state(kind, &c).await, "a");
+    assert!(running(a));
+
+    // Another deploy holds the lock; this run starts, observes `a`
+    // running, and waits (it has listed the held lock's folder).
+    let other = direct(kind, &c).await;
+    let cancel = CancellationToken::new();
+    other
+        .lock(&LockRequest {
+            holder: &holder("another deploy"),
+            ttl: Duration::from_secs(60),
+            wait: Duration::ZERO,
+            cancel: &cancel,
+        })
+        .await
+        .unwrap();
+    let before = proxy.heads().len();
+    let child = up();
+    let t0 = Instant::now();
+    while proxy.heads()[before..]
+        .iter()
+        .filter(|h| h.contains("nklock"))
+        .count()
+        < 2
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the run never looked at the lock: {:?}",
+            &proxy.heads()[before..]
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // That deploy stops `a`, then releases the lock.
+    unsafe { libc::kill(a, libc::SIGKILL) };
+    while running(a) {
+        assert!(t0.elapsed() < Duration::from_secs(30), "{a} did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    other.unlock().await.unwrap();
+    finish_ok(child);
+    let after = pid_in(&direct_state(kind, &c).await, "a");
+    assert_ne!(
+        after, a,
+        "a was taken for running: the run planned from what it saw before the lock"
+    );
+    assert!(running(after), "a is not running");
+    let args = json!(["down", "-f", c.path().join("nanokit.yml")]).to_string();
+    let mut e: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    e.push(("NK_SB_ARGS", &args));
+    finish_ok(c.child("cli", 0, &e));
+}
+
 /// The answer to a lock release is lost (the release landed; the client
 /// retries and gets 412 against its own lock, opentofu#4405): the run
 /// recognises its release by its run id, reports success, and the lock is
@@ -2052,6 +2171,18 @@ store_test!(
 store_test!(
     s3_the_probe_is_remembered_per_store,
     the_probe_is_remembered_per_store(Kind::S3)
+);
+store_test!(
+    s3_a_deploy_made_while_waiting_for_the_lock_is_seen,
+    a_deploy_made_while_waiting_for_the_lock_is_seen(Kind::S3)
+);
+store_test!(
+    gcs_a_deploy_made_while_waiting_for_the_lock_is_seen,
+    a_deploy_made_while_waiting_for_the_lock_is_seen(Kind::Gcs)
+);
+store_test!(
+    vault_a_deploy_made_while_waiting_for_the_lock_is_seen,
+    a_deploy_made_while_waiting_for_the_lock_is_seen(Kind::Vault)
 );
 
 store_test!(gcs_compare_and_swap, compare_and_swap(Kind::Gcs));

@@ -236,9 +236,12 @@ async fn begin(
     provider: &dyn Provider,
     opts: &RunOptions,
     what: &str,
+    pending: &lock::Pending,
 ) -> Result<(DeployLock, Store), EngineError> {
     let label = format!("nanokit {what} ({} / {})", config.name, config.env);
-    let (lock, store) = lock::lock_state(config, &label, opts.lock_timeout, &opts.cancel).await?;
+    let (lock, store) = pending
+        .lock(config, &label, opts.lock_timeout, &opts.cancel)
+        .await?;
     if lock.recovered() {
         let settled = provider
             .settle(&scope(config))
@@ -299,17 +302,42 @@ async fn up_as(
     command: Handover,
 ) -> Result<Report, EngineError> {
     let dag = info_span!("graph").in_scope(|| Dag::build(&config))?;
-    let (lock, store) = match begin(&config, provider.as_ref(), &opts, command.as_str())
-        .instrument(info_span!("deploy_lock"))
-        .await
-    {
+    let pending = lock::prepare(&config)
+        .instrument(info_span!("state.open"))
+        .await?;
+    // The world is observed before the lock is taken when the lock may prove
+    // that nobody held it since `prepare` (then nobody deployed meanwhile):
+    // the lock is then held for planning and applying alone. When it does
+    // not prove it, the world is observed again under the lock.
+    let ahead = match pending.may_prove_undisturbed() {
+        true => Some(
+            provider
+                .observe(&scope(&config))
+                .instrument(info_span!("observe"))
+                .await,
+        ),
+        false => None,
+    };
+    let locked = begin(
+        &config,
+        provider.as_ref(),
+        &opts,
+        command.as_str(),
+        &pending,
+    )
+    .instrument(info_span!("deploy_lock"))
+    .await;
+    let (lock, store) = match locked {
         Err(e) if e.code() == "ENKLOCKED" => return hand_over(&config, command, &opts, e).await,
         r => r?,
     };
+    let observed = ahead
+        .and_then(Result::ok)
+        .filter(|_| pending.undisturbed(&lock));
     // A lost deploy lease (broken by `infra unlock`, taken over, expired)
     // stops the run like Ctrl-C: nothing new starts.
     let watch_lost = cancel_on_loss(&lock, &opts);
-    let r = up_locked(config, provider, opts, dag, store).await;
+    let r = up_locked(config, provider, opts, dag, store, observed).await;
     drop(watch_lost);
     finish(lock, r).await
 }
@@ -320,13 +348,19 @@ async fn up_locked(
     opts: RunOptions,
     dag: Dag,
     mut store: Store,
+    observed: Option<Vec<Instance>>,
 ) -> Result<Report, EngineError> {
     let scope = scope(&config);
     let plan_span = info_span!("plan");
-    let observed = provider
-        .observe(&scope)
-        .instrument(plan_span.clone())
-        .await?;
+    let observed = match observed {
+        Some(o) => o,
+        None => {
+            provider
+                .observe(&scope)
+                .instrument(plan_span.clone())
+                .await?
+        }
+    };
     if store.state().serial == 0 {
         let found = labelled_lineage(&observed);
         if let Some(l) = found.filter(|l| *l != store.state().lineage) {
@@ -387,10 +421,11 @@ pub async fn down(
     provider: Arc<dyn Provider>,
     opts: RunOptions,
 ) -> Result<Report, EngineError> {
-    let (lock, store) = match begin(&config, provider.as_ref(), &opts, "down")
-        .instrument(info_span!("deploy_lock"))
-        .await
-    {
+    let locked = async {
+        let pending = lock::prepare(&config).await?;
+        begin(&config, provider.as_ref(), &opts, "down", &pending).await
+    };
+    let (lock, store) = match locked.instrument(info_span!("deploy_lock")).await {
         Err(e) if e.code() == "ENKLOCKED" => {
             return hand_over(&config, Handover::Down, &opts, e).await
         }

@@ -214,6 +214,15 @@ pub trait Backend: Send + Sync {
     /// default, and whenever that proof cannot follow.
     async fn read_ahead(&self) {}
 
+    /// The epoch this user last released here, as remembered (the object
+    /// stores; `None` elsewhere). Epochs only grow, one per acquisition, so
+    /// a lock granted next with the epoch after it proves that nobody held
+    /// the lock between this call and the grant (see
+    /// [`lock::Pending`](super::lock::Pending)).
+    fn last_release(&self) -> Option<u64> {
+        None
+    }
+
     /// Takes the deploy lock (waiting up to `req.wait`), with a new epoch.
     async fn lock(&self, req: &LockRequest<'_>) -> Result<Grant, StateError>;
 

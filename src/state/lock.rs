@@ -201,35 +201,88 @@ pub async fn lock_state(
     timeout: Option<Duration>,
     cancel: &CancellationToken,
 ) -> Result<(DeployLock, Store), StateError> {
+    prepare(config)
+        .await?
+        .lock(config, label, timeout, cancel)
+        .await
+}
+
+/// The deploy lock of a state, its store opened but the lock not yet asked
+/// for: what a run may do between [`prepare`] and [`Pending::lock`] is as
+/// good as done under the lock when [`Pending::undisturbed`] says so.
+pub struct Pending {
+    backend: Arc<dyn Backend>,
+    location: Location,
+    /// The epoch this user had last released when prepared.
+    released: Option<u64>,
+}
+
+/// Opens `config`'s state store for its deploy lock.
+pub async fn prepare(config: &Config) -> Result<Pending, StateError> {
     let location = Location::of(config);
     let backend = super::open(&location).await?;
-    let holder = Holder::this_run(label);
-    let lock = tokio::select! {
-        r = async {
-            backend.read_ahead().await;
-            acquire(backend.clone(), &holder, ttl(&location), timeout, cancel).await
-        } => r?,
-        _ = cancel.cancelled() => return Err(StateError::Interrupted),
-    };
-    let opened = async {
-        let opts = super::StoreOptions::of(config);
-        let mut store = Store::open_with(backend, &config.name, &config.env, opts).await?;
-        store.fence(lock.epoch(), &holder)?;
-        if lock.recovered() && store.state().serial > 0 {
-            store.update(|_| {}).await?;
-        }
-        Ok::<_, StateError>(store)
+    let released = backend.last_release();
+    Ok(Pending {
+        backend,
+        location,
+        released,
+    })
+}
+
+impl Pending {
+    /// Whether a lock taken next may prove that nobody held it since
+    /// [`prepare`] (this user released the last epoch): only then is work
+    /// done ahead of the lock worth doing.
+    pub fn may_prove_undisturbed(&self) -> bool {
+        self.released.is_some()
     }
-    .await;
-    match opened {
-        Ok(mut store) => {
-            // A state never written takes the lineage a plan made before it used.
-            store.take_reserved_lineage(&config.state_file);
-            Ok((lock, store))
+
+    /// Whether nobody held `lock` between [`prepare`] and its grant: its
+    /// epoch is the next after the one this user had released by then
+    /// (epochs only grow, one per acquisition). What the run saw of the
+    /// world in that time is then what it would see under the lock, but
+    /// for changes no deploy made (drift), which it may meet at any time.
+    pub fn undisturbed(&self, lock: &DeployLock) -> bool {
+        !lock.took_over && self.released.is_some_and(|e| lock.epoch == e + 1)
+    }
+
+    /// Takes the lock and opens the state under it, as [`lock_state`].
+    pub async fn lock(
+        &self,
+        config: &Config,
+        label: &str,
+        timeout: Option<Duration>,
+        cancel: &CancellationToken,
+    ) -> Result<(DeployLock, Store), StateError> {
+        let backend = self.backend.clone();
+        let holder = Holder::this_run(label);
+        let lock = tokio::select! {
+            r = async {
+                backend.read_ahead().await;
+                acquire(backend.clone(), &holder, ttl(&self.location), timeout, cancel).await
+            } => r?,
+            _ = cancel.cancelled() => return Err(StateError::Interrupted),
+        };
+        let opened = async {
+            let opts = super::StoreOptions::of(config);
+            let mut store = Store::open_with(backend, &config.name, &config.env, opts).await?;
+            store.fence(lock.epoch(), &holder)?;
+            if lock.recovered() && store.state().serial > 0 {
+                store.update(|_| {}).await?;
+            }
+            Ok::<_, StateError>(store)
         }
-        Err(e) => {
-            let _ = lock.release().await;
-            Err(e)
+        .await;
+        match opened {
+            Ok(mut store) => {
+                // A state never written takes the lineage a plan made before it used.
+                store.take_reserved_lineage(&config.state_file);
+                Ok((lock, store))
+            }
+            Err(e) => {
+                let _ = lock.release().await;
+                Err(e)
+            }
         }
     }
 }

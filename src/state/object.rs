@@ -873,6 +873,10 @@ impl Backend for ObjectBackend {
         }
     }
 
+    fn last_release(&self) -> Option<u64> {
+        self.remembered_release()
+    }
+
     /// The state, read after this user's release of the last epoch was
     /// remembered: if [`Backend::lock`] then creates the next epoch, nobody
     /// held the lock (so nobody wrote) between that release and the lock,
