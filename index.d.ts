@@ -51,6 +51,17 @@ export declare class InstallTransaction {
   abort(): void
 }
 
+/**
+ * Tells the `watch` it is passed to to read nanokit.yml and `.env` again
+ * now and apply them (the CLI's SIGHUP): a `configReloaded` event, then a
+ * pass if anything changed.
+ */
+export declare class ReloadHandle {
+  constructor()
+  /** Asks for a reload; asks made before the watcher looks are one. */
+  reload(): void
+}
+
 /** A key/value state store with named locks (see `openState()`). */
 export declare class StateStore {
   /** `embedded` or `postgres`. */
@@ -591,10 +602,11 @@ export declare function up(options?: InfraOptions, onEvent?: (event: InfraEvent)
 /**
  * Keeps the services at nanokit.yml until `stop` is aborted (gracefully:
  * the step in progress finishes, the lease is released, services keep
- * running) or `kill` is (at once). Each event (a line of the watcher's
- * event log, see `engine::watch::status`) goes to `onEvent`.
+ * running) or `kill` is (at once); `reload` reads the configuration again.
+ * Each event (a line of the watcher's event log, see
+ * `engine::watch::status`) goes to `onEvent`.
  */
-export declare function watch(options?: InfraOptions, onEvent?: (event: any) => void, stop?: AbortHandle, kill?: AbortHandle): Promise<WatchResult>
+export declare function watch(options?: InfraOptions, onEvent?: (event: any) => void, stop?: AbortHandle, kill?: AbortHandle, reload?: ReloadHandle): Promise<WatchResult>
 
 /** How `watch` ended. */
 export interface WatchResult {

@@ -838,6 +838,7 @@ module.exports = nativeBinding
 module.exports.AbortHandle = nativeBinding.AbortHandle
 module.exports.HubHandle = nativeBinding.HubHandle
 module.exports.InstallTransaction = nativeBinding.InstallTransaction
+module.exports.ReloadHandle = nativeBinding.ReloadHandle
 module.exports.StateStore = nativeBinding.StateStore
 module.exports.acquireLock = nativeBinding.acquireLock
 module.exports.beginInstall = nativeBinding.beginInstall

@@ -378,6 +378,8 @@ export interface WatchHandle {
   readonly done: Promise<WatchResult>
   /** Stops gracefully (the step in progress finishes, the lease is released, services keep running); a second call stops at once. Returns `done`. */
   stop(): Promise<WatchResult>
+  /** Reads nanokit.yml and `.env` again and applies them now, as the CLI's SIGHUP: a `configReloaded` event, then a pass if anything changed (for an edit no file event tells of, e.g. made from another host on NFS). */
+  reload(): void
 }
 
 /**

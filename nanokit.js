@@ -334,13 +334,16 @@ function drift(options) {
  * Returns a handle: `stop()` stops gracefully (the step in progress
  * finishes, the lease is released, services keep running; a second call
  * stops at once) and returns `done`, the promise that settles when the
- * watcher has stopped; `onEvent` (also settable on the handle) receives
+ * watcher has stopped; `reload()` reads nanokit.yml and `.env` again and
+ * applies them now (the CLI's SIGHUP: a `configReloaded` event, then a pass
+ * if anything changed); `onEvent` (also settable on the handle) receives
  * each event. `signal` aborting is `stop()`.
  */
 function watch(options = {}) {
   const { onEvent, signal, ...rest } = options
   const stopHandle = new native.AbortHandle()
   const killHandle = new native.AbortHandle()
+  const reloadHandle = new native.ReloadHandle()
   let stopping = false
   const handle = {
     onEvent: typeof onEvent === 'function' ? onEvent : undefined,
@@ -353,6 +356,9 @@ function watch(options = {}) {
       }
       return handle.done
     },
+    reload() {
+      reloadHandle.reload()
+    },
   }
   const cb = (e) => {
     if (typeof handle.onEvent === 'function') handle.onEvent(e)
@@ -362,7 +368,7 @@ function watch(options = {}) {
     if (signal.aborted) stopHandle.abort()
     else signal.addEventListener('abort', onAbort, { once: true })
   }
-  handle.done = callAsync(native.watch, rest, cb, stopHandle, killHandle).finally(() => {
+  handle.done = callAsync(native.watch, rest, cb, stopHandle, killHandle, reloadHandle).finally(() => {
     if (signal) signal.removeEventListener('abort', onAbort)
   })
   return handle

@@ -1,7 +1,8 @@
 // The reconciliation loop from JS: `watch()` returns a handle with `stop()`,
 // `onEvent` and `done`; a killed service is restarted; `status()` and
 // `watchStatus()` show the watcher; `stop()` releases the lease and leaves
-// services running; a second `stop()` stops at once. Waits are for events.
+// services running; a second `stop()` stops at once; `reload()` reads
+// nanokit.yml again. Waits are for events.
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
 import { mkdtempSync, readFileSync, writeFileSync, existsSync } from 'node:fs'
@@ -103,6 +104,26 @@ test('JS watch(): restart, status, graceful stop with the lease freed and servic
   assert.equal(ws.running, false)
   assert.ok(ev.seen.some((e) => e.type === 'stopped'))
   await nk.down({ file })
+})
+
+test('JS watch(): reload() reads nanokit.yml again and applies it, every time it is called', async () => {
+  const { dir, file } = project('name: jsreload\nservices:\n  a:\n    start: "exec sleep 600"\n')
+  const w = nk.watch({ file })
+  const ev = eventWaiter(w)
+  try {
+    await ev.next((e) => e.type === 'passFinished', 'initial passFinished')
+    const a = pidOf(dir, 'a')
+    w.reload()
+    const first = await ev.next((e) => e.type === 'configReloaded', 'configReloaded')
+    assert.equal(first.error, null)
+    // Twice: every call is taken up, not the first only.
+    w.reload()
+    await ev.next((e) => e.type === 'configReloaded', 'a second configReloaded')
+    assert.ok(alive(a), 'the service keeps running')
+  } finally {
+    await w.stop()
+    await nk.down({ file })
+  }
 })
 
 test('JS watch(): a second stop() stops at once, mid-step', async () => {

@@ -413,18 +413,45 @@ pub struct WatchResult {
 
 type WatchEventFn = ThreadsafeFunction<serde_json::Value, (), serde_json::Value, Status, false>;
 
+/// Tells the `watch` it is passed to to read nanokit.yml and `.env` again
+/// now and apply them (the CLI's SIGHUP): a `configReloaded` event, then a
+/// pass if anything changed.
+#[napi]
+pub struct ReloadHandle {
+    notify: Arc<tokio::sync::Notify>,
+}
+
+#[napi]
+impl ReloadHandle {
+    #[napi(constructor)]
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
+        ReloadHandle {
+            notify: Arc::new(tokio::sync::Notify::new()),
+        }
+    }
+
+    /// Asks for a reload; asks made before the watcher looks are one.
+    #[napi]
+    pub fn reload(&self) {
+        self.notify.notify_one();
+    }
+}
+
 /// Keeps the services at nanokit.yml until `stop` is aborted (gracefully:
 /// the step in progress finishes, the lease is released, services keep
-/// running) or `kill` is (at once). Each event (a line of the watcher's
-/// event log, see `engine::watch::status`) goes to `onEvent`.
+/// running) or `kill` is (at once); `reload` reads the configuration again.
+/// Each event (a line of the watcher's event log, see
+/// `engine::watch::status`) goes to `onEvent`.
 #[napi(
-    ts_args_type = "options?: InfraOptions, onEvent?: (event: any) => void, stop?: AbortHandle, kill?: AbortHandle"
+    ts_args_type = "options?: InfraOptions, onEvent?: (event: any) => void, stop?: AbortHandle, kill?: AbortHandle, reload?: ReloadHandle"
 )]
 pub async fn watch(
     options: Option<InfraOptions>,
     on_event: Option<WatchEventFn>,
     stop: Option<&AbortHandle>,
     kill: Option<&AbortHandle>,
+    reload: Option<&ReloadHandle>,
 ) -> Result<WatchResult> {
     let o = options.unwrap_or_default();
     let kill = cancel_token(kill);
@@ -449,6 +476,9 @@ pub async fn watch(
         }));
     }
     w.kill = kill;
+    if let Some(r) = reload {
+        w.reload = r.notify.clone();
+    }
     let masker = o.load().map(|c| c.masker()).unwrap_or_default();
     let end = engine::watch::watch(w)
         .await
