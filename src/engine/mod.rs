@@ -302,6 +302,7 @@ async fn up_as(
     command: Handover,
 ) -> Result<Report, EngineError> {
     let dag = info_span!("graph").in_scope(|| Dag::build(&config))?;
+    let scope = scope(&config);
     let pending = lock::prepare(&config)
         .instrument(info_span!("state.open"))
         .await?;
@@ -312,7 +313,7 @@ async fn up_as(
     let ahead = match pending.may_prove_undisturbed() {
         true => Some(
             provider
-                .observe(&scope(&config))
+                .observe(&scope)
                 .instrument(info_span!("observe"))
                 .await,
         ),
@@ -337,7 +338,7 @@ async fn up_as(
     // A lost deploy lease (broken by `infra unlock`, taken over, expired)
     // stops the run like Ctrl-C: nothing new starts.
     let watch_lost = cancel_on_loss(&lock, &opts);
-    let r = up_locked(config, provider, opts, dag, store, observed).await;
+    let r = up_locked(config, provider, opts, dag, store, scope, observed).await;
     drop(watch_lost);
     finish(lock, r).await
 }
@@ -348,9 +349,9 @@ async fn up_locked(
     opts: RunOptions,
     dag: Dag,
     mut store: Store,
+    scope: Scope,
     observed: Option<Vec<Instance>>,
 ) -> Result<Report, EngineError> {
-    let scope = scope(&config);
     let plan_span = info_span!("plan");
     let observed = match observed {
         Some(o) => o,

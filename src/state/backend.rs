@@ -207,12 +207,12 @@ pub trait Backend: Send + Sync {
         meta: &WriteMeta<'_>,
     ) -> Result<Version, StateError>;
 
-    /// Reads the state ahead of [`Backend::lock`], where the lock can then
-    /// prove that nothing was written since (the object stores: this user
-    /// released the last epoch and takes the next in one write); the first
-    /// [`Backend::read`] after such a lock returns it. Does nothing by
-    /// default, and whenever that proof cannot follow.
-    async fn read_ahead(&self) {}
+    /// Reads the state ahead of [`Backend::lock`], after this user released
+    /// epoch `released` (as [`Backend::last_release`] said before): when
+    /// the lock then takes the next epoch, nobody held it, so nobody wrote,
+    /// since, and the first [`Backend::read`] returns this read. Does
+    /// nothing by default.
+    async fn read_ahead(&self, _released: u64) {}
 
     /// The epoch this user last released here, as remembered (the object
     /// stores; `None` elsewhere). Epochs only grow, one per acquisition, so

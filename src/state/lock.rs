@@ -258,7 +258,9 @@ impl Pending {
         let holder = Holder::this_run(label);
         let lock = tokio::select! {
             r = async {
-                backend.read_ahead().await;
+                if let Some(e) = self.released {
+                    backend.read_ahead(e).await;
+                }
                 acquire(backend.clone(), &holder, ttl(&self.location), timeout, cancel).await
             } => r?,
             _ = cancel.cancelled() => return Err(StateError::Interrupted),

@@ -877,15 +877,12 @@ impl Backend for ObjectBackend {
         self.remembered_release()
     }
 
-    /// The state, read after this user's release of the last epoch was
-    /// remembered: if [`Backend::lock`] then creates the next epoch, nobody
-    /// held the lock (so nobody wrote) between that release and the lock,
-    /// and this read is current. The lock's requests then find the
-    /// connection open, as Terraform's do after its listing of workspaces.
-    async fn read_ahead(&self) {
-        let Some(released) = self.remembered_release() else {
-            return;
-        };
+    /// The state, read after this user's release of epoch `released`: if
+    /// [`Backend::lock`] then creates the next epoch, nobody held the lock
+    /// (so nobody wrote) between that release and the lock, and this read
+    /// is current. The lock's requests then find the connection open, as
+    /// Terraform's do after its listing of workspaces.
+    async fn read_ahead(&self, released: u64) {
         match self.get_state().await {
             Ok(state) => *self.ahead.lock().await = Ahead::Read { released, state },
             Err(e) => tracing::debug!("cannot read the state ahead of the lock: {e}"),
@@ -1355,7 +1352,7 @@ mod tests {
         a.write(b"state 1", None, &meta).await.unwrap();
         a.unlock().await.unwrap();
 
-        a.read_ahead().await;
+        a.read_ahead(a.last_release().unwrap()).await;
         let before = mem.requests();
         a.lock(&request(&ha, &cancel)).await.unwrap();
         let got = a.read().await.unwrap().expect("a state");
@@ -1368,7 +1365,7 @@ mod tests {
         a.unlock().await.unwrap();
 
         // Read ahead; then b takes the lock, writes and releases first.
-        a.read_ahead().await;
+        a.read_ahead(a.last_release().unwrap()).await;
         let b = ObjectBackend::new(Box::new(mem.clone()));
         let hb = Holder::this_run("b");
         b.lock(&request(&hb, &cancel)).await.unwrap();
